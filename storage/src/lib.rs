@@ -1,0 +1,27 @@
+//! waypoint-storage: every checkpoint byte goes through this crate.
+//!
+//! - [`Store`] opens a `checkpoint_base_uri` (local path, `file://`, `s3://`, `gs://`, `az://`,
+//!   `memory://`) and offers puts, create-only puts (the commit primitive), gets, ranged and streaming
+//!   reads, listings, heads, deletes and copies, all with retries of transient errors and typed errors.
+//! - [`BlobWriter`] streams a blob of any size with bounded memory, computing its sha256 as the bytes
+//!   pass; nothing is visible under the key until it finishes.
+//! - [`RunLayout`] derives every key of a run; [`names`] validates the names that go into keys.
+//!
+//! This crate knows nothing of tensors or libtorch.
+
+mod error;
+mod layout;
+pub mod names;
+mod reader;
+mod retry;
+mod store;
+mod uri;
+mod writer;
+
+pub use error::{Result, StorageError};
+pub use layout::{model_dir, RunLayout};
+pub use names::{validate_name, StepName};
+pub use reader::BlobReader;
+pub use retry::{is_transient, RetryPolicy};
+pub use store::{BlobInfo, Listing, ObjectInfo, Store, StoreOptions};
+pub use writer::BlobWriter;

@@ -1,0 +1,381 @@
+//! `Store`: a rooted view of an object store with retries, typed errors and keys relative to the root.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::error::{Result, StorageError};
+use crate::reader::BlobReader;
+use crate::retry::RetryPolicy;
+use crate::uri::open_backend;
+use crate::writer::BlobWriter;
+
+/// Knobs of a [`Store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Size of each multipart part in bytes (S3 needs at least 5 MiB). Also the size below which a
+    /// blob is written with one plain put.
+    pub part_size: usize,
+    /// Parts uploaded at once; memory held by a writer is at most `part_size * (max_concurrency + 1)`.
+    pub max_concurrency: usize,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// `fsync` local files and their folders before a write is reported done.
+    pub fsync: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            part_size: 16 << 20,
+            max_concurrency: 4,
+            retry: RetryPolicy::default(),
+            fsync: true,
+        }
+    }
+}
+
+/// What a listing or a head says about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The key, relative to the store root.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// When the object was last written.
+    pub last_modified: SystemTime,
+}
+
+/// A one-level listing: the objects directly under a prefix and the sub-prefixes ("folders").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Objects directly under the prefix.
+    pub objects: Vec<ObjectInfo>,
+    /// Sub-prefixes, relative to the store root, without a trailing `/`.
+    pub prefixes: Vec<String>,
+}
+
+/// What a finished write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// The key, relative to the store root.
+    pub key: String,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Lower-case hex sha256 of the bytes.
+    pub sha256: String,
+}
+
+/// An object store rooted at a base URI. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<dyn ObjectStore>,
+    root: Path,
+    uri: Arc<str>,
+    pub(crate) options: StoreOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("uri", &self.uri).finish()
+    }
+}
+
+impl Store {
+    /// Opens the store a URI names, with default options.
+    pub fn open(uri: &str) -> Result<Self> {
+        Self::open_with(uri, StoreOptions::default())
+    }
+
+    /// Opens the store a URI names.
+    pub fn open_with(uri: &str, options: StoreOptions) -> Result<Self> {
+        let backend = open_backend(uri, &options)?;
+        Ok(Self {
+            inner: backend.store,
+            root: backend.root,
+            uri: backend.display.into(),
+            options,
+        })
+    }
+
+    /// Wraps an existing object store (tests use this to inject failures). `root` is a key prefix.
+    pub fn from_object_store(
+        inner: Arc<dyn ObjectStore>,
+        root: &str,
+        name: &str,
+        options: StoreOptions,
+    ) -> Result<Self> {
+        let root = Path::parse(root.trim_matches('/')).map_err(|e| StorageError::InvalidUri {
+            uri: name.to_string(),
+            reason: format!("bad root {root:?}: {e}"),
+        })?;
+        Ok(Self {
+            inner,
+            root,
+            uri: name.into(),
+            options,
+        })
+    }
+
+    /// The store's URI (or local folder), safe to print.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// A store rooted at `key` under this one, sharing the connection.
+    pub fn sub_store(&self, key: &str) -> Result<Self> {
+        let root = self.path(key)?;
+        Ok(Self {
+            inner: self.inner.clone(),
+            uri: format!(
+                "{}/{}",
+                self.uri.trim_end_matches('/'),
+                key.trim_matches('/')
+            )
+            .into(),
+            root,
+            options: self.options,
+        })
+    }
+
+    /// Writes `data` to `key`, replacing what was there.
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        let path = self.path(key)?;
+        self.options
+            .retry
+            .run("put", || {
+                self.inner
+                    .put_opts(&path, PutPayload::from(data.clone()), PutOptions::default())
+            })
+            .await
+            .map_err(|e| self.error("put", key, e))?;
+        Ok(())
+    }
+
+    /// Writes `data` to `key` only if nothing is there: the commit primitive. A second create returns
+    /// [`StorageError::AlreadyExists`].
+    pub async fn put_create(&self, key: &str, data: Bytes) -> Result<()> {
+        let path = self.path(key)?;
+        let mut tries = 0u32;
+        let result = self
+            .options
+            .retry
+            .run("create", || {
+                tries += 1;
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                self.inner
+                    .put_opts(&path, PutPayload::from(data.clone()), opts)
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // A retried create may have landed the first time with its answer lost: it is ours
+            // exactly when the bytes there are the bytes we wrote.
+            Err(object_store::Error::AlreadyExists { .. }) if tries > 1 => {
+                match self.get(key).await {
+                    Ok(existing) if existing == data => Ok(()),
+                    _ => Err(self.already_exists(key)),
+                }
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Err(self.already_exists(key)),
+            Err(e) => Err(self.error("create", key, e)),
+        }
+    }
+
+    /// Reads a whole object into memory.
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let path = self.path(key)?;
+        self.options
+            .retry
+            .run("get", || async {
+                self.inner.get(&path).await?.bytes().await
+            })
+            .await
+            .map_err(|e| self.error("get", key, e))
+    }
+
+    /// Reads the bytes `range` of an object.
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let path = self.path(key)?;
+        self.options
+            .retry
+            .run("get_range", || self.inner.get_range(&path, range.clone()))
+            .await
+            .map_err(|e| self.error("get_range", key, e))
+    }
+
+    /// Opens a streaming reader of a whole object (`None`) or of a byte range.
+    pub async fn reader(&self, key: &str, range: Option<Range<u64>>) -> Result<BlobReader> {
+        BlobReader::open(self, key, range).await
+    }
+
+    /// Opens a streaming writer to `key`; nothing is visible there until [`BlobWriter::finish`].
+    pub fn writer(&self, key: &str) -> Result<BlobWriter> {
+        BlobWriter::new(self.clone(), key)
+    }
+
+    /// Size and time of an object; [`StorageError::NotFound`] when absent.
+    pub async fn head(&self, key: &str) -> Result<ObjectInfo> {
+        let path = self.path(key)?;
+        let meta = self
+            .options
+            .retry
+            .run("head", || self.inner.head(&path))
+            .await
+            .map_err(|e| self.error("head", key, e))?;
+        Ok(self.info(meta))
+    }
+
+    /// Whether an object exists.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        match self.head(key).await {
+            Ok(_) => Ok(true),
+            Err(StorageError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every object under `prefix`, at any depth, sorted by key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let path = self.path(prefix)?;
+        let metas: Vec<object_store::ObjectMeta> = self
+            .options
+            .retry
+            .run("list", || self.inner.list(Some(&path)).try_collect())
+            .await
+            .map_err(|e| self.error("list", prefix, e))?;
+        let mut out: Vec<ObjectInfo> = metas.into_iter().map(|m| self.info(m)).collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// The objects and sub-prefixes directly under `prefix`, sorted by key.
+    pub async fn list_dir(&self, prefix: &str) -> Result<Listing> {
+        let path = self.path(prefix)?;
+        let result = self
+            .options
+            .retry
+            .run("list", || self.inner.list_with_delimiter(Some(&path)))
+            .await
+            .map_err(|e| self.error("list", prefix, e))?;
+        let mut objects: Vec<ObjectInfo> =
+            result.objects.into_iter().map(|m| self.info(m)).collect();
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut prefixes: Vec<String> = result
+            .common_prefixes
+            .iter()
+            .map(|p| self.relative(p))
+            .collect();
+        prefixes.sort();
+        Ok(Listing { objects, prefixes })
+    }
+
+    /// Deletes an object; deleting an absent one is not an error.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match self
+            .options
+            .retry
+            .run("delete", || self.inner.delete(&path))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("delete", key, e)),
+        }
+    }
+
+    /// Deletes every object under `prefix`; returns how many.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+        let objects = self.list(prefix).await?;
+        for o in &objects {
+            self.delete(&o.key).await?;
+        }
+        Ok(objects.len())
+    }
+
+    /// Copies an object inside the store (server-side where the backend can).
+    pub async fn copy(&self, from: &str, to: &str) -> Result<()> {
+        let (src, dst) = (self.path(from)?, self.path(to)?);
+        self.options
+            .retry
+            .run("copy", || self.inner.copy(&src, &dst))
+            .await
+            .map_err(|e| self.error("copy", from, e))
+    }
+
+    /// The full object path of a relative key.
+    pub(crate) fn path(&self, key: &str) -> Result<Path> {
+        let key = key.trim_matches('/');
+        let joined = match (self.root.as_ref().is_empty(), key.is_empty()) {
+            (true, _) => key.to_string(),
+            (false, true) => self.root.to_string(),
+            (false, false) => format!("{}/{key}", self.root),
+        };
+        Path::parse(&joined).map_err(|e| StorageError::InvalidName {
+            what: "storage key",
+            value: key.to_string(),
+            rule: format!("must be `/`-separated segments without `.`, `..` or empty parts ({e})"),
+        })
+    }
+
+    fn relative(&self, path: &Path) -> String {
+        let full = path.as_ref();
+        let root = self.root.as_ref();
+        if root.is_empty() {
+            return full.to_string();
+        }
+        full.strip_prefix(root)
+            .map(|rest| rest.trim_start_matches('/').to_string())
+            .unwrap_or_else(|| full.to_string())
+    }
+
+    fn info(&self, meta: object_store::ObjectMeta) -> ObjectInfo {
+        ObjectInfo {
+            key: self.relative(&meta.location),
+            size: meta.size,
+            last_modified: meta.last_modified.into(),
+        }
+    }
+
+    fn already_exists(&self, key: &str) -> StorageError {
+        StorageError::AlreadyExists {
+            store: self.uri.to_string(),
+            key: key.to_string(),
+        }
+    }
+
+    /// Maps a backend error to the crate's error, keeping "not found" and "exists" typed.
+    pub(crate) fn error(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: object_store::Error,
+    ) -> StorageError {
+        match e {
+            object_store::Error::NotFound { .. } => StorageError::NotFound {
+                store: self.uri.to_string(),
+                key: key.to_string(),
+            },
+            object_store::Error::AlreadyExists { .. } => self.already_exists(key),
+            source => StorageError::Backend {
+                op,
+                store: self.uri.to_string(),
+                key: key.to_string(),
+                source,
+            },
+        }
+    }
+}

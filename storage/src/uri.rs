@@ -1,0 +1,265 @@
+//! Turning a `checkpoint_base_uri` into an object store.
+//!
+//! Accepted: a plain local path (`./runs`, `/data/runs`), `file:///abs/path`, `s3://bucket/prefix`,
+//! `gs://bucket/prefix`, `az://container/prefix` and `memory://name`. Cloud settings come from the
+//! environment the way the vendors' own tools read them (`AWS_*`, `GOOGLE_*`, `AZURE_*`); credentials in
+//! the URI itself are refused so that a URI can always be logged.
+
+use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::ObjectStore;
+use url::Url;
+
+use crate::error::{Result, StorageError};
+use crate::store::StoreOptions;
+
+/// A backend opened from a URI: the store, the key prefix inside it, and a printable URI.
+pub(crate) struct Backend {
+    pub store: Arc<dyn ObjectStore>,
+    pub root: Path,
+    pub display: String,
+}
+
+/// Opens the backend a URI names.
+pub(crate) fn open_backend(uri: &str, options: &StoreOptions) -> Result<Backend> {
+    let invalid = |reason: &str| StorageError::InvalidUri {
+        uri: uri.to_string(),
+        reason: reason.to_string(),
+    };
+    if uri.trim().is_empty() {
+        return Err(invalid(
+            "it is empty; give a local path, file://, s3://, gs://, az:// or memory:// URI",
+        ));
+    }
+    let Some((scheme, _)) = uri.split_once("://") else {
+        return open_local(uri, FsPath::new(uri), options);
+    };
+    let url = Url::parse(uri).map_err(|e| invalid(&format!("cannot be parsed ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            "credentials are not accepted inside the URI; set them in the environment \
+             (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid("a query (`?`) or fragment (`#`) is not accepted"));
+    }
+    match scheme {
+        "file" => {
+            if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                return Err(invalid("file:// URIs take no host; write file:///absolute/path"));
+            }
+            let path = url
+                .to_file_path()
+                .map_err(|_| invalid("not an absolute local path; write file:///absolute/path"))?;
+            open_local(uri, &path, options)
+        }
+        "memory" => {
+            let name = url.host_str().unwrap_or_default().to_string();
+            Ok(Backend {
+                store: shared_memory_store(&name),
+                root: key_prefix(uri, url.path())?,
+                display: uri.to_string(),
+            })
+        }
+        "s3" | "gs" | "az" => {
+            let bucket = url
+                .host_str()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| invalid("the bucket (or container) name is missing: s3://bucket/prefix"))?;
+            let root = key_prefix(uri, url.path())?;
+            let store: Arc<dyn ObjectStore> = match scheme {
+                "s3" => Arc::new(open_s3(uri, bucket, options)?),
+                "gs" => Arc::new(
+                    GoogleCloudStorageBuilder::from_env()
+                        .with_bucket_name(bucket)
+                        .with_retry(options.retry.to_client_config())
+                        .build()
+                        .map_err(|e| setting(uri, "GOOGLE_*", &e.to_string(), GCS_HINT))?,
+                ),
+                _ => {
+                    if env("AZURE_STORAGE_ACCOUNT_NAME").is_none() {
+                        return Err(setting(
+                            uri,
+                            "AZURE_STORAGE_ACCOUNT_NAME",
+                            "is not set",
+                            "set it to the storage account that holds the container",
+                        ));
+                    }
+                    Arc::new(
+                        MicrosoftAzureBuilder::from_env()
+                            .with_container_name(bucket)
+                            .with_retry(options.retry.to_client_config())
+                            .build()
+                            .map_err(|e| setting(uri, "AZURE_*", &e.to_string(), AZURE_HINT))?,
+                    )
+                }
+            };
+            Ok(Backend {
+                store,
+                root,
+                display: uri.to_string(),
+            })
+        }
+        other => Err(invalid(&format!(
+            "unknown scheme `{other}://`; use a local path, file://, s3://, gs://, az:// or memory://"
+        ))),
+    }
+}
+
+const S3_HINT: &str =
+    "set AWS_ENDPOINT_URL (for a non-AWS server), AWS_REGION, AWS_ACCESS_KEY_ID and \
+                       AWS_SECRET_ACCESS_KEY, and AWS_ALLOW_HTTP=true for a plain-http endpoint";
+const GCS_HINT: &str =
+    "set GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT) to a service-account key file";
+const AZURE_HINT: &str =
+    "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or a SAS / AAD setting)";
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn setting(uri: &str, setting: &str, problem: &str, hint: &str) -> StorageError {
+    StorageError::Setting {
+        uri: uri.to_string(),
+        setting: setting.to_string(),
+        problem: problem.to_string(),
+        hint: hint.to_string(),
+    }
+}
+
+fn open_s3(uri: &str, bucket: &str, options: &StoreOptions) -> Result<object_store::aws::AmazonS3> {
+    let endpoint = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT"));
+    let allow_http = match env("AWS_ALLOW_HTTP").as_deref() {
+        None => false,
+        Some("true" | "1" | "TRUE" | "True") => true,
+        Some("false" | "0" | "FALSE" | "False") => false,
+        Some(other) => {
+            return Err(setting(
+                uri,
+                "AWS_ALLOW_HTTP",
+                &format!("is {other:?}, which is neither true nor false"),
+                "set AWS_ALLOW_HTTP=true to allow a plain-http endpoint",
+            ))
+        }
+    };
+    if let Some(ep) = &endpoint {
+        if Url::parse(ep).is_err() {
+            return Err(setting(
+                uri,
+                "AWS_ENDPOINT_URL",
+                &format!("is {ep:?}, which is not a URL"),
+                "set it to the server's URL, e.g. http://127.0.0.1:9000",
+            ));
+        }
+        if ep.starts_with("http://") && !allow_http {
+            return Err(setting(
+                uri,
+                "AWS_ALLOW_HTTP",
+                &format!("is not true but the endpoint {ep} is plain http"),
+                "set AWS_ALLOW_HTTP=true, or use an https endpoint",
+            ));
+        }
+    }
+    let key_id = env("AWS_ACCESS_KEY_ID").is_some();
+    let secret = env("AWS_SECRET_ACCESS_KEY").is_some();
+    if key_id != secret {
+        let (missing, present) = if key_id {
+            ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+        } else {
+            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        };
+        return Err(setting(
+            uri,
+            missing,
+            &format!("is not set while {present} is"),
+            "set both keys, or neither to use the pod's role (web identity or instance metadata)",
+        ));
+    }
+    if endpoint.is_some() && !key_id {
+        return Err(setting(
+            uri,
+            "AWS_ACCESS_KEY_ID",
+            "is not set for a custom endpoint",
+            "an S3-compatible server needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        ));
+    }
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_allow_http(allow_http)
+        .with_retry(options.retry.to_client_config());
+    if let Some(ep) = endpoint {
+        // Path-style addressing: S3-compatible servers rarely resolve bucket subdomains.
+        builder = builder
+            .with_endpoint(ep)
+            .with_virtual_hosted_style_request(false);
+    }
+    if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+        builder = builder.with_region("us-east-1");
+    } else if let Some(r) = env("AWS_DEFAULT_REGION").filter(|_| env("AWS_REGION").is_none()) {
+        builder = builder.with_region(r);
+    }
+    builder
+        .build()
+        .map_err(|e| setting(uri, "AWS_*", &format!("is incomplete ({e})"), S3_HINT))
+}
+
+fn open_local(uri: &str, path: &FsPath, options: &StoreOptions) -> Result<Backend> {
+    let abs: PathBuf = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|source| StorageError::Io {
+                op: "read the current directory for",
+                path: path.to_path_buf(),
+                source,
+            })?
+            .join(path)
+    };
+    std::fs::create_dir_all(&abs).map_err(|source| StorageError::Io {
+        op: "create the store directory",
+        path: abs.clone(),
+        source,
+    })?;
+    let fs = LocalFileSystem::new_with_prefix(&abs)
+        .map_err(|e| StorageError::InvalidUri {
+            uri: uri.to_string(),
+            reason: format!("cannot use {} as a store: {e}", abs.display()),
+        })?
+        .with_fsync(options.fsync)
+        .with_automatic_cleanup(true);
+    Ok(Backend {
+        store: Arc::new(fs),
+        root: Path::default(),
+        display: abs.display().to_string(),
+    })
+}
+
+fn key_prefix(uri: &str, path: &str) -> Result<Path> {
+    Path::parse(path.trim_matches('/')).map_err(|e| StorageError::InvalidUri {
+        uri: uri.to_string(),
+        reason: format!("the key prefix {path:?} is not a valid object path ({e})"),
+    })
+}
+
+/// `memory://name` stores live as long as the process and are shared by every opening of the same
+/// name, so one component can write what another reads back.
+fn shared_memory_store(name: &str) -> Arc<dyn ObjectStore> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    let stores = STORES.get_or_init(Default::default);
+    let mut stores = stores
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    stores
+        .entry(name.to_string())
+        .or_insert_with(|| Arc::new(InMemory::new()))
+        .clone()
+}

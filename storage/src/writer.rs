@@ -1,0 +1,226 @@
+//! `BlobWriter`: stream a blob of any size with bounded memory, hashing it as it passes.
+//!
+//! Bytes are cut into parts of `part_size`; at most `max_concurrency` parts are in flight, so memory
+//! stays at about `part_size * (max_concurrency + 1)` whatever the blob's size. A blob that ends before
+//! its first part is full is written with one plain put. Until [`BlobWriter::finish`] returns, nothing is
+//! visible under the key: a failure, an explicit [`BlobWriter::abort`] or a drop aborts the upload.
+
+use bytes::{Bytes, BytesMut};
+use object_store::path::Path;
+use object_store::{MultipartUpload, PutOptions, PutPayload};
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+
+use crate::error::{Result, StorageError};
+use crate::store::{BlobInfo, Store};
+
+/// A streaming write to one key. See the module documentation.
+pub struct BlobWriter {
+    store: Store,
+    key: String,
+    path: Path,
+    hasher: Sha256,
+    bytes: u64,
+    buffer: BytesMut,
+    upload: Option<Upload>,
+}
+
+/// An open multipart upload and its parts in flight.
+struct Upload {
+    upload: Box<dyn MultipartUpload>,
+    in_flight: JoinSet<object_store::Result<()>>,
+}
+
+impl BlobWriter {
+    pub(crate) fn new(store: Store, key: &str) -> Result<Self> {
+        let path = store.path(key)?;
+        let part_size = store.options.part_size.max(1);
+        Ok(Self {
+            store,
+            key: key.to_string(),
+            path,
+            hasher: Sha256::new(),
+            bytes: 0,
+            buffer: BytesMut::with_capacity(part_size.min(1 << 20)),
+            upload: None,
+        })
+    }
+
+    /// The key being written.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Bytes accepted so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Appends `data` (copied into part buffers).
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        let part_size = self.part_size();
+        while !data.is_empty() {
+            let room = part_size - self.buffer.len();
+            let take = room.min(data.len());
+            if self.buffer.capacity() - self.buffer.len() < take {
+                self.buffer.reserve(part_size - self.buffer.len());
+            }
+            self.buffer.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buffer.len() == part_size {
+                let part = self.buffer.split().freeze();
+                self.send_part(part).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `data` without copying it where it lines up with part boundaries.
+    pub async fn write_bytes(&mut self, mut data: Bytes) -> Result<()> {
+        let part_size = self.part_size();
+        if !self.buffer.is_empty() || data.len() < part_size {
+            let take = (part_size - self.buffer.len()).min(data.len());
+            let head = data.split_to(take);
+            self.write(&head).await?;
+        }
+        while data.len() >= part_size {
+            let part = data.split_to(part_size);
+            self.hasher.update(&part);
+            self.bytes += part.len() as u64;
+            self.send_part(part).await?;
+        }
+        if !data.is_empty() {
+            self.write(&data).await?;
+        }
+        Ok(())
+    }
+
+    /// Completes the write and makes the blob visible under its key.
+    pub async fn finish(mut self) -> Result<BlobInfo> {
+        let tail = self.buffer.split().freeze();
+        match self.upload.take() {
+            None => {
+                let payload = PutPayload::from(tail);
+                self.store
+                    .options
+                    .retry
+                    .run("put", || {
+                        self.store.inner.put_opts(
+                            &self.path,
+                            payload.clone(),
+                            PutOptions::default(),
+                        )
+                    })
+                    .await
+                    .map_err(|e| self.store.error("put", &self.key, e))?;
+            }
+            Some(mut upload) => {
+                if !tail.is_empty() {
+                    upload.in_flight.spawn(upload.upload.put_part(tail.into()));
+                }
+                let done = match upload.drain(0).await {
+                    Ok(()) => upload.upload.complete().await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = done {
+                    upload.abort(&self.key).await;
+                    return Err(self.store.error("upload", &self.key, e));
+                }
+            }
+        }
+        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        tracing::debug!(key = %self.key, bytes = self.bytes, %sha256, "blob written");
+        Ok(BlobInfo {
+            key: std::mem::take(&mut self.key),
+            bytes: self.bytes,
+            sha256,
+        })
+    }
+
+    /// Gives the write up; nothing becomes visible.
+    pub async fn abort(mut self) -> Result<()> {
+        if let Some(upload) = self.upload.take() {
+            upload.abort(&self.key).await;
+        }
+        Ok(())
+    }
+
+    fn part_size(&self) -> usize {
+        self.store.options.part_size.max(1)
+    }
+
+    async fn send_part(&mut self, part: Bytes) -> Result<()> {
+        if self.upload.is_none() {
+            let upload = self
+                .store
+                .options
+                .retry
+                .run("start upload", || {
+                    self.store
+                        .inner
+                        .put_multipart_opts(&self.path, Default::default())
+                })
+                .await
+                .map_err(|e| self.store.error("start upload", &self.key, e))?;
+            self.upload = Some(Upload {
+                upload,
+                in_flight: JoinSet::new(),
+            });
+        }
+        let max = self.store.options.max_concurrency.max(1);
+        let Some(upload) = self.upload.as_mut() else {
+            return Err(StorageError::Task("upload vanished".into()));
+        };
+        let drained = upload.drain(max - 1).await;
+        if let Err(e) = drained {
+            if let Some(upload) = self.upload.take() {
+                upload.abort(&self.key).await;
+            }
+            return Err(self.store.error("upload part", &self.key, e));
+        }
+        upload.in_flight.spawn(upload.upload.put_part(part.into()));
+        Ok(())
+    }
+}
+
+impl Upload {
+    /// Waits until at most `max` parts are in flight; the first failed part is the error.
+    async fn drain(&mut self, max: usize) -> object_store::Result<()> {
+        while self.in_flight.len() > max {
+            match self.in_flight.join_next().await {
+                Some(Ok(Ok(()))) | None => {}
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(join)) => {
+                    return Err(object_store::Error::JoinError { source: join });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn abort(mut self, key: &str) {
+        self.in_flight.abort_all();
+        while self.in_flight.join_next().await.is_some() {}
+        if let Err(e) = self.upload.abort().await {
+            tracing::warn!(%key, %e, "could not abort multipart upload; the store's lifecycle rules must clean it");
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            let key = std::mem::take(&mut self.key);
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn(async move { upload.abort(&key).await });
+                }
+                Err(_) => {
+                    tracing::warn!(%key, "blob writer dropped outside a runtime; upload left for cleanup")
+                }
+            }
+        }
+    }
+}
