@@ -28,8 +28,20 @@ pub(crate) struct Backend {
     pub display: String,
 }
 
-/// Opens the backend a URI names.
+/// Opens the backend a URI names, reading settings from the process environment.
 pub(crate) fn open_backend(uri: &str, options: &StoreOptions) -> Result<Backend> {
+    open_backend_in(uri, options, &process_env)
+}
+
+/// A source of settings by environment-variable name (the process environment, or a test's map).
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Opens the backend a URI names, reading settings through `env`.
+fn open_backend_in(uri: &str, options: &StoreOptions, env: Env<'_>) -> Result<Backend> {
     let invalid = |reason: &str| StorageError::InvalidUri {
         uri: uri.to_string(),
         reason: reason.to_string(),
@@ -77,7 +89,7 @@ pub(crate) fn open_backend(uri: &str, options: &StoreOptions) -> Result<Backend>
                 .ok_or_else(|| invalid("the bucket (or container) name is missing: s3://bucket/prefix"))?;
             let root = key_prefix(uri, url.path())?;
             let store: Arc<dyn ObjectStore> = match scheme {
-                "s3" => Arc::new(open_s3(uri, bucket, options)?),
+                "s3" => Arc::new(open_s3(uri, bucket, options, env)?),
                 "gs" => Arc::new(
                     GoogleCloudStorageBuilder::from_env()
                         .with_bucket_name(bucket)
@@ -123,10 +135,6 @@ const GCS_HINT: &str =
 const AZURE_HINT: &str =
     "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or a SAS / AAD setting)";
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
 fn setting(uri: &str, setting: &str, problem: &str, hint: &str) -> StorageError {
     StorageError::Setting {
         uri: uri.to_string(),
@@ -136,7 +144,12 @@ fn setting(uri: &str, setting: &str, problem: &str, hint: &str) -> StorageError 
     }
 }
 
-fn open_s3(uri: &str, bucket: &str, options: &StoreOptions) -> Result<object_store::aws::AmazonS3> {
+fn open_s3(
+    uri: &str,
+    bucket: &str,
+    options: &StoreOptions,
+    env: Env<'_>,
+) -> Result<object_store::aws::AmazonS3> {
     let endpoint = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT"));
     let allow_http = match env("AWS_ALLOW_HTTP").as_deref() {
         None => false,
@@ -192,21 +205,25 @@ fn open_s3(uri: &str, bucket: &str, options: &StoreOptions) -> Result<object_sto
             "an S3-compatible server needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
         ));
     }
+    // The builder reads the rest (session tokens, web identity, profiles) from the process
+    // environment; what was validated above is applied explicitly.
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_allow_http(allow_http)
         .with_retry(options.retry.to_client_config());
+    if let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+    }
     if let Some(ep) = endpoint {
         // Path-style addressing: S3-compatible servers rarely resolve bucket subdomains.
         builder = builder
             .with_endpoint(ep)
             .with_virtual_hosted_style_request(false);
     }
-    if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
-        builder = builder.with_region("us-east-1");
-    } else if let Some(r) = env("AWS_DEFAULT_REGION").filter(|_| env("AWS_REGION").is_none()) {
-        builder = builder.with_region(r);
-    }
+    let region = env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|| "us-east-1".to_string());
+    builder = builder.with_region(region);
     builder
         .build()
         .map_err(|e| setting(uri, "AWS_*", &format!("is incomplete ({e})"), S3_HINT))
@@ -262,4 +279,78 @@ fn shared_memory_store(name: &str) -> Arc<dyn ObjectStore> {
         .entry(name.to_string())
         .or_insert_with(|| Arc::new(InMemory::new()))
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(uri: &str, vars: &[(&str, &str)]) -> Result<Backend> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        open_backend_in(uri, &StoreOptions::default(), &move |k| vars.get(k).cloned())
+    }
+
+    fn err(uri: &str, vars: &[(&str, &str)]) -> String {
+        match open(uri, vars) {
+            Ok(_) => panic!("{uri} opened"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const S3_OK: [(&str, &str); 4] = [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "id"),
+        ("AWS_SECRET_ACCESS_KEY", "secret"),
+    ];
+
+    #[test]
+    fn opens_each_scheme_with_its_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = open(dir.path().to_str().unwrap(), &[]).unwrap();
+        assert_eq!(local.root.as_ref(), "");
+        let file_uri = format!("file://{}/sub", dir.path().display());
+        open(&file_uri, &[]).unwrap();
+        assert!(dir.path().join("sub").is_dir());
+        let s3 = open("s3://bucket/runs/a/", &S3_OK).unwrap();
+        assert_eq!(s3.root.as_ref(), "runs/a");
+        let mem = open("memory://x/p", &[]).unwrap();
+        assert_eq!(mem.root.as_ref(), "p");
+    }
+
+    #[test]
+    fn malformed_uris_say_what_is_wrong() {
+        assert!(err("", &[]).contains("empty"));
+        assert!(err("ftp://host/x", &[]).contains("unknown scheme `ftp://`"));
+        assert!(err("s3:///prefix", &S3_OK).contains("bucket"));
+        assert!(err("s3://key:secret@bucket/p", &S3_OK).contains("credentials are not accepted"));
+        assert!(err("s3://bucket/p?x=1", &S3_OK).contains("query"));
+        assert!(err("file://host/x", &[]).contains("no host"));
+        assert!(err("s3://bucket/a//b", &S3_OK).contains("key prefix"));
+    }
+
+    #[test]
+    fn missing_s3_settings_are_named() {
+        let e = err("s3://b/p", &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9")]);
+        assert!(e.contains("AWS_ALLOW_HTTP") && e.contains("set AWS_ALLOW_HTTP=true"), "{e}");
+        let e = err(
+            "s3://b/p",
+            &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ALLOW_HTTP", "yes please")],
+        );
+        assert!(e.contains("neither true nor false"), "{e}");
+        let e = err(
+            "s3://b/p",
+            &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ALLOW_HTTP", "true")],
+        );
+        assert!(e.contains("AWS_ACCESS_KEY_ID is not set"), "{e}");
+        let e = err("s3://b/p", &[("AWS_ACCESS_KEY_ID", "id")]);
+        assert!(e.contains("AWS_SECRET_ACCESS_KEY is not set while AWS_ACCESS_KEY_ID is"), "{e}");
+        let e = err("s3://b/p", &[("AWS_ENDPOINT_URL", "not a url")]);
+        assert!(e.contains("not a URL"), "{e}");
+        let e = err("az://container/p", &[]);
+        assert!(e.contains("AZURE_STORAGE_ACCOUNT_NAME is not set"), "{e}");
+    }
 }

@@ -1,0 +1,145 @@
+//! `FlakyStore`: an object store wrapper that fails on purpose, to test retries and clean aborts.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::FutureExt;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result, UploadPart,
+};
+
+/// What to break.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Calls (of any operation) still to fail with a transient error.
+    pub fail_next_calls: AtomicUsize,
+    /// Fail the part with this 1-based index of every multipart upload (0: none).
+    pub fail_part: AtomicUsize,
+    /// Multipart uploads aborted so far.
+    pub aborts: AtomicUsize,
+    /// Calls seen so far.
+    pub calls: AtomicUsize,
+}
+
+/// Wraps a store; see [`Faults`].
+#[derive(Debug)]
+pub struct FlakyStore {
+    pub inner: Arc<dyn ObjectStore>,
+    pub faults: Arc<Faults>,
+}
+
+fn transient(what: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "flaky",
+        source: format!("injected transient failure in {what}").into(),
+    }
+}
+
+impl FlakyStore {
+    fn check(&self, what: &str) -> Result<()> {
+        self.faults.calls.fetch_add(1, Ordering::SeqCst);
+        let left = &self.faults.fail_next_calls;
+        if left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(transient(what));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for FlakyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FlakyStore({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FlakyStore {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+        self.check("put")?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.check("put_multipart")?;
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(FlakyUpload {
+            inner,
+            faults: self.faults.clone(),
+            parts: 0,
+        }))
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.check("get")?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        if let Err(e) = self.check("delete") {
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        if let Err(e) = self.check("list") {
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.check("list")?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.check("copy")?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+use futures::StreamExt;
+
+#[derive(Debug)]
+struct FlakyUpload {
+    inner: Box<dyn MultipartUpload>,
+    faults: Arc<Faults>,
+    parts: usize,
+}
+
+#[async_trait]
+impl MultipartUpload for FlakyUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        self.parts += 1;
+        if self.parts == self.faults.fail_part.load(Ordering::SeqCst) {
+            let n = self.parts;
+            return async move { Err(transient(&format!("part {n}"))) }.boxed();
+        }
+        self.inner.put_part(data)
+    }
+
+    async fn complete(&mut self) -> Result<PutResult> {
+        self.inner.complete().await
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        self.faults.aborts.fetch_add(1, Ordering::SeqCst);
+        self.inner.abort().await
+    }
+}
