@@ -1,1 +1,282 @@
-fn main() {}
+//! Streaming write and read of a 1 GiB blob through `waypoint-storage`, against raw `std::fs` on the
+//! same bytes in the same run: on tmpfs (/dev/shm) and on the work disk, fsync'd, then S3 on loopback
+//! when the bench script has started the test server. Prints each figure beside its anchor as a ratio
+//! (target ≥ 0.9×).
+//!
+//! Sizes: WAYPOINT_BENCH_MIB (default 1024) for local, WAYPOINT_BENCH_S3_MIB (default 256) for S3.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use waypoint_storage::{Store, StoreOptions};
+
+/// Seconds per iteration, by benchmark name, collected as criterion runs.
+static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+fn record(name: &str, d: Duration) {
+    TIMES
+        .lock()
+        .unwrap()
+        .entry(name.to_string())
+        .or_default()
+        .push(d.as_secs_f64());
+}
+
+fn median(name: &str) -> Option<f64> {
+    let times = TIMES.lock().unwrap();
+    let mut v = times.get(name)?.clone();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
+}
+
+fn env_mib(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn data(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+const CHUNK: usize = 8 << 20;
+
+async fn waypoint_write(store: &Store, key: &str, data: &[u8]) {
+    let mut w = store.writer(key).unwrap();
+    for c in data.chunks(CHUNK) {
+        w.write(c).await.unwrap();
+    }
+    w.finish().await.unwrap();
+}
+
+async fn waypoint_write_bytes(store: &Store, key: &str, data: &bytes::Bytes) {
+    let mut w = store.writer(key).unwrap();
+    w.write_bytes(data.clone()).await.unwrap();
+    w.finish().await.unwrap();
+}
+
+async fn waypoint_read(store: &Store, key: &str, hash: bool) -> u64 {
+    let r = store.reader(key, None).await.unwrap();
+    let r = if hash { r } else { r.without_hash() };
+    r.drain().await.unwrap().0
+}
+
+fn raw_write(path: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn raw_read(path: &Path) -> u64 {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; CHUNK];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).unwrap();
+        if k == 0 {
+            return n;
+        }
+        n += k as u64;
+    }
+}
+
+fn local_group(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    label: &str,
+    dir: PathBuf,
+    data: &bytes::Bytes,
+) {
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut options = StoreOptions::default();
+    options.part_size = env_mib("WAYPOINT_BENCH_PART_MIB", options.part_size >> 20) << 20;
+    let store = Store::open_with(dir.to_str().unwrap(), options).unwrap();
+    let raw_path = dir.join("raw.bin");
+    let mut g = c.benchmark_group(format!("storage/{label}"));
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Bytes(data.len() as u64));
+    let names = [
+        format!("{label}/write/raw"),
+        format!("{label}/write/waypoint"),
+        format!("{label}/read/raw"),
+        format!("{label}/read/waypoint"),
+        format!("{label}/read/waypoint+sha256"),
+        format!("{label}/write/waypoint-copying"),
+    ];
+    g.bench_function("write/raw std::fs+fsync", |b| {
+        b.iter_custom(|n| timed(&names[0], n, || raw_write(&raw_path, data)))
+    });
+    g.bench_function("write/waypoint (sha256, fsync)", |b| {
+        b.iter_custom(|n| {
+            timed(&names[1], n, || {
+                rt.block_on(waypoint_write_bytes(&store, "wp.bin", data))
+            })
+        })
+    });
+    g.bench_function("write/waypoint copying 8 MiB writes (sha256, fsync)", |b| {
+        b.iter_custom(|n| {
+            timed(&names[5], n, || {
+                rt.block_on(waypoint_write(&store, "wp.bin", data))
+            })
+        })
+    });
+    g.bench_function("read/raw std::fs", |b| {
+        b.iter_custom(|n| {
+            timed(&names[2], n, || {
+                assert_eq!(raw_read(&raw_path), data.len() as u64)
+            })
+        })
+    });
+    g.bench_function("read/waypoint", |b| {
+        b.iter_custom(|n| {
+            timed(&names[3], n, || {
+                assert_eq!(
+                    rt.block_on(waypoint_read(&store, "wp.bin", false)),
+                    data.len() as u64
+                )
+            })
+        })
+    });
+    g.bench_function("read/waypoint+sha256", |b| {
+        b.iter_custom(|n| {
+            timed(&names[4], n, || {
+                assert_eq!(
+                    rt.block_on(waypoint_read(&store, "wp.bin", true)),
+                    data.len() as u64
+                )
+            })
+        })
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn timed(name: &str, iters: u64, mut f: impl FnMut()) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let t = Instant::now();
+        f();
+        let d = t.elapsed();
+        record(name, d);
+        total += d;
+    }
+    total
+}
+
+fn s3_group(c: &mut Criterion, rt: &tokio::runtime::Runtime, data: &bytes::Bytes) -> bool {
+    let Ok(base) = std::env::var("WAYPOINT_TEST_S3_URI") else {
+        eprintln!("S3: skipped (no WAYPOINT_TEST_S3_URI; scripts/bench.sh starts the server)");
+        return false;
+    };
+    let store = Store::open(&format!("{base}/bench")).unwrap();
+    let mut g = c.benchmark_group("storage/s3-loopback");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(5))
+        .throughput(Throughput::Bytes(data.len() as u64));
+    g.bench_function("write/waypoint", |b| {
+        b.iter_custom(|n| {
+            timed("s3/write", n, || {
+                rt.block_on(waypoint_write_bytes(&store, "wp.bin", data))
+            })
+        })
+    });
+    g.bench_function("read/waypoint+sha256", |b| {
+        b.iter_custom(|n| {
+            timed("s3/read", n, || {
+                assert_eq!(
+                    rt.block_on(waypoint_read(&store, "wp.bin", true)),
+                    data.len() as u64
+                )
+            })
+        })
+    });
+    g.finish();
+    rt.block_on(store.delete("wp.bin")).unwrap();
+    true
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mib = env_mib("WAYPOINT_BENCH_MIB", 1024);
+    let bytes = bytes::Bytes::from(data(mib << 20));
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("storage-bench");
+    let shm = PathBuf::from("/dev/shm").join(format!("waypoint-bench-{}", std::process::id()));
+    let mut labels = vec![];
+    if Path::new("/dev/shm").is_dir() {
+        local_group(&mut c, &rt, "tmpfs", shm, &bytes);
+        labels.push("tmpfs");
+    }
+    local_group(&mut c, &rt, "disk", work, &bytes);
+    labels.push("disk");
+    let s3_mib = env_mib("WAYPOINT_BENCH_S3_MIB", 256);
+    let s3 = s3_group(&mut c, &rt, &bytes.slice(..(s3_mib << 20).min(bytes.len())));
+    c.final_summary();
+
+    println!(
+        "\nwaypoint-storage vs raw std::fs, {mib} MiB, median of each (target ratio >= 0.90):"
+    );
+    let gbps = |secs: f64, len: usize| len as f64 / secs / 1e9;
+    for label in labels {
+        for (op, ours, anchor) in [
+            (
+                "write (sha256+fsync vs write+fsync)",
+                "write/waypoint",
+                "write/raw",
+            ),
+            (
+                "write, copying 8 MiB slices",
+                "write/waypoint-copying",
+                "write/raw",
+            ),
+            ("read", "read/waypoint", "read/raw"),
+            ("read +sha256 verify", "read/waypoint+sha256", "read/raw"),
+        ] {
+            let (Some(w), Some(r)) = (
+                median(&format!("{label}/{ours}")),
+                median(&format!("{label}/{anchor}")),
+            ) else {
+                continue;
+            };
+            println!(
+                "  {label:5} {op:36} waypoint {:6.2} GB/s   raw {:6.2} GB/s   ratio {:.2}x",
+                gbps(w, bytes.len()),
+                gbps(r, bytes.len()),
+                r / w
+            );
+        }
+    }
+    if s3 {
+        let len = (s3_mib << 20).min(bytes.len());
+        for (op, name) in [("write", "s3/write"), ("read+sha256", "s3/read")] {
+            if let Some(t) = median(name) {
+                println!(
+                    "  s3 loopback (s3s-fs) {op:12} {s3_mib} MiB: {:.2} GB/s",
+                    gbps(t, len)
+                );
+            }
+        }
+    }
+}

@@ -6,7 +6,15 @@ use std::process::Command;
 
 fn run_train(base: &str, run_id: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_waypoint"))
-        .args(["train", "--max_steps", "20", "--device", "cpu", "--run_id", run_id])
+        .args([
+            "train",
+            "--max_steps",
+            "20",
+            "--device",
+            "cpu",
+            "--run_id",
+            run_id,
+        ])
         .args(["--checkpoint_base_uri", base])
         // The binary must find libtorch through its rpath alone.
         .env_remove("LD_LIBRARY_PATH")
@@ -30,10 +38,17 @@ async fn check_recorded(store: &waypoint_storage::Store, run_id: &str) {
     let metrics = store.get(&layout.metrics()).await.unwrap();
     let losses: Vec<f64> = String::from_utf8_lossy(&metrics)
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(losses.len(), 20);
-    assert!(losses[19] < losses[0] * 0.8, "loss did not fall: {losses:?}");
+    assert!(
+        losses[19] < losses[0] * 0.8,
+        "loss did not fall: {losses:?}"
+    );
     assert!(store.exists(&layout.run_config()).await.unwrap());
 }
 
@@ -68,5 +83,8 @@ fn bad_input_is_reported_with_the_flag() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--max_steps"), "the closest valid flag is suggested: {err}");
+    assert!(
+        err.contains("--max_steps"),
+        "the closest valid flag is suggested: {err}"
+    );
 }

@@ -33,12 +33,18 @@ fn flaky_stores(max_retries: u32) -> Vec<(&'static str, Store, Arc<Faults>, temp
     let dir = tempfile::tempdir().unwrap();
     let inners: Vec<(&'static str, Arc<dyn ObjectStore>)> = vec![
         ("memory", Arc::new(InMemory::new())),
-        ("local", Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap())),
+        (
+            "local",
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
+        ),
     ];
     let mut out = Vec::new();
     for (name, inner) in inners {
         let faults = Arc::new(Faults::default());
-        let flaky = Arc::new(FlakyStore { inner, faults: faults.clone() });
+        let flaky = Arc::new(FlakyStore {
+            inner,
+            faults: faults.clone(),
+        });
         let store = Store::from_object_store(flaky, "root", name, options(max_retries)).unwrap();
         out.push((name, store, faults, tempfile::tempdir().unwrap()));
     }
@@ -53,9 +59,15 @@ async fn transient_failures_of_the_first_calls_are_retried() {
         faults.fail_next_calls.store(3, Ordering::SeqCst);
         s.put("k", Bytes::from_static(b"v")).await.unwrap();
         faults.fail_next_calls.store(2, Ordering::SeqCst);
-        assert_eq!(s.get("k").await.unwrap(), Bytes::from_static(b"v"), "{name}");
+        assert_eq!(
+            s.get("k").await.unwrap(),
+            Bytes::from_static(b"v"),
+            "{name}"
+        );
         faults.fail_next_calls.store(1, Ordering::SeqCst);
-        s.put_create("marker", Bytes::from_static(b"m")).await.unwrap();
+        s.put_create("marker", Bytes::from_static(b"m"))
+            .await
+            .unwrap();
         faults.fail_next_calls.store(2, Ordering::SeqCst);
         assert_eq!(s.list("").await.unwrap().len(), 2, "{name}");
         // A streaming write whose start fails transiently still lands intact.
@@ -65,7 +77,11 @@ async fn transient_failures_of_the_first_calls_are_retried() {
         w.write(&data).await.unwrap();
         let info = w.finish().await.unwrap();
         assert_eq!(info.sha256, sha256_hex(&data), "{name}");
-        assert_eq!(sha256_hex(&s.get("blob").await.unwrap()), info.sha256, "{name}");
+        assert_eq!(
+            sha256_hex(&s.get("blob").await.unwrap()),
+            info.sha256,
+            "{name}"
+        );
     }
 }
 
@@ -74,17 +90,29 @@ async fn more_failures_than_retries_fail_with_nothing_written() {
     for (name, s, faults, _dir) in flaky_stores(2) {
         faults.fail_next_calls.store(3, Ordering::SeqCst);
         let err = s.put("k", Bytes::from_static(b"v")).await.unwrap_err();
-        assert!(matches!(err, StorageError::Backend { op: "put", .. }), "{name}: {err}");
-        assert!(err.to_string().contains("injected transient failure"), "{err}");
+        assert!(
+            matches!(err, StorageError::Backend { op: "put", .. }),
+            "{name}: {err}"
+        );
+        assert!(
+            err.to_string().contains("injected transient failure"),
+            "{err}"
+        );
         assert!(!s.exists("k").await.unwrap(), "{name}");
         // Permanent answers are not retried: a second create fails at once.
-        s.put_create("marker", Bytes::from_static(b"1")).await.unwrap();
+        s.put_create("marker", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
         let before = faults.calls.load(Ordering::SeqCst);
         assert!(matches!(
             s.put_create("marker", Bytes::from_static(b"2")).await,
             Err(StorageError::AlreadyExists { .. })
         ));
-        assert_eq!(faults.calls.load(Ordering::SeqCst) - before, 1, "{name}: retried a permanent error");
+        assert_eq!(
+            faults.calls.load(Ordering::SeqCst) - before,
+            1,
+            "{name}: retried a permanent error"
+        );
     }
 }
 
@@ -110,14 +138,28 @@ async fn a_failed_part_mid_upload_aborts_cleanly() {
         };
         let err = result.expect_err("the injected part failure must surface");
         assert!(err.to_string().contains("part 4"), "{name}: {err}");
-        assert_eq!(faults.aborts.load(Ordering::SeqCst), 1, "{name}: upload not aborted");
+        assert_eq!(
+            faults.aborts.load(Ordering::SeqCst),
+            1,
+            "{name}: upload not aborted"
+        );
         faults.fail_part.store(0, Ordering::SeqCst);
-        assert!(!s.exists("ckpt/blob.safetensors").await.unwrap(), "{name}: half object visible");
-        assert!(s.list("ckpt").await.unwrap().is_empty(), "{name}: leftovers listed");
+        assert!(
+            !s.exists("ckpt/blob.safetensors").await.unwrap(),
+            "{name}: half object visible"
+        );
+        assert!(
+            s.list("ckpt").await.unwrap().is_empty(),
+            "{name}: leftovers listed"
+        );
         // The same writer path works again once the fault is gone.
         let mut w = s.writer("ckpt/blob.safetensors").unwrap();
         w.write(&data).await.unwrap();
         let info = w.finish().await.unwrap();
-        assert_eq!(sha256_hex(&s.get("ckpt/blob.safetensors").await.unwrap()), info.sha256, "{name}");
+        assert_eq!(
+            sha256_hex(&s.get("ckpt/blob.safetensors").await.unwrap()),
+            info.sha256,
+            "{name}"
+        );
     }
 }

@@ -64,7 +64,7 @@ pub enum StorageError {
         key: String,
         /// The backend's error.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// A local file operation failed.
     #[error("{op} {path}: {source}")]

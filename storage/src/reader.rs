@@ -1,10 +1,13 @@
 //! `BlobReader`: stream an object (or a byte range of it) in chunks, hashing as the bytes pass.
 //!
-//! Local files are read straight from the file in large chunks on a blocking thread; remote objects
-//! arrive as the backend's byte stream. Memory held is one chunk at a time.
+//! Local files are read straight from the file in large chunks with positional reads, two chunks in
+//! flight on blocking threads; remote objects arrive as the backend's byte stream. Memory held is at most
+//! [`READ_AHEAD`] + 1 chunks.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::collections::VecDeque;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -18,20 +21,26 @@ use crate::store::Store;
 /// Chunk size for reads from local files.
 const LOCAL_CHUNK: usize = 8 << 20;
 
+/// Local chunks read ahead of the one being consumed.
+pub const READ_AHEAD: usize = 2;
+
 /// A streaming read of one object. See the module documentation.
 pub struct BlobReader {
     key: String,
     store: Store,
     source: Source,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     read: u64,
     len: u64,
 }
 
 enum Source {
     File {
-        file: Option<std::fs::File>,
-        remaining: u64,
+        file: Arc<std::fs::File>,
+        path: std::path::PathBuf,
+        next: u64,
+        end: u64,
+        pending: VecDeque<tokio::task::JoinHandle<std::io::Result<Vec<u8>>>>,
     },
     Stream(BoxStream<'static, object_store::Result<Bytes>>),
 }
@@ -52,28 +61,30 @@ impl BlobReader {
         let got = result.range.clone();
         let len = got.end - got.start;
         let source = match result.payload {
-            GetResultPayload::File(mut file, path) => {
-                file.seek(SeekFrom::Start(got.start))
-                    .map_err(|source| StorageError::Io {
-                        op: "seek in",
-                        path,
-                        source,
-                    })?;
-                Source::File {
-                    file: Some(file),
-                    remaining: len,
-                }
-            }
+            GetResultPayload::File(file, path) => Source::File {
+                file: Arc::new(file),
+                path,
+                next: got.start,
+                end: got.end,
+                pending: VecDeque::new(),
+            },
             GetResultPayload::Stream(s) => Source::Stream(s),
         };
         Ok(Self {
             key: key.to_string(),
             store: store.clone(),
             source,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             read: 0,
             len,
         })
+    }
+
+    /// Turns hashing off, for reads whose integrity another layer checks; [`BlobReader::finish`]
+    /// then reports an empty digest.
+    pub fn without_hash(mut self) -> Self {
+        self.hasher = None;
+        self
     }
 
     /// Bytes this reader will yield in all.
@@ -89,28 +100,33 @@ impl BlobReader {
     /// The next chunk, or `None` at the end.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
         let chunk = match &mut self.source {
-            Source::File { file, remaining } => {
-                if *remaining == 0 {
-                    return Ok(None);
+            Source::File {
+                file,
+                path,
+                next,
+                end,
+                pending,
+            } => {
+                while pending.len() <= READ_AHEAD && *next < *end {
+                    let (offset, want) = (*next, (*end - *next).min(LOCAL_CHUNK as u64) as usize);
+                    *next += want as u64;
+                    let file = file.clone();
+                    pending.push_back(tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; want];
+                        file.read_exact_at(&mut buf, offset).map(|()| buf)
+                    }));
                 }
-                let want = (*remaining).min(LOCAL_CHUNK as u64) as usize;
-                let Some(mut f) = file.take() else {
-                    return Err(StorageError::Task("local read interrupted".into()));
+                let Some(task) = pending.pop_front() else {
+                    return Ok(None);
                 };
-                let (f, buf) = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; want];
-                    let r = f.read_exact(&mut buf).map(|()| buf);
-                    (f, r)
-                })
-                .await
-                .map_err(|e| StorageError::Task(e.to_string()))?;
-                *file = Some(f);
-                let buf = buf.map_err(|source| StorageError::Io {
-                    op: "read",
-                    path: self.key.clone().into(),
-                    source,
-                })?;
-                *remaining -= want as u64;
+                let buf = task
+                    .await
+                    .map_err(|e| StorageError::Task(e.to_string()))?
+                    .map_err(|source| StorageError::Io {
+                        op: "read",
+                        path: path.clone(),
+                        source,
+                    })?;
                 Bytes::from(buf)
             }
             Source::Stream(s) => match s.next().await {
@@ -118,7 +134,9 @@ impl BlobReader {
                 Some(r) => r.map_err(|e| self.store.error("read", &self.key, e))?,
             },
         };
-        self.hasher.update(&chunk);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&chunk);
+        }
         self.read += chunk.len() as u64;
         Ok(Some(chunk))
     }
@@ -129,8 +147,9 @@ impl BlobReader {
         Ok(self.finish())
     }
 
-    /// Bytes read so far and the sha256 (hex) of them.
+    /// Bytes read so far and the sha256 (hex) of them (empty if hashing was turned off).
     pub fn finish(self) -> (u64, String) {
-        (self.read, hex::encode(self.hasher.finalize()))
+        let digest = self.hasher.map(|h| hex::encode(h.finalize()));
+        (self.read, digest.unwrap_or_default())
     }
 }

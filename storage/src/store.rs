@@ -21,7 +21,8 @@ pub struct StoreOptions {
     /// Size of each multipart part in bytes (S3 needs at least 5 MiB). Also the size below which a
     /// blob is written with one plain put.
     pub part_size: usize,
-    /// Parts uploaded at once; memory held by a writer is at most `part_size * (max_concurrency + 1)`.
+    /// Parts uploaded at once; memory held by a writer is at most `part_size * (2 * max_concurrency + 1)`
+    /// (parts in flight, parts queued for hashing, the part being filled).
     pub max_concurrency: usize,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
@@ -374,7 +375,7 @@ impl Store {
                 op,
                 store: self.uri.to_string(),
                 key: key.to_string(),
-                source,
+                source: Box::new(source),
             },
         }
     }

@@ -212,7 +212,9 @@ fn open_s3(
         .with_allow_http(allow_http)
         .with_retry(options.retry.to_client_config());
     if let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
-        builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
     }
     if let Some(ep) = endpoint {
         // Path-style addressing: S3-compatible servers rarely resolve bucket subdomains.
@@ -290,7 +292,9 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        open_backend_in(uri, &StoreOptions::default(), &move |k| vars.get(k).cloned())
+        open_backend_in(uri, &StoreOptions::default(), &move |k| {
+            vars.get(k).cloned()
+        })
     }
 
     fn err(uri: &str, vars: &[(&str, &str)]) -> String {
@@ -335,19 +339,31 @@ mod tests {
     #[test]
     fn missing_s3_settings_are_named() {
         let e = err("s3://b/p", &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9")]);
-        assert!(e.contains("AWS_ALLOW_HTTP") && e.contains("set AWS_ALLOW_HTTP=true"), "{e}");
+        assert!(
+            e.contains("AWS_ALLOW_HTTP") && e.contains("set AWS_ALLOW_HTTP=true"),
+            "{e}"
+        );
         let e = err(
             "s3://b/p",
-            &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ALLOW_HTTP", "yes please")],
+            &[
+                ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+                ("AWS_ALLOW_HTTP", "yes please"),
+            ],
         );
         assert!(e.contains("neither true nor false"), "{e}");
         let e = err(
             "s3://b/p",
-            &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ALLOW_HTTP", "true")],
+            &[
+                ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+                ("AWS_ALLOW_HTTP", "true"),
+            ],
         );
         assert!(e.contains("AWS_ACCESS_KEY_ID is not set"), "{e}");
         let e = err("s3://b/p", &[("AWS_ACCESS_KEY_ID", "id")]);
-        assert!(e.contains("AWS_SECRET_ACCESS_KEY is not set while AWS_ACCESS_KEY_ID is"), "{e}");
+        assert!(
+            e.contains("AWS_SECRET_ACCESS_KEY is not set while AWS_ACCESS_KEY_ID is"),
+            "{e}"
+        );
         let e = err("s3://b/p", &[("AWS_ENDPOINT_URL", "not a url")]);
         assert!(e.contains("not a URL"), "{e}");
         let e = err("az://container/p", &[]);

@@ -1,7 +1,9 @@
 //! `BlobWriter`: stream a blob of any size with bounded memory, hashing it as it passes.
 //!
 //! Bytes are cut into parts of `part_size`; at most `max_concurrency` parts are in flight, so memory
-//! stays at about `part_size * (max_concurrency + 1)` whatever the blob's size. A blob that ends before
+//! stays at about `part_size * (2 * max_concurrency + 1)` whatever the blob's size. The sha256 is
+//! computed on a blocking thread of its own, part by part in order, while the parts upload: hashing and
+//! writing overlap instead of adding up. A blob that ends before
 //! its first part is full is written with one plain put. Until [`BlobWriter::finish`] returns, nothing is
 //! visible under the key: a failure, an explicit [`BlobWriter::abort`] or a drop aborts the upload.
 
@@ -9,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use object_store::path::Path;
 use object_store::{MultipartUpload, PutOptions, PutPayload};
 use sha2::{Digest, Sha256};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::error::{Result, StorageError};
 use crate::store::{BlobInfo, Store};
@@ -19,10 +22,44 @@ pub struct BlobWriter {
     store: Store,
     key: String,
     path: Path,
-    hasher: Sha256,
+    hasher: Option<BackgroundHasher>,
     bytes: u64,
     buffer: BytesMut,
     upload: Option<Upload>,
+}
+
+/// A sha256 computed on a blocking thread from parts sent in order.
+struct BackgroundHasher {
+    parts: mpsc::Sender<Bytes>,
+    digest: JoinHandle<String>,
+}
+
+impl BackgroundHasher {
+    fn start(queue: usize) -> Self {
+        let (parts, mut rx) = mpsc::channel::<Bytes>(queue.max(1));
+        let digest = tokio::task::spawn_blocking(move || {
+            let mut h = Sha256::new();
+            while let Some(part) = rx.blocking_recv() {
+                h.update(&part);
+            }
+            hex::encode(h.finalize())
+        });
+        Self { parts, digest }
+    }
+
+    async fn send(&self, part: Bytes) -> Result<()> {
+        self.parts
+            .send(part)
+            .await
+            .map_err(|_| StorageError::Task("the sha256 thread stopped".into()))
+    }
+
+    async fn finish(self) -> Result<String> {
+        drop(self.parts);
+        self.digest
+            .await
+            .map_err(|e| StorageError::Task(format!("the sha256 thread failed: {e}")))
+    }
 }
 
 /// An open multipart upload and its parts in flight.
@@ -39,7 +76,7 @@ impl BlobWriter {
             store,
             key: key.to_string(),
             path,
-            hasher: Sha256::new(),
+            hasher: None,
             bytes: 0,
             buffer: BytesMut::with_capacity(part_size.min(1 << 20)),
             upload: None,
@@ -58,7 +95,6 @@ impl BlobWriter {
 
     /// Appends `data` (copied into part buffers).
     pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
-        self.hasher.update(data);
         self.bytes += data.len() as u64;
         let part_size = self.part_size();
         while !data.is_empty() {
@@ -87,7 +123,6 @@ impl BlobWriter {
         }
         while data.len() >= part_size {
             let part = data.split_to(part_size);
-            self.hasher.update(&part);
             self.bytes += part.len() as u64;
             self.send_part(part).await?;
         }
@@ -100,8 +135,9 @@ impl BlobWriter {
     /// Completes the write and makes the blob visible under its key.
     pub async fn finish(mut self) -> Result<BlobInfo> {
         let tail = self.buffer.split().freeze();
-        match self.upload.take() {
+        let sha256 = match self.upload.take() {
             None => {
+                let sha256 = hex::encode(Sha256::digest(&tail));
                 let payload = PutPayload::from(tail);
                 self.store
                     .options
@@ -115,9 +151,14 @@ impl BlobWriter {
                     })
                     .await
                     .map_err(|e| self.store.error("put", &self.key, e))?;
+                sha256
             }
             Some(mut upload) => {
+                let hasher = self.hasher.take();
                 if !tail.is_empty() {
+                    if let Some(h) = &hasher {
+                        h.send(tail.clone()).await?;
+                    }
                     upload.in_flight.spawn(upload.upload.put_part(tail.into()));
                 }
                 let done = match upload.drain(0).await {
@@ -128,9 +169,12 @@ impl BlobWriter {
                     upload.abort(&self.key).await;
                     return Err(self.store.error("upload", &self.key, e));
                 }
+                match hasher {
+                    Some(h) => h.finish().await?,
+                    None => return Err(StorageError::Task("sha256 thread missing".into())),
+                }
             }
-        }
-        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        };
         tracing::debug!(key = %self.key, bytes = self.bytes, %sha256, "blob written");
         Ok(BlobInfo {
             key: std::mem::take(&mut self.key),
@@ -168,6 +212,10 @@ impl BlobWriter {
                 upload,
                 in_flight: JoinSet::new(),
             });
+            self.hasher = Some(BackgroundHasher::start(self.store.options.max_concurrency));
+        }
+        if let Some(h) = &self.hasher {
+            h.send(part.clone()).await?;
         }
         let max = self.store.options.max_concurrency.max(1);
         let Some(upload) = self.upload.as_mut() else {

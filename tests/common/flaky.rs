@@ -62,7 +62,12 @@ impl fmt::Display for FlakyStore {
 
 #[async_trait]
 impl ObjectStore for FlakyStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
         self.check("put")?;
         self.inner.put_opts(location, payload, opts).await
     }
