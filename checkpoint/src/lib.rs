@@ -1,6 +1,30 @@
 //! waypoint-checkpoint: checkpoint formats and the CheckpointManager (no libtorch).
 //!
-//! Not built yet: see the checkpoint-runtime issue. The crate exists so that the workspace has the
-//! shape of DESIGN.md and the dependency direction `trainer → checkpoint → storage` is fixed.
+//! Tensors come in and go out as [`Tensor`] (name, dtype, shape, bytes); the trainer converts to and
+//! from its tensor library. Blobs are safetensors streamed through `waypoint-storage`.
+//!
+//! - [`CheckpointManager`]: save (several writers, one committer, fencing), list, resume discovery,
+//!   load, verify, promote, retention, GC.
+//! - [`Manifest`]: the commit record; [`Dataloader`]: `dataloader.json`; [`CheckpointKind`]: kinds
+//!   detected from blobs; [`dcp`]: PyTorch DCP-compatible names; [`safetensors_file`]: blob I/O.
 
+mod dataloader;
+pub mod dcp;
+mod error;
+mod kind;
+mod manager;
+mod manifest;
+pub mod safetensors_file;
+mod sampler;
+mod tensor;
+
+pub use dataloader::{DataPosition, Dataloader};
+pub use error::{CheckpointError, Result};
+pub use kind::CheckpointKind;
+pub use manager::{
+    parse_checkpoint_ref, CheckpointInfo, CheckpointManager, Commit, FileWriter, ManagerOptions,
+    SamplerPart, SaveRequest, VerifyReport,
+};
+pub use manifest::{DeltaBase, FileEntry, Manifest, FORMAT_VERSION};
+pub use tensor::{Dtype, Tensor};
 pub use waypoint_storage as storage;
