@@ -373,10 +373,11 @@ impl CheckpointManager {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(checkpoint = %name, kinds = ?manifest.kinds, bytes = manifest.total_bytes(), "checkpoint committed");
-        self.record_data_position(step, &manifest).await?;
         if let Some(keep) = self.options.keep_last {
             self.retain(keep).await?;
         }
+        // After retention, so that the file lists exactly the committed checkpoints.
+        self.record_data_position(step, &manifest).await?;
         Ok(manifest)
     }
 

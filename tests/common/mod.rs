@@ -94,3 +94,55 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// A small training state under DCP names, deterministic in `seed`: two parameters (bf16, f32) with
+/// AdamW state and a step counter.
+pub fn training_state(seed: u64) -> Vec<waypoint_checkpoint::Tensor> {
+    use waypoint_checkpoint::{dcp, Dtype, Tensor};
+    let mut out = Vec::new();
+    for (i, (fqn, dtype, shape)) in [
+        ("model.embed_tokens.weight", Dtype::BF16, vec![64usize, 32]),
+        (
+            "model.layers.0.mlp.up_proj.weight",
+            Dtype::F32,
+            vec![48, 32],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n: usize = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        let s = seed * 10 + i as u64;
+        out.push(
+            Tensor::new(
+                dcp::model_key(fqn),
+                dtype,
+                shape.clone(),
+                pattern(n, s).into(),
+            )
+            .unwrap(),
+        );
+        let n32 = shape.iter().product::<usize>() * 4;
+        for (j, field) in ["exp_avg", "exp_avg_sq"].iter().enumerate() {
+            out.push(
+                Tensor::new(
+                    dcp::optim_key(fqn, field),
+                    Dtype::F32,
+                    shape.clone(),
+                    pattern(n32, s + 100 * (j as u64 + 1)).into(),
+                )
+                .unwrap(),
+            );
+        }
+        out.push(
+            Tensor::new(
+                dcp::optim_key(fqn, "step"),
+                Dtype::F32,
+                vec![],
+                (seed as f32).to_le_bytes().to_vec().into(),
+            )
+            .unwrap(),
+        );
+    }
+    out
+}
