@@ -22,8 +22,13 @@ fn state(step: u64) -> Vec<Tensor> {
     for i in 0..6u64 {
         let n = 128 * 1024 * (i as usize + 1) / 2;
         out.push(
-            Tensor::new(format!("model.big.{i}.weight"), Dtype::F32, vec![n / 4], common::pattern(n, step * 1000 + i).into())
-                .unwrap(),
+            Tensor::new(
+                format!("model.big.{i}.weight"),
+                Dtype::F32,
+                vec![n / 4],
+                common::pattern(n, step * 1000 + i).into(),
+            )
+            .unwrap(),
         );
     }
     out
@@ -50,8 +55,17 @@ fn crash_child() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut m = manager(&base);
-        m.start_attempt(&serde_json::json!({"pid": std::process::id()})).await.unwrap();
-        let start = m.committed_steps().await.unwrap().first().map(|s| s.step()).unwrap_or(0) + 1;
+        m.start_attempt(&serde_json::json!({"pid": std::process::id()}))
+            .await
+            .unwrap();
+        let start = m
+            .committed_steps()
+            .await
+            .unwrap()
+            .first()
+            .map(|s| s.step())
+            .unwrap_or(0)
+            + 1;
         for step in start.. {
             let request = SaveRequest {
                 commit: Commit {
@@ -117,7 +131,13 @@ async fn kill_loop(base: &str, seed: u64) {
         child.wait().unwrap();
         let _ = reader.join();
 
-        let steps: BTreeSet<u64> = m.committed_steps().await.unwrap().iter().map(|s| s.step()).collect();
+        let steps: BTreeSet<u64> = m
+            .committed_steps()
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.step())
+            .collect();
         if steps == committed_before {
             kills_without_commit += 1;
         }
@@ -128,23 +148,47 @@ async fn kill_loop(base: &str, seed: u64) {
         );
         let latest = m.latest_resumable(true).await.unwrap();
         let Some(latest) = latest else {
-            assert!(steps.is_empty(), "kill {kill}: committed {steps:?} but none resumable");
+            assert!(
+                steps.is_empty(),
+                "kill {kill}: committed {steps:?} but none resumable"
+            );
             continue;
         };
-        assert_eq!(Some(&latest.step), steps.last(), "kill {kill}: the newest commit is intact");
+        assert_eq!(
+            Some(&latest.step),
+            steps.last(),
+            "kill {kill}: the newest commit is intact"
+        );
         let loaded = m.load_tensors(&latest, "dcp/", &|_| true).await.unwrap();
-        assert_eq!(sorted(loaded), sorted(state(latest.step)), "kill {kill}: step {} differs", latest.step);
-        assert_eq!(m.data_position(&latest).await.unwrap().data_consumed, latest.step * 64);
+        assert_eq!(
+            sorted(loaded),
+            sorted(state(latest.step)),
+            "kill {kill}: step {} differs",
+            latest.step
+        );
+        assert_eq!(
+            m.data_position(&latest).await.unwrap().data_consumed,
+            latest.step * 64
+        );
         for s in &committed_before {
             let earlier = m.manifest(StepName::new(*s)).await.unwrap();
-            assert!(m.check(&earlier, false).await.unwrap().is_empty(), "kill {kill}: step {s} damaged");
+            assert!(
+                m.check(&earlier, false).await.unwrap().is_empty(),
+                "kill {kill}: step {s} damaged"
+            );
         }
         resumed_steps.push(latest.step);
         committed_before = steps;
     }
     eprintln!("{base}: {KILLS} kills; resume points {resumed_steps:?} ({kills_without_commit} kills made no new commit)");
-    assert!(resumed_steps.last().copied().unwrap_or(0) >= 3, "the loop made progress: {resumed_steps:?}");
-    assert!(kills_without_commit >= 5, "kills must also land before a commit completes");
+    assert!(
+        resumed_steps.last().copied().unwrap_or(0) >= 3,
+        "the loop made progress: {resumed_steps:?}"
+    );
+    assert!(
+        kills_without_commit >= 5,
+        "kills must also land before a commit completes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

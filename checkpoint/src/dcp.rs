@@ -113,3 +113,142 @@ mod tests {
         assert_eq!(load, [110, 110]);
     }
 }
+
+/// Joins the slices of one tensor (same name and dtype, `offsets` set) into the whole tensor. The
+/// slices must tile it exactly: no gaps, no overlaps.
+pub fn assemble(mut parts: Vec<Tensor>) -> crate::Result<Tensor> {
+    use crate::error::CheckpointError;
+    let Some(first) = parts.first() else {
+        return Err(CheckpointError::Invalid("no slices to assemble".into()));
+    };
+    if parts.len() == 1
+        && first
+            .offsets
+            .as_ref()
+            .is_none_or(|o| o.iter().all(|&x| x == 0))
+    {
+        let mut whole = parts.remove(0);
+        whole.offsets = None;
+        return Ok(whole);
+    }
+    let (name, dtype, rank) = (first.name.clone(), first.dtype, first.shape.len());
+    let bad = |reason: String| CheckpointError::BadTensor {
+        name: name.clone(),
+        reason,
+    };
+    let elem_bits = dtype.bitsize();
+    if elem_bits % 8 != 0 {
+        return Err(bad(format!("cannot assemble sub-byte dtype {dtype:?}")));
+    }
+    let elem = elem_bits / 8;
+    let mut shape = vec![0usize; rank];
+    for p in &parts {
+        let offsets = p.offsets.clone().unwrap_or_else(|| vec![0; rank]);
+        if p.dtype != dtype || p.shape.len() != rank || offsets.len() != rank {
+            return Err(bad("slices disagree on dtype or rank".into()));
+        }
+        for d in 0..rank {
+            shape[d] = shape[d].max(offsets[d] + p.shape[d]);
+        }
+    }
+    let numel: usize = shape.iter().product();
+    let covered: usize = parts
+        .iter()
+        .map(|p| p.shape.iter().product::<usize>())
+        .sum();
+    if covered != numel {
+        return Err(bad(format!(
+            "slices cover {covered} of {numel} elements of {shape:?}"
+        )));
+    }
+    let mut out = vec![0u8; numel * elem];
+    // Row-major strides of the whole tensor, in elements.
+    let mut strides = vec![1usize; rank];
+    for d in (0..rank.saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    for p in &parts {
+        let offsets = p.offsets.clone().unwrap_or_else(|| vec![0; rank]);
+        if rank == 0 {
+            out.copy_from_slice(&p.data);
+            continue;
+        }
+        let run = p.shape[rank - 1] * elem; // contiguous bytes per innermost row
+        let rows: usize = p.shape[..rank - 1].iter().product();
+        let mut idx = vec![0usize; rank - 1];
+        for row in 0..rows {
+            let mut start = offsets[rank - 1];
+            for d in 0..rank - 1 {
+                start += (offsets[d] + idx[d]) * strides[d];
+            }
+            out[start * elem..start * elem + run]
+                .copy_from_slice(&p.data[row * run..(row + 1) * run]);
+            for d in (0..rank - 1).rev() {
+                idx[d] += 1;
+                if idx[d] < p.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+    }
+    Tensor::new(name.clone(), dtype, shape, out.into())
+}
+
+/// Reads every `*.safetensors` file directly under `dir` (as PyTorch's `HuggingFaceStorageReader`
+/// does) and returns whole tensors, assembling slices written by several ranks. Works on folders that
+/// PyTorch's `HuggingFaceStorageWriter` wrote, with or without `save_distributed`.
+pub async fn read_dir(store: &waypoint_storage::Store, dir: &str) -> crate::Result<Vec<Tensor>> {
+    let listing = store.list_dir(dir).await?;
+    let mut by_name: std::collections::BTreeMap<String, Vec<Tensor>> = Default::default();
+    for o in listing
+        .objects
+        .iter()
+        .filter(|o| o.key.ends_with(".safetensors"))
+    {
+        for t in crate::safetensors_file::read_file(store, &o.key, o.size, &|_| true).await? {
+            by_name.entry(t.name.clone()).or_default().push(t);
+        }
+    }
+    by_name.into_values().map(assemble).collect()
+}
+
+#[cfg(test)]
+mod assemble_tests {
+    use super::*;
+    use bytes::Bytes;
+    use safetensors::Dtype;
+
+    fn slice(full: &[u16], cols: usize, r0: usize, rows: usize, c0: usize, ncols: usize) -> Tensor {
+        let mut data = Vec::new();
+        for r in r0..r0 + rows {
+            for c in c0..c0 + ncols {
+                data.extend_from_slice(&full[r * cols + c].to_le_bytes());
+            }
+        }
+        Tensor::new("w", Dtype::BF16, vec![rows, ncols], Bytes::from(data))
+            .unwrap()
+            .with_offsets(vec![r0, c0])
+            .unwrap()
+    }
+
+    #[test]
+    fn assembles_row_and_column_slices() {
+        let full: Vec<u16> = (0..6 * 4).collect();
+        let want: Vec<u8> = full.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let parts = vec![
+            slice(&full, 4, 0, 6, 2, 2),
+            slice(&full, 4, 0, 3, 0, 2),
+            slice(&full, 4, 3, 3, 0, 2),
+        ];
+        let whole = assemble(parts).unwrap();
+        assert_eq!(whole.shape, [6, 4]);
+        assert_eq!(whole.data.as_ref(), want.as_slice());
+        let gap = assemble(vec![
+            slice(&full, 4, 0, 3, 0, 4),
+            slice(&full, 4, 4, 2, 0, 4),
+        ])
+        .unwrap_err();
+        assert!(gap.to_string().contains("cover"), "{gap}");
+    }
+}
