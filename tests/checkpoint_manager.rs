@@ -432,3 +432,131 @@ fn checkpoint_refs_parse_or_say_the_form() {
     assert!(parse_checkpoint_ref("../x:step-000001").is_err());
     assert!(parse_checkpoint_ref("run:step-4").is_err());
 }
+
+fn bf16_model(seed: u64, step: Option<u64>) -> Vec<Tensor> {
+    [
+        ("model.embed_tokens.weight", 256 * 64),
+        ("model.layers.0.mlp.up_proj.weight", 128 * 64),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (name, n))| {
+        let mut w = common::weights::bf16_weights(*n, seed + i as u64);
+        if let Some(s) = step {
+            w = common::weights::adamw_step_bf16(&w, 1e-5, s * 7 + i as u64);
+        }
+        Tensor::new(*name, Dtype::BF16, vec![n / 64, 64], w.into()).unwrap()
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_rebuild_bit_for_bit_are_small_and_guard_their_base() {
+    for b in backends("ckpt-delta", StoreOptions::default()) {
+        let m = started(
+            &b.store,
+            "run1",
+            ManagerOptions {
+                keep_last: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+        let config = Bytes::from_static(br#"{"model_type": "llama"}"#);
+        let full = SamplerPart::Full {
+            config_json: config.clone(),
+            tensors: bf16_model(1, None),
+            extra_files: vec![],
+        };
+        let base = m
+            .save(SaveRequest {
+                commit: commit(10),
+                dcp: None,
+                sampler: Some(full),
+            })
+            .await
+            .unwrap();
+        let updated = bf16_model(1, Some(11));
+        let delta = SamplerPart::Delta {
+            base: StepName::new(10),
+            config_json: config.clone(),
+            tensors: updated.clone(),
+        };
+        let dm = m
+            .save(SaveRequest {
+                sampler: Some(delta),
+                ..resumable(11)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            dm.kinds,
+            [CheckpointKind::Training, CheckpointKind::InferenceArcV2],
+            "{}",
+            b.name
+        );
+        assert_eq!(dm.delta_base.as_ref().unwrap().name, "step-000010");
+
+        let rebuilt = m.sampler_tensors(&dm).await.unwrap();
+        assert_eq!(
+            sorted(rebuilt),
+            sorted(updated.clone()),
+            "{}: rebuilt weights differ",
+            b.name
+        );
+        let full_bytes = base
+            .sampler_files()
+            .find(|f| f.path == "sampler/model.safetensors")
+            .unwrap()
+            .bytes;
+        let delta_bytes = dm
+            .sampler_files()
+            .find(|f| f.path.ends_with(".xor.zst"))
+            .unwrap()
+            .bytes;
+        assert!(
+            delta_bytes * 4 <= full_bytes,
+            "{}: delta {delta_bytes} vs full {full_bytes}",
+            b.name
+        );
+
+        // Not promotable on its own; the message says what to do.
+        let e = m
+            .promote(StepName::new(11), "d")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("INFERENCE_ARC_V2") && e.contains("promote its base"),
+            "{e}"
+        );
+        // Retention (keep_last = 1) kept the base: a kept delta needs it.
+        assert!(b
+            .store
+            .exists(&m.layout().manifest(StepName::new(10)))
+            .await
+            .unwrap());
+
+        // A base whose blob changed is refused, naming the base; a base that is gone too.
+        let base_file = format!(
+            "{}/model.safetensors",
+            m.layout().sampler_dir(StepName::new(10))
+        );
+        let original = b.store.get(&base_file).await.unwrap();
+        let mut changed = original.to_vec();
+        changed[100] ^= 1;
+        b.store.put(&base_file, changed.into()).await.unwrap();
+        let e = m.sampler_tensors(&dm).await.unwrap_err().to_string();
+        assert!(e.contains("step-000010") && e.contains("sha256"), "{e}");
+        b.store.put(&base_file, original).await.unwrap();
+        b.store
+            .delete(&m.layout().manifest(StepName::new(10)))
+            .await
+            .unwrap();
+        let e = m.sampler_tensors(&dm).await.unwrap_err();
+        assert!(
+            matches!(e, CheckpointError::DeltaBase { .. }) && e.to_string().contains("gone"),
+            "{e}"
+        );
+    }
+}

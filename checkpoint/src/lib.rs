@@ -10,6 +10,7 @@
 
 mod dataloader;
 pub mod dcp;
+pub mod delta;
 mod error;
 mod kind;
 mod manager;

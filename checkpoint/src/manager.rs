@@ -75,6 +75,15 @@ pub enum SamplerPart {
         /// Other files of the model directory (name → bytes).
         extra_files: Vec<(String, Bytes)>,
     },
+    /// A delta (INFERENCE_ARC_V2) over the full sampler weights of an earlier checkpoint of this run.
+    Delta {
+        /// The base: a committed INFERENCE_BASE checkpoint.
+        base: StepName,
+        /// `config.json`, carried through.
+        config_json: Bytes,
+        /// The weights under their HF names.
+        tensors: Vec<Tensor>,
+    },
     /// A PEFT adapter.
     Lora {
         /// `adapter_config.json`.
@@ -185,7 +194,7 @@ pub struct CheckpointManager {
 }
 
 /// Removes a pin when a read ends.
-struct Pin {
+pub(crate) struct Pin {
     pinned: Arc<Mutex<HashMap<u64, usize>>>,
     step: u64,
 }
@@ -382,7 +391,7 @@ impl CheckpointManager {
     }
 
     /// Single-process save: prepare, write the resumable and sampler parts, commit.
-    pub async fn save(&self, request: SaveRequest) -> Result<Manifest> {
+    pub async fn save(&self, mut request: SaveRequest) -> Result<Manifest> {
         let step = StepName::new(request.commit.step);
         self.prepare_save(step).await?;
         let writer = self.file_writer(step, 0);
@@ -418,6 +427,29 @@ impl CheckpointManager {
                 for (name, data) in extra_files {
                     files.push(writer.write_bytes(&format!("sampler/{name}"), data).await?);
                 }
+            }
+            Some(SamplerPart::Delta {
+                base,
+                config_json,
+                tensors,
+            }) => {
+                let base = self.manifest(base).await?;
+                let _pin = self.pin(base.step);
+                files.push(
+                    writer
+                        .write_bytes("sampler/config.json", config_json)
+                        .await?,
+                );
+                let (delta_files, delta_base) = crate::delta::write_delta(
+                    self,
+                    &writer,
+                    &base,
+                    tensors,
+                    self.options.max_file_bytes,
+                )
+                .await?;
+                files.extend(delta_files);
+                request.commit.delta_base = Some(delta_base);
             }
             Some(SamplerPart::Lora {
                 adapter_config,
@@ -657,7 +689,7 @@ impl CheckpointManager {
         Ok(from_manifest)
     }
 
-    fn pin(&self, step: u64) -> Pin {
+    pub(crate) fn pin(&self, step: u64) -> Pin {
         *self
             .pinned
             .lock()
@@ -714,6 +746,36 @@ impl CheckpointManager {
             }
         }
         Ok(bytes)
+    }
+
+    /// The full sampler weights of a checkpoint as (file name relative to `sampler/`, bytes): read as
+    /// they are, or rebuilt from a delta and its base (checked bit for bit).
+    pub async fn sampler_weight_files(&self, manifest: &Manifest) -> Result<Vec<(String, Bytes)>> {
+        let _pin = self.pin(manifest.step);
+        if manifest.delta_base.is_some() {
+            return crate::delta::rebuild(self, manifest).await;
+        }
+        let dir = self.layout.checkpoint_dir(manifest.step_name());
+        let mut out = Vec::new();
+        for f in manifest
+            .sampler_files()
+            .filter(|f| f.path.ends_with(".safetensors"))
+        {
+            let bytes = self
+                .read_file_checked(&format!("{dir}/{}", f.path), f)
+                .await?;
+            out.push((f.path.trim_start_matches("sampler/").to_string(), bytes));
+        }
+        Ok(out)
+    }
+
+    /// The sampler weights of a checkpoint as tensors (rebuilding a delta).
+    pub async fn sampler_tensors(&self, manifest: &Manifest) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for (name, bytes) in self.sampler_weight_files(manifest).await? {
+            out.extend(tensors_from_bytes(&name, bytes, &|_| true)?);
+        }
+        Ok(out)
     }
 
     /// Copies a promotable checkpoint's sampler files to `models/<model_id>/` (server-side where the

@@ -9,46 +9,54 @@ use crate::manager::FileWriter;
 use crate::manifest::FileEntry;
 use crate::tensor::Tensor;
 
-/// Writes `tensors` as `sampler/model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards
-/// plus the index when they exceed `max_file_bytes`.
-pub async fn write_full_weights(
-    writer: &FileWriter,
+/// How full weights are laid out: `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards
+/// with the bytes of `model.safetensors.index.json` when they exceed `max_file_bytes`.
+pub(crate) fn full_weights_layout(
     tensors: Vec<Tensor>,
     max_file_bytes: u64,
-) -> Result<Vec<FileEntry>> {
+) -> (Vec<(String, Vec<Tensor>)>, Option<Bytes>) {
     let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
     let groups = split_into_files(tensors, max_file_bytes);
-    let mut files = Vec::new();
     if groups.len() == 1 {
-        let group = groups.into_iter().next().unwrap_or_default();
-        files.push(
-            writer
-                .write_tensors("sampler/model.safetensors", &group)
-                .await?,
-        );
-        return Ok(files);
+        let all = groups.into_iter().flatten().collect();
+        return (vec![("model.safetensors".to_string(), all)], None);
     }
     let count = groups.len();
     let mut weight_map = serde_json::Map::new();
+    let mut named = Vec::new();
     for (i, group) in groups.into_iter().enumerate() {
         let name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
         for t in &group {
             weight_map.insert(t.name.clone(), serde_json::Value::String(name.clone()));
         }
+        named.push((name, group));
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let index = Bytes::from(serde_json::to_vec_pretty(&index).unwrap_or_default());
+    (named, Some(index))
+}
+
+/// Writes `tensors` as an HF model directory's weights (see [`full_weights_layout`]).
+pub async fn write_full_weights(
+    writer: &FileWriter,
+    tensors: Vec<Tensor>,
+    max_file_bytes: u64,
+) -> Result<Vec<FileEntry>> {
+    let (groups, index) = full_weights_layout(tensors, max_file_bytes);
+    let mut files = Vec::new();
+    for (name, group) in groups {
         files.push(
             writer
                 .write_tensors(&format!("sampler/{name}"), &group)
                 .await?,
         );
     }
-    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    files.push(
-        writer
-            .write_bytes(
-                "sampler/model.safetensors.index.json",
-                Bytes::from(serde_json::to_vec_pretty(&index).unwrap_or_default()),
-            )
-            .await?,
-    );
+    if let Some(index) = index {
+        files.push(
+            writer
+                .write_bytes("sampler/model.safetensors.index.json", index)
+                .await?,
+        );
+    }
     Ok(files)
 }
