@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use waypoint_storage::{model_dir, RunLayout, StepName, StorageError, Store};
 
 use crate::dataloader::{DataPosition, Dataloader};
@@ -31,6 +32,9 @@ pub struct ManagerOptions {
     pub prune_sampler: bool,
     /// Largest `dcp/` file before the state is split over several.
     pub max_file_bytes: u64,
+    /// Files written or read at once: each has its own sha256 thread, so on a machine with spare cores
+    /// several files hash in parallel.
+    pub parallel_files: usize,
     /// Check every file's sha256 while loading.
     pub verify_on_load: bool,
 }
@@ -40,7 +44,8 @@ impl Default for ManagerOptions {
         Self {
             keep_last: None,
             prune_sampler: false,
-            max_file_bytes: 2 << 30,
+            max_file_bytes: 512 << 20,
+            parallel_files: 2,
             verify_on_load: true,
         }
     }
@@ -399,10 +404,18 @@ impl CheckpointManager {
         if let Some(state) = request.dcp {
             let groups = dcp::split_into_files(state, self.options.max_file_bytes);
             let count = groups.len();
-            for (i, group) in groups.into_iter().enumerate() {
-                let path = format!("dcp/{}", dcp::file_name(0, 1, i + 1, count));
-                files.push(writer.write_tensors(&path, &group).await?);
-            }
+            let writes = groups.into_iter().enumerate().map(|(i, group)| {
+                let writer = &writer;
+                async move {
+                    let path = format!("dcp/{}", dcp::file_name(0, 1, i + 1, count));
+                    writer.write_tensors(&path, &group).await
+                }
+            });
+            let written: Vec<FileEntry> = futures::stream::iter(writes)
+                .buffered(self.options.parallel_files.max(1))
+                .try_collect()
+                .await?;
+            files.extend(written);
         }
         match request.sampler {
             None => {}
@@ -712,17 +725,22 @@ impl CheckpointManager {
     ) -> Result<Vec<Tensor>> {
         let _pin = self.pin(manifest.step);
         let dir = self.layout.checkpoint_dir(manifest.step_name());
-        let mut out = Vec::new();
-        for f in manifest
+        let reads = manifest
             .files
             .iter()
             .filter(|f| f.path.starts_with(part) && f.path.ends_with(".safetensors"))
-        {
-            let key = format!("{dir}/{}", f.path);
-            let bytes = self.read_file_checked(&key, f).await?;
-            out.extend(tensors_from_bytes(&key, bytes, want)?);
-        }
-        Ok(out)
+            .map(|f| {
+                let key = format!("{dir}/{}", f.path);
+                async move {
+                    let bytes = self.read_file_checked(&key, f).await?;
+                    tensors_from_bytes(&key, bytes, want)
+                }
+            });
+        let per_file: Vec<Vec<Tensor>> = futures::stream::iter(reads)
+            .buffered(self.options.parallel_files.max(1))
+            .try_collect()
+            .await?;
+        Ok(per_file.into_iter().flatten().collect())
     }
 
     /// Reads a file of a checkpoint, checking size and (with `verify_on_load`) sha256.
