@@ -46,8 +46,10 @@ fn manager(base: &str) -> CheckpointManager {
     CheckpointManager::new(store, RunLayout::new("crash", "hf").unwrap(), options())
 }
 
-/// The child: resumes after the newest checkpoint and saves forever, printing each commit.
+/// The child: resumes after the newest checkpoint and saves forever, printing each commit. Not a test
+/// of its own: the kill loops run it (`--ignored --exact crash_child`) as their child process.
 #[test]
+#[ignore = "child process of the SIGKILL tests, started by them"]
 fn crash_child() {
     let Ok(base) = std::env::var("WAYPOINT_CRASH_CHILD") else {
         return;
@@ -104,7 +106,13 @@ async fn kill_loop(base: &str, seed: u64) {
     let mut kills_without_commit = 0;
     for kill in 0..KILLS {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--ignored",
+                "--exact",
+                "crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("WAYPOINT_CRASH_CHILD", base)
             .env("RUST_LOG", "off")
             .stdout(Stdio::piped())

@@ -154,7 +154,15 @@ async fn promotes_promotable_checkpoints_and_refuses_others() {
         .await
         .unwrap();
         let lora = SamplerPart::Lora {
-            adapter_config: Bytes::from_static(br#"{"peft_type": "LORA"}"#),
+            adapter_config: waypoint_checkpoint::peft::AdapterConfig::new(
+                4,
+                8.0,
+                0.0,
+                vec!["q_proj".into()],
+                "tiny",
+            )
+            .to_json()
+            .into(),
             tensors: vec![Tensor::new(
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
                 Dtype::F32,
@@ -557,6 +565,39 @@ async fn deltas_rebuild_bit_for_bit_are_small_and_guard_their_base() {
         assert!(
             matches!(e, CheckpointError::DeltaBase { .. }) && e.to_string().contains("gone"),
             "{e}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_from_checkpoint_resolves_in_another_run() {
+    for b in backends("ckpt-init", StoreOptions::default()) {
+        let donor = started(&b.store, "donor_run", ManagerOptions::default()).await;
+        donor.save(resumable(4)).await.unwrap();
+        let me = started(&b.store, "new_run", ManagerOptions::default()).await;
+        let (run, step) = parse_checkpoint_ref("donor_run:step-000004").unwrap();
+        let other = me.other_run(&run).unwrap();
+        let manifest = other.manifest(step).await.unwrap();
+        let weights = other
+            .load_tensors(&manifest, "dcp/", &|n| n.starts_with("model."))
+            .await
+            .unwrap();
+        assert_eq!(weights.len(), 2, "{}", b.name);
+        assert!(
+            me.latest_resumable(true).await.unwrap().is_none(),
+            "the new run has no checkpoints of its own"
+        );
+        let missing = me
+            .other_run("donor_run")
+            .unwrap()
+            .manifest(StepName::new(5))
+            .await
+            .unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("step-000005 not found in run donor_run"),
+            "{missing}"
         );
     }
 }

@@ -15,6 +15,7 @@ mod error;
 mod kind;
 mod manager;
 mod manifest;
+pub mod peft;
 pub mod safetensors_file;
 mod sampler;
 mod tensor;

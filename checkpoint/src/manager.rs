@@ -91,7 +91,7 @@ pub enum SamplerPart {
     },
     /// A PEFT adapter.
     Lora {
-        /// `adapter_config.json`.
+        /// `adapter_config.json` (see [`crate::peft::AdapterConfig`]).
         adapter_config: Bytes,
         /// `base_model.model.<fqn>.lora_A.weight` / `lora_B.weight` tensors.
         tensors: Vec<Tensor>,
@@ -233,6 +233,13 @@ impl CheckpointManager {
             attempt: None,
             pinned: Default::default(),
         }
+    }
+
+    /// The manager of another run under the same base and framework (for `init_from_checkpoint`);
+    /// it can read, not commit.
+    pub fn other_run(&self, run_id: &str) -> Result<Self> {
+        let layout = RunLayout::new(run_id, self.layout.framework())?;
+        Ok(Self::new(self.store.clone(), layout, self.options.clone()))
     }
 
     /// The run's layout.
@@ -468,6 +475,9 @@ impl CheckpointManager {
                 adapter_config,
                 tensors,
             }) => {
+                let config: crate::peft::AdapterConfig = serde_json::from_slice(&adapter_config)
+                    .map_err(|e| CheckpointError::Invalid(format!("adapter_config.json: {e}")))?;
+                crate::peft::validate_adapter(&config, &tensors)?;
                 files.push(
                     writer
                         .write_bytes("sampler/adapter_config.json", adapter_config)
