@@ -1,12 +1,21 @@
-//! The `waypoint` command line.
+//! The `waypoint` command line: `train` and `ckpt`.
+//!
+//! Exit codes: 0 done; 1 failed (the error is printed, recorded in `status.json` and in
+//! `TORCHELASTIC_ERROR_FILE`); 2 bad usage or configuration, found before any work; 3 `ckpt verify`
+//! found damage; 128 + N stopped by signal N (SIGTERM: 143) after saving a resumable checkpoint.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
-use crate::device::parse_device;
-use crate::smoke::{self, SmokeConfig};
+use crate::config::{merge, read_config_file, TrainConfig};
+use crate::train::{Outcome, UsageError};
 
 /// waypoint: the trainer-side checkpoint and resume runtime.
 #[derive(Debug, Parser)]
@@ -18,79 +27,282 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train. For now a small smoke run on libtorch, recorded under the run layout.
-    Train(TrainArgs),
+    /// Train (every flag has a default: `waypoint train` alone runs the embedded demo).
+    Train(Box<TrainArgs>),
+    /// Inspect and manage a run's checkpoints.
+    Ckpt {
+        #[command(subcommand)]
+        command: crate::ckpt::CkptCommand,
+    },
 }
 
-#[derive(Debug, clap::Args)]
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `waypoint train` flags, spelled as the control plane passes them to train.py. Unset flags fall
+/// back to `--config_path`, then to the built-in defaults (see `config.rs`).
+#[derive(Debug, Default, clap::Args, Serialize)]
 struct TrainArgs {
-    /// Where runs live: a local path, file://, s3://, gs://, az:// or memory://.
-    #[arg(long = "checkpoint_base_uri", default_value = "./runs")]
-    checkpoint_base_uri: String,
-    /// The run's id (a safe name: letters, digits, `.`, `_`, `-`).
-    #[arg(long = "run_id", default_value = "demo")]
-    run_id: String,
-    /// The framework segment of the run layout.
-    #[arg(long = "framework", default_value = "waypoint")]
-    framework: String,
-    /// Optimizer steps.
-    #[arg(long = "max_steps", default_value_t = 50)]
-    max_steps: u64,
-    /// Learning rate.
-    #[arg(long = "lr", default_value_t = 1e-2)]
-    lr: f64,
-    /// Rows per batch.
-    #[arg(long = "batch_size", default_value_t = 64)]
-    batch_size: i64,
-    /// Seed.
-    #[arg(long = "seed", default_value_t = 0)]
-    seed: i64,
-    /// auto, cpu, cuda or cuda:<index>.
-    #[arg(long = "device", default_value = "auto")]
-    device: String,
+    /// A JSON or TOML file of settings with these same names (flags win).
+    #[arg(long = "config_path")]
+    #[serde(skip)]
+    config_path: Option<PathBuf>,
+    /// The framework segment of the run layout [default: waypoint].
+    #[arg(long = "framework")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    framework: Option<String>,
+    /// builtin:tiny, or a local Hugging Face model directory [default: builtin:tiny].
+    #[arg(long = "model_id")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_id: Option<String>,
+    /// The run's id [default: demo].
+    #[arg(long = "run_id")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_id: Option<String>,
+    /// Where runs live: local path, file://, s3://, gs://, az://, memory:// [default: ./runs].
+    #[arg(long = "checkpoint_base_uri")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint_base_uri: Option<String>,
+    /// builtin:demo, a JSONL file or directory, or a store URI [default: builtin:demo].
+    #[arg(long = "dataset_uri")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataset_uri: Option<String>,
+    /// The JSON field holding a row's text [default: text].
+    #[arg(long = "dataset_text_field")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataset_text_field: Option<String>,
+    /// Eval data for --eval_steps (same forms as --dataset_uri).
+    #[arg(long = "eval_dataset_uri")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_dataset_uri: Option<String>,
+    /// Log eval loss every N steps [default: 0, never].
+    #[arg(long = "eval_steps")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_steps: Option<u64>,
+    /// Optimizer steps; 0 means as many as --num_epochs take [default: 0].
+    #[arg(long = "max_steps")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_steps: Option<u64>,
+    /// Passes over the data when --max_steps is 0 [default: 3].
+    #[arg(long = "num_epochs")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_epochs: Option<u64>,
+    /// Peak learning rate [default: 3e-3].
+    #[arg(long = "lr")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr: Option<f64>,
+    /// cosine, linear or constant [default: cosine].
+    #[arg(long = "lr_scheduler")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr_scheduler: Option<String>,
+    /// Linear warmup steps [default: 10].
+    #[arg(long = "warmup_steps")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup_steps: Option<u64>,
+    /// Final learning rate as a fraction of --lr [default: 0.1].
+    #[arg(long = "min_lr_ratio")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_lr_ratio: Option<f64>,
+    /// AdamW weight decay [default: 0.01].
+    #[arg(long = "weight_decay")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight_decay: Option<f64>,
+    /// AdamW beta1 [default: 0.9].
+    #[arg(long = "adam_beta1")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adam_beta1: Option<f64>,
+    /// AdamW beta2 [default: 0.999].
+    #[arg(long = "adam_beta2")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adam_beta2: Option<f64>,
+    /// AdamW epsilon [default: 1e-8].
+    #[arg(long = "adam_epsilon")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adam_epsilon: Option<f64>,
+    /// Clip the global gradient norm (0: off) [default: 1.0].
+    #[arg(long = "max_grad_norm")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_grad_norm: Option<f64>,
+    /// Samples per micro-batch [default: 8].
+    #[arg(long = "batch_size")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_size: Option<u64>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long = "gradient_accumulation")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gradient_accumulation: Option<u64>,
+    /// Tokens per sample [default: 64].
+    #[arg(long = "max_seq_len")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_seq_len: Option<u64>,
+    /// Pad each document instead of packing documents into full samples.
+    #[arg(long = "disable_packing")]
+    #[serde(skip_serializing_if = "is_false")]
+    disable_packing: bool,
+    /// Skip and count malformed dataset rows instead of failing.
+    #[arg(long = "skip_bad_lines")]
+    #[serde(skip_serializing_if = "is_false")]
+    skip_bad_lines: bool,
+    /// Accepted for the control plane; data is tokenized once, up front.
+    #[arg(long = "dataloader_workers")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataloader_workers: Option<u64>,
+    /// Resumable save every N steps (0: only the final save) [default: 50].
+    #[arg(long = "save_steps")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    save_steps: Option<u64>,
+    /// The recipe's name for --save_steps.
+    #[arg(long = "dcp_save_interval")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dcp_save_interval: Option<u64>,
+    /// Keep the newest N resumable checkpoints (0: all) [default: 3].
+    #[arg(long = "keep_last")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keep_last: Option<u64>,
+    /// Wait for every upload instead of saving in the background.
+    #[arg(long = "sync_save")]
+    #[serde(skip_serializing_if = "is_false")]
+    sync_save: bool,
+    /// dtype of the promotable weights: bf16, fp16, fp32 [default: bf16].
+    #[arg(long = "sampler_dtype")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampler_dtype: Option<String>,
+    /// Promote the final checkpoint to models/<id>/.
+    #[arg(long = "output_model_id")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_model_id: Option<String>,
+    /// run_id:step-N — start from another run's weights (ignored once this run has checkpoints).
+    #[arg(long = "init_from_checkpoint")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init_from_checkpoint: Option<String>,
+    /// Accepted as the control plane passes it; resuming is always automatic.
+    #[arg(long = "resume_from_checkpoint")]
+    #[serde(skip_serializing_if = "is_false")]
+    resume_from_checkpoint: bool,
+    /// Seed of weights, data order and dropout [default: 42].
+    #[arg(long = "seed")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    /// LoRA rank; 0 trains all parameters [default: 0].
+    #[arg(long = "lora_rank")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_rank: Option<u64>,
+    /// LoRA alpha [default: 2 × rank].
+    #[arg(long = "lora_alpha")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_alpha: Option<f64>,
+    /// LoRA dropout [default: 0].
+    #[arg(long = "lora_dropout")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_dropout: Option<f64>,
+    /// Comma-separated projections LoRA wraps [default: all seven].
+    #[arg(long = "lora_target_modules")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_target_modules: Option<String>,
+    /// auto, cpu, cuda or cuda:<i> [default: auto].
+    #[arg(long = "device")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    /// libtorch CPU threads (0: libtorch's default) [default: 0].
+    #[arg(long = "num_threads")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_threads: Option<u64>,
+    /// Progress line every N steps when not on a terminal [default: 10].
+    #[arg(long = "logging_steps")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logging_steps: Option<u64>,
 }
 
-/// Entry point of the binary: parses arguments, runs, and maps errors to an exit code.
-pub fn main() -> ExitCode {
-    init_tracing();
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+impl TrainArgs {
+    /// Defaults ← `--config_path` ← flags, validated.
+    fn resolve(&self) -> Result<TrainConfig> {
+        let mut config = TrainConfig::default();
+        if let Some(path) = &self.config_path {
+            let file = read_config_file(path)?;
+            config = merge(&config, &file, &format!("--config_path {}", path.display()))?;
         }
+        let flags: Map<String, Value> = match serde_json::to_value(self)? {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let mut config = merge(&config, &flags, "flags")?;
+        config.validate()?;
+        Ok(config)
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// Entry point of the binary: parses arguments, runs, and maps the result to an exit code.
+pub fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match cli.command {
-        Command::Train(args) => {
-            let device = parse_device(&args.device)?;
-            let config = SmokeConfig {
-                checkpoint_base_uri: args.checkpoint_base_uri,
-                run_id: args.run_id,
-                framework: args.framework,
-                max_steps: args.max_steps,
-                lr: args.lr,
-                batch_size: args.batch_size,
-                seed: args.seed,
-            };
-            tracing::info!(?device, run_id = %config.run_id, "smoke training run");
-            let outcome = runtime.block_on(smoke::run(&config, device))?;
-            println!(
-                "trained {} steps on {device:?}: loss {:.4} -> {:.4}; run recorded under {}/{}",
-                outcome.steps,
-                outcome.first_loss,
-                outcome.last_loss,
-                config.checkpoint_base_uri.trim_end_matches('/'),
-                config.run_id
-            );
-            Ok(())
+        Command::Train(args) => train(&args, &runtime),
+        Command::Ckpt { command } => match runtime.block_on(crate::ckpt::run(command)) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let stop = Arc::new(AtomicUsize::new(0));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register_usize(signal, stop.clone(), signal as usize) {
+            tracing::warn!(signal, %e, "could not install the signal handler");
+        }
+    }
+    let base = config.checkpoint_base_uri.trim_end_matches('/').to_string();
+    let run = format!("{base}/{}/framework={}", config.run_id, config.framework);
+    match crate::train::run(config, stop, runtime) {
+        Ok(Outcome::Finished {
+            steps,
+            last_loss,
+            checkpoint,
+            model,
+        }) => {
+            if last_loss.is_nan() {
+                println!("already finished: {steps} steps; final checkpoint {checkpoint} in {run}");
+            } else {
+                println!("finished {steps} steps (last loss {last_loss:.4}); final checkpoint {checkpoint} in {run}");
+            }
+            if let Some(m) = model {
+                println!("promoted to {base}/{m}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Stopped { signal, step }) => {
+            println!("stopped by signal {signal} after step {step}; saved in {run}; run the same command to resume");
+            ExitCode::from((128 + signal).min(255) as u8)
+        }
+        Err(e) => {
+            let message = crate::records::explain(&e);
+            eprintln!("error: {message}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                return ExitCode::from(2);
+            }
+            crate::records::write_error_file(&message);
+            ExitCode::FAILURE
         }
     }
 }
@@ -102,4 +314,45 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    fn resolve_for_test(argv: &[&str]) -> Result<TrainConfig> {
+        #[derive(Parser)]
+        struct One {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let one = One::try_parse_from(std::iter::once("train").chain(argv.iter().copied()))
+            .context("parsing flags")?;
+        one.args.resolve()
+    }
+
+    #[test]
+    fn every_setting_has_a_flag_and_flags_win() {
+        let command = <TrainArgs as clap::Args>::augment_args(clap::Command::new("train"));
+        let mut flags: Vec<String> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .filter(|f| f != "config_path")
+            .collect();
+        flags.sort();
+        let mut keys = crate::config::keys();
+        keys.sort();
+        assert_eq!(flags, keys);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, r#"{"lr": 0.5, "max_steps": 9, "sync_save": true}"#).unwrap();
+        let c =
+            resolve_for_test(&["--config_path", path.to_str().unwrap(), "--lr", "0.1"]).unwrap();
+        assert_eq!((c.lr, c.max_steps, c.sync_save), (0.1, 9, true));
+        let c = resolve_for_test(&["--disable_packing"]).unwrap();
+        assert!(c.disable_packing);
+        assert!(resolve_for_test(&["--lr", "0.1", "--lr", "0.2"]).is_err());
+    }
 }

@@ -5,11 +5,19 @@ use tch::Device;
 
 /// Resolves a `--device` value; `auto` is CUDA:0 when libtorch sees a GPU, else CPU.
 pub fn parse_device(spec: &str) -> Result<Device> {
+    parse_device_for(spec, 0)
+}
+
+/// Like [`parse_device`], for the worker with `local_rank` on its node: `auto` and `cuda` pick GPU
+/// `local_rank`, as torchrun workers expect.
+pub fn parse_device_for(spec: &str, local_rank: u64) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
+    let gpu = local_rank as usize;
     let device = match spec.as_str() {
-        "auto" => Device::cuda_if_available(),
+        "auto" if tch::Cuda::is_available() => Device::Cuda(gpu),
+        "auto" => Device::Cpu,
         "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
+        "cuda" => Device::Cuda(gpu),
         s => match s.strip_prefix("cuda:") {
             Some(i) => Device::Cuda(
                 i.parse()

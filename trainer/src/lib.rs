@@ -1,10 +1,21 @@
-//! waypoint-trainer: the `waypoint` command.
+//! waypoint-trainer: the `waypoint` command — a Llama-family trainer on libtorch that checkpoints and
+//! resumes exactly, through the checkpoint and storage crates.
 //!
-//! - [`cli`]: argument parsing and dispatch; errors are reported with context and an exit code.
-//! - [`device`]: `--device auto|cpu|cuda[:i]` to a libtorch device.
-//! - [`smoke`]: a small real training run on libtorch (autograd + AdamW) that records its run under the
-//!   run layout. It is what `waypoint train` runs until the full trainer lands.
+//! - [`cli`]: flags, exit codes, dispatch; [`config`]: defaults ← `--config_path` ← flags.
+//! - [`train`]: the loop, saves in it, resume, signals; [`records`]: status, metrics, error file.
+//! - [`model`]: Llama/Qwen2/Qwen3 and LoRA; [`tokenizer`]; [`data`]: JSONL to packed samples;
+//!   [`optim`]: AdamW and the LR schedule; [`convert`]: tch ↔ checkpoint tensors.
+//! - [`ckpt`]: `waypoint ckpt list|verify|promote|gc`; [`device`], [`torchrun`]: where to run.
 
+pub mod ckpt;
 pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod data;
 pub mod device;
-pub mod smoke;
+pub mod model;
+pub mod optim;
+pub mod records;
+pub mod tokenizer;
+pub mod torchrun;
+pub mod train;

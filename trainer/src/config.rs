@@ -1,0 +1,436 @@
+//! The training configuration: built-in defaults (the embedded demo), overridden by a `--config_path`
+//! JSON or TOML file with the same keys, overridden by flags. Unknown keys are errors that name the
+//! closest valid key; the resolved configuration is recorded as `config/run.json`, redacted.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Every setting of `waypoint train`. Field names are the flag names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The framework segment of the run layout.
+    pub framework: String,
+    /// `builtin:tiny`, or a local Hugging Face model directory.
+    pub model_id: String,
+    /// The run's id.
+    pub run_id: String,
+    /// Where runs live (local path, file://, s3://, gs://, az://, memory://).
+    pub checkpoint_base_uri: String,
+    /// Training data: `builtin:demo`, a JSONL file or directory, or a store URI.
+    pub dataset_uri: String,
+    /// The JSON field with the text of a row.
+    pub dataset_text_field: String,
+    /// Data for `eval_steps` (same forms as `dataset_uri`); empty: none.
+    pub eval_dataset_uri: String,
+    /// Log eval loss every this many steps (0: never).
+    pub eval_steps: u64,
+    /// Optimizer steps; 0: as many as `num_epochs` take.
+    pub max_steps: u64,
+    /// Passes over the data when `max_steps` is 0.
+    pub num_epochs: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// `cosine`, `linear` or `constant`.
+    pub lr_scheduler: String,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// The final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f64,
+    /// Samples per micro-batch.
+    pub batch_size: u64,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation: u64,
+    /// Tokens per sample.
+    pub max_seq_len: u64,
+    /// Pad each document to `max_seq_len` instead of packing documents together.
+    pub disable_packing: bool,
+    /// Skip and count malformed dataset rows instead of failing.
+    pub skip_bad_lines: bool,
+    /// Accepted for compatibility with the control plane; tokenization happens once, up front.
+    pub dataloader_workers: u64,
+    /// Save a resumable checkpoint every this many steps (0: only at the end).
+    pub save_steps: u64,
+    /// Same as `save_steps` (the recipe's spelling); when both are set they must agree.
+    pub dcp_save_interval: u64,
+    /// Keep this many newest resumable checkpoints (0: all).
+    pub keep_last: u64,
+    /// Save synchronously (the training loop waits for each upload).
+    pub sync_save: bool,
+    /// dtype of the promotable weights: `bf16`, `fp16` or `fp32`.
+    pub sampler_dtype: String,
+    /// Promote the final checkpoint to `models/<output_model_id>/`.
+    pub output_model_id: String,
+    /// `run_id:step-N`: start from another run's weights (ignored once this run has checkpoints).
+    pub init_from_checkpoint: String,
+    /// Accepted as the control plane passes it: resuming is always automatic.
+    pub resume_from_checkpoint: bool,
+    /// Seed of weights, data order and dropout.
+    pub seed: u64,
+    /// LoRA rank (0: full-parameter training).
+    pub lora_rank: u64,
+    /// LoRA alpha (0: twice the rank).
+    pub lora_alpha: f64,
+    /// LoRA dropout.
+    pub lora_dropout: f64,
+    /// Comma-separated projections LoRA wraps.
+    pub lora_target_modules: String,
+    /// `auto`, `cpu`, `cuda` or `cuda:<i>`.
+    pub device: String,
+    /// libtorch CPU threads (0: libtorch's default).
+    pub num_threads: u64,
+    /// Log a progress line every this many steps (when stderr is not a terminal).
+    pub logging_steps: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            framework: "waypoint".into(),
+            model_id: "builtin:tiny".into(),
+            run_id: "demo".into(),
+            checkpoint_base_uri: "./runs".into(),
+            dataset_uri: "builtin:demo".into(),
+            dataset_text_field: "text".into(),
+            eval_dataset_uri: String::new(),
+            eval_steps: 0,
+            max_steps: 0,
+            num_epochs: 3,
+            lr: 3e-3,
+            lr_scheduler: "cosine".into(),
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            batch_size: 8,
+            gradient_accumulation: 1,
+            max_seq_len: 64,
+            disable_packing: false,
+            skip_bad_lines: false,
+            dataloader_workers: 0,
+            save_steps: 50,
+            dcp_save_interval: 0,
+            keep_last: 3,
+            sync_save: false,
+            sampler_dtype: "bf16".into(),
+            output_model_id: String::new(),
+            init_from_checkpoint: String::new(),
+            resume_from_checkpoint: false,
+            seed: 42,
+            lora_rank: 0,
+            lora_alpha: 0.0,
+            lora_dropout: 0.0,
+            lora_target_modules: "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".into(),
+            device: "auto".into(),
+            num_threads: 0,
+            logging_steps: 10,
+        }
+    }
+}
+
+/// The valid keys (the flag names), in declaration order.
+pub fn keys() -> Vec<String> {
+    match serde_json::to_value(TrainConfig::default()) {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The valid key closest to `key`, if any is close.
+pub fn closest_key(key: &str) -> Option<String> {
+    keys()
+        .into_iter()
+        .map(|k| (strsim::jaro_winkler(key, &k), k))
+        .filter(|(score, _)| *score > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
+/// Reads a `--config_path` file (`.toml`, else JSON) into a key → value map, rejecting unknown keys.
+pub fn read_config_file(path: &Path) -> Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--config_path {}: cannot read it", path.display()))?;
+    let value: Value = if path.extension().is_some_and(|e| e == "toml") {
+        let t: toml::Table = toml::from_str(&text)
+            .with_context(|| format!("--config_path {}: not valid TOML", path.display()))?;
+        serde_json::to_value(t)?
+    } else {
+        serde_json::from_str(&text)
+            .with_context(|| format!("--config_path {}: not valid JSON", path.display()))?
+    };
+    let Value::Object(mut map) = value else {
+        bail!(
+            "--config_path {}: the top level must be a table of settings",
+            path.display()
+        );
+    };
+    // The control plane's job spec nests trainer flags under `extra_args`; accept that shape too.
+    if let Some(Value::Object(extra)) = map.remove("extra_args") {
+        map.extend(extra);
+    }
+    let valid = keys();
+    for key in map.keys() {
+        if !valid.contains(key) {
+            let hint = closest_key(key)
+                .map(|k| format!("; did you mean `{k}`?"))
+                .unwrap_or_default();
+            bail!(
+                "--config_path {}: unknown setting `{key}`{hint}",
+                path.display()
+            );
+        }
+    }
+    Ok(map)
+}
+
+/// Applies `overrides` (from a file, then from flags) over `base`; a value of the wrong type names its
+/// key and source.
+pub fn merge(
+    base: &TrainConfig,
+    overrides: &Map<String, Value>,
+    source: &str,
+) -> Result<TrainConfig> {
+    let mut value = serde_json::to_value(base)?;
+    let obj = value
+        .as_object_mut()
+        .context("the configuration serializes to an object")?;
+    for (k, v) in overrides {
+        let slot = obj
+            .get_mut(k)
+            .with_context(|| format!("{source}: unknown setting `{k}`"))?;
+        *slot = v.clone();
+    }
+    serde_json::from_value(value).map_err(|e| anyhow::anyhow!("{source}: {e}"))
+}
+
+impl TrainConfig {
+    /// Cross-field checks, each naming the flags involved.
+    pub fn validate(&mut self) -> Result<()> {
+        if self.dcp_save_interval > 0 {
+            ensure!(
+                self.save_steps == TrainConfig::default().save_steps
+                    || self.save_steps == self.dcp_save_interval,
+                "--save_steps {} and --dcp_save_interval {} disagree; they are the same setting, \
+                 pass one",
+                self.save_steps,
+                self.dcp_save_interval
+            );
+            self.save_steps = self.dcp_save_interval;
+        }
+        ensure!(self.batch_size > 0, "--batch_size must be at least 1");
+        ensure!(
+            self.gradient_accumulation > 0,
+            "--gradient_accumulation must be at least 1"
+        );
+        ensure!(self.max_seq_len >= 2, "--max_seq_len must be at least 2");
+        ensure!(
+            self.max_steps > 0 || self.num_epochs > 0,
+            "--max_steps and --num_epochs are both 0: there is nothing to train"
+        );
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2),
+            "--adam_beta1 and --adam_beta2 must be in [0, 1)"
+        );
+        crate::optim::ScheduleKind::parse(&self.lr_scheduler)?;
+        ensure!(
+            ["bf16", "fp16", "fp32"].contains(&self.sampler_dtype.as_str()),
+            "--sampler_dtype {:?}: use bf16, fp16 or fp32",
+            self.sampler_dtype
+        );
+        if self.lora_rank == 0 {
+            let d = TrainConfig::default();
+            ensure!(
+                self.lora_alpha == d.lora_alpha && self.lora_dropout == d.lora_dropout,
+                "--lora_alpha/--lora_dropout are set but --lora_rank is 0; set --lora_rank to \
+                 train adapters"
+            );
+        } else {
+            ensure!(
+                (0.0..1.0).contains(&self.lora_dropout),
+                "--lora_dropout must be in [0, 1)"
+            );
+            if self.lora_alpha == 0.0 {
+                self.lora_alpha = 2.0 * self.lora_rank as f64;
+            }
+        }
+        if !self.init_from_checkpoint.is_empty() {
+            waypoint_checkpoint::parse_checkpoint_ref(&self.init_from_checkpoint)
+                .context("--init_from_checkpoint")?;
+        }
+        Ok(())
+    }
+
+    /// The settings that must not change across a resume, by name. A checkpoint records their hash.
+    pub fn resume_fields(&self, model_fingerprint: &str) -> BTreeMap<&'static str, Value> {
+        BTreeMap::from([
+            ("model", Value::from(model_fingerprint)),
+            ("lora_rank", Value::from(self.lora_rank)),
+            (
+                "lora_target_modules",
+                Value::from(self.lora_target_modules.clone()),
+            ),
+            ("dataset_uri", Value::from(self.dataset_uri.clone())),
+            (
+                "dataset_text_field",
+                Value::from(self.dataset_text_field.clone()),
+            ),
+            ("max_seq_len", Value::from(self.max_seq_len)),
+            ("disable_packing", Value::from(self.disable_packing)),
+            ("seed", Value::from(self.seed)),
+        ])
+    }
+
+    /// The configuration as recorded in `config/run.json`: credentials in URIs are redacted.
+    pub fn redacted(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+        if let Some(obj) = v.as_object_mut() {
+            for (_, val) in obj.iter_mut() {
+                if let Value::String(s) = val {
+                    *s = redact_uri(s);
+                }
+            }
+        }
+        v
+    }
+}
+
+/// sha256 (hex) of a JSON value's canonical text.
+pub fn fingerprint<T: Serialize>(value: &T) -> String {
+    let text = serde_json::to_vec(value).unwrap_or_default();
+    hex::encode(Sha256::digest(&text))
+}
+
+/// Replaces `user:secret@` in a URI, and the values of query keys that look like credentials.
+pub fn redact_uri(s: &str) -> String {
+    let mut out = s.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = &out[scheme_end + 3..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            out = format!("{}***@{}", &out[..scheme_end + 3], &rest[at + 1..]);
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", redacted.join("&"));
+    }
+    out
+}
+
+fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    [
+        "key",
+        "token",
+        "secret",
+        "password",
+        "credential",
+        "signature",
+        "sig",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_keys_are_checked_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml_path = dir.path().join("c.toml");
+        std::fs::write(
+            &toml_path,
+            "lr = 0.5\nmax_steps = 7\n[extra_args]\nbatch_size = 3\n",
+        )
+        .unwrap();
+        let map = read_config_file(&toml_path).unwrap();
+        let c = merge(&TrainConfig::default(), &map, "file").unwrap();
+        assert_eq!((c.lr, c.max_steps, c.batch_size), (0.5, 7, 3));
+        let flags = Map::from_iter([("lr".to_string(), Value::from(0.25))]);
+        assert_eq!(merge(&c, &flags, "flags").unwrap().lr, 0.25);
+
+        let json_path = dir.path().join("c.json");
+        std::fs::write(&json_path, r#"{"max_stpes": 3}"#).unwrap();
+        let err = read_config_file(&json_path).unwrap_err().to_string();
+        assert!(
+            err.contains("`max_stpes`") && err.contains("`max_steps`"),
+            "{err}"
+        );
+        std::fs::write(&json_path, r#"{"max_steps": "many"}"#).unwrap();
+        let map = read_config_file(&json_path).unwrap();
+        let err = merge(&TrainConfig::default(), &map, "c.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.json"), "{err}");
+    }
+
+    #[test]
+    fn conflicts_are_named() {
+        let mut c = TrainConfig {
+            save_steps: 10,
+            dcp_save_interval: 20,
+            ..TrainConfig::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--save_steps") && err.contains("--dcp_save_interval"));
+        let mut c = TrainConfig {
+            lora_alpha: 4.0,
+            ..TrainConfig::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--lora_rank"));
+        let mut c = TrainConfig {
+            lora_rank: 4,
+            ..TrainConfig::default()
+        };
+        c.validate().unwrap();
+        assert_eq!(c.lora_alpha, 8.0);
+    }
+
+    #[test]
+    fn secrets_in_uris_are_redacted() {
+        assert_eq!(
+            redact_uri("s3://AKIA:hunter2@bucket/runs"),
+            "s3://***@bucket/runs"
+        );
+        assert_eq!(
+            redact_uri("https://h/x?sig=abc&part=1&X-Amz-Credential=me"),
+            "https://h/x?sig=***&part=1&X-Amz-Credential=***"
+        );
+        assert_eq!(redact_uri("./runs"), "./runs");
+    }
+}

@@ -1,0 +1,94 @@
+//! Conversion between libtorch tensors and the checkpoint crate's [`waypoint_checkpoint::Tensor`]
+//! (name, dtype, shape, little-endian bytes). The only place that knows both.
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use tch::{Device, Kind, Tensor};
+use waypoint_checkpoint::{Dtype, Tensor as Blob};
+
+/// The libtorch kind of a safetensors dtype.
+pub fn kind_of(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F64 => Kind::Double,
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        other => bail!("tensor dtype {other:?} has no libtorch equivalent here"),
+    })
+}
+
+/// The safetensors dtype of a libtorch kind.
+pub fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Double => Dtype::F64,
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => bail!("libtorch kind {other:?} cannot be saved as safetensors"),
+    })
+}
+
+/// Copies `tensor` (any device) to host bytes under `name`, converted to `kind` when given.
+pub fn to_blob(name: &str, tensor: &Tensor, kind: Option<Kind>) -> Result<Blob> {
+    let t = tensor.detach().to_device(Device::Cpu);
+    let t = match kind {
+        Some(k) if k != t.kind() => t.to_kind(k),
+        _ => t,
+    }
+    .contiguous();
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut data, numel)
+        .with_context(|| format!("copying tensor {name} to host memory"))?;
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    Ok(Blob::new(
+        name,
+        dtype_of(t.kind())?,
+        shape,
+        Bytes::from(data),
+    )?)
+}
+
+/// A libtorch tensor (on the CPU) holding a copy of `blob`'s bytes.
+pub fn from_blob(blob: &Blob) -> Result<Tensor> {
+    let shape: Vec<i64> = blob.shape.iter().map(|&d| d as i64).collect();
+    Tensor::f_from_data_size(&blob.data, &shape, kind_of(blob.dtype)?)
+        .with_context(|| format!("tensor {} ({:?} {:?})", blob.name, blob.dtype, blob.shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_kind_bit_for_bit() {
+        let base = Tensor::randn([3, 5], (Kind::Float, Device::Cpu));
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Double] {
+            let t = base.to_kind(kind);
+            let blob = to_blob("w", &t, None).unwrap();
+            assert_eq!(blob.shape, vec![3, 5]);
+            let back = from_blob(&blob).unwrap();
+            assert_eq!(back.kind(), kind);
+            assert!(back.equal(&t));
+        }
+        let ints = Tensor::arange(10, (Kind::Int64, Device::Cpu));
+        assert!(from_blob(&to_blob("i", &ints, None).unwrap())
+            .unwrap()
+            .equal(&ints));
+        let bf = to_blob("w", &base, Some(Kind::BFloat16)).unwrap();
+        assert_eq!(bf.dtype, Dtype::BF16);
+        assert_eq!(bf.data.len(), 15 * 2);
+    }
+}

@@ -1,0 +1,394 @@
+//! Training data: JSONL rows (a text field, or chat `messages` with loss on assistant turns only),
+//! tokenized and packed (or padded) into fixed-length samples, visited in an order that is a pure
+//! function of (seed, epoch).
+//!
+//! The position in the data is one global counter, `data_consumed`: sample `g` of the run is
+//! `order(seed, g / n)[g % n]` of the `n` samples. Resuming at any counter — with any batch split —
+//! continues the same sequence.
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::Value;
+use tch::{Device, Tensor};
+use waypoint_storage::Store;
+
+use crate::tokenizer::{chat_turn, Tokenizer};
+
+/// The demo dataset shipped in the binary (`dataset_uri = builtin:demo`).
+pub const DEMO_DATASET: &str = include_str!("../assets/demo.jsonl");
+
+/// Label value that the loss ignores.
+pub const IGNORE: i64 = -100;
+
+/// A JSONL source: its name (for error messages) and text.
+pub struct Source {
+    /// A path or URI.
+    pub name: String,
+    /// The file's text.
+    pub text: String,
+}
+
+/// Reads `uri`: `builtin:demo`, a local file or directory (its `*.jsonl`, sorted), or a store URI of a
+/// file or a prefix (its `*.jsonl` objects, sorted).
+pub async fn read_sources(uri: &str) -> Result<Vec<Source>> {
+    if uri == "builtin:demo" {
+        return Ok(vec![Source {
+            name: uri.into(),
+            text: DEMO_DATASET.into(),
+        }]);
+    }
+    if !uri.contains("://") || uri.starts_with("file://") {
+        let path = Path::new(uri.strip_prefix("file://").unwrap_or(uri));
+        let files = if path.is_dir() {
+            let mut files: Vec<_> = std::fs::read_dir(path)
+                .with_context(|| format!("listing {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .collect();
+            files.sort();
+            ensure!(
+                !files.is_empty(),
+                "{} holds no *.jsonl file",
+                path.display()
+            );
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        return files
+            .into_iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(&f).with_context(|| {
+                    format!("reading {} (a JSONL file or directory)", f.display())
+                })?;
+                Ok(Source {
+                    name: f.display().to_string(),
+                    text,
+                })
+            })
+            .collect();
+    }
+    let (parent, leaf) = match uri.trim_end_matches('/').rsplit_once('/') {
+        Some((p, l)) if uri.ends_with(".jsonl") => (p.to_string(), Some(l.to_string())),
+        _ => (uri.trim_end_matches('/').to_string(), None),
+    };
+    let store = Store::open(&parent).with_context(|| format!("opening {parent}"))?;
+    let keys = match leaf {
+        Some(l) => vec![l],
+        None => {
+            let mut keys: Vec<String> = store
+                .list("")
+                .await
+                .with_context(|| format!("listing {uri}"))?
+                .into_iter()
+                .map(|m| m.key)
+                .filter(|k| k.ends_with(".jsonl"))
+                .collect();
+            keys.sort();
+            ensure!(!keys.is_empty(), "{uri} holds no *.jsonl object");
+            keys
+        }
+    };
+    let mut out = Vec::new();
+    for key in keys {
+        let bytes = store
+            .get(&key)
+            .await
+            .with_context(|| format!("reading {parent}/{key}"))?;
+        let text = String::from_utf8(bytes.to_vec())
+            .with_context(|| format!("{parent}/{key} is not UTF-8"))?;
+        out.push(Source {
+            name: format!("{parent}/{key}"),
+            text,
+        });
+    }
+    Ok(out)
+}
+
+/// How rows become samples.
+#[derive(Debug, Clone)]
+pub struct DataOptions {
+    /// The JSON field holding the text (when a row has no `messages`).
+    pub text_field: String,
+    /// Tokens per sample (the model sees `max_seq_len` inputs and as many labels).
+    pub max_seq_len: usize,
+    /// Concatenate documents and cut fixed blocks; else one padded sample per document.
+    pub packing: bool,
+    /// Skip and count malformed rows instead of failing.
+    pub skip_bad_lines: bool,
+}
+
+/// Tokenized samples of `max_seq_len + 1` ids each, with per-token loss masks.
+pub struct Dataset {
+    tokens: Vec<Vec<i64>>,
+    mask: Vec<Vec<bool>>,
+    /// Rows skipped as malformed.
+    pub skipped: usize,
+    /// Documents read.
+    pub documents: usize,
+}
+
+impl Dataset {
+    /// Tokenizes every row of `sources` and builds the samples.
+    pub fn build(sources: &[Source], tokenizer: &Tokenizer, opts: &DataOptions) -> Result<Self> {
+        let width = opts.max_seq_len + 1;
+        let mut docs: Vec<(Vec<i64>, Vec<bool>)> = Vec::new();
+        let mut skipped = 0;
+        for source in sources {
+            for (i, line) in source.text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match encode_row(line, tokenizer, opts) {
+                    Ok(doc) => docs.push(doc),
+                    Err(e) if opts.skip_bad_lines => {
+                        skipped += 1;
+                        tracing::warn!(file = %source.name, line = i + 1, "skipping row: {e:#}");
+                    }
+                    Err(e) => {
+                        return Err(e.context(format!(
+                            "{}, line {}: bad row (fix it, or pass --skip_bad_lines to skip and \
+                             count bad rows)",
+                            source.name,
+                            i + 1
+                        )))
+                    }
+                }
+            }
+        }
+        let documents = docs.len();
+        let (mut tokens, mut mask) = (Vec::new(), Vec::new());
+        if opts.packing {
+            let (mut t, mut m): (Vec<i64>, Vec<bool>) = (Vec::new(), Vec::new());
+            for (dt, dm) in docs {
+                t.extend(dt);
+                m.extend(dm);
+                while t.len() >= width {
+                    tokens.push(t.drain(..width).collect());
+                    mask.push(m.drain(..width).collect());
+                }
+            }
+        } else {
+            for (mut dt, mut dm) in docs {
+                dt.truncate(width);
+                dm.truncate(width);
+                while dt.len() < width {
+                    dt.push(tokenizer.pad());
+                    dm.push(false);
+                }
+                tokens.push(dt);
+                mask.push(dm);
+            }
+        }
+        ensure!(
+            !tokens.is_empty(),
+            "the dataset gives no sample of {width} tokens ({documents} documents); lower \
+             --max_seq_len or add data"
+        );
+        Ok(Self {
+            tokens,
+            mask,
+            skipped,
+            documents,
+        })
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether there are no samples (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The sample index of global position `g` (see the module doc).
+    pub fn sample_at(&self, seed: u64, g: u64) -> usize {
+        let n = self.len() as u64;
+        order(seed, g / n, self.len())[(g % n) as usize]
+    }
+
+    /// Inputs and labels `[count, max_seq_len]` of the samples at global positions
+    /// `start..start + count`; labels are [`IGNORE`] where the loss does not apply.
+    pub fn batch(&self, seed: u64, start: u64, count: usize, device: Device) -> (Tensor, Tensor) {
+        let indices: Vec<usize> = (0..count as u64)
+            .map(|k| self.sample_at(seed, start + k))
+            .collect();
+        self.rows(&indices, device)
+    }
+
+    /// Inputs and labels of samples `indices`, in order.
+    pub fn rows(&self, indices: &[usize], device: Device) -> (Tensor, Tensor) {
+        let width = self.tokens[0].len();
+        let mut ids = Vec::with_capacity(indices.len() * (width - 1));
+        let mut labels = Vec::with_capacity(indices.len() * (width - 1));
+        for &i in indices {
+            let (t, m) = (&self.tokens[i], &self.mask[i]);
+            ids.extend_from_slice(&t[..width - 1]);
+            labels.extend((1..width).map(|j| if m[j] { t[j] } else { IGNORE }));
+        }
+        let shape = [indices.len() as i64, width as i64 - 1];
+        (
+            Tensor::from_slice(&ids).view(shape).to_device(device),
+            Tensor::from_slice(&labels).view(shape).to_device(device),
+        )
+    }
+
+    /// The largest token id in the data (checked against the model's vocabulary).
+    pub fn max_token(&self) -> i64 {
+        self.tokens
+            .iter()
+            .flat_map(|t| t.iter().copied())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The visiting order of `n` samples in `epoch`: a ChaCha8 shuffle seeded by (seed, epoch) alone.
+pub fn order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    // One cache entry: consecutive calls in a batch share an epoch.
+    thread_local! {
+        static CACHE: std::cell::RefCell<Option<((u64, u64, usize), std::rc::Rc<Vec<usize>>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let key = (seed, epoch, n);
+    let cached = CACHE.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    });
+    let v = cached.unwrap_or_else(|| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let mut v: Vec<usize> = (0..n).collect();
+        v.shuffle(&mut rng);
+        let v = std::rc::Rc::new(v);
+        CACHE.with(|c| *c.borrow_mut() = Some((key, v.clone())));
+        v
+    });
+    (*v).clone()
+}
+
+/// One JSONL row to (ids, loss mask), EOS-terminated.
+fn encode_row(
+    line: &str,
+    tokenizer: &Tokenizer,
+    opts: &DataOptions,
+) -> Result<(Vec<i64>, Vec<bool>)> {
+    let row: Value = serde_json::from_str(line).context("not valid JSON")?;
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    if let Some(messages) = row.get("messages") {
+        let messages = messages.as_array().context("`messages` is not a list")?;
+        ensure!(!messages.is_empty(), "`messages` is empty");
+        let prefix = tokenizer.encode("", true)?;
+        mask.extend(std::iter::repeat_n(false, prefix.len()));
+        ids.extend(prefix);
+        let mut any_assistant = false;
+        for (k, m) in messages.iter().enumerate() {
+            let role = m["role"]
+                .as_str()
+                .with_context(|| format!("messages[{k}] has no string `role`"))?;
+            let content = m["content"]
+                .as_str()
+                .with_context(|| format!("messages[{k}] has no string `content`"))?;
+            let learn = role == "assistant";
+            any_assistant |= learn;
+            let (head, body, tail) = chat_turn(tokenizer.chat_format(), role, content);
+            for (text, on) in [(head, false), (body, learn), (tail, learn)] {
+                let t = tokenizer.encode(&text, false)?;
+                mask.extend(std::iter::repeat_n(on, t.len()));
+                ids.extend(t);
+            }
+        }
+        ensure!(any_assistant, "`messages` has no assistant turn to learn");
+    } else {
+        let text = match row.get(&opts.text_field) {
+            Some(Value::String(s)) => s,
+            Some(_) => bail!("field `{}` is not a string", opts.text_field),
+            None => bail!(
+                "no `{}` field and no `messages` (set --dataset_text_field to the field that holds \
+                 the text)",
+                opts.text_field
+            ),
+        };
+        ids = tokenizer.encode(text, true)?;
+        mask = vec![true; ids.len()];
+    }
+    ids.push(tokenizer.eos());
+    mask.push(true);
+    Ok((ids, mask))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(packing: bool) -> DataOptions {
+        DataOptions {
+            text_field: "text".into(),
+            max_seq_len: 8,
+            packing,
+            skip_bad_lines: false,
+        }
+    }
+
+    fn source(text: &str) -> Vec<Source> {
+        vec![Source {
+            name: "d.jsonl".into(),
+            text: text.into(),
+        }]
+    }
+
+    #[test]
+    fn packs_rows_and_masks_chat_to_assistant_turns() {
+        let s = source(
+            "{\"text\": \"abcdefghij\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, \
+             {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
+        );
+        let d = Dataset::build(&s, &Tokenizer::Bytes, &opts(false)).unwrap();
+        assert_eq!((d.len(), d.documents), (2, 2));
+        let (ids, labels) = d.rows(&[1], Device::Cpu);
+        let labels: Vec<i64> = Vec::try_from(labels.view([-1])).unwrap();
+        let ids: Vec<i64> = Vec::try_from(ids.view([-1])).unwrap();
+        // BOS "user: hi\n" "assistant: " are not learned; "yo" would be, but 8 tokens cut it off.
+        assert_eq!(ids[0], crate::tokenizer::BYTE_BOS);
+        assert!(labels.iter().all(|&l| l == IGNORE), "{labels:?}");
+        let packed = Dataset::build(&s, &Tokenizer::Bytes, &opts(true)).unwrap();
+        // 12 + 25 tokens → 4 blocks of 9.
+        assert_eq!(packed.len(), 4);
+    }
+
+    #[test]
+    fn bad_rows_name_file_and_line_or_are_counted() {
+        let s = source("{\"text\": \"abcdefghijkl\"}\n{\"txt\": 1}\n");
+        let err = Dataset::build(&s, &Tokenizer::Bytes, &opts(true))
+            .err()
+            .unwrap();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("d.jsonl, line 2") && msg.contains("--dataset_text_field"),
+            "{msg}"
+        );
+        let mut o = opts(true);
+        o.skip_bad_lines = true;
+        let d = Dataset::build(&s, &Tokenizer::Bytes, &o).unwrap();
+        assert_eq!(d.skipped, 1);
+    }
+
+    #[test]
+    fn order_is_a_pure_function_of_seed_and_epoch() {
+        let a = order(1, 0, 100);
+        assert_eq!(a, order(1, 0, 100));
+        assert_ne!(a, order(1, 1, 100));
+        assert_ne!(a, order(2, 0, 100));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    }
+}

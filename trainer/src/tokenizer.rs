@@ -1,0 +1,169 @@
+//! Text to token ids: an HF `tokenizer.json` through the `tokenizers` crate, or the built-in byte
+//! tokenizer of the demo model (ids 0–255 are bytes, then BOS, EOS, PAD).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// The byte tokenizer's vocabulary size.
+pub const BYTE_VOCAB: i64 = 259;
+/// The byte tokenizer's beginning-of-sequence id.
+pub const BYTE_BOS: i64 = 256;
+/// The byte tokenizer's end-of-sequence id.
+pub const BYTE_EOS: i64 = 257;
+/// The byte tokenizer's padding id.
+pub const BYTE_PAD: i64 = 258;
+
+/// How chat `messages` are laid out as text, chosen from the tokenizer's special tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// `<|im_start|>role\ncontent<|im_end|>\n` (Qwen).
+    ChatMl,
+    /// `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>` (Llama 3).
+    Llama3,
+    /// `role: content\n` (anything else).
+    Plain,
+}
+
+/// A tokenizer.
+pub enum Tokenizer {
+    /// Bytes, plus BOS/EOS/PAD.
+    Bytes,
+    /// A Hugging Face tokenizer and its special ids.
+    Hf {
+        /// The tokenizer.
+        inner: Box<tokenizers::Tokenizer>,
+        /// Appended after each document.
+        eos: i64,
+        /// Used to pad when packing is off.
+        pad: i64,
+        /// Chat layout.
+        chat: ChatFormat,
+    },
+}
+
+impl Tokenizer {
+    /// Loads `<dir>/tokenizer.json`; EOS and PAD come from `config.json` (`eos_token_id`,
+    /// `pad_token_id`) or the tokenizer's own special tokens.
+    pub fn from_hf_dir(dir: &Path, config: &serde_json::Value) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("loading {}", path.display()))?;
+        let id = |tok: &str| inner.token_to_id(tok).map(i64::from);
+        let first_id = |v: &serde_json::Value| {
+            v.as_i64().or_else(|| {
+                v.as_array()
+                    .and_then(|a| a.first())
+                    .and_then(|x| x.as_i64())
+            })
+        };
+        let eos = first_id(&config["eos_token_id"])
+            .or_else(|| id("<|endoftext|>"))
+            .or_else(|| id("</s>"))
+            .or_else(|| id("<|end_of_text|>"))
+            .with_context(|| {
+                format!(
+                    "{}: no eos_token_id in config.json and no known end-of-text token",
+                    dir.display()
+                )
+            })?;
+        let pad = first_id(&config["pad_token_id"]).unwrap_or(eos);
+        let chat = if id("<|im_start|>").is_some() && id("<|im_end|>").is_some() {
+            ChatFormat::ChatMl
+        } else if id("<|start_header_id|>").is_some() && id("<|eot_id|>").is_some() {
+            ChatFormat::Llama3
+        } else {
+            ChatFormat::Plain
+        };
+        Ok(Self::Hf {
+            inner: Box::new(inner),
+            eos,
+            pad,
+            chat,
+        })
+    }
+
+    /// Token ids of `text`, with the tokenizer's own special tokens (BOS) when `add_special`.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<i64>> {
+        match self {
+            Self::Bytes => {
+                let mut ids = Vec::with_capacity(text.len() + 1);
+                if add_special {
+                    ids.push(BYTE_BOS);
+                }
+                ids.extend(text.bytes().map(i64::from));
+                Ok(ids)
+            }
+            Self::Hf { inner, .. } => Ok(inner
+                .encode(text, add_special)
+                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+                .get_ids()
+                .iter()
+                .map(|&i| i64::from(i))
+                .collect()),
+        }
+    }
+
+    /// The id appended after every document.
+    pub fn eos(&self) -> i64 {
+        match self {
+            Self::Bytes => BYTE_EOS,
+            Self::Hf { eos, .. } => *eos,
+        }
+    }
+
+    /// The padding id.
+    pub fn pad(&self) -> i64 {
+        match self {
+            Self::Bytes => BYTE_PAD,
+            Self::Hf { pad, .. } => *pad,
+        }
+    }
+
+    /// The chat layout.
+    pub fn chat_format(&self) -> ChatFormat {
+        match self {
+            Self::Bytes => ChatFormat::Plain,
+            Self::Hf { chat, .. } => *chat,
+        }
+    }
+
+    /// The number of ids the tokenizer can produce.
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            Self::Bytes => BYTE_VOCAB,
+            Self::Hf { inner, .. } => inner.get_vocab_size(true) as i64,
+        }
+    }
+}
+
+/// The text of one chat turn and the text that ends it, in `format`.
+pub fn chat_turn(format: ChatFormat, role: &str, content: &str) -> (String, String, String) {
+    match format {
+        ChatFormat::ChatMl => (
+            format!("<|im_start|>{role}\n"),
+            content.to_string(),
+            "<|im_end|>\n".to_string(),
+        ),
+        ChatFormat::Llama3 => (
+            format!("<|start_header_id|>{role}<|end_header_id|>\n\n"),
+            content.to_string(),
+            "<|eot_id|>".to_string(),
+        ),
+        ChatFormat::Plain => (format!("{role}: "), content.to_string(), "\n".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_round_trip() {
+        let t = Tokenizer::Bytes;
+        assert_eq!(t.encode("hé", true).unwrap(), vec![BYTE_BOS, 104, 195, 169]);
+        assert_eq!(t.encode("a", false).unwrap(), vec![97]);
+        assert_eq!(t.vocab_size(), 259);
+    }
+}

@@ -1,0 +1,946 @@
+//! `waypoint train`: the training loop, with checkpoints in it.
+//!
+//! One start of the trainer: open the run, find its newest resumable checkpoint (or
+//! `init_from_checkpoint`), check that the configuration has not drifted, take an attempt number, and
+//! train from the restored step, data position and optimizer state. Periodic saves are resumable;
+//! the final save is resumable and promotable. Saves are staged to host memory and uploaded in the
+//! background, one at a time. On SIGTERM/SIGINT the current step finishes, a resumable checkpoint is
+//! saved, and the process exits so that a restart redoes no step.
+//!
+//! Exactness: dropout (LoRA's) draws from libtorch's generator reseeded from (seed, step) at every
+//! step, the data order is a pure function of (seed, epoch), and the learning rate a pure function of
+//! the step — so restoring weights, optimizer state and counters restores everything.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
+use waypoint_checkpoint::{
+    dcp, CheckpointManager, Commit, ManagerOptions, Manifest, SamplerPart, SaveRequest,
+    Tensor as Blob,
+};
+use waypoint_storage::{model_dir, RunLayout, Store};
+
+use crate::config::{fingerprint, TrainConfig};
+use crate::convert::{from_blob, to_blob};
+use crate::data::{read_sources, DataOptions, Dataset, IGNORE};
+use crate::model::{LoraConfig, Model, ModelConfig};
+use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, Schedule, ScheduleKind};
+use crate::records::{self, JobState, Status};
+use crate::tokenizer::Tokenizer;
+use crate::torchrun::WorkerEnv;
+
+/// A configuration problem found before any work: the command exits with code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// How a run ended without error.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All steps done and the final checkpoint committed.
+    Finished {
+        /// Steps done.
+        steps: u64,
+        /// Loss of the last step this process ran (NaN if it ran none).
+        last_loss: f64,
+        /// The final checkpoint.
+        checkpoint: String,
+        /// Where the model was promoted to, if it was.
+        model: Option<String>,
+    },
+    /// Stopped by a signal after committing a resumable checkpoint.
+    Stopped {
+        /// The signal number.
+        signal: usize,
+        /// Steps done (and saved).
+        step: u64,
+    },
+}
+
+/// Runs `waypoint train`. `stop` holds a signal number once SIGTERM/SIGINT arrived (0 before).
+pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<Outcome> {
+    let store = Store::open(&config.checkpoint_base_uri)
+        .map_err(|e| UsageError(format!("--checkpoint_base_uri: {e}")))?;
+    let layout = RunLayout::new(&config.run_id, &config.framework)
+        .map_err(|e| UsageError(format!("--run_id/--framework: {e}")))?;
+    let mut session = Session {
+        config,
+        store,
+        layout,
+        attempt: None,
+        total_steps: 0,
+        step: 0,
+        last_checkpoint: None,
+    };
+    match session.train(&stop, rt) {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => {
+            // Problems found before an attempt started are not a run's failure: nothing is written.
+            if session.attempt.is_some() {
+                let mut status = Status::new(JobState::Failed, session.step, session.total_steps);
+                status.error = Some(records::explain(&e));
+                status.attempt = session.attempt;
+                status.checkpoint = session.last_checkpoint.clone();
+                if let Err(w) = rt.block_on(records::write_status(
+                    &session.store,
+                    &session.layout,
+                    &status,
+                )) {
+                    tracing::warn!("could not record the failure in status.json: {w:#}");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+struct Session {
+    config: TrainConfig,
+    store: Store,
+    layout: RunLayout,
+    attempt: Option<u64>,
+    total_steps: u64,
+    step: u64,
+    last_checkpoint: Option<String>,
+}
+
+/// What is loaded before training: model, tokenizer, data.
+struct Loaded {
+    model: Model,
+    tokenizer_files: Vec<(String, Bytes)>,
+    train: Dataset,
+    eval: Option<Dataset>,
+    model_fingerprint: String,
+}
+
+impl Session {
+    fn train(&mut self, stop: &AtomicUsize, rt: &Runtime) -> Result<Outcome> {
+        let cfg = self.config.clone();
+        let env = WorkerEnv::from_env()?;
+        if env.world_size > 1 {
+            return Err(UsageError(format!(
+                "WORLD_SIZE={} but multi-rank training is not implemented yet; run one worker \
+                 (WORLD_SIZE=1)",
+                env.world_size
+            ))
+            .into());
+        }
+        let device = crate::device::parse_device_for(&cfg.device, env.local_rank)
+            .map_err(|e| UsageError(format!("{e:#}")))?;
+        if cfg.num_threads > 0 {
+            tch::set_num_threads(cfg.num_threads as i32);
+        }
+        let loaded = rt.block_on(load(&cfg, device))?;
+        let Loaded {
+            mut model,
+            tokenizer_files,
+            train,
+            eval,
+            model_fingerprint,
+        } = loaded;
+        let resume_fields = cfg.resume_fields(&model_fingerprint);
+        let config_fp = fingerprint(&resume_fields);
+        let global_batch = cfg.batch_size * cfg.gradient_accumulation * env.world_size;
+        self.total_steps = if cfg.max_steps > 0 {
+            cfg.max_steps
+        } else {
+            (cfg.num_epochs * train.len() as u64).div_ceil(global_batch)
+        };
+        let total = self.total_steps;
+
+        let mut manager = CheckpointManager::new(
+            self.store.clone(),
+            self.layout.clone(),
+            ManagerOptions {
+                keep_last: (cfg.keep_last > 0).then_some(cfg.keep_last as usize),
+                ..ManagerOptions::default()
+            },
+        );
+        let latest = rt
+            .block_on(manager.latest_resumable(false))
+            .context("looking for the run's newest resumable checkpoint")?;
+        if let Some(m) = &latest {
+            if m.config_fingerprint != config_fp {
+                let drift = rt.block_on(describe_drift(
+                    &self.store,
+                    &self.layout,
+                    &serde_json::to_value(&resume_fields)?,
+                ));
+                return Err(UsageError(format!(
+                    "configuration drift: run {} has checkpoints up to {} made with other settings \
+                     ({drift}). Resuming would not continue that run. Restore the settings, or start \
+                     a new --run_id. Nothing was written.",
+                    cfg.run_id, m.name
+                ))
+                .into());
+            }
+        }
+        if !cfg.output_model_id.is_empty() {
+            let dir = model_dir(&cfg.output_model_id)
+                .map_err(|e| UsageError(format!("--output_model_id: {e}")))?;
+            let done = latest.as_ref().is_some_and(|m| m.step >= total);
+            if !done && !rt.block_on(self.store.list(&format!("{dir}/")))?.is_empty() {
+                return Err(UsageError(format!(
+                    "--output_model_id {}: {dir} already exists; choose another id (nothing is \
+                     overwritten)",
+                    cfg.output_model_id
+                ))
+                .into());
+            }
+        }
+
+        // From here on the run is ours: take an attempt number (fencing) and record the start.
+        let attempt = rt.block_on(manager.start_attempt(&json!({
+            "pid": std::process::id(),
+            "host": std::env::var("HOSTNAME").unwrap_or_default(),
+            "restart_count": env.restart_count,
+        })))?;
+        self.attempt = Some(attempt);
+        let manager = Arc::new(manager);
+        let run_record = json!({
+            "config": cfg.redacted(),
+            "resume_fields": resume_fields,
+            "config_fingerprint": config_fp,
+            "model": model.config.raw,
+            "world_size": env.world_size,
+            "device": format!("{device:?}"),
+            "attempt": attempt,
+            "train_samples": train.len(),
+            "train_documents": train.documents,
+            "skipped_rows": train.skipped,
+            "total_steps": total,
+            "started_unix_ms": records::now_ms(),
+        });
+        rt.block_on(self.store.put(
+            &self.layout.run_config(),
+            Bytes::from(serde_json::to_vec_pretty(&run_record)?),
+        ))
+        .context("writing config/run.json")?;
+        let mut status = Status::new(JobState::Pending, 0, total);
+        status.attempt = Some(attempt);
+        rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+
+        // Restore: own checkpoint first; else init_from_checkpoint; else fresh.
+        let mut data_consumed = 0u64;
+        if latest.is_some() {
+            if !cfg.init_from_checkpoint.is_empty() {
+                tracing::info!(
+                    init_from_checkpoint = %cfg.init_from_checkpoint,
+                    "ignoring --init_from_checkpoint: the run has checkpoints of its own"
+                );
+            }
+        } else if !cfg.init_from_checkpoint.is_empty() {
+            rt.block_on(init_from(&manager, &cfg.init_from_checkpoint, &mut model))?;
+        }
+        if cfg.lora_rank > 0 {
+            model.add_lora(
+                LoraConfig {
+                    rank: cfg.lora_rank as i64,
+                    alpha: cfg.lora_alpha,
+                    dropout: cfg.lora_dropout,
+                    targets: cfg
+                        .lora_target_modules
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect(),
+                },
+                cfg.seed as i64 + 1,
+            )?;
+        }
+        let mut opt = AdamW::new(
+            AdamWConfig {
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+            },
+            model.trainable(),
+        );
+        if let Some(m) = &latest {
+            let blobs = rt.block_on(manager.load_tensors(m, "dcp/", &|_| true))?;
+            restore_state(&m.name, blobs, &model, &mut opt)?;
+            let pos = rt.block_on(manager.data_position(m))?;
+            self.step = m.step;
+            data_consumed = pos.data_consumed;
+            self.last_checkpoint = Some(m.name.clone());
+            tracing::info!(checkpoint = %m.name, step = m.step, data_consumed, "resumed");
+        }
+        let mut metrics =
+            rt.block_on(records::metrics_until(&self.store, &self.layout, self.step))?;
+
+        let schedule = Schedule {
+            lr: cfg.lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: total,
+            kind: ScheduleKind::parse(&cfg.lr_scheduler)?,
+            min_lr_ratio: cfg.min_lr_ratio,
+        };
+        let mut saver = Saver {
+            manager: manager.clone(),
+            inflight: None,
+            sync: cfg.sync_save,
+        };
+        let ctx = SaveContext {
+            fingerprint: config_fp.clone(),
+            sampler_kind: match cfg.sampler_dtype.as_str() {
+                "fp32" => Kind::Float,
+                "fp16" => Kind::Half,
+                _ => Kind::BFloat16,
+            },
+            sampler_dtype_name: match cfg.sampler_dtype.as_str() {
+                "fp32" => "float32",
+                "fp16" => "float16",
+                _ => "bfloat16",
+            },
+            tokenizer_files,
+            model_id: cfg.model_id.clone(),
+            n_samples: train.len() as u64,
+        };
+        status.state = JobState::Running;
+        status.step = self.step;
+        status.checkpoint = self.last_checkpoint.clone();
+        rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+
+        let progress = Progress::new(total, self.step, cfg.logging_steps);
+        let vocab = model.config.vocab_size;
+        let bs = cfg.batch_size as usize;
+        let mut last_loss = f64::NAN;
+        while self.step < total {
+            if let signal @ 1.. = stop.load(Ordering::SeqCst) {
+                return self.stop_for_signal(
+                    signal,
+                    &mut saver,
+                    &model,
+                    &opt,
+                    &ctx,
+                    data_consumed,
+                    &metrics,
+                    rt,
+                );
+            }
+            saver.check(rt)?;
+            let started = Instant::now();
+            let params = model.trainable();
+            zero_grad(params);
+            tch::manual_seed(step_seed(cfg.seed, self.step));
+            let micro: Vec<(Tensor, Tensor)> = (0..cfg.gradient_accumulation)
+                .map(|a| train.batch(cfg.seed, data_consumed + a * cfg.batch_size, bs, device))
+                .collect();
+            let tokens: i64 = micro
+                .iter()
+                .map(|(_, l)| l.ne(IGNORE).sum(Kind::Int64).int64_value(&[]))
+                .sum();
+            let mut loss_value = 0.0;
+            for (ids, labels) in &micro {
+                let logits = model.forward(ids, true);
+                let loss = logits
+                    .view([-1, vocab])
+                    .to_kind(Kind::Float)
+                    .cross_entropy_loss::<Tensor>(
+                        &labels.view([-1]),
+                        None,
+                        tch::Reduction::Sum,
+                        IGNORE,
+                        0.0,
+                    )
+                    / tokens.max(1) as f64;
+                loss.backward();
+                loss_value += loss.double_value(&[]);
+            }
+            let grad_norm = clip_grad_norm(params, cfg.max_grad_norm);
+            let lr = schedule.lr_at(self.step);
+            opt.step(params, lr);
+            ensure!(
+                loss_value.is_finite(),
+                "loss became {loss_value} at step {}; lower --lr or check the data",
+                self.step + 1
+            );
+            self.step += 1;
+            data_consumed += global_batch;
+            last_loss = loss_value;
+            let secs = started.elapsed().as_secs_f64();
+            let mut line = json!({
+                "step": self.step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+                "tokens_per_s": (global_batch * cfg.max_seq_len) as f64 / secs.max(1e-9),
+                "data_consumed": data_consumed,
+                "epoch": data_consumed / ctx.n_samples,
+                "time_unix_ms": records::now_ms(),
+            });
+            if let Some(eval) = &eval {
+                if cfg.eval_steps > 0 && self.step % cfg.eval_steps == 0 {
+                    let eval_loss = evaluate(&model, eval, bs, device);
+                    line["eval_loss"] = json!(eval_loss);
+                    tracing::info!(step = self.step, eval_loss, "eval");
+                }
+            }
+            metrics.push_str(&line.to_string());
+            metrics.push('\n');
+            progress.step(self.step, loss_value, lr);
+
+            let periodic = cfg.save_steps > 0 && self.step % cfg.save_steps == 0;
+            if periodic && self.step < total {
+                let request = stage(&model, &opt, &ctx, self.step, data_consumed, false)?;
+                saver.start(request, &self.status_for(attempt), &metrics, rt)?;
+            }
+        }
+        progress.finish();
+
+        // The final save: resumable and promotable. Already there when a finished run is restarted.
+        let final_name = waypoint_storage::StepName::new(total).to_string();
+        if latest.as_ref().is_none_or(|m| m.step < total) {
+            let request = stage(&model, &opt, &ctx, total, data_consumed, true)?;
+            saver.sync = true;
+            saver.start(request, &self.status_for(attempt), &metrics, rt)?;
+        }
+        saver.wait(rt)?;
+        self.last_checkpoint = Some(final_name.clone());
+        let mut promoted = None;
+        if !cfg.output_model_id.is_empty() {
+            let dir = model_dir(&cfg.output_model_id)?;
+            if rt.block_on(self.store.list(&format!("{dir}/")))?.is_empty() {
+                let at = rt.block_on(
+                    manager.promote(waypoint_storage::StepName::new(total), &cfg.output_model_id),
+                )?;
+                tracing::info!(model = %at, "promoted the final checkpoint");
+                promoted = Some(at);
+            } else {
+                promoted = Some(dir);
+            }
+        }
+        let mut status = self.status_for(attempt);
+        status.state = JobState::Finished;
+        rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        Ok(Outcome::Finished {
+            steps: total,
+            last_loss,
+            checkpoint: final_name,
+            model: promoted,
+        })
+    }
+
+    fn status_for(&self, attempt: u64) -> Status {
+        let mut s = Status::new(JobState::Running, self.step, self.total_steps);
+        s.attempt = Some(attempt);
+        s.checkpoint = self.last_checkpoint.clone();
+        s
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stop_for_signal(
+        &mut self,
+        signal: usize,
+        saver: &mut Saver,
+        model: &Model,
+        opt: &AdamW,
+        ctx: &SaveContext,
+        data_consumed: u64,
+        metrics: &str,
+        rt: &Runtime,
+    ) -> Result<Outcome> {
+        let attempt = self.attempt.unwrap_or(0);
+        tracing::warn!(
+            signal,
+            step = self.step,
+            "stop requested; saving the current step"
+        );
+        saver.wait(rt)?;
+        if self.last_checkpoint.as_deref()
+            != Some(&waypoint_storage::StepName::new(self.step).to_string())
+            && self.step > 0
+        {
+            let request = stage(model, opt, ctx, self.step, data_consumed, false)?;
+            saver.sync = true;
+            saver.start(request, &self.status_for(attempt), metrics, rt)?;
+            saver.wait(rt)?;
+            self.last_checkpoint = Some(waypoint_storage::StepName::new(self.step).to_string());
+        }
+        let mut status = self.status_for(attempt);
+        status.state = JobState::Cancelled;
+        status.error = Some(format!(
+            "stopped by signal {signal} after step {}; a restart resumes from {}",
+            self.step,
+            self.last_checkpoint.as_deref().unwrap_or("the start")
+        ));
+        rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        Ok(Outcome::Stopped {
+            signal,
+            step: self.step,
+        })
+    }
+}
+
+/// The seed of libtorch's generator at optimizer step `step`.
+fn step_seed(seed: u64, step: u64) -> i64 {
+    (seed.wrapping_mul(1_000_003).wrapping_add(step) & 0x7FFF_FFFF_FFFF_FFFF) as i64
+}
+
+/// Loads the model, tokenizer and data that `cfg` names.
+async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
+    let (model, tokenizer, tokenizer_files, model_fingerprint) = if cfg.model_id == "builtin:tiny" {
+        let config = ModelConfig::tiny();
+        let fp = fingerprint(&json!({"builtin": "tiny", "config": config.raw, "seed": cfg.seed}));
+        (
+            Model::init(config, cfg.seed as i64, device)?,
+            Tokenizer::Bytes,
+            Vec::new(),
+            fp,
+        )
+    } else {
+        let dir = Path::new(&cfg.model_id);
+        if !dir.join("config.json").is_file() {
+            return Err(UsageError(format!(
+                "--model_id {}: not a model directory with config.json; pass a local Hugging Face \
+                 model directory, or builtin:tiny",
+                cfg.model_id
+            ))
+            .into());
+        }
+        let (model, weights_sha) = Model::load_hf_dir(dir, device)?;
+        let tokenizer = Tokenizer::from_hf_dir(dir, &model.config.raw)?;
+        let mut files = Vec::new();
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+            "vocab.json",
+            "merges.txt",
+        ] {
+            let p = dir.join(name);
+            if p.is_file() {
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                files.push((name.to_string(), Bytes::from(bytes)));
+            }
+        }
+        let fp = fingerprint(&json!({"config": model.config.raw, "weights_sha256": weights_sha}));
+        (model, tokenizer, files, fp)
+    };
+    let opts = DataOptions {
+        text_field: cfg.dataset_text_field.clone(),
+        max_seq_len: cfg.max_seq_len as usize,
+        packing: !cfg.disable_packing,
+        skip_bad_lines: cfg.skip_bad_lines,
+    };
+    let sources = read_sources(&cfg.dataset_uri)
+        .await
+        .with_context(|| format!("--dataset_uri {}", cfg.dataset_uri))?;
+    let train = Dataset::build(&sources, &tokenizer, &opts)
+        .with_context(|| format!("--dataset_uri {}", cfg.dataset_uri))?;
+    let eval = if cfg.eval_dataset_uri.is_empty() {
+        None
+    } else {
+        let sources = read_sources(&cfg.eval_dataset_uri)
+            .await
+            .with_context(|| format!("--eval_dataset_uri {}", cfg.eval_dataset_uri))?;
+        Some(
+            Dataset::build(&sources, &tokenizer, &opts)
+                .with_context(|| format!("--eval_dataset_uri {}", cfg.eval_dataset_uri))?,
+        )
+    };
+    let vocab = model.config.vocab_size;
+    for (name, d) in [("train", Some(&train)), ("eval", eval.as_ref())] {
+        if let Some(d) = d {
+            ensure!(
+                d.max_token() < vocab,
+                "the {name} data has token id {} but the model's vocabulary has {vocab} entries; \
+                 is the tokenizer the model's?",
+                d.max_token()
+            );
+        }
+    }
+    tracing::info!(
+        samples = train.len(),
+        documents = train.documents,
+        skipped = train.skipped,
+        "dataset ready"
+    );
+    Ok(Loaded {
+        model,
+        tokenizer_files,
+        train,
+        eval,
+        model_fingerprint,
+    })
+}
+
+/// Loads another run's weights (`run_id:step-N`) into the base model.
+async fn init_from(manager: &CheckpointManager, spec: &str, model: &mut Model) -> Result<()> {
+    let (run, step) = waypoint_checkpoint::parse_checkpoint_ref(spec)?;
+    let other = manager.other_run(&run)?;
+    let m = other
+        .manifest(step)
+        .await
+        .with_context(|| format!("--init_from_checkpoint {spec}"))?;
+    let blobs: Vec<Blob> = if m.dcp_files().next().is_some() {
+        other
+            .load_tensors(&m, "dcp/", &|n| n.starts_with("model."))
+            .await?
+            .into_iter()
+            .map(|mut b| {
+                b.name = b.name["model.".len()..].to_string();
+                b
+            })
+            .collect()
+    } else {
+        other.sampler_tensors(&m).await?
+    };
+    let blobs = assemble_slices(blobs)?;
+    if blobs.keys().any(|n| n.contains(".lora_")) {
+        bail!("--init_from_checkpoint {spec}: a LoRA checkpoint holds adapters, not full weights");
+    }
+    tch::no_grad(|| -> Result<()> {
+        for p in model.base() {
+            let b = blobs.get(&p.name).with_context(|| {
+                format!(
+                    "--init_from_checkpoint {spec}: weight {} is missing",
+                    p.name
+                )
+            })?;
+            copy_into(&p.tensor, b, spec)?;
+        }
+        Ok(())
+    })?;
+    tracing::info!(
+        from = spec,
+        "initialised the weights from another run's checkpoint"
+    );
+    Ok(())
+}
+
+/// Joins DCP slices (from multi-rank saves) into whole tensors, by name.
+fn assemble_slices(blobs: Vec<Blob>) -> Result<HashMap<String, Blob>> {
+    let mut groups: HashMap<String, Vec<Blob>> = HashMap::new();
+    for b in blobs {
+        groups.entry(b.name.clone()).or_default().push(b);
+    }
+    groups
+        .into_iter()
+        .map(|(name, parts)| {
+            let whole = if parts.len() == 1 && parts[0].offsets.is_none() {
+                parts.into_iter().next().context("one part")?
+            } else {
+                dcp::assemble(parts)?
+            };
+            Ok((name, whole))
+        })
+        .collect()
+}
+
+/// Copies a saved tensor into a live one (shape checked), converting dtype and device.
+fn copy_into(dst: &Tensor, src: &Blob, checkpoint: &str) -> Result<()> {
+    let t = from_blob(src)?;
+    ensure!(
+        t.size() == dst.size(),
+        "{checkpoint}: tensor {} has shape {:?}, the model expects {:?}",
+        src.name,
+        t.size(),
+        dst.size()
+    );
+    let mut d = dst.shallow_clone();
+    tch::no_grad(|| d.copy_(&t.to_kind(dst.kind()).to_device(dst.device())));
+    Ok(())
+}
+
+/// Restores trainable weights and optimizer state from a checkpoint's `dcp/` tensors.
+fn restore_state(checkpoint: &str, blobs: Vec<Blob>, model: &Model, opt: &mut AdamW) -> Result<()> {
+    let blobs = assemble_slices(blobs)?;
+    let get = |key: String| {
+        blobs.get(&key).with_context(|| {
+            format!("{checkpoint} lacks tensor {key}; was it saved with another configuration?")
+        })
+    };
+    for (p, s) in model.trainable().iter().zip(&mut opt.state) {
+        copy_into(&p.tensor, get(dcp::model_key(&p.name))?, checkpoint)?;
+        copy_into(
+            &s.exp_avg,
+            get(dcp::optim_key(&p.name, "exp_avg"))?,
+            checkpoint,
+        )?;
+        copy_into(
+            &s.exp_avg_sq,
+            get(dcp::optim_key(&p.name, "exp_avg_sq"))?,
+            checkpoint,
+        )?;
+        copy_into(&s.step, get(dcp::optim_key(&p.name, "step"))?, checkpoint)?;
+    }
+    Ok(())
+}
+
+/// What every save needs besides the live state.
+struct SaveContext {
+    fingerprint: String,
+    sampler_kind: Kind,
+    sampler_dtype_name: &'static str,
+    tokenizer_files: Vec<(String, Bytes)>,
+    model_id: String,
+    n_samples: u64,
+}
+
+/// Copies the state to host memory as a save request: `dcp/` always; `sampler/` when `promotable`.
+fn stage(
+    model: &Model,
+    opt: &AdamW,
+    ctx: &SaveContext,
+    step: u64,
+    data_consumed: u64,
+    promotable: bool,
+) -> Result<SaveRequest> {
+    let mut state = Vec::new();
+    for (p, s) in model.trainable().iter().zip(&opt.state) {
+        state.push(to_blob(&dcp::model_key(&p.name), &p.tensor, None)?);
+        state.push(to_blob(
+            &dcp::optim_key(&p.name, "exp_avg"),
+            &s.exp_avg,
+            None,
+        )?);
+        state.push(to_blob(
+            &dcp::optim_key(&p.name, "exp_avg_sq"),
+            &s.exp_avg_sq,
+            None,
+        )?);
+        state.push(to_blob(&dcp::optim_key(&p.name, "step"), &s.step, None)?);
+    }
+    let sampler = if !promotable {
+        None
+    } else if let Some(lora) = &model.lora {
+        let config = AdapterConfig::new(
+            lora.rank as usize,
+            lora.alpha,
+            lora.dropout,
+            lora.targets.clone(),
+            &ctx.model_id,
+        );
+        let tensors = model
+            .trainable()
+            .iter()
+            .map(|p| {
+                let (fqn, which) = match p.name.strip_suffix(".lora_A.weight") {
+                    Some(f) => (f, 'A'),
+                    None => (
+                        p.name.strip_suffix(".lora_B.weight").unwrap_or(&p.name),
+                        'B',
+                    ),
+                };
+                to_blob(
+                    &adapter_tensor_name(fqn, which),
+                    &p.tensor,
+                    Some(ctx.sampler_kind),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(SamplerPart::Lora {
+            adapter_config: Bytes::from(config.to_json()),
+            tensors,
+        })
+    } else {
+        let mut config: Value = model.config.raw.clone();
+        config["torch_dtype"] = json!(ctx.sampler_dtype_name);
+        let tensors = model
+            .base()
+            .iter()
+            .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_kind)))
+            .collect::<Result<Vec<_>>>()?;
+        Some(SamplerPart::Full {
+            config_json: Bytes::from(serde_json::to_vec_pretty(&config)?),
+            tensors,
+            extra_files: ctx.tokenizer_files.clone(),
+        })
+    };
+    Ok(SaveRequest {
+        commit: Commit {
+            step,
+            data_consumed,
+            epoch: data_consumed / ctx.n_samples.max(1),
+            world_size: 1,
+            config_fingerprint: ctx.fingerprint.clone(),
+            delta_base: None,
+        },
+        dcp: Some(state),
+        sampler,
+    })
+}
+
+/// Uploads staged saves in the background, one at a time.
+struct Saver {
+    manager: Arc<CheckpointManager>,
+    inflight: Option<JoinHandle<Result<Manifest>>>,
+    sync: bool,
+}
+
+impl Saver {
+    /// Waits for the save in flight, then starts `request` (and waits for it too when synchronous).
+    /// After the commit, `status.json` and `logs/metrics.jsonl` are brought up to date.
+    fn start(
+        &mut self,
+        request: SaveRequest,
+        status: &Status,
+        metrics: &str,
+        rt: &Runtime,
+    ) -> Result<()> {
+        self.wait(rt)?;
+        let manager = self.manager.clone();
+        let mut status = status.clone();
+        let metrics = Bytes::from(metrics.to_string());
+        self.inflight = Some(rt.spawn(async move {
+            let name = waypoint_storage::StepName::new(request.commit.step).to_string();
+            let mut tries = 0;
+            let manifest = loop {
+                tries += 1;
+                match manager.save(request.clone()).await {
+                    Ok(m) => break m,
+                    Err(e) if tries < 3 => {
+                        tracing::warn!(checkpoint = %name, "save failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_secs(tries)).await;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "saving checkpoint {name} failed after {tries} tries"
+                        )))
+                    }
+                }
+            };
+            let store = manager.store();
+            let layout = manager.layout();
+            store
+                .put(&layout.metrics(), metrics)
+                .await
+                .context("writing logs/metrics.jsonl")?;
+            status.checkpoint = Some(manifest.name.clone());
+            records::write_status(store, layout, &status).await?;
+            tracing::info!(checkpoint = %manifest.name, "checkpoint committed");
+            Ok(manifest)
+        }));
+        if self.sync {
+            self.wait(rt)?;
+        }
+        Ok(())
+    }
+
+    /// Fails if the save in flight has failed; does not wait for it.
+    fn check(&mut self, rt: &Runtime) -> Result<()> {
+        if self.inflight.as_ref().is_some_and(|h| h.is_finished()) {
+            self.wait(rt)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the save in flight, if any.
+    fn wait(&mut self, rt: &Runtime) -> Result<Option<Manifest>> {
+        match self.inflight.take() {
+            None => Ok(None),
+            Some(h) => Ok(Some(rt.block_on(h).context("the save task panicked")??)),
+        }
+    }
+}
+
+/// Mean loss over the eval data.
+fn evaluate(model: &Model, data: &Dataset, batch: usize, device: Device) -> f64 {
+    tch::no_grad(|| {
+        let (mut sum, mut tokens) = (0.0, 0i64);
+        let indices: Vec<usize> = (0..data.len()).collect();
+        for chunk in indices.chunks(batch.max(1)) {
+            let (ids, labels) = data.rows(chunk, device);
+            let logits = model.forward(&ids, false);
+            let v = model.config.vocab_size;
+            sum += logits
+                .view([-1, v])
+                .to_kind(Kind::Float)
+                .cross_entropy_loss::<Tensor>(
+                    &labels.view([-1]),
+                    None,
+                    tch::Reduction::Sum,
+                    IGNORE,
+                    0.0,
+                )
+                .double_value(&[]);
+            tokens += labels.ne(IGNORE).sum(Kind::Int64).int64_value(&[]);
+        }
+        sum / tokens.max(1) as f64
+    })
+}
+
+/// Progress: a bar on an interactive terminal, log lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    every: u64,
+}
+
+impl Progress {
+    fn new(total: u64, start: u64, every: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_position(start);
+            bar
+        });
+        Self {
+            bar,
+            every: every.max(1),
+        }
+    }
+
+    fn step(&self, step: u64, loss: f64, lr: f64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
+            }
+            None if step % self.every == 0 || step == 1 => {
+                tracing::info!(step, loss, lr, "train")
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// Which resume-relevant settings differ from those recorded in `config/run.json`.
+async fn describe_drift(store: &Store, layout: &RunLayout, now: &Value) -> String {
+    let recorded = match store.get(&layout.run_config()).await {
+        Ok(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let before = &recorded["resume_fields"];
+    let Some(now) = now.as_object() else {
+        return "unknown".into();
+    };
+    let diffs: Vec<String> = now
+        .iter()
+        .filter(|(k, v)| before.get(k.as_str()) != Some(v))
+        .map(|(k, v)| match before.get(k.as_str()) {
+            Some(b) => format!("{k}: was {b}, now {v}"),
+            None => format!("{k}: now {v}"),
+        })
+        .collect();
+    if diffs.is_empty() {
+        "the recorded fingerprint differs".into()
+    } else {
+        diffs.join("; ")
+    }
+}
