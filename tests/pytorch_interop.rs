@@ -11,18 +11,9 @@ use serde_json::Value;
 use waypoint_checkpoint::{dcp, CheckpointManager, Commit, Dtype, ManagerOptions, Tensor};
 use waypoint_storage::{RunLayout, StepName, Store};
 
-fn python() -> String {
-    match std::env::var("VIRTUAL_ENV") {
-        Ok(venv) => format!("{venv}/bin/python"),
-        Err(_) => {
-            panic!("VIRTUAL_ENV is not set: run `source scripts/env.sh` (or scripts/test.sh) first")
-        }
-    }
-}
-
 fn interop(args: &[&str]) -> BTreeMap<String, Value> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/dcp_interop.py");
-    let out = Command::new(python())
+    let out = Command::new(common::python())
         .arg(script)
         .args(args)
         .output()

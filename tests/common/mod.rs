@@ -31,6 +31,23 @@ pub fn unique(label: &str) -> String {
     )
 }
 
+/// The venv's Python (the one `scripts/env.sh` activates), with torch, transformers and peft.
+pub fn python() -> String {
+    match std::env::var("VIRTUAL_ENV") {
+        Ok(venv) => format!("{venv}/bin/python"),
+        Err(_) => {
+            panic!("VIRTUAL_ENV is not set: run `source scripts/env.sh` (or scripts/test.sh) first")
+        }
+    }
+}
+
+/// The `waypoint` binary, finding libtorch through its rpath alone.
+pub fn waypoint() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"));
+    c.env_remove("LD_LIBRARY_PATH").env("RUST_LOG", "info");
+    c
+}
+
 /// The S3 base URI of the test server, if one is running. When `WAYPOINT_REQUIRE_S3` is set (as the
 /// README's test command sets it) a missing server is a failure, not a skip.
 pub fn s3_base() -> Option<String> {

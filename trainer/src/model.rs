@@ -76,14 +76,29 @@ impl ModelConfig {
                  qwen3 (Llama-family decoders)"
             ),
         };
-        if let Some(scaling) = raw.get("rope_scaling").filter(|v| !v.is_null()) {
-            let kind = scaling["rope_type"]
+        // transformers 5 writes `rope_parameters`; older versions `rope_theta` and `rope_scaling`.
+        let rope = raw
+            .get("rope_parameters")
+            .filter(|v| v.is_object())
+            .or(raw.get("rope_scaling").filter(|v| v.is_object()));
+        if let Some(rope) = rope {
+            let kind = rope["rope_type"]
                 .as_str()
-                .or(scaling["type"].as_str())
-                .unwrap_or("?");
+                .or(rope["type"].as_str())
+                .unwrap_or("default");
             ensure!(
                 kind == "default",
-                "{source}: rope_scaling {kind:?} is not supported yet; only plain RoPE is"
+                "{source}: RoPE type {kind:?} is not supported yet; only plain RoPE is"
+            );
+        }
+        let rope_theta = raw["rope_theta"]
+            .as_f64()
+            .or(rope.and_then(|r| r["rope_theta"].as_f64()))
+            .unwrap_or(10000.0);
+        if let Some(types) = raw["layer_types"].as_array() {
+            ensure!(
+                types.iter().all(|t| t.as_str() == Some("full_attention")),
+                "{source}: only full-attention layers are supported (layer_types: {types:?})"
             );
         }
         if raw["use_sliding_window"].as_bool() == Some(true) {
@@ -120,7 +135,7 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: raw["rms_norm_eps"].as_f64().unwrap_or(1e-6),
-            rope_theta: raw["rope_theta"].as_f64().unwrap_or(10000.0),
+            rope_theta,
             tie_word_embeddings: raw["tie_word_embeddings"].as_bool().unwrap_or(false),
             attention_bias: raw["attention_bias"].as_bool().unwrap_or(default_bias),
             qk_norm,

@@ -1,0 +1,170 @@
+//! Interoperability with Hugging Face: tiny random Llama, Qwen2 and Qwen3 models that `transformers`
+//! creates in the test venv give the same fp32 logits in waypoint (within 1e-4); and the LoRA adapter
+//! `waypoint train --lora_rank` saves is loaded by `peft` onto the transformers model with matching
+//! logits.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use tch::{Device, Kind, Tensor};
+use waypoint_trainer::model::{LoraConfig, Model};
+
+fn hf_models(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/hf_models.py");
+    let out = Command::new(common::python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "hf_models.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `ids` and `logits` from a file the Python side wrote.
+fn reference(path: &Path) -> (Tensor, Tensor) {
+    let mut ids = None;
+    let mut logits = None;
+    for (name, t) in Tensor::read_safetensors(path).expect("read reference") {
+        match name.as_str() {
+            "ids" => ids = Some(t),
+            "logits" => logits = Some(t),
+            _ => {}
+        }
+    }
+    (ids.expect("ids"), logits.expect("logits"))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+#[test]
+fn logits_match_transformers_for_llama_qwen2_and_qwen3() {
+    for (arch, tied) in [
+        ("llama", true),
+        ("llama", false),
+        ("qwen2", false),
+        ("qwen3", true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap();
+        let mut args = vec!["make", path, arch];
+        if tied {
+            args.push("--tied");
+        }
+        hf_models(&args);
+        let (model, _) = Model::load_hf_dir(dir.path(), Device::Cpu).unwrap();
+        assert_eq!(model.config.model_type, arch);
+        let (ids, expected) = reference(&dir.path().join("reference.safetensors"));
+        let got = tch::no_grad(|| model.forward(&ids, false));
+        let diff = max_abs_diff(&got, &expected);
+        assert!(diff < 1e-4, "{arch} (tied {tied}): logits differ by {diff}");
+        assert!(
+            expected.abs().max().double_value(&[]) > 0.1,
+            "non-trivial logits"
+        );
+    }
+}
+
+#[test]
+fn lora_adapter_loads_in_peft_with_matching_logits() {
+    let models = tempfile::tempdir().unwrap();
+    let base_dir = models.path().join("base");
+    std::fs::create_dir(&base_dir).unwrap();
+    hf_models(&["make", base_dir.to_str().unwrap(), "qwen2"]);
+    let data = models.path().join("data.jsonl");
+    let rows: Vec<String> = (0..40)
+        .map(|i| format!("{{\"text\": \"the trainer writes checkpoint {i} and resumes from it\"}}"))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+
+    let runs = tempfile::tempdir().unwrap();
+    let out = common::waypoint()
+        .args(["train", "--run_id", "lora", "--device", "cpu"])
+        .args(["--model_id", base_dir.to_str().unwrap()])
+        .args(["--dataset_uri", data.to_str().unwrap()])
+        .args(["--checkpoint_base_uri", runs.path().to_str().unwrap()])
+        .args(["--lora_rank", "4", "--lora_alpha", "8", "--lr", "0.02"])
+        .args(["--lora_target_modules", "q_proj,v_proj,down_proj"])
+        .args([
+            "--max_steps",
+            "6",
+            "--warmup_steps",
+            "0",
+            "--batch_size",
+            "2",
+        ])
+        .args(["--max_seq_len", "16", "--sampler_dtype", "fp32"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = runs.path().join("lora/framework=waypoint");
+    let list = common::waypoint()
+        .args(["ckpt", "list"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.contains("TRAINING_LORA,INFERENCE_LORA"),
+        "kinds of a LoRA run: {list}"
+    );
+    let sampler = run.join("checkpoints/step-000006/sampler");
+    assert!(sampler.join("adapter_config.json").is_file());
+
+    let peft_out = models.path().join("peft.safetensors");
+    hf_models(&[
+        "peft",
+        base_dir.to_str().unwrap(),
+        sampler.to_str().unwrap(),
+        peft_out.to_str().unwrap(),
+    ]);
+    let (ids, peft_logits) = reference(&peft_out);
+    let (_, base_logits) = reference(&base_dir.join("reference.safetensors"));
+
+    // waypoint's own forward pass with the adapter it saved.
+    let (mut model, _) = Model::load_hf_dir(&base_dir, Device::Cpu).unwrap();
+    model
+        .add_lora(
+            LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+            },
+            0,
+        )
+        .unwrap();
+    let saved = Tensor::read_safetensors(sampler.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(saved.len(), model.trainable().len());
+    for p in model.trainable() {
+        let peft_name = format!("base_model.model.{}", p.name);
+        let (_, t) = saved
+            .iter()
+            .find(|(n, _)| *n == peft_name)
+            .unwrap_or_else(|| panic!("{peft_name} not in the adapter"));
+        let mut dst = p.tensor.shallow_clone();
+        tch::no_grad(|| dst.copy_(t));
+    }
+    let ours = tch::no_grad(|| model.forward(&ids, false));
+    let diff = max_abs_diff(&ours, &peft_logits);
+    assert!(diff < 1e-4, "waypoint vs peft logits differ by {diff}");
+    let moved = max_abs_diff(&peft_logits, &base_logits);
+    assert!(
+        moved > 1e-3,
+        "the trained adapter changes the logits ({moved})"
+    );
+}
