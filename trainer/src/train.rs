@@ -291,6 +291,7 @@ impl Session {
             manager: manager.clone(),
             inflight: None,
             sync: cfg.sync_save,
+            committed: None,
         };
         let ctx = SaveContext {
             fingerprint: config_fp.clone(),
@@ -331,6 +332,9 @@ impl Session {
                 );
             }
             saver.check(rt)?;
+            if saver.committed.is_some() {
+                self.last_checkpoint = saver.committed.clone();
+            }
             let started = Instant::now();
             let params = model.trainable();
             zero_grad(params);
@@ -460,6 +464,9 @@ impl Session {
             "stop requested; saving the current step"
         );
         saver.wait(rt)?;
+        if saver.committed.is_some() {
+            self.last_checkpoint = saver.committed.clone();
+        }
         if self.last_checkpoint.as_deref()
             != Some(&waypoint_storage::StepName::new(self.step).to_string())
             && self.step > 0
@@ -782,11 +789,13 @@ struct Saver {
     manager: Arc<CheckpointManager>,
     inflight: Option<JoinHandle<Result<Manifest>>>,
     sync: bool,
+    /// The newest checkpoint this process committed.
+    committed: Option<String>,
 }
 
 impl Saver {
     /// Waits for the save in flight, then starts `request` (and waits for it too when synchronous).
-    /// After the commit, `status.json` and `logs/metrics.jsonl` are brought up to date.
+    /// `logs/metrics.jsonl` is written before the commit, `status.json` after it.
     fn start(
         &mut self,
         request: SaveRequest,
@@ -800,12 +809,22 @@ impl Saver {
         let metrics = Bytes::from(metrics.to_string());
         self.inflight = Some(rt.spawn(async move {
             let name = waypoint_storage::StepName::new(request.commit.step).to_string();
+            // Metrics first: a resumed run keeps the lines up to its checkpoint and redoes the
+            // rest, so lines past a checkpoint that never commits are harmless; lines missing
+            // below a committed one would not be.
+            manager
+                .store()
+                .put(&manager.layout().metrics(), metrics)
+                .await
+                .context("writing logs/metrics.jsonl")?;
             let mut tries = 0;
             let manifest = loop {
                 tries += 1;
                 match manager.save(request.clone()).await {
                     Ok(m) => break m,
-                    Err(e) if tries < 3 => {
+                    // Storage errors may pass (storage already retried each call); a fenced or
+                    // already-committed save never will.
+                    Err(e @ waypoint_checkpoint::CheckpointError::Storage(_)) if tries < 3 => {
                         tracing::warn!(checkpoint = %name, "save failed, retrying: {e}");
                         tokio::time::sleep(Duration::from_secs(tries)).await;
                     }
@@ -818,10 +837,6 @@ impl Saver {
             };
             let store = manager.store();
             let layout = manager.layout();
-            store
-                .put(&layout.metrics(), metrics)
-                .await
-                .context("writing logs/metrics.jsonl")?;
             status.checkpoint = Some(manifest.name.clone());
             records::write_status(store, layout, &status).await?;
             tracing::info!(checkpoint = %manifest.name, "checkpoint committed");
@@ -842,11 +857,12 @@ impl Saver {
     }
 
     /// Waits for the save in flight, if any.
-    fn wait(&mut self, rt: &Runtime) -> Result<Option<Manifest>> {
-        match self.inflight.take() {
-            None => Ok(None),
-            Some(h) => Ok(Some(rt.block_on(h).context("the save task panicked")??)),
+    fn wait(&mut self, rt: &Runtime) -> Result<()> {
+        if let Some(h) = self.inflight.take() {
+            let manifest = rt.block_on(h).context("the save task panicked")??;
+            self.committed = Some(manifest.name);
         }
+        Ok(())
     }
 }
 
