@@ -86,8 +86,9 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
     match session.train(&stop, rt) {
         Ok(outcome) => Ok(outcome),
         Err(e) => {
-            // Problems found before an attempt started are not a run's failure: nothing is written.
-            if session.attempt.is_some() {
+            // A usage or configuration error writes nothing (a finished run stays FINISHED);
+            // anything else is the run's failure, recorded for the control plane.
+            if e.downcast_ref::<UsageError>().is_none() {
                 let mut status = Status::new(JobState::Failed, session.step, session.total_steps);
                 status.error = Some(records::explain(&e));
                 status.attempt = session.attempt;
