@@ -1,6 +1,7 @@
 """Tiny random Hugging Face models for waypoint's parity tests (transformers and peft, no hub).
 
-  make <dir> <llama|qwen2|qwen3> [--tied]   config.json, model.safetensors, tokenizer.json, and
+  make <dir> <llama|qwen2|qwen3> [--tied] [--hidden H --inter I --layers L]
+                                            config.json, model.safetensors, tokenizer.json, and
                                             reference.safetensors: fixed `ids` and fp32 `logits`
   peft <base_dir> <adapter_dir> <out>       logits of base + the PEFT adapter for the same ids
 """
@@ -38,15 +39,21 @@ def tokenizer(dir):
     return tok.get_vocab_size()
 
 
+def option(name, default):
+    if name in sys.argv:
+        return int(sys.argv[sys.argv.index(name) + 1])
+    return default
+
+
 def make(dir, arch, tied):
     import transformers as tf
 
     torch.manual_seed(0)
     common = dict(
         vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
+        hidden_size=option("--hidden", 64),
+        intermediate_size=option("--inter", 96),
+        num_hidden_layers=option("--layers", 2),
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,

@@ -54,50 +54,59 @@ impl AdamW {
         Self { config, state }
     }
 
-    /// One update of every parameter that has a gradient, at learning rate `lr`.
-    pub fn step(&mut self, params: &[Param], lr: f64) {
+    /// One update of every parameter with its gradient (`grads[i]` for `params[i]`), at rate `lr`.
+    pub fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) {
         let c = &self.config;
         tch::no_grad(|| {
-            for (p, s) in params.iter().zip(&mut self.state) {
-                let g = p.tensor.grad();
+            for ((p, s), g) in params.iter().zip(&mut self.state).zip(grads) {
                 if !g.defined() {
                     continue;
                 }
                 let _ = s.step.g_add_scalar_(1.0);
                 let step = s.step.double_value(&[]);
-                let _ = s.exp_avg.lerp_(&g, 1.0 - c.beta1);
+                let _ = s.exp_avg.lerp_(g, 1.0 - c.beta1);
                 let _ = s
                     .exp_avg_sq
                     .g_mul_scalar_(c.beta2)
-                    .addcmul_(&g, &(g.conj() * (1.0 - c.beta2)));
+                    .addcmul_(g, &(g * (1.0 - c.beta2)));
                 let mut w = p.tensor.shallow_clone();
                 let _ = w.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 let bias1 = 1.0 - c.beta1.powf(step);
                 let bias2 = 1.0 - c.beta2.powf(step);
-                let denom = (s.exp_avg_sq.sqrt() / bias2.sqrt()).g_add_scalar(c.eps);
+                // Few temporaries: the update is memory-bound on CPU.
+                let mut denom = s.exp_avg_sq.sqrt();
+                let _ = denom.g_div_scalar_(bias2.sqrt()).g_add_scalar_(c.eps);
                 let _ = w.addcdiv_(&(&s.exp_avg * (-lr / bias1)), &denom);
             }
         });
     }
 }
 
-/// Clears every gradient.
-pub fn zero_grad(params: &[Param]) {
-    for p in params {
-        let mut g = p.tensor.grad();
-        if g.defined() {
-            let _ = g.detach_().zero_();
+/// Gradients of `loss` for `params`, computed as `torch.autograd.grad` does: returned, not
+/// accumulated into `.grad`, so nothing has to be zeroed and the first micro-batch's gradients are
+/// kept without a copy. With `into`, they are added to earlier micro-batches' gradients.
+pub fn gradients(loss: &Tensor, params: &[Param], into: Option<Vec<Tensor>>) -> Vec<Tensor> {
+    let inputs: Vec<&Tensor> = params.iter().map(|p| &p.tensor).collect();
+    let grads = Tensor::run_backward(&[loss], &inputs, false, false);
+    match into {
+        None => grads,
+        Some(mut acc) => {
+            tch::no_grad(|| {
+                for (a, g) in acc.iter_mut().zip(&grads) {
+                    let _ = a.g_add_(g);
+                }
+            });
+            acc
         }
     }
 }
 
 /// Scales gradients so their global L2 norm is at most `max_norm` (`max_norm <= 0` only measures).
 /// Returns the norm before clipping.
-pub fn clip_grad_norm(params: &[Param], max_norm: f64) -> f64 {
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> f64 {
     tch::no_grad(|| {
-        let norms: Vec<Tensor> = params
+        let norms: Vec<Tensor> = grads
             .iter()
-            .map(|p| p.tensor.grad())
             .filter(|g| g.defined())
             .map(|g| g.norm().to_kind(Kind::Float))
             .collect();
@@ -108,11 +117,8 @@ pub fn clip_grad_norm(params: &[Param], max_norm: f64) -> f64 {
         let total_value = total.double_value(&[]);
         if max_norm > 0.0 {
             let coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
-            for p in params {
-                let mut g = p.tensor.grad();
-                if g.defined() {
-                    let _ = g.g_mul_(&coef);
-                }
+            for g in grads.iter_mut().filter(|g| g.defined()) {
+                let _ = g.g_mul_(&coef);
             }
         }
         total_value
@@ -198,10 +204,10 @@ mod tests {
             },
             &params,
         );
-        (&w * &w).sum(Kind::Float).backward();
-        let norm = clip_grad_norm(&params, 0.0);
+        let mut grads = gradients(&(&w * &w).sum(Kind::Float), &params, None);
+        let norm = clip_grad_norm(&mut grads, 0.0);
         assert!((norm - (4.0f64 + 16.0 + 36.0).sqrt()).abs() < 1e-4);
-        opt.step(&params, 0.01);
+        opt.step(&params, &grads, 0.01);
         // First step: w * (1 - lr*wd) - lr * sign(g) (up to eps).
         let got: Vec<f32> = Vec::try_from(w.detach()).unwrap();
         for (g, x) in got.iter().zip([1.0f32, -2.0, 3.0]) {
@@ -226,15 +232,18 @@ mod tests {
     }
 
     #[test]
-    fn clipping_scales_to_the_max_norm() {
+    fn gradients_accumulate_and_clip_to_the_max_norm() {
         let w = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
         let params = vec![Param {
             name: "w".into(),
             tensor: w.shallow_clone(),
         }];
-        (&w * &w).sum(Kind::Float).backward(); // grad = (6, 8), norm 10
-        assert!((clip_grad_norm(&params, 1.0) - 10.0).abs() < 1e-5);
-        let g: Vec<f32> = Vec::try_from(w.grad()).unwrap();
+        let loss = || (&w * &w).sum(Kind::Float); // grad = (6, 8), norm 10
+        let once = gradients(&loss(), &params, None);
+        let mut twice = gradients(&loss(), &params, Some(once));
+        assert!(!w.grad().defined(), "nothing accumulates into .grad");
+        assert!((clip_grad_norm(&mut twice, 1.0) - 20.0).abs() < 1e-4);
+        let g: Vec<f32> = Vec::try_from(&twice[0]).unwrap();
         assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5);
     }
 }

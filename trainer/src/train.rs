@@ -35,7 +35,7 @@ use crate::config::{fingerprint, TrainConfig};
 use crate::convert::{from_blob, to_blob};
 use crate::data::{read_sources, DataOptions, Dataset, IGNORE};
 use crate::model::{LoraConfig, Model, ModelConfig};
-use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig, Schedule, ScheduleKind};
+use crate::optim::{clip_grad_norm, gradients, AdamW, AdamWConfig, Schedule, ScheduleKind};
 use crate::records::{self, JobState, Status};
 use crate::tokenizer::Tokenizer;
 use crate::torchrun::WorkerEnv;
@@ -319,8 +319,13 @@ impl Session {
         let vocab = model.config.vocab_size;
         let bs = cfg.batch_size as usize;
         let mut last_loss = f64::NAN;
+        let mut save_stall: Option<f64> = None;
+        let mut staging: Option<Staging> = None;
         while self.step < total {
             if let signal @ 1.. = stop.load(Ordering::SeqCst) {
+                if let Some(pending) = staging.take() {
+                    pending.hand_over(&mut saver, rt)?;
+                }
                 return self.stop_for_signal(
                     signal,
                     &mut saver,
@@ -338,7 +343,6 @@ impl Session {
             }
             let started = Instant::now();
             let params = model.trainable();
-            zero_grad(params);
             tch::manual_seed(step_seed(cfg.seed, self.step));
             let micro: Vec<(Tensor, Tensor)> = (0..cfg.gradient_accumulation)
                 .map(|a| train.batch(cfg.seed, data_consumed + a * cfg.batch_size, bs, device))
@@ -348,6 +352,7 @@ impl Session {
                 .map(|(_, l)| l.ne(IGNORE).sum(Kind::Int64).int64_value(&[]))
                 .sum();
             let mut loss_value = 0.0;
+            let mut grads: Option<Vec<Tensor>> = None;
             for (ids, labels) in &micro {
                 let logits = model.forward(ids, true);
                 let loss = logits
@@ -361,12 +366,20 @@ impl Session {
                         0.0,
                     )
                     / tokens.max(1) as f64;
-                loss.backward();
+                grads = Some(gradients(&loss, params, grads.take()));
                 loss_value += loss.double_value(&[]);
             }
-            let grad_norm = clip_grad_norm(params, cfg.max_grad_norm);
+            let mut grads = grads.context("no micro-batch ran")?;
+            let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
             let lr = schedule.lr_at(self.step);
-            opt.step(params, lr);
+            if let Some(pending) = staging.take() {
+                // The copy of the previous step's state must end before the weights change.
+                let blocked = Instant::now();
+                pending.hand_over(&mut saver, rt)?;
+                *save_stall.get_or_insert(0.0) += blocked.elapsed().as_secs_f64();
+            }
+            opt.step(params, &grads, lr);
+            drop(grads);
             ensure!(
                 loss_value.is_finite(),
                 "loss became {loss_value} at step {}; lower --lr or check the data",
@@ -387,6 +400,10 @@ impl Session {
                 "epoch": data_consumed / ctx.n_samples,
                 "time_unix_ms": records::now_ms(),
             });
+            if let Some(stall) = save_stall.take() {
+                // Time the loop spent blocked by the save started after the previous step.
+                line["save_stall_s"] = json!(stall);
+            }
             if let Some(eval) = &eval {
                 if cfg.eval_steps > 0 && self.step % cfg.eval_steps == 0 {
                     let eval_loss = evaluate(&model, eval, bs, device);
@@ -400,16 +417,38 @@ impl Session {
 
             let periodic = cfg.save_steps > 0 && self.step % cfg.save_steps == 0;
             if periodic && self.step < total {
-                let request = stage(&model, &opt, &ctx, self.step, data_consumed, false)?;
-                saver.start(request, &self.status_for(attempt), &metrics, rt)?;
+                let blocked = Instant::now();
+                let commit = commit_for(&ctx, self.step, data_consumed);
+                if cfg.sync_save {
+                    let request = stage(&model, &opt, &ctx, commit, false)?;
+                    saver.start(request, &self.status_for(attempt), &metrics, rt)?;
+                } else {
+                    staging = Some(Staging::start(
+                        &model,
+                        &opt,
+                        commit,
+                        self.status_for(attempt),
+                        metrics.clone(),
+                    ));
+                }
+                save_stall = Some(blocked.elapsed().as_secs_f64());
             }
+        }
+        if let Some(pending) = staging.take() {
+            pending.hand_over(&mut saver, rt)?;
         }
         progress.finish();
 
         // The final save: resumable and promotable. Already there when a finished run is restarted.
         let final_name = waypoint_storage::StepName::new(total).to_string();
         if latest.as_ref().is_none_or(|m| m.step < total) {
-            let request = stage(&model, &opt, &ctx, total, data_consumed, true)?;
+            let request = stage(
+                &model,
+                &opt,
+                &ctx,
+                commit_for(&ctx, total, data_consumed),
+                true,
+            )?;
             saver.sync = true;
             saver.start(request, &self.status_for(attempt), &metrics, rt)?;
         }
@@ -472,7 +511,13 @@ impl Session {
             != Some(&waypoint_storage::StepName::new(self.step).to_string())
             && self.step > 0
         {
-            let request = stage(model, opt, ctx, self.step, data_consumed, false)?;
+            let request = stage(
+                model,
+                opt,
+                ctx,
+                commit_for(ctx, self.step, data_consumed),
+                false,
+            )?;
             saver.sync = true;
             saver.start(request, &self.status_for(attempt), metrics, rt)?;
             saver.wait(rt)?;
@@ -701,30 +746,49 @@ struct SaveContext {
     n_samples: u64,
 }
 
+/// The counters and identity of a checkpoint at `step`.
+fn commit_for(ctx: &SaveContext, step: u64, data_consumed: u64) -> Commit {
+    Commit {
+        step,
+        data_consumed,
+        epoch: data_consumed / ctx.n_samples.max(1),
+        world_size: 1,
+        config_fingerprint: ctx.fingerprint.clone(),
+        delta_base: None,
+    }
+}
+
+/// The resumable state under DCP's names: trainable weights and their AdamW state (handles that
+/// share the live tensors' memory).
+fn state_items(model: &Model, opt: &AdamW) -> Vec<(String, Tensor)> {
+    let mut items = Vec::new();
+    for (p, s) in model.trainable().iter().zip(&opt.state) {
+        items.push((dcp::model_key(&p.name), p.tensor.shallow_clone()));
+        items.push((
+            dcp::optim_key(&p.name, "exp_avg"),
+            s.exp_avg.shallow_clone(),
+        ));
+        items.push((
+            dcp::optim_key(&p.name, "exp_avg_sq"),
+            s.exp_avg_sq.shallow_clone(),
+        ));
+        items.push((dcp::optim_key(&p.name, "step"), s.step.shallow_clone()));
+    }
+    items
+}
+
 /// Copies the state to host memory as a save request: `dcp/` always; `sampler/` when `promotable`.
 fn stage(
     model: &Model,
     opt: &AdamW,
     ctx: &SaveContext,
-    step: u64,
-    data_consumed: u64,
+    commit: Commit,
     promotable: bool,
 ) -> Result<SaveRequest> {
-    let mut state = Vec::new();
-    for (p, s) in model.trainable().iter().zip(&opt.state) {
-        state.push(to_blob(&dcp::model_key(&p.name), &p.tensor, None)?);
-        state.push(to_blob(
-            &dcp::optim_key(&p.name, "exp_avg"),
-            &s.exp_avg,
-            None,
-        )?);
-        state.push(to_blob(
-            &dcp::optim_key(&p.name, "exp_avg_sq"),
-            &s.exp_avg_sq,
-            None,
-        )?);
-        state.push(to_blob(&dcp::optim_key(&p.name, "step"), &s.step, None)?);
-    }
+    let state = state_items(model, opt)
+        .iter()
+        .map(|(name, t)| to_blob(name, t, None))
+        .collect::<Result<Vec<_>>>()?;
     let sampler = if !promotable {
         None
     } else if let Some(lora) = &model.lora {
@@ -772,17 +836,52 @@ fn stage(
         })
     };
     Ok(SaveRequest {
-        commit: Commit {
-            step,
-            data_consumed,
-            epoch: data_consumed / ctx.n_samples.max(1),
-            world_size: 1,
-            config_fingerprint: ctx.fingerprint.clone(),
-            delta_base: None,
-        },
+        commit,
         dcp: Some(state),
         sampler,
     })
+}
+
+/// A resumable save being copied to host memory on its own thread, while the next step's forward
+/// and backward passes run: they only read the weights, and the optimizer step waits for the copy
+/// ([`Staging::hand_over`]). The training loop is blocked only for what the copy does not overlap.
+struct Staging {
+    copy: std::thread::JoinHandle<Result<Vec<Blob>>>,
+    commit: Commit,
+    status: Status,
+    metrics: String,
+}
+
+impl Staging {
+    fn start(model: &Model, opt: &AdamW, commit: Commit, status: Status, metrics: String) -> Self {
+        let items = state_items(model, opt);
+        let copy = std::thread::spawn(move || {
+            items
+                .iter()
+                .map(|(name, t)| to_blob(name, t, None))
+                .collect::<Result<Vec<_>>>()
+        });
+        Self {
+            copy,
+            commit,
+            status,
+            metrics,
+        }
+    }
+
+    /// Waits for the copy, then hands the save to `saver` (which uploads it in the background).
+    fn hand_over(self, saver: &mut Saver, rt: &Runtime) -> Result<()> {
+        let state = self
+            .copy
+            .join()
+            .map_err(|_| anyhow::anyhow!("the staging thread panicked"))??;
+        let request = SaveRequest {
+            commit: self.commit,
+            dcp: Some(state),
+            sampler: None,
+        };
+        saver.start(request, &self.status, &self.metrics, rt)
+    }
 }
 
 /// Uploads staged saves in the background, one at a time.

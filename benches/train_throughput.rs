@@ -1,0 +1,212 @@
+//! Training throughput and checkpoint stall, end to end through the `waypoint` binary:
+//! - tokens/s of `waypoint train` against PyTorch eager (transformers + torch.optim.AdamW, same HF
+//!   model, batch shape and thread count; benches/anchors/train_anchor.py) — target ≥ 1.0×;
+//! - the time the training loop is blocked by an async (default) save against a synchronous one
+//!   (`--sync_save`), from the `save_stall_s` the trainer records — target ≤ 1/20. The extra wall time
+//!   of each run over a run without saves is printed too: background uploads share the CPU.
+//!
+//! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6: ~19M parameters, a ~230 MB
+//! resumable checkpoint); WAYPOINT_BENCH_THREADS the libtorch threads (default 2).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn python() -> String {
+    std::env::var("VIRTUAL_ENV")
+        .map(|v| format!("{v}/bin/python"))
+        .expect("VIRTUAL_ENV unset: run scripts/bench.sh (or source scripts/env.sh)")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("start process");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs `waypoint train` on the model; returns (metrics lines, wall seconds).
+fn waypoint(
+    model: &Path,
+    data: &Path,
+    base: &Path,
+    run: &str,
+    extra: &[&str],
+) -> (Vec<serde_json::Value>, f64) {
+    let threads = env_or("WAYPOINT_BENCH_THREADS", 2).to_string();
+    let start = Instant::now();
+    run_quiet(
+        Command::new(env!("CARGO_BIN_EXE_waypoint"))
+            .args([
+                "train",
+                "--device",
+                "cpu",
+                "--num_threads",
+                &threads,
+                "--run_id",
+                run,
+            ])
+            .args(["--model_id", model.to_str().unwrap()])
+            .args(["--dataset_uri", data.to_str().unwrap()])
+            .args(["--checkpoint_base_uri", base.to_str().unwrap()])
+            .args([
+                "--batch_size",
+                "4",
+                "--max_seq_len",
+                "128",
+                "--warmup_steps",
+                "0",
+            ])
+            .args(["--lr", "1e-4", "--keep_last", "1"])
+            .args(extra),
+    );
+    let secs = start.elapsed().as_secs_f64();
+    let text =
+        std::fs::read_to_string(base.join(run).join("framework=waypoint/logs/metrics.jsonl"))
+            .expect("metrics.jsonl");
+    let lines = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line"))
+        .collect();
+    (lines, secs)
+}
+
+fn run_quiet(cmd: &mut Command) {
+    run(cmd.env("RUST_LOG", "warn"));
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` and `cargo test --benches` probe with this.
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let hidden = env_or("WAYPOINT_BENCH_HIDDEN", 512).to_string();
+    let layers = env_or("WAYPOINT_BENCH_LAYERS", 6).to_string();
+    let inter = (env_or("WAYPOINT_BENCH_HIDDEN", 512) * 11 / 4).to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/hf_models.py");
+    run(Command::new(python()).args([
+        script,
+        "make",
+        model.to_str().unwrap(),
+        "llama",
+        "--hidden",
+        &hidden,
+        "--inter",
+        &inter,
+        "--layers",
+        &layers,
+    ]));
+    let data = dir.path().join("data.jsonl");
+    let rows: Vec<String> = (0..400)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"row {i}: the trainer writes the weights, the optimizer state and the \
+                 data position; a checkpoint is real once its manifest exists, and resume continues \
+                 from the newest complete one.\"}}"
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let threads = env_or("WAYPOINT_BENCH_THREADS", 2);
+
+    // Throughput: no saves until the final one.
+    let steps = 14;
+    let (lines, plain_secs) = waypoint(
+        &model,
+        &data,
+        dir.path(),
+        "speed",
+        &["--max_steps", &steps.to_string(), "--save_steps", "0"],
+    );
+    let ours = median(
+        lines[2..]
+            .iter()
+            .map(|l| l["tokens_per_s"].as_f64().unwrap())
+            .collect(),
+    );
+    let anchor: serde_json::Value = serde_json::from_str(
+        run(Command::new(python()).args([
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/benches/anchors/train_anchor.py"
+            ),
+            model.to_str().unwrap(),
+            "4",
+            "128",
+            &steps.to_string(),
+            &threads.to_string(),
+        ]))
+        .trim(),
+    )
+    .unwrap();
+    let theirs = anchor["tokens_per_s"].as_f64().unwrap();
+    println!(
+        "train tokens/s (hidden {hidden}, {layers} layers, batch 4 x 128, {threads} threads): \
+         waypoint {ours:.0} vs PyTorch eager {theirs:.0} = {:.2}x (target >= 1.0x)",
+        ours / theirs
+    );
+
+    // Stall: save every 3 steps, async (default) vs --sync_save.
+    let stall = |run: &str, extra: &[&str]| {
+        let mut args = vec!["--max_steps", "14", "--save_steps", "3"];
+        args.extend_from_slice(extra);
+        let (lines, secs) = waypoint(&model, &data, dir.path(), run, &args);
+        let stalls: Vec<f64> = lines
+            .iter()
+            .filter_map(|l| l["save_stall_s"].as_f64())
+            .collect();
+        (
+            stalls.iter().sum::<f64>() / stalls.len().max(1) as f64,
+            stalls.len(),
+            secs,
+        )
+    };
+    let (sync_stall, n, sync_secs) = stall("sync", &["--sync_save"]);
+    let (async_stall, _, async_secs) = stall("async", &[]);
+    let ckpt_mb = std::fs::read_dir(dir.path().join("sync/framework=waypoint/checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| walk(&e.path().join("dcp")).iter().sum::<u64>())
+        .max()
+        .unwrap_or(0) as f64
+        / 1e6;
+    println!(
+        "save stall per checkpoint ({n} saves of ~{ckpt_mb:.0} MB resumable state): async {:.1} ms vs \
+         sync {:.1} ms = 1/{:.0} (target <= 1/20)",
+        async_stall * 1e3,
+        sync_stall * 1e3,
+        sync_stall / async_stall.max(1e-9)
+    );
+    println!(
+        "wall time of 14 steps: no saves {plain_secs:.1} s; saving every 3 steps async {async_secs:.1} s, \
+         sync {sync_secs:.1} s (includes start-up and the final save)"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<u64> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
