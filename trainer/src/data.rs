@@ -6,7 +6,9 @@
 //! `order(seed, g / n)[g % n]` of the `n` samples. Resuming at any counter — with any batch split —
 //! continues the same sequence.
 
+use std::cell::RefCell;
 use std::path::Path;
+use std::rc::Rc;
 
 use anyhow::{bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
@@ -248,31 +250,30 @@ impl Dataset {
     }
 }
 
+/// The last order computed on this thread: consecutive lookups share an epoch.
+type OrderCache = Option<((u64, u64, usize), Rc<Vec<usize>>)>;
+
 /// The visiting order of `n` samples in `epoch`: a ChaCha8 shuffle seeded by (seed, epoch) alone.
-pub fn order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    // One cache entry: consecutive calls in a batch share an epoch.
+pub fn order(seed: u64, epoch: u64, n: usize) -> Rc<Vec<usize>> {
     thread_local! {
-        static CACHE: std::cell::RefCell<Option<((u64, u64, usize), std::rc::Rc<Vec<usize>>)>> =
-            const { std::cell::RefCell::new(None) };
+        static CACHE: RefCell<OrderCache> = const { RefCell::new(None) };
     }
     let key = (seed, epoch, n);
-    let cached = CACHE.with(|c| {
+    if let Some(v) = CACHE.with(|c| {
         c.borrow()
             .as_ref()
             .filter(|(k, _)| *k == key)
             .map(|(_, v)| v.clone())
-    });
-    let v = cached.unwrap_or_else(|| {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-            seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        let mut v: Vec<usize> = (0..n).collect();
-        v.shuffle(&mut rng);
-        let v = std::rc::Rc::new(v);
-        CACHE.with(|c| *c.borrow_mut() = Some((key, v.clone())));
-        v
-    });
-    (*v).clone()
+    }) {
+        return v;
+    }
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut v: Vec<usize> = (0..n).collect();
+    v.shuffle(&mut rng);
+    let v = Rc::new(v);
+    CACHE.with(|c| *c.borrow_mut() = Some((key, v.clone())));
+    v
 }
 
 /// One JSONL row to (ids, loss mask), EOS-terminated.
@@ -387,7 +388,7 @@ mod tests {
         assert_eq!(a, order(1, 0, 100));
         assert_ne!(a, order(1, 1, 100));
         assert_ne!(a, order(2, 0, 100));
-        let mut sorted = a.clone();
+        let mut sorted = (*a).clone();
         sorted.sort();
         assert_eq!(sorted, (0..100).collect::<Vec<_>>());
     }

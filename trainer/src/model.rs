@@ -518,6 +518,8 @@ impl Model {
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`; `train` enables LoRA dropout.
+    // `h = h + …`, not `h += …`: an in-place add would overwrite what the norms saved for backward.
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
         let c = &self.config;
         let (b, t) = (ids.size()[0], ids.size()[1]);
