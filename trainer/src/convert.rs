@@ -74,7 +74,8 @@ mod tests {
 
     #[test]
     fn round_trips_every_kind_bit_for_bit() {
-        let base = Tensor::randn([3, 5], (Kind::Float, Device::Cpu));
+        // No draws from libtorch's global generator here: other tests seed it.
+        let base = (Tensor::arange(15, (Kind::Float, Device::Cpu)) / 7.0 - 1.0).view([3, 5]);
         for kind in [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Double] {
             let t = base.to_kind(kind);
             let blob = to_blob("w", &t, None).unwrap();

@@ -296,7 +296,8 @@ pub struct Model {
 
 impl Model {
     /// Random weights (normal(0, 0.02) matrices, unit norms, zero biases) drawn after seeding libtorch
-    /// with `seed`, so a seed always gives the same model.
+    /// with `seed`, so a seed always gives the same model. libtorch's generator is process-wide: do
+    /// not draw from it on another thread meanwhile.
     pub fn init(config: ModelConfig, seed: i64, device: Device) -> Result<Self> {
         tch::manual_seed(seed);
         let mut params = BTreeMap::new();
@@ -636,8 +637,16 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 mod tests {
     use super::*;
 
+    /// libtorch's generator is global to the process: tests that seed it take turns.
+    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn seeded() -> std::sync::MutexGuard<'static, ()> {
+        SEEDED.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn tiny_model_is_causal_and_shapes_are_right() {
+        let _turn = seeded();
         let model = Model::init(ModelConfig::tiny(), 0, Device::Cpu).unwrap();
         let ids = Tensor::from_slice(&[1i64, 5, 9, 200, 3, 4]).view([1, 6]);
         let logits = model.forward(&ids, false);
@@ -651,6 +660,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_weights_and_bad_configs_are_named() {
+        let _turn = seeded();
         let a = Model::init(ModelConfig::tiny(), 7, Device::Cpu).unwrap();
         let b = Model::init(ModelConfig::tiny(), 7, Device::Cpu).unwrap();
         for (x, y) in a.base().iter().zip(b.base()) {
@@ -669,6 +679,7 @@ mod tests {
 
     #[test]
     fn lora_starts_as_the_base_model_and_trains_only_adapters() {
+        let _turn = seeded();
         let base = Model::init(ModelConfig::tiny(), 1, Device::Cpu).unwrap();
         let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
         let before = base.forward(&ids, false);

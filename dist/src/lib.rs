@@ -1,0 +1,15 @@
+//! waypoint-dist: how ranks find and talk to each other, with no libtorch.
+//!
+//! - [`StoreClient`] / [`StoreServer`]: PyTorch c10d's TCPStore, wire-compatible with PyTorch 2.13
+//!   (a waypoint worker joins the store torchrun's agent hosts; `waypoint launch` hosts one that
+//!   PyTorch clients can use).
+//! - [`wire`]: the protocol's messages and encoding, shared by both ends.
+
+mod client;
+mod error;
+mod server;
+pub mod wire;
+
+pub use client::StoreClient;
+pub use error::{DistError, Result};
+pub use server::StoreServer;
