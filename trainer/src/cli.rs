@@ -29,6 +29,8 @@ pub struct Cli {
 enum Command {
     /// Train (every flag has a default: `waypoint train` alone runs the embedded demo).
     Train(Box<TrainArgs>),
+    /// Start N local workers of a command the way torchrun does (store, environment, restarts).
+    Launch(crate::launch::LaunchArgs),
     /// Inspect and manage a run's checkpoints.
     Ckpt {
         #[command(subcommand)]
@@ -248,6 +250,13 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Train(args) => train(&args, &runtime),
+        Command::Launch(args) => match crate::launch::run(&args, stop_on_signals()) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Ckpt { command } => match runtime.block_on(crate::ckpt::run(command)) {
             Ok(code) => code,
             Err(e) => {
@@ -266,12 +275,7 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let stop = Arc::new(AtomicUsize::new(0));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        if let Err(e) = signal_hook::flag::register_usize(signal, stop.clone(), signal as usize) {
-            tracing::warn!(signal, %e, "could not install the signal handler");
-        }
-    }
+    let stop = stop_on_signals();
     let base = config.checkpoint_base_uri.trim_end_matches('/').to_string();
     let run = format!("{base}/{}/framework={}", config.run_id, config.framework);
     match crate::train::run(config, stop, runtime) {
@@ -305,6 +309,17 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A flag that holds the signal number once SIGTERM or SIGINT arrives (0 before).
+fn stop_on_signals() -> Arc<AtomicUsize> {
+    let stop = Arc::new(AtomicUsize::new(0));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register_usize(signal, stop.clone(), signal as usize) {
+            tracing::warn!(signal, %e, "could not install the signal handler");
+        }
+    }
+    stop
 }
 
 fn init_tracing() {

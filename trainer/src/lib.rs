@@ -5,7 +5,8 @@
 //! - [`train`]: the loop, saves in it, resume, signals; [`records`]: status, metrics, error file.
 //! - [`model`]: Llama/Qwen2/Qwen3 and LoRA; [`tokenizer`]; [`data`]: JSONL to packed samples;
 //!   [`optim`]: AdamW and the LR schedule; [`convert`]: tch ↔ checkpoint tensors.
-//! - [`ckpt`]: `waypoint ckpt list|verify|promote|gc`; [`device`], [`torchrun`]: where to run.
+//! - [`ckpt`]: `waypoint ckpt list|verify|promote|gc`; [`launch`]: `waypoint launch`, torchrun's job
+//!   for local workers; [`device`], [`torchrun`]: where to run.
 
 pub mod ckpt;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod convert;
 pub mod data;
 pub mod device;
+pub mod launch;
 pub mod model;
 pub mod optim;
 pub mod records;
