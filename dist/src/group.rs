@@ -1,0 +1,390 @@
+//! A process group over a TCPStore: barriers and all-gathers through the store, and a ring
+//! all-reduce over direct TCP connections between neighbouring ranks (the CPU path; the numbers are
+//! the same on every rank, so replicas stay identical).
+//!
+//! Every collective has a timeout: a dead or hung peer ends it with an error that names the rank and
+//! the collective, never a hang. Keys live under `waypoint/<restart>/`, so a restarted group never
+//! reads the keys of the one before.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{DistError, Result};
+use crate::{StoreClient, StoreServer};
+
+/// Where a rank is and how it reaches the others.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// This rank.
+    pub rank: u32,
+    /// Number of ranks.
+    pub world_size: u32,
+    /// Host of the store.
+    pub master_addr: String,
+    /// Port of the store.
+    pub master_port: u16,
+    /// The store is hosted by an agent (torchrun, `waypoint launch`); else rank 0 hosts it.
+    pub agent_store: bool,
+    /// Namespace of this incarnation of the group (torchrun's restart count).
+    pub restart_count: u32,
+    /// Limit of every collective and of joining.
+    pub timeout: Duration,
+}
+
+/// Joined ranks.
+pub struct Group {
+    config: GroupConfig,
+    store: Mutex<StoreClient>,
+    server: Option<StoreServer>,
+    ring: Option<Mutex<Ring>>,
+    counter: Mutex<u64>,
+}
+
+struct Ring {
+    next: TcpStream,
+    prev: TcpStream,
+}
+
+impl Group {
+    /// Joins: connects to (or, without an agent, on rank 0 hosts) the store, then links the ring.
+    pub fn join(config: GroupConfig) -> Result<Self> {
+        let server = if !config.agent_store && config.rank == 0 {
+            Some(StoreServer::bind("0.0.0.0", config.master_port)?)
+        } else {
+            None
+        };
+        let store = StoreClient::connect(&config.master_addr, config.master_port, config.timeout)?;
+        let mut group = Self {
+            config,
+            store: Mutex::new(store),
+            server,
+            ring: None,
+            counter: Mutex::new(0),
+        };
+        if group.config.world_size > 1 {
+            group.ring = Some(Mutex::new(group.link_ring()?));
+        }
+        Ok(group)
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> u32 {
+        self.config.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> u32 {
+        self.config.world_size
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("waypoint/{}/{name}", self.config.restart_count)
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, StoreClient> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Each rank's listening address goes through the store; rank r connects to r+1 and accepts r-1.
+    fn link_ring(&self) -> Result<Ring> {
+        let (rank, world) = (self.config.rank, self.config.world_size);
+        // The address other nodes reach us at: the one our store connection leaves from.
+        let ip: IpAddr = {
+            let probe =
+                TcpStream::connect((self.config.master_addr.as_str(), self.config.master_port))
+                    .map_err(DistError::io("finding this node's address"))?;
+            probe
+                .local_addr()
+                .map_err(DistError::io("finding this node's address"))?
+                .ip()
+        };
+        let listener = TcpListener::bind((ip, 0))
+            .map_err(DistError::io(format!("binding a ring port on {ip}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(DistError::io("reading the ring port"))?
+            .port();
+        let addrs = self.all_gather("ring-addr", format!("{ip}:{port}").as_bytes())?;
+        let next_addr = String::from_utf8_lossy(&addrs[((rank + 1) % world) as usize]).to_string();
+        let deadline = Instant::now() + self.config.timeout;
+        let next = loop {
+            match TcpStream::connect(&next_addr) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(%next_addr, "ring peer not up yet: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(DistError::io(format!(
+                        "connecting to rank {}'s ring port {next_addr}",
+                        (rank + 1) % world
+                    ))(e))
+                }
+            }
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(DistError::io("ring listener"))?;
+        let prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => {
+                    return Err(DistError::io(format!(
+                        "waiting for rank {} to connect",
+                        (rank + world - 1) % world
+                    ))(e))
+                }
+            }
+        };
+        for s in [&next, &prev] {
+            s.set_nonblocking(false)
+                .map_err(DistError::io("ring socket"))?;
+            s.set_nodelay(true).ok();
+            s.set_read_timeout(Some(self.config.timeout)).ok();
+            s.set_write_timeout(Some(self.config.timeout)).ok();
+        }
+        Ok(Ring { next, prev })
+    }
+
+    /// A name unique to this call, the same on every rank (collectives run in the same order).
+    fn next_name(&self, what: &str) -> String {
+        let mut c = self.counter.lock().unwrap_or_else(|e| e.into_inner());
+        *c += 1;
+        format!("{what}/{c}")
+    }
+
+    /// Every rank's `data`, in rank order.
+    pub fn all_gather(&self, what: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let name = self.next_name(what);
+        let keys: Vec<String> = (0..self.config.world_size)
+            .map(|r| self.key(&format!("{name}/{r}")))
+            .collect();
+        let mut store = self.store();
+        store.set(&keys[self.config.rank as usize], data)?;
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        store
+            .wait(&refs, self.config.timeout)
+            .map_err(|e| self.collective_error(what, e))?;
+        store.multi_get(&refs)
+    }
+
+    /// Waits until every rank reaches the barrier called `what`.
+    pub fn barrier(&self, what: &str) -> Result<()> {
+        self.all_gather(what, b"").map(|_| ())
+    }
+
+    /// Rank 0's `data` on every rank.
+    pub fn broadcast(&self, what: &str, data: &[u8]) -> Result<Vec<u8>> {
+        let name = self.key(&self.next_name(what));
+        let mut store = self.store();
+        if self.config.rank == 0 {
+            store.set(&name, data)?;
+        }
+        store
+            .wait(&[&name], self.config.timeout)
+            .map_err(|e| self.collective_error(what, e))?;
+        store.get(&name)
+    }
+
+    fn collective_error(&self, what: &str, e: DistError) -> DistError {
+        match e {
+            DistError::Timeout { timeout, .. } => DistError::Protocol(format!(
+                "rank {}: collective `{what}` timed out after {timeout:?}; another rank died or hangs",
+                self.config.rank
+            )),
+            other => other,
+        }
+    }
+
+    /// Sums `data` over all ranks, in place, with a ring reduce-scatter then all-gather. Every rank
+    /// ends with the same bits.
+    pub fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
+        let world = self.config.world_size as usize;
+        if world == 1 {
+            return Ok(());
+        }
+        let ring = self
+            .ring
+            .as_ref()
+            .ok_or_else(|| DistError::Protocol("no ring".into()))?;
+        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+        let rank = self.config.rank as usize;
+        let n = data.len();
+        let bounds: Vec<(usize, usize)> = (0..world)
+            .map(|c| (c * n / world, (c + 1) * n / world))
+            .collect();
+        let mut incoming = vec![0f32; n.div_ceil(world) + 1];
+        let (prev_rank, next_rank) = ((rank + world - 1) % world, (rank + 1) % world);
+        // Reduce-scatter: after world-1 steps rank r holds the full sum of chunk (r + 1) % world.
+        for step in 0..world - 1 {
+            let send_chunk = (rank + world - step) % world;
+            let recv_chunk = (rank + world - step - 1) % world;
+            let (s0, s1) = bounds[send_chunk];
+            let (r0, r1) = bounds[recv_chunk];
+            exchange(&mut ring, &data[s0..s1], &mut incoming[..r1 - r0])
+                .map_err(|e| self.peer_error(e, prev_rank, next_rank))?;
+            for (d, x) in data[r0..r1].iter_mut().zip(&incoming[..r1 - r0]) {
+                *d += *x;
+            }
+        }
+        // All-gather: pass the summed chunks around.
+        for step in 0..world - 1 {
+            let send_chunk = (rank + 1 + world - step) % world;
+            let recv_chunk = (rank + world - step) % world;
+            let (s0, s1) = bounds[send_chunk];
+            let (r0, r1) = bounds[recv_chunk];
+            exchange(&mut ring, &data[s0..s1], &mut incoming[..r1 - r0])
+                .map_err(|e| self.peer_error(e, prev_rank, next_rank))?;
+            data[r0..r1].copy_from_slice(&incoming[..r1 - r0]);
+        }
+        Ok(())
+    }
+
+    fn peer_error(&self, e: std::io::Error, prev: usize, next: usize) -> DistError {
+        DistError::Io {
+            context: format!(
+                "rank {}: all-reduce with ranks {prev} and {next} failed (a rank died or hangs; \
+                 timeout {:?})",
+                self.config.rank, self.config.timeout
+            ),
+            source: e,
+        }
+    }
+}
+
+impl Drop for Group {
+    /// Ranks say they are leaving; the rank hosting the store waits (briefly) for all of them, so
+    /// no rank loses the store in the middle of its last collective.
+    fn drop(&mut self) {
+        let (rank, world) = (self.config.rank, self.config.world_size);
+        let mine = self.key(&format!("leaving/{rank}"));
+        let others: Vec<String> = (0..world)
+            .filter(|&r| r != rank)
+            .map(|r| self.key(&format!("leaving/{r}")))
+            .collect();
+        let hosting = self.server.is_some();
+        let wait = self.config.timeout.min(Duration::from_secs(30));
+        let mut store = self.store();
+        let _ = store.set(&mine, b"");
+        if hosting && !others.is_empty() {
+            let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+            let _ = store.wait(&refs, wait);
+        }
+    }
+}
+
+/// Sends `out` to the next rank while receiving `into` from the previous one.
+fn exchange(ring: &mut Ring, out: &[f32], into: &mut [f32]) -> std::io::Result<()> {
+    let out_bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut next = ring.next.try_clone()?;
+    let sender = std::thread::spawn(move || next.write_all(&out_bytes));
+    let mut buf = vec![0u8; into.len() * 4];
+    let read = ring.prev.read_exact(&mut buf);
+    let sent = sender
+        .join()
+        .map_err(|_| std::io::Error::other("ring sender panicked"))?;
+    read?;
+    sent?;
+    for (x, b) in into.iter_mut().zip(buf.chunks_exact(4)) {
+        *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[test]
+    fn ranks_all_reduce_gather_and_broadcast() {
+        for world in [1u32, 2, 3, 4] {
+            let master_port = port();
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    std::thread::spawn(move || {
+                        let g = Group::join(GroupConfig {
+                            rank,
+                            world_size: world,
+                            master_addr: "127.0.0.1".into(),
+                            master_port,
+                            agent_store: false,
+                            restart_count: 0,
+                            timeout: Duration::from_secs(20),
+                        })
+                        .unwrap();
+                        let mut v: Vec<f32> = (0..11).map(|i| (i * (rank + 1)) as f32).collect();
+                        g.all_reduce_sum(&mut v).unwrap();
+                        let names = g
+                            .all_gather("names", format!("r{rank}").as_bytes())
+                            .unwrap();
+                        let b = g.broadcast("b", format!("from {rank}").as_bytes()).unwrap();
+                        g.barrier("end").unwrap();
+                        (v, names, b)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let factor: u32 = (1..=world).sum();
+            for (v, names, b) in &results {
+                let expect: Vec<f32> = (0..11).map(|i| (i * factor) as f32).collect();
+                assert_eq!(v, &expect, "world {world}");
+                let want: Vec<Vec<u8>> = (0..world).map(|r| format!("r{r}").into_bytes()).collect();
+                assert_eq!(names, &want);
+                assert_eq!(b, b"from 0");
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_fails_the_collective_promptly() {
+        let master_port = port();
+        let survivor = std::thread::spawn(move || {
+            let g = Group::join(GroupConfig {
+                rank: 0,
+                world_size: 2,
+                master_addr: "127.0.0.1".into(),
+                master_port,
+                agent_store: false,
+                restart_count: 0,
+                timeout: Duration::from_secs(30),
+            })
+            .unwrap();
+            let started = Instant::now();
+            let mut v = vec![1.0f32; 1000];
+            let err = g.all_reduce_sum(&mut v).unwrap_err();
+            (err.to_string(), started.elapsed())
+        });
+        let g = Group::join(GroupConfig {
+            rank: 1,
+            world_size: 2,
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            agent_store: false,
+            restart_count: 0,
+            timeout: Duration::from_secs(30),
+        })
+        .unwrap();
+        drop(g); // rank 1 "dies": its sockets close
+        let (err, took) = survivor.join().unwrap();
+        assert!(
+            err.contains("rank 0: all-reduce with ranks 1 and 1 failed"),
+            "{err}"
+        );
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+}
