@@ -287,13 +287,32 @@ fn runs_as_a_single_torchrun_worker() {
     assert_eq!(status["state"], "FAILED");
     assert!(status["error"].as_str().unwrap().contains("--max_seq_len"));
 
+    // A rank whose peers never come: a clear error after --dist_timeout_secs, never a hang.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let started = std::time::Instant::now();
     let out = common::waypoint()
         .args(["train", "--device", "cpu", "--checkpoint_base_uri", base])
-        .envs([("RANK", "1"), ("WORLD_SIZE", "2")])
+        .args(["--dist_timeout_secs", "2"])
+        .envs([
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", port.as_str()),
+        ])
+        .env("TORCHELASTIC_USE_AGENT_STORE", "True")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("WORLD_SIZE=2"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let err = stderr(&out);
+    assert!(
+        err.contains("rank 1 of 2") && err.contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -409,28 +409,54 @@ impl CheckpointManager {
         let writer = self.file_writer(step, 0);
         let mut files = Vec::new();
         if let Some(state) = request.dcp {
-            let groups = dcp::split_into_files(state, self.options.max_file_bytes);
-            let count = groups.len();
-            let writes = groups.into_iter().enumerate().map(|(i, group)| {
-                let writer = &writer;
-                async move {
-                    let path = format!("dcp/{}", dcp::file_name(0, 1, i + 1, count));
-                    writer.write_tensors(&path, &group).await
-                }
-            });
-            let written: Vec<FileEntry> = futures::stream::iter(writes)
-                .buffered(self.options.parallel_files.max(1))
-                .try_collect()
-                .await?;
-            files.extend(written);
+            files.extend(self.write_dcp(&writer, 1, state).await?);
         }
-        match request.sampler {
-            None => {}
-            Some(SamplerPart::Full {
+        if let Some(sampler) = request.sampler {
+            files.extend(
+                self.write_sampler(&writer, sampler, &mut request.commit)
+                    .await?,
+            );
+        }
+        self.commit(request.commit, files).await
+    }
+
+    /// Writes one rank's share of the resumable state under `dcp/` (split into files of at most
+    /// `max_file_bytes`, named as PyTorch names them for `world_size` writers), a few files at once.
+    pub async fn write_dcp(
+        &self,
+        writer: &FileWriter,
+        world_size: u32,
+        state: Vec<Tensor>,
+    ) -> Result<Vec<FileEntry>> {
+        let groups = dcp::split_into_files(state, self.options.max_file_bytes);
+        let count = groups.len();
+        let writes = groups.into_iter().enumerate().map(|(i, group)| async move {
+            let path = format!(
+                "dcp/{}",
+                dcp::file_name(writer.rank, world_size, i + 1, count)
+            );
+            writer.write_tensors(&path, &group).await
+        });
+        futures::stream::iter(writes)
+            .buffered(self.options.parallel_files.max(1))
+            .try_collect()
+            .await
+    }
+
+    /// Writes a sampler part under `sampler/`; a delta records its base in `commit`.
+    pub async fn write_sampler(
+        &self,
+        writer: &FileWriter,
+        sampler: SamplerPart,
+        commit: &mut Commit,
+    ) -> Result<Vec<FileEntry>> {
+        let mut files = Vec::new();
+        match sampler {
+            SamplerPart::Full {
                 config_json,
                 tensors,
                 extra_files,
-            }) => {
+            } => {
                 files.push(
                     writer
                         .write_bytes("sampler/config.json", config_json)
@@ -448,11 +474,11 @@ impl CheckpointManager {
                     files.push(writer.write_bytes(&format!("sampler/{name}"), data).await?);
                 }
             }
-            Some(SamplerPart::Delta {
+            SamplerPart::Delta {
                 base,
                 config_json,
                 tensors,
-            }) => {
+            } => {
                 let base = self.manifest(base).await?;
                 let _pin = self.pin(base.step);
                 files.push(
@@ -469,12 +495,12 @@ impl CheckpointManager {
                 )
                 .await?;
                 files.extend(delta_files);
-                request.commit.delta_base = Some(delta_base);
+                commit.delta_base = Some(delta_base);
             }
-            Some(SamplerPart::Lora {
+            SamplerPart::Lora {
                 adapter_config,
                 tensors,
-            }) => {
+            } => {
                 let config: crate::peft::AdapterConfig = serde_json::from_slice(&adapter_config)
                     .map_err(|e| CheckpointError::Invalid(format!("adapter_config.json: {e}")))?;
                 crate::peft::validate_adapter(&config, &tensors)?;
@@ -490,7 +516,7 @@ impl CheckpointManager {
                 );
             }
         }
-        self.commit(request.commit, files).await
+        Ok(files)
     }
 
     async fn record_data_position(&self, step: StepName, manifest: &Manifest) -> Result<()> {

@@ -214,6 +214,10 @@ struct TrainArgs {
     #[arg(long = "logging_steps")]
     #[serde(skip_serializing_if = "Option::is_none")]
     logging_steps: Option<u64>,
+    /// Seconds to wait for the other ranks, at start and in every collective [default: 300].
+    #[arg(long = "dist_timeout_secs")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dist_timeout_secs: Option<u64>,
 }
 
 impl TrainArgs {

@@ -96,6 +96,8 @@ pub struct TrainConfig {
     pub num_threads: u64,
     /// Log a progress line every this many steps (when stderr is not a terminal).
     pub logging_steps: u64,
+    /// Limit of joining the other ranks and of every collective, in seconds.
+    pub dist_timeout_secs: u64,
 }
 
 impl Default for TrainConfig {
@@ -142,6 +144,7 @@ impl Default for TrainConfig {
             device: "auto".into(),
             num_threads: 0,
             logging_steps: 10,
+            dist_timeout_secs: 300,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod device;
 pub mod launch;
 pub mod model;
 pub mod optim;
+pub mod ranks;
 pub mod records;
 pub mod tokenizer;
 pub mod torchrun;

@@ -1,10 +1,11 @@
-//! The torchrun worker environment: `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `TORCHELASTIC_RESTART_COUNT`.
-//! Absent variables mean a single worker started by hand.
+//! The torchrun worker environment: `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`,
+//! `TORCHELASTIC_RESTART_COUNT`, `TORCHELASTIC_USE_AGENT_STORE`. Absent variables mean a single
+//! worker started by hand.
 
 use anyhow::{ensure, Context, Result};
 
 /// What torchrun (or a PyTorchJob) tells a worker about itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerEnv {
     /// Global rank.
     pub rank: u64,
@@ -14,6 +15,12 @@ pub struct WorkerEnv {
     pub world_size: u64,
     /// How many times the agent restarted the group.
     pub restart_count: u64,
+    /// Host of the TCPStore.
+    pub master_addr: String,
+    /// Port of the TCPStore.
+    pub master_port: u16,
+    /// The store is the agent's (torchrun, `waypoint launch`); else rank 0 hosts it.
+    pub agent_store: bool,
 }
 
 impl WorkerEnv {
@@ -37,6 +44,11 @@ impl WorkerEnv {
             local_rank: num("LOCAL_RANK", 0)?,
             world_size: num("WORLD_SIZE", 1)?,
             restart_count: num("TORCHELASTIC_RESTART_COUNT", 0)?,
+            master_addr: lookup("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+            master_port: u16::try_from(num("MASTER_PORT", 29500)?)
+                .context("MASTER_PORT is not a port number")?,
+            agent_store: lookup("TORCHELASTIC_USE_AGENT_STORE")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1"),
         };
         ensure!(
             env.world_size >= 1,

@@ -26,7 +26,7 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
 use waypoint_checkpoint::{
-    dcp, CheckpointManager, Commit, ManagerOptions, Manifest, SamplerPart, SaveRequest,
+    dcp, CheckpointManager, Commit, FileEntry, ManagerOptions, Manifest, SamplerPart, SaveRequest,
     Tensor as Blob,
 };
 use waypoint_storage::{model_dir, RunLayout, Store};
@@ -36,6 +36,7 @@ use crate::convert::{from_blob, to_blob};
 use crate::data::{read_sources, DataOptions, Dataset, IGNORE};
 use crate::model::{LoraConfig, Model, ModelConfig};
 use crate::optim::{clip_grad_norm, gradients, AdamW, AdamWConfig, Schedule, ScheduleKind};
+use crate::ranks::Ranks;
 use crate::records::{self, JobState, Status};
 use crate::tokenizer::Tokenizer;
 use crate::torchrun::WorkerEnv;
@@ -82,13 +83,14 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
         total_steps: 0,
         step: 0,
         last_checkpoint: None,
+        main: true,
     };
     match session.train(&stop, rt) {
         Ok(outcome) => Ok(outcome),
         Err(e) => {
             // A usage or configuration error writes nothing (a finished run stays FINISHED);
             // anything else is the run's failure, recorded for the control plane.
-            if e.downcast_ref::<UsageError>().is_none() {
+            if e.downcast_ref::<UsageError>().is_none() && session.main {
                 let mut status = Status::new(JobState::Failed, session.step, session.total_steps);
                 status.error = Some(records::explain(&e));
                 status.attempt = session.attempt;
@@ -114,6 +116,8 @@ struct Session {
     total_steps: u64,
     step: u64,
     last_checkpoint: Option<String>,
+    /// Rank 0 (or the only worker): it writes the run records.
+    main: bool,
 }
 
 /// What is loaded before training: model, tokenizer, data.
@@ -129,16 +133,19 @@ impl Session {
     fn train(&mut self, stop: &AtomicUsize, rt: &Runtime) -> Result<Outcome> {
         let cfg = self.config.clone();
         let env = WorkerEnv::from_env()?;
-        if env.world_size > 1 {
+        let device = crate::device::parse_device_for(&cfg.device, env.local_rank)
+            .map_err(|e| UsageError(format!("{e:#}")))?;
+        if env.world_size > 1 && device.is_cuda() {
             return Err(UsageError(format!(
-                "WORLD_SIZE={} but multi-rank training is not implemented yet; run one worker \
-                 (WORLD_SIZE=1)",
+                "WORLD_SIZE={}: multi-rank training on CUDA needs NCCL, which waypoint does not \
+                 drive yet; run with --device cpu, or one worker per job",
                 env.world_size
             ))
             .into());
         }
-        let device = crate::device::parse_device_for(&cfg.device, env.local_rank)
-            .map_err(|e| UsageError(format!("{e:#}")))?;
+        self.main = env.rank == 0;
+        let ranks = Ranks::join(&env, Duration::from_secs(cfg.dist_timeout_secs))?;
+        let (main, rank, world) = (ranks.is_main(), ranks.rank() as u64, ranks.world() as u64);
         if cfg.num_threads > 0 {
             tch::set_num_threads(cfg.num_threads as i32);
         }
@@ -168,9 +175,20 @@ impl Session {
                 ..ManagerOptions::default()
             },
         );
-        let latest = rt
-            .block_on(manager.latest_resumable(false))
-            .context("looking for the run's newest resumable checkpoint")?;
+        // Rank 0 picks the checkpoint to resume from; every rank loads that one.
+        let mut latest = None;
+        if main {
+            latest = rt
+                .block_on(manager.latest_resumable(false))
+                .context("looking for the run's newest resumable checkpoint")?;
+        }
+        let chosen = latest.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let chosen = String::from_utf8_lossy(&ranks.broadcast("resume-from", chosen.as_bytes())?)
+            .to_string();
+        if !main && !chosen.is_empty() {
+            let step: waypoint_storage::StepName = chosen.parse()?;
+            latest = Some(rt.block_on(manager.manifest(step))?);
+        }
         if let Some(m) = &latest {
             if m.config_fingerprint != config_fp {
                 let drift = rt.block_on(describe_drift(
@@ -201,12 +219,17 @@ impl Session {
             }
         }
 
-        // From here on the run is ours: take an attempt number (fencing) and record the start.
-        let attempt = rt.block_on(manager.start_attempt(&json!({
-            "pid": std::process::id(),
-            "host": std::env::var("HOSTNAME").unwrap_or_default(),
-            "restart_count": env.restart_count,
-        })))?;
+        // From here on the run is ours: rank 0 takes an attempt number (fencing), records the start.
+        let attempt = if main {
+            rt.block_on(manager.start_attempt(&json!({
+                "pid": std::process::id(),
+                "host": std::env::var("HOSTNAME").unwrap_or_default(),
+                "restart_count": env.restart_count,
+                "world_size": world,
+            })))?
+        } else {
+            0
+        };
         self.attempt = Some(attempt);
         let manager = Arc::new(manager);
         let run_record = json!({
@@ -223,14 +246,16 @@ impl Session {
             "total_steps": total,
             "started_unix_ms": records::now_ms(),
         });
-        rt.block_on(self.store.put(
-            &self.layout.run_config(),
-            Bytes::from(serde_json::to_vec_pretty(&run_record)?),
-        ))
-        .context("writing config/run.json")?;
         let mut status = Status::new(JobState::Pending, 0, total);
         status.attempt = Some(attempt);
-        rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        if main {
+            rt.block_on(self.store.put(
+                &self.layout.run_config(),
+                Bytes::from(serde_json::to_vec_pretty(&run_record)?),
+            ))
+            .context("writing config/run.json")?;
+            rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        }
 
         // Restore: own checkpoint first; else init_from_checkpoint; else fresh.
         let mut data_consumed = 0u64;
@@ -278,8 +303,11 @@ impl Session {
             self.last_checkpoint = Some(m.name.clone());
             tracing::info!(checkpoint = %m.name, step = m.step, data_consumed, "resumed");
         }
-        let mut metrics =
-            rt.block_on(records::metrics_until(&self.store, &self.layout, self.step))?;
+        let mut metrics = if main {
+            rt.block_on(records::metrics_until(&self.store, &self.layout, self.step))?
+        } else {
+            String::new()
+        };
 
         let schedule = Schedule {
             lr: cfg.lr,
@@ -313,21 +341,46 @@ impl Session {
         status.state = JobState::Running;
         status.step = self.step;
         status.checkpoint = self.last_checkpoint.clone();
-        rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        if main {
+            rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        }
 
-        let progress = Progress::new(total, self.step, cfg.logging_steps);
+        let progress = Progress::new(total, self.step, cfg.logging_steps, main);
         let vocab = model.config.vocab_size;
         let bs = cfg.batch_size as usize;
         let mut last_loss = f64::NAN;
         let mut save_stall: Option<f64> = None;
         let mut staging: Option<Staging> = None;
         while self.step < total {
-            if let signal @ 1.. = stop.load(Ordering::SeqCst) {
+            let signal = stop.load(Ordering::SeqCst);
+            saver.check(rt)?;
+            if saver.committed.is_some() {
+                self.last_checkpoint = saver.committed.clone();
+            }
+            let started = Instant::now();
+            let params = model.trainable();
+            tch::manual_seed(step_seed(cfg.seed, self.step));
+            // Rank r takes the r-th slice of each micro-batch of the global batch.
+            let micro: Vec<(Tensor, Tensor)> = (0..cfg.gradient_accumulation)
+                .map(|a| {
+                    let start = data_consumed + (a * world + rank) * cfg.batch_size;
+                    train.batch(cfg.seed, start, bs, device)
+                })
+                .collect();
+            let tokens: i64 = micro
+                .iter()
+                .map(|(_, l)| l.ne(IGNORE).sum(Kind::Int64).int64_value(&[]))
+                .sum();
+            // All ranks stop after the same step, whichever of them got the signal.
+            let (tokens, stop_now) = ranks.agree(tokens, signal != 0)?;
+            if stop_now {
                 if let Some(pending) = staging.take() {
                     pending.hand_over(&mut saver, rt)?;
                 }
+                let signal = if signal != 0 { signal } else { 15 };
                 return self.stop_for_signal(
                     signal,
+                    &ranks,
                     &mut saver,
                     &model,
                     &opt,
@@ -337,20 +390,6 @@ impl Session {
                     rt,
                 );
             }
-            saver.check(rt)?;
-            if saver.committed.is_some() {
-                self.last_checkpoint = saver.committed.clone();
-            }
-            let started = Instant::now();
-            let params = model.trainable();
-            tch::manual_seed(step_seed(cfg.seed, self.step));
-            let micro: Vec<(Tensor, Tensor)> = (0..cfg.gradient_accumulation)
-                .map(|a| train.batch(cfg.seed, data_consumed + a * cfg.batch_size, bs, device))
-                .collect();
-            let tokens: i64 = micro
-                .iter()
-                .map(|(_, l)| l.ne(IGNORE).sum(Kind::Int64).int64_value(&[]))
-                .sum();
             let mut loss_value = 0.0;
             let mut grads: Option<Vec<Tensor>> = None;
             for (ids, labels) in &micro {
@@ -370,6 +409,7 @@ impl Session {
                 loss_value += loss.double_value(&[]);
             }
             let mut grads = grads.context("no micro-batch ran")?;
+            ranks.all_reduce(&mut grads, &mut loss_value)?;
             let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
             let lr = schedule.lr_at(self.step);
             if let Some(pending) = staging.take() {
@@ -419,7 +459,11 @@ impl Session {
             if periodic && self.step < total {
                 let blocked = Instant::now();
                 let commit = commit_for(&ctx, self.step, data_consumed);
-                if cfg.sync_save {
+                if world > 1 {
+                    self.save_sharded(
+                        &ranks, &manager, &model, &opt, &ctx, commit, false, &metrics, rt,
+                    )?;
+                } else if cfg.sync_save {
                     let request = stage(&model, &opt, &ctx, commit, false)?;
                     saver.start(request, &self.status_for(attempt), &metrics, rt)?;
                 } else {
@@ -442,19 +486,28 @@ impl Session {
         // The final save: resumable and promotable. Already there when a finished run is restarted.
         let final_name = waypoint_storage::StepName::new(total).to_string();
         if latest.as_ref().is_none_or(|m| m.step < total) {
-            let request = stage(
-                &model,
-                &opt,
-                &ctx,
-                commit_for(&ctx, total, data_consumed),
-                true,
-            )?;
-            saver.sync = true;
-            saver.start(request, &self.status_for(attempt), &metrics, rt)?;
+            let commit = commit_for(&ctx, total, data_consumed);
+            if world > 1 {
+                self.save_sharded(
+                    &ranks, &manager, &model, &opt, &ctx, commit, true, &metrics, rt,
+                )?;
+            } else {
+                let request = stage(&model, &opt, &ctx, commit, true)?;
+                saver.sync = true;
+                saver.start(request, &self.status_for(attempt), &metrics, rt)?;
+            }
         }
         saver.wait(rt)?;
         self.last_checkpoint = Some(final_name.clone());
         let mut promoted = None;
+        if !main {
+            return Ok(Outcome::Finished {
+                steps: total,
+                last_loss,
+                checkpoint: final_name,
+                model: None,
+            });
+        }
         if !cfg.output_model_id.is_empty() {
             let dir = model_dir(&cfg.output_model_id)?;
             if rt.block_on(self.store.list(&format!("{dir}/")))?.is_empty() {
@@ -478,6 +531,91 @@ impl Session {
         })
     }
 
+    /// A save by every rank: rank 0 clears the step's folder; each rank writes about 1/N of the
+    /// state (each replicated tensor once, spread by size), rank 0 also the sampler part when
+    /// `promotable`; rank 0 commits once every rank's file list has come through the store. A rank
+    /// that dies mid-save leaves the others waiting until the collective times out: no commit.
+    #[allow(clippy::too_many_arguments)]
+    fn save_sharded(
+        &mut self,
+        ranks: &Ranks,
+        manager: &CheckpointManager,
+        model: &Model,
+        opt: &AdamW,
+        ctx: &SaveContext,
+        mut commit: Commit,
+        promotable: bool,
+        metrics: &str,
+        rt: &Runtime,
+    ) -> Result<()> {
+        let step = waypoint_storage::StepName::new(commit.step);
+        let (rank, world) = (ranks.rank(), ranks.world());
+        if ranks.is_main() {
+            rt.block_on(
+                self.store
+                    .put(&self.layout.metrics(), Bytes::from(metrics.to_string())),
+            )
+            .context("writing logs/metrics.jsonl")?;
+            rt.block_on(manager.prepare_save(step))?;
+        }
+        ranks.barrier("save-prepared")?;
+        let items = state_items(model, opt);
+        let sizes: Vec<u64> = items
+            .iter()
+            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .collect();
+        let owners = dcp::assign_owners(&sizes, world);
+        let mine = items
+            .iter()
+            .zip(&owners)
+            .filter(|(_, owner)| **owner == rank)
+            .map(|((name, t), _)| to_blob(name, t, None))
+            .collect::<Result<Vec<_>>>()?;
+        let writer = manager.file_writer(step, rank);
+        let mut files = Vec::new();
+        if !mine.is_empty() {
+            files = rt.block_on(manager.write_dcp(&writer, world, mine))?;
+        }
+        if promotable && ranks.is_main() {
+            let sampler = sampler_part(model, ctx)?;
+            files.extend(rt.block_on(manager.write_sampler(&writer, sampler, &mut commit))?);
+        }
+        let bytes: u64 = files.iter().map(|f| f.bytes).sum();
+        tracing::info!(rank, checkpoint = %step, files = files.len(), bytes, "wrote this rank's share");
+        let lists = ranks.all_gather("save-files", &serde_json::to_vec(&files)?)?;
+        let verdict = if ranks.is_main() {
+            let mut all = Vec::new();
+            for list in &lists {
+                all.extend(serde_json::from_slice::<Vec<FileEntry>>(list)?);
+            }
+            commit.world_size = world;
+            match rt.block_on(manager.commit(commit, all)) {
+                Ok(m) => {
+                    let mut status = self.status_for(self.attempt.unwrap_or(0));
+                    status.checkpoint = Some(m.name.clone());
+                    rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+                    format!("ok {}", m.name)
+                }
+                Err(e) => format!("error {e}"),
+            }
+        } else {
+            String::new()
+        };
+        let verdict = ranks.broadcast("save-result", verdict.as_bytes())?;
+        let verdict = String::from_utf8_lossy(&verdict);
+        match verdict.strip_prefix("ok ") {
+            Some(name) => {
+                self.last_checkpoint = Some(name.to_string());
+                tracing::info!(rank, checkpoint = name, "checkpoint committed by rank 0");
+                Ok(())
+            }
+            None => bail!(
+                "rank 0 could not commit {step}: {}",
+                verdict.trim_start_matches("error ")
+            ),
+        }
+    }
+
     fn status_for(&self, attempt: u64) -> Status {
         let mut s = Status::new(JobState::Running, self.step, self.total_steps);
         s.attempt = Some(attempt);
@@ -489,6 +627,7 @@ impl Session {
     fn stop_for_signal(
         &mut self,
         signal: usize,
+        ranks: &Ranks,
         saver: &mut Saver,
         model: &Model,
         opt: &AdamW,
@@ -511,17 +650,23 @@ impl Session {
             != Some(&waypoint_storage::StepName::new(self.step).to_string())
             && self.step > 0
         {
-            let request = stage(
-                model,
-                opt,
-                ctx,
-                commit_for(ctx, self.step, data_consumed),
-                false,
-            )?;
-            saver.sync = true;
-            saver.start(request, &self.status_for(attempt), metrics, rt)?;
-            saver.wait(rt)?;
+            let commit = commit_for(ctx, self.step, data_consumed);
+            if ranks.world() > 1 {
+                let manager = saver.manager.clone();
+                self.save_sharded(ranks, &manager, model, opt, ctx, commit, false, metrics, rt)?;
+            } else {
+                let request = stage(model, opt, ctx, commit, false)?;
+                saver.sync = true;
+                saver.start(request, &self.status_for(attempt), metrics, rt)?;
+                saver.wait(rt)?;
+            }
             self.last_checkpoint = Some(waypoint_storage::StepName::new(self.step).to_string());
+        }
+        if !ranks.is_main() {
+            return Ok(Outcome::Stopped {
+                signal,
+                step: self.step,
+            });
         }
         let mut status = self.status_for(attempt);
         status.state = JobState::Cancelled;
@@ -789,9 +934,22 @@ fn stage(
         .iter()
         .map(|(name, t)| to_blob(name, t, None))
         .collect::<Result<Vec<_>>>()?;
-    let sampler = if !promotable {
+    let sampler = if promotable {
+        Some(sampler_part(model, ctx)?)
+    } else {
         None
-    } else if let Some(lora) = &model.lora {
+    };
+    Ok(SaveRequest {
+        commit,
+        dcp: Some(state),
+        sampler,
+    })
+}
+
+/// The promotable part: a PEFT adapter under LoRA, else the full weights as an HF directory, in the
+/// sampler dtype.
+fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
+    if let Some(lora) = &model.lora {
         let config = AdapterConfig::new(
             lora.rank as usize,
             lora.alpha,
@@ -817,7 +975,7 @@ fn stage(
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        Some(SamplerPart::Lora {
+        Ok(SamplerPart::Lora {
             adapter_config: Bytes::from(config.to_json()),
             tensors,
         })
@@ -829,17 +987,12 @@ fn stage(
             .iter()
             .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_kind)))
             .collect::<Result<Vec<_>>>()?;
-        Some(SamplerPart::Full {
+        Ok(SamplerPart::Full {
             config_json: Bytes::from(serde_json::to_vec_pretty(&config)?),
             tensors,
             extra_files: ctx.tokenizer_files.clone(),
         })
-    };
-    Ok(SaveRequest {
-        commit,
-        dcp: Some(state),
-        sampler,
-    })
+    }
 }
 
 /// A resumable save being copied to host memory on its own thread, while the next step's forward
@@ -999,8 +1152,8 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: u64, start: u64, every: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
+    fn new(total: u64, start: u64, every: u64, enabled: bool) -> Self {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
                 "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}",
@@ -1012,7 +1165,7 @@ impl Progress {
         });
         Self {
             bar,
-            every: every.max(1),
+            every: if enabled { every.max(1) } else { u64::MAX },
         }
     }
 
@@ -1022,7 +1175,7 @@ impl Progress {
                 bar.set_position(step);
                 bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
             }
-            None if step % self.every == 0 || step == 1 => {
+            None if step % self.every == 0 || (step == 1 && self.every != u64::MAX) => {
                 tracing::info!(step, loss, lr, "train")
             }
             None => {}

@@ -1,0 +1,295 @@
+//! Data-parallel training on CPU under `waypoint launch`: 2 ranks × batch b reach the weights of
+//! 1 rank × batch 2b; each rank writes its share of every checkpoint; a run saved by 2 ranks resumes
+//! with 1 and with 3 and ends where an uninterrupted run ends; a killed rank makes the others exit
+//! promptly, the group restarts, and training resumes from the last committed checkpoint.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use waypoint_checkpoint::{CheckpointManager, ManagerOptions, Manifest};
+use waypoint_storage::{RunLayout, StepName, Store};
+
+/// Flags shared by every run: a tiny model, fixed threads, short timeouts.
+fn train_flags(base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
+    [
+        "train",
+        "--device",
+        "cpu",
+        "--num_threads",
+        "1",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "3",
+        "--dist_timeout_secs",
+        "20",
+        "--run_id",
+        run,
+        "--checkpoint_base_uri",
+        base,
+        "--batch_size",
+        &batch.to_string(),
+        "--max_steps",
+        &steps.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn single(base: &str, run: &str, batch: u32, steps: u32) -> Output {
+    common::waypoint()
+        .args(train_flags(base, run, batch, steps))
+        .output()
+        .unwrap()
+}
+
+fn launch_args(ranks: u32, restarts: u32) -> Vec<String> {
+    let exe = env!("CARGO_BIN_EXE_waypoint").to_string();
+    [
+        "launch",
+        "--nproc_per_node",
+        &ranks.to_string(),
+        "--master_port",
+        "0",
+        "--max_restarts",
+        &restarts.to_string(),
+        "--term_grace_secs",
+        "20",
+        "--",
+        &exe,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn launched(base: &str, run: &str, ranks: u32, batch: u32, steps: u32) -> Output {
+    common::waypoint()
+        .args(launch_args(ranks, 0))
+        .args(train_flags(base, run, batch, steps))
+        .output()
+        .unwrap()
+}
+
+fn spawn_launched(
+    base: &str,
+    run: &str,
+    ranks: u32,
+    restarts: u32,
+    batch: u32,
+    steps: u32,
+) -> Child {
+    common::waypoint()
+        .args(launch_args(ranks, restarts))
+        .args(train_flags(base, run, batch, steps))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "failed ({:?}):\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn manager(base: &str, run: &str) -> CheckpointManager {
+    CheckpointManager::new(
+        Store::open(base).unwrap(),
+        RunLayout::new(run, "waypoint").unwrap(),
+        ManagerOptions::default(),
+    )
+}
+
+/// The `model.*` tensors of a checkpoint as f32 values, by name.
+async fn weights(base: &str, run: &str, step: u64) -> (Manifest, BTreeMap<String, Vec<f32>>) {
+    let m = manager(base, run);
+    let manifest = m.manifest(StepName::new(step)).await.unwrap();
+    let tensors = m
+        .load_tensors(&manifest, "dcp/", &|n| n.starts_with("model."))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            let v = t
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (t.name, v)
+        })
+        .collect();
+    (manifest, tensors)
+}
+
+fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .flat_map(|(k, v)| v.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// The step of a `train step=N` log line.
+fn logged_step(line: &str) -> Option<u64> {
+    let at = line.find(": train step=")? + ": train step=".len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Reads the launcher's log until `until` says stop; returns the line that did, and a thread
+/// collecting the rest.
+fn read_until(
+    child: &mut Child,
+    mut until: impl FnMut(&str) -> bool,
+) -> (String, std::thread::JoinHandle<String>) {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("the launcher ended early").unwrap();
+        if until(&line) {
+            let rest = std::thread::spawn(move || {
+                lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
+            });
+            return (line, rest);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_match_one_rank_with_twice_the_batch_and_share_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    ok(&single(base, "one", 4, 8));
+    ok(&launched(base, "two", 2, 2, 8));
+    let (_, one) = weights(base, "one", 8).await;
+    let (manifest, two) = weights(base, "two", 8).await;
+    let diff = max_diff(&one, &two);
+    assert!(
+        diff < 2e-5,
+        "2 ranks x 2 vs 1 rank x 4: weights differ by {diff}"
+    );
+    assert_eq!(manifest.world_size, 2);
+    let per_rank: Vec<u64> = (0..2)
+        .map(|r| {
+            manifest
+                .dcp_files()
+                .filter(|f| f.rank == r)
+                .map(|f| f.bytes)
+                .sum()
+        })
+        .collect();
+    let total: u64 = per_rank.iter().sum();
+    for (r, b) in per_rank.iter().enumerate() {
+        let share = *b as f64 / total as f64;
+        assert!(
+            (0.35..0.65).contains(&share),
+            "rank {r} wrote {share:.2} of the bytes"
+        );
+    }
+    assert!(manifest.dcp_files().all(|f| f.path.contains("shard-")));
+    let m = manager(base, "two");
+    assert!(m
+        .verify(StepName::new(8))
+        .await
+        .unwrap()
+        .problems
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_saved_by_two_ranks_resumes_with_one_and_with_three() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    ok(&single(base, "reference", 6, 12));
+    let (_, reference) = weights(base, "reference", 12).await;
+
+    for (run, resume_ranks) in [("to-one", 1u32), ("to-three", 3)] {
+        // Two ranks × 3, stopped by SIGTERM to the launcher after a few steps.
+        let mut child = spawn_launched(base, run, 2, 0, 3, 12);
+        let (_, rest) = read_until(&mut child, |l| logged_step(l).is_some_and(|s| s >= 4));
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let code = child.wait().unwrap();
+        let log = rest.join().unwrap();
+        assert_eq!(code.code(), Some(143), "{log}");
+        let saved = manager(base, run)
+            .latest_resumable(true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.world_size, 2);
+        assert!(
+            saved.step >= 4 && saved.step < 12,
+            "stopped at {}",
+            saved.step
+        );
+
+        let out = if resume_ranks == 1 {
+            single(base, run, 6, 12)
+        } else {
+            launched(base, run, 3, 2, 12)
+        };
+        ok(&out);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("resumed"));
+        let (m, w) = weights(base, run, 12).await;
+        assert_eq!(m.world_size, resume_ranks);
+        let diff = max_diff(&reference, &w);
+        assert!(
+            diff < 5e-5,
+            "{run}: differs from the uninterrupted run by {diff}"
+        );
+    }
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_and_the_group_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let mut child = spawn_launched(base, "killed", 2, 1, 2, 40);
+    let mut rank1 = None;
+    let (_, rest) = read_until(&mut child, |l| {
+        if l.contains("joining the other ranks") && l.contains("rank=1") {
+            let at = l.find("pid=").unwrap() + 4;
+            rank1 = l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .map(str::to_string);
+        }
+        rank1.is_some() && logged_step(l).is_some_and(|s| s >= 8)
+    });
+    let killed_at = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-KILL", rank1.as_deref().unwrap()])
+        .status()
+        .unwrap();
+    let code = child.wait().unwrap();
+    let log = rest.join().unwrap();
+    assert!(code.success(), "the restarted group finishes:\n{log}");
+    assert!(log.contains("restarting the group"), "{log}");
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resumed"))
+        .unwrap_or_else(|| panic!("the restarted group resumes:\n{log}"));
+    assert!(resumed.contains("checkpoint=step-0000"), "{resumed}");
+    // The survivor noticed within seconds (a closed connection), not after a long timeout.
+    assert!(killed_at.elapsed() < Duration::from_secs(60));
+    let status: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("killed/framework=waypoint/status.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["state"], "FINISHED");
+    assert_eq!(status["step"], 40);
+}
