@@ -464,7 +464,7 @@ impl CheckpointManager {
                 );
                 files.extend(
                     crate::sampler::write_full_weights(
-                        &writer,
+                        writer,
                         tensors,
                         self.options.max_file_bytes,
                     )
@@ -488,7 +488,7 @@ impl CheckpointManager {
                 );
                 let (delta_files, delta_base) = crate::delta::write_delta(
                     self,
-                    &writer,
+                    writer,
                     &base,
                     tensors,
                     self.options.max_file_bytes,
