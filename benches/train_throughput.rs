@@ -8,32 +8,14 @@
 //! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6: ~19M parameters, a ~230 MB
 //! resumable checkpoint); WAYPOINT_BENCH_THREADS the libtorch threads (default 2).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn python() -> String {
-    std::env::var("VIRTUAL_ENV")
-        .map(|v| format!("{v}/bin/python"))
-        .expect("VIRTUAL_ENV unset: run scripts/bench.sh (or source scripts/env.sh)")
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("start process");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+use support::{env_or, make_model, python, run, write_dataset};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -96,34 +78,9 @@ fn main() {
     }
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let model = dir.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    let hidden = env_or("WAYPOINT_BENCH_HIDDEN", 512).to_string();
-    let layers = env_or("WAYPOINT_BENCH_LAYERS", 6).to_string();
-    let inter = (env_or("WAYPOINT_BENCH_HIDDEN", 512) * 11 / 4).to_string();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/hf_models.py");
-    run(Command::new(python()).args([
-        script,
-        "make",
-        model.to_str().unwrap(),
-        "llama",
-        "--hidden",
-        &hidden,
-        "--inter",
-        &inter,
-        "--layers",
-        &layers,
-    ]));
+    let (hidden, layers) = make_model(&model);
     let data = dir.path().join("data.jsonl");
-    let rows: Vec<String> = (0..400)
-        .map(|i| {
-            format!(
-                "{{\"text\": \"row {i}: the trainer writes the weights, the optimizer state and the \
-                 data position; a checkpoint is real once its manifest exists, and resume continues \
-                 from the newest complete one.\"}}"
-            )
-        })
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    write_dataset(&data);
     let threads = env_or("WAYPOINT_BENCH_THREADS", 2);
 
     // Throughput: no saves until the final one.

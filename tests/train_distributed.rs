@@ -293,3 +293,36 @@ fn a_killed_rank_stops_the_others_and_the_group_resumes() {
     assert_eq!(status["state"], "FINISHED");
     assert_eq!(status["step"], 40);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_under_pytorchs_torchrun() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    ok(&single(base, "one", 4, 6));
+    let torchrun = common::python().replace("/bin/python", "/bin/torchrun");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let out = std::process::Command::new(torchrun)
+        .args([
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            &port,
+            "--no-python",
+        ])
+        .arg(env!("CARGO_BIN_EXE_waypoint"))
+        .args(train_flags(base, "torchrun", 2, 6))
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    ok(&out);
+    let (_, one) = weights(base, "one", 6).await;
+    let (manifest, two) = weights(base, "torchrun", 6).await;
+    assert_eq!(manifest.world_size, 2);
+    let diff = max_diff(&one, &two);
+    assert!(diff < 2e-5, "under torchrun: weights differ by {diff}");
+}

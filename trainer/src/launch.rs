@@ -167,8 +167,16 @@ fn round(
         if std::env::var_os("OMP_NUM_THREADS").is_none() && args.nproc_per_node > 1 {
             cmd.env("OMP_NUM_THREADS", "1");
         }
-        // Each worker leads its own process group, so stopping it stops what it started too.
+        // Each worker leads its own process group, so stopping it stops what it started too; and it
+        // dies with the launcher, so a killed launcher leaves no orphan holding the store's port.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // SAFETY: prctl(2) is async-signal-safe and touches no memory of ours.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

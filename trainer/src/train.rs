@@ -550,6 +550,7 @@ impl Session {
     ) -> Result<()> {
         let step = waypoint_storage::StepName::new(commit.step);
         let (rank, world) = (ranks.rank(), ranks.world());
+        let started = Instant::now();
         if ranks.is_main() {
             rt.block_on(
                 self.store
@@ -606,7 +607,13 @@ impl Session {
         match verdict.strip_prefix("ok ") {
             Some(name) => {
                 self.last_checkpoint = Some(name.to_string());
-                tracing::info!(rank, checkpoint = name, "checkpoint committed by rank 0");
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    rank,
+                    checkpoint = name,
+                    secs,
+                    "checkpoint committed by rank 0"
+                );
                 Ok(())
             }
             None => bail!(
@@ -1071,6 +1078,7 @@ impl Saver {
                 .await
                 .context("writing logs/metrics.jsonl")?;
             let mut tries = 0;
+            let started = Instant::now();
             let manifest = loop {
                 tries += 1;
                 match manager.save(request.clone()).await {
@@ -1092,7 +1100,8 @@ impl Saver {
             let layout = manager.layout();
             status.checkpoint = Some(manifest.name.clone());
             records::write_status(store, layout, &status).await?;
-            tracing::info!(checkpoint = %manifest.name, "checkpoint committed");
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(checkpoint = %manifest.name, secs, "checkpoint committed");
             Ok(manifest)
         }));
         if self.sync {
