@@ -155,7 +155,35 @@ async fn demo_run_records_restarts_and_promotes_on_s3() {
     let Some(s3) = common::s3_base() else {
         return;
     };
-    trains_records_restarts_and_promotes(&format!("{s3}/{}", common::unique("cli"))).await;
+    let base = format!("{s3}/{}", common::unique("cli"));
+    trains_records_restarts_and_promotes(&base).await;
+
+    // The dataset can live in the store too.
+    let store = Store::open(&base).unwrap();
+    let rows: Vec<String> = (0..200)
+        .map(|i| format!("{{\"text\": \"row {i} of a dataset that lives in S3\"}}"))
+        .collect();
+    store
+        .put("data/train.jsonl", rows.join("\n").into())
+        .await
+        .unwrap();
+    let out = train(
+        &base,
+        "s3-data",
+        &[
+            "--dataset_uri",
+            &format!("{base}/data/"),
+            "--max_steps",
+            "5",
+        ],
+    );
+    ok(&out);
+    let run = json(
+        &store,
+        &RunLayout::new("s3-data", "waypoint").unwrap().run_config(),
+    )
+    .await;
+    assert_eq!(run["train_documents"], 200);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 """Tiny random Hugging Face models for waypoint's parity tests (transformers and peft, no hub).
 
-  make <dir> <llama|qwen2|qwen3> [--tied] [--hidden H --inter I --layers L]
+  make <dir> <llama|qwen2|qwen3> [--tied] [--shard] [--hidden H --inter I --layers L]
                                             config.json, model.safetensors, tokenizer.json, and
                                             reference.safetensors: fixed `ids` and fp32 `logits`
   peft <base_dir> <adapter_dir> <out>       logits of base + the PEFT adapter for the same ids
@@ -79,7 +79,11 @@ def make(dir, arch, tied):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(dir, safe_serialization=True)
+    if "--shard" in sys.argv:
+        # Several files and model.safetensors.index.json, as large checkpoints come.
+        model.save_pretrained(dir, safe_serialization=True, max_shard_size="100KB")
+    else:
+        model.save_pretrained(dir, safe_serialization=True)
     tokenizer(dir)
     x = ids()
     with torch.no_grad():
