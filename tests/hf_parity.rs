@@ -6,23 +6,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use tch::{Device, Kind, Tensor};
 use waypoint_trainer::model::{LoraConfig, Model};
 
 fn hf_models(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/hf_models.py");
-    let out = Command::new(common::python())
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "hf_models.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::python_script("hf_models.py", args);
 }
 
 /// `ids` and `logits` from a file the Python side wrote.

@@ -5,25 +5,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use serde_json::Value;
 use waypoint_checkpoint::{dcp, CheckpointManager, Commit, Dtype, ManagerOptions, Tensor};
 use waypoint_storage::{RunLayout, StepName, Store};
 
 fn interop(args: &[&str]) -> BTreeMap<String, Value> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/dcp_interop.py");
-    let out = Command::new(common::python())
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "dcp_interop.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = common::python_script("dcp_interop.py", args);
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|e| panic!("bad JSON from python ({e}): {stdout}"))
 }

@@ -14,11 +14,7 @@ const T: Duration = Duration::from_secs(30);
 
 #[test]
 fn waypoint_client_on_pytorch_server() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let mut py = Command::new(common::python())
         .args([SCRIPT, "server", &port.to_string()])
         .stdout(Stdio::piped())

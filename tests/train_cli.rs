@@ -316,12 +316,7 @@ fn runs_as_a_single_torchrun_worker() {
     assert!(status["error"].as_str().unwrap().contains("--max_seq_len"));
 
     // A rank whose peers never come: a clear error after --dist_timeout_secs, never a hang.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::free_port().to_string();
     let started = std::time::Instant::now();
     let out = common::waypoint()
         .args(["train", "--device", "cpu", "--checkpoint_base_uri", base])

@@ -300,12 +300,7 @@ async fn runs_under_pytorchs_torchrun() {
     let base = dir.path().to_str().unwrap();
     ok(&single(base, "one", 4, 6));
     let torchrun = common::python().replace("/bin/python", "/bin/torchrun");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::free_port().to_string();
     let out = std::process::Command::new(torchrun)
         .args([
             "--nproc_per_node",

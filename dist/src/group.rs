@@ -310,6 +310,18 @@ mod tests {
             .port()
     }
 
+    fn config(rank: u32, world_size: u32, master_port: u16, timeout_secs: u64) -> GroupConfig {
+        GroupConfig {
+            rank,
+            world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            agent_store: false,
+            restart_count: 0,
+            timeout: Duration::from_secs(timeout_secs),
+        }
+    }
+
     #[test]
     fn ranks_all_reduce_gather_and_broadcast() {
         for world in [1u32, 2, 3, 4] {
@@ -317,16 +329,7 @@ mod tests {
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
                     std::thread::spawn(move || {
-                        let g = Group::join(GroupConfig {
-                            rank,
-                            world_size: world,
-                            master_addr: "127.0.0.1".into(),
-                            master_port,
-                            agent_store: false,
-                            restart_count: 0,
-                            timeout: Duration::from_secs(20),
-                        })
-                        .unwrap();
+                        let g = Group::join(config(rank, world, master_port, 20)).unwrap();
                         let mut v: Vec<f32> = (0..11).map(|i| (i * (rank + 1)) as f32).collect();
                         g.all_reduce_sum(&mut v).unwrap();
                         let names = g
@@ -354,31 +357,13 @@ mod tests {
     fn a_dead_peer_fails_the_collective_promptly() {
         let master_port = port();
         let survivor = std::thread::spawn(move || {
-            let g = Group::join(GroupConfig {
-                rank: 0,
-                world_size: 2,
-                master_addr: "127.0.0.1".into(),
-                master_port,
-                agent_store: false,
-                restart_count: 0,
-                timeout: Duration::from_secs(30),
-            })
-            .unwrap();
+            let g = Group::join(config(0, 2, master_port, 30)).unwrap();
             let started = Instant::now();
             let mut v = vec![1.0f32; 1000];
             let err = g.all_reduce_sum(&mut v).unwrap_err();
             (err.to_string(), started.elapsed())
         });
-        let g = Group::join(GroupConfig {
-            rank: 1,
-            world_size: 2,
-            master_addr: "127.0.0.1".into(),
-            master_port,
-            agent_store: false,
-            restart_count: 0,
-            timeout: Duration::from_secs(30),
-        })
-        .unwrap();
+        let g = Group::join(config(1, 2, master_port, 30)).unwrap();
         drop(g); // rank 1 "dies": its sockets close
         let (err, took) = survivor.join().unwrap();
         assert!(

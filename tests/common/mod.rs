@@ -41,6 +41,31 @@ pub fn python() -> String {
     }
 }
 
+/// Runs `tests/python/<script>` with `args` in the venv; fails the test with its stderr unless it
+/// succeeds; returns its stdout.
+pub fn python_script(script: &str, args: &[&str]) -> String {
+    let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// The `waypoint` binary, finding libtorch through its rpath alone.
 pub fn waypoint() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"));

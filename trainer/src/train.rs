@@ -346,7 +346,6 @@ impl Session {
         }
 
         let progress = Progress::new(total, self.step, cfg.logging_steps, main);
-        let vocab = model.config.vocab_size;
         let bs = cfg.batch_size as usize;
         let mut last_loss = f64::NAN;
         let mut save_stall: Option<f64> = None;
@@ -393,18 +392,7 @@ impl Session {
             let mut loss_value = 0.0;
             let mut grads: Option<Vec<Tensor>> = None;
             for (ids, labels) in &micro {
-                let logits = model.forward(ids, true);
-                let loss = logits
-                    .view([-1, vocab])
-                    .to_kind(Kind::Float)
-                    .cross_entropy_loss::<Tensor>(
-                        &labels.view([-1]),
-                        None,
-                        tch::Reduction::Sum,
-                        IGNORE,
-                        0.0,
-                    )
-                    / tokens.max(1) as f64;
+                let loss = summed_loss(&model, ids, labels, true) / tokens.max(1) as f64;
                 grads = Some(gradients(&loss, params, grads.take()));
                 loss_value += loss.double_value(&[]);
             }
@@ -1128,6 +1116,15 @@ impl Saver {
     }
 }
 
+/// Cross-entropy summed over the tokens whose label is not [`IGNORE`] (fp32).
+fn summed_loss(model: &Model, ids: &Tensor, labels: &Tensor, train: bool) -> Tensor {
+    model
+        .forward(ids, train)
+        .view([-1, model.config.vocab_size])
+        .to_kind(Kind::Float)
+        .cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, IGNORE, 0.0)
+}
+
 /// Mean loss over the eval data.
 fn evaluate(model: &Model, data: &Dataset, batch: usize, device: Device) -> f64 {
     tch::no_grad(|| {
@@ -1135,19 +1132,7 @@ fn evaluate(model: &Model, data: &Dataset, batch: usize, device: Device) -> f64 
         let indices: Vec<usize> = (0..data.len()).collect();
         for chunk in indices.chunks(batch.max(1)) {
             let (ids, labels) = data.rows(chunk, device);
-            let logits = model.forward(&ids, false);
-            let v = model.config.vocab_size;
-            sum += logits
-                .view([-1, v])
-                .to_kind(Kind::Float)
-                .cross_entropy_loss::<Tensor>(
-                    &labels.view([-1]),
-                    None,
-                    tch::Reduction::Sum,
-                    IGNORE,
-                    0.0,
-                )
-                .double_value(&[]);
+            sum += summed_loss(model, &ids, &labels, false).double_value(&[]);
             tokens += labels.ne(IGNORE).sum(Kind::Int64).int64_value(&[]);
         }
         sum / tokens.max(1) as f64
