@@ -17,24 +17,28 @@ fn launch(args: &[&str], script: &str, dir: &Path) -> Output {
         .unwrap()
 }
 
-#[test]
-fn workers_get_the_torchrun_environment_and_join_the_store() {
-    let dir = tempfile::tempdir().unwrap();
+/// Each worker records its torchrun environment in `$OUT/env-$RANK`, joins the launcher's store with
+/// PyTorch's client, and (once all have joined, as rank 0 sees it) records rank 0's `go` key.
+fn env_and_store_script() -> String {
     let py = common::python();
-    let script = format!(
+    format!(
         "echo \"$RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $GROUP_RANK $TORCHELASTIC_RESTART_COUNT \
          $TORCHELASTIC_USE_AGENT_STORE\" > $OUT/env-$RANK && {py} -c \"
-import os, datetime, torch.distributed as d
+import os, datetime, time, torch.distributed as d
 s = d.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), None, False, datetime.timedelta(seconds=30))
 s.add('joined', 1)
-s.wait(['go'] if os.environ['RANK'] != '0' else [])
 if os.environ['RANK'] == '0':
-    import time
-    while int(s.add('joined', 0)) < 3: time.sleep(0.05)
+    while int(s.add('joined', 0)) < int(os.environ['WORLD_SIZE']): time.sleep(0.05)
     s.set('go', 'yes')
 open(os.environ['OUT'] + '/store-' + os.environ['RANK'], 'w').write(s.get('go').decode())
 \""
-    );
+    )
+}
+
+#[test]
+fn workers_get_the_torchrun_environment_and_join_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = env_and_store_script();
     let out = launch(
         &["--nproc_per_node", "3", "--master_port", "0"],
         &script,
@@ -182,4 +186,47 @@ fn pet_variables_are_the_defaults() {
             .trim(),
         "2"
     );
+}
+
+#[test]
+fn two_nodes_make_one_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port().to_string();
+    let script = env_and_store_script();
+    let nodes: Vec<_> = ["0", "1"]
+        .iter()
+        .map(|node| {
+            common::waypoint()
+                .args([
+                    "launch",
+                    "--nnodes",
+                    "2",
+                    "--node_rank",
+                    node,
+                    "--nproc_per_node",
+                    "2",
+                ])
+                .args(["--master_addr", "127.0.0.1", "--master_port", &port])
+                .args(["--", "sh", "-c", &script])
+                .env("OUT", dir.path())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for node in nodes {
+        let out = node.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for rank in 0..4 {
+        let env = std::fs::read_to_string(dir.path().join(format!("env-{rank}"))).unwrap();
+        let (local, node) = (rank % 2, rank / 2);
+        assert_eq!(env.trim(), format!("{rank} {local} 4 2 {node} 0 True"));
+        let seen = std::fs::read_to_string(dir.path().join(format!("store-{rank}"))).unwrap();
+        assert_eq!(seen, "yes");
+    }
 }

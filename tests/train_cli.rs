@@ -8,11 +8,14 @@ use std::process::Output;
 
 use waypoint_storage::{RunLayout, Store};
 
-/// `waypoint train` on CPU: 30 steps saving every 10 unless `extra` sets `--max_steps`.
+/// `waypoint train` on CPU: 30 steps saving every 10, unless `extra` sets `--max_steps` or `--save_steps`.
 fn train(base: &str, run_id: &str, extra: &[&str]) -> Output {
     let mut cmd = common::waypoint();
     cmd.args(["train", "--device", "cpu", "--run_id", run_id])
-        .args(["--checkpoint_base_uri", base, "--save_steps", "10"]);
+        .args(["--checkpoint_base_uri", base]);
+    if !extra.contains(&"--save_steps") {
+        cmd.args(["--save_steps", "10"]);
+    }
     if !extra.contains(&"--max_steps") {
         cmd.args(["--max_steps", "30"]);
     }
@@ -388,4 +391,30 @@ fn init_from_checkpoint_starts_from_another_runs_weights_once() {
         "{}",
         stderr(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_that_keeps_failing_fails_the_job_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    // A file where step 6's folder must go: every write of that save fails (even for root).
+    let checkpoints = dir.path().join("broken/framework=waypoint/checkpoints");
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    std::fs::write(checkpoints.join("step-000006"), b"in the way").unwrap();
+    let out = train(base, "broken", &["--max_steps", "30", "--save_steps", "3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("save failed, retrying"), "{err}");
+    assert!(
+        err.contains("saving checkpoint step-000006 failed after 3 tries"),
+        "{err}"
+    );
+    let store = Store::open(base).unwrap();
+    let layout = RunLayout::new("broken", "waypoint").unwrap();
+    let status = json(&store, &layout.status()).await;
+    assert_eq!(status["state"], "FAILED");
+    assert!(status["error"].as_str().unwrap().contains("step-000006"));
+    // What was committed before stays intact and resumable.
+    let m = waypoint_checkpoint::CheckpointManager::new(store, layout, Default::default());
+    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 3);
 }
