@@ -321,3 +321,49 @@ async fn runs_under_pytorchs_torchrun() {
     let diff = max_diff(&one, &two);
     assert!(diff < 2e-5, "under torchrun: weights differ by {diff}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_failing_mid_save_leaves_no_committed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    // A directory where rank 1's share of step 6 must go: its write fails, rank 0's does not.
+    let blocked = dir
+        .path()
+        .join("half/framework=waypoint/checkpoints/step-000006/dcp")
+        .join("shard-00002-model-00001-of-00001.safetensors");
+    std::fs::create_dir_all(&blocked).unwrap();
+    let mut args = launch_args(2, 0);
+    args.extend(train_flags(base, "half", 2, 12));
+    args.extend(["--dist_timeout_secs".to_string(), "5".to_string()]);
+    let args: Vec<String> = {
+        // The later --dist_timeout_secs replaces the one train_flags set.
+        let i = args
+            .iter()
+            .position(|a| a == "--dist_timeout_secs")
+            .unwrap();
+        let mut a = args.clone();
+        a.drain(i..i + 2);
+        a
+    };
+    let out = common::waypoint().args(&args).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("rank 1 failed"), "{log}");
+    let m = manager(base, "half");
+    let steps: Vec<u64> = m
+        .committed_steps()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.step())
+        .collect();
+    assert_eq!(steps, [3], "step 6 was never committed");
+    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 3);
+
+    // With the obstacle gone, the same command resumes from step 3 and finishes.
+    std::fs::remove_dir_all(&blocked).unwrap();
+    let out = launched(base, "half", 2, 2, 12);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint=step-000003"));
+    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 12);
+}
