@@ -95,11 +95,7 @@ fn lora_adapter_loads_in_peft_with_matching_logits() {
         .args(["--max_seq_len", "16", "--sampler_dtype", "fp32"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ok(&out);
     let run = runs.path().join("lora/framework=waypoint");
     let list = common::waypoint()
         .args(["ckpt", "list"])

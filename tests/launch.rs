@@ -44,11 +44,7 @@ fn workers_get_the_torchrun_environment_and_join_the_store() {
         &script,
         dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ok(&out);
     for rank in 0..3 {
         let env = std::fs::read_to_string(dir.path().join(format!("env-{rank}"))).unwrap();
         assert_eq!(env.trim(), format!("{rank} {rank} 3 3 0 0 True"));
@@ -75,11 +71,7 @@ fn a_failed_worker_restarts_the_group_then_the_launcher_reports_it() {
         flaky,
         dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ok(&out);
     let rounds = std::fs::read_to_string(dir.path().join("rounds-0")).unwrap();
     assert_eq!(rounds.split_whitespace().collect::<Vec<_>>(), ["0", "1"]);
 
@@ -175,11 +167,7 @@ fn pet_variables_are_the_defaults() {
         .env("OUT", dir.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ok(&out);
     assert_eq!(
         std::fs::read_to_string(dir.path().join("w-1"))
             .unwrap()
@@ -216,11 +204,7 @@ fn two_nodes_make_one_group() {
         .collect();
     for node in nodes {
         let out = node.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::ok(&out);
     }
     for rank in 0..4 {
         let env = std::fs::read_to_string(dir.path().join(format!("env-{rank}"))).unwrap();

@@ -59,11 +59,7 @@ fn pytorch_client_on_waypoint_server() {
         .args([SCRIPT, "client", &server.port().to_string()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ok(&out);
     let seen: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     assert_eq!(seen["from_rust"], "hello from rust");

@@ -22,17 +22,6 @@ fn train(base: &str, run_id: &str, extra: &[&str]) -> Output {
     cmd.args(extra).output().expect("run waypoint")
 }
 
-fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "waypoint failed ({:?}):\n{}\n{stdout}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
@@ -52,7 +41,7 @@ async fn trains_records_restarts_and_promotes(base: &str) {
         "--eval_steps",
         "15",
     ];
-    let stdout = ok(&train(base, "demo", &first));
+    let stdout = common::ok(&train(base, "demo", &first));
     assert!(stdout.contains("finished 30 steps"), "{stdout}");
     assert!(stdout.contains("promoted to"), "{stdout}");
 
@@ -90,7 +79,7 @@ async fn trains_records_restarts_and_promotes(base: &str) {
     }
 
     // A restarted pod with the same command: nothing to redo, nothing overwritten.
-    let stdout = ok(&train(base, "demo", &first));
+    let stdout = common::ok(&train(base, "demo", &first));
     assert!(stdout.contains("already finished"), "{stdout}");
     assert_eq!(json(&store, &layout.status()).await["attempt"], 2);
 
@@ -108,10 +97,12 @@ async fn trains_records_restarts_and_promotes(base: &str) {
 
     // The ckpt tool over the same run.
     let run_uri = format!("{}/demo/framework=waypoint", base.trim_end_matches('/'));
-    let list = ok(&common::waypoint()
-        .args(["ckpt", "list", &run_uri])
-        .output()
-        .unwrap());
+    let list = common::ok(
+        &common::waypoint()
+            .args(["ckpt", "list", &run_uri])
+            .output()
+            .unwrap(),
+    );
     assert!(
         list.contains("step-000030") && list.contains("TRAINING,INFERENCE_BASE"),
         "{list}"
@@ -120,10 +111,12 @@ async fn trains_records_restarts_and_promotes(base: &str) {
         list.contains("step-000020") && list.contains("step-000010"),
         "{list}"
     );
-    let verify = ok(&common::waypoint()
-        .args(["ckpt", "verify", &run_uri])
-        .output()
-        .unwrap());
+    let verify = common::ok(
+        &common::waypoint()
+            .args(["ckpt", "verify", &run_uri])
+            .output()
+            .unwrap(),
+    );
     assert_eq!(verify.matches(": ok").count(), 3, "{verify}");
     let out = common::waypoint()
         .args(["ckpt", "promote", &run_uri, "step-000020", "m2"])
@@ -135,15 +128,19 @@ async fn trains_records_restarts_and_promotes(base: &str) {
         "a resumable-only checkpoint is refused: {}",
         stderr(&out)
     );
-    ok(&common::waypoint()
-        .args(["ckpt", "promote", &run_uri, "step-000030", "m2"])
-        .output()
-        .unwrap());
+    common::ok(
+        &common::waypoint()
+            .args(["ckpt", "promote", &run_uri, "step-000030", "m2"])
+            .output()
+            .unwrap(),
+    );
     assert!(store.exists("models/m2/model.safetensors").await.unwrap());
-    let gc = ok(&common::waypoint()
-        .args(["ckpt", "gc", &run_uri])
-        .output()
-        .unwrap());
+    let gc = common::ok(
+        &common::waypoint()
+            .args(["ckpt", "gc", &run_uri])
+            .output()
+            .unwrap(),
+    );
     assert!(gc.contains("0 orphan blob(s) removed"), "{gc}");
 }
 
@@ -180,7 +177,7 @@ async fn demo_run_records_restarts_and_promotes_on_s3() {
             "5",
         ],
     );
-    ok(&out);
+    common::ok(&out);
     let run = json(
         &store,
         &RunLayout::new("s3-data", "waypoint").unwrap().run_config(),
@@ -197,7 +194,7 @@ fn the_default_command_runs_the_embedded_demo() {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    let stdout = ok(&out);
+    let stdout = common::ok(&out);
     assert!(stdout.contains("finished"), "{stdout}");
     let run = dir.path().join("runs/demo/framework=waypoint");
     assert!(run.join("status.json").is_file());
@@ -288,7 +285,7 @@ fn runs_as_a_single_torchrun_worker() {
         .env("TORCHELASTIC_ERROR_FILE", &error_file)
         .output()
         .unwrap();
-    ok(&out);
+    common::ok(&out);
     assert!(!error_file.exists());
 
     // A failing worker leaves the error file torchrun's agent reads, and a FAILED status.
@@ -345,7 +342,7 @@ fn runs_as_a_single_torchrun_worker() {
 fn init_from_checkpoint_starts_from_another_runs_weights_once() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    ok(&train(base, "parent", &[]));
+    common::ok(&train(base, "parent", &[]));
     let out = train(
         base,
         "child",
@@ -357,7 +354,7 @@ fn init_from_checkpoint_starts_from_another_runs_weights_once() {
         ],
     );
     let err = stderr(&out);
-    ok(&out);
+    common::ok(&out);
     assert!(
         err.contains("initialised the weights from another run"),
         "{err}"
@@ -385,7 +382,7 @@ fn init_from_checkpoint_starts_from_another_runs_weights_once() {
             "10",
         ],
     );
-    ok(&out);
+    common::ok(&out);
     assert!(
         stderr(&out).contains("ignoring --init_from_checkpoint"),
         "{}",

@@ -93,15 +93,6 @@ fn spawn_launched(
         .unwrap()
 }
 
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "failed ({:?}):\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn manager(base: &str, run: &str) -> CheckpointManager {
     CheckpointManager::new(
         Store::open(base).unwrap(),
@@ -170,8 +161,8 @@ fn read_until(
 async fn two_ranks_match_one_rank_with_twice_the_batch_and_share_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    ok(&single(base, "one", 4, 8));
-    ok(&launched(base, "two", 2, 2, 8));
+    common::ok(&single(base, "one", 4, 8));
+    common::ok(&launched(base, "two", 2, 2, 8));
     let (_, one) = weights(base, "one", 8).await;
     let (manifest, two) = weights(base, "two", 8).await;
     let diff = max_diff(&one, &two);
@@ -211,7 +202,7 @@ async fn two_ranks_match_one_rank_with_twice_the_batch_and_share_the_checkpoint(
 async fn a_run_saved_by_two_ranks_resumes_with_one_and_with_three() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    ok(&single(base, "reference", 6, 12));
+    common::ok(&single(base, "reference", 6, 12));
     let (_, reference) = weights(base, "reference", 12).await;
 
     for (run, resume_ranks) in [("to-one", 1u32), ("to-three", 3)] {
@@ -242,7 +233,7 @@ async fn a_run_saved_by_two_ranks_resumes_with_one_and_with_three() {
         } else {
             launched(base, run, 3, 2, 12)
         };
-        ok(&out);
+        common::ok(&out);
         assert!(String::from_utf8_lossy(&out.stderr).contains("resumed"));
         let (m, w) = weights(base, run, 12).await;
         assert_eq!(m.world_size, resume_ranks);
@@ -298,7 +289,7 @@ fn a_killed_rank_stops_the_others_and_the_group_resumes() {
 async fn runs_under_pytorchs_torchrun() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    ok(&single(base, "one", 4, 6));
+    common::ok(&single(base, "one", 4, 6));
     let torchrun = common::python().replace("/bin/python", "/bin/torchrun");
     let port = common::free_port().to_string();
     let out = std::process::Command::new(torchrun)
@@ -314,7 +305,7 @@ async fn runs_under_pytorchs_torchrun() {
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
-    ok(&out);
+    common::ok(&out);
     let (_, one) = weights(base, "one", 6).await;
     let (manifest, two) = weights(base, "torchrun", 6).await;
     assert_eq!(manifest.world_size, 2);
@@ -363,7 +354,7 @@ async fn a_rank_failing_mid_save_leaves_no_committed_checkpoint() {
     // With the obstacle gone, the same command resumes from step 3 and finishes.
     std::fs::remove_dir_all(&blocked).unwrap();
     let out = launched(base, "half", 2, 2, 12);
-    ok(&out);
+    common::ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint=step-000003"));
     assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 12);
 }

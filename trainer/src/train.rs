@@ -554,12 +554,13 @@ impl Session {
             .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
             .collect();
         let owners = dcp::assign_owners(&sizes, world);
-        let mine = items
-            .iter()
+        let mine: Vec<(String, Tensor)> = items
+            .into_iter()
             .zip(&owners)
             .filter(|(_, owner)| **owner == rank)
-            .map(|((name, t), _)| to_blob(name, t, None))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|(item, _)| item)
+            .collect();
+        let mine = copy_to_host(&mine)?;
         let writer = manager.file_writer(step, rank);
         let mut files = Vec::new();
         if !mine.is_empty() {
@@ -917,6 +918,14 @@ fn state_items(model: &Model, opt: &AdamW) -> Vec<(String, Tensor)> {
     items
 }
 
+/// Copies named tensors to host memory, as they are.
+fn copy_to_host(items: &[(String, Tensor)]) -> Result<Vec<Blob>> {
+    items
+        .iter()
+        .map(|(name, t)| to_blob(name, t, None))
+        .collect()
+}
+
 /// Copies the state to host memory as a save request: `dcp/` always; `sampler/` when `promotable`.
 fn stage(
     model: &Model,
@@ -925,10 +934,7 @@ fn stage(
     commit: Commit,
     promotable: bool,
 ) -> Result<SaveRequest> {
-    let state = state_items(model, opt)
-        .iter()
-        .map(|(name, t)| to_blob(name, t, None))
-        .collect::<Result<Vec<_>>>()?;
+    let state = copy_to_host(&state_items(model, opt))?;
     let sampler = if promotable {
         Some(sampler_part(model, ctx)?)
     } else {
@@ -1003,12 +1009,7 @@ struct Staging {
 impl Staging {
     fn start(model: &Model, opt: &AdamW, commit: Commit, status: Status, metrics: String) -> Self {
         let items = state_items(model, opt);
-        let copy = std::thread::spawn(move || {
-            items
-                .iter()
-                .map(|(name, t)| to_blob(name, t, None))
-                .collect::<Result<Vec<_>>>()
-        });
+        let copy = std::thread::spawn(move || copy_to_host(&items));
         Self {
             copy,
             commit,
