@@ -15,7 +15,14 @@ use waypoint_storage::{RunLayout, Store};
 
 const STEPS: u64 = 60;
 
+/// The flags of every run; runs whose id starts with `lora` train rank-4 adapters with dropout (so
+/// resuming must restore libtorch's generator too).
 fn train_args(base: &str, run_id: &str) -> Vec<String> {
+    let lora: &[&str] = if run_id.starts_with("lora") {
+        &["--lora_rank", "4", "--lora_dropout", "0.1"]
+    } else {
+        &[]
+    };
     [
         "train",
         "--device",
@@ -40,6 +47,7 @@ fn train_args(base: &str, run_id: &str) -> Vec<String> {
         base,
     ]
     .iter()
+    .chain(lora)
     .map(|s| s.to_string())
     .collect()
 }
@@ -249,6 +257,47 @@ async fn sigterm_saves_and_the_restart_redoes_no_step(base: &str) {
     let (ref_losses, _) = losses(base, "reference").await;
     assert_eq!(l, ref_losses);
     assert_eq!(status(base, "termed").await["state"], "FINISHED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_lora_run_with_dropout_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    run_to_end(base, "lora-reference");
+    let mut child = spawn(base, "lora-killed");
+    wait_for_step(&mut child, 25);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stderr = run_to_end(base, "lora-killed");
+    assert!(stderr.contains("resumed"), "{stderr}");
+    let reference = final_state(base, "lora-reference").await;
+    assert!(
+        reference.keys().any(|k| k.contains(".lora_A.")),
+        "adapters were trained"
+    );
+    assert!(
+        !reference.keys().any(|k| k.contains("embed_tokens")),
+        "the base is frozen"
+    );
+    let resumed = final_state(base, "lora-killed").await;
+    let differing: Vec<&String> = reference
+        .iter()
+        .filter(|(name, bytes)| resumed.get(*name) != Some(bytes))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(differing.is_empty(), "differ after resume: {differing:?}");
+    assert_eq!(
+        losses(base, "lora-reference").await.0,
+        losses(base, "lora-killed").await.0
+    );
+    let m = CheckpointManager::new(
+        Store::open(base).unwrap(),
+        RunLayout::new("lora-killed", "waypoint").unwrap(),
+        ManagerOptions::default(),
+    );
+    let last = m.list().await.unwrap().into_iter().next().unwrap();
+    let kinds: Vec<&str> = last.kinds.iter().map(|k| k.as_str()).collect();
+    assert_eq!(kinds, ["TRAINING_LORA", "INFERENCE_LORA"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
