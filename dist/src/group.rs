@@ -162,17 +162,8 @@ impl Group {
 
     /// Every rank's `data`, in rank order.
     pub fn all_gather(&self, what: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let name = self.next_name(what);
-        let keys: Vec<String> = (0..self.config.world_size)
-            .map(|r| self.key(&format!("{name}/{r}")))
-            .collect();
-        let mut store = self.store();
-        store.set(&keys[self.config.rank as usize], data)?;
-        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        store
-            .wait(&refs, self.config.timeout)
-            .map_err(|e| self.collective_error(what, e))?;
-        store.multi_get(&refs)
+        let name = self.key(&self.next_name(what));
+        gather(&mut self.store(), &self.config, what, &name, data)
     }
 
     /// Waits until every rank reaches the barrier called `what`.
@@ -183,24 +174,17 @@ impl Group {
     /// Rank 0's `data` on every rank.
     pub fn broadcast(&self, what: &str, data: &[u8]) -> Result<Vec<u8>> {
         let name = self.key(&self.next_name(what));
-        let mut store = self.store();
-        if self.config.rank == 0 {
-            store.set(&name, data)?;
-        }
-        store
-            .wait(&[&name], self.config.timeout)
-            .map_err(|e| self.collective_error(what, e))?;
-        store.get(&name)
+        broadcast(&mut self.store(), &self.config, what, &name, data)
     }
 
-    fn collective_error(&self, what: &str, e: DistError) -> DistError {
-        match e {
-            DistError::Timeout { timeout, .. } => DistError::Protocol(format!(
-                "rank {}: collective `{what}` timed out after {timeout:?}; another rank died or hangs",
-                self.config.rank
-            )),
-            other => other,
-        }
+    /// Collectives on a store connection of their own, named by the caller: for work beside the
+    /// training loop (a background save) whose collectives must not interleave with the loop's.
+    pub fn side_channel(&self) -> Result<SideChannel> {
+        let c = &self.config;
+        Ok(SideChannel {
+            store: StoreClient::connect(&c.master_addr, c.master_port, c.timeout)?,
+            config: c.clone(),
+        })
     }
 
     /// Sums `data` over all ranks, in place, with a ring reduce-scatter then all-gather. Every rank
@@ -256,6 +240,76 @@ impl Group {
             ),
             source: e,
         }
+    }
+}
+
+/// Collectives named by the caller (names must be unique per use and the same on every rank), on a
+/// connection of their own. See [`Group::side_channel`].
+pub struct SideChannel {
+    store: StoreClient,
+    config: GroupConfig,
+}
+
+impl SideChannel {
+    /// Every rank's `data` for the collective called `name`, in rank order.
+    pub fn all_gather(&mut self, name: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let key = format!("waypoint/{}/side/{name}", self.config.restart_count);
+        gather(&mut self.store, &self.config, name, &key, data)
+    }
+
+    /// Waits until every rank reaches the barrier called `name`.
+    pub fn barrier(&mut self, name: &str) -> Result<()> {
+        self.all_gather(name, b"").map(|_| ())
+    }
+
+    /// Rank 0's `data` for the collective called `name`, on every rank.
+    pub fn broadcast(&mut self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
+        let key = format!("waypoint/{}/side/{name}", self.config.restart_count);
+        broadcast(&mut self.store, &self.config, name, &key, data)
+    }
+}
+
+/// All-gather through the store: each rank sets `<key>/<rank>`, waits for all, reads all.
+fn gather(
+    store: &mut StoreClient,
+    c: &GroupConfig,
+    what: &str,
+    key: &str,
+    data: &[u8],
+) -> Result<Vec<Vec<u8>>> {
+    let keys: Vec<String> = (0..c.world_size).map(|r| format!("{key}/{r}")).collect();
+    store.set(&keys[c.rank as usize], data)?;
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    store
+        .wait(&refs, c.timeout)
+        .map_err(|e| collective_error(c, what, e))?;
+    store.multi_get(&refs)
+}
+
+/// Broadcast through the store: rank 0 sets `key`, every rank waits for it and reads it.
+fn broadcast(
+    store: &mut StoreClient,
+    c: &GroupConfig,
+    what: &str,
+    key: &str,
+    data: &[u8],
+) -> Result<Vec<u8>> {
+    if c.rank == 0 {
+        store.set(key, data)?;
+    }
+    store
+        .wait(&[key], c.timeout)
+        .map_err(|e| collective_error(c, what, e))?;
+    store.get(key)
+}
+
+fn collective_error(c: &GroupConfig, what: &str, e: DistError) -> DistError {
+    match e {
+        DistError::Timeout { timeout, .. } => DistError::Protocol(format!(
+            "rank {}: collective `{what}` timed out after {timeout:?}; another rank died or hangs",
+            c.rank
+        )),
+        other => other,
     }
 }
 
@@ -336,6 +390,14 @@ mod tests {
                             .all_gather("names", format!("r{rank}").as_bytes())
                             .unwrap();
                         let b = g.broadcast("b", format!("from {rank}").as_bytes()).unwrap();
+                        let mut side = g.side_channel().unwrap();
+                        let side_b = side.broadcast("s/1", b"side").unwrap();
+                        assert_eq!(side_b, b"side");
+                        let side_all = side.all_gather("s/2", &[rank as u8]).unwrap();
+                        assert_eq!(
+                            side_all,
+                            (0..world).map(|r| vec![r as u8]).collect::<Vec<_>>()
+                        );
                         g.barrier("end").unwrap();
                         (v, names, b)
                     })

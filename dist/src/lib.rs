@@ -15,5 +15,5 @@ pub mod wire;
 
 pub use client::StoreClient;
 pub use error::{DistError, Result};
-pub use group::{Group, GroupConfig};
+pub use group::{Group, GroupConfig, SideChannel};
 pub use server::StoreServer;

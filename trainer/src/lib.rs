@@ -2,7 +2,8 @@
 //! resumes exactly, through the checkpoint and storage crates.
 //!
 //! - [`cli`]: flags, exit codes, dispatch; [`config`]: defaults ← `--config_path` ← flags.
-//! - [`train`]: the loop, saves in it, resume, signals; [`records`]: status, metrics, error file.
+//! - [`train`]: the loop, resume, signals; [`saving`]: checkpoints from the loop, async and sharded;
+//!   [`records`]: status, metrics, error file.
 //! - [`model`]: Llama/Qwen2/Qwen3 and LoRA; [`tokenizer`]; [`data`]: JSONL to packed samples;
 //!   [`optim`]: AdamW and the LR schedule; [`convert`]: tch ↔ checkpoint tensors.
 //! - [`ckpt`]: `waypoint ckpt list|verify|promote|gc`; [`launch`]: `waypoint launch`, torchrun's job
@@ -19,6 +20,7 @@ pub mod model;
 pub mod optim;
 pub mod ranks;
 pub mod records;
+pub mod saving;
 pub mod tokenizer;
 pub mod torchrun;
 pub mod train;

@@ -3,9 +3,10 @@
 //! One start of the trainer: open the run, find its newest resumable checkpoint (or
 //! `init_from_checkpoint`), check that the configuration has not drifted, take an attempt number, and
 //! train from the restored step, data position and optimizer state. Periodic saves are resumable;
-//! the final save is resumable and promotable. Saves are staged to host memory and uploaded in the
-//! background, one at a time. On SIGTERM/SIGINT the current step finishes, a resumable checkpoint is
-//! saved, and the process exits so that a restart redoes no step.
+//! the final save is resumable and promotable (see [`crate::saving`]). With several ranks, each takes
+//! its slice of every global batch and gradients are summed ([`crate::ranks`]). On SIGTERM/SIGINT
+//! the current step finishes (on every rank), a resumable checkpoint is saved, and the process exits
+//! so that a restart redoes no step.
 //!
 //! Exactness: dropout (LoRA's) draws from libtorch's generator reseeded from (seed, step) at every
 //! step, the data order is a pure function of (seed, epoch), and the learning rate a pure function of
@@ -23,21 +24,17 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Runtime;
-use tokio::task::JoinHandle;
-use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
-use waypoint_checkpoint::{
-    dcp, CheckpointManager, Commit, FileEntry, ManagerOptions, Manifest, SamplerPart, SaveRequest,
-    Tensor as Blob,
-};
+use waypoint_checkpoint::{dcp, CheckpointManager, ManagerOptions, Tensor as Blob};
 use waypoint_storage::{model_dir, RunLayout, Store};
 
 use crate::config::{fingerprint, TrainConfig};
-use crate::convert::{from_blob, to_blob};
+use crate::convert::from_blob;
 use crate::data::{read_sources, DataOptions, Dataset, IGNORE};
 use crate::model::{LoraConfig, Model, ModelConfig};
 use crate::optim::{clip_grad_norm, gradients, AdamW, AdamWConfig, Schedule, ScheduleKind};
 use crate::ranks::Ranks;
 use crate::records::{self, JobState, Status};
+use crate::saving::{SaveContext, Saver};
 use crate::tokenizer::Tokenizer;
 use crate::torchrun::WorkerEnv;
 
@@ -316,12 +313,7 @@ impl Session {
             kind: ScheduleKind::parse(&cfg.lr_scheduler)?,
             min_lr_ratio: cfg.min_lr_ratio,
         };
-        let mut saver = Saver {
-            manager: manager.clone(),
-            inflight: None,
-            sync: cfg.sync_save,
-            committed: None,
-        };
+        let mut saver = Saver::new(manager.clone(), &ranks, rt.handle().clone())?;
         let ctx = SaveContext {
             fingerprint: config_fp.clone(),
             sampler_kind: match cfg.sampler_dtype.as_str() {
@@ -349,10 +341,9 @@ impl Session {
         let bs = cfg.batch_size as usize;
         let mut last_loss = f64::NAN;
         let mut save_stall: Option<f64> = None;
-        let mut staging: Option<Staging> = None;
         while self.step < total {
             let signal = stop.load(Ordering::SeqCst);
-            saver.check(rt)?;
+            saver.check()?;
             if saver.committed.is_some() {
                 self.last_checkpoint = saver.committed.clone();
             }
@@ -373,9 +364,6 @@ impl Session {
             // All ranks stop after the same step, whichever of them got the signal.
             let (tokens, stop_now) = ranks.agree(tokens, signal != 0)?;
             if stop_now {
-                if let Some(pending) = staging.take() {
-                    pending.hand_over(&mut saver, rt)?;
-                }
                 let signal = if signal != 0 { signal } else { 15 };
                 return self.stop_for_signal(
                     signal,
@@ -400,11 +388,9 @@ impl Session {
             ranks.all_reduce(&mut grads, &mut loss_value)?;
             let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
             let lr = schedule.lr_at(self.step);
-            if let Some(pending) = staging.take() {
-                // The copy of the previous step's state must end before the weights change.
-                let blocked = Instant::now();
-                pending.hand_over(&mut saver, rt)?;
-                *save_stall.get_or_insert(0.0) += blocked.elapsed().as_secs_f64();
+            // The copy of the previous step's state must end before the weights change.
+            if let Some(blocked) = saver.before_update()? {
+                *save_stall.get_or_insert(0.0) += blocked;
             }
             opt.step(params, &grads, lr);
             drop(grads);
@@ -446,46 +432,37 @@ impl Session {
             let periodic = cfg.save_steps > 0 && self.step % cfg.save_steps == 0;
             if periodic && self.step < total {
                 let blocked = Instant::now();
-                let commit = commit_for(&ctx, self.step, data_consumed);
-                if world > 1 {
-                    self.save_sharded(
-                        &ranks, &manager, &model, &opt, &ctx, commit, false, &metrics, rt,
-                    )?;
-                } else if cfg.sync_save {
-                    let request = stage(&model, &opt, &ctx, commit, false)?;
-                    saver.start(request, &self.status_for(attempt), &metrics, rt)?;
-                } else {
-                    staging = Some(Staging::start(
-                        &model,
-                        &opt,
-                        commit,
-                        self.status_for(attempt),
-                        metrics.clone(),
-                    ));
-                }
+                saver.save(
+                    &model,
+                    &opt,
+                    &ctx,
+                    ctx.commit(self.step, data_consumed, ranks.world()),
+                    false,
+                    self.status_for(attempt),
+                    metrics.clone(),
+                    !cfg.sync_save,
+                )?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());
             }
-        }
-        if let Some(pending) = staging.take() {
-            pending.hand_over(&mut saver, rt)?;
         }
         progress.finish();
 
         // The final save: resumable and promotable. Already there when a finished run is restarted.
         let final_name = waypoint_storage::StepName::new(total).to_string();
         if latest.as_ref().is_none_or(|m| m.step < total) {
-            let commit = commit_for(&ctx, total, data_consumed);
-            if world > 1 {
-                self.save_sharded(
-                    &ranks, &manager, &model, &opt, &ctx, commit, true, &metrics, rt,
-                )?;
-            } else {
-                let request = stage(&model, &opt, &ctx, commit, true)?;
-                saver.sync = true;
-                saver.start(request, &self.status_for(attempt), &metrics, rt)?;
-            }
+            saver.wait()?;
+            saver.save(
+                &model,
+                &opt,
+                &ctx,
+                ctx.commit(total, data_consumed, ranks.world()),
+                true,
+                self.status_for(attempt),
+                metrics.clone(),
+                false,
+            )?;
         }
-        saver.wait(rt)?;
+        saver.wait()?;
         self.last_checkpoint = Some(final_name.clone());
         let mut promoted = None;
         if !main {
@@ -519,99 +496,6 @@ impl Session {
         })
     }
 
-    /// A save by every rank: rank 0 clears the step's folder; each rank writes about 1/N of the
-    /// state (each replicated tensor once, spread by size), rank 0 also the sampler part when
-    /// `promotable`; rank 0 commits once every rank's file list has come through the store. A rank
-    /// that dies mid-save leaves the others waiting until the collective times out: no commit.
-    #[allow(clippy::too_many_arguments)]
-    fn save_sharded(
-        &mut self,
-        ranks: &Ranks,
-        manager: &CheckpointManager,
-        model: &Model,
-        opt: &AdamW,
-        ctx: &SaveContext,
-        mut commit: Commit,
-        promotable: bool,
-        metrics: &str,
-        rt: &Runtime,
-    ) -> Result<()> {
-        let step = waypoint_storage::StepName::new(commit.step);
-        let (rank, world) = (ranks.rank(), ranks.world());
-        let started = Instant::now();
-        if ranks.is_main() {
-            rt.block_on(
-                self.store
-                    .put(&self.layout.metrics(), Bytes::from(metrics.to_string())),
-            )
-            .context("writing logs/metrics.jsonl")?;
-            rt.block_on(manager.prepare_save(step))?;
-        }
-        ranks.barrier("save-prepared")?;
-        let items = state_items(model, opt);
-        let sizes: Vec<u64> = items
-            .iter()
-            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .collect();
-        let owners = dcp::assign_owners(&sizes, world);
-        let mine: Vec<(String, Tensor)> = items
-            .into_iter()
-            .zip(&owners)
-            .filter(|(_, owner)| **owner == rank)
-            .map(|(item, _)| item)
-            .collect();
-        let mine = copy_to_host(&mine)?;
-        let writer = manager.file_writer(step, rank);
-        let mut files = Vec::new();
-        if !mine.is_empty() {
-            files = rt.block_on(manager.write_dcp(&writer, world, mine))?;
-        }
-        if promotable && ranks.is_main() {
-            let sampler = sampler_part(model, ctx)?;
-            files.extend(rt.block_on(manager.write_sampler(&writer, sampler, &mut commit))?);
-        }
-        let bytes: u64 = files.iter().map(|f| f.bytes).sum();
-        tracing::info!(rank, checkpoint = %step, files = files.len(), bytes, "wrote this rank's share");
-        let lists = ranks.all_gather("save-files", &serde_json::to_vec(&files)?)?;
-        let verdict = if ranks.is_main() {
-            let mut all = Vec::new();
-            for list in &lists {
-                all.extend(serde_json::from_slice::<Vec<FileEntry>>(list)?);
-            }
-            commit.world_size = world;
-            match rt.block_on(manager.commit(commit, all)) {
-                Ok(m) => {
-                    let mut status = self.status_for(self.attempt.unwrap_or(0));
-                    status.checkpoint = Some(m.name.clone());
-                    rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
-                    format!("ok {}", m.name)
-                }
-                Err(e) => format!("error {e}"),
-            }
-        } else {
-            String::new()
-        };
-        let verdict = ranks.broadcast("save-result", verdict.as_bytes())?;
-        let verdict = String::from_utf8_lossy(&verdict);
-        match verdict.strip_prefix("ok ") {
-            Some(name) => {
-                self.last_checkpoint = Some(name.to_string());
-                let secs = started.elapsed().as_secs_f64();
-                tracing::info!(
-                    rank,
-                    checkpoint = name,
-                    secs,
-                    "checkpoint committed by rank 0"
-                );
-                Ok(())
-            }
-            None => bail!(
-                "rank 0 could not commit {step}: {}",
-                verdict.trim_start_matches("error ")
-            ),
-        }
-    }
-
     fn status_for(&self, attempt: u64) -> Status {
         let mut s = Status::new(JobState::Running, self.step, self.total_steps);
         s.attempt = Some(attempt);
@@ -638,7 +522,7 @@ impl Session {
             step = self.step,
             "stop requested; saving the current step"
         );
-        saver.wait(rt)?;
+        saver.wait()?;
         if saver.committed.is_some() {
             self.last_checkpoint = saver.committed.clone();
         }
@@ -646,16 +530,16 @@ impl Session {
             != Some(&waypoint_storage::StepName::new(self.step).to_string())
             && self.step > 0
         {
-            let commit = commit_for(ctx, self.step, data_consumed);
-            if ranks.world() > 1 {
-                let manager = saver.manager.clone();
-                self.save_sharded(ranks, &manager, model, opt, ctx, commit, false, metrics, rt)?;
-            } else {
-                let request = stage(model, opt, ctx, commit, false)?;
-                saver.sync = true;
-                saver.start(request, &self.status_for(attempt), metrics, rt)?;
-                saver.wait(rt)?;
-            }
+            saver.save(
+                model,
+                opt,
+                ctx,
+                ctx.commit(self.step, data_consumed, ranks.world()),
+                false,
+                self.status_for(attempt),
+                metrics.to_string(),
+                false,
+            )?;
             self.last_checkpoint = Some(waypoint_storage::StepName::new(self.step).to_string());
         }
         if !ranks.is_main() {
@@ -875,246 +759,6 @@ fn restore_state(checkpoint: &str, blobs: Vec<Blob>, model: &Model, opt: &mut Ad
         copy_into(&s.step, get(dcp::optim_key(&p.name, "step"))?, checkpoint)?;
     }
     Ok(())
-}
-
-/// What every save needs besides the live state.
-struct SaveContext {
-    fingerprint: String,
-    sampler_kind: Kind,
-    sampler_dtype_name: &'static str,
-    tokenizer_files: Vec<(String, Bytes)>,
-    model_id: String,
-    n_samples: u64,
-}
-
-/// The counters and identity of a checkpoint at `step`.
-fn commit_for(ctx: &SaveContext, step: u64, data_consumed: u64) -> Commit {
-    Commit {
-        step,
-        data_consumed,
-        epoch: data_consumed / ctx.n_samples.max(1),
-        world_size: 1,
-        config_fingerprint: ctx.fingerprint.clone(),
-        delta_base: None,
-    }
-}
-
-/// The resumable state under DCP's names: trainable weights and their AdamW state (handles that
-/// share the live tensors' memory).
-fn state_items(model: &Model, opt: &AdamW) -> Vec<(String, Tensor)> {
-    let mut items = Vec::new();
-    for (p, s) in model.trainable().iter().zip(&opt.state) {
-        items.push((dcp::model_key(&p.name), p.tensor.shallow_clone()));
-        items.push((
-            dcp::optim_key(&p.name, "exp_avg"),
-            s.exp_avg.shallow_clone(),
-        ));
-        items.push((
-            dcp::optim_key(&p.name, "exp_avg_sq"),
-            s.exp_avg_sq.shallow_clone(),
-        ));
-        items.push((dcp::optim_key(&p.name, "step"), s.step.shallow_clone()));
-    }
-    items
-}
-
-/// Copies named tensors to host memory, as they are.
-fn copy_to_host(items: &[(String, Tensor)]) -> Result<Vec<Blob>> {
-    items
-        .iter()
-        .map(|(name, t)| to_blob(name, t, None))
-        .collect()
-}
-
-/// Copies the state to host memory as a save request: `dcp/` always; `sampler/` when `promotable`.
-fn stage(
-    model: &Model,
-    opt: &AdamW,
-    ctx: &SaveContext,
-    commit: Commit,
-    promotable: bool,
-) -> Result<SaveRequest> {
-    let state = copy_to_host(&state_items(model, opt))?;
-    let sampler = if promotable {
-        Some(sampler_part(model, ctx)?)
-    } else {
-        None
-    };
-    Ok(SaveRequest {
-        commit,
-        dcp: Some(state),
-        sampler,
-    })
-}
-
-/// The promotable part: a PEFT adapter under LoRA, else the full weights as an HF directory, in the
-/// sampler dtype.
-fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
-    if let Some(lora) = &model.lora {
-        let config = AdapterConfig::new(
-            lora.rank as usize,
-            lora.alpha,
-            lora.dropout,
-            lora.targets.clone(),
-            &ctx.model_id,
-        );
-        let tensors = model
-            .trainable()
-            .iter()
-            .map(|p| {
-                let (fqn, which) = match p.name.strip_suffix(".lora_A.weight") {
-                    Some(f) => (f, 'A'),
-                    None => (
-                        p.name.strip_suffix(".lora_B.weight").unwrap_or(&p.name),
-                        'B',
-                    ),
-                };
-                to_blob(
-                    &adapter_tensor_name(fqn, which),
-                    &p.tensor,
-                    Some(ctx.sampler_kind),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(SamplerPart::Lora {
-            adapter_config: Bytes::from(config.to_json()),
-            tensors,
-        })
-    } else {
-        let mut config: Value = model.config.raw.clone();
-        config["torch_dtype"] = json!(ctx.sampler_dtype_name);
-        let tensors = model
-            .base()
-            .iter()
-            .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_kind)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(SamplerPart::Full {
-            config_json: Bytes::from(serde_json::to_vec_pretty(&config)?),
-            tensors,
-            extra_files: ctx.tokenizer_files.clone(),
-        })
-    }
-}
-
-/// A resumable save being copied to host memory on its own thread, while the next step's forward
-/// and backward passes run: they only read the weights, and the optimizer step waits for the copy
-/// ([`Staging::hand_over`]). The training loop is blocked only for what the copy does not overlap.
-struct Staging {
-    copy: std::thread::JoinHandle<Result<Vec<Blob>>>,
-    commit: Commit,
-    status: Status,
-    metrics: String,
-}
-
-impl Staging {
-    fn start(model: &Model, opt: &AdamW, commit: Commit, status: Status, metrics: String) -> Self {
-        let items = state_items(model, opt);
-        let copy = std::thread::spawn(move || copy_to_host(&items));
-        Self {
-            copy,
-            commit,
-            status,
-            metrics,
-        }
-    }
-
-    /// Waits for the copy, then hands the save to `saver` (which uploads it in the background).
-    fn hand_over(self, saver: &mut Saver, rt: &Runtime) -> Result<()> {
-        let state = self
-            .copy
-            .join()
-            .map_err(|_| anyhow::anyhow!("the staging thread panicked"))??;
-        let request = SaveRequest {
-            commit: self.commit,
-            dcp: Some(state),
-            sampler: None,
-        };
-        saver.start(request, &self.status, &self.metrics, rt)
-    }
-}
-
-/// Uploads staged saves in the background, one at a time.
-struct Saver {
-    manager: Arc<CheckpointManager>,
-    inflight: Option<JoinHandle<Result<Manifest>>>,
-    sync: bool,
-    /// The newest checkpoint this process committed.
-    committed: Option<String>,
-}
-
-impl Saver {
-    /// Waits for the save in flight, then starts `request` (and waits for it too when synchronous).
-    /// `logs/metrics.jsonl` is written before the commit, `status.json` after it.
-    fn start(
-        &mut self,
-        request: SaveRequest,
-        status: &Status,
-        metrics: &str,
-        rt: &Runtime,
-    ) -> Result<()> {
-        self.wait(rt)?;
-        let manager = self.manager.clone();
-        let mut status = status.clone();
-        let metrics = Bytes::from(metrics.to_string());
-        self.inflight = Some(rt.spawn(async move {
-            let name = waypoint_storage::StepName::new(request.commit.step).to_string();
-            // Metrics first: a resumed run keeps the lines up to its checkpoint and redoes the
-            // rest, so lines past a checkpoint that never commits are harmless; lines missing
-            // below a committed one would not be.
-            manager
-                .store()
-                .put(&manager.layout().metrics(), metrics)
-                .await
-                .context("writing logs/metrics.jsonl")?;
-            let mut tries = 0;
-            let started = Instant::now();
-            let manifest = loop {
-                tries += 1;
-                match manager.save(request.clone()).await {
-                    Ok(m) => break m,
-                    // Storage errors may pass (storage already retried each call); a fenced or
-                    // already-committed save never will.
-                    Err(e @ waypoint_checkpoint::CheckpointError::Storage(_)) if tries < 3 => {
-                        tracing::warn!(checkpoint = %name, "save failed, retrying: {e}");
-                        tokio::time::sleep(Duration::from_secs(tries)).await;
-                    }
-                    Err(e) => {
-                        return Err(anyhow::Error::new(e).context(format!(
-                            "saving checkpoint {name} failed after {tries} tries"
-                        )))
-                    }
-                }
-            };
-            let store = manager.store();
-            let layout = manager.layout();
-            status.checkpoint = Some(manifest.name.clone());
-            records::write_status(store, layout, &status).await?;
-            let secs = started.elapsed().as_secs_f64();
-            tracing::info!(checkpoint = %manifest.name, secs, "checkpoint committed");
-            Ok(manifest)
-        }));
-        if self.sync {
-            self.wait(rt)?;
-        }
-        Ok(())
-    }
-
-    /// Fails if the save in flight has failed; does not wait for it.
-    fn check(&mut self, rt: &Runtime) -> Result<()> {
-        if self.inflight.as_ref().is_some_and(|h| h.is_finished()) {
-            self.wait(rt)?;
-        }
-        Ok(())
-    }
-
-    /// Waits for the save in flight, if any.
-    fn wait(&mut self, rt: &Runtime) -> Result<()> {
-        if let Some(h) = self.inflight.take() {
-            let manifest = rt.block_on(h).context("the save task panicked")??;
-            self.committed = Some(manifest.name);
-        }
-        Ok(())
-    }
 }
 
 /// Cross-entropy summed over the tokens whose label is not [`IGNORE`] (fp32).
