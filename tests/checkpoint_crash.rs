@@ -139,13 +139,7 @@ async fn kill_loop(base: &str, seed: u64) {
         child.wait().unwrap();
         let _ = reader.join();
 
-        let steps: BTreeSet<u64> = m
-            .committed_steps()
-            .await
-            .unwrap()
-            .iter()
-            .map(|s| s.step())
-            .collect();
+        let steps: BTreeSet<u64> = common::committed_steps(&m).await.into_iter().collect();
         if steps == committed_before {
             kills_without_commit += 1;
         }

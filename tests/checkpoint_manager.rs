@@ -241,13 +241,7 @@ async fn retention_keeps_the_newest_and_never_the_sampler_blobs() {
         for step in 2..=5 {
             m.save(resumable(step)).await.unwrap();
         }
-        let steps: Vec<u64> = m
-            .committed_steps()
-            .await
-            .unwrap()
-            .iter()
-            .map(|s| s.step())
-            .collect();
+        let steps: Vec<u64> = common::committed_steps(&m).await;
         assert_eq!(
             steps,
             [5, 4, 1],

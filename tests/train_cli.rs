@@ -343,16 +343,13 @@ fn init_from_checkpoint_starts_from_another_runs_weights_once() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
     common::ok(&train(base, "parent", &[]));
-    let out = train(
-        base,
-        "child",
-        &[
-            "--init_from_checkpoint",
-            "parent:step-000030",
-            "--max_steps",
-            "10",
-        ],
-    );
+    let child = [
+        "--init_from_checkpoint",
+        "parent:step-000030",
+        "--max_steps",
+        "10",
+    ];
+    let out = train(base, "child", &child);
     let err = stderr(&out);
     common::ok(&out);
     assert!(
@@ -372,16 +369,7 @@ fn init_from_checkpoint_starts_from_another_runs_weights_once() {
     };
     assert!(first_loss("child") < first_loss("parent") - 0.5);
     // Once the child has checkpoints, a restart resumes them and ignores the flag.
-    let out = train(
-        base,
-        "child",
-        &[
-            "--init_from_checkpoint",
-            "parent:step-000030",
-            "--max_steps",
-            "10",
-        ],
-    );
+    let out = train(base, "child", &child);
     common::ok(&out);
     assert!(
         stderr(&out).contains("ignoring --init_from_checkpoint"),

@@ -341,13 +341,7 @@ async fn a_rank_failing_mid_save_leaves_no_committed_checkpoint() {
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("rank 1 failed"), "{log}");
     let m = manager(base, "half");
-    let steps: Vec<u64> = m
-        .committed_steps()
-        .await
-        .unwrap()
-        .iter()
-        .map(|s| s.step())
-        .collect();
+    let steps: Vec<u64> = common::committed_steps(&m).await;
     assert_eq!(steps, [3], "step 6 was never committed");
     assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 3);
 

@@ -69,6 +69,16 @@ pub fn ok(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// The steps of a run's committed checkpoints, newest first.
+pub async fn committed_steps(m: &waypoint_checkpoint::CheckpointManager) -> Vec<u64> {
+    m.committed_steps()
+        .await
+        .expect("list committed checkpoints")
+        .iter()
+        .map(|s| s.step())
+        .collect()
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
