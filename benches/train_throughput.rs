@@ -6,7 +6,9 @@
 //!   of each run over a run without saves is printed too: background uploads share the CPU.
 //!
 //! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6: ~19M parameters, a ~230 MB
-//! resumable checkpoint); WAYPOINT_BENCH_THREADS the libtorch threads (default 2).
+//! resumable checkpoint); WAYPOINT_BENCH_THREADS the libtorch threads (default 2);
+//! WAYPOINT_BENCH_BATCH / _SEQ the batch shape (default 4 × 128); WAYPOINT_BENCH_DEVICE `cpu`
+//! (default) or `cuda`, where both sides compute matmuls in bf16 (the anchor under autocast).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -31,29 +33,20 @@ fn waypoint(
     extra: &[&str],
 ) -> (Vec<serde_json::Value>, f64) {
     let threads = env_or("WAYPOINT_BENCH_THREADS", 2).to_string();
+    let (batch, seq) = (
+        env_or("WAYPOINT_BENCH_BATCH", 4).to_string(),
+        env_or("WAYPOINT_BENCH_SEQ", 128).to_string(),
+    );
     let start = Instant::now();
     run_quiet(
         Command::new(env!("CARGO_BIN_EXE_waypoint"))
-            .args([
-                "train",
-                "--device",
-                "cpu",
-                "--num_threads",
-                &threads,
-                "--run_id",
-                run,
-            ])
+            .args(["train", "--device", &device(), "--num_threads", &threads])
+            .args(["--run_id", run])
             .args(["--model_id", model.to_str().unwrap()])
             .args(["--dataset_uri", data.to_str().unwrap()])
             .args(["--checkpoint_base_uri", base.to_str().unwrap()])
-            .args([
-                "--batch_size",
-                "4",
-                "--max_seq_len",
-                "128",
-                "--warmup_steps",
-                "0",
-            ])
+            .args(["--batch_size", &batch, "--max_seq_len", &seq])
+            .args(["--warmup_steps", "0"])
             .args(["--lr", "1e-4", "--keep_last", "1"])
             .args(extra),
     );
@@ -66,6 +59,10 @@ fn waypoint(
         .map(|l| serde_json::from_str(l).expect("metrics line"))
         .collect();
     (lines, secs)
+}
+
+fn device() -> String {
+    std::env::var("WAYPOINT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
 
 fn run_quiet(cmd: &mut Command) {
@@ -82,6 +79,11 @@ fn main() {
     let data = dir.path().join("data.jsonl");
     write_dataset(&data);
     let threads = env_or("WAYPOINT_BENCH_THREADS", 2);
+    let (batch, seq) = (
+        env_or("WAYPOINT_BENCH_BATCH", 4),
+        env_or("WAYPOINT_BENCH_SEQ", 128),
+    );
+    let device = device();
 
     // Throughput: no saves until the final one.
     let steps = 14;
@@ -105,18 +107,19 @@ fn main() {
                 "/benches/anchors/train_anchor.py"
             ),
             model.to_str().unwrap(),
-            "4",
-            "128",
+            &batch.to_string(),
+            &seq.to_string(),
             &steps.to_string(),
             &threads.to_string(),
+            &device,
         ]))
         .trim(),
     )
     .unwrap();
     let theirs = anchor["tokens_per_s"].as_f64().unwrap();
     println!(
-        "train tokens/s (hidden {hidden}, {layers} layers, batch 4 x 128, {threads} threads): \
-         waypoint {ours:.0} vs PyTorch eager {theirs:.0} = {:.2}x (target >= 1.0x)",
+        "train tokens/s on {device} (hidden {hidden}, {layers} layers, batch {batch} x {seq}, \
+         {threads} threads): waypoint {ours:.0} vs PyTorch eager {theirs:.0} = {:.2}x (target >= 1.0x)",
         ours / theirs
     );
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod flaky;
+pub mod runs;
 pub mod weights;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -17,6 +17,7 @@ pub mod data;
 pub mod device;
 pub mod launch;
 pub mod model;
+pub mod nccl;
 pub mod optim;
 pub mod ranks;
 pub mod records;

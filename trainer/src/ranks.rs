@@ -1,33 +1,38 @@
 //! This worker among the others: joining them (through the torchrun environment), agreeing on each
 //! step, and averaging gradients. A single worker needs none of it and pays nothing.
 //!
-//! Gradients are summed with the ring all-reduce of `waypoint-dist` on CPU. Each rank's loss is
-//! already divided by the global token count, so the sum is the gradient of the global mean loss: 2
-//! ranks × batch b compute what 1 rank × batch 2b does.
+//! Gradients are summed with NCCL on CUDA ([`crate::nccl`], its id passed through the store) and
+//! with the ring all-reduce of `waypoint-dist` on CPU. Each rank's loss is already divided by the
+//! global token count, so the sum is the gradient of the global mean loss: 2 ranks × batch b
+//! compute what 1 rank × batch 2b does.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use waypoint_dist::{Group, GroupConfig};
 
+use crate::nccl::{Communicator, Nccl};
 use crate::torchrun::WorkerEnv;
 
 /// The ranks of the job, from this worker's side.
 pub struct Ranks {
     group: Option<Group>,
+    nccl: Option<Communicator>,
     rank: u32,
     world: u32,
 }
 
 impl Ranks {
-    /// Joins the other workers (nothing to join when there are none).
-    pub fn join(env: &WorkerEnv, timeout: Duration) -> Result<Self> {
+    /// Joins the other workers (nothing to join when there are none); on CUDA also their NCCL
+    /// communicator, on this worker's GPU.
+    pub fn join(env: &WorkerEnv, timeout: Duration, device: Device) -> Result<Self> {
         let rank = u32::try_from(env.rank).context("RANK is too large")?;
         let world = u32::try_from(env.world_size).context("WORLD_SIZE is too large")?;
         if world == 1 {
             return Ok(Self {
                 group: None,
+                nccl: None,
                 rank,
                 world,
             });
@@ -45,8 +50,25 @@ impl Ranks {
             timeout,
         })
         .with_context(|| format!("rank {rank} of {world}: joining the group"))?;
+        let nccl = match device {
+            Device::Cuda(gpu) => {
+                let nccl = Nccl::load()?;
+                let id = if rank == 0 {
+                    nccl.unique_id()?
+                } else {
+                    Vec::new()
+                };
+                let id = group.broadcast("nccl-id", &id)?;
+                let comm = Communicator::join(nccl, &id, rank, world, gpu, timeout)
+                    .with_context(|| format!("rank {rank} of {world}: joining NCCL"))?;
+                tracing::info!(rank, gpu, "NCCL communicator ready");
+                Some(comm)
+            }
+            _ => None,
+        };
         Ok(Self {
             group: Some(group),
+            nccl,
             rank,
             world,
         })
@@ -94,21 +116,32 @@ impl Ranks {
     }
 
     /// Sums the gradients (fp32) and the loss over all ranks, in place.
-    pub fn all_reduce(&self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
+    pub fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
         let Some(g) = &self.group else {
             return Ok(());
         };
         let shapes: Vec<Vec<i64>> = grads.iter().map(|t| t.size()).collect();
-        let flat: Vec<Tensor> = grads
+        let mut flat: Vec<Tensor> = grads
             .iter()
             .map(|t| t.to_kind(Kind::Float).reshape([-1]))
             .collect();
-        let flat = Tensor::cat(&flat, 0);
-        let mut buf: Vec<f32> = Vec::try_from(&flat).context("gradients to host memory")?;
-        buf.push(*loss as f32);
-        g.all_reduce_sum(&mut buf)?;
-        *loss = f64::from(buf.pop().unwrap_or(0.0));
-        let summed = Tensor::from_slice(&buf);
+        let device = flat.first().map_or(Device::Cpu, Tensor::device);
+        flat.push(Tensor::from_slice(&[*loss as f32]).to_device(device));
+        let mut flat = Tensor::cat(&flat, 0);
+        let summed = match &mut self.nccl {
+            Some(comm) => {
+                comm.all_reduce_sum(&mut flat)
+                    .with_context(|| format!("rank {}: summing gradients", self.rank))?;
+                flat
+            }
+            None => {
+                let mut buf: Vec<f32> = Vec::try_from(&flat).context("gradients to host memory")?;
+                g.all_reduce_sum(&mut buf)?;
+                Tensor::from_slice(&buf)
+            }
+        };
+        let n_grads = summed.numel() as i64 - 1;
+        *loss = summed.double_value(&[n_grads]);
         let mut offset = 0i64;
         for (t, shape) in grads.iter_mut().zip(shapes) {
             let n: i64 = shape.iter().product();

@@ -132,16 +132,8 @@ impl Session {
         let env = WorkerEnv::from_env()?;
         let device = crate::device::parse_device_for(&cfg.device, env.local_rank)
             .map_err(|e| UsageError(format!("{e:#}")))?;
-        if env.world_size > 1 && device.is_cuda() {
-            return Err(UsageError(format!(
-                "WORLD_SIZE={}: multi-rank training on CUDA needs NCCL, which waypoint does not \
-                 drive yet; run with --device cpu, or one worker per job",
-                env.world_size
-            ))
-            .into());
-        }
         self.main = env.rank == 0;
-        let ranks = Ranks::join(&env, Duration::from_secs(cfg.dist_timeout_secs))?;
+        let mut ranks = Ranks::join(&env, Duration::from_secs(cfg.dist_timeout_secs), device)?;
         let (main, rank, world) = (ranks.is_main(), ranks.rank() as u64, ranks.world() as u64);
         if cfg.num_threads > 0 {
             tch::set_num_threads(cfg.num_threads as i32);

@@ -1,0 +1,75 @@
+//! Reading what a `waypoint train` run left behind: its manager, its weights, its log lines.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+
+use waypoint_checkpoint::{CheckpointManager, ManagerOptions, Manifest};
+use waypoint_storage::{RunLayout, StepName, Store};
+
+/// The checkpoint manager of run `run` under `base`.
+pub fn manager(base: &str, run: &str) -> CheckpointManager {
+    CheckpointManager::new(
+        Store::open(base).unwrap(),
+        RunLayout::new(run, "waypoint").unwrap(),
+        ManagerOptions::default(),
+    )
+}
+
+/// The `model.*` tensors of a checkpoint as f32 values, by name.
+pub async fn weights(base: &str, run: &str, step: u64) -> (Manifest, BTreeMap<String, Vec<f32>>) {
+    let m = manager(base, run);
+    let manifest = m.manifest(StepName::new(step)).await.unwrap();
+    let tensors = m
+        .load_tensors(&manifest, "dcp/", &|n| n.starts_with("model."))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            let v = t
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (t.name, v)
+        })
+        .collect();
+    (manifest, tensors)
+}
+
+/// The largest element-wise difference between two sets of the same tensors.
+pub fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .flat_map(|(k, v)| v.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// The step of a `train step=N` log line.
+pub fn logged_step(line: &str) -> Option<u64> {
+    let at = line.find(": train step=")? + ": train step=".len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Reads the launcher's log until `until` says stop; returns the line that did, and a thread
+/// collecting the rest.
+pub fn read_until(
+    child: &mut Child,
+    mut until: impl FnMut(&str) -> bool,
+) -> (String, std::thread::JoinHandle<String>) {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("the launcher ended early").unwrap();
+        if until(&line) {
+            let rest = std::thread::spawn(move || {
+                lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
+            });
+            return (line, rest);
+        }
+    }
+}

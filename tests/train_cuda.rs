@@ -1,0 +1,165 @@
+//! Training on a CUDA GPU. CI has none, so these tests are `#[ignore]`d: run them on a GPU box with
+//! `cargo test --release --test train_cuda -- --ignored` (they fail, not skip, without a GPU).
+//! - 2 ranks summing gradients over NCCL × batch b reach the weights of 1 rank × batch 2b. With one
+//!   GPU both ranks share it: each gets its own `NCCL_HOSTID`, so NCCL treats them as two hosts
+//!   talking over loopback sockets instead of refusing a duplicate GPU.
+//! - a run stopped by SIGTERM on the GPU resumes and ends where an uninterrupted run ends.
+//!
+//! GPU runs compute matmuls in bf16 and libtorch's CUDA backward is not bit-deterministic
+//! (atomics), so weights are compared against the spread of two identical runs, not bit for bit.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+use common::runs::{logged_step, max_diff, read_until, weights};
+
+fn train_flags(base: &str, run: &str, device: &str, batch: u32, steps: u32) -> Vec<String> {
+    [
+        "train",
+        "--device",
+        device,
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "3",
+        "--dist_timeout_secs",
+        "60",
+        "--run_id",
+        run,
+        "--checkpoint_base_uri",
+        base,
+        "--batch_size",
+        &batch.to_string(),
+        "--max_steps",
+        &steps.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn single(base: &str, run: &str, batch: u32, steps: u32) -> Command {
+    let mut c = common::waypoint();
+    c.args(train_flags(base, run, "cuda:0", batch, steps));
+    c
+}
+
+/// Two ranks under `waypoint launch`, one GPU each, or both on GPU 0 as two NCCL "hosts".
+fn two_ranks(base: &str, run: &str, batch: u32, steps: u32) -> Output {
+    let exe = env!("CARGO_BIN_EXE_waypoint");
+    let mut c = common::waypoint();
+    c.args([
+        "launch",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "--",
+    ]);
+    if tch::Cuda::device_count() >= 2 {
+        c.arg(exe)
+            .args(train_flags(base, run, "cuda", batch, steps));
+    } else {
+        c.args([
+            "sh",
+            "-c",
+            r#"NCCL_HOSTID="waypoint-test-$RANK" exec "$0" "$@""#,
+            exe,
+        ])
+        .args(train_flags(base, run, "cuda:0", batch, steps))
+        .env("NCCL_SOCKET_IFNAME", "lo")
+        .env("NCCL_IB_DISABLE", "1");
+    }
+    c.output().unwrap()
+}
+
+fn assert_gpu() {
+    assert!(
+        tch::Cuda::is_available(),
+        "these tests need a CUDA GPU (they are #[ignore]d for CPU-only machines)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a CUDA GPU"]
+async fn two_ranks_over_nccl_match_one_rank_with_twice_the_batch() {
+    assert_gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&single(base, "one", 8, 12).output().unwrap());
+    common::ok(&single(base, "one-again", 8, 12).output().unwrap());
+    let out = two_ranks(base, "two", 4, 12);
+    common::ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.matches("NCCL communicator ready").count() == 2,
+        "both ranks use NCCL:\n{log}"
+    );
+    let (_, one) = weights(base, "one", 12).await;
+    let (_, again) = weights(base, "one-again", 12).await;
+    let (manifest, two) = weights(base, "two", 12).await;
+    assert_eq!(manifest.world_size, 2);
+    let noise = max_diff(&one, &again);
+    let diff = max_diff(&one, &two);
+    eprintln!("1 rank x 8 twice: max |dw| {noise:e}; 2 ranks x 4 vs 1 rank x 8: {diff:e}");
+    assert!(
+        diff < 2e-3,
+        "2 ranks x 4 vs 1 rank x 8 differ by {diff} (two identical 1-rank runs: {noise})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a CUDA GPU"]
+async fn a_gpu_run_stopped_by_sigterm_resumes_where_it_stopped() {
+    assert_gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&single(base, "reference", 8, 12).output().unwrap());
+    let mut child = single(base, "stopped", 8, 12)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_, rest) = read_until(&mut child, |l| logged_step(l).is_some_and(|s| s >= 4));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let code = child.wait().unwrap();
+    let log = rest.join().unwrap();
+    assert_eq!(code.code(), Some(143), "{log}");
+    let saved = common::runs::manager(base, "stopped")
+        .latest_resumable(true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        saved.step >= 4 && saved.step < 12,
+        "stopped at {}",
+        saved.step
+    );
+    let out = single(base, "stopped", 8, 12).output().unwrap();
+    common::ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let first = log
+        .lines()
+        .find_map(logged_step)
+        .expect("a step was logged");
+    assert_eq!(
+        first,
+        saved.step + 1,
+        "the restart continues at the next step"
+    );
+    let (_, reference) = weights(base, "reference", 12).await;
+    let (_, resumed) = weights(base, "stopped", 12).await;
+    let diff = max_diff(&reference, &resumed);
+    eprintln!(
+        "stopped at {} and resumed vs uninterrupted: max |dw| {diff:e}",
+        saved.step
+    );
+    assert!(
+        diff < 2e-3,
+        "resumed run ends {diff} away from the uninterrupted one"
+    );
+}
