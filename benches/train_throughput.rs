@@ -8,7 +8,10 @@
 //! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6: ~19M parameters, a ~230 MB
 //! resumable checkpoint); WAYPOINT_BENCH_THREADS the libtorch threads (default 2);
 //! WAYPOINT_BENCH_BATCH / _SEQ the batch shape (default 4 × 128); WAYPOINT_BENCH_DEVICE `cpu`
-//! (default) or `cuda`, where both sides compute matmuls in bf16 (the anchor under autocast).
+//! (default) or `cuda`, where both sides compute matmuls in bf16 (the anchor under autocast);
+//! WAYPOINT_BENCH_SAVE_STEPS the save interval of the stall runs (default 3). One save is in flight
+//! at a time, so the interval must give the writer time to finish: on a GPU, 3 steps are far less
+//! than one write of the state, and the loop would wait on storage, not on the copy.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -123,9 +126,11 @@ fn main() {
         ours / theirs
     );
 
-    // Stall: save every 3 steps, async (default) vs --sync_save.
+    // Stall: 4 saves, async (default) vs --sync_save.
+    let every = env_or("WAYPOINT_BENCH_SAVE_STEPS", 3);
+    let (every_s, stall_steps) = (every.to_string(), (4 * every + 2).to_string());
     let stall = |run: &str, extra: &[&str]| {
-        let mut args = vec!["--max_steps", "14", "--save_steps", "3"];
+        let mut args = vec!["--max_steps", &stall_steps, "--save_steps", &every_s];
         args.extend_from_slice(extra);
         let (lines, secs) = waypoint(&model, &data, dir.path(), run, &args);
         let stalls: Vec<f64> = lines
@@ -156,8 +161,8 @@ fn main() {
         sync_stall / async_stall.max(1e-9)
     );
     println!(
-        "wall time of 14 steps: no saves {plain_secs:.1} s; saving every 3 steps async {async_secs:.1} s, \
-         sync {sync_secs:.1} s (includes start-up and the final save)"
+        "wall time: 14 steps without saves {plain_secs:.1} s; {stall_steps} steps saving every \
+         {every} async {async_secs:.1} s, sync {sync_secs:.1} s (includes start-up and the final save)"
     );
 }
 

@@ -13,6 +13,7 @@ pub mod ckpt;
 pub mod cli;
 pub mod config;
 pub mod convert;
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod launch;

@@ -1,8 +1,8 @@
 //! NCCL for multi-rank training on CUDA: one communicator per worker, and the sum all-reduce the
 //! loop needs.
 //!
-//! The NCCL used is the one libtorch already loaded: `libtorch_cuda` links `libnccl.so.2` (and the
-//! CUDA runtime), so their symbols are in the process's global scope and are looked up there. That
+//! The NCCL used is the one libtorch already loaded: `libtorch_cuda` links `libnccl.so.2`, so its
+//! symbols are in the process's global scope and are looked up there. That
 //! keeps waypoint on the very NCCL its libtorch was built with, needs no NCCL at build time, and
 //! leaves a CPU-only libtorch working (the lookup then fails with a clear error). `cudarc`'s loader
 //! was the first plan, but it searches for `libnccl.so` / `libnccl.so.<cuda major>`, which the
@@ -36,7 +36,7 @@ const NCCL_SUCCESS: c_int = 0;
 const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
 
-/// The NCCL (and CUDA runtime) entry points, resolved from the libraries libtorch loaded.
+/// The NCCL entry points, resolved from the library libtorch loaded.
 pub struct Nccl {
     get_version: unsafe extern "C" fn(*mut c_int) -> c_int,
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
@@ -53,12 +53,10 @@ pub struct Nccl {
     comm_destroy: unsafe extern "C" fn(Comm) -> c_int,
     comm_abort: unsafe extern "C" fn(Comm) -> c_int,
     get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
-    cuda_set_device: unsafe extern "C" fn(c_int) -> c_int,
-    cuda_get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
 }
 
 impl Nccl {
-    /// Finds NCCL and the CUDA runtime among the libraries already loaded (through libtorch_cuda).
+    /// Finds NCCL among the libraries already loaded (through libtorch_cuda).
     pub fn load() -> Result<Self> {
         let this = Library::this();
         macro_rules! sym {
@@ -81,8 +79,6 @@ impl Nccl {
             comm_destroy: sym!("ncclCommDestroy"),
             comm_abort: sym!("ncclCommAbort"),
             get_error_string: sym!("ncclGetErrorString"),
-            cuda_set_device: sym!("cudaSetDevice"),
-            cuda_get_error_string: sym!("cudaGetErrorString"),
         })
     }
 
@@ -142,13 +138,7 @@ impl Communicator {
         let id: [u8; UNIQUE_ID_BYTES] = id.try_into().map_err(|_| {
             anyhow::anyhow!("an NCCL id has {UNIQUE_ID_BYTES} bytes, got {}", id.len())
         })?;
-        // SAFETY: plain int argument.
-        let code = unsafe { (nccl.cuda_set_device)(gpu as c_int) };
-        if code != 0 {
-            // SAFETY: the CUDA runtime returns a static string for any code.
-            let msg = unsafe { CStr::from_ptr((nccl.cuda_get_error_string)(code)) };
-            bail!("cudaSetDevice({gpu}) failed: {}", msg.to_string_lossy());
-        }
+        crate::cuda::set_device(gpu)?;
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: `comm` receives the handle; the id is passed by value as NCCL declares it.
         let code = unsafe {

@@ -2,8 +2,11 @@
 //!
 //! A save is copied to host memory, then written and committed on a thread of its own while
 //! training goes on; at most one is in flight. In the background mode the copy itself also runs on a
-//! thread, overlapping the next step's forward and backward passes (they only read the weights), and
-//! [`Saver::before_update`] waits for it before the optimizer changes them.
+//! thread. On a GPU with room for it, the state is first snapshotted on the device (a device-to-device
+//! copy, queued in well under a millisecond), and the host copy reads the snapshot while training
+//! goes on untouched. Otherwise the host copy reads the live tensors, overlapping the next step's
+//! forward and backward passes (they only read the weights), and [`Saver::before_update`] waits for
+//! it before the optimizer changes them.
 //!
 //! With one rank the writer thread calls [`CheckpointManager::save`] (retried on storage errors).
 //! With several, every rank writes its share of `dcp/` (replicated tensors spread by size), rank 0
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
 use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
 use waypoint_checkpoint::{
@@ -77,6 +80,8 @@ struct Job {
 /// A copy of the state to host memory running on its own thread.
 struct Staging {
     copy: JoinHandle<Result<Vec<Blob>>>,
+    /// The copy reads a snapshot, not the live tensors: the optimizer need not wait for it.
+    from_snapshot: bool,
     commit: Commit,
     status: Status,
     metrics: String,
@@ -139,8 +144,13 @@ impl Saver {
             None
         };
         if background && sampler.is_none() {
+            let (items, from_snapshot) = match snapshot_on_device(&items) {
+                Some(snapshot) => (snapshot, true),
+                None => (items, false),
+            };
             self.staging = Some(Staging {
                 copy: std::thread::spawn(move || copy_to_host(&items)),
+                from_snapshot,
                 commit,
                 status,
                 metrics,
@@ -164,7 +174,7 @@ impl Saver {
     /// Before the optimizer changes the weights: waits for a copy in progress and hands it to the
     /// writer. Returns the seconds this blocked, if a copy was pending.
     pub fn before_update(&mut self) -> Result<Option<f64>> {
-        if self.staging.is_none() {
+        if self.staging.as_ref().is_none_or(|s| s.from_snapshot) {
             return Ok(None);
         }
         let started = Instant::now();
@@ -172,10 +182,18 @@ impl Saver {
         Ok(Some(started.elapsed().as_secs_f64()))
     }
 
-    /// Fails if the save in flight has failed; does not wait for one still running.
+    /// Fails if the save in flight has failed, and hands a finished copy from a snapshot to the
+    /// writer once it is free; never waits.
     pub fn check(&mut self) -> Result<()> {
         if self.inflight.as_ref().is_some_and(|h| h.is_finished()) {
             self.join()?;
+        }
+        let copied = self
+            .staging
+            .as_ref()
+            .is_some_and(|s| s.from_snapshot && s.copy.is_finished());
+        if copied && self.inflight.is_none() {
+            self.hand_over_staged()?;
         }
         Ok(())
     }
@@ -382,6 +400,44 @@ fn state_items(model: &Model, opt: &AdamW) -> Vec<(String, Tensor)> {
         items.push((dcp::optim_key(&p.name, "step"), s.step.shallow_clone()));
     }
     items
+}
+
+/// Free GPU memory kept beyond a snapshot, for the activations of the steps that run beside it.
+const SNAPSHOT_HEADROOM: u64 = 2 << 30;
+
+/// A copy of the state on its own GPU, when the state lives on a GPU with room for it.
+fn snapshot_on_device(items: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)>> {
+    let Device::Cuda(gpu) = items.first()?.1.device() else {
+        return None;
+    };
+    let bytes: u64 = items
+        .iter()
+        .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum();
+    match crate::cuda::free_memory(gpu) {
+        Ok(free) if free >= bytes + SNAPSHOT_HEADROOM => {}
+        Ok(free) => {
+            tracing::info!(
+                state_mb = bytes >> 20,
+                free_mb = free >> 20,
+                "no room on the GPU for a snapshot: the optimizer waits for the copy to host"
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "free GPU memory unknown: no snapshot");
+            return None;
+        }
+    }
+    tracing::debug!(state_mb = bytes >> 20, gpu, "state snapshotted on the GPU");
+    tch::no_grad(|| {
+        Some(
+            items
+                .iter()
+                .map(|(name, t)| (name.clone(), t.detach().copy()))
+                .collect(),
+        )
+    })
 }
 
 /// Copies named tensors to host memory, as they are.

@@ -1,0 +1,106 @@
+//! The few CUDA runtime calls that tch does not expose: making a GPU the thread's current device,
+//! and asking how much memory a GPU has free. Like NCCL ([`crate::nccl`]), they are looked up in the
+//! CUDA runtime that libtorch_cuda already loaded, so a CPU-only libtorch still runs (the calls then
+//! fail with a clear error).
+
+use std::ffi::{c_char, c_int, CStr};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Result};
+use libloading::os::unix::Library;
+
+struct Runtime {
+    set_device: unsafe extern "C" fn(c_int) -> c_int,
+    get_device: unsafe extern "C" fn(*mut c_int) -> c_int,
+    mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> c_int,
+    get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+}
+
+fn runtime() -> Result<&'static Runtime> {
+    static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let this = Library::this();
+            macro_rules! sym {
+                ($name:literal) => {
+                    // SAFETY: the field's signature matches the CUDA runtime's header.
+                    *unsafe { this.get(concat!($name, "\0").as_bytes()) }.map_err(|_| {
+                        format!(
+                            "`{}` is not loaded: this libtorch has no CUDA runtime (a CPU-only \
+                             build?)",
+                            $name
+                        )
+                    })?
+                };
+            }
+            Ok(Runtime {
+                set_device: sym!("cudaSetDevice"),
+                get_device: sym!("cudaGetDevice"),
+                mem_get_info: sym!("cudaMemGetInfo"),
+                get_error_string: sym!("cudaGetErrorString"),
+            })
+        })
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+fn check(rt: &Runtime, code: c_int, what: &str) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: the runtime returns a static NUL-terminated string for any code.
+    let msg = unsafe { CStr::from_ptr((rt.get_error_string)(code)) };
+    bail!(
+        "{what} failed: {} (CUDA error {code})",
+        msg.to_string_lossy()
+    )
+}
+
+/// Makes GPU `gpu` this thread's current CUDA device (what NCCL and raw CUDA calls act on).
+pub fn set_device(gpu: usize) -> Result<()> {
+    let rt = runtime()?;
+    // SAFETY: plain int argument.
+    check(
+        rt,
+        unsafe { (rt.set_device)(gpu as c_int) },
+        &format!("cudaSetDevice({gpu})"),
+    )
+}
+
+/// Bytes free on GPU `gpu` (memory libtorch's allocator caches counts as used).
+pub fn free_memory(gpu: usize) -> Result<u64> {
+    let rt = runtime()?;
+    let mut current: c_int = 0;
+    // SAFETY: writes one int.
+    check(
+        rt,
+        unsafe { (rt.get_device)(&mut current) },
+        "cudaGetDevice",
+    )?;
+    set_device(gpu)?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: writes two size_t.
+    let code = unsafe { (rt.mem_get_info)(&mut free, &mut total) };
+    // SAFETY: plain int argument; restores the thread's device.
+    unsafe { (rt.set_device)(current) };
+    check(rt, code, "cudaMemGetInfo")?;
+    Ok(free as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime resolves from the loaded libtorch_cuda; without a GPU its calls fail with CUDA's
+    /// own message instead of crashing.
+    #[test]
+    fn resolves_and_reports_errors() {
+        match free_memory(0) {
+            Ok(free) => assert!(tch::Cuda::is_available() && free > 0),
+            Err(e) => {
+                assert!(!tch::Cuda::is_available());
+                assert!(e.to_string().contains("CUDA error"), "{e}");
+            }
+        }
+    }
+}
