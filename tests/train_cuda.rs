@@ -4,13 +4,15 @@
 //!   GPU both ranks share it: each gets its own `NCCL_HOSTID`, so NCCL treats them as two hosts
 //!   talking over loopback sockets instead of refusing a duplicate GPU.
 //! - a run stopped by SIGTERM on the GPU resumes and ends where an uninterrupted run ends.
+//! - a killed rank: the launcher restarts the group, which joins a fresh NCCL communicator and
+//!   resumes; a frozen rank (SIGSTOP): the other gives up after `--dist_timeout_secs`, no hang.
 //!
 //! GPU runs compute matmuls in bf16 and libtorch's CUDA backward is not bit-deterministic
 //! (atomics), so weights are compared against the spread of two identical runs, not bit for bit.
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use common::runs::{logged_step, max_diff, read_until, weights};
 
@@ -24,7 +26,7 @@ fn train_flags(base: &str, run: &str, device: &str, batch: u32, steps: u32) -> V
         "--save_steps",
         "3",
         "--dist_timeout_secs",
-        "60",
+        "15",
         "--run_id",
         run,
         "--checkpoint_base_uri",
@@ -46,17 +48,11 @@ fn single(base: &str, run: &str, batch: u32, steps: u32) -> Command {
 }
 
 /// Two ranks under `waypoint launch`, one GPU each, or both on GPU 0 as two NCCL "hosts".
-fn two_ranks(base: &str, run: &str, batch: u32, steps: u32) -> Output {
+fn two_ranks(base: &str, run: &str, batch: u32, steps: u32, restarts: u32) -> Command {
     let exe = env!("CARGO_BIN_EXE_waypoint");
     let mut c = common::waypoint();
-    c.args([
-        "launch",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "0",
-        "--",
-    ]);
+    c.args(["launch", "--nproc_per_node", "2", "--master_port", "0"])
+        .args(["--max_restarts", &restarts.to_string(), "--"]);
     if tch::Cuda::device_count() >= 2 {
         c.arg(exe)
             .args(train_flags(base, run, "cuda", batch, steps));
@@ -71,7 +67,19 @@ fn two_ranks(base: &str, run: &str, batch: u32, steps: u32) -> Output {
         .env("NCCL_SOCKET_IFNAME", "lo")
         .env("NCCL_IB_DISABLE", "1");
     }
-    c.output().unwrap()
+    c
+}
+
+/// The pid a `joining the other ranks` line of rank `rank` names.
+fn rank_pid(line: &str, rank: u32) -> Option<String> {
+    if !(line.contains("joining the other ranks") && line.contains(&format!("rank={rank} "))) {
+        return None;
+    }
+    let at = line.find("pid=")? + 4;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .map(str::to_string)
 }
 
 fn assert_gpu() {
@@ -89,7 +97,7 @@ async fn two_ranks_over_nccl_match_one_rank_with_twice_the_batch() {
     let base = dir.path().to_str().unwrap();
     common::ok(&single(base, "one", 8, 12).output().unwrap());
     common::ok(&single(base, "one-again", 8, 12).output().unwrap());
-    let out = two_ranks(base, "two", 4, 12);
+    let out = two_ranks(base, "two", 4, 12, 0).output().unwrap();
     common::ok(&out);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -162,4 +170,76 @@ async fn a_gpu_run_stopped_by_sigterm_resumes_where_it_stopped() {
         diff < 2e-3,
         "resumed run ends {diff} away from the uninterrupted one"
     );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_killed_rank_restarts_the_group_on_a_fresh_communicator() {
+    assert_gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let mut child = two_ranks(base, "killed", 4, 300, 1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rank1 = None;
+    let (_, rest) = read_until(&mut child, |l| {
+        rank1 = rank1.take().or_else(|| rank_pid(l, 1));
+        rank1.is_some() && logged_step(l).is_some_and(|s| s >= 20)
+    });
+    Command::new("kill")
+        .args(["-KILL", rank1.as_deref().unwrap()])
+        .status()
+        .unwrap();
+    let code = child.wait().unwrap();
+    let log = rest.join().unwrap();
+    assert!(code.success(), "the restarted group finishes:\n{log}");
+    assert!(log.contains("restarting the group"), "{log}");
+    assert_eq!(log.matches("NCCL communicator ready").count(), 2, "{log}");
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resumed"))
+        .unwrap_or_else(|| panic!("the restarted group resumes:\n{log}"));
+    assert!(resumed.contains("checkpoint=step-000"), "{resumed}");
+    let status: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("killed/framework=waypoint/status.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["state"], "FINISHED");
+    assert_eq!(status["step"], 300);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_frozen_rank_fails_the_other_after_the_timeout_not_a_hang() {
+    assert_gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let mut child = two_ranks(base, "frozen", 4, 100_000, 0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rank1 = None;
+    let (_, rest) = read_until(&mut child, |l| {
+        rank1 = rank1.take().or_else(|| rank_pid(l, 1));
+        rank1.is_some() && logged_step(l).is_some_and(|s| s >= 20)
+    });
+    let frozen_at = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-STOP", rank1.as_deref().unwrap()])
+        .status()
+        .unwrap();
+    let code = child.wait().unwrap();
+    let log = rest.join().unwrap();
+    let took = frozen_at.elapsed();
+    assert!(!code.success(), "{log}");
+    let named = log
+        .lines()
+        .find(|l| l.contains("did not finish within") || l.contains("timed out"))
+        .unwrap_or_else(|| panic!("rank 0 names the timeout:\n{log}"));
+    eprintln!("after {took:?}: {named}");
+    // 15 s of --dist_timeout_secs, then the launcher's grace period for the frozen rank.
+    assert!(took.as_secs() < 90, "took {took:?}:\n{log}");
 }
