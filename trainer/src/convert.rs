@@ -40,23 +40,28 @@ pub fn dtype_of(kind: Kind) -> Result<Dtype> {
     })
 }
 
-/// Copies `tensor` (any device) to host bytes under `name`, converted to `kind` when given.
+/// Copies `tensor` (any device) to host bytes under `name`, converted to `kind` when given. The
+/// conversion runs where the tensor lives, and the bytes land in the blob's buffer in one copy.
 pub fn to_blob(name: &str, tensor: &Tensor, kind: Option<Kind>) -> Result<Blob> {
-    let t = tensor.detach().to_device(Device::Cpu);
+    let t = tensor.detach();
     let t = match kind {
         Some(k) if k != t.kind() => t.to_kind(k),
         _ => t,
+    };
+    let shape = t.size();
+    let mut data = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    if !data.is_empty() {
+        // SAFETY: `host` views `data` (exactly its size, contiguous) and is dropped before it.
+        let mut host =
+            unsafe { Tensor::f_from_blob(data.as_mut_ptr(), &shape, &[], t.kind(), Device::Cpu) }
+                .with_context(|| format!("tensor {name}: a host view"))?;
+        host.f_copy_(&t)
+            .with_context(|| format!("copying tensor {name} to host memory"))?;
     }
-    .contiguous();
-    let numel = t.numel();
-    let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut data, numel)
-        .with_context(|| format!("copying tensor {name} to host memory"))?;
-    let shape = t.size().iter().map(|&d| d as usize).collect();
     Ok(Blob::new(
         name,
         dtype_of(t.kind())?,
-        shape,
+        shape.iter().map(|&d| d as usize).collect(),
         Bytes::from(data),
     )?)
 }
