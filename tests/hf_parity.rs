@@ -1,7 +1,8 @@
 //! Interoperability with Hugging Face: tiny random Llama, Qwen2 and Qwen3 models that `transformers`
 //! creates in the test venv give the same fp32 logits in waypoint (within 1e-4); and the LoRA adapter
 //! `waypoint train --lora_rank` saves is loaded by `peft` onto the transformers model with matching
-//! logits.
+//! logits; and the model promoted from the built-in demo loads in transformers with its tokenizer,
+//! which gives the ids the demo trained on, and the same logits.
 
 mod common;
 
@@ -151,5 +152,54 @@ fn lora_adapter_loads_in_peft_with_matching_logits() {
     assert!(
         moved > 1e-3,
         "the trained adapter changes the logits ({moved})"
+    );
+}
+
+#[test]
+fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
+    let runs = tempfile::tempdir().unwrap();
+    let out = common::waypoint()
+        .args(["train", "--run_id", "demo", "--device", "cpu"])
+        .args(["--checkpoint_base_uri", runs.path().to_str().unwrap()])
+        .args(["--max_steps", "5", "--sampler_dtype", "fp32"])
+        .args(["--output_model_id", "tiny"])
+        .output()
+        .unwrap();
+    common::ok(&out);
+    let dir = runs.path().join("models/tiny");
+    assert!(dir.join("tokenizer.json").is_file());
+
+    let text = "héllo, wörld ✓";
+    let logits_file = runs.path().join("hf.safetensors");
+    let printed = common::python_script(
+        "hf_models.py",
+        &[
+            "tokenize",
+            dir.to_str().unwrap(),
+            text,
+            logits_file.to_str().unwrap(),
+        ],
+    );
+    let got: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    let want: Vec<i64> = std::iter::once(waypoint_trainer::tokenizer::BYTE_BOS)
+        .chain(text.bytes().map(i64::from))
+        .collect();
+    let ids: Vec<i64> = got["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, want, "transformers' ids are the byte tokenizer's");
+    assert_eq!(got["decoded"], text);
+    assert_eq!(got["eos"], waypoint_trainer::tokenizer::BYTE_EOS);
+
+    let (hf_ids, hf_logits) = reference(&logits_file);
+    let (model, _) = Model::load_hf_dir(&dir, Device::Cpu).unwrap();
+    let ours = tch::no_grad(|| model.forward(&hf_ids, false));
+    let diff = max_abs_diff(&ours, &hf_logits);
+    assert!(
+        diff < 1e-4,
+        "promoted demo logits differ from transformers' by {diff}"
     );
 }

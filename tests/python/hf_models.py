@@ -4,6 +4,8 @@
                                             config.json, model.safetensors, tokenizer.json, and
                                             reference.safetensors: fixed `ids` and fp32 `logits`
   peft <base_dir> <adapter_dir> <out>       logits of base + the PEFT adapter for the same ids
+  tokenize <model_dir> <text> <out>         AutoTokenizer's ids of <text> (with BOS), its decoding
+                                            of them, and the model's fp32 logits for them
 """
 import sys
 
@@ -103,11 +105,27 @@ def peft_logits(base_dir, adapter_dir, out):
     save_file({"ids": x, "logits": logits.contiguous()}, out)
 
 
+def tokenize(model_dir, text, out):
+    import json
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(model_dir)
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    x = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=x).logits.float()
+    save_file({"ids": x, "logits": logits.contiguous()}, out)
+    decoded = tok.decode(x[0], skip_special_tokens=True)
+    print(json.dumps({"ids": x[0].tolist(), "decoded": decoded, "eos": tok.eos_token_id}))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
         make(sys.argv[2], sys.argv[3], "--tied" in sys.argv)
     elif cmd == "peft":
         peft_logits(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif cmd == "tokenize":
+        tokenize(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         sys.exit(__doc__)

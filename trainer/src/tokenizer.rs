@@ -3,7 +3,15 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use bytes::Bytes;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::AddedToken;
 
 /// The byte tokenizer's vocabulary size.
 pub const BYTE_VOCAB: i64 = 259;
@@ -138,6 +146,61 @@ impl Tokenizer {
     }
 }
 
+/// The byte tokenizer as Hugging Face files (`tokenizer.json`, `tokenizer_config.json`), so that a
+/// model promoted from `builtin:tiny` loads with `AutoTokenizer` (and back into waypoint) and turns
+/// text into the ids it was trained on: a BPE without merges whose byte-fallback tokens `<0x00>` …
+/// `<0xFF>` are ids 0–255, then `<s>`, `</s>`, `<pad>`, with `<s>` put first as waypoint does. One
+/// difference, as with any HF tokenizer: the literal texts `<s>`, `</s>`, `<pad>` read as those
+/// special tokens, where the byte tokenizer spells them out in bytes.
+pub fn byte_tokenizer_files() -> Result<Vec<(String, Bytes)>> {
+    let vocab: Vocab = (0..=255u32).map(|b| (format!("<0x{b:02X}>"), b)).collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, Vec::new())
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| anyhow!("byte tokenizer: {e}"))?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    let specials = [("<s>", BYTE_BOS), ("</s>", BYTE_EOS), ("<pad>", BYTE_PAD)];
+    let added: Vec<AddedToken> = specials
+        .iter()
+        .map(|(t, _)| AddedToken::from(*t, true))
+        .collect();
+    tok.add_special_tokens(&added);
+    for (t, id) in specials {
+        anyhow::ensure!(
+            tok.token_to_id(t) == Some(id as u32),
+            "byte tokenizer: {t} is not id {id}"
+        );
+    }
+    let bos = TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .map_err(|e| anyhow!("byte tokenizer template: {e}"))?
+        .special_tokens(vec![("<s>", BYTE_BOS as u32)])
+        .build()
+        .map_err(|e| anyhow!("byte tokenizer template: {e}"))?;
+    tok.with_post_processor(Some(bos));
+    tok.with_decoder(Some(Sequence::new(vec![
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ])));
+    let json = tok
+        .to_string(true)
+        .map_err(|e| anyhow!("byte tokenizer to JSON: {e}"))?;
+    let config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+    });
+    Ok(vec![
+        ("tokenizer.json".into(), Bytes::from(json)),
+        (
+            "tokenizer_config.json".into(),
+            Bytes::from(serde_json::to_vec_pretty(&config)?),
+        ),
+    ])
+}
+
 /// The text of one chat turn and the text that ends it, in `format`.
 pub fn chat_turn(format: ChatFormat, role: &str, content: &str) -> (String, String, String) {
     match format {
@@ -158,6 +221,35 @@ pub fn chat_turn(format: ChatFormat, role: &str, content: &str) -> (String, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_tokenizer_files_encode_and_decode_like_the_byte_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in byte_tokenizer_files().unwrap() {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let config = serde_json::json!({"eos_token_id": BYTE_EOS, "pad_token_id": BYTE_PAD});
+        let hf = Tokenizer::from_hf_dir(dir.path(), &config).unwrap();
+        for text in ["héllo wörld ✓\n\tend", "", " two  spaces ", "a < s > b"] {
+            for special in [true, false] {
+                let want = Tokenizer::Bytes.encode(text, special).unwrap();
+                assert_eq!(
+                    hf.encode(text, special).unwrap(),
+                    want,
+                    "{text:?} {special}"
+                );
+            }
+        }
+        assert_eq!(
+            (hf.eos(), hf.pad(), hf.vocab_size()),
+            (BYTE_EOS, BYTE_PAD, BYTE_VOCAB)
+        );
+        let Tokenizer::Hf { inner, .. } = &hf else {
+            panic!("not an HF tokenizer")
+        };
+        let ids: Vec<u32> = "héllo ✓".bytes().map(u32::from).collect();
+        assert_eq!(inner.decode(&ids, true).unwrap(), "héllo ✓");
+    }
 
     #[test]
     fn bytes_round_trip() {

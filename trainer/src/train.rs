@@ -568,7 +568,7 @@ async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
         (
             Model::init(config, cfg.seed as i64, device)?,
             Tokenizer::Bytes,
-            Vec::new(),
+            crate::tokenizer::byte_tokenizer_files()?,
             fp,
         )
     } else {
