@@ -305,6 +305,9 @@ mod tests {
             vec![b"1".to_vec(), b"2".to_vec()]
         );
         a.append("p", b"3").unwrap();
+        // APPEND has no reply (as in PyTorch), and "p" exists already, so `b` could read before the
+        // server has applied it: a round trip on `a` first orders the two connections.
+        a.ping().unwrap();
         assert_eq!(b.get("p").unwrap(), b"13");
         assert!(a.delete_key("p").unwrap());
         assert!(!a.delete_key("p").unwrap());
