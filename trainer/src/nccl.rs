@@ -121,7 +121,7 @@ pub struct Communicator {
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
-// concurrent; `Communicator` methods take `&mut self` or `&self` only for the non-mutating abort.
+// concurrent; every `Communicator` method that calls NCCL takes `&mut self`.
 unsafe impl Send for Communicator {}
 
 impl Communicator {
