@@ -16,29 +16,38 @@ struct Runtime {
     get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
 }
 
+/// A function that libtorch_cuda's libraries put in the process's global scope.
+///
+/// # Safety
+/// `F` must be the function pointer type of `name` as its C header declares it.
+pub(crate) unsafe fn loaded_fn<F: Copy>(name: &str) -> Result<F> {
+    let symbol = format!("{name}\0");
+    // SAFETY: the caller vouches for `F`; the libraries stay loaded for the process's life.
+    let f = unsafe { Library::this().get::<F>(symbol.as_bytes()) }.map_err(|_| {
+        anyhow!(
+            "`{name}` is not loaded: this libtorch has no CUDA support (a CPU-only build?); \
+             GPU training needs the CUDA build of PyTorch"
+        )
+    })?;
+    Ok(*f)
+}
+
 fn runtime() -> Result<&'static Runtime> {
     static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
-            let this = Library::this();
-            macro_rules! sym {
-                ($name:literal) => {
-                    // SAFETY: the field's signature matches the CUDA runtime's header.
-                    *unsafe { this.get(concat!($name, "\0").as_bytes()) }.map_err(|_| {
-                        format!(
-                            "`{}` is not loaded: this libtorch has no CUDA runtime (a CPU-only \
-                             build?)",
-                            $name
-                        )
-                    })?
-                };
-            }
-            Ok(Runtime {
-                set_device: sym!("cudaSetDevice"),
-                get_device: sym!("cudaGetDevice"),
-                mem_get_info: sym!("cudaMemGetInfo"),
-                get_error_string: sym!("cudaGetErrorString"),
-            })
+            // SAFETY: each field's type matches the CUDA runtime's header.
+            let load = || -> Result<Runtime> {
+                unsafe {
+                    Ok(Runtime {
+                        set_device: loaded_fn("cudaSetDevice")?,
+                        get_device: loaded_fn("cudaGetDevice")?,
+                        mem_get_info: loaded_fn("cudaMemGetInfo")?,
+                        get_error_string: loaded_fn("cudaGetErrorString")?,
+                    })
+                }
+            };
+            load().map_err(|e| format!("{e:#}"))
         })
         .as_ref()
         .map_err(|e| anyhow!("{e}"))

@@ -18,8 +18,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use libloading::os::unix::Library;
 use tch::{Device, Kind, Tensor};
+
+use crate::cuda::loaded_fn;
 
 /// Bytes of an `ncclUniqueId`.
 pub const UNIQUE_ID_BYTES: usize = 128;
@@ -58,28 +59,18 @@ pub struct Nccl {
 impl Nccl {
     /// Finds NCCL among the libraries already loaded (through libtorch_cuda).
     pub fn load() -> Result<Self> {
-        let this = Library::this();
-        macro_rules! sym {
-            ($name:literal) => {
-                // SAFETY: the signature written at the field matches NCCL's / CUDA's C header.
-                *unsafe { this.get(concat!($name, "\0").as_bytes()) }.with_context(|| {
-                    format!(
-                        "`{}` is not loaded: this libtorch has no NCCL (a CPU-only build?); \
-                         multi-rank CUDA training needs the CUDA build of PyTorch",
-                        $name
-                    )
-                })?
-            };
+        // SAFETY: each field's type matches NCCL's header.
+        unsafe {
+            Ok(Self {
+                get_version: loaded_fn("ncclGetVersion")?,
+                get_unique_id: loaded_fn("ncclGetUniqueId")?,
+                comm_init_rank: loaded_fn("ncclCommInitRank")?,
+                all_reduce: loaded_fn("ncclAllReduce")?,
+                comm_destroy: loaded_fn("ncclCommDestroy")?,
+                comm_abort: loaded_fn("ncclCommAbort")?,
+                get_error_string: loaded_fn("ncclGetErrorString")?,
+            })
         }
-        Ok(Self {
-            get_version: sym!("ncclGetVersion"),
-            get_unique_id: sym!("ncclGetUniqueId"),
-            comm_init_rank: sym!("ncclCommInitRank"),
-            all_reduce: sym!("ncclAllReduce"),
-            comm_destroy: sym!("ncclCommDestroy"),
-            comm_abort: sym!("ncclCommAbort"),
-            get_error_string: sym!("ncclGetErrorString"),
-        })
     }
 
     /// NCCL's version as (major, minor, patch), e.g. (2, 29, 7).
