@@ -12,38 +12,14 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
 
-use common::runs::{logged_step, max_diff, read_until, weights};
-
-fn train_flags(base: &str, run: &str, device: &str, batch: u32, steps: u32) -> Vec<String> {
-    [
-        "train",
-        "--device",
-        device,
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "3",
-        "--dist_timeout_secs",
-        "15",
-        "--run_id",
-        run,
-        "--checkpoint_base_uri",
-        base,
-        "--batch_size",
-        &batch.to_string(),
-        "--max_steps",
-        &steps.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
+use common::runs::{logged_step, max_diff, read_until, train_flags, weights};
 
 fn single(base: &str, run: &str, batch: u32, steps: u32) -> Command {
     let mut c = common::waypoint();
-    c.args(train_flags(base, run, "cuda:0", batch, steps));
+    c.args(train_flags("cuda:0", base, run, batch, steps));
     c
 }
 
@@ -55,7 +31,7 @@ fn two_ranks(base: &str, run: &str, batch: u32, steps: u32, restarts: u32) -> Co
         .args(["--max_restarts", &restarts.to_string(), "--"]);
     if tch::Cuda::device_count() >= 2 {
         c.arg(exe)
-            .args(train_flags(base, run, "cuda", batch, steps));
+            .args(train_flags("cuda", base, run, batch, steps));
     } else {
         c.args([
             "sh",
@@ -63,7 +39,7 @@ fn two_ranks(base: &str, run: &str, batch: u32, steps: u32, restarts: u32) -> Co
             r#"NCCL_HOSTID="waypoint-test-$RANK" exec "$0" "$@""#,
             exe,
         ])
-        .args(train_flags(base, run, "cuda:0", batch, steps))
+        .args(train_flags("cuda:0", base, run, batch, steps))
         .env("NCCL_SOCKET_IFNAME", "lo")
         .env("NCCL_IB_DISABLE", "1");
     }
@@ -80,6 +56,27 @@ fn rank_pid(line: &str, rank: u32) -> Option<String> {
         .split(|c: char| !c.is_ascii_digit())
         .next()
         .map(str::to_string)
+}
+
+/// Two ranks (batch 4 each) started in the background and followed until step 20: the launcher,
+/// rank 1's pid, and a thread collecting the rest of the log.
+fn two_ranks_at_step_20(
+    base: &str,
+    run: &str,
+    steps: u32,
+    restarts: u32,
+) -> (Child, String, JoinHandle<String>) {
+    let mut child = two_ranks(base, run, 4, steps, restarts)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rank1 = None;
+    let (_, rest) = read_until(&mut child, |l| {
+        rank1 = rank1.take().or_else(|| rank_pid(l, 1));
+        rank1.is_some() && logged_step(l).is_some_and(|s| s >= 20)
+    });
+    (child, rank1.unwrap(), rest)
 }
 
 fn assert_gpu() {
@@ -178,18 +175,9 @@ fn a_killed_rank_restarts_the_group_on_a_fresh_communicator() {
     assert_gpu();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let mut child = two_ranks(base, "killed", 4, 300, 1)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut rank1 = None;
-    let (_, rest) = read_until(&mut child, |l| {
-        rank1 = rank1.take().or_else(|| rank_pid(l, 1));
-        rank1.is_some() && logged_step(l).is_some_and(|s| s >= 20)
-    });
+    let (mut child, rank1, rest) = two_ranks_at_step_20(base, "killed", 300, 1);
     Command::new("kill")
-        .args(["-KILL", rank1.as_deref().unwrap()])
+        .args(["-KILL", &rank1])
         .status()
         .unwrap();
     let code = child.wait().unwrap();
@@ -216,19 +204,10 @@ fn a_frozen_rank_fails_the_other_after_the_timeout_not_a_hang() {
     assert_gpu();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let mut child = two_ranks(base, "frozen", 4, 100_000, 0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut rank1 = None;
-    let (_, rest) = read_until(&mut child, |l| {
-        rank1 = rank1.take().or_else(|| rank_pid(l, 1));
-        rank1.is_some() && logged_step(l).is_some_and(|s| s >= 20)
-    });
+    let (mut child, rank1, rest) = two_ranks_at_step_20(base, "frozen", 100_000, 0);
     let frozen_at = std::time::Instant::now();
     Command::new("kill")
-        .args(["-STOP", rank1.as_deref().unwrap()])
+        .args(["-STOP", &rank1])
         .status()
         .unwrap();
     let code = child.wait().unwrap();
@@ -240,6 +219,6 @@ fn a_frozen_rank_fails_the_other_after_the_timeout_not_a_hang() {
         .find(|l| l.contains("did not finish within") || l.contains("timed out"))
         .unwrap_or_else(|| panic!("rank 0 names the timeout:\n{log}"));
     eprintln!("after {took:?}: {named}");
-    // 15 s of --dist_timeout_secs, then the launcher's grace period for the frozen rank.
+    // 20 s of --dist_timeout_secs, then the launcher's grace period for the frozen rank.
     assert!(took.as_secs() < 90, "took {took:?}:\n{log}");
 }

@@ -11,32 +11,8 @@ use std::time::{Duration, Instant};
 use common::runs::{logged_step, manager, max_diff, read_until, weights};
 use waypoint_storage::StepName;
 
-/// Flags shared by every run: a tiny model, fixed threads, short timeouts.
 fn train_flags(base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
-    [
-        "train",
-        "--device",
-        "cpu",
-        "--num_threads",
-        "1",
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "3",
-        "--dist_timeout_secs",
-        "20",
-        "--run_id",
-        run,
-        "--checkpoint_base_uri",
-        base,
-        "--batch_size",
-        &batch.to_string(),
-        "--max_steps",
-        &steps.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    common::runs::train_flags("cpu", base, run, batch, steps)
 }
 
 fn single(base: &str, run: &str, batch: u32, steps: u32) -> Output {

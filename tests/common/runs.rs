@@ -8,6 +8,36 @@ use std::process::Child;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions, Manifest};
 use waypoint_storage::{RunLayout, StepName, Store};
 
+/// `waypoint train` flags of the multi-rank tests: a tiny model on `device`, one libtorch thread, a
+/// log line per step, a save every 3 steps, a 20 s collective timeout.
+pub fn train_flags(device: &str, base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
+    let (batch, steps) = (batch.to_string(), steps.to_string());
+    [
+        "train",
+        "--device",
+        device,
+        "--num_threads",
+        "1",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "3",
+        "--dist_timeout_secs",
+        "20",
+        "--run_id",
+        run,
+        "--checkpoint_base_uri",
+        base,
+        "--batch_size",
+        &batch,
+        "--max_steps",
+        &steps,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The checkpoint manager of run `run` under `base`.
 pub fn manager(base: &str, run: &str) -> CheckpointManager {
     CheckpointManager::new(
