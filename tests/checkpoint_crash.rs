@@ -125,8 +125,13 @@ async fn kill_loop(base: &str, seed: u64) {
         let wait_first = next() % 2 == 0;
         let reader = std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
+            // The test harness prints its own lines first (`running 1 test`): skip to a commit.
             if wait_first {
-                let _ = lines.next();
+                for line in lines.by_ref() {
+                    if line.is_ok_and(|l| l.starts_with("committed")) {
+                        break;
+                    }
+                }
             }
             lines
         });
