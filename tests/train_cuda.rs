@@ -15,7 +15,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 
-use common::runs::{logged_step, max_diff, read_until, train_flags, weights};
+use common::runs::{logged_step, max_diff, read_until, sigterm_after_step, train_flags, weights};
 
 fn single(base: &str, run: &str, batch: u32, steps: u32) -> Command {
     let mut c = common::waypoint();
@@ -126,14 +126,7 @@ async fn a_gpu_run_stopped_by_sigterm_resumes_where_it_stopped() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (_, rest) = read_until(&mut child, |l| logged_step(l).is_some_and(|s| s >= 4));
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let code = child.wait().unwrap();
-    let log = rest.join().unwrap();
-    assert_eq!(code.code(), Some(143), "{log}");
+    sigterm_after_step(&mut child, 4);
     let saved = common::runs::manager(base, "stopped")
         .latest_resumable(true)
         .await

@@ -8,7 +8,7 @@ mod common;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::runs::{logged_step, manager, max_diff, read_until, weights};
+use common::runs::{logged_step, manager, max_diff, read_until, sigterm_after_step, weights};
 use waypoint_storage::StepName;
 
 fn train_flags(base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
@@ -118,14 +118,7 @@ async fn a_run_saved_by_two_ranks_resumes_with_one_and_with_three() {
     for (run, resume_ranks) in [("to-one", 1u32), ("to-three", 3)] {
         // Two ranks × 3, stopped by SIGTERM to the launcher after a few steps.
         let mut child = spawn_launched(base, run, 2, 0, 3, 12);
-        let (_, rest) = read_until(&mut child, |l| logged_step(l).is_some_and(|s| s >= 4));
-        std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let code = child.wait().unwrap();
-        let log = rest.join().unwrap();
-        assert_eq!(code.code(), Some(143), "{log}");
+        sigterm_after_step(&mut child, 4);
         let saved = manager(base, run)
             .latest_resumable(true)
             .await

@@ -103,3 +103,17 @@ pub fn read_until(
         }
     }
 }
+
+/// Follows `child`'s log (stderr, piped) until a `train step=N` line with N ≥ `step`, sends it
+/// SIGTERM, and checks that it exits 143 (saved, then stopped). Returns the rest of the log.
+pub fn sigterm_after_step(child: &mut Child, step: u64) -> String {
+    let (_, rest) = read_until(child, |l| logged_step(l).is_some_and(|s| s >= step));
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let code = child.wait().unwrap();
+    let log = rest.join().unwrap();
+    assert_eq!(code.code(), Some(143), "{log}");
+    log
+}
