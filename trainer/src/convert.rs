@@ -40,6 +40,11 @@ pub fn dtype_of(kind: Kind) -> Result<Dtype> {
     })
 }
 
+/// Bytes of `t`'s elements.
+pub fn byte_size(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
+}
+
 /// Copies `tensor` (any device) to host bytes under `name`, converted to `kind` when given. The
 /// conversion runs where the tensor lives, and the bytes land in the blob's buffer in one copy.
 pub fn to_blob(name: &str, tensor: &Tensor, kind: Option<Kind>) -> Result<Blob> {
@@ -49,7 +54,7 @@ pub fn to_blob(name: &str, tensor: &Tensor, kind: Option<Kind>) -> Result<Blob> 
         _ => t,
     };
     let shape = t.size();
-    let mut data = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    let mut data = vec![0u8; byte_size(&t)];
     if !data.is_empty() {
         // SAFETY: `host` views `data` (exactly its size, contiguous) and is dropped before it.
         let mut host =

@@ -32,7 +32,7 @@ use waypoint_checkpoint::{
 use waypoint_dist::SideChannel;
 use waypoint_storage::StepName;
 
-use crate::convert::to_blob;
+use crate::convert::{byte_size, to_blob};
 use crate::model::Model;
 use crate::optim::AdamW;
 use crate::ranks::Ranks;
@@ -210,10 +210,7 @@ impl Saver {
         if self.world == 1 {
             return items;
         }
-        let sizes: Vec<u64> = items
-            .iter()
-            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .collect();
+        let sizes: Vec<u64> = items.iter().map(|(_, t)| byte_size(t) as u64).collect();
         let owners = dcp::assign_owners(&sizes, self.world);
         items
             .into_iter()
@@ -410,10 +407,7 @@ fn snapshot_on_device(items: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)
     let Device::Cuda(gpu) = items.first()?.1.device() else {
         return None;
     };
-    let bytes: u64 = items
-        .iter()
-        .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-        .sum();
+    let bytes: u64 = items.iter().map(|(_, t)| byte_size(t) as u64).sum();
     match crate::cuda::free_memory(gpu) {
         Ok(free) if free >= bytes + SNAPSHOT_HEADROOM => {}
         Ok(free) => {
