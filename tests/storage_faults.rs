@@ -23,6 +23,7 @@ fn options(max_retries: u32) -> StoreOptions {
             max_retries,
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(5),
+            ..RetryPolicy::default()
         },
         fsync: false,
     }

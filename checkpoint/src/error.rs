@@ -97,5 +97,23 @@ pub enum CheckpointError {
     Invalid(String),
 }
 
+impl CheckpointError {
+    /// Whether this says the checkpoint itself is damaged (a bad or missing manifest or blob, a size or
+    /// hash that does not match), as opposed to a failure that may pass (storage unreachable, fenced).
+    /// Resume passes over a damaged checkpoint; it never passes over one it merely could not read.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            Self::BadBlob { .. }
+            | Self::BadManifest { .. }
+            | Self::Damaged { .. }
+            | Self::BadTensor { .. }
+            | Self::DeltaBase { .. }
+            | Self::NotFound { .. } => true,
+            Self::Storage(e) => matches!(e, StorageError::NotFound { .. }),
+            _ => false,
+        }
+    }
+}
+
 /// Result alias of the checkpoint crate.
 pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;

@@ -130,6 +130,52 @@ pub struct CheckpointInfo {
     pub created_unix_ms: u64,
 }
 
+/// The record written last into a promoted model's folder: its presence is the promotion's commit.
+pub const PROMOTION_RECORD: &str = "waypoint_promotion.json";
+
+/// What `models/<model_id>/` holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Promotion {
+    /// Nothing.
+    Absent,
+    /// A finished promotion, with its record.
+    Done(serde_json::Value),
+    /// Files but no record: a promotion that was interrupted (keys and sizes).
+    Partial(Vec<(String, u64)>),
+}
+
+impl Promotion {
+    /// Whether this is a finished promotion of `checkpoint` of the run laid out by `run`.
+    pub fn is_done_from(&self, run: &RunLayout, checkpoint: &str) -> bool {
+        match self {
+            Self::Done(r) => {
+                r["source_run"].as_str() == Some(run.run_id())
+                    && r["source_framework"].as_str() == Some(run.framework())
+                    && r["source_checkpoint"].as_str() == Some(checkpoint)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A committed checkpoint that resume passed over as damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Its step.
+    pub step: StepName,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The checkpoint resume continues from, loaded.
+#[derive(Debug, Clone)]
+pub struct Resumable {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Its `dcp/` tensors, checked against the manifest as they were read.
+    pub tensors: Vec<Tensor>,
+}
+
 /// What `verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -316,7 +362,8 @@ impl CheckpointManager {
         let removed = self
             .store
             .delete_prefix(&self.layout.checkpoint_dir(step))
-            .await?;
+            .await?
+            .len();
         if removed > 0 {
             tracing::warn!(checkpoint = %step, removed, "removed uncommitted leftovers");
         }
@@ -382,16 +429,21 @@ impl CheckpointManager {
         // Validate exactly what readers will parse.
         let body = manifest.to_json();
         Manifest::parse(&self.layout.manifest(step), &body)?;
-        match self
-            .store
-            .put_create(&self.layout.manifest(step), body.into())
-            .await
-        {
+        let key = self.layout.manifest(step);
+        let body = Bytes::from(body);
+        match self.store.put_create(&key, body.clone()).await {
             Ok(()) => {}
             Err(StorageError::AlreadyExists { .. }) => {
                 return Err(CheckpointError::AlreadyCommitted { name })
             }
-            Err(e) => return Err(e.into()),
+            // The outcome is unknown (the answer was lost after the retries): the commit happened
+            // exactly when our manifest is there now.
+            Err(e) => match self.store.get(&key).await {
+                Ok(there) if there == body => {
+                    tracing::warn!(checkpoint = %name, "the commit's answer was lost, but the manifest there is ours: committed");
+                }
+                _ => return Err(e.into()),
+            },
         }
         tracing::info!(checkpoint = %name, kinds = ?manifest.kinds, bytes = manifest.total_bytes(), "checkpoint committed");
         if let Some(keep) = self.options.keep_last {
@@ -634,9 +686,20 @@ impl CheckpointManager {
     /// Checks a committed checkpoint's files against its manifest: present with the recorded size and,
     /// with `rehash`, the recorded sha256. Returns the problems found.
     pub async fn check(&self, manifest: &Manifest, rehash: bool) -> Result<Vec<String>> {
+        self.check_files(manifest, manifest.files.iter(), rehash)
+            .await
+    }
+
+    /// [`Self::check`] of some of a manifest's files.
+    async fn check_files(
+        &self,
+        manifest: &Manifest,
+        files: impl Iterator<Item = &FileEntry>,
+        rehash: bool,
+    ) -> Result<Vec<String>> {
         let dir = self.layout.checkpoint_dir(manifest.step_name());
         let mut problems = Vec::new();
-        for f in &manifest.files {
+        for f in files {
             let key = format!("{dir}/{}", f.path);
             match self.store.head(&key).await {
                 Ok(o) if o.size != f.bytes => {
@@ -678,36 +741,113 @@ impl CheckpointManager {
         })
     }
 
-    /// The newest committed, complete, resumable checkpoint. Broken ones (unparseable manifest,
-    /// missing blob, wrong size, and with `rehash` a wrong sha256) are skipped with a warning that
-    /// names them and what is wrong.
+    /// The newest committed, complete, resumable checkpoint. Damaged ones (unparseable or misnamed
+    /// manifest, missing blob, wrong size, and with `rehash` a wrong sha256) are skipped with a
+    /// warning that names them and what is wrong.
     pub async fn latest_resumable(&self, rehash: bool) -> Result<Option<Manifest>> {
+        let (found, _) = self.newest_resumable(rehash, false).await?;
+        Ok(found.map(|r| r.manifest))
+    }
+
+    /// What resume continues from: the newest committed checkpoint that is complete, resumable and
+    /// whose `dcp/` blobs load and match the manifest's sizes and sha256 (checked as they are read),
+    /// with those tensors; and the newer checkpoints passed over as damaged, newest first, to be
+    /// [set aside](Self::set_aside) once this writer owns the run. A checkpoint that merely could not
+    /// be read (storage unreachable) is never passed over: that error is returned.
+    pub async fn load_latest_resumable(&self) -> Result<(Option<Resumable>, Vec<Skipped>)> {
+        self.newest_resumable(false, true).await
+    }
+
+    async fn newest_resumable(
+        &self,
+        rehash: bool,
+        load: bool,
+    ) -> Result<(Option<Resumable>, Vec<Skipped>)> {
+        let mut skipped = Vec::new();
         for step in self.committed_steps().await? {
-            let manifest = match self.manifest(step).await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(checkpoint = %step, %e, "skipping checkpoint with a bad manifest");
-                    continue;
+            let found = async {
+                let manifest = self.manifest(step).await?;
+                if manifest.dcp_files().next().is_none() {
+                    return Ok(None);
                 }
-            };
-            if manifest.dcp_files().next().is_none() {
-                continue;
-            }
-            let problems = self.check(&manifest, rehash).await?;
-            if !problems.is_empty() {
-                tracing::warn!(checkpoint = %step, ?problems, "skipping incomplete or corrupt checkpoint");
-                continue;
-            }
-            match self.detect_kinds(&manifest).await {
-                Ok(kinds) if kinds.iter().any(|k| k.resumable()) => return Ok(Some(manifest)),
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(checkpoint = %step, %e, "skipping checkpoint with an unreadable blob");
-                    continue;
+                let problems = self.check(&manifest, rehash).await?;
+                if !problems.is_empty() {
+                    return Err(CheckpointError::Damaged {
+                        name: manifest.name.clone(),
+                        problems,
+                    });
                 }
+                if !self
+                    .detect_kinds(&manifest)
+                    .await?
+                    .iter()
+                    .any(|k| k.resumable())
+                {
+                    return Ok(None);
+                }
+                let tensors = if load {
+                    self.load_tensors(&manifest, "dcp/", &|_| true).await?
+                } else {
+                    Vec::new()
+                };
+                Ok(Some(Resumable { manifest, tensors }))
+            }
+            .await;
+            match found {
+                Ok(Some(r)) => return Ok((Some(r), skipped)),
+                Ok(None) => continue,
+                Err(e) if e.is_damage() => {
+                    tracing::warn!(checkpoint = %step, "passing over a damaged checkpoint: {e}");
+                    skipped.push(Skipped {
+                        step,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(e),
             }
         }
-        Ok(None)
+        Ok((None, skipped))
+    }
+
+    /// Sets a damaged committed checkpoint aside so that the run can go on past it: its manifest
+    /// moves to `checkpoints/quarantine/<name>-attempt-<N>.json` (with `reason`), so discovery no
+    /// longer sees it and the step can be saved again; its blobs become uncommitted leftovers, which
+    /// the next save of that step or `gc` removes. Fenced like a commit: only the newest attempt may.
+    pub async fn set_aside(&self, step: StepName, reason: &str) -> Result<()> {
+        let name = step.to_string();
+        let Some(ours) = self.attempt else {
+            return Err(CheckpointError::Invalid(format!(
+                "cannot set {name} aside: no attempt started (call start_attempt first)"
+            )));
+        };
+        let newest = self.newest_attempt().await?.unwrap_or(0);
+        if newest > ours {
+            return Err(CheckpointError::Fenced { name, ours, newest });
+        }
+        let key = self.layout.manifest(step);
+        let manifest = match self.store.get(&key).await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(StorageError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let record = serde_json::json!({
+            "name": name,
+            "reason": reason,
+            "attempt": ours,
+            "set_aside_unix_ms": now_ms(),
+            "manifest": manifest,
+        });
+        self.store
+            .put(
+                &self.layout.quarantined_manifest(step, ours),
+                serde_json::to_vec_pretty(&record)
+                    .unwrap_or_default()
+                    .into(),
+            )
+            .await?;
+        self.store.delete(&key).await?;
+        tracing::warn!(checkpoint = %name, reason, "set the damaged checkpoint aside; training goes on past it");
+        Ok(())
     }
 
     /// The data position of a committed checkpoint: the manifest's (which wins), with a warning when
@@ -868,12 +1008,60 @@ impl CheckpointManager {
             });
         }
         let dest = model_dir(model_id)?;
-        if !self.store.list(&dest).await?.is_empty() {
-            return Err(CheckpointError::Invalid(format!(
-                "model {model_id} already exists at {dest}; choose another --output_model_id (nothing was overwritten)"
-            )));
+        match self.promotion(model_id).await? {
+            Promotion::Absent => {}
+            Promotion::Done(record) => {
+                return Err(CheckpointError::Invalid(format!(
+                    "model {model_id} already exists at {dest} (promoted from {} {}); choose \
+                     another --output_model_id (nothing was overwritten)",
+                    record["source_run"], record["source_checkpoint"]
+                )));
+            }
+            Promotion::Partial(keys) => {
+                // A promotion killed half-way leaves files but no marker: nobody can deploy it.
+                // Finish it when every file there is one this checkpoint would write, with its size.
+                let ours: HashMap<String, u64> = manifest
+                    .sampler_files()
+                    .map(|f| {
+                        let rel = f.path.trim_start_matches("sampler/");
+                        (format!("{dest}/{rel}"), f.bytes)
+                    })
+                    .collect();
+                let foreign: Vec<&String> = keys
+                    .iter()
+                    .filter(|(k, size)| ours.get(k.as_str()) != Some(size))
+                    .map(|(k, _)| k)
+                    .collect();
+                if !foreign.is_empty() {
+                    return Err(CheckpointError::Invalid(format!(
+                        "{dest} holds files that are not {}'s ({foreign:?}) and no promotion \
+                         record; choose another --output_model_id, or remove it if it is garbage \
+                         (nothing was overwritten)",
+                        manifest.name
+                    )));
+                }
+                tracing::warn!(
+                    model = model_id,
+                    files = keys.len(),
+                    "finishing a promotion that was interrupted"
+                );
+            }
         }
+        // What is deployed must be what was saved: every sampler file re-hashed first.
         let _pin = self.pin(manifest.step);
+        let problems = self
+            .check_files(&manifest, manifest.sampler_files(), true)
+            .await?;
+        if !problems.is_empty() {
+            return Err(CheckpointError::Damaged {
+                name: manifest.name.clone(),
+                problems,
+            });
+        }
+        if manifest.delta_base.is_some() {
+            // A delta rebuilds and checks its full weights bit for bit.
+            self.sampler_weight_files(&manifest).await?;
+        }
         let dir = self.layout.checkpoint_dir(step);
         for f in manifest.sampler_files() {
             let rel = f.path.trim_start_matches("sampler/");
@@ -881,6 +1069,8 @@ impl CheckpointManager {
                 .copy(&format!("{dir}/{}", f.path), &format!("{dest}/{rel}"))
                 .await?;
         }
+        // The record is written last and create-only: it is the promotion's commit. Until it exists
+        // the model is not there for anyone (see [`Self::promotion`]).
         let record = serde_json::json!({
             "source_run": self.layout.run_id(),
             "source_framework": self.layout.framework(),
@@ -889,16 +1079,50 @@ impl CheckpointManager {
             "files": manifest.sampler_files().collect::<Vec<_>>(),
             "promoted_unix_ms": now_ms(),
         });
-        self.store
-            .put(
-                &format!("{dest}/waypoint_promotion.json"),
+        match self
+            .store
+            .put_create(
+                &format!("{dest}/{PROMOTION_RECORD}"),
                 serde_json::to_vec_pretty(&record)
                     .unwrap_or_default()
                     .into(),
             )
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            Err(StorageError::AlreadyExists { .. }) => {
+                return Err(CheckpointError::Invalid(format!(
+                    "model {model_id} was promoted by someone else while this promotion ran; \
+                     choose another --output_model_id"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!(checkpoint = %manifest.name, model = model_id, "promoted");
         Ok(dest)
+    }
+
+    /// The state of `models/<model_id>/`: absent, promoted (with its record, written last), or files
+    /// without a record (a promotion that was interrupted; not deployable).
+    pub async fn promotion(&self, model_id: &str) -> Result<Promotion> {
+        let dest = model_dir(model_id)?;
+        let objects = self.store.list(&format!("{dest}/")).await?;
+        if objects.is_empty() {
+            return Ok(Promotion::Absent);
+        }
+        let record_key = format!("{dest}/{PROMOTION_RECORD}");
+        if objects.iter().any(|o| o.key == record_key) {
+            let bytes = self.store.get(&record_key).await?;
+            let record: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                CheckpointError::Invalid(format!(
+                    "{record_key} is not a promotion record ({e}); remove {dest} if it is garbage"
+                ))
+            })?;
+            return Ok(Promotion::Done(record));
+        }
+        Ok(Promotion::Partial(
+            objects.into_iter().map(|o| (o.key, o.size)).collect(),
+        ))
     }
 
     /// Keeps the newest `keep` resumable checkpoints and removes older ones — never the newest
@@ -980,10 +1204,8 @@ impl CheckpointManager {
             if young {
                 continue;
             }
-            for o in objects {
-                self.store.delete(&o.key).await?;
-                removed.push(o.key);
-            }
+            // Never through a symbolic link: a link in the run folder is removed, not followed.
+            removed.extend(self.store.delete_prefix(&prefix).await?);
         }
         Ok(removed)
     }

@@ -108,6 +108,28 @@ impl Manifest {
         if name.step() != m.step {
             return Err(bad(format!("name {} but step {}", m.name, m.step)));
         }
+        // The manifest's own name must be the name of the object it is stored as: a manifest
+        // copied under another step's name is not that checkpoint.
+        if let Some(stem) = key
+            .rsplit('/')
+            .next()
+            .and_then(|f| f.strip_suffix(".json"))
+            .filter(|stem| stem.starts_with("step-"))
+        {
+            if stem != m.name {
+                return Err(bad(format!(
+                    "it says it is {} but is stored as {stem}; a manifest copied or renamed is not \
+                     that checkpoint",
+                    m.name
+                )));
+            }
+        }
+        if m.data_consumed > i64::MAX as u64 || m.epoch > m.data_consumed {
+            return Err(bad(format!(
+                "data_consumed {} / epoch {} are impossible counters",
+                m.data_consumed, m.epoch
+            )));
+        }
         if m.world_size == 0 {
             return Err(bad("world_size is 0".into()));
         }

@@ -94,6 +94,15 @@ impl RunLayout {
         format!("{}/checkpoints/{step}.json", self.root)
     }
 
+    /// `checkpoints/quarantine/step-XXXXXX-attempt-NNNNNN.json`: the manifest of a damaged checkpoint
+    /// that attempt `attempt` set aside, with the reason (not a manifest: discovery never reads it).
+    pub fn quarantined_manifest(&self, step: StepName, attempt: u64) -> String {
+        format!(
+            "{}/checkpoints/quarantine/{step}-attempt-{attempt:06}.json",
+            self.root
+        )
+    }
+
     /// `checkpoints/step-XXXXXX/`: all blobs of one checkpoint.
     pub fn checkpoint_dir(&self, step: StepName) -> String {
         format!("{}/checkpoints/{step}", self.root)

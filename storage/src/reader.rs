@@ -53,8 +53,7 @@ impl BlobReader {
             ..Default::default()
         };
         let result = store
-            .options
-            .retry
+            .layer_retry
             .run("get", || store.inner.get_opts(&path, options.clone()))
             .await
             .map_err(|e| store.error("get", key, e))?;

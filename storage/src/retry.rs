@@ -1,9 +1,15 @@
-//! Retries of whole store operations on transient errors.
+//! The one retry budget of every storage call, stated once.
 //!
-//! Cloud backends also retry each HTTP request inside `object_store` (configured from the same
-//! [`RetryPolicy`]); this layer covers every backend, including local files, and operations whose
-//! payload can be replayed (puts of in-memory bytes, gets, heads, lists, deletes, copies). A streaming
-//! multipart upload cannot be replayed: a part that still fails after the client's retries aborts it.
+//! A [`RetryPolicy`] says how often and for how long a transient failure is retried, and how long one
+//! request may take. It is applied in exactly one place per backend, never stacked: cloud backends
+//! (S3, GCS, Azure) retry inside `object_store`'s HTTP client, which also bounds each request
+//! (connect, first byte, whole request); other backends (local files, memory) are retried by
+//! [`RetryPolicy::run`] around each whole operation. So a frozen or unreachable endpoint ends every
+//! storage call within [`RetryPolicy::worst_case`]: the retry deadline plus one request timeout.
+//!
+//! Defaults: 5 retries, back-off 100 ms doubling to 10 s, no retry started later than 60 s after the
+//! first try, 30 s per request, 5 s to connect. `WAYPOINT_STORAGE_TIMEOUT_SECS` (per request) and
+//! `WAYPOINT_STORAGE_RETRY_SECS` (the retry deadline) override them ([`RetryPolicy::from_env`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,6 +23,12 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// The longest wait between two tries.
     pub max_backoff: Duration,
+    /// No retry starts later than this after the first try.
+    pub deadline: Duration,
+    /// The longest one request may take, from connecting to the last byte (cloud backends).
+    pub request_timeout: Duration,
+    /// The longest connecting may take (cloud backends).
+    pub connect_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -25,9 +37,17 @@ impl Default for RetryPolicy {
             max_retries: 5,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            deadline: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }
+
+/// Environment variable: seconds one storage request may take.
+pub const TIMEOUT_ENV: &str = "WAYPOINT_STORAGE_TIMEOUT_SECS";
+/// Environment variable: seconds after the first try past which no retry starts.
+pub const RETRY_ENV: &str = "WAYPOINT_STORAGE_RETRY_SECS";
 
 impl RetryPolicy {
     /// No retries at all.
@@ -36,6 +56,34 @@ impl RetryPolicy {
             max_retries: 0,
             ..Self::default()
         }
+    }
+
+    /// The defaults, with [`TIMEOUT_ENV`] and [`RETRY_ENV`] applied when set (whole seconds, ≥ 1).
+    pub fn from_env() -> Result<Self, String> {
+        let mut p = Self::default();
+        let secs = |name: &str| -> Result<Option<Duration>, String> {
+            match std::env::var(name) {
+                Err(_) => Ok(None),
+                Ok(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if (1..=86_400).contains(&n) => Ok(Some(Duration::from_secs(n))),
+                    _ => Err(format!("{name}={v:?}: give whole seconds from 1 to 86400")),
+                },
+            }
+        };
+        if let Some(t) = secs(TIMEOUT_ENV)? {
+            p.request_timeout = t;
+            p.connect_timeout = p.connect_timeout.min(t);
+        }
+        if let Some(d) = secs(RETRY_ENV)? {
+            p.deadline = d;
+        }
+        Ok(p)
+    }
+
+    /// The longest a storage call can take before it fails: the retry deadline, one request timeout
+    /// and the longest back-off.
+    pub fn worst_case(&self) -> Duration {
+        self.deadline + self.request_timeout + self.max_backoff
     }
 
     /// The wait before retry number `attempt` (1-based).
@@ -55,8 +103,15 @@ impl RetryPolicy {
                 base: 2.0,
             },
             max_retries: self.max_retries as usize,
-            retry_timeout: Duration::from_secs(180),
+            retry_timeout: self.deadline,
         }
+    }
+
+    /// The `object_store` HTTP client's timeouts.
+    pub fn to_client_options(self) -> object_store::ClientOptions {
+        object_store::ClientOptions::new()
+            .with_timeout(self.request_timeout)
+            .with_connect_timeout(self.connect_timeout)
     }
 
     /// Runs `op` until it succeeds, fails permanently, or the retries are spent.
@@ -66,9 +121,14 @@ impl RetryPolicy {
         Fut: Future<Output = object_store::Result<T>>,
     {
         let mut attempt = 0;
+        let started = std::time::Instant::now();
         loop {
             match op().await {
-                Err(e) if is_transient(&e) && attempt < self.max_retries => {
+                Err(e)
+                    if is_transient(&e)
+                        && attempt < self.max_retries
+                        && started.elapsed() < self.deadline =>
+                {
                     attempt += 1;
                     let wait = self.backoff(attempt);
                     tracing::warn!(%e, attempt, ?wait, "{what}: transient storage error, retrying");
@@ -99,6 +159,7 @@ mod tests {
             max_retries: 10,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(500),
+            ..RetryPolicy::default()
         };
         assert_eq!(p.backoff(1), Duration::from_millis(100));
         assert_eq!(p.backoff(2), Duration::from_millis(200));

@@ -1,6 +1,7 @@
 //! `Store`: a rooted view of an object store with retries, typed errors and keys relative to the root.
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -79,6 +80,15 @@ pub struct Store {
     root: Path,
     uri: Arc<str>,
     pub(crate) options: StoreOptions,
+    /// For a local store: the folder the root key stands for, so deletes can refuse to follow
+    /// symbolic links out of it.
+    local_root: Option<Arc<PathBuf>>,
+    /// The retries this layer makes around each operation: `options.retry` where the backend does not
+    /// retry by itself, none where its HTTP client already does (one budget, never stacked).
+    pub(crate) layer_retry: RetryPolicy,
+    /// Whether the backend's HTTP client retries requests by itself (so a create may have been sent
+    /// twice even when this layer tried once).
+    client_retries: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -88,9 +98,20 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the store a URI names, with default options.
+    /// Opens the store a URI names, with default options and the retry budget's environment
+    /// overrides ([`RetryPolicy::from_env`]).
     pub fn open(uri: &str) -> Result<Self> {
-        Self::open_with(uri, StoreOptions::default())
+        let retry = RetryPolicy::from_env().map_err(|reason| StorageError::InvalidUri {
+            uri: crate::redact::redact_uri(uri),
+            reason,
+        })?;
+        Self::open_with(
+            uri,
+            StoreOptions {
+                retry,
+                ..StoreOptions::default()
+            },
+        )
     }
 
     /// Opens the store a URI names.
@@ -101,6 +122,13 @@ impl Store {
             root: backend.root,
             uri: backend.display.into(),
             options,
+            local_root: backend.local_root.map(Arc::new),
+            layer_retry: if backend.client_retries {
+                RetryPolicy::none()
+            } else {
+                options.retry
+            },
+            client_retries: backend.client_retries,
         })
     }
 
@@ -120,6 +148,9 @@ impl Store {
             root,
             uri: name.into(),
             options,
+            local_root: None,
+            layer_retry: options.retry,
+            client_retries: false,
         })
     }
 
@@ -146,14 +177,19 @@ impl Store {
             .into(),
             root,
             options: self.options,
+            local_root: self
+                .local_root
+                .as_ref()
+                .map(|r| Arc::new(r.join(key.trim_matches('/')))),
+            layer_retry: self.layer_retry,
+            client_retries: self.client_retries,
         })
     }
 
     /// Writes `data` to `key`, replacing what was there.
     pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
-        self.options
-            .retry
+        self.layer_retry
             .run("put", || {
                 self.inner
                     .put_opts(&path, PutPayload::from(data.clone()), PutOptions::default())
@@ -169,8 +205,7 @@ impl Store {
         let path = self.path(key)?;
         let mut tries = 0u32;
         let result = self
-            .options
-            .retry
+            .layer_retry
             .run("create", || {
                 tries += 1;
                 let opts = PutOptions {
@@ -183,24 +218,36 @@ impl Store {
             .await;
         match result {
             Ok(_) => Ok(()),
-            // A retried create may have landed the first time with its answer lost: it is ours
-            // exactly when the bytes there are the bytes we wrote.
-            Err(object_store::Error::AlreadyExists { .. }) if tries > 1 => {
-                match self.get(key).await {
-                    Ok(existing) if existing == data => Ok(()),
-                    _ => Err(self.already_exists(key)),
-                }
+            // A create retried (here, or inside the backend's HTTP client) may have landed the first
+            // time with its answer lost: it is ours exactly when the bytes there are the bytes we
+            // wrote.
+            Err(object_store::Error::AlreadyExists { .. }) if tries > 1 || self.client_retries => {
+                self.created_by_us(key, &data).await
             }
             Err(object_store::Error::AlreadyExists { .. }) => Err(self.already_exists(key)),
             Err(e) => Err(self.error("create", key, e)),
         }
     }
 
+    /// After a create was refused as already there: whether the object holds exactly our bytes.
+    async fn created_by_us(&self, key: &str, data: &Bytes) -> Result<()> {
+        match self.get(key).await {
+            Ok(existing) if existing == *data => {
+                tracing::warn!(
+                    key,
+                    "create-only write found its own bytes already there (an earlier try \
+                         landed; its answer was lost)"
+                );
+                Ok(())
+            }
+            _ => Err(self.already_exists(key)),
+        }
+    }
+
     /// Reads a whole object into memory.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         let path = self.path(key)?;
-        self.options
-            .retry
+        self.layer_retry
             .run("get", || async {
                 self.inner.get(&path).await?.bytes().await
             })
@@ -211,8 +258,7 @@ impl Store {
     /// Reads the bytes `range` of an object.
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let path = self.path(key)?;
-        self.options
-            .retry
+        self.layer_retry
             .run("get_range", || self.inner.get_range(&path, range.clone()))
             .await
             .map_err(|e| self.error("get_range", key, e))
@@ -232,8 +278,7 @@ impl Store {
     pub async fn head(&self, key: &str) -> Result<ObjectInfo> {
         let path = self.path(key)?;
         let meta = self
-            .options
-            .retry
+            .layer_retry
             .run("head", || self.inner.head(&path))
             .await
             .map_err(|e| self.error("head", key, e))?;
@@ -253,8 +298,7 @@ impl Store {
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let path = self.path(prefix)?;
         let metas: Vec<object_store::ObjectMeta> = self
-            .options
-            .retry
+            .layer_retry
             .run("list", || self.inner.list(Some(&path)).try_collect())
             .await
             .map_err(|e| self.error("list", prefix, e))?;
@@ -267,8 +311,7 @@ impl Store {
     pub async fn list_dir(&self, prefix: &str) -> Result<Listing> {
         let path = self.path(prefix)?;
         let result = self
-            .options
-            .retry
+            .layer_retry
             .run("list", || self.inner.list_with_delimiter(Some(&path)))
             .await
             .map_err(|e| self.error("list", prefix, e))?;
@@ -284,12 +327,22 @@ impl Store {
         Ok(Listing { objects, prefixes })
     }
 
-    /// Deletes an object; deleting an absent one is not an error.
+    /// Deletes an object; deleting an absent one is not an error. In a local store, a key reached
+    /// through a symbolic link is refused: a delete never leaves the store's own folder.
     pub async fn delete(&self, key: &str) -> Result<()> {
+        if let Some(link) = self.symlink_above(key, 0) {
+            return Err(StorageError::Refused {
+                key: key.to_string(),
+                reason: format!(
+                    "{} is a symbolic link; waypoint never deletes through one (remove the link \
+                     yourself if it is garbage)",
+                    link.display()
+                ),
+            });
+        }
         let path = self.path(key)?;
         match self
-            .options
-            .retry
+            .layer_retry
             .run("delete", || self.inner.delete(&path))
             .await
         {
@@ -298,20 +351,88 @@ impl Store {
         }
     }
 
-    /// Deletes every object under `prefix`; returns how many.
-    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+    /// Deletes every object under `prefix`; returns the keys removed. In a local store a symbolic
+    /// link at or under `prefix` is removed itself, never followed (a link above `prefix` is refused),
+    /// so nothing outside the prefix is ever deleted.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        let depth = prefix.trim_matches('/').split('/').count();
         let objects = self.list(prefix).await?;
+        let mut removed = Vec::new();
         for o in &objects {
-            self.delete(&o.key).await?;
+            match self.symlink_above(&o.key, depth.saturating_sub(1)) {
+                Some(link) => {
+                    // Unlink the link itself (once), not what it points at.
+                    let key = self.key_of_local(&link);
+                    if !removed.contains(&key) {
+                        std::fs::remove_file(&link).map_err(|source| StorageError::Io {
+                            op: "remove the symbolic link",
+                            path: link.clone(),
+                            source,
+                        })?;
+                        tracing::warn!(link = %link.display(), "removed a symbolic link without following it");
+                        removed.push(key);
+                    }
+                }
+                None => {
+                    self.delete(&o.key).await?;
+                    removed.push(o.key.clone());
+                }
+            }
         }
-        Ok(objects.len())
+        // A link to a folder that holds nothing is not listed at all: remove it too.
+        if let Some(root) = &self.local_root {
+            let p = root.join(prefix.trim_matches('/'));
+            if self.symlink_above(prefix.trim_matches('/'), 0).is_none()
+                && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink())
+            {
+                std::fs::remove_file(&p).map_err(|source| StorageError::Io {
+                    op: "remove the symbolic link",
+                    path: p.clone(),
+                    source,
+                })?;
+                removed.push(prefix.trim_matches('/').to_string());
+            }
+        }
+        Ok(removed)
+    }
+
+    /// In a local store: the first symbolic link among the folders (and the object itself, when it
+    /// is a folder link) on the way to `key`, skipping the first `skip` segments. `None` elsewhere.
+    fn symlink_above(&self, key: &str, skip: usize) -> Option<PathBuf> {
+        let root = self.local_root.as_ref()?;
+        let parts: Vec<&str> = key.trim_matches('/').split('/').collect();
+        let mut p = PathBuf::from(root.as_ref());
+        for (i, part) in parts.iter().enumerate() {
+            p.push(part);
+            let is_last = i + 1 == parts.len();
+            if i < skip {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                return None;
+            };
+            // A link to a file as the last segment is deleted as the link itself; a link anywhere
+            // above it would be followed.
+            if meta.file_type().is_symlink() && !(is_last && !p.is_dir()) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// The key of a path inside the local root.
+    fn key_of_local(&self, p: &std::path::Path) -> String {
+        self.local_root
+            .as_ref()
+            .and_then(|r| p.strip_prefix(r.as_ref()).ok())
+            .map(|rel| rel.to_string_lossy().replace('\\', "/"))
+            .unwrap_or_else(|| p.display().to_string())
     }
 
     /// Copies an object inside the store (server-side where the backend can).
     pub async fn copy(&self, from: &str, to: &str) -> Result<()> {
         let (src, dst) = (self.path(from)?, self.path(to)?);
-        self.options
-            .retry
+        self.layer_retry
             .run("copy", || self.inner.copy(&src, &dst))
             .await
             .map_err(|e| self.error("copy", from, e))

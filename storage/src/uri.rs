@@ -19,6 +19,7 @@ use object_store::ObjectStore;
 use url::Url;
 
 use crate::error::{Result, StorageError};
+use crate::redact::redact_uri;
 use crate::store::StoreOptions;
 
 /// A backend opened from a URI: the store, the key prefix inside it, and a printable URI.
@@ -26,6 +27,10 @@ pub(crate) struct Backend {
     pub store: Arc<dyn ObjectStore>,
     pub root: Path,
     pub display: String,
+    /// For a local store: the folder the root stands for.
+    pub local_root: Option<PathBuf>,
+    /// Whether the backend's own client retries (cloud backends); then the store layer does not.
+    pub client_retries: bool,
 }
 
 /// Opens the backend a URI names, reading settings from the process environment.
@@ -43,7 +48,7 @@ fn process_env(name: &str) -> Option<String> {
 /// Opens the backend a URI names, reading settings through `env`.
 fn open_backend_in(uri: &str, options: &StoreOptions, env: Env<'_>) -> Result<Backend> {
     let invalid = |reason: &str| StorageError::InvalidUri {
-        uri: uri.to_string(),
+        uri: redact_uri(uri),
         reason: reason.to_string(),
     };
     if uri.trim().is_empty() {
@@ -80,6 +85,8 @@ fn open_backend_in(uri: &str, options: &StoreOptions, env: Env<'_>) -> Result<Ba
                 store: shared_memory_store(&name),
                 root: key_prefix(uri, url.path())?,
                 display: uri.to_string(),
+                local_root: None,
+                client_retries: false,
             })
         }
         "s3" | "gs" | "az" => {
@@ -94,6 +101,7 @@ fn open_backend_in(uri: &str, options: &StoreOptions, env: Env<'_>) -> Result<Ba
                     GoogleCloudStorageBuilder::from_env()
                         .with_bucket_name(bucket)
                         .with_retry(options.retry.to_client_config())
+                        .with_client_options(options.retry.to_client_options())
                         .build()
                         .map_err(|e| setting(uri, "GOOGLE_*", &e.to_string(), GCS_HINT))?,
                 ),
@@ -110,6 +118,7 @@ fn open_backend_in(uri: &str, options: &StoreOptions, env: Env<'_>) -> Result<Ba
                         MicrosoftAzureBuilder::from_env()
                             .with_container_name(bucket)
                             .with_retry(options.retry.to_client_config())
+                        .with_client_options(options.retry.to_client_options())
                             .build()
                             .map_err(|e| setting(uri, "AZURE_*", &e.to_string(), AZURE_HINT))?,
                     )
@@ -119,6 +128,8 @@ fn open_backend_in(uri: &str, options: &StoreOptions, env: Env<'_>) -> Result<Ba
                 store,
                 root,
                 display: uri.to_string(),
+                local_root: None,
+                client_retries: true,
             })
         }
         other => Err(invalid(&format!(
@@ -137,7 +148,7 @@ const AZURE_HINT: &str =
 
 fn setting(uri: &str, setting: &str, problem: &str, hint: &str) -> StorageError {
     StorageError::Setting {
-        uri: uri.to_string(),
+        uri: redact_uri(uri),
         setting: setting.to_string(),
         problem: problem.to_string(),
         hint: hint.to_string(),
@@ -207,7 +218,9 @@ fn open_s3(
     }
     // The builder reads the rest (session tokens, web identity, profiles) from the process
     // environment; what was validated above is applied explicitly.
+    // Client options first: they replace the whole set, so allow_http goes after them.
     let mut builder = AmazonS3Builder::from_env()
+        .with_client_options(options.retry.to_client_options())
         .with_bucket_name(bucket)
         .with_allow_http(allow_http)
         .with_retry(options.retry.to_client_config());
@@ -243,28 +256,49 @@ fn open_local(uri: &str, path: &FsPath, options: &StoreOptions) -> Result<Backen
             })?
             .join(path)
     };
-    std::fs::create_dir_all(&abs).map_err(|source| StorageError::Io {
-        op: "create the store directory",
-        path: abs.clone(),
-        source,
-    })?;
-    let fs = LocalFileSystem::new_with_prefix(&abs)
+    // Nothing is created on open (folders appear as objects are written), so a command refused
+    // before any work leaves no empty folder behind. The store is rooted at the nearest existing
+    // folder; the missing rest becomes the key prefix.
+    let mut existing = abs.as_path();
+    let mut missing: Vec<String> = Vec::new();
+    while !existing.exists() {
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            break;
+        };
+        missing.push(name.to_string_lossy().into_owned());
+        existing = parent;
+    }
+    missing.reverse();
+    if !existing.is_dir() {
+        return Err(StorageError::InvalidUri {
+            uri: redact_uri(uri),
+            reason: format!("{} is a file, not a folder", existing.display()),
+        });
+    }
+    let fs = LocalFileSystem::new_with_prefix(existing)
         .map_err(|e| StorageError::InvalidUri {
-            uri: uri.to_string(),
+            uri: redact_uri(uri),
             reason: format!("cannot use {} as a store: {e}", abs.display()),
         })?
         .with_fsync(options.fsync)
         .with_automatic_cleanup(true);
+    let root = key_prefix(uri, &missing.join("/"))?;
+    let local_root = existing
+        .canonicalize()
+        .unwrap_or_else(|_| existing.to_path_buf())
+        .join(missing.join("/"));
     Ok(Backend {
         store: Arc::new(fs),
-        root: Path::default(),
+        root,
         display: abs.display().to_string(),
+        local_root: Some(local_root),
+        client_retries: false,
     })
 }
 
 fn key_prefix(uri: &str, path: &str) -> Result<Path> {
     Path::parse(path.trim_matches('/')).map_err(|e| StorageError::InvalidUri {
-        uri: uri.to_string(),
+        uri: redact_uri(uri),
         reason: format!("the key prefix {path:?} is not a valid object path ({e})"),
     })
 }
@@ -317,8 +351,10 @@ mod tests {
         let local = open(dir.path().to_str().unwrap(), &[]).unwrap();
         assert_eq!(local.root.as_ref(), "");
         let file_uri = format!("file://{}/sub", dir.path().display());
-        open(&file_uri, &[]).unwrap();
-        assert!(dir.path().join("sub").is_dir());
+        let sub = open(&file_uri, &[]).unwrap();
+        // Opening writes nothing: the missing folder becomes the key prefix, created on first write.
+        assert!(!dir.path().join("sub").exists());
+        assert_eq!(sub.root.as_ref(), "sub");
         let s3 = open("s3://bucket/runs/a/", &S3_OK).unwrap();
         assert_eq!(s3.root.as_ref(), "runs/a");
         let mem = open("memory://x/p", &[]).unwrap();
@@ -330,8 +366,14 @@ mod tests {
         assert!(err("", &[]).contains("empty"));
         assert!(err("ftp://host/x", &[]).contains("unknown scheme `ftp://`"));
         assert!(err("s3:///prefix", &S3_OK).contains("bucket"));
-        assert!(err("s3://key:secret@bucket/p", &S3_OK).contains("credentials are not accepted"));
-        assert!(err("s3://bucket/p?x=1", &S3_OK).contains("query"));
+        let e = err("s3://key:secret@bucket/p", &S3_OK);
+        assert!(e.contains("credentials are not accepted"), "{e}");
+        assert!(
+            !e.contains("secret"),
+            "the refusal must not echo the secret: {e}"
+        );
+        let e = err("s3://bucket/p?token=hunter2", &S3_OK);
+        assert!(e.contains("query") && !e.contains("hunter2"), "{e}");
         assert!(err("file://host/x", &[]).contains("no host"));
         assert!(err("s3://bucket/a//b", &S3_OK).contains("key prefix"));
     }

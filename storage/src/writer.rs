@@ -140,8 +140,7 @@ impl BlobWriter {
                 let sha256 = hex::encode(Sha256::digest(&tail));
                 let payload = PutPayload::from(tail);
                 self.store
-                    .options
-                    .retry
+                    .layer_retry
                     .run("put", || {
                         self.store.inner.put_opts(
                             &self.path,
@@ -199,8 +198,7 @@ impl BlobWriter {
         if self.upload.is_none() {
             let upload = self
                 .store
-                .options
-                .retry
+                .layer_retry
                 .run("start upload", || {
                     self.store
                         .inner

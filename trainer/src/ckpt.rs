@@ -130,7 +130,18 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
             };
             let mut damaged = 0;
             for step in steps {
-                let report = manager.verify(step).await?;
+                // Every checkpoint is checked and reported, whatever an earlier one showed.
+                let report = match manager.verify(step).await {
+                    Ok(report) => report,
+                    Err(e) if e.is_damage() => {
+                        damaged += 1;
+                        println!("{step}: DAMAGED: {e}");
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e).context(format!("verifying {step}")))
+                    }
+                };
                 if report.problems.is_empty() {
                     println!(
                         "{}: ok ({} files, {} bytes)",

@@ -8,7 +8,7 @@
 //! forward and backward passes (they only read the weights), and [`Saver::before_update`] waits for
 //! it before the optimizer changes them.
 //!
-//! With one rank the writer thread calls [`CheckpointManager::save`] (retried on storage errors).
+//! With one rank the writer thread calls [`CheckpointManager::save`] (storage calls retried inside).
 //! With several, every rank writes its share of `dcp/` (replicated tensors spread by size), rank 0
 //! also the sampler part, and rank 0 commits once every rank's file list has come through the store
 //! (on a side channel, so these collectives never interleave with the loop's); a rank that fails or
@@ -17,7 +17,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -26,8 +26,7 @@ use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
 use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
 use waypoint_checkpoint::{
-    dcp, CheckpointError, CheckpointManager, Commit, FileEntry, SamplerPart, SaveRequest,
-    Tensor as Blob,
+    dcp, CheckpointManager, Commit, FileEntry, SamplerPart, SaveRequest, Tensor as Blob,
 };
 use waypoint_dist::SideChannel;
 use waypoint_storage::StepName;
@@ -261,7 +260,7 @@ impl Saver {
     }
 }
 
-/// The single-rank write: the whole save through the manager, retried on storage errors.
+/// The single-rank write: the whole save through the manager.
 fn write_alone(manager: &CheckpointManager, handle: &Handle, job: Job) -> Result<String> {
     handle.block_on(async {
         let name = StepName::new(job.commit.step).to_string();
@@ -272,24 +271,12 @@ fn write_alone(manager: &CheckpointManager, handle: &Handle, job: Job) -> Result
             sampler: job.sampler,
         };
         let started = Instant::now();
-        let mut tries = 0;
-        let manifest = loop {
-            tries += 1;
-            match manager.save(request.clone()).await {
-                Ok(m) => break m,
-                // Storage errors may pass (storage already retried each call); a fenced or
-                // already-committed save never will.
-                Err(e @ CheckpointError::Storage(_)) if tries < 3 => {
-                    tracing::warn!(checkpoint = %name, "save failed, retrying: {e}");
-                    tokio::time::sleep(Duration::from_secs(tries)).await;
-                }
-                Err(e) => {
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "saving checkpoint {name} failed after {tries} tries"
-                    )))
-                }
-            }
-        };
+        // One try: every storage call inside is already retried within the storage budget
+        // (waypoint_storage::RetryPolicy), and a commit whose answer was lost is recognised there.
+        let manifest = manager
+            .save(request)
+            .await
+            .with_context(|| format!("saving checkpoint {name} failed"))?;
         let secs = started.elapsed().as_secs_f64();
         committed(manager, job.status, &manifest.name).await?;
         tracing::info!(checkpoint = %manifest.name, secs, "checkpoint committed");

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Runtime;
-use waypoint_checkpoint::{dcp, CheckpointManager, ManagerOptions, Tensor as Blob};
+use waypoint_checkpoint::{dcp, CheckpointManager, ManagerOptions, Promotion, Tensor as Blob};
 use waypoint_storage::{model_dir, RunLayout, Store};
 
 use crate::config::{fingerprint, TrainConfig};
@@ -164,19 +164,29 @@ impl Session {
                 ..ManagerOptions::default()
             },
         );
-        // Rank 0 picks the checkpoint to resume from; every rank loads that one.
+        // Rank 0 picks the checkpoint to resume from, loading it (checked against its manifest as
+        // it is read) and passing over damaged newer ones; every other rank loads the one it picked.
         let mut latest = None;
+        let mut resume_blobs = Vec::new();
+        let mut damaged = Vec::new();
         if main {
-            latest = rt
-                .block_on(manager.latest_resumable(false))
+            let (found, skipped) = rt
+                .block_on(manager.load_latest_resumable())
                 .context("looking for the run's newest resumable checkpoint")?;
+            damaged = skipped;
+            if let Some(r) = found {
+                latest = Some(r.manifest);
+                resume_blobs = r.tensors;
+            }
         }
         let chosen = latest.as_ref().map(|m| m.name.clone()).unwrap_or_default();
         let chosen = String::from_utf8_lossy(&ranks.broadcast("resume-from", chosen.as_bytes())?)
             .to_string();
         if !main && !chosen.is_empty() {
             let step: waypoint_storage::StepName = chosen.parse()?;
-            latest = Some(rt.block_on(manager.manifest(step))?);
+            let m = rt.block_on(manager.manifest(step))?;
+            resume_blobs = rt.block_on(manager.load_tensors(&m, "dcp/", &|_| true))?;
+            latest = Some(m);
         }
         if let Some(m) = &latest {
             if m.config_fingerprint != config_fp {
@@ -197,8 +207,14 @@ impl Session {
         if !cfg.output_model_id.is_empty() {
             let dir = model_dir(&cfg.output_model_id)
                 .map_err(|e| UsageError(format!("--output_model_id: {e}")))?;
-            let done = latest.as_ref().is_some_and(|m| m.step >= total);
-            if !done && !rt.block_on(self.store.list(&format!("{dir}/")))?.is_empty() {
+            // A finished promotion of another source, or files that are not a promotion, are never
+            // overwritten; this run's own promotion (done, or interrupted) is finished at the end.
+            let final_name = waypoint_storage::StepName::new(total).to_string();
+            let refuse = match rt.block_on(manager.promotion(&cfg.output_model_id))? {
+                Promotion::Absent | Promotion::Partial(_) => false,
+                done => !done.is_done_from(&self.layout, &final_name),
+            };
+            if refuse {
                 return Err(UsageError(format!(
                     "--output_model_id {}: {dir} already exists; choose another id (nothing is \
                      overwritten)",
@@ -220,6 +236,14 @@ impl Session {
             0
         };
         self.attempt = Some(attempt);
+        // Damaged checkpoints newer than the one resumed are set aside, so the steps they held can
+        // be saved again as training goes past them.
+        for skipped in &damaged {
+            rt.block_on(manager.set_aside(skipped.step, &skipped.reason))
+                .with_context(|| {
+                    format!("setting the damaged checkpoint {} aside", skipped.step)
+                })?;
+        }
         let manager = Arc::new(manager);
         let run_record = json!({
             "config": cfg.redacted(),
@@ -284,9 +308,22 @@ impl Session {
             model.trainable(),
         );
         if let Some(m) = &latest {
-            let blobs = rt.block_on(manager.load_tensors(m, "dcp/", &|_| true))?;
-            restore_state(&m.name, blobs, &model, &mut opt)?;
+            restore_state(&m.name, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
             let pos = rt.block_on(manager.data_position(m))?;
+            let remaining = (total.saturating_sub(m.step)).saturating_add(1);
+            ensure!(
+                pos.data_consumed / train.len().max(1) as u64 == pos.epoch
+                    && remaining
+                        .checked_mul(global_batch)
+                        .and_then(|n| n.checked_add(pos.data_consumed))
+                        .is_some(),
+                "checkpoint {} records data_consumed {} and epoch {}, which do not fit this \
+                 dataset of {} samples; it was not written by this run's settings",
+                m.name,
+                pos.data_consumed,
+                pos.epoch,
+                train.len()
+            );
             self.step = m.step;
             data_consumed = pos.data_consumed;
             self.last_checkpoint = Some(m.name.clone());
@@ -466,16 +503,20 @@ impl Session {
             });
         }
         if !cfg.output_model_id.is_empty() {
-            let dir = model_dir(&cfg.output_model_id)?;
-            if rt.block_on(self.store.list(&format!("{dir}/")))?.is_empty() {
-                let at = rt.block_on(
-                    manager.promote(waypoint_storage::StepName::new(total), &cfg.output_model_id),
-                )?;
-                tracing::info!(model = %at, "promoted the final checkpoint");
-                promoted = Some(at);
+            // A finished promotion of this checkpoint (a restart of a finished run) is left as it
+            // is; an interrupted one is finished by promote.
+            let final_step = waypoint_storage::StepName::new(total);
+            let done = rt
+                .block_on(manager.promotion(&cfg.output_model_id))?
+                .is_done_from(&self.layout, &final_name);
+            let at = if done {
+                model_dir(&cfg.output_model_id)?
             } else {
-                promoted = Some(dir);
-            }
+                let at = rt.block_on(manager.promote(final_step, &cfg.output_model_id))?;
+                tracing::info!(model = %at, "promoted the final checkpoint");
+                at
+            };
+            promoted = Some(at);
         }
         let mut status = self.status_for(attempt);
         status.state = JobState::Finished;

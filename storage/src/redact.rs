@@ -1,0 +1,105 @@
+//! Redaction of secrets inside URIs, before anything is printed or persisted.
+//!
+//! A URI may carry credentials in its user-info (`s3://AKIA:secret@bucket/…`) or in its query
+//! (`https://host/d.jsonl?token=…`, a presigned URL's `X-Amz-Signature=…`). [`redact_uri`] masks them
+//! in one URI; [`redact_text`] masks them wherever a URI appears inside free text (an error message, a
+//! log line). Every sink that prints or persists text (the log, `status.json`, the torchrun error
+//! file, `config/run.json`) passes it through here.
+
+/// What a masked secret is replaced with.
+pub const MASK: &str = "***";
+
+/// `uri` with the user-info and every query value masked; text without `://` comes back unchanged.
+pub fn redact_uri(uri: &str) -> String {
+    redact_text(uri)
+}
+
+/// `text` with the user-info and query values of every `scheme://…` URI inside it masked.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("://") {
+        // The scheme: the run of URI scheme characters right before `://`.
+        let scheme_start = rest[..pos]
+            .char_indices()
+            .rev()
+            .take_while(|(_, c)| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            .last()
+            .map(|(i, _)| i)
+            .unwrap_or(pos);
+        out.push_str(&rest[..scheme_start]);
+        let after = pos + 3;
+        // The URI runs until whitespace or a character that ends a quoted/bracketed URI.
+        let end = rest[after..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>'))
+            .map(|i| after + i)
+            .unwrap_or(rest.len());
+        out.push_str(&redact_one(&rest[scheme_start..after], &rest[after..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `head` is `scheme://`; `body` the rest of one URI.
+fn redact_one(head: &str, body: &str) -> String {
+    // The authority ends at the first `/`, `?` or `#`.
+    let auth_end = body.find(['/', '?', '#']).unwrap_or(body.len());
+    let (authority, tail) = body.split_at(auth_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => format!("{MASK}@{}", &authority[at + 1..]),
+        None => authority.to_string(),
+    };
+    let tail = match tail.find('?') {
+        Some(q) => {
+            let (path, query) = tail.split_at(q);
+            let (query, fragment) = match query.find('#') {
+                Some(h) => query.split_at(h),
+                None => (query, ""),
+            };
+            let masked: Vec<String> = query[1..]
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) => format!("{k}={MASK}"),
+                    None if pair.is_empty() => String::new(),
+                    None => MASK.to_string(),
+                })
+                .collect();
+            format!("{path}?{}{fragment}", masked.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{head}{authority}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_and_query_values_are_masked() {
+        assert_eq!(
+            redact_uri("s3://AKIA:PW@bucket/d.jsonl"),
+            "s3://***@bucket/d.jsonl"
+        );
+        assert_eq!(
+            redact_uri("https://h.example/d.jsonl?token=abc&x=1#f"),
+            "https://h.example/d.jsonl?token=***&x=***#f"
+        );
+        assert_eq!(redact_uri("s3://bucket/p"), "s3://bucket/p");
+        assert_eq!(redact_uri("./runs/demo"), "./runs/demo");
+    }
+
+    #[test]
+    fn uris_inside_text_are_masked_and_the_rest_kept() {
+        let text = "opening \"s3://AKIA:PW@b/x\" failed; also see gs://u@b/y?sig=zz and more";
+        let got = redact_text(text);
+        assert_eq!(
+            got,
+            "opening \"s3://***@b/x\" failed; also see gs://***@b/y?sig=*** and more"
+        );
+        assert!(!got.contains("PW") && !got.contains("zz"));
+        // Non-ASCII text and a bare `://` survive.
+        assert_eq!(redact_text("héllo :// wörld"), "héllo :// wörld");
+    }
+}
