@@ -24,6 +24,8 @@ pub struct Faults {
     pub aborts: AtomicUsize,
     /// Calls seen so far.
     pub calls: AtomicUsize,
+    /// Create-only puts still to land and then fail as if their answer was lost on the way back.
+    pub lose_create_answers: AtomicUsize,
 }
 
 /// Wraps a store; see [`Faults`].
@@ -69,7 +71,18 @@ impl ObjectStore for FlakyStore {
         opts: PutOptions,
     ) -> Result<PutResult> {
         self.check("put")?;
-        self.inner.put_opts(location, payload, opts).await
+        let create = matches!(opts.mode, object_store::PutMode::Create);
+        let result = self.inner.put_opts(location, payload, opts).await?;
+        if create
+            && self
+                .faults
+                .lose_create_answers
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(transient("create (written, answer lost)"));
+        }
+        Ok(result)
     }
 
     async fn put_multipart_opts(

@@ -1,0 +1,342 @@
+//! Resume survives any damaged checkpoint, and the checkpoint tools never make damage worse: the
+//! `waypoint` binary against checkpoints damaged on purpose (truncated, bit-flipped, deleted, with a
+//! broken or misnamed manifest), locally and on the S3-compatible server; `ckpt verify` reports every
+//! checkpoint; `ckpt promote` refuses a damaged model; an interrupted promotion is finished by the
+//! restart; `ckpt gc` never deletes through a symbolic link.
+
+mod common;
+
+use std::process::Output;
+
+use bytes::Bytes;
+use common::runs::manager;
+use waypoint_checkpoint::{CheckpointManager, Promotion};
+use waypoint_storage::StepName;
+
+/// `waypoint train` on the built-in demo: a save every 2 steps, `steps` in all.
+fn train(base: &str, run: &str, steps: u32, extra: &[&str]) -> Output {
+    common::waypoint()
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--num_threads",
+            "1",
+            "--batch_size",
+            "2",
+            "--save_steps",
+            "2",
+            "--max_steps",
+            &steps.to_string(),
+            "--run_id",
+            run,
+            "--checkpoint_base_uri",
+            base,
+        ])
+        .args(extra)
+        .output()
+        .expect("run waypoint train")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Local temp folder and (when running) the S3 test server, each a fresh base.
+fn bases(label: &str) -> Vec<(String, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = vec![(dir.path().to_str().unwrap().to_string(), Some(dir))];
+    if let Some(s3) = common::s3_base() {
+        out.push((
+            format!("{}/{}", s3.trim_end_matches('/'), common::unique(label)),
+            None,
+        ));
+    }
+    out
+}
+
+/// The key of the first `dcp/` blob of `step`.
+async fn dcp_blob(m: &CheckpointManager, step: u64) -> String {
+    let manifest = m.manifest(StepName::new(step)).await.unwrap();
+    let f = manifest.dcp_files().next().unwrap();
+    format!(
+        "{}/{}",
+        m.layout().checkpoint_dir(StepName::new(step)),
+        f.path
+    )
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    Truncate,
+    FlipByte,
+    DeleteBlob,
+    BadManifest,
+}
+
+async fn damage(m: &CheckpointManager, step: u64, how: Damage) {
+    let store = m.store();
+    match how {
+        Damage::BadManifest => store
+            .put(
+                &m.layout().manifest(StepName::new(step)),
+                Bytes::from_static(b"{ not json"),
+            )
+            .await
+            .unwrap(),
+        Damage::DeleteBlob => store.delete(&dcp_blob(m, step).await).await.unwrap(),
+        Damage::Truncate | Damage::FlipByte => {
+            let key = dcp_blob(m, step).await;
+            let mut bytes = store.get(&key).await.unwrap().to_vec();
+            if matches!(how, Damage::Truncate) {
+                bytes.truncate(bytes.len() - 100);
+            } else {
+                let mid = bytes.len() / 2 + 3;
+                bytes[mid] ^= 0x10;
+            }
+            store.put(&key, bytes.into()).await.unwrap();
+        }
+    }
+}
+
+/// Each damage of the newest checkpoint: the restart warns, names it, resumes from the one before,
+/// sets it aside, saves that step again and finishes; and a further restart is fine too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_newest_checkpoint_is_passed_over_and_set_aside() {
+    for (base, _dir) in bases("damaged") {
+        for how in [
+            Damage::Truncate,
+            Damage::FlipByte,
+            Damage::DeleteBlob,
+            Damage::BadManifest,
+        ] {
+            let run = format!("dmg-{how:?}").to_lowercase();
+            common::ok(&train(&base, &run, 6, &[]));
+            let m = manager(&base, &run);
+            damage(&m, 6, how).await;
+            let out = train(&base, &run, 10, &[]);
+            let err = stderr(&out);
+            assert!(out.status.success(), "{base} {how:?}: {err}");
+            assert!(err.contains("step-000006"), "{how:?}: not named: {err}");
+            assert!(
+                err.contains("checkpoint=step-000004") && err.contains("resumed"),
+                "{how:?}: did not resume from step-000004: {err}"
+            );
+            // (--keep_last keeps the newest three by default.)
+            assert_eq!(common::committed_steps(&m).await, [10, 8, 6], "{how:?}");
+            // The new step-000006 is whole, and the damaged one is kept aside with its reason.
+            assert!(m
+                .verify(StepName::new(6))
+                .await
+                .unwrap()
+                .problems
+                .is_empty());
+            let aside = m
+                .store()
+                .list(&format!("{}/quarantine/", m.layout().checkpoints_dir()))
+                .await
+                .unwrap();
+            assert_eq!(aside.len(), 1, "{how:?}: {aside:?}");
+            assert!(aside[0].key.contains("step-000006-attempt-"), "{aside:?}");
+            // And the run goes on from there.
+            let again = train(&base, &run, 12, &[]);
+            assert!(again.status.success(), "{how:?}: {}", stderr(&again));
+            assert!(stderr(&again).contains("checkpoint=step-000010"));
+        }
+    }
+}
+
+/// A manifest copied under another step's name is not that checkpoint: verify says so, list does not
+/// show the copy, and resume does not jump to it past the good step-000006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_under_another_name_is_damaged() {
+    for (base, _dir) in bases("misnamed") {
+        let run = "misnamed";
+        common::ok(&train(&base, run, 6, &[]));
+        let m = manager(&base, run);
+        let layout = m.layout();
+        let body = m
+            .store()
+            .get(&layout.manifest(StepName::new(4)))
+            .await
+            .unwrap();
+        m.store()
+            .put(&layout.manifest(StepName::new(8)), body)
+            .await
+            .unwrap();
+        let uri = format!("{base}/{run}/framework=waypoint");
+        let verify = common::waypoint()
+            .args(["ckpt", "verify", &uri])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&verify.stdout).into_owned();
+        assert_eq!(verify.status.code(), Some(3), "{said}");
+        assert!(
+            said.contains("step-000008: DAMAGED") && said.contains("stored as step-000008"),
+            "{said}"
+        );
+        let list = common::waypoint()
+            .args(["ckpt", "list", &uri, "--json"])
+            .output()
+            .unwrap();
+        let listed = common::ok(&list);
+        assert_eq!(listed.matches("\"step-000004\"").count(), 1, "{listed}");
+        assert!(!listed.contains("step-000008"), "{listed}");
+        let out = train(&base, run, 8, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("checkpoint=step-000006"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(m
+            .verify(StepName::new(8))
+            .await
+            .unwrap()
+            .problems
+            .is_empty());
+    }
+}
+
+/// `ckpt verify` checks every checkpoint and reports each, whatever an earlier one showed; exit 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_every_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&train(base, "v", 6, &[]));
+    let m = manager(base, "v");
+    damage(&m, 6, Damage::BadManifest).await;
+    damage(&m, 4, Damage::FlipByte).await;
+    let out = common::waypoint()
+        .args(["ckpt", "verify", &format!("{base}/v/framework=waypoint")])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{said}\n{}", stderr(&out));
+    assert!(said.contains("step-000006: DAMAGED"), "{said}");
+    assert!(
+        said.contains("step-000004: DAMAGED") && said.contains("sha256"),
+        "{said}"
+    );
+    assert!(said.contains("step-000002: ok"), "{said}");
+}
+
+/// `ckpt promote` re-hashes what it would deploy: a flipped byte in the sampler weights is refused
+/// and nothing appears under `models/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_refuses_a_damaged_model() {
+    for (base, _dir) in bases("promote-damaged") {
+        common::ok(&train(&base, "p", 4, &[]));
+        let m = manager(&base, "p");
+        let key = format!(
+            "{}/sampler/model.safetensors",
+            m.layout().checkpoint_dir(StepName::new(4))
+        );
+        let mut bytes = m.store().get(&key).await.unwrap().to_vec();
+        let at = bytes.len() - 7;
+        bytes[at] ^= 1;
+        m.store().put(&key, bytes.into()).await.unwrap();
+        let out = common::waypoint()
+            .args([
+                "ckpt",
+                "promote",
+                &format!("{base}/p/framework=waypoint"),
+                "step-000004",
+                "deployed",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "promoted a damaged model");
+        assert!(stderr(&out).contains("damaged"), "{}", stderr(&out));
+        assert!(m.store().list("models/deployed/").await.unwrap().is_empty());
+    }
+}
+
+/// A promotion killed half-way (files copied, no record) is not a model: nobody reports it promoted,
+/// the restart finishes it, and another run cannot take the id over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_promotion_is_finished_by_the_restart() {
+    for (base, _dir) in bases("promotion") {
+        let flags = ["--output_model_id", "pm"];
+        common::ok(&train(&base, "pr", 4, &flags));
+        let m = manager(&base, "pr");
+        let store = m.store();
+        // What a SIGKILL between the copies leaves: config.json only.
+        for name in [
+            "waypoint_promotion.json",
+            "model.safetensors",
+            "tokenizer.json",
+        ] {
+            store.delete(&format!("models/pm/{name}")).await.unwrap();
+        }
+        assert!(matches!(
+            m.promotion("pm").await.unwrap(),
+            Promotion::Partial(_)
+        ));
+        let out = train(&base, "pr", 4, &flags);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(m
+            .promotion("pm")
+            .await
+            .unwrap()
+            .is_done_from(m.layout(), "step-000004"));
+        for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+            assert!(
+                store.exists(&format!("models/pm/{name}")).await.unwrap(),
+                "{name}"
+            );
+        }
+        // Finished and recorded: another run does not take the id over.
+        let other = train(&base, "other", 2, &flags);
+        assert_eq!(other.status.code(), Some(2), "{}", stderr(&other));
+        assert!(stderr(&other).contains("already exists"));
+    }
+}
+
+/// `ckpt gc` never follows a symbolic link out of the run folder: the link is removed, the files it
+/// pointed at are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_never_deletes_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let precious = outside.path().join("precious.bin");
+    std::fs::write(&precious, b"not waypoint's").unwrap();
+    let nested = outside.path().join("dcp");
+    std::fs::create_dir(&nested).unwrap();
+    std::fs::write(nested.join("also.bin"), b"keep").unwrap();
+    // Old enough for any grace.
+    let status = std::process::Command::new("touch")
+        .args(["-d", "2020-01-01"])
+        .arg(&precious)
+        .arg(nested.join("also.bin"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let base = dir.path().to_str().unwrap();
+    common::ok(&train(base, "g", 2, &[]));
+    let checkpoints = dir.path().join("g/framework=waypoint/checkpoints");
+    std::os::unix::fs::symlink(outside.path(), checkpoints.join("step-000777")).unwrap();
+    // A link inside an orphan step folder too.
+    std::fs::create_dir_all(checkpoints.join("step-000778")).unwrap();
+    std::os::unix::fs::symlink(&nested, checkpoints.join("step-000778/dcp")).unwrap();
+    let out = common::waypoint()
+        .args([
+            "ckpt",
+            "gc",
+            &format!("{base}/g/framework=waypoint"),
+            "--grace_secs",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    common::ok(&out);
+    assert!(precious.exists(), "gc deleted a file outside the run");
+    assert!(
+        nested.join("also.bin").exists(),
+        "gc deleted through a nested link"
+    );
+    assert!(!checkpoints.join("step-000777").exists());
+    assert!(!checkpoints.join("step-000778/dcp").exists());
+    // The committed checkpoint is untouched.
+    assert_eq!(common::committed_steps(&manager(base, "g")).await, [2]);
+}
