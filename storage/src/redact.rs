@@ -9,6 +9,21 @@
 /// What a masked secret is replaced with.
 pub const MASK: &str = "***";
 
+/// Query keys of the object-store APIs that never carry a secret (kept, for readable logs); every
+/// other query value is masked.
+const HARMLESS_QUERY_KEYS: &[&str] = &[
+    "delimiter",
+    "encoding-type",
+    "list-type",
+    "max-keys",
+    "partNumber",
+    "prefix",
+    "start-after",
+    "uploadId",
+    "uploads",
+    "versionId",
+];
+
 /// `uri` with the user-info and every query value masked; text without `://` comes back unchanged.
 pub fn redact_uri(uri: &str) -> String {
     redact_text(uri)
@@ -60,6 +75,7 @@ fn redact_one(head: &str, body: &str) -> String {
             let masked: Vec<String> = query[1..]
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if HARMLESS_QUERY_KEYS.contains(&k) => pair.to_string(),
                     Some((k, _)) => format!("{k}={MASK}"),
                     None if pair.is_empty() => String::new(),
                     None => MASK.to_string(),
@@ -87,6 +103,10 @@ mod tests {
             "https://h.example/d.jsonl?token=***&x=***#f"
         );
         assert_eq!(redact_uri("s3://bucket/p"), "s3://bucket/p");
+        assert_eq!(
+            redact_uri("http://h/b?list-type=2&prefix=r&X-Amz-Signature=abc"),
+            "http://h/b?list-type=2&prefix=r&X-Amz-Signature=***"
+        );
         assert_eq!(redact_uri("./runs/demo"), "./runs/demo");
     }
 
