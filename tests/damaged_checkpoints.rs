@@ -340,3 +340,53 @@ async fn gc_never_deletes_through_a_symlink() {
     // The committed checkpoint is untouched.
     assert_eq!(common::committed_steps(&manager(base, "g")).await, [2]);
 }
+
+/// A run folder deleted mid-run gets its fencing record and `config/run.json` back at the next
+/// commit, with a warning; training goes on.
+#[test]
+fn a_run_folder_deleted_mid_run_gets_its_records_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let mut child = common::waypoint()
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--num_threads",
+            "1",
+            "--batch_size",
+            "2",
+            "--save_steps",
+            "5",
+            "--max_steps",
+            "300",
+            "--run_id",
+            "gone",
+            "--checkpoint_base_uri",
+            base,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_, rest) = common::runs::read_until(&mut child, |l| l.contains("checkpoint committed"));
+    let run_dir = dir.path().join("gone/framework=waypoint");
+    // The run keeps writing while it is removed: try until one removal goes through whole.
+    for _ in 0..100 {
+        match std::fs::remove_dir_all(&run_dir) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+    let status = child.wait().unwrap();
+    let log = rest.join().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("attempt records are gone"), "{log}");
+    assert!(log.contains("config/run.json is gone"), "{log}");
+    assert!(run_dir.join("attempts/000001.json").exists());
+    assert!(run_dir.join("config/run.json").exists());
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["state"], "FINISHED");
+}

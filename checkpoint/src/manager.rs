@@ -370,6 +370,42 @@ impl CheckpointManager {
         Ok(())
     }
 
+    /// Refuses to change `name` when a newer attempt than `ours` has started. When the run's attempt
+    /// records are gone (the run folder was deleted mid-run), ours is written again first, with a
+    /// warning, so that fencing goes on working.
+    async fn check_fence(&self, name: &str, ours: u64) -> Result<()> {
+        let newest = self.newest_attempt().await?.unwrap_or(0);
+        if newest > ours {
+            return Err(CheckpointError::Fenced {
+                name: name.to_string(),
+                ours,
+                newest,
+            });
+        }
+        if newest < ours {
+            tracing::warn!(
+                attempt = ours,
+                run = self.layout.run_id(),
+                "the run's attempt records are gone (was the run folder deleted?); re-taking attempt {ours}"
+            );
+            let body = serde_json::to_vec_pretty(&serde_json::json!({
+                "attempt": ours,
+                "started_unix_ms": now_ms(),
+                "info": {"retaken": "the run's attempt records were gone at a commit"},
+            }))
+            .unwrap_or_default();
+            match self
+                .store
+                .put_create(&self.layout.attempt(ours), body.into())
+                .await
+            {
+                Ok(()) | Err(StorageError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// A writer of `rank`'s files of step `step`.
     pub fn file_writer(&self, step: StepName, rank: u32) -> FileWriter {
         FileWriter {
@@ -390,10 +426,7 @@ impl CheckpointManager {
                 "cannot commit {name}: no attempt started (call start_attempt first)"
             )));
         };
-        let newest = self.newest_attempt().await?.unwrap_or(0);
-        if newest > ours {
-            return Err(CheckpointError::Fenced { name, ours, newest });
-        }
+        self.check_fence(&name, ours).await?;
         files.sort_by(|a, b| a.path.cmp(&b.path));
         let dir = self.layout.checkpoint_dir(step);
         let mut problems = Vec::new();
@@ -820,10 +853,7 @@ impl CheckpointManager {
                 "cannot set {name} aside: no attempt started (call start_attempt first)"
             )));
         };
-        let newest = self.newest_attempt().await?.unwrap_or(0);
-        if newest > ours {
-            return Err(CheckpointError::Fenced { name, ours, newest });
-        }
+        self.check_fence(&name, ours).await?;
         let key = self.layout.manifest(step);
         let manifest = match self.store.get(&key).await {
             Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),

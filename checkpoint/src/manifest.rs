@@ -223,6 +223,11 @@ mod tests {
                 Box::new(|m| m.files.push(m.files[0].clone())),
                 "listed twice",
             ),
+            (
+                Box::new(|m| m.data_consumed = u64::MAX),
+                "impossible counters",
+            ),
+            (Box::new(|m| m.epoch = 7000), "impossible counters"),
         ];
         for (mutate, want) in cases {
             let mut m = sample();
@@ -235,6 +240,11 @@ mod tests {
                 "{want}: {e}"
             );
         }
+        // A manifest copied under another step's name is not that checkpoint.
+        let e = Manifest::parse("run/checkpoints/step-000008.json", &sample().to_json())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stored as step-000008"), "{e}");
         let e = Manifest::parse("k", b"{\"format_version\": 1")
             .unwrap_err()
             .to_string();

@@ -74,6 +74,8 @@ struct Job {
     sampler: Option<SamplerPart>,
     status: Status,
     metrics: String,
+    /// `config/run.json`, written again after the commit if the run folder lost it.
+    run_record: Bytes,
 }
 
 /// A copy of the state to host memory running on its own thread.
@@ -97,11 +99,18 @@ pub struct Saver {
     inflight: Option<JoinHandle<Result<String>>>,
     /// The newest checkpoint committed since this process started.
     pub committed: Option<String>,
+    /// `config/run.json` as written at the start (rank 0).
+    run_record: Bytes,
 }
 
 impl Saver {
     /// A saver for this rank; with other ranks it opens its own store connection.
-    pub fn new(manager: Arc<CheckpointManager>, ranks: &Ranks, handle: Handle) -> Result<Self> {
+    pub fn new(
+        manager: Arc<CheckpointManager>,
+        ranks: &Ranks,
+        handle: Handle,
+        run_record: Bytes,
+    ) -> Result<Self> {
         let side = match ranks.group() {
             Some(g) => Some(Arc::new(Mutex::new(
                 g.side_channel().context("opening the save channel")?,
@@ -117,6 +126,7 @@ impl Saver {
             staging: None,
             inflight: None,
             committed: None,
+            run_record,
         })
     }
 
@@ -162,6 +172,7 @@ impl Saver {
             sampler,
             status,
             metrics,
+            run_record: Bytes::new(),
         };
         self.launch(job)?;
         if !background {
@@ -233,12 +244,14 @@ impl Saver {
             sampler: None,
             status: s.status,
             metrics: s.metrics,
+            run_record: Bytes::new(),
         })
     }
 
     /// Waits for the save in flight, then starts writing `job` on a thread.
-    fn launch(&mut self, job: Job) -> Result<()> {
+    fn launch(&mut self, mut job: Job) -> Result<()> {
         self.join()?;
+        job.run_record = self.run_record.clone();
         let manager = self.manager.clone();
         let handle = self.handle.clone();
         let (rank, world, side) = (self.rank, self.world, self.side.clone());
@@ -278,7 +291,7 @@ fn write_alone(manager: &CheckpointManager, handle: &Handle, job: Job) -> Result
             .await
             .with_context(|| format!("saving checkpoint {name} failed"))?;
         let secs = started.elapsed().as_secs_f64();
-        committed(manager, job.status, &manifest.name).await?;
+        committed(manager, job.status, &job.run_record, &manifest.name).await?;
         tracing::info!(checkpoint = %manifest.name, secs, "checkpoint committed");
         Ok(manifest.name)
     })
@@ -321,7 +334,7 @@ fn write_share(
         commit.world_size = world;
         match handle.block_on(manager.commit(commit, all)) {
             Ok(m) => {
-                handle.block_on(committed(manager, job.status, &m.name))?;
+                handle.block_on(committed(manager, job.status, &job.run_record, &m.name))?;
                 format!("ok {}", m.name)
             }
             Err(e) => format!("error {e}"),
@@ -362,7 +375,19 @@ async fn write_metrics(manager: &CheckpointManager, metrics: String) -> Result<(
 }
 
 /// Records a commit in `status.json`.
-async fn committed(manager: &CheckpointManager, mut status: Status, name: &str) -> Result<()> {
+/// After a commit: `status.json` names it; a `config/run.json` that vanished (the run folder was
+/// deleted mid-run) is written again, with a warning.
+async fn committed(
+    manager: &CheckpointManager,
+    mut status: Status,
+    run_record: &Bytes,
+    name: &str,
+) -> Result<()> {
+    let key = manager.layout().run_config();
+    if !run_record.is_empty() && !manager.store().exists(&key).await? {
+        tracing::warn!(%key, "config/run.json is gone (was the run folder deleted?); writing it again");
+        manager.store().put(&key, run_record.clone()).await?;
+    }
     status.checkpoint = Some(name.to_string());
     records::write_status(manager.store(), manager.layout(), &status).await
 }

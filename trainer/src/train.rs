@@ -342,7 +342,12 @@ impl Session {
             kind: ScheduleKind::parse(&cfg.lr_scheduler)?,
             min_lr_ratio: cfg.min_lr_ratio,
         };
-        let mut saver = Saver::new(manager.clone(), &ranks, rt.handle().clone())?;
+        let mut saver = Saver::new(
+            manager.clone(),
+            &ranks,
+            rt.handle().clone(),
+            Bytes::from(serde_json::to_vec_pretty(&run_record)?),
+        )?;
         let ctx = SaveContext {
             fingerprint: config_fp.clone(),
             sampler_kind: match cfg.sampler_dtype.as_str() {
