@@ -413,7 +413,7 @@ impl Store {
             };
             // A link to a file as the last segment is deleted as the link itself; a link anywhere
             // above it would be followed.
-            if meta.file_type().is_symlink() && !(is_last && !p.is_dir()) {
+            if meta.file_type().is_symlink() && (!is_last || p.is_dir()) {
                 return Some(p);
             }
         }
