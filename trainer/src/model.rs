@@ -14,6 +14,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use crate::train::UsageError;
+
 /// The projections LoRA can wrap, as `peft` names them.
 pub const LORA_TARGETS: [&str; 7] = [
     "q_proj",
@@ -24,6 +26,19 @@ pub const LORA_TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// The largest vocabulary a model config may have.
+pub const MAX_VOCAB: i64 = 1 << 24;
+/// The largest `hidden_size` (`intermediate_size`: 8 times this).
+pub const MAX_WIDTH: i64 = 1 << 16;
+/// The most decoder layers.
+pub const MAX_LAYERS: i64 = 1024;
+/// The most attention heads.
+pub const MAX_HEADS: i64 = 1024;
+/// The largest `head_dim`.
+pub const MAX_HEAD_DIM: i64 = 4096;
+/// The most parameters a model config may imply (a trillion).
+pub const MAX_PARAMETERS: u128 = 1 << 40;
 
 /// The architecture fields of an HF `config.json` that the forward pass needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,7 +141,7 @@ impl ModelConfig {
             head_dim % 2 == 0,
             "{source}: head_dim {head_dim} must be even for RoPE"
         );
-        Ok(Self {
+        let config = Self {
             vocab_size: int("vocab_size")?,
             hidden_size,
             intermediate_size: int("intermediate_size")?,
@@ -141,7 +156,82 @@ impl ModelConfig {
             qk_norm,
             model_type,
             raw,
-        })
+        };
+        config.check_sizes(source)?;
+        Ok(config)
+    }
+
+    /// Bounds every size before anything is allocated from it: each within what any real model of
+    /// these families has (with room), the token ids within the vocabulary, and the parameter count
+    /// within [`MAX_PARAMETERS`].
+    fn check_sizes(&self, source: &str) -> Result<()> {
+        for (key, value, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH * 8),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+        ] {
+            ensure!(
+                (1..=max).contains(&value),
+                "{source}: {key} {value} is out of range: use 1 to {max}"
+            );
+        }
+        for (key, value) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ] {
+            ensure!(
+                value.is_finite() && value > 0.0,
+                "{source}: {key} {value} must be a finite positive number"
+            );
+        }
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            let ids = match &self.raw[key] {
+                Value::Null => continue,
+                Value::Array(a) => a.iter().collect(),
+                v => vec![v],
+            };
+            for id in ids {
+                ensure!(
+                    id.as_i64()
+                        .is_some_and(|i| (0..self.vocab_size).contains(&i)),
+                    "{source}: {key} {id} is not a token id of the vocabulary (0 to {})",
+                    self.vocab_size - 1
+                );
+            }
+        }
+        let count = self.parameter_count();
+        ensure!(
+            count <= MAX_PARAMETERS,
+            "{source}: these sizes make {count} parameters, more than waypoint trains \
+             ({MAX_PARAMETERS}); check num_hidden_layers, hidden_size, intermediate_size and \
+             vocab_size"
+        );
+        Ok(())
+    }
+
+    /// The number of base parameters, computed without building their list (sizes are bounded by
+    /// `check_sizes`, so it cannot overflow).
+    pub fn parameter_count(&self) -> u128 {
+        let (h, i, v) = (
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+            self.vocab_size as u128,
+        );
+        let q = (self.num_attention_heads * self.head_dim) as u128;
+        let kv = (self.num_key_value_heads * self.head_dim) as u128;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let qk_norm = if self.qk_norm {
+            2 * self.head_dim as u128
+        } else {
+            0
+        };
+        let layer = 2 * h + (q + 2 * kv) * h + bias + h * q + qk_norm + 3 * i * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers as u128 * layer + h + head
     }
 
     /// The built-in demo model: a 2-layer Llama over the byte tokenizer's 259 ids.
@@ -318,23 +408,45 @@ impl Model {
     /// `model.safetensors.index.json`. Weights are held in fp32 for training. Also returns the sha256
     /// of the weight files (in order), which identifies the base of a LoRA run.
     pub fn load_hf_dir(dir: &Path, device: Device) -> Result<(Self, String)> {
+        // A config that cannot be trained is found before any work: a usage error (exit 2).
+        let usage = |e: anyhow::Error| anyhow::Error::from(UsageError(format!("{e:#}")));
         let config_path = dir.join("config.json");
         let raw: Value = serde_json::from_slice(
             &std::fs::read(&config_path)
                 .with_context(|| format!("reading {}", config_path.display()))?,
         )
-        .with_context(|| format!("parsing {}", config_path.display()))?;
-        let config = ModelConfig::from_json(&config_path.display().to_string(), raw)?;
-        let files = weight_files(dir)?;
+        .with_context(|| format!("parsing {}", config_path.display()))
+        .map_err(usage)?;
+        let config =
+            ModelConfig::from_json(&config_path.display().to_string(), raw).map_err(usage)?;
+        let weights = weight_files(dir)?;
+        // Bound what the config makes us allocate by what the files hold: every weight takes at
+        // least a byte.
+        let mut file_bytes = 0u128;
+        for file in &weights.files {
+            let meta =
+                std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
+            file_bytes += u128::from(meta.len());
+        }
+        let count = config.parameter_count();
+        if count > file_bytes {
+            return Err(usage(anyhow::anyhow!(
+                "{}: its sizes make {count} parameters, but the weight files of {} hold {file_bytes} \
+                 bytes; the config does not describe these weights",
+                config_path.display(),
+                dir.display()
+            )));
+        }
         let mut params = BTreeMap::new();
         let mut hasher = Sha256::new();
-        for file in files {
+        for file in &weights.files {
             let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
             hasher.update(&bytes);
             let st = safetensors::SafeTensors::deserialize(&bytes)
                 .with_context(|| format!("parsing {}", file.display()))?;
             for (name, view) in st.tensors() {
+                weights.check_holder(&name, file)?;
                 let shape: Vec<usize> = view.shape().to_vec();
                 let blob = waypoint_checkpoint::Tensor::new(
                     name.clone(),
@@ -348,6 +460,7 @@ impl Model {
                 params.insert(name, t);
             }
         }
+        weights.check_all_found(&params)?;
         if config.tie_word_embeddings {
             params.remove("lm_head.weight");
         }
@@ -442,6 +555,30 @@ impl Model {
             ensure!(
                 LORA_TARGETS.contains(&t.as_str()),
                 "--lora_target_modules: {t:?} is not one of {LORA_TARGETS:?}"
+            );
+        }
+        // An adapter of rank r adds r × (in + out) weights to a projection: beyond min(in, out) it
+        // can express nothing more, so a larger rank is a mistake (and could exhaust memory).
+        let c = &self.config;
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        for (target, (out, inp)) in [
+            ("q_proj", (q, h)),
+            ("k_proj", (kv, h)),
+            ("v_proj", (kv, h)),
+            ("o_proj", (h, q)),
+            ("gate_proj", (i, h)),
+            ("up_proj", (i, h)),
+            ("down_proj", (h, i)),
+        ] {
+            let limit = out.min(inp);
+            ensure!(
+                !lora.targets.iter().any(|t| t == target) || lora.rank <= limit,
+                "--lora_rank {} is larger than {target} allows ({limit}: the smaller of its {inp} \
+                 inputs and {out} outputs); use at most {limit}, or leave {target} out of \
+                 --lora_target_modules",
+                lora.rank
             );
         }
         tch::manual_seed(seed);
@@ -566,11 +703,65 @@ impl Model {
     }
 }
 
-/// The weight files of an HF directory, in the order of its index.
-fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+/// The weight files of an HF directory and, for a sharded one, which file holds each tensor.
+struct WeightFiles {
+    /// The files, in a fixed order (sorted).
+    files: Vec<std::path::PathBuf>,
+    /// `model.safetensors.index.json` and its `weight_map` (tensor name → file name), when sharded.
+    index: Option<(std::path::PathBuf, BTreeMap<String, String>)>,
+}
+
+impl WeightFiles {
+    /// Fails unless the index assigns `name` to `file` (the one that holds it): a tensor in a shard
+    /// the index does not name for it would silently replace, or be replaced by, the one it names.
+    fn check_holder(&self, name: &str, file: &Path) -> Result<()> {
+        let Some((index, map)) = &self.index else {
+            return Ok(());
+        };
+        let here = file
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or_default();
+        match map.get(name) {
+            Some(assigned) if assigned == here => Ok(()),
+            Some(assigned) => bail!(
+                "tensor {name} is in {here} although the weight_map of {} assigns it to \
+                 {assigned}; remove the copy, or fix the weight_map",
+                index.display()
+            ),
+            None => bail!(
+                "{} holds tensor {name}, which the weight_map of {} does not list; add it to the \
+                 weight_map, or remove it",
+                file.display(),
+                index.display()
+            ),
+        }
+    }
+
+    /// Fails if a tensor of the index was not in the file the index names for it.
+    fn check_all_found(&self, params: &BTreeMap<String, Tensor>) -> Result<()> {
+        let Some((index, map)) = &self.index else {
+            return Ok(());
+        };
+        for (name, file) in map {
+            ensure!(
+                params.contains_key(name),
+                "{}: the weight_map assigns tensor {name} to {file}, but {file} does not hold it",
+                index.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The weight files of an HF directory: `model.safetensors`, or the shards its index names.
+fn weight_files(dir: &Path) -> Result<WeightFiles> {
     let single = dir.join("model.safetensors");
     if single.exists() {
-        return Ok(vec![single]);
+        return Ok(WeightFiles {
+            files: vec![single],
+            index: None,
+        });
     }
     let index = dir.join("model.safetensors.index.json");
     let raw: Value = serde_json::from_slice(&std::fs::read(&index).with_context(|| {
@@ -580,23 +771,31 @@ fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         )
     })?)
     .with_context(|| format!("parsing {}", index.display()))?;
-    let map = raw["weight_map"]
+    let entries = raw["weight_map"]
         .as_object()
         .with_context(|| format!("{}: no weight_map", index.display()))?;
-    let mut files: Vec<String> = map
-        .values()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
-    files.sort();
-    files.dedup();
-    for f in &files {
+    let mut map = BTreeMap::new();
+    for (name, file) in entries {
+        let file = file.as_str().with_context(|| {
+            format!(
+                "{}: the weight_map entry of {name} is not a file name",
+                index.display()
+            )
+        })?;
         ensure!(
-            !f.contains('/') && !f.contains(".."),
-            "{}: bad file name {f:?}",
+            !file.is_empty() && !file.contains('/') && !file.contains(".."),
+            "{}: bad file name {file:?}",
             index.display()
         );
+        map.insert(name.clone(), file.to_string());
     }
-    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+    let mut files: Vec<String> = map.values().cloned().collect();
+    files.sort();
+    files.dedup();
+    Ok(WeightFiles {
+        files: files.into_iter().map(|f| dir.join(f)).collect(),
+        index: Some((index, map)),
+    })
 }
 
 /// HF's RMSNorm: normalise in fp32, scale by the weight.
@@ -675,6 +874,132 @@ mod tests {
         let mut raw = ModelConfig::tiny().raw;
         raw["num_key_value_heads"] = 3.into();
         assert!(ModelConfig::from_json("c", raw).is_err());
+    }
+
+    const SHARDS: [&str; 2] = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+
+    /// Writes the tiny model as an HF directory with its weights over two shards, each tensor in the
+    /// shards `placement` gives (none, one or both), and returns a weight map that assigns each to the
+    /// first of them.
+    fn write_sharded(
+        dir: &Path,
+        placement: impl Fn(&str) -> &'static [usize],
+    ) -> serde_json::Map<String, Value> {
+        let config = ModelConfig::tiny();
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_vec(&config.raw).unwrap(),
+        )
+        .unwrap();
+        let model = Model::init(config, 5, Device::Cpu).unwrap();
+        let blobs: Vec<(String, Vec<usize>, Vec<u8>)> = model
+            .base()
+            .iter()
+            .map(|p| {
+                let shape = p.tensor.size().iter().map(|&d| d as usize).collect();
+                let values = Vec::<f32>::try_from(p.tensor.detach().flatten(0, -1)).unwrap();
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (p.name.clone(), shape, bytes)
+            })
+            .collect();
+        let mut map = serde_json::Map::new();
+        for (name, _, _) in &blobs {
+            if let Some(&first) = placement(name).first() {
+                map.insert(name.clone(), Value::from(SHARDS[first]));
+            }
+        }
+        for (k, file) in SHARDS.iter().enumerate() {
+            let views: Vec<(String, safetensors::tensor::TensorView)> = blobs
+                .iter()
+                .filter(|(name, _, _)| placement(name).contains(&k))
+                .map(|(name, shape, bytes)| {
+                    let view = safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        shape.clone(),
+                        bytes,
+                    )
+                    .unwrap();
+                    (name.clone(), view)
+                })
+                .collect();
+            safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+        }
+        map
+    }
+
+    fn write_index(dir: &Path, map: &serde_json::Map<String, Value>) {
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn load_error(dir: &Path) -> String {
+        match Model::load_hf_dir(dir, Device::Cpu) {
+            Ok(_) => panic!("{} loaded", dir.display()),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn sharded_weights_load_from_the_shard_the_weight_map_names() {
+        let _turn = seeded();
+        const EMBED: &str = "model.embed_tokens.weight";
+        const NORM: &str = "model.norm.weight";
+        let split = |name: &str| -> &'static [usize] {
+            if name == EMBED || name.starts_with("model.layers.0.") {
+                &[0]
+            } else {
+                &[1]
+            }
+        };
+
+        // A well-formed sharded directory loads.
+        let dir = tempfile::tempdir().unwrap();
+        write_index(dir.path(), &write_sharded(dir.path(), split));
+        Model::load_hf_dir(dir.path(), Device::Cpu).unwrap();
+
+        // A copy of a tensor in a later shard that the map does not assign it to (it used to win
+        // silently): refused, naming the tensor and both files.
+        let dir = tempfile::tempdir().unwrap();
+        let map = write_sharded(dir.path(), |n| if n == EMBED { &[0, 1] } else { split(n) });
+        write_index(dir.path(), &map);
+        let err = load_error(dir.path());
+        assert!(
+            err.contains(&format!("tensor {EMBED} is in {}", SHARDS[1]))
+                && err.contains(&format!("assigns it to {}", SHARDS[0])),
+            "{err}"
+        );
+
+        // A tensor the map assigns to a shard that does not hold it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut map = write_sharded(dir.path(), |n| if n == NORM { &[] } else { split(n) });
+        map.insert(NORM.into(), SHARDS[0].into());
+        write_index(dir.path(), &map);
+        let err = load_error(dir.path());
+        assert!(
+            err.contains(&format!(
+                "assigns tensor {NORM} to {0}, but {0} does not hold it",
+                SHARDS[0]
+            )),
+            "{err}"
+        );
+
+        // A tensor in a shard that the map does not list at all.
+        let dir = tempfile::tempdir().unwrap();
+        let mut map = write_sharded(dir.path(), split);
+        map.remove(NORM);
+        write_index(dir.path(), &map);
+        let err = load_error(dir.path());
+        assert!(
+            err.contains(&format!("holds tensor {NORM}, which the weight_map")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -77,6 +77,22 @@ impl Tokenizer {
                 )
             })?;
         let pad = first_id(&config["pad_token_id"]).unwrap_or(eos);
+        // Every sample carries these ids into the embedding: out of the vocabulary they would fail
+        // (or index out of bounds) only once training is under way.
+        let vocab = config["vocab_size"]
+            .as_i64()
+            .unwrap_or_else(|| inner.get_vocab_size(true) as i64);
+        for (what, id) in [("end-of-text", eos), ("padding", pad)] {
+            if !(0..vocab).contains(&id) {
+                return Err(crate::train::UsageError(format!(
+                    "{}: the {what} token id {id} is not in the model's vocabulary (0 to {}); fix \
+                     eos_token_id/pad_token_id in config.json",
+                    dir.display(),
+                    vocab - 1
+                ))
+                .into());
+            }
+        }
         let chat = if id("<|im_start|>").is_some() && id("<|im_end|>").is_some() {
             ChatFormat::ChatMl
         } else if id("<|start_header_id|>").is_some() && id("<|eot_id|>").is_some() {
