@@ -11,6 +11,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
@@ -25,12 +26,33 @@ pub const DEMO_DATASET: &str = include_str!("../assets/demo.jsonl");
 /// Label value that the loss ignores.
 pub const IGNORE: i64 = -100;
 
-/// A JSONL source: its name (for error messages) and text.
+/// A JSONL source: its name (for error messages) and bytes. Lines are checked for UTF-8 one by one,
+/// so that a bad byte names its line (and can be skipped with the rest of a bad row).
 pub struct Source {
     /// A path or URI.
     pub name: String,
-    /// The file's text.
-    pub text: String,
+    /// The file's bytes.
+    pub bytes: Bytes,
+}
+
+/// The chat roles `messages` may use (those of Hugging Face chat templates).
+pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// The UTF-8 byte order mark, accepted (and dropped) at the start of a file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+impl Source {
+    /// The non-blank lines, numbered from 1, as text; a line that is not UTF-8 is an error naming
+    /// where it goes wrong. A byte order mark at the start and `\r` line ends are dropped.
+    pub fn lines(&self) -> impl Iterator<Item = (usize, Result<&str, std::str::Utf8Error>)> + '_ {
+        let bytes = self.bytes.strip_prefix(BOM).unwrap_or(&self.bytes);
+        bytes
+            .split(|&b| b == b'\n')
+            .enumerate()
+            .map(|(i, line)| (i + 1, line.strip_suffix(b"\r").unwrap_or(line)))
+            .filter(|(_, line)| !line.trim_ascii().is_empty())
+            .map(|(n, line)| (n, std::str::from_utf8(line)))
+    }
 }
 
 /// Reads `uri`: `builtin:demo`, a local file or directory (its `*.jsonl`, sorted), or a store URI of a
@@ -39,7 +61,7 @@ pub async fn read_sources(uri: &str) -> Result<Vec<Source>> {
     if uri == "builtin:demo" {
         return Ok(vec![Source {
             name: uri.into(),
-            text: DEMO_DATASET.into(),
+            bytes: Bytes::from_static(DEMO_DATASET.as_bytes()),
         }]);
     }
     if !uri.contains("://") || uri.starts_with("file://") {
@@ -63,12 +85,12 @@ pub async fn read_sources(uri: &str) -> Result<Vec<Source>> {
         return files
             .into_iter()
             .map(|f| {
-                let text = std::fs::read_to_string(&f).with_context(|| {
+                let bytes = std::fs::read(&f).with_context(|| {
                     format!("reading {} (a JSONL file or directory)", f.display())
                 })?;
                 Ok(Source {
                     name: f.display().to_string(),
-                    text,
+                    bytes: bytes.into(),
                 })
             })
             .collect();
@@ -100,11 +122,9 @@ pub async fn read_sources(uri: &str) -> Result<Vec<Source>> {
             .get(&key)
             .await
             .with_context(|| format!("reading {parent}/{key}"))?;
-        let text = String::from_utf8(bytes.to_vec())
-            .with_context(|| format!("{parent}/{key} is not UTF-8"))?;
         out.push(Source {
             name: format!("{parent}/{key}"),
-            text,
+            bytes,
         });
     }
     Ok(out)
@@ -140,22 +160,26 @@ impl Dataset {
         let mut docs: Vec<(Vec<i64>, Vec<bool>)> = Vec::new();
         let mut skipped = 0;
         for source in sources {
-            for (i, line) in source.text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match encode_row(line, tokenizer, opts) {
+            for (n, line) in source.lines() {
+                let row = line
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "not UTF-8: byte {} of the line starts an invalid sequence",
+                            e.valid_up_to() + 1
+                        )
+                    })
+                    .and_then(|line| encode_row(line, tokenizer, opts));
+                match row {
                     Ok(doc) => docs.push(doc),
                     Err(e) if opts.skip_bad_lines => {
                         skipped += 1;
-                        tracing::warn!(file = %source.name, line = i + 1, "skipping row: {e:#}");
+                        tracing::warn!(file = %source.name, line = n, "skipping row: {e:#}");
                     }
                     Err(e) => {
                         return Err(e.context(format!(
-                            "{}, line {}: bad row (fix it, or pass --skip_bad_lines to skip and \
+                            "{}, line {n}: bad row (fix it, or pass --skip_bad_lines to skip and \
                              count bad rows)",
-                            source.name,
-                            i + 1
+                            source.name
                         )))
                     }
                 }
@@ -164,15 +188,7 @@ impl Dataset {
         let documents = docs.len();
         let (mut tokens, mut mask) = (Vec::new(), Vec::new());
         if opts.packing {
-            let (mut t, mut m): (Vec<i64>, Vec<bool>) = (Vec::new(), Vec::new());
-            for (dt, dm) in docs {
-                t.extend(dt);
-                m.extend(dm);
-                while t.len() >= width {
-                    tokens.push(t.drain(..width).collect());
-                    mask.push(m.drain(..width).collect());
-                }
-            }
+            (tokens, mask) = pack(docs, width);
         } else {
             for (mut dt, mut dm) in docs {
                 dt.truncate(width);
@@ -276,6 +292,25 @@ pub fn order(seed: u64, epoch: u64, n: usize) -> Rc<Vec<usize>> {
     v
 }
 
+/// Concatenates documents and cuts blocks of `width` (the tail shorter than `width` is dropped). Each
+/// token is copied once: linear in the data, however long one document is.
+fn pack(docs: Vec<(Vec<i64>, Vec<bool>)>, width: usize) -> (Vec<Vec<i64>>, Vec<Vec<bool>>) {
+    let (mut tokens, mut mask) = (Vec::new(), Vec::new());
+    // What is left of the previous documents: fewer than `width` tokens.
+    let (mut t, mut m): (Vec<i64>, Vec<bool>) = (Vec::new(), Vec::new());
+    for (dt, dm) in docs {
+        t.extend(dt);
+        m.extend(dm);
+        let whole = t.len() / width * width;
+        tokens.extend(t[..whole].chunks_exact(width).map(<[i64]>::to_vec));
+        mask.extend(m[..whole].chunks_exact(width).map(<[bool]>::to_vec));
+        // Moves fewer than `width` tokens to the front.
+        t.drain(..whole);
+        m.drain(..whole);
+    }
+    (tokens, mask)
+}
+
 /// One JSONL row to (ids, loss mask), EOS-terminated.
 fn encode_row(
     line: &str,
@@ -298,6 +333,11 @@ fn encode_row(
             let content = m["content"]
                 .as_str()
                 .with_context(|| format!("messages[{k}] has no string `content`"))?;
+            ensure!(
+                CHAT_ROLES.contains(&role),
+                "messages[{k}] has role {role:?}; the accepted roles are {}",
+                CHAT_ROLES.join(", ")
+            );
             let learn = role == "assistant";
             any_assistant |= learn;
             let (head, body, tail) = chat_turn(tokenizer.chat_format(), role, content);
@@ -342,7 +382,7 @@ mod tests {
     fn source(text: &str) -> Vec<Source> {
         vec![Source {
             name: "d.jsonl".into(),
-            text: text.into(),
+            bytes: Bytes::copy_from_slice(text.as_bytes()),
         }]
     }
 
@@ -380,6 +420,88 @@ mod tests {
         o.skip_bad_lines = true;
         let d = Dataset::build(&s, &Tokenizer::Bytes, &o).unwrap();
         assert_eq!(d.skipped, 1);
+    }
+
+    #[test]
+    fn packing_a_long_document_is_linear_and_exact() {
+        // One 4 MB document (the quadratic packing took minutes over this), then a short one: every
+        // block is the next `width` tokens of the concatenation, masks alongside.
+        let long = "abcdefghijklmnopqrstuvwxyz".repeat((4 << 20) / 26);
+        let text = format!("{{\"text\": \"{long}\"}}\n{{\"text\": \"tail\"}}\n");
+        let o = DataOptions {
+            max_seq_len: 100,
+            ..opts(true)
+        };
+        let d = Dataset::build(&source(&text), &Tokenizer::Bytes, &o).unwrap();
+        let mut all: Vec<i64> = vec![crate::tokenizer::BYTE_BOS];
+        all.extend(long.bytes().map(i64::from));
+        all.push(crate::tokenizer::BYTE_EOS);
+        all.push(crate::tokenizer::BYTE_BOS);
+        all.extend("tail".bytes().map(i64::from));
+        all.push(crate::tokenizer::BYTE_EOS);
+        assert_eq!(d.len(), all.len() / 101);
+        for (k, block) in all.chunks_exact(101).enumerate() {
+            assert_eq!(d.tokens[k], block, "block {k}");
+            assert!(d.mask[k].iter().all(|&m| m));
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_names_its_line_and_is_skipped_and_a_bom_is_accepted() {
+        let mut bytes = b"\xEF\xBB\xBF{\"text\": \"first row\"}\r\n".to_vec();
+        bytes.extend_from_slice(b"{\"text\": \"bad \xFF byte\"}\n");
+        bytes.extend_from_slice(b"{\"text\": \"third row\"}\n");
+        let s = vec![Source {
+            name: "u.jsonl".into(),
+            bytes: bytes.into(),
+        }];
+        let err = format!(
+            "{:#}",
+            Dataset::build(&s, &Tokenizer::Bytes, &opts(false))
+                .err()
+                .unwrap()
+        );
+        assert!(
+            err.contains("u.jsonl, line 2") && err.contains("not UTF-8") && err.contains("byte 15"),
+            "{err}"
+        );
+        let mut o = opts(false);
+        o.skip_bad_lines = true;
+        let d = Dataset::build(&s, &Tokenizer::Bytes, &o).unwrap();
+        assert_eq!((d.documents, d.skipped), (2, 1));
+        // The BOM and the \r are not part of the first row.
+        let (ids, _) = d.rows(&[0], Device::Cpu);
+        let ids: Vec<i64> = Vec::try_from(ids.view([-1])).unwrap();
+        assert_eq!(
+            &ids[1..8],
+            &"first r".bytes().map(i64::from).collect::<Vec<_>>()[..]
+        );
+    }
+
+    #[test]
+    fn unknown_chat_roles_are_named_or_skipped() {
+        let s = source(
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, \
+             {\"role\": \"assistant\", \"content\": \"yo\"}]}\n\
+             {\"messages\": [{\"role\": \"robot\", \"content\": \"hi\"}, \
+             {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
+        );
+        let err = format!(
+            "{:#}",
+            Dataset::build(&s, &Tokenizer::Bytes, &opts(false))
+                .err()
+                .unwrap()
+        );
+        assert!(
+            err.contains("d.jsonl, line 2")
+                && err.contains("\"robot\"")
+                && err.contains("system, user, assistant, tool"),
+            "{err}"
+        );
+        let mut o = opts(false);
+        o.skip_bad_lines = true;
+        let d = Dataset::build(&s, &Tokenizer::Bytes, &o).unwrap();
+        assert_eq!((d.documents, d.skipped), (1, 1));
     }
 
     #[test]
