@@ -214,3 +214,170 @@ fn two_nodes_make_one_group() {
         assert_eq!(seen, "yes");
     }
 }
+
+/// The `waypoint-launch-*` folders left in `tmp`.
+fn launch_folders(tmp: &Path) -> Vec<String> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("waypoint-launch-"))
+        .collect()
+}
+
+#[test]
+fn bad_launch_flags_exit_2_before_starting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = std::thread::available_parallelism().map_or(1, |n| n.get()) * 4;
+    let too_many = (limit.max(8) + 1).to_string();
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["--term_grace_secs", "18446744073709551615"],
+            "--term_grace_secs 18446744073709551615 is out of range: use 0 to 86400".into(),
+        ),
+        (
+            vec!["--nproc_per_node", "10000"],
+            "--nproc_per_node 10000 is more than this machine runs well".into(),
+        ),
+        (
+            vec!["--nproc_per_node", &too_many],
+            "pass --oversubscribe to start them anyway".into(),
+        ),
+        (
+            vec!["--nproc_per_node", "0"],
+            "--nproc_per_node must be at least 1".into(),
+        ),
+        (
+            vec![
+                "--nnodes",
+                "2",
+                "--node_rank",
+                "2",
+                "--master_port",
+                "29999",
+            ],
+            "--node_rank 2 is not below --nnodes 2".into(),
+        ),
+        (
+            vec!["--nnodes", "2", "--master_port", "0"],
+            "--master_port 0 only works on one node".into(),
+        ),
+        (
+            vec![
+                "--nproc_per_node",
+                "4",
+                "--nnodes",
+                "2000000000",
+                "--oversubscribe",
+            ],
+            "more than a job can have".into(),
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = common::waypoint()
+            .arg("launch")
+            .args(&args)
+            .args(["--", "sh", "-c", "touch $OUT/started-$RANK"])
+            .env("OUT", dir.path())
+            .env("TMPDIR", dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(&expect), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "something started or was written: {left:?}"
+    );
+}
+
+#[test]
+fn oversubscribe_starts_more_workers_than_the_default_limit() {
+    let limit = std::thread::available_parallelism().map_or(1, |n| n.get()) * 4;
+    let n = limit.max(8) + 1;
+    if n > 72 {
+        eprintln!("note: {n} workers is too many to start in a test on this machine; skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = launch(
+        &[
+            "--nproc_per_node",
+            &n.to_string(),
+            "--master_port",
+            "0",
+            "--oversubscribe",
+        ],
+        "touch $OUT/w-$RANK",
+        dir.path(),
+    );
+    common::ok(&out);
+    for rank in 0..n {
+        assert!(dir.path().join(format!("w-{rank}")).exists(), "rank {rank}");
+    }
+}
+
+#[test]
+fn the_launchers_temp_folder_is_removed_however_it_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    // A folder left by a launcher that was killed outright (no such process) is cleaned up too.
+    std::fs::create_dir(tmp.path().join("waypoint-launch-999999999")).unwrap();
+    let run = |args: &[&str], script: &str| -> Output {
+        common::waypoint()
+            .arg("launch")
+            .args(["--master_port", "0"])
+            .args(args)
+            .args(["--", "sh", "-c", script])
+            .env("OUT", out_dir.path())
+            .env("TMPDIR", tmp.path())
+            .output()
+            .unwrap()
+    };
+    // Success.
+    common::ok(&run(&["--nproc_per_node", "2"], "true"));
+    assert_eq!(launch_folders(tmp.path()), Vec::<String>::new());
+    // Failure after a restart, with an error file in the folder.
+    let out = run(
+        &["--nproc_per_node", "2", "--max_restarts", "1"],
+        "echo '{}' > $TORCHELASTIC_ERROR_FILE; exit 4",
+    );
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(launch_folders(tmp.path()), Vec::<String>::new());
+
+    // Stopped by a signal: SIGTERM, SIGINT, and SIGHUP (a closed terminal).
+    for (signal, code) in [("TERM", 143), ("INT", 130), ("HUP", 129)] {
+        let up = out_dir.path().join(format!("up-{signal}"));
+        let script = format!("touch {}; while true; do sleep 0.05; done", up.display());
+        let mut child = common::waypoint()
+            .args(["launch", "--master_port", "0", "--term_grace_secs", "5"])
+            .args(["--", "sh", "-c", &script])
+            .env("TMPDIR", tmp.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !up.exists() {
+            assert!(Instant::now() < deadline, "the worker did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            launch_folders(tmp.path()).len(),
+            1,
+            "the folder exists meanwhile"
+        );
+        Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(code), "SIG{signal}");
+        assert_eq!(
+            launch_folders(tmp.path()),
+            Vec::<String>::new(),
+            "after SIG{signal}"
+        );
+    }
+}

@@ -403,3 +403,341 @@ async fn a_save_that_keeps_failing_fails_the_job_loudly() {
     let m = waypoint_checkpoint::CheckpointManager::new(store, layout, Default::default());
     assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 3);
 }
+
+/// Runs `waypoint train` over `base` with `args` and checks it is refused as bad usage: exit 2, the
+/// expected words on stderr, no panic, and nothing written (`base` not even created).
+fn refused_before_any_work(base: &std::path::Path, args: &[String], expect: &str) {
+    let out = common::waypoint()
+        .args(["train", "--device", "cpu", "--checkpoint_base_uri"])
+        .arg(base)
+        .args(args)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        err.contains(expect),
+        "{args:?}: expected {expect:?} in: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert!(!base.exists(), "{args:?} wrote {}", base.display());
+}
+
+#[test]
+fn hostile_and_meaningless_values_are_refused_naming_the_flag_and_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut cases: Vec<(Vec<String>, String)> = [
+        (
+            &["--batch_size", "18446744073709551615"][..],
+            "--batch_size 18446744073709551615 is out of range: use 1 to 65536",
+        ),
+        (
+            &["--batch_size", "1000000000"],
+            "--batch_size 1000000000 is out of range",
+        ),
+        (
+            &["--num_threads", "2147483648"],
+            "--num_threads 2147483648 is out of range: use 0 to 1024",
+        ),
+        (&["--num_threads", "1000000"], "--num_threads 1000000"),
+        (
+            &["--gradient_accumulation", "1000000000000"],
+            "--gradient_accumulation 1000000000000 is out of range",
+        ),
+        (
+            &["--lora_rank", "1000000"],
+            "--lora_rank 1000000 is out of range",
+        ),
+        (
+            &["--batch_size", "4096", "--max_seq_len", "65536"],
+            "tokens per step on each rank",
+        ),
+        (
+            &["--num_epochs", "18446744073709551615"],
+            "--num_epochs 18446744073709551615 is out of range",
+        ),
+        (
+            &["--dist_timeout_secs", "18446744073709551615"],
+            "--dist_timeout_secs",
+        ),
+        (
+            &["--min_lr_ratio=-1"],
+            "--min_lr_ratio must be a number in [0, 1]; got -1",
+        ),
+        (
+            &["--weight_decay=-1"],
+            "--weight_decay must be a finite number ≥ 0",
+        ),
+        (
+            &["--adam_epsilon=-1"],
+            "--adam_epsilon must be a finite positive number",
+        ),
+        (
+            &["--adam_epsilon", "0"],
+            "--adam_epsilon must be a finite positive number",
+        ),
+        (
+            &["--max_grad_norm=-1"],
+            "--max_grad_norm must be a finite number ≥ 0 (0: no clipping)",
+        ),
+        (
+            &["--lora_rank", "4", "--lora_alpha=-8"],
+            "--lora_alpha must be",
+        ),
+        (
+            &["--eval_steps", "5"],
+            "--eval_steps 5 needs eval data: set --eval_dataset_uri",
+        ),
+        (
+            &["--lr", "NaN"],
+            "--lr must be a finite positive number; got NaN",
+        ),
+    ]
+    .iter()
+    .map(|(a, e)| (a.iter().map(|s| s.to_string()).collect(), e.to_string()))
+    .collect();
+    // NaN and the infinities, for every float flag.
+    for flag in [
+        "lr",
+        "min_lr_ratio",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "lora_alpha",
+        "lora_dropout",
+    ] {
+        for value in ["NaN", "inf", "-inf"] {
+            cases.push((
+                vec![format!("--{flag}={value}")],
+                format!("--{flag} must be"),
+            ));
+        }
+    }
+    // Config files: `extra_args` that is not a table, a TOML nan.
+    let json_cfg = dir.path().join("extra.json");
+    std::fs::write(&json_cfg, r#"{"max_steps": 3, "extra_args": 5}"#).unwrap();
+    cases.push((
+        vec!["--config_path".into(), json_cfg.display().to_string()],
+        "`extra_args` must be a table of settings".into(),
+    ));
+    let toml_cfg = dir.path().join("nan.toml");
+    std::fs::write(&toml_cfg, "lr = nan\n").unwrap();
+    cases.push((
+        vec!["--config_path".into(), toml_cfg.display().to_string()],
+        "nan.toml: `lr` must be a finite positive number".into(),
+    ));
+    for (args, expect) in &cases {
+        refused_before_any_work(&base, args, expect);
+    }
+}
+
+/// A Hugging Face model directory: the built-in model, trained 2 steps and promoted.
+fn hf_model_dir(root: &std::path::Path) -> std::path::PathBuf {
+    let base = root.join("source");
+    let out = train(
+        base.to_str().unwrap(),
+        "source",
+        &[
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "0",
+            "--output_model_id",
+            "m",
+        ],
+    );
+    common::ok(&out);
+    let model = base.join("models/m");
+    assert!(model.join("config.json").is_file() && model.join("tokenizer.json").is_file());
+    model
+}
+
+/// A copy of the model directory `from` with `edit` applied to its config.json.
+fn model_with_config(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    let path = to.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+}
+
+#[test]
+fn hostile_model_configs_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = hf_model_dir(dir.path());
+    let big: serde_json::Value = serde_json::from_str("1e12").unwrap();
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "eos_token_id",
+            (-5).into(),
+            "eos_token_id -5 is not a token id of the vocabulary (0 to 258)",
+        ),
+        (
+            "pad_token_id",
+            259.into(),
+            "pad_token_id 259 is not a token id",
+        ),
+        (
+            "num_hidden_layers",
+            1_000_000_000_000u64.into(),
+            "num_hidden_layers 1000000000000 is out of range: use 1 to 1024",
+        ),
+        (
+            "num_hidden_layers",
+            big,
+            "`num_hidden_layers` is missing or not an integer",
+        ),
+        (
+            "hidden_size",
+            (-64).into(),
+            "hidden_size -64 is out of range",
+        ),
+        (
+            "vocab_size",
+            (1u64 << 40).into(),
+            "vocab_size 1099511627776 is out of range",
+        ),
+        (
+            "num_hidden_layers",
+            50.into(),
+            "the config does not describe these weights",
+        ),
+    ];
+    for (i, (key, value, expect)) in cases.into_iter().enumerate() {
+        let bad = dir.path().join(format!("bad-{i}"));
+        model_with_config(&model, &bad, |c| c[key] = value);
+        let args = vec!["--model_id".to_string(), bad.display().to_string()];
+        refused_before_any_work(&dir.path().join("base"), &args, expect);
+    }
+    // The model itself trains (the refusals above are about the edits alone).
+    common::ok(&train(
+        dir.path().join("base").to_str().unwrap(),
+        "ok",
+        &["--model_id", model.to_str().unwrap(), "--max_steps", "2"],
+    ));
+}
+
+#[test]
+fn lora_rank_beyond_the_models_projections_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(
+        dir.path().to_str().unwrap(),
+        "big-rank",
+        &["--lora_rank", "100", "--max_steps", "2"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--lora_rank 100 is larger than q_proj allows (64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_utf8_bom_and_unknown_roles_name_file_and_line_or_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    for i in 0..20 {
+        bytes.extend_from_slice(
+            format!("{{\"text\": \"row {i}: a sentence long enough to fill a sample or two\"}}\n")
+                .as_bytes(),
+        );
+    }
+    bytes.extend_from_slice(b"{\"text\": \"one bad \xC3\x28 byte\"}\n");
+    bytes.extend_from_slice(
+        b"{\"messages\": [{\"role\": \"robot\", \"content\": \"hi\"}, \
+          {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
+    );
+    std::fs::write(&data, &bytes).unwrap();
+    let path = data.to_str().unwrap();
+
+    let out = train(base, "strict", &["--dataset_uri", path, "--max_steps", "2"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("d.jsonl, line 21") && err.contains("not UTF-8"),
+        "{err}"
+    );
+
+    let out = train(
+        base,
+        "skipping",
+        &[
+            "--dataset_uri",
+            path,
+            "--max_steps",
+            "2",
+            "--skip_bad_lines",
+        ],
+    );
+    let err = stderr(&out);
+    common::ok(&out);
+    assert!(
+        err.contains("role \\\"robot\\\"") || err.contains("role \"robot\""),
+        "{err}"
+    );
+    assert!(err.contains("system, user, assistant, tool"), "{err}");
+    let run: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            dir.path()
+                .join("skipping/framework=waypoint/config/run.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // The BOM did not spoil line 1: 20 rows, 2 skipped.
+    assert_eq!(run["train_documents"], 20, "{run}");
+    assert_eq!(run["skipped_rows"], 2, "{run}");
+}
+
+/// Runs `waypoint args…` with its stdout already closed by the reader (as `| head -0` would).
+fn with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = common::waypoint()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The child takes far longer to load libtorch than this takes.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (out.status, stderr(&out))
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let finished = ["--max_steps", "4", "--save_steps", "2"];
+    common::ok(&train(base, "demo", &finished));
+    let run = format!("{base}/demo/framework=waypoint");
+    for sub in ["list", "verify"] {
+        let (status, err) = with_closed_stdout(&["ckpt", sub, &run]);
+        assert!(!err.contains("panicked"), "ckpt {sub}: {err}");
+        // Ended by SIGPIPE, as `ls | head` ends `ls`: no panic (exit 101), no error message.
+        assert_eq!(status.signal(), Some(13), "ckpt {sub}: {status:?} {err}");
+    }
+    // `train` finishes its work and exits 0 even though nobody reads its result line.
+    let mut args = vec!["train", "--device", "cpu", "--checkpoint_base_uri", base];
+    args.extend(["--run_id", "demo", "--save_steps", "2", "--max_steps", "4"]);
+    let (status, err) = with_closed_stdout(&args);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+}

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::config::{merge, read_config_file, TrainConfig};
+use crate::config::{merge, read_config_file, ConfigError, Origin, TrainConfig};
 use crate::train::{Outcome, UsageError};
 
 /// waypoint: the trainer-side checkpoint and resume runtime.
@@ -222,26 +222,64 @@ struct TrainArgs {
 
 impl TrainArgs {
     /// Defaults ← `--config_path` ← flags, validated.
-    fn resolve(&self) -> Result<TrainConfig> {
+    fn resolve(&self) -> Result<TrainConfig, ConfigError> {
         let mut config = TrainConfig::default();
         if let Some(path) = &self.config_path {
             let file = read_config_file(path)?;
-            config = merge(&config, &file, &format!("--config_path {}", path.display()))?;
+            config = merge(&config, &file, &Origin::File(path.clone()))?;
         }
-        let flags: Map<String, Value> = match serde_json::to_value(self)? {
-            Value::Object(m) => m,
+        // Non-finite floats serialize as null, which `merge` names as such.
+        let flags: Map<String, Value> = match serde_json::to_value(self) {
+            Ok(Value::Object(m)) => m,
             _ => Map::new(),
         };
-        let mut config = merge(&config, &flags, "flags")?;
+        let mut config = merge(&config, &flags, &Origin::Flags)?;
         config.validate()?;
         Ok(config)
     }
+}
+
+/// Why `waypoint train`'s arguments were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    /// The command line does not parse (an unknown flag, a value of the wrong type, …); clap's message
+    /// names the flag.
+    #[error("{0}")]
+    Flags(String),
+    /// The settings parse but cannot be used.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Resolves `waypoint train`'s arguments (`argv` without the program and subcommand names) as the
+/// command does: defaults ← `--config_path` ← flags, validated. Never panics on any input.
+pub fn resolve_train_args<I, T>(argv: I) -> std::result::Result<TrainConfig, ArgsError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    #[derive(Parser)]
+    #[command(name = "train")]
+    struct One {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+    let argv =
+        std::iter::once(std::ffi::OsString::from("train")).chain(argv.into_iter().map(Into::into));
+    let one = One::try_parse_from(argv).map_err(|e| ArgsError::Flags(e.render().to_string()))?;
+    Ok(one.args.resolve()?)
 }
 
 /// Entry point of the binary: parses arguments, runs, and maps the result to an exit code.
 pub fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Ckpt { .. }) {
+        // `waypoint ckpt verify RUN | head -1`: a reader that goes away ends the listing quietly, as
+        // it does for any Unix tool. (`train` keeps ignoring SIGPIPE — a closed log pipe must not kill
+        // a training job — and writes its few result lines without panicking instead.)
+        restore_default_sigpipe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -257,14 +295,20 @@ pub fn main() -> ExitCode {
         Command::Launch(args) => match crate::launch::run(&args, stop_on_signals()) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
+                eprintln!("error: {}", crate::records::explain(&e));
+                if e.downcast_ref::<crate::launch::LaunchUsageError>()
+                    .is_some()
+                {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         },
         Command::Ckpt { command } => match runtime.block_on(crate::ckpt::run(command)) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", crate::records::explain(&e));
                 ExitCode::FAILURE
             }
         },
@@ -290,17 +334,19 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             model,
         }) => {
             if last_loss.is_nan() {
-                println!("already finished: {steps} steps; final checkpoint {checkpoint} in {run}");
+                say(format_args!(
+                    "already finished: {steps} steps; final checkpoint {checkpoint} in {run}"
+                ));
             } else {
-                println!("finished {steps} steps (last loss {last_loss:.4}); final checkpoint {checkpoint} in {run}");
+                say(format_args!("finished {steps} steps (last loss {last_loss:.4}); final checkpoint {checkpoint} in {run}"));
             }
             if let Some(m) = model {
-                println!("promoted to {base}/{m}");
+                say(format_args!("promoted to {base}/{m}"));
             }
             ExitCode::SUCCESS
         }
         Ok(Outcome::Stopped { signal, step }) => {
-            println!("stopped by signal {signal} after step {step}; saved in {run}; run the same command to resume");
+            say(format_args!("stopped by signal {signal} after step {step}; saved in {run}; run the same command to resume"));
             ExitCode::from((128 + signal).min(255) as u8)
         }
         Err(e) => {
@@ -312,6 +358,23 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             crate::records::write_error_file(&message);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints a result line on stdout; a closed stdout (a reader that went away) is not an error of the
+/// run, so the line is dropped rather than panicking.
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line).and_then(|()| out.write_all(b"\n"));
+}
+
+/// Lets SIGPIPE end the process, as it does a C program (Rust ignores it, so a write to a closed pipe
+/// fails and `println!` panics).
+fn restore_default_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler of ours; nothing else is running yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -339,17 +402,9 @@ fn init_tracing() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use anyhow::Context;
 
     fn resolve_for_test(argv: &[&str]) -> Result<TrainConfig> {
-        #[derive(Parser)]
-        struct One {
-            #[command(flatten)]
-            args: TrainArgs,
-        }
-        let one = One::try_parse_from(std::iter::once("train").chain(argv.iter().copied()))
-            .context("parsing flags")?;
-        one.args.resolve()
+        Ok(resolve_train_args(argv)?)
     }
 
     #[test]

@@ -3,9 +3,8 @@
 //! closest valid key; the resolved configuration is recorded as `config/run.json`, redacted.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -167,27 +166,158 @@ pub fn closest_key(key: &str) -> Option<String> {
         .map(|(_, k)| k)
 }
 
+/// A setting that cannot be used, found before any work (the command exits with code 2). The message
+/// names the flag or config key and says what is accepted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    /// The setting at fault: a key of [`TrainConfig`] (the flag without its dashes), or `config_path`
+    /// when the file itself is at fault.
+    pub key: String,
+    /// What is wrong and what is accepted; it names the flag (`--key`) or the file and key.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where overriding values come from, for naming them in errors.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// Command-line flags: a key is named `--key`.
+    Flags,
+    /// A `--config_path` file: a key is named by the file and the key.
+    File(PathBuf),
+}
+
+impl Origin {
+    /// How `key` is named in an error.
+    fn name(&self, key: &str) -> String {
+        match self {
+            Self::Flags => format!("--{key}"),
+            Self::File(path) => format!("--config_path {}: `{key}`", path.display()),
+        }
+    }
+}
+
+/// The most a setting may be, where more would exhaust the machine or overflow before any use of it.
+pub mod limits {
+    /// `--batch_size`.
+    pub const BATCH_SIZE: u64 = 65_536;
+    /// `--gradient_accumulation`.
+    pub const GRADIENT_ACCUMULATION: u64 = 65_536;
+    /// `--max_seq_len`.
+    pub const MAX_SEQ_LEN: u64 = 1 << 20;
+    /// Tokens of one optimizer step on one rank (`batch_size × gradient_accumulation × max_seq_len`):
+    /// their ids and labels are held at once (16 bytes a token).
+    pub const TOKENS_PER_STEP: u64 = 1 << 27;
+    /// `--num_threads`.
+    pub const NUM_THREADS: u64 = 1024;
+    /// `--lora_rank` (the model's projection sizes bound it further).
+    pub const LORA_RANK: u64 = 65_536;
+    /// `--max_steps`.
+    pub const MAX_STEPS: u64 = 1 << 40;
+    /// `--num_epochs`.
+    pub const NUM_EPOCHS: u64 = 1 << 20;
+    /// `--dist_timeout_secs` (a week).
+    pub const DIST_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+}
+
+/// The accepted values of a floating-point setting (always finite).
+#[derive(Debug, Clone, Copy)]
+enum FloatRange {
+    /// > 0.
+    Positive,
+    /// ≥ 0.
+    NonNegative,
+    /// [0, 1].
+    UnitClosed,
+    /// [0, 1).
+    UnitHalfOpen,
+}
+
+impl FloatRange {
+    fn of(key: &str) -> Option<Self> {
+        Some(match key {
+            "lr" | "adam_epsilon" => Self::Positive,
+            "weight_decay" | "max_grad_norm" | "lora_alpha" => Self::NonNegative,
+            "min_lr_ratio" => Self::UnitClosed,
+            "adam_beta1" | "adam_beta2" | "lora_dropout" => Self::UnitHalfOpen,
+            _ => return None,
+        })
+    }
+
+    fn contains(self, x: f64) -> bool {
+        x.is_finite()
+            && match self {
+                Self::Positive => x > 0.0,
+                Self::NonNegative => x >= 0.0,
+                Self::UnitClosed => (0.0..=1.0).contains(&x),
+                Self::UnitHalfOpen => (0.0..1.0).contains(&x),
+            }
+    }
+
+    fn describe(self, key: &str) -> String {
+        let what = match self {
+            Self::Positive => "a finite positive number",
+            Self::NonNegative => "a finite number ≥ 0",
+            Self::UnitClosed => "a number in [0, 1]",
+            Self::UnitHalfOpen => "a number in [0, 1)",
+        };
+        let zero = match key {
+            "max_grad_norm" => " (0: no clipping)",
+            "lora_alpha" => " (0: twice --lora_rank)",
+            _ => "",
+        };
+        format!("{what}{zero}")
+    }
+}
+
 /// Reads a `--config_path` file (`.toml`, else JSON) into a key → value map, rejecting unknown keys.
-pub fn read_config_file(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--config_path {}: cannot read it", path.display()))?;
+pub fn read_config_file(path: &Path) -> Result<Map<String, Value>, ConfigError> {
+    let shown = path.display();
+    let err = |m: String| ConfigError::new("config_path", format!("--config_path {shown}: {m}"));
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
     let value: Value = if path.extension().is_some_and(|e| e == "toml") {
-        let t: toml::Table = toml::from_str(&text)
-            .with_context(|| format!("--config_path {}: not valid TOML", path.display()))?;
-        serde_json::to_value(t)?
+        let t: toml::Table =
+            toml::from_str(&text).map_err(|e| err(format!("not valid TOML: {e}")))?;
+        serde_json::to_value(t).map_err(|e| err(format!("not representable as settings: {e}")))?
     } else {
-        serde_json::from_str(&text)
-            .with_context(|| format!("--config_path {}: not valid JSON", path.display()))?
+        serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?
     };
     let Value::Object(mut map) = value else {
-        bail!(
-            "--config_path {}: the top level must be a table of settings",
-            path.display()
-        );
+        return Err(err("the top level must be a table of settings".into()));
     };
     // The control plane's job spec nests trainer flags under `extra_args`; accept that shape too.
-    if let Some(Value::Object(extra)) = map.remove("extra_args") {
-        map.extend(extra);
+    match map.remove("extra_args") {
+        None => {}
+        Some(Value::Object(extra)) => {
+            for (k, v) in extra {
+                if let Some(top) = map.get(&k) {
+                    if *top != v {
+                        return Err(ConfigError::new(
+                            &k,
+                            format!(
+                                "--config_path {shown}: `{k}` is set both at the top level ({top}) \
+                                 and under `extra_args` ({v}); keep one"
+                            ),
+                        ));
+                    }
+                }
+                map.insert(k, v);
+            }
+        }
+        Some(other) => {
+            return Err(err(format!(
+                "`extra_args` must be a table of settings (like the top level), not {other}"
+            )))
+        }
     }
     let valid = keys();
     for key in map.keys() {
@@ -195,92 +325,212 @@ pub fn read_config_file(path: &Path) -> Result<Map<String, Value>> {
             let hint = closest_key(key)
                 .map(|k| format!("; did you mean `{k}`?"))
                 .unwrap_or_default();
-            bail!(
-                "--config_path {}: unknown setting `{key}`{hint}",
-                path.display()
-            );
+            return Err(ConfigError::new(
+                "config_path",
+                format!("--config_path {shown}: unknown setting `{key}`{hint}"),
+            ));
         }
     }
     Ok(map)
 }
 
-/// Applies `overrides` (from a file, then from flags) over `base`; a value of the wrong type names its
-/// key and source.
+/// Applies `overrides` (from a file, then from flags) over `base`; a value of the wrong type, or a
+/// number that is not finite (NaN and infinities arrive as null), names its key and source.
 pub fn merge(
     base: &TrainConfig,
     overrides: &Map<String, Value>,
-    source: &str,
-) -> Result<TrainConfig> {
-    let mut value = serde_json::to_value(base)?;
-    let obj = value
-        .as_object_mut()
-        .context("the configuration serializes to an object")?;
+    origin: &Origin,
+) -> Result<TrainConfig, ConfigError> {
+    let internal = |e: serde_json::Error| ConfigError::new("config_path", e.to_string());
+    let Value::Object(defaults) = serde_json::to_value(base).map_err(internal)? else {
+        return Err(ConfigError::new(
+            "config_path",
+            "the configuration does not serialize to a table",
+        ));
+    };
+    let mut merged = defaults.clone();
     for (k, v) in overrides {
-        let slot = obj
-            .get_mut(k)
-            .with_context(|| format!("{source}: unknown setting `{k}`"))?;
-        *slot = v.clone();
+        let name = origin.name(k);
+        let Some(default) = defaults.get(k) else {
+            let hint = closest_key(k)
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            return Err(ConfigError::new(
+                k,
+                format!("{name}: unknown setting{hint}"),
+            ));
+        };
+        if default.is_f64() && !v.as_f64().is_some_and(f64::is_finite) {
+            let what = FloatRange::of(k).map_or("a finite number".into(), |r| r.describe(k));
+            let got = match (v, origin) {
+                (Value::Null, Origin::Flags) => "NaN or an infinity".to_string(),
+                (Value::Null, Origin::File(_)) => "null, NaN or an infinity".to_string(),
+                _ => v.to_string(),
+            };
+            return Err(ConfigError::new(
+                k,
+                format!("{name} must be {what}; got {got}"),
+            ));
+        }
+        // Check this one value alone, so that a type error names it.
+        let mut probe = defaults.clone();
+        probe.insert(k.clone(), v.clone());
+        if let Err(e) = serde_json::from_value::<TrainConfig>(Value::Object(probe)) {
+            return Err(ConfigError::new(k, format!("{name}: {e}")));
+        }
+        merged.insert(k.clone(), v.clone());
     }
-    serde_json::from_value(value).map_err(|e| anyhow::anyhow!("{source}: {e}"))
+    serde_json::from_value(Value::Object(merged))
+        .map_err(|e| ConfigError::new("config_path", format!("{origin:?}: {e}")))
+}
+
+fn usage(key: &str, message: String) -> ConfigError {
+    ConfigError::new(key, message)
+}
+
+/// Fails with `message` about `key` unless `ok`.
+fn check(ok: bool, key: &str, message: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(usage(key, message()))
+    }
+}
+
+/// Fails unless `lo <= value <= hi`, naming the flag and the range.
+fn in_range(key: &str, value: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+    check((lo..=hi).contains(&value), key, || {
+        format!("--{key} {value} is out of range: use {lo} to {hi}")
+    })
 }
 
 impl TrainConfig {
-    /// Cross-field checks, each naming the flags involved.
-    pub fn validate(&mut self) -> Result<()> {
+    /// Range and cross-field checks, each naming the flags involved and what they accept.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
         if self.dcp_save_interval > 0 {
-            ensure!(
+            check(
                 self.save_steps == TrainConfig::default().save_steps
                     || self.save_steps == self.dcp_save_interval,
-                "--save_steps {} and --dcp_save_interval {} disagree; they are the same setting, \
-                 pass one",
-                self.save_steps,
-                self.dcp_save_interval
-            );
+                "dcp_save_interval",
+                || {
+                    format!(
+                        "--save_steps {} and --dcp_save_interval {} disagree; they are the same \
+                         setting, pass one",
+                        self.save_steps, self.dcp_save_interval
+                    )
+                },
+            )?;
             self.save_steps = self.dcp_save_interval;
         }
-        ensure!(self.batch_size > 0, "--batch_size must be at least 1");
-        ensure!(
-            self.gradient_accumulation > 0,
-            "--gradient_accumulation must be at least 1"
-        );
-        ensure!(self.max_seq_len >= 2, "--max_seq_len must be at least 2");
-        ensure!(
+        in_range("batch_size", self.batch_size, 1, limits::BATCH_SIZE)?;
+        in_range(
+            "gradient_accumulation",
+            self.gradient_accumulation,
+            1,
+            limits::GRADIENT_ACCUMULATION,
+        )?;
+        in_range("max_seq_len", self.max_seq_len, 2, limits::MAX_SEQ_LEN)?;
+        let tokens = self.batch_size * self.gradient_accumulation * self.max_seq_len;
+        check(tokens <= limits::TOKENS_PER_STEP, "batch_size", || {
+            format!(
+                "--batch_size {} × --gradient_accumulation {} × --max_seq_len {} = {tokens} tokens \
+                 per step on each rank, more than the {} one rank can hold; lower them (more ranks \
+                 give a larger global batch)",
+                self.batch_size,
+                self.gradient_accumulation,
+                self.max_seq_len,
+                limits::TOKENS_PER_STEP
+            )
+        })?;
+        in_range("max_steps", self.max_steps, 0, limits::MAX_STEPS)?;
+        in_range("num_epochs", self.num_epochs, 0, limits::NUM_EPOCHS)?;
+        check(
             self.max_steps > 0 || self.num_epochs > 0,
-            "--max_steps and --num_epochs are both 0: there is nothing to train"
-        );
-        ensure!(
-            self.lr > 0.0 && self.lr.is_finite(),
-            "--lr must be positive"
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2),
-            "--adam_beta1 and --adam_beta2 must be in [0, 1)"
-        );
-        crate::optim::ScheduleKind::parse(&self.lr_scheduler)?;
-        ensure!(
+            "max_steps",
+            || "--max_steps and --num_epochs are both 0: there is nothing to train".into(),
+        )?;
+        in_range("num_threads", self.num_threads, 0, limits::NUM_THREADS)?;
+        in_range(
+            "dist_timeout_secs",
+            self.dist_timeout_secs,
+            1,
+            limits::DIST_TIMEOUT_SECS,
+        )?;
+        in_range("lora_rank", self.lora_rank, 0, limits::LORA_RANK)?;
+        for (key, value) in [
+            ("lr", self.lr),
+            ("min_lr_ratio", self.min_lr_ratio),
+            ("weight_decay", self.weight_decay),
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+            ("adam_epsilon", self.adam_epsilon),
+            ("max_grad_norm", self.max_grad_norm),
+            ("lora_alpha", self.lora_alpha),
+            ("lora_dropout", self.lora_dropout),
+        ] {
+            if let Some(range) = FloatRange::of(key) {
+                check(range.contains(value), key, || {
+                    format!("--{key} must be {}; got {value}", range.describe(key))
+                })?;
+            }
+        }
+        crate::optim::ScheduleKind::parse(&self.lr_scheduler)
+            .map_err(|e| usage("lr_scheduler", format!("{e:#}")))?;
+        check(
             ["bf16", "fp16", "fp32"].contains(&self.sampler_dtype.as_str()),
-            "--sampler_dtype {:?}: use bf16, fp16 or fp32",
-            self.sampler_dtype
-        );
+            "sampler_dtype",
+            || {
+                format!(
+                    "--sampler_dtype {:?}: use bf16, fp16 or fp32",
+                    self.sampler_dtype
+                )
+            },
+        )?;
+        check(
+            self.eval_steps == 0 || !self.eval_dataset_uri.is_empty(),
+            "eval_steps",
+            || {
+                format!(
+                    "--eval_steps {} needs eval data: set --eval_dataset_uri, or drop --eval_steps",
+                    self.eval_steps
+                )
+            },
+        )?;
         if self.lora_rank == 0 {
             let d = TrainConfig::default();
-            ensure!(
+            check(
                 self.lora_alpha == d.lora_alpha && self.lora_dropout == d.lora_dropout,
-                "--lora_alpha/--lora_dropout are set but --lora_rank is 0; set --lora_rank to \
-                 train adapters"
-            );
+                "lora_rank",
+                || {
+                    "--lora_alpha/--lora_dropout are set but --lora_rank is 0; set --lora_rank to \
+                     train adapters"
+                        .into()
+                },
+            )?;
         } else {
-            ensure!(
-                (0.0..1.0).contains(&self.lora_dropout),
-                "--lora_dropout must be in [0, 1)"
-            );
+            for t in self.lora_target_modules.split(',').map(str::trim) {
+                check(
+                    t.is_empty() || crate::model::LORA_TARGETS.contains(&t),
+                    "lora_target_modules",
+                    || {
+                        format!(
+                            "--lora_target_modules: {t:?} is not one of {}",
+                            crate::model::LORA_TARGETS.join(", ")
+                        )
+                    },
+                )?;
+            }
             if self.lora_alpha == 0.0 {
                 self.lora_alpha = 2.0 * self.lora_rank as f64;
             }
         }
         if !self.init_from_checkpoint.is_empty() {
-            waypoint_checkpoint::parse_checkpoint_ref(&self.init_from_checkpoint)
-                .context("--init_from_checkpoint")?;
+            waypoint_checkpoint::parse_checkpoint_ref(&self.init_from_checkpoint).map_err(|e| {
+                usage(
+                    "init_from_checkpoint",
+                    format!("--init_from_checkpoint: {e}"),
+                )
+            })?;
         }
         Ok(())
     }
@@ -378,10 +628,15 @@ mod tests {
         )
         .unwrap();
         let map = read_config_file(&toml_path).unwrap();
-        let c = merge(&TrainConfig::default(), &map, "file").unwrap();
+        let c = merge(
+            &TrainConfig::default(),
+            &map,
+            &Origin::File(toml_path.clone()),
+        )
+        .unwrap();
         assert_eq!((c.lr, c.max_steps, c.batch_size), (0.5, 7, 3));
         let flags = Map::from_iter([("lr".to_string(), Value::from(0.25))]);
-        assert_eq!(merge(&c, &flags, "flags").unwrap().lr, 0.25);
+        assert_eq!(merge(&c, &flags, &Origin::Flags).unwrap().lr, 0.25);
 
         let json_path = dir.path().join("c.json");
         std::fs::write(&json_path, r#"{"max_stpes": 3}"#).unwrap();
@@ -392,10 +647,17 @@ mod tests {
         );
         std::fs::write(&json_path, r#"{"max_steps": "many"}"#).unwrap();
         let map = read_config_file(&json_path).unwrap();
-        let err = merge(&TrainConfig::default(), &map, "c.json")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("c.json"), "{err}");
+        let err = merge(
+            &TrainConfig::default(),
+            &map,
+            &Origin::File(json_path.clone()),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "max_steps");
+        assert!(
+            err.message.contains("c.json") && err.message.contains("`max_steps`"),
+            "{err}"
+        );
     }
 
     #[test]

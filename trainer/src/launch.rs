@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use waypoint_dist::StoreServer;
 
 /// `waypoint launch` flags.
@@ -45,9 +45,12 @@ pub struct LaunchArgs {
     /// Restarts of the worker group after a failure.
     #[arg(long = "max_restarts", env = "PET_MAX_RESTARTS", default_value_t = 0)]
     pub max_restarts: u32,
-    /// Seconds workers get to exit after SIGTERM before SIGKILL.
+    /// Seconds workers get to exit after SIGTERM before SIGKILL (at most a day).
     #[arg(long = "term_grace_secs", default_value_t = 30)]
     pub term_grace_secs: u64,
+    /// Start more workers than this machine can run well (more than 4 per CPU).
+    #[arg(long = "oversubscribe")]
+    pub oversubscribe: bool,
     /// The worker command (after `--`).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -64,23 +67,136 @@ enum Round {
     Signalled(usize),
 }
 
-/// Runs the launcher; returns the exit code.
+/// Launch flags that cannot work together or on this machine: the command exits with code 2 before
+/// starting anything.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct LaunchUsageError(pub String);
+
+/// The most `--term_grace_secs` may be (a day).
+pub const MAX_TERM_GRACE_SECS: u64 = 24 * 3600;
+
+/// Workers per CPU beyond which `--nproc_per_node` needs `--oversubscribe`.
+pub const WORKERS_PER_CPU: u32 = 4;
+
+/// The most workers this machine runs without `--oversubscribe`: [`WORKERS_PER_CPU`] per CPU, and
+/// at least 8.
+pub fn max_workers() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(cpus)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(WORKERS_PER_CPU)
+        .max(8)
+}
+
+impl LaunchArgs {
+    /// Checks the flags against each other and against what this machine can run.
+    pub fn validate(&self) -> std::result::Result<(), LaunchUsageError> {
+        let fail = |m: String| Err(LaunchUsageError(m));
+        if self.nproc_per_node < 1 {
+            return fail("--nproc_per_node must be at least 1".into());
+        }
+        let limit = max_workers();
+        if self.nproc_per_node > limit && !self.oversubscribe {
+            return fail(format!(
+                "--nproc_per_node {} is more than this machine runs well ({limit}: {WORKERS_PER_CPU}                  per CPU); use fewer workers, or pass --oversubscribe to start them anyway",
+                self.nproc_per_node
+            ));
+        }
+        if self.nnodes < 1 {
+            return fail("--nnodes must be at least 1".into());
+        }
+        if self.nproc_per_node.checked_mul(self.nnodes).is_none() {
+            return fail(format!(
+                "--nproc_per_node {} × --nnodes {} workers is more than a job can have ({})",
+                self.nproc_per_node,
+                self.nnodes,
+                u32::MAX
+            ));
+        }
+        if self.node_rank >= self.nnodes {
+            return fail(format!(
+                "--node_rank {} is not below --nnodes {}",
+                self.node_rank, self.nnodes
+            ));
+        }
+        if self.nnodes > 1 && self.master_port == 0 {
+            return fail(
+                "--master_port 0 only works on one node: the other nodes must know the port".into(),
+            );
+        }
+        if self.term_grace_secs > MAX_TERM_GRACE_SECS {
+            return fail(format!(
+                "--term_grace_secs {} is out of range: use 0 to {MAX_TERM_GRACE_SECS}",
+                self.term_grace_secs
+            ));
+        }
+        if self.command.first().is_none_or(|c| c.is_empty()) {
+            return fail("no worker command: pass it after `--`".into());
+        }
+        Ok(())
+    }
+}
+
+/// The launcher's folder of worker error files, removed when the launcher ends (returns, fails or
+/// stops on a signal). Folders of launchers that were killed outright are removed by the next one.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> Result<Self> {
+        let tmp = std::env::temp_dir();
+        remove_stale_run_dirs(&tmp);
+        let dir = tmp.join(format!("waypoint-launch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.0.display(), "could not remove the launcher's folder: {e}");
+            }
+        }
+    }
+}
+
+/// Removes `waypoint-launch-<pid>` folders under `tmp` whose launcher is gone (killed by SIGKILL).
+fn remove_stale_run_dirs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("waypoint-launch-"))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Runs the launcher; returns the exit code. Flags that cannot work fail with [`LaunchUsageError`]
+/// before anything starts.
 pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
-    ensure!(
-        args.nproc_per_node >= 1,
-        "--nproc_per_node must be at least 1"
-    );
-    ensure!(args.nnodes >= 1, "--nnodes must be at least 1");
-    ensure!(
-        args.node_rank < args.nnodes,
-        "--node_rank {} is not below --nnodes {}",
-        args.node_rank,
-        args.nnodes
-    );
-    ensure!(
-        !(args.nnodes > 1 && args.master_port == 0),
-        "--master_port 0 only works on one node: the other nodes must know the port"
-    );
+    args.validate()?;
+    // torchrun's agent also stops its workers on SIGHUP and SIGQUIT; so does this launcher (and its
+    // folder goes with it).
+    for signal in [libc::SIGHUP, libc::SIGQUIT] {
+        if let Err(e) = signal_hook::flag::register_usize(signal, stop.clone(), signal as usize) {
+            tracing::warn!(signal, %e, "could not install the signal handler");
+        }
+    }
     // Node 0 hosts the store for the whole job, for every restart (as torchrun's agent does).
     let server = if args.node_rank == 0 {
         let bind = if args.nnodes > 1 {
@@ -96,8 +212,7 @@ pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
         None
     };
     let port = server.as_ref().map_or(args.master_port, |s| s.port());
-    let run_dir = std::env::temp_dir().join(format!("waypoint-launch-{}", std::process::id()));
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let run_dir = RunDir::create()?;
     tracing::info!(
         nproc_per_node = args.nproc_per_node,
         nnodes = args.nnodes,
@@ -106,7 +221,7 @@ pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
     );
     let mut restart = 0;
     loop {
-        match round(args, port, restart, &run_dir, &stop)? {
+        match round(args, port, restart, &run_dir.0, &stop)? {
             Round::Succeeded => return Ok(ExitCode::SUCCESS),
             Round::Signalled(sig) => return Ok(ExitCode::from((128 + sig).min(255) as u8)),
             Round::Failed { rank, code, error } => {
@@ -225,7 +340,9 @@ fn stop_all(workers: &mut [(u32, Child, PathBuf)], grace: Duration) {
             signal_group(child, libc::SIGTERM);
         }
     }
-    let deadline = Instant::now() + grace;
+    let deadline = Instant::now()
+        .checked_add(grace)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(MAX_TERM_GRACE_SECS));
     for (rank, child, _) in workers.iter_mut() {
         loop {
             match child.try_wait() {
