@@ -390,3 +390,44 @@ fn a_run_folder_deleted_mid_run_gets_its_records_back() {
         serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).unwrap()).unwrap();
     assert_eq!(status["state"], "FINISHED");
 }
+
+/// With two ranks, a bit flip in the newest checkpoint is found as the ranks load it; both pass over
+/// it together and the run goes on (rank 0 sets it aside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_pass_over_a_bit_flip_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let launched = |steps: u32| {
+        common::waypoint()
+            .args([
+                "launch",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                "0",
+                "--",
+                env!("CARGO_BIN_EXE_waypoint"),
+            ])
+            .args(common::runs::train_flags("cpu", base, "two", 2, steps))
+            .output()
+            .unwrap()
+    };
+    common::ok(&launched(6));
+    let m = manager(base, "two");
+    damage(&m, 6, Damage::FlipByte).await;
+    let out = launched(9);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("passing over a damaged checkpoint") && err.contains("step-000006"),
+        "{err}"
+    );
+    assert!(err.contains("checkpoint=step-000003"), "{err}");
+    assert_eq!(common::committed_steps(&m).await[..2], [9, 6]);
+    assert!(m
+        .verify(StepName::new(6))
+        .await
+        .unwrap()
+        .problems
+        .is_empty());
+}

@@ -25,7 +25,7 @@ pub use error::{CheckpointError, Result};
 pub use kind::CheckpointKind;
 pub use manager::{
     parse_checkpoint_ref, CheckpointInfo, CheckpointManager, Commit, FileWriter, ManagerOptions,
-    Promotion, Resumable, SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
+    Promotion, SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
 };
 pub use manifest::{DeltaBase, FileEntry, Manifest, FORMAT_VERSION};
 pub use tensor::{Dtype, Tensor};

@@ -167,15 +167,6 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// The checkpoint resume continues from, loaded.
-#[derive(Debug, Clone)]
-pub struct Resumable {
-    /// Its manifest.
-    pub manifest: Manifest,
-    /// Its `dcp/` tensors, checked against the manifest as they were read.
-    pub tensors: Vec<Tensor>,
-}
-
 /// What `verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -778,26 +769,24 @@ impl CheckpointManager {
     /// manifest, missing blob, wrong size, and with `rehash` a wrong sha256) are skipped with a
     /// warning that names them and what is wrong.
     pub async fn latest_resumable(&self, rehash: bool) -> Result<Option<Manifest>> {
-        let (found, _) = self.newest_resumable(rehash, false).await?;
-        Ok(found.map(|r| r.manifest))
+        Ok(self.resume_candidate(rehash, &[]).await?.0)
     }
 
-    /// What resume continues from: the newest committed checkpoint that is complete, resumable and
-    /// whose `dcp/` blobs load and match the manifest's sizes and sha256 (checked as they are read),
-    /// with those tensors; and the newer checkpoints passed over as damaged, newest first, to be
+    /// What resume would continue from, passing over the steps in `except` (found damaged as they
+    /// loaded): the newest committed checkpoint that is complete (and, with `rehash`, matches its
+    /// sha256s) and resumable; and the newer checkpoints passed over as damaged, newest first, to be
     /// [set aside](Self::set_aside) once this writer owns the run. A checkpoint that merely could not
     /// be read (storage unreachable) is never passed over: that error is returned.
-    pub async fn load_latest_resumable(&self) -> Result<(Option<Resumable>, Vec<Skipped>)> {
-        self.newest_resumable(false, true).await
-    }
-
-    async fn newest_resumable(
+    pub async fn resume_candidate(
         &self,
         rehash: bool,
-        load: bool,
-    ) -> Result<(Option<Resumable>, Vec<Skipped>)> {
+        except: &[StepName],
+    ) -> Result<(Option<Manifest>, Vec<Skipped>)> {
         let mut skipped = Vec::new();
         for step in self.committed_steps().await? {
+            if except.contains(&step) {
+                continue;
+            }
             let found = async {
                 let manifest = self.manifest(step).await?;
                 if manifest.dcp_files().next().is_none() {
@@ -810,24 +799,16 @@ impl CheckpointManager {
                         problems,
                     });
                 }
-                if !self
+                let resumable = self
                     .detect_kinds(&manifest)
                     .await?
                     .iter()
-                    .any(|k| k.resumable())
-                {
-                    return Ok(None);
-                }
-                let tensors = if load {
-                    self.load_tensors(&manifest, "dcp/", &|_| true).await?
-                } else {
-                    Vec::new()
-                };
-                Ok(Some(Resumable { manifest, tensors }))
+                    .any(|k| k.resumable());
+                Ok(resumable.then_some(manifest))
             }
             .await;
             match found {
-                Ok(Some(r)) => return Ok((Some(r), skipped)),
+                Ok(Some(m)) => return Ok((Some(m), skipped)),
                 Ok(None) => continue,
                 Err(e) if e.is_damage() => {
                     tracing::warn!(checkpoint = %step, "passing over a damaged checkpoint: {e}");

@@ -115,6 +115,15 @@ impl Ranks {
         Ok((total, any_stop))
     }
 
+    /// Whether `flag` is set on any rank (every rank calls this with the same `what`).
+    pub fn any(&self, what: &str, flag: bool) -> Result<bool> {
+        let Some(g) = &self.group else {
+            return Ok(flag);
+        };
+        let all = g.all_gather(what, &[u8::from(flag)])?;
+        Ok(all.iter().any(|m| m.first().is_some_and(|&b| b != 0)))
+    }
+
     /// Sums the gradients (fp32) and the loss over all ranks, in place.
     pub fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
         let Some(g) = &self.group else {

@@ -24,7 +24,9 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Runtime;
-use waypoint_checkpoint::{dcp, CheckpointManager, ManagerOptions, Promotion, Tensor as Blob};
+use waypoint_checkpoint::{
+    dcp, CheckpointManager, ManagerOptions, Promotion, Skipped, Tensor as Blob,
+};
 use waypoint_storage::{model_dir, RunLayout, Store};
 
 use crate::config::{fingerprint, TrainConfig};
@@ -164,30 +166,48 @@ impl Session {
                 ..ManagerOptions::default()
             },
         );
-        // Rank 0 picks the checkpoint to resume from, loading it (checked against its manifest as
-        // it is read) and passing over damaged newer ones; every other rank loads the one it picked.
-        let mut latest = None;
-        let mut resume_blobs = Vec::new();
-        let mut damaged = Vec::new();
-        if main {
-            let (found, skipped) = rt
-                .block_on(manager.load_latest_resumable())
-                .context("looking for the run's newest resumable checkpoint")?;
-            damaged = skipped;
-            if let Some(r) = found {
-                latest = Some(r.manifest);
-                resume_blobs = r.tensors;
+        // Rank 0 picks the checkpoint to resume from (sizes checked); every rank loads it, checking
+        // each blob's sha256 as it is read. A checkpoint any rank finds damaged is passed over (and
+        // set aside once this attempt owns the run) and the next older one tried.
+        let mut damaged: Vec<Skipped> = Vec::new();
+        let mut passed_over = Vec::new();
+        let (latest, mut resume_blobs) = loop {
+            let mut pick = None;
+            if main {
+                let (found, skipped) =
+                    rt.block_on(manager.resume_candidate(false, &passed_over))
+                        .context("looking for the run's newest resumable checkpoint")?;
+                damaged.extend(skipped);
+                pick = found;
             }
-        }
-        let chosen = latest.as_ref().map(|m| m.name.clone()).unwrap_or_default();
-        let chosen = String::from_utf8_lossy(&ranks.broadcast("resume-from", chosen.as_bytes())?)
-            .to_string();
-        if !main && !chosen.is_empty() {
+            let chosen = pick.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+            let chosen =
+                String::from_utf8_lossy(&ranks.broadcast("resume-from", chosen.as_bytes())?)
+                    .to_string();
+            if chosen.is_empty() {
+                break (None, Vec::new());
+            }
             let step: waypoint_storage::StepName = chosen.parse()?;
-            let m = rt.block_on(manager.manifest(step))?;
-            resume_blobs = rt.block_on(manager.load_tensors(&m, "dcp/", &|_| true))?;
-            latest = Some(m);
-        }
+            let m = match pick {
+                Some(m) => m,
+                None => rt.block_on(manager.manifest(step))?,
+            };
+            let (blobs, problem) = match rt.block_on(manager.load_tensors(&m, "dcp/", &|_| true)) {
+                Ok(blobs) => (blobs, None),
+                Err(e) if e.is_damage() => (Vec::new(), Some(e.to_string())),
+                Err(e) => return Err(e).context(format!("loading checkpoint {chosen}")),
+            };
+            if !ranks.any(&format!("resume-damaged/{chosen}"), problem.is_some())? {
+                break (Some(m), blobs);
+            }
+            tracing::warn!(checkpoint = %chosen, "passing over a damaged checkpoint: {}",
+                problem.as_deref().unwrap_or("another rank found it damaged"));
+            damaged.push(Skipped {
+                step,
+                reason: problem.unwrap_or_else(|| "another rank found it damaged".into()),
+            });
+            passed_over.push(step);
+        };
         if let Some(m) = &latest {
             if m.config_fingerprint != config_fp {
                 let drift = rt.block_on(describe_drift(
@@ -238,7 +258,7 @@ impl Session {
         self.attempt = Some(attempt);
         // Damaged checkpoints newer than the one resumed are set aside, so the steps they held can
         // be saved again as training goes past them.
-        for skipped in &damaged {
+        for skipped in damaged.iter().filter(|_| main) {
             rt.block_on(manager.set_aside(skipped.step, &skipped.reason))
                 .with_context(|| {
                     format!("setting the damaged checkpoint {} aside", skipped.step)
