@@ -202,4 +202,37 @@ mod tests {
         let err = parse_run_uri("./runs/demo").unwrap_err().to_string();
         assert!(err.contains("framework=<framework>"), "{err}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Every `ckpt` subcommand, on hostile run ids, frameworks, checkpoint names and model ids,
+        /// answers with a result or an error, never a panic. (No `/` in the run id or framework, so
+        /// the base stays the temporary folder that gc may clean.)
+        #[test]
+        fn ckpt_commands_never_panic_on_hostile_input(
+            run_id in "[^/]{0,24}",
+            framework in "[^/]{0,12}",
+            name in proptest::prop_oneof![
+                "\\PC{0,24}",
+                proptest::strategy::Just("step-18446744073709551615".to_string()),
+                proptest::strategy::Just("step-99999999999999999999999".to_string()),
+                proptest::strategy::Just("step-000001".to_string()),
+            ],
+            model_id in "\\PC{0,24}",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let uri = format!("{}/{run_id}/framework={framework}", dir.path().display());
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let commands = [
+                CkptCommand::List { run: uri.clone(), json: true },
+                CkptCommand::Verify { run: uri.clone(), names: vec![name.clone()] },
+                CkptCommand::Promote { run: uri.clone(), name: name.clone(), model_id },
+                CkptCommand::Gc { run: uri, grace_secs: 0 },
+            ];
+            for command in commands {
+                let _ = rt.block_on(run(command));
+            }
+        }
+    }
 }
