@@ -389,11 +389,9 @@ async fn a_save_that_keeps_failing_fails_the_job_loudly() {
     let out = train(base, "broken", &["--max_steps", "30", "--save_steps", "3"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("save failed, retrying"), "{err}");
-    assert!(
-        err.contains("saving checkpoint step-000006 failed after 3 tries"),
-        "{err}"
-    );
+    // Retried within the one storage retry budget, then the job fails naming the save.
+    assert!(err.contains("transient storage error, retrying"), "{err}");
+    assert!(err.contains("saving checkpoint step-000006 failed"), "{err}");
     let store = Store::open(base).unwrap();
     let layout = RunLayout::new("broken", "waypoint").unwrap();
     let status = json(&store, &layout.status()).await;
