@@ -391,7 +391,10 @@ async fn a_save_that_keeps_failing_fails_the_job_loudly() {
     let err = stderr(&out);
     // Retried within the one storage retry budget, then the job fails naming the save.
     assert!(err.contains("transient storage error, retrying"), "{err}");
-    assert!(err.contains("saving checkpoint step-000006 failed"), "{err}");
+    assert!(
+        err.contains("saving checkpoint step-000006 failed"),
+        "{err}"
+    );
     let store = Store::open(base).unwrap();
     let layout = RunLayout::new("broken", "waypoint").unwrap();
     let status = json(&store, &layout.status()).await;
@@ -638,10 +641,15 @@ fn lora_rank_beyond_the_models_projections_is_refused() {
         &["--lora_rank", "100", "--max_steps", "2"],
     );
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    // A usage error: exit 2, found before anything is written.
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("--lora_rank 100 is larger than q_proj allows (64"),
         "{err}"
+    );
+    assert!(
+        !dir.path().join("big-rank").exists(),
+        "exit 2 wrote the run folder"
     );
 }
 

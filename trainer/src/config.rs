@@ -561,7 +561,7 @@ impl TrainConfig {
         if let Some(obj) = v.as_object_mut() {
             for (_, val) in obj.iter_mut() {
                 if let Value::String(s) = val {
-                    *s = redact_uri(s);
+                    *s = waypoint_storage::redact_uri(s);
                 }
             }
         }
@@ -573,45 +573,6 @@ impl TrainConfig {
 pub fn fingerprint<T: Serialize>(value: &T) -> String {
     let text = serde_json::to_vec(value).unwrap_or_default();
     hex::encode(Sha256::digest(&text))
-}
-
-/// Replaces `user:secret@` in a URI, and the values of query keys that look like credentials.
-pub fn redact_uri(s: &str) -> String {
-    let mut out = s.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest = &out[scheme_end + 3..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            out = format!("{}***@{}", &out[..scheme_end + 3], &rest[at + 1..]);
-        }
-    }
-    if let Some(q) = out.find('?') {
-        let (head, query) = out.split_at(q + 1);
-        let redacted: Vec<String> = query
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
-                _ => kv.to_string(),
-            })
-            .collect();
-        out = format!("{head}{}", redacted.join("&"));
-    }
-    out
-}
-
-fn is_secret_key(k: &str) -> bool {
-    let k = k.to_ascii_lowercase();
-    [
-        "key",
-        "token",
-        "secret",
-        "password",
-        "credential",
-        "signature",
-        "sig",
-    ]
-    .iter()
-    .any(|s| k.contains(s))
 }
 
 #[cfg(test)]
@@ -684,18 +645,5 @@ mod tests {
         };
         c.validate().unwrap();
         assert_eq!(c.lora_alpha, 8.0);
-    }
-
-    #[test]
-    fn secrets_in_uris_are_redacted() {
-        assert_eq!(
-            redact_uri("s3://AKIA:hunter2@bucket/runs"),
-            "s3://***@bucket/runs"
-        );
-        assert_eq!(
-            redact_uri("https://h/x?sig=abc&part=1&X-Amz-Credential=me"),
-            "https://h/x?sig=***&part=1&X-Amz-Credential=***"
-        );
-        assert_eq!(redact_uri("./runs"), "./runs");
     }
 }

@@ -244,6 +244,36 @@ impl Session {
             }
         }
 
+        // The starting weights, before anything is written (a bad LoRA setting is a usage error):
+        // own checkpoint first (restored below); else init_from_checkpoint; else fresh.
+        if latest.is_some() {
+            if !cfg.init_from_checkpoint.is_empty() {
+                tracing::info!(
+                    init_from_checkpoint = %cfg.init_from_checkpoint,
+                    "ignoring --init_from_checkpoint: the run has checkpoints of its own"
+                );
+            }
+        } else if !cfg.init_from_checkpoint.is_empty() {
+            rt.block_on(init_from(&manager, &cfg.init_from_checkpoint, &mut model))?;
+        }
+        if cfg.lora_rank > 0 {
+            model
+                .add_lora(
+                    LoraConfig {
+                        rank: cfg.lora_rank as i64,
+                        alpha: cfg.lora_alpha,
+                        dropout: cfg.lora_dropout,
+                        targets: cfg
+                            .lora_target_modules
+                            .split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect(),
+                    },
+                    cfg.seed as i64 + 1,
+                )
+                .map_err(|e| UsageError(format!("--lora_rank/--lora_target_modules: {e:#}")))?;
+        }
         // From here on the run is ours: rank 0 takes an attempt number (fencing), records the start.
         let attempt = if main {
             rt.block_on(manager.start_attempt(&json!({
@@ -290,34 +320,7 @@ impl Session {
             rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
         }
 
-        // Restore: own checkpoint first; else init_from_checkpoint; else fresh.
         let mut data_consumed = 0u64;
-        if latest.is_some() {
-            if !cfg.init_from_checkpoint.is_empty() {
-                tracing::info!(
-                    init_from_checkpoint = %cfg.init_from_checkpoint,
-                    "ignoring --init_from_checkpoint: the run has checkpoints of its own"
-                );
-            }
-        } else if !cfg.init_from_checkpoint.is_empty() {
-            rt.block_on(init_from(&manager, &cfg.init_from_checkpoint, &mut model))?;
-        }
-        if cfg.lora_rank > 0 {
-            model.add_lora(
-                LoraConfig {
-                    rank: cfg.lora_rank as i64,
-                    alpha: cfg.lora_alpha,
-                    dropout: cfg.lora_dropout,
-                    targets: cfg
-                        .lora_target_modules
-                        .split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect(),
-                },
-                cfg.seed as i64 + 1,
-            )?;
-        }
         let mut opt = AdamW::new(
             AdamWConfig {
                 beta1: cfg.adam_beta1,
