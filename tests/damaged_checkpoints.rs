@@ -13,26 +13,35 @@ use common::runs::manager;
 use waypoint_checkpoint::{CheckpointManager, Promotion};
 use waypoint_storage::StepName;
 
-/// `waypoint train` on the built-in demo: a save every 2 steps, `steps` in all.
+/// `waypoint train` flags on the built-in demo: a save every `save_steps`, `steps` in all.
+fn train_args(base: &str, run: &str, steps: u32, save_steps: u32) -> Vec<String> {
+    let (steps, save_steps) = (steps.to_string(), save_steps.to_string());
+    [
+        "train",
+        "--device",
+        "cpu",
+        "--num_threads",
+        "1",
+        "--batch_size",
+        "2",
+        "--save_steps",
+        &save_steps,
+        "--max_steps",
+        &steps,
+        "--run_id",
+        run,
+        "--checkpoint_base_uri",
+        base,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `waypoint train` on the built-in demo, a save every 2 steps.
 fn train(base: &str, run: &str, steps: u32, extra: &[&str]) -> Output {
     common::waypoint()
-        .args([
-            "train",
-            "--device",
-            "cpu",
-            "--num_threads",
-            "1",
-            "--batch_size",
-            "2",
-            "--save_steps",
-            "2",
-            "--max_steps",
-            &steps.to_string(),
-            "--run_id",
-            run,
-            "--checkpoint_base_uri",
-            base,
-        ])
+        .args(train_args(base, run, steps, 2))
         .args(extra)
         .output()
         .expect("run waypoint train")
@@ -348,23 +357,7 @@ fn a_run_folder_deleted_mid_run_gets_its_records_back() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
     let mut child = common::waypoint()
-        .args([
-            "train",
-            "--device",
-            "cpu",
-            "--num_threads",
-            "1",
-            "--batch_size",
-            "2",
-            "--save_steps",
-            "5",
-            "--max_steps",
-            "300",
-            "--run_id",
-            "gone",
-            "--checkpoint_base_uri",
-            base,
-        ])
+        .args(train_args(base, "gone", 300, 5))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
