@@ -5,7 +5,7 @@
 //! (S3, GCS, Azure) retry inside `object_store`'s HTTP client, which also bounds each request
 //! (connect, first byte, whole request); other backends (local files, memory) are retried by
 //! [`RetryPolicy::run`] around each whole operation. So a frozen or unreachable endpoint ends every
-//! storage call within [`RetryPolicy::worst_case`]: the retry deadline plus one request timeout.
+//! storage call within the retry deadline plus one request timeout and one back-off.
 //!
 //! Defaults: 5 retries, back-off 100 ms doubling to 10 s, no retry started later than 60 s after the
 //! first try, 30 s per request, 5 s to connect. `WAYPOINT_STORAGE_TIMEOUT_SECS` (per request) and
@@ -78,12 +78,6 @@ impl RetryPolicy {
             p.deadline = d;
         }
         Ok(p)
-    }
-
-    /// The longest a storage call can take before it fails: the retry deadline, one request timeout
-    /// and the longest back-off.
-    pub fn worst_case(&self) -> Duration {
-        self.deadline + self.request_timeout + self.max_backoff
     }
 
     /// The wait before retry number `attempt` (1-based).
