@@ -11,7 +11,7 @@ use std::process::Output;
 use bytes::Bytes;
 use common::runs::manager;
 use waypoint_checkpoint::{CheckpointManager, Promotion};
-use waypoint_storage::StepName;
+use waypoint_checkpoint::StepName;
 
 /// `waypoint train` flags on the built-in demo: a save every `save_steps`, `steps` in all.
 fn train_args(base: &str, run: &str, steps: u32, save_steps: u32) -> Vec<String> {

@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use waypoint_trainer::model::{LoraConfig, Model};
 
 fn hf_models(args: &[&str]) {
-    common::python_script("hf_models.py", args);
+    common::root_python_script("hf_models.py", args);
 }
 
 /// `ids` and `logits` from a file the Python side wrote.
@@ -171,7 +171,7 @@ fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
 
     let text = "héllo, wörld ✓";
     let logits_file = runs.path().join("hf.safetensors");
-    let printed = common::python_script(
+    let printed = common::root_python_script(
         "hf_models.py",
         &[
             "tokenize",

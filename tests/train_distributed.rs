@@ -9,7 +9,7 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::runs::{logged_step, manager, max_diff, read_until, sigterm_after_step, weights};
-use waypoint_storage::StepName;
+use waypoint_checkpoint::StepName;
 
 fn train_flags(base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
     common::runs::train_flags("cpu", base, run, batch, steps)

@@ -11,7 +11,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
-use waypoint_storage::{RunLayout, Store};
+use waypoint_storage::Store;
+use waypoint_checkpoint::RunLayout;
 
 const STEPS: u64 = 60;
 

@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::process::Child;
 
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions, Manifest};
-use waypoint_storage::{RunLayout, StepName, Store};
+use waypoint_checkpoint::{RunLayout, StepName};
+use waypoint_storage::Store;
 
 /// `waypoint train` flags of the multi-rank tests: a tiny model on `device`, one libtorch thread, a
 /// log line per step, a save every 3 steps, a 20 s collective timeout.

@@ -1,0 +1,247 @@
+//! INFERENCE_ARC_V2: a sampler part stored as a delta over an earlier full (INFERENCE_BASE) checkpoint
+//! of the same run.
+//!
+//! Each weights file is serialized exactly as a full save would write it; its bytes are XORed with the
+//! base's file of the same name and zstd-compressed (`<file>.xor.zst`). After a small optimizer step most
+//! bf16 values do not change at all, so the XOR is mostly zeros and compresses to a small fraction.
+//! `sampler/delta.json` names the base and records, per file, the sha256 of the base file it was made
+//! against and of the file it rebuilds: rebuilding checks both, so a delta is never applied to the
+//! wrong base, and the result is bit for bit what a full save would have written.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use crate::StepName;
+
+use crate::error::{CheckpointError, Result};
+use crate::manager::{CheckpointManager, FileWriter};
+use crate::manifest::{DeltaBase, FileEntry, Manifest};
+use crate::safetensors_file::encode_header;
+use crate::sampler::full_weights_layout;
+use crate::tensor::Tensor;
+
+/// Suffix of a compressed XOR delta file.
+pub const DELTA_SUFFIX: &str = ".xor.zst";
+
+/// zstd level: fast, and XOR deltas are mostly zeros anyway.
+const ZSTD_LEVEL: i32 = 3;
+
+/// `sampler/delta.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaIndex {
+    /// The base checkpoint's name.
+    pub base: String,
+    /// One entry per rebuilt file.
+    pub files: Vec<DeltaFile>,
+}
+
+/// One file a delta rebuilds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaFile {
+    /// The rebuilt file, relative to `sampler/` (also its name in the base).
+    pub path: String,
+    /// Its size.
+    pub bytes: u64,
+    /// sha256 of the rebuilt file.
+    pub sha256: String,
+    /// sha256 of the base file it is XORed with.
+    pub base_sha256: String,
+}
+
+/// Writes the delta of `tensors` over `base`'s sampler weights; returns the files and the base record.
+pub(crate) async fn write_delta(
+    manager: &CheckpointManager,
+    writer: &FileWriter,
+    base: &Manifest,
+    tensors: Vec<Tensor>,
+    max_file_bytes: u64,
+) -> Result<(Vec<FileEntry>, DeltaBase)> {
+    let base_name = base.name.clone();
+    let delta_err = |reason: String| CheckpointError::DeltaBase {
+        name: "(new delta)".into(),
+        base: base_name.clone(),
+        reason,
+    };
+    if base.delta_base.is_some() {
+        return Err(delta_err(
+            "the base is itself a delta; deltas are made over full saves".into(),
+        ));
+    }
+    let (groups, index) = full_weights_layout(tensors, max_file_bytes);
+    let base_dir = manager.layout().checkpoint_dir(base.step_name());
+    let mut files = Vec::new();
+    let mut entries = Vec::new();
+    let mut base_files = Vec::new();
+    for (name, group) in groups {
+        let base_entry = base
+            .files
+            .iter()
+            .find(|f| f.path == format!("sampler/{name}"))
+            .ok_or_else(|| {
+                delta_err(format!(
+                    "the base has no sampler/{name}; save a full checkpoint instead"
+                ))
+            })?
+            .clone();
+        let mut target = encode_header(&group, &BTreeMap::new())?;
+        for t in &group {
+            target.extend_from_slice(&t.data);
+        }
+        if target.len() as u64 != base_entry.bytes {
+            return Err(delta_err(format!(
+                "sampler/{name} is {} bytes here but {} in the base (the weights changed shape or dtype); save a full checkpoint instead",
+                target.len(),
+                base_entry.bytes
+            )));
+        }
+        let base_bytes = manager
+            .read_file_checked(&format!("{base_dir}/{}", base_entry.path), &base_entry)
+            .await?;
+        let (sha256, compressed) = tokio::task::spawn_blocking(move || {
+            let sha = hex::encode(sha2::Sha256::digest(&target));
+            for (t, b) in target.iter_mut().zip(base_bytes.iter()) {
+                *t ^= b;
+            }
+            zstd::stream::encode_all(&target[..], ZSTD_LEVEL).map(|z| (sha, z))
+        })
+        .await
+        .map_err(|e| CheckpointError::Invalid(format!("delta task failed: {e}")))?
+        .map_err(|e| CheckpointError::Invalid(format!("zstd: {e}")))?;
+        entries.push(DeltaFile {
+            path: name.clone(),
+            bytes: base_entry.bytes,
+            sha256,
+            base_sha256: base_entry.sha256.clone(),
+        });
+        files.push(
+            writer
+                .write_bytes(
+                    &format!("sampler/{name}{DELTA_SUFFIX}"),
+                    Bytes::from(compressed),
+                )
+                .await?,
+        );
+        base_files.push(base_entry);
+    }
+    if let Some(index) = index {
+        files.push(
+            writer
+                .write_bytes("sampler/model.safetensors.index.json", index)
+                .await?,
+        );
+    }
+    let delta = DeltaIndex {
+        base: base.name.clone(),
+        files: entries,
+    };
+    files.push(
+        writer
+            .write_bytes(
+                "sampler/delta.json",
+                Bytes::from(serde_json::to_vec_pretty(&delta).unwrap_or_default()),
+            )
+            .await?,
+    );
+    Ok((
+        files,
+        DeltaBase {
+            name: base.name.clone(),
+            files: base_files,
+        },
+    ))
+}
+
+/// Rebuilds the full weights files of a delta checkpoint: (path relative to `sampler/`, bytes).
+/// A missing or different base is an error that names it; each result is checked against its sha256.
+pub(crate) async fn rebuild(
+    manager: &CheckpointManager,
+    manifest: &Manifest,
+) -> Result<Vec<(String, Bytes)>> {
+    let dir = manager.layout().checkpoint_dir(manifest.step_name());
+    let index_entry = manifest
+        .files
+        .iter()
+        .find(|f| f.path == "sampler/delta.json")
+        .ok_or_else(|| {
+            CheckpointError::Invalid(format!("{} is not a delta checkpoint", manifest.name))
+        })?;
+    let raw = manager
+        .read_file_checked(&format!("{dir}/{}", index_entry.path), index_entry)
+        .await?;
+    let index: DeltaIndex =
+        serde_json::from_slice(&raw).map_err(|e| CheckpointError::BadManifest {
+            key: format!("{dir}/sampler/delta.json"),
+            reason: e.to_string(),
+        })?;
+    let err = |reason: String| CheckpointError::DeltaBase {
+        name: manifest.name.clone(),
+        base: index.base.clone(),
+        reason,
+    };
+    let base_step: StepName = index.base.parse().map_err(|e| err(format!("{e}")))?;
+    let base =
+        match manager.manifest(base_step).await {
+            Ok(m) => m,
+            Err(CheckpointError::NotFound { .. }) => return Err(err(
+                "the base checkpoint is gone (retention or deletion); the delta cannot be rebuilt"
+                    .into(),
+            )),
+            Err(e) => return Err(e),
+        };
+    let base_dir = manager.layout().checkpoint_dir(base_step);
+    let mut out = Vec::new();
+    for f in &index.files {
+        let base_entry = base
+            .files
+            .iter()
+            .find(|b| b.path == format!("sampler/{}", f.path))
+            .ok_or_else(|| err(format!("the base has no sampler/{}", f.path)))?;
+        if base_entry.sha256 != f.base_sha256 {
+            return Err(err(format!(
+                "sampler/{} of the base has sha256 {}, the delta was made against {}",
+                f.path, base_entry.sha256, f.base_sha256
+            )));
+        }
+        let base_bytes = manager
+            .read_file_checked(&format!("{base_dir}/{}", base_entry.path), base_entry)
+            .await?;
+        let delta_path = format!("sampler/{}{DELTA_SUFFIX}", f.path);
+        let delta_entry = manifest
+            .files
+            .iter()
+            .find(|e| e.path == delta_path)
+            .ok_or_else(|| err(format!("{delta_path} is not in the manifest")))?;
+        let compressed = manager
+            .read_file_checked(&format!("{dir}/{delta_path}"), delta_entry)
+            .await?;
+        let want = f.sha256.clone();
+        let path = f.path.clone();
+        let rebuilt =
+            tokio::task::spawn_blocking(move || -> std::result::Result<Vec<u8>, String> {
+                let mut bytes =
+                    zstd::stream::decode_all(&compressed[..]).map_err(|e| format!("zstd: {e}"))?;
+                if bytes.len() != base_bytes.len() {
+                    return Err(format!(
+                        "delta of {path} is {} bytes, base {}",
+                        bytes.len(),
+                        base_bytes.len()
+                    ));
+                }
+                for (d, b) in bytes.iter_mut().zip(base_bytes.iter()) {
+                    *d ^= b;
+                }
+                let sha = hex::encode(sha2::Sha256::digest(&bytes));
+                if sha != want {
+                    return Err(format!("rebuilt {path} has sha256 {sha}, recorded {want}"));
+                }
+                Ok(bytes)
+            })
+            .await
+            .map_err(|e| CheckpointError::Invalid(format!("delta task failed: {e}")))?
+            .map_err(err)?;
+        out.push((f.path.clone(), Bytes::from(rebuilt)));
+    }
+    Ok(out)
+}

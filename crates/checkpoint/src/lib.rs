@@ -1,0 +1,36 @@
+//! waypoint-checkpoint: checkpoint formats and the CheckpointManager (no libtorch).
+//!
+//! Tensors come in and go out as [`Tensor`] (name, dtype, shape, bytes); the trainer converts to and
+//! from its tensor library. Blobs are safetensors streamed through `waypoint-storage`.
+//!
+//! - [`CheckpointManager`]: save (several writers, one committer, fencing), list, resume discovery,
+//!   load, verify, promote, retention, GC.
+//! - [`Manifest`]: the commit record; [`Dataloader`]: `dataloader.json`; [`CheckpointKind`]: kinds
+//!   detected from blobs; [`dcp`]: PyTorch DCP-compatible names; [`safetensors_file`]: blob I/O.
+
+mod dataloader;
+pub mod dcp;
+pub mod delta;
+mod error;
+mod kind;
+mod manager;
+mod manifest;
+pub mod peft;
+pub mod safetensors_file;
+pub mod names;
+mod layout;
+mod sampler;
+mod tensor;
+
+pub use dataloader::{DataPosition, Dataloader};
+pub use error::{CheckpointError, Result};
+pub use kind::CheckpointKind;
+pub use layout::{model_dir, RunLayout};
+pub use names::{validate_name, StepName};
+pub use manager::{
+    parse_checkpoint_ref, CheckpointInfo, CheckpointManager, Commit, FileWriter, ManagerOptions,
+    Promotion, SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
+};
+pub use manifest::{DeltaBase, FileEntry, Manifest, FORMAT_VERSION};
+pub use tensor::{Dtype, Tensor};
+pub use waypoint_storage as storage;

@@ -1,0 +1,24 @@
+//! waypoint-storage: every checkpoint byte goes through this crate.
+//!
+//! - [`Store`] opens a `checkpoint_base_uri` (local path, `file://`, `s3://`, `gs://`, `az://`,
+//!   `memory://`) and offers puts, create-only puts (the commit primitive), gets, ranged and streaming
+//!   reads, listings, heads, deletes and copies, all with retries of transient errors and typed errors.
+//! - [`BlobWriter`] streams a blob of any size with bounded memory, computing its sha256 as the bytes
+//!   pass; nothing is visible under the key until it finishes.
+//!
+//! This crate knows nothing of tensors or libtorch.
+
+mod error;
+mod reader;
+pub mod redact;
+mod retry;
+mod store;
+mod uri;
+mod writer;
+
+pub use error::{Result, StorageError};
+pub use reader::BlobReader;
+pub use redact::{redact_text, redact_uri};
+pub use retry::{is_transient, RetryPolicy};
+pub use store::{BlobInfo, Listing, ObjectInfo, Store, StoreOptions};
+pub use writer::BlobWriter;

@@ -1,0 +1,122 @@
+//! Failure injection: transient errors are retried; a part that fails mid-upload aborts the write
+//! cleanly, with nothing visible under the key.
+
+use waypoint_testkit as common;
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use common::flaky::flaky_stores;
+use common::{pattern, sha256_hex};
+use waypoint_storage::StorageError;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_of_the_first_calls_are_retried() {
+    for (name, s, faults, _dir) in flaky_stores(3) {
+        faults.fail_next_calls.store(3, Ordering::SeqCst);
+        s.put("k", Bytes::from_static(b"v")).await.unwrap();
+        faults.fail_next_calls.store(2, Ordering::SeqCst);
+        assert_eq!(
+            s.get("k").await.unwrap(),
+            Bytes::from_static(b"v"),
+            "{name}"
+        );
+        faults.fail_next_calls.store(1, Ordering::SeqCst);
+        s.put_create("marker", Bytes::from_static(b"m"))
+            .await
+            .unwrap();
+        faults.fail_next_calls.store(2, Ordering::SeqCst);
+        assert_eq!(s.list("").await.unwrap().len(), 2, "{name}");
+        // A streaming write whose start fails transiently still lands intact.
+        let data = pattern(5 * 1024 * 1024 + 17, 9);
+        faults.fail_next_calls.store(2, Ordering::SeqCst);
+        let mut w = s.writer("blob").unwrap();
+        w.write(&data).await.unwrap();
+        let info = w.finish().await.unwrap();
+        assert_eq!(info.sha256, sha256_hex(&data), "{name}");
+        assert_eq!(
+            sha256_hex(&s.get("blob").await.unwrap()),
+            info.sha256,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_failures_than_retries_fail_with_nothing_written() {
+    for (name, s, faults, _dir) in flaky_stores(2) {
+        faults.fail_next_calls.store(3, Ordering::SeqCst);
+        let err = s.put("k", Bytes::from_static(b"v")).await.unwrap_err();
+        assert!(
+            matches!(err, StorageError::Backend { op: "put", .. }),
+            "{name}: {err}"
+        );
+        assert!(
+            err.to_string().contains("injected transient failure"),
+            "{err}"
+        );
+        assert!(!s.exists("k").await.unwrap(), "{name}");
+        // Permanent answers are not retried: a second create fails at once.
+        s.put_create("marker", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        let before = faults.calls.load(Ordering::SeqCst);
+        assert!(matches!(
+            s.put_create("marker", Bytes::from_static(b"2")).await,
+            Err(StorageError::AlreadyExists { .. })
+        ));
+        assert_eq!(
+            faults.calls.load(Ordering::SeqCst) - before,
+            1,
+            "{name}: retried a permanent error"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_part_mid_upload_aborts_cleanly() {
+    for (name, s, faults, _dir) in flaky_stores(3) {
+        faults.fail_part.store(4, Ordering::SeqCst);
+        let data = pattern(9 * 1024 * 1024 + 5, 11);
+        let mut w = s.writer("ckpt/blob.safetensors").unwrap();
+        let mut result = Ok(());
+        for chunk in data.chunks(300_000) {
+            result = w.write(chunk).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        let result = match result {
+            Ok(()) => w.finish().await.map(|_| ()),
+            Err(e) => {
+                drop(w);
+                Err(e)
+            }
+        };
+        let err = result.expect_err("the injected part failure must surface");
+        assert!(err.to_string().contains("part 4"), "{name}: {err}");
+        assert_eq!(
+            faults.aborts.load(Ordering::SeqCst),
+            1,
+            "{name}: upload not aborted"
+        );
+        faults.fail_part.store(0, Ordering::SeqCst);
+        assert!(
+            !s.exists("ckpt/blob.safetensors").await.unwrap(),
+            "{name}: half object visible"
+        );
+        assert!(
+            s.list("ckpt").await.unwrap().is_empty(),
+            "{name}: leftovers listed"
+        );
+        // The same writer path works again once the fault is gone.
+        let mut w = s.writer("ckpt/blob.safetensors").unwrap();
+        w.write(&data).await.unwrap();
+        let info = w.finish().await.unwrap();
+        assert_eq!(
+            sha256_hex(&s.get("ckpt/blob.safetensors").await.unwrap()),
+            info.sha256,
+            "{name}"
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! `FlakyStore`: an object store wrapper that fails on purpose, to test retries and clean aborts.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::FutureExt;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result, UploadPart,
+};
+
+/// What to break.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Calls (of any operation) still to fail with a transient error.
+    pub fail_next_calls: AtomicUsize,
+    /// Fail the part with this 1-based index of every multipart upload (0: none).
+    pub fail_part: AtomicUsize,
+    /// Multipart uploads aborted so far.
+    pub aborts: AtomicUsize,
+    /// Calls seen so far.
+    pub calls: AtomicUsize,
+    /// Create-only puts still to land and then fail as if their answer was lost on the way back.
+    pub lose_create_answers: AtomicUsize,
+}
+
+/// Wraps a store; see [`Faults`].
+#[derive(Debug)]
+pub struct FlakyStore {
+    pub inner: Arc<dyn ObjectStore>,
+    pub faults: Arc<Faults>,
+}
+
+fn transient(what: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "flaky",
+        source: format!("injected transient failure in {what}").into(),
+    }
+}
+
+impl FlakyStore {
+    fn check(&self, what: &str) -> Result<()> {
+        self.faults.calls.fetch_add(1, Ordering::SeqCst);
+        let left = &self.faults.fail_next_calls;
+        if left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(transient(what));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for FlakyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FlakyStore({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FlakyStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.check("put")?;
+        let create = matches!(opts.mode, object_store::PutMode::Create);
+        let result = self.inner.put_opts(location, payload, opts).await?;
+        if create
+            && self
+                .faults
+                .lose_create_answers
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(transient("create (written, answer lost)"));
+        }
+        Ok(result)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.check("put_multipart")?;
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(FlakyUpload {
+            inner,
+            faults: self.faults.clone(),
+            parts: 0,
+        }))
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.check("get")?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        if let Err(e) = self.check("delete") {
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        if let Err(e) = self.check("list") {
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.check("list")?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.check("copy")?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+use futures::StreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use waypoint_storage::{RetryPolicy, Store, StoreOptions};
+
+/// Store options for fault tests: small parts, quick retries, `max_retries` of them.
+pub fn options(max_retries: u32) -> StoreOptions {
+    StoreOptions {
+        part_size: 1 << 20,
+        max_concurrency: 3,
+        retry: RetryPolicy {
+            max_retries,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        },
+        fsync: false,
+    }
+}
+
+/// Flaky wrappers over memory and local FS (the temp dir lives as long as the returned guard).
+pub fn flaky_stores(
+    max_retries: u32,
+) -> Vec<(&'static str, Store, Arc<Faults>, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let inners: Vec<(&'static str, Arc<dyn ObjectStore>)> = vec![
+        ("memory", Arc::new(InMemory::new())),
+        (
+            "local",
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, inner) in inners {
+        let faults = Arc::new(Faults::default());
+        let flaky = Arc::new(FlakyStore {
+            inner,
+            faults: faults.clone(),
+        });
+        let store = Store::from_object_store(flaky, "root", name, options(max_retries)).unwrap();
+        out.push((name, store, faults, tempfile::tempdir().unwrap()));
+    }
+    // Keep the local store's directory alive with the first entry.
+    out[1].3 = dir;
+    out
+}
+
+#[derive(Debug)]
+struct FlakyUpload {
+    inner: Box<dyn MultipartUpload>,
+    faults: Arc<Faults>,
+    parts: usize,
+}
+
+#[async_trait]
+impl MultipartUpload for FlakyUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        self.parts += 1;
+        if self.parts == self.faults.fail_part.load(Ordering::SeqCst) {
+            let n = self.parts;
+            return async move { Err(transient(&format!("part {n}"))) }.boxed();
+        }
+        self.inner.put_part(data)
+    }
+
+    async fn complete(&mut self) -> Result<PutResult> {
+        self.inner.complete().await
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        self.faults.aborts.fetch_add(1, Ordering::SeqCst);
+        self.inner.abort().await
+    }
+}

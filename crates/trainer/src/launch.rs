@@ -1,0 +1,372 @@
+//! `waypoint launch`: what torchrun does for the workers of one node.
+//!
+//! It hosts the c10d TCPStore (on node 0, at `--master_addr:--master_port`), starts
+//! `--nproc_per_node` copies of the command with the torchrun worker environment, forwards SIGTERM and
+//! SIGINT (then SIGKILL after `--term_grace_secs`), and when a worker fails stops the others and starts
+//! the group again, up to `--max_restarts` times, raising `TORCHELASTIC_RESTART_COUNT`. It ends with
+//! the failing rank's exit code, and prints (and passes on) that rank's error file. Defaults come from
+//! the `PET_*` variables, as torchrun reads them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use waypoint_c10d::StoreServer;
+
+/// `waypoint launch` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LaunchArgs {
+    /// Workers on this node.
+    #[arg(
+        long = "nproc_per_node",
+        env = "PET_NPROC_PER_NODE",
+        default_value_t = 1
+    )]
+    pub nproc_per_node: u32,
+    /// Nodes in the job.
+    #[arg(long = "nnodes", env = "PET_NNODES", default_value_t = 1)]
+    pub nnodes: u32,
+    /// This node's index.
+    #[arg(long = "node_rank", env = "PET_NODE_RANK", default_value_t = 0)]
+    pub node_rank: u32,
+    /// Host of node 0, where the store runs.
+    #[arg(
+        long = "master_addr",
+        env = "PET_MASTER_ADDR",
+        default_value = "127.0.0.1"
+    )]
+    pub master_addr: String,
+    /// Port of the store (0 on a single node: any free port).
+    #[arg(long = "master_port", env = "PET_MASTER_PORT", default_value_t = 29500)]
+    pub master_port: u16,
+    /// Restarts of the worker group after a failure.
+    #[arg(long = "max_restarts", env = "PET_MAX_RESTARTS", default_value_t = 0)]
+    pub max_restarts: u32,
+    /// Seconds workers get to exit after SIGTERM before SIGKILL (at most a day).
+    #[arg(long = "term_grace_secs", default_value_t = 30)]
+    pub term_grace_secs: u64,
+    /// Start more workers than this machine can run well (more than 4 per CPU).
+    #[arg(long = "oversubscribe")]
+    pub oversubscribe: bool,
+    /// The worker command (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// How one round of the worker group ended.
+enum Round {
+    Succeeded,
+    Failed {
+        rank: u32,
+        code: i32,
+        error: Option<String>,
+    },
+    Signalled(usize),
+}
+
+/// Launch flags that cannot work together or on this machine: the command exits with code 2 before
+/// starting anything.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct LaunchUsageError(pub String);
+
+/// The most `--term_grace_secs` may be (a day).
+pub const MAX_TERM_GRACE_SECS: u64 = 24 * 3600;
+
+/// Workers per CPU beyond which `--nproc_per_node` needs `--oversubscribe`.
+pub const WORKERS_PER_CPU: u32 = 4;
+
+/// The most workers this machine runs without `--oversubscribe`: [`WORKERS_PER_CPU`] per CPU, and
+/// at least 8.
+pub fn max_workers() -> u32 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(cpus)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(WORKERS_PER_CPU)
+        .max(8)
+}
+
+impl LaunchArgs {
+    /// Checks the flags against each other and against what this machine can run.
+    pub fn validate(&self) -> std::result::Result<(), LaunchUsageError> {
+        let fail = |m: String| Err(LaunchUsageError(m));
+        if self.nproc_per_node < 1 {
+            return fail("--nproc_per_node must be at least 1".into());
+        }
+        let limit = max_workers();
+        if self.nproc_per_node > limit && !self.oversubscribe {
+            return fail(format!(
+                "--nproc_per_node {} is more than this machine runs well ({limit}: {WORKERS_PER_CPU}                  per CPU); use fewer workers, or pass --oversubscribe to start them anyway",
+                self.nproc_per_node
+            ));
+        }
+        if self.nnodes < 1 {
+            return fail("--nnodes must be at least 1".into());
+        }
+        if self.nproc_per_node.checked_mul(self.nnodes).is_none() {
+            return fail(format!(
+                "--nproc_per_node {} × --nnodes {} workers is more than a job can have ({})",
+                self.nproc_per_node,
+                self.nnodes,
+                u32::MAX
+            ));
+        }
+        if self.node_rank >= self.nnodes {
+            return fail(format!(
+                "--node_rank {} is not below --nnodes {}",
+                self.node_rank, self.nnodes
+            ));
+        }
+        if self.nnodes > 1 && self.master_port == 0 {
+            return fail(
+                "--master_port 0 only works on one node: the other nodes must know the port".into(),
+            );
+        }
+        if self.term_grace_secs > MAX_TERM_GRACE_SECS {
+            return fail(format!(
+                "--term_grace_secs {} is out of range: use 0 to {MAX_TERM_GRACE_SECS}",
+                self.term_grace_secs
+            ));
+        }
+        if self.command.first().is_none_or(|c| c.is_empty()) {
+            return fail("no worker command: pass it after `--`".into());
+        }
+        Ok(())
+    }
+}
+
+/// The launcher's folder of worker error files, removed when the launcher ends (returns, fails or
+/// stops on a signal). Folders of launchers that were killed outright are removed by the next one.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> Result<Self> {
+        let tmp = std::env::temp_dir();
+        remove_stale_run_dirs(&tmp);
+        let dir = tmp.join(format!("waypoint-launch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.0.display(), "could not remove the launcher's folder: {e}");
+            }
+        }
+    }
+}
+
+/// Removes `waypoint-launch-<pid>` folders under `tmp` whose launcher is gone (killed by SIGKILL).
+fn remove_stale_run_dirs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("waypoint-launch-"))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Runs the launcher; returns the exit code. Flags that cannot work fail with [`LaunchUsageError`]
+/// before anything starts.
+pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
+    args.validate()?;
+    // torchrun's agent also stops its workers on SIGHUP and SIGQUIT; so does this launcher (and its
+    // folder goes with it).
+    for signal in [libc::SIGHUP, libc::SIGQUIT] {
+        if let Err(e) = signal_hook::flag::register_usize(signal, stop.clone(), signal as usize) {
+            tracing::warn!(signal, %e, "could not install the signal handler");
+        }
+    }
+    // Node 0 hosts the store for the whole job, for every restart (as torchrun's agent does).
+    let server = if args.node_rank == 0 {
+        let bind = if args.nnodes > 1 {
+            "0.0.0.0"
+        } else {
+            args.master_addr.as_str()
+        };
+        Some(
+            StoreServer::bind(bind, args.master_port)
+                .with_context(|| format!("hosting the TCPStore on {bind}:{}", args.master_port))?,
+        )
+    } else {
+        None
+    };
+    let port = server.as_ref().map_or(args.master_port, |s| s.port());
+    let run_dir = RunDir::create()?;
+    tracing::info!(
+        nproc_per_node = args.nproc_per_node,
+        nnodes = args.nnodes,
+        store = %format!("{}:{port}", args.master_addr),
+        "launching workers"
+    );
+    let mut restart = 0;
+    loop {
+        match round(args, port, restart, &run_dir.0, &stop)? {
+            Round::Succeeded => return Ok(ExitCode::SUCCESS),
+            Round::Signalled(sig) => return Ok(ExitCode::from((128 + sig).min(255) as u8)),
+            Round::Failed { rank, code, error } => {
+                let detail = error.as_deref().unwrap_or("(no error file)");
+                if restart < args.max_restarts {
+                    restart += 1;
+                    tracing::warn!(
+                        rank,
+                        code,
+                        restart,
+                        max_restarts = args.max_restarts,
+                        "worker failed: {detail}; restarting the group"
+                    );
+                    continue;
+                }
+                eprintln!(
+                    "error: rank {rank} failed with exit code {code} after {restart} restart(s): {detail}"
+                );
+                if let (Some(e), Ok(path)) = (&error, std::env::var("TORCHELASTIC_ERROR_FILE")) {
+                    let _ = std::fs::write(path, e);
+                }
+                return Ok(ExitCode::from(code.clamp(1, 255) as u8));
+            }
+        }
+    }
+}
+
+/// Starts the group, watches it, stops it.
+fn round(
+    args: &LaunchArgs,
+    port: u16,
+    restart: u32,
+    run_dir: &Path,
+    stop: &AtomicUsize,
+) -> Result<Round> {
+    let world = args.nproc_per_node * args.nnodes;
+    let mut workers: Vec<(u32, Child, PathBuf)> = Vec::new();
+    for local in 0..args.nproc_per_node {
+        let rank = args.node_rank * args.nproc_per_node + local;
+        let error_file = run_dir.join(format!("restart{restart}-rank{rank}-error.json"));
+        let _ = std::fs::remove_file(&error_file);
+        let mut cmd = Command::new(&args.command[0]);
+        cmd.args(&args.command[1..])
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("GROUP_RANK", args.node_rank.to_string())
+            .env("ROLE_RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("ROLE_WORLD_SIZE", world.to_string())
+            .env("LOCAL_WORLD_SIZE", args.nproc_per_node.to_string())
+            .env("MASTER_ADDR", &args.master_addr)
+            .env("MASTER_PORT", port.to_string())
+            .env("TORCHELASTIC_RESTART_COUNT", restart.to_string())
+            .env("TORCHELASTIC_MAX_RESTARTS", args.max_restarts.to_string())
+            .env("TORCHELASTIC_USE_AGENT_STORE", "True")
+            .env("TORCHELASTIC_RUN_ID", "none")
+            .env("TORCHELASTIC_ERROR_FILE", &error_file);
+        if std::env::var_os("OMP_NUM_THREADS").is_none() && args.nproc_per_node > 1 {
+            cmd.env("OMP_NUM_THREADS", "1");
+        }
+        // Each worker leads its own process group, so stopping it stops what it started too; and it
+        // dies with the launcher, so a killed launcher leaves no orphan holding the store's port.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // SAFETY: prctl(2) is async-signal-safe and touches no memory of ours.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                stop_all(&mut workers, Duration::from_secs(args.term_grace_secs));
+                bail!("starting worker {rank} ({:?}): {e}", args.command[0]);
+            }
+        };
+        workers.push((rank, child, error_file));
+    }
+    let grace = Duration::from_secs(args.term_grace_secs);
+    let mut done = vec![false; workers.len()];
+    loop {
+        if let sig @ 1.. = stop.load(Ordering::SeqCst) {
+            tracing::warn!(signal = sig, "forwarding the signal to the workers");
+            stop_all(&mut workers, grace);
+            return Ok(Round::Signalled(sig));
+        }
+        for (i, (rank, child, error_file)) in workers.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            if let Some(status) = child.try_wait().context("watching a worker")? {
+                done[i] = true;
+                if !status.success() {
+                    let code = status.code().unwrap_or_else(|| {
+                        use std::os::unix::process::ExitStatusExt;
+                        128 + status.signal().unwrap_or(9)
+                    });
+                    let (rank, error) = (*rank, std::fs::read_to_string(&*error_file).ok());
+                    stop_all(&mut workers, grace);
+                    return Ok(Round::Failed { rank, code, error });
+                }
+            }
+        }
+        if done.iter().all(|d| *d) {
+            return Ok(Round::Succeeded);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM to every live worker's group, SIGKILL to those still alive after `grace`.
+fn stop_all(workers: &mut [(u32, Child, PathBuf)], grace: Duration) {
+    for (_, child, _) in workers.iter_mut() {
+        if child.try_wait().ok().flatten().is_none() {
+            signal_group(child, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now()
+        .checked_add(grace)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(MAX_TERM_GRACE_SECS));
+    for (rank, child, _) in workers.iter_mut() {
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    tracing::warn!(rank = *rank, "worker ignored SIGTERM; killing it");
+                    signal_group(child, libc::SIGKILL);
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// Sends `signal` to a worker's process group (the worker leads it; not yet reaped, so the id is
+/// still its own).
+fn signal_group(child: &Child, signal: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: kill(2) has no memory effects; -pid names the group our unreaped child leads.
+    unsafe {
+        libc::kill(-pid, signal);
+    }
+}

@@ -1,0 +1,187 @@
+//! This worker among the others: joining them (through the torchrun environment), agreeing on each
+//! step, and averaging gradients. A single worker needs none of it and pays nothing.
+//!
+//! Gradients are summed with NCCL on CUDA ([`crate::nccl`], its id passed through the store) and
+//! with the ring all-reduce of `waypoint-c10d` on CPU. Each rank's loss is already divided by the
+//! global token count, so the sum is the gradient of the global mean loss: 2 ranks × batch b
+//! compute what 1 rank × batch 2b does.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use tch::{Device, Kind, Tensor};
+use waypoint_c10d::{Group, GroupConfig};
+
+use crate::nccl::{Communicator, Nccl};
+use crate::torchrun::WorkerEnv;
+
+/// The ranks of the job, from this worker's side.
+pub struct Ranks {
+    group: Option<Group>,
+    nccl: Option<Communicator>,
+    rank: u32,
+    world: u32,
+}
+
+impl Ranks {
+    /// Joins the other workers (nothing to join when there are none); on CUDA also their NCCL
+    /// communicator, on this worker's GPU.
+    pub fn join(env: &WorkerEnv, timeout: Duration, device: Device) -> Result<Self> {
+        let rank = u32::try_from(env.rank).context("RANK is too large")?;
+        let world = u32::try_from(env.world_size).context("WORLD_SIZE is too large")?;
+        if world == 1 {
+            return Ok(Self {
+                group: None,
+                nccl: None,
+                rank,
+                world,
+            });
+        }
+        let restart_count =
+            u32::try_from(env.restart_count).context("TORCHELASTIC_RESTART_COUNT is too large")?;
+        tracing::info!(rank, world, pid = std::process::id(), store = %format!("{}:{}", env.master_addr, env.master_port), "joining the other ranks");
+        let group = Group::join(GroupConfig {
+            rank,
+            world_size: world,
+            master_addr: env.master_addr.clone(),
+            master_port: env.master_port,
+            agent_store: env.agent_store,
+            restart_count,
+            timeout,
+        })
+        .with_context(|| format!("rank {rank} of {world}: joining the group"))?;
+        let nccl = match device {
+            Device::Cuda(gpu) => {
+                let nccl = Nccl::load()?;
+                let id = if rank == 0 {
+                    nccl.unique_id()?
+                } else {
+                    Vec::new()
+                };
+                let id = group.broadcast("nccl-id", &id)?;
+                let comm = Communicator::join(nccl, &id, rank, world, gpu, timeout)
+                    .with_context(|| format!("rank {rank} of {world}: joining NCCL"))?;
+                tracing::info!(rank, gpu, "NCCL communicator ready");
+                Some(comm)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            group: Some(group),
+            nccl,
+            rank,
+            world,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> u32 {
+        self.world
+    }
+
+    /// Rank 0: it writes the run records and commits checkpoints.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// The group, when there are other ranks.
+    pub fn group(&self) -> Option<&Group> {
+        self.group.as_ref()
+    }
+
+    /// Before each step: the global token count of the step, and whether any rank was asked to stop
+    /// (so that all stop after the same step).
+    pub fn agree(&self, tokens: i64, stop: bool) -> Result<(i64, bool)> {
+        let Some(g) = &self.group else {
+            return Ok((tokens, stop));
+        };
+        let mut msg = tokens.to_le_bytes().to_vec();
+        msg.push(u8::from(stop));
+        let all = g.all_gather("step", &msg)?;
+        let mut total = 0i64;
+        let mut any_stop = false;
+        for m in all {
+            ensure!(m.len() == 9, "a rank sent a malformed step message");
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&m[..8]);
+            total += i64::from_le_bytes(b);
+            any_stop |= m[8] != 0;
+        }
+        Ok((total, any_stop))
+    }
+
+    /// Whether `flag` is set on any rank (every rank calls this with the same `what`).
+    pub fn any(&self, what: &str, flag: bool) -> Result<bool> {
+        let Some(g) = &self.group else {
+            return Ok(flag);
+        };
+        let all = g.all_gather(what, &[u8::from(flag)])?;
+        Ok(all.iter().any(|m| m.first().is_some_and(|&b| b != 0)))
+    }
+
+    /// Sums the gradients (fp32) and the loss over all ranks, in place.
+    pub fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        let shapes: Vec<Vec<i64>> = grads.iter().map(|t| t.size()).collect();
+        let mut flat: Vec<Tensor> = grads
+            .iter()
+            .map(|t| t.to_kind(Kind::Float).reshape([-1]))
+            .collect();
+        let device = flat.first().map_or(Device::Cpu, Tensor::device);
+        flat.push(Tensor::from_slice(&[*loss as f32]).to_device(device));
+        let mut flat = Tensor::cat(&flat, 0);
+        let summed = match &mut self.nccl {
+            Some(comm) => {
+                comm.all_reduce_sum(&mut flat)
+                    .with_context(|| format!("rank {}: summing gradients", self.rank))?;
+                flat
+            }
+            None => {
+                let mut buf: Vec<f32> = Vec::try_from(&flat).context("gradients to host memory")?;
+                g.all_reduce_sum(&mut buf)?;
+                Tensor::from_slice(&buf)
+            }
+        };
+        let n_grads = summed.numel() as i64 - 1;
+        *loss = summed.double_value(&[n_grads]);
+        let mut offset = 0i64;
+        for (t, shape) in grads.iter_mut().zip(shapes) {
+            let n: i64 = shape.iter().product();
+            let part = summed.narrow(0, offset, n).reshape(&shape);
+            *t = part.to_kind(t.kind()).to_device(t.device());
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// Every rank's `data`, in rank order (just `data` alone).
+    pub fn all_gather(&self, what: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        match &self.group {
+            None => Ok(vec![data.to_vec()]),
+            Some(g) => Ok(g.all_gather(what, data)?),
+        }
+    }
+
+    /// Rank 0's `data` on every rank.
+    pub fn broadcast(&self, what: &str, data: &[u8]) -> Result<Vec<u8>> {
+        match &self.group {
+            None => Ok(data.to_vec()),
+            Some(g) => Ok(g.broadcast(what, data)?),
+        }
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self, what: &str) -> Result<()> {
+        match &self.group {
+            None => Ok(()),
+            Some(g) => Ok(g.barrier(what)?),
+        }
+    }
+}

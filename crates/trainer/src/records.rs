@@ -1,0 +1,160 @@
+//! Run records: `status.json` (the job states of the control plane), `logs/metrics.jsonl`, and the
+//! `TORCHELASTIC_ERROR_FILE` that torchrun's agent reads when a worker fails.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use serde::Serialize;
+use waypoint_storage::{StorageError, Store};
+use waypoint_checkpoint::RunLayout;
+
+/// A job state, spelled as the control plane spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    /// Started, not yet training.
+    Pending,
+    /// Training.
+    Running,
+    /// Done; the final checkpoint is committed.
+    Finished,
+    /// Stopped by an error (see `error`).
+    Failed,
+    /// Stopped by a signal after saving; a restart resumes.
+    Cancelled,
+}
+
+/// The content of `status.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The state.
+    pub state: JobState,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Steps the run will take.
+    pub total_steps: u64,
+    /// The newest committed checkpoint.
+    pub checkpoint: Option<String>,
+    /// The error, on failure; the reason, when cancelled.
+    pub error: Option<String>,
+    /// This start's attempt number.
+    pub attempt: Option<u64>,
+    /// When this was written (ms since the Unix epoch).
+    pub updated_unix_ms: u64,
+}
+
+impl Status {
+    /// A status with the given state and counters.
+    pub fn new(state: JobState, step: u64, total_steps: u64) -> Self {
+        Self {
+            state,
+            step,
+            total_steps,
+            checkpoint: None,
+            error: None,
+            attempt: None,
+            updated_unix_ms: now_ms(),
+        }
+    }
+}
+
+/// Writes `status.json`.
+pub async fn write_status(store: &Store, layout: &RunLayout, status: &Status) -> Result<()> {
+    let mut status = status.clone();
+    status.updated_unix_ms = now_ms();
+    store
+        .put(
+            &layout.status(),
+            Bytes::from(serde_json::to_vec_pretty(&status)?),
+        )
+        .await
+        .context("writing status.json")?;
+    Ok(())
+}
+
+/// The lines of an existing `logs/metrics.jsonl` up to and including `step` (a resumed run drops
+/// the lines of steps it redoes).
+pub async fn metrics_until(store: &Store, layout: &RunLayout, step: u64) -> Result<String> {
+    let bytes = match store.get(&layout.metrics()).await {
+        Ok(b) => b,
+        Err(StorageError::NotFound { .. }) => return Ok(String::new()),
+        Err(e) => return Err(e).context("reading logs/metrics.jsonl"),
+    };
+    let mut out = String::new();
+    for line in String::from_utf8_lossy(&bytes).lines() {
+        let keep = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["step"].as_u64())
+            .is_some_and(|s| s <= step);
+        if keep {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// The text of an error as it is printed and persisted (stderr, `status.json`, the torchrun error
+/// file): secrets inside URIs masked, and a hint for errors people can act on (CUDA running out of
+/// memory says what to lower).
+pub fn explain(error: &anyhow::Error) -> String {
+    let text = waypoint_storage::redact_text(&format!("{error:#}"));
+    if text.contains("out of memory") {
+        format!(
+            "{text}\nhint: the GPU ran out of memory; lower --batch_size or --max_seq_len (raise \
+             --gradient_accumulation to keep the global batch), or use --lora_rank"
+        )
+    } else {
+        text
+    }
+}
+
+/// A writer that masks secrets inside URIs ([`waypoint_storage::redact_text`]) in what passes
+/// through it; the log goes through one, so no line of it carries a credential.
+pub struct Redacting<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for Redacting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The log writes each event whole, so a URI is never split between two writes.
+        let text = String::from_utf8_lossy(buf);
+        if text.contains("://") {
+            self.0
+                .write_all(waypoint_storage::redact_text(&text).as_bytes())?;
+        } else {
+            self.0.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Writes the error file torchelastic reads (`TORCHELASTIC_ERROR_FILE`), if that variable is set.
+pub fn write_error_file(message: &str) {
+    let Ok(path) = std::env::var("TORCHELASTIC_ERROR_FILE") else {
+        return;
+    };
+    let body = serde_json::json!({
+        "message": {
+            "message": message,
+            "extraInfo": {
+                "py_callstack": message,
+                "timestamp": (now_ms() / 1000).to_string(),
+            }
+        }
+    });
+    if let Err(e) = std::fs::write(&path, body.to_string()) {
+        tracing::warn!(%path, %e, "could not write TORCHELASTIC_ERROR_FILE");
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
