@@ -24,7 +24,8 @@ use criterion::{Criterion, SamplingMode, Throughput};
 use waypoint_checkpoint::{
     CheckpointManager, Commit, Dtype, ManagerOptions, SamplerPart, SaveRequest, Tensor,
 };
-use waypoint_storage::{RunLayout, StepName, Store};
+use waypoint_storage::Store;
+use waypoint_checkpoint::{RunLayout, StepName};
 
 static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
 
