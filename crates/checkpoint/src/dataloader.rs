@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
 use crate::StepName;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{CheckpointError, Result};
 

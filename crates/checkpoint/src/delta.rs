@@ -10,17 +10,38 @@
 
 use std::collections::BTreeMap;
 
+use crate::StepName;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
-use crate::StepName;
 
 use crate::error::{CheckpointError, Result};
-use crate::manager::{CheckpointManager, FileWriter};
-use crate::manifest::{DeltaBase, FileEntry, Manifest};
+use crate::file_entry::FileEntry;
+use crate::manifest::{DeltaBase, Manifest};
 use crate::safetensors_file::encode_header;
 use crate::sampler::full_weights_layout;
 use crate::tensor::Tensor;
+use crate::writer::FileWriter;
+
+/// What a delta needs from the committed checkpoints of its run: their manifests, and their files
+/// read and checked against their manifest entries. The checkpoint manager is one.
+pub(crate) trait CheckpointFiles {
+    /// The manifest of committed checkpoint `step`.
+    fn committed_manifest(
+        &self,
+        step: StepName,
+    ) -> impl std::future::Future<Output = Result<Manifest>> + Send;
+
+    /// The storage key of `path` (`dcp/…`, `sampler/…`) of checkpoint `step`, for messages.
+    fn file_key(&self, step: StepName, path: &str) -> String;
+
+    /// The bytes of `entry` of checkpoint `step`, checked against its size (and sha256).
+    fn read_checked(
+        &self,
+        step: StepName,
+        entry: &FileEntry,
+    ) -> impl std::future::Future<Output = Result<Bytes>> + Send;
+}
 
 /// Suffix of a compressed XOR delta file.
 pub const DELTA_SUFFIX: &str = ".xor.zst";
@@ -52,7 +73,7 @@ pub struct DeltaFile {
 
 /// Writes the delta of `tensors` over `base`'s sampler weights; returns the files and the base record.
 pub(crate) async fn write_delta(
-    manager: &CheckpointManager,
+    checkpoints: &impl CheckpointFiles,
     writer: &FileWriter,
     base: &Manifest,
     tensors: Vec<Tensor>,
@@ -70,7 +91,6 @@ pub(crate) async fn write_delta(
         ));
     }
     let (groups, index) = full_weights_layout(tensors, max_file_bytes);
-    let base_dir = manager.layout().checkpoint_dir(base.step_name());
     let mut files = Vec::new();
     let mut entries = Vec::new();
     let mut base_files = Vec::new();
@@ -96,8 +116,8 @@ pub(crate) async fn write_delta(
                 base_entry.bytes
             )));
         }
-        let base_bytes = manager
-            .read_file_checked(&format!("{base_dir}/{}", base_entry.path), &base_entry)
+        let base_bytes = checkpoints
+            .read_checked(base.step_name(), &base_entry)
             .await?;
         let (sha256, compressed) = tokio::task::spawn_blocking(move || {
             let sha = hex::encode(sha2::Sha256::digest(&target));
@@ -156,10 +176,9 @@ pub(crate) async fn write_delta(
 /// Rebuilds the full weights files of a delta checkpoint: (path relative to `sampler/`, bytes).
 /// A missing or different base is an error that names it; each result is checked against its sha256.
 pub(crate) async fn rebuild(
-    manager: &CheckpointManager,
+    checkpoints: &impl CheckpointFiles,
     manifest: &Manifest,
 ) -> Result<Vec<(String, Bytes)>> {
-    let dir = manager.layout().checkpoint_dir(manifest.step_name());
     let index_entry = manifest
         .files
         .iter()
@@ -167,12 +186,12 @@ pub(crate) async fn rebuild(
         .ok_or_else(|| {
             CheckpointError::Invalid(format!("{} is not a delta checkpoint", manifest.name))
         })?;
-    let raw = manager
-        .read_file_checked(&format!("{dir}/{}", index_entry.path), index_entry)
+    let raw = checkpoints
+        .read_checked(manifest.step_name(), index_entry)
         .await?;
     let index: DeltaIndex =
         serde_json::from_slice(&raw).map_err(|e| CheckpointError::BadManifest {
-            key: format!("{dir}/sampler/delta.json"),
+            key: checkpoints.file_key(manifest.step_name(), "sampler/delta.json"),
             reason: e.to_string(),
         })?;
     let err = |reason: String| CheckpointError::DeltaBase {
@@ -182,7 +201,7 @@ pub(crate) async fn rebuild(
     };
     let base_step: StepName = index.base.parse().map_err(|e| err(format!("{e}")))?;
     let base =
-        match manager.manifest(base_step).await {
+        match checkpoints.committed_manifest(base_step).await {
             Ok(m) => m,
             Err(CheckpointError::NotFound { .. }) => return Err(err(
                 "the base checkpoint is gone (retention or deletion); the delta cannot be rebuilt"
@@ -190,7 +209,6 @@ pub(crate) async fn rebuild(
             )),
             Err(e) => return Err(e),
         };
-    let base_dir = manager.layout().checkpoint_dir(base_step);
     let mut out = Vec::new();
     for f in &index.files {
         let base_entry = base
@@ -204,17 +222,15 @@ pub(crate) async fn rebuild(
                 f.path, base_entry.sha256, f.base_sha256
             )));
         }
-        let base_bytes = manager
-            .read_file_checked(&format!("{base_dir}/{}", base_entry.path), base_entry)
-            .await?;
+        let base_bytes = checkpoints.read_checked(base_step, base_entry).await?;
         let delta_path = format!("sampler/{}{DELTA_SUFFIX}", f.path);
         let delta_entry = manifest
             .files
             .iter()
             .find(|e| e.path == delta_path)
             .ok_or_else(|| err(format!("{delta_path} is not in the manifest")))?;
-        let compressed = manager
-            .read_file_checked(&format!("{dir}/{delta_path}"), delta_entry)
+        let compressed = checkpoints
+            .read_checked(manifest.step_name(), delta_entry)
             .await?;
         let want = f.sha256.clone();
         let path = f.path.clone();

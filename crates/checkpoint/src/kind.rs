@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Manifest;
+use crate::file_entry::FileEntry;
 
 /// What a checkpoint's blobs hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -55,14 +55,14 @@ const ADAPTER_CONFIG: &str = "sampler/adapter_config.json";
 const ADAPTER_WEIGHTS: &str = "sampler/adapter_model.safetensors";
 const MODEL_CONFIG: &str = "sampler/config.json";
 
-/// Detects the kinds from the files a manifest lists and the tensor names of its first `dcp/` blob
+/// Detects the kinds from the files of a checkpoint and the tensor names of its first `dcp/` blob
 /// (`dcp_tensor_names`; LoRA state is recognised by `lora_A`/`lora_B` names).
-pub fn detect(manifest: &Manifest, dcp_tensor_names: &[String]) -> Vec<CheckpointKind> {
-    let has = |p: &str| manifest.files.iter().any(|f| f.path == p);
+pub fn detect(files: &[FileEntry], dcp_tensor_names: &[String]) -> Vec<CheckpointKind> {
+    let has = |p: &str| files.iter().any(|f| f.path == p);
     let mut kinds = Vec::new();
-    if manifest
-        .dcp_files()
-        .any(|f| f.path.ends_with(".safetensors"))
+    if files
+        .iter()
+        .any(|f| f.is_dcp() && f.path.ends_with(".safetensors"))
     {
         let lora = dcp_tensor_names
             .iter()
@@ -78,8 +78,8 @@ pub fn detect(manifest: &Manifest, dcp_tensor_names: &[String]) -> Vec<Checkpoin
     } else if has(ADAPTER_CONFIG) && has(ADAPTER_WEIGHTS) {
         kinds.push(CheckpointKind::InferenceLora);
     } else if has(MODEL_CONFIG)
-        && manifest
-            .sampler_files()
+        && files
+            .iter()
             .any(|f| f.path.starts_with("sampler/model") && f.path.ends_with(".safetensors"))
     {
         kinds.push(CheckpointKind::InferenceBase);

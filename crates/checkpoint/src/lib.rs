@@ -12,25 +12,29 @@ mod dataloader;
 pub mod dcp;
 pub mod delta;
 mod error;
+mod file_entry;
 mod kind;
+mod layout;
 mod manager;
 mod manifest;
+pub mod names;
 pub mod peft;
 pub mod safetensors_file;
-pub mod names;
-mod layout;
 mod sampler;
 mod tensor;
+mod writer;
 
 pub use dataloader::{DataPosition, Dataloader};
 pub use error::{CheckpointError, Result};
+pub use file_entry::FileEntry;
 pub use kind::CheckpointKind;
 pub use layout::{model_dir, RunLayout};
-pub use names::{validate_name, StepName};
 pub use manager::{
-    parse_checkpoint_ref, CheckpointInfo, CheckpointManager, Commit, FileWriter, ManagerOptions,
-    Promotion, SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
+    parse_checkpoint_ref, CheckpointInfo, CheckpointManager, Commit, ManagerOptions, Promotion,
+    SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
 };
-pub use manifest::{DeltaBase, FileEntry, Manifest, FORMAT_VERSION};
+pub use manifest::{DeltaBase, Manifest, FORMAT_VERSION};
+pub use names::{validate_name, StepName};
 pub use tensor::{Dtype, Tensor};
 pub use waypoint_storage as storage;
+pub use writer::FileWriter;

@@ -1,28 +1,15 @@
 //! The manifest, `checkpoints/step-XXXXXX.json`: written last and create-only, its existence is the
 //! commit. It lists every file of the checkpoint with size and sha256, and the counters resume needs.
 
-use serde::{Deserialize, Serialize};
 use crate::StepName;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{CheckpointError, Result};
+use crate::file_entry::FileEntry;
 use crate::kind::CheckpointKind;
 
 /// The manifest format this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
-
-/// One file of a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// Path relative to the checkpoint folder: `dcp/…` or `sampler/…`.
-    pub path: String,
-    /// Size in bytes.
-    pub bytes: u64,
-    /// Lower-case hex sha256.
-    pub sha256: String,
-    /// The rank that wrote it.
-    #[serde(default)]
-    pub rank: u32,
-}
 
 /// What a delta sampler checkpoint was made against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,12 +59,12 @@ impl Manifest {
 
     /// Files under `dcp/`.
     pub fn dcp_files(&self) -> impl Iterator<Item = &FileEntry> {
-        self.files.iter().filter(|f| f.path.starts_with("dcp/"))
+        self.files.iter().filter(|f| f.is_dcp())
     }
 
     /// Files under `sampler/`.
     pub fn sampler_files(&self) -> impl Iterator<Item = &FileEntry> {
-        self.files.iter().filter(|f| f.path.starts_with("sampler/"))
+        self.files.iter().filter(|f| f.is_sampler())
     }
 
     /// Total bytes of all files.

@@ -5,9 +5,9 @@ use bytes::Bytes;
 
 use crate::dcp::split_into_files;
 use crate::error::Result;
-use crate::manager::FileWriter;
-use crate::manifest::FileEntry;
+use crate::file_entry::FileEntry;
 use crate::tensor::Tensor;
+use crate::writer::FileWriter;
 
 /// How full weights are laid out: `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards
 /// with the bytes of `model.safetensors.index.json` when they exceed `max_file_bytes`.

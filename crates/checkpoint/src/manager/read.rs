@@ -1,0 +1,156 @@
+//! Loading: the tensors of a committed checkpoint, each file checked against its manifest entry, and
+//! the sampler weights (rebuilt from a delta where it is one). Reads pin their checkpoint.
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use super::CheckpointManager;
+use crate::delta::{self, CheckpointFiles};
+use crate::error::{CheckpointError, Result};
+use crate::file_entry::FileEntry;
+use crate::manifest::Manifest;
+use crate::safetensors_file::parse_header;
+use crate::tensor::Tensor;
+use crate::StepName;
+
+/// What a delta reads of the run's committed checkpoints.
+impl CheckpointFiles for CheckpointManager {
+    async fn committed_manifest(&self, step: StepName) -> Result<Manifest> {
+        self.manifest(step).await
+    }
+
+    fn file_key(&self, step: StepName, path: &str) -> String {
+        format!("{}/{path}", self.layout.checkpoint_dir(step))
+    }
+
+    async fn read_checked(&self, step: StepName, entry: &FileEntry) -> Result<Bytes> {
+        self.read_file_checked(&self.file_key(step, &entry.path), entry)
+            .await
+    }
+}
+
+impl CheckpointManager {
+    /// Reads the tensors of `manifest`'s files under `part` (`"dcp/"` or `"sampler/"`) whose names
+    /// `want` accepts; with `verify_on_load`, each file's sha256 is checked as it is read.
+    pub async fn load_tensors(
+        &self,
+        manifest: &Manifest,
+        part: &str,
+        want: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<Tensor>> {
+        let _pin = self.pin(manifest.step);
+        let dir = self.layout.checkpoint_dir(manifest.step_name());
+        let reads = manifest
+            .files
+            .iter()
+            .filter(|f| f.path.starts_with(part) && f.path.ends_with(".safetensors"))
+            .map(|f| {
+                let key = format!("{dir}/{}", f.path);
+                async move {
+                    let bytes = self.read_file_checked(&key, f).await?;
+                    tensors_from_bytes(&key, bytes, want)
+                }
+            });
+        let per_file: Vec<Vec<Tensor>> = futures::stream::iter(reads)
+            .buffered(self.options.parallel_files.max(1))
+            .try_collect()
+            .await?;
+        Ok(per_file.into_iter().flatten().collect())
+    }
+
+    /// Reads a file of a checkpoint, checking size and (with `verify_on_load`) sha256.
+    pub(super) async fn read_file_checked(&self, key: &str, f: &FileEntry) -> Result<Bytes> {
+        let bytes = self.store.get(key).await?;
+        let damaged = |problem: String| CheckpointError::Damaged {
+            name: key.to_string(),
+            problems: vec![problem],
+        };
+        if bytes.len() as u64 != f.bytes {
+            return Err(damaged(format!(
+                "{} bytes, manifest says {}",
+                bytes.len(),
+                f.bytes
+            )));
+        }
+        if self.options.verify_on_load {
+            let sha = sha256_parallel(bytes.clone()).await?;
+            if sha != f.sha256 {
+                return Err(damaged(format!("sha256 {sha}, manifest says {}", f.sha256)));
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// The full sampler weights of a checkpoint as (file name relative to `sampler/`, bytes): read as
+    /// they are, or rebuilt from a delta and its base (checked bit for bit).
+    pub async fn sampler_weight_files(&self, manifest: &Manifest) -> Result<Vec<(String, Bytes)>> {
+        let _pin = self.pin(manifest.step);
+        if manifest.delta_base.is_some() {
+            return delta::rebuild(self, manifest).await;
+        }
+        let dir = self.layout.checkpoint_dir(manifest.step_name());
+        let mut out = Vec::new();
+        for f in manifest
+            .sampler_files()
+            .filter(|f| f.path.ends_with(".safetensors"))
+        {
+            let bytes = self
+                .read_file_checked(&format!("{dir}/{}", f.path), f)
+                .await?;
+            out.push((f.path.trim_start_matches("sampler/").to_string(), bytes));
+        }
+        Ok(out)
+    }
+
+    /// The sampler weights of a checkpoint as tensors (rebuilding a delta).
+    pub async fn sampler_tensors(&self, manifest: &Manifest) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for (name, bytes) in self.sampler_weight_files(manifest).await? {
+            out.extend(tensors_from_bytes(&name, bytes, &|_| true)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Parses tensors out of a whole safetensors file held in memory (zero-copy slices).
+pub(super) fn tensors_from_bytes(
+    key: &str,
+    bytes: Bytes,
+    want: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Tensor>> {
+    let header = match parse_header(key, &bytes, bytes.len() as u64)? {
+        Ok(h) => h,
+        Err(_) => {
+            return Err(CheckpointError::BadBlob {
+                key: key.to_string(),
+                reason: "header longer than the file".into(),
+            })
+        }
+    };
+    let start = header.data_start as usize;
+    let mut out = Vec::new();
+    for (name, info) in &header.tensors {
+        if !want(name) {
+            continue;
+        }
+        let (s, e) = info.data_offsets;
+        out.push(Tensor {
+            name: name.clone(),
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            offsets: header.saved_offsets(name)?,
+            data: bytes.slice(start + s..start + e),
+        });
+    }
+    Ok(out)
+}
+
+/// sha256 (hex) of `bytes`, computed on a blocking thread.
+async fn sha256_parallel(bytes: Bytes) -> Result<String> {
+    tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    })
+    .await
+    .map_err(|e| CheckpointError::Invalid(format!("hashing task failed: {e}")))
+}

@@ -1,0 +1,230 @@
+//! The save path: clearing a step's leftovers, writing the resumable (`dcp/`) and sampler parts, and
+//! the commit (the manifest, written last and create-only).
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use waypoint_storage::StorageError;
+
+use super::{now_ms, CheckpointManager, Commit, SamplerPart, SaveRequest};
+use crate::dcp;
+use crate::error::{CheckpointError, Result};
+use crate::file_entry::FileEntry;
+use crate::manifest::{Manifest, FORMAT_VERSION};
+use crate::tensor::Tensor;
+use crate::writer::FileWriter;
+use crate::StepName;
+
+impl CheckpointManager {
+    /// Committer, before any rank writes step `step`: refuses a committed step and removes uncommitted
+    /// leftovers under its folder, so that it ends up holding exactly what its manifest will list.
+    pub async fn prepare_save(&self, step: StepName) -> Result<()> {
+        if self.store.exists(&self.layout.manifest(step)).await? {
+            return Err(CheckpointError::AlreadyCommitted {
+                name: step.to_string(),
+            });
+        }
+        let removed = self
+            .store
+            .delete_prefix(&self.layout.checkpoint_dir(step))
+            .await?
+            .len();
+        if removed > 0 {
+            tracing::warn!(checkpoint = %step, removed, "removed uncommitted leftovers");
+        }
+        Ok(())
+    }
+
+    /// A writer of `rank`'s files of step `step`.
+    pub fn file_writer(&self, step: StepName, rank: u32) -> FileWriter {
+        FileWriter::new(self.store.clone(), self.layout.checkpoint_dir(step), rank)
+    }
+
+    /// Commits step `commit.step` with the files every rank reported: checks the fence and that each
+    /// file is there with its size, writes the manifest create-only, then updates `dataloader.json`
+    /// and applies retention.
+    pub async fn commit(&self, commit: Commit, mut files: Vec<FileEntry>) -> Result<Manifest> {
+        let step = StepName::new(commit.step);
+        let name = step.to_string();
+        let Some(ours) = self.attempt else {
+            return Err(CheckpointError::Invalid(format!(
+                "cannot commit {name}: no attempt started (call start_attempt first)"
+            )));
+        };
+        self.check_fence(&name, ours).await?;
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let dir = self.layout.checkpoint_dir(step);
+        let mut problems = Vec::new();
+        for f in &files {
+            match self.store.head(&format!("{dir}/{}", f.path)).await {
+                Ok(o) if o.size == f.bytes => {}
+                Ok(o) => problems.push(format!(
+                    "{}: {} bytes, reported {}",
+                    f.path, o.size, f.bytes
+                )),
+                Err(StorageError::NotFound { .. }) => problems.push(format!("{}: missing", f.path)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(CheckpointError::Damaged { name, problems });
+        }
+        let mut manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            name: name.clone(),
+            step: commit.step,
+            data_consumed: commit.data_consumed,
+            epoch: commit.epoch,
+            kinds: Vec::new(),
+            world_size: commit.world_size,
+            attempt: ours,
+            config_fingerprint: commit.config_fingerprint,
+            created_unix_ms: now_ms(),
+            files,
+            delta_base: commit.delta_base,
+        };
+        manifest.kinds = self.detect_kinds(&manifest).await?;
+        // Validate exactly what readers will parse.
+        let body = manifest.to_json();
+        Manifest::parse(&self.layout.manifest(step), &body)?;
+        let key = self.layout.manifest(step);
+        let body = Bytes::from(body);
+        match self.store.put_create(&key, body.clone()).await {
+            Ok(()) => {}
+            Err(StorageError::AlreadyExists { .. }) => {
+                return Err(CheckpointError::AlreadyCommitted { name })
+            }
+            // The outcome is unknown (the answer was lost after the retries): the commit happened
+            // exactly when our manifest is there now.
+            Err(e) => match self.store.get(&key).await {
+                Ok(there) if there == body => {
+                    tracing::warn!(checkpoint = %name, "the commit's answer was lost, but the manifest there is ours: committed");
+                }
+                _ => return Err(e.into()),
+            },
+        }
+        tracing::info!(checkpoint = %name, kinds = ?manifest.kinds, bytes = manifest.total_bytes(), "checkpoint committed");
+        if let Some(keep) = self.options.keep_last {
+            self.retain(keep).await?;
+        }
+        // After retention, so that the file lists exactly the committed checkpoints.
+        self.record_data_position(step, &manifest).await?;
+        Ok(manifest)
+    }
+
+    /// Single-process save: prepare, write the resumable and sampler parts, commit.
+    pub async fn save(&self, mut request: SaveRequest) -> Result<Manifest> {
+        let step = StepName::new(request.commit.step);
+        self.prepare_save(step).await?;
+        let writer = self.file_writer(step, 0);
+        let mut files = Vec::new();
+        if let Some(state) = request.dcp {
+            files.extend(self.write_dcp(&writer, 1, state).await?);
+        }
+        if let Some(sampler) = request.sampler {
+            files.extend(
+                self.write_sampler(&writer, sampler, &mut request.commit)
+                    .await?,
+            );
+        }
+        self.commit(request.commit, files).await
+    }
+
+    /// Writes one rank's share of the resumable state under `dcp/` (split into files of at most
+    /// `max_file_bytes`, named as PyTorch names them for `world_size` writers), a few files at once.
+    pub async fn write_dcp(
+        &self,
+        writer: &FileWriter,
+        world_size: u32,
+        state: Vec<Tensor>,
+    ) -> Result<Vec<FileEntry>> {
+        let groups = dcp::split_into_files(state, self.options.max_file_bytes);
+        let count = groups.len();
+        let writes = groups.into_iter().enumerate().map(|(i, group)| async move {
+            let path = format!(
+                "dcp/{}",
+                dcp::file_name(writer.rank(), world_size, i + 1, count)
+            );
+            writer.write_tensors(&path, &group).await
+        });
+        futures::stream::iter(writes)
+            .buffered(self.options.parallel_files.max(1))
+            .try_collect()
+            .await
+    }
+
+    /// Writes a sampler part under `sampler/`; a delta records its base in `commit`.
+    pub async fn write_sampler(
+        &self,
+        writer: &FileWriter,
+        sampler: SamplerPart,
+        commit: &mut Commit,
+    ) -> Result<Vec<FileEntry>> {
+        let mut files = Vec::new();
+        match sampler {
+            SamplerPart::Full {
+                config_json,
+                tensors,
+                extra_files,
+            } => {
+                files.push(
+                    writer
+                        .write_bytes("sampler/config.json", config_json)
+                        .await?,
+                );
+                files.extend(
+                    crate::sampler::write_full_weights(
+                        writer,
+                        tensors,
+                        self.options.max_file_bytes,
+                    )
+                    .await?,
+                );
+                for (name, data) in extra_files {
+                    files.push(writer.write_bytes(&format!("sampler/{name}"), data).await?);
+                }
+            }
+            SamplerPart::Delta {
+                base,
+                config_json,
+                tensors,
+            } => {
+                let base = self.manifest(base).await?;
+                let _pin = self.pin(base.step);
+                files.push(
+                    writer
+                        .write_bytes("sampler/config.json", config_json)
+                        .await?,
+                );
+                let (delta_files, delta_base) = crate::delta::write_delta(
+                    self,
+                    writer,
+                    &base,
+                    tensors,
+                    self.options.max_file_bytes,
+                )
+                .await?;
+                files.extend(delta_files);
+                commit.delta_base = Some(delta_base);
+            }
+            SamplerPart::Lora {
+                adapter_config,
+                tensors,
+            } => {
+                let config: crate::peft::AdapterConfig = serde_json::from_slice(&adapter_config)
+                    .map_err(|e| CheckpointError::Invalid(format!("adapter_config.json: {e}")))?;
+                crate::peft::validate_adapter(&config, &tensors)?;
+                files.push(
+                    writer
+                        .write_bytes("sampler/adapter_config.json", adapter_config)
+                        .await?,
+                );
+                files.push(
+                    writer
+                        .write_tensors("sampler/adapter_model.safetensors", &tensors)
+                        .await?,
+                );
+            }
+        }
+        Ok(files)
+    }
+}
