@@ -46,8 +46,8 @@ impl Dataloader {
     }
 
     /// Serializes (pretty JSON).
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        crate::error::to_json_pretty("dataloader.json", self)
     }
 
     /// The position recorded for `step`.
@@ -68,7 +68,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.get(StepName::new(200)).unwrap().data_consumed, 12800);
-        assert_eq!(Dataloader::parse("k", &d.to_json()).unwrap(), d);
+        assert_eq!(Dataloader::parse("k", &d.to_json().unwrap()).unwrap(), d);
         for bad in [
             &b"[1,2]"[..],
             br#"{"step-1": {"data_consumed": 1}}"#,

@@ -200,17 +200,30 @@ pub fn assemble(mut parts: Vec<Tensor>) -> crate::Result<Tensor> {
 /// PyTorch's `HuggingFaceStorageWriter` wrote, with or without `save_distributed`.
 pub async fn read_dir(store: &waypoint_storage::Store, dir: &str) -> crate::Result<Vec<Tensor>> {
     let listing = store.list_dir(dir).await?;
-    let mut by_name: std::collections::BTreeMap<String, Vec<Tensor>> = Default::default();
+    let mut all = Vec::new();
     for o in listing
         .objects
         .iter()
         .filter(|o| o.key.ends_with(".safetensors"))
     {
-        for t in crate::safetensors_file::read_file(store, &o.key, o.size, &|_| true).await? {
-            by_name.entry(t.name.clone()).or_default().push(t);
-        }
+        all.extend(crate::safetensors_file::read_file(store, &o.key, o.size, &|_| true).await?);
     }
-    by_name.into_values().map(assemble).collect()
+    Ok(assemble_by_name(all)?.into_values().collect())
+}
+
+/// Groups tensors by name and [assembles](assemble) each group into the whole tensor: what several
+/// ranks wrote as slices becomes one tensor per name; a whole tensor stays as it is.
+pub fn assemble_by_name(
+    tensors: impl IntoIterator<Item = Tensor>,
+) -> crate::Result<std::collections::BTreeMap<String, Tensor>> {
+    let mut by_name: std::collections::BTreeMap<String, Vec<Tensor>> = Default::default();
+    for t in tensors {
+        by_name.entry(t.name.clone()).or_default().push(t);
+    }
+    by_name
+        .into_iter()
+        .map(|(name, parts)| Ok((name, assemble(parts)?)))
+        .collect()
 }
 
 #[cfg(test)]

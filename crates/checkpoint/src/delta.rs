@@ -15,8 +15,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::error::{CheckpointError, Result};
-use crate::file_entry::FileEntry;
+use crate::error::{to_json_pretty, CheckpointError, Result};
+use crate::file_entry::{FileEntry, WrittenFile};
 use crate::manifest::{DeltaBase, Manifest};
 use crate::safetensors_file::encode_header;
 use crate::sampler::full_weights_layout;
@@ -78,7 +78,7 @@ pub(crate) async fn write_delta(
     base: &Manifest,
     tensors: Vec<Tensor>,
     max_file_bytes: u64,
-) -> Result<(Vec<FileEntry>, DeltaBase)> {
+) -> Result<(Vec<WrittenFile>, DeltaBase)> {
     let base_name = base.name.clone();
     let delta_err = |reason: String| CheckpointError::DeltaBase {
         name: "(new delta)".into(),
@@ -90,7 +90,7 @@ pub(crate) async fn write_delta(
             "the base is itself a delta; deltas are made over full saves".into(),
         ));
     }
-    let (groups, index) = full_weights_layout(tensors, max_file_bytes);
+    let (groups, index) = full_weights_layout(tensors, max_file_bytes)?;
     let mut files = Vec::new();
     let mut entries = Vec::new();
     let mut base_files = Vec::new();
@@ -160,7 +160,7 @@ pub(crate) async fn write_delta(
         writer
             .write_bytes(
                 "sampler/delta.json",
-                Bytes::from(serde_json::to_vec_pretty(&delta).unwrap_or_default()),
+                Bytes::from(to_json_pretty("sampler/delta.json", &delta)?),
             )
             .await?,
     );

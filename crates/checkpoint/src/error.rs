@@ -102,6 +102,14 @@ pub enum CheckpointError {
         /// What is wrong.
         reason: String,
     },
+    /// A record could not be serialised (never written as empty bytes).
+    #[error("serialising {what}: {source}")]
+    Serialize {
+        /// What was being serialised.
+        what: &'static str,
+        /// Why it failed.
+        source: serde_json::Error,
+    },
     /// An argument is malformed (e.g. `init_from_checkpoint` not `run_id:step-N`).
     #[error("{0}")]
     Invalid(String),
@@ -123,6 +131,14 @@ impl CheckpointError {
             _ => false,
         }
     }
+}
+
+/// `value` as pretty JSON, or the error naming `what`.
+pub(crate) fn to_json_pretty<T: serde::Serialize + ?Sized>(
+    what: &'static str,
+    value: &T,
+) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(value).map_err(|source| CheckpointError::Serialize { what, source })
 }
 
 /// Result alias of the checkpoint crate.

@@ -1,5 +1,6 @@
-//! [`FileEntry`]: one file of a checkpoint as writers report it and manifests list it. Shared by the
-//! manifest, kind detection and the writers, so none of them depends on another for it.
+//! [`FileEntry`]: one file of a checkpoint as manifests list it, and [`WrittenFile`]: as its writer
+//! reports it. Shared by the manifest, kind detection and the writers, so none of them depends on
+//! another for it.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,4 +28,16 @@ impl FileEntry {
     pub fn is_sampler(&self) -> bool {
         self.path.starts_with("sampler/")
     }
+}
+
+/// A file as its writer reports it: the manifest entry (bytes and sha256 as written) and the names
+/// of the tensors it holds (none for a file that is not safetensors). A commit takes these and
+/// never reads back what was just written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenFile {
+    /// What the manifest lists.
+    pub entry: FileEntry,
+    /// The tensor names written, in file order.
+    #[serde(default)]
+    pub tensors: Vec<String>,
 }

@@ -26,7 +26,7 @@ mod writer;
 
 pub use dataloader::{DataPosition, Dataloader};
 pub use error::{CheckpointError, Result};
-pub use file_entry::FileEntry;
+pub use file_entry::{FileEntry, WrittenFile};
 pub use kind::CheckpointKind;
 pub use layout::{model_dir, RunLayout};
 pub use manager::{
@@ -37,4 +37,13 @@ pub use manifest::{DeltaBase, Manifest, FORMAT_VERSION};
 pub use names::{validate_name, StepName};
 pub use tensor::{Dtype, Tensor};
 pub use waypoint_storage as storage;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the timestamps of manifests,
+/// attempt and promotion records, and the trainer's run records.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 pub use writer::FileWriter;

@@ -73,9 +73,8 @@ impl Manifest {
     }
 
     /// Serializes (pretty JSON).
-    pub fn to_json(&self) -> Vec<u8> {
-        // Serializing plain data structures cannot fail.
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        crate::error::to_json_pretty("a manifest", self)
     }
 
     /// Parses and validates a manifest read from `key`.
@@ -189,7 +188,7 @@ mod tests {
     #[test]
     fn round_trips() {
         let m = sample();
-        assert_eq!(Manifest::parse("k", &m.to_json()).unwrap(), m);
+        assert_eq!(Manifest::parse("k", &m.to_json().unwrap()).unwrap(), m);
     }
 
     #[test]
@@ -219,7 +218,7 @@ mod tests {
         for (mutate, want) in cases {
             let mut m = sample();
             mutate(&mut m);
-            let e = Manifest::parse("checkpoints/step-000100.json", &m.to_json())
+            let e = Manifest::parse("checkpoints/step-000100.json", &m.to_json().unwrap())
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -228,9 +227,12 @@ mod tests {
             );
         }
         // A manifest copied under another step's name is not that checkpoint.
-        let e = Manifest::parse("run/checkpoints/step-000008.json", &sample().to_json())
-            .unwrap_err()
-            .to_string();
+        let e = Manifest::parse(
+            "run/checkpoints/step-000008.json",
+            &sample().to_json().unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("stored as step-000008"), "{e}");
         let e = Manifest::parse("k", b"{\"format_version\": 1")
             .unwrap_err()
@@ -246,7 +248,7 @@ mod tests {
 
         #[test]
         fn mutated_manifests_never_panic(i in 0usize..2000, b in proptest::num::u8::ANY) {
-            let mut json = sample().to_json();
+            let mut json = sample().to_json().unwrap();
             let at = i % json.len();
             json[at] = b;
             let _ = Manifest::parse("fuzz", &json);

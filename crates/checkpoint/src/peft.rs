@@ -51,8 +51,8 @@ impl AdapterConfig {
     }
 
     /// Serializes (pretty JSON).
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+    pub fn to_json(&self) -> crate::Result<Vec<u8>> {
+        crate::error::to_json_pretty("adapter_config.json", self)
     }
 }
 
@@ -116,7 +116,7 @@ mod tests {
             vec!["q_proj".into(), "v_proj".into()],
             "tiny-llama",
         );
-        let v: serde_json::Value = serde_json::from_slice(&c.to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&c.to_json().unwrap()).unwrap();
         for k in [
             "peft_type",
             "task_type",

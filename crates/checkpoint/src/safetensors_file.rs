@@ -33,6 +33,25 @@ pub struct Header {
 }
 
 impl Header {
+    /// The tensors whose names `want` accepts, as slices of `data` (the blob's data region).
+    fn tensors_in(&self, data: Bytes, want: &dyn Fn(&str) -> bool) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for (name, info) in &self.tensors {
+            if !want(name) {
+                continue;
+            }
+            let (s, e) = info.data_offsets;
+            out.push(Tensor {
+                name: name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                offsets: self.saved_offsets(name)?,
+                data: data.slice(s..e),
+            });
+        }
+        Ok(out)
+    }
+
     /// The DCP slice offsets of `name`, if the file carries `DCP_SHARDING_INFO`.
     pub fn saved_offsets(&self, name: &str) -> Result<Option<Vec<usize>>> {
         let Some(info) = self.metadata.get(DCP_SHARDING_INFO) else {
@@ -200,22 +219,23 @@ pub async fn read_file(
     } else {
         Bytes::new()
     };
-    let mut out = Vec::new();
-    for (name, info) in &header.tensors {
-        if !want(name) {
-            continue;
+    header.tensors_in(data, want)
+}
+
+/// The tensors whose names `want` accepts out of a whole blob held in memory (zero-copy slices of
+/// `bytes`); `key` names it in errors.
+pub fn read_bytes(key: &str, bytes: Bytes, want: &dyn Fn(&str) -> bool) -> Result<Vec<Tensor>> {
+    let header = match parse_header(key, &bytes, bytes.len() as u64)? {
+        Ok(h) => h,
+        Err(_) => {
+            return Err(CheckpointError::BadBlob {
+                key: key.to_string(),
+                reason: "header longer than the file".into(),
+            })
         }
-        let (s, e) = info.data_offsets;
-        let offsets = header.saved_offsets(name)?;
-        out.push(Tensor {
-            name: name.clone(),
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            offsets,
-            data: data.slice(s..e),
-        });
-    }
-    Ok(out)
+    };
+    let data = bytes.slice(header.data_start as usize..);
+    header.tensors_in(data, want)
 }
 
 #[cfg(test)]

@@ -4,22 +4,25 @@
 use bytes::Bytes;
 
 use crate::dcp::split_into_files;
-use crate::error::Result;
-use crate::file_entry::FileEntry;
+use crate::error::{to_json_pretty, Result};
+use crate::file_entry::WrittenFile;
 use crate::tensor::Tensor;
 use crate::writer::FileWriter;
+
+/// Weights files (name, tensors) and, when sharded, the index's bytes.
+pub(crate) type FullWeightsLayout = (Vec<(String, Vec<Tensor>)>, Option<Bytes>);
 
 /// How full weights are laid out: `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards
 /// with the bytes of `model.safetensors.index.json` when they exceed `max_file_bytes`.
 pub(crate) fn full_weights_layout(
     tensors: Vec<Tensor>,
     max_file_bytes: u64,
-) -> (Vec<(String, Vec<Tensor>)>, Option<Bytes>) {
+) -> Result<FullWeightsLayout> {
     let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
     let groups = split_into_files(tensors, max_file_bytes);
     if groups.len() == 1 {
         let all = groups.into_iter().flatten().collect();
-        return (vec![("model.safetensors".to_string(), all)], None);
+        return Ok((vec![("model.safetensors".to_string(), all)], None));
     }
     let count = groups.len();
     let mut weight_map = serde_json::Map::new();
@@ -32,8 +35,8 @@ pub(crate) fn full_weights_layout(
         named.push((name, group));
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    let index = Bytes::from(serde_json::to_vec_pretty(&index).unwrap_or_default());
-    (named, Some(index))
+    let index = Bytes::from(to_json_pretty("model.safetensors.index.json", &index)?);
+    Ok((named, Some(index)))
 }
 
 /// Writes `tensors` as an HF model directory's weights (see [`full_weights_layout`]).
@@ -41,8 +44,8 @@ pub async fn write_full_weights(
     writer: &FileWriter,
     tensors: Vec<Tensor>,
     max_file_bytes: u64,
-) -> Result<Vec<FileEntry>> {
-    let (groups, index) = full_weights_layout(tensors, max_file_bytes);
+) -> Result<Vec<WrittenFile>> {
+    let (groups, index) = full_weights_layout(tensors, max_file_bytes)?;
     let mut files = Vec::new();
     for (name, group) in groups {
         files.push(

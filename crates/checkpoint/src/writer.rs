@@ -1,5 +1,5 @@
 //! [`FileWriter`]: streams one rank's files into a checkpoint folder and reports each as a
-//! [`FileEntry`] (path, bytes, sha256, rank).
+//! [`WrittenFile`] (path, bytes, sha256, rank, and the tensor names it holds).
 
 use std::collections::BTreeMap;
 
@@ -7,7 +7,7 @@ use bytes::Bytes;
 use waypoint_storage::Store;
 
 use crate::error::Result;
-use crate::file_entry::FileEntry;
+use crate::file_entry::{FileEntry, WrittenFile};
 use crate::safetensors_file::write_file;
 use crate::tensor::Tensor;
 
@@ -31,7 +31,7 @@ impl FileWriter {
     }
 
     /// Streams `tensors` as a safetensors file at `path` (`dcp/…` or `sampler/…`).
-    pub async fn write_tensors(&self, path: &str, tensors: &[Tensor]) -> Result<FileEntry> {
+    pub async fn write_tensors(&self, path: &str, tensors: &[Tensor]) -> Result<WrittenFile> {
         self.write_tensors_with(path, tensors, &BTreeMap::new())
             .await
     }
@@ -42,17 +42,23 @@ impl FileWriter {
         path: &str,
         tensors: &[Tensor],
         extra: &BTreeMap<String, String>,
-    ) -> Result<FileEntry> {
+    ) -> Result<WrittenFile> {
         let info = write_file(&self.store, &format!("{}/{path}", self.dir), tensors, extra).await?;
-        Ok(self.entry(path, info))
+        Ok(WrittenFile {
+            entry: self.entry(path, info),
+            tensors: tensors.iter().map(|t| t.name.clone()).collect(),
+        })
     }
 
     /// Writes a small file (JSON, tokenizer) at `path`.
-    pub async fn write_bytes(&self, path: &str, data: Bytes) -> Result<FileEntry> {
+    pub async fn write_bytes(&self, path: &str, data: Bytes) -> Result<WrittenFile> {
         let mut w = self.store.writer(&format!("{}/{path}", self.dir))?;
         w.write_bytes(data).await?;
         let info = w.finish().await?;
-        Ok(self.entry(path, info))
+        Ok(WrittenFile {
+            entry: self.entry(path, info),
+            tensors: Vec::new(),
+        })
     }
 
     fn entry(&self, path: &str, info: waypoint_storage::BlobInfo) -> FileEntry {

@@ -163,6 +163,7 @@ async fn promotes_promotable_checkpoints_and_refuses_others() {
                 "tiny",
             )
             .to_json()
+            .unwrap()
             .into(),
             tensors: vec![Tensor::new(
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",

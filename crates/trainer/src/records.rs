@@ -1,13 +1,12 @@
 //! Run records: `status.json` (the job states of the control plane), `logs/metrics.jsonl`, and the
 //! `TORCHELASTIC_ERROR_FILE` that torchrun's agent reads when a worker fails.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde::Serialize;
-use waypoint_storage::{StorageError, Store};
+pub use waypoint_checkpoint::now_ms;
 use waypoint_checkpoint::RunLayout;
+use waypoint_storage::{StorageError, Store};
 
 /// A job state, spelled as the control plane spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -149,12 +148,4 @@ pub fn write_error_file(message: &str) {
     if let Err(e) = std::fs::write(&path, body.to_string()) {
         tracing::warn!(%path, %e, "could not write TORCHELASTIC_ERROR_FILE");
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -24,12 +24,12 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 use tokio::runtime::Handle;
-use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
-use waypoint_checkpoint::{
-    dcp, CheckpointManager, Commit, FileEntry, SamplerPart, SaveRequest, Tensor as Blob,
-};
 use waypoint_c10d::SideChannel;
+use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
 use waypoint_checkpoint::StepName;
+use waypoint_checkpoint::{
+    dcp, CheckpointManager, Commit, SamplerPart, SaveRequest, Tensor as Blob, WrittenFile,
+};
 
 use crate::convert::{byte_size, to_blob};
 use crate::model::Model;
@@ -323,13 +323,13 @@ fn write_share(
     if let Some(sampler) = job.sampler {
         files.extend(handle.block_on(manager.write_sampler(&writer, sampler, &mut commit))?);
     }
-    let bytes: u64 = files.iter().map(|f| f.bytes).sum();
+    let bytes: u64 = files.iter().map(|f| f.entry.bytes).sum();
     tracing::info!(rank, checkpoint = %step, files = files.len(), bytes, "wrote this rank's share");
     let lists = side.all_gather(&format!("save/{step}/files"), &serde_json::to_vec(&files)?)?;
     let verdict = if rank == 0 {
         let mut all = Vec::new();
         for list in &lists {
-            all.extend(serde_json::from_slice::<Vec<FileEntry>>(list)?);
+            all.extend(serde_json::from_slice::<Vec<WrittenFile>>(list)?);
         }
         commit.world_size = world;
         match handle.block_on(manager.commit(commit, all)) {
@@ -484,7 +484,7 @@ fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
             })
             .collect::<Result<Vec<_>>>()?;
         return Ok(SamplerPart::Lora {
-            adapter_config: Bytes::from(config.to_json()),
+            adapter_config: Bytes::from(config.to_json()?),
             tensors,
         });
     }

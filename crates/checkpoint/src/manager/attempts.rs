@@ -4,7 +4,7 @@
 use waypoint_storage::StorageError;
 
 use super::{now_ms, CheckpointManager};
-use crate::error::{CheckpointError, Result};
+use crate::error::{to_json_pretty, CheckpointError, Result};
 
 impl CheckpointManager {
     /// Takes the next attempt number with a create-only `attempts/NNNNNN.json` (the fencing token).
@@ -12,12 +12,14 @@ impl CheckpointManager {
     pub async fn start_attempt(&mut self, info: &serde_json::Value) -> Result<u64> {
         let mut next = self.newest_attempt().await?.unwrap_or(0) + 1;
         loop {
-            let body = serde_json::to_vec_pretty(&serde_json::json!({
-                "attempt": next,
-                "started_unix_ms": now_ms(),
-                "info": info,
-            }))
-            .unwrap_or_default();
+            let body = to_json_pretty(
+                "an attempt record",
+                &serde_json::json!({
+                    "attempt": next,
+                    "started_unix_ms": now_ms(),
+                    "info": info,
+                }),
+            )?;
             match self
                 .store
                 .put_create(&self.layout.attempt(next), body.into())
@@ -73,12 +75,14 @@ impl CheckpointManager {
                 run = self.layout.run_id(),
                 "the run's attempt records are gone (was the run folder deleted?); re-taking attempt {ours}"
             );
-            let body = serde_json::to_vec_pretty(&serde_json::json!({
-                "attempt": ours,
-                "started_unix_ms": now_ms(),
-                "info": {"retaken": "the run's attempt records were gone at a commit"},
-            }))
-            .unwrap_or_default();
+            let body = to_json_pretty(
+                "an attempt record",
+                &serde_json::json!({
+                    "attempt": ours,
+                    "started_unix_ms": now_ms(),
+                    "info": {"retaken": "the run's attempt records were gone at a commit"},
+                }),
+            )?;
             match self
                 .store
                 .put_create(&self.layout.attempt(ours), body.into())

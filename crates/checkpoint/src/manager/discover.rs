@@ -5,7 +5,7 @@ use waypoint_storage::StorageError;
 
 use super::{now_ms, CheckpointManager};
 use crate::dataloader::{DataPosition, Dataloader};
-use crate::error::{CheckpointError, Result};
+use crate::error::{to_json_pretty, CheckpointError, Result};
 use crate::kind::{detect, CheckpointKind};
 use crate::manifest::Manifest;
 use crate::safetensors_file::read_header;
@@ -216,9 +216,7 @@ impl CheckpointManager {
         self.store
             .put(
                 &self.layout.quarantined_manifest(step, ours),
-                serde_json::to_vec_pretty(&record)
-                    .unwrap_or_default()
-                    .into(),
+                to_json_pretty("a quarantine record", &record)?.into(),
             )
             .await?;
         self.store.delete(&key).await?;

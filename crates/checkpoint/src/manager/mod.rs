@@ -13,13 +13,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use waypoint_storage::Store;
 
 use crate::error::{CheckpointError, Result};
 use crate::manifest::DeltaBase;
+pub(crate) use crate::now_ms;
 use crate::tensor::Tensor;
 use crate::{RunLayout, StepName};
 
@@ -150,13 +150,6 @@ impl Drop for Pin {
             }
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl CheckpointManager {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use waypoint_storage::StorageError;
 
 use super::{now_ms, CheckpointManager};
-use crate::error::{CheckpointError, Result};
+use crate::error::{to_json_pretty, CheckpointError, Result};
 use crate::kind::CheckpointKind;
 use crate::{model_dir, RunLayout, StepName};
 
@@ -150,9 +150,7 @@ impl CheckpointManager {
             .store
             .put_create(
                 &format!("{dest}/{PROMOTION_RECORD}"),
-                serde_json::to_vec_pretty(&record)
-                    .unwrap_or_default()
-                    .into(),
+                to_json_pretty("a promotion record", &record)?.into(),
             )
             .await
         {

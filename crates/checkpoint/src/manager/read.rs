@@ -9,7 +9,7 @@ use crate::delta::{self, CheckpointFiles};
 use crate::error::{CheckpointError, Result};
 use crate::file_entry::FileEntry;
 use crate::manifest::Manifest;
-use crate::safetensors_file::parse_header;
+use crate::safetensors_file::read_bytes;
 use crate::tensor::Tensor;
 use crate::StepName;
 
@@ -48,7 +48,7 @@ impl CheckpointManager {
                 let key = format!("{dir}/{}", f.path);
                 async move {
                     let bytes = self.read_file_checked(&key, f).await?;
-                    tensors_from_bytes(&key, bytes, want)
+                    read_bytes(&key, bytes, want)
                 }
             });
         let per_file: Vec<Vec<Tensor>> = futures::stream::iter(reads)
@@ -106,43 +106,10 @@ impl CheckpointManager {
     pub async fn sampler_tensors(&self, manifest: &Manifest) -> Result<Vec<Tensor>> {
         let mut out = Vec::new();
         for (name, bytes) in self.sampler_weight_files(manifest).await? {
-            out.extend(tensors_from_bytes(&name, bytes, &|_| true)?);
+            out.extend(read_bytes(&name, bytes, &|_| true)?);
         }
         Ok(out)
     }
-}
-
-/// Parses tensors out of a whole safetensors file held in memory (zero-copy slices).
-pub(super) fn tensors_from_bytes(
-    key: &str,
-    bytes: Bytes,
-    want: &dyn Fn(&str) -> bool,
-) -> Result<Vec<Tensor>> {
-    let header = match parse_header(key, &bytes, bytes.len() as u64)? {
-        Ok(h) => h,
-        Err(_) => {
-            return Err(CheckpointError::BadBlob {
-                key: key.to_string(),
-                reason: "header longer than the file".into(),
-            })
-        }
-    };
-    let start = header.data_start as usize;
-    let mut out = Vec::new();
-    for (name, info) in &header.tensors {
-        if !want(name) {
-            continue;
-        }
-        let (s, e) = info.data_offsets;
-        out.push(Tensor {
-            name: name.clone(),
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            offsets: header.saved_offsets(name)?,
-            data: bytes.slice(start + s..start + e),
-        });
-    }
-    Ok(out)
 }
 
 /// sha256 (hex) of `bytes`, computed on a blocking thread.

@@ -33,7 +33,7 @@ impl CheckpointManager {
                 epoch: manifest.epoch,
             },
         );
-        self.store.put(&key, d.to_json().into()).await?;
+        self.store.put(&key, d.to_json()?.into()).await?;
         Ok(())
     }
 }

@@ -8,7 +8,8 @@ use waypoint_storage::StorageError;
 use super::{now_ms, CheckpointManager, Commit, SamplerPart, SaveRequest};
 use crate::dcp;
 use crate::error::{CheckpointError, Result};
-use crate::file_entry::FileEntry;
+use crate::file_entry::{FileEntry, WrittenFile};
+use crate::kind::{detect, CheckpointKind};
 use crate::manifest::{Manifest, FORMAT_VERSION};
 use crate::tensor::Tensor;
 use crate::writer::FileWriter;
@@ -39,10 +40,11 @@ impl CheckpointManager {
         FileWriter::new(self.store.clone(), self.layout.checkpoint_dir(step), rank)
     }
 
-    /// Commits step `commit.step` with the files every rank reported: checks the fence and that each
-    /// file is there with its size, writes the manifest create-only, then updates `dataloader.json`
-    /// and applies retention.
-    pub async fn commit(&self, commit: Commit, mut files: Vec<FileEntry>) -> Result<Manifest> {
+    /// Commits step `commit.step` with the files every rank reported: checks the fence, writes the
+    /// manifest create-only, then updates `dataloader.json` and applies retention. The files are
+    /// taken as their writers reported them (bytes and sha256 as written, tensor names for the
+    /// kinds): nothing just written is read back.
+    pub async fn commit(&self, commit: Commit, files: Vec<WrittenFile>) -> Result<Manifest> {
         let step = StepName::new(commit.step);
         let name = step.to_string();
         let Some(ours) = self.attempt else {
@@ -51,30 +53,14 @@ impl CheckpointManager {
             )));
         };
         self.check_fence(&name, ours).await?;
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        let dir = self.layout.checkpoint_dir(step);
-        let mut problems = Vec::new();
-        for f in &files {
-            match self.store.head(&format!("{dir}/{}", f.path)).await {
-                Ok(o) if o.size == f.bytes => {}
-                Ok(o) => problems.push(format!(
-                    "{}: {} bytes, reported {}",
-                    f.path, o.size, f.bytes
-                )),
-                Err(StorageError::NotFound { .. }) => problems.push(format!("{}: missing", f.path)),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(CheckpointError::Damaged { name, problems });
-        }
-        let mut manifest = Manifest {
+        let (files, kinds) = entries_and_kinds(files);
+        let manifest = Manifest {
             format_version: FORMAT_VERSION,
             name: name.clone(),
             step: commit.step,
             data_consumed: commit.data_consumed,
             epoch: commit.epoch,
-            kinds: Vec::new(),
+            kinds,
             world_size: commit.world_size,
             attempt: ours,
             config_fingerprint: commit.config_fingerprint,
@@ -82,9 +68,8 @@ impl CheckpointManager {
             files,
             delta_base: commit.delta_base,
         };
-        manifest.kinds = self.detect_kinds(&manifest).await?;
         // Validate exactly what readers will parse.
-        let body = manifest.to_json();
+        let body = manifest.to_json()?;
         Manifest::parse(&self.layout.manifest(step), &body)?;
         let key = self.layout.manifest(step);
         let body = Bytes::from(body);
@@ -136,7 +121,7 @@ impl CheckpointManager {
         writer: &FileWriter,
         world_size: u32,
         state: Vec<Tensor>,
-    ) -> Result<Vec<FileEntry>> {
+    ) -> Result<Vec<WrittenFile>> {
         let groups = dcp::split_into_files(state, self.options.max_file_bytes);
         let count = groups.len();
         let writes = groups.into_iter().enumerate().map(|(i, group)| async move {
@@ -158,7 +143,7 @@ impl CheckpointManager {
         writer: &FileWriter,
         sampler: SamplerPart,
         commit: &mut Commit,
-    ) -> Result<Vec<FileEntry>> {
+    ) -> Result<Vec<WrittenFile>> {
         let mut files = Vec::new();
         match sampler {
             SamplerPart::Full {
@@ -227,4 +212,19 @@ impl CheckpointManager {
         }
         Ok(files)
     }
+}
+
+/// The manifest's entries, sorted by path, and the kinds they hold: detected as
+/// [`detect_kinds`](CheckpointManager::detect_kinds) does for a committed checkpoint, from the tensor
+/// names of the first `dcp/` safetensors file — here as its writer reported them.
+fn entries_and_kinds(mut files: Vec<WrittenFile>) -> (Vec<FileEntry>, Vec<CheckpointKind>) {
+    files.sort_by(|a, b| a.entry.path.cmp(&b.entry.path));
+    let names = files
+        .iter()
+        .find(|f| f.entry.is_dcp() && f.entry.path.ends_with(".safetensors"))
+        .map(|f| f.tensors.clone())
+        .unwrap_or_default();
+    let entries: Vec<FileEntry> = files.into_iter().map(|f| f.entry).collect();
+    let kinds = detect(&entries, &names);
+    (entries, kinds)
 }
