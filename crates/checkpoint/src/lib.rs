@@ -31,7 +31,7 @@ pub use kind::CheckpointKind;
 pub use layout::{model_dir, RunLayout};
 pub use manager::{
     parse_checkpoint_ref, CheckpointInfo, CheckpointManager, Commit, ManagerOptions, Promotion,
-    SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
+    Retention, SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
 };
 pub use manifest::{DeltaBase, Manifest, FORMAT_VERSION};
 pub use names::{validate_name, StepName};

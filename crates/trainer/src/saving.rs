@@ -332,7 +332,12 @@ fn write_share(
             all.extend(serde_json::from_slice::<Vec<WrittenFile>>(list)?);
         }
         commit.world_size = world;
-        match handle.block_on(manager.commit(commit, all)) {
+        let committed_and_kept = async {
+            let m = manager.commit(commit, all).await?;
+            manager.after_commit(&m).await?;
+            Ok::<_, waypoint_checkpoint::CheckpointError>(m)
+        };
+        match handle.block_on(committed_and_kept) {
             Ok(m) => {
                 handle.block_on(committed(manager, job.status, &job.run_record, &m.name))?;
                 format!("ok {}", m.name)
@@ -500,4 +505,62 @@ fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
         tensors,
         extra_files: ctx.tokenizer_files.clone(),
     })
+}
+
+/// Which save, if any, is due after a step: the policy apart from the saving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDue {
+    /// None.
+    None,
+    /// A periodic resumable save (every `save_steps`, before the last step).
+    Periodic,
+    /// The final save at the last step: resumable and promotable.
+    Final,
+    /// A stop was requested (a signal): save this step, resumable, then stop.
+    Stop,
+}
+
+/// What save is due once `step` of `total` is done, with saves every `save_steps` (0: none but the
+/// final one) and `signal` when a stop was requested. A stop at step 0 has nothing to save.
+pub fn save_due(step: u64, save_steps: u64, total: u64, signal: bool) -> SaveDue {
+    if step >= total {
+        SaveDue::Final
+    } else if signal {
+        if step > 0 {
+            SaveDue::Stop
+        } else {
+            SaveDue::None
+        }
+    } else if save_steps > 0 && step % save_steps == 0 {
+        SaveDue::Periodic
+    } else {
+        SaveDue::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periodic_saves_fall_on_multiples_before_the_last_step() {
+        let due: Vec<u64> = (1..10)
+            .filter(|&s| save_due(s, 3, 10, false) == SaveDue::Periodic)
+            .collect();
+        assert_eq!(due, [3, 6, 9]);
+        // The last step gets the final save, even on a multiple.
+        assert_eq!(save_due(9, 3, 9, false), SaveDue::Final);
+        assert_eq!(save_due(10, 3, 10, false), SaveDue::Final);
+        // save_steps 0: only the final one.
+        assert!((1..10).all(|s| save_due(s, 0, 10, false) == SaveDue::None));
+        assert_eq!(save_due(10, 0, 10, false), SaveDue::Final);
+    }
+
+    #[test]
+    fn a_stop_saves_the_current_step_unless_nothing_was_done() {
+        assert_eq!(save_due(4, 3, 10, true), SaveDue::Stop);
+        assert_eq!(save_due(6, 3, 10, true), SaveDue::Stop);
+        assert_eq!(save_due(0, 3, 10, true), SaveDue::None);
+        assert_eq!(save_due(10, 3, 10, true), SaveDue::Final);
+    }
 }

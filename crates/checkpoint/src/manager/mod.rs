@@ -1,14 +1,17 @@
 //! `CheckpointManager`: saving, committing, finding, loading, promoting, retaining and collecting the
 //! checkpoints of one run. See DESIGN.md, "Commit protocol".
 //!
-//! A save by several writers (ranks) goes: the committer calls [`CheckpointManager::prepare_save`] (it
-//! clears uncommitted leftovers of that step); every rank writes its files with a [`FileWriter`](crate::FileWriter)
-//! and reports the [`FileEntry`](crate::FileEntry)s; the committer calls [`CheckpointManager::commit`] with all of them. A
-//! single process can call [`CheckpointManager::save`], which does all three.
+//! A save by several writers (ranks) goes: the committer calls [`CheckpointManager::prepare_save`]
+//! (it clears uncommitted leftovers of that step); every rank writes its files with a
+//! [`FileWriter`](crate::FileWriter) and reports them; the committer calls
+//! [`CheckpointManager::commit`] with all of them (it only commits), then
+//! [`CheckpointManager::after_commit`] (retention, `dataloader.json`). A single process can call
+//! [`CheckpointManager::save`], which does all of it.
 //!
 //! One file per verb: [`attempts`] (fencing), [`write`] (the save path and the commit), [`upkeep`]
-//! (`dataloader.json`), [`discover`] (listing, resume discovery), [`read`] (loading tensors),
-//! [`verify`], [`promote`], [`retention`] (retention and GC). This file holds the manager itself, its
+//! (what follows a commit), [`discover`] (listing, resume discovery), [`read`] (loading tensors),
+//! [`verify`], [`promote`], [`retention`] (the retention policy, retention
+//! and GC). This file holds the manager itself, its
 //! options and what a save is made of.
 
 use std::collections::HashMap;
@@ -34,6 +37,7 @@ mod write;
 
 pub use discover::{CheckpointInfo, Skipped};
 pub use promote::{Promotion, PROMOTION_RECORD};
+pub use retention::Retention;
 pub use verify::VerifyReport;
 
 /// Knobs of a [`CheckpointManager`].

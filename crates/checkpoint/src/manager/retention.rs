@@ -5,7 +5,53 @@ use std::time::{Duration, SystemTime};
 
 use super::CheckpointManager;
 use crate::error::Result;
+use crate::manifest::Manifest;
 use crate::StepName;
+
+/// The retention policy, apart from the I/O: which committed checkpoints to remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Resumable checkpoints kept, newest first.
+    pub keep_last: usize,
+    /// Whether checkpoints holding sampler blobs may go too.
+    pub prune_sampler: bool,
+}
+
+impl Retention {
+    /// The steps to remove, given the readable manifests newest first, the newest committed step
+    /// and the steps being read (`pinned`). Kept: the newest `keep_last` resumable checkpoints, the
+    /// newest committed one, pinned ones, the base of any delta listed, and (unless `prune_sampler`)
+    /// any holding sampler blobs; checkpoints without a resumable part are never removed.
+    pub fn victims(
+        &self,
+        manifests_newest_first: &[Manifest],
+        newest: StepName,
+        pinned: &[u64],
+    ) -> Vec<StepName> {
+        let bases: Vec<&str> = manifests_newest_first
+            .iter()
+            .filter_map(|m| m.delta_base.as_ref().map(|d| d.name.as_str()))
+            .collect();
+        let mut resumable_seen = 0;
+        let mut remove = Vec::new();
+        for m in manifests_newest_first {
+            if m.dcp_files().next().is_none() {
+                continue;
+            }
+            resumable_seen += 1;
+            let step = m.step_name();
+            let protected = resumable_seen <= self.keep_last
+                || step == newest
+                || pinned.contains(&m.step)
+                || bases.contains(&m.name.as_str())
+                || (!self.prune_sampler && m.sampler_files().next().is_some());
+            if !protected {
+                remove.push(step);
+            }
+        }
+        remove
+    }
+}
 
 impl CheckpointManager {
     /// Keeps the newest `keep` resumable checkpoints and removes older ones — never the newest
@@ -23,10 +69,6 @@ impl CheckpointManager {
                 manifests.push(m);
             }
         }
-        let bases: Vec<String> = manifests
-            .iter()
-            .filter_map(|m| m.delta_base.as_ref().map(|d| d.name.clone()))
-            .collect();
         let pinned: Vec<u64> = self
             .pinned
             .lock()
@@ -34,22 +76,12 @@ impl CheckpointManager {
             .keys()
             .copied()
             .collect();
-        let mut resumable_seen = 0;
+        let policy = Retention {
+            keep_last: keep,
+            prune_sampler: self.options.prune_sampler,
+        };
         let mut removed = Vec::new();
-        for m in &manifests {
-            if m.dcp_files().next().is_none() {
-                continue;
-            }
-            resumable_seen += 1;
-            let step = m.step_name();
-            let protected = resumable_seen <= keep
-                || step == newest
-                || pinned.contains(&m.step)
-                || bases.contains(&m.name)
-                || (!self.options.prune_sampler && m.sampler_files().next().is_some());
-            if protected {
-                continue;
-            }
+        for step in policy.victims(&manifests, newest, &pinned) {
             self.store.delete(&self.layout.manifest(step)).await?;
             self.store
                 .delete_prefix(&self.layout.checkpoint_dir(step))
@@ -91,5 +123,104 @@ impl CheckpointManager {
             removed.extend(self.store.delete_prefix(&prefix).await?);
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::file_entry::FileEntry;
+    use crate::manifest::{DeltaBase, FORMAT_VERSION};
+
+    fn file(path: &str) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            bytes: 1,
+            sha256: "a".repeat(64),
+            rank: 0,
+        }
+    }
+
+    /// A manifest of `step` with a resumable part when `dcp`, sampler files when `sampler`.
+    fn m(step: u64, dcp: bool, sampler: bool) -> Manifest {
+        let mut files = Vec::new();
+        if dcp {
+            files.push(file("dcp/model-00001-of-00001.safetensors"));
+        }
+        if sampler {
+            files.push(file("sampler/model.safetensors"));
+        }
+        Manifest {
+            format_version: FORMAT_VERSION,
+            name: StepName::new(step).to_string(),
+            step,
+            data_consumed: step,
+            epoch: 0,
+            kinds: Vec::new(),
+            world_size: 1,
+            attempt: 1,
+            config_fingerprint: "c".repeat(64),
+            created_unix_ms: 0,
+            files,
+            delta_base: None,
+        }
+    }
+
+    fn steps(v: &[StepName]) -> Vec<u64> {
+        v.iter().map(|s| s.step()).collect()
+    }
+
+    #[test]
+    fn keeps_the_newest_resumable_ones() {
+        let all: Vec<Manifest> = (1..=5).rev().map(|s| m(s, true, false)).collect();
+        let keep2 = Retention {
+            keep_last: 2,
+            prune_sampler: false,
+        };
+        assert_eq!(
+            steps(&keep2.victims(&all, StepName::new(5), &[])),
+            [3, 2, 1]
+        );
+        // Pinned steps (being read) stay.
+        assert_eq!(steps(&keep2.victims(&all, StepName::new(5), &[2])), [3, 1]);
+        // The newest committed checkpoint stays even with nothing else kept.
+        let keep0 = Retention {
+            keep_last: 0,
+            prune_sampler: false,
+        };
+        assert_eq!(
+            steps(&keep0.victims(&all, StepName::new(5), &[])),
+            [4, 3, 2, 1]
+        );
+    }
+
+    #[test]
+    fn sampler_only_and_sampler_holding_and_delta_bases_are_protected() {
+        let mut delta = m(6, true, true);
+        delta.delta_base = Some(DeltaBase {
+            name: StepName::new(2).to_string(),
+            files: Vec::new(),
+        });
+        let all = vec![
+            delta,
+            m(5, false, true), // sampler only: not counted, never removed
+            m(4, true, false),
+            m(3, true, true), // holds sampler blobs
+            m(2, true, true), // a kept delta's base
+            m(1, true, false),
+        ];
+        let keep1 = Retention {
+            keep_last: 1,
+            prune_sampler: false,
+        };
+        assert_eq!(steps(&keep1.victims(&all, StepName::new(6), &[])), [4, 1]);
+        let prune = Retention {
+            keep_last: 1,
+            prune_sampler: true,
+        };
+        assert_eq!(
+            steps(&prune.victims(&all, StepName::new(6), &[])),
+            [4, 3, 1]
+        );
     }
 }

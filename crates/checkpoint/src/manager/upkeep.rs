@@ -1,4 +1,5 @@
-//! `dataloader.json` upkeep after a commit: the data position of every committed checkpoint.
+//! What follows a commit, as steps of their own: retention (when `keep_last` is set), then
+//! `dataloader.json` (the data position of every committed checkpoint).
 
 use waypoint_storage::StorageError;
 
@@ -9,11 +10,20 @@ use crate::manifest::Manifest;
 use crate::StepName;
 
 impl CheckpointManager {
-    pub(super) async fn record_data_position(
-        &self,
-        step: StepName,
-        manifest: &Manifest,
-    ) -> Result<()> {
+    /// The upkeep after committing `manifest`: applies retention (`keep_last`), then records its data
+    /// position in `dataloader.json` — after retention, so that the file lists exactly the committed
+    /// checkpoints.
+    pub async fn after_commit(&self, manifest: &Manifest) -> Result<()> {
+        if let Some(keep) = self.options.keep_last {
+            self.retain(keep).await?;
+        }
+        self.record_data_position(manifest.step_name(), manifest)
+            .await
+    }
+
+    /// Writes `dataloader.json` with `manifest`'s data position, dropping the entries of checkpoints
+    /// that no longer exist.
+    pub async fn record_data_position(&self, step: StepName, manifest: &Manifest) -> Result<()> {
         let key = self.layout.dataloader();
         let mut d = match self.store.get(&key).await {
             Ok(bytes) => Dataloader::parse(&key, &bytes).unwrap_or_else(|e| {

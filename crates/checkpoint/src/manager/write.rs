@@ -40,8 +40,8 @@ impl CheckpointManager {
         FileWriter::new(self.store.clone(), self.layout.checkpoint_dir(step), rank)
     }
 
-    /// Commits step `commit.step` with the files every rank reported: checks the fence, writes the
-    /// manifest create-only, then updates `dataloader.json` and applies retention. The files are
+    /// Commits step `commit.step` with the files every rank reported: checks the fence and writes
+    /// the manifest create-only — that is all; [`Self::after_commit`] follows it. The files are
     /// taken as their writers reported them (bytes and sha256 as written, tensor names for the
     /// kinds): nothing just written is read back.
     pub async fn commit(&self, commit: Commit, files: Vec<WrittenFile>) -> Result<Manifest> {
@@ -88,15 +88,11 @@ impl CheckpointManager {
             },
         }
         tracing::info!(checkpoint = %name, kinds = ?manifest.kinds, bytes = manifest.total_bytes(), "checkpoint committed");
-        if let Some(keep) = self.options.keep_last {
-            self.retain(keep).await?;
-        }
-        // After retention, so that the file lists exactly the committed checkpoints.
-        self.record_data_position(step, &manifest).await?;
         Ok(manifest)
     }
 
-    /// Single-process save: prepare, write the resumable and sampler parts, commit.
+    /// Single-process save: prepare, write the resumable and sampler parts, commit, then the upkeep
+    /// ([`Self::after_commit`]).
     pub async fn save(&self, mut request: SaveRequest) -> Result<Manifest> {
         let step = StepName::new(request.commit.step);
         self.prepare_save(step).await?;
@@ -111,7 +107,9 @@ impl CheckpointManager {
                     .await?,
             );
         }
-        self.commit(request.commit, files).await
+        let manifest = self.commit(request.commit, files).await?;
+        self.after_commit(&manifest).await?;
+        Ok(manifest)
     }
 
     /// Writes one rank's share of the resumable state under `dcp/` (split into files of at most
