@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::config::{merge, read_config_file, ConfigError, Origin, TrainConfig};
-use crate::train::{Outcome, UsageError};
+use crate::run::{Outcome, UsageError};
 
 /// waypoint: the trainer-side checkpoint and resume runtime.
 #[derive(Debug, Parser)]
@@ -329,7 +329,7 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     let stop = stop_on_signals();
     let base = config.checkpoint_base_uri.trim_end_matches('/').to_string();
     let run = format!("{base}/{}/framework={}", config.run_id, config.framework);
-    match crate::train::run(config, stop, runtime) {
+    match crate::run::run(config, stop, runtime) {
         Ok(Outcome::Finished {
             steps,
             last_loss,

@@ -2,7 +2,7 @@
 //! resumes exactly, through the checkpoint and storage crates.
 //!
 //! - [`cli`]: flags, exit codes, dispatch; [`config`]: defaults ← `--config_path` ← flags.
-//! - [`train`]: the loop, resume, signals; [`saving`]: checkpoints from the loop, async and sharded;
+//! - [`run`]: one start of the trainer — setup, resume, step, finish; [`saving`]: checkpoints from the loop, async and sharded;
 //!   [`records`]: status, metrics, error file.
 //! - [`model`]: Llama/Qwen2/Qwen3 and LoRA; [`tokenizer`]; [`data`]: JSONL to packed samples;
 //!   [`optim`]: AdamW and the LR schedule; [`convert`]: tch ↔ checkpoint tensors.
@@ -22,7 +22,7 @@ pub mod nccl;
 pub mod optim;
 pub mod ranks;
 pub mod records;
+pub mod run;
 pub mod saving;
 pub mod tokenizer;
 pub mod torchrun;
-pub mod train;

@@ -14,7 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use crate::train::UsageError;
+use crate::run::UsageError;
 
 /// The projections LoRA can wrap, as `peft` names them.
 pub const LORA_TARGETS: [&str; 7] = [

@@ -84,7 +84,7 @@ impl Tokenizer {
             .unwrap_or_else(|| inner.get_vocab_size(true) as i64);
         for (what, id) in [("end-of-text", eos), ("padding", pad)] {
             if !(0..vocab).contains(&id) {
-                return Err(crate::train::UsageError(format!(
+                return Err(crate::run::UsageError(format!(
                     "{}: the {what} token id {id} is not in the model's vocabulary (0 to {}); fix \
                      eos_token_id/pad_token_id in config.json",
                     dir.display(),

@@ -1,0 +1,138 @@
+//! The end of a start: the final save (resumable and promotable), promotion and `FINISHED`; or, on
+//! SIGTERM/SIGINT, the current step saved and `CANCELLED`. Also the periodic save of the loop.
+
+use anyhow::Result;
+use tokio::runtime::Runtime;
+use waypoint_checkpoint::{model_dir, StepName};
+
+use super::{Live, Outcome, Session};
+use crate::records::{self, JobState, Status};
+
+impl Session {
+    /// Saves the state at the current step (resumable; also promotable when `promotable`), in the
+    /// background when `background`.
+    pub(super) fn save(
+        &mut self,
+        run: &mut Live,
+        promotable: bool,
+        background: bool,
+    ) -> Result<()> {
+        let commit = run
+            .ctx
+            .commit(self.step, run.data_consumed, run.ranks.world());
+        let status = self.status_for(run.attempt);
+        run.saver.save(
+            &run.model,
+            &run.opt,
+            &run.ctx,
+            commit,
+            promotable,
+            status,
+            run.metrics.clone(),
+            background,
+        )
+    }
+
+    /// After the last step: the final save (already there when a finished run is restarted),
+    /// promotion (rank 0), `FINISHED`.
+    pub(super) fn finish(&mut self, run: &mut Live, rt: &Runtime) -> Result<Outcome> {
+        let total = self.total_steps;
+        let main = self.main;
+        let last_loss = run.last_loss;
+        let cfg = self.config.clone();
+        // The final save: resumable and promotable. Already there when a finished run is restarted.
+        let final_name = StepName::new(total).to_string();
+        if run.resumed_step.is_none_or(|s| s < total) {
+            run.saver.wait()?;
+            self.save(run, true, false)?;
+        }
+        run.saver.wait()?;
+        self.last_checkpoint = Some(final_name.clone());
+        let mut promoted = None;
+        if !main {
+            return Ok(Outcome::Finished {
+                steps: total,
+                last_loss,
+                checkpoint: final_name,
+                model: None,
+            });
+        }
+        if !cfg.output_model_id.is_empty() {
+            // A finished promotion of this checkpoint (a restart of a finished run) is left as it
+            // is; an interrupted one is finished by promote.
+            let final_step = StepName::new(total);
+            let done = rt
+                .block_on(run.manager.promotion(&cfg.output_model_id))?
+                .is_done_from(&self.layout, &final_name);
+            let at = if done {
+                model_dir(&cfg.output_model_id)?
+            } else {
+                let at = rt.block_on(run.manager.promote(final_step, &cfg.output_model_id))?;
+                tracing::info!(model = %at, "promoted the final checkpoint");
+                at
+            };
+            promoted = Some(at);
+        }
+        let mut status = self.status_for(run.attempt);
+        status.state = JobState::Finished;
+        rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        Ok(Outcome::Finished {
+            steps: total,
+            last_loss,
+            checkpoint: final_name,
+            model: promoted,
+        })
+    }
+
+    /// The status of this start at its current step.
+    pub(super) fn status_for(&self, attempt: u64) -> Status {
+        let mut s = Status::new(JobState::Running, self.step, self.total_steps);
+        s.attempt = Some(attempt);
+        s.checkpoint = self.last_checkpoint.clone();
+        s
+    }
+
+    /// The ranks agreed to stop before a step: saves the current step (unless saved) and records
+    /// `CANCELLED`.
+    pub(super) fn stop_for_signal(
+        &mut self,
+        signal: usize,
+        run: &mut Live,
+        rt: &Runtime,
+    ) -> Result<Outcome> {
+        let attempt = run.attempt;
+        tracing::warn!(
+            signal,
+            step = self.step,
+            "stop requested; saving the current step"
+        );
+        run.saver.wait()?;
+        if run.saver.committed.is_some() {
+            self.last_checkpoint = run.saver.committed.clone();
+        }
+        if self.last_checkpoint.as_deref() != Some(&StepName::new(self.step).to_string())
+            && self.step > 0
+        {
+            self.save(run, false, false)?;
+            self.last_checkpoint = Some(StepName::new(self.step).to_string());
+        }
+        if !run.ranks.is_main() {
+            return Ok(Outcome::Stopped {
+                signal,
+                step: self.step,
+            });
+        }
+        let mut status = self.status_for(attempt);
+        status.state = JobState::Cancelled;
+        status.error = Some(format!(
+            "stopped by signal {signal} after step {}; a restart resumes from {}",
+            self.step,
+            self.last_checkpoint.as_deref().unwrap_or("the start")
+        ));
+        rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        Ok(Outcome::Stopped {
+            signal,
+            step: self.step,
+        })
+    }
+}

@@ -1,0 +1,426 @@
+//! Resume: the newest resumable checkpoint that loads whole, passing over damaged ones; the
+//! configuration-drift and model-id checks; the attempt (fencing) and run records; then the restored
+//! (or `init_from_checkpoint`, or fresh) weights, optimizer state and data position.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tch::{Kind, Tensor};
+use tokio::runtime::Runtime;
+use waypoint_checkpoint::{
+    dcp, model_dir, CheckpointManager, Promotion, RunLayout, Skipped, Tensor as Blob,
+};
+use waypoint_storage::Store;
+
+use super::setup::{Loaded, Setup};
+use super::{Live, Session, UsageError};
+use crate::config::fingerprint;
+use crate::convert::from_blob;
+use crate::model::{LoraConfig, Model};
+use crate::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
+use crate::records::{self, JobState, Status};
+use crate::saving::{SaveContext, Saver};
+
+impl Session {
+    /// From the setup to a run ready to step: see the module documentation.
+    pub(super) fn resume(&mut self, setup: Setup, rt: &Runtime) -> Result<Live> {
+        let cfg = self.config.clone();
+        let Setup {
+            env,
+            device,
+            ranks,
+            loaded,
+            global_batch,
+            mut manager,
+        } = setup;
+        let Loaded {
+            mut model,
+            tokenizer_files,
+            train,
+            eval,
+            model_fingerprint,
+        } = loaded;
+        let main = ranks.is_main();
+        let world = ranks.world() as u64;
+        let total = self.total_steps;
+        let resume_fields = cfg.resume_fields(&model_fingerprint);
+        let config_fp = fingerprint(&resume_fields);
+        // Rank 0 picks the checkpoint to resume from (sizes checked); every rank loads it, checking
+        // each blob's sha256 as it is read. A checkpoint any rank finds damaged is passed over (and
+        // set aside once this attempt owns the run) and the next older one tried.
+        let mut damaged: Vec<Skipped> = Vec::new();
+        let mut passed_over = Vec::new();
+        let (latest, mut resume_blobs) = loop {
+            let mut pick = None;
+            if main {
+                let (found, skipped) =
+                    rt.block_on(manager.resume_candidate(false, &passed_over))
+                        .context("looking for the run's newest resumable checkpoint")?;
+                damaged.extend(skipped);
+                pick = found;
+            }
+            let chosen = pick.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+            let chosen =
+                String::from_utf8_lossy(&ranks.broadcast("resume-from", chosen.as_bytes())?)
+                    .to_string();
+            if chosen.is_empty() {
+                break (None, Vec::new());
+            }
+            let step: waypoint_checkpoint::StepName = chosen.parse()?;
+            let m = match pick {
+                Some(m) => m,
+                None => rt.block_on(manager.manifest(step))?,
+            };
+            let (blobs, problem) = match rt.block_on(manager.load_tensors(&m, "dcp/", &|_| true)) {
+                Ok(blobs) => (blobs, None),
+                Err(e) if e.is_damage() => (Vec::new(), Some(e.to_string())),
+                Err(e) => return Err(e).context(format!("loading checkpoint {chosen}")),
+            };
+            if !ranks.any(&format!("resume-damaged/{chosen}"), problem.is_some())? {
+                break (Some(m), blobs);
+            }
+            tracing::warn!(checkpoint = %chosen, "passing over a damaged checkpoint: {}",
+                problem.as_deref().unwrap_or("another rank found it damaged"));
+            damaged.push(Skipped {
+                step,
+                reason: problem.unwrap_or_else(|| "another rank found it damaged".into()),
+            });
+            passed_over.push(step);
+        };
+        if let Some(m) = &latest {
+            if m.config_fingerprint != config_fp {
+                let drift = rt.block_on(describe_drift(
+                    &self.store,
+                    &self.layout,
+                    &serde_json::to_value(&resume_fields)?,
+                ));
+                return Err(UsageError(format!(
+                    "configuration drift: run {} has checkpoints up to {} made with other settings \
+                     ({drift}). Resuming would not continue that run. Restore the settings, or start \
+                     a new --run_id. Nothing was written.",
+                    cfg.run_id, m.name
+                ))
+                .into());
+            }
+        }
+        if !cfg.output_model_id.is_empty() {
+            let dir = model_dir(&cfg.output_model_id)
+                .map_err(|e| UsageError(format!("--output_model_id: {e}")))?;
+            // A finished promotion of another source, or files that are not a promotion, are never
+            // overwritten; this run's own promotion (done, or interrupted) is finished at the end.
+            let final_name = waypoint_checkpoint::StepName::new(total).to_string();
+            let refuse = match rt.block_on(manager.promotion(&cfg.output_model_id))? {
+                Promotion::Absent | Promotion::Partial(_) => false,
+                done => !done.is_done_from(&self.layout, &final_name),
+            };
+            if refuse {
+                return Err(UsageError(format!(
+                    "--output_model_id {}: {dir} already exists; choose another id (nothing is \
+                     overwritten)",
+                    cfg.output_model_id
+                ))
+                .into());
+            }
+        }
+
+        // The starting weights, before anything is written (a bad LoRA setting is a usage error):
+        // own checkpoint first (restored below); else init_from_checkpoint; else fresh.
+        if latest.is_some() {
+            if !cfg.init_from_checkpoint.is_empty() {
+                tracing::info!(
+                    init_from_checkpoint = %cfg.init_from_checkpoint,
+                    "ignoring --init_from_checkpoint: the run has checkpoints of its own"
+                );
+            }
+        } else if !cfg.init_from_checkpoint.is_empty() {
+            rt.block_on(init_from(&manager, &cfg.init_from_checkpoint, &mut model))?;
+        }
+        if cfg.lora_rank > 0 {
+            model
+                .add_lora(
+                    LoraConfig {
+                        rank: cfg.lora_rank as i64,
+                        alpha: cfg.lora_alpha,
+                        dropout: cfg.lora_dropout,
+                        targets: cfg
+                            .lora_target_modules
+                            .split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect(),
+                    },
+                    cfg.seed as i64 + 1,
+                )
+                .map_err(|e| UsageError(format!("--lora_rank/--lora_target_modules: {e:#}")))?;
+        }
+        // From here on the run is ours: rank 0 takes an attempt number (fencing), records the start.
+        let attempt = if main {
+            rt.block_on(manager.start_attempt(&json!({
+                "pid": std::process::id(),
+                "host": std::env::var("HOSTNAME").unwrap_or_default(),
+                "restart_count": env.restart_count,
+                "world_size": world,
+            })))?
+        } else {
+            0
+        };
+        self.attempt = Some(attempt);
+        // Damaged checkpoints newer than the one resumed are set aside, so the steps they held can
+        // be saved again as training goes past them.
+        for skipped in damaged.iter().filter(|_| main) {
+            rt.block_on(manager.set_aside(skipped.step, &skipped.reason))
+                .with_context(|| {
+                    format!("setting the damaged checkpoint {} aside", skipped.step)
+                })?;
+        }
+        let manager = Arc::new(manager);
+        let run_record = json!({
+            "config": cfg.redacted(),
+            "resume_fields": resume_fields,
+            "config_fingerprint": config_fp,
+            "model": model.config.raw,
+            "world_size": env.world_size,
+            "device": format!("{device:?}"),
+            "attempt": attempt,
+            "train_samples": train.len(),
+            "train_documents": train.documents,
+            "skipped_rows": train.skipped,
+            "total_steps": total,
+            "started_unix_ms": records::now_ms(),
+        });
+        let mut status = Status::new(JobState::Pending, 0, total);
+        status.attempt = Some(attempt);
+        if main {
+            rt.block_on(self.store.put(
+                &self.layout.run_config(),
+                Bytes::from(serde_json::to_vec_pretty(&run_record)?),
+            ))
+            .context("writing config/run.json")?;
+            rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        }
+
+        let mut data_consumed = 0u64;
+        let mut opt = AdamW::new(
+            AdamWConfig {
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+            },
+            model.trainable(),
+        );
+        if let Some(m) = &latest {
+            restore_state(&m.name, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
+            let pos = rt.block_on(manager.data_position(m))?;
+            let remaining = (total.saturating_sub(m.step)).saturating_add(1);
+            ensure!(
+                pos.data_consumed / train.len().max(1) as u64 == pos.epoch
+                    && remaining
+                        .checked_mul(global_batch)
+                        .and_then(|n| n.checked_add(pos.data_consumed))
+                        .is_some(),
+                "checkpoint {} records data_consumed {} and epoch {}, which do not fit this \
+                 dataset of {} samples; it was not written by this run's settings",
+                m.name,
+                pos.data_consumed,
+                pos.epoch,
+                train.len()
+            );
+            self.step = m.step;
+            data_consumed = pos.data_consumed;
+            self.last_checkpoint = Some(m.name.clone());
+            tracing::info!(checkpoint = %m.name, step = m.step, data_consumed, "resumed");
+        }
+        let metrics = if main {
+            rt.block_on(records::metrics_until(&self.store, &self.layout, self.step))?
+        } else {
+            String::new()
+        };
+
+        let schedule = Schedule {
+            lr: cfg.lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: total,
+            kind: ScheduleKind::parse(&cfg.lr_scheduler)?,
+            min_lr_ratio: cfg.min_lr_ratio,
+        };
+        let saver = Saver::new(
+            manager.clone(),
+            &ranks,
+            rt.handle().clone(),
+            Bytes::from(serde_json::to_vec_pretty(&run_record)?),
+        )?;
+        let ctx = SaveContext {
+            fingerprint: config_fp.clone(),
+            sampler_kind: match cfg.sampler_dtype.as_str() {
+                "fp32" => Kind::Float,
+                "fp16" => Kind::Half,
+                _ => Kind::BFloat16,
+            },
+            sampler_dtype_name: match cfg.sampler_dtype.as_str() {
+                "fp32" => "float32",
+                "fp16" => "float16",
+                _ => "bfloat16",
+            },
+            tokenizer_files,
+            model_id: cfg.model_id.clone(),
+            n_samples: train.len() as u64,
+        };
+        status.state = JobState::Running;
+        status.step = self.step;
+        status.checkpoint = self.last_checkpoint.clone();
+        if main {
+            rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
+        }
+
+        Ok(Live {
+            ranks,
+            device,
+            model,
+            opt,
+            train,
+            eval,
+            manager,
+            saver,
+            ctx,
+            schedule,
+            metrics,
+            data_consumed,
+            global_batch,
+            attempt,
+            resumed_step: latest.as_ref().map(|m| m.step),
+            last_loss: f64::NAN,
+        })
+    }
+}
+
+/// Loads another run's weights (`run_id:step-N`) into the base model.
+async fn init_from(manager: &CheckpointManager, spec: &str, model: &mut Model) -> Result<()> {
+    let (run, step) = waypoint_checkpoint::parse_checkpoint_ref(spec)?;
+    let other = manager.other_run(&run)?;
+    let m = other
+        .manifest(step)
+        .await
+        .with_context(|| format!("--init_from_checkpoint {spec}"))?;
+    let blobs: Vec<Blob> = if m.dcp_files().next().is_some() {
+        other
+            .load_tensors(&m, "dcp/", &|n| n.starts_with("model."))
+            .await?
+            .into_iter()
+            .map(|mut b| {
+                b.name = b.name["model.".len()..].to_string();
+                b
+            })
+            .collect()
+    } else {
+        other.sampler_tensors(&m).await?
+    };
+    let blobs = assemble_slices(blobs)?;
+    if blobs.keys().any(|n| n.contains(".lora_")) {
+        bail!("--init_from_checkpoint {spec}: a LoRA checkpoint holds adapters, not full weights");
+    }
+    tch::no_grad(|| -> Result<()> {
+        for p in model.base() {
+            let b = blobs.get(&p.name).with_context(|| {
+                format!(
+                    "--init_from_checkpoint {spec}: weight {} is missing",
+                    p.name
+                )
+            })?;
+            copy_into(&p.tensor, b, spec)?;
+        }
+        Ok(())
+    })?;
+    tracing::info!(
+        from = spec,
+        "initialised the weights from another run's checkpoint"
+    );
+    Ok(())
+}
+
+/// Joins DCP slices (from multi-rank saves) into whole tensors, by name.
+fn assemble_slices(blobs: Vec<Blob>) -> Result<HashMap<String, Blob>> {
+    let mut groups: HashMap<String, Vec<Blob>> = HashMap::new();
+    for b in blobs {
+        groups.entry(b.name.clone()).or_default().push(b);
+    }
+    groups
+        .into_iter()
+        .map(|(name, parts)| {
+            let whole = if parts.len() == 1 && parts[0].offsets.is_none() {
+                parts.into_iter().next().context("one part")?
+            } else {
+                dcp::assemble(parts)?
+            };
+            Ok((name, whole))
+        })
+        .collect()
+}
+
+/// Copies a saved tensor into a live one (shape checked), converting dtype and device.
+fn copy_into(dst: &Tensor, src: &Blob, checkpoint: &str) -> Result<()> {
+    let t = from_blob(src)?;
+    ensure!(
+        t.size() == dst.size(),
+        "{checkpoint}: tensor {} has shape {:?}, the model expects {:?}",
+        src.name,
+        t.size(),
+        dst.size()
+    );
+    let mut d = dst.shallow_clone();
+    tch::no_grad(|| d.copy_(&t.to_kind(dst.kind()).to_device(dst.device())));
+    Ok(())
+}
+
+/// Restores trainable weights and optimizer state from a checkpoint's `dcp/` tensors.
+fn restore_state(checkpoint: &str, blobs: Vec<Blob>, model: &Model, opt: &mut AdamW) -> Result<()> {
+    let blobs = assemble_slices(blobs)?;
+    let get = |key: String| {
+        blobs.get(&key).with_context(|| {
+            format!("{checkpoint} lacks tensor {key}; was it saved with another configuration?")
+        })
+    };
+    for (p, s) in model.trainable().iter().zip(&mut opt.state) {
+        copy_into(&p.tensor, get(dcp::model_key(&p.name))?, checkpoint)?;
+        copy_into(
+            &s.exp_avg,
+            get(dcp::optim_key(&p.name, "exp_avg"))?,
+            checkpoint,
+        )?;
+        copy_into(
+            &s.exp_avg_sq,
+            get(dcp::optim_key(&p.name, "exp_avg_sq"))?,
+            checkpoint,
+        )?;
+        copy_into(&s.step, get(dcp::optim_key(&p.name, "step"))?, checkpoint)?;
+    }
+    Ok(())
+}
+
+/// Which resume-relevant settings differ from those recorded in `config/run.json`.
+async fn describe_drift(store: &Store, layout: &RunLayout, now: &Value) -> String {
+    let recorded = match store.get(&layout.run_config()).await {
+        Ok(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let before = &recorded["resume_fields"];
+    let Some(now) = now.as_object() else {
+        return "unknown".into();
+    };
+    let diffs: Vec<String> = now
+        .iter()
+        .filter(|(k, v)| before.get(k.as_str()) != Some(v))
+        .map(|(k, v)| match before.get(k.as_str()) {
+            Some(b) => format!("{k}: was {b}, now {v}"),
+            None => format!("{k}: now {v}"),
+        })
+        .collect();
+    if diffs.is_empty() {
+        "the recorded fingerprint differs".into()
+    } else {
+        diffs.join("; ")
+    }
+}

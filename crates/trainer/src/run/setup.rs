@@ -1,0 +1,167 @@
+//! Setup: join the ranks, load the model, tokenizer and data, open the run's checkpoints.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use bytes::Bytes;
+use serde_json::json;
+use tch::Device;
+use tokio::runtime::Runtime;
+use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
+
+use super::{Session, UsageError};
+use crate::config::{fingerprint, TrainConfig};
+use crate::data::{read_sources, DataOptions, Dataset};
+use crate::model::{Model, ModelConfig};
+use crate::ranks::Ranks;
+use crate::tokenizer::Tokenizer;
+use crate::torchrun::WorkerEnv;
+
+/// What the run starts from, before anything is written.
+pub(super) struct Setup {
+    pub env: WorkerEnv,
+    pub device: Device,
+    pub ranks: Ranks,
+    pub loaded: Loaded,
+    /// Samples per optimizer step over all ranks.
+    pub global_batch: u64,
+    pub manager: CheckpointManager,
+}
+
+/// What is loaded before training: model, tokenizer, data.
+pub(super) struct Loaded {
+    pub model: Model,
+    pub tokenizer_files: Vec<(String, Bytes)>,
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+    pub model_fingerprint: String,
+}
+
+impl Session {
+    /// Joins the ranks, loads model and data, sets the total steps, opens the checkpoints.
+    pub(super) fn setup(&mut self, rt: &Runtime) -> Result<Setup> {
+        let cfg = &self.config;
+        let env = WorkerEnv::from_env()?;
+        let device = crate::device::parse_device_for(&cfg.device, env.local_rank)
+            .map_err(|e| UsageError(format!("{e:#}")))?;
+        self.main = env.rank == 0;
+        let ranks = Ranks::join(&env, Duration::from_secs(cfg.dist_timeout_secs), device)?;
+        if cfg.num_threads > 0 {
+            tch::set_num_threads(cfg.num_threads as i32);
+        }
+        let loaded = rt.block_on(load(cfg, device))?;
+        let global_batch = cfg.batch_size * cfg.gradient_accumulation * env.world_size;
+        self.total_steps = if cfg.max_steps > 0 {
+            cfg.max_steps
+        } else {
+            (cfg.num_epochs * loaded.train.len() as u64).div_ceil(global_batch)
+        };
+        let manager = CheckpointManager::new(
+            self.store.clone(),
+            self.layout.clone(),
+            ManagerOptions {
+                keep_last: (cfg.keep_last > 0).then_some(cfg.keep_last as usize),
+                ..ManagerOptions::default()
+            },
+        );
+        Ok(Setup {
+            env,
+            device,
+            ranks,
+            loaded,
+            global_batch,
+            manager,
+        })
+    }
+}
+
+/// Loads the model, tokenizer and data that `cfg` names.
+async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
+    let (model, tokenizer, tokenizer_files, model_fingerprint) = if cfg.model_id == "builtin:tiny" {
+        let config = ModelConfig::tiny();
+        let fp = fingerprint(&json!({"builtin": "tiny", "config": config.raw, "seed": cfg.seed}));
+        (
+            Model::init(config, cfg.seed as i64, device)?,
+            Tokenizer::Bytes,
+            crate::tokenizer::byte_tokenizer_files()?,
+            fp,
+        )
+    } else {
+        let dir = Path::new(&cfg.model_id);
+        if !dir.join("config.json").is_file() {
+            return Err(UsageError(format!(
+                "--model_id {}: not a model directory with config.json; pass a local Hugging Face \
+                 model directory, or builtin:tiny",
+                cfg.model_id
+            ))
+            .into());
+        }
+        let (model, weights_sha) = Model::load_hf_dir(dir, device)?;
+        let tokenizer = Tokenizer::from_hf_dir(dir, &model.config.raw)?;
+        let mut files = Vec::new();
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+            "vocab.json",
+            "merges.txt",
+        ] {
+            let p = dir.join(name);
+            if p.is_file() {
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                files.push((name.to_string(), Bytes::from(bytes)));
+            }
+        }
+        let fp = fingerprint(&json!({"config": model.config.raw, "weights_sha256": weights_sha}));
+        (model, tokenizer, files, fp)
+    };
+    let opts = DataOptions {
+        text_field: cfg.dataset_text_field.clone(),
+        max_seq_len: cfg.max_seq_len as usize,
+        packing: !cfg.disable_packing,
+        skip_bad_lines: cfg.skip_bad_lines,
+    };
+    let sources = read_sources(&cfg.dataset_uri)
+        .await
+        .with_context(|| format!("--dataset_uri {}", cfg.dataset_uri))?;
+    let train = Dataset::build(&sources, &tokenizer, &opts)
+        .with_context(|| format!("--dataset_uri {}", cfg.dataset_uri))?;
+    let eval = if cfg.eval_dataset_uri.is_empty() {
+        None
+    } else {
+        let sources = read_sources(&cfg.eval_dataset_uri)
+            .await
+            .with_context(|| format!("--eval_dataset_uri {}", cfg.eval_dataset_uri))?;
+        Some(
+            Dataset::build(&sources, &tokenizer, &opts)
+                .with_context(|| format!("--eval_dataset_uri {}", cfg.eval_dataset_uri))?,
+        )
+    };
+    let vocab = model.config.vocab_size;
+    for (name, d) in [("train", Some(&train)), ("eval", eval.as_ref())] {
+        if let Some(d) = d {
+            ensure!(
+                d.max_token() < vocab,
+                "the {name} data has token id {} but the model's vocabulary has {vocab} entries; \
+                 is the tokenizer the model's?",
+                d.max_token()
+            );
+        }
+    }
+    tracing::info!(
+        samples = train.len(),
+        documents = train.documents,
+        skipped = train.skipped,
+        "dataset ready"
+    );
+    Ok(Loaded {
+        model,
+        tokenizer_files,
+        train,
+        eval,
+        model_fingerprint,
+    })
+}

@@ -1,0 +1,47 @@
+//! Any failure inside a training step — here a libtorch error provoked at a chosen step, as a CUDA
+//! out-of-memory would arrive (tch panics on it) — ends as `FAILED` in `status.json` with the error,
+//! in the torchrun error file, and with exit code 1; never as a panic (exit 101).
+
+mod common;
+
+#[test]
+fn a_libtorch_error_in_the_step_ends_as_failed_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let error_file = dir.path().join("error.json");
+    let out = common::waypoint()
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--num_threads",
+            "1",
+            "--max_steps",
+            "10",
+            "--save_steps",
+            "2",
+            "--run_id",
+            "boom",
+            "--checkpoint_base_uri",
+            dir.path().to_str().unwrap(),
+        ])
+        .env("WAYPOINT_FAULT_INJECT_STEP", "3")
+        .env("TORCHELASTIC_ERROR_FILE", &error_file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("training step 3 failed in libtorch"), "{err}");
+    let status: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("boom/framework=waypoint/status.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["state"], "FAILED", "{status}");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("step 3") && error.contains("mat1 and mat2"),
+        "{error}"
+    );
+    assert_eq!(status["step"], 2, "{status}");
+    let file = std::fs::read_to_string(&error_file).unwrap();
+    assert!(file.contains("training step 3 failed"), "{file}");
+}
