@@ -30,7 +30,7 @@ enum Command {
     /// Train (every flag has a default: `waypoint train` alone runs the embedded demo).
     Train(Box<TrainArgs>),
     /// Start N local workers of a command the way torchrun does (store, environment, restarts).
-    Launch(crate::launch::LaunchArgs),
+    Launch(waypoint_launch::LaunchArgs),
     /// Inspect and manage a run's checkpoints.
     Ckpt {
         #[command(subcommand)]
@@ -292,13 +292,11 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Train(args) => train(&args, &runtime),
-        Command::Launch(args) => match crate::launch::run(&args, stop_on_signals()) {
+        Command::Launch(args) => match waypoint_launch::run(&args, stop_on_signals()) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {}", crate::records::explain(&e));
-                if e.downcast_ref::<crate::launch::LaunchUsageError>()
-                    .is_some()
-                {
+                eprintln!("error: {}", waypoint_storage::redact_text(&e.to_string()));
+                if matches!(e, waypoint_launch::LaunchError::Usage(_)) {
                     ExitCode::from(2)
                 } else {
                     ExitCode::FAILURE
@@ -358,7 +356,7 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             if e.downcast_ref::<UsageError>().is_some() {
                 return ExitCode::from(2);
             }
-            crate::records::write_error_file(&message);
+            waypoint_launch::write_error_file(&message);
             ExitCode::FAILURE
         }
     }

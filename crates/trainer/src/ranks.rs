@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use waypoint_c10d::{Group, GroupConfig};
 
 use crate::nccl::{Communicator, Nccl};
-use crate::torchrun::WorkerEnv;
+use waypoint_launch::WorkerEnv;
 
 /// The ranks of the job, from this worker's side.
 pub struct Ranks {

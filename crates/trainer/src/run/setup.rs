@@ -16,7 +16,7 @@ use crate::data::{read_sources, DataOptions, Dataset};
 use crate::model::{Model, ModelConfig};
 use crate::ranks::Ranks;
 use crate::tokenizer::Tokenizer;
-use crate::torchrun::WorkerEnv;
+use waypoint_launch::WorkerEnv;
 
 /// What the run starts from, before anything is written.
 pub(super) struct Setup {

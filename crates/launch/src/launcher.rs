@@ -1,4 +1,4 @@
-//! `waypoint launch`: what torchrun does for the workers of one node.
+//! The launcher side of the contract: what torchrun does for the workers of one node.
 //!
 //! It hosts the c10d TCPStore (on node 0, at `--master_addr:--master_port`), starts
 //! `--nproc_per_node` copies of the command with the torchrun worker environment, forwards SIGTERM and
@@ -13,8 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use waypoint_c10d::StoreServer;
+
+use crate::error::{LaunchError, Result};
+use crate::vars;
+use crate::worker::write_error_file;
 
 /// `waypoint launch` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -67,12 +70,6 @@ enum Round {
     Signalled(usize),
 }
 
-/// Launch flags that cannot work together or on this machine: the command exits with code 2 before
-/// starting anything.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct LaunchUsageError(pub String);
-
 /// The most `--term_grace_secs` may be (a day).
 pub const MAX_TERM_GRACE_SECS: u64 = 24 * 3600;
 
@@ -91,15 +88,16 @@ pub fn max_workers() -> u32 {
 
 impl LaunchArgs {
     /// Checks the flags against each other and against what this machine can run.
-    pub fn validate(&self) -> std::result::Result<(), LaunchUsageError> {
-        let fail = |m: String| Err(LaunchUsageError(m));
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(LaunchError::Usage(m));
         if self.nproc_per_node < 1 {
             return fail("--nproc_per_node must be at least 1".into());
         }
         let limit = max_workers();
         if self.nproc_per_node > limit && !self.oversubscribe {
             return fail(format!(
-                "--nproc_per_node {} is more than this machine runs well ({limit}: {WORKERS_PER_CPU}                  per CPU); use fewer workers, or pass --oversubscribe to start them anyway",
+                "--nproc_per_node {} is more than this machine runs well ({limit}: {WORKERS_PER_CPU} \
+                 per CPU); use fewer workers, or pass --oversubscribe to start them anyway",
                 self.nproc_per_node
             ));
         }
@@ -147,7 +145,10 @@ impl RunDir {
         let tmp = std::env::temp_dir();
         remove_stale_run_dirs(&tmp);
         let dir = tmp.join(format!("waypoint-launch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| LaunchError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
         Ok(Self(dir))
     }
 }
@@ -186,8 +187,8 @@ fn remove_stale_run_dirs(tmp: &Path) {
     }
 }
 
-/// Runs the launcher; returns the exit code. Flags that cannot work fail with [`LaunchUsageError`]
-/// before anything starts.
+/// Runs the launcher; returns the exit code. Flags that cannot work fail with
+/// [`LaunchError::Usage`] before anything starts.
 pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
     args.validate()?;
     // torchrun's agent also stops its workers on SIGHUP and SIGQUIT; so does this launcher (and its
@@ -205,8 +206,10 @@ pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
             args.master_addr.as_str()
         };
         Some(
-            StoreServer::bind(bind, args.master_port)
-                .with_context(|| format!("hosting the TCPStore on {bind}:{}", args.master_port))?,
+            StoreServer::bind(bind, args.master_port).map_err(|source| LaunchError::Store {
+                addr: format!("{bind}:{}", args.master_port),
+                source,
+            })?,
         )
     } else {
         None
@@ -240,8 +243,9 @@ pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
                 eprintln!(
                     "error: rank {rank} failed with exit code {code} after {restart} restart(s): {detail}"
                 );
-                if let (Some(e), Ok(path)) = (&error, std::env::var("TORCHELASTIC_ERROR_FILE")) {
-                    let _ = std::fs::write(path, e);
+                // Passed on as it is, for the agent above (torchrun, a PyTorchJob) to read.
+                if let Some(e) = &error {
+                    write_error_file(e);
                 }
                 return Ok(ExitCode::from(code.clamp(1, 255) as u8));
             }
@@ -265,20 +269,20 @@ fn round(
         let _ = std::fs::remove_file(&error_file);
         let mut cmd = Command::new(&args.command[0]);
         cmd.args(&args.command[1..])
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", local.to_string())
-            .env("GROUP_RANK", args.node_rank.to_string())
-            .env("ROLE_RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("ROLE_WORLD_SIZE", world.to_string())
-            .env("LOCAL_WORLD_SIZE", args.nproc_per_node.to_string())
-            .env("MASTER_ADDR", &args.master_addr)
-            .env("MASTER_PORT", port.to_string())
-            .env("TORCHELASTIC_RESTART_COUNT", restart.to_string())
-            .env("TORCHELASTIC_MAX_RESTARTS", args.max_restarts.to_string())
-            .env("TORCHELASTIC_USE_AGENT_STORE", "True")
-            .env("TORCHELASTIC_RUN_ID", "none")
-            .env("TORCHELASTIC_ERROR_FILE", &error_file);
+            .env(vars::RANK, rank.to_string())
+            .env(vars::LOCAL_RANK, local.to_string())
+            .env(vars::GROUP_RANK, args.node_rank.to_string())
+            .env(vars::ROLE_RANK, rank.to_string())
+            .env(vars::WORLD_SIZE, world.to_string())
+            .env(vars::ROLE_WORLD_SIZE, world.to_string())
+            .env(vars::LOCAL_WORLD_SIZE, args.nproc_per_node.to_string())
+            .env(vars::MASTER_ADDR, &args.master_addr)
+            .env(vars::MASTER_PORT, port.to_string())
+            .env(vars::RESTART_COUNT, restart.to_string())
+            .env(vars::MAX_RESTARTS, args.max_restarts.to_string())
+            .env(vars::USE_AGENT_STORE, "True")
+            .env(vars::RUN_ID, "none")
+            .env(vars::ERROR_FILE, &error_file);
         if std::env::var_os("OMP_NUM_THREADS").is_none() && args.nproc_per_node > 1 {
             cmd.env("OMP_NUM_THREADS", "1");
         }
@@ -296,7 +300,10 @@ fn round(
             Ok(c) => c,
             Err(e) => {
                 stop_all(&mut workers, Duration::from_secs(args.term_grace_secs));
-                bail!("starting worker {rank} ({:?}): {e}", args.command[0]);
+                return Err(LaunchError::Io {
+                    what: format!("starting worker {rank} ({:?})", args.command[0]),
+                    source: e,
+                });
             }
         };
         workers.push((rank, child, error_file));
@@ -313,7 +320,11 @@ fn round(
             if done[i] {
                 continue;
             }
-            if let Some(status) = child.try_wait().context("watching a worker")? {
+            let status = child.try_wait().map_err(|source| LaunchError::Io {
+                what: format!("watching worker {rank}"),
+                source,
+            })?;
+            if let Some(status) = status {
                 done[i] = true;
                 if !status.success() {
                     let code = status.code().unwrap_or_else(|| {
