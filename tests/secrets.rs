@@ -55,6 +55,31 @@ fn uris_with_credentials_never_leak() {
             ],
         ),
         (
+            "--dataset_uri with a fragment",
+            vec![
+                "--dataset_uri".into(),
+                format!("s3://bucket/d.jsonl#token={SECRET}"),
+            ],
+        ),
+        (
+            "--dataset_uri file:// with user-info",
+            vec![
+                "--dataset_uri".into(),
+                format!("file://u:{SECRET}@/tmp/d.jsonl"),
+            ],
+        ),
+        (
+            "--init_from_checkpoint with a URI",
+            vec![
+                "--init_from_checkpoint".into(),
+                format!("s3://AKIAEXAMPLE:{SECRET}@bucket/x:step-000002"),
+            ],
+        ),
+        (
+            "a stray argument the parser echoes",
+            vec![format!("s3://AKIAEXAMPLE:{SECRET}@bucket/x")],
+        ),
+        (
             "--checkpoint_base_uri with user-info",
             vec![
                 "--checkpoint_base_uri".into(),

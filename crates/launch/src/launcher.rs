@@ -7,6 +7,7 @@
 //! the failing rank's exit code, and prints (and passes on) that rank's error file. Defaults come from
 //! the `PET_*` variables, as torchrun reads them.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -240,7 +241,9 @@ pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
                     );
                     continue;
                 }
-                eprintln!(
+                // (A closed stderr is no reason to fail differently.)
+                let _ = writeln!(
+                    std::io::stderr(),
                     "error: rank {rank} failed with exit code {code} after {restart} restart(s): {detail}"
                 );
                 // Passed on as it is, for the agent above (torchrun, a PyTorchJob) to read.

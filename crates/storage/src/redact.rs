@@ -29,35 +29,28 @@ pub fn redact_uri(uri: &str) -> String {
     redact_text(uri)
 }
 
-/// `text` with the user-info and query values of every `scheme://…` URI inside it masked.
+/// `text` with the user-info, query values and fragment of every URI inside it masked: anything
+/// from a `//` (with or without a scheme before it) to the next space or quote.
 pub fn redact_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(pos) = rest.find("://") {
-        // The scheme: the run of URI scheme characters right before `://`.
-        let scheme_start = rest[..pos]
-            .char_indices()
-            .rev()
-            .take_while(|(_, c)| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-            .last()
-            .map(|(i, _)| i)
-            .unwrap_or(pos);
-        out.push_str(&rest[..scheme_start]);
-        let after = pos + 3;
+    while let Some(pos) = rest.find("//") {
+        let after = pos + 2;
+        out.push_str(&rest[..after]);
         // The URI runs until whitespace or a character that ends a quoted/bracketed URI.
         let end = rest[after..]
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>'))
             .map(|i| after + i)
             .unwrap_or(rest.len());
-        out.push_str(&redact_one(&rest[scheme_start..after], &rest[after..end]));
+        out.push_str(&redact_after_slashes(&rest[after..end]));
         rest = &rest[end..];
     }
     out.push_str(rest);
     out
 }
 
-/// `head` is `scheme://`; `body` the rest of one URI.
-fn redact_one(head: &str, body: &str) -> String {
+/// One URI after its `//`: authority, path, query, fragment.
+fn redact_after_slashes(body: &str) -> String {
     // The authority ends at the first `/`, `?` or `#`.
     let auth_end = body.find(['/', '?', '#']).unwrap_or(body.len());
     let (authority, tail) = body.split_at(auth_end);
@@ -65,13 +58,15 @@ fn redact_one(head: &str, body: &str) -> String {
         Some(at) => format!("{MASK}@{}", &authority[at + 1..]),
         None => authority.to_string(),
     };
+    // A fragment may carry a token too (`#access_token=…`): masked whole.
+    let (tail, fragment) = match tail.find('#') {
+        Some(h) if h + 1 < tail.len() => (&tail[..h], format!("#{MASK}")),
+        Some(h) => (&tail[..h], "#".to_string()),
+        None => (tail, String::new()),
+    };
     let tail = match tail.find('?') {
         Some(q) => {
             let (path, query) = tail.split_at(q);
-            let (query, fragment) = match query.find('#') {
-                Some(h) => query.split_at(h),
-                None => (query, ""),
-            };
             let masked: Vec<String> = query[1..]
                 .split('&')
                 .map(|pair| match pair.split_once('=') {
@@ -81,11 +76,11 @@ fn redact_one(head: &str, body: &str) -> String {
                     None => MASK.to_string(),
                 })
                 .collect();
-            format!("{path}?{}{fragment}", masked.join("&"))
+            format!("{path}?{}", masked.join("&"))
         }
         None => tail.to_string(),
     };
-    format!("{head}{authority}{tail}")
+    format!("{authority}{tail}{fragment}")
 }
 
 #[cfg(test)]
@@ -100,7 +95,7 @@ mod tests {
         );
         assert_eq!(
             redact_uri("https://h.example/d.jsonl?token=abc&x=1#f"),
-            "https://h.example/d.jsonl?token=***&x=***#f"
+            "https://h.example/d.jsonl?token=***&x=***#***"
         );
         assert_eq!(redact_uri("s3://bucket/p"), "s3://bucket/p");
         assert_eq!(
@@ -119,6 +114,12 @@ mod tests {
             "opening \"s3://***@b/x\" failed; also see gs://***@b/y?sig=*** and more"
         );
         assert!(!got.contains("PW") && !got.contains("zz"));
+        // Fragments, and authorities without a scheme (a URI split at its `:`), are masked too.
+        assert_eq!(redact_text("s3://b/runs#SEKRET"), "s3://b/runs#***");
+        assert_eq!(
+            redact_text("name \"//AKIA:SEKRET@b/x:step-2\""),
+            "name \"//***@b/x:step-2\""
+        );
         // Non-ASCII text and a bare `://` survive.
         assert_eq!(redact_text("héllo :// wörld"), "héllo :// wörld");
     }

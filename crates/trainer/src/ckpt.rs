@@ -9,8 +9,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
-use waypoint_storage::Store;
 use waypoint_checkpoint::{RunLayout, StepName};
+use waypoint_storage::Store;
+
+/// `println!` that reports a failed write (a full disk) as an error instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).context("writing to stdout")?
+    }};
+}
 
 /// The `ckpt` subcommands.
 #[derive(Debug, Subcommand)]
@@ -85,7 +93,7 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
             let list = manager.list().await?;
             if json {
                 for c in &list {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({
                             "name": c.name, "step": c.step, "kinds": c.kinds,
@@ -96,13 +104,19 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
                     );
                 }
             } else {
-                println!(
+                out!(
                     "{:<14} {:>8} {:<32} {:>9} {:>10} {:>12} {:>14}",
-                    "NAME", "STEP", "KINDS", "RESUMABLE", "PROMOTABLE", "BYTES", "DATA_CONSUMED"
+                    "NAME",
+                    "STEP",
+                    "KINDS",
+                    "RESUMABLE",
+                    "PROMOTABLE",
+                    "BYTES",
+                    "DATA_CONSUMED"
                 );
                 for c in &list {
                     let kinds: Vec<&str> = c.kinds.iter().map(|k| k.as_str()).collect();
-                    println!(
+                    out!(
                         "{:<14} {:>8} {:<32} {:>9} {:>10} {:>12} {:>14}",
                         c.name,
                         c.step,
@@ -114,7 +128,7 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
                     );
                 }
                 if list.is_empty() {
-                    println!("(no committed checkpoint in {run})");
+                    out!("(no committed checkpoint in {run})");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -136,7 +150,7 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
                     Ok(report) => report,
                     Err(e) if e.is_damage() => {
                         damaged += 1;
-                        println!("{step}: DAMAGED: {e}");
+                        out!("{step}: DAMAGED: {e}");
                         continue;
                     }
                     Err(e) => {
@@ -144,14 +158,16 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
                     }
                 };
                 if report.problems.is_empty() {
-                    println!(
+                    out!(
                         "{}: ok ({} files, {} bytes)",
-                        report.name, report.files, report.bytes
+                        report.name,
+                        report.files,
+                        report.bytes
                     );
                 } else {
                     damaged += 1;
                     for p in &report.problems {
-                        println!("{}: DAMAGED: {p}", report.name);
+                        out!("{}: DAMAGED: {p}", report.name);
                     }
                 }
             }
@@ -171,16 +187,16 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
                 .parse()
                 .with_context(|| format!("checkpoint name {name:?}"))?;
             let at = manager.promote(step, &model_id).await?;
-            println!("promoted {name} to {at}");
+            out!("promoted {name} to {at}");
             Ok(ExitCode::SUCCESS)
         }
         CkptCommand::Gc { run, grace_secs } => {
             let manager = open(&run)?;
             let removed = manager.gc(Duration::from_secs(grace_secs)).await?;
             for key in &removed {
-                println!("removed {key}");
+                out!("removed {key}");
             }
-            println!("{} orphan blob(s) removed", removed.len());
+            out!("{} orphan blob(s) removed", removed.len());
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -273,7 +273,19 @@ where
 /// Entry point of the binary: parses arguments, runs, and maps the result to an exit code.
 pub fn main() -> ExitCode {
     init_tracing();
-    let cli = Cli::parse();
+    // Parse errors echo the offending argument: redacted like every other message.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let text = waypoint_storage::redact_text(&e.render().to_string());
+            if e.use_stderr() {
+                say_err(format_args!("{}", text.trim_end()));
+            } else {
+                say(format_args!("{}", text.trim_end()));
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     if matches!(cli.command, Command::Ckpt { .. }) {
         // `waypoint ckpt verify RUN | head -1`: a reader that goes away ends the listing quietly, as
         // it does for any Unix tool. (`train` keeps ignoring SIGPIPE — a closed log pipe must not kill
@@ -286,7 +298,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
+            say_err(format_args!("error: starting the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -295,7 +307,10 @@ pub fn main() -> ExitCode {
         Command::Launch(args) => match waypoint_launch::run(&args, stop_on_signals()) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {}", waypoint_storage::redact_text(&e.to_string()));
+                say_err(format_args!(
+                    "error: {}",
+                    waypoint_storage::redact_text(&e.to_string())
+                ));
                 if matches!(e, waypoint_launch::LaunchError::Usage(_)) {
                     ExitCode::from(2)
                 } else {
@@ -306,7 +321,7 @@ pub fn main() -> ExitCode {
         Command::Ckpt { command } => match runtime.block_on(crate::ckpt::run(command)) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {}", crate::records::explain(&e));
+                say_err(format_args!("error: {}", crate::records::explain(&e)));
                 ExitCode::FAILURE
             }
         },
@@ -317,10 +332,10 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     let config = match args.resolve() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
+            say_err(format_args!(
                 "error: {}",
                 waypoint_storage::redact_text(&format!("{e:#}"))
-            );
+            ));
             return ExitCode::from(2);
         }
     };
@@ -352,7 +367,7 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         }
         Err(e) => {
             let message = crate::records::explain(&e);
-            eprintln!("error: {message}");
+            say_err(format_args!("error: {message}"));
             if e.downcast_ref::<UsageError>().is_some() {
                 return ExitCode::from(2);
             }
@@ -360,6 +375,13 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a line on stderr; a closed stderr is not an error of the run (the line is dropped).
+fn say_err(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(line).and_then(|()| err.write_all(b"\n"));
 }
 
 /// Prints a result line on stdout; a closed stdout (a reader that went away) is not an error of the
@@ -396,6 +418,9 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| crate::records::Redacting(std::io::stderr()))
+        // A closed stderr (`waypoint train 2>&1 | head -1`) must not end the run: the subscriber's
+        // own report of a failed write would go to that stderr and panic.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -65,7 +65,13 @@ pub async fn read_sources(uri: &str) -> Result<Vec<Source>> {
         }]);
     }
     if !uri.contains("://") || uri.starts_with("file://") {
-        let path = Path::new(uri.strip_prefix("file://").unwrap_or(uri));
+        let path = uri.strip_prefix("file://").unwrap_or(uri);
+        // A file:// URI takes no host or credentials (`file://user:pw@/…`): refused without echoing.
+        ensure!(
+            !uri.starts_with("file://") || path.starts_with('/'),
+            "file:// URIs take no host or credentials; write file:///absolute/path"
+        );
+        let path = Path::new(path);
         let files = if path.is_dir() {
             let mut files: Vec<_> = std::fs::read_dir(path)
                 .with_context(|| format!("listing {}", path.display()))?
