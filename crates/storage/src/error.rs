@@ -77,14 +77,6 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
-    /// An operation was refused because it would act outside the store's own folder.
-    #[error("refusing to delete {key}: {reason}")]
-    Refused {
-        /// The key.
-        key: String,
-        /// Why, and what to do.
-        reason: String,
-    },
     /// A background upload or read task died.
     #[error("background storage task failed: {0}")]
     Task(String),

@@ -225,7 +225,18 @@ impl Store {
                 self.created_by_us(key, &data).await
             }
             Err(object_store::Error::AlreadyExists { .. }) => Err(self.already_exists(key)),
-            Err(e) => Err(self.error("create", key, e)),
+            // The outcome is unknown (the answer was lost after the retries): the create landed
+            // exactly when our bytes are there now.
+            Err(e) => match self.get(key).await {
+                Ok(existing) if existing == data => {
+                    tracing::warn!(
+                        key,
+                        "a create's answer was lost, but its bytes are there: created"
+                    );
+                    Ok(())
+                }
+                _ => Err(self.error("create", key, e)),
+            },
         }
     }
 
@@ -327,19 +338,10 @@ impl Store {
         Ok(Listing { objects, prefixes })
     }
 
-    /// Deletes an object; deleting an absent one is not an error. In a local store, a key reached
-    /// through a symbolic link is refused: a delete never leaves the store's own folder.
+    /// Deletes an object; deleting an absent one is not an error. (Folders are deleted with
+    /// [`Store::delete_prefix`], which never follows a symbolic link below the folder; a link above it
+    /// — the run's `checkpoints/` moved to another disk — is the store's own layout.)
     pub async fn delete(&self, key: &str) -> Result<()> {
-        if let Some(link) = self.symlink_above(key, 0) {
-            return Err(StorageError::Refused {
-                key: key.to_string(),
-                reason: format!(
-                    "{} is a symbolic link; waypoint never deletes through one (remove the link \
-                     yourself if it is garbage)",
-                    link.display()
-                ),
-            });
-        }
         let path = self.path(key)?;
         match self
             .layer_retry
@@ -352,8 +354,8 @@ impl Store {
     }
 
     /// Deletes every object under `prefix`; returns the keys removed. In a local store a symbolic
-    /// link at or under `prefix` is removed itself, never followed (a link above `prefix` is refused),
-    /// so nothing outside the prefix is ever deleted.
+    /// link at or under `prefix` is removed itself, never followed, so nothing outside the prefix is
+    /// ever deleted.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<Vec<String>> {
         let depth = prefix.trim_matches('/').split('/').count();
         let objects = self.list(prefix).await?;

@@ -143,11 +143,17 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
                     .map(|n| n.parse().with_context(|| format!("checkpoint name {n:?}")))
                     .collect::<Result<_>>()?
             };
+            if steps.is_empty() {
+                out!("(no committed checkpoint in {run})");
+            }
             let mut damaged = 0;
             for step in steps {
                 // Every checkpoint is checked and reported, whatever an earlier one showed.
                 let report = match manager.verify(step).await {
                     Ok(report) => report,
+                    Err(e @ waypoint_checkpoint::CheckpointError::NotFound { .. }) => {
+                        return Err(anyhow::Error::new(e).context("verify"))
+                    }
                     Err(e) if e.is_damage() => {
                         damaged += 1;
                         out!("{step}: DAMAGED: {e}");
