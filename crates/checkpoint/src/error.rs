@@ -102,6 +102,22 @@ pub enum CheckpointError {
         /// What is wrong.
         reason: String,
     },
+    /// A collective with the other ranks of a save failed (their store unreachable, a rank gone).
+    #[error("{op} with the other ranks failed: {reason}")]
+    Peers {
+        /// The collective (its name).
+        op: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The committer (rank 0) did not commit a save this rank took part in.
+    #[error("rank 0 could not commit {name}: {reason}")]
+    NotCommitted {
+        /// The checkpoint.
+        name: String,
+        /// Rank 0's error.
+        reason: String,
+    },
     /// A record could not be serialised (never written as empty bytes).
     #[error("serialising {what}: {source}")]
     Serialize {

@@ -18,6 +18,7 @@ mod layout;
 mod manager;
 mod manifest;
 pub mod names;
+mod peers;
 pub mod peft;
 pub mod safetensors_file;
 mod sampler;
@@ -35,6 +36,7 @@ pub use manager::{
 };
 pub use manifest::{DeltaBase, Manifest, FORMAT_VERSION};
 pub use names::{validate_name, StepName};
+pub use peers::{Peers, SingleRank};
 pub use tensor::{Dtype, Tensor};
 pub use waypoint_storage as storage;
 

@@ -58,6 +58,54 @@ impl Status {
     }
 }
 
+/// The run records of one run — `status.json`, `logs/metrics.jsonl`, and `config/run.json` when it
+/// must be written again — through a handle of their own, not the checkpoint manager's.
+#[derive(Debug, Clone)]
+pub struct RunRecords {
+    store: Store,
+    layout: RunLayout,
+}
+
+impl RunRecords {
+    /// The records of `layout`'s run in `store` (the checkpoint base).
+    pub fn new(store: Store, layout: RunLayout) -> Self {
+        Self { store, layout }
+    }
+
+    /// Writes `status.json`.
+    pub async fn write_status(&self, status: &Status) -> Result<()> {
+        write_status(&self.store, &self.layout, status).await
+    }
+
+    /// Writes `logs/metrics.jsonl`. Before a commit: a resumed run keeps the lines up to its
+    /// checkpoint and redoes the rest, so lines past a checkpoint that never commits are harmless;
+    /// lines missing below a committed one would not be.
+    pub async fn write_metrics(&self, metrics: String) -> Result<()> {
+        self.store
+            .put(&self.layout.metrics(), Bytes::from(metrics))
+            .await
+            .context("writing logs/metrics.jsonl")?;
+        Ok(())
+    }
+
+    /// After a commit: `status.json` names checkpoint `name`; a `config/run.json` that vanished (the
+    /// run folder was deleted mid-run) is written again from `run_record`, with a warning.
+    pub async fn committed(
+        &self,
+        mut status: Status,
+        run_record: &Bytes,
+        name: &str,
+    ) -> Result<()> {
+        let key = self.layout.run_config();
+        if !run_record.is_empty() && !self.store.exists(&key).await? {
+            tracing::warn!(%key, "config/run.json is gone (was the run folder deleted?); writing it again");
+            self.store.put(&key, run_record.clone()).await?;
+        }
+        status.checkpoint = Some(name.to_string());
+        self.write_status(&status).await
+    }
+}
+
 /// Writes `status.json`.
 pub async fn write_status(store: &Store, layout: &RunLayout, status: &Status) -> Result<()> {
     let mut status = status.clone();

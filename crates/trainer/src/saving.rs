@@ -8,18 +8,19 @@
 //! forward and backward passes (they only read the weights), and [`Saver::before_update`] waits for
 //! it before the optimizer changes them.
 //!
-//! With one rank the writer thread calls [`CheckpointManager::save`] (storage calls retried inside).
-//! With several, every rank writes its share of `dcp/` (replicated tensors spread by size), rank 0
-//! also the sampler part, and rank 0 commits once every rank's file list has come through the store
-//! (on a side channel, so these collectives never interleave with the loop's); a rank that fails or
-//! dies mid-save leaves no commit. `logs/metrics.jsonl` is written before the commit, `status.json`
-//! after it (by rank 0).
+//! Every save, with one rank or several, goes through the checkpoint crate's one protocol
+//! ([`CheckpointManager::save_with`]): every rank writes its share of `dcp/` (replicated tensors
+//! spread by size), rank 0 also the sampler part, and rank 0 commits once every rank's file list has
+//! come through the store (on a side channel, so these collectives never interleave with the loop's);
+//! a rank that fails or dies mid-save leaves no commit. One rank alone is the trivial case. Run
+//! records go through their own handle ([`RunRecords`]): `logs/metrics.jsonl` before the commit,
+//! `status.json` after it (by rank 0).
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
@@ -28,14 +29,15 @@ use waypoint_c10d::SideChannel;
 use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
 use waypoint_checkpoint::StepName;
 use waypoint_checkpoint::{
-    dcp, CheckpointManager, Commit, SamplerPart, SaveRequest, Tensor as Blob, WrittenFile,
+    dcp, CheckpointError, CheckpointManager, Commit, Peers, SamplerPart, SaveRequest, SingleRank,
+    Tensor as Blob,
 };
 
 use crate::convert::{byte_size, to_blob};
 use crate::model::Model;
 use crate::optim::AdamW;
 use crate::ranks::Ranks;
-use crate::records::{self, Status};
+use crate::records::{RunRecords, Status};
 
 /// What every save needs besides the live state.
 pub struct SaveContext {
@@ -67,6 +69,26 @@ impl SaveContext {
     }
 }
 
+/// One save asked of the [`Saver`]: the live state, what the checkpoint is, and how to save it.
+pub struct SaveOrder<'a> {
+    /// The model (its trainable weights, and the sampler part's weights).
+    pub model: &'a Model,
+    /// The optimizer (its state).
+    pub opt: &'a AdamW,
+    /// What every save needs besides the live state.
+    pub ctx: &'a SaveContext,
+    /// The counters and identity of the checkpoint.
+    pub commit: Commit,
+    /// Also write the promotable (sampler) part.
+    pub promotable: bool,
+    /// `status.json` once it is committed.
+    pub status: Status,
+    /// `logs/metrics.jsonl` as of this step.
+    pub metrics: String,
+    /// Copy and write behind training instead of returning once committed.
+    pub background: bool,
+}
+
 /// One save, staged in host memory.
 struct Job {
     commit: Commit,
@@ -94,7 +116,10 @@ pub struct Saver {
     handle: Handle,
     rank: u32,
     world: u32,
-    side: Option<Arc<Mutex<SideChannel>>>,
+    /// The other ranks of a save ([`SingleRank`] alone).
+    peers: Arc<Mutex<Box<dyn Peers + Send>>>,
+    /// `status.json` and `logs/metrics.jsonl`.
+    records: RunRecords,
     staging: Option<Staging>,
     inflight: Option<JoinHandle<Result<String>>>,
     /// The newest checkpoint committed since this process started.
@@ -104,25 +129,30 @@ pub struct Saver {
 }
 
 impl Saver {
-    /// A saver for this rank; with other ranks it opens its own store connection.
+    /// A saver for this rank, writing run records through `records`; with other ranks it opens its
+    /// own store connection.
     pub fn new(
         manager: Arc<CheckpointManager>,
+        records: RunRecords,
         ranks: &Ranks,
         handle: Handle,
         run_record: Bytes,
     ) -> Result<Self> {
-        let side = match ranks.group() {
-            Some(g) => Some(Arc::new(Mutex::new(
-                g.side_channel().context("opening the save channel")?,
-            ))),
-            None => None,
+        let peers: Box<dyn Peers + Send> = match ranks.group() {
+            Some(g) => Box::new(SidePeers {
+                side: g.side_channel().context("opening the save channel")?,
+                rank: ranks.rank(),
+                world: ranks.world(),
+            }),
+            None => Box::new(SingleRank),
         };
         Ok(Self {
             manager,
             handle,
             rank: ranks.rank(),
             world: ranks.world(),
-            side,
+            peers: Arc::new(Mutex::new(peers)),
+            records,
             staging: None,
             inflight: None,
             committed: None,
@@ -130,21 +160,20 @@ impl Saver {
         })
     }
 
-    /// Saves the state at `commit.step`, and the promotable part when `promotable`. With
-    /// `background` the copy overlaps the next step and the write runs behind training; else this
-    /// returns once the checkpoint is committed.
-    #[allow(clippy::too_many_arguments)]
-    pub fn save(
-        &mut self,
-        model: &Model,
-        opt: &AdamW,
-        ctx: &SaveContext,
-        commit: Commit,
-        promotable: bool,
-        status: Status,
-        metrics: String,
-        background: bool,
-    ) -> Result<()> {
+    /// Saves the state at `order.commit.step`, and the promotable part when `order.promotable`.
+    /// With `order.background` the copy overlaps the next step and the write runs behind training;
+    /// else this returns once the checkpoint is committed.
+    pub fn save(&mut self, order: SaveOrder<'_>) -> Result<()> {
+        let SaveOrder {
+            model,
+            opt,
+            ctx,
+            commit,
+            promotable,
+            status,
+            metrics,
+            background,
+        } = order;
         self.hand_over_staged()?;
         let items = self.my_items(model, opt);
         let sampler = if promotable && self.rank == 0 {
@@ -254,10 +283,9 @@ impl Saver {
         job.run_record = self.run_record.clone();
         let manager = self.manager.clone();
         let handle = self.handle.clone();
-        let (rank, world, side) = (self.rank, self.world, self.side.clone());
-        self.inflight = Some(std::thread::spawn(move || match side {
-            None => write_alone(&manager, &handle, job),
-            Some(side) => write_share(&manager, &handle, rank, world, &side, job),
+        let (records, peers) = (self.records.clone(), self.peers.clone());
+        self.inflight = Some(std::thread::spawn(move || {
+            write(&manager, &records, &handle, &peers, job)
         }));
         Ok(())
     }
@@ -273,128 +301,85 @@ impl Saver {
     }
 }
 
-/// The single-rank write: the whole save through the manager.
-fn write_alone(manager: &CheckpointManager, handle: &Handle, job: Job) -> Result<String> {
+/// This rank's part of a save, by the one protocol of the checkpoint crate (rank 0 commits; one rank
+/// alone is the trivial case). Rank 0 writes `logs/metrics.jsonl` first and `status.json` after the
+/// commit. Every rank returns the committed checkpoint's name or the save's error.
+fn write(
+    manager: &CheckpointManager,
+    records: &RunRecords,
+    handle: &Handle,
+    peers: &Mutex<Box<dyn Peers + Send>>,
+    job: Job,
+) -> Result<String> {
+    let mut peers = peers.lock().unwrap_or_else(|e| e.into_inner());
+    let rank = peers.rank();
+    let name = StepName::new(job.commit.step).to_string();
     handle.block_on(async {
-        let name = StepName::new(job.commit.step).to_string();
-        write_metrics(manager, job.metrics).await?;
+        if rank == 0 {
+            records.write_metrics(job.metrics).await?;
+        }
         let request = SaveRequest {
             commit: job.commit,
-            dcp: Some(job.dcp),
+            dcp: (!job.dcp.is_empty()).then_some(job.dcp),
             sampler: job.sampler,
         };
         let started = Instant::now();
         // One try: every storage call inside is already retried within the storage budget
         // (waypoint_storage::RetryPolicy), and a commit whose answer was lost is recognised there.
         let manifest = manager
-            .save(request)
+            .save_with(&mut **peers, request)
             .await
             .with_context(|| format!("saving checkpoint {name} failed"))?;
         let secs = started.elapsed().as_secs_f64();
-        committed(manager, job.status, &job.run_record, &manifest.name).await?;
-        tracing::info!(checkpoint = %manifest.name, secs, "checkpoint committed");
+        if rank == 0 {
+            records
+                .committed(job.status, &job.run_record, &manifest.name)
+                .await?;
+        }
+        tracing::info!(rank, checkpoint = %manifest.name, secs, "checkpoint committed");
         Ok(manifest.name)
     })
 }
 
-/// One rank's part of a multi-rank save; rank 0 commits. Every rank returns rank 0's verdict.
-fn write_share(
-    manager: &CheckpointManager,
-    handle: &Handle,
+/// The other ranks of a save, over a store connection of their own ([`SideChannel`]), so that the
+/// save's collectives never interleave with the training loop's.
+struct SidePeers {
+    side: SideChannel,
     rank: u32,
     world: u32,
-    side: &Mutex<SideChannel>,
-    job: Job,
-) -> Result<String> {
-    let mut side = side.lock().unwrap_or_else(|e| e.into_inner());
-    let step = StepName::new(job.commit.step);
-    let started = Instant::now();
-    let mut commit = job.commit;
-    if rank == 0 {
-        handle.block_on(write_metrics(manager, job.metrics))?;
-        handle.block_on(manager.prepare_save(step))?;
+}
+
+impl Peers for SidePeers {
+    fn rank(&self) -> u32 {
+        self.rank
     }
-    side.barrier(&format!("save/{step}/prepared"))?;
-    let writer = manager.file_writer(step, rank);
-    let mut files = Vec::new();
-    if !job.dcp.is_empty() {
-        files = handle.block_on(manager.write_dcp(&writer, world, job.dcp))?;
+
+    fn world(&self) -> u32 {
+        self.world
     }
-    if let Some(sampler) = job.sampler {
-        files.extend(handle.block_on(manager.write_sampler(&writer, sampler, &mut commit))?);
+
+    fn barrier(&mut self, name: &str) -> waypoint_checkpoint::Result<()> {
+        self.side.barrier(name).map_err(|e| peers_error(name, e))
     }
-    let bytes: u64 = files.iter().map(|f| f.entry.bytes).sum();
-    tracing::info!(rank, checkpoint = %step, files = files.len(), bytes, "wrote this rank's share");
-    let lists = side.all_gather(&format!("save/{step}/files"), &serde_json::to_vec(&files)?)?;
-    let verdict = if rank == 0 {
-        let mut all = Vec::new();
-        for list in &lists {
-            all.extend(serde_json::from_slice::<Vec<WrittenFile>>(list)?);
-        }
-        commit.world_size = world;
-        let committed_and_kept = async {
-            let m = manager.commit(commit, all).await?;
-            manager.after_commit(&m).await?;
-            Ok::<_, waypoint_checkpoint::CheckpointError>(m)
-        };
-        match handle.block_on(committed_and_kept) {
-            Ok(m) => {
-                handle.block_on(committed(manager, job.status, &job.run_record, &m.name))?;
-                format!("ok {}", m.name)
-            }
-            Err(e) => format!("error {e}"),
-        }
-    } else {
-        String::new()
-    };
-    let verdict = side.broadcast(&format!("save/{step}/result"), verdict.as_bytes())?;
-    let verdict = String::from_utf8_lossy(&verdict);
-    match verdict.strip_prefix("ok ") {
-        Some(name) => {
-            let secs = started.elapsed().as_secs_f64();
-            tracing::info!(
-                rank,
-                checkpoint = name,
-                secs,
-                "checkpoint committed by rank 0"
-            );
-            Ok(name.to_string())
-        }
-        None => bail!(
-            "rank 0 could not commit {step}: {}",
-            verdict.trim_start_matches("error ")
-        ),
+
+    fn all_gather(&mut self, name: &str, data: &[u8]) -> waypoint_checkpoint::Result<Vec<Vec<u8>>> {
+        self.side
+            .all_gather(name, data)
+            .map_err(|e| peers_error(name, e))
+    }
+
+    fn broadcast(&mut self, name: &str, data: &[u8]) -> waypoint_checkpoint::Result<Vec<u8>> {
+        self.side
+            .broadcast(name, data)
+            .map_err(|e| peers_error(name, e))
     }
 }
 
-/// Metrics first: a resumed run keeps the lines up to its checkpoint and redoes the rest, so lines
-/// past a checkpoint that never commits are harmless; lines missing below a committed one would not
-/// be.
-async fn write_metrics(manager: &CheckpointManager, metrics: String) -> Result<()> {
-    manager
-        .store()
-        .put(&manager.layout().metrics(), Bytes::from(metrics))
-        .await
-        .context("writing logs/metrics.jsonl")?;
-    Ok(())
-}
-
-/// Records a commit in `status.json`.
-/// After a commit: `status.json` names it; a `config/run.json` that vanished (the run folder was
-/// deleted mid-run) is written again, with a warning.
-async fn committed(
-    manager: &CheckpointManager,
-    mut status: Status,
-    run_record: &Bytes,
-    name: &str,
-) -> Result<()> {
-    let key = manager.layout().run_config();
-    if !run_record.is_empty() && !manager.store().exists(&key).await? {
-        tracing::warn!(%key, "config/run.json is gone (was the run folder deleted?); writing it again");
-        manager.store().put(&key, run_record.clone()).await?;
+fn peers_error(op: &str, e: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Peers {
+        op: op.to_string(),
+        reason: e.to_string(),
     }
-    status.checkpoint = Some(name.to_string());
-    records::write_status(manager.store(), manager.layout(), &status).await
 }
 
 /// The resumable state under DCP's names: trainable weights and their AdamW state (handles that

@@ -11,7 +11,7 @@
 //! One file per verb: [`attempts`] (fencing), [`write`] (the save path and the commit), [`upkeep`]
 //! (what follows a commit), [`discover`] (listing, resume discovery), [`read`] (loading tensors),
 //! [`verify`], [`promote`], [`retention`] (the retention policy, retention
-//! and GC). This file holds the manager itself, its
+//! and GC), and [`save`]: the one save protocol, for one rank and N, over [`Peers`](crate::Peers). This file holds the manager itself, its
 //! options and what a save is made of.
 
 use std::collections::HashMap;
@@ -31,6 +31,7 @@ mod discover;
 mod promote;
 mod read;
 mod retention;
+mod save;
 mod upkeep;
 mod verify;
 mod write;

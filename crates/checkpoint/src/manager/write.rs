@@ -5,7 +5,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use waypoint_storage::StorageError;
 
-use super::{now_ms, CheckpointManager, Commit, SamplerPart, SaveRequest};
+use super::{now_ms, CheckpointManager, Commit, SamplerPart};
 use crate::dcp;
 use crate::error::{CheckpointError, Result};
 use crate::file_entry::{FileEntry, WrittenFile};
@@ -88,27 +88,6 @@ impl CheckpointManager {
             },
         }
         tracing::info!(checkpoint = %name, kinds = ?manifest.kinds, bytes = manifest.total_bytes(), "checkpoint committed");
-        Ok(manifest)
-    }
-
-    /// Single-process save: prepare, write the resumable and sampler parts, commit, then the upkeep
-    /// ([`Self::after_commit`]).
-    pub async fn save(&self, mut request: SaveRequest) -> Result<Manifest> {
-        let step = StepName::new(request.commit.step);
-        self.prepare_save(step).await?;
-        let writer = self.file_writer(step, 0);
-        let mut files = Vec::new();
-        if let Some(state) = request.dcp {
-            files.extend(self.write_dcp(&writer, 1, state).await?);
-        }
-        if let Some(sampler) = request.sampler {
-            files.extend(
-                self.write_sampler(&writer, sampler, &mut request.commit)
-                    .await?,
-            );
-        }
-        let manifest = self.commit(request.commit, files).await?;
-        self.after_commit(&manifest).await?;
         Ok(manifest)
     }
 

@@ -7,6 +7,7 @@ use waypoint_checkpoint::{model_dir, StepName};
 
 use super::{Live, Outcome, Session};
 use crate::records::{self, JobState, Status};
+use crate::saving::SaveOrder;
 
 impl Session {
     /// Saves the state at the current step (resumable; also promotable when `promotable`), in the
@@ -21,16 +22,16 @@ impl Session {
             .ctx
             .commit(self.step, run.data_consumed, run.ranks.world());
         let status = self.status_for(run.attempt);
-        run.saver.save(
-            &run.model,
-            &run.opt,
-            &run.ctx,
+        run.saver.save(SaveOrder {
+            model: &run.model,
+            opt: &run.opt,
+            ctx: &run.ctx,
             commit,
             promotable,
             status,
-            run.metrics.clone(),
+            metrics: run.metrics.clone(),
             background,
-        )
+        })
     }
 
     /// After the last step: the final save (already there when a finished run is restarted),

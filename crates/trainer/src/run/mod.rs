@@ -36,6 +36,7 @@ use waypoint_storage::Store;
 
 use crate::config::TrainConfig;
 use crate::records::{self, JobState, Status};
+use crate::saving::{save_due, SaveDue};
 
 /// A configuration problem found before any work: the command exits with code 2.
 #[derive(Debug, thiserror::Error)]
@@ -170,8 +171,8 @@ impl Session {
             progress.step(self.step, run.last_loss, line["lr"].as_f64().unwrap_or(0.0));
             run.metrics.push_str(&line.to_string());
             run.metrics.push('\n');
-            let periodic = self.config.save_steps > 0 && self.step % self.config.save_steps == 0;
-            if periodic && self.step < total {
+            let due = save_due(self.step, self.config.save_steps, total, false);
+            if due == SaveDue::Periodic {
                 let blocked = Instant::now();
                 self.save(&mut run, false, !self.config.sync_save)?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());

@@ -21,7 +21,7 @@ use crate::config::fingerprint;
 use crate::convert::from_blob;
 use crate::model::{LoraConfig, Model};
 use crate::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
-use crate::records::{self, JobState, Status};
+use crate::records::{self, JobState, RunRecords, Status};
 use crate::saving::{SaveContext, Saver};
 
 impl Session {
@@ -249,6 +249,7 @@ impl Session {
         };
         let saver = Saver::new(
             manager.clone(),
+            RunRecords::new(self.store.clone(), self.layout.clone()),
             &ranks,
             rt.handle().clone(),
             Bytes::from(serde_json::to_vec_pretty(&run_record)?),
@@ -343,21 +344,7 @@ async fn init_from(manager: &CheckpointManager, spec: &str, model: &mut Model) -
 
 /// Joins DCP slices (from multi-rank saves) into whole tensors, by name.
 fn assemble_slices(blobs: Vec<Blob>) -> Result<HashMap<String, Blob>> {
-    let mut groups: HashMap<String, Vec<Blob>> = HashMap::new();
-    for b in blobs {
-        groups.entry(b.name.clone()).or_default().push(b);
-    }
-    groups
-        .into_iter()
-        .map(|(name, parts)| {
-            let whole = if parts.len() == 1 && parts[0].offsets.is_none() {
-                parts.into_iter().next().context("one part")?
-            } else {
-                dcp::assemble(parts)?
-            };
-            Ok((name, whole))
-        })
-        .collect()
+    Ok(dcp::assemble_by_name(blobs)?.into_iter().collect())
 }
 
 /// Copies a saved tensor into a live one (shape checked), converting dtype and device.
