@@ -10,9 +10,6 @@
 //!
 //! WAYPOINT_BENCH_MIB sets the state size (default 1024).
 
-#[path = "../tests/common/weights.rs"]
-mod weights;
-
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -24,8 +21,8 @@ use criterion::{Criterion, SamplingMode, Throughput};
 use waypoint_checkpoint::{
     CheckpointManager, Commit, Dtype, ManagerOptions, SamplerPart, SaveRequest, Tensor,
 };
-use waypoint_storage::Store;
 use waypoint_checkpoint::{RunLayout, StepName};
+use waypoint_storage::Store;
 
 static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
 
@@ -280,8 +277,8 @@ fn delta_ratio(rt: &tokio::runtime::Runtime) -> (u64, u64) {
     rt.block_on(m.start_attempt(&serde_json::json!({})))
         .unwrap();
     let n = 32 << 20; // 32 Mi bf16 weights = 64 MiB
-    let base_w = weights::bf16_weights(n, 1);
-    let next_w = weights::adamw_step_bf16(&base_w, 1e-5, 2);
+    let base_w = waypoint_testkit::weights::bf16_weights(n, 1);
+    let next_w = waypoint_testkit::weights::adamw_step_bf16(&base_w, 1e-5, 2);
     let t = |w: Vec<u8>| {
         vec![Tensor::new(
             "model.layers.0.mlp.up_proj.weight",

@@ -1,5 +1,4 @@
-//! The `waypoint` binary. All of it lives in the `waypoint-trainer` crate; this file only hands over,
-//! so that the root package's end-to-end tests get a freshly built binary from cargo.
+//! The `waypoint` binary: the command line in this package's library ([`waypoint::cli`]).
 fn main() -> std::process::ExitCode {
-    waypoint_trainer::cli::main()
+    waypoint::cli::main()
 }

@@ -10,8 +10,8 @@ use std::process::Output;
 
 use bytes::Bytes;
 use common::runs::manager;
-use waypoint_checkpoint::{CheckpointManager, Promotion};
 use waypoint_checkpoint::StepName;
+use waypoint_checkpoint::{CheckpointManager, Promotion};
 
 /// `waypoint train` flags on the built-in demo: a save every `save_steps`, `steps` in all.
 fn train_args(base: &str, run: &str, steps: u32, save_steps: u32) -> Vec<String> {
@@ -423,4 +423,102 @@ async fn two_ranks_pass_over_a_bit_flip_together() {
         .unwrap()
         .problems
         .is_empty());
+}
+
+/// A finished run whose final checkpoint's model is damaged (a flipped byte in the sampler weights)
+/// is not stuck: the restart passes over it, redoes the last steps and promotes a whole model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_final_model_is_redone_before_promotion() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&train(base, "fin", 6, &[]));
+    let m = manager(base, "fin");
+    let key = format!(
+        "{}/sampler/model.safetensors",
+        m.layout().checkpoint_dir(StepName::new(6))
+    );
+    let mut bytes = m.store().get(&key).await.unwrap().to_vec();
+    let at = bytes.len() - 11;
+    bytes[at] ^= 4;
+    m.store().put(&key, bytes.into()).await.unwrap();
+    let out = train(base, "fin", 6, &["--output_model_id", "fin-model"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("checkpoint=step-000004"), "{err}");
+    assert!(m
+        .verify(StepName::new(6))
+        .await
+        .unwrap()
+        .problems
+        .is_empty());
+    assert!(m
+        .promotion("fin-model")
+        .await
+        .unwrap()
+        .is_done_from(m.layout(), "step-000006"));
+}
+
+/// A committed checkpoint newer than the resume point that holds no resumable state (its manifest
+/// lists no `dcp/` file) does not block saving its step again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_checkpoint_without_resumable_state_does_not_block_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&train(base, "nr", 6, &[]));
+    let m = manager(base, "nr");
+    let key = m.layout().manifest(StepName::new(6));
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&m.store().get(&key).await.unwrap()).unwrap();
+    manifest["files"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| !f["path"].as_str().unwrap().starts_with("dcp/"));
+    m.store()
+        .put(&key, serde_json::to_vec(&manifest).unwrap().into())
+        .await
+        .unwrap();
+    let out = train(base, "nr", 8, &[]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("checkpoint=step-000004"), "{err}");
+    assert_eq!(common::committed_steps(&m).await[..3], [8, 6, 4]);
+    assert!(m
+        .verify(StepName::new(6))
+        .await
+        .unwrap()
+        .problems
+        .is_empty());
+}
+
+/// A run whose `checkpoints/` folder is a symbolic link (moved to another disk) is the user's own
+/// layout: retention and gc work through it; only links below a folder being deleted are never
+/// followed.
+#[test]
+fn a_checkpoints_folder_moved_behind_a_symlink_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_disk = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let run_dir = dir.path().join("moved/framework=waypoint");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::os::unix::fs::symlink(other_disk.path(), run_dir.join("checkpoints")).unwrap();
+    let out = train(base, "moved", 8, &["--keep_last", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut left: Vec<String> = std::fs::read_dir(other_disk.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["step-000008.json"], "retention kept the wrong ones");
+    let gc = common::waypoint()
+        .args([
+            "ckpt",
+            "gc",
+            &format!("{base}/moved/framework=waypoint"),
+            "--grace_secs",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    common::ok(&gc);
 }

@@ -181,7 +181,7 @@ fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
         ],
     );
     let got: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
-    let want: Vec<i64> = std::iter::once(waypoint_trainer::tokenizer::BYTE_BOS)
+    let want: Vec<i64> = std::iter::once(waypoint_trainer::data::tokenizer::BYTE_BOS)
         .chain(text.bytes().map(i64::from))
         .collect();
     let ids: Vec<i64> = got["ids"]
@@ -192,7 +192,7 @@ fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
         .collect();
     assert_eq!(ids, want, "transformers' ids are the byte tokenizer's");
     assert_eq!(got["decoded"], text);
-    assert_eq!(got["eos"], waypoint_trainer::tokenizer::BYTE_EOS);
+    assert_eq!(got["eos"], waypoint_trainer::data::tokenizer::BYTE_EOS);
 
     let (hf_ids, hf_logits) = reference(&logits_file);
     let (model, _) = Model::load_hf_dir(&dir, Device::Cpu).unwrap();

@@ -474,7 +474,7 @@ impl TrainConfig {
                 })?;
             }
         }
-        crate::optim::ScheduleKind::parse(&self.lr_scheduler)
+        crate::run::optim::ScheduleKind::parse(&self.lr_scheduler)
             .map_err(|e| usage("lr_scheduler", format!("{e:#}")))?;
         check(
             ["bf16", "fp16", "fp32"].contains(&self.sampler_dtype.as_str()),

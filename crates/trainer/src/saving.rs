@@ -33,11 +33,11 @@ use waypoint_checkpoint::{
     Tensor as Blob,
 };
 
+use crate::collective::ranks::Ranks;
 use crate::convert::{byte_size, to_blob};
 use crate::model::Model;
-use crate::optim::AdamW;
-use crate::ranks::Ranks;
 use crate::records::{RunRecords, Status};
+use crate::run::optim::AdamW;
 
 /// What every save needs besides the live state.
 pub struct SaveContext {
@@ -410,7 +410,7 @@ fn snapshot_on_device(items: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)
         return None;
     };
     let bytes: u64 = items.iter().map(|(_, t)| byte_size(t) as u64).sum();
-    match crate::cuda::free_memory(gpu) {
+    match crate::collective::cuda::free_memory(gpu) {
         Ok(free) if free >= bytes + SNAPSHOT_HEADROOM => {}
         Ok(free) => {
             tracing::info!(

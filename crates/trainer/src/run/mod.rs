@@ -11,14 +11,16 @@
 //!
 //! Periodic saves are resumable; the final save is resumable and promotable (see
 //! [`crate::saving`]). With several ranks, each takes its slice of every global batch and gradients
-//! are summed ([`crate::ranks`]); all ranks stop after the same step on a signal.
+//! are summed ([`crate::collective::ranks`]); all ranks stop after the same step on a signal.
 //!
 //! Exactness: dropout (LoRA's) draws from libtorch's generator reseeded from (seed, step) at every
 //! step, the data order is a pure function of (seed, epoch), and the learning rate a pure function of
 //! the step — so restoring weights, optimizer state and counters restores everything. Any failure
 //! (usage errors aside, which write nothing) ends in `status.json` as `FAILED` and exit code 1.
 
+pub mod device;
 mod finish;
+pub mod optim;
 mod progress;
 mod resume;
 mod setup;
@@ -107,16 +109,16 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
 
 /// A run ready to step: the live training state and what the loop uses.
 struct Live {
-    ranks: crate::ranks::Ranks,
+    ranks: crate::collective::ranks::Ranks,
     device: tch::Device,
     model: crate::model::Model,
-    opt: crate::optim::AdamW,
+    opt: crate::run::optim::AdamW,
     train: crate::data::Dataset,
     eval: Option<crate::data::Dataset>,
     manager: Arc<waypoint_checkpoint::CheckpointManager>,
     saver: crate::saving::Saver,
     ctx: crate::saving::SaveContext,
-    schedule: crate::optim::Schedule,
+    schedule: crate::run::optim::Schedule,
     /// `logs/metrics.jsonl` so far (rank 0).
     metrics: String,
     /// Samples consumed, globally.

@@ -20,8 +20,8 @@ use super::{Live, Session, UsageError};
 use crate::config::fingerprint;
 use crate::convert::from_blob;
 use crate::model::{LoraConfig, Model};
-use crate::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 use crate::records::{self, JobState, RunRecords, Status};
+use crate::run::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 use crate::saving::{SaveContext, Saver};
 
 impl Session {
@@ -74,7 +74,16 @@ impl Session {
                 Some(m) => m,
                 None => rt.block_on(manager.manifest(step))?,
             };
-            let (blobs, problem) = match rt.block_on(manager.load_tensors(&m, "dcp/", &|_| true)) {
+            let loaded = rt.block_on(async {
+                let blobs = manager.load_tensors(&m, "dcp/", &|_| true).await?;
+                // A finished run resumes at its final checkpoint only to promote it: what it
+                // would deploy must be whole too, or the run is redone from the one before.
+                if main && m.step >= total && m.sampler_files().next().is_some() {
+                    manager.sampler_weight_files(&m).await?;
+                }
+                Ok::<_, waypoint_checkpoint::CheckpointError>(blobs)
+            });
+            let (blobs, problem) = match loaded {
                 Ok(blobs) => (blobs, None),
                 Err(e) if e.is_damage() => (Vec::new(), Some(e.to_string())),
                 Err(e) => return Err(e).context(format!("loading checkpoint {chosen}")),
@@ -90,6 +99,23 @@ impl Session {
             });
             passed_over.push(step);
         };
+        // Committed checkpoints newer than the one resumed that hold no resumable state would
+        // block saving their step again: set aside too (the trainer writes none of its own).
+        if main {
+            let resumed = latest.as_ref().map_or(0, |m| m.step);
+            for step in rt.block_on(manager.committed_steps())? {
+                if step.step() > resumed && !damaged.iter().any(|d| d.step == step) {
+                    damaged.push(Skipped {
+                        step,
+                        reason: format!(
+                            "holds no resumable state, newer than the checkpoint resumed \
+                             (step {resumed}); set aside so that step {} can be saved again",
+                            step.step()
+                        ),
+                    });
+                }
+            }
+        }
         if let Some(m) = &latest {
             if m.config_fingerprint != config_fp {
                 let drift = rt.block_on(describe_drift(

@@ -11,11 +11,11 @@ use tokio::runtime::Runtime;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 
 use super::{Session, UsageError};
+use crate::collective::ranks::Ranks;
 use crate::config::{fingerprint, TrainConfig};
+use crate::data::tokenizer::Tokenizer;
 use crate::data::{read_sources, DataOptions, Dataset};
 use crate::model::{Model, ModelConfig};
-use crate::ranks::Ranks;
-use crate::tokenizer::Tokenizer;
 use waypoint_launch::WorkerEnv;
 
 /// What the run starts from, before anything is written.
@@ -43,7 +43,7 @@ impl Session {
     pub(super) fn setup(&mut self, rt: &Runtime) -> Result<Setup> {
         let cfg = &self.config;
         let env = WorkerEnv::from_env()?;
-        let device = crate::device::parse_device_for(&cfg.device, env.local_rank)
+        let device = crate::run::device::parse_device_for(&cfg.device, env.local_rank)
             .map_err(|e| UsageError(format!("{e:#}")))?;
         self.main = env.rank == 0;
         let ranks = Ranks::join(&env, Duration::from_secs(cfg.dist_timeout_secs), device)?;
@@ -84,7 +84,7 @@ async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
         (
             Model::init(config, cfg.seed as i64, device)?,
             Tokenizer::Bytes,
-            crate::tokenizer::byte_tokenizer_files()?,
+            crate::data::tokenizer::byte_tokenizer_files()?,
             fp,
         )
     } else {

@@ -12,8 +12,8 @@ use tch::{Device, Kind, Tensor};
 use super::{Live, Session};
 use crate::data::{Dataset, IGNORE};
 use crate::model::Model;
-use crate::optim::{clip_grad_norm, gradients};
 use crate::records;
+use crate::run::optim::{clip_grad_norm, gradients};
 
 impl Session {
     /// Runs optimizer step `self.step + 1`; returns its metrics line, or `None` when the ranks agreed

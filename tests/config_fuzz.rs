@@ -7,7 +7,7 @@ use std::io::Write;
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use waypoint_trainer::cli::{resolve_train_args, ArgsError};
+use waypoint::cli::{resolve_train_args, ArgsError};
 use waypoint_trainer::config::{keys, limits, TrainConfig};
 
 /// Hostile command-line values.

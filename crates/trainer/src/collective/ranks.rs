@@ -1,7 +1,7 @@
 //! This worker among the others: joining them (through the torchrun environment), agreeing on each
 //! step, and averaging gradients. A single worker needs none of it and pays nothing.
 //!
-//! Gradients are summed with NCCL on CUDA ([`crate::nccl`], its id passed through the store) and
+//! Gradients are summed with NCCL on CUDA ([`crate::collective::nccl`], its id passed through the store) and
 //! with the ring all-reduce of `waypoint-c10d` on CPU. Each rank's loss is already divided by the
 //! global token count, so the sum is the gradient of the global mean loss: 2 ranks × batch b
 //! compute what 1 rank × batch 2b does.
@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 use waypoint_c10d::{Group, GroupConfig};
 
-use crate::nccl::{Communicator, Nccl};
+use crate::collective::nccl::{Communicator, Nccl};
 use waypoint_launch::WorkerEnv;
 
 /// The ranks of the job, from this worker's side.

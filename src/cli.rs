@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::config::{merge, read_config_file, ConfigError, Origin, TrainConfig};
-use crate::run::{Outcome, UsageError};
+use waypoint_trainer::config::{merge, read_config_file, ConfigError, Origin, TrainConfig};
+use waypoint_trainer::run::{Outcome, UsageError};
 
 /// waypoint: the trainer-side checkpoint and resume runtime.
 #[derive(Debug, Parser)]
@@ -321,7 +321,10 @@ pub fn main() -> ExitCode {
         Command::Ckpt { command } => match runtime.block_on(crate::ckpt::run(command)) {
             Ok(code) => code,
             Err(e) => {
-                say_err(format_args!("error: {}", crate::records::explain(&e)));
+                say_err(format_args!(
+                    "error: {}",
+                    waypoint_trainer::records::explain(&e)
+                ));
                 ExitCode::FAILURE
             }
         },
@@ -342,7 +345,7 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     let stop = stop_on_signals();
     let base = config.checkpoint_base_uri.trim_end_matches('/').to_string();
     let run = format!("{base}/{}/framework={}", config.run_id, config.framework);
-    match crate::run::run(config, stop, runtime) {
+    match waypoint_trainer::run::run(config, stop, runtime) {
         Ok(Outcome::Finished {
             steps,
             last_loss,
@@ -366,7 +369,7 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             ExitCode::from((128 + signal).min(255) as u8)
         }
         Err(e) => {
-            let message = crate::records::explain(&e);
+            let message = waypoint_trainer::records::explain(&e);
             say_err(format_args!("error: {message}"));
             if e.downcast_ref::<UsageError>().is_some() {
                 return ExitCode::from(2);
@@ -417,7 +420,7 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| crate::records::Redacting(std::io::stderr()))
+        .with_writer(|| waypoint_trainer::records::Redacting(std::io::stderr()))
         // A closed stderr (`waypoint train 2>&1 | head -1`) must not end the run: the subscriber's
         // own report of a failed write would go to that stderr and panic.
         .log_internal_errors(false)
@@ -442,7 +445,7 @@ mod tests {
             .filter(|f| f != "config_path")
             .collect();
         flags.sort();
-        let mut keys = crate::config::keys();
+        let mut keys = waypoint_trainer::config::keys();
         keys.sort();
         assert_eq!(flags, keys);
 

@@ -6,6 +6,8 @@
 //! `order(seed, g / n)[g % n]` of the `n` samples. Resuming at any counter — with any batch split —
 //! continues the same sequence.
 
+pub mod tokenizer;
+
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
@@ -18,10 +20,10 @@ use serde_json::Value;
 use tch::{Device, Tensor};
 use waypoint_storage::Store;
 
-use crate::tokenizer::{chat_turn, Tokenizer};
+use crate::data::tokenizer::{chat_turn, Tokenizer};
 
 /// The demo dataset shipped in the binary (`dataset_uri = builtin:demo`).
-pub const DEMO_DATASET: &str = include_str!("../assets/demo.jsonl");
+pub const DEMO_DATASET: &str = include_str!("../../assets/demo.jsonl");
 
 /// Label value that the loss ignores.
 pub const IGNORE: i64 = -100;
@@ -404,7 +406,7 @@ mod tests {
         let labels: Vec<i64> = Vec::try_from(labels.view([-1])).unwrap();
         let ids: Vec<i64> = Vec::try_from(ids.view([-1])).unwrap();
         // BOS "user: hi\n" "assistant: " are not learned; "yo" would be, but 8 tokens cut it off.
-        assert_eq!(ids[0], crate::tokenizer::BYTE_BOS);
+        assert_eq!(ids[0], crate::data::tokenizer::BYTE_BOS);
         assert!(labels.iter().all(|&l| l == IGNORE), "{labels:?}");
         let packed = Dataset::build(&s, &Tokenizer::Bytes, &opts(true)).unwrap();
         // 12 + 25 tokens → 4 blocks of 9.
@@ -439,12 +441,12 @@ mod tests {
             ..opts(true)
         };
         let d = Dataset::build(&source(&text), &Tokenizer::Bytes, &o).unwrap();
-        let mut all: Vec<i64> = vec![crate::tokenizer::BYTE_BOS];
+        let mut all: Vec<i64> = vec![crate::data::tokenizer::BYTE_BOS];
         all.extend(long.bytes().map(i64::from));
-        all.push(crate::tokenizer::BYTE_EOS);
-        all.push(crate::tokenizer::BYTE_BOS);
+        all.push(crate::data::tokenizer::BYTE_EOS);
+        all.push(crate::data::tokenizer::BYTE_BOS);
         all.extend("tail".bytes().map(i64::from));
-        all.push(crate::tokenizer::BYTE_EOS);
+        all.push(crate::data::tokenizer::BYTE_EOS);
         assert_eq!(d.len(), all.len() / 101);
         for (k, block) in all.chunks_exact(101).enumerate() {
             assert_eq!(d.tokens[k], block, "block {k}");

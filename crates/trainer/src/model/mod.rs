@@ -239,7 +239,7 @@ impl ModelConfig {
         let raw = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "vocab_size": crate::tokenizer::BYTE_VOCAB,
+            "vocab_size": crate::data::tokenizer::BYTE_VOCAB,
             "hidden_size": 64,
             "intermediate_size": 176,
             "num_hidden_layers": 2,
@@ -252,9 +252,9 @@ impl ModelConfig {
             "tie_word_embeddings": true,
             "attention_bias": false,
             "hidden_act": "silu",
-            "bos_token_id": crate::tokenizer::BYTE_BOS,
-            "eos_token_id": crate::tokenizer::BYTE_EOS,
-            "pad_token_id": crate::tokenizer::BYTE_PAD,
+            "bos_token_id": crate::data::tokenizer::BYTE_BOS,
+            "eos_token_id": crate::data::tokenizer::BYTE_EOS,
+            "pad_token_id": crate::data::tokenizer::BYTE_PAD,
             "torch_dtype": "bfloat16",
         });
         Self::from_json("built-in tiny config", raw).expect("the built-in config is valid")

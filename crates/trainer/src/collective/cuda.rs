@@ -1,5 +1,5 @@
 //! The few CUDA runtime calls that tch does not expose: making a GPU the thread's current device,
-//! and asking how much memory a GPU has free. Like NCCL ([`crate::nccl`]), they are looked up in the
+//! and asking how much memory a GPU has free. Like NCCL ([`crate::collective::nccl`]), they are looked up in the
 //! CUDA runtime that libtorch_cuda already loaded, so a CPU-only libtorch still runs (the calls then
 //! fail with a clear error).
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::cuda::loaded_fn;
+use crate::collective::cuda::loaded_fn;
 
 /// Bytes of an `ncclUniqueId`.
 pub const UNIQUE_ID_BYTES: usize = 128;
@@ -129,7 +129,7 @@ impl Communicator {
         let id: [u8; UNIQUE_ID_BYTES] = id.try_into().map_err(|_| {
             anyhow::anyhow!("an NCCL id has {UNIQUE_ID_BYTES} bytes, got {}", id.len())
         })?;
-        crate::cuda::set_device(gpu)?;
+        crate::collective::cuda::set_device(gpu)?;
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: `comm` receives the handle; the id is passed by value as NCCL declares it.
         let code = unsafe {
