@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 /// Every setting of `waypoint train`. Field names are the flag names.
@@ -535,24 +535,19 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The settings that must not change across a resume, by name. A checkpoint records their hash.
-    pub fn resume_fields(&self, model_fingerprint: &str) -> BTreeMap<&'static str, Value> {
-        BTreeMap::from([
-            ("model", Value::from(model_fingerprint)),
-            ("lora_rank", Value::from(self.lora_rank)),
-            (
-                "lora_target_modules",
-                Value::from(self.lora_target_modules.clone()),
-            ),
-            ("dataset_uri", Value::from(self.dataset_uri.clone())),
-            (
-                "dataset_text_field",
-                Value::from(self.dataset_text_field.clone()),
-            ),
-            ("max_seq_len", Value::from(self.max_seq_len)),
-            ("disable_packing", Value::from(self.disable_packing)),
-            ("seed", Value::from(self.seed)),
-        ])
+    /// The settings that must not change across a resume, by name (a JSON object, keys sorted). A
+    /// checkpoint records their [`fingerprint`].
+    pub fn resume_fields(&self, model_fingerprint: &str) -> Value {
+        json!({
+            "model": model_fingerprint,
+            "lora_rank": self.lora_rank,
+            "lora_target_modules": self.lora_target_modules,
+            "dataset_uri": self.dataset_uri,
+            "dataset_text_field": self.dataset_text_field,
+            "max_seq_len": self.max_seq_len,
+            "disable_packing": self.disable_packing,
+            "seed": self.seed,
+        })
     }
 
     /// The configuration as recorded in `config/run.json`: credentials in URIs are redacted.
@@ -569,10 +564,9 @@ impl TrainConfig {
     }
 }
 
-/// sha256 (hex) of a JSON value's canonical text.
-pub fn fingerprint<T: Serialize>(value: &T) -> String {
-    let text = serde_json::to_vec(value).unwrap_or_default();
-    hex::encode(Sha256::digest(&text))
+/// sha256 (hex) of a JSON value's canonical text (compact, keys sorted).
+pub fn fingerprint(value: &Value) -> String {
+    hex::encode(Sha256::digest(value.to_string().as_bytes()))
 }
 
 #[cfg(test)]
@@ -645,5 +639,21 @@ mod tests {
         };
         c.validate().unwrap();
         assert_eq!(c.lora_alpha, 8.0);
+    }
+
+    #[test]
+    fn fingerprints_hash_the_compact_sorted_json_as_checkpoints_recorded_it() {
+        // Checkpoints written before record sha256 of serde_json::to_vec of a BTreeMap of the resume
+        // fields; the fingerprint must stay the same bytes, or every existing run would read as
+        // drifted.
+        let fields = TrainConfig::default().resume_fields("m");
+        let map: BTreeMap<&str, &Value> = fields
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let before = hex::encode(Sha256::digest(serde_json::to_vec(&map).unwrap()));
+        assert_eq!(fingerprint(&fields), before);
     }
 }

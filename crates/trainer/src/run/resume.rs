@@ -118,11 +118,7 @@ impl Session {
         }
         if let Some(m) = &latest {
             if m.config_fingerprint != config_fp {
-                let drift = rt.block_on(describe_drift(
-                    &self.store,
-                    &self.layout,
-                    &serde_json::to_value(&resume_fields)?,
-                ));
+                let drift = rt.block_on(describe_drift(&self.store, &self.layout, &resume_fields));
                 return Err(UsageError(format!(
                     "configuration drift: run {} has checkpoints up to {} made with other settings \
                      ({drift}). Resuming would not continue that run. Restore the settings, or start \
