@@ -2,7 +2,6 @@
 //! JSON or TOML file with the same keys, overridden by flags. Unknown keys are errors that name the
 //! closest valid key; the resolved configuration is recorded as `config/run.json`, redacted.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -647,7 +646,7 @@ mod tests {
         // fields; the fingerprint must stay the same bytes, or every existing run would read as
         // drifted.
         let fields = TrainConfig::default().resume_fields("m");
-        let map: BTreeMap<&str, &Value> = fields
+        let map: std::collections::BTreeMap<&str, &Value> = fields
             .as_object()
             .unwrap()
             .iter()
