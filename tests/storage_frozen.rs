@@ -36,7 +36,9 @@ fn start_server() -> Option<Server> {
                 std::env::var_os("WAYPOINT_REQUIRE_S3").is_none(),
                 "WAYPOINT_REQUIRE_S3 is set but WAYPOINT_S3S_BIN is not an s3s-fs binary"
             );
-            eprintln!("note: no s3s-fs (WAYPOINT_S3S_BIN); run scripts/test.sh to include this test");
+            eprintln!(
+                "note: no s3s-fs (WAYPOINT_S3S_BIN); run scripts/test.sh to include this test"
+            );
             return None;
         }
     };
@@ -85,7 +87,10 @@ fn a_frozen_endpoint_fails_the_job_within_the_retry_budget() {
             "--checkpoint_base_uri",
             "s3://frozen-bucket/runs",
         ])
-        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", server.port))
+        .env(
+            "AWS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{}", server.port),
+        )
         .env("AWS_ALLOW_HTTP", "true")
         .env("AWS_ACCESS_KEY_ID", "k")
         .env("AWS_SECRET_ACCESS_KEY", "s")
@@ -116,7 +121,10 @@ fn a_frozen_endpoint_fails_the_job_within_the_retry_budget() {
     let log = rest.join().unwrap();
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("error:"), "no clear error: {log}");
-    let said = log.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    let said = log
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
     eprintln!("the job failed {took:?} after the endpoint froze: {said}");
     // Once the endpoint is back, the run resumes from what was committed.
     signal(server.child.id(), "CONT").unwrap();

@@ -6,8 +6,8 @@ mod common;
 
 use std::process::Output;
 
-use waypoint_storage::Store;
 use waypoint_checkpoint::RunLayout;
+use waypoint_storage::Store;
 
 /// `waypoint train` on CPU: 30 steps saving every 10, unless `extra` sets `--max_steps` or `--save_steps`.
 fn train(base: &str, run_id: &str, extra: &[&str]) -> Output {

@@ -10,9 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use waypoint_checkpoint::RunLayout;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 use waypoint_storage::Store;
-use waypoint_checkpoint::RunLayout;
 
 const STEPS: u64 = 60;
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// An environment variable as a number, or `default`.
-pub fn env_or(name: &str, default: usize) -> usize {
+pub(crate) fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -14,14 +14,14 @@ pub fn env_or(name: &str, default: usize) -> usize {
 }
 
 /// The venv's Python.
-pub fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("VIRTUAL_ENV")
         .map(|v| format!("{v}/bin/python"))
         .expect("VIRTUAL_ENV unset: run scripts/bench.sh (or source scripts/env.sh)")
 }
 
 /// Runs `cmd`, fails loudly, returns stdout.
-pub fn run(cmd: &mut Command) -> String {
+pub(crate) fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("start process");
     assert!(
         out.status.success(),
@@ -32,7 +32,7 @@ pub fn run(cmd: &mut Command) -> String {
 }
 
 /// Runs `cmd`, fails loudly, returns stderr (the log).
-pub fn run_log(cmd: &mut Command) -> String {
+pub(crate) fn run_log(cmd: &mut Command) -> String {
     let out = cmd.output().expect("start process");
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{cmd:?} failed:\n{log}");
@@ -41,7 +41,7 @@ pub fn run_log(cmd: &mut Command) -> String {
 
 /// A random Llama (`WAYPOINT_BENCH_HIDDEN`, default 512; `WAYPOINT_BENCH_LAYERS`, default 6) in
 /// `dir`; returns (hidden, layers).
-pub fn make_model(dir: &Path) -> (usize, usize) {
+pub(crate) fn make_model(dir: &Path) -> (usize, usize) {
     let hidden = env_or("WAYPOINT_BENCH_HIDDEN", 512);
     let layers = env_or("WAYPOINT_BENCH_LAYERS", 6);
     std::fs::create_dir_all(dir).unwrap();
@@ -62,7 +62,7 @@ pub fn make_model(dir: &Path) -> (usize, usize) {
 }
 
 /// 400 rows of text.
-pub fn write_dataset(path: &Path) {
+pub(crate) fn write_dataset(path: &Path) {
     let rows: Vec<String> = (0..400)
         .map(|i| {
             format!(

@@ -2,19 +2,19 @@
 //! `waypoint-testkit`.
 #![allow(dead_code)]
 
-pub mod runs;
+pub(crate) mod runs;
 
-pub use waypoint_testkit::*;
+pub(crate) use waypoint_testkit::*;
 
 /// The `waypoint` binary, finding libtorch through its rpath alone.
-pub fn waypoint() -> std::process::Command {
+pub(crate) fn waypoint() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_waypoint"));
     c.env_remove("LD_LIBRARY_PATH").env("RUST_LOG", "info");
     c
 }
 
 /// Runs `tests/python/<script>` with `args` in the venv; returns its stdout.
-pub fn root_python_script(script: &str, args: &[&str]) -> String {
+pub(crate) fn root_python_script(script: &str, args: &[&str]) -> String {
     python_script(
         &format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR")),
         args,

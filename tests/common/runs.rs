@@ -11,7 +11,13 @@ use waypoint_storage::Store;
 
 /// `waypoint train` flags of the multi-rank tests: a tiny model on `device`, one libtorch thread, a
 /// log line per step, a save every 3 steps, a 20 s collective timeout.
-pub fn train_flags(device: &str, base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
+pub(crate) fn train_flags(
+    device: &str,
+    base: &str,
+    run: &str,
+    batch: u32,
+    steps: u32,
+) -> Vec<String> {
     let (batch, steps) = (batch.to_string(), steps.to_string());
     [
         "train",
@@ -40,7 +46,7 @@ pub fn train_flags(device: &str, base: &str, run: &str, batch: u32, steps: u32) 
 }
 
 /// The checkpoint manager of run `run` under `base`.
-pub fn manager(base: &str, run: &str) -> CheckpointManager {
+pub(crate) fn manager(base: &str, run: &str) -> CheckpointManager {
     CheckpointManager::new(
         Store::open(base).unwrap(),
         RunLayout::new(run, "waypoint").unwrap(),
@@ -49,7 +55,11 @@ pub fn manager(base: &str, run: &str) -> CheckpointManager {
 }
 
 /// The `model.*` tensors of a checkpoint as f32 values, by name.
-pub async fn weights(base: &str, run: &str, step: u64) -> (Manifest, BTreeMap<String, Vec<f32>>) {
+pub(crate) async fn weights(
+    base: &str,
+    run: &str,
+    step: u64,
+) -> (Manifest, BTreeMap<String, Vec<f32>>) {
     let m = manager(base, run);
     let manifest = m.manifest(StepName::new(step)).await.unwrap();
     let tensors = m
@@ -70,7 +80,7 @@ pub async fn weights(base: &str, run: &str, step: u64) -> (Manifest, BTreeMap<St
 }
 
 /// The largest element-wise difference between two sets of the same tensors.
-pub fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+pub(crate) fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     a.iter()
         .flat_map(|(k, v)| v.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
@@ -78,7 +88,7 @@ pub fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) 
 }
 
 /// The step of a `train step=N` log line.
-pub fn logged_step(line: &str) -> Option<u64> {
+pub(crate) fn logged_step(line: &str) -> Option<u64> {
     let at = line.find(": train step=")? + ": train step=".len();
     line[at..]
         .split(|c: char| !c.is_ascii_digit())
@@ -89,7 +99,7 @@ pub fn logged_step(line: &str) -> Option<u64> {
 
 /// Reads the launcher's log until `until` says stop; returns the line that did, and a thread
 /// collecting the rest.
-pub fn read_until(
+pub(crate) fn read_until(
     child: &mut Child,
     mut until: impl FnMut(&str) -> bool,
 ) -> (String, std::thread::JoinHandle<String>) {
@@ -107,7 +117,7 @@ pub fn read_until(
 
 /// Follows `child`'s log (stderr, piped) until a `train step=N` line with N ≥ `step`, sends it
 /// SIGTERM, and checks that it exits 143 (saved, then stopped). Returns the rest of the log.
-pub fn sigterm_after_step(child: &mut Child, step: u64) -> String {
+pub(crate) fn sigterm_after_step(child: &mut Child, step: u64) -> String {
     let (_, rest) = read_until(child, |l| logged_step(l).is_some_and(|s| s >= step));
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

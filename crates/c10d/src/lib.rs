@@ -7,6 +7,8 @@
 //!   all-reduce (the CPU path for gradients).
 //! - [`wire`]: the protocol's messages and encoding, shared by both ends.
 
+#![forbid(unsafe_code)]
+
 mod client;
 mod error;
 mod group;

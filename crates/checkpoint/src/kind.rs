@@ -50,14 +50,14 @@ impl std::fmt::Display for CheckpointKind {
 }
 
 /// File names that mark each sampler kind.
-pub const DELTA_MARKER: &str = "sampler/delta.json";
+pub(crate) const DELTA_MARKER: &str = "sampler/delta.json";
 const ADAPTER_CONFIG: &str = "sampler/adapter_config.json";
 const ADAPTER_WEIGHTS: &str = "sampler/adapter_model.safetensors";
 const MODEL_CONFIG: &str = "sampler/config.json";
 
 /// Detects the kinds from the files of a checkpoint and the tensor names of its first `dcp/` blob
 /// (`dcp_tensor_names`; LoRA state is recognised by `lora_A`/`lora_B` names).
-pub fn detect(files: &[FileEntry], dcp_tensor_names: &[String]) -> Vec<CheckpointKind> {
+pub(crate) fn detect(files: &[FileEntry], dcp_tensor_names: &[String]) -> Vec<CheckpointKind> {
     let has = |p: &str| files.iter().any(|f| f.path == p);
     let mut kinds = Vec::new();
     if files

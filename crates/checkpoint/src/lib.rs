@@ -8,6 +8,8 @@
 //! - [`Manifest`]: the commit record; [`Dataloader`]: `dataloader.json`; [`CheckpointKind`]: kinds
 //!   detected from blobs; [`dcp`]: PyTorch DCP-compatible names; [`safetensors_file`]: blob I/O.
 
+#![forbid(unsafe_code)]
+
 mod dataloader;
 pub mod dcp;
 pub mod delta;

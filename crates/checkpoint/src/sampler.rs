@@ -40,7 +40,7 @@ pub(crate) fn full_weights_layout(
 }
 
 /// Writes `tensors` as an HF model directory's weights (see [`full_weights_layout`]).
-pub async fn write_full_weights(
+pub(crate) async fn write_full_weights(
     writer: &FileWriter,
     tensors: Vec<Tensor>,
     max_file_bytes: u64,

@@ -8,6 +8,8 @@
 //!
 //! This crate knows nothing of tensors or libtorch.
 
+#![forbid(unsafe_code)]
+
 mod error;
 mod reader;
 pub mod redact;
@@ -19,6 +21,6 @@ mod writer;
 pub use error::{Result, StorageError};
 pub use reader::BlobReader;
 pub use redact::{redact_text, redact_uri};
-pub use retry::{is_transient, RetryPolicy};
+pub use retry::{is_transient, RetryPolicy, RETRY_ENV, TIMEOUT_ENV};
 pub use store::{BlobInfo, Listing, ObjectInfo, Store, StoreOptions};
 pub use writer::BlobWriter;

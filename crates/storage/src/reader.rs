@@ -22,7 +22,7 @@ use crate::store::Store;
 const LOCAL_CHUNK: usize = 8 << 20;
 
 /// Local chunks read ahead of the one being consumed.
-pub const READ_AHEAD: usize = 2;
+pub(crate) const READ_AHEAD: usize = 2;
 
 /// A streaming read of one object. See the module documentation.
 pub struct BlobReader {

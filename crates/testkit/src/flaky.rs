@@ -32,7 +32,9 @@ pub struct Faults {
 /// Wraps a store; see [`Faults`].
 #[derive(Debug)]
 pub struct FlakyStore {
+    /// The store that does the work.
     pub inner: Arc<dyn ObjectStore>,
+    /// What to break, shared with the test.
     pub faults: Arc<Faults>,
 }
 

@@ -2,6 +2,8 @@
 //! storage backends every suite runs against (local, memory, the S3 test server), deterministic test
 //! data, a store that fails on purpose ([`flaky`]), bf16 weights ([`weights`]), and the venv's Python.
 
+#![forbid(unsafe_code)]
+
 pub mod flaky;
 pub mod weights;
 

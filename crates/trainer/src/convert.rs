@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 use waypoint_checkpoint::{Dtype, Tensor as Blob};
 
 /// The libtorch kind of a safetensors dtype.
-pub fn kind_of(dtype: Dtype) -> Result<Kind> {
+pub(crate) fn kind_of(dtype: Dtype) -> Result<Kind> {
     Ok(match dtype {
         Dtype::F64 => Kind::Double,
         Dtype::F32 => Kind::Float,
@@ -24,7 +24,7 @@ pub fn kind_of(dtype: Dtype) -> Result<Kind> {
 }
 
 /// The safetensors dtype of a libtorch kind.
-pub fn dtype_of(kind: Kind) -> Result<Dtype> {
+pub(crate) fn dtype_of(kind: Kind) -> Result<Dtype> {
     Ok(match kind {
         Kind::Double => Dtype::F64,
         Kind::Float => Dtype::F32,
@@ -41,13 +41,13 @@ pub fn dtype_of(kind: Kind) -> Result<Dtype> {
 }
 
 /// Bytes of `t`'s elements.
-pub fn byte_size(t: &Tensor) -> usize {
+pub(crate) fn byte_size(t: &Tensor) -> usize {
     t.numel() * t.kind().elt_size_in_bytes()
 }
 
 /// Copies `tensor` (any device) to host bytes under `name`, converted to `kind` when given. The
 /// conversion runs where the tensor lives, and the bytes land in the blob's buffer in one copy.
-pub fn to_blob(name: &str, tensor: &Tensor, kind: Option<Kind>) -> Result<Blob> {
+pub(crate) fn to_blob(name: &str, tensor: &Tensor, kind: Option<Kind>) -> Result<Blob> {
     let t = tensor.detach();
     let t = match kind {
         Some(k) if k != t.kind() => t.to_kind(k),
@@ -72,7 +72,7 @@ pub fn to_blob(name: &str, tensor: &Tensor, kind: Option<Kind>) -> Result<Blob> 
 }
 
 /// A libtorch tensor (on the CPU) holding a copy of `blob`'s bytes.
-pub fn from_blob(blob: &Blob) -> Result<Tensor> {
+pub(crate) fn from_blob(blob: &Blob) -> Result<Tensor> {
     let shape: Vec<i64> = blob.shape.iter().map(|&d| d as i64).collect();
     Tensor::f_from_data_size(&blob.data, &shape, kind_of(blob.dtype)?)
         .with_context(|| format!("tensor {} ({:?} {:?})", blob.name, blob.dtype, blob.shape))

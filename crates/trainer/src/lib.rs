@@ -10,11 +10,11 @@
 //!   [`records`]: `status.json`, `logs/metrics.jsonl`;
 //! - [`collective`]: the ranks — the c10d group, NCCL on CUDA, a TCP ring on CPU.
 
-pub mod collective;
+pub(crate) mod collective;
 pub mod config;
-pub mod convert;
+pub(crate) mod convert;
 pub mod data;
 pub mod model;
 pub mod records;
 pub mod run;
-pub mod saving;
+pub(crate) mod saving;

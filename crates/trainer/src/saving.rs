@@ -40,7 +40,7 @@ use crate::records::{RunRecords, Status};
 use crate::run::optim::AdamW;
 
 /// What every save needs besides the live state.
-pub struct SaveContext {
+pub(crate) struct SaveContext {
     /// sha256 of the resume-relevant configuration.
     pub fingerprint: String,
     /// dtype of the promotable weights.
@@ -57,7 +57,7 @@ pub struct SaveContext {
 
 impl SaveContext {
     /// The counters and identity of a checkpoint at `step`.
-    pub fn commit(&self, step: u64, data_consumed: u64, world_size: u32) -> Commit {
+    pub(crate) fn commit(&self, step: u64, data_consumed: u64, world_size: u32) -> Commit {
         Commit {
             step,
             data_consumed,
@@ -70,7 +70,7 @@ impl SaveContext {
 }
 
 /// One save asked of the [`Saver`]: the live state, what the checkpoint is, and how to save it.
-pub struct SaveOrder<'a> {
+pub(crate) struct SaveOrder<'a> {
     /// The model (its trainable weights, and the sampler part's weights).
     pub model: &'a Model,
     /// The optimizer (its state).
@@ -111,7 +111,7 @@ struct Staging {
 }
 
 /// Writes saves in the background, one at a time, for this rank.
-pub struct Saver {
+pub(crate) struct Saver {
     manager: Arc<CheckpointManager>,
     handle: Handle,
     rank: u32,
@@ -131,7 +131,7 @@ pub struct Saver {
 impl Saver {
     /// A saver for this rank, writing run records through `records`; with other ranks it opens its
     /// own store connection.
-    pub fn new(
+    pub(crate) fn new(
         manager: Arc<CheckpointManager>,
         records: RunRecords,
         ranks: &Ranks,
@@ -163,7 +163,7 @@ impl Saver {
     /// Saves the state at `order.commit.step`, and the promotable part when `order.promotable`.
     /// With `order.background` the copy overlaps the next step and the write runs behind training;
     /// else this returns once the checkpoint is committed.
-    pub fn save(&mut self, order: SaveOrder<'_>) -> Result<()> {
+    pub(crate) fn save(&mut self, order: SaveOrder<'_>) -> Result<()> {
         let SaveOrder {
             model,
             opt,
@@ -212,7 +212,7 @@ impl Saver {
 
     /// Before the optimizer changes the weights: waits for a copy in progress and hands it to the
     /// writer. Returns the seconds this blocked, if a copy was pending.
-    pub fn before_update(&mut self) -> Result<Option<f64>> {
+    pub(crate) fn before_update(&mut self) -> Result<Option<f64>> {
         if self.staging.as_ref().is_none_or(|s| s.from_snapshot) {
             return Ok(None);
         }
@@ -223,7 +223,7 @@ impl Saver {
 
     /// Fails if the save in flight has failed, and hands a finished copy from a snapshot to the
     /// writer once it is free; never waits.
-    pub fn check(&mut self) -> Result<()> {
+    pub(crate) fn check(&mut self) -> Result<()> {
         if self.inflight.as_ref().is_some_and(|h| h.is_finished()) {
             self.join()?;
         }
@@ -238,7 +238,7 @@ impl Saver {
     }
 
     /// Waits until every save started so far is committed (or has failed).
-    pub fn wait(&mut self) -> Result<()> {
+    pub(crate) fn wait(&mut self) -> Result<()> {
         self.hand_over_staged()?;
         self.join()
     }
@@ -494,7 +494,7 @@ fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
 
 /// Which save, if any, is due after a step: the policy apart from the saving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SaveDue {
+pub(crate) enum SaveDue {
     /// None.
     None,
     /// A periodic resumable save (every `save_steps`, before the last step).
@@ -507,7 +507,7 @@ pub enum SaveDue {
 
 /// What save is due once `step` of `total` is done, with saves every `save_steps` (0: none but the
 /// final one) and `signal` when a stop was requested. A stop at step 0 has nothing to save.
-pub fn save_due(step: u64, save_steps: u64, total: u64, signal: bool) -> SaveDue {
+pub(crate) fn save_due(step: u64, save_steps: u64, total: u64, signal: bool) -> SaveDue {
     if step >= total {
         SaveDue::Final
     } else if signal {

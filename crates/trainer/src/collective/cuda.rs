@@ -36,8 +36,8 @@ fn runtime() -> Result<&'static Runtime> {
     static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
-            // SAFETY: each field's type matches the CUDA runtime's header.
             let load = || -> Result<Runtime> {
+                // SAFETY: each field's type matches the CUDA runtime's header.
                 unsafe {
                     Ok(Runtime {
                         set_device: loaded_fn("cudaSetDevice")?,
@@ -66,7 +66,7 @@ fn check(rt: &Runtime, code: c_int, what: &str) -> Result<()> {
 }
 
 /// Makes GPU `gpu` this thread's current CUDA device (what NCCL and raw CUDA calls act on).
-pub fn set_device(gpu: usize) -> Result<()> {
+pub(crate) fn set_device(gpu: usize) -> Result<()> {
     let rt = runtime()?;
     // SAFETY: plain int argument.
     check(
@@ -77,12 +77,12 @@ pub fn set_device(gpu: usize) -> Result<()> {
 }
 
 /// Bytes free on GPU `gpu` (memory libtorch's allocator caches counts as used).
-pub fn free_memory(gpu: usize) -> Result<u64> {
+pub(crate) fn free_memory(gpu: usize) -> Result<u64> {
     let rt = runtime()?;
     let mut current: c_int = 0;
-    // SAFETY: writes one int.
     check(
         rt,
+        // SAFETY: writes one int.
         unsafe { (rt.get_device)(&mut current) },
         "cudaGetDevice",
     )?;

@@ -1,6 +1,6 @@
 //! The ranks of a job: joining the c10d group ([`ranks`]), summing gradients with the NCCL that
 //! libtorch loaded on CUDA ([`nccl`], through [`cuda`]'s runtime calls) or over a TCP ring on CPU.
 
-pub mod cuda;
-pub mod nccl;
-pub mod ranks;
+pub(crate) mod cuda;
+pub(crate) mod nccl;
+pub(crate) mod ranks;

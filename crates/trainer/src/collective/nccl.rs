@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::cuda::loaded_fn;
 
 /// Bytes of an `ncclUniqueId`.
-pub const UNIQUE_ID_BYTES: usize = 128;
+pub(crate) const UNIQUE_ID_BYTES: usize = 128;
 
 /// `ncclUniqueId`: passed by value to `ncclCommInitRank`.
 #[repr(C)]
@@ -38,7 +38,7 @@ const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
 
 /// The NCCL entry points, resolved from the library libtorch loaded.
-pub struct Nccl {
+pub(crate) struct Nccl {
     get_version: unsafe extern "C" fn(*mut c_int) -> c_int,
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int,
@@ -58,7 +58,7 @@ pub struct Nccl {
 
 impl Nccl {
     /// Finds NCCL among the libraries already loaded (through libtorch_cuda).
-    pub fn load() -> Result<Self> {
+    pub(crate) fn load() -> Result<Self> {
         // SAFETY: each field's type matches NCCL's header.
         unsafe {
             Ok(Self {
@@ -74,7 +74,7 @@ impl Nccl {
     }
 
     /// NCCL's version as (major, minor, patch), e.g. (2, 29, 7).
-    pub fn version(&self) -> Result<(u32, u32, u32)> {
+    pub(crate) fn version(&self) -> Result<(u32, u32, u32)> {
         let mut v: c_int = 0;
         // SAFETY: writes one int.
         self.check(unsafe { (self.get_version)(&mut v) }, "ncclGetVersion")?;
@@ -83,7 +83,7 @@ impl Nccl {
     }
 
     /// A new communicator id: rank 0 makes it and sends it to the others.
-    pub fn unique_id(&self) -> Result<Vec<u8>> {
+    pub(crate) fn unique_id(&self) -> Result<Vec<u8>> {
         let mut id = UniqueId([0; UNIQUE_ID_BYTES]);
         // SAFETY: writes one ncclUniqueId.
         self.check(unsafe { (self.get_unique_id)(&mut id) }, "ncclGetUniqueId")?;
@@ -104,7 +104,7 @@ impl Nccl {
 }
 
 /// This worker's NCCL communicator on its GPU.
-pub struct Communicator {
+pub(crate) struct Communicator {
     nccl: Nccl,
     comm: Comm,
     gpu: usize,
@@ -118,7 +118,7 @@ unsafe impl Send for Communicator {}
 impl Communicator {
     /// Joins the communicator named by `id` (every rank passes the same id) on GPU `gpu`, which
     /// also becomes this thread's current CUDA device.
-    pub fn join(
+    pub(crate) fn join(
         nccl: Nccl,
         id: &[u8],
         rank: u32,
@@ -149,7 +149,7 @@ impl Communicator {
 
     /// Sums `buf` (a contiguous fp32 tensor on this worker's GPU) over all ranks, in place, and
     /// waits for the result.
-    pub fn all_reduce_sum(&mut self, buf: &mut Tensor) -> Result<()> {
+    pub(crate) fn all_reduce_sum(&mut self, buf: &mut Tensor) -> Result<()> {
         ensure!(
             buf.device() == Device::Cuda(self.gpu)
                 && buf.kind() == Kind::Float

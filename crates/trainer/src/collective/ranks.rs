@@ -16,7 +16,7 @@ use crate::collective::nccl::{Communicator, Nccl};
 use waypoint_launch::WorkerEnv;
 
 /// The ranks of the job, from this worker's side.
-pub struct Ranks {
+pub(crate) struct Ranks {
     group: Option<Group>,
     nccl: Option<Communicator>,
     rank: u32,
@@ -26,7 +26,7 @@ pub struct Ranks {
 impl Ranks {
     /// Joins the other workers (nothing to join when there are none); on CUDA also their NCCL
     /// communicator, on this worker's GPU.
-    pub fn join(env: &WorkerEnv, timeout: Duration, device: Device) -> Result<Self> {
+    pub(crate) fn join(env: &WorkerEnv, timeout: Duration, device: Device) -> Result<Self> {
         let rank = u32::try_from(env.rank).context("RANK is too large")?;
         let world = u32::try_from(env.world_size).context("WORLD_SIZE is too large")?;
         if world == 1 {
@@ -53,6 +53,8 @@ impl Ranks {
         let nccl = match device {
             Device::Cuda(gpu) => {
                 let nccl = Nccl::load()?;
+                let (major, minor, patch) = nccl.version()?;
+                tracing::info!(rank, gpu, "NCCL {major}.{minor}.{patch} (libtorch's)");
                 let id = if rank == 0 {
                     nccl.unique_id()?
                 } else {
@@ -75,28 +77,28 @@ impl Ranks {
     }
 
     /// This rank.
-    pub fn rank(&self) -> u32 {
+    pub(crate) fn rank(&self) -> u32 {
         self.rank
     }
 
     /// Number of ranks.
-    pub fn world(&self) -> u32 {
+    pub(crate) fn world(&self) -> u32 {
         self.world
     }
 
     /// Rank 0: it writes the run records and commits checkpoints.
-    pub fn is_main(&self) -> bool {
+    pub(crate) fn is_main(&self) -> bool {
         self.rank == 0
     }
 
     /// The group, when there are other ranks.
-    pub fn group(&self) -> Option<&Group> {
+    pub(crate) fn group(&self) -> Option<&Group> {
         self.group.as_ref()
     }
 
     /// Before each step: the global token count of the step, and whether any rank was asked to stop
     /// (so that all stop after the same step).
-    pub fn agree(&self, tokens: i64, stop: bool) -> Result<(i64, bool)> {
+    pub(crate) fn agree(&self, tokens: i64, stop: bool) -> Result<(i64, bool)> {
         let Some(g) = &self.group else {
             return Ok((tokens, stop));
         };
@@ -116,7 +118,7 @@ impl Ranks {
     }
 
     /// Whether `flag` is set on any rank (every rank calls this with the same `what`).
-    pub fn any(&self, what: &str, flag: bool) -> Result<bool> {
+    pub(crate) fn any(&self, what: &str, flag: bool) -> Result<bool> {
         let Some(g) = &self.group else {
             return Ok(flag);
         };
@@ -125,7 +127,7 @@ impl Ranks {
     }
 
     /// Sums the gradients (fp32) and the loss over all ranks, in place.
-    pub fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
+    pub(crate) fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
         let Some(g) = &self.group else {
             return Ok(());
         };
@@ -161,27 +163,11 @@ impl Ranks {
         Ok(())
     }
 
-    /// Every rank's `data`, in rank order (just `data` alone).
-    pub fn all_gather(&self, what: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        match &self.group {
-            None => Ok(vec![data.to_vec()]),
-            Some(g) => Ok(g.all_gather(what, data)?),
-        }
-    }
-
     /// Rank 0's `data` on every rank.
-    pub fn broadcast(&self, what: &str, data: &[u8]) -> Result<Vec<u8>> {
+    pub(crate) fn broadcast(&self, what: &str, data: &[u8]) -> Result<Vec<u8>> {
         match &self.group {
             None => Ok(data.to_vec()),
             Some(g) => Ok(g.broadcast(what, data)?),
-        }
-    }
-
-    /// Waits for every rank.
-    pub fn barrier(&self, what: &str) -> Result<()> {
-        match &self.group {
-            None => Ok(()),
-            Some(g) => Ok(g.barrier(what)?),
         }
     }
 }
