@@ -57,27 +57,9 @@ pub enum CkptCommand {
     },
 }
 
-/// Splits a run URI into (base URI, run id, framework).
-pub fn parse_run_uri(uri: &str) -> Result<(String, String, String)> {
-    let trimmed = uri.trim_end_matches('/');
-    let hint = || {
-        format!(
-            "{uri:?} is not a run URI; expected <checkpoint_base_uri>/<run_id>/framework=<framework>, \
-             e.g. ./runs/demo/framework=waypoint"
-        )
-    };
-    let (rest, fw) = trimmed.rsplit_once('/').with_context(hint)?;
-    let framework = fw.strip_prefix("framework=").with_context(hint)?;
-    let (base, run_id) = rest.rsplit_once('/').unwrap_or((".", rest));
-    anyhow::ensure!(!run_id.is_empty() && !framework.is_empty(), hint());
-    let base = if base.is_empty() { "/" } else { base };
-    Ok((base.to_string(), run_id.to_string(), framework.to_string()))
-}
-
 fn open(uri: &str) -> Result<CheckpointManager> {
-    let (base, run_id, framework) = parse_run_uri(uri)?;
+    let (base, layout) = RunLayout::from_uri(uri)?;
     let store = Store::open(&base).with_context(|| format!("opening {base}"))?;
-    let layout = RunLayout::new(&run_id, &framework)?;
     Ok(CheckpointManager::new(
         store,
         layout,
@@ -211,20 +193,6 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn run_uris_split_into_base_run_and_framework() {
-        assert_eq!(
-            parse_run_uri("s3://b/runs/demo/framework=hf/").unwrap(),
-            ("s3://b/runs".into(), "demo".into(), "hf".into())
-        );
-        assert_eq!(
-            parse_run_uri("demo/framework=waypoint").unwrap(),
-            (".".into(), "demo".into(), "waypoint".into())
-        );
-        let err = parse_run_uri("./runs/demo").unwrap_err().to_string();
-        assert!(err.contains("framework=<framework>"), "{err}");
-    }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]

@@ -344,7 +344,10 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     };
     let stop = stop_on_signals();
     let base = config.checkpoint_base_uri.trim_end_matches('/').to_string();
-    let run = format!("{base}/{}/framework={}", config.run_id, config.framework);
+    // Only printed after a run (whose names were validated); an invalid name fails in `run` first.
+    let run = waypoint_checkpoint::RunLayout::new(&config.run_id, &config.framework)
+        .map(|layout| layout.uri_under(&base))
+        .unwrap_or_default();
     match waypoint_trainer::run::run(config, stop, runtime) {
         Ok(Outcome::Finished {
             steps,

@@ -11,7 +11,7 @@
 //! ```
 //! Keys are relative to the store's root (the `checkpoint_base_uri`).
 
-use crate::error::Result;
+use crate::error::{CheckpointError, Result};
 use crate::names::{validate_name, StepName};
 
 /// The keys of one run under a checkpoint base.
@@ -47,6 +47,32 @@ impl RunLayout {
     /// `<run_id>/framework=<framework>`: the run's folder.
     pub fn root(&self) -> &str {
         &self.root
+    }
+
+    /// The run's URI under `base` (a `checkpoint_base_uri`): `<base>/<run_id>/framework=<framework>`,
+    /// what `waypoint ckpt` takes and [`RunLayout::from_uri`] splits again.
+    pub fn uri_under(&self, base: &str) -> String {
+        format!("{}/{}", base.trim_end_matches('/'), self.root)
+    }
+
+    /// Splits a run URI (`<base>/<run_id>/framework=<framework>`) into its base and layout.
+    pub fn from_uri(uri: &str) -> Result<(String, Self)> {
+        let bad = || {
+            CheckpointError::Invalid(format!(
+                "{uri:?} is not a run URI; expected \
+                 <checkpoint_base_uri>/<run_id>/framework=<framework>, e.g. \
+                 ./runs/demo/framework=waypoint"
+            ))
+        };
+        let trimmed = uri.trim_end_matches('/');
+        let (rest, fw) = trimmed.rsplit_once('/').ok_or_else(bad)?;
+        let framework = fw.strip_prefix("framework=").ok_or_else(bad)?;
+        let (base, run_id) = rest.rsplit_once('/').unwrap_or((".", rest));
+        if run_id.is_empty() || framework.is_empty() {
+            return Err(bad());
+        }
+        let base = if base.is_empty() { "/" } else { base };
+        Ok((base.to_string(), Self::new(run_id, framework)?))
     }
 
     /// `config/run.json`: the resolved configuration, written at start.
@@ -175,5 +201,19 @@ mod tests {
         assert!(e.contains("framework"), "{e}");
         let e = model_dir("").unwrap_err().to_string();
         assert!(e.contains("model id"), "{e}");
+    }
+
+    #[test]
+    fn run_uris_split_into_base_and_layout_and_back() {
+        let (base, l) = RunLayout::from_uri("s3://b/runs/demo/framework=hf/").unwrap();
+        assert_eq!(
+            (base.as_str(), l.run_id(), l.framework()),
+            ("s3://b/runs", "demo", "hf")
+        );
+        assert_eq!(l.uri_under(&base), "s3://b/runs/demo/framework=hf");
+        let (base, l) = RunLayout::from_uri("demo/framework=waypoint").unwrap();
+        assert_eq!((base.as_str(), l.run_id()), (".", "demo"));
+        let err = RunLayout::from_uri("./runs/demo").unwrap_err().to_string();
+        assert!(err.contains("framework=<framework>"), "{err}");
     }
 }
