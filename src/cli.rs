@@ -323,7 +323,7 @@ pub fn main() -> ExitCode {
             Err(e) => {
                 say_err(format_args!(
                     "error: {}",
-                    waypoint_trainer::records::explain(&e)
+                    waypoint_trainer::run::records::explain(&e)
                 ));
                 ExitCode::FAILURE
             }
@@ -372,7 +372,7 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             ExitCode::from((128 + signal).min(255) as u8)
         }
         Err(e) => {
-            let message = waypoint_trainer::records::explain(&e);
+            let message = waypoint_trainer::run::records::explain(&e);
             say_err(format_args!("error: {message}"));
             if e.downcast_ref::<UsageError>().is_some() {
                 return ExitCode::from(2);
@@ -423,7 +423,7 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| waypoint_trainer::records::Redacting(std::io::stderr()))
+        .with_writer(|| waypoint_trainer::run::records::Redacting(std::io::stderr()))
         // A closed stderr (`waypoint train 2>&1 | head -1`) must not end the run: the subscriber's
         // own report of a failed write would go to that stderr and panic.
         .log_internal_errors(false)

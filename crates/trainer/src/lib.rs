@@ -6,15 +6,14 @@
 //! - [`data`]: JSONL to packed samples ([`data::tokenizer`]: `tokenizer.json` or bytes);
 //! - [`run`]: one start of the trainer — setup, resume, step, finish — with the optimizer
 //!   ([`run::optim`]), the device ([`run::device`]) and progress;
-//! - [`saving`]: checkpoints from the loop, async and sharded; [`convert`]: tch ↔ checkpoint tensors;
-//!   [`records`]: `status.json`, `logs/metrics.jsonl`;
-//! - [`collective`]: the ranks — the c10d group, NCCL on CUDA, a TCP ring on CPU.
+//! - `checkpointing`: the saver (checkpoints from the loop, async and sharded, over the checkpoint
+//!   crate's save protocol) and tch ↔ checkpoint tensors; [`run::records`]: `status.json`,
+//!   `logs/metrics.jsonl`;
+//! - `collective`: the ranks — the c10d group, NCCL on CUDA, a TCP ring on CPU.
 
+pub(crate) mod checkpointing;
 pub(crate) mod collective;
 pub mod config;
-pub(crate) mod convert;
 pub mod data;
 pub mod model;
-pub mod records;
 pub mod run;
-pub(crate) mod saving;

@@ -454,7 +454,7 @@ impl Model {
                     shape,
                     bytes::Bytes::copy_from_slice(view.data()),
                 )?;
-                let t = crate::convert::from_blob(&blob)?
+                let t = crate::checkpointing::convert::from_blob(&blob)?
                     .to_kind(Kind::Float)
                     .to_device(device);
                 params.insert(name, t);

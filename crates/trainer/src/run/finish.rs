@@ -6,8 +6,8 @@ use tokio::runtime::Runtime;
 use waypoint_checkpoint::{model_dir, StepName};
 
 use super::{Live, Outcome, Session};
-use crate::records::{self, JobState, Status};
-use crate::saving::SaveOrder;
+use crate::checkpointing::saver::SaveOrder;
+use crate::run::records::{self, JobState, Status};
 
 impl Session {
     /// Saves the state at the current step (resumable; also promotable when `promotable`), in the

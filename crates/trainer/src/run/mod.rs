@@ -10,7 +10,7 @@
 //!   SIGTERM/SIGINT, saving the current step and `CANCELLED`.
 //!
 //! Periodic saves are resumable; the final save is resumable and promotable (see
-//! [`crate::saving`]). With several ranks, each takes its slice of every global batch and gradients
+//! [`crate::checkpointing::saver`]). With several ranks, each takes its slice of every global batch and gradients
 //! are summed ([`crate::collective::ranks`]); all ranks stop after the same step on a signal.
 //!
 //! Exactness: dropout (LoRA's) draws from libtorch's generator reseeded from (seed, step) at every
@@ -22,6 +22,7 @@ pub mod device;
 mod finish;
 pub mod optim;
 mod progress;
+pub mod records;
 mod resume;
 mod setup;
 mod step;
@@ -36,9 +37,9 @@ use tokio::runtime::Runtime;
 use waypoint_checkpoint::RunLayout;
 use waypoint_storage::Store;
 
+use crate::checkpointing::saver::{save_due, SaveDue};
 use crate::config::TrainConfig;
-use crate::records::{self, JobState, Status};
-use crate::saving::{save_due, SaveDue};
+use records::{JobState, Status};
 
 /// A configuration problem found before any work: the command exits with code 2.
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +117,8 @@ struct Live {
     train: crate::data::Dataset,
     eval: Option<crate::data::Dataset>,
     manager: Arc<waypoint_checkpoint::CheckpointManager>,
-    saver: crate::saving::Saver,
-    ctx: crate::saving::SaveContext,
+    saver: crate::checkpointing::saver::Saver,
+    ctx: crate::checkpointing::saver::SaveContext,
     schedule: crate::run::optim::Schedule,
     /// `logs/metrics.jsonl` so far (rank 0).
     metrics: String,

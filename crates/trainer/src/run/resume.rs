@@ -17,12 +17,12 @@ use waypoint_storage::Store;
 
 use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
+use crate::checkpointing::convert::from_blob;
+use crate::checkpointing::saver::{SaveContext, Saver};
 use crate::config::fingerprint;
-use crate::convert::from_blob;
 use crate::model::{LoraConfig, Model};
-use crate::records::{self, JobState, RunRecords, Status};
 use crate::run::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
-use crate::saving::{SaveContext, Saver};
+use crate::run::records::{self, JobState, RunRecords, Status};
 
 impl Session {
     /// From the setup to a run ready to step: see the module documentation.
@@ -211,7 +211,7 @@ impl Session {
             "train_documents": train.documents,
             "skipped_rows": train.skipped,
             "total_steps": total,
-            "started_unix_ms": records::now_ms(),
+            "started_unix_ms": waypoint_checkpoint::now_ms(),
         });
         let mut status = Status::new(JobState::Pending, 0, total);
         status.attempt = Some(attempt);

@@ -12,7 +12,6 @@ use tch::{Device, Kind, Tensor};
 use super::{Live, Session};
 use crate::data::{Dataset, IGNORE};
 use crate::model::Model;
-use crate::records;
 use crate::run::optim::{clip_grad_norm, gradients};
 
 impl Session {
@@ -93,7 +92,7 @@ impl Session {
             "tokens_per_s": (run.global_batch * cfg.max_seq_len) as f64 / secs.max(1e-9),
             "data_consumed": run.data_consumed,
             "epoch": run.data_consumed / run.ctx.n_samples,
-            "time_unix_ms": records::now_ms(),
+            "time_unix_ms": waypoint_checkpoint::now_ms(),
         });
         if let Some(blocked) = stall {
             line["save_stall_s"] = json!(blocked);

@@ -33,11 +33,11 @@ use waypoint_checkpoint::{
     Tensor as Blob,
 };
 
+use crate::checkpointing::convert::{byte_size, to_blob};
 use crate::collective::ranks::Ranks;
-use crate::convert::{byte_size, to_blob};
 use crate::model::Model;
-use crate::records::{RunRecords, Status};
 use crate::run::optim::AdamW;
+use crate::run::records::{RunRecords, Status};
 
 /// What every save needs besides the live state.
 pub(crate) struct SaveContext {

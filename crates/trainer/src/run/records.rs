@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde::Serialize;
-pub use waypoint_checkpoint::now_ms;
+use waypoint_checkpoint::now_ms;
 use waypoint_checkpoint::RunLayout;
 use waypoint_storage::{StorageError, Store};
 
@@ -165,7 +165,7 @@ impl<W: std::io::Write> std::io::Write for Redacting<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // The log writes each event whole, so a URI is never split between two writes.
         let text = String::from_utf8_lossy(buf);
-        if text.contains("://") {
+        if text.contains("//") {
             self.0
                 .write_all(waypoint_storage::redact_text(&text).as_bytes())?;
         } else {
@@ -176,24 +176,5 @@ impl<W: std::io::Write> std::io::Write for Redacting<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
-    }
-}
-
-/// Writes the error file torchelastic reads (`TORCHELASTIC_ERROR_FILE`), if that variable is set.
-pub fn write_error_file(message: &str) {
-    let Ok(path) = std::env::var("TORCHELASTIC_ERROR_FILE") else {
-        return;
-    };
-    let body = serde_json::json!({
-        "message": {
-            "message": message,
-            "extraInfo": {
-                "py_callstack": message,
-                "timestamp": (now_ms() / 1000).to_string(),
-            }
-        }
-    });
-    if let Err(e) = std::fs::write(&path, body.to_string()) {
-        tracing::warn!(%path, %e, "could not write TORCHELASTIC_ERROR_FILE");
     }
 }
