@@ -295,6 +295,16 @@ async fn an_interrupted_promotion_is_finished_by_the_restart() {
                 "{name}"
             );
         }
+        // Locally, the copy left from the first promotion is a link to the checkpoint's file;
+        // copying onto it again must not leave the copy's staging file (`config.json#N`) behind.
+        if let Some(dir) = &_dir {
+            let junk: Vec<String> = std::fs::read_dir(dir.path().join("models/pm"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains('#'))
+                .collect();
+            assert!(junk.is_empty(), "left behind: {junk:?}");
+        }
         // Finished and recorded: another run does not take the id over.
         let other = train(&base, "other", 2, &flags);
         assert_eq!(other.status.code(), Some(2), "{}", stderr(&other));

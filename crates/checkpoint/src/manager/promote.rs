@@ -94,9 +94,15 @@ impl CheckpointManager {
                         (format!("{dest}/{rel}"), f.bytes)
                     })
                     .collect();
+                // A local copy killed half-way may also leave its staging file (`<name>#<n>`).
+                let staging_of_ours = |k: &str| {
+                    k.rsplit_once('#').is_some_and(|(file, n)| {
+                        ours.contains_key(file) && n.bytes().all(|b| b.is_ascii_digit())
+                    })
+                };
                 let foreign: Vec<&String> = keys
                     .iter()
-                    .filter(|(k, size)| ours.get(k.as_str()) != Some(size))
+                    .filter(|(k, size)| ours.get(k.as_str()) != Some(size) && !staging_of_ours(k))
                     .map(|(k, _)| k)
                     .collect();
                 if !foreign.is_empty() {
@@ -112,6 +118,11 @@ impl CheckpointManager {
                     files = keys.len(),
                     "finishing a promotion that was interrupted"
                 );
+                // Copied again from scratch: a local copy onto a file that is already a link to the
+                // same blob would leave its staging file behind.
+                for (key, _) in &keys {
+                    self.store.delete(key).await?;
+                }
             }
         }
         // What is deployed must be what was saved: every sampler file re-hashed first.
