@@ -476,7 +476,7 @@ impl TrainConfig {
         crate::run::optim::ScheduleKind::parse(&self.lr_scheduler)
             .map_err(|e| usage("lr_scheduler", format!("{e:#}")))?;
         check(
-            ["bf16", "fp16", "fp32"].contains(&self.sampler_dtype.as_str()),
+            SamplerDtype::parse(&self.sampler_dtype).is_some(),
             "sampler_dtype",
             || {
                 format!(
@@ -534,6 +534,20 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The checkpoint section, typed: built here once from the flags (spelled as the control plane
+    /// spells them), used by the saver, resume and promotion. Call on a validated configuration.
+    pub fn checkpoint(&self) -> CheckpointSection {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        CheckpointSection {
+            save_steps: self.save_steps,
+            keep_last: (self.keep_last > 0).then_some(self.keep_last as usize),
+            background: !self.sync_save,
+            sampler_dtype: SamplerDtype::parse(&self.sampler_dtype).unwrap_or(SamplerDtype::Bf16),
+            output_model_id: some(&self.output_model_id),
+            init_from_checkpoint: some(&self.init_from_checkpoint),
+        }
+    }
+
     /// The settings that must not change across a resume, by name (a JSON object, keys sorted). A
     /// checkpoint records their [`fingerprint`].
     pub fn resume_fields(&self, model_fingerprint: &str) -> Value {
@@ -560,6 +574,64 @@ impl TrainConfig {
             }
         }
         v
+    }
+}
+
+/// The checkpoint section of the configuration (see [`TrainConfig::checkpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointSection {
+    /// A resumable save every this many steps (0: only the final one).
+    pub save_steps: u64,
+    /// Keep this many newest resumable checkpoints (`None`: all).
+    pub keep_last: Option<usize>,
+    /// Saves run behind training (`--sync_save` makes the loop wait).
+    pub background: bool,
+    /// The dtype of the promotable weights.
+    pub sampler_dtype: SamplerDtype,
+    /// Promote the final checkpoint to `models/<id>/`.
+    pub output_model_id: Option<String>,
+    /// `run_id:step-N`: start from another run's weights (ignored once the run has its own).
+    pub init_from_checkpoint: Option<String>,
+}
+
+/// The dtype of the promotable (sampler) weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplerDtype {
+    /// bfloat16 (the default).
+    Bf16,
+    /// float16.
+    Fp16,
+    /// float32.
+    Fp32,
+}
+
+impl SamplerDtype {
+    /// `--sampler_dtype`'s spelling: `bf16`, `fp16` or `fp32`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bf16" => Some(Self::Bf16),
+            "fp16" => Some(Self::Fp16),
+            "fp32" => Some(Self::Fp32),
+            _ => None,
+        }
+    }
+
+    /// Its `torch_dtype` spelling in a Hugging Face `config.json`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bfloat16",
+            Self::Fp16 => "float16",
+            Self::Fp32 => "float32",
+        }
+    }
+
+    /// The libtorch dtype.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Self::Bf16 => tch::Kind::BFloat16,
+            Self::Fp16 => tch::Kind::Half,
+            Self::Fp32 => tch::Kind::Float,
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 use tokio::runtime::Handle;
 use waypoint_c10d::SideChannel;
 use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
@@ -44,9 +44,7 @@ pub(crate) struct SaveContext {
     /// sha256 of the resume-relevant configuration.
     pub fingerprint: String,
     /// dtype of the promotable weights.
-    pub sampler_kind: Kind,
-    /// Its `torch_dtype` spelling for `config.json`.
-    pub sampler_dtype_name: &'static str,
+    pub sampler_dtype: crate::config::SamplerDtype,
     /// Tokenizer files carried into the sampler directory.
     pub tokenizer_files: Vec<(String, Bytes)>,
     /// The base model (named in a PEFT adapter's config).
@@ -469,7 +467,7 @@ fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
                 to_blob(
                     &adapter_tensor_name(fqn, which),
                     &p.tensor,
-                    Some(ctx.sampler_kind),
+                    Some(ctx.sampler_dtype.kind()),
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -479,11 +477,11 @@ fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
         });
     }
     let mut config: Value = model.config.raw.clone();
-    config["torch_dtype"] = json!(ctx.sampler_dtype_name);
+    config["torch_dtype"] = json!(ctx.sampler_dtype.hf_name());
     let tensors = model
         .base()
         .iter()
-        .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_kind)))
+        .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_dtype.kind())))
         .collect::<Result<Vec<_>>>()?;
     Ok(SamplerPart::Full {
         config_json: Bytes::from(serde_json::to_vec_pretty(&config)?),

@@ -58,17 +58,17 @@ impl Session {
                 model: None,
             });
         }
-        if !cfg.output_model_id.is_empty() {
+        if let Some(model_id) = &cfg.checkpoint().output_model_id {
             // A finished promotion of this checkpoint (a restart of a finished run) is left as it
             // is; an interrupted one is finished by promote.
             let final_step = StepName::new(total);
             let done = rt
-                .block_on(run.manager.promotion(&cfg.output_model_id))?
+                .block_on(run.manager.promotion(model_id))?
                 .is_done_from(&self.layout, &final_name);
             let at = if done {
-                model_dir(&cfg.output_model_id)?
+                model_dir(model_id)?
             } else {
-                let at = rt.block_on(run.manager.promote(final_step, &cfg.output_model_id))?;
+                let at = rt.block_on(run.manager.promote(final_step, model_id))?;
                 tracing::info!(model = %at, "promoted the final checkpoint");
                 at
             };

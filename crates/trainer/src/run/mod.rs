@@ -174,10 +174,10 @@ impl Session {
             progress.step(self.step, run.last_loss, line["lr"].as_f64().unwrap_or(0.0));
             run.metrics.push_str(&line.to_string());
             run.metrics.push('\n');
-            let due = save_due(self.step, self.config.save_steps, total, false);
+            let due = save_due(self.step, self.config.checkpoint().save_steps, total, false);
             if due == SaveDue::Periodic {
                 let blocked = Instant::now();
-                self.save(&mut run, false, !self.config.sync_save)?;
+                self.save(&mut run, false, self.config.checkpoint().background)?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());
             }
         }

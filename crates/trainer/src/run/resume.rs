@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use tokio::runtime::Runtime;
 use waypoint_checkpoint::{
     dcp, model_dir, CheckpointManager, Promotion, RunLayout, Skipped, Tensor as Blob,
@@ -128,21 +128,21 @@ impl Session {
                 .into());
             }
         }
-        if !cfg.output_model_id.is_empty() {
-            let dir = model_dir(&cfg.output_model_id)
-                .map_err(|e| UsageError(format!("--output_model_id: {e}")))?;
+        let section = cfg.checkpoint();
+        if let Some(model_id) = &section.output_model_id {
+            let dir =
+                model_dir(model_id).map_err(|e| UsageError(format!("--output_model_id: {e}")))?;
             // A finished promotion of another source, or files that are not a promotion, are never
             // overwritten; this run's own promotion (done, or interrupted) is finished at the end.
             let final_name = waypoint_checkpoint::StepName::new(total).to_string();
-            let refuse = match rt.block_on(manager.promotion(&cfg.output_model_id))? {
+            let refuse = match rt.block_on(manager.promotion(model_id))? {
                 Promotion::Absent | Promotion::Partial(_) => false,
                 done => !done.is_done_from(&self.layout, &final_name),
             };
             if refuse {
                 return Err(UsageError(format!(
-                    "--output_model_id {}: {dir} already exists; choose another id (nothing is \
-                     overwritten)",
-                    cfg.output_model_id
+                    "--output_model_id {model_id}: {dir} already exists; choose another id \
+                     (nothing is overwritten)"
                 ))
                 .into());
             }
@@ -150,15 +150,13 @@ impl Session {
 
         // The starting weights, before anything is written (a bad LoRA setting is a usage error):
         // own checkpoint first (restored below); else init_from_checkpoint; else fresh.
-        if latest.is_some() {
-            if !cfg.init_from_checkpoint.is_empty() {
-                tracing::info!(
-                    init_from_checkpoint = %cfg.init_from_checkpoint,
-                    "ignoring --init_from_checkpoint: the run has checkpoints of its own"
-                );
-            }
-        } else if !cfg.init_from_checkpoint.is_empty() {
-            rt.block_on(init_from(&manager, &cfg.init_from_checkpoint, &mut model))?;
+        match (&latest, &section.init_from_checkpoint) {
+            (Some(_), Some(spec)) => tracing::info!(
+                init_from_checkpoint = %spec,
+                "ignoring --init_from_checkpoint: the run has checkpoints of its own"
+            ),
+            (None, Some(spec)) => rt.block_on(init_from(&manager, spec, &mut model))?,
+            _ => {}
         }
         if cfg.lora_rank > 0 {
             model
@@ -278,16 +276,7 @@ impl Session {
         )?;
         let ctx = SaveContext {
             fingerprint: config_fp.clone(),
-            sampler_kind: match cfg.sampler_dtype.as_str() {
-                "fp32" => Kind::Float,
-                "fp16" => Kind::Half,
-                _ => Kind::BFloat16,
-            },
-            sampler_dtype_name: match cfg.sampler_dtype.as_str() {
-                "fp32" => "float32",
-                "fp16" => "float16",
-                _ => "bfloat16",
-            },
+            sampler_dtype: cfg.checkpoint().sampler_dtype,
             tokenizer_files,
             model_id: cfg.model_id.clone(),
             n_samples: train.len() as u64,

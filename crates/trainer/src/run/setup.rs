@@ -61,7 +61,7 @@ impl Session {
             self.store.clone(),
             self.layout.clone(),
             ManagerOptions {
-                keep_last: (cfg.keep_last > 0).then_some(cfg.keep_last as usize),
+                keep_last: cfg.checkpoint().keep_last,
                 ..ManagerOptions::default()
             },
         );
