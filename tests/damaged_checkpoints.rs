@@ -75,6 +75,31 @@ async fn dcp_blob(m: &CheckpointManager, step: u64) -> String {
     )
 }
 
+/// Whether `step` of `m`'s run re-hashes clean against its manifest.
+async fn intact(m: &CheckpointManager, step: u64) -> bool {
+    m.verify(StepName::new(step))
+        .await
+        .unwrap()
+        .problems
+        .is_empty()
+}
+
+/// Flips one bit of the object at `key`, `from_end` bytes before its end (same size, new bytes).
+async fn flip_bit(m: &CheckpointManager, key: &str, from_end: usize) {
+    let mut bytes = m.store().get(key).await.unwrap().to_vec();
+    let at = bytes.len() - from_end;
+    bytes[at] ^= 0x10;
+    m.store().put(key, bytes.into()).await.unwrap();
+}
+
+/// The key of step `step`'s promotable weights.
+fn sampler_weights(m: &CheckpointManager, step: u64) -> String {
+    format!(
+        "{}/sampler/model.safetensors",
+        m.layout().checkpoint_dir(StepName::new(step))
+    )
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Damage {
     Truncate,
@@ -94,16 +119,16 @@ async fn damage(m: &CheckpointManager, step: u64, how: Damage) {
             .await
             .unwrap(),
         Damage::DeleteBlob => store.delete(&dcp_blob(m, step).await).await.unwrap(),
-        Damage::Truncate | Damage::FlipByte => {
+        Damage::Truncate => {
             let key = dcp_blob(m, step).await;
             let mut bytes = store.get(&key).await.unwrap().to_vec();
-            if matches!(how, Damage::Truncate) {
-                bytes.truncate(bytes.len() - 100);
-            } else {
-                let mid = bytes.len() / 2 + 3;
-                bytes[mid] ^= 0x10;
-            }
+            bytes.truncate(bytes.len() - 100);
             store.put(&key, bytes.into()).await.unwrap();
+        }
+        Damage::FlipByte => {
+            let key = dcp_blob(m, step).await;
+            let len = store.head(&key).await.unwrap().size as usize;
+            flip_bit(m, &key, len / 2).await;
         }
     }
 }
@@ -134,12 +159,7 @@ async fn a_damaged_newest_checkpoint_is_passed_over_and_set_aside() {
             // (--keep_last keeps the newest three by default.)
             assert_eq!(common::committed_steps(&m).await, [10, 8, 6], "{how:?}");
             // The new step-000006 is whole, and the damaged one is kept aside with its reason.
-            assert!(m
-                .verify(StepName::new(6))
-                .await
-                .unwrap()
-                .problems
-                .is_empty());
+            assert!(intact(&m, 6).await);
             let aside = m
                 .store()
                 .list(&format!("{}/quarantine/", m.layout().checkpoints_dir()))
@@ -198,12 +218,7 @@ async fn a_manifest_under_another_name_is_damaged() {
             "{}",
             stderr(&out)
         );
-        assert!(m
-            .verify(StepName::new(8))
-            .await
-            .unwrap()
-            .problems
-            .is_empty());
+        assert!(intact(&m, 8).await);
     }
 }
 
@@ -237,14 +252,7 @@ async fn promote_refuses_a_damaged_model() {
     for (base, _dir) in bases("promote-damaged") {
         common::ok(&train(&base, "p", 4, &[]));
         let m = manager(&base, "p");
-        let key = format!(
-            "{}/sampler/model.safetensors",
-            m.layout().checkpoint_dir(StepName::new(4))
-        );
-        let mut bytes = m.store().get(&key).await.unwrap().to_vec();
-        let at = bytes.len() - 7;
-        bytes[at] ^= 1;
-        m.store().put(&key, bytes.into()).await.unwrap();
+        flip_bit(&m, &sampler_weights(&m, 4), 7).await;
         let out = common::waypoint()
             .args([
                 "ckpt",
@@ -427,12 +435,7 @@ async fn two_ranks_pass_over_a_bit_flip_together() {
     );
     assert!(err.contains("checkpoint=step-000003"), "{err}");
     assert_eq!(common::committed_steps(&m).await[..2], [9, 6]);
-    assert!(m
-        .verify(StepName::new(6))
-        .await
-        .unwrap()
-        .problems
-        .is_empty());
+    assert!(intact(&m, 6).await);
 }
 
 /// A finished run whose final checkpoint's model is damaged (a flipped byte in the sampler weights)
@@ -443,24 +446,12 @@ async fn a_damaged_final_model_is_redone_before_promotion() {
     let base = dir.path().to_str().unwrap();
     common::ok(&train(base, "fin", 6, &[]));
     let m = manager(base, "fin");
-    let key = format!(
-        "{}/sampler/model.safetensors",
-        m.layout().checkpoint_dir(StepName::new(6))
-    );
-    let mut bytes = m.store().get(&key).await.unwrap().to_vec();
-    let at = bytes.len() - 11;
-    bytes[at] ^= 4;
-    m.store().put(&key, bytes.into()).await.unwrap();
+    flip_bit(&m, &sampler_weights(&m, 6), 11).await;
     let out = train(base, "fin", 6, &["--output_model_id", "fin-model"]);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("checkpoint=step-000004"), "{err}");
-    assert!(m
-        .verify(StepName::new(6))
-        .await
-        .unwrap()
-        .problems
-        .is_empty());
+    assert!(intact(&m, 6).await);
     assert!(m
         .promotion("fin-model")
         .await
@@ -492,12 +483,7 @@ async fn a_newer_checkpoint_without_resumable_state_does_not_block_the_run() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("checkpoint=step-000004"), "{err}");
     assert_eq!(common::committed_steps(&m).await[..3], [8, 6, 4]);
-    assert!(m
-        .verify(StepName::new(6))
-        .await
-        .unwrap()
-        .problems
-        .is_empty());
+    assert!(intact(&m, 6).await);
 }
 
 /// A run whose `checkpoints/` folder is a symbolic link (moved to another disk) is the user's own

@@ -3,7 +3,7 @@
 
 use waypoint_storage::StorageError;
 
-use super::{now_ms, CheckpointManager};
+use super::{json_stems, now_ms, CheckpointManager};
 use crate::error::{to_json_pretty, CheckpointError, Result};
 
 impl CheckpointManager {
@@ -43,17 +43,8 @@ impl CheckpointManager {
     /// The newest attempt number recorded for the run.
     pub async fn newest_attempt(&self) -> Result<Option<u64>> {
         let listing = self.store.list_dir(&self.layout.attempts_dir()).await?;
-        Ok(listing
-            .objects
-            .iter()
-            .filter_map(|o| {
-                o.key
-                    .rsplit('/')
-                    .next()?
-                    .strip_suffix(".json")?
-                    .parse::<u64>()
-                    .ok()
-            })
+        Ok(json_stems(&listing)
+            .filter_map(|stem| stem.parse::<u64>().ok())
             .max())
     }
 

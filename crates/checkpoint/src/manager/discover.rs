@@ -3,7 +3,7 @@
 
 use waypoint_storage::StorageError;
 
-use super::{now_ms, CheckpointManager};
+use super::{json_stems, now_ms, CheckpointManager};
 use crate::dataloader::{DataPosition, Dataloader};
 use crate::error::{to_json_pretty, CheckpointError, Result};
 use crate::kind::{detect, CheckpointKind};
@@ -45,17 +45,8 @@ impl CheckpointManager {
     /// Steps with a manifest, newest first (numeric order). Keys that are not manifests are ignored.
     pub async fn committed_steps(&self) -> Result<Vec<StepName>> {
         let listing = self.store.list_dir(&self.layout.checkpoints_dir()).await?;
-        let mut steps: Vec<StepName> = listing
-            .objects
-            .iter()
-            .filter_map(|o| {
-                o.key
-                    .rsplit('/')
-                    .next()?
-                    .strip_suffix(".json")?
-                    .parse()
-                    .ok()
-            })
+        let mut steps: Vec<StepName> = json_stems(&listing)
+            .filter_map(|stem| stem.parse().ok())
             .collect();
         steps.sort_by(|a, b| b.cmp(a));
         Ok(steps)

@@ -216,3 +216,11 @@ pub fn parse_checkpoint_ref(spec: &str) -> Result<(String, StepName)> {
     let step: StepName = name.parse()?;
     Ok((run.to_string(), step))
 }
+
+/// The names, without `.json`, of the JSON objects directly in a listing (manifests, attempts).
+pub(crate) fn json_stems(listing: &waypoint_storage::Listing) -> impl Iterator<Item = &str> {
+    listing
+        .objects
+        .iter()
+        .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".json"))
+}
