@@ -564,8 +564,8 @@ impl TrainConfig {
     }
 
     /// The configuration as recorded in `config/run.json`: credentials in URIs are redacted.
-    pub fn redacted(&self) -> Value {
-        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+    pub fn redacted(&self) -> serde_json::Result<Value> {
+        let mut v = serde_json::to_value(self)?;
         if let Some(obj) = v.as_object_mut() {
             for (_, val) in obj.iter_mut() {
                 if let Value::String(s) = val {
@@ -573,7 +573,7 @@ impl TrainConfig {
                 }
             }
         }
-        v
+        Ok(v)
     }
 }
 

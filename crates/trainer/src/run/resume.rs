@@ -198,7 +198,7 @@ impl Session {
         }
         let manager = Arc::new(manager);
         let run_record = json!({
-            "config": cfg.redacted(),
+            "config": cfg.redacted()?,
             "resume_fields": resume_fields,
             "config_fingerprint": config_fp,
             "model": model.config.raw,
