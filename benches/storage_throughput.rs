@@ -56,7 +56,7 @@ fn data(len: usize) -> Vec<u8> {
 const CHUNK: usize = 8 << 20;
 
 async fn waypoint_write(store: &Store, key: &str, data: &[u8]) {
-    let mut w = store.writer(key).unwrap();
+    let mut w = waypoint_storage::BlobWriter::new(store, key).unwrap();
     for c in data.chunks(CHUNK) {
         w.write(c).await.unwrap();
     }
@@ -64,13 +64,15 @@ async fn waypoint_write(store: &Store, key: &str, data: &[u8]) {
 }
 
 async fn waypoint_write_bytes(store: &Store, key: &str, data: &bytes::Bytes) {
-    let mut w = store.writer(key).unwrap();
+    let mut w = waypoint_storage::BlobWriter::new(store, key).unwrap();
     w.write_bytes(data.clone()).await.unwrap();
     w.finish().await.unwrap();
 }
 
 async fn waypoint_read(store: &Store, key: &str, hash: bool) -> u64 {
-    let r = store.reader(key, None).await.unwrap();
+    let r = waypoint_storage::BlobReader::open(store, key, None)
+        .await
+        .unwrap();
     let r = if hash { r } else { r.without_hash() };
     r.drain().await.unwrap().0
 }

@@ -132,7 +132,7 @@ pub async fn write_file(
     extra: &BTreeMap<String, String>,
 ) -> Result<BlobInfo> {
     let header = encode_header(tensors, extra)?;
-    let mut w = store.writer(key)?;
+    let mut w = waypoint_storage::BlobWriter::new(store, key)?;
     w.write(&header).await?;
     for t in tensors {
         w.write_bytes(t.data.clone()).await?;

@@ -52,7 +52,8 @@ impl FileWriter {
 
     /// Writes a small file (JSON, tokenizer) at `path`.
     pub async fn write_bytes(&self, path: &str, data: Bytes) -> Result<WrittenFile> {
-        let mut w = self.store.writer(&format!("{}/{path}", self.dir))?;
+        let mut w =
+            waypoint_storage::BlobWriter::new(&self.store, &format!("{}/{path}", self.dir))?;
         w.write_bytes(data).await?;
         let info = w.finish().await?;
         Ok(WrittenFile {

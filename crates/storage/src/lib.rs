@@ -4,13 +4,16 @@
 //!   `memory://`) and offers puts, create-only puts (the commit primitive), gets, ranged and streaming
 //!   reads, listings, heads, deletes and copies, all with retries of transient errors and typed errors.
 //! - [`BlobWriter`] streams a blob of any size with bounded memory, computing its sha256 as the bytes
-//!   pass; nothing is visible under the key until it finishes.
+//!   pass; nothing is visible under the key until it finishes. [`BlobReader`] streams one back.
+//!
+//! Dependencies inside point one way: `store` → `uri` → `options`/`retry`; `reader`/`writer` → `store`.
 //!
 //! This crate knows nothing of tensors or libtorch.
 
 #![forbid(unsafe_code)]
 
 mod error;
+mod options;
 mod reader;
 pub mod redact;
 mod retry;
@@ -19,8 +22,9 @@ mod uri;
 mod writer;
 
 pub use error::{Result, StorageError};
+pub use options::StoreOptions;
 pub use reader::BlobReader;
 pub use redact::{redact_text, redact_uri};
 pub use retry::{is_transient, RetryPolicy, RETRY_ENV, TIMEOUT_ENV};
-pub use store::{BlobInfo, Listing, ObjectInfo, Store, StoreOptions};
+pub use store::{BlobInfo, Listing, ObjectInfo, Store};
 pub use writer::BlobWriter;

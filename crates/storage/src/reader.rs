@@ -46,7 +46,8 @@ enum Source {
 }
 
 impl BlobReader {
-    pub(crate) async fn open(store: &Store, key: &str, range: Option<Range<u64>>) -> Result<Self> {
+    /// A streaming read of a whole object (`None`) or of a byte range of it.
+    pub async fn open(store: &Store, key: &str, range: Option<Range<u64>>) -> Result<Self> {
         let path = store.path(key)?;
         let options = GetOptions {
             range: range.clone().map(GetRange::from),

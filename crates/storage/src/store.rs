@@ -11,36 +11,9 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::error::{Result, StorageError};
-use crate::reader::BlobReader;
+use crate::options::StoreOptions;
 use crate::retry::RetryPolicy;
 use crate::uri::open_backend;
-use crate::writer::BlobWriter;
-
-/// Knobs of a [`Store`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreOptions {
-    /// Size of each multipart part in bytes (S3 needs at least 5 MiB). Also the size below which a
-    /// blob is written with one plain put.
-    pub part_size: usize,
-    /// Parts uploaded at once; memory held by a writer is at most `part_size * (2 * max_concurrency + 1)`
-    /// (parts in flight, parts queued for hashing, the part being filled).
-    pub max_concurrency: usize,
-    /// Retries of transient failures.
-    pub retry: RetryPolicy,
-    /// `fsync` local files and their folders before a write is reported done.
-    pub fsync: bool,
-}
-
-impl Default for StoreOptions {
-    fn default() -> Self {
-        Self {
-            part_size: 16 << 20,
-            max_concurrency: 4,
-            retry: RetryPolicy::default(),
-            fsync: true,
-        }
-    }
-}
 
 /// What a listing or a head says about one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,16 +246,6 @@ impl Store {
             .run("get_range", || self.inner.get_range(&path, range.clone()))
             .await
             .map_err(|e| self.error("get_range", key, e))
-    }
-
-    /// Opens a streaming reader of a whole object (`None`) or of a byte range.
-    pub async fn reader(&self, key: &str, range: Option<Range<u64>>) -> Result<BlobReader> {
-        BlobReader::open(self, key, range).await
-    }
-
-    /// Opens a streaming writer to `key`; nothing is visible there until [`BlobWriter::finish`].
-    pub fn writer(&self, key: &str) -> Result<BlobWriter> {
-        BlobWriter::new(self.clone(), key)
     }
 
     /// Size and time of an object; [`StorageError::NotFound`] when absent.

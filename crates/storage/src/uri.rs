@@ -19,8 +19,8 @@ use object_store::ObjectStore;
 use url::Url;
 
 use crate::error::{Result, StorageError};
+use crate::options::StoreOptions;
 use crate::redact::redact_uri;
-use crate::store::StoreOptions;
 
 /// A backend opened from a URI: the store, the key prefix inside it, and a printable URI.
 pub(crate) struct Backend {

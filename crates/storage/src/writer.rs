@@ -69,7 +69,9 @@ struct Upload {
 }
 
 impl BlobWriter {
-    pub(crate) fn new(store: Store, key: &str) -> Result<Self> {
+    /// A streaming writer to `key` of `store`; nothing is visible there until [`BlobWriter::finish`].
+    pub fn new(store: &Store, key: &str) -> Result<Self> {
+        let store = store.clone();
         let path = store.path(key)?;
         let part_size = store.options.part_size.max(1);
         Ok(Self {

@@ -30,7 +30,7 @@ async fn transient_failures_of_the_first_calls_are_retried() {
         // A streaming write whose start fails transiently still lands intact.
         let data = pattern(5 * 1024 * 1024 + 17, 9);
         faults.fail_next_calls.store(2, Ordering::SeqCst);
-        let mut w = s.writer("blob").unwrap();
+        let mut w = waypoint_storage::BlobWriter::new(&s, "blob").unwrap();
         w.write(&data).await.unwrap();
         let info = w.finish().await.unwrap();
         assert_eq!(info.sha256, sha256_hex(&data), "{name}");
@@ -78,7 +78,7 @@ async fn a_failed_part_mid_upload_aborts_cleanly() {
     for (name, s, faults, _dir) in flaky_stores(3) {
         faults.fail_part.store(4, Ordering::SeqCst);
         let data = pattern(9 * 1024 * 1024 + 5, 11);
-        let mut w = s.writer("ckpt/blob.safetensors").unwrap();
+        let mut w = waypoint_storage::BlobWriter::new(&s, "ckpt/blob.safetensors").unwrap();
         let mut result = Ok(());
         for chunk in data.chunks(300_000) {
             result = w.write(chunk).await;
@@ -110,7 +110,7 @@ async fn a_failed_part_mid_upload_aborts_cleanly() {
             "{name}: leftovers listed"
         );
         // The same writer path works again once the fault is gone.
-        let mut w = s.writer("ckpt/blob.safetensors").unwrap();
+        let mut w = waypoint_storage::BlobWriter::new(&s, "ckpt/blob.safetensors").unwrap();
         w.write(&data).await.unwrap();
         let info = w.finish().await.unwrap();
         assert_eq!(

@@ -136,7 +136,7 @@ async fn streams_a_multipart_blob_with_its_sha256() {
     let want = sha256_hex(&data);
     for b in each("stream") {
         let s = &b.store;
-        let mut w = s.writer("blobs/big.bin").unwrap();
+        let mut w = waypoint_storage::BlobWriter::new(s, "blobs/big.bin").unwrap();
         // Odd-sized copies, then a zero-copy tail that straddles part boundaries.
         let split = 11 * 1024 * 1024 + 7;
         for chunk in data[..split].chunks(999_983) {
@@ -161,7 +161,9 @@ async fn streams_a_multipart_blob_with_its_sha256() {
             "{}",
             b.name
         );
-        let reader = s.reader("blobs/big.bin", None).await.unwrap();
+        let reader = waypoint_storage::BlobReader::open(s, "blobs/big.bin", None)
+            .await
+            .unwrap();
         assert_eq!(reader.len(), data.len() as u64);
         assert_eq!(
             reader.drain().await.unwrap(),
@@ -170,8 +172,7 @@ async fn streams_a_multipart_blob_with_its_sha256() {
             b.name
         );
         let range = 5_000_000u64..14_000_123;
-        let mut r = s
-            .reader("blobs/big.bin", Some(range.clone()))
+        let mut r = waypoint_storage::BlobReader::open(s, "blobs/big.bin", Some(range.clone()))
             .await
             .unwrap();
         let mut got = Vec::new();
@@ -202,7 +203,7 @@ async fn streams_a_multipart_blob_with_its_sha256() {
 async fn small_and_empty_blobs_are_single_puts() {
     for b in each("small") {
         let s = &b.store;
-        let mut w = s.writer("cfg/config.json").unwrap();
+        let mut w = waypoint_storage::BlobWriter::new(s, "cfg/config.json").unwrap();
         w.write(b"{\"a\":").await.unwrap();
         w.write(b"1}").await.unwrap();
         let info = w.finish().await.unwrap();
@@ -211,7 +212,11 @@ async fn small_and_empty_blobs_are_single_puts() {
             s.get("cfg/config.json").await.unwrap(),
             Bytes::from_static(b"{\"a\":1}")
         );
-        let empty = s.writer("cfg/empty").unwrap().finish().await.unwrap();
+        let empty = waypoint_storage::BlobWriter::new(s, "cfg/empty")
+            .unwrap()
+            .finish()
+            .await
+            .unwrap();
         assert_eq!(
             (empty.bytes, empty.sha256.as_str()),
             (0, sha256_hex(b"").as_str()),
@@ -227,10 +232,10 @@ async fn aborted_and_dropped_writes_leave_nothing_visible() {
     let data = pattern(12 * 1024 * 1024, 3); // two parts sent before the abort
     for b in each("abort") {
         let s = &b.store;
-        let mut w = s.writer("blobs/aborted.bin").unwrap();
+        let mut w = waypoint_storage::BlobWriter::new(s, "blobs/aborted.bin").unwrap();
         w.write(&data).await.unwrap();
         w.abort().await.unwrap();
-        let mut w = s.writer("blobs/dropped.bin").unwrap();
+        let mut w = waypoint_storage::BlobWriter::new(s, "blobs/dropped.bin").unwrap();
         w.write(&data).await.unwrap();
         drop(w);
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;

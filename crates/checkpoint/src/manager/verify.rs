@@ -56,7 +56,10 @@ impl CheckpointManager {
                 Err(e) => return Err(e.into()),
             }
             if rehash {
-                let (_, sha) = self.store.reader(&key, None).await?.drain().await?;
+                let (_, sha) = waypoint_storage::BlobReader::open(&self.store, &key, None)
+                    .await?
+                    .drain()
+                    .await?;
                 if sha != f.sha256 {
                     problems.push(format!(
                         "{}: sha256 {sha}, manifest says {}",

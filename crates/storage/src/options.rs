@@ -1,0 +1,29 @@
+//! [`StoreOptions`]: the knobs of a store — part size, upload concurrency, the retry budget, fsync.
+
+use crate::retry::RetryPolicy;
+
+/// Knobs of a [`Store`](crate::Store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Size of each multipart part in bytes (S3 needs at least 5 MiB). Also the size below which a
+    /// blob is written with one plain put.
+    pub part_size: usize,
+    /// Parts uploaded at once; memory held by a writer is at most `part_size * (2 * max_concurrency + 1)`
+    /// (parts in flight, parts queued for hashing, the part being filled).
+    pub max_concurrency: usize,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// `fsync` local files and their folders before a write is reported done.
+    pub fsync: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            part_size: 16 << 20,
+            max_concurrency: 4,
+            retry: RetryPolicy::default(),
+            fsync: true,
+        }
+    }
+}
