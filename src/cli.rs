@@ -273,6 +273,7 @@ where
 /// Entry point of the binary: parses arguments, runs, and maps the result to an exit code.
 pub fn main() -> ExitCode {
     init_tracing();
+    route_panics_to_the_log();
     // Parse errors echo the offending argument: redacted like every other message.
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -381,6 +382,28 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A panic (tch panics on a libtorch error; the training step catches it and the run ends `FAILED`)
+/// is reported through the log — one redacted line with where it happened — instead of the default
+/// hook's raw text. With `RUST_BACKTRACE` set, the default hook (and its backtrace) is kept.
+fn route_panics_to_the_log() {
+    if std::env::var_os("RUST_BACKTRACE").is_some() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(at, "panic: {}", message.lines().next().unwrap_or(""));
+    }));
 }
 
 /// Prints a line on stderr; a closed stderr is not an error of the run (the line is dropped).
