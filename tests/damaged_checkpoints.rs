@@ -346,6 +346,9 @@ async fn gc_never_deletes_through_a_symlink() {
     // A link inside an orphan step folder too.
     std::fs::create_dir_all(checkpoints.join("step-000778")).unwrap();
     std::os::unix::fs::symlink(&nested, checkpoints.join("step-000778/dcp")).unwrap();
+    // And a link to an empty folder, which no listing shows.
+    let empty = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(empty.path(), checkpoints.join("step-000779")).unwrap();
     let out = common::waypoint()
         .args([
             "ckpt",
@@ -364,6 +367,11 @@ async fn gc_never_deletes_through_a_symlink() {
     );
     assert!(!checkpoints.join("step-000777").exists());
     assert!(!checkpoints.join("step-000778/dcp").exists());
+    assert!(std::fs::symlink_metadata(checkpoints.join("step-000779")).is_err());
+    assert!(
+        empty.path().is_dir(),
+        "gc deleted the folder a link pointed at"
+    );
     // The committed checkpoint is untouched.
     assert_eq!(common::committed_steps(&manager(base, "g")).await, [2]);
 }

@@ -195,37 +195,30 @@ impl Store {
             // time with its answer lost: it is ours exactly when the bytes there are the bytes we
             // wrote.
             Err(object_store::Error::AlreadyExists { .. }) if tries > 1 || self.client_retries => {
-                self.created_by_us(key, &data).await
+                if self.holds(key, &data).await {
+                    Ok(())
+                } else {
+                    Err(self.already_exists(key))
+                }
             }
             Err(object_store::Error::AlreadyExists { .. }) => Err(self.already_exists(key)),
-            // The outcome is unknown (the answer was lost after the retries): the create landed
-            // exactly when our bytes are there now.
-            Err(e) => match self.get(key).await {
-                Ok(existing) if existing == data => {
-                    tracing::warn!(
-                        key,
-                        "a create's answer was lost, but its bytes are there: created"
-                    );
-                    Ok(())
-                }
-                _ => Err(self.error("create", key, e)),
-            },
+            // The outcome is unknown (the answer was lost after the retries): the same test.
+            Err(_) if self.holds(key, &data).await => Ok(()),
+            Err(e) => Err(self.error("create", key, e)),
         }
     }
 
-    /// After a create was refused as already there: whether the object holds exactly our bytes.
-    async fn created_by_us(&self, key: &str, data: &Bytes) -> Result<()> {
-        match self.get(key).await {
-            Ok(existing) if existing == *data => {
-                tracing::warn!(
-                    key,
-                    "create-only write found its own bytes already there (an earlier try \
-                         landed; its answer was lost)"
-                );
-                Ok(())
-            }
-            _ => Err(self.already_exists(key)),
+    /// After a create whose answer may have been lost: whether `key` holds exactly `data` (then the
+    /// create landed; said in the log).
+    async fn holds(&self, key: &str, data: &Bytes) -> bool {
+        let ours = self.get(key).await.is_ok_and(|there| there == *data);
+        if ours {
+            tracing::warn!(
+                key,
+                "a create's answer was lost, but its bytes are there: created"
+            );
         }
+        ours
     }
 
     /// Reads a whole object into memory.
@@ -329,12 +322,7 @@ impl Store {
                     // Unlink the link itself (once), not what it points at.
                     let key = self.key_of_local(&link);
                     if !removed.contains(&key) {
-                        std::fs::remove_file(&link).map_err(|source| StorageError::Io {
-                            op: "remove the symbolic link",
-                            path: link.clone(),
-                            source,
-                        })?;
-                        tracing::warn!(link = %link.display(), "removed a symbolic link without following it");
+                        unlink(&link)?;
                         removed.push(key);
                     }
                 }
@@ -347,14 +335,8 @@ impl Store {
         // A link to a folder that holds nothing is not listed at all: remove it too.
         if let Some(root) = &self.local_root {
             let p = root.join(prefix.trim_matches('/'));
-            if self.symlink_above(prefix.trim_matches('/'), 0).is_none()
-                && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink())
-            {
-                std::fs::remove_file(&p).map_err(|source| StorageError::Io {
-                    op: "remove the symbolic link",
-                    path: p.clone(),
-                    source,
-                })?;
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                unlink(&p)?;
                 removed.push(prefix.trim_matches('/').to_string());
             }
         }
@@ -465,4 +447,15 @@ impl Store {
             },
         }
     }
+}
+
+/// Removes a symbolic link itself, never what it points at.
+fn unlink(link: &std::path::Path) -> Result<()> {
+    std::fs::remove_file(link).map_err(|source| StorageError::Io {
+        op: "remove the symbolic link",
+        path: link.to_path_buf(),
+        source,
+    })?;
+    tracing::warn!(link = %link.display(), "removed a symbolic link without following it");
+    Ok(())
 }
