@@ -52,13 +52,14 @@ impl Session {
         // each blob's sha256 as it is read. A checkpoint any rank finds damaged is passed over (and
         // set aside once this attempt owns the run) and the next older one tried.
         let mut damaged: Vec<Skipped> = Vec::new();
-        let mut passed_over = Vec::new();
         let (latest, mut resume_blobs) = loop {
             let mut pick = None;
             if main {
-                let (found, skipped) =
-                    rt.block_on(manager.resume_candidate(false, &passed_over))
-                        .context("looking for the run's newest resumable checkpoint")?;
+                // What was found damaged already is neither examined nor reported again.
+                let known: Vec<_> = damaged.iter().map(|d| d.step).collect();
+                let (found, skipped) = rt
+                    .block_on(manager.resume_candidate(false, &known))
+                    .context("looking for the run's newest resumable checkpoint")?;
                 damaged.extend(skipped);
                 pick = found;
             }
@@ -91,13 +92,9 @@ impl Session {
             if !ranks.any(&format!("resume-damaged/{chosen}"), problem.is_some())? {
                 break (Some(m), blobs);
             }
-            tracing::warn!(checkpoint = %chosen, "passing over a damaged checkpoint: {}",
-                problem.as_deref().unwrap_or("another rank found it damaged"));
-            damaged.push(Skipped {
-                step,
-                reason: problem.unwrap_or_else(|| "another rank found it damaged".into()),
-            });
-            passed_over.push(step);
+            let reason = problem.unwrap_or_else(|| "another rank found it damaged".into());
+            tracing::warn!(checkpoint = %chosen, "passing over a damaged checkpoint: {reason}");
+            damaged.push(Skipped { step, reason });
         };
         // Committed checkpoints newer than the one resumed that hold no resumable state would
         // block saving their step again: set aside too (the trainer writes none of its own).
