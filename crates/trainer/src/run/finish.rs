@@ -40,7 +40,6 @@ impl Session {
         let total = self.total_steps;
         let main = self.main;
         let last_loss = run.last_loss;
-        let cfg = self.config.clone();
         // The final save: resumable and promotable. Already there when a finished run is restarted.
         let final_name = StepName::new(total).to_string();
         if run.resumed_step.is_none_or(|s| s < total) {
@@ -58,7 +57,7 @@ impl Session {
                 model: None,
             });
         }
-        if let Some(model_id) = &cfg.checkpoint().output_model_id {
+        if let Some(model_id) = &run.checkpoint.output_model_id {
             // A finished promotion of this checkpoint (a restart of a finished run) is left as it
             // is; an interrupted one is finished by promote.
             let final_step = StepName::new(total);

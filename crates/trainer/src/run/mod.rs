@@ -110,6 +110,8 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
 
 /// A run ready to step: the live training state and what the loop uses.
 struct Live {
+    /// The checkpoint section of the configuration, built once.
+    checkpoint: crate::config::CheckpointSection,
     ranks: crate::collective::ranks::Ranks,
     device: tch::Device,
     model: crate::model::Model,
@@ -174,10 +176,11 @@ impl Session {
             progress.step(self.step, run.last_loss, line["lr"].as_f64().unwrap_or(0.0));
             run.metrics.push_str(&line.to_string());
             run.metrics.push('\n');
-            let due = save_due(self.step, self.config.checkpoint().save_steps, total, false);
+            let due = save_due(self.step, run.checkpoint.save_steps, total, false);
             if due == SaveDue::Periodic {
                 let blocked = Instant::now();
-                self.save(&mut run, false, self.config.checkpoint().background)?;
+                let background = run.checkpoint.background;
+                self.save(&mut run, false, background)?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());
             }
         }

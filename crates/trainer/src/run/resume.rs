@@ -273,7 +273,7 @@ impl Session {
         )?;
         let ctx = SaveContext {
             fingerprint: config_fp.clone(),
-            sampler_dtype: cfg.checkpoint().sampler_dtype,
+            sampler_dtype: section.sampler_dtype,
             tokenizer_files,
             model_id: cfg.model_id.clone(),
             n_samples: train.len() as u64,
@@ -286,6 +286,7 @@ impl Session {
         }
 
         Ok(Live {
+            checkpoint: section,
             ranks,
             device,
             model,
