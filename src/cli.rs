@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use waypoint_trainer::config::{merge, read_config_file, ConfigError, Origin, TrainConfig};
+use waypoint_trainer::run::memory::MemoryPlanError;
 use waypoint_trainer::run::{Outcome, UsageError};
 
 /// waypoint: the trainer-side checkpoint and resume runtime.
@@ -218,6 +219,14 @@ struct TrainArgs {
     #[arg(long = "dist_timeout_secs")]
     #[serde(skip_serializing_if = "Option::is_none")]
     dist_timeout_secs: Option<u64>,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    #[arg(long = "activation_checkpointing")]
+    #[serde(skip_serializing_if = "is_false")]
+    activation_checkpointing: bool,
+    /// When the memory plan exceeds what is available: refuse or warn [default: refuse].
+    #[arg(long = "memory_check")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_check: Option<String>,
 }
 
 impl TrainArgs {
@@ -376,6 +385,11 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             let message = waypoint_trainer::run::records::explain(&e);
             say_err(format_args!("error: {message}"));
             if e.downcast_ref::<UsageError>().is_some() {
+                return ExitCode::from(2);
+            }
+            if e.downcast_ref::<MemoryPlanError>().is_some() {
+                // Recorded in status.json; retrying the same command cannot help.
+                waypoint_launch::write_error_file(&message);
                 return ExitCode::from(2);
             }
             waypoint_launch::write_error_file(&message);

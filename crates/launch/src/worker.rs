@@ -1,5 +1,5 @@
 //! The worker side of the contract: the torchrun worker environment (`RANK`, `LOCAL_RANK`,
-//! `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, `TORCHELASTIC_RESTART_COUNT`,
+//! `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, `TORCHELASTIC_RESTART_COUNT`,
 //! `TORCHELASTIC_USE_AGENT_STORE`; absent variables mean a single worker started by hand), and the
 //! error file a failing worker leaves for its agent (`TORCHELASTIC_ERROR_FILE`).
 
@@ -17,6 +17,8 @@ pub struct WorkerEnv {
     pub local_rank: u64,
     /// Number of workers.
     pub world_size: u64,
+    /// Workers on this node (`LOCAL_WORLD_SIZE`; they share its memory).
+    pub local_world_size: u64,
     /// How many times the agent restarted the group.
     pub restart_count: u64,
     /// Host of the TCPStore.
@@ -54,6 +56,7 @@ impl WorkerEnv {
             rank: num(vars::RANK, 0)?,
             local_rank: num(vars::LOCAL_RANK, 0)?,
             world_size: num(vars::WORLD_SIZE, 1)?,
+            local_world_size: num(vars::LOCAL_WORLD_SIZE, 1)?.max(1),
             restart_count: num(vars::RESTART_COUNT, 0)?,
             master_addr: lookup(vars::MASTER_ADDR).unwrap_or_else(|| "127.0.0.1".into()),
             master_port: u16::try_from(port)

@@ -96,6 +96,11 @@ pub struct TrainConfig {
     pub logging_steps: u64,
     /// Limit of joining the other ranks and of every collective, in seconds.
     pub dist_timeout_secs: u64,
+    /// Keep only each decoder layer's input through the forward pass and recompute the layer in
+    /// the backward pass: activation memory of one layer instead of all, for ~1/3 more compute.
+    pub activation_checkpointing: bool,
+    /// When the memory plan exceeds the memory available: `refuse` to start, or `warn`.
+    pub memory_check: String,
 }
 
 impl Default for TrainConfig {
@@ -143,6 +148,8 @@ impl Default for TrainConfig {
             num_threads: 0,
             logging_steps: 10,
             dist_timeout_secs: 300,
+            activation_checkpointing: false,
+            memory_check: "refuse".into(),
         }
     }
 }
@@ -486,6 +493,11 @@ impl TrainConfig {
             },
         )?;
         check(
+            crate::run::memory::MemoryCheck::parse(&self.memory_check).is_some(),
+            "memory_check",
+            || format!("--memory_check {:?}: use refuse or warn", self.memory_check),
+        )?;
+        check(
             self.eval_steps == 0 || !self.eval_dataset_uri.is_empty(),
             "eval_steps",
             || {
@@ -546,6 +558,21 @@ impl TrainConfig {
             output_model_id: some(&self.output_model_id),
             init_from_checkpoint: some(&self.init_from_checkpoint),
         }
+    }
+
+    /// The LoRA settings, when `--lora_rank` asks for adapters. Call on a validated configuration.
+    pub fn lora(&self) -> Option<crate::model::LoraConfig> {
+        (self.lora_rank > 0).then(|| crate::model::LoraConfig {
+            rank: self.lora_rank as i64,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets: self
+                .lora_target_modules
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        })
     }
 
     /// The settings that must not change across a resume, by name (a JSON object, keys sorted). A

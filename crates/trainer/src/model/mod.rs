@@ -16,6 +16,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::run::UsageError;
 
+mod recompute;
+
 /// The projections LoRA can wrap, as `peft` names them.
 pub const LORA_TARGETS: [&str; 7] = [
     "q_proj",
@@ -161,6 +163,20 @@ impl ModelConfig {
         Ok(config)
     }
 
+    /// Reads and checks `config.json` of an HF model directory. A config that cannot be trained is
+    /// found before any work: a usage error (exit 2).
+    pub fn read_hf_dir(dir: &Path) -> Result<Self> {
+        let usage = |e: anyhow::Error| anyhow::Error::from(UsageError(format!("{e:#}")));
+        let config_path = dir.join("config.json");
+        let raw: Value = serde_json::from_slice(
+            &std::fs::read(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", config_path.display()))
+        .map_err(usage)?;
+        ModelConfig::from_json(&config_path.display().to_string(), raw).map_err(usage)
+    }
+
     /// Bounds every size before anything is allocated from it: each within what any real model of
     /// these families has (with room), the token ids within the vocabulary, and the parameter count
     /// within [`MAX_PARAMETERS`].
@@ -232,6 +248,34 @@ impl ModelConfig {
         let layer = 2 * h + (q + 2 * kv) * h + bias + h * q + qk_norm + 3 * i * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_hidden_layers as u128 * layer + h + head
+    }
+
+    /// Each projection LoRA can wrap, with its weight's (outputs, inputs), in [`LORA_TARGETS`] order.
+    pub fn projection_shapes(&self) -> [(&'static str, (i64, i64)); 7] {
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        [
+            ("q_proj", (q, h)),
+            ("k_proj", (kv, h)),
+            ("v_proj", (kv, h)),
+            ("o_proj", (h, q)),
+            ("gate_proj", (i, h)),
+            ("up_proj", (i, h)),
+            ("down_proj", (h, i)),
+        ]
+    }
+
+    /// The number of LoRA weights of rank `rank` on the projections named in `targets`: r × (in + out)
+    /// for each, in every layer.
+    pub fn lora_parameter_count(&self, rank: i64, targets: &[String]) -> u128 {
+        let per_layer: u128 = self
+            .projection_shapes()
+            .iter()
+            .filter(|(name, _)| targets.iter().any(|t| t == name))
+            .map(|(_, (out, inp))| (rank * (out + inp)) as u128)
+            .sum();
+        per_layer * self.num_hidden_layers as u128
     }
 
     /// The built-in demo model: a 2-layer Llama over the byte tokenizer's 259 ids.
@@ -408,17 +452,9 @@ impl Model {
     /// `model.safetensors.index.json`. Weights are held in fp32 for training. Also returns the sha256
     /// of the weight files (in order), which identifies the base of a LoRA run.
     pub fn load_hf_dir(dir: &Path, device: Device) -> Result<(Self, String)> {
-        // A config that cannot be trained is found before any work: a usage error (exit 2).
         let usage = |e: anyhow::Error| anyhow::Error::from(UsageError(format!("{e:#}")));
+        let config = ModelConfig::read_hf_dir(dir)?;
         let config_path = dir.join("config.json");
-        let raw: Value = serde_json::from_slice(
-            &std::fs::read(&config_path)
-                .with_context(|| format!("reading {}", config_path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", config_path.display()))
-        .map_err(usage)?;
-        let config =
-            ModelConfig::from_json(&config_path.display().to_string(), raw).map_err(usage)?;
         let weights = weight_files(dir)?;
         // Bound what the config makes us allocate by what the files hold: every weight takes at
         // least a byte.
@@ -559,19 +595,7 @@ impl Model {
         }
         // An adapter of rank r adds r × (in + out) weights to a projection: beyond min(in, out) it
         // can express nothing more, so a larger rank is a mistake (and could exhaust memory).
-        let c = &self.config;
-        let q = c.num_attention_heads * c.head_dim;
-        let kv = c.num_key_value_heads * c.head_dim;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        for (target, (out, inp)) in [
-            ("q_proj", (q, h)),
-            ("k_proj", (kv, h)),
-            ("v_proj", (kv, h)),
-            ("o_proj", (h, q)),
-            ("gate_proj", (i, h)),
-            ("up_proj", (i, h)),
-            ("down_proj", (h, i)),
-        ] {
+        for (target, (out, inp)) in self.config.projection_shapes() {
             let limit = out.min(inp);
             ensure!(
                 !lora.targets.iter().any(|t| t == target) || lora.rank <= limit,
@@ -656,50 +680,82 @@ impl Model {
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`; `train` enables LoRA dropout.
-    // `h = h + …`, not `h += …`: an in-place add would overwrite what the norms saved for backward.
-    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
-        let c = &self.config;
-        let (b, t) = (ids.size()[0], ids.size()[1]);
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (cos, sin) = rope_tables(t, hd, c.rope_theta, self.device);
-        // Mixed precision on CUDA: bf16 matmuls and attention, fp32 norms, residuals and weights.
-        let ac = self.device.is_cuda().then_some(Kind::BFloat16);
-        let mut h = Tensor::embedding(&self.embed, ids, -1, false, false);
+        let rope = self.rope(ids);
+        let mut h = self.embed_tokens(ids);
         for layer in &self.layers {
-            let x = rms_norm(&h, &layer.input_norm, c.rms_norm_eps);
-            let mut q = layer.q.forward(&x, train, ac).view([b, t, nh, hd]);
-            let mut k = layer.k.forward(&x, train, ac).view([b, t, nkv, hd]);
-            let v = layer.v.forward(&x, train, ac).view([b, t, nkv, hd]);
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(&q, qn, c.rms_norm_eps);
-                k = rms_norm(&k, kn, c.rms_norm_eps);
-            }
-            let q = apply_rope(&q.transpose(1, 2), &cos, &sin);
-            let k = apply_rope(&k.transpose(1, 2), &cos, &sin);
-            let v = v.transpose(1, 2);
-            let a = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                true,
-                None,
-                nkv != nh,
-            );
-            let a = a.transpose(1, 2).reshape([b, t, nh * hd]);
-            h = h + layer.o.forward(&a, train, ac);
-            let x = rms_norm(&h, &layer.post_norm, c.rms_norm_eps);
-            let m = layer.gate.forward(&x, train, ac).silu() * layer.up.forward(&x, train, ac);
-            h = h + layer.down.forward(&m, train, ac);
+            h = layer.forward(&h, &rope, &self.config, train);
         }
-        let h = rms_norm(&h, &self.norm, c.rms_norm_eps);
+        self.logits(&h)
+    }
+
+    /// The RoPE tables and compute dtype for a batch of ids `[batch, seq]`.
+    fn rope(&self, ids: &Tensor) -> Rope {
+        let c = &self.config;
+        let (cos, sin) = rope_tables(ids.size()[1], c.head_dim, c.rope_theta, self.device);
+        // Mixed precision on CUDA: bf16 matmuls and attention, fp32 norms, residuals and weights.
+        let compute = self.device.is_cuda().then_some(Kind::BFloat16);
+        Rope { cos, sin, compute }
+    }
+
+    /// The residual stream's start: the embeddings of `ids`.
+    fn embed_tokens(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed, ids, -1, false, false)
+    }
+
+    /// The final norm and the LM head over the residual stream.
+    fn logits(&self, h: &Tensor) -> Tensor {
+        let h = rms_norm(h, &self.norm, self.config.rms_norm_eps);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        match ac {
+        match self.device.is_cuda().then_some(Kind::BFloat16) {
             None => h.linear::<Tensor>(head, None),
             Some(k) => h.to_kind(k).linear::<Tensor>(&head.to_kind(k), None),
         }
+    }
+}
+
+/// What every decoder layer of one forward pass shares.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    /// The matmul dtype (bf16 on CUDA, as autocast would), else the weights' own.
+    compute: Option<Kind>,
+}
+
+impl Layer {
+    /// The layer's output for its input `h` `[batch, seq, hidden]`.
+    // `h = h + …`, not `h += …`: an in-place add would overwrite what the norms saved for backward.
+    #[allow(clippy::assign_op_pattern)]
+    fn forward(&self, h: &Tensor, rope: &Rope, c: &ModelConfig, train: bool) -> Tensor {
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let ac = rope.compute;
+        let x = rms_norm(h, &self.input_norm, c.rms_norm_eps);
+        let mut q = self.q.forward(&x, train, ac).view([b, t, nh, hd]);
+        let mut k = self.k.forward(&x, train, ac).view([b, t, nkv, hd]);
+        let v = self.v.forward(&x, train, ac).view([b, t, nkv, hd]);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = rms_norm(&q, qn, c.rms_norm_eps);
+            k = rms_norm(&k, kn, c.rms_norm_eps);
+        }
+        let q = apply_rope(&q.transpose(1, 2), &rope.cos, &rope.sin);
+        let k = apply_rope(&k.transpose(1, 2), &rope.cos, &rope.sin);
+        let v = v.transpose(1, 2);
+        let a = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            true,
+            None,
+            nkv != nh,
+        );
+        let a = a.transpose(1, 2).reshape([b, t, nh * hd]);
+        let h = h + self.o.forward(&a, train, ac);
+        let x = rms_norm(&h, &self.post_norm, c.rms_norm_eps);
+        let m = self.gate.forward(&x, train, ac).silu() * self.up.forward(&x, train, ac);
+        h + self.down.forward(&m, train, ac)
     }
 }
 
@@ -839,7 +895,7 @@ mod tests {
     /// libtorch's generator is global to the process: tests that seed it take turns.
     static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    fn seeded() -> std::sync::MutexGuard<'static, ()> {
+    pub(crate) fn seeded() -> std::sync::MutexGuard<'static, ()> {
         SEEDED.lock().unwrap_or_else(|e| e.into_inner())
     }
 

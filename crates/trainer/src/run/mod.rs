@@ -20,6 +20,7 @@
 
 pub mod device;
 mod finish;
+pub mod memory;
 pub mod optim;
 mod progress;
 pub mod records;

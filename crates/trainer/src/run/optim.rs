@@ -87,13 +87,24 @@ impl AdamW {
 /// kept without a copy. With `into`, they are added to earlier micro-batches' gradients.
 pub fn gradients(loss: &Tensor, params: &[Param], into: Option<Vec<Tensor>>) -> Vec<Tensor> {
     let inputs: Vec<&Tensor> = params.iter().map(|p| &p.tensor).collect();
-    let grads = Tensor::run_backward(&[loss], &inputs, false, false);
+    accumulate(into, Tensor::run_backward(&[loss], &inputs, false, false))
+}
+
+/// Adds one micro-batch's gradients to the earlier ones' (`into`), or starts with them.
+pub fn accumulate(into: Option<Vec<Tensor>>, grads: Vec<Tensor>) -> Vec<Tensor> {
     match into {
         None => grads,
         Some(mut acc) => {
             tch::no_grad(|| {
-                for (a, g) in acc.iter_mut().zip(&grads) {
-                    let _ = a.g_add_(g);
+                for (a, g) in acc.iter_mut().zip(grads) {
+                    if !g.defined() {
+                        continue;
+                    }
+                    if a.defined() {
+                        let _ = a.g_add_(&g);
+                    } else {
+                        *a = g;
+                    }
                 }
             });
             acc

@@ -20,7 +20,7 @@ use super::{Live, Session, UsageError};
 use crate::checkpointing::convert::from_blob;
 use crate::checkpointing::saver::{SaveContext, Saver};
 use crate::config::fingerprint;
-use crate::model::{LoraConfig, Model};
+use crate::model::Model;
 use crate::run::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 use crate::run::records::{self, JobState, RunRecords, Status};
 
@@ -155,22 +155,9 @@ impl Session {
             (None, Some(spec)) => rt.block_on(init_from(&manager, spec, &mut model))?,
             _ => {}
         }
-        if cfg.lora_rank > 0 {
+        if let Some(lora) = cfg.lora() {
             model
-                .add_lora(
-                    LoraConfig {
-                        rank: cfg.lora_rank as i64,
-                        alpha: cfg.lora_alpha,
-                        dropout: cfg.lora_dropout,
-                        targets: cfg
-                            .lora_target_modules
-                            .split(',')
-                            .map(|s| s.trim().to_string())
-                            .filter(|s| !s.is_empty())
-                            .collect(),
-                    },
-                    cfg.seed as i64 + 1,
-                )
+                .add_lora(lora, cfg.seed as i64 + 1)
                 .map_err(|e| UsageError(format!("--lora_rank/--lora_target_modules: {e:#}")))?;
         }
         // From here on the run is ours: rank 0 takes an attempt number (fencing), records the start.

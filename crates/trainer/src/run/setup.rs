@@ -10,6 +10,7 @@ use tch::Device;
 use tokio::runtime::Runtime;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 
+use super::memory::{self, MemoryCheck, MemoryPlan, MemoryPlanError, PlanInputs};
 use super::{Session, UsageError};
 use crate::collective::ranks::Ranks;
 use crate::config::{fingerprint, TrainConfig};
@@ -50,6 +51,8 @@ impl Session {
         if cfg.num_threads > 0 {
             tch::set_num_threads(cfg.num_threads as i32);
         }
+        let model_config = model_config(cfg)?;
+        check_memory(cfg, &model_config, &env, device, &ranks)?;
         let loaded = rt.block_on(load(cfg, device))?;
         let global_batch = cfg.batch_size * cfg.gradient_accumulation * env.world_size;
         self.total_steps = if cfg.max_steps > 0 {
@@ -76,6 +79,90 @@ impl Session {
     }
 }
 
+/// The architecture of the model `--model_id` names, read before any weight.
+fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
+    if cfg.model_id == "builtin:tiny" {
+        return Ok(ModelConfig::tiny());
+    }
+    let dir = Path::new(&cfg.model_id);
+    if !dir.join("config.json").is_file() {
+        return Err(UsageError(format!(
+            "--model_id {}: not a model directory with config.json; pass a local Hugging Face \
+             model directory, or builtin:tiny",
+            cfg.model_id
+        ))
+        .into());
+    }
+    ModelConfig::read_hf_dir(dir)
+}
+
+/// Estimates what this rank will hold and, before anything is loaded, refuses a plan that exceeds
+/// the memory available (all ranks refuse together when any does), unless `--memory_check warn`.
+fn check_memory(
+    cfg: &TrainConfig,
+    model: &ModelConfig,
+    env: &WorkerEnv,
+    device: Device,
+    ranks: &Ranks,
+) -> Result<()> {
+    let lora = cfg
+        .lora()
+        .map(|l| model.lora_parameter_count(l.rank, &l.targets));
+    let inputs = PlanInputs {
+        lora_parameters: lora,
+        micro_batch_tokens: cfg.batch_size * cfg.max_seq_len,
+        gradient_accumulation: cfg.gradient_accumulation,
+        world_size: env.world_size,
+        cuda: device.is_cuda(),
+        activation_checkpointing: cfg.activation_checkpointing,
+    };
+    let plan = MemoryPlan::estimate(model, &inputs);
+    let with_checkpointing = (!cfg.activation_checkpointing)
+        .then(|| {
+            MemoryPlan::estimate(
+                model,
+                &PlanInputs {
+                    activation_checkpointing: true,
+                    ..inputs.clone()
+                },
+            )
+        })
+        .filter(|ac| ac.activations < plan.activations);
+    let verdict = match memory::available(device, env.local_world_size) {
+        Some((bytes, source)) => memory::judge(
+            &plan,
+            bytes,
+            &source,
+            with_checkpointing.as_ref(),
+            inputs.micro_batch_tokens,
+        ),
+        None => Ok(format!(
+            "memory plan: {plan} (the memory available could not be read)"
+        )),
+    };
+    let refuse = MemoryCheck::parse(&cfg.memory_check) != Some(MemoryCheck::Warn);
+    let too_big = match &verdict {
+        Ok(line) => {
+            if env.rank == 0 {
+                tracing::info!("{line}");
+            }
+            false
+        }
+        Err(why) if !refuse => {
+            tracing::warn!("{why}; starting anyway (--memory_check warn)");
+            false
+        }
+        Err(_) => true,
+    };
+    if ranks.any("memory plan", too_big)? {
+        let why = verdict
+            .err()
+            .unwrap_or_else(|| "another rank's memory plan does not fit (see its log)".into());
+        return Err(MemoryPlanError(why).into());
+    }
+    Ok(())
+}
+
 /// Loads the model, tokenizer and data that `cfg` names.
 async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
     let (model, tokenizer, tokenizer_files, model_fingerprint) = if cfg.model_id == "builtin:tiny" {
@@ -89,14 +176,6 @@ async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
         )
     } else {
         let dir = Path::new(&cfg.model_id);
-        if !dir.join("config.json").is_file() {
-            return Err(UsageError(format!(
-                "--model_id {}: not a model directory with config.json; pass a local Hugging Face \
-                 model directory, or builtin:tiny",
-                cfg.model_id
-            ))
-            .into());
-        }
         let (model, weights_sha) = Model::load_hf_dir(dir, device)?;
         let tokenizer = Tokenizer::from_hf_dir(dir, &model.config.raw)?;
         let mut files = Vec::new();

@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use super::{Live, Session};
 use crate::data::{Dataset, IGNORE};
 use crate::model::Model;
-use crate::run::optim::{clip_grad_norm, gradients};
+use crate::run::optim::{accumulate, clip_grad_norm, gradients};
 
 impl Session {
     /// Runs optimizer step `self.step + 1`; returns its metrics line, or `None` when the ranks agreed
@@ -61,9 +61,23 @@ impl Session {
         }
         let mut loss_value = 0.0;
         let mut grads: Option<Vec<Tensor>> = None;
-        for (ids, labels) in &micro {
-            let loss = summed_loss(&run.model, ids, labels, true) / tokens.max(1) as f64;
-            grads = Some(gradients(&loss, params, grads.take()));
+        let divisor = tokens.max(1) as f64;
+        for (a, (ids, labels)) in micro.iter().enumerate() {
+            let vocab = run.model.config.vocab_size;
+            let loss = if cfg.activation_checkpointing {
+                let seed = step_seed(cfg.seed, self.step).wrapping_add(a as i64 * 7919);
+                let (loss, g) =
+                    run.model
+                        .loss_and_gradients_recomputed(ids, seed, true, |logits| {
+                            loss_of_logits(logits, labels, vocab) / divisor
+                        });
+                grads = Some(accumulate(grads.take(), g));
+                loss
+            } else {
+                let loss = loss_of_logits(&run.model.forward(ids, true), labels, vocab) / divisor;
+                grads = Some(gradients(&loss, params, grads.take()));
+                loss
+            };
             loss_value += loss.double_value(&[]);
         }
         let mut grads = grads.context("no micro-batch ran")?;
@@ -127,11 +141,11 @@ fn step_seed(seed: u64, step: u64) -> i64 {
     (seed.wrapping_mul(1_000_003).wrapping_add(step) & 0x7FFF_FFFF_FFFF_FFFF) as i64
 }
 
-/// Cross-entropy summed over the tokens whose label is not [`IGNORE`] (fp32).
-fn summed_loss(model: &Model, ids: &Tensor, labels: &Tensor, train: bool) -> Tensor {
-    model
-        .forward(ids, train)
-        .view([-1, model.config.vocab_size])
+/// Cross-entropy of `logits` `[batch, seq, vocab]` summed over the tokens whose label is not
+/// [`IGNORE`] (fp32).
+fn loss_of_logits(logits: &Tensor, labels: &Tensor, vocab: i64) -> Tensor {
+    logits
+        .view([-1, vocab])
         .to_kind(Kind::Float)
         .cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, IGNORE, 0.0)
 }
@@ -143,7 +157,8 @@ fn evaluate(model: &Model, data: &Dataset, batch: usize, device: Device) -> f64 
         let indices: Vec<usize> = (0..data.len()).collect();
         for chunk in indices.chunks(batch.max(1)) {
             let (ids, labels) = data.rows(chunk, device);
-            sum += summed_loss(model, &ids, &labels, false).double_value(&[]);
+            let logits = model.forward(&ids, false);
+            sum += loss_of_logits(&logits, &labels, model.config.vocab_size).double_value(&[]);
             tokens += labels.ne(IGNORE).sum(Kind::Int64).int64_value(&[]);
         }
         sum / tokens.max(1) as f64
