@@ -227,6 +227,10 @@ struct TrainArgs {
     #[arg(long = "memory_check")]
     #[serde(skip_serializing_if = "Option::is_none")]
     memory_check: Option<String>,
+    /// none (replicated), or optimizer (AdamW state sharded over the ranks) [default: none].
+    #[arg(long = "sharding")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sharding: Option<String>,
 }
 
 impl TrainArgs {

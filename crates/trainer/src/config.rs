@@ -101,6 +101,9 @@ pub struct TrainConfig {
     pub activation_checkpointing: bool,
     /// When the memory plan exceeds the memory available: `refuse` to start, or `warn`.
     pub memory_check: String,
+    /// What is sharded over the ranks: `none` (replicated data parallelism) or `optimizer` (each
+    /// rank keeps and updates AdamW's state for its rows of every weight).
+    pub sharding: String,
 }
 
 impl Default for TrainConfig {
@@ -150,6 +153,7 @@ impl Default for TrainConfig {
             dist_timeout_secs: 300,
             activation_checkpointing: false,
             memory_check: "refuse".into(),
+            sharding: "none".into(),
         }
     }
 }
@@ -493,6 +497,11 @@ impl TrainConfig {
             },
         )?;
         check(
+            crate::collective::shard::Sharding::parse(&self.sharding).is_some(),
+            "sharding",
+            || format!("--sharding {:?}: use none or optimizer", self.sharding),
+        )?;
+        check(
             crate::run::memory::MemoryCheck::parse(&self.memory_check).is_some(),
             "memory_check",
             || format!("--memory_check {:?}: use refuse or warn", self.memory_check),
@@ -558,6 +567,12 @@ impl TrainConfig {
             output_model_id: some(&self.output_model_id),
             init_from_checkpoint: some(&self.init_from_checkpoint),
         }
+    }
+
+    /// `--sharding`, typed. Call on a validated configuration.
+    pub(crate) fn sharding(&self) -> crate::collective::shard::Sharding {
+        crate::collective::shard::Sharding::parse(&self.sharding)
+            .unwrap_or(crate::collective::shard::Sharding::None)
     }
 
     /// The LoRA settings, when `--lora_rank` asks for adapters. Call on a validated configuration.

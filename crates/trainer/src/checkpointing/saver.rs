@@ -241,19 +241,26 @@ impl Saver {
         self.join()
     }
 
-    /// This rank's part of the resumable state: all of it alone, else the tensors it owns.
-    fn my_items(&self, model: &Model, opt: &AdamW) -> Vec<(String, Tensor)> {
+    /// This rank's part of the resumable state: all of it alone; else the replicated tensors it
+    /// owns (spread by size) and its own slices of sharded ones (empty slices left out).
+    fn my_items(&self, model: &Model, opt: &AdamW) -> Vec<StateItem> {
         let items = state_items(model, opt);
         if self.world == 1 {
             return items;
         }
-        let sizes: Vec<u64> = items.iter().map(|(_, t)| byte_size(t) as u64).collect();
+        let (sliced, replicated): (Vec<StateItem>, Vec<StateItem>) =
+            items.into_iter().partition(|i| i.offsets.is_some());
+        let sizes: Vec<u64> = replicated
+            .iter()
+            .map(|i| byte_size(&i.tensor) as u64)
+            .collect();
         let owners = dcp::assign_owners(&sizes, self.world);
-        items
+        replicated
             .into_iter()
             .zip(owners)
             .filter(|(_, owner)| *owner == self.rank)
             .map(|(item, _)| item)
+            .chain(sliced.into_iter().filter(|i| i.tensor.numel() > 0))
             .collect()
     }
 
@@ -380,21 +387,43 @@ fn peers_error(op: &str, e: impl std::fmt::Display) -> CheckpointError {
     }
 }
 
-/// The resumable state under DCP's names: trainable weights and their AdamW state (handles that
-/// share the live tensors' memory).
-fn state_items(model: &Model, opt: &AdamW) -> Vec<(String, Tensor)> {
+/// One tensor of the resumable state: a handle that shares the live tensor's memory, under its DCP
+/// name; with `offsets`, this rank's slice of a sharded tensor (DCP's `saved_offsets`).
+struct StateItem {
+    name: String,
+    tensor: Tensor,
+    offsets: Option<Vec<usize>>,
+}
+
+/// The resumable state under DCP's names: trainable weights and their AdamW state — with sharded
+/// optimizer state, this rank's rows of the moments, as slices.
+fn state_items(model: &Model, opt: &AdamW) -> Vec<StateItem> {
+    let whole = |name: String, t: &Tensor| StateItem {
+        name,
+        tensor: t.shallow_clone(),
+        offsets: None,
+    };
     let mut items = Vec::new();
-    for (p, s) in model.trainable().iter().zip(&opt.state) {
-        items.push((dcp::model_key(&p.name), p.tensor.shallow_clone()));
-        items.push((
-            dcp::optim_key(&p.name, "exp_avg"),
-            s.exp_avg.shallow_clone(),
-        ));
-        items.push((
-            dcp::optim_key(&p.name, "exp_avg_sq"),
-            s.exp_avg_sq.shallow_clone(),
-        ));
-        items.push((dcp::optim_key(&p.name, "step"), s.step.shallow_clone()));
+    for (i, (p, s)) in model.trainable().iter().zip(&opt.state).enumerate() {
+        items.push(whole(dcp::model_key(&p.name), &p.tensor));
+        for (field, t) in [("exp_avg", &s.exp_avg), ("exp_avg_sq", &s.exp_avg_sq)] {
+            let name = dcp::optim_key(&p.name, field);
+            items.push(match opt.rows.as_ref().map(|r| r[i]) {
+                None => whole(name, t),
+                Some(rows) => {
+                    let mut offsets = vec![0usize; t.dim()];
+                    if let Some(o) = offsets.first_mut() {
+                        *o = rows.start as usize;
+                    }
+                    StateItem {
+                        name,
+                        tensor: t.shallow_clone(),
+                        offsets: Some(offsets),
+                    }
+                }
+            });
+        }
+        items.push(whole(dcp::optim_key(&p.name, "step"), &s.step));
     }
     items
 }
@@ -403,11 +432,11 @@ fn state_items(model: &Model, opt: &AdamW) -> Vec<(String, Tensor)> {
 const SNAPSHOT_HEADROOM: u64 = 2 << 30;
 
 /// A copy of the state on its own GPU, when the state lives on a GPU with room for it.
-fn snapshot_on_device(items: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)>> {
-    let Device::Cuda(gpu) = items.first()?.1.device() else {
+fn snapshot_on_device(items: &[StateItem]) -> Option<Vec<StateItem>> {
+    let Device::Cuda(gpu) = items.first()?.tensor.device() else {
         return None;
     };
-    let bytes: u64 = items.iter().map(|(_, t)| byte_size(t) as u64).sum();
+    let bytes: u64 = items.iter().map(|i| byte_size(&i.tensor) as u64).sum();
     match crate::collective::cuda::free_memory(gpu) {
         Ok(free) if free >= bytes + SNAPSHOT_HEADROOM => {}
         Ok(free) => {
@@ -428,17 +457,27 @@ fn snapshot_on_device(items: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)
         Some(
             items
                 .iter()
-                .map(|(name, t)| (name.clone(), t.detach().copy()))
+                .map(|i| StateItem {
+                    name: i.name.clone(),
+                    tensor: i.tensor.detach().copy(),
+                    offsets: i.offsets.clone(),
+                })
                 .collect(),
         )
     })
 }
 
 /// Copies named tensors to host memory, as they are.
-fn copy_to_host(items: &[(String, Tensor)]) -> Result<Vec<Blob>> {
+fn copy_to_host(items: &[StateItem]) -> Result<Vec<Blob>> {
     items
         .iter()
-        .map(|(name, t)| to_blob(name, t, None))
+        .map(|i| {
+            let blob = to_blob(&i.name, &i.tensor, None)?;
+            Ok(match &i.offsets {
+                Some(o) => blob.with_offsets(o.clone())?,
+                None => blob,
+            })
+        })
         .collect()
 }
 

@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 use waypoint_c10d::{Group, GroupConfig};
 
 use crate::collective::nccl::{Communicator, Nccl};
+use crate::collective::shard::Rows;
 use waypoint_launch::WorkerEnv;
 
 /// The ranks of the job, from this worker's side.
@@ -138,19 +139,13 @@ impl Ranks {
             .collect();
         let device = flat.first().map_or(Device::Cpu, Tensor::device);
         flat.push(Tensor::from_slice(&[*loss as f32]).to_device(device));
-        let mut flat = Tensor::cat(&flat, 0);
-        let summed = match &mut self.nccl {
-            Some(comm) => {
-                comm.all_reduce_sum(&mut flat)
-                    .with_context(|| format!("rank {}: summing gradients", self.rank))?;
-                flat
-            }
-            None => {
-                let mut buf: Vec<f32> = Vec::try_from(&flat).context("gradients to host memory")?;
-                g.all_reduce_sum(&mut buf)?;
-                Tensor::from_slice(&buf)
-            }
-        };
+        let summed = Self::sum_flat(
+            &mut self.nccl,
+            g,
+            Tensor::cat(&flat, 0),
+            self.rank,
+            "gradients",
+        )?;
         let n_grads = summed.numel() as i64 - 1;
         *loss = summed.double_value(&[n_grads]);
         let mut offset = 0i64;
@@ -161,6 +156,66 @@ impl Ranks {
             offset += n;
         }
         Ok(())
+    }
+
+    /// After a sharded optimizer step: every rank's own rows (`rows[i]` of `tensors[i]`, fp32) copied
+    /// into the others', so all ranks hold the whole updated tensors again. One collective: a sum
+    /// of buffers that are zero outside each rank's rows (adding zeros is exact).
+    pub(crate) fn all_gather_rows(&mut self, tensors: &[Tensor], rows: &[Rows]) -> Result<()> {
+        let Some(g) = &self.group else {
+            return Ok(());
+        };
+        let flat = tch::no_grad(|| {
+            let parts: Vec<Tensor> = tensors
+                .iter()
+                .zip(rows)
+                .map(|(t, r)| {
+                    let buf = Tensor::zeros(t.size(), (Kind::Float, t.device()));
+                    if r.len > 0 {
+                        buf.narrow(0, r.start, r.len)
+                            .copy_(&t.narrow(0, r.start, r.len));
+                    }
+                    buf.reshape([-1])
+                })
+                .collect();
+            Tensor::cat(&parts, 0)
+        });
+        let summed = Self::sum_flat(&mut self.nccl, g, flat, self.rank, "updated weights")?;
+        tch::no_grad(|| {
+            let mut offset = 0i64;
+            for t in tensors {
+                let n = t.numel() as i64;
+                let part = summed.narrow(0, offset, n).reshape(t.size());
+                t.shallow_clone().copy_(&part.to_device(t.device()));
+                offset += n;
+            }
+        });
+        Ok(())
+    }
+
+    /// The element-wise sum of `flat` (fp32) over all ranks: NCCL on CUDA, the TCP ring on CPU.
+    fn sum_flat(
+        nccl: &mut Option<Communicator>,
+        group: &Group,
+        mut flat: Tensor,
+        rank: u32,
+        what: &str,
+    ) -> Result<Tensor> {
+        match nccl {
+            Some(comm) => {
+                comm.all_reduce_sum(&mut flat)
+                    .with_context(|| format!("rank {rank}: summing {what}"))?;
+                Ok(flat)
+            }
+            None => {
+                let mut buf: Vec<f32> =
+                    Vec::try_from(&flat).with_context(|| format!("{what} to host memory"))?;
+                group
+                    .all_reduce_sum(&mut buf)
+                    .with_context(|| format!("rank {rank}: summing {what}"))?;
+                Ok(Tensor::from_slice(&buf))
+            }
+        }
     }
 
     /// Rank 0's `data` on every rank.

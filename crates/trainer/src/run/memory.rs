@@ -53,6 +53,8 @@ pub struct PlanInputs {
     pub cuda: bool,
     /// Keep only each decoder layer's input through the forward pass and recompute the rest.
     pub activation_checkpointing: bool,
+    /// AdamW's state sharded over the ranks (`--sharding optimizer`).
+    pub sharded_optimizer: bool,
 }
 
 /// Bytes one rank will hold while training, by kind.
@@ -131,6 +133,11 @@ impl MemoryPlan {
         } else {
             1
         };
+        let optimizer_shards = if inputs.sharded_optimizer {
+            inputs.world_size.max(1)
+        } else {
+            1
+        };
         let checkpoint_copy = if inputs.cuda {
             0
         } else {
@@ -139,7 +146,7 @@ impl MemoryPlan {
         Self {
             parameters: F32.saturating_mul(all),
             gradients: (gradient_sets * F32).saturating_mul(trained),
-            optimizer: (2 * F32).saturating_mul(trained),
+            optimizer: (2 * F32).saturating_mul(trained) / optimizer_shards,
             activations,
             compute_copies,
             checkpoint_copy,
@@ -294,6 +301,7 @@ mod tests {
             world_size: 1,
             cuda: false,
             activation_checkpointing: false,
+            sharded_optimizer: false,
         }
     }
 
@@ -355,6 +363,16 @@ mod tests {
         );
         assert_eq!(cuda.compute_copies, 2 * c.parameter_count() as u64);
         assert_eq!(cuda.checkpoint_copy, 0);
+        // Sharded over 8 ranks, AdamW's state is an eighth.
+        let sharded = MemoryPlan::estimate(
+            &c,
+            &PlanInputs {
+                sharded_optimizer: true,
+                world_size: 8,
+                ..inputs(4096)
+            },
+        );
+        assert_eq!(sharded.optimizer * 8, 8 * c.parameter_count() as u64);
     }
 
     #[test]

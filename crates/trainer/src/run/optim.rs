@@ -8,6 +8,7 @@
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
+use crate::collective::shard::{rows_of, Rows};
 use crate::model::Param;
 
 /// Hyper-parameters.
@@ -38,38 +39,69 @@ pub struct AdamW {
     config: AdamWConfig,
     /// One state per trainable parameter, in the parameters' order.
     pub state: Vec<ParamState>,
+    /// With sharded state (`--sharding optimizer`): the rows of each parameter this rank keeps
+    /// state for and updates; the state tensors hold only those rows.
+    pub(crate) rows: Option<Vec<Rows>>,
 }
 
 impl AdamW {
-    /// Zero state for `params`.
+    /// Zero state for `params`, all of it on this rank.
     pub fn new(config: AdamWConfig, params: &[Param]) -> Self {
+        Self::with_rows(config, params, None)
+    }
+
+    /// Zero state for the rows of `params` that `rank` of `world` owns ([`rows_of`]).
+    pub(crate) fn sharded(config: AdamWConfig, params: &[Param], rank: u32, world: u32) -> Self {
+        let rows = params
+            .iter()
+            .map(|p| rows_of(p.tensor.size().first().copied().unwrap_or(1), rank, world))
+            .collect();
+        Self::with_rows(config, params, Some(rows))
+    }
+
+    fn with_rows(config: AdamWConfig, params: &[Param], rows: Option<Vec<Rows>>) -> Self {
         let state = params
             .iter()
-            .map(|p| ParamState {
-                exp_avg: p.tensor.zeros_like().detach(),
-                exp_avg_sq: p.tensor.zeros_like().detach(),
-                step: Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
+            .enumerate()
+            .map(|(i, p)| {
+                let mine = own_rows(&p.tensor, rows.as_ref().map(|r| r[i]));
+                ParamState {
+                    exp_avg: mine.zeros_like().detach(),
+                    exp_avg_sq: mine.zeros_like().detach(),
+                    step: Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
+                }
             })
             .collect();
-        Self { config, state }
+        Self {
+            config,
+            state,
+            rows,
+        }
     }
 
     /// One update of every parameter with its gradient (`grads[i]` for `params[i]`), at rate `lr`.
+    /// With sharded state only this rank's rows change: gather them afterwards
+    /// ([`crate::collective::ranks::Ranks::all_gather_rows`]).
     pub fn step(&mut self, params: &[Param], grads: &[Tensor], lr: f64) {
         let c = &self.config;
         tch::no_grad(|| {
-            for ((p, s), g) in params.iter().zip(&mut self.state).zip(grads) {
+            for (i, ((p, s), g)) in params.iter().zip(&mut self.state).zip(grads).enumerate() {
                 if !g.defined() {
                     continue;
                 }
                 let _ = s.step.g_add_scalar_(1.0);
                 let step = s.step.double_value(&[]);
+                let rows = self.rows.as_ref().map(|r| r[i]);
+                if rows.is_some_and(|r| r.len == 0) {
+                    continue;
+                }
+                let g = &own_rows(g, rows);
                 let _ = s.exp_avg.lerp_(g, 1.0 - c.beta1);
                 let _ = s
                     .exp_avg_sq
                     .g_mul_scalar_(c.beta2)
                     .addcmul_(g, &(g * (1.0 - c.beta2)));
-                let mut w = p.tensor.shallow_clone();
+                let mut w = own_rows(&p.tensor, rows);
                 let _ = w.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 let bias1 = 1.0 - c.beta1.powf(step);
                 let bias2 = 1.0 - c.beta2.powf(step);
@@ -79,6 +111,14 @@ impl AdamW {
                 let _ = w.addcdiv_(&(&s.exp_avg * (-lr / bias1)), &denom);
             }
         });
+    }
+}
+
+/// The rows of `t` this rank owns (a view), or all of it.
+fn own_rows(t: &Tensor, rows: Option<Rows>) -> Tensor {
+    match rows {
+        Some(r) => t.narrow(0, r.start, r.len),
+        None => t.shallow_clone(),
     }
 }
 

@@ -19,6 +19,7 @@ use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
 use crate::checkpointing::convert::from_blob;
 use crate::checkpointing::saver::{SaveContext, Saver};
+use crate::collective::shard::{Rows, Sharding};
 use crate::config::fingerprint;
 use crate::model::Model;
 use crate::run::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
@@ -207,15 +208,18 @@ impl Session {
         }
 
         let mut data_consumed = 0u64;
-        let mut opt = AdamW::new(
-            AdamWConfig {
-                beta1: cfg.adam_beta1,
-                beta2: cfg.adam_beta2,
-                eps: cfg.adam_epsilon,
-                weight_decay: cfg.weight_decay,
-            },
-            model.trainable(),
-        );
+        let adamw = AdamWConfig {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        };
+        let mut opt = match cfg.sharding() {
+            Sharding::Optimizer if ranks.world() > 1 => {
+                AdamW::sharded(adamw, model.trainable(), ranks.rank(), ranks.world())
+            }
+            _ => AdamW::new(adamw, model.trainable()),
+        };
         if let Some(m) = &latest {
             restore_state(&m.name, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
             let pos = rt.block_on(manager.data_position(m))?;
@@ -327,7 +331,7 @@ async fn init_from(manager: &CheckpointManager, spec: &str, model: &mut Model) -
                     p.name
                 )
             })?;
-            copy_into(&p.tensor, b, spec)?;
+            copy_into(&p.tensor, b, None, spec)?;
         }
         Ok(())
     })?;
@@ -343,16 +347,31 @@ fn assemble_slices(blobs: Vec<Blob>) -> Result<HashMap<String, Blob>> {
     Ok(dcp::assemble_by_name(blobs)?.into_iter().collect())
 }
 
-/// Copies a saved tensor into a live one (shape checked), converting dtype and device.
-fn copy_into(dst: &Tensor, src: &Blob, checkpoint: &str) -> Result<()> {
+/// Copies a saved tensor — or its `rows`, into a live shard — into a live one (shape checked),
+/// converting dtype and device.
+fn copy_into(dst: &Tensor, src: &Blob, rows: Option<Rows>, checkpoint: &str) -> Result<()> {
     let t = from_blob(src)?;
+    let mut expect = dst.size();
+    if let (Some(r), Some(d0)) = (rows, expect.first_mut()) {
+        *d0 = t.size().first().copied().unwrap_or(0);
+        ensure!(
+            r.start + r.len <= *d0,
+            "{checkpoint}: tensor {} has {} rows, fewer than this rank's shard needs",
+            src.name,
+            *d0
+        );
+    }
     ensure!(
-        t.size() == dst.size(),
+        t.size() == expect,
         "{checkpoint}: tensor {} has shape {:?}, the model expects {:?}",
         src.name,
         t.size(),
-        dst.size()
+        expect
     );
+    let t = match rows {
+        Some(r) => t.narrow(0, r.start, r.len),
+        None => t,
+    };
     let mut d = dst.shallow_clone();
     tch::no_grad(|| d.copy_(&t.to_kind(dst.kind()).to_device(dst.device())));
     Ok(())
@@ -366,19 +385,29 @@ fn restore_state(checkpoint: &str, blobs: Vec<Blob>, model: &Model, opt: &mut Ad
             format!("{checkpoint} lacks tensor {key}; was it saved with another configuration?")
         })
     };
-    for (p, s) in model.trainable().iter().zip(&mut opt.state) {
-        copy_into(&p.tensor, get(dcp::model_key(&p.name))?, checkpoint)?;
+    for (i, (p, s)) in model.trainable().iter().zip(&mut opt.state).enumerate() {
+        copy_into(&p.tensor, get(dcp::model_key(&p.name))?, None, checkpoint)?;
+        // Sharded optimizer state: this rank's rows of the whole tensors, however many ranks (and
+        // however cut) saved them.
+        let rows = opt.rows.as_ref().map(|r| r[i]);
         copy_into(
             &s.exp_avg,
             get(dcp::optim_key(&p.name, "exp_avg"))?,
+            rows,
             checkpoint,
         )?;
         copy_into(
             &s.exp_avg_sq,
             get(dcp::optim_key(&p.name, "exp_avg_sq"))?,
+            rows,
             checkpoint,
         )?;
-        copy_into(&s.step, get(dcp::optim_key(&p.name, "step"))?, checkpoint)?;
+        copy_into(
+            &s.step,
+            get(dcp::optim_key(&p.name, "step"))?,
+            None,
+            checkpoint,
+        )?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 use super::memory::{self, MemoryCheck, MemoryPlan, MemoryPlanError, PlanInputs};
 use super::{Session, UsageError};
 use crate::collective::ranks::Ranks;
+use crate::collective::shard::Sharding;
 use crate::config::{fingerprint, TrainConfig};
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{read_sources, DataOptions, Dataset};
@@ -115,6 +116,7 @@ fn check_memory(
         world_size: env.world_size,
         cuda: device.is_cuda(),
         activation_checkpointing: cfg.activation_checkpointing,
+        sharded_optimizer: cfg.sharding() == Sharding::Optimizer,
     };
     let plan = MemoryPlan::estimate(model, &inputs);
     let with_checkpointing = (!cfg.activation_checkpointing)

@@ -88,6 +88,11 @@ impl Session {
         let stall = run.saver.before_update()?;
         run.opt.step(params, &grads, lr);
         drop(grads);
+        if let Some(rows) = &run.opt.rows {
+            // Each rank updated its rows: share them.
+            let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
+            run.ranks.all_gather_rows(&tensors, rows)?;
+        }
         ensure!(
             loss_value.is_finite(),
             "loss became {loss_value} at step {}; lower --lr or check the data",

@@ -1,0 +1,203 @@
+//! Sharded optimizer state (`--sharding optimizer`) on CPU under `waypoint launch`: each rank keeps
+//! and updates AdamW's state for its rows of every weight and saves them as DCP slices
+//! (`saved_offsets`) that PyTorch's `HuggingFaceStorageReader` reassembles bit for bit; training is
+//! bit-identical to replicated data parallelism; a checkpoint saved by 3 ranks resumes with 2 and
+//! with 4 (resharded), sharded or not, and ends where an uninterrupted run ends; a rank SIGKILLed
+//! mid-run makes the group restart and end bit-identical to an uninterrupted sharded run.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Output, Stdio};
+
+use common::runs::{logged_step, manager, max_diff, read_until, sigterm_after_step, weights};
+use waypoint_checkpoint::{dcp, StepName};
+
+fn launch_args(ranks: u32, restarts: u32) -> Vec<String> {
+    let exe = env!("CARGO_BIN_EXE_waypoint").to_string();
+    [
+        "launch",
+        "--nproc_per_node",
+        &ranks.to_string(),
+        "--master_port",
+        "0",
+        "--max_restarts",
+        &restarts.to_string(),
+        "--term_grace_secs",
+        "20",
+        "--",
+        &exe,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn flags(base: &str, run: &str, batch: u32, steps: u32, sharding: &str) -> Vec<String> {
+    let mut f = common::runs::train_flags("cpu", base, run, batch, steps);
+    f.extend(["--sharding".to_string(), sharding.to_string()]);
+    f
+}
+
+fn launched(base: &str, run: &str, ranks: u32, batch: u32, steps: u32, sharding: &str) -> Output {
+    let mut c = common::waypoint();
+    if ranks > 1 {
+        c.args(launch_args(ranks, 0));
+    }
+    c.args(flags(base, run, batch, steps, sharding))
+        .output()
+        .unwrap()
+}
+
+fn spawn(base: &str, run: &str, ranks: u32, restarts: u32, batch: u32, steps: u32) -> Child {
+    common::waypoint()
+        .args(launch_args(ranks, restarts))
+        .args(flags(base, run, batch, steps, "optimizer"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Every `dcp/` tensor of a checkpoint, slices joined, as raw bytes by name.
+async fn state(base: &str, run: &str, step: u64) -> BTreeMap<String, Vec<u8>> {
+    let m = manager(base, run);
+    let manifest = m.manifest(StepName::new(step)).await.unwrap();
+    let slices = m.load_tensors(&manifest, "dcp/", &|_| true).await.unwrap();
+    dcp::assemble_by_name(slices)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.data.to_vec()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_state_trains_bit_identically_and_pytorch_reads_its_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&launched(base, "replicated", 3, 2, 6, "none"));
+    common::ok(&launched(base, "sharded", 3, 2, 6, "optimizer"));
+    let replicated = state(base, "replicated", 6).await;
+    let sharded = state(base, "sharded", 6).await;
+    assert_eq!(
+        replicated.keys().collect::<Vec<_>>(),
+        sharded.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &replicated {
+        assert!(sharded[name] == *bytes, "{name} differs");
+    }
+
+    // The moments are saved as slices by every rank that owns rows of them.
+    let m = manager(base, "sharded");
+    let manifest = m.manifest(StepName::new(6)).await.unwrap();
+    assert_eq!(manifest.world_size, 3);
+    let slices = m.load_tensors(&manifest, "dcp/", &|_| true).await.unwrap();
+    let embed_moment = dcp::optim_key("model.embed_tokens.weight", "exp_avg");
+    let parts: Vec<_> = slices.iter().filter(|t| t.name == embed_moment).collect();
+    assert_eq!(parts.len(), 3, "one slice per rank");
+    let mut starts: Vec<usize> = parts
+        .iter()
+        .map(|t| t.offsets.as_ref().unwrap()[0])
+        .collect();
+    starts.sort();
+    // 259 rows over 3 ranks: 87 + 87 + 85.
+    assert_eq!(starts, [0, 87, 174]);
+    assert!(m
+        .verify(StepName::new(6))
+        .await
+        .unwrap()
+        .problems
+        .is_empty());
+
+    // PyTorch reassembles the slices into the same whole tensors.
+    let dcp_dir = dir
+        .path()
+        .join("sharded/framework=waypoint/checkpoints/step-000006/dcp");
+    let script = format!(
+        "{}/crates/checkpoint/tests/python/dcp_interop.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = common::python_script(&script, &["load", dcp_dir.to_str().unwrap()]);
+    let torch: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(torch.len(), sharded.len());
+    for (name, bytes) in &sharded {
+        assert_eq!(
+            torch[name]["sha256"].as_str().unwrap(),
+            common::sha256_hex(bytes),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_resumes_at_another_world_size_sharded_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&launched(base, "reference", 1, 12, 12, "none"));
+    let (_, reference) = weights(base, "reference", 12).await;
+    // (run, saved by ranks × batch with sharding, resumed by ranks × batch with sharding): the
+    // global batch stays 12.
+    for (run, (n, nb, ns), (m, mb, ms)) in [
+        ("three-to-two", (3, 4, "optimizer"), (2, 6, "optimizer")),
+        ("three-to-four", (3, 4, "optimizer"), (4, 3, "none")),
+        ("two-to-three", (2, 6, "none"), (3, 4, "optimizer")),
+    ] {
+        let mut child = common::waypoint()
+            .args(launch_args(n, 0))
+            .args(flags(base, run, nb, 12, ns))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        sigterm_after_step(&mut child, 4);
+        let saved = manager(base, run)
+            .latest_resumable(true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.world_size, n);
+        assert!(saved.step >= 4 && saved.step < 12, "{run}: {}", saved.step);
+        let out = launched(base, run, m, mb, 12, ms);
+        common::ok(&out);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("resumed"));
+        let (manifest, w) = weights(base, run, 12).await;
+        assert_eq!(manifest.world_size, m);
+        let diff = max_diff(&reference, &w);
+        assert!(diff < 5e-5, "{run}: differs from the reference by {diff}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_rank_restarts_the_group_and_the_run_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&launched(base, "straight", 2, 2, 12, "optimizer"));
+    let mut child = spawn(base, "killed", 2, 1, 2, 12);
+    let mut rank1 = None;
+    let (_, rest) = read_until(&mut child, |l| {
+        if l.contains("joining the other ranks") && l.contains("rank=1") {
+            let at = l.find("pid=").unwrap() + 4;
+            rank1 = l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .map(str::to_string);
+        }
+        rank1.is_some() && logged_step(l).is_some_and(|s| s >= 5)
+    });
+    std::process::Command::new("kill")
+        .args(["-KILL", rank1.as_deref().unwrap()])
+        .status()
+        .unwrap();
+    let code = child.wait().unwrap();
+    let log = rest.join().unwrap();
+    assert!(code.success(), "the restarted group finishes:\n{log}");
+    assert!(log.contains("restarting the group"), "{log}");
+    assert!(log.contains("resumed"), "{log}");
+    let straight = state(base, "straight", 12).await;
+    let killed = state(base, "killed", 12).await;
+    assert_eq!(straight.len(), killed.len());
+    for (name, bytes) in &straight {
+        assert!(killed[name] == *bytes, "{name} differs");
+    }
+}
