@@ -227,7 +227,8 @@ struct TrainArgs {
     #[arg(long = "memory_check")]
     #[serde(skip_serializing_if = "Option::is_none")]
     memory_check: Option<String>,
-    /// none (replicated), or optimizer (AdamW state sharded over the ranks) [default: none].
+    /// none (replicated), optimizer (AdamW state sharded over the ranks) or full (weights,
+    /// gradients and AdamW state sharded; layers gathered as they run) [default: none].
     #[arg(long = "sharding")]
     #[serde(skip_serializing_if = "Option::is_none")]
     sharding: Option<String>,

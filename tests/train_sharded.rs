@@ -1,8 +1,10 @@
-//! Sharded optimizer state (`--sharding optimizer`) on CPU under `waypoint launch`: each rank keeps
-//! and updates AdamW's state for its rows of every weight and saves them as DCP slices
-//! (`saved_offsets`) that PyTorch's `HuggingFaceStorageReader` reassembles bit for bit; training is
-//! bit-identical to replicated data parallelism; a checkpoint saved by 3 ranks resumes with 2 and
-//! with 4 (resharded), sharded or not, and ends where an uninterrupted run ends; a rank SIGKILLed
+//! Sharded training state on CPU under `waypoint launch`. `--sharding optimizer`: each rank keeps and
+//! updates AdamW's state for its rows of every weight — bit-identical to replicated data
+//! parallelism. `--sharding full`: weights, gradients and AdamW's state sharded, layers run on
+//! gathered weights — within float tolerance of replicated training and of one rank with the whole
+//! batch. Both save their shards as DCP slices (`saved_offsets`) that PyTorch's
+//! `HuggingFaceStorageReader` reassembles bit for bit; a checkpoint saved by 3 ranks resumes with 2
+//! and with 4 (resharded), sharded or not, and ends where an uninterrupted run ends; a rank SIGKILLed
 //! mid-run makes the group restart and end bit-identical to an uninterrupted sharded run.
 
 mod common;
@@ -49,10 +51,18 @@ fn launched(base: &str, run: &str, ranks: u32, batch: u32, steps: u32, sharding:
         .unwrap()
 }
 
-fn spawn(base: &str, run: &str, ranks: u32, restarts: u32, batch: u32, steps: u32) -> Child {
+fn spawn(
+    base: &str,
+    run: &str,
+    ranks: u32,
+    restarts: u32,
+    batch: u32,
+    steps: u32,
+    sharding: &str,
+) -> Child {
     common::waypoint()
         .args(launch_args(ranks, restarts))
-        .args(flags(base, run, batch, steps, "optimizer"))
+        .args(flags(base, run, batch, steps, sharding))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -71,48 +81,35 @@ async fn state(base: &str, run: &str, step: u64) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sharded_state_trains_bit_identically_and_pytorch_reads_its_slices() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().to_str().unwrap();
-    common::ok(&launched(base, "replicated", 3, 2, 6, "none"));
-    common::ok(&launched(base, "sharded", 3, 2, 6, "optimizer"));
-    let replicated = state(base, "replicated", 6).await;
-    let sharded = state(base, "sharded", 6).await;
-    assert_eq!(
-        replicated.keys().collect::<Vec<_>>(),
-        sharded.keys().collect::<Vec<_>>()
-    );
-    for (name, bytes) in &replicated {
-        assert!(sharded[name] == *bytes, "{name} differs");
-    }
-
-    // The moments are saved as slices by every rank that owns rows of them.
-    let m = manager(base, "sharded");
+/// The moments (and, fully sharded, the weights) of a checkpoint saved by 3 ranks are slices, one
+/// per rank, that tile the tensor; `waypoint ckpt verify` passes; PyTorch reassembles them into
+/// the tensors waypoint reads.
+async fn check_slices(dir: &std::path::Path, run: &str, sliced: &[String]) {
+    let base = dir.to_str().unwrap();
+    let m = manager(base, run);
     let manifest = m.manifest(StepName::new(6)).await.unwrap();
     assert_eq!(manifest.world_size, 3);
     let slices = m.load_tensors(&manifest, "dcp/", &|_| true).await.unwrap();
-    let embed_moment = dcp::optim_key("model.embed_tokens.weight", "exp_avg");
-    let parts: Vec<_> = slices.iter().filter(|t| t.name == embed_moment).collect();
-    assert_eq!(parts.len(), 3, "one slice per rank");
-    let mut starts: Vec<usize> = parts
-        .iter()
-        .map(|t| t.offsets.as_ref().unwrap()[0])
-        .collect();
-    starts.sort();
-    // 259 rows over 3 ranks: 87 + 87 + 85.
-    assert_eq!(starts, [0, 87, 174]);
+    for name in sliced {
+        let mut starts: Vec<usize> = slices
+            .iter()
+            .filter(|t| t.name == *name)
+            .map(|t| t.offsets.as_ref().unwrap()[0])
+            .collect();
+        starts.sort();
+        // 259 rows over 3 ranks: 87 + 87 + 85.
+        assert_eq!(starts, [0, 87, 174], "{run}: {name}");
+    }
     assert!(m
         .verify(StepName::new(6))
         .await
         .unwrap()
         .problems
         .is_empty());
-
-    // PyTorch reassembles the slices into the same whole tensors.
-    let dcp_dir = dir
-        .path()
-        .join("sharded/framework=waypoint/checkpoints/step-000006/dcp");
+    let whole = state(base, run, 6).await;
+    let dcp_dir = dir.join(format!(
+        "{run}/framework=waypoint/checkpoints/step-000006/dcp"
+    ));
     let script = format!(
         "{}/crates/checkpoint/tests/python/dcp_interop.py",
         env!("CARGO_MANIFEST_DIR")
@@ -120,14 +117,51 @@ async fn sharded_state_trains_bit_identically_and_pytorch_reads_its_slices() {
     let out = common::python_script(&script, &["load", dcp_dir.to_str().unwrap()]);
     let torch: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert_eq!(torch.len(), sharded.len());
-    for (name, bytes) in &sharded {
+    assert_eq!(torch.len(), whole.len());
+    for (name, bytes) in &whole {
         assert_eq!(
             torch[name]["sha256"].as_str().unwrap(),
             common::sha256_hex(bytes),
-            "{name}"
+            "{run}: {name}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_training_matches_replicated_and_pytorch_reads_its_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&launched(base, "single", 1, 6, 6, "none"));
+    common::ok(&launched(base, "replicated", 3, 2, 6, "none"));
+    common::ok(&launched(base, "optimizer", 3, 2, 6, "optimizer"));
+    common::ok(&launched(base, "full", 3, 2, 6, "full"));
+    let replicated = state(base, "replicated", 6).await;
+
+    // Sharded optimizer state: bit for bit what replicated data parallelism computes.
+    let optimizer = state(base, "optimizer", 6).await;
+    assert_eq!(
+        replicated.keys().collect::<Vec<_>>(),
+        optimizer.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &replicated {
+        assert!(optimizer[name] == *bytes, "{name} differs");
+    }
+
+    // Fully sharded: the same training within float tolerance (gradients are summed per layer, in
+    // another order), against 3 replicated ranks and against 1 rank with the whole batch.
+    let (_, single) = weights(base, "single", 6).await;
+    let (_, rep) = weights(base, "replicated", 6).await;
+    let (_, full) = weights(base, "full", 6).await;
+    for (what, other) in [("3 replicated ranks", &rep), ("1 rank", &single)] {
+        let diff = max_diff(other, &full);
+        eprintln!("3 fully sharded ranks vs {what}: max |Δw| = {diff:e}");
+        assert!(diff < 2e-5, "3 fully sharded ranks vs {what}: {diff}");
+    }
+
+    let embed = "model.embed_tokens.weight";
+    let moment = dcp::optim_key(embed, "exp_avg");
+    check_slices(dir.path(), "optimizer", std::slice::from_ref(&moment)).await;
+    check_slices(dir.path(), "full", &[dcp::model_key(embed), moment]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,6 +176,10 @@ async fn a_checkpoint_resumes_at_another_world_size_sharded_or_not() {
         ("three-to-two", (3, 4, "optimizer"), (2, 6, "optimizer")),
         ("three-to-four", (3, 4, "optimizer"), (4, 3, "none")),
         ("two-to-three", (2, 6, "none"), (3, 4, "optimizer")),
+        ("full-three-to-two", (3, 4, "full"), (2, 6, "full")),
+        ("full-three-to-four", (3, 4, "full"), (4, 3, "full")),
+        ("full-to-none", (3, 4, "full"), (2, 6, "none")),
+        ("none-to-full", (2, 6, "none"), (3, 4, "full")),
     ] {
         let mut child = common::waypoint()
             .args(launch_args(n, 0))
@@ -170,12 +208,21 @@ async fn a_checkpoint_resumes_at_another_world_size_sharded_or_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_rank_restarts_the_group_and_the_run_ends_bit_identical() {
+    for sharding in ["optimizer", "full"] {
+        killed_and_resumed(sharding).await;
+    }
+}
+
+async fn killed_and_resumed(sharding: &str) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    common::ok(&launched(base, "straight", 2, 2, 12, "optimizer"));
-    let mut child = spawn(base, "killed", 2, 1, 2, 12);
+    common::ok(&launched(base, "straight", 2, 2, 12, sharding));
+    let mut child = spawn(base, "killed", 2, 1, 2, 12, sharding);
     let mut rank1 = None;
+    let mut committed = false;
     let (_, rest) = read_until(&mut child, |l| {
+        // Killed once a checkpoint is committed, so that the group resumes from it.
+        committed |= l.contains("checkpoint committed");
         if l.contains("joining the other ranks") && l.contains("rank=1") {
             let at = l.find("pid=").unwrap() + 4;
             rank1 = l[at..]
@@ -183,7 +230,7 @@ async fn a_killed_rank_restarts_the_group_and_the_run_ends_bit_identical() {
                 .next()
                 .map(str::to_string);
         }
-        rank1.is_some() && logged_step(l).is_some_and(|s| s >= 5)
+        rank1.is_some() && committed && logged_step(l).is_some_and(|s| s >= 5)
     });
     std::process::Command::new("kill")
         .args(["-KILL", rank1.as_deref().unwrap()])
@@ -198,6 +245,6 @@ async fn a_killed_rank_restarts_the_group_and_the_run_ends_bit_identical() {
     let killed = state(base, "killed", 12).await;
     assert_eq!(straight.len(), killed.len());
     for (name, bytes) in &straight {
-        assert!(killed[name] == *bytes, "{name} differs");
+        assert!(killed[name] == *bytes, "{sharding}: {name} differs");
     }
 }

@@ -54,7 +54,7 @@ pub(crate) fn manager(base: &str, run: &str) -> CheckpointManager {
     )
 }
 
-/// The `model.*` tensors of a checkpoint as f32 values, by name.
+/// The `model.*` tensors of a checkpoint (slices joined) as f32 values, by name.
 pub(crate) async fn weights(
     base: &str,
     run: &str,
@@ -62,11 +62,14 @@ pub(crate) async fn weights(
 ) -> (Manifest, BTreeMap<String, Vec<f32>>) {
     let m = manager(base, run);
     let manifest = m.manifest(StepName::new(step)).await.unwrap();
-    let tensors = m
+    let slices = m
         .load_tensors(&manifest, "dcp/", &|n| n.starts_with("model."))
         .await
+        .unwrap();
+    // Sharded weights are saved as slices, one per rank.
+    let tensors = waypoint_checkpoint::dcp::assemble_by_name(slices)
         .unwrap()
-        .into_iter()
+        .into_values()
         .map(|t| {
             let v = t
                 .data

@@ -101,8 +101,9 @@ pub struct TrainConfig {
     pub activation_checkpointing: bool,
     /// When the memory plan exceeds the memory available: `refuse` to start, or `warn`.
     pub memory_check: String,
-    /// What is sharded over the ranks: `none` (replicated data parallelism) or `optimizer` (each
-    /// rank keeps and updates AdamW's state for its rows of every weight).
+    /// What is sharded over the ranks: `none` (replicated data parallelism), `optimizer` (each
+    /// rank keeps and updates AdamW's state for its rows of every weight) or `full` (weights,
+    /// gradients and AdamW's state; each layer runs on weights gathered just before it).
     pub sharding: String,
 }
 
@@ -499,7 +500,21 @@ impl TrainConfig {
         check(
             crate::collective::shard::Sharding::parse(&self.sharding).is_some(),
             "sharding",
-            || format!("--sharding {:?}: use none or optimizer", self.sharding),
+            || {
+                format!(
+                    "--sharding {:?}: use none, optimizer or full",
+                    self.sharding
+                )
+            },
+        )?;
+        check(
+            self.sharding != "full" || self.lora_rank == 0,
+            "sharding",
+            || {
+                "--sharding full does not shard LoRA runs yet; use --sharding optimizer or none \
+                 with --lora_rank"
+                    .into()
+            },
         )?;
         check(
             crate::run::memory::MemoryCheck::parse(&self.memory_check).is_some(),

@@ -35,6 +35,7 @@ use waypoint_checkpoint::{
 
 use crate::checkpointing::convert::{byte_size, to_blob};
 use crate::collective::ranks::Ranks;
+use crate::collective::shard::Rows;
 use crate::model::Model;
 use crate::run::optim::AdamW;
 use crate::run::records::{RunRecords, Status};
@@ -85,6 +86,27 @@ pub(crate) struct SaveOrder<'a> {
     pub metrics: String,
     /// Copy and write behind training instead of returning once committed.
     pub background: bool,
+    /// The whole base weights in the sampler dtype, gathered for the promotable part when the live
+    /// weights are sharded (rank 0; see [`gathered_weights`]).
+    pub gathered: Option<Vec<(String, Tensor)>>,
+}
+
+/// For a promotable save of sharded weights: every rank takes part in gathering them one at a time;
+/// rank 0 keeps them, in the sampler dtype. `None` when the weights are not sharded.
+pub(crate) fn gathered_weights(
+    model: &Model,
+    ctx: &SaveContext,
+    ranks: &mut Ranks,
+) -> Result<Option<Vec<(String, Tensor)>>> {
+    if !model.is_sharded() {
+        return Ok(None);
+    }
+    let keep = ranks.is_main();
+    Ok(Some(model.gathered_base(
+        ctx.sampler_dtype.kind(),
+        keep,
+        ranks,
+    )?))
 }
 
 /// One save, staged in host memory.
@@ -171,11 +193,12 @@ impl Saver {
             status,
             metrics,
             background,
+            gathered,
         } = order;
         self.hand_over_staged()?;
         let items = self.my_items(model, opt);
         let sampler = if promotable && self.rank == 0 {
-            Some(sampler_part(model, ctx)?)
+            Some(sampler_part(model, gathered.as_deref(), ctx)?)
         } else {
             None
         };
@@ -404,24 +427,26 @@ fn state_items(model: &Model, opt: &AdamW) -> Vec<StateItem> {
         offsets: None,
     };
     let mut items = Vec::new();
+    let item = |name: String, t: &Tensor, rows: Option<Rows>| match rows {
+        None => whole(name, t),
+        Some(rows) => {
+            let mut offsets = vec![0usize; t.dim()];
+            if let Some(o) = offsets.first_mut() {
+                *o = rows.start as usize;
+            }
+            StateItem {
+                name,
+                tensor: t.shallow_clone(),
+                offsets: Some(offsets),
+            }
+        }
+    };
     for (i, (p, s)) in model.trainable().iter().zip(&opt.state).enumerate() {
-        items.push(whole(dcp::model_key(&p.name), &p.tensor));
+        let weight_rows = model.shard_rows(i);
+        items.push(item(dcp::model_key(&p.name), &p.tensor, weight_rows));
+        let rows = weight_rows.or(opt.rows.as_ref().map(|r| r[i]));
         for (field, t) in [("exp_avg", &s.exp_avg), ("exp_avg_sq", &s.exp_avg_sq)] {
-            let name = dcp::optim_key(&p.name, field);
-            items.push(match opt.rows.as_ref().map(|r| r[i]) {
-                None => whole(name, t),
-                Some(rows) => {
-                    let mut offsets = vec![0usize; t.dim()];
-                    if let Some(o) = offsets.first_mut() {
-                        *o = rows.start as usize;
-                    }
-                    StateItem {
-                        name,
-                        tensor: t.shallow_clone(),
-                        offsets: Some(offsets),
-                    }
-                }
-            });
+            items.push(item(dcp::optim_key(&p.name, field), t, rows));
         }
         items.push(whole(dcp::optim_key(&p.name, "step"), &s.step));
     }
@@ -483,7 +508,11 @@ fn copy_to_host(items: &[StateItem]) -> Result<Vec<Blob>> {
 
 /// The promotable part: a PEFT adapter under LoRA, else the full weights as an HF directory, in the
 /// sampler dtype.
-fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
+fn sampler_part(
+    model: &Model,
+    gathered: Option<&[(String, Tensor)]>,
+    ctx: &SaveContext,
+) -> Result<SamplerPart> {
     if let Some(lora) = &model.lora {
         let config = AdapterConfig::new(
             lora.rank as usize,
@@ -517,11 +546,17 @@ fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
     }
     let mut config: Value = model.config.raw.clone();
     config["torch_dtype"] = json!(ctx.sampler_dtype.hf_name());
-    let tensors = model
-        .base()
-        .iter()
-        .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_dtype.kind())))
-        .collect::<Result<Vec<_>>>()?;
+    let tensors = match gathered {
+        Some(whole) => whole
+            .iter()
+            .map(|(name, t)| to_blob(name, t, Some(ctx.sampler_dtype.kind())))
+            .collect::<Result<Vec<_>>>()?,
+        None => model
+            .base()
+            .iter()
+            .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_dtype.kind())))
+            .collect::<Result<Vec<_>>>()?,
+    };
     Ok(SamplerPart::Full {
         config_json: Bytes::from(serde_json::to_vec_pretty(&config)?),
         tensors,

@@ -14,6 +14,7 @@ use waypoint_c10d::{Group, GroupConfig};
 
 use crate::collective::nccl::{Communicator, Nccl};
 use crate::collective::shard::Rows;
+use crate::model::RowCollective;
 use waypoint_launch::WorkerEnv;
 
 /// The ranks of the job, from this worker's side.
@@ -159,35 +160,21 @@ impl Ranks {
     }
 
     /// After a sharded optimizer step: every rank's own rows (`rows[i]` of `tensors[i]`, fp32) copied
-    /// into the others', so all ranks hold the whole updated tensors again. One collective: a sum
-    /// of buffers that are zero outside each rank's rows (adding zeros is exact).
+    /// into the others', so all ranks hold the whole updated tensors again.
     pub(crate) fn all_gather_rows(&mut self, tensors: &[Tensor], rows: &[Rows]) -> Result<()> {
-        let Some(g) = &self.group else {
+        if self.group.is_none() {
             return Ok(());
-        };
-        let flat = tch::no_grad(|| {
-            let parts: Vec<Tensor> = tensors
-                .iter()
-                .zip(rows)
-                .map(|(t, r)| {
-                    let buf = Tensor::zeros(t.size(), (Kind::Float, t.device()));
-                    if r.len > 0 {
-                        buf.narrow(0, r.start, r.len)
-                            .copy_(&t.narrow(0, r.start, r.len));
-                    }
-                    buf.reshape([-1])
-                })
-                .collect();
-            Tensor::cat(&parts, 0)
-        });
-        let summed = Self::sum_flat(&mut self.nccl, g, flat, self.rank, "updated weights")?;
+        }
+        let shards: Vec<Tensor> = tensors
+            .iter()
+            .zip(rows)
+            .map(|(t, r)| t.narrow(0, r.start, r.len))
+            .collect();
+        let shapes: Vec<Vec<i64>> = tensors.iter().map(Tensor::size).collect();
+        let whole = self.gather(&shards, rows, &shapes)?;
         tch::no_grad(|| {
-            let mut offset = 0i64;
-            for t in tensors {
-                let n = t.numel() as i64;
-                let part = summed.narrow(0, offset, n).reshape(t.size());
-                t.shallow_clone().copy_(&part.to_device(t.device()));
-                offset += n;
+            for (t, w) in tensors.iter().zip(whole) {
+                t.shallow_clone().copy_(&w);
             }
         });
         Ok(())
@@ -224,5 +211,84 @@ impl Ranks {
             None => Ok(data.to_vec()),
             Some(g) => Ok(g.broadcast(what, data)?),
         }
+    }
+}
+
+/// Gathering and reducing rows: one collective each, a sum of fp32 buffers. A gather sums buffers
+/// that are zero outside each rank's rows (adding zeros is exact); a reduce sums whole gradients
+/// and keeps this rank's rows. (NCCL's and the ring's native all-gather and reduce-scatter would
+/// move 1/N of these bytes; the sum keeps one well-tested path for both.)
+impl RowCollective for Ranks {
+    fn gather(
+        &mut self,
+        shards: &[Tensor],
+        rows: &[Rows],
+        shapes: &[Vec<i64>],
+    ) -> Result<Vec<Tensor>> {
+        let Some(g) = &self.group else {
+            return Ok(shards.iter().map(Tensor::copy).collect());
+        };
+        let device = shards.first().map_or(Device::Cpu, Tensor::device);
+        let parts: Vec<Tensor> = shards
+            .iter()
+            .zip(rows)
+            .zip(shapes)
+            .map(|((s, r), shape)| {
+                let buf = Tensor::zeros(shape.as_slice(), (Kind::Float, device));
+                if r.len > 0 {
+                    buf.narrow(0, r.start, r.len).copy_(s);
+                }
+                buf.reshape([-1])
+            })
+            .collect();
+        let summed = Self::sum_flat(
+            &mut self.nccl,
+            g,
+            Tensor::cat(&parts, 0),
+            self.rank,
+            "weights",
+        )?
+        .to_device(device);
+        let mut offset = 0i64;
+        Ok(shapes
+            .iter()
+            .map(|shape| {
+                let n: i64 = shape.iter().product();
+                let t = summed.narrow(0, offset, n).reshape(shape.as_slice());
+                offset += n;
+                t
+            })
+            .collect())
+    }
+
+    fn reduce(&mut self, whole: &[Tensor], rows: &[Rows]) -> Result<Vec<Tensor>> {
+        let narrow = |t: &Tensor, r: &Rows| t.narrow(0, r.start, r.len).copy();
+        let Some(g) = &self.group else {
+            return Ok(whole.iter().zip(rows).map(|(t, r)| narrow(t, r)).collect());
+        };
+        let device = whole.first().map_or(Device::Cpu, Tensor::device);
+        let flat: Vec<Tensor> = whole
+            .iter()
+            .map(|t| t.to_kind(Kind::Float).reshape([-1]))
+            .collect();
+        let summed = Self::sum_flat(
+            &mut self.nccl,
+            g,
+            Tensor::cat(&flat, 0),
+            self.rank,
+            "gradients",
+        )?
+        .to_device(device);
+        let mut offset = 0i64;
+        Ok(whole
+            .iter()
+            .zip(rows)
+            .map(|(t, r)| {
+                let n = t.numel() as i64;
+                let part = summed.narrow(0, offset, n).reshape(t.size());
+                offset += n;
+                narrow(&part, r)
+            })
+            .collect())
     }
 }

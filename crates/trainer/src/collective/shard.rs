@@ -9,6 +9,9 @@ pub(crate) enum Sharding {
     None,
     /// AdamW's state: each rank keeps and updates only its rows (ZeRO-1).
     Optimizer,
+    /// Weights, gradients and AdamW's state: each rank holds its rows of every weight, and the
+    /// layers run on weights gathered just before them (FSDP).
+    Full,
 }
 
 impl Sharding {
@@ -17,6 +20,7 @@ impl Sharding {
         match s {
             "none" => Some(Self::None),
             "optimizer" => Some(Self::Optimizer),
+            "full" => Some(Self::Full),
             _ => None,
         }
     }
@@ -65,6 +69,7 @@ mod tests {
         assert_eq!(lens, [3, 3, 1]);
         assert_eq!(rows_of(2, 2, 3), Rows { start: 2, len: 0 });
         assert_eq!(Sharding::parse("optimizer"), Some(Sharding::Optimizer));
-        assert_eq!(Sharding::parse("full"), None);
+        assert_eq!(Sharding::parse("full"), Some(Sharding::Full));
+        assert_eq!(Sharding::parse("zero3"), None);
     }
 }

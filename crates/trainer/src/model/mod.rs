@@ -14,9 +14,13 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use crate::collective::shard::{rows_of, Rows};
 use crate::run::UsageError;
 
 mod recompute;
+mod sharded;
+
+pub(crate) use sharded::RowCollective;
 
 /// The projections LoRA can wrap, as `peft` names them.
 pub const LORA_TARGETS: [&str; 7] = [
@@ -426,6 +430,9 @@ pub struct Model {
     norm: Tensor,
     lm_head: Option<Tensor>,
     device: Device,
+    /// With `--sharding full`: which rows of each base weight this rank holds (`base` holds only
+    /// those; the layers are built from gathered weights when they run).
+    shards: Option<Vec<Rows>>,
 }
 
 impl Model {
@@ -540,33 +547,8 @@ impl Model {
                 .map(|p| p.tensor.shallow_clone())
                 .expect("every name of parameter_shapes was checked above")
         };
-        let linear = |prefix: &str, bias: bool| Linear {
-            weight: get(&format!("{prefix}.weight")),
-            bias: bias.then(|| get(&format!("{prefix}.bias"))),
-            lora: None,
-        };
         let layers = (0..config.num_hidden_layers)
-            .map(|l| {
-                let p = format!("model.layers.{l}");
-                let ab = config.attention_bias;
-                Layer {
-                    input_norm: get(&format!("{p}.input_layernorm.weight")),
-                    q: linear(&format!("{p}.self_attn.q_proj"), ab),
-                    k: linear(&format!("{p}.self_attn.k_proj"), ab),
-                    v: linear(&format!("{p}.self_attn.v_proj"), ab),
-                    o: linear(&format!("{p}.self_attn.o_proj"), false),
-                    q_norm: config
-                        .qk_norm
-                        .then(|| get(&format!("{p}.self_attn.q_norm.weight"))),
-                    k_norm: config
-                        .qk_norm
-                        .then(|| get(&format!("{p}.self_attn.k_norm.weight"))),
-                    post_norm: get(&format!("{p}.post_attention_layernorm.weight")),
-                    gate: linear(&format!("{p}.mlp.gate_proj"), false),
-                    up: linear(&format!("{p}.mlp.up_proj"), false),
-                    down: linear(&format!("{p}.mlp.down_proj"), false),
-                }
-            })
+            .map(|l| Layer::from_weights(&config, l, &get))
             .collect();
         let embed = get("model.embed_tokens.weight");
         let norm = get("model.norm.weight");
@@ -581,6 +563,7 @@ impl Model {
             norm,
             lm_head,
             device,
+            shards: None,
         })
     }
 
@@ -669,6 +652,39 @@ impl Model {
         }
     }
 
+    /// Keeps only the rows of every base weight that `rank` of `world` owns ([`rows_of`]) and drops
+    /// the rest: from here on the layers run on weights gathered from all ranks
+    /// ([`Model::loss_and_gradients_sharded`]). Full-parameter training only.
+    pub(crate) fn shard(&mut self, rank: u32, world: u32) -> Result<()> {
+        ensure!(
+            self.lora.is_none(),
+            "--sharding full does not shard LoRA runs yet; use --sharding optimizer or none"
+        );
+        let mut rows = Vec::with_capacity(self.base.len());
+        for p in &mut self.base {
+            let r = rows_of(p.tensor.size()[0], rank, world);
+            let shard = tch::no_grad(|| p.tensor.narrow(0, r.start, r.len).copy());
+            p.tensor = shard.set_requires_grad(true);
+            rows.push(r);
+        }
+        self.layers.clear();
+        self.embed = Tensor::new();
+        self.norm = Tensor::new();
+        self.lm_head = None;
+        self.shards = Some(rows);
+        Ok(())
+    }
+
+    /// Whether the weights are sharded over the ranks (`--sharding full`).
+    pub fn is_sharded(&self) -> bool {
+        self.shards.is_some()
+    }
+
+    /// The rows of base weight `i` this rank holds, when the weights are sharded.
+    pub(crate) fn shard_rows(&self, i: usize) -> Option<Rows> {
+        self.shards.as_ref().map(|r| r[i])
+    }
+
     /// The base weights under their HF names.
     pub fn base(&self) -> &[Param] {
         &self.base
@@ -705,8 +721,13 @@ impl Model {
 
     /// The final norm and the LM head over the residual stream.
     fn logits(&self, h: &Tensor) -> Tensor {
-        let h = rms_norm(h, &self.norm, self.config.rms_norm_eps);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        self.logits_with(h, &self.norm, head)
+    }
+
+    /// [`Model::logits`] with the given final norm and head weights.
+    fn logits_with(&self, h: &Tensor, norm: &Tensor, head: &Tensor) -> Tensor {
+        let h = rms_norm(h, norm, self.config.rms_norm_eps);
         match self.device.is_cuda().then_some(Kind::BFloat16) {
             None => h.linear::<Tensor>(head, None),
             Some(k) => h.to_kind(k).linear::<Tensor>(&head.to_kind(k), None),
@@ -723,6 +744,34 @@ struct Rope {
 }
 
 impl Layer {
+    /// Decoder layer `l` over the weights `get` gives by HF name.
+    fn from_weights(config: &ModelConfig, l: i64, get: &dyn Fn(&str) -> Tensor) -> Self {
+        let p = format!("model.layers.{l}");
+        let linear = |prefix: &str, bias: bool| Linear {
+            weight: get(&format!("{prefix}.weight")),
+            bias: bias.then(|| get(&format!("{prefix}.bias"))),
+            lora: None,
+        };
+        let ab = config.attention_bias;
+        Layer {
+            input_norm: get(&format!("{p}.input_layernorm.weight")),
+            q: linear(&format!("{p}.self_attn.q_proj"), ab),
+            k: linear(&format!("{p}.self_attn.k_proj"), ab),
+            v: linear(&format!("{p}.self_attn.v_proj"), ab),
+            o: linear(&format!("{p}.self_attn.o_proj"), false),
+            q_norm: config
+                .qk_norm
+                .then(|| get(&format!("{p}.self_attn.q_norm.weight"))),
+            k_norm: config
+                .qk_norm
+                .then(|| get(&format!("{p}.self_attn.k_norm.weight"))),
+            post_norm: get(&format!("{p}.post_attention_layernorm.weight")),
+            gate: linear(&format!("{p}.mlp.gate_proj"), false),
+            up: linear(&format!("{p}.mlp.up_proj"), false),
+            down: linear(&format!("{p}.mlp.down_proj"), false),
+        }
+    }
+
     /// The layer's output for its input `h` `[batch, seq, hidden]`.
     // `h = h + …`, not `h += …`: an in-place add would overwrite what the norms saved for backward.
     #[allow(clippy::assign_op_pattern)]

@@ -15,7 +15,7 @@ use super::Model;
 
 /// Which part of the forward pass a trained weight belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub(super) enum Stage {
     /// The token embedding (also the head's weight when tied).
     Embed,
     /// Decoder layer `l`.
@@ -24,7 +24,8 @@ enum Stage {
     Head,
 }
 
-fn stage_of(name: &str) -> Stage {
+/// The part of the forward pass weight `name` (an HF name) belongs to.
+pub(super) fn stage_of(name: &str) -> Stage {
     if let Some(rest) = name.strip_prefix("model.layers.") {
         if let Some(l) = rest.split('.').next().and_then(|l| l.parse().ok()) {
             return Stage::Layer(l);

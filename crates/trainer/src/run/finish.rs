@@ -6,7 +6,7 @@ use tokio::runtime::Runtime;
 use waypoint_checkpoint::{model_dir, StepName};
 
 use super::{Live, Outcome, Session};
-use crate::checkpointing::saver::SaveOrder;
+use crate::checkpointing::saver::{gathered_weights, SaveOrder};
 use crate::run::records::{self, JobState, Status};
 
 impl Session {
@@ -22,6 +22,11 @@ impl Session {
             .ctx
             .commit(self.step, run.data_consumed, run.ranks.world());
         let status = self.status_for(run.attempt);
+        let gathered = if promotable {
+            gathered_weights(&run.model, &run.ctx, &mut run.ranks)?
+        } else {
+            None
+        };
         run.saver.save(SaveOrder {
             model: &run.model,
             opt: &run.opt,
@@ -31,6 +36,7 @@ impl Session {
             status,
             metrics: run.metrics.clone(),
             background,
+            gathered,
         })
     }
 

@@ -55,6 +55,8 @@ pub struct PlanInputs {
     pub activation_checkpointing: bool,
     /// AdamW's state sharded over the ranks (`--sharding optimizer`).
     pub sharded_optimizer: bool,
+    /// Weights, gradients and AdamW's state sharded (`--sharding full`; implies recomputation).
+    pub sharded_weights: bool,
 }
 
 /// Bytes one rank will hold while training, by kind.
@@ -68,7 +70,8 @@ pub struct MemoryPlan {
     pub optimizer: u64,
     /// Activations kept for the backward pass of one micro-batch, and the logits.
     pub activations: u64,
-    /// bf16 copies of the weights made for the matmuls (CUDA).
+    /// bf16 copies of the weights made for the matmuls (CUDA), or the whole weights (and their
+    /// gradients) of the part running on gathered weights (`--sharding full`).
     pub compute_copies: u64,
     /// This rank's share of a checkpoint's host copy (host memory: counted on CPU only).
     pub checkpoint_copy: u64,
@@ -108,7 +111,8 @@ impl MemoryPlan {
             (F32, 0)
         };
         let layer_bytes = F32 * fp32_elems + compute_bytes * (4 * q + 4 * kv + 4 * i + casts);
-        let per_token_layer_stack = if inputs.activation_checkpointing {
+        let recompute = inputs.activation_checkpointing || inputs.sharded_weights;
+        let per_token_layer_stack = if recompute {
             // Each layer's input, plus one layer's full activations (twice: recomputed, and its
             // gradients) while it is recomputed.
             F32 * h * layers + 2 * layer_bytes
@@ -121,19 +125,29 @@ impl MemoryPlan {
         let activations = tokens
             .saturating_mul(per_token_layer_stack.saturating_add(logits_per_token + 2 * F32 * h));
         let per_layer_weights = base / layers.max(1);
-        let compute_copies = match (inputs.cuda, inputs.activation_checkpointing) {
-            (false, _) => 0,
-            // Every layer's bf16 weights are kept for the backward pass…
-            (true, false) => BF16 * base,
-            // …or only those of the layer being recomputed (and the embedding for the head).
-            (true, true) => BF16 * (2 * per_layer_weights + vocab * h),
+        let compute_copies = if inputs.sharded_weights {
+            // One part's whole weights gathered (fp32), with their whole gradients, at a time.
+            2 * F32 * per_layer_weights.max(vocab * h)
+        } else {
+            match (inputs.cuda, recompute) {
+                (false, _) => 0,
+                // Every layer's bf16 weights are kept for the backward pass…
+                (true, false) => BF16 * base,
+                // …or only those of the layer being recomputed (and the embedding for the head).
+                (true, true) => BF16 * (2 * per_layer_weights + vocab * h),
+            }
         };
         let gradient_sets = if inputs.gradient_accumulation > 1 {
             2
         } else {
             1
         };
-        let optimizer_shards = if inputs.sharded_optimizer {
+        let weight_shards = if inputs.sharded_weights {
+            inputs.world_size.max(1)
+        } else {
+            1
+        };
+        let optimizer_shards = if inputs.sharded_optimizer || inputs.sharded_weights {
             inputs.world_size.max(1)
         } else {
             1
@@ -144,8 +158,8 @@ impl MemoryPlan {
             3 * F32 * trained / inputs.world_size.max(1)
         };
         Self {
-            parameters: F32.saturating_mul(all),
-            gradients: (gradient_sets * F32).saturating_mul(trained),
+            parameters: F32.saturating_mul(all) / weight_shards,
+            gradients: (gradient_sets * F32).saturating_mul(trained) / weight_shards,
             optimizer: (2 * F32).saturating_mul(trained) / optimizer_shards,
             activations,
             compute_copies,
@@ -182,7 +196,7 @@ impl fmt::Display for MemoryPlan {
             gib(self.activations),
         )?;
         if self.compute_copies > 0 {
-            write!(f, ", bf16 weight copies {}", gib(self.compute_copies))?;
+            write!(f, ", weight copies {}", gib(self.compute_copies))?;
         }
         if self.checkpoint_copy > 0 {
             write!(f, ", checkpoint host copy {}", gib(self.checkpoint_copy))?;
@@ -302,6 +316,7 @@ mod tests {
             cuda: false,
             activation_checkpointing: false,
             sharded_optimizer: false,
+            sharded_weights: false,
         }
     }
 
@@ -373,6 +388,18 @@ mod tests {
             },
         );
         assert_eq!(sharded.optimizer * 8, 8 * c.parameter_count() as u64);
+        // Fully sharded over 8 ranks: 16 bytes a weight / 8, plus one part's whole weights.
+        let full = MemoryPlan::estimate(
+            &c,
+            &PlanInputs {
+                sharded_weights: true,
+                world_size: 8,
+                ..inputs(4096)
+            },
+        );
+        let n = c.parameter_count() as u64;
+        assert_eq!(full.parameters + full.gradients + full.optimizer, 2 * n);
+        assert!(full.compute_copies < n / 4, "{full}");
     }
 
     #[test]

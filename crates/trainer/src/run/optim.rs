@@ -176,6 +176,36 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> f64 {
     })
 }
 
+/// The sum of the squared elements of the gradients (of this rank's rows, when sharded).
+pub fn squared_norm(grads: &[Tensor]) -> f64 {
+    tch::no_grad(|| {
+        grads
+            .iter()
+            .filter(|g| g.defined())
+            .map(|g| {
+                g.to_kind(Kind::Double)
+                    .pow_tensor_scalar(2)
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum()
+    })
+}
+
+/// Scales gradients whose global L2 norm is `norm` so that it is at most `max_norm` (`max_norm <= 0`
+/// only measures), as [`clip_grad_norm`] does once the norm is known. Returns `norm`.
+pub fn clip_to_norm(grads: &mut [Tensor], norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 {
+        let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        tch::no_grad(|| {
+            for g in grads.iter_mut().filter(|g| g.defined()) {
+                let _ = g.g_mul_scalar_(coef);
+            }
+        });
+    }
+    norm
+}
+
 /// The learning-rate schedule: linear warmup, then cosine, linear or constant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {

@@ -214,6 +214,9 @@ impl Session {
             eps: cfg.adam_epsilon,
             weight_decay: cfg.weight_decay,
         };
+        if cfg.sharding() == Sharding::Full {
+            model.shard(ranks.rank(), ranks.world())?;
+        }
         let mut opt = match cfg.sharding() {
             Sharding::Optimizer if ranks.world() > 1 => {
                 AdamW::sharded(adamw, model.trainable(), ranks.rank(), ranks.world())
@@ -386,10 +389,16 @@ fn restore_state(checkpoint: &str, blobs: Vec<Blob>, model: &Model, opt: &mut Ad
         })
     };
     for (i, (p, s)) in model.trainable().iter().zip(&mut opt.state).enumerate() {
-        copy_into(&p.tensor, get(dcp::model_key(&p.name))?, None, checkpoint)?;
-        // Sharded optimizer state: this rank's rows of the whole tensors, however many ranks (and
-        // however cut) saved them.
-        let rows = opt.rows.as_ref().map(|r| r[i]);
+        // Sharded weights or optimizer state: this rank's rows of the whole tensors, however many
+        // ranks (and however cut) saved them.
+        let weight_rows = model.shard_rows(i);
+        copy_into(
+            &p.tensor,
+            get(dcp::model_key(&p.name))?,
+            weight_rows,
+            checkpoint,
+        )?;
+        let rows = weight_rows.or(opt.rows.as_ref().map(|r| r[i]));
         copy_into(
             &s.exp_avg,
             get(dcp::optim_key(&p.name, "exp_avg"))?,

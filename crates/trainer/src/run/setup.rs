@@ -117,6 +117,7 @@ fn check_memory(
         cuda: device.is_cuda(),
         activation_checkpointing: cfg.activation_checkpointing,
         sharded_optimizer: cfg.sharding() == Sharding::Optimizer,
+        sharded_weights: cfg.sharding() == Sharding::Full,
     };
     let plan = MemoryPlan::estimate(model, &inputs);
     let with_checkpointing = (!cfg.activation_checkpointing)

@@ -10,9 +10,10 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::{Live, Session};
+use crate::collective::ranks::Ranks;
 use crate::data::{Dataset, IGNORE};
 use crate::model::Model;
-use crate::run::optim::{accumulate, clip_grad_norm, gradients};
+use crate::run::optim::{accumulate, clip_grad_norm, clip_to_norm, gradients, squared_norm};
 
 impl Session {
     /// Runs optimizer step `self.step + 1`; returns its metrics line, or `None` when the ranks agreed
@@ -64,7 +65,18 @@ impl Session {
         let divisor = tokens.max(1) as f64;
         for (a, (ids, labels)) in micro.iter().enumerate() {
             let vocab = run.model.config.vocab_size;
-            let loss = if cfg.activation_checkpointing {
+            let loss = if run.model.is_sharded() {
+                let seed = step_seed(cfg.seed, self.step).wrapping_add(a as i64 * 7919);
+                let (loss, g) = run.model.loss_and_gradients_sharded(
+                    ids,
+                    seed,
+                    true,
+                    |logits| loss_of_logits(logits, labels, vocab) / divisor,
+                    &mut run.ranks,
+                )?;
+                grads = Some(accumulate(grads.take(), g));
+                loss
+            } else if cfg.activation_checkpointing {
                 let seed = step_seed(cfg.seed, self.step).wrapping_add(a as i64 * 7919);
                 let (loss, g) =
                     run.model
@@ -81,8 +93,17 @@ impl Session {
             loss_value += loss.double_value(&[]);
         }
         let mut grads = grads.context("no micro-batch ran")?;
-        run.ranks.all_reduce(&mut grads, &mut loss_value)?;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+        let grad_norm = if run.model.is_sharded() {
+            // The gradients are already summed and cut into this rank's rows: only the loss and
+            // the squared norm are summed over the ranks.
+            run.ranks.all_reduce(&mut [], &mut loss_value)?;
+            let mut squares = squared_norm(&grads);
+            run.ranks.all_reduce(&mut [], &mut squares)?;
+            clip_to_norm(&mut grads, squares.sqrt(), cfg.max_grad_norm)
+        } else {
+            run.ranks.all_reduce(&mut grads, &mut loss_value)?;
+            clip_grad_norm(&mut grads, cfg.max_grad_norm)
+        };
         let lr = run.schedule.lr_at(self.step);
         // The copy of the previous step's state must end before the weights change.
         let stall = run.saver.before_update()?;
@@ -118,7 +139,7 @@ impl Session {
         }
         if let Some(eval) = &run.eval {
             if cfg.eval_steps > 0 && self.step % cfg.eval_steps == 0 {
-                let eval_loss = evaluate(&run.model, eval, bs, run.device);
+                let eval_loss = evaluate(&run.model, eval, bs, run.device, &mut run.ranks)?;
                 line["eval_loss"] = json!(eval_loss);
                 tracing::info!(step = self.step, eval_loss, "eval");
             }
@@ -155,17 +176,27 @@ fn loss_of_logits(logits: &Tensor, labels: &Tensor, vocab: i64) -> Tensor {
         .cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, IGNORE, 0.0)
 }
 
-/// Mean loss over the eval data.
-fn evaluate(model: &Model, data: &Dataset, batch: usize, device: Device) -> f64 {
+/// Mean loss over the eval data (with sharded weights, every rank takes part in each batch).
+fn evaluate(
+    model: &Model,
+    data: &Dataset,
+    batch: usize,
+    device: Device,
+    ranks: &mut Ranks,
+) -> Result<f64> {
     tch::no_grad(|| {
         let (mut sum, mut tokens) = (0.0, 0i64);
         let indices: Vec<usize> = (0..data.len()).collect();
         for chunk in indices.chunks(batch.max(1)) {
             let (ids, labels) = data.rows(chunk, device);
-            let logits = model.forward(&ids, false);
+            let logits = if model.is_sharded() {
+                model.forward_sharded(&ids, ranks)?
+            } else {
+                model.forward(&ids, false)
+            };
             sum += loss_of_logits(&logits, &labels, model.config.vocab_size).double_value(&[]);
             tokens += labels.ne(IGNORE).sum(Kind::Int64).int64_value(&[]);
         }
-        sum / tokens.max(1) as f64
+        Ok(sum / tokens.max(1) as f64)
     })
 }

@@ -1,0 +1,233 @@
+//! Sharded weights (`--sharding full`, FSDP2's `Shard(0)` for every weight): each rank holds only
+//! its rows of each base weight (fp32, the master copy the optimizer updates). A part of the model
+//! — the embedding, one decoder layer, the head — runs on whole weights gathered from all ranks
+//! just before it and dropped just after, so only one layer's whole weights live at a time.
+//!
+//! The step is the recomputing one of [`super::recompute`]: a forward pass without autograd,
+//! layer by layer, keeping each layer's input; then from the head back to the embedding, each part
+//! gathers its weights again as fresh leaves, recomputes, backpropagates the incoming gradient, and
+//! hands its weights' gradients to [`RowCollective::reduce`], which sums them over the ranks and
+//! keeps this rank's rows. The collectives run in the same order on every rank.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::recompute::{stage_of, Stage};
+use super::{Layer, Model};
+use crate::collective::shard::Rows;
+
+/// The two collectives sharded weights need, over whole tensors cut into rows.
+pub(crate) trait RowCollective {
+    /// Whole tensors of `shapes` from every rank's `rows` of them (`shards[i]`: this rank's rows of
+    /// tensor i).
+    fn gather(
+        &mut self,
+        shards: &[Tensor],
+        rows: &[Rows],
+        shapes: &[Vec<i64>],
+    ) -> Result<Vec<Tensor>>;
+    /// The sum over the ranks of whole tensors, returning this rank's `rows` of each.
+    fn reduce(&mut self, whole: &[Tensor], rows: &[Rows]) -> Result<Vec<Tensor>>;
+}
+
+impl Model {
+    /// Indices into `base` of the weights of `stage`; the head also uses a tied embedding.
+    fn base_of(&self, stage: Stage) -> Vec<usize> {
+        let tied = self.config.tie_word_embeddings;
+        (0..self.base.len())
+            .filter(|&i| {
+                let s = stage_of(&self.base[i].name);
+                s == stage || (tied && stage == Stage::Head && s == Stage::Embed)
+            })
+            .collect()
+    }
+
+    /// The whole weights `idx` (fresh tensors; leaves requiring gradients when `grad`), by name.
+    fn gather(
+        &self,
+        idx: &[usize],
+        grad: bool,
+        comm: &mut dyn RowCollective,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let rows = self.shards.as_deref().unwrap_or_default();
+        let shards: Vec<Tensor> = idx.iter().map(|&i| self.base[i].tensor.detach()).collect();
+        let picked: Vec<Rows> = idx.iter().map(|&i| rows[i]).collect();
+        let shapes: Vec<Vec<i64>> = idx.iter().map(|&i| self.full_shape(i)).collect();
+        let whole = tch::no_grad(|| comm.gather(&shards, &picked, &shapes))?;
+        Ok(idx
+            .iter()
+            .zip(whole)
+            .map(|(&i, t)| {
+                let t = if grad { t.set_requires_grad(true) } else { t };
+                (self.base[i].name.clone(), t)
+            })
+            .collect())
+    }
+
+    /// The whole shape of base weight `i`.
+    fn full_shape(&self, i: usize) -> Vec<i64> {
+        self.config.parameter_shapes()[i].1.clone()
+    }
+
+    fn layer_of(&self, l: usize, weights: &BTreeMap<String, Tensor>) -> Layer {
+        Layer::from_weights(&self.config, l as i64, &|name| {
+            weights[name].shallow_clone()
+        })
+    }
+
+    fn head_of<'a>(&self, weights: &'a BTreeMap<String, Tensor>) -> (&'a Tensor, &'a Tensor) {
+        let head = weights
+            .get("lm_head.weight")
+            .unwrap_or_else(|| &weights["model.embed_tokens.weight"]);
+        (&weights["model.norm.weight"], head)
+    }
+
+    /// Logits of `ids` with sharded weights, without autograd (evaluation).
+    pub(crate) fn forward_sharded(
+        &self,
+        ids: &Tensor,
+        comm: &mut dyn RowCollective,
+    ) -> Result<Tensor> {
+        tch::no_grad(|| {
+            let rope = self.rope(ids);
+            let embed = self.gather(&self.base_of(Stage::Embed), false, comm)?;
+            let mut h =
+                Tensor::embedding(&embed["model.embed_tokens.weight"], ids, -1, false, false);
+            drop(embed);
+            for l in 0..self.config.num_hidden_layers as usize {
+                let w = self.gather(&self.base_of(Stage::Layer(l)), false, comm)?;
+                h = self.layer_of(l, &w).forward(&h, &rope, &self.config, false);
+            }
+            let w = self.gather(&self.base_of(Stage::Head), false, comm)?;
+            let (norm, head) = self.head_of(&w);
+            Ok(self.logits_with(&h, norm, head))
+        })
+    }
+
+    /// The loss (`loss_of` the logits) and the gradients of this rank's rows of every base weight,
+    /// in `base` order, with sharded weights. LoRA dropout is not involved (full-parameter only);
+    /// `seed` reseeds libtorch's generator per layer as the recomputing step does.
+    pub(crate) fn loss_and_gradients_sharded(
+        &self,
+        ids: &Tensor,
+        seed: i64,
+        train: bool,
+        loss_of: impl Fn(&Tensor) -> Tensor,
+        comm: &mut dyn RowCollective,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let rows = self.shards.clone().unwrap_or_default();
+        let mut grads: Vec<Option<Tensor>> = self.base.iter().map(|_| None).collect();
+        let layers = self.config.num_hidden_layers as usize;
+        let layer_seed = |l: usize| seed.wrapping_mul(1_000_003).wrapping_add(l as i64 + 1);
+        let rope = self.rope(ids);
+
+        // Forward without autograd, one layer's whole weights at a time, keeping each layer's input.
+        let mut inputs = Vec::with_capacity(layers);
+        let last = tch::no_grad(|| -> Result<Tensor> {
+            let w = self.gather(&self.base_of(Stage::Embed), false, comm)?;
+            let mut h = Tensor::embedding(&w["model.embed_tokens.weight"], ids, -1, false, false);
+            drop(w);
+            for l in 0..layers {
+                let w = self.gather(&self.base_of(Stage::Layer(l)), false, comm)?;
+                tch::manual_seed(layer_seed(l));
+                let next = self.layer_of(l, &w).forward(&h, &rope, &self.config, train);
+                inputs.push(h);
+                h = next;
+            }
+            Ok(h)
+        })?;
+
+        // Each part from the head back: gather as leaves, (re)compute, backpropagate, reduce.
+        let mut backward = |stage: Stage,
+                            out_of: &dyn Fn(&BTreeMap<String, Tensor>, &Tensor) -> Tensor,
+                            x: Option<&Tensor>,
+                            grads: &mut Vec<Option<Tensor>>|
+         -> Result<(Option<Tensor>, Tensor)> {
+            let idx = self.base_of(stage);
+            let w = self.gather(&idx, true, comm)?;
+            let x = x.map(|x| x.detach().set_requires_grad(true));
+            let out = out_of(&w, x.as_ref().unwrap_or(&Tensor::new()));
+            let mut wrt: Vec<&Tensor> = x.iter().collect();
+            wrt.extend(idx.iter().map(|i| &w[&self.base[*i].name]));
+            let mut got = Tensor::run_backward(&[&out], &wrt, false, false);
+            let out = out.detach();
+            let into_x = x.is_some().then(|| got.remove(0));
+            drop(w);
+            let picked: Vec<Rows> = idx.iter().map(|&i| rows[i]).collect();
+            let mine = tch::no_grad(|| comm.reduce(&got, &picked))?;
+            drop(got);
+            for (&i, g) in idx.iter().zip(mine) {
+                grads[i] = Some(match grads[i].take() {
+                    None => g,
+                    Some(acc) => acc + g,
+                });
+            }
+            Ok((into_x, out))
+        };
+
+        let (grad, loss) = backward(
+            Stage::Head,
+            &|w, x| {
+                let (norm, head) = self.head_of(w);
+                loss_of(&self.logits_with(x, norm, head))
+            },
+            Some(&last),
+            &mut grads,
+        )?;
+        let mut grad = grad.unwrap_or_else(Tensor::new);
+        for l in (0..layers).rev() {
+            let g_out = grad.shallow_clone();
+            grad = backward(
+                Stage::Layer(l),
+                &|w, x| {
+                    tch::manual_seed(layer_seed(l));
+                    let out = self.layer_of(l, w).forward(x, &rope, &self.config, train);
+                    (out * &g_out).sum(Kind::Float)
+                },
+                Some(&inputs[l]),
+                &mut grads,
+            )?
+            .0
+            .unwrap_or_else(Tensor::new);
+            inputs.truncate(l);
+        }
+        let g_out = grad;
+        let _embedding_done = backward(
+            Stage::Embed,
+            &|w, _| {
+                let e = Tensor::embedding(&w["model.embed_tokens.weight"], ids, -1, false, false);
+                (e * &g_out).sum(Kind::Float)
+            },
+            None,
+            &mut grads,
+        )?;
+        Ok((
+            loss,
+            grads
+                .into_iter()
+                .map(|g| g.unwrap_or_else(Tensor::new))
+                .collect(),
+        ))
+    }
+
+    /// Every base weight whole, converted to `kind`, gathered one at a time (all ranks take part);
+    /// kept only where `keep` (rank 0, for the promotable weights).
+    pub(crate) fn gathered_base(
+        &self,
+        kind: Kind,
+        keep: bool,
+        comm: &mut dyn RowCollective,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for i in 0..self.base.len() {
+            let mut w = self.gather(&[i], false, comm)?;
+            if keep {
+                let (name, t) = w.pop_first().expect("one weight was gathered");
+                out.push((name, t.to_kind(kind)));
+            }
+        }
+        Ok(out)
+    }
+}
