@@ -5,7 +5,8 @@
 //! batch. Both save their shards as DCP slices (`saved_offsets`) that PyTorch's
 //! `HuggingFaceStorageReader` reassembles bit for bit; a checkpoint saved by 3 ranks resumes with 2
 //! and with 4 (resharded), sharded or not, and ends where an uninterrupted run ends; a rank SIGKILLed
-//! mid-run makes the group restart and end bit-identical to an uninterrupted sharded run.
+//! mid-run makes the group restart and end bit-identical to an uninterrupted sharded run; a rank
+//! failing mid-save leaves no commit, and the restart resumes from the last good one.
 
 mod common;
 
@@ -158,6 +159,27 @@ async fn sharded_training_matches_replicated_and_pytorch_reads_its_slices() {
         assert!(diff < 2e-5, "3 fully sharded ranks vs {what}: {diff}");
     }
 
+    // LoRA adapters with sharded optimizer state: bit for bit too.
+    let lora = [
+        "--lora_rank",
+        "4",
+        "--lora_target_modules",
+        "q_proj,down_proj",
+    ];
+    for (run, sharding) in [("lora-replicated", "none"), ("lora-optimizer", "optimizer")] {
+        let out = common::waypoint()
+            .args(launch_args(3, 0))
+            .args(flags(base, run, 2, 6, sharding))
+            .args(lora)
+            .output()
+            .unwrap();
+        common::ok(&out);
+    }
+    let a = state(base, "lora-replicated", 6).await;
+    let b = state(base, "lora-optimizer", 6).await;
+    assert!(a.keys().any(|k| k.contains("lora_A")));
+    assert_eq!(a, b, "LoRA with sharded optimizer state differs");
+
     let embed = "model.embed_tokens.weight";
     let moment = dcp::optim_key(embed, "exp_avg");
     check_slices(dir.path(), "optimizer", std::slice::from_ref(&moment)).await;
@@ -247,4 +269,41 @@ async fn killed_and_resumed(sharding: &str) {
     for (name, bytes) in &straight {
         assert!(killed[name] == *bytes, "{sharding}: {name} differs");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_failing_mid_a_sharded_save_leaves_no_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    // A directory where rank 1's slices of step 6 must go: its write fails, rank 0's does not.
+    let blocked = dir
+        .path()
+        .join("half/framework=waypoint/checkpoints/step-000006/dcp")
+        .join("shard-00002-model-00001-of-00001.safetensors");
+    std::fs::create_dir_all(&blocked).unwrap();
+    let mut args = launch_args(2, 0);
+    args.extend(flags(base, "half", 2, 12, "full"));
+    // A short collective timeout (the later flag wins over train_flags' 20 s).
+    let i = args
+        .iter()
+        .position(|a| a == "--dist_timeout_secs")
+        .unwrap();
+    args[i + 1] = "5".into();
+    let out = common::waypoint().args(&args).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("rank 1 failed"), "{log}");
+    let m = manager(base, "half");
+    assert_eq!(
+        common::committed_steps(&m).await,
+        [3],
+        "step 6 was never committed"
+    );
+
+    // With the obstacle gone, the same command resumes from step 3 and finishes.
+    std::fs::remove_dir_all(&blocked).unwrap();
+    let out = launched(base, "half", 2, 2, 12, "full");
+    common::ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint=step-000003"));
+    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 12);
 }

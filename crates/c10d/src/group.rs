@@ -191,39 +191,97 @@ impl Group {
     /// ends with the same bits.
     pub fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
         let world = self.config.world_size as usize;
-        if world == 1 {
-            return Ok(());
+        let n = data.len();
+        let chunks: Vec<(usize, usize)> = (0..world)
+            .map(|c| (c * n / world, (c + 1) * n / world))
+            .collect();
+        self.ring_reduce_scatter(data, &chunks)?;
+        self.ring_all_gather(data, &chunks)
+    }
+
+    /// Sums `data` over all ranks into each rank's own part: afterwards `data[owned[r].0..owned[r].1]`
+    /// on rank r holds the sum of that range over the ranks (the rest of `data` is scratch). The
+    /// parts may differ in size (an uneven last shard, an empty one); every rank passes the same
+    /// `owned`, which must tile `data` in rank order. Each rank sends (N-1)/N of `data`: half of
+    /// what an all-reduce sends.
+    pub fn reduce_scatter_sum(&self, data: &mut [f32], owned: &[(usize, usize)]) -> Result<()> {
+        self.check_parts(data.len(), owned)?;
+        self.ring_reduce_scatter(data, &ring_order(owned))
+    }
+
+    /// Every rank's own part of `data` (`owned[r]` on rank r, the same `owned` on every rank, tiling
+    /// `data` in rank order) copied into the others', so all ranks end with the whole of it.
+    pub fn all_gather_parts(&self, data: &mut [f32], owned: &[(usize, usize)]) -> Result<()> {
+        self.check_parts(data.len(), owned)?;
+        self.ring_all_gather(data, &ring_order(owned))
+    }
+
+    fn check_parts(&self, n: usize, owned: &[(usize, usize)]) -> Result<()> {
+        let tiles = owned.len() == self.config.world_size as usize
+            && owned.first().is_none_or(|p| p.0 == 0)
+            && owned.last().is_none_or(|p| p.1 == n)
+            && owned.windows(2).all(|w| w[0].1 == w[1].0)
+            && owned.iter().all(|p| p.0 <= p.1);
+        if tiles {
+            Ok(())
+        } else {
+            Err(DistError::Protocol(format!(
+                "the parts {owned:?} do not tile {n} elements over {} ranks",
+                self.config.world_size
+            )))
         }
+    }
+
+    fn ring(&self) -> Result<std::sync::MutexGuard<'_, Ring>> {
         let ring = self
             .ring
             .as_ref()
             .ok_or_else(|| DistError::Protocol("no ring".into()))?;
-        let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(ring.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The ring's reduce-scatter over `chunks`: after world-1 steps rank r holds the full sum of
+    /// chunk (r + 1) % world.
+    fn ring_reduce_scatter(&self, data: &mut [f32], chunks: &[(usize, usize)]) -> Result<()> {
+        let world = self.config.world_size as usize;
+        if world == 1 {
+            return Ok(());
+        }
+        let mut ring = self.ring()?;
         let rank = self.config.rank as usize;
-        let n = data.len();
-        let bounds: Vec<(usize, usize)> = (0..world)
-            .map(|c| (c * n / world, (c + 1) * n / world))
-            .collect();
-        let mut incoming = vec![0f32; n.div_ceil(world) + 1];
+        let largest = chunks.iter().map(|(a, b)| b - a).max().unwrap_or(0);
+        let mut incoming = vec![0f32; largest];
         let (prev_rank, next_rank) = ((rank + world - 1) % world, (rank + 1) % world);
-        // Reduce-scatter: after world-1 steps rank r holds the full sum of chunk (r + 1) % world.
         for step in 0..world - 1 {
             let send_chunk = (rank + world - step) % world;
             let recv_chunk = (rank + world - step - 1) % world;
-            let (s0, s1) = bounds[send_chunk];
-            let (r0, r1) = bounds[recv_chunk];
+            let (s0, s1) = chunks[send_chunk];
+            let (r0, r1) = chunks[recv_chunk];
             exchange(&mut ring, &data[s0..s1], &mut incoming[..r1 - r0])
                 .map_err(|e| self.peer_error(e, prev_rank, next_rank))?;
             for (d, x) in data[r0..r1].iter_mut().zip(&incoming[..r1 - r0]) {
                 *d += *x;
             }
         }
-        // All-gather: pass the summed chunks around.
+        Ok(())
+    }
+
+    /// The ring's all-gather over `chunks`, rank r starting with chunk (r + 1) % world.
+    fn ring_all_gather(&self, data: &mut [f32], chunks: &[(usize, usize)]) -> Result<()> {
+        let world = self.config.world_size as usize;
+        if world == 1 {
+            return Ok(());
+        }
+        let mut ring = self.ring()?;
+        let rank = self.config.rank as usize;
+        let largest = chunks.iter().map(|(a, b)| b - a).max().unwrap_or(0);
+        let mut incoming = vec![0f32; largest];
+        let (prev_rank, next_rank) = ((rank + world - 1) % world, (rank + 1) % world);
         for step in 0..world - 1 {
             let send_chunk = (rank + 1 + world - step) % world;
             let recv_chunk = (rank + world - step) % world;
-            let (s0, s1) = bounds[send_chunk];
-            let (r0, r1) = bounds[recv_chunk];
+            let (s0, s1) = chunks[send_chunk];
+            let (r0, r1) = chunks[recv_chunk];
             exchange(&mut ring, &data[s0..s1], &mut incoming[..r1 - r0])
                 .map_err(|e| self.peer_error(e, prev_rank, next_rank))?;
             data[r0..r1].copy_from_slice(&incoming[..r1 - r0]);
@@ -234,7 +292,7 @@ impl Group {
     fn peer_error(&self, e: std::io::Error, prev: usize, next: usize) -> DistError {
         DistError::Io {
             context: format!(
-                "rank {}: all-reduce with ranks {prev} and {next} failed (a rank died or hangs; \
+                "rank {}: a ring collective with ranks {prev} and {next} failed (a rank died or hangs; \
                  timeout {:?})",
                 self.config.rank, self.config.timeout
             ),
@@ -334,6 +392,13 @@ impl Drop for Group {
     }
 }
 
+/// The ring's chunk order for parts owned by rank: the ring leaves rank r with chunk (r + 1) %
+/// world, so chunk j is the part of rank j - 1.
+fn ring_order(owned: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let world = owned.len();
+    (0..world).map(|j| owned[(j + world - 1) % world]).collect()
+}
+
 /// Sends `out` to the next rank while receiving `into` from the previous one.
 fn exchange(ring: &mut Ring, out: &[f32], into: &mut [f32]) -> std::io::Result<()> {
     let out_bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -415,6 +480,60 @@ mod tests {
         }
     }
 
+    /// Uneven parts (an empty one included): the reduce-scatter leaves each rank the sum of its
+    /// part, the all-gather each rank's part everywhere; parts that do not tile are refused.
+    #[test]
+    fn reduce_scatter_and_all_gather_over_uneven_parts() {
+        for world in [1u32, 2, 3, 4] {
+            let master_port = port();
+            let n = 10usize;
+            // Rank r owns ⌈10/world⌉ elements, the last fewer; at world 4: 3, 3, 3, 1.
+            let chunk = n.div_ceil(world as usize);
+            let owned: Vec<(usize, usize)> = (0..world as usize)
+                .map(|r| ((r * chunk).min(n), ((r + 1) * chunk).min(n)))
+                .collect();
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let owned = owned.clone();
+                    std::thread::spawn(move || {
+                        let g = Group::join(config(rank, world, master_port, 20)).unwrap();
+                        let mut v: Vec<f32> =
+                            (0..n).map(|i| (i as u32 * (rank + 1)) as f32).collect();
+                        g.reduce_scatter_sum(&mut v, &owned).unwrap();
+                        let (a, b) = owned[rank as usize];
+                        let mine = v[a..b].to_vec();
+                        // Each rank's part becomes 1000 × rank + index, then is gathered.
+                        let mut w = vec![-1f32; n];
+                        for (i, x) in w.iter_mut().enumerate().take(b).skip(a) {
+                            *x = (1000 * rank) as f32 + i as f32;
+                        }
+                        g.all_gather_parts(&mut w, &owned).unwrap();
+                        let bad = g.all_gather_parts(&mut w, &[(0, n - 1)]).unwrap_err();
+                        (mine, w, bad.to_string())
+                    })
+                })
+                .collect();
+            let factor: u32 = (1..=world).sum();
+            for (rank, h) in handles.into_iter().enumerate() {
+                let (mine, w, bad) = h.join().unwrap();
+                let (a, b) = owned[rank];
+                let want: Vec<f32> = (a..b).map(|i| (i as u32 * factor) as f32).collect();
+                assert_eq!(mine, want, "world {world} rank {rank}");
+                let gathered: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let owner = owned
+                            .iter()
+                            .position(|(s, e)| (*s..*e).contains(&i))
+                            .unwrap();
+                        (1000 * owner) as f32 + i as f32
+                    })
+                    .collect();
+                assert_eq!(w, gathered, "world {world} rank {rank}");
+                assert!(bad.contains("do not tile"), "{bad}");
+            }
+        }
+    }
+
     #[test]
     fn a_dead_peer_fails_the_collective_promptly() {
         let master_port = port();
@@ -429,7 +548,7 @@ mod tests {
         drop(g); // rank 1 "dies": its sockets close
         let (err, took) = survivor.join().unwrap();
         assert!(
-            err.contains("rank 0: all-reduce with ranks 1 and 1 failed"),
+            err.contains("rank 0: a ring collective with ranks 1 and 1 failed"),
             "{err}"
         );
         assert!(took < Duration::from_secs(5), "{took:?}");

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use waypoint_c10d::{Group, GroupConfig};
 
 use crate::collective::nccl::{Communicator, Nccl};
-use crate::collective::shard::Rows;
+use crate::collective::shard::{rows_of, Rows};
 use crate::model::RowCollective;
 use waypoint_launch::WorkerEnv;
 
@@ -214,10 +214,11 @@ impl Ranks {
     }
 }
 
-/// Gathering and reducing rows: one collective each, a sum of fp32 buffers. A gather sums buffers
-/// that are zero outside each rank's rows (adding zeros is exact); a reduce sums whole gradients
-/// and keeps this rank's rows. (NCCL's and the ring's native all-gather and reduce-scatter would
-/// move 1/N of these bytes; the sum keeps one well-tested path for both.)
+/// Gathering and reducing rows, one collective each. On CPU, the TCP ring's own all-gather and
+/// reduce-scatter over a rank-major buffer (every rank's rows of every tensor, rank after rank), so
+/// each rank sends (N-1)/N of the bytes. On CUDA, sums over NCCL of buffers that are zero outside
+/// each rank's rows (adding zeros is exact) — twice those bytes; NCCL's own collectives need equal
+/// parts, which uneven shards are not.
 impl RowCollective for Ranks {
     fn gather(
         &mut self,
@@ -229,6 +230,22 @@ impl RowCollective for Ranks {
             return Ok(shards.iter().map(Tensor::copy).collect());
         };
         let device = shards.first().map_or(Device::Cpu, Tensor::device);
+        if self.nccl.is_none() {
+            let layout = RankMajor::new(shapes, self.world);
+            let mut flat = vec![0f32; layout.len()];
+            let own: Vec<Tensor> = shards
+                .iter()
+                .map(|t| t.to_kind(Kind::Float).reshape([-1]))
+                .collect();
+            let own: Vec<f32> =
+                Vec::try_from(Tensor::cat(&own, 0)).context("weights to host memory")?;
+            let (a, b) = layout.parts[self.rank as usize];
+            flat[a..b].copy_from_slice(&own);
+            g.all_gather_parts(&mut flat, &layout.parts)
+                .with_context(|| format!("rank {}: gathering weights", self.rank))?;
+            let flat = Tensor::from_slice(&flat);
+            return Ok(layout.whole(&flat, device));
+        }
         let parts: Vec<Tensor> = shards
             .iter()
             .zip(rows)
@@ -267,6 +284,17 @@ impl RowCollective for Ranks {
             return Ok(whole.iter().zip(rows).map(|(t, r)| narrow(t, r)).collect());
         };
         let device = whole.first().map_or(Device::Cpu, Tensor::device);
+        if self.nccl.is_none() {
+            let shapes: Vec<Vec<i64>> = whole.iter().map(Tensor::size).collect();
+            let layout = RankMajor::new(&shapes, self.world);
+            let flat = Tensor::cat(&layout.cut(whole), 0);
+            let mut flat: Vec<f32> = Vec::try_from(flat).context("gradients to host memory")?;
+            g.reduce_scatter_sum(&mut flat, &layout.parts)
+                .with_context(|| format!("rank {}: summing gradients", self.rank))?;
+            let (a, b) = layout.parts[self.rank as usize];
+            let mine = Tensor::from_slice(&flat[a..b]);
+            return Ok(layout.own(&mine, self.rank, device));
+        }
         let flat: Vec<Tensor> = whole
             .iter()
             .map(|t| t.to_kind(Kind::Float).reshape([-1]))
@@ -291,4 +319,109 @@ impl RowCollective for Ranks {
             })
             .collect())
     }
+}
+
+/// Whole tensors laid out rank after rank: rank q's rows ([`rows_of`]) of tensor 0, of tensor 1,
+/// …; then rank q + 1's. A rank's rows of all tensors are one contiguous part.
+struct RankMajor {
+    shapes: Vec<Vec<i64>>,
+    /// Each rank's rows of each tensor.
+    rows: Vec<Vec<Rows>>,
+    /// Each rank's part of the buffer, in elements.
+    parts: Vec<(usize, usize)>,
+}
+
+impl RankMajor {
+    fn new(shapes: &[Vec<i64>], world: u32) -> Self {
+        let rows: Vec<Vec<Rows>> = (0..world)
+            .map(|q| {
+                shapes
+                    .iter()
+                    .map(|s| rows_of(s.first().copied().unwrap_or(1), q, world))
+                    .collect()
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(world as usize);
+        let mut at = 0usize;
+        for q in &rows {
+            let n: i64 = q
+                .iter()
+                .zip(shapes)
+                .map(|(r, s)| r.len * row_numel(s))
+                .sum();
+            parts.push((at, at + n as usize));
+            at += n as usize;
+        }
+        Self {
+            shapes: shapes.to_vec(),
+            rows,
+            parts,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.parts.last().map_or(0, |p| p.1)
+    }
+
+    /// The rank-major pieces of whole tensors `whole`, flattened, in buffer order.
+    fn cut(&self, whole: &[Tensor]) -> Vec<Tensor> {
+        self.rows
+            .iter()
+            .flat_map(|q| {
+                q.iter().zip(whole).map(|(r, t)| {
+                    t.narrow(0, r.start, r.len)
+                        .to_kind(Kind::Float)
+                        .reshape([-1])
+                })
+            })
+            .collect()
+    }
+
+    /// The whole tensors of a full buffer `flat`, on `device`.
+    fn whole(&self, flat: &Tensor, device: Device) -> Vec<Tensor> {
+        let mut pieces: Vec<Vec<Tensor>> = self.shapes.iter().map(|_| Vec::new()).collect();
+        for (q, part) in self.rows.iter().zip(&self.parts) {
+            let mut at = part.0 as i64;
+            for (i, (r, s)) in q.iter().zip(&self.shapes).enumerate() {
+                let n = r.len * row_numel(s);
+                let mut shape = s.clone();
+                if let Some(d0) = shape.first_mut() {
+                    *d0 = r.len;
+                }
+                pieces[i].push(flat.narrow(0, at, n).reshape(shape.as_slice()));
+                at += n;
+            }
+        }
+        pieces
+            .iter()
+            .map(|p| Tensor::cat(p, 0).to_device(device))
+            .collect()
+    }
+
+    /// This rank's rows of each tensor from its own part `mine`.
+    fn own(&self, mine: &Tensor, rank: u32, device: Device) -> Vec<Tensor> {
+        let mut at = 0i64;
+        self.rows[rank as usize]
+            .iter()
+            .zip(&self.shapes)
+            .map(|(r, s)| {
+                let n = r.len * row_numel(s);
+                let mut shape = s.clone();
+                if let Some(d0) = shape.first_mut() {
+                    *d0 = r.len;
+                }
+                let t = mine
+                    .narrow(0, at, n)
+                    .reshape(shape.as_slice())
+                    .to_device(device);
+                at += n;
+                t
+            })
+            .collect()
+    }
+}
+
+/// Elements in one row (dimension 0) of a tensor of `shape`.
+fn row_numel(shape: &[i64]) -> i64 {
+    shape.iter().skip(1).product()
 }

@@ -290,6 +290,20 @@ pub fn judge(
     ))
 }
 
+/// The most resident memory this process has held so far (`getrusage`'s `ru_maxrss`), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one `rusage` into the zeroed buffer it is given.
+    let code = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if code != 0 {
+        return None;
+    }
+    // SAFETY: getrusage succeeded, so it filled the struct (and zeroed was already valid).
+    let usage = unsafe { usage.assume_init() };
+    // Linux reports kilobytes.
+    u64::try_from(usage.ru_maxrss).ok().map(|kb| kb * 1024)
+}
+
 fn sat(x: u128) -> u64 {
     u64::try_from(x).unwrap_or(u64::MAX)
 }
@@ -433,6 +447,14 @@ mod tests {
         assert!(smaller.total() <= ram, "{smaller}");
         let ok = judge(&smaller, ram, "available RAM", None, advised).unwrap();
         assert!(ok.starts_with("memory plan: "), "{ok}");
+    }
+
+    #[test]
+    fn the_peak_grows_with_what_was_held() {
+        let before = peak_rss().unwrap();
+        let big = vec![1u8; 64 << 20];
+        assert!(big.iter().all(|&b| b == 1));
+        assert!(peak_rss().unwrap() >= before.max(64 << 20));
     }
 
     #[test]
