@@ -379,6 +379,11 @@ impl Linear {
     /// `compute`: the matmul dtype (bf16 on CUDA, as autocast would), else the weights' own.
     fn forward(&self, x: &Tensor, train: bool, compute: Option<Kind>) -> Tensor {
         let y = match compute {
+            // A weight held in another dtype than the activations (a bf16 base): cast per call.
+            None if self.weight.kind() != x.kind() => x.linear(
+                &self.weight.to_kind(x.kind()),
+                self.bias.as_ref().map(|b| b.to_kind(x.kind())),
+            ),
             None => x.linear(&self.weight, self.bias.as_ref()),
             Some(k) => x.to_kind(k).linear(
                 &self.weight.to_kind(k),
@@ -541,30 +546,47 @@ impl Model {
             .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
             .collect();
         ensure!(stray.is_empty(), "unexpected weights: {stray:?}");
-        let get = |name: &str| -> Tensor {
-            base.iter()
-                .find(|p| p.name == name)
-                .map(|p| p.tensor.shallow_clone())
-                .expect("every name of parameter_shapes was checked above")
-        };
-        let layers = (0..config.num_hidden_layers)
-            .map(|l| Layer::from_weights(&config, l, &get))
-            .collect();
-        let embed = get("model.embed_tokens.weight");
-        let norm = get("model.norm.weight");
-        let lm_head = (!config.tie_word_embeddings).then(|| get("lm_head.weight"));
-        Ok(Self {
+        let mut model = Self {
             config,
             lora: None,
             base,
             adapters: Vec::new(),
-            embed,
-            layers,
-            norm,
-            lm_head,
+            embed: Tensor::new(),
+            layers: Vec::new(),
+            norm: Tensor::new(),
+            lm_head: None,
             device,
             shards: None,
-        })
+        };
+        model.wire();
+        Ok(model)
+    }
+
+    /// Builds the structure the forward pass walks (layers, embedding, norm, head) over `base`.
+    fn wire(&mut self) {
+        let base = &self.base;
+        let get = |name: &str| -> Tensor {
+            base.iter()
+                .find(|p| p.name == name)
+                .map(|p| p.tensor.shallow_clone())
+                .expect("base holds every name of parameter_shapes (checked when assembled)")
+        };
+        let c = &self.config;
+        self.layers = (0..c.num_hidden_layers)
+            .map(|l| Layer::from_weights(c, l, &get))
+            .collect();
+        self.embed = get("model.embed_tokens.weight");
+        self.norm = get("model.norm.weight");
+        self.lm_head = (!c.tie_word_embeddings).then(|| get("lm_head.weight"));
+    }
+
+    /// Holds the frozen base in `kind` (bf16 under LoRA on CUDA: the stored dtype of the models
+    /// people adapt, with no fp32 copy). Call before the adapters are added.
+    fn hold_base_in(&mut self, kind: Kind) {
+        for p in &mut self.base {
+            p.tensor = p.tensor.detach().to_kind(kind);
+        }
+        self.wire();
     }
 
     /// Freezes the base and adds LoRA adapters (drawn after seeding libtorch with `seed`).
@@ -592,6 +614,11 @@ impl Model {
         // `set_requires_grad` acts on the tensor itself, which the layers share.
         for p in &self.base {
             let _ = p.tensor.set_requires_grad(false);
+        }
+        // On CUDA the frozen base is held in bf16, the compute dtype, instead of fp32 (CPU keeps
+        // fp32 compute, so its results stay exact).
+        if self.device.is_cuda() {
+            self.hold_base_in(Kind::BFloat16);
         }
         let scale = lora.alpha / lora.rank as f64;
         let mut adapters = Vec::new();
@@ -714,9 +741,15 @@ impl Model {
         Rope { cos, sin, compute }
     }
 
-    /// The residual stream's start: the embeddings of `ids`.
+    /// The residual stream's start: the embeddings of `ids`, in fp32 whatever dtype the embedding
+    /// is held in (as mixed precision keeps the stream).
     fn embed_tokens(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed, ids, -1, false, false)
+        let h = Tensor::embedding(&self.embed, ids, -1, false, false);
+        if h.kind() == Kind::Float {
+            h
+        } else {
+            h.to_kind(Kind::Float)
+        }
     }
 
     /// The final norm and the LM head over the residual stream.
@@ -729,6 +762,7 @@ impl Model {
     fn logits_with(&self, h: &Tensor, norm: &Tensor, head: &Tensor) -> Tensor {
         let h = rms_norm(h, norm, self.config.rms_norm_eps);
         match self.device.is_cuda().then_some(Kind::BFloat16) {
+            None if head.kind() != h.kind() => h.linear::<Tensor>(&head.to_kind(h.kind()), None),
             None => h.linear::<Tensor>(head, None),
             Some(k) => h.to_kind(k).linear::<Tensor>(&head.to_kind(k), None),
         }
@@ -1105,6 +1139,58 @@ mod tests {
             err.contains(&format!("holds tensor {NORM}, which the weight_map")),
             "{err}"
         );
+    }
+
+    /// The frozen base held in bf16 (as on CUDA): half the bytes, the adapters still fp32 and
+    /// trained, the logits those of the bf16-rounded base.
+    #[test]
+    fn a_lora_base_held_in_bf16_trains_the_fp32_adapters() {
+        let _turn = seeded();
+        let mut model = Model::init(ModelConfig::tiny(), 1, Device::Cpu).unwrap();
+        let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
+        let rounded: BTreeMap<String, Tensor> = model
+            .base()
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.tensor
+                        .detach()
+                        .to_kind(Kind::BFloat16)
+                        .to_kind(Kind::Float),
+                )
+            })
+            .collect();
+        let want = Model::assemble(ModelConfig::tiny(), rounded, Device::Cpu)
+            .unwrap()
+            .forward(&ids, false);
+        model.hold_base_in(Kind::BFloat16);
+        assert!(model
+            .base()
+            .iter()
+            .all(|p| p.tensor.kind() == Kind::BFloat16));
+        model
+            .add_lora(
+                LoraConfig {
+                    rank: 2,
+                    alpha: 4.0,
+                    dropout: 0.0,
+                    targets: vec!["v_proj".into()],
+                },
+                3,
+            )
+            .unwrap();
+        assert!(model
+            .trainable()
+            .iter()
+            .all(|p| p.tensor.kind() == Kind::Float));
+        let got = model.forward(&ids, false);
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{diff}");
+        let loss = got.sum(Kind::Float);
+        let inputs: Vec<&Tensor> = model.trainable().iter().map(|p| &p.tensor).collect();
+        let grads = Tensor::run_backward(&[loss], &inputs, false, false);
+        assert!(grads.iter().all(|g| g.defined()));
     }
 
     #[test]

@@ -129,7 +129,8 @@ impl MemoryPlan {
             // One part's whole weights gathered (fp32), with their whole gradients, at a time.
             2 * F32 * per_layer_weights.max(vocab * h)
         } else {
-            match (inputs.cuda, recompute) {
+            match (inputs.cuda && inputs.lora_parameters.is_none(), recompute) {
+                // On CPU there are none; under LoRA on CUDA the base is already bf16.
                 (false, _) => 0,
                 // Every layer's bf16 weights are kept for the backward pass…
                 (true, false) => BF16 * base,
@@ -157,8 +158,13 @@ impl MemoryPlan {
         } else {
             3 * F32 * trained / inputs.world_size.max(1)
         };
+        // Under LoRA on CUDA the frozen base is held in bf16.
+        let parameter_bytes = match (inputs.lora_parameters.is_some(), inputs.cuda) {
+            (true, true) => (BF16 * base).saturating_add(F32 * trained),
+            _ => F32.saturating_mul(all),
+        };
         Self {
-            parameters: F32.saturating_mul(all) / weight_shards,
+            parameters: parameter_bytes / weight_shards,
             gradients: (gradient_sets * F32).saturating_mul(trained) / weight_shards,
             optimizer: (2 * F32).saturating_mul(trained) / optimizer_shards,
             activations,
@@ -392,6 +398,19 @@ mod tests {
         );
         assert_eq!(cuda.compute_copies, 2 * c.parameter_count() as u64);
         assert_eq!(cuda.checkpoint_copy, 0);
+        // LoRA on CUDA: the frozen base in bf16, no copies of it.
+        let lora_n = c.lora_parameter_count(16, &["q_proj".into()]);
+        let lora_cuda = MemoryPlan::estimate(
+            &c,
+            &PlanInputs {
+                cuda: true,
+                lora_parameters: Some(lora_n),
+                ..inputs(4096)
+            },
+        );
+        let n = c.parameter_count() as u64;
+        assert_eq!(lora_cuda.parameters, 2 * n + 4 * lora_n as u64);
+        assert_eq!(lora_cuda.compute_copies, 0);
         // Sharded over 8 ranks, AdamW's state is an eighth.
         let sharded = MemoryPlan::estimate(
             &c,
@@ -413,7 +432,8 @@ mod tests {
         );
         let n = c.parameter_count() as u64;
         assert_eq!(full.parameters + full.gradients + full.optimizer, 2 * n);
-        assert!(full.compute_copies < n / 4, "{full}");
+        // One part's whole weights and gradients (here the 151936 × 4096 embedding, fp32).
+        assert_eq!(full.compute_copies, 2 * 4 * 151_936 * 4096);
     }
 
     #[test]
