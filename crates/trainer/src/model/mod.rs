@@ -14,6 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpointing::convert;
 use crate::collective::shard::{rows_of, Rows};
 use crate::run::UsageError;
 
@@ -461,9 +462,15 @@ impl Model {
     }
 
     /// Loads an HF model directory: `config.json` and `model.safetensors` or the shards listed in
-    /// `model.safetensors.index.json`. Weights are held in fp32 for training. Also returns the sha256
-    /// of the weight files (in order), which identifies the base of a LoRA run.
-    pub fn load_hf_dir(dir: &Path, device: Device) -> Result<(Self, String)> {
+    /// `model.safetensors.index.json`. Weights are held in fp32 for training; with `shard` =
+    /// (rank, world), only the rows of each weight that rank holds ([`Model::shard`]), read from a
+    /// map of the files so the rest is never brought into memory. Also returns the sha256 of the
+    /// weight files (in order), which identifies the base of a LoRA run.
+    pub fn load_hf_dir(
+        dir: &Path,
+        device: Device,
+        shard: Option<(u32, u32)>,
+    ) -> Result<(Self, String)> {
         let usage = |e: anyhow::Error| anyhow::Error::from(UsageError(format!("{e:#}")));
         let config = ModelConfig::read_hf_dir(dir)?;
         let config_path = dir.join("config.json");
@@ -488,21 +495,28 @@ impl Model {
         let mut params = BTreeMap::new();
         let mut hasher = Sha256::new();
         for file in &weights.files {
-            let bytes =
-                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            hasher.update(&bytes);
-            let st = safetensors::SafeTensors::deserialize(&bytes)
+            let reading = || format!("reading {}", file.display());
+            let mut f = std::fs::File::open(file).with_context(reading)?;
+            // The fingerprint streams the file; the tensors come from a map of it.
+            std::io::copy(&mut f, &mut hasher).with_context(reading)?;
+            // SAFETY: a read-only map, dropped at the end of this iteration; the weight files must
+            // not change while they load (as for every reader that maps safetensors files).
+            let map = unsafe { memmap2::Mmap::map(&f) }.with_context(reading)?;
+            let st = safetensors::SafeTensors::deserialize(&map)
                 .with_context(|| format!("parsing {}", file.display()))?;
             for (name, view) in st.tensors() {
                 weights.check_holder(&name, file)?;
-                let shape: Vec<usize> = view.shape().to_vec();
-                let blob = waypoint_checkpoint::Tensor::new(
-                    name.clone(),
-                    view.dtype(),
-                    shape,
-                    bytes::Bytes::copy_from_slice(view.data()),
-                )?;
-                let t = crate::checkpointing::convert::from_blob(&blob)?
+                let mut shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+                let mut data = view.data();
+                if let (Some((rank, world)), Some(&d0)) = (shard, shape.first()) {
+                    let r = rows_of(d0, rank, world);
+                    let row_bytes = data.len() / (d0.max(1) as usize);
+                    data =
+                        &data[r.start as usize * row_bytes..(r.start + r.len) as usize * row_bytes];
+                    shape[0] = r.len;
+                }
+                let t = Tensor::f_from_data_size(data, &shape, convert::kind_of(view.dtype())?)
+                    .with_context(|| format!("tensor {name} of {}", file.display()))?
                     .to_kind(Kind::Float)
                     .to_device(device);
                 params.insert(name, t);
@@ -512,7 +526,7 @@ impl Model {
         if config.tie_word_embeddings {
             params.remove("lm_head.weight");
         }
-        let model = Self::assemble(config, params, device)
+        let model = Self::assemble_rows(config, params, shard, device)
             .with_context(|| format!("loading the weights of {}", dir.display()))?;
         Ok((model, hex::encode(hasher.finalize())))
     }
@@ -520,11 +534,28 @@ impl Model {
     /// Builds the model from named fp32 tensors, checking every name and shape.
     pub fn assemble(
         config: ModelConfig,
+        params: BTreeMap<String, Tensor>,
+        device: Device,
+    ) -> Result<Self> {
+        Self::assemble_rows(config, params, None, device)
+    }
+
+    /// [`Model::assemble`], or with `shard` = (rank, world) from the rows of each weight that rank
+    /// holds: a sharded model ([`Model::shard`]).
+    fn assemble_rows(
+        config: ModelConfig,
         mut params: BTreeMap<String, Tensor>,
+        shard: Option<(u32, u32)>,
         device: Device,
     ) -> Result<Self> {
         let mut base = Vec::new();
-        for (name, shape) in config.parameter_shapes() {
+        let mut rows = Vec::new();
+        for (name, mut shape) in config.parameter_shapes() {
+            if let (Some((rank, world)), Some(d0)) = (shard, shape.first_mut()) {
+                let r = rows_of(*d0, rank, world);
+                *d0 = r.len;
+                rows.push(r);
+            }
             let t = params
                 .remove(&name)
                 .with_context(|| format!("weight {name} is missing"))?;
@@ -556,9 +587,11 @@ impl Model {
             norm: Tensor::new(),
             lm_head: None,
             device,
-            shards: None,
+            shards: shard.map(|_| rows),
         };
-        model.wire();
+        if !model.is_sharded() {
+            model.wire();
+        }
         Ok(model)
     }
 
@@ -687,6 +720,9 @@ impl Model {
             self.lora.is_none(),
             "--sharding full does not shard LoRA runs yet; use --sharding optimizer or none"
         );
+        if self.is_sharded() {
+            return Ok(());
+        }
         let mut rows = Vec::with_capacity(self.base.len());
         for p in &mut self.base {
             let r = rows_of(p.tensor.size()[0], rank, world);
@@ -1079,7 +1115,7 @@ mod tests {
     }
 
     fn load_error(dir: &Path) -> String {
-        match Model::load_hf_dir(dir, Device::Cpu) {
+        match Model::load_hf_dir(dir, Device::Cpu, None) {
             Ok(_) => panic!("{} loaded", dir.display()),
             Err(e) => format!("{e:#}"),
         }
@@ -1101,7 +1137,7 @@ mod tests {
         // A well-formed sharded directory loads.
         let dir = tempfile::tempdir().unwrap();
         write_index(dir.path(), &write_sharded(dir.path(), split));
-        Model::load_hf_dir(dir.path(), Device::Cpu).unwrap();
+        Model::load_hf_dir(dir.path(), Device::Cpu, None).unwrap();
 
         // A copy of a tensor in a later shard that the map does not assign it to (it used to win
         // silently): refused, naming the tensor and both files.
@@ -1191,6 +1227,40 @@ mod tests {
         let inputs: Vec<&Tensor> = model.trainable().iter().map(|p| &p.tensor).collect();
         let grads = Tensor::run_backward(&[loss], &inputs, false, false);
         assert!(grads.iter().all(|g| g.defined()));
+    }
+
+    /// Loaded sharded, each rank holds exactly its rows of every weight of the full load, read
+    /// from weights spread over two files.
+    #[test]
+    fn a_sharded_load_holds_the_rows_of_the_full_one() {
+        let _turn = seeded();
+        let dir = tempfile::tempdir().unwrap();
+        let split = |name: &str| -> &'static [usize] {
+            if name.starts_with("model.layers.1.") {
+                &[1]
+            } else {
+                &[0]
+            }
+        };
+        write_index(dir.path(), &write_sharded(dir.path(), split));
+        let (full, sha) = Model::load_hf_dir(dir.path(), Device::Cpu, None).unwrap();
+        for world in [2u32, 3] {
+            for rank in 0..world {
+                let (part, part_sha) =
+                    Model::load_hf_dir(dir.path(), Device::Cpu, Some((rank, world))).unwrap();
+                assert_eq!(part_sha, sha);
+                assert!(part.is_sharded());
+                for (i, (w, p)) in full.base().iter().zip(part.base()).enumerate() {
+                    let r = part.shard_rows(i).unwrap();
+                    assert_eq!(r, rows_of(w.tensor.size()[0], rank, world));
+                    assert!(
+                        p.tensor.equal(&w.tensor.narrow(0, r.start, r.len)),
+                        "{}",
+                        w.name
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -327,14 +327,14 @@ async fn init_from(manager: &CheckpointManager, spec: &str, model: &mut Model) -
         bail!("--init_from_checkpoint {spec}: a LoRA checkpoint holds adapters, not full weights");
     }
     tch::no_grad(|| -> Result<()> {
-        for p in model.base() {
+        for (i, p) in model.base().iter().enumerate() {
             let b = blobs.get(&p.name).with_context(|| {
                 format!(
                     "--init_from_checkpoint {spec}: weight {} is missing",
                     p.name
                 )
             })?;
-            copy_into(&p.tensor, b, None, spec)?;
+            copy_into(&p.tensor, b, model.shard_rows(i), spec)?;
         }
         Ok(())
     })?;

@@ -54,7 +54,9 @@ impl Session {
         }
         let model_config = model_config(cfg)?;
         check_memory(cfg, &model_config, &env, device, &ranks)?;
-        let loaded = rt.block_on(load(cfg, device))?;
+        // With --sharding full, each rank reads only its rows of the weights.
+        let shard = (cfg.sharding() == Sharding::Full).then(|| (ranks.rank(), ranks.world()));
+        let loaded = rt.block_on(load(cfg, device, shard))?;
         let global_batch = cfg.batch_size * cfg.gradient_accumulation * env.world_size;
         self.total_steps = if cfg.max_steps > 0 {
             cfg.max_steps
@@ -166,8 +168,9 @@ fn check_memory(
     Ok(())
 }
 
-/// Loads the model, tokenizer and data that `cfg` names.
-async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
+/// Loads the model (with `shard` = (rank, world), that rank's rows of its weights), tokenizer and
+/// data that `cfg` names.
+async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> Result<Loaded> {
     let (model, tokenizer, tokenizer_files, model_fingerprint) = if cfg.model_id == "builtin:tiny" {
         let config = ModelConfig::tiny();
         let fp = fingerprint(&json!({"builtin": "tiny", "config": config.raw, "seed": cfg.seed}));
@@ -179,7 +182,7 @@ async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
         )
     } else {
         let dir = Path::new(&cfg.model_id);
-        let (model, weights_sha) = Model::load_hf_dir(dir, device)?;
+        let (model, weights_sha) = Model::load_hf_dir(dir, device, shard)?;
         let tokenizer = Tokenizer::from_hf_dir(dir, &model.config.raw)?;
         let mut files = Vec::new();
         for name in [
