@@ -180,6 +180,23 @@ async fn sharded_training_matches_replicated_and_pytorch_reads_its_slices() {
     assert!(a.keys().any(|k| k.contains("lora_A")));
     assert_eq!(a, b, "LoRA with sharded optimizer state differs");
 
+    // The promotable weights of the fully sharded run, gathered for rank 0, are its weights in the
+    // sampler dtype (bf16).
+    let m = manager(base, "full");
+    let manifest = m.manifest(StepName::new(6)).await.unwrap();
+    let sampler = m.sampler_tensors(&manifest).await.unwrap();
+    assert_eq!(sampler.len(), full.len());
+    for t in &sampler {
+        let whole = &full[&format!("model.{}", t.name)];
+        let bf16: Vec<u16> = whole.iter().map(|x| half_bits(*x)).collect();
+        let got: Vec<u16> = t
+            .data
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(got, bf16, "{}", t.name);
+    }
+
     let embed = "model.embed_tokens.weight";
     let moment = dcp::optim_key(embed, "exp_avg");
     check_slices(dir.path(), "optimizer", std::slice::from_ref(&moment)).await;
@@ -306,4 +323,61 @@ async fn a_rank_failing_mid_a_sharded_save_leaves_no_commit() {
     common::ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint=step-000003"));
     assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 12);
+}
+
+/// Sharded state reads only rows of the files, so the ranks check a share of the files' sha256 each
+/// and agree: a bit flipped anywhere in a rank's file of the newest checkpoint (here in rank 1's,
+/// which rank 0 checks at world 2) makes every rank pass over it, and the run resumes from the one
+/// before and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_sharded_checkpoint_is_passed_over_by_all_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let mut child = common::waypoint()
+        .args(launch_args(2, 0))
+        .args(flags(base, "flip", 2, 12, "full"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sigterm_after_step(&mut child, 7);
+    let m = manager(base, "flip");
+    let newest = m.latest_resumable(true).await.unwrap().unwrap();
+    assert!(newest.step > 3, "{}", newest.step);
+    let file = newest
+        .dcp_files()
+        .find(|f| f.rank == 1)
+        .expect("rank 1 wrote a file")
+        .path
+        .clone();
+    let key = format!("{}/{file}", m.layout().checkpoint_dir(newest.step_name()));
+    let store = m.store();
+    let mut bytes = store.get(&key).await.unwrap().to_vec();
+    let at = bytes.len() - 7;
+    bytes[at] ^= 0x10;
+    store.put(&key, bytes.into()).await.unwrap();
+
+    let out = launched(base, "flip", 2, 2, 12, "full");
+    let log = common::ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("passing over a damaged checkpoint"),
+        "{stderr}{log}"
+    );
+    let resumed = stderr
+        .lines()
+        .find(|l| l.contains("resumed"))
+        .unwrap_or_else(|| panic!("no resume in {stderr}"));
+    assert!(
+        resumed.contains("checkpoint=step-") && !resumed.contains(&newest.name),
+        "{resumed}"
+    );
+    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 12);
+}
+
+/// `x` rounded to bf16 (round to nearest even, as libtorch converts), as its bits.
+fn half_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1));
+    (rounded >> 16) as u16
 }

@@ -34,7 +34,7 @@ pub use kind::CheckpointKind;
 pub use layout::{model_dir, RunLayout};
 pub use manager::{
     parse_checkpoint_ref, CheckpointInfo, CheckpointManager, Commit, ManagerOptions, Promotion,
-    Retention, SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
+    Retention, RowRange, SamplerPart, SaveRequest, Skipped, VerifyReport, PROMOTION_RECORD,
 };
 pub use manifest::{DeltaBase, Manifest, FORMAT_VERSION};
 pub use names::{validate_name, StepName};

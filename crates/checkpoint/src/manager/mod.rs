@@ -31,6 +31,7 @@ mod discover;
 mod promote;
 mod read;
 mod retention;
+mod rows;
 mod save;
 mod upkeep;
 mod verify;
@@ -39,6 +40,7 @@ mod write;
 pub use discover::{CheckpointInfo, Skipped};
 pub use promote::{Promotion, PROMOTION_RECORD};
 pub use retention::Retention;
+pub use rows::RowRange;
 pub use verify::VerifyReport;
 
 /// Knobs of a [`CheckpointManager`].

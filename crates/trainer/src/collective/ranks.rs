@@ -243,8 +243,10 @@ impl RowCollective for Ranks {
             flat[a..b].copy_from_slice(&own);
             g.all_gather_parts(&mut flat, &layout.parts)
                 .with_context(|| format!("rank {}: gathering weights", self.rank))?;
-            let flat = Tensor::from_slice(&flat);
-            return Ok(layout.whole(&flat, device));
+            // One staging copy at a time: the host buffer goes before the tensors are cut out.
+            let staged = Tensor::from_slice(&flat);
+            drop(flat);
+            return Ok(layout.whole(&staged, device));
         }
         let parts: Vec<Tensor> = shards
             .iter()
@@ -287,8 +289,9 @@ impl RowCollective for Ranks {
         if self.nccl.is_none() {
             let shapes: Vec<Vec<i64>> = whole.iter().map(Tensor::size).collect();
             let layout = RankMajor::new(&shapes, self.world);
-            let flat = Tensor::cat(&layout.cut(whole), 0);
-            let mut flat: Vec<f32> = Vec::try_from(flat).context("gradients to host memory")?;
+            let staged = Tensor::cat(&layout.cut(whole), 0);
+            let mut flat: Vec<f32> = Vec::try_from(&staged).context("gradients to host memory")?;
+            drop(staged);
             g.reduce_scatter_sum(&mut flat, &layout.parts)
                 .with_context(|| format!("rank {}: summing gradients", self.rank))?;
             let (a, b) = layout.parts[self.rank as usize];

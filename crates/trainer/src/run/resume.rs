@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use tch::Tensor;
 use tokio::runtime::Runtime;
 use waypoint_checkpoint::{
-    dcp, model_dir, CheckpointManager, Promotion, RunLayout, Skipped, Tensor as Blob,
+    dcp, model_dir, CheckpointError, CheckpointManager, Promotion, RowRange, RunLayout, Skipped,
+    Tensor as Blob,
 };
 use waypoint_storage::Store;
 
@@ -19,7 +20,7 @@ use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
 use crate::checkpointing::convert::from_blob;
 use crate::checkpointing::saver::{SaveContext, Saver};
-use crate::collective::shard::{Rows, Sharding};
+use crate::collective::shard::{rows_of, Rows, Sharding};
 use crate::config::fingerprint;
 use crate::model::Model;
 use crate::run::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
@@ -76,8 +77,38 @@ impl Session {
                 Some(m) => m,
                 None => rt.block_on(manager.manifest(step))?,
             };
+            // Sharded state: the ranks check a share of the files each (agreeing on damage
+            // before anything else is read), then every rank reads only its rows.
+            let rows = rows_wanted(&cfg, &model, &ranks);
+            let mut shared_check = None;
+            if let Some(want) = &rows {
+                let (rank, world) = (ranks.rank() as usize, ranks.world() as usize);
+                let mine = move |i: usize| i % world == rank;
+                let problem = match rt.block_on(manager.verify_files(&m, "dcp/", &mine)) {
+                    Ok(()) => None,
+                    Err(e) if e.is_damage() => Some(e.to_string()),
+                    Err(e) => return Err(e).context(format!("checking checkpoint {chosen}")),
+                };
+                let any = ranks.any(&format!("resume-checked/{chosen}"), problem.is_some())?;
+                shared_check = Some((any, problem, want));
+            }
             let loaded = rt.block_on(async {
-                let blobs = manager.load_tensors(&m, "dcp/", &|_| true).await?;
+                let blobs = match &shared_check {
+                    None => manager.load_tensors(&m, "dcp/", &|_| true).await?,
+                    Some((true, problem, _)) => {
+                        return Err(CheckpointError::Damaged {
+                            name: chosen.clone(),
+                            problems: vec![problem
+                                .clone()
+                                .unwrap_or_else(|| "another rank found it damaged".into())],
+                        })
+                    }
+                    Some((false, _, want)) => {
+                        manager
+                            .load_rows(&m, "dcp/", &|n| want.get(n).copied())
+                            .await?
+                    }
+                };
                 // A finished run resumes at its final checkpoint only to promote it: what it
                 // would deploy must be whole too, or the run is redone from the one before.
                 if main && m.step >= total && m.sampler_files().next().is_some() {
@@ -345,36 +376,70 @@ async fn init_from(manager: &CheckpointManager, spec: &str, model: &mut Model) -
     Ok(())
 }
 
+/// With sharded state (`--sharding optimizer|full` over several ranks, or a sharded model): the
+/// rows of each resumable tensor this rank reads — its rows of what it holds sharded, all of what it
+/// holds whole — by DCP name. `None` when the state is not sharded (every rank reads it all).
+fn rows_wanted(
+    cfg: &crate::config::TrainConfig,
+    model: &Model,
+    ranks: &crate::collective::ranks::Ranks,
+) -> Option<HashMap<String, RowRange>> {
+    let sharding = cfg.sharding();
+    if !model.is_sharded() && (sharding == Sharding::None || ranks.world() == 1) {
+        return None;
+    }
+    let range = |r: Option<Rows>| {
+        r.map_or(RowRange::ALL, |r| RowRange {
+            start: r.start as usize,
+            len: r.len as usize,
+        })
+    };
+    let mut want = HashMap::new();
+    for (i, p) in model.trainable().iter().enumerate() {
+        let weight = model.shard_rows(i);
+        let moments = weight.or((sharding == Sharding::Optimizer).then(|| {
+            rows_of(
+                p.tensor.size().first().copied().unwrap_or(1),
+                ranks.rank(),
+                ranks.world(),
+            )
+        }));
+        want.insert(dcp::model_key(&p.name), range(weight));
+        for field in ["exp_avg", "exp_avg_sq"] {
+            want.insert(dcp::optim_key(&p.name, field), range(moments));
+        }
+        want.insert(dcp::optim_key(&p.name, "step"), RowRange::ALL);
+    }
+    Some(want)
+}
+
 /// Joins DCP slices (from multi-rank saves) into whole tensors, by name.
 fn assemble_slices(blobs: Vec<Blob>) -> Result<HashMap<String, Blob>> {
     Ok(dcp::assemble_by_name(blobs)?.into_iter().collect())
 }
 
-/// Copies a saved tensor — or its `rows`, into a live shard — into a live one (shape checked),
-/// converting dtype and device.
+/// Copies a saved tensor into a live one (shape checked), converting dtype and device. With `rows`
+/// (a live shard), `src` is either those rows already (read by rows) or the whole tensor, cut here.
 fn copy_into(dst: &Tensor, src: &Blob, rows: Option<Rows>, checkpoint: &str) -> Result<()> {
-    let t = from_blob(src)?;
-    let mut expect = dst.size();
-    if let (Some(r), Some(d0)) = (rows, expect.first_mut()) {
-        *d0 = t.size().first().copied().unwrap_or(0);
-        ensure!(
-            r.start + r.len <= *d0,
-            "{checkpoint}: tensor {} has {} rows, fewer than this rank's shard needs",
-            src.name,
-            *d0
-        );
+    let mut t = from_blob(src)?;
+    if let Some(r) = rows {
+        let d0 = t.size().first().copied().unwrap_or(0);
+        if d0 != r.len {
+            ensure!(
+                r.start + r.len <= d0,
+                "{checkpoint}: tensor {} has {d0} rows, fewer than this rank's shard needs",
+                src.name
+            );
+            t = t.narrow(0, r.start, r.len);
+        }
     }
     ensure!(
-        t.size() == expect,
+        t.size() == dst.size(),
         "{checkpoint}: tensor {} has shape {:?}, the model expects {:?}",
         src.name,
         t.size(),
-        expect
+        dst.size()
     );
-    let t = match rows {
-        Some(r) => t.narrow(0, r.start, r.len),
-        None => t,
-    };
     let mut d = dst.shallow_clone();
     tch::no_grad(|| d.copy_(&t.to_kind(dst.kind()).to_device(dst.device())));
     Ok(())
