@@ -21,11 +21,15 @@
 pub mod device;
 mod finish;
 pub mod optim;
+pub mod plot;
 mod progress;
 pub mod records;
 mod resume;
 mod setup;
 mod step;
+pub mod tensorboard;
+pub mod trainlog;
+pub(crate) mod watch;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -84,9 +88,19 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
         step: 0,
         last_checkpoint: None,
         main: true,
+        watch: None,
     };
-    match session.train(&stop, rt) {
-        Ok(outcome) => Ok(outcome),
+    let result = session.train(&stop, rt);
+    if let (Err(e), Some(_)) = (&result, &session.watch) {
+        trainlog::note(&format!("error: {}", records::explain(e)));
+    }
+    match result {
+        Ok(outcome) => {
+            if let Some(watch) = session.watch.take() {
+                rt.block_on(watch.close(session.step));
+            }
+            Ok(outcome)
+        }
         Err(e) => {
             // A usage or configuration error writes nothing (a finished run stays FINISHED);
             // anything else is the run's failure, recorded for the control plane.
@@ -102,6 +116,9 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
                 )) {
                     tracing::warn!("could not record the failure in status.json: {w:#}");
                 }
+            }
+            if let Some(watch) = session.watch.take() {
+                rt.block_on(watch.close(session.step));
             }
             Err(e)
         }
@@ -146,6 +163,8 @@ struct Session {
     last_checkpoint: Option<String>,
     /// Rank 0 (or the only worker): it writes the run records.
     main: bool,
+    /// Rank 0's `train.log`, TensorBoard events, plot and progress (see [`watch`]).
+    watch: Option<Arc<watch::Watch>>,
 }
 
 impl Session {
@@ -176,6 +195,9 @@ impl Session {
             progress.step(self.step, run.last_loss, line["lr"].as_f64().unwrap_or(0.0));
             run.metrics.push_str(&line.to_string());
             run.metrics.push('\n');
+            if let Some(watch) = &self.watch {
+                watch.step(self.step, &line);
+            }
             let due = save_due(self.step, run.checkpoint.save_steps, total, false);
             if due == SaveDue::Periodic {
                 let blocked = Instant::now();

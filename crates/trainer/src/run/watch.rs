@@ -1,0 +1,290 @@
+//! What people watch of a run, written by rank 0 beside `logs/metrics.jsonl`: `logs/train.log`, the
+//! TensorBoard event files (`logs/tensorboard/`, one per attempt), `logs/loss.svg` and
+//! `logs/progress.json` (what `waypoint status` reads while the run goes on).
+//!
+//! On a local store the log and the event files are written in place, line by line and event by
+//! event. On an object store they are written to a local copy (under the temp folder:
+//! `$TMPDIR/waypoint-logs/<run>/attempt-N/`) and uploaded whole at every checkpoint and at the end;
+//! so a run killed without warning loses from the store's copy at most what it logged since its last
+//! checkpoint (the local copy keeps it). `train.log` is appended per attempt (an object store's copy is
+//! read back at the start). The plot is drawn at every checkpoint and at the end; `progress.json` is
+//! written at most every [`PROGRESS_EVERY`], in the background.
+//!
+//! Nothing here may stop training: a failure to write these files is a warning.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use waypoint_checkpoint::{now_ms, RunLayout};
+use waypoint_storage::{StorageError, Store};
+
+use crate::run::plot::{render_svg, Curves};
+use crate::run::tensorboard::{scalars_of, EventFile, SAVE_SECS_TAG};
+use crate::run::trainlog;
+
+/// How often `logs/progress.json` is rewritten while steps run.
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Where the progress of this attempt stands, for `logs/progress.json`.
+struct Pace {
+    started: Instant,
+    first_step: u64,
+    last_write: Option<Instant>,
+    inflight: Option<JoinHandle<()>>,
+    /// The newest loss, lr, tokens/s and eval loss seen.
+    last: Value,
+}
+
+/// The watched outputs of one attempt (rank 0).
+pub(crate) struct Watch {
+    store: Store,
+    layout: RunLayout,
+    handle: Handle,
+    attempt: u64,
+    total_steps: u64,
+    /// The folder of this attempt's `train.log` and `tensorboard/`: the run's `logs/` itself on a
+    /// local store, else the local copy.
+    dir: PathBuf,
+    /// The store is not local: the files are uploaded at checkpoints and at the end.
+    upload: bool,
+    /// This attempt's event file, relative to `dir` (and to `logs/`).
+    events_name: String,
+    /// `None` once writing it failed.
+    events: Mutex<Option<EventFile>>,
+    pace: Mutex<Pace>,
+}
+
+impl Watch {
+    /// Starts the outputs of attempt `attempt`, which resumes after step `resumed_step` (0 for a
+    /// fresh start): attaches `train.log` and creates this attempt's event file.
+    pub(crate) async fn start(
+        store: &Store,
+        layout: &RunLayout,
+        attempt: u64,
+        resumed_step: u64,
+        total_steps: u64,
+    ) -> Result<Self> {
+        let logs = format!("{}/logs", layout.root());
+        let (dir, upload) = match store.local_path(&logs) {
+            Some(dir) => (dir, false),
+            None => (
+                std::env::temp_dir()
+                    .join("waypoint-logs")
+                    .join(layout.root())
+                    .join(format!("attempt-{attempt:06}")),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log_path = dir.join("train.log");
+        if upload {
+            // Appended per attempt: this copy starts from what the store holds.
+            let earlier = match store.get(&layout.train_log()).await {
+                Ok(b) => b,
+                Err(StorageError::NotFound { .. }) => Bytes::new(),
+                Err(e) => return Err(e).context("reading logs/train.log"),
+            };
+            std::fs::write(&log_path, &earlier)
+                .with_context(|| format!("writing {}", log_path.display()))?;
+        }
+        trainlog::attach(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+        let secs = now_ms() / 1000;
+        let events_name =
+            format!("tensorboard/events.out.tfevents.{secs:010}.waypoint.{attempt:06}");
+        let events = EventFile::create(
+            &dir.join(&events_name),
+            resumed_step + 1,
+            &format!("attempt {attempt} resumes after step {resumed_step}"),
+        )
+        .with_context(|| format!("creating {}", dir.join(&events_name).display()))?;
+        Ok(Self {
+            store: store.clone(),
+            layout: layout.clone(),
+            handle: Handle::current(),
+            attempt,
+            total_steps,
+            dir,
+            upload,
+            events_name,
+            events: Mutex::new(Some(events)),
+            pace: Mutex::new(Pace {
+                started: Instant::now(),
+                first_step: resumed_step,
+                last_write: None,
+                inflight: None,
+                last: json!({}),
+            }),
+        })
+    }
+
+    /// After a step: its scalars into the event file, and `progress.json` when due.
+    pub(crate) fn step(&self, step: u64, line: &Value) {
+        self.scalars(step, &scalars_of(line));
+        let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        for field in ["loss", "lr", "tokens_per_s", "eval_loss"] {
+            if let Some(v) = line.get(field) {
+                pace.last[field] = v.clone();
+            }
+        }
+        let due = pace
+            .last_write
+            .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        let busy = pace.inflight.as_ref().is_some_and(|h| !h.is_finished());
+        if !due || busy {
+            return;
+        }
+        let body = self.progress(&pace, step);
+        pace.last_write = Some(Instant::now());
+        let (store, key) = (self.store.clone(), self.layout.progress());
+        pace.inflight = Some(self.handle.spawn(async move {
+            if let Err(e) = store.put(&key, body).await {
+                tracing::warn!("could not write logs/progress.json: {e}");
+            }
+        }));
+    }
+
+    /// After a commit: how long the save of `step` took.
+    pub(crate) fn checkpoint_saved(&self, step: u64, secs: f64) {
+        self.scalars(step, &[(SAVE_SECS_TAG, secs as f32)]);
+    }
+
+    /// At a checkpoint: draws the plot from `metrics` and, on an object store, uploads the log and
+    /// the event file.
+    pub(crate) async fn sync(&self, metrics: &str) {
+        let title = format!("{} — {} steps", self.layout.run_id(), self.total_steps);
+        let drawn = render_svg(&Curves::from_metrics(metrics), &title);
+        let plot = match drawn {
+            Ok(svg) => self
+                .store
+                .put(&self.layout.loss_plot(), Bytes::from(svg))
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = plot {
+            tracing::warn!("could not draw logs/loss.svg: {e:#}");
+        }
+        if let Err(e) = self.upload().await {
+            tracing::warn!("could not upload the run's logs: {e:#}");
+        }
+    }
+
+    /// At the end of the attempt (finished, stopped or failed): the last `progress.json`, then the
+    /// log closed and uploaded.
+    pub(crate) async fn close(&self, step: u64) {
+        let inflight = {
+            let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+            pace.inflight.take()
+        };
+        if let Some(h) = inflight {
+            let _ = h.await;
+        }
+        let body = {
+            let pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+            self.progress(&pace, step)
+        };
+        if let Err(e) = self.store.put(&self.layout.progress(), body).await {
+            tracing::warn!("could not write logs/progress.json: {e}");
+        }
+        trainlog::detach();
+        if let Err(e) = self.upload().await {
+            tracing::warn!("could not upload the run's logs: {e:#}");
+        }
+    }
+
+    fn scalars(&self, step: u64, scalars: &[(&str, f32)]) {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = events.as_mut() {
+            if let Err(e) = file.scalars(step, scalars) {
+                tracing::warn!(
+                    "could not write the TensorBoard event file {}: {e}; no more events this attempt",
+                    self.events_name
+                );
+                *events = None;
+            }
+        }
+    }
+
+    /// The body of `progress.json` at `step`.
+    fn progress(&self, pace: &Pace, step: u64) -> Bytes {
+        let secs = pace.started.elapsed().as_secs_f64();
+        let done = step.saturating_sub(pace.first_step);
+        let steps_per_s = (done > 0 && secs > 0.0).then(|| done as f64 / secs);
+        let eta_s = steps_per_s.map(|r| self.total_steps.saturating_sub(step) as f64 / r);
+        let mut body = json!({
+            "attempt": self.attempt,
+            "step": step,
+            "total_steps": self.total_steps,
+            "steps_per_s": steps_per_s,
+            "eta_s": eta_s,
+            "updated_unix_ms": now_ms(),
+        });
+        if let (Some(body), Some(last)) = (body.as_object_mut(), pace.last.as_object()) {
+            body.extend(last.clone());
+        }
+        Bytes::from(body.to_string())
+    }
+
+    /// On an object store: puts the local copies of `train.log` and this attempt's event file.
+    async fn upload(&self) -> Result<()> {
+        if !self.upload {
+            return Ok(());
+        }
+        let log =
+            std::fs::read(self.dir.join("train.log")).context("reading the local train.log")?;
+        self.store
+            .put(&self.layout.train_log(), Bytes::from(log))
+            .await?;
+        // Read under the lock: the file holds whole records only.
+        let events = {
+            let _events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            std::fs::read(self.dir.join(&self.events_name))
+                .context("reading the local event file")?
+        };
+        let key = format!(
+            "{}/{}",
+            self.layout.tensorboard_dir(),
+            self.events_name.trim_start_matches("tensorboard/")
+        );
+        self.store.put(&key, Bytes::from(events)).await?;
+        Ok(())
+    }
+}
+
+impl super::Session {
+    /// Rank 0's watched outputs for `attempt`, resuming after the current step; none on other ranks,
+    /// or (with a warning) when they cannot be started — training goes on without them.
+    pub(super) fn start_watch(
+        &self,
+        main: bool,
+        attempt: u64,
+        rt: &tokio::runtime::Runtime,
+    ) -> Option<std::sync::Arc<Watch>> {
+        if !main {
+            return None;
+        }
+        let started = rt.block_on(Watch::start(
+            &self.store,
+            &self.layout,
+            attempt,
+            self.step,
+            self.total_steps,
+        ));
+        match started {
+            Ok(watch) => Some(std::sync::Arc::new(watch)),
+            Err(e) => {
+                tracing::warn!(
+                    "no train.log, TensorBoard events or progress for this attempt: {}",
+                    waypoint_storage::redact_text(&format!("{e:#}"))
+                );
+                None
+            }
+        }
+    }
+}
