@@ -471,10 +471,11 @@ fn init_tracing() {
         })
         .log_internal_errors(false)
         .with_ansi(false);
+    // The file first: a line seen on stderr is already in the file.
     tracing_subscriber::registry()
         .with(filter)
-        .with(stderr)
         .with(train_log)
+        .with(stderr)
         .init();
 }
 
