@@ -103,7 +103,7 @@ pub fn render_svg(curves: &Curves, title: &str) -> Result<String> {
                 .label("eval loss")
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], eval));
         }
-        let lr = GREEN.stroke_width(1);
+        let lr = RGBColor(0, 150, 0).stroke_width(1);
         chart
             .draw_secondary_series(LineSeries::new(curves.lr.iter().copied(), lr))
             .map_err(|e| anyhow!("drawing the plot: {e}"))?
