@@ -370,6 +370,30 @@ fn status_reports_running_cancelled_finished_and_failed_runs() {
     let last = log.lines().last().unwrap();
     assert!(last.starts_with("error: training step 8 failed"), "{last}");
 
+    // Failed before training began (a bad row in the data): the error still ends train.log.
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello\"}\n{\"oops\n").unwrap();
+    let mut args = train_args(base, "early", 12, 5);
+    args.extend([
+        "--dataset_uri".to_string(),
+        data.to_str().unwrap().to_string(),
+    ]);
+    assert_eq!(train(&args).output().unwrap().status.code(), Some(1));
+    let run = format!("{base}/early/framework=waypoint");
+    let failed = status_json(&run);
+    assert_eq!(failed["state"], "FAILED", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("line 2"),
+        "{failed}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("early/framework=waypoint/logs/train.log"))
+        .unwrap();
+    let last = log.lines().last().unwrap();
+    assert!(
+        last.starts_with("error: --dataset_uri") && last.contains("line 2"),
+        "{last}"
+    );
+
     // No run there: an error naming the URI.
     let out = common::waypoint()
         .args(["status", &format!("{base}/nothing/framework=waypoint")])

@@ -90,21 +90,16 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
         main: true,
         watch: None,
     };
-    let result = session.train(&stop, rt);
-    if let (Err(e), Some(_)) = (&result, &session.watch) {
-        trainlog::note(&format!("error: {}", records::explain(e)));
-    }
-    match result {
+    match session.train(&stop, rt) {
         Ok(outcome) => {
-            if let Some(watch) = session.watch.take() {
-                rt.block_on(watch.close(session.step));
-            }
+            session.end_watch(None, rt);
             Ok(outcome)
         }
         Err(e) => {
             // A usage or configuration error writes nothing (a finished run stays FINISHED);
             // anything else is the run's failure, recorded for the control plane.
-            if e.downcast_ref::<UsageError>().is_none() && session.main {
+            let failure = e.downcast_ref::<UsageError>().is_none() && session.main;
+            if failure {
                 let mut status = Status::new(JobState::Failed, session.step, session.total_steps);
                 status.error = Some(records::explain(&e));
                 status.attempt = session.attempt;
@@ -117,9 +112,7 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
                     tracing::warn!("could not record the failure in status.json: {w:#}");
                 }
             }
-            if let Some(watch) = session.watch.take() {
-                rt.block_on(watch.close(session.step));
-            }
+            session.end_watch(failure.then_some(&e), rt);
             Err(e)
         }
     }
@@ -150,6 +143,24 @@ struct Live {
     resumed_step: Option<u64>,
     /// Loss of the last step this process ran (NaN before the first).
     last_loss: f64,
+}
+
+impl Drop for Live {
+    /// A start that ends early (an error) lets the save in flight finish first, so that its commit
+    /// and the `status.json` it writes come before the failure is recorded, never after it. (With
+    /// several ranks it does not wait: a save whose peer died would hold the exit for the
+    /// collective timeout.)
+    fn drop(&mut self) {
+        if self.ranks.world() > 1 {
+            return;
+        }
+        if let Err(e) = self.saver.wait() {
+            tracing::warn!(
+                "the checkpoint in flight did not commit: {}",
+                records::explain(&e)
+            );
+        }
+    }
 }
 
 /// One start of the trainer: the run it works on and how far it got.

@@ -44,6 +44,32 @@ impl Curves {
     }
 }
 
+/// Points drawn per curve at most: a longer curve is thinned (see [`thin`]), so a run of a million
+/// steps draws as fast, and as small a file, as one of a few thousand.
+pub const MAX_POINTS: usize = 2000;
+
+/// `points` thinned to at most about `max`: each bucket of consecutive points keeps its lowest and
+/// highest, in step order, so spikes stay visible.
+pub fn thin(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
+    if points.len() <= max || max < 2 {
+        return points.to_vec();
+    }
+    let bucket = points.len().div_ceil(max / 2);
+    let mut out = Vec::with_capacity(max + 2);
+    for chunk in points.chunks(bucket) {
+        let by_y = |a: &&(f64, f64), b: &&(f64, f64)| a.1.total_cmp(&b.1);
+        let (Some(lo), Some(hi)) = (chunk.iter().min_by(by_y), chunk.iter().max_by(by_y)) else {
+            continue;
+        };
+        let (first, second) = if lo.0 <= hi.0 { (lo, hi) } else { (hi, lo) };
+        out.push(*first);
+        if second != first {
+            out.push(*second);
+        }
+    }
+    out
+}
+
 /// The range of `values` widened a little (and never empty), for an axis.
 fn axis(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
@@ -91,21 +117,21 @@ pub fn render_svg(curves: &Curves, title: &str) -> Result<String> {
             .map_err(|e| anyhow!("drawing the plot: {e}"))?;
         let train = BLUE.stroke_width(2);
         chart
-            .draw_series(LineSeries::new(curves.loss.iter().copied(), train))
+            .draw_series(LineSeries::new(thin(&curves.loss, MAX_POINTS), train))
             .map_err(|e| anyhow!("drawing the plot: {e}"))?
             .label("train loss")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], train));
         if !curves.eval_loss.is_empty() {
             let eval = RED.stroke_width(2);
             chart
-                .draw_series(LineSeries::new(curves.eval_loss.iter().copied(), eval))
+                .draw_series(LineSeries::new(thin(&curves.eval_loss, MAX_POINTS), eval))
                 .map_err(|e| anyhow!("drawing the plot: {e}"))?
                 .label("eval loss")
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], eval));
         }
         let lr = RGBColor(0, 150, 0).stroke_width(1);
         chart
-            .draw_secondary_series(LineSeries::new(curves.lr.iter().copied(), lr))
+            .draw_secondary_series(LineSeries::new(thin(&curves.lr, MAX_POINTS), lr))
             .map_err(|e| anyhow!("drawing the plot: {e}"))?
             .label("learning rate (right axis)")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], lr));
@@ -134,6 +160,23 @@ mod tests {
         assert_eq!(c.loss, vec![(1.0, 3.0), (2.0, 2.0)]);
         assert_eq!(c.eval_loss, vec![(2.0, 2.5)]);
         assert_eq!(c.lr, vec![(1.0, 0.1), (2.0, 0.2), (3.0, 0.3)]);
+    }
+
+    #[test]
+    fn long_curves_are_thinned_keeping_each_buckets_extremes() {
+        let points: Vec<(f64, f64)> = (0..10_000)
+            .map(|i| (i as f64, if i == 4321 { 100.0 } else { (i % 7) as f64 }))
+            .collect();
+        let thinned = thin(&points, 2000);
+        assert!(thinned.len() <= 2000, "{}", thinned.len());
+        assert!(
+            thinned.windows(2).all(|w| w[0].0 < w[1].0),
+            "not in step order"
+        );
+        assert!(thinned.contains(&(4321.0, 100.0)), "the spike is lost");
+        assert_eq!(thinned.first().map(|p| p.0), Some(0.0));
+        let short = &points[..50];
+        assert_eq!(thin(short, 2000), short.to_vec());
     }
 
     #[test]

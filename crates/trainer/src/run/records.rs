@@ -103,7 +103,7 @@ impl RunRecords {
     /// lines missing below a committed one would not be.
     pub async fn write_metrics(&self, metrics: String) -> Result<()> {
         if let Some(watch) = &self.watch {
-            watch.sync(&metrics).await;
+            watch.saving(&metrics);
         }
         self.store
             .put(&self.layout.metrics(), Bytes::from(metrics))
@@ -123,7 +123,7 @@ impl RunRecords {
         secs: f64,
     ) -> Result<()> {
         if let Some(watch) = &self.watch {
-            watch.checkpoint_saved(status.step, secs);
+            watch.committed(status.step, secs).await;
         }
         let key = self.layout.run_config();
         if !run_record.is_empty() && !self.store.exists(&key).await? {

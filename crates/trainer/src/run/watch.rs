@@ -7,8 +7,8 @@
 //! `$TMPDIR/waypoint-logs/<run>/attempt-N/`) and uploaded whole at every checkpoint and at the end;
 //! so a run killed without warning loses from the store's copy at most what it logged since its last
 //! checkpoint (the local copy keeps it). `train.log` is appended per attempt (an object store's copy is
-//! read back at the start). The plot is drawn at every checkpoint and at the end; `progress.json` is
-//! written at most every [`PROGRESS_EVERY`], in the background.
+//! read back at the start). The plot is drawn after every checkpoint's commit (the final one
+//! included); `progress.json` is written at most every [`PROGRESS_EVERY`], in the background.
 //!
 //! Nothing here may stop training: a failure to write these files is a warning.
 
@@ -57,6 +57,8 @@ pub(crate) struct Watch {
     events_name: String,
     /// `None` once writing it failed.
     events: Mutex<Option<EventFile>>,
+    /// `logs/metrics.jsonl` as of the save in flight.
+    metrics: Mutex<String>,
     pace: Mutex<Pace>,
 }
 
@@ -113,6 +115,7 @@ impl Watch {
             upload,
             events_name,
             events: Mutex::new(Some(events)),
+            metrics: Mutex::new(String::new()),
             pace: Mutex::new(Pace {
                 started: Instant::now(),
                 first_step: resumed_step,
@@ -149,16 +152,19 @@ impl Watch {
         }));
     }
 
-    /// After a commit: how long the save of `step` took.
-    pub(crate) fn checkpoint_saved(&self, step: u64, secs: f64) {
-        self.scalars(step, &[(SAVE_SECS_TAG, secs as f32)]);
+    /// A save begins: `metrics` is `logs/metrics.jsonl` as of its step (drawn once it commits).
+    pub(crate) fn saving(&self, metrics: &str) {
+        *self.metrics.lock().unwrap_or_else(|e| e.into_inner()) = metrics.to_string();
     }
 
-    /// At a checkpoint: draws the plot from `metrics` and, on an object store, uploads the log and
-    /// the event file.
-    pub(crate) async fn sync(&self, metrics: &str) {
+    /// After the commit of `step`, whose save took `secs`: its save time into the events, the plot
+    /// drawn from the metrics as of the save and, on an object store, the log and the event file
+    /// uploaded. (After the commit, so that none of this delays it.)
+    pub(crate) async fn committed(&self, step: u64, secs: f64) {
+        self.scalars(step, &[(SAVE_SECS_TAG, secs as f32)]);
         let title = format!("{} — {} steps", self.layout.run_id(), self.total_steps);
-        let drawn = render_svg(&Curves::from_metrics(metrics), &title);
+        let curves = Curves::from_metrics(&self.metrics.lock().unwrap_or_else(|e| e.into_inner()));
+        let drawn = render_svg(&curves, &title);
         let plot = match drawn {
             Ok(svg) => self
                 .store
@@ -257,7 +263,70 @@ impl Watch {
     }
 }
 
+/// A start that failed before its attempt's outputs began (loading the model or the data, say): its
+/// log lines so far and `error` are appended to `logs/train.log` all the same.
+async fn log_failed_start(store: &Store, layout: &RunLayout, error: &str) -> Result<()> {
+    let key = layout.train_log();
+    let (path, upload) = match store.local_path(&key) {
+        Some(path) => (path, false),
+        None => {
+            let path = std::env::temp_dir()
+                .join("waypoint-logs")
+                .join(layout.root())
+                .join(format!("failed-start-{}", std::process::id()))
+                .join("train.log");
+            let earlier = match store.get(&key).await {
+                Ok(b) => b,
+                Err(StorageError::NotFound { .. }) => Bytes::new(),
+                Err(e) => return Err(e).context("reading logs/train.log"),
+            };
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&path, &earlier)?;
+            (path, true)
+        }
+    };
+    trainlog::attach(&path).with_context(|| format!("opening {}", path.display()))?;
+    trainlog::note(error);
+    trainlog::detach();
+    if upload {
+        store.put(&key, Bytes::from(std::fs::read(&path)?)).await?;
+    }
+    Ok(())
+}
+
 impl super::Session {
+    /// At the end of this start: the error of a failed run (`error`) goes to `train.log`, then the
+    /// outputs are closed (the last progress, the log's upload); a start that failed before its
+    /// outputs began still appends its log and error (rank 0).
+    pub(super) fn end_watch(
+        &mut self,
+        error: Option<&anyhow::Error>,
+        rt: &tokio::runtime::Runtime,
+    ) {
+        let message = error.map(|e| format!("error: {}", crate::run::records::explain(e)));
+        match self.watch.take() {
+            Some(watch) => {
+                if let Some(m) = &message {
+                    trainlog::note(m);
+                }
+                rt.block_on(watch.close(self.step));
+            }
+            None => {
+                let Some(m) = message.filter(|_| self.main) else {
+                    return;
+                };
+                if let Err(e) = rt.block_on(log_failed_start(&self.store, &self.layout, &m)) {
+                    tracing::warn!(
+                        "could not write logs/train.log: {}",
+                        waypoint_storage::redact_text(&format!("{e:#}"))
+                    );
+                }
+            }
+        }
+    }
+
     /// Rank 0's watched outputs for `attempt`, resuming after the current step; none on other ranks,
     /// or (with a warning) when they cannot be started — training goes on without them.
     pub(super) fn start_watch(
