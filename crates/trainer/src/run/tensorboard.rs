@@ -124,9 +124,9 @@ pub struct EventFile {
 }
 
 impl EventFile {
-    /// Creates `path` (never overwriting) and writes the version event and a session start at
-    /// `first_step`, the first step this attempt runs.
-    pub fn create(path: &Path, first_step: u64, note: &str) -> std::io::Result<Self> {
+    /// Creates `path` (never overwriting) and writes the version event, then — for the first file of
+    /// an attempt — a session start at `start.0`, the first step the attempt runs, noted `start.1`.
+    pub fn create(path: &Path, start: Option<(u64, &str)>) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -138,14 +138,16 @@ impl EventFile {
             step: 0,
             what: Some(What::FileVersion(FILE_VERSION.into())),
         })?;
-        this.write(&Event {
-            wall_time: now,
-            step: first_step as i64,
-            what: Some(What::SessionLog(SessionLog {
-                status: SESSION_START,
-                msg: note.to_string(),
-            })),
-        })?;
+        if let Some((first_step, note)) = start {
+            this.write(&Event {
+                wall_time: now,
+                step: first_step as i64,
+                what: Some(What::SessionLog(SessionLog {
+                    status: SESSION_START,
+                    msg: note.to_string(),
+                })),
+            })?;
+        }
         Ok(this)
     }
 
@@ -178,6 +180,28 @@ fn wall_time() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Test builds: the events of an event file's bytes, every checksum checked.
+#[cfg(test)]
+pub(crate) fn read_events(mut bytes: &[u8]) -> Vec<Event> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let len_bytes: [u8; 8] = bytes[..8].try_into().unwrap();
+        let len = u64::from_le_bytes(len_bytes) as usize;
+        assert_eq!(
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+            masked_crc(&len_bytes)
+        );
+        let data = &bytes[12..12 + len];
+        assert_eq!(
+            u32::from_le_bytes(bytes[12 + len..16 + len].try_into().unwrap()),
+            masked_crc(data)
+        );
+        out.push(<Event as prost::Message>::decode(data).unwrap());
+        bytes = &bytes[16 + len..];
+    }
+    out
 }
 
 #[cfg(test)]

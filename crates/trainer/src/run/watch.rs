@@ -31,6 +31,23 @@ use crate::run::trainlog;
 /// How often `logs/progress.json` is rewritten while steps run.
 pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// On an object store, an event file that reached this size at an upload is closed and the attempt
+/// goes on in a new part, so that each checkpoint uploads at most about this much of events (sealed
+/// parts go up once), however long the run.
+pub(crate) const EVENT_PART_BYTES: u64 = 8 << 20;
+
+/// This attempt's event files: the one being written and the sealed parts not yet uploaded.
+struct Events {
+    /// `None` once writing failed.
+    file: Option<EventFile>,
+    /// The file being written, under `tensorboard/`.
+    name: String,
+    /// Sealed parts (written no more) whose last upload is still to do.
+    sealed: Vec<String>,
+    /// Parts started after the first.
+    parts: u32,
+}
+
 /// Where the progress of this attempt stands, for `logs/progress.json`.
 struct Pace {
     started: Instant,
@@ -53,10 +70,10 @@ pub(crate) struct Watch {
     dir: PathBuf,
     /// The store is not local: the files are uploaded at checkpoints and at the end.
     upload: bool,
-    /// This attempt's event file, relative to `dir` (and to `logs/`).
-    events_name: String,
-    /// `None` once writing it failed.
-    events: Mutex<Option<EventFile>>,
+    /// The event files, under `dir/tensorboard/`.
+    events: Mutex<Events>,
+    /// The size at which an event file is sealed ([`EVENT_PART_BYTES`]).
+    part_bytes: u64,
     /// `logs/metrics.jsonl` as of the save in flight.
     metrics: Mutex<String>,
     pace: Mutex<Pace>,
@@ -96,15 +113,11 @@ impl Watch {
                 .with_context(|| format!("writing {}", log_path.display()))?;
         }
         trainlog::attach(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
-        let secs = now_ms() / 1000;
-        let events_name =
-            format!("tensorboard/events.out.tfevents.{secs:010}.waypoint.{attempt:06}");
-        let events = EventFile::create(
-            &dir.join(&events_name),
-            resumed_step + 1,
-            &format!("attempt {attempt} resumes after step {resumed_step}"),
-        )
-        .with_context(|| format!("creating {}", dir.join(&events_name).display()))?;
+        let name = event_file_name(attempt, 0);
+        let path = dir.join("tensorboard").join(&name);
+        let note = format!("attempt {attempt} resumes after step {resumed_step}");
+        let file = EventFile::create(&path, Some((resumed_step + 1, &note)))
+            .with_context(|| format!("creating {}", path.display()))?;
         Ok(Self {
             store: store.clone(),
             layout: layout.clone(),
@@ -113,8 +126,13 @@ impl Watch {
             total_steps,
             dir,
             upload,
-            events_name,
-            events: Mutex::new(Some(events)),
+            events: Mutex::new(Events {
+                file: Some(file),
+                name,
+                sealed: Vec::new(),
+                parts: 0,
+            }),
+            part_bytes: EVENT_PART_BYTES,
             metrics: Mutex::new(String::new()),
             pace: Mutex::new(Pace {
                 started: Instant::now(),
@@ -206,15 +224,43 @@ impl Watch {
 
     fn scalars(&self, step: u64, scalars: &[(&str, f32)]) {
         let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(file) = events.as_mut() {
+        if let Some(file) = events.file.as_mut() {
             if let Err(e) = file.scalars(step, scalars) {
                 tracing::warn!(
                     "could not write the TensorBoard event file {}: {e}; no more events this attempt",
-                    self.events_name
+                    events.name
                 );
-                *events = None;
+                events.file = None;
             }
         }
+    }
+
+    /// The event files to upload now (name, bytes): the sealed parts not yet uploaded and the one
+    /// being written, read under the lock (so they hold whole records); the latter is sealed and a
+    /// new part begun when it reached `part_bytes`.
+    fn event_files_to_upload(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = self.dir.join("tensorboard");
+        let mut out = Vec::new();
+        for name in &events.sealed {
+            out.push((name.clone(), std::fs::read(dir.join(name))?));
+        }
+        let current = std::fs::read(dir.join(&events.name)).context("reading the event file")?;
+        let full = current.len() as u64 >= self.part_bytes && events.file.is_some();
+        out.push((events.name.clone(), current));
+        if full {
+            let name = event_file_name(self.attempt, events.parts + 1);
+            match EventFile::create(&dir.join(&name), None) {
+                Ok(file) => {
+                    let old = std::mem::replace(&mut events.name, name);
+                    events.sealed.push(old);
+                    events.file = Some(file);
+                    events.parts += 1;
+                }
+                Err(e) => tracing::warn!("could not start a new TensorBoard event file: {e}"),
+            }
+        }
+        Ok(out)
     }
 
     /// The body of `progress.json` at `step`.
@@ -247,19 +293,26 @@ impl Watch {
         self.store
             .put(&self.layout.train_log(), Bytes::from(log))
             .await?;
-        // Read under the lock: the file holds whole records only.
-        let events = {
-            let _events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-            std::fs::read(self.dir.join(&self.events_name))
-                .context("reading the local event file")?
-        };
-        let key = format!(
-            "{}/{}",
-            self.layout.tensorboard_dir(),
-            self.events_name.trim_start_matches("tensorboard/")
-        );
-        self.store.put(&key, Bytes::from(events)).await?;
+        for (name, bytes) in self.event_files_to_upload()? {
+            let key = format!("{}/{name}", self.layout.tensorboard_dir());
+            self.store.put(&key, Bytes::from(bytes)).await?;
+            let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+            events.sealed.retain(|n| *n != name);
+        }
         Ok(())
+    }
+}
+
+/// The name of part `part` of attempt `attempt`'s event file, made now: TensorBoard reads the files
+/// of a folder in name order, which is the order they were begun (the time first, then the attempt,
+/// then the part).
+fn event_file_name(attempt: u64, part: u32) -> String {
+    let secs = now_ms() / 1000;
+    let base = format!("events.out.tfevents.{secs:010}.waypoint.{attempt:06}");
+    if part == 0 {
+        base
+    } else {
+        format!("{base}.{part:04}")
     }
 }
 
@@ -355,5 +408,84 @@ impl super::Session {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::tensorboard::{read_events, What};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_an_object_store_events_go_up_in_parts_that_read_as_one_curve() {
+        let store = Store::open("memory://watch-parts").unwrap();
+        let run_id = format!("parts-{}-{}", std::process::id(), now_ms());
+        let layout = RunLayout::new(&run_id, "waypoint").unwrap();
+        let mut watch = Watch::start(&store, &layout, 1, 0, 300).await.unwrap();
+        watch.part_bytes = 2000;
+        for step in 1..=300u64 {
+            watch.step(step, &json!({"step": step, "loss": step as f64, "lr": 0.1}));
+            if step % 50 == 0 {
+                watch.saving(&format!("{{\"step\":{step},\"loss\":1.0,\"lr\":0.1}}\n"));
+                watch.committed(step, 0.5).await;
+            }
+        }
+        watch.close(300).await;
+
+        let mut keys: Vec<String> = store
+            .list(&layout.tensorboard_dir())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        keys.sort();
+        // 300 steps of ~50 bytes in parts of ~2000 bytes, each sealed at a checkpoint (every 50).
+        assert!(keys.len() >= 5, "{keys:?}");
+        let (mut losses, mut starts) = (Vec::new(), Vec::new());
+        for key in &keys {
+            let bytes = store.get(key).await.unwrap();
+            let local = std::fs::read(
+                watch
+                    .dir
+                    .join("tensorboard")
+                    .join(key.rsplit('/').next().unwrap()),
+            );
+            assert_eq!(
+                local.unwrap(),
+                bytes.to_vec(),
+                "{key}: the stored part is not the whole file"
+            );
+            let events = read_events(&bytes);
+            assert_eq!(
+                events[0].what,
+                Some(What::FileVersion("brain.Event:2".into()))
+            );
+            for e in events {
+                match e.what {
+                    Some(What::Summary(s)) => losses.extend(
+                        s.value
+                            .iter()
+                            .filter(|v| v.tag == "train/loss")
+                            .map(|v| (e.step, v.simple_value)),
+                    ),
+                    Some(What::SessionLog(l)) => starts.push((e.step, l.status)),
+                    _ => {}
+                }
+            }
+        }
+        // One session start, in the first part; every step once, in order, across the parts.
+        assert_eq!(starts, [(1, 1)]);
+        let expected: Vec<(i64, f32)> = (1..=300).map(|s| (s, s as f32)).collect();
+        assert_eq!(losses, expected);
+        assert!(store.exists(&layout.loss_plot()).await.unwrap());
+        assert!(store.exists(&layout.train_log()).await.unwrap());
+        let progress: Value =
+            serde_json::from_slice(&store.get(&layout.progress()).await.unwrap()).unwrap();
+        assert_eq!(
+            (progress["step"].as_u64(), progress["loss"].as_f64()),
+            (Some(300), Some(300.0))
+        );
+        let _ = std::fs::remove_dir_all(&watch.dir);
     }
 }
