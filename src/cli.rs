@@ -456,6 +456,7 @@ fn stop_on_signals() -> Arc<AtomicUsize> {
 fn init_tracing() {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let stderr = tracing_subscriber::fmt::layer()
@@ -463,7 +464,10 @@ fn init_tracing() {
         // A closed stderr (`waypoint train 2>&1 | head -1`) must not end the run: the subscriber's
         // own report of a failed write would go to that stderr and panic.
         .log_internal_errors(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.target() != waypoint_trainer::run::trainlog::FILE_ONLY
+        }));
     // The same lines, without colour codes, into the run's logs/train.log (run/trainlog.rs).
     let train_log = tracing_subscriber::fmt::layer()
         .with_writer(|| {

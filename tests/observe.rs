@@ -464,3 +464,48 @@ async fn an_s3_run_uploads_its_logs_and_events_without_secrets() {
     assert_no_secrets("the run on S3", &all_text_under(local.path()), &secrets);
     assert_no_secrets("stderr", &stderr, &secrets);
 }
+
+#[test]
+fn on_a_terminal_train_log_keeps_the_step_lines_the_bar_stands_for_without_colour() {
+    // `script` (util-linux) gives the run a terminal: colour codes and a progress bar on it.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("this test needs `script` (util-linux) to give the run a terminal");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let command = format!(
+        "{} {}",
+        env!("CARGO_BIN_EXE_waypoint"),
+        train_args(base, "tty", 12, 5).join(" ")
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("LD_LIBRARY_PATH")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{terminal}");
+    assert!(
+        terminal.contains('\u{1b}'),
+        "no colour on the terminal:\n{terminal}"
+    );
+    assert!(
+        !terminal.contains("train step="),
+        "step lines beside the bar:\n{terminal}"
+    );
+    let log =
+        std::fs::read_to_string(dir.path().join("tty/framework=waypoint/logs/train.log")).unwrap();
+    assert!(!log.contains('\u{1b}'), "colour codes in train.log:\n{log}");
+    for step in [1, 5, 10, 12] {
+        assert!(
+            log.contains(&format!("train step={step} ")),
+            "no step {step}:\n{log}"
+        );
+    }
+    assert!(log.contains("checkpoint committed"));
+}

@@ -12,6 +12,10 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
 
+/// The target of log lines meant for the file only: the step lines a progress bar stands for on a
+/// terminal (the command line's stderr layer leaves this target out).
+pub const FILE_ONLY: &str = "waypoint::train_log";
+
 /// Bytes of log kept in memory before the file is attached; later lines are not kept.
 pub const BUFFER_LIMIT: usize = 1 << 20;
 
