@@ -122,16 +122,17 @@ impl RunRecords {
         name: &str,
         secs: f64,
     ) -> Result<()> {
-        if let Some(watch) = &self.watch {
-            watch.committed(status.step, secs).await;
-        }
         let key = self.layout.run_config();
         if !run_record.is_empty() && !self.store.exists(&key).await? {
             tracing::warn!(%key, "config/run.json is gone (was the run folder deleted?); writing it again");
             self.store.put(&key, run_record.clone()).await?;
         }
         status.checkpoint = Some(name.to_string());
-        self.write_status(&status).await
+        self.write_status(&status).await?;
+        if let Some(watch) = &self.watch {
+            watch.committed(status.step, secs).await;
+        }
+        Ok(())
     }
 }
 

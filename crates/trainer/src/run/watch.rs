@@ -1,6 +1,7 @@
 //! What people watch of a run, written by rank 0 beside `logs/metrics.jsonl`: `logs/train.log`, the
-//! TensorBoard event files (`logs/tensorboard/`, one per attempt), `logs/loss.svg` and
-//! `logs/progress.json` (what `waypoint status` reads while the run goes on).
+//! TensorBoard event files (`logs/tensorboard/`, one per attempt; on object stores in parts of about
+//! [`EVENT_PART_BYTES`]), `logs/loss.svg` and `logs/progress.json` (what `waypoint status` reads while
+//! the run goes on).
 //!
 //! On a local store the log and the event files are written in place, line by line and event by
 //! event. On an object store they are written to a local copy (under the temp folder:
