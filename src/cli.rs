@@ -1,4 +1,4 @@
-//! The `waypoint` command line: `train` and `ckpt`.
+//! The `waypoint` command line: `train`, `launch`, `ckpt` and `status`.
 //!
 //! Exit codes: 0 done; 1 failed (the error is printed, recorded in `status.json` and in
 //! `TORCHELASTIC_ERROR_FILE`); 2 bad usage or configuration, found before any work; 3 `ckpt verify`
@@ -37,6 +37,8 @@ enum Command {
         #[command(subcommand)]
         command: crate::ckpt::CkptCommand,
     },
+    /// Where a run stands: state, step / total, ETA, loss, tokens/s, checkpoints, last error.
+    Status(crate::status::StatusArgs),
 }
 
 fn is_false(b: &bool) -> bool {
@@ -301,7 +303,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    if matches!(cli.command, Command::Ckpt { .. }) {
+    if matches!(cli.command, Command::Ckpt { .. } | Command::Status(_)) {
         // `waypoint ckpt verify RUN | head -1`: a reader that goes away ends the listing quietly, as
         // it does for any Unix tool. (`train` keeps ignoring SIGPIPE — a closed log pipe must not kill
         // a training job — and writes its few result lines without panicking instead.)
@@ -331,6 +333,16 @@ pub fn main() -> ExitCode {
                 } else {
                     ExitCode::FAILURE
                 }
+            }
+        },
+        Command::Status(args) => match runtime.block_on(crate::status::run(args)) {
+            Ok(code) => code,
+            Err(e) => {
+                say_err(format_args!(
+                    "error: {}",
+                    waypoint_trainer::run::records::explain(&e)
+                ));
+                ExitCode::FAILURE
             }
         },
         Command::Ckpt { command } => match runtime.block_on(crate::ckpt::run(command)) {
@@ -461,15 +473,32 @@ fn stop_on_signals() -> Arc<AtomicUsize> {
 }
 
 fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(|| waypoint_trainer::run::records::Redacting(std::io::stderr()))
         // A closed stderr (`waypoint train 2>&1 | head -1`) must not end the run: the subscriber's
         // own report of a failed write would go to that stderr and panic.
         .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.target() != waypoint_trainer::run::trainlog::FILE_ONLY
+        }));
+    // The same lines, without colour codes, into the run's logs/train.log (run/trainlog.rs).
+    let train_log = tracing_subscriber::fmt::layer()
+        .with_writer(|| {
+            waypoint_trainer::run::records::Redacting(waypoint_trainer::run::trainlog::writer())
+        })
+        .log_internal_errors(false)
+        .with_ansi(false);
+    // The file first: a line seen on stderr is already in the file.
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(train_log)
+        .with(stderr)
         .init();
 }
 

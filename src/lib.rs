@@ -3,7 +3,9 @@
 //! [`waypoint_checkpoint`] (`ckpt`).
 //!
 //! - [`cli`]: parsing, dispatch, exit codes (0 done, 1 failed, 2 usage, 3 damage, 128+N signal);
-//! - [`ckpt`]: `waypoint ckpt list|verify|promote|gc`.
+//! - [`ckpt`]: `waypoint ckpt list|verify|promote|gc`;
+//! - [`status`]: `waypoint status`, where a run stands.
 
 pub mod ckpt;
 pub mod cli;
+pub mod status;

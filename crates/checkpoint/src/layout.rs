@@ -3,7 +3,8 @@
 //! ```text
 //! <base>/<run_id>/framework=<framework>/
 //!   config/run.json  status.json  dataloader.json  attempts/000007.json
-//!   logs/train.log  logs/metrics.jsonl
+//!   logs/train.log  logs/metrics.jsonl  logs/progress.json  logs/loss.svg
+//!   logs/tensorboard/events.out.tfevents.<unix secs>.waypoint.<attempt>
 //!   checkpoints/step-000100.json          the manifest (the commit)
 //!   checkpoints/step-000100/dcp/          resumable blobs
 //!   checkpoints/step-000100/sampler/      inference blobs
@@ -108,6 +109,21 @@ impl RunLayout {
     /// `logs/metrics.jsonl`: one JSON object per step.
     pub fn metrics(&self) -> String {
         format!("{}/logs/metrics.jsonl", self.root)
+    }
+
+    /// `logs/tensorboard/`: TensorBoard event files, one per attempt.
+    pub fn tensorboard_dir(&self) -> String {
+        format!("{}/logs/tensorboard", self.root)
+    }
+
+    /// `logs/loss.svg`: the loss plot.
+    pub fn loss_plot(&self) -> String {
+        format!("{}/logs/loss.svg", self.root)
+    }
+
+    /// `logs/progress.json`: the live position of a running attempt (step, rate, last loss).
+    pub fn progress(&self) -> String {
+        format!("{}/logs/progress.json", self.root)
     }
 
     /// `checkpoints/`: manifests and checkpoint folders.

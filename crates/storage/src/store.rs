@@ -132,6 +132,14 @@ impl Store {
         &self.uri
     }
 
+    /// For a local store, the file `key` stands for (the trainer appends logs to it in place);
+    /// `None` for object stores.
+    pub fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.local_root
+            .as_ref()
+            .map(|root| root.join(key.trim_matches('/')))
+    }
+
     /// The options in force.
     pub fn options(&self) -> &StoreOptions {
         &self.options

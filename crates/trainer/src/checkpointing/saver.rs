@@ -361,7 +361,7 @@ fn write(
         let secs = started.elapsed().as_secs_f64();
         if rank == 0 {
             records
-                .committed(job.status, &job.run_record, &manifest.name)
+                .committed(job.status, &job.run_record, &manifest.name, secs)
                 .await?;
         }
         tracing::info!(rank, checkpoint = %manifest.name, secs, "checkpoint committed");

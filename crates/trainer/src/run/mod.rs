@@ -22,11 +22,15 @@ pub mod device;
 mod finish;
 pub mod memory;
 pub mod optim;
+pub mod plot;
 mod progress;
 pub mod records;
 mod resume;
 mod setup;
 mod step;
+pub mod tensorboard;
+pub mod trainlog;
+pub(crate) mod watch;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -85,13 +89,18 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
         step: 0,
         last_checkpoint: None,
         main: true,
+        watch: None,
     };
     match session.train(&stop, rt) {
-        Ok(outcome) => Ok(outcome),
+        Ok(outcome) => {
+            session.end_watch(None, rt);
+            Ok(outcome)
+        }
         Err(e) => {
             // A usage or configuration error writes nothing (a finished run stays FINISHED);
             // anything else is the run's failure, recorded for the control plane.
-            if e.downcast_ref::<UsageError>().is_none() && session.main {
+            let failure = e.downcast_ref::<UsageError>().is_none() && session.main;
+            if failure {
                 let mut status = Status::new(JobState::Failed, session.step, session.total_steps);
                 status.error = Some(records::explain(&e));
                 status.attempt = session.attempt;
@@ -104,6 +113,7 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
                     tracing::warn!("could not record the failure in status.json: {w:#}");
                 }
             }
+            session.end_watch(failure.then_some(&e), rt);
             Err(e)
         }
     }
@@ -136,6 +146,24 @@ struct Live {
     last_loss: f64,
 }
 
+impl Drop for Live {
+    /// A start that ends early (an error) lets the save in flight finish first, so that its commit
+    /// and the `status.json` it writes come before the failure is recorded, never after it. (With
+    /// several ranks it does not wait: a save whose peer died would hold the exit for the
+    /// collective timeout.)
+    fn drop(&mut self) {
+        if self.ranks.world() > 1 {
+            return;
+        }
+        if let Err(e) = self.saver.wait() {
+            tracing::warn!(
+                "the checkpoint in flight did not commit: {}",
+                records::explain(&e)
+            );
+        }
+    }
+}
+
 /// One start of the trainer: the run it works on and how far it got.
 struct Session {
     config: TrainConfig,
@@ -147,6 +175,8 @@ struct Session {
     last_checkpoint: Option<String>,
     /// Rank 0 (or the only worker): it writes the run records.
     main: bool,
+    /// Rank 0's `train.log`, TensorBoard events, plot and progress (see [`watch`]).
+    watch: Option<Arc<watch::Watch>>,
 }
 
 impl Session {
@@ -177,6 +207,9 @@ impl Session {
             progress.step(self.step, run.last_loss, line["lr"].as_f64().unwrap_or(0.0));
             run.metrics.push_str(&line.to_string());
             run.metrics.push('\n');
+            if let Some(watch) = &self.watch {
+                watch.step(self.step, &line);
+            }
             let due = save_due(self.step, run.checkpoint.save_steps, total, false);
             if due == SaveDue::Periodic {
                 let blocked = Instant::now();

@@ -27,14 +27,17 @@ impl Progress {
     }
 
     pub(super) fn step(&self, step: u64, loss: f64, lr: f64) {
+        let line_due = step % self.every == 0 || (step == 1 && self.every != u64::MAX);
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step);
                 bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
+                // The bar stands for these lines on the terminal; train.log still gets them.
+                if line_due {
+                    tracing::info!(target: super::trainlog::FILE_ONLY, step, loss, lr, "train")
+                }
             }
-            None if step % self.every == 0 || (step == 1 && self.every != u64::MAX) => {
-                tracing::info!(step, loss, lr, "train")
-            }
+            None if line_due => tracing::info!(step, loss, lr, "train"),
             None => {}
         }
     }

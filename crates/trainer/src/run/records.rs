@@ -3,13 +3,14 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use waypoint_checkpoint::now_ms;
 use waypoint_checkpoint::RunLayout;
 use waypoint_storage::{StorageError, Store};
 
 /// A job state, spelled as the control plane spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobState {
     /// Started, not yet training.
@@ -25,7 +26,7 @@ pub enum JobState {
 }
 
 /// The content of `status.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     /// The state.
     pub state: JobState,
@@ -60,16 +61,36 @@ impl Status {
 
 /// The run records of one run — `status.json`, `logs/metrics.jsonl`, and `config/run.json` when it
 /// must be written again — through a handle of their own, not the checkpoint manager's.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunRecords {
     store: Store,
     layout: RunLayout,
+    /// The watched outputs (rank 0): plot and log uploads at checkpoints, save times.
+    watch: Option<Arc<crate::run::watch::Watch>>,
+}
+
+impl std::fmt::Debug for RunRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunRecords")
+            .field("layout", &self.layout)
+            .finish()
+    }
 }
 
 impl RunRecords {
     /// The records of `layout`'s run in `store` (the checkpoint base).
     pub fn new(store: Store, layout: RunLayout) -> Self {
-        Self { store, layout }
+        Self {
+            store,
+            layout,
+            watch: None,
+        }
+    }
+
+    /// These records, also drawing the plot and uploading the logs of `watch` at checkpoints.
+    pub(crate) fn watched(mut self, watch: Option<Arc<crate::run::watch::Watch>>) -> Self {
+        self.watch = watch;
+        self
     }
 
     /// Writes `status.json`.
@@ -81,6 +102,9 @@ impl RunRecords {
     /// checkpoint and redoes the rest, so lines past a checkpoint that never commits are harmless;
     /// lines missing below a committed one would not be.
     pub async fn write_metrics(&self, metrics: String) -> Result<()> {
+        if let Some(watch) = &self.watch {
+            watch.saving(&metrics);
+        }
         self.store
             .put(&self.layout.metrics(), Bytes::from(metrics))
             .await
@@ -88,13 +112,15 @@ impl RunRecords {
         Ok(())
     }
 
-    /// After a commit: `status.json` names checkpoint `name`; a `config/run.json` that vanished (the
-    /// run folder was deleted mid-run) is written again from `run_record`, with a warning.
+    /// After a commit: `status.json` names checkpoint `name`, whose save took `secs`; a
+    /// `config/run.json` that vanished (the run folder was deleted mid-run) is written again from
+    /// `run_record`, with a warning.
     pub async fn committed(
         &self,
         mut status: Status,
         run_record: &Bytes,
         name: &str,
+        secs: f64,
     ) -> Result<()> {
         let key = self.layout.run_config();
         if !run_record.is_empty() && !self.store.exists(&key).await? {
@@ -102,7 +128,11 @@ impl RunRecords {
             self.store.put(&key, run_record.clone()).await?;
         }
         status.checkpoint = Some(name.to_string());
-        self.write_status(&status).await
+        self.write_status(&status).await?;
+        if let Some(watch) = &self.watch {
+            watch.committed(status.step, secs).await;
+        }
+        Ok(())
     }
 }
 

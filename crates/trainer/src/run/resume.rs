@@ -289,9 +289,10 @@ impl Session {
             kind: ScheduleKind::parse(&cfg.lr_scheduler)?,
             min_lr_ratio: cfg.min_lr_ratio,
         };
+        self.watch = self.start_watch(main, attempt, rt);
         let saver = Saver::new(
             manager.clone(),
-            RunRecords::new(self.store.clone(), self.layout.clone()),
+            RunRecords::new(self.store.clone(), self.layout.clone()).watched(self.watch.clone()),
             &ranks,
             rt.handle().clone(),
             Bytes::from(serde_json::to_vec_pretty(&run_record)?),
