@@ -96,6 +96,9 @@ pub struct TrainConfig {
     pub logging_steps: u64,
     /// Limit of joining the other ranks and of every collective, in seconds.
     pub dist_timeout_secs: u64,
+    /// Where tokenized datasets are cached (empty: `$XDG_CACHE_HOME/waypoint/data`, else
+    /// `~/.cache/waypoint/data`).
+    pub data_cache_dir: String,
 }
 
 impl Default for TrainConfig {
@@ -143,6 +146,7 @@ impl Default for TrainConfig {
             num_threads: 0,
             logging_steps: 10,
             dist_timeout_secs: 300,
+            data_cache_dir: String::new(),
         }
     }
 }
