@@ -225,3 +225,50 @@ fn two_ranks_on_one_node_build_one_cache() {
     let (published, partial) = cache_files(&cache);
     assert_eq!((published.len(), partial.len()), (1, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_on_s3_streams_into_the_same_samples_as_local_files() {
+    let Some(s3) = common::s3_base() else {
+        return;
+    };
+    use waypoint_trainer::data::tokenizer::Tokenizer;
+    use waypoint_trainer::data::{list_sources, DataOptions, Dataset};
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    // Two files, each several reader chunks long.
+    write_dataset(&local.join("a.jsonl"), 6_000);
+    write_dataset(&local.join("b.jsonl"), 3_000);
+    let base = format!("{s3}/{}", common::unique("data-cache"));
+    let store = waypoint_storage::Store::open(&base).unwrap();
+    for name in ["a.jsonl", "b.jsonl"] {
+        let bytes = std::fs::read(local.join(name)).unwrap();
+        store
+            .put(&format!("data/{name}"), bytes.into())
+            .await
+            .unwrap();
+    }
+    let opts = DataOptions {
+        text_field: "text".into(),
+        max_seq_len: 63,
+        packing: true,
+        skip_bad_lines: false,
+        cache_dir: dir.path().join("cache"),
+        threads: 2,
+    };
+    let rt = tokio::runtime::Handle::current();
+    let remote = list_sources(&format!("{base}/data/")).await.unwrap();
+    let here = list_sources(local.to_str().unwrap()).await.unwrap();
+    assert_eq!(remote.len(), 2);
+    let from_s3 = Dataset::load(&remote, &Tokenizer::Bytes, &opts, rt.clone()).unwrap();
+    let from_disk = Dataset::load(&here, &Tokenizer::Bytes, &opts, rt.clone()).unwrap();
+    assert!(from_s3.built_cache && from_disk.built_cache);
+    assert_ne!(from_s3.cache_path, from_disk.cache_path);
+    assert_eq!((from_s3.len(), from_s3.documents), (from_disk.len(), 9_000));
+    for i in (0..from_s3.len()).step_by(97) {
+        assert_eq!(from_s3.sample(i), from_disk.sample(i), "sample {i}");
+    }
+    // The same listing again finds the cache.
+    let again = Dataset::load(&remote, &Tokenizer::Bytes, &opts, rt).unwrap();
+    assert!(!again.built_cache);
+}

@@ -29,6 +29,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,8 @@ pub const VERSION: u32 = 1;
 const HASH_CHUNK: u64 = 64 << 20;
 /// Section alignment.
 const ALIGN: u64 = 4096;
+/// How often a build logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// A byte range of the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,6 +381,7 @@ fn verify_hashes(
 
 /// A tokenized chunk, or the first malformed row in it.
 struct Encoded {
+    input_bytes: u64,
     tokens: Vec<u32>,
     mask: Vec<bool>,
     doc_lens: Vec<u64>,
@@ -388,6 +392,7 @@ struct Encoded {
 /// Tokenizes the rows of `chunk`.
 fn encode_chunk(chunk: &Chunk, spec: &BuildSpec<'_>) -> Encoded {
     let mut out = Encoded {
+        input_bytes: chunk.bytes.len() as u64,
         tokens: Vec::with_capacity(chunk.bytes.len() / 2),
         mask: Vec::with_capacity(chunk.bytes.len() / 2),
         doc_lens: Vec::new(),
@@ -664,6 +669,8 @@ fn run_pipeline(spec: &BuildSpec<'_>, sink: &mut Sink) -> Result<u64> {
         let written = (|| -> Result<u64> {
             let mut pending: BTreeMap<u64, Encoded> = BTreeMap::new();
             let (mut next, mut skipped) = (0u64, 0u64);
+            let total: u64 = spec.sources.iter().map(|s| s.size).sum();
+            let (started, mut read, mut logged) = (Instant::now(), 0u64, Instant::now());
             for (seq, enc) in &done_rx {
                 pending.insert(seq, enc);
                 while let Some(enc) = pending.remove(&next) {
@@ -672,7 +679,19 @@ fn run_pipeline(spec: &BuildSpec<'_>, sink: &mut Sink) -> Result<u64> {
                     }
                     sink.append(&enc).context("writing the token cache")?;
                     skipped += enc.skipped;
+                    read += enc.input_bytes;
                     next += 1;
+                    if logged.elapsed() >= PROGRESS_EVERY {
+                        logged = Instant::now();
+                        let secs = started.elapsed().as_secs_f64();
+                        tracing::info!(
+                            read_mb = read >> 20,
+                            total_mb = total >> 20,
+                            mb_per_s = format!("{:.1}", read as f64 / 1e6 / secs),
+                            tokens = sink.count,
+                            "tokenizing the dataset into the token cache"
+                        );
+                    }
                     let _ = credit_tx.send(());
                 }
             }

@@ -1,24 +1,22 @@
-//! Training data: JSONL rows (a text field, or chat `messages` with loss on assistant turns only),
-//! tokenized and packed (or padded) into fixed-length samples, visited in an order that is a pure
-//! function of (seed, epoch).
+//! Training data: JSONL rows (a text field, or chat `messages` rendered with the tokenizer's chat
+//! template, loss on assistant turns only), tokenized once into a memory-mapped token cache
+//! ([`cache`]) and read from it as packed (or padded) fixed-length samples, visited in an order
+//! that is a pure function of (seed, epoch).
 //!
 //! The position in the data is one global counter, `data_consumed`: sample `g` of the run is
-//! `order(seed, g / n)[g % n]` of the `n` samples. Resuming at any counter — with any batch split —
-//! continues the same sequence.
+//! `permuted(seed, g / n, n, g % n)` of the `n` samples. Resuming at any counter — with any batch
+//! split — continues the same sequence, at a cost that grows neither with the counter nor with the
+//! data.
 
 pub mod cache;
 pub mod source;
 pub mod template;
 pub mod tokenizer;
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
@@ -186,7 +184,7 @@ impl Dataset {
     /// The sample index of global position `g` (see the module doc).
     pub fn sample_at(&self, seed: u64, g: u64) -> usize {
         let n = self.len() as u64;
-        order(seed, g / n, self.len())[(g % n) as usize]
+        permuted(seed, g / n, self.len(), (g % n) as usize)
     }
 
     /// Inputs and labels `[count, max_seq_len]` of the samples at global positions
@@ -266,30 +264,39 @@ impl Dataset {
     }
 }
 
-/// The last order computed on this thread: consecutive lookups share an epoch.
-type OrderCache = Option<((u64, u64, usize), Rc<Vec<usize>>)>;
+/// The index of the sample visited `i`-th of `n` in `epoch`: a pseudo-random permutation of
+/// `0..n` that is a pure function of (seed, epoch), computed per position in constant time and
+/// memory (a four-round Feistel network over the next even power of two, cycle-walked into `0..n`;
+/// at most four walks expected), so that resuming anywhere costs nothing that grows with the data.
+pub fn permuted(seed: u64, epoch: u64, n: usize, i: usize) -> usize {
+    assert!(i < n, "position {i} of {n} samples");
+    if n == 1 {
+        return 0;
+    }
+    let bits = (usize::BITS - (n - 1).leading_zeros()).max(2);
+    let half = bits.div_ceil(2);
+    let mask = (1u64 << half) - 1;
+    let key = splitmix(seed ^ splitmix(epoch.wrapping_add(0x5EED)));
+    let mut x = i as u64;
+    loop {
+        let (mut left, mut right) = (x >> half, x & mask);
+        for round in 0..4u64 {
+            let f = splitmix(key ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ right) & mask;
+            (left, right) = (right, left ^ f);
+        }
+        x = (left << half) | right;
+        if x < n as u64 {
+            return x as usize;
+        }
+    }
+}
 
-/// The visiting order of `n` samples in `epoch`: a ChaCha8 shuffle seeded by (seed, epoch) alone.
-pub fn order(seed: u64, epoch: u64, n: usize) -> Rc<Vec<usize>> {
-    thread_local! {
-        static CACHE: RefCell<OrderCache> = const { RefCell::new(None) };
-    }
-    let key = (seed, epoch, n);
-    if let Some(v) = CACHE.with(|c| {
-        c.borrow()
-            .as_ref()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, v)| v.clone())
-    }) {
-        return v;
-    }
-    let mut rng =
-        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut v: Vec<usize> = (0..n).collect();
-    v.shuffle(&mut rng);
-    let v = Rc::new(v);
-    CACHE.with(|c| *c.borrow_mut() = Some((key, v.clone())));
-    v
+/// SplitMix64's finalizer: a bijective 64-bit mixer.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// One JSONL row to (ids, loss mask). A text row is BOS (when the tokenizer adds one), the text
@@ -500,13 +507,27 @@ mod tests {
     }
 
     #[test]
-    fn order_is_a_pure_function_of_seed_and_epoch() {
-        let a = order(1, 0, 100);
-        assert_eq!(a, order(1, 0, 100));
-        assert_ne!(a, order(1, 1, 100));
-        assert_ne!(a, order(2, 0, 100));
-        let mut sorted = (*a).clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    fn order_is_a_permutation_and_a_pure_function_of_seed_and_epoch() {
+        let order = |seed, epoch, n| {
+            (0..n)
+                .map(|i| permuted(seed, epoch, n, i))
+                .collect::<Vec<_>>()
+        };
+        for n in [1, 2, 3, 5, 100, 1000, 4097] {
+            let a = order(1, 0, n);
+            assert_eq!(a, order(1, 0, n));
+            let mut sorted = a.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "n = {n}");
+            if n >= 5 {
+                assert_ne!(a, order(1, 1, n));
+                assert_ne!(a, order(2, 0, n));
+                assert_ne!(a, (0..n).collect::<Vec<_>>());
+            }
+        }
+        // Shuffled, not merely rotated: neighbours rarely stay neighbours.
+        let a = order(7, 3, 10_000);
+        let adjacent = a.windows(2).filter(|w| w[0].abs_diff(w[1]) == 1).count();
+        assert!(adjacent < 50, "{adjacent}");
     }
 }
