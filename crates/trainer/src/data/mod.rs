@@ -145,6 +145,8 @@ impl Dataset {
         // under a running job would).
         let map = unsafe { Mmap::map(&opened.file) }
             .with_context(|| format!("mapping {}", opened.path.display()))?;
+        // Samples are read in a shuffled order: no read-ahead.
+        let _ = map.advise(memmap2::Advice::Random);
         let meta = opened.meta;
         let samples = if opts.packing {
             (meta.tokens / width as u64) as usize
@@ -234,9 +236,43 @@ impl Dataset {
         };
         let mut ids: Vec<i64> = (start..end).map(|t| self.token(t)).collect();
         let mut mask: Vec<bool> = (start..end).map(|t| self.learned(t)).collect();
+        let b = u64::from(self.meta.token_bytes);
+        let tokens = self.meta.tokens_at.offset;
+        self.release(tokens + start * b..tokens + end * b);
+        let bits = self.meta.mask_at.offset;
+        self.release(bits + start / 8..bits + end.div_ceil(8));
+        if !self.packing {
+            let bounds = self.meta.bounds_at.offset + (i as u64).saturating_sub(1) * 8;
+            self.release(bounds..bounds + 16);
+        }
         ids.resize(self.width, self.pad);
         mask.resize(self.width, false);
         (ids, mask)
+    }
+
+    /// Drops the pages around `bytes` of the file from this process's memory once a sample is
+    /// copied out (they stay in the page cache): the resident set holds the batch being read, not
+    /// every page an epoch has touched, so it does not grow with the dataset.
+    fn release(&self, bytes: std::ops::Range<u64>) {
+        // Wide enough to cover the kernel's fault-around (it maps up to 64 KiB around a fault).
+        const AROUND: u64 = 64 << 10;
+        const PAGE: u64 = 4096;
+        let start = bytes.start.saturating_sub(AROUND) / PAGE * PAGE;
+        let end = (bytes.end + AROUND).min(self.map.len() as u64);
+        if end <= start {
+            return;
+        }
+        // SAFETY: the map is a read-only shared mapping of a file that is never written in place
+        // (see `load`); MADV_DONTNEED only unmaps the pages, and the next access reads the same
+        // bytes back from the page cache, so no reference into the map — here or on another
+        // thread — sees different contents. A failure only leaves the pages resident.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start as usize,
+                (end - start) as usize,
+            )
+        };
     }
 
     /// Inputs and labels of samples `indices`, in order.

@@ -47,8 +47,9 @@ pub enum Tokenizer {
         pad: i64,
         /// Chat layout when there is no chat template.
         chat: ChatFormat,
-        /// The tokenizer's own chat template, when it has one.
-        template: Option<Box<crate::data::template::ChatTemplate>>,
+        /// The tokenizer's own chat template, when it has one (or why it does not compile: chat
+        /// rows then fail with that reason, text rows are unaffected).
+        template: Result<Option<Box<crate::data::template::ChatTemplate>>, String>,
         /// sha256 (hex) of `tokenizer.json`: part of the token cache's key.
         sha256: String,
     },
@@ -106,7 +107,12 @@ impl Tokenizer {
         } else {
             ChatFormat::Plain
         };
-        let template = crate::data::template::ChatTemplate::from_hf_dir(dir)?.map(Box::new);
+        let template = crate::data::template::ChatTemplate::from_hf_dir(dir)
+            .map(|t| t.map(Box::new))
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &template {
+            tracing::warn!("{e}; chat rows will fail, text rows are unaffected");
+        }
         Ok(Self::Hf {
             inner: Box::new(inner),
             eos,
@@ -140,7 +146,16 @@ impl Tokenizer {
     pub fn chat_template(&self) -> Option<&crate::data::template::ChatTemplate> {
         match self {
             Self::Bytes => None,
-            Self::Hf { template, .. } => template.as_deref(),
+            Self::Hf { template, .. } => template.as_ref().ok().and_then(|t| t.as_deref()),
+        }
+    }
+
+    /// Whether chat rows fall back to the built-in layouts (no template, rather than one that
+    /// does not compile).
+    pub fn uses_builtin_chat_layout(&self) -> bool {
+        match self {
+            Self::Bytes => true,
+            Self::Hf { template, .. } => matches!(template, Ok(None)),
         }
     }
 
@@ -152,12 +167,15 @@ impl Tokenizer {
         messages: &serde_json::Value,
     ) -> Result<Option<(Vec<u32>, Vec<bool>)>> {
         let Self::Hf {
-            inner,
-            template: Some(template),
-            ..
+            inner, template, ..
         } = self
         else {
             return Ok(None);
+        };
+        let template = match template {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(None),
+            Err(e) => anyhow::bail!("{e}"),
         };
         let rendered = template.render(messages)?;
         let encoding = inner
@@ -179,7 +197,10 @@ impl Tokenizer {
                 ..
             } => serde_json::json!({
                 "tokenizer_json_sha256": sha256,
-                "chat_template": template.as_ref().map(|t| t.source()),
+                "chat_template": match template {
+                    Ok(t) => serde_json::json!(t.as_ref().map(|t| t.source())),
+                    Err(e) => serde_json::json!({ "error": e }),
+                },
                 "eos": eos,
                 "pad": pad,
             }),
@@ -323,6 +344,31 @@ mod tests {
         };
         let ids: Vec<u32> = "héllo ✓".bytes().map(u32::from).collect();
         assert_eq!(inner.decode(&ids, true).unwrap(), "héllo ✓");
+    }
+
+    #[test]
+    fn a_template_that_does_not_compile_fails_chat_rows_only() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in byte_tokenizer_files().unwrap() {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let config = serde_json::json!({"chat_template": "{% for m in messages %}{{ m.content }"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let tok = Tokenizer::from_hf_dir(dir.path(), &serde_json::json!({})).unwrap();
+        assert!(!tok.uses_builtin_chat_layout());
+        assert_eq!(tok.encode("ab", false).unwrap(), vec![97, 98]);
+        let messages = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let err = format!("{:#}", tok.encode_chat(&messages).unwrap_err());
+        assert!(err.contains("compiling the chat template"), "{err}");
+        // A template that compiles is used.
+        let config = serde_json::json!({
+            "chat_template": "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+        });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let tok = Tokenizer::from_hf_dir(dir.path(), &serde_json::json!({})).unwrap();
+        let (ids, mask) = tok.encode_chat(&messages).unwrap().unwrap();
+        assert_eq!(ids, "[user]hi".bytes().map(u32::from).collect::<Vec<_>>());
+        assert!(mask.iter().all(|&m| !m));
     }
 
     #[test]

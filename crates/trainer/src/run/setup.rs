@@ -130,7 +130,7 @@ async fn load(cfg: &TrainConfig, device: Device) -> Result<Loaded> {
         },
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    if tokenizer.chat_template().is_none() {
+    if tokenizer.uses_builtin_chat_layout() {
         tracing::info!(
             "the tokenizer has no chat_template: chat rows (if any) use waypoint's built-in layout"
         );
