@@ -6,6 +6,8 @@ transformers' own apply_chat_template (no hub access).
                               of ChatML, Llama 3 and Qwen3 thinking; prints the vocabulary size
   template <dir> <name>       writes <dir>/tokenizer_config.json with template <name> (chatml_generation,
                               llama3_generation, qwen3_plain) and its special tokens
+  encode <dir> <data.jsonl>   the `tokenizers` library's ids of each row's "text" (special tokens added),
+                              one JSON list per line
   render <dir> <convs.json>   for each conversation: transformers' ids and assistant mask
                               (apply_chat_template(..., tokenize=True, return_dict=True,
                               return_assistant_tokens_mask=True)), and the reference "turns" mask (each
@@ -234,12 +236,24 @@ def render(dir, convs_path):
         )
 
 
+def encode(dir, data):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(dir, "tokenizer.json"))
+    with open(data, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    for e in tok.encode_batch(texts, add_special_tokens=True):
+        print(json.dumps(e.ids))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "vocab":
         vocab(sys.argv[2])
     elif cmd == "template":
         template(sys.argv[2], sys.argv[3])
+    elif cmd == "encode":
+        encode(sys.argv[2], sys.argv[3])
     elif cmd == "render":
         render(sys.argv[2], sys.argv[3])
     else:

@@ -173,6 +173,11 @@ impl Dataset {
         })
     }
 
+    /// Bytes per token id in the cache (1, 2 or 4: the smallest that holds the vocabulary).
+    pub fn token_bytes(&self) -> u8 {
+        self.meta.token_bytes
+    }
+
     /// Number of samples.
     pub fn len(&self) -> usize {
         self.samples
