@@ -1,6 +1,7 @@
 //! The token cache under the real `waypoint` binary: a builder killed at random moments leaves
 //! nothing a later run trains on (the next run removes the leftovers and builds the same bytes a
-//! clean build does); a corrupt cache is rebuilt with a warning; two ranks of one node build one
+//! clean build does); a corrupt cache is rebuilt with a warning; a cache is read through for its
+//! checksums once per version of the file, not on every start; two ranks of one node build one
 //! cache, not two; a second run reuses the cache instead of tokenizing again.
 
 mod common;
@@ -164,10 +165,12 @@ fn a_killed_builder_is_never_trained_on_and_a_corrupt_cache_is_rebuilt() {
     assert!(partial.is_empty(), "{partial:?}");
     assert_eq!(std::fs::read(&published[0]).unwrap(), want);
 
-    // A second run reuses it.
+    // A second run reuses it, without reading it through again.
     let log = train(&base, &cache, &data, "again");
     assert!(
-        log.contains("cache_hit=true") && !log.contains("token cache built cache="),
+        log.contains("cache_hit=true")
+            && !log.contains("token cache built cache=")
+            && !log.contains("checksums verified"),
         "{log}"
     );
 
@@ -181,6 +184,17 @@ fn a_killed_builder_is_never_trained_on_and_a_corrupt_cache_is_rebuilt() {
         log.contains("token cache corrupt") && log.contains("token cache built cache="),
         "{log}"
     );
+    // Replaced by a copy (a new inode, same bytes): checked once, then trusted again.
+    let copy = dir.path().join("copy");
+    std::fs::copy(&published[0], &copy).unwrap();
+    std::fs::rename(&copy, &published[0]).unwrap();
+    let log = train(&base, &cache, &data, "copied");
+    assert!(
+        log.contains("checksums verified") && log.contains("cache_hit=true"),
+        "{log}"
+    );
+    let log = train(&base, &cache, &data, "trusted");
+    assert!(!log.contains("checksums verified"), "{log}");
     assert_eq!(std::fs::read(&published[0]).unwrap(), want);
 }
 

@@ -11,7 +11,11 @@
 //! | footer | [`Meta`] as JSON, then its length (u64) and [`MAGIC`] |
 //!
 //! Every section starts on a 4 KiB boundary. The footer holds the xxh3 of each 64 MiB of the
-//! sections, checked (in parallel, with reads that do not map the file) before a run trusts the file.
+//! sections, checked (in parallel, with reads that do not map the file) before a run trusts a
+//! version of the file for the first time; `<key>.verified` then records that version (device,
+//! inode, size, modification time), so that later opens check only the footer and sections —
+//! opening costs the same whatever the size — and anything that rewrites, truncates or replaces
+//! the file makes the next open check every byte again.
 //!
 //! The key is a fingerprint of everything that changes the tokens (see
 //! [`crate::data::cache_key`]). A cache is built under a temporary name and published by a rename,
@@ -164,7 +168,7 @@ pub fn open_or_build(dir: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Open
         )
     })?;
     let path = cache_path(dir, key);
-    match open_checked(&path, key, spec.threads) {
+    match open_trusted(&path, key, spec.threads) {
         Ok((file, meta)) => {
             return Ok(Opened {
                 file,
@@ -190,7 +194,7 @@ pub fn open_or_build(dir: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Open
         flock(&lock, true).with_context(|| format!("locking {}", lock_path.display()))?;
     }
     // Another process may have published it while this one waited.
-    match open_checked(&path, key, spec.threads) {
+    match open_trusted(&path, key, spec.threads) {
         Ok((file, meta)) => {
             tracing::info!(cache = %path.display(), "token cache built by another process");
             return Ok(Opened {
@@ -230,6 +234,8 @@ pub fn open_or_build(dir: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Open
         "token cache built"
     );
     let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // Its checksums were computed from the bytes written: this version is trusted as is.
+    write_stamp(&path, &file);
     drop(lock);
     Ok(Opened {
         file,
@@ -273,8 +279,67 @@ fn remove_leftovers(dir: &Path, key: &str) {
     }
 }
 
-/// Opens `path` and checks its footer, sections and checksums against `key`.
+/// The stamp beside a cache file that records which version of it (device, inode, size,
+/// modification time) passed the checksum check.
+fn stamp_path(path: &Path) -> PathBuf {
+    path.with_extension("verified")
+}
+
+/// What identifies this version of the file at `file`.
+fn stamp_of(file: &File) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok(format!(
+        "{} {} {} {}.{:09}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
+}
+
+/// Records that `file` (published at `path`) passed its checks; a failure only means the next
+/// open checks again.
+fn write_stamp(path: &Path, file: &File) {
+    if let Ok(stamp) = stamp_of(file) {
+        let tmp = path.with_extension(format!("verified.tmp-{}", std::process::id()));
+        if std::fs::write(&tmp, stamp).is_ok() {
+            let _ = std::fs::rename(&tmp, stamp_path(path));
+        }
+    }
+}
+
+/// Opens the published cache `path` for training: its footer and sections are always checked;
+/// its checksums when this version of the file has not passed them before (see [`stamp_path`]):
+/// once per build, or again after anything rewrote, truncated or replaced the file.
+pub fn open_trusted(path: &Path, key: &str, threads: usize) -> Result<(File, Meta), Invalid> {
+    let (file, meta, payload) = open_footer(path, key)?;
+    let stamped = std::fs::read_to_string(stamp_path(path)).ok();
+    if stamped.is_some() && stamped == stamp_of(&file).ok() {
+        return Ok((file, meta));
+    }
+    let started = Instant::now();
+    verify_hashes(&file, payload, &meta.hashes, threads)?;
+    tracing::info!(
+        cache = %path.display(),
+        mb = payload >> 20,
+        secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "token cache checksums verified"
+    );
+    write_stamp(path, &file);
+    Ok((file, meta))
+}
+
+/// Opens `path` and checks its footer, sections and every checksum against `key`.
 pub fn open_checked(path: &Path, key: &str, threads: usize) -> Result<(File, Meta), Invalid> {
+    let (file, meta, payload) = open_footer(path, key)?;
+    verify_hashes(&file, payload, &meta.hashes, threads)?;
+    Ok((file, meta))
+}
+
+/// Opens `path` and checks its footer and sections against `key`; returns the payload length.
+fn open_footer(path: &Path, key: &str) -> Result<(File, Meta, u64), Invalid> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Invalid::Missing),
@@ -320,8 +385,7 @@ pub fn open_checked(path: &Path, key: &str, threads: usize) -> Result<(File, Met
     if !consistent {
         return Err(corrupt("sections do not match the footer"));
     }
-    verify_hashes(&file, payload, &meta.hashes, threads)?;
-    Ok((file, meta))
+    Ok((file, meta, payload))
 }
 
 /// Checks the xxh3 of every [`HASH_CHUNK`] of `0..payload`, `threads` chunks at a time, with
