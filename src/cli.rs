@@ -234,6 +234,11 @@ struct TrainArgs {
     #[arg(long = "sharding")]
     #[serde(skip_serializing_if = "Option::is_none")]
     sharding: Option<String>,
+    /// Where tokenized datasets are cached, shared by runs and ranks of this machine [default:
+    /// $XDG_CACHE_HOME/waypoint/data, else ~/.cache/waypoint/data].
+    #[arg(long = "data_cache_dir")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_cache_dir: Option<String>,
 }
 
 impl TrainArgs {

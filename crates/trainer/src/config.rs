@@ -105,6 +105,9 @@ pub struct TrainConfig {
     /// rank keeps and updates AdamW's state for its rows of every weight) or `full` (weights,
     /// gradients and AdamW's state; each layer runs on weights gathered just before it).
     pub sharding: String,
+    /// Where tokenized datasets are cached (empty: `$XDG_CACHE_HOME/waypoint/data`, else
+    /// `~/.cache/waypoint/data`).
+    pub data_cache_dir: String,
 }
 
 impl Default for TrainConfig {
@@ -155,6 +158,7 @@ impl Default for TrainConfig {
             activation_checkpointing: false,
             memory_check: "refuse".into(),
             sharding: "none".into(),
+            data_cache_dir: String::new(),
         }
     }
 }

@@ -1,142 +1,36 @@
-//! Training data: JSONL rows (a text field, or chat `messages` with loss on assistant turns only),
-//! tokenized and packed (or padded) into fixed-length samples, visited in an order that is a pure
-//! function of (seed, epoch).
+//! Training data: JSONL rows (a text field, or chat `messages` rendered with the tokenizer's chat
+//! template, loss on assistant turns only), tokenized once into a memory-mapped token cache
+//! ([`cache`]) and read from it as packed (or padded) fixed-length samples, visited in an order
+//! that is a pure function of (seed, epoch).
 //!
 //! The position in the data is one global counter, `data_consumed`: sample `g` of the run is
-//! `order(seed, g / n)[g % n]` of the `n` samples. Resuming at any counter — with any batch split —
-//! continues the same sequence.
+//! `permuted(seed, g / n, n, g % n)` of the `n` samples. Resuming at any counter — with any batch
+//! split — continues the same sequence, at a cost that grows neither with the counter nor with the
+//! data.
 
+pub mod cache;
+pub mod source;
+pub mod template;
 pub mod tokenizer;
 
-use std::cell::RefCell;
-use std::path::Path;
-use std::rc::Rc;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use bytes::Bytes;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use serde_json::Value;
+use memmap2::Mmap;
+use serde_json::{json, Value};
 use tch::{Device, Tensor};
-use waypoint_storage::Store;
 
+use crate::data::cache::{BuildSpec, Meta, Row, RowEncoder};
+use crate::data::source::Source;
 use crate::data::tokenizer::{chat_turn, Tokenizer};
 
-/// The demo dataset shipped in the binary (`dataset_uri = builtin:demo`).
-pub const DEMO_DATASET: &str = include_str!("../../assets/demo.jsonl");
+pub use crate::data::source::{list_sources, DEMO_DATASET};
 
 /// Label value that the loss ignores.
 pub const IGNORE: i64 = -100;
 
-/// A JSONL source: its name (for error messages) and bytes. Lines are checked for UTF-8 one by one,
-/// so that a bad byte names its line (and can be skipped with the rest of a bad row).
-pub struct Source {
-    /// A path or URI.
-    pub name: String,
-    /// The file's bytes.
-    pub bytes: Bytes,
-}
-
 /// The chat roles `messages` may use (those of Hugging Face chat templates).
 pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-
-/// The UTF-8 byte order mark, accepted (and dropped) at the start of a file.
-const BOM: &[u8] = b"\xEF\xBB\xBF";
-
-impl Source {
-    /// The non-blank lines, numbered from 1, as text; a line that is not UTF-8 is an error naming
-    /// where it goes wrong. A byte order mark at the start and `\r` line ends are dropped.
-    pub fn lines(&self) -> impl Iterator<Item = (usize, Result<&str, std::str::Utf8Error>)> + '_ {
-        let bytes = self.bytes.strip_prefix(BOM).unwrap_or(&self.bytes);
-        bytes
-            .split(|&b| b == b'\n')
-            .enumerate()
-            .map(|(i, line)| (i + 1, line.strip_suffix(b"\r").unwrap_or(line)))
-            .filter(|(_, line)| !line.trim_ascii().is_empty())
-            .map(|(n, line)| (n, std::str::from_utf8(line)))
-    }
-}
-
-/// Reads `uri`: `builtin:demo`, a local file or directory (its `*.jsonl`, sorted), or a store URI of a
-/// file or a prefix (its `*.jsonl` objects, sorted).
-pub async fn read_sources(uri: &str) -> Result<Vec<Source>> {
-    if uri == "builtin:demo" {
-        return Ok(vec![Source {
-            name: uri.into(),
-            bytes: Bytes::from_static(DEMO_DATASET.as_bytes()),
-        }]);
-    }
-    if !uri.contains("://") || uri.starts_with("file://") {
-        let path = uri.strip_prefix("file://").unwrap_or(uri);
-        // A file:// URI takes no host or credentials (`file://user:pw@/…`): refused without echoing.
-        ensure!(
-            !uri.starts_with("file://") || path.starts_with('/'),
-            "file:// URIs take no host or credentials; write file:///absolute/path"
-        );
-        let path = Path::new(path);
-        let files = if path.is_dir() {
-            let mut files: Vec<_> = std::fs::read_dir(path)
-                .with_context(|| format!("listing {}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-                .collect();
-            files.sort();
-            ensure!(
-                !files.is_empty(),
-                "{} holds no *.jsonl file",
-                path.display()
-            );
-            files
-        } else {
-            vec![path.to_path_buf()]
-        };
-        return files
-            .into_iter()
-            .map(|f| {
-                let bytes = std::fs::read(&f).with_context(|| {
-                    format!("reading {} (a JSONL file or directory)", f.display())
-                })?;
-                Ok(Source {
-                    name: f.display().to_string(),
-                    bytes: bytes.into(),
-                })
-            })
-            .collect();
-    }
-    let (parent, leaf) = match uri.trim_end_matches('/').rsplit_once('/') {
-        Some((p, l)) if uri.ends_with(".jsonl") => (p.to_string(), Some(l.to_string())),
-        _ => (uri.trim_end_matches('/').to_string(), None),
-    };
-    let store = Store::open(&parent).with_context(|| format!("opening {parent}"))?;
-    let keys = match leaf {
-        Some(l) => vec![l],
-        None => {
-            let mut keys: Vec<String> = store
-                .list("")
-                .await
-                .with_context(|| format!("listing {uri}"))?
-                .into_iter()
-                .map(|m| m.key)
-                .filter(|k| k.ends_with(".jsonl"))
-                .collect();
-            keys.sort();
-            ensure!(!keys.is_empty(), "{uri} holds no *.jsonl object");
-            keys
-        }
-    };
-    let mut out = Vec::new();
-    for key in keys {
-        let bytes = store
-            .get(&key)
-            .await
-            .with_context(|| format!("reading {parent}/{key}"))?;
-        out.push(Source {
-            name: format!("{parent}/{key}"),
-            bytes,
-        });
-    }
-    Ok(out)
-}
 
 /// How rows become samples.
 #[derive(Debug, Clone)]
@@ -149,93 +43,155 @@ pub struct DataOptions {
     pub packing: bool,
     /// Skip and count malformed rows instead of failing.
     pub skip_bad_lines: bool,
+    /// Where token caches live (see [`cache`]).
+    pub cache_dir: PathBuf,
+    /// Tokenizing threads when a cache is built.
+    pub threads: usize,
 }
 
-/// Tokenized samples of `max_seq_len + 1` ids each, with per-token loss masks.
+/// The token cache key of a dataset: sha256 of everything that changes its tokens — the files'
+/// identities (path or URI, size, modification time), the tokenizer and chat template, the text
+/// field, the sample length, packing, skipping, and the cache format.
+pub fn cache_key(sources: &[Source], tokenizer: &Tokenizer, opts: &DataOptions) -> String {
+    crate::config::fingerprint(&json!({
+        "format": cache::VERSION,
+        "sources": sources.iter().map(|s| &s.identity).collect::<Vec<_>>(),
+        "tokenizer": tokenizer.identity(),
+        "text_field": opts.text_field,
+        "max_seq_len": opts.max_seq_len,
+        "packing": opts.packing,
+        "skip_bad_lines": opts.skip_bad_lines,
+    }))
+}
+
+/// The default `--data_cache_dir`: `$XDG_CACHE_HOME/waypoint/data`, else
+/// `~/.cache/waypoint/data`, else `./.waypoint-cache/data`.
+pub fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| Path::new(&h).join(".cache"))
+        })
+        .unwrap_or_else(|| PathBuf::from(".waypoint-cache"));
+    base.join("waypoint").join("data")
+}
+
+/// Samples of `max_seq_len + 1` ids with per-token loss masks, read from a memory-mapped token
+/// cache (see [`cache`]): opening one costs the same whatever its size, and only the pages of the
+/// samples read are ever loaded.
 pub struct Dataset {
-    tokens: Vec<Vec<i64>>,
-    mask: Vec<Vec<bool>>,
+    map: Mmap,
+    meta: Meta,
+    width: usize,
+    packing: bool,
+    pad: i64,
+    samples: usize,
     /// Rows skipped as malformed.
     pub skipped: usize,
     /// Documents read.
     pub documents: usize,
+    /// Where the cache file is.
+    pub cache_path: PathBuf,
+    /// Whether this process built the cache (else it was reused).
+    pub built_cache: bool,
+}
+
+/// Line → (ids, mask) with a tokenizer and the data options.
+struct Rows<'a> {
+    tokenizer: &'a Tokenizer,
+    opts: &'a DataOptions,
+}
+
+impl RowEncoder for Rows<'_> {
+    fn encode(&self, line: &str) -> Result<Row> {
+        let (ids, mask) = encode_row(line, self.tokenizer, self.opts)?;
+        ensure!(
+            ids.len() == mask.len(),
+            "internal: a row's mask is not as long as its ids"
+        );
+        Ok((ids, mask))
+    }
 }
 
 impl Dataset {
-    /// Tokenizes every row of `sources` and builds the samples.
-    pub fn build(sources: &[Source], tokenizer: &Tokenizer, opts: &DataOptions) -> Result<Self> {
+    /// Opens the token cache of `sources` in `opts.cache_dir`, tokenizing them into it first when
+    /// no valid one exists (one process of the node builds; the others wait for it). Remote
+    /// sources are read through `rt`; call from outside its worker threads.
+    pub fn load(
+        sources: &[Source],
+        tokenizer: &Tokenizer,
+        opts: &DataOptions,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Self> {
         let width = opts.max_seq_len + 1;
-        let mut docs: Vec<(Vec<i64>, Vec<bool>)> = Vec::new();
-        let mut skipped = 0;
-        for source in sources {
-            for (n, line) in source.lines() {
-                let row = line
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "not UTF-8: byte {} of the line starts an invalid sequence",
-                            e.valid_up_to() + 1
-                        )
-                    })
-                    .and_then(|line| encode_row(line, tokenizer, opts));
-                match row {
-                    Ok(doc) => docs.push(doc),
-                    Err(e) if opts.skip_bad_lines => {
-                        skipped += 1;
-                        tracing::warn!(file = %source.name, line = n, "skipping row: {e:#}");
-                    }
-                    Err(e) => {
-                        return Err(e.context(format!(
-                            "{}, line {n}: bad row (fix it, or pass --skip_bad_lines to skip and \
-                             count bad rows)",
-                            source.name
-                        )))
-                    }
-                }
-            }
-        }
-        let documents = docs.len();
-        let (mut tokens, mut mask) = (Vec::new(), Vec::new());
-        if opts.packing {
-            (tokens, mask) = pack(docs, width);
+        let key = cache_key(sources, tokenizer, opts);
+        let rows = Rows { tokenizer, opts };
+        let spec = BuildSpec {
+            sources,
+            encoder: &rows,
+            token_bytes: cache::token_bytes_for(tokenizer.vocab_size().max(1) as u64),
+            truncate: (!opts.packing).then_some(width),
+            skip_bad_lines: opts.skip_bad_lines,
+            threads: opts.threads.max(1),
+            rt,
+        };
+        let opened = cache::open_or_build(&opts.cache_dir, &key, &spec)?;
+        // SAFETY: the file is a published cache: it is only ever replaced by a rename (a new
+        // inode), never written in place, so the mapped bytes do not change under the map. A
+        // process that truncates it anyway breaks the cache contract (as deleting a checkpoint
+        // under a running job would).
+        let map = unsafe { Mmap::map(&opened.file) }
+            .with_context(|| format!("mapping {}", opened.path.display()))?;
+        // Samples are read in a shuffled order: no read-ahead.
+        let _ = map.advise(memmap2::Advice::Random);
+        let meta = opened.meta;
+        let samples = if opts.packing {
+            (meta.tokens / width as u64) as usize
         } else {
-            for (mut dt, mut dm) in docs {
-                dt.truncate(width);
-                dm.truncate(width);
-                while dt.len() < width {
-                    dt.push(tokenizer.pad());
-                    dm.push(false);
-                }
-                tokens.push(dt);
-                mask.push(dm);
-            }
-        }
+            meta.documents as usize
+        };
         ensure!(
-            !tokens.is_empty(),
-            "the dataset gives no sample of {width} tokens ({documents} documents); lower \
-             --max_seq_len or add data"
+            samples > 0,
+            "the dataset gives no sample of {width} tokens ({} documents); lower --max_seq_len or \
+             add data",
+            meta.documents
         );
         Ok(Self {
-            tokens,
-            mask,
-            skipped,
-            documents,
+            map,
+            width,
+            packing: opts.packing,
+            pad: tokenizer.pad(),
+            samples,
+            skipped: meta.skipped as usize,
+            documents: meta.documents as usize,
+            cache_path: opened.path,
+            built_cache: opened.built,
+            meta,
         })
+    }
+
+    /// Bytes per token id in the cache (1, 2 or 4: the smallest that holds the vocabulary).
+    pub fn token_bytes(&self) -> u8 {
+        self.meta.token_bytes
     }
 
     /// Number of samples.
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        self.samples
     }
 
     /// Whether there are no samples (never, once built).
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.samples == 0
     }
 
     /// The sample index of global position `g` (see the module doc).
     pub fn sample_at(&self, seed: u64, g: u64) -> usize {
         let n = self.len() as u64;
-        order(seed, g / n, self.len())[(g % n) as usize]
+        permuted(seed, g / n, self.len(), (g % n) as usize)
     }
 
     /// Inputs and labels `[count, max_seq_len]` of the samples at global positions
@@ -247,13 +203,90 @@ impl Dataset {
         self.rows(&indices, device)
     }
 
+    /// Token `i` of the stream.
+    fn token(&self, i: u64) -> i64 {
+        let b = usize::from(self.meta.token_bytes);
+        let at = (self.meta.tokens_at.offset + i * b as u64) as usize;
+        let bytes = &self.map[at..at + b];
+        match b {
+            1 => i64::from(bytes[0]),
+            2 => i64::from(u16::from_le_bytes([bytes[0], bytes[1]])),
+            _ => i64::from(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])),
+        }
+    }
+
+    /// Whether the loss applies to token `i` of the stream.
+    fn learned(&self, i: u64) -> bool {
+        let byte = self.map[(self.meta.mask_at.offset + i / 8) as usize];
+        (byte >> (i % 8)) & 1 == 1
+    }
+
+    /// Where document `d` ends in the stream.
+    fn doc_end(&self, d: u64) -> u64 {
+        let at = (self.meta.bounds_at.offset + d * 8) as usize;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.map[at..at + 8]);
+        u64::from_le_bytes(b)
+    }
+
+    /// Sample `i`: `max_seq_len + 1` ids and their loss mask (padding is not learned).
+    pub fn sample(&self, i: usize) -> (Vec<i64>, Vec<bool>) {
+        let (start, end) = if self.packing {
+            let s = (i * self.width) as u64;
+            (s, s + self.width as u64)
+        } else {
+            let i = i as u64;
+            let start = if i == 0 { 0 } else { self.doc_end(i - 1) };
+            (start, self.doc_end(i))
+        };
+        let mut ids: Vec<i64> = (start..end).map(|t| self.token(t)).collect();
+        let mut mask: Vec<bool> = (start..end).map(|t| self.learned(t)).collect();
+        let b = u64::from(self.meta.token_bytes);
+        let tokens = self.meta.tokens_at.offset;
+        self.release(tokens + start * b..tokens + end * b);
+        let bits = self.meta.mask_at.offset;
+        self.release(bits + start / 8..bits + end.div_ceil(8));
+        if !self.packing {
+            let bounds = self.meta.bounds_at.offset + (i as u64).saturating_sub(1) * 8;
+            self.release(bounds..bounds + 16);
+        }
+        ids.resize(self.width, self.pad);
+        mask.resize(self.width, false);
+        (ids, mask)
+    }
+
+    /// Drops the pages around `bytes` of the file from this process's memory once a sample is
+    /// copied out (they stay in the page cache): the resident set holds the batch being read, not
+    /// every page an epoch has touched, so it does not grow with the dataset.
+    fn release(&self, bytes: std::ops::Range<u64>) {
+        // Wide enough to cover the kernel's fault-around (it maps up to 64 KiB around a fault).
+        const AROUND: u64 = 64 << 10;
+        const PAGE: u64 = 4096;
+        let start = bytes.start.saturating_sub(AROUND) / PAGE * PAGE;
+        let end = (bytes.end + AROUND).min(self.map.len() as u64);
+        if end <= start {
+            return;
+        }
+        // SAFETY: the map is a read-only shared mapping of a file that is never written in place
+        // (see `load`); MADV_DONTNEED only unmaps the pages, and the next access reads the same
+        // bytes back from the page cache, so no reference into the map — here or on another
+        // thread — sees different contents. A failure only leaves the pages resident.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start as usize,
+                (end - start) as usize,
+            )
+        };
+    }
+
     /// Inputs and labels of samples `indices`, in order.
     pub fn rows(&self, indices: &[usize], device: Device) -> (Tensor, Tensor) {
-        let width = self.tokens[0].len();
+        let width = self.width;
         let mut ids = Vec::with_capacity(indices.len() * (width - 1));
         let mut labels = Vec::with_capacity(indices.len() * (width - 1));
         for &i in indices {
-            let (t, m) = (&self.tokens[i], &self.mask[i]);
+            let (t, m) = self.sample(i);
             ids.extend_from_slice(&t[..width - 1]);
             labels.extend((1..width).map(|j| if m[j] { t[j] } else { IGNORE }));
         }
@@ -264,90 +297,92 @@ impl Dataset {
         )
     }
 
-    /// The largest token id in the data (checked against the model's vocabulary).
+    /// The largest token id in the data, padding included (checked against the model's
+    /// vocabulary); recorded in the cache, so this reads nothing.
     pub fn max_token(&self) -> i64 {
-        self.tokens
-            .iter()
-            .flat_map(|t| t.iter().copied())
-            .max()
-            .unwrap_or(0)
+        let pad = if self.packing { 0 } else { self.pad };
+        i64::from(self.meta.max_token).max(pad)
     }
 }
 
-/// The last order computed on this thread: consecutive lookups share an epoch.
-type OrderCache = Option<((u64, u64, usize), Rc<Vec<usize>>)>;
-
-/// The visiting order of `n` samples in `epoch`: a ChaCha8 shuffle seeded by (seed, epoch) alone.
-pub fn order(seed: u64, epoch: u64, n: usize) -> Rc<Vec<usize>> {
-    thread_local! {
-        static CACHE: RefCell<OrderCache> = const { RefCell::new(None) };
+/// The index of the sample visited `i`-th of `n` in `epoch`: a pseudo-random permutation of
+/// `0..n` that is a pure function of (seed, epoch), computed per position in constant time and
+/// memory (a four-round Feistel network over the next even power of two, cycle-walked into `0..n`;
+/// at most four walks expected), so that resuming anywhere costs nothing that grows with the data.
+pub fn permuted(seed: u64, epoch: u64, n: usize, i: usize) -> usize {
+    assert!(i < n, "position {i} of {n} samples");
+    if n == 1 {
+        return 0;
     }
-    let key = (seed, epoch, n);
-    if let Some(v) = CACHE.with(|c| {
-        c.borrow()
-            .as_ref()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, v)| v.clone())
-    }) {
-        return v;
+    let bits = (usize::BITS - (n - 1).leading_zeros()).max(2);
+    let half = bits.div_ceil(2);
+    let mask = (1u64 << half) - 1;
+    let key = splitmix(seed ^ splitmix(epoch.wrapping_add(0x5EED)));
+    let mut x = i as u64;
+    loop {
+        let (mut left, mut right) = (x >> half, x & mask);
+        for round in 0..4u64 {
+            let f = splitmix(key ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ right) & mask;
+            (left, right) = (right, left ^ f);
+        }
+        x = (left << half) | right;
+        if x < n as u64 {
+            return x as usize;
+        }
     }
-    let mut rng =
-        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut v: Vec<usize> = (0..n).collect();
-    v.shuffle(&mut rng);
-    let v = Rc::new(v);
-    CACHE.with(|c| *c.borrow_mut() = Some((key, v.clone())));
-    v
 }
 
-/// Concatenates documents and cuts blocks of `width` (the tail shorter than `width` is dropped). Each
-/// token is copied once: linear in the data, however long one document is.
-fn pack(docs: Vec<(Vec<i64>, Vec<bool>)>, width: usize) -> (Vec<Vec<i64>>, Vec<Vec<bool>>) {
-    let (mut tokens, mut mask) = (Vec::new(), Vec::new());
-    // What is left of the previous documents: fewer than `width` tokens.
-    let (mut t, mut m): (Vec<i64>, Vec<bool>) = (Vec::new(), Vec::new());
-    for (dt, dm) in docs {
-        t.extend(dt);
-        m.extend(dm);
-        let whole = t.len() / width * width;
-        tokens.extend(t[..whole].chunks_exact(width).map(<[i64]>::to_vec));
-        mask.extend(m[..whole].chunks_exact(width).map(<[bool]>::to_vec));
-        // Moves fewer than `width` tokens to the front.
-        t.drain(..whole);
-        m.drain(..whole);
-    }
-    (tokens, mask)
+/// SplitMix64's finalizer: a bijective 64-bit mixer.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
-/// One JSONL row to (ids, loss mask), EOS-terminated.
-fn encode_row(
-    line: &str,
-    tokenizer: &Tokenizer,
-    opts: &DataOptions,
-) -> Result<(Vec<i64>, Vec<bool>)> {
+/// One JSONL row to (ids, loss mask). A text row is BOS (when the tokenizer adds one), the text
+/// and a learned EOS. A chat row is the tokenizer's chat template as transformers renders and
+/// tokenizes it, assistant spans learned, with an EOS (not learned: it only separates packed
+/// documents) when the rendering holds none; without a template, the built-in layout of
+/// [`chat_turn`] with a learned EOS.
+fn encode_row(line: &str, tokenizer: &Tokenizer, opts: &DataOptions) -> Result<Row> {
     let row: Value = serde_json::from_str(line).context("not valid JSON")?;
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    let eos = tokenizer.eos() as u32;
     if let Some(messages) = row.get("messages") {
-        let messages = messages.as_array().context("`messages` is not a list")?;
-        ensure!(!messages.is_empty(), "`messages` is empty");
-        let prefix = tokenizer.encode("", true)?;
-        mask.extend(std::iter::repeat_n(false, prefix.len()));
-        ids.extend(prefix);
+        let list = messages.as_array().context("`messages` is not a list")?;
+        ensure!(!list.is_empty(), "`messages` is empty");
         let mut any_assistant = false;
-        for (k, m) in messages.iter().enumerate() {
+        for (k, m) in list.iter().enumerate() {
             let role = m["role"]
                 .as_str()
                 .with_context(|| format!("messages[{k}] has no string `role`"))?;
-            let content = m["content"]
-                .as_str()
-                .with_context(|| format!("messages[{k}] has no string `content`"))?;
             ensure!(
                 CHAT_ROLES.contains(&role),
                 "messages[{k}] has role {role:?}; the accepted roles are {}",
                 CHAT_ROLES.join(", ")
             );
+            any_assistant |= role == "assistant";
+        }
+        ensure!(any_assistant, "`messages` has no assistant turn to learn");
+        if let Some((t_ids, t_mask)) = tokenizer.encode_chat(messages)? {
+            let ends = t_ids.contains(&eos);
+            (ids, mask) = (t_ids, t_mask);
+            if !ends {
+                ids.push(eos);
+                mask.push(false);
+            }
+            return Ok((ids, mask));
+        }
+        let prefix = tokenizer.encode("", true)?;
+        mask.extend(std::iter::repeat_n(false, prefix.len()));
+        ids.extend(prefix);
+        for (k, m) in list.iter().enumerate() {
+            let role = m["role"].as_str().unwrap_or_default();
+            let content = m["content"]
+                .as_str()
+                .with_context(|| format!("messages[{k}] has no string `content`"))?;
             let learn = role == "assistant";
-            any_assistant |= learn;
             let (head, body, tail) = chat_turn(tokenizer.chat_format(), role, content);
             for (text, on) in [(head, false), (body, learn), (tail, learn)] {
                 let t = tokenizer.encode(&text, false)?;
@@ -355,7 +390,6 @@ fn encode_row(
                 ids.extend(t);
             }
         }
-        ensure!(any_assistant, "`messages` has no assistant turn to learn");
     } else {
         let text = match row.get(&opts.text_field) {
             Some(Value::String(s)) => s,
@@ -369,7 +403,7 @@ fn encode_row(
         ids = tokenizer.encode(text, true)?;
         mask = vec![true; ids.len()];
     }
-    ids.push(tokenizer.eos());
+    ids.push(eos);
     mask.push(true);
     Ok((ids, mask))
 }
@@ -384,23 +418,38 @@ mod tests {
             max_seq_len: 8,
             packing,
             skip_bad_lines: false,
+            cache_dir: PathBuf::new(),
+            threads: 2,
         }
     }
 
-    fn source(text: &str) -> Vec<Source> {
-        vec![Source {
-            name: "d.jsonl".into(),
-            bytes: Bytes::copy_from_slice(text.as_bytes()),
-        }]
+    /// `bytes` as the file `name` of a fresh directory, loaded through a token cache there.
+    fn load_bytes(name: &str, bytes: &[u8], o: &DataOptions) -> Result<Dataset> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let sources = rt.block_on(list_sources(path.to_str().unwrap()))?;
+        let o = DataOptions {
+            cache_dir: dir.path().join("cache"),
+            ..o.clone()
+        };
+        // The map outlives the directory: the unlinked file stays readable.
+        Dataset::load(&sources, &Tokenizer::Bytes, &o, rt.handle().clone())
+    }
+
+    fn build(text: &str, o: &DataOptions) -> Result<Dataset> {
+        load_bytes("d.jsonl", text.as_bytes(), o)
     }
 
     #[test]
     fn packs_rows_and_masks_chat_to_assistant_turns() {
-        let s = source(
+        let s =
             "{\"text\": \"abcdefghij\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, \
-             {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
-        );
-        let d = Dataset::build(&s, &Tokenizer::Bytes, &opts(false)).unwrap();
+             {\"role\": \"assistant\", \"content\": \"yo\"}]}\n";
+        let d = build(s, &opts(false)).unwrap();
         assert_eq!((d.len(), d.documents), (2, 2));
         let (ids, labels) = d.rows(&[1], Device::Cpu);
         let labels: Vec<i64> = Vec::try_from(labels.view([-1])).unwrap();
@@ -408,17 +457,15 @@ mod tests {
         // BOS "user: hi\n" "assistant: " are not learned; "yo" would be, but 8 tokens cut it off.
         assert_eq!(ids[0], crate::data::tokenizer::BYTE_BOS);
         assert!(labels.iter().all(|&l| l == IGNORE), "{labels:?}");
-        let packed = Dataset::build(&s, &Tokenizer::Bytes, &opts(true)).unwrap();
+        let packed = build(s, &opts(true)).unwrap();
         // 12 + 25 tokens → 4 blocks of 9.
         assert_eq!(packed.len(), 4);
     }
 
     #[test]
     fn bad_rows_name_file_and_line_or_are_counted() {
-        let s = source("{\"text\": \"abcdefghijkl\"}\n{\"txt\": 1}\n");
-        let err = Dataset::build(&s, &Tokenizer::Bytes, &opts(true))
-            .err()
-            .unwrap();
+        let s = "{\"text\": \"abcdefghijkl\"}\n{\"txt\": 1}\n";
+        let err = build(s, &opts(true)).err().unwrap();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("d.jsonl, line 2") && msg.contains("--dataset_text_field"),
@@ -426,7 +473,7 @@ mod tests {
         );
         let mut o = opts(true);
         o.skip_bad_lines = true;
-        let d = Dataset::build(&s, &Tokenizer::Bytes, &o).unwrap();
+        let d = build(s, &o).unwrap();
         assert_eq!(d.skipped, 1);
     }
 
@@ -440,7 +487,7 @@ mod tests {
             max_seq_len: 100,
             ..opts(true)
         };
-        let d = Dataset::build(&source(&text), &Tokenizer::Bytes, &o).unwrap();
+        let d = build(&text, &o).unwrap();
         let mut all: Vec<i64> = vec![crate::data::tokenizer::BYTE_BOS];
         all.extend(long.bytes().map(i64::from));
         all.push(crate::data::tokenizer::BYTE_EOS);
@@ -449,8 +496,9 @@ mod tests {
         all.push(crate::data::tokenizer::BYTE_EOS);
         assert_eq!(d.len(), all.len() / 101);
         for (k, block) in all.chunks_exact(101).enumerate() {
-            assert_eq!(d.tokens[k], block, "block {k}");
-            assert!(d.mask[k].iter().all(|&m| m));
+            let (ids, mask) = d.sample(k);
+            assert_eq!(ids, block, "block {k}");
+            assert!(mask.iter().all(|&m| m));
         }
     }
 
@@ -459,15 +507,9 @@ mod tests {
         let mut bytes = b"\xEF\xBB\xBF{\"text\": \"first row\"}\r\n".to_vec();
         bytes.extend_from_slice(b"{\"text\": \"bad \xFF byte\"}\n");
         bytes.extend_from_slice(b"{\"text\": \"third row\"}\n");
-        let s = vec![Source {
-            name: "u.jsonl".into(),
-            bytes: bytes.into(),
-        }];
         let err = format!(
             "{:#}",
-            Dataset::build(&s, &Tokenizer::Bytes, &opts(false))
-                .err()
-                .unwrap()
+            load_bytes("u.jsonl", &bytes, &opts(false)).err().unwrap()
         );
         assert!(
             err.contains("u.jsonl, line 2") && err.contains("not UTF-8") && err.contains("byte 15"),
@@ -475,7 +517,7 @@ mod tests {
         );
         let mut o = opts(false);
         o.skip_bad_lines = true;
-        let d = Dataset::build(&s, &Tokenizer::Bytes, &o).unwrap();
+        let d = load_bytes("u.jsonl", &bytes, &o).unwrap();
         assert_eq!((d.documents, d.skipped), (2, 1));
         // The BOM and the \r are not part of the first row.
         let (ids, _) = d.rows(&[0], Device::Cpu);
@@ -488,18 +530,11 @@ mod tests {
 
     #[test]
     fn unknown_chat_roles_are_named_or_skipped() {
-        let s = source(
-            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, \
+        let s = "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, \
              {\"role\": \"assistant\", \"content\": \"yo\"}]}\n\
              {\"messages\": [{\"role\": \"robot\", \"content\": \"hi\"}, \
-             {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
-        );
-        let err = format!(
-            "{:#}",
-            Dataset::build(&s, &Tokenizer::Bytes, &opts(false))
-                .err()
-                .unwrap()
-        );
+             {\"role\": \"assistant\", \"content\": \"yo\"}]}\n";
+        let err = format!("{:#}", build(s, &opts(false)).err().unwrap());
         assert!(
             err.contains("d.jsonl, line 2")
                 && err.contains("\"robot\"")
@@ -508,18 +543,32 @@ mod tests {
         );
         let mut o = opts(false);
         o.skip_bad_lines = true;
-        let d = Dataset::build(&s, &Tokenizer::Bytes, &o).unwrap();
+        let d = build(s, &o).unwrap();
         assert_eq!((d.documents, d.skipped), (1, 1));
     }
 
     #[test]
-    fn order_is_a_pure_function_of_seed_and_epoch() {
-        let a = order(1, 0, 100);
-        assert_eq!(a, order(1, 0, 100));
-        assert_ne!(a, order(1, 1, 100));
-        assert_ne!(a, order(2, 0, 100));
-        let mut sorted = (*a).clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    fn order_is_a_permutation_and_a_pure_function_of_seed_and_epoch() {
+        let order = |seed, epoch, n| {
+            (0..n)
+                .map(|i| permuted(seed, epoch, n, i))
+                .collect::<Vec<_>>()
+        };
+        for n in [1, 2, 3, 5, 100, 1000, 4097] {
+            let a = order(1, 0, n);
+            assert_eq!(a, order(1, 0, n));
+            let mut sorted = a.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "n = {n}");
+            if n >= 5 {
+                assert_ne!(a, order(1, 1, n));
+                assert_ne!(a, order(2, 0, n));
+                assert_ne!(a, (0..n).collect::<Vec<_>>());
+            }
+        }
+        // Shuffled, not merely rotated: neighbours rarely stay neighbours.
+        let a = order(7, 3, 10_000);
+        let adjacent = a.windows(2).filter(|w| w[0].abs_diff(w[1]) == 1).count();
+        assert!(adjacent < 50, "{adjacent}");
     }
 }

@@ -45,8 +45,13 @@ pub enum Tokenizer {
         eos: i64,
         /// Used to pad when packing is off.
         pad: i64,
-        /// Chat layout.
+        /// Chat layout when there is no chat template.
         chat: ChatFormat,
+        /// The tokenizer's own chat template, when it has one (or why it does not compile: chat
+        /// rows then fail with that reason, text rows are unaffected).
+        template: Result<Option<Box<crate::data::template::ChatTemplate>>, String>,
+        /// sha256 (hex) of `tokenizer.json`: part of the token cache's key.
+        sha256: String,
     },
 }
 
@@ -55,7 +60,9 @@ impl Tokenizer {
     /// `pad_token_id`) or the tokenizer's own special tokens.
     pub fn from_hf_dir(dir: &Path, config: &serde_json::Value) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&json));
+        let inner = tokenizers::Tokenizer::from_bytes(&json)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("loading {}", path.display()))?;
         let id = |tok: &str| inner.token_to_id(tok).map(i64::from);
@@ -100,32 +107,103 @@ impl Tokenizer {
         } else {
             ChatFormat::Plain
         };
+        let template = crate::data::template::ChatTemplate::from_hf_dir(dir)
+            .map(|t| t.map(Box::new))
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &template {
+            tracing::warn!("{e}; chat rows will fail, text rows are unaffected");
+        }
         Ok(Self::Hf {
             inner: Box::new(inner),
             eos,
             pad,
             chat,
+            template,
+            sha256,
         })
     }
 
     /// Token ids of `text`, with the tokenizer's own special tokens (BOS) when `add_special`.
-    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<i64>> {
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         match self {
             Self::Bytes => {
                 let mut ids = Vec::with_capacity(text.len() + 1);
                 if add_special {
-                    ids.push(BYTE_BOS);
+                    ids.push(BYTE_BOS as u32);
                 }
-                ids.extend(text.bytes().map(i64::from));
+                ids.extend(text.bytes().map(u32::from));
                 Ok(ids)
             }
             Self::Hf { inner, .. } => Ok(inner
-                .encode(text, add_special)
+                .encode_fast(text, add_special)
                 .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
                 .get_ids()
-                .iter()
-                .map(|&i| i64::from(i))
-                .collect()),
+                .to_vec()),
+        }
+    }
+
+    /// The tokenizer's own chat template, when it has one.
+    pub fn chat_template(&self) -> Option<&crate::data::template::ChatTemplate> {
+        match self {
+            Self::Bytes => None,
+            Self::Hf { template, .. } => template.as_ref().ok().and_then(|t| t.as_deref()),
+        }
+    }
+
+    /// Whether chat rows fall back to the built-in layouts (no template, rather than one that
+    /// does not compile).
+    pub fn uses_builtin_chat_layout(&self) -> bool {
+        match self {
+            Self::Bytes => true,
+            Self::Hf { template, .. } => matches!(template, Ok(None)),
+        }
+    }
+
+    /// A chat row rendered with the tokenizer's template and tokenized as transformers'
+    /// `apply_chat_template` does (no added special tokens), with the assistant mask; `None` when
+    /// the tokenizer has no template.
+    pub fn encode_chat(
+        &self,
+        messages: &serde_json::Value,
+    ) -> Result<Option<(Vec<u32>, Vec<bool>)>> {
+        let Self::Hf {
+            inner, template, ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let template = match template {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(None),
+            Err(e) => anyhow::bail!("{e}"),
+        };
+        let rendered = template.render(messages)?;
+        let encoding = inner
+            .encode(rendered.text.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let mask = crate::data::template::spans_to_mask(&encoding, &rendered.spans);
+        Ok(Some((encoding.get_ids().to_vec(), mask)))
+    }
+
+    /// What identifies the tokenizer and its chat template (part of the token cache's key).
+    pub fn identity(&self) -> serde_json::Value {
+        match self {
+            Self::Bytes => serde_json::json!("bytes"),
+            Self::Hf {
+                sha256,
+                template,
+                eos,
+                pad,
+                ..
+            } => serde_json::json!({
+                "tokenizer_json_sha256": sha256,
+                "chat_template": match template {
+                    Ok(t) => serde_json::json!(t.as_ref().map(|t| t.source())),
+                    Err(e) => serde_json::json!({ "error": e }),
+                },
+                "eos": eos,
+                "pad": pad,
+            }),
         }
     }
 
@@ -249,6 +327,7 @@ mod tests {
         for text in ["héllo wörld ✓\n\tend", "", " two  spaces ", "a < s > b"] {
             for special in [true, false] {
                 let want = Tokenizer::Bytes.encode(text, special).unwrap();
+                assert!(hf.chat_template().is_none());
                 assert_eq!(
                     hf.encode(text, special).unwrap(),
                     want,
@@ -268,9 +347,34 @@ mod tests {
     }
 
     #[test]
+    fn a_template_that_does_not_compile_fails_chat_rows_only() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in byte_tokenizer_files().unwrap() {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let config = serde_json::json!({"chat_template": "{% for m in messages %}{{ m.content }"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let tok = Tokenizer::from_hf_dir(dir.path(), &serde_json::json!({})).unwrap();
+        assert!(!tok.uses_builtin_chat_layout());
+        assert_eq!(tok.encode("ab", false).unwrap(), vec![97, 98]);
+        let messages = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let err = format!("{:#}", tok.encode_chat(&messages).unwrap_err());
+        assert!(err.contains("compiling the chat template"), "{err}");
+        // A template that compiles is used.
+        let config = serde_json::json!({
+            "chat_template": "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+        });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let tok = Tokenizer::from_hf_dir(dir.path(), &serde_json::json!({})).unwrap();
+        let (ids, mask) = tok.encode_chat(&messages).unwrap().unwrap();
+        assert_eq!(ids, "[user]hi".bytes().map(u32::from).collect::<Vec<_>>());
+        assert!(mask.iter().all(|&m| !m));
+    }
+
+    #[test]
     fn bytes_round_trip() {
         let t = Tokenizer::Bytes;
-        assert_eq!(t.encode("hé", true).unwrap(), vec![BYTE_BOS, 104, 195, 169]);
+        assert_eq!(t.encode("hé", true).unwrap(), vec![256, 104, 195, 169]);
         assert_eq!(t.encode("a", false).unwrap(), vec![97]);
         assert_eq!(t.vocab_size(), 259);
     }

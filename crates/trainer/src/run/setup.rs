@@ -16,7 +16,7 @@ use crate::collective::ranks::Ranks;
 use crate::collective::shard::Sharding;
 use crate::config::{fingerprint, TrainConfig};
 use crate::data::tokenizer::Tokenizer;
-use crate::data::{read_sources, DataOptions, Dataset};
+use crate::data::{list_sources, DataOptions, Dataset};
 use crate::model::{Model, ModelConfig};
 use waypoint_launch::WorkerEnv;
 
@@ -208,22 +208,35 @@ async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> R
         max_seq_len: cfg.max_seq_len as usize,
         packing: !cfg.disable_packing,
         skip_bad_lines: cfg.skip_bad_lines,
+        cache_dir: if cfg.data_cache_dir.is_empty() {
+            crate::data::default_cache_dir()
+        } else {
+            cfg.data_cache_dir.clone().into()
+        },
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let sources = read_sources(&cfg.dataset_uri)
-        .await
-        .with_context(|| format!("--dataset_uri {}", cfg.dataset_uri))?;
-    let train = Dataset::build(&sources, &tokenizer, &opts)
-        .with_context(|| format!("--dataset_uri {}", cfg.dataset_uri))?;
+    if tokenizer.uses_builtin_chat_layout() {
+        tracing::info!(
+            "the tokenizer has no chat_template: chat rows (if any) use waypoint's built-in layout"
+        );
+    }
+    let load_data = |flag: &'static str, uri: String| {
+        let (tokenizer, opts) = (&tokenizer, &opts);
+        async move {
+            let sources = list_sources(&uri)
+                .await
+                .with_context(|| format!("--{flag} {uri}"))?;
+            // Tokenizing (or waiting for the process that does) blocks this thread, the one that
+            // drives `load`, not a runtime worker: remote reads still make progress.
+            Dataset::load(&sources, tokenizer, opts, tokio::runtime::Handle::current())
+                .with_context(|| format!("--{flag} {uri}"))
+        }
+    };
+    let train = load_data("dataset_uri", cfg.dataset_uri.clone()).await?;
     let eval = if cfg.eval_dataset_uri.is_empty() {
         None
     } else {
-        let sources = read_sources(&cfg.eval_dataset_uri)
-            .await
-            .with_context(|| format!("--eval_dataset_uri {}", cfg.eval_dataset_uri))?;
-        Some(
-            Dataset::build(&sources, &tokenizer, &opts)
-                .with_context(|| format!("--eval_dataset_uri {}", cfg.eval_dataset_uri))?,
-        )
+        Some(load_data("eval_dataset_uri", cfg.eval_dataset_uri.clone()).await?)
     };
     let vocab = model.config.vocab_size;
     for (name, d) in [("train", Some(&train)), ("eval", eval.as_ref())] {
@@ -240,6 +253,8 @@ async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> R
         samples = train.len(),
         documents = train.documents,
         skipped = train.skipped,
+        cache = %train.cache_path.display(),
+        cache_hit = !train.built_cache,
         "dataset ready"
     );
     Ok(Loaded {
