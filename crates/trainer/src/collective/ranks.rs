@@ -280,7 +280,7 @@ impl RowCollective for Ranks {
             .collect())
     }
 
-    fn reduce(&mut self, whole: &[Tensor], rows: &[Rows]) -> Result<Vec<Tensor>> {
+    fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>> {
         let narrow = |t: &Tensor, r: &Rows| t.narrow(0, r.start, r.len).copy();
         let Some(g) = &self.group else {
             return Ok(whole.iter().zip(rows).map(|(t, r)| narrow(t, r)).collect());
@@ -289,9 +289,12 @@ impl RowCollective for Ranks {
         if self.nccl.is_none() {
             let shapes: Vec<Vec<i64>> = whole.iter().map(Tensor::size).collect();
             let layout = RankMajor::new(&shapes, self.world);
-            let staged = Tensor::cat(&layout.cut(whole), 0);
-            let mut flat: Vec<f32> = Vec::try_from(&staged).context("gradients to host memory")?;
-            drop(staged);
+            // Staged piece by piece into one host buffer; the gradients go before the ring runs.
+            let mut flat: Vec<f32> = Vec::with_capacity(layout.len());
+            for piece in layout.cut(&whole) {
+                flat.extend(Vec::<f32>::try_from(&piece).context("gradients to host memory")?);
+            }
+            drop(whole);
             g.reduce_scatter_sum(&mut flat, &layout.parts)
                 .with_context(|| format!("rank {}: summing gradients", self.rank))?;
             let (a, b) = layout.parts[self.rank as usize];

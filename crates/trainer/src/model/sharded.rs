@@ -28,8 +28,9 @@ pub(crate) trait RowCollective {
         rows: &[Rows],
         shapes: &[Vec<i64>],
     ) -> Result<Vec<Tensor>>;
-    /// The sum over the ranks of whole tensors, returning this rank's `rows` of each.
-    fn reduce(&mut self, whole: &[Tensor], rows: &[Rows]) -> Result<Vec<Tensor>>;
+    /// The sum over the ranks of whole tensors, returning this rank's `rows` of each (`whole` is
+    /// consumed, so it can be freed as soon as it is staged).
+    fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>>;
 }
 
 impl Model {
@@ -156,8 +157,7 @@ impl Model {
             let into_x = x.is_some().then(|| got.remove(0));
             drop(w);
             let picked: Vec<Rows> = idx.iter().map(|&i| rows[i]).collect();
-            let mine = tch::no_grad(|| comm.reduce(&got, &picked))?;
-            drop(got);
+            let mine = tch::no_grad(|| comm.reduce(got, &picked))?;
             for (&i, g) in idx.iter().zip(mine) {
                 grads[i] = Some(match grads[i].take() {
                     None => g,
