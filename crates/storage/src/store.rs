@@ -42,8 +42,11 @@ pub struct BlobInfo {
     pub key: String,
     /// Bytes written.
     pub bytes: u64,
-    /// Lower-case hex sha256 of the bytes.
+    /// The blob's digest: the sha256 of its parts of `part_size` bytes, combined S3's way
+    /// ([`crate::digest::combine`]: plain lower-case hex for one part, `<hex>-N` for N parts).
     pub sha256: String,
+    /// The part size the digest was computed with.
+    pub part_size: u64,
 }
 
 /// An object store rooted at a base URI. Cheap to clone.

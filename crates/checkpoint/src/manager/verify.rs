@@ -1,6 +1,9 @@
-//! Checking a committed checkpoint's files against its manifest (sizes, and sha256 when re-hashing).
+//! Checking a committed checkpoint's files against its manifest (sizes, and digests when
+//! re-hashing). Files are checked a few at once; each is re-hashed in parts on all cores, the same
+//! path loading takes.
 
-use waypoint_storage::StorageError;
+use futures::{StreamExt, TryStreamExt};
+use waypoint_storage::{BlobReader, StorageError};
 
 use super::CheckpointManager;
 use crate::error::Result;
@@ -37,38 +40,42 @@ impl CheckpointManager {
         rehash: bool,
     ) -> Result<Vec<String>> {
         let dir = self.layout.checkpoint_dir(manifest.step_name());
-        let mut problems = Vec::new();
-        for f in files {
+        let dir = &dir;
+        let checks = files.map(|f| async move {
             let key = format!("{dir}/{}", f.path);
             match self.store.head(&key).await {
                 Ok(o) if o.size != f.bytes => {
-                    problems.push(format!(
+                    return Ok(Some(format!(
                         "{}: {} bytes, manifest says {}",
                         f.path, o.size, f.bytes
-                    ));
-                    continue;
+                    )));
                 }
                 Ok(_) => {}
                 Err(StorageError::NotFound { .. }) => {
-                    problems.push(format!("{}: missing", f.path));
-                    continue;
+                    return Ok(Some(format!("{}: missing", f.path)));
                 }
                 Err(e) => return Err(e.into()),
             }
             if rehash {
-                let (_, sha) = waypoint_storage::BlobReader::open(&self.store, &key, None)
+                let (_, sha) = BlobReader::open(&self.store, &key, None)
                     .await?
+                    .with_digest(f.digest_scheme())
                     .drain()
                     .await?;
                 if sha != f.sha256 {
-                    problems.push(format!(
+                    return Ok(Some(format!(
                         "{}: sha256 {sha}, manifest says {}",
                         f.path, f.sha256
-                    ));
+                    )));
                 }
             }
-        }
-        Ok(problems)
+            Ok::<_, crate::error::CheckpointError>(None)
+        });
+        let found: Vec<Option<String>> = futures::stream::iter(checks)
+            .buffered(self.options.parallel_files.max(1))
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().flatten().collect())
     }
 
     /// Re-hashes every file of `step` against its manifest.

@@ -132,6 +132,7 @@ impl CheckpointManager {
                         writer,
                         tensors,
                         self.options.max_file_bytes,
+                        self.options.parallel_files,
                     )
                     .await?,
                 );
