@@ -1,7 +1,8 @@
 //! Checkpoints from inside the training loop: what a save holds, and the [`Saver`] that writes it.
 //!
 //! A save is copied to host memory, then written and committed on a thread of its own while
-//! training goes on; at most one is in flight. In the background mode the copy itself also runs on a
+//! training goes on; at most one is in flight. The copy and write threads live as long as the saver
+//! ([`Worker`]), so memory stays flat over any number of saves. In the background mode the copy itself also runs on a
 //! thread. On a GPU with room for it, the state is first snapshotted on the device (a device-to-device
 //! copy, queued in well under a millisecond), and the host copy reads the snapshot while training
 //! goes on untouched. Otherwise the host copy reads the live tensors, overlapping the next step's
@@ -17,7 +18,6 @@
 //! `status.json` after it (by rank 0).
 
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -34,6 +34,7 @@ use waypoint_checkpoint::{
 };
 
 use crate::checkpointing::convert::{byte_size, to_blob};
+use crate::checkpointing::worker::{Task, Worker};
 use crate::collective::ranks::Ranks;
 use crate::model::Model;
 use crate::run::optim::AdamW;
@@ -100,7 +101,7 @@ struct Job {
 
 /// A copy of the state to host memory running on its own thread.
 struct Staging {
-    copy: JoinHandle<Result<Vec<Blob>>>,
+    copy: Task<Result<Vec<Blob>>>,
     /// The copy reads a snapshot, not the live tensors: the optimizer need not wait for it.
     from_snapshot: bool,
     commit: Commit,
@@ -119,7 +120,11 @@ pub(crate) struct Saver {
     /// `status.json` and `logs/metrics.jsonl`.
     records: RunRecords,
     staging: Option<Staging>,
-    inflight: Option<JoinHandle<Result<String>>>,
+    inflight: Option<Task<Result<String>>>,
+    /// The thread that copies a background save to host memory, kept across saves.
+    copier: Worker,
+    /// The thread that writes and commits saves, kept across saves.
+    writer: Worker,
     /// The newest checkpoint committed since this process started.
     pub committed: Option<String>,
     /// `config/run.json` as written at the start (rank 0).
@@ -153,6 +158,8 @@ impl Saver {
             records,
             staging: None,
             inflight: None,
+            copier: Worker::new("ckpt-copy")?,
+            writer: Worker::new("ckpt-write")?,
             committed: None,
             run_record,
         })
@@ -185,7 +192,7 @@ impl Saver {
                 None => (items, false),
             };
             self.staging = Some(Staging {
-                copy: std::thread::spawn(move || copy_to_host(&items)),
+                copy: self.copier.run(move || copy_to_host(&items)),
                 from_snapshot,
                 commit,
                 status,
@@ -222,12 +229,12 @@ impl Saver {
     /// Fails if the save in flight has failed, and hands a finished copy from a snapshot to the
     /// writer once it is free; never waits.
     pub(crate) fn check(&mut self) -> Result<()> {
-        if self.inflight.as_ref().is_some_and(|h| h.is_finished()) {
+        if self.inflight.as_mut().is_some_and(|h| h.is_finished()) {
             self.join()?;
         }
         let copied = self
             .staging
-            .as_ref()
+            .as_mut()
             .is_some_and(|s| s.from_snapshot && s.copy.is_finished());
         if copied && self.inflight.is_none() {
             self.hand_over_staged()?;
@@ -261,10 +268,7 @@ impl Saver {
         let Some(s) = self.staging.take() else {
             return Ok(());
         };
-        let dcp = s
-            .copy
-            .join()
-            .map_err(|_| anyhow::anyhow!("the staging thread panicked"))??;
+        let dcp = s.copy.join()??;
         self.launch(Job {
             commit: s.commit,
             dcp,
@@ -282,17 +286,16 @@ impl Saver {
         let manager = self.manager.clone();
         let handle = self.handle.clone();
         let (records, peers) = (self.records.clone(), self.peers.clone());
-        self.inflight = Some(std::thread::spawn(move || {
-            write(&manager, &records, &handle, &peers, job)
-        }));
+        self.inflight = Some(
+            self.writer
+                .run(move || write(&manager, &records, &handle, &peers, job)),
+        );
         Ok(())
     }
 
     fn join(&mut self) -> Result<()> {
         if let Some(h) = self.inflight.take() {
-            let name = h
-                .join()
-                .map_err(|_| anyhow::anyhow!("the save thread panicked"))??;
+            let name = h.join()??;
             self.committed = Some(name);
         }
         Ok(())
@@ -625,6 +628,12 @@ mod tests {
                 .unwrap();
             saver.before_update().unwrap();
             saver.check().unwrap();
+            if step % 100 == 0 && std::env::var("WAYPOINT_RSS_TRACE").is_ok() {
+                eprintln!(
+                    "step {step}: RSS {:.1} MiB",
+                    rss_bytes() as f64 / (1 << 20) as f64
+                );
+            }
         }
         saver.wait().unwrap();
         let after = rss_bytes();
