@@ -32,6 +32,40 @@ impl CheckpointManager {
             .await
     }
 
+    /// Problems with a delta's base: gone, or holding other files than the delta was made against.
+    async fn check_delta_base(&self, d: &crate::manifest::DeltaBase) -> Result<Vec<String>> {
+        let gone = |why: &str| {
+            vec![format!(
+                "its base {} {why}: this delta (INFERENCE_ARC_V2) cannot be rebuilt",
+                d.name
+            )]
+        };
+        let Ok(step) = d.name.parse::<StepName>() else {
+            return Ok(gone("is not a checkpoint name"));
+        };
+        let base = match self.manifest(step).await {
+            Ok(m) => m,
+            Err(crate::error::CheckpointError::NotFound { .. }) => {
+                return Ok(gone("is gone (removed)"))
+            }
+            Err(e) => return Err(e),
+        };
+        let mut problems = Vec::new();
+        for want in &d.files {
+            match base.files.iter().find(|f| f.path == want.path) {
+                Some(f) if f.sha256 == want.sha256 => {}
+                _ => problems.extend(gone(&format!("no longer holds {} as it was", want.path))),
+            }
+        }
+        if problems.is_empty() {
+            problems = self.check_files(&base, d.files.iter(), false).await?;
+            for p in &mut problems {
+                *p = format!("base {}: {p}", d.name);
+            }
+        }
+        Ok(problems)
+    }
+
     /// [`Self::check`] of some of a manifest's files.
     pub(super) async fn check_files(
         &self,
@@ -78,10 +112,14 @@ impl CheckpointManager {
         Ok(found.into_iter().flatten().collect())
     }
 
-    /// Re-hashes every file of `step` against its manifest.
+    /// Re-hashes every file of `step` against its manifest; for a delta, also checks that its base
+    /// is still there with the files it was made against (else it cannot be rebuilt, and says so).
     pub async fn verify(&self, step: StepName) -> Result<VerifyReport> {
         let manifest = self.manifest(step).await?;
-        let problems = self.check(&manifest, true).await?;
+        let mut problems = self.check(&manifest, true).await?;
+        if let Some(d) = &manifest.delta_base {
+            problems.extend(self.check_delta_base(d).await?);
+        }
         Ok(VerifyReport {
             name: manifest.name.clone(),
             files: manifest.files.len(),

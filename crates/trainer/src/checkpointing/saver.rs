@@ -52,6 +52,8 @@ pub(crate) struct SaveContext {
     pub model_id: String,
     /// Samples in the training data (to derive the epoch).
     pub n_samples: u64,
+    /// A new full sampler base after this many deltas (0: every periodic sampler save is a base).
+    pub sampler_base_every: u64,
 }
 
 impl SaveContext {
@@ -78,8 +80,13 @@ pub(crate) struct SaveOrder<'a> {
     pub ctx: &'a SaveContext,
     /// The counters and identity of the checkpoint.
     pub commit: Commit,
+    /// Write the resumable part (`dcp/`); off for a sampler save alone.
+    pub resumable: bool,
     /// Also write the promotable (sampler) part.
     pub promotable: bool,
+    /// The sampler part may be a delta over the newest base this saver wrote (periodic sampler
+    /// saves; see [`delta_base_for`]).
+    pub delta_ok: bool,
     /// `status.json` once it is committed.
     pub status: Status,
     /// `logs/metrics.jsonl` as of this step.
@@ -120,13 +127,15 @@ pub(crate) struct Saver {
     /// `status.json` and `logs/metrics.jsonl`.
     records: RunRecords,
     staging: Option<Staging>,
-    inflight: Option<Task<Result<String>>>,
+    inflight: Option<Task<Result<Committed>>>,
     /// The thread that copies a background save to host memory, kept across saves.
     copier: Worker,
     /// The thread that writes and commits saves, kept across saves.
     writer: Worker,
     /// The newest checkpoint committed since this process started.
     pub committed: Option<String>,
+    /// The newest full sampler base this saver committed and the deltas made over it since.
+    chain: Option<SamplerChain>,
     /// `config/run.json` as written at the start (rank 0).
     run_record: Bytes,
 }
@@ -161,6 +170,7 @@ impl Saver {
             copier: Worker::new("ckpt-copy")?,
             writer: Worker::new("ckpt-write")?,
             committed: None,
+            chain: None,
             run_record,
         })
     }
@@ -174,15 +184,28 @@ impl Saver {
             opt,
             ctx,
             commit,
+            resumable,
             promotable,
+            delta_ok,
             status,
             metrics,
             background,
         } = order;
         self.hand_over_staged()?;
-        let items = self.my_items(model, opt);
+        let items = if resumable {
+            self.my_items(model, opt)
+        } else {
+            Vec::new()
+        };
         let sampler = if promotable && self.rank == 0 {
-            Some(sampler_part(model, ctx)?)
+            let base = if delta_ok && model.lora.is_none() {
+                // The base is decided by what is committed: wait for the save in flight.
+                self.join()?;
+                delta_base_for(self.chain, ctx.sampler_base_every)
+            } else {
+                None
+            };
+            Some(sampler_part(model, ctx, base)?)
         } else {
             None
         };
@@ -295,23 +318,59 @@ impl Saver {
 
     fn join(&mut self) -> Result<()> {
         if let Some(h) = self.inflight.take() {
-            let name = h.join()??;
-            self.committed = Some(name);
+            let done = h.join()??;
+            self.chain = match done.sampler {
+                Some(SamplerWritten::Delta) => self.chain.map(|c| SamplerChain {
+                    deltas: c.deltas + 1,
+                    ..c
+                }),
+                Some(SamplerWritten::Full) => Some(SamplerChain {
+                    base: StepName::new(done.step),
+                    deltas: 0,
+                }),
+                None => self.chain,
+            };
+            self.committed = Some(done.name);
         }
         Ok(())
     }
 }
 
+/// The newest full sampler base a saver committed, and the deltas made over it since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SamplerChain {
+    /// The base.
+    pub base: StepName,
+    /// Deltas committed over it.
+    pub deltas: u64,
+}
+
+/// What sampler part a committed save held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SamplerWritten {
+    /// Full weights (or a PEFT adapter): a base.
+    Full,
+    /// A delta over a base.
+    Delta,
+}
+
+/// A committed save, as the write thread reports it.
+struct Committed {
+    name: String,
+    step: u64,
+    sampler: Option<SamplerWritten>,
+}
+
 /// This rank's part of a save, by the one protocol of the checkpoint crate (rank 0 commits; one rank
 /// alone is the trivial case). Rank 0 writes `logs/metrics.jsonl` first and `status.json` after the
-/// commit. Every rank returns the committed checkpoint's name or the save's error.
+/// commit. Every rank returns the committed checkpoint or the save's error.
 fn write(
     manager: &CheckpointManager,
     records: &RunRecords,
     handle: &Handle,
     peers: &Mutex<Box<dyn Peers + Send>>,
     job: Job,
-) -> Result<String> {
+) -> Result<Committed> {
     let mut peers = peers.lock().unwrap_or_else(|e| e.into_inner());
     let rank = peers.rank();
     let name = StepName::new(job.commit.step).to_string();
@@ -337,8 +396,17 @@ fn write(
                 .committed(job.status, &job.run_record, &manifest.name)
                 .await?;
         }
-        tracing::info!(rank, checkpoint = %manifest.name, secs, "checkpoint committed");
-        Ok(manifest.name)
+        tracing::info!(rank, checkpoint = %manifest.name, kinds = ?manifest.kinds, secs, "checkpoint committed");
+        let sampler = match (manifest.sampler_files().next(), &manifest.delta_base) {
+            (None, _) => None,
+            (Some(_), Some(_)) => Some(SamplerWritten::Delta),
+            (Some(_), None) => Some(SamplerWritten::Full),
+        };
+        Ok(Committed {
+            name: manifest.name,
+            step: manifest.step,
+            sampler,
+        })
     })
 }
 
@@ -446,8 +514,13 @@ fn copy_to_host(items: &[(String, Tensor)]) -> Result<Vec<Blob>> {
 }
 
 /// The promotable part: a PEFT adapter under LoRA, else the full weights as an HF directory, in the
-/// sampler dtype.
-fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
+/// sampler dtype — or, given a `delta_base`, a delta over that base's (which the checkpoint crate
+/// writes as full weights after all when the delta would exceed half their size).
+fn sampler_part(
+    model: &Model,
+    ctx: &SaveContext,
+    delta_base: Option<StepName>,
+) -> Result<SamplerPart> {
     if let Some(lora) = &model.lora {
         let config = AdapterConfig::new(
             lora.rank as usize,
@@ -486,8 +559,16 @@ fn sampler_part(model: &Model, ctx: &SaveContext) -> Result<SamplerPart> {
         .iter()
         .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_dtype.kind())))
         .collect::<Result<Vec<_>>>()?;
+    let config_json = Bytes::from(serde_json::to_vec_pretty(&config)?);
+    if let Some(base) = delta_base {
+        return Ok(SamplerPart::Delta {
+            base,
+            config_json,
+            tensors,
+        });
+    }
     Ok(SamplerPart::Full {
-        config_json: Bytes::from(serde_json::to_vec_pretty(&config)?),
+        config_json,
         tensors,
         extra_files: ctx.tokenizer_files.clone(),
     })
@@ -524,9 +605,48 @@ pub(crate) fn save_due(step: u64, save_steps: u64, total: u64, signal: bool) -> 
     }
 }
 
+/// Whether a periodic sampler save is due once `step` of `total` is done, with one every `every`
+/// steps (0: none); the final save carries its own sampler part.
+pub(crate) fn sampler_save_due(step: u64, every: u64, total: u64) -> bool {
+    every > 0 && step < total && step % every == 0
+}
+
+/// The base a periodic sampler save is a delta over, or `None` for a full save (a new base): none
+/// was made yet by this process, or `base_every` deltas were made over the newest (0: always a
+/// base).
+pub(crate) fn delta_base_for(chain: Option<SamplerChain>, base_every: u64) -> Option<StepName> {
+    chain.filter(|c| c.deltas < base_every).map(|c| c.base)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampler_saves_are_a_base_then_deltas_then_a_new_base() {
+        let due: Vec<u64> = (1..=10).filter(|&s| sampler_save_due(s, 4, 10)).collect();
+        assert_eq!(due, [4, 8]);
+        assert!(
+            !sampler_save_due(10, 5, 10),
+            "the final save carries its own"
+        );
+        assert!((1..10).all(|s| !sampler_save_due(s, 0, 10)));
+        assert_eq!(delta_base_for(None, 3), None);
+        let chain = |deltas| {
+            Some(SamplerChain {
+                base: StepName::new(4),
+                deltas,
+            })
+        };
+        assert_eq!(delta_base_for(chain(0), 3), Some(StepName::new(4)));
+        assert_eq!(delta_base_for(chain(2), 3), Some(StepName::new(4)));
+        assert_eq!(
+            delta_base_for(chain(3), 3),
+            None,
+            "K deltas made: a new base"
+        );
+        assert_eq!(delta_base_for(chain(0), 0), None, "0: always a base");
+    }
 
     #[test]
     fn periodic_saves_fall_on_multiples_before_the_last_step() {
@@ -606,6 +726,7 @@ mod tests {
             tokenizer_files: Vec::new(),
             model_id: "tiny".into(),
             n_samples: 1_000_000,
+            sampler_base_every: 0,
         };
         let (warm_up, saves) = (100u64, 1_000u64);
         let mut before = 0;
@@ -620,7 +741,9 @@ mod tests {
                     opt: &opt,
                     ctx: &ctx,
                     commit: ctx.commit(step, step, 1),
+                    resumable: true,
                     promotable: false,
+                    delta_ok: false,
                     status: Status::new(JobState::Running, step, warm_up + saves),
                     metrics: String::new(),
                     background: true,
