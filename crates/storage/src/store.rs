@@ -92,7 +92,18 @@ impl Store {
 
     /// Opens the store a URI names.
     pub fn open_with(uri: &str, options: StoreOptions) -> Result<Self> {
-        let backend = open_backend(uri, &options)?;
+        Self::open_with_transport(uri, options, None)
+    }
+
+    /// Opens the store a URI names, with `transport` carrying the HTTP requests of an `s3://` store
+    /// in place of the default client (tests inject network faults with it; other schemes ignore
+    /// it).
+    pub fn open_with_transport(
+        uri: &str,
+        options: StoreOptions,
+        transport: Option<Arc<dyn object_store::client::HttpConnector>>,
+    ) -> Result<Self> {
+        let backend = open_backend(uri, &options, transport)?;
         Ok(Self {
             inner: backend.store,
             root: backend.root,

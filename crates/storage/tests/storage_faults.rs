@@ -123,3 +123,47 @@ async fn a_failed_part_mid_upload_aborts_cleanly() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_damaged_on_the_way_to_s3_is_rejected_and_retried() {
+    let Ok(base) = std::env::var("WAYPOINT_TEST_S3_URI") else {
+        assert!(
+            std::env::var("WAYPOINT_REQUIRE_S3").is_err(),
+            "WAYPOINT_REQUIRE_S3 is set but the S3 test server is not"
+        );
+        eprintln!("skipped: no S3 test server (scripts/test.sh starts one)");
+        return;
+    };
+    let transport = common::flaky::CorruptingTransport::new(2);
+    let store = waypoint_storage::Store::open_with_transport(
+        &format!("{base}/{}", common::unique("wire")),
+        waypoint_storage::StoreOptions {
+            part_size: PART * 5,
+            max_concurrency: 2,
+            ..Default::default()
+        },
+        Some(transport.clone()),
+    )
+    .unwrap();
+    let data = pattern(PART * 12 + 3, 21);
+    let mut w = waypoint_storage::BlobWriter::new(&store, "blob").unwrap();
+    w.write(&data).await.unwrap();
+    let info = w.finish().await.unwrap();
+    assert_eq!(
+        transport.damaged.load(Ordering::SeqCst),
+        1,
+        "part 2 was damaged"
+    );
+    let answers = transport.answers.lock().unwrap().clone();
+    eprintln!("the server answered the damaged part with HTTP {answers:?}");
+    assert!(
+        answers.len() == 1 && answers[0] >= 400,
+        "the server must refuse the damaged part: {answers:?}"
+    );
+    // Retried with the intact bytes: what is stored is exactly what was written.
+    assert_eq!(info.sha256, part_digest_hex(&data, PART * 5));
+    assert!(
+        store.get("blob").await.unwrap() == data,
+        "stored bytes differ"
+    );
+}
