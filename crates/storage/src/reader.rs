@@ -5,7 +5,8 @@
 //! [`READ_AHEAD`] + 1 chunks. The digest is a plain sha256 of the whole ([`DigestScheme::Whole`], the
 //! default) or part digests on all cores ([`BlobReader::with_digest`]). Reading a whole local file
 //! at once ([`BlobReader::read_all`], [`BlobReader::drain`]) reads and hashes its parts in parallel,
-//! each part read by the thread that hashes it.
+//! each part read by the thread that hashes it; a remote object read at once in parts is fetched with
+//! ranged requests, a few at once, each part hashed as it arrives.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -37,6 +38,8 @@ pub struct BlobReader {
     hasher: Option<StreamDigest>,
     read: u64,
     len: u64,
+    /// The first byte of the object this reader yields.
+    start: u64,
 }
 
 enum Source {
@@ -83,6 +86,7 @@ impl BlobReader {
             hasher: Some(StreamDigest::new(DigestScheme::Whole)),
             read: 0,
             len,
+            start: got.start,
         })
     }
 
@@ -161,6 +165,9 @@ impl BlobReader {
         if let Some((_, digest)) = self.read_local_at_once(false).await? {
             return Ok((self.len, digest));
         }
+        if let Some((_, digest)) = self.read_ranges_at_once(false).await? {
+            return Ok((self.len, digest));
+        }
         while self.next_chunk().await?.is_some() {}
         self.finish().await
     }
@@ -169,6 +176,9 @@ impl BlobReader {
     /// turned off).
     pub async fn read_all(mut self) -> Result<(Bytes, String)> {
         if let Some((Some(all), digest)) = self.read_local_at_once(true).await? {
+            return Ok((all, digest));
+        }
+        if let Some((Some(all), digest)) = self.read_ranges_at_once(true).await? {
             return Ok((all, digest));
         }
         let mut all = bytes::BytesMut::with_capacity((self.len - self.read) as usize);
@@ -221,6 +231,55 @@ impl BlobReader {
         self.read = end - start;
         self.hasher = None;
         Ok(Some((all.map(Bytes::from), digest)))
+    }
+}
+
+impl BlobReader {
+    /// For a remote object not yet read from, in parts: reads its parts with ranged requests, a few
+    /// at once (as S3's own transfer tools do; one stream is bound by one connection), each hashed
+    /// on a blocking thread as it arrives; `keep` keeps the bytes. `None` for other sources or
+    /// schemes, and for objects of one part.
+    async fn read_ranges_at_once(&mut self, keep: bool) -> Result<Option<(Option<Bytes>, String)>> {
+        use futures::TryStreamExt;
+        let part = match self.scheme {
+            Some(DigestScheme::Parts(p)) => p.max(1),
+            _ => return Ok(None),
+        };
+        if !matches!(self.source, Source::Stream(_)) || self.read != 0 || self.len <= part {
+            return Ok(None);
+        }
+        // The open stream is dropped unread: its connection goes, the ranges take over.
+        self.source = Source::Stream(futures::stream::empty().boxed());
+        let (store, key, start, len) = (&self.store, &self.key, self.start, self.len);
+        let parts = len.div_ceil(part);
+        let reads = (0..parts).map(|i| async move {
+            let range = start + i * part..start + ((i + 1) * part).min(len);
+            let bytes = store.get_range(key, range).await?;
+            let hashed = bytes.clone();
+            let digest: PartDigest =
+                tokio::task::spawn_blocking(move || Sha256::digest(&hashed).into())
+                    .await
+                    .map_err(|e| StorageError::Task(e.to_string()))?;
+            Ok::<_, StorageError>((keep.then_some(bytes), digest))
+        });
+        let concurrency = (store.options.max_concurrency * 2).max(2);
+        let got: Vec<(Option<Bytes>, PartDigest)> = futures::stream::iter(reads)
+            .buffered(concurrency)
+            .try_collect()
+            .await?;
+        let digest = combine(&got.iter().map(|(_, d)| *d).collect::<Vec<_>>());
+        let all = keep.then(|| {
+            let mut all = bytes::BytesMut::with_capacity(len as usize);
+            for (b, _) in &got {
+                if let Some(b) = b {
+                    all.extend_from_slice(b);
+                }
+            }
+            all.freeze()
+        });
+        self.read = len;
+        self.hasher = None;
+        Ok(Some((all, digest)))
     }
 }
 
