@@ -420,7 +420,7 @@ fn main() {
     }
     match anchor {
         None => {
-            println!("  anchors: skipped (no VIRTUAL_ENV with torch; run through scripts/bench.sh)")
+            println!("  anchors: skipped (WAYPOINT_BENCH_ANCHORS=0, or no VIRTUAL_ENV with torch: run through scripts/bench.sh)")
         }
         Some(a) => {
             let (ws, wl) = (
