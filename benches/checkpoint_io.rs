@@ -8,7 +8,14 @@
 //! - peak RSS during a save, above the state itself (target ≤ 256 MiB);
 //! - the size of a bf16 delta after one AdamW step at lr 1e-5 against the full weights (target ≤ 1/4).
 //!
-//! WAYPOINT_BENCH_MIB sets the state size (default 1024).
+//! WAYPOINT_BENCH_MIB sets the state size (default 1024); WAYPOINT_BENCH_TMPFS=0 skips tmpfs and
+//! WAYPOINT_BENCH_ANCHORS=0 the PyTorch anchors (for a 4 GiB state on a machine whose memory cannot
+//! hold the state, its tmpfs copies and PyTorch's at once).
+//!
+//! Loads verify part digests on all cores; the bench also measures what sha256 alone does on one
+//! core and on all of them and prints it beside the raw figures (see support::HashLimits).
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -340,7 +347,8 @@ fn main() {
     let bytes: u64 = st.iter().map(|t| t.data.len() as u64).sum();
     let mut step = 0;
     let mut labels = Vec::new();
-    if Path::new("/dev/shm").is_dir() {
+    let on = |name: &str| std::env::var(name).map_or(true, |v| v != "0");
+    if Path::new("/dev/shm").is_dir() && on("WAYPOINT_BENCH_TMPFS") {
         group(
             &mut c,
             &rt,
@@ -357,10 +365,25 @@ fn main() {
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("checkpoint-bench");
     group(&mut c, &rt, "disk", &work, &st, &mut step);
     labels.push("disk");
-    let anchor = anchors(
-        &st,
-        &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("checkpoint-anchors"),
-    );
+    let anchor = if on("WAYPOINT_BENCH_ANCHORS") {
+        anchors(
+            &st,
+            &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("checkpoint-anchors"),
+        )
+    } else {
+        None
+    };
+    let limits = {
+        let sample: Vec<u8> = st
+            .iter()
+            .flat_map(|t| t.data.iter().copied())
+            .take(512 << 20)
+            .collect();
+        support::HashLimits::measure(
+            &sample,
+            Store::open("memory://").map_or(16 << 20, |s| s.options().part_size as u64),
+        )
+    };
     let (delta, full) = delta_ratio(&rt);
     c.final_summary();
 
@@ -383,6 +406,11 @@ fn main() {
                 println!("  {label:5} {op:12} waypoint {:5.2} GB/s  raw {:5.2} GB/s  ratio {:.2}x (target >= {target})", gbs(w), gbs(r), r / w);
             }
         }
+        for (what, raw) in [("save", "save/raw"), ("load", "load/raw")] {
+            if let Some(r) = median(&format!("{label}/{raw}")) {
+                println!("  {label:5} {}", limits.line(what, gbs(r)).trim_start());
+            }
+        }
         if let Some(extra) = median(&format!("{label}/rss_extra")) {
             println!(
                 "  {label:5} peak RSS during save above the state: {:.0} MiB (target <= 256)",
@@ -392,7 +420,7 @@ fn main() {
     }
     match anchor {
         None => {
-            println!("  anchors: skipped (no VIRTUAL_ENV with torch; run through scripts/bench.sh)")
+            println!("  anchors: skipped (WAYPOINT_BENCH_ANCHORS=0, or no VIRTUAL_ENV with torch: run through scripts/bench.sh)")
         }
         Some(a) => {
             let (ws, wl) = (

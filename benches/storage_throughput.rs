@@ -4,6 +4,14 @@
 //! (target ≥ 0.9×).
 //!
 //! Sizes: WAYPOINT_BENCH_MIB (default 1024) for local, WAYPOINT_BENCH_S3_MIB (default 256) for S3.
+//!
+//! Hashing is part digests on all cores (as checkpoints record them); the bench also measures what
+//! sha256 alone does on one core and on all of them, and prints it beside the raw figures: where
+//! hashing on every core is slower than the raw I/O, no verified path can reach the raw figure on
+//! this machine, and the line says so. On S3 the anchor is boto3's managed transfer
+//! (`upload_file`/`download_file`, default TransferConfig) against the same server in the same run.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -73,7 +81,12 @@ async fn waypoint_read(store: &Store, key: &str, hash: bool) -> u64 {
     let r = waypoint_storage::BlobReader::open(store, key, None)
         .await
         .unwrap();
-    let r = if hash { r } else { r.without_hash() };
+    let part = store.options().part_size as u64;
+    let r = if hash {
+        r.with_digest(waypoint_storage::DigestScheme::Parts(part))
+    } else {
+        r.without_hash()
+    };
     r.drain().await.unwrap().0
 }
 
@@ -216,6 +229,34 @@ fn s3_group(c: &mut Criterion, rt: &tokio::runtime::Runtime, data: &bytes::Bytes
     true
 }
 
+/// boto3's managed transfer of the same bytes to the same server: (upload s, download s), medians.
+fn boto3_anchor(data: &[u8]) -> Option<(f64, f64)> {
+    let base = std::env::var("WAYPOINT_TEST_S3_URI").ok()?;
+    let bucket = base
+        .trim_start_matches("s3://")
+        .split('/')
+        .next()?
+        .to_string();
+    let dir = PathBuf::from("/dev/shm").join(format!("waypoint-boto3-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let src = dir.join("src.bin");
+    std::fs::write(&src, data).ok()?;
+    let out = std::process::Command::new(support::python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/anchors/s3_anchor.py"
+        ))
+        .args([src.to_str()?, &bucket, "bench/boto3.bin", "5"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .ok();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last()?).ok()?;
+    Some((v["upload"].as_f64()?, v["download"].as_f64()?))
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -234,7 +275,11 @@ fn main() {
     local_group(&mut c, &rt, "disk", work, &bytes);
     labels.push("disk");
     let s3_mib = env_mib("WAYPOINT_BENCH_S3_MIB", 256);
-    let s3 = s3_group(&mut c, &rt, &bytes.slice(..(s3_mib << 20).min(bytes.len())));
+    let s3_data = bytes.slice(..(s3_mib << 20).min(bytes.len()));
+    let s3 = s3_group(&mut c, &rt, &s3_data);
+    let boto3 = if s3 { boto3_anchor(&s3_data) } else { None };
+    let part = StoreOptions::default().part_size as u64;
+    let limits = support::HashLimits::measure(&bytes, part);
     c.final_summary();
 
     println!(
@@ -269,6 +314,14 @@ fn main() {
                 r / w
             );
         }
+        for (what, raw) in [("write", "write/raw"), ("read", "read/raw")] {
+            if let Some(r) = median(&format!("{label}/{raw}")) {
+                println!(
+                    "  {label:5} {}",
+                    limits.line(what, gbps(r, bytes.len())).trim_start()
+                );
+            }
+        }
     }
     if s3 {
         let len = (s3_mib << 20).min(bytes.len());
@@ -279,6 +332,26 @@ fn main() {
                     gbps(t, len)
                 );
             }
+        }
+        match boto3 {
+            Some((up, down)) => {
+                for (op, name, anchor) in [
+                    ("write vs boto3 upload_file", "s3/write", up),
+                    ("read+verify vs boto3 download_file", "s3/read", down),
+                ] {
+                    if let Some(t) = median(name) {
+                        println!(
+                            "  s3 {op:38} waypoint {:6.2} GB/s   boto3 {:6.2} GB/s   ratio {:.2}x (target >= 1.0)",
+                            gbps(t, len),
+                            gbps(anchor, len),
+                            anchor / t
+                        );
+                    }
+                }
+            }
+            None => println!(
+                "  s3 boto3 anchor: skipped (no boto3 in the venv? see scripts/requirements.txt)"
+            ),
         }
     }
 }

@@ -165,6 +165,16 @@ struct TrainArgs {
     #[arg(long = "keep_last")]
     #[serde(skip_serializing_if = "Option::is_none")]
     keep_last: Option<u64>,
+    /// A promotable sampler save every N steps: the first a full base, later ones deltas over it
+    /// (INFERENCE_ARC_V2) (0: none besides the final save) [default: 0].
+    #[arg(long = "sampler_save_steps")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampler_save_steps: Option<u64>,
+    /// A new full sampler base after N deltas, or sooner when a delta would exceed half the full
+    /// size (0: every sampler save is a base) [default: 8].
+    #[arg(long = "sampler_base_every")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampler_base_every: Option<u64>,
     /// Wait for every upload instead of saving in the background.
     #[arg(long = "sync_save")]
     #[serde(skip_serializing_if = "is_false")]

@@ -71,14 +71,23 @@ pub struct DeltaFile {
     pub base_sha256: String,
 }
 
-/// Writes the delta of `tensors` over `base`'s sampler weights; returns the files and the base record.
+/// Whether a delta of `delta_bytes` is worth keeping over a full save of `full_bytes`: at most half
+/// its size (a delta larger than that — after many steps, or a large learning rate — costs nearly a
+/// full save to store and more to rebuild, so a new base is written instead).
+pub fn delta_worth_it(delta_bytes: u64, full_bytes: u64) -> bool {
+    delta_bytes.saturating_mul(2) <= full_bytes
+}
+
+/// Writes the delta of `tensors` over `base`'s sampler weights; returns the files and the base
+/// record, or `None` (nothing written) when the delta would not be worth it ([`delta_worth_it`]):
+/// the caller then writes a full save, a new base.
 pub(crate) async fn write_delta(
     checkpoints: &impl CheckpointFiles,
     writer: &FileWriter,
     base: &Manifest,
     tensors: Vec<Tensor>,
     max_file_bytes: u64,
-) -> Result<(Vec<WrittenFile>, DeltaBase)> {
+) -> Result<Option<(Vec<WrittenFile>, DeltaBase)>> {
     let base_name = base.name.clone();
     let delta_err = |reason: String| CheckpointError::DeltaBase {
         name: "(new delta)".into(),
@@ -94,6 +103,7 @@ pub(crate) async fn write_delta(
     let mut files = Vec::new();
     let mut entries = Vec::new();
     let mut base_files = Vec::new();
+    let mut deltas = Vec::new();
     for (name, group) in groups {
         let base_entry = base
             .files
@@ -135,6 +145,16 @@ pub(crate) async fn write_delta(
             sha256,
             base_sha256: base_entry.sha256.clone(),
         });
+        deltas.push((name, compressed));
+        base_files.push(base_entry);
+    }
+    let full: u64 = entries.iter().map(|e| e.bytes).sum();
+    let delta: u64 = deltas.iter().map(|(_, z)| z.len() as u64).sum();
+    if !delta_worth_it(delta, full) {
+        tracing::info!(base = %base.name, delta, full, "a delta would exceed half the full size: writing a new base instead");
+        return Ok(None);
+    }
+    for (name, compressed) in deltas {
         files.push(
             writer
                 .write_bytes(
@@ -143,7 +163,6 @@ pub(crate) async fn write_delta(
                 )
                 .await?,
         );
-        base_files.push(base_entry);
     }
     if let Some(index) = index {
         files.push(
@@ -164,13 +183,13 @@ pub(crate) async fn write_delta(
             )
             .await?,
     );
-    Ok((
+    Ok(Some((
         files,
         DeltaBase {
             name: base.name.clone(),
             files: base_files,
         },
-    ))
+    )))
 }
 
 /// Rebuilds the full weights files of a delta checkpoint: (path relative to `sampler/`, bytes).

@@ -11,17 +11,30 @@ pub struct FileEntry {
     pub path: String,
     /// Size in bytes.
     pub bytes: u64,
-    /// Lower-case hex sha256.
+    /// The file's digest: the sha256 of its parts of `part_size` bytes combined S3's way
+    /// (`waypoint_storage::digest`: plain lower-case hex for one part, `<hex>-N` for N parts); in
+    /// manifests without `part_size` (format 1), the plain sha256 of the whole file.
     pub sha256: String,
     /// The rank that wrote it.
     #[serde(default)]
     pub rank: u32,
+    /// The part size the digest was computed with; absent in manifests of format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_size: Option<u64>,
 }
 
 impl FileEntry {
     /// Whether it belongs to the resumable part (`dcp/`).
     pub fn is_dcp(&self) -> bool {
         self.path.starts_with("dcp/")
+    }
+
+    /// How its digest was computed.
+    pub fn digest_scheme(&self) -> waypoint_storage::DigestScheme {
+        match self.part_size {
+            Some(p) => waypoint_storage::DigestScheme::Parts(p),
+            None => waypoint_storage::DigestScheme::Whole,
+        }
     }
 
     /// Whether it belongs to the sampler part (`sampler/`).

@@ -1,5 +1,8 @@
 //! The manifest, `checkpoints/step-XXXXXX.json`: written last and create-only, its existence is the
-//! commit. It lists every file of the checkpoint with size and sha256, and the counters resume needs.
+//! commit. It lists every file of the checkpoint with size and digest, and the counters resume needs.
+//!
+//! Format 2 records each file's digest as sha256s of fixed-size parts combined S3's way, with the
+//! part size (`part_size`); format 1 (still read) recorded the plain sha256 of each whole file.
 
 use crate::StepName;
 use serde::{Deserialize, Serialize};
@@ -9,7 +12,7 @@ use crate::file_entry::FileEntry;
 use crate::kind::CheckpointKind;
 
 /// The manifest format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What a delta sampler checkpoint was made against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,12 +129,7 @@ impl Manifest {
             .chain(m.delta_base.iter().flat_map(|d| d.files.iter()))
         {
             check_file_path(&f.path).map_err(bad)?;
-            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad(format!(
-                    "{}: sha256 {:?} is not 64 hex digits",
-                    f.path, f.sha256
-                )));
-            }
+            check_digest(f).map_err(bad)?;
         }
         for f in &m.files {
             if !seen.insert(f.path.as_str()) {
@@ -139,6 +137,32 @@ impl Manifest {
             }
         }
         Ok(m)
+    }
+}
+
+/// A file's digest: 64 hex digits, or with a part size `<64 hex>-N` where N is the number of parts
+/// of that size the file has.
+fn check_digest(f: &FileEntry) -> std::result::Result<(), String> {
+    use waypoint_storage::digest::{parse_digest, part_count};
+    let Some(parts) = parse_digest(&f.sha256) else {
+        return Err(format!(
+            "{}: sha256 {:?} is not 64 hex digits (or 64 hex digits, `-` and a part count)",
+            f.path, f.sha256
+        ));
+    };
+    match f.part_size {
+        Some(0) => Err(format!("{}: part_size 0", f.path)),
+        Some(p) if parts != 1 && parts != part_count(f.bytes, p) => Err(format!(
+            "{}: digest of {parts} parts, but {} bytes in parts of {p} make {}",
+            f.path,
+            f.bytes,
+            part_count(f.bytes, p)
+        )),
+        None if parts != 1 => Err(format!(
+            "{}: a digest of {parts} parts needs the part_size",
+            f.path
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -178,8 +202,9 @@ mod tests {
             files: vec![FileEntry {
                 path: "dcp/model-00001-of-00001.safetensors".into(),
                 bytes: 10,
-                sha256: "a".repeat(64),
+                sha256: format!("{}-3", "a".repeat(64)),
                 rank: 0,
+                part_size: Some(4),
             }],
             delta_base: None,
         }
@@ -189,6 +214,18 @@ mod tests {
     fn round_trips() {
         let m = sample();
         assert_eq!(Manifest::parse("k", &m.to_json().unwrap()).unwrap(), m);
+    }
+
+    #[test]
+    fn reads_format_1_manifests() {
+        // As waypoint wrote them before part digests: no part_size, a plain sha256 per file.
+        let mut m = sample();
+        m.format_version = 1;
+        m.files[0].sha256 = "b".repeat(64);
+        m.files[0].part_size = None;
+        let json = String::from_utf8(m.to_json().unwrap()).unwrap();
+        assert!(!json.contains("part_size"), "{json}");
+        assert_eq!(Manifest::parse("k", json.as_bytes()).unwrap(), m);
     }
 
     #[test]
@@ -205,6 +242,12 @@ mod tests {
             ),
             (Box::new(|m| m.files[0].path = "dcp/../../x".into()), "`..`"),
             (Box::new(|m| m.files[0].sha256 = "zz".into()), "64 hex"),
+            (Box::new(|m| m.files[0].part_size = Some(3)), "make 4"),
+            (
+                Box::new(|m| m.files[0].part_size = None),
+                "needs the part_size",
+            ),
+            (Box::new(|m| m.files[0].part_size = Some(0)), "part_size 0"),
             (
                 Box::new(|m| m.files.push(m.files[0].clone())),
                 "listed twice",

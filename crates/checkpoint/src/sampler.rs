@@ -39,21 +39,25 @@ pub(crate) fn full_weights_layout(
     Ok((named, Some(index)))
 }
 
-/// Writes `tensors` as an HF model directory's weights (see [`full_weights_layout`]).
+/// Writes `tensors` as an HF model directory's weights (see [`full_weights_layout`]), `parallel`
+/// files at once.
 pub(crate) async fn write_full_weights(
     writer: &FileWriter,
     tensors: Vec<Tensor>,
     max_file_bytes: u64,
+    parallel: usize,
 ) -> Result<Vec<WrittenFile>> {
+    use futures::{StreamExt, TryStreamExt};
     let (groups, index) = full_weights_layout(tensors, max_file_bytes)?;
-    let mut files = Vec::new();
-    for (name, group) in groups {
-        files.push(
-            writer
-                .write_tensors(&format!("sampler/{name}"), &group)
-                .await?,
-        );
-    }
+    let writes = groups.into_iter().map(|(name, group)| async move {
+        writer
+            .write_tensors(&format!("sampler/{name}"), &group)
+            .await
+    });
+    let mut files: Vec<WrittenFile> = futures::stream::iter(writes)
+        .buffered(parallel.max(1))
+        .try_collect()
+        .await?;
     if let Some(index) = index {
         files.push(
             writer

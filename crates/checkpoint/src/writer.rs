@@ -67,6 +67,7 @@ impl FileWriter {
             path: path.to_string(),
             bytes: info.bytes,
             sha256: info.sha256,
+            part_size: Some(info.part_size),
             rank: self.rank,
         }
     }

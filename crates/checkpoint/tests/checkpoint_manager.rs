@@ -597,3 +597,43 @@ async fn init_from_checkpoint_resolves_in_another_run() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_larger_than_half_the_full_size_is_written_as_a_new_base() {
+    for b in backends("ckpt-delta-big", StoreOptions::default()) {
+        let m = started(&b.store, "run1", ManagerOptions::default()).await;
+        let config = Bytes::from_static(br#"{"model_type": "llama"}"#);
+        m.save(SaveRequest {
+            commit: commit(10),
+            dcp: None,
+            sampler: Some(SamplerPart::Full {
+                config_json: config.clone(),
+                tensors: bf16_model(1, None),
+                extra_files: vec![],
+            }),
+        })
+        .await
+        .unwrap();
+        // Unrelated weights: the XOR is noise and compresses to nearly the full size.
+        let other = bf16_model(99, None);
+        let saved = m
+            .save(SaveRequest {
+                commit: commit(11),
+                dcp: None,
+                sampler: Some(SamplerPart::Delta {
+                    base: StepName::new(10),
+                    config_json: config,
+                    tensors: other.clone(),
+                }),
+            })
+            .await
+            .unwrap();
+        assert_eq!(saved.kinds, [CheckpointKind::InferenceBase], "{}", b.name);
+        assert!(saved.delta_base.is_none());
+        assert!(saved.sampler_files().all(|f| !f.path.ends_with(".xor.zst")));
+        assert_eq!(
+            sorted(m.sampler_tensors(&saved).await.unwrap()),
+            sorted(other)
+        );
+    }
+}

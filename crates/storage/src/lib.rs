@@ -3,15 +3,18 @@
 //! - [`Store`] opens a `checkpoint_base_uri` (local path, `file://`, `s3://`, `gs://`, `az://`,
 //!   `memory://`) and offers puts, create-only puts (the commit primitive), gets, ranged and streaming
 //!   reads, listings, heads, deletes and copies, all with retries of transient errors and typed errors.
-//! - [`BlobWriter`] streams a blob of any size with bounded memory, computing its sha256 as the bytes
-//!   pass; nothing is visible under the key until it finishes. [`BlobReader`] streams one back.
+//! - [`BlobWriter`] streams a blob of any size with bounded memory, computing its digest as the bytes
+//!   pass (sha256 of fixed-size parts on all cores, combined S3's way: [`digest`]); nothing is visible
+//!   under the key until it finishes. [`BlobReader`] streams one back, checking the same digest.
 //!
-//! Dependencies inside point one way: `store` → `uri` → `options`/`retry`; `reader`/`writer` → `store`.
+//! Dependencies inside point one way: `store` → `uri` → `options`/`retry`; `reader`/`writer` → `store`,
+//! `digest`.
 //!
 //! This crate knows nothing of tensors or libtorch.
 
 #![forbid(unsafe_code)]
 
+pub mod digest;
 mod error;
 mod options;
 mod reader;
@@ -21,6 +24,7 @@ mod store;
 mod uri;
 mod writer;
 
+pub use digest::DigestScheme;
 pub use error::{Result, StorageError};
 pub use options::StoreOptions;
 pub use reader::BlobReader;

@@ -2,7 +2,11 @@
 //!
 //! Local files are read straight from the file in large chunks with positional reads, two chunks in
 //! flight on blocking threads; remote objects arrive as the backend's byte stream. Memory held is at most
-//! [`READ_AHEAD`] + 1 chunks.
+//! [`READ_AHEAD`] + 1 chunks. The digest is a plain sha256 of the whole ([`DigestScheme::Whole`], the
+//! default) or part digests on all cores ([`BlobReader::with_digest`]). Reading a whole local file
+//! at once ([`BlobReader::read_all`], [`BlobReader::drain`]) reads and hashes its parts in parallel,
+//! each part read by the thread that hashes it; a remote object read at once in parts is fetched with
+//! ranged requests, a few at once, each part hashed as it arrives.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -15,6 +19,7 @@ use futures::StreamExt;
 use object_store::{GetOptions, GetRange, GetResultPayload};
 use sha2::{Digest, Sha256};
 
+use crate::digest::{combine, DigestScheme, PartDigest, StreamDigest};
 use crate::error::{Result, StorageError};
 use crate::store::Store;
 
@@ -29,9 +34,12 @@ pub struct BlobReader {
     key: String,
     store: Store,
     source: Source,
-    hasher: Option<Sha256>,
+    scheme: Option<DigestScheme>,
+    hasher: Option<StreamDigest>,
     read: u64,
     len: u64,
+    /// The first byte of the object this reader yields.
+    start: u64,
 }
 
 enum Source {
@@ -74,16 +82,27 @@ impl BlobReader {
             key: key.to_string(),
             store: store.clone(),
             source,
-            hasher: Some(Sha256::new()),
+            scheme: Some(DigestScheme::Whole),
+            hasher: Some(StreamDigest::new(DigestScheme::Whole)),
             read: 0,
             len,
+            start: got.start,
         })
     }
 
     /// Turns hashing off, for reads whose integrity another layer checks; [`BlobReader::finish`]
     /// then reports an empty digest.
     pub fn without_hash(mut self) -> Self {
+        self.scheme = None;
         self.hasher = None;
+        self
+    }
+
+    /// Computes the digest under `scheme` (parts are counted from the first byte read). Call it
+    /// before the first chunk is read.
+    pub fn with_digest(mut self, scheme: DigestScheme) -> Self {
+        self.scheme = Some(scheme);
+        self.hasher = Some(StreamDigest::new(scheme));
         self
     }
 
@@ -135,21 +154,181 @@ impl BlobReader {
             },
         };
         if let Some(h) = self.hasher.as_mut() {
-            h.update(&chunk);
+            h.update(&chunk).await?;
         }
         self.read += chunk.len() as u64;
         Ok(Some(chunk))
     }
 
-    /// Reads everything left; returns the bytes read in all and their sha256 (hex).
+    /// Reads everything left; returns the bytes read in all and their digest (hex).
     pub async fn drain(mut self) -> Result<(u64, String)> {
+        if let Some((_, digest)) = self.read_local_at_once(false).await? {
+            return Ok((self.len, digest));
+        }
+        if let Some((_, digest)) = self.read_ranges_at_once(false).await? {
+            return Ok((self.len, digest));
+        }
         while self.next_chunk().await?.is_some() {}
-        Ok(self.finish())
+        self.finish().await
     }
 
-    /// Bytes read so far and the sha256 (hex) of them (empty if hashing was turned off).
-    pub fn finish(self) -> (u64, String) {
-        let digest = self.hasher.map(|h| hex::encode(h.finalize()));
-        (self.read, digest.unwrap_or_default())
+    /// Reads everything left into one buffer; returns it and its digest (empty if hashing was
+    /// turned off).
+    pub async fn read_all(mut self) -> Result<(Bytes, String)> {
+        if let Some((Some(all), digest)) = self.read_local_at_once(true).await? {
+            return Ok((all, digest));
+        }
+        if let Some((Some(all), digest)) = self.read_ranges_at_once(true).await? {
+            return Ok((all, digest));
+        }
+        let mut all = bytes::BytesMut::with_capacity((self.len - self.read) as usize);
+        while let Some(chunk) = self.next_chunk().await? {
+            all.extend_from_slice(&chunk);
+        }
+        let (_, digest) = self.finish().await?;
+        Ok((all.freeze(), digest))
     }
+
+    /// Bytes read so far and the digest (hex) of them (empty if hashing was turned off).
+    pub async fn finish(self) -> Result<(u64, String)> {
+        let digest = match self.hasher {
+            Some(h) => h.finish().await?,
+            None => String::new(),
+        };
+        Ok((self.read, digest))
+    }
+
+    /// For a local file not yet read from: reads it all at once on every core, each part hashed by
+    /// the thread that read it; `keep` keeps the bytes. `None` for other sources.
+    async fn read_local_at_once(&mut self, keep: bool) -> Result<Option<(Option<Bytes>, String)>> {
+        let Source::File {
+            file,
+            path,
+            next,
+            end,
+            pending,
+        } = &mut self.source
+        else {
+            return Ok(None);
+        };
+        let parts = matches!(self.scheme, Some(DigestScheme::Parts(_)));
+        if self.read != 0 || !pending.is_empty() || !(keep || parts) {
+            // (Draining under the whole-blob scheme, or unhashed, is one stream: see next_chunk.)
+            return Ok(None);
+        }
+        let (file, path, start, end) = (file.clone(), path.clone(), *next, *end);
+        *next = end;
+        let scheme = self.scheme;
+        let (all, digest) =
+            tokio::task::spawn_blocking(move || read_parts(&file, start, end, scheme, keep))
+                .await
+                .map_err(|e| StorageError::Task(e.to_string()))?
+                .map_err(|source| StorageError::Io {
+                    op: "read",
+                    path,
+                    source,
+                })?;
+        self.read = end - start;
+        self.hasher = None;
+        Ok(Some((all.map(Bytes::from), digest)))
+    }
+}
+
+impl BlobReader {
+    /// For a remote object not yet read from, in parts: reads its parts with ranged requests, a few
+    /// at once (as S3's own transfer tools do; one stream is bound by one connection), each hashed
+    /// on a blocking thread as it arrives; `keep` keeps the bytes. `None` for other sources or
+    /// schemes, and for objects of one part.
+    async fn read_ranges_at_once(&mut self, keep: bool) -> Result<Option<(Option<Bytes>, String)>> {
+        use futures::TryStreamExt;
+        let part = match self.scheme {
+            Some(DigestScheme::Parts(p)) => p.max(1),
+            _ => return Ok(None),
+        };
+        if !matches!(self.source, Source::Stream(_)) || self.read != 0 || self.len <= part {
+            return Ok(None);
+        }
+        // The open stream is dropped unread: its connection goes, the ranges take over.
+        self.source = Source::Stream(futures::stream::empty().boxed());
+        let (store, key, start, len) = (&self.store, &self.key, self.start, self.len);
+        let parts = len.div_ceil(part);
+        let reads = (0..parts).map(|i| async move {
+            let range = start + i * part..start + ((i + 1) * part).min(len);
+            let bytes = store.get_range(key, range).await?;
+            let hashed = bytes.clone();
+            let digest: PartDigest =
+                tokio::task::spawn_blocking(move || Sha256::digest(&hashed).into())
+                    .await
+                    .map_err(|e| StorageError::Task(e.to_string()))?;
+            Ok::<_, StorageError>((keep.then_some(bytes), digest))
+        });
+        let concurrency = (store.options.max_concurrency * 2).max(2);
+        let got: Vec<(Option<Bytes>, PartDigest)> = futures::stream::iter(reads)
+            .buffered(concurrency)
+            .try_collect()
+            .await?;
+        let digest = combine(&got.iter().map(|(_, d)| *d).collect::<Vec<_>>());
+        let all = keep.then(|| {
+            let mut all = bytes::BytesMut::with_capacity(len as usize);
+            for (b, _) in &got {
+                if let Some(b) = b {
+                    all.extend_from_slice(b);
+                }
+            }
+            all.freeze()
+        });
+        self.read = len;
+        self.hasher = None;
+        Ok(Some((all, digest)))
+    }
+}
+
+/// Reads bytes `start..end` of `file` in parts on all cores (rayon), hashing each part under
+/// `scheme` as it is read; keeps the bytes when `keep`. Memory without `keep`: one part per thread.
+fn read_parts(
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+    scheme: Option<DigestScheme>,
+    keep: bool,
+) -> std::io::Result<(Option<Vec<u8>>, String)> {
+    use rayon::prelude::*;
+    let len = (end - start) as usize;
+    let part = match scheme {
+        Some(DigestScheme::Parts(p)) => p.clamp(1, usize::MAX as u64) as usize,
+        _ => LOCAL_CHUNK,
+    };
+    let hash_parts = matches!(scheme, Some(DigestScheme::Parts(_)));
+    let read_one = |i: usize, buf: &mut [u8]| -> std::io::Result<Option<PartDigest>> {
+        file.read_exact_at(buf, start + (i * part) as u64)?;
+        Ok(hash_parts.then(|| Sha256::digest(&*buf).into()))
+    };
+    let (all, parts) = if keep {
+        let mut all = vec![0u8; len];
+        let parts: Vec<Option<PartDigest>> = all
+            .par_chunks_mut(part)
+            .enumerate()
+            .map(|(i, buf)| read_one(i, buf))
+            .collect::<std::io::Result<_>>()?;
+        (Some(all), parts)
+    } else {
+        let parts: Vec<Option<PartDigest>> = (0..len.div_ceil(part))
+            .into_par_iter()
+            .map_init(Vec::new, |buf: &mut Vec<u8>, i| {
+                let n = part.min(len - i * part);
+                buf.resize(n, 0);
+                read_one(i, &mut buf[..n])
+            })
+            .collect::<std::io::Result<_>>()?;
+        (None, parts)
+    };
+    let digest = match scheme {
+        None => String::new(),
+        Some(DigestScheme::Parts(_)) => combine(&parts.into_iter().flatten().collect::<Vec<_>>()),
+        Some(DigestScheme::Whole) => all
+            .as_ref()
+            .map(|all| hex::encode(Sha256::digest(all)))
+            .unwrap_or_default(),
+    };
+    Ok((all, digest))
 }

@@ -42,8 +42,11 @@ pub struct BlobInfo {
     pub key: String,
     /// Bytes written.
     pub bytes: u64,
-    /// Lower-case hex sha256 of the bytes.
+    /// The blob's digest: the sha256 of its parts of `part_size` bytes, combined S3's way
+    /// ([`crate::digest::combine`]: plain lower-case hex for one part, `<hex>-N` for N parts).
     pub sha256: String,
+    /// The part size the digest was computed with.
+    pub part_size: u64,
 }
 
 /// An object store rooted at a base URI. Cheap to clone.
@@ -89,7 +92,18 @@ impl Store {
 
     /// Opens the store a URI names.
     pub fn open_with(uri: &str, options: StoreOptions) -> Result<Self> {
-        let backend = open_backend(uri, &options)?;
+        Self::open_with_transport(uri, options, None)
+    }
+
+    /// Opens the store a URI names, with `transport` carrying the HTTP requests of an `s3://` store
+    /// in place of the default client (tests inject network faults with it; other schemes ignore
+    /// it).
+    pub fn open_with_transport(
+        uri: &str,
+        options: StoreOptions,
+        transport: Option<Arc<dyn object_store::client::HttpConnector>>,
+    ) -> Result<Self> {
+        let backend = open_backend(uri, &options, transport)?;
         Ok(Self {
             inner: backend.store,
             root: backend.root,

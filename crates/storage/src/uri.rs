@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, Checksum};
 use object_store::azure::MicrosoftAzureBuilder;
+use object_store::client::{ClientOptions, HttpClient, HttpConnector};
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -33,9 +34,26 @@ pub(crate) struct Backend {
     pub client_retries: bool,
 }
 
+/// An HTTP transport for cloud backends in place of the default one (tests inject faults with it).
+pub(crate) type Transport = Option<Arc<dyn HttpConnector>>;
+
 /// Opens the backend a URI names, reading settings from the process environment.
-pub(crate) fn open_backend(uri: &str, options: &StoreOptions) -> Result<Backend> {
-    open_backend_in(uri, options, &process_env)
+pub(crate) fn open_backend(
+    uri: &str,
+    options: &StoreOptions,
+    transport: Transport,
+) -> Result<Backend> {
+    open_backend_in(uri, options, &process_env, transport)
+}
+
+/// A shared connector, as the builders take one.
+#[derive(Debug)]
+struct SharedConnector(Arc<dyn HttpConnector>);
+
+impl HttpConnector for SharedConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        self.0.connect(options)
+    }
 }
 
 /// A source of settings by environment-variable name (the process environment, or a test's map).
@@ -46,7 +64,12 @@ fn process_env(name: &str) -> Option<String> {
 }
 
 /// Opens the backend a URI names, reading settings through `env`.
-fn open_backend_in(uri: &str, options: &StoreOptions, env: Env<'_>) -> Result<Backend> {
+fn open_backend_in(
+    uri: &str,
+    options: &StoreOptions,
+    env: Env<'_>,
+    transport: Transport,
+) -> Result<Backend> {
     let invalid = |reason: &str| StorageError::InvalidUri {
         uri: redact_uri(uri),
         reason: reason.to_string(),
@@ -96,7 +119,7 @@ fn open_backend_in(uri: &str, options: &StoreOptions, env: Env<'_>) -> Result<Ba
                 .ok_or_else(|| invalid("the bucket (or container) name is missing: s3://bucket/prefix"))?;
             let root = key_prefix(uri, url.path())?;
             let store: Arc<dyn ObjectStore> = match scheme {
-                "s3" => Arc::new(open_s3(uri, bucket, options, env)?),
+                "s3" => Arc::new(open_s3(uri, bucket, options, env, transport)?),
                 "gs" => Arc::new(
                     GoogleCloudStorageBuilder::from_env()
                         .with_bucket_name(bucket)
@@ -160,6 +183,7 @@ fn open_s3(
     bucket: &str,
     options: &StoreOptions,
     env: Env<'_>,
+    transport: Transport,
 ) -> Result<object_store::aws::AmazonS3> {
     let endpoint = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT"));
     let allow_http = match env("AWS_ALLOW_HTTP").as_deref() {
@@ -239,6 +263,14 @@ fn open_s3(
         .or_else(|| env("AWS_DEFAULT_REGION"))
         .unwrap_or_else(|| "us-east-1".to_string());
     builder = builder.with_region(region);
+    // Every request carries its body's sha256 (`x-amz-checksum-sha256`; multipart uploads declare
+    // the algorithm at creation, and the completion lists each part's), so the server checks each
+    // part on arrival and rejects one damaged on the way. (The request signature also covers the
+    // body's sha256, which S3-compatible servers without checksum support verify.)
+    builder = builder.with_checksum_algorithm(Checksum::SHA256);
+    if let Some(t) = transport {
+        builder = builder.with_http_connector(SharedConnector(t));
+    }
     builder
         .build()
         .map_err(|e| setting(uri, "AWS_*", &format!("is incomplete ({e})"), S3_HINT))
@@ -326,9 +358,12 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        open_backend_in(uri, &StoreOptions::default(), &move |k| {
-            vars.get(k).cloned()
-        })
+        open_backend_in(
+            uri,
+            &StoreOptions::default(),
+            &move |k| vars.get(k).cloned(),
+            None,
+        )
     }
 
     fn err(uri: &str, vars: &[(&str, &str)]) -> String {

@@ -1,18 +1,19 @@
 //! `BlobWriter`: stream a blob of any size with bounded memory, hashing it as it passes.
 //!
 //! Bytes are cut into parts of `part_size`; at most `max_concurrency` parts are in flight, so memory
-//! stays at about `part_size * (2 * max_concurrency + 1)` whatever the blob's size. The sha256 is
-//! computed on a blocking thread of its own, part by part in order, while the parts upload: hashing and
-//! writing overlap instead of adding up. A blob that ends before
-//! its first part is full is written with one plain put. Until [`BlobWriter::finish`] returns, nothing is
+//! stays at about `part_size * (max_concurrency + cores + 2)` whatever the blob's size. Each part's
+//! sha256 is computed on a blocking thread of its own while the parts upload ([`PartHasher`]): hashing
+//! runs on all cores and overlaps the writing instead of adding to it. The blob's digest is S3's
+//! composite of the part digests ([`crate::digest`]). A blob that ends before its first part is full
+//! is written with one plain put (its digest is then its plain sha256). Until [`BlobWriter::finish`] returns, nothing is
 //! visible under the key: a failure, an explicit [`BlobWriter::abort`] or a drop aborts the upload.
 
 use bytes::{Bytes, BytesMut};
 use object_store::path::Path;
 use object_store::{MultipartUpload, PutOptions, PutPayload};
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
+
+use crate::digest::{digest_bytes, DigestScheme, PartHasher};
 
 use crate::error::{Result, StorageError};
 use crate::store::{BlobInfo, Store};
@@ -22,44 +23,10 @@ pub struct BlobWriter {
     store: Store,
     key: String,
     path: Path,
-    hasher: Option<BackgroundHasher>,
+    hasher: Option<PartHasher>,
     bytes: u64,
     buffer: BytesMut,
     upload: Option<Upload>,
-}
-
-/// A sha256 computed on a blocking thread from parts sent in order.
-struct BackgroundHasher {
-    parts: mpsc::Sender<Bytes>,
-    digest: JoinHandle<String>,
-}
-
-impl BackgroundHasher {
-    fn start(queue: usize) -> Self {
-        let (parts, mut rx) = mpsc::channel::<Bytes>(queue.max(1));
-        let digest = tokio::task::spawn_blocking(move || {
-            let mut h = Sha256::new();
-            while let Some(part) = rx.blocking_recv() {
-                h.update(&part);
-            }
-            hex::encode(h.finalize())
-        });
-        Self { parts, digest }
-    }
-
-    async fn send(&self, part: Bytes) -> Result<()> {
-        self.parts
-            .send(part)
-            .await
-            .map_err(|_| StorageError::Task("the sha256 thread stopped".into()))
-    }
-
-    async fn finish(self) -> Result<String> {
-        drop(self.parts);
-        self.digest
-            .await
-            .map_err(|e| StorageError::Task(format!("the sha256 thread failed: {e}")))
-    }
 }
 
 /// An open multipart upload and its parts in flight.
@@ -137,9 +104,10 @@ impl BlobWriter {
     /// Completes the write and makes the blob visible under its key.
     pub async fn finish(mut self) -> Result<BlobInfo> {
         let tail = self.buffer.split().freeze();
+        let part_size = self.part_size() as u64;
         let sha256 = match self.upload.take() {
             None => {
-                let sha256 = hex::encode(Sha256::digest(&tail));
+                let sha256 = digest_bytes(tail.clone(), DigestScheme::Parts(part_size)).await?;
                 let payload = PutPayload::from(tail);
                 self.store
                     .layer_retry
@@ -155,13 +123,18 @@ impl BlobWriter {
                 sha256
             }
             Some(mut upload) => {
-                let hasher = self.hasher.take();
+                let mut hasher = self.hasher.take();
                 if !tail.is_empty() {
-                    if let Some(h) = &hasher {
-                        h.send(tail.clone()).await?;
+                    if let Some(h) = hasher.as_mut() {
+                        h.update_part(tail.clone()).await?;
                     }
                     upload.in_flight.spawn(upload.upload.put_part(tail.into()));
                 }
+                // Hash the last part while the uploads finish.
+                let digest = match hasher {
+                    Some(h) => tokio::spawn(h.finish()),
+                    None => return Err(StorageError::Task("part hasher missing".into())),
+                };
                 let done = match upload.drain(0).await {
                     Ok(()) => upload.upload.complete().await.map(|_| ()),
                     Err(e) => Err(e),
@@ -170,10 +143,9 @@ impl BlobWriter {
                     upload.abort(&self.key).await;
                     return Err(self.store.error("upload", &self.key, e));
                 }
-                match hasher {
-                    Some(h) => h.finish().await?,
-                    None => return Err(StorageError::Task("sha256 thread missing".into())),
-                }
+                digest
+                    .await
+                    .map_err(|e| StorageError::Task(format!("the hashing task failed: {e}")))??
             }
         };
         tracing::debug!(key = %self.key, bytes = self.bytes, %sha256, "blob written");
@@ -181,6 +153,7 @@ impl BlobWriter {
             key: std::mem::take(&mut self.key),
             bytes: self.bytes,
             sha256,
+            part_size,
         })
     }
 
@@ -212,10 +185,10 @@ impl BlobWriter {
                 upload,
                 in_flight: JoinSet::new(),
             });
-            self.hasher = Some(BackgroundHasher::start(self.store.options.max_concurrency));
+            self.hasher = Some(PartHasher::new(self.part_size() as u64));
         }
-        if let Some(h) = &self.hasher {
-            h.send(part.clone()).await?;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update_part(part.clone()).await?;
         }
         let max = self.store.options.max_concurrency.max(1);
         let Some(upload) = self.upload.as_mut() else {

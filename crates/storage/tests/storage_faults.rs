@@ -7,8 +7,11 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use common::flaky::flaky_stores;
-use common::{pattern, sha256_hex};
+use common::{part_digest_hex, pattern};
 use waypoint_storage::StorageError;
+
+/// The part size of the flaky stores (digests are S3 composites of parts of this size).
+const PART: usize = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failures_of_the_first_calls_are_retried() {
@@ -33,9 +36,9 @@ async fn transient_failures_of_the_first_calls_are_retried() {
         let mut w = waypoint_storage::BlobWriter::new(&s, "blob").unwrap();
         w.write(&data).await.unwrap();
         let info = w.finish().await.unwrap();
-        assert_eq!(info.sha256, sha256_hex(&data), "{name}");
+        assert_eq!(info.sha256, part_digest_hex(&data, PART), "{name}");
         assert_eq!(
-            sha256_hex(&s.get("blob").await.unwrap()),
+            part_digest_hex(&s.get("blob").await.unwrap(), PART),
             info.sha256,
             "{name}"
         );
@@ -114,9 +117,53 @@ async fn a_failed_part_mid_upload_aborts_cleanly() {
         w.write(&data).await.unwrap();
         let info = w.finish().await.unwrap();
         assert_eq!(
-            sha256_hex(&s.get("ckpt/blob.safetensors").await.unwrap()),
+            part_digest_hex(&s.get("ckpt/blob.safetensors").await.unwrap(), PART),
             info.sha256,
             "{name}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_damaged_on_the_way_to_s3_is_rejected_and_retried() {
+    let Ok(base) = std::env::var("WAYPOINT_TEST_S3_URI") else {
+        assert!(
+            std::env::var("WAYPOINT_REQUIRE_S3").is_err(),
+            "WAYPOINT_REQUIRE_S3 is set but the S3 test server is not"
+        );
+        eprintln!("skipped: no S3 test server (scripts/test.sh starts one)");
+        return;
+    };
+    let transport = common::flaky::CorruptingTransport::new(2);
+    let store = waypoint_storage::Store::open_with_transport(
+        &format!("{base}/{}", common::unique("wire")),
+        waypoint_storage::StoreOptions {
+            part_size: PART * 5,
+            max_concurrency: 2,
+            ..Default::default()
+        },
+        Some(transport.clone()),
+    )
+    .unwrap();
+    let data = pattern(PART * 12 + 3, 21);
+    let mut w = waypoint_storage::BlobWriter::new(&store, "blob").unwrap();
+    w.write(&data).await.unwrap();
+    let info = w.finish().await.unwrap();
+    assert_eq!(
+        transport.damaged.load(Ordering::SeqCst),
+        1,
+        "part 2 was damaged"
+    );
+    let answers = transport.answers.lock().unwrap().clone();
+    eprintln!("the server answered the damaged part with HTTP {answers:?}");
+    assert!(
+        answers.len() == 1 && answers[0] >= 400,
+        "the server must refuse the damaged part: {answers:?}"
+    );
+    // Retried with the intact bytes: what is stored is exactly what was written.
+    assert_eq!(info.sha256, part_digest_hex(&data, PART * 5));
+    assert!(
+        store.get("blob").await.unwrap() == data,
+        "stored bytes differ"
+    );
 }

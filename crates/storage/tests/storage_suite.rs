@@ -3,7 +3,7 @@
 use waypoint_testkit as common;
 
 use bytes::Bytes;
-use common::{backends, pattern, sha256_hex, Backend};
+use common::{backends, part_digest_hex, pattern, sha256_hex, Backend};
 use waypoint_storage::{StorageError, StoreOptions};
 
 /// Small parts so that multipart paths run with little data (S3's minimum part is 5 MiB).
@@ -133,7 +133,7 @@ async fn lists_recursively_and_one_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_a_multipart_blob_with_its_sha256() {
     let data = pattern(23 * 1024 * 1024 + 12345, 7); // 4 full parts and a tail
-    let want = sha256_hex(&data);
+    let want = part_digest_hex(&data, 5 << 20);
     for b in each("stream") {
         let s = &b.store;
         let mut w = waypoint_storage::BlobWriter::new(s, "blobs/big.bin").unwrap();
@@ -153,11 +153,16 @@ async fn streams_a_multipart_blob_with_its_sha256() {
         let info = w.finish().await.unwrap();
         assert_eq!(info.key, "blobs/big.bin");
         assert_eq!(info.bytes, data.len() as u64, "{}", b.name);
+        // The digest is S3's composite of the 5 MiB parts' sha256s.
+        assert_eq!(info.part_size, 5 << 20);
         assert_eq!(info.sha256, want, "{}", b.name);
+        assert!(info
+            .sha256
+            .ends_with(&format!("-{}", data.len().div_ceil(5 << 20))));
 
         assert_eq!(
             sha256_hex(&s.get("blobs/big.bin").await.unwrap()),
-            want,
+            sha256_hex(&data),
             "{}",
             b.name
         );
@@ -167,7 +172,7 @@ async fn streams_a_multipart_blob_with_its_sha256() {
         assert_eq!(reader.len(), data.len() as u64);
         assert_eq!(
             reader.drain().await.unwrap(),
-            (data.len() as u64, want.clone()),
+            (data.len() as u64, sha256_hex(&data)),
             "{}",
             b.name
         );
@@ -196,6 +201,70 @@ async fn streams_a_multipart_blob_with_its_sha256() {
             .map(|o| o.key)
             .collect();
         assert_eq!(keys, ["blobs/big.bin"], "{}", b.name);
+    }
+}
+
+/// The digest of `blob` by the streaming path and by the read-it-all path (which must agree), and
+/// the bytes.
+async fn read_both(
+    s: &waypoint_storage::Store,
+    name: &str,
+    scheme: waypoint_storage::DigestScheme,
+) -> (Bytes, String) {
+    let r = waypoint_storage::BlobReader::open(s, "blob", None)
+        .await
+        .unwrap();
+    let len = r.len();
+    let (n, streamed) = r.with_digest(scheme).drain().await.unwrap();
+    assert_eq!(n, len);
+    let r = waypoint_storage::BlobReader::open(s, "blob", None)
+        .await
+        .unwrap();
+    let (all, whole) = r.with_digest(scheme).read_all().await.unwrap();
+    assert_eq!(streamed, whole, "{name}: both paths agree");
+    (all, whole)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn part_digests_catch_a_flipped_byte_in_every_part_position() {
+    use waypoint_storage::DigestScheme;
+    // Small parts in the reader (the digest scheme is the reader's, not the store's), so a 1 MiB blob
+    // has 8 parts; a byte flipped at the start, middle and end of each is caught, on every backend,
+    // by the streaming path (drain) and the read-it-all path (read_all).
+    let part = 128u64 << 10;
+    let data = pattern((1 << 20) + 777, 9);
+    let want = part_digest_hex(&data, part as usize);
+    for b in each("flip") {
+        let s = &b.store;
+        s.put("blob", Bytes::from(data.clone())).await.unwrap();
+        let (all, got) = read_both(s, b.name, DigestScheme::Parts(part)).await;
+        assert_eq!(
+            (all.as_ref(), got.as_str()),
+            (data.as_slice(), want.as_str()),
+            "{}",
+            b.name
+        );
+        let (_, whole) = read_both(s, b.name, DigestScheme::Whole).await;
+        assert_eq!(
+            whole,
+            sha256_hex(&data),
+            "{}: older manifests' scheme",
+            b.name
+        );
+        let parts = data.len().div_ceil(part as usize);
+        let mut positions = Vec::new();
+        for p in 0..parts {
+            let start = p * part as usize;
+            let end = (start + part as usize).min(data.len());
+            positions.extend([start, (start + end) / 2, end - 1]);
+        }
+        for at in positions {
+            let mut bad = data.clone();
+            bad[at] ^= 0x01;
+            s.put("blob", Bytes::from(bad)).await.unwrap();
+            let (_, got) = read_both(s, b.name, DigestScheme::Parts(part)).await;
+            assert_ne!(got, want, "{}: byte {at} flipped went unnoticed", b.name);
+        }
     }
 }
 

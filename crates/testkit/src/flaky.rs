@@ -1,4 +1,5 @@
-//! `FlakyStore`: an object store wrapper that fails on purpose, to test retries and clean aborts.
+//! `FlakyStore`: an object store wrapper that fails on purpose, to test retries and clean aborts;
+//! `CorruptingTransport`: an HTTP transport for `s3://` stores that damages a part on the wire.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -207,5 +208,89 @@ impl MultipartUpload for FlakyUpload {
     async fn abort(&mut self) -> Result<()> {
         self.faults.aborts.fetch_add(1, Ordering::SeqCst);
         self.inner.abort().await
+    }
+}
+
+/// An HTTP transport for `s3://` stores ([`waypoint_storage::Store::open_with_transport`]) that damages a request on
+/// its way to the server: it flips one byte in the body of the upload of part `part` (1-based) of
+/// a multipart upload, once, after the client has computed and signed the body's checksums — as a
+/// bad NIC or proxy would. Everything else goes through the default client untouched.
+#[derive(Debug)]
+pub struct CorruptingTransport {
+    /// The 1-based part number whose upload is damaged (once).
+    pub part: usize,
+    /// Part uploads damaged so far.
+    pub damaged: Arc<AtomicUsize>,
+    /// Answers to damaged uploads: their HTTP status codes.
+    pub answers: Arc<std::sync::Mutex<Vec<u16>>>,
+}
+
+impl CorruptingTransport {
+    /// A transport that damages the upload of part `part` once.
+    pub fn new(part: usize) -> Arc<Self> {
+        Arc::new(Self {
+            part,
+            damaged: Arc::default(),
+            answers: Arc::default(),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct CorruptingService {
+    inner: object_store::client::HttpClient,
+    part: usize,
+    damaged: Arc<AtomicUsize>,
+    answers: Arc<std::sync::Mutex<Vec<u16>>>,
+}
+
+impl object_store::client::HttpConnector for CorruptingTransport {
+    fn connect(
+        &self,
+        options: &object_store::ClientOptions,
+    ) -> Result<object_store::client::HttpClient> {
+        let inner = object_store::client::ReqwestConnector::default().connect(options)?;
+        Ok(object_store::client::HttpClient::new(CorruptingService {
+            inner,
+            part: self.part,
+            damaged: self.damaged.clone(),
+            answers: self.answers.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl object_store::client::HttpService for CorruptingService {
+    async fn call(
+        &self,
+        req: object_store::client::HttpRequest,
+    ) -> std::result::Result<object_store::client::HttpResponse, object_store::client::HttpError>
+    {
+        use http_body_util::BodyExt;
+        let wanted = format!("partNumber={}", self.part);
+        let is_part = req.method() == "PUT"
+            && req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == wanted));
+        if !is_part || self.damaged.load(Ordering::SeqCst) > 0 {
+            return self.inner.execute(req).await;
+        }
+        let (parts, body) = req.into_parts();
+        let mut bytes = body.collect().await?.to_bytes().to_vec();
+        let middle = bytes.len() / 2;
+        if let Some(b) = bytes.get_mut(middle) {
+            *b ^= 0x01;
+        }
+        self.damaged.fetch_add(1, Ordering::SeqCst);
+        let req = object_store::client::HttpRequest::from_parts(parts, bytes.into());
+        let answer = self.inner.execute(req).await;
+        if let Ok(r) = &answer {
+            self.answers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(r.status().as_u16());
+        }
+        answer
     }
 }

@@ -155,6 +155,25 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
+/// S3's digest of a multipart object, computed by hand as S3 documents it: the sha256 of the
+/// concatenated sha256s of the parts of `part_size` bytes, then `-N`; a blob of one part has its plain
+/// sha256.
+pub fn part_digest_hex(data: &[u8], part_size: usize) -> String {
+    use sha2::Digest;
+    if data.len() <= part_size {
+        return sha256_hex(data);
+    }
+    let mut concat = Vec::new();
+    for c in data.chunks(part_size) {
+        concat.extend_from_slice(&sha2::Sha256::digest(c));
+    }
+    format!(
+        "{}-{}",
+        hex::encode(sha2::Sha256::digest(&concat)),
+        data.len().div_ceil(part_size)
+    )
+}
+
 /// A small training state under DCP names, deterministic in `seed`: two parameters (bf16, f32) with
 /// AdamW state and a step counter.
 pub fn training_state(seed: u64) -> Vec<waypoint_checkpoint::Tensor> {

@@ -68,6 +68,12 @@ pub struct TrainConfig {
     pub dcp_save_interval: u64,
     /// Keep this many newest resumable checkpoints (0: all).
     pub keep_last: u64,
+    /// A promotable sampler save every this many steps (0: none but the final save's): the first a
+    /// full base (INFERENCE_BASE), later ones deltas over it (INFERENCE_ARC_V2).
+    pub sampler_save_steps: u64,
+    /// A new full base after this many deltas (also whenever a delta would exceed half the full
+    /// size); 0: every sampler save is a base.
+    pub sampler_base_every: u64,
     /// Save synchronously (the training loop waits for each upload).
     pub sync_save: bool,
     /// dtype of the promotable weights: `bf16`, `fp16` or `fp32`.
@@ -141,6 +147,8 @@ impl Default for TrainConfig {
             save_steps: 50,
             dcp_save_interval: 0,
             keep_last: 3,
+            sampler_save_steps: 0,
+            sampler_base_every: 8,
             sync_save: false,
             sampler_dtype: "bf16".into(),
             output_model_id: String::new(),
@@ -581,6 +589,8 @@ impl TrainConfig {
         CheckpointSection {
             save_steps: self.save_steps,
             keep_last: (self.keep_last > 0).then_some(self.keep_last as usize),
+            sampler_save_steps: self.sampler_save_steps,
+            sampler_base_every: self.sampler_base_every,
             background: !self.sync_save,
             sampler_dtype: SamplerDtype::parse(&self.sampler_dtype).unwrap_or(SamplerDtype::Bf16),
             output_model_id: some(&self.output_model_id),
@@ -645,6 +655,10 @@ pub struct CheckpointSection {
     pub save_steps: u64,
     /// Keep this many newest resumable checkpoints (`None`: all).
     pub keep_last: Option<usize>,
+    /// A promotable sampler save every this many steps (0: none besides the final one).
+    pub sampler_save_steps: u64,
+    /// A new full sampler base after this many deltas (0: every sampler save is a base).
+    pub sampler_base_every: u64,
     /// Saves run behind training (`--sync_save` makes the loop wait).
     pub background: bool,
     /// The dtype of the promotable weights.

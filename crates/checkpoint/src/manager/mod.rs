@@ -101,7 +101,8 @@ pub enum SamplerPart {
         /// Other files of the model directory (name → bytes).
         extra_files: Vec<(String, Bytes)>,
     },
-    /// A delta (INFERENCE_ARC_V2) over the full sampler weights of an earlier checkpoint of this run.
+    /// A delta (INFERENCE_ARC_V2) over the full sampler weights of an earlier checkpoint of this run;
+    /// written as full weights instead (a new base) when the delta would exceed half their size.
     Delta {
         /// The base: a committed INFERENCE_BASE checkpoint.
         base: StepName,

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use waypoint_storage::BlobReader;
 
 use super::CheckpointManager;
 use crate::delta::{self, CheckpointFiles};
@@ -31,36 +32,59 @@ impl CheckpointFiles for CheckpointManager {
 
 impl CheckpointManager {
     /// Reads the tensors of `manifest`'s files under `part` (`"dcp/"` or `"sampler/"`) whose names
-    /// `want` accepts; with `verify_on_load`, each file's sha256 is checked as it is read.
+    /// `want` accepts; with `verify_on_load`, each file's digest is checked as it is read.
     pub async fn load_tensors(
         &self,
         manifest: &Manifest,
         part: &str,
         want: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<Tensor>> {
-        let _pin = self.pin(manifest.step);
-        let dir = self.layout.checkpoint_dir(manifest.step_name());
-        let reads = manifest
-            .files
-            .iter()
-            .filter(|f| f.path.starts_with(part) && f.path.ends_with(".safetensors"))
-            .map(|f| {
-                let key = format!("{dir}/{}", f.path);
-                async move {
-                    let bytes = self.read_file_checked(&key, f).await?;
-                    read_bytes(&key, bytes, want)
-                }
-            });
-        let per_file: Vec<Vec<Tensor>> = futures::stream::iter(reads)
-            .buffered(self.options.parallel_files.max(1))
+        let per_file: Vec<Vec<Tensor>> = self
+            .tensor_files(manifest, part, want)
             .try_collect()
             .await?;
         Ok(per_file.into_iter().flatten().collect())
     }
 
-    /// Reads a file of a checkpoint, checking size and (with `verify_on_load`) sha256.
+    /// The tensors of `manifest`'s files under `part` whose names `want` accepts, one file's worth at
+    /// a time in the manifest's order, as soon as that file is read and checked: `parallel_files`
+    /// files are read at once, so a caller that builds its own tensors from each item overlaps that
+    /// work with the reading of the next files. The checkpoint stays pinned while the stream lives.
+    pub fn tensor_files<'a>(
+        &'a self,
+        manifest: &'a Manifest,
+        part: &'a str,
+        want: &'a dyn Fn(&str) -> bool,
+    ) -> impl futures::Stream<Item = Result<Vec<Tensor>>> + 'a {
+        // Every read holds the pin until it is done.
+        let pin = std::sync::Arc::new(self.pin(manifest.step));
+        let dir = self.layout.checkpoint_dir(manifest.step_name());
+        let reads = manifest
+            .files
+            .iter()
+            .filter(move |f| f.path.starts_with(part) && f.path.ends_with(".safetensors"))
+            .map(move |f| {
+                let key = format!("{dir}/{}", f.path);
+                let pin = pin.clone();
+                async move {
+                    let bytes = self.read_file_checked(&key, f).await?;
+                    drop(pin);
+                    read_bytes(&key, bytes, want)
+                }
+            });
+        futures::stream::iter(reads).buffered(self.options.parallel_files.max(1))
+    }
+
+    /// Reads a file of a checkpoint, checking size and (with `verify_on_load`) its digest, computed
+    /// in parts on all cores as the bytes arrive (a plain sha256 for manifests of format 1).
     pub(super) async fn read_file_checked(&self, key: &str, f: &FileEntry) -> Result<Bytes> {
-        let bytes = self.store.get(key).await?;
+        let reader = BlobReader::open(&self.store, key, None).await?;
+        let reader = if self.options.verify_on_load {
+            reader.with_digest(f.digest_scheme())
+        } else {
+            reader.without_hash()
+        };
+        let (bytes, sha) = reader.read_all().await?;
         let damaged = |problem: String| CheckpointError::Damaged {
             name: key.to_string(),
             problems: vec![problem],
@@ -72,11 +96,8 @@ impl CheckpointManager {
                 f.bytes
             )));
         }
-        if self.options.verify_on_load {
-            let sha = sha256_parallel(bytes.clone()).await?;
-            if sha != f.sha256 {
-                return Err(damaged(format!("sha256 {sha}, manifest says {}", f.sha256)));
-            }
+        if self.options.verify_on_load && sha != f.sha256 {
+            return Err(damaged(format!("sha256 {sha}, manifest says {}", f.sha256)));
         }
         Ok(bytes)
     }
@@ -88,18 +109,20 @@ impl CheckpointManager {
         if manifest.delta_base.is_some() {
             return delta::rebuild(self, manifest).await;
         }
-        let dir = self.layout.checkpoint_dir(manifest.step_name());
-        let mut out = Vec::new();
-        for f in manifest
+        let dir = &self.layout.checkpoint_dir(manifest.step_name());
+        let reads = manifest
             .sampler_files()
             .filter(|f| f.path.ends_with(".safetensors"))
-        {
-            let bytes = self
-                .read_file_checked(&format!("{dir}/{}", f.path), f)
-                .await?;
-            out.push((f.path.trim_start_matches("sampler/").to_string(), bytes));
-        }
-        Ok(out)
+            .map(|f| async move {
+                let bytes = self
+                    .read_file_checked(&format!("{dir}/{}", f.path), f)
+                    .await?;
+                Ok::<_, CheckpointError>((f.path.trim_start_matches("sampler/").to_string(), bytes))
+            });
+        futures::stream::iter(reads)
+            .buffered(self.options.parallel_files.max(1))
+            .try_collect()
+            .await
     }
 
     /// The sampler weights of a checkpoint as tensors (rebuilding a delta).
@@ -110,14 +133,4 @@ impl CheckpointManager {
         }
         Ok(out)
     }
-}
-
-/// sha256 (hex) of `bytes`, computed on a blocking thread.
-async fn sha256_parallel(bytes: Bytes) -> Result<String> {
-    tokio::task::spawn_blocking(move || {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&bytes))
-    })
-    .await
-    .map_err(|e| CheckpointError::Invalid(format!("hashing task failed: {e}")))
 }

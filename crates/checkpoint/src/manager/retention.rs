@@ -137,6 +137,7 @@ mod tests {
             path: path.into(),
             bytes: 1,
             sha256: "a".repeat(64),
+            part_size: None,
             rank: 0,
         }
     }

@@ -132,6 +132,7 @@ impl CheckpointManager {
                         writer,
                         tensors,
                         self.options.max_file_bytes,
+                        self.options.parallel_files,
                     )
                     .await?,
                 );
@@ -146,21 +147,43 @@ impl CheckpointManager {
             } => {
                 let base = self.manifest(base).await?;
                 let _pin = self.pin(base.step);
-                files.push(
-                    writer
-                        .write_bytes("sampler/config.json", config_json)
-                        .await?,
-                );
-                let (delta_files, delta_base) = crate::delta::write_delta(
+                // Tensors share their bytes: the copy kept for a full save instead is cheap.
+                let kept = tensors.clone();
+                match crate::delta::write_delta(
                     self,
                     writer,
                     &base,
                     tensors,
                     self.options.max_file_bytes,
                 )
-                .await?;
-                files.extend(delta_files);
-                commit.delta_base = Some(delta_base);
+                .await?
+                {
+                    Some((delta_files, delta_base)) => {
+                        files.push(
+                            writer
+                                .write_bytes("sampler/config.json", config_json)
+                                .await?,
+                        );
+                        files.extend(delta_files);
+                        commit.delta_base = Some(delta_base);
+                    }
+                    None => {
+                        files.push(
+                            writer
+                                .write_bytes("sampler/config.json", config_json)
+                                .await?,
+                        );
+                        files.extend(
+                            crate::sampler::write_full_weights(
+                                writer,
+                                kept,
+                                self.options.max_file_bytes,
+                                self.options.parallel_files,
+                            )
+                            .await?,
+                        );
+                    }
+                }
             }
             SamplerPart::Lora {
                 adapter_config,

@@ -18,6 +18,29 @@ impl Session {
         promotable: bool,
         background: bool,
     ) -> Result<()> {
+        self.save_parts(run, true, promotable, false, background)
+    }
+
+    /// The loop's periodic save at the current step: resumable when `resumable`, and a periodic
+    /// sampler save (a full base, or a delta over the newest) when `sampler`.
+    pub(super) fn save_periodic(
+        &mut self,
+        run: &mut Live,
+        resumable: bool,
+        sampler: bool,
+        background: bool,
+    ) -> Result<()> {
+        self.save_parts(run, resumable, sampler, sampler, background)
+    }
+
+    fn save_parts(
+        &mut self,
+        run: &mut Live,
+        resumable: bool,
+        promotable: bool,
+        delta_ok: bool,
+        background: bool,
+    ) -> Result<()> {
         let commit = run
             .ctx
             .commit(self.step, run.data_consumed, run.ranks.world());
@@ -32,7 +55,9 @@ impl Session {
             opt: &run.opt,
             ctx: &run.ctx,
             commit,
+            resumable,
             promotable,
+            delta_ok,
             status,
             metrics: run.metrics.clone(),
             background,

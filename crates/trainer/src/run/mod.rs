@@ -42,7 +42,7 @@ use tokio::runtime::Runtime;
 use waypoint_checkpoint::RunLayout;
 use waypoint_storage::Store;
 
-use crate::checkpointing::saver::{save_due, SaveDue};
+use crate::checkpointing::saver::{sampler_save_due, save_due, SaveDue};
 use crate::config::TrainConfig;
 use records::{JobState, Status};
 
@@ -155,7 +155,7 @@ impl Drop for Live {
         if self.ranks.world() > 1 {
             return;
         }
-        if let Err(e) = self.saver.wait() {
+        if let Err(e) = self.saver.finish_inflight() {
             tracing::warn!(
                 "the checkpoint in flight did not commit: {}",
                 records::explain(&e)
@@ -211,10 +211,11 @@ impl Session {
                 watch.step(self.step, &line);
             }
             let due = save_due(self.step, run.checkpoint.save_steps, total, false);
-            if due == SaveDue::Periodic {
+            let sampler = sampler_save_due(self.step, run.checkpoint.sampler_save_steps, total);
+            if due == SaveDue::Periodic || sampler {
                 let blocked = Instant::now();
                 let background = run.checkpoint.background;
-                self.save(&mut run, false, background)?;
+                self.save_periodic(&mut run, due == SaveDue::Periodic, sampler, background)?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());
             }
         }

@@ -303,6 +303,7 @@ impl Session {
             tokenizer_files,
             model_id: cfg.model_id.clone(),
             n_samples: train.len() as u64,
+            sampler_base_every: section.sampler_base_every,
         };
         status.state = JobState::Running;
         status.step = self.step;
