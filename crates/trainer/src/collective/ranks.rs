@@ -149,12 +149,8 @@ impl Ranks {
         )?;
         let n_grads = summed.numel() as i64 - 1;
         *loss = summed.double_value(&[n_grads]);
-        let mut offset = 0i64;
-        for (t, shape) in grads.iter_mut().zip(shapes) {
-            let n: i64 = shape.iter().product();
-            let part = summed.narrow(0, offset, n).reshape(&shape);
+        for (t, part) in grads.iter_mut().zip(split_flat(&summed, &shapes)) {
             *t = part.to_kind(t.kind()).to_device(t.device());
-            offset += n;
         }
         Ok(())
     }
@@ -268,16 +264,7 @@ impl RowCollective for Ranks {
             "weights",
         )?
         .to_device(device);
-        let mut offset = 0i64;
-        Ok(shapes
-            .iter()
-            .map(|shape| {
-                let n: i64 = shape.iter().product();
-                let t = summed.narrow(0, offset, n).reshape(shape.as_slice());
-                offset += n;
-                t
-            })
-            .collect())
+        Ok(split_flat(&summed, shapes))
     }
 
     fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>> {
@@ -313,16 +300,11 @@ impl RowCollective for Ranks {
             "gradients",
         )?
         .to_device(device);
-        let mut offset = 0i64;
-        Ok(whole
+        let shapes: Vec<Vec<i64>> = whole.iter().map(Tensor::size).collect();
+        Ok(split_flat(&summed, &shapes)
             .iter()
             .zip(rows)
-            .map(|(t, r)| {
-                let n = t.numel() as i64;
-                let part = summed.narrow(0, offset, n).reshape(t.size());
-                offset += n;
-                narrow(&part, r)
-            })
+            .map(|(part, r)| narrow(part, r))
             .collect())
     }
 }
@@ -425,6 +407,20 @@ impl RankMajor {
             })
             .collect()
     }
+}
+
+/// Views of consecutive runs of `flat` (1-D), reshaped to `shapes` in order.
+fn split_flat(flat: &Tensor, shapes: &[Vec<i64>]) -> Vec<Tensor> {
+    let mut offset = 0i64;
+    shapes
+        .iter()
+        .map(|shape| {
+            let n: i64 = shape.iter().product();
+            let t = flat.narrow(0, offset, n).reshape(shape.as_slice());
+            offset += n;
+            t
+        })
+        .collect()
 }
 
 /// Elements in one row (dimension 0) of a tensor of `shape`.

@@ -13,6 +13,12 @@ use tch::{Kind, Tensor};
 
 use super::Model;
 
+/// The seed of libtorch's generator before decoder layer `l` runs (in both passes), from the
+/// micro-batch's `seed`.
+pub(super) fn layer_seed(seed: i64, l: usize) -> i64 {
+    seed.wrapping_mul(1_000_003).wrapping_add(l as i64 + 1)
+}
+
 /// Which part of the forward pass a trained weight belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stage {
@@ -61,7 +67,6 @@ impl Model {
                 })
                 .collect()
         };
-        let layer_seed = |l: usize| seed.wrapping_mul(1_000_003).wrapping_add(l as i64 + 1);
 
         // Forward without autograd, keeping each layer's input.
         let rope = self.rope(ids);
@@ -69,7 +74,7 @@ impl Model {
         let last = tch::no_grad(|| {
             let mut h = self.embed_tokens(ids);
             for (l, layer) in self.layers.iter().enumerate() {
-                tch::manual_seed(layer_seed(l));
+                tch::manual_seed(layer_seed(seed, l));
                 let next = layer.forward(&h, &rope, &self.config, train);
                 inputs.push(h);
                 h = next;
@@ -86,7 +91,7 @@ impl Model {
         // The layers, last to first: recompute one, backpropagate through it.
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let x = inputs[l].detach().set_requires_grad(true);
-            tch::manual_seed(layer_seed(l));
+            tch::manual_seed(layer_seed(seed, l));
             let out = layer.forward(&x, &rope, &self.config, train);
             let vjp = (out * &grad).sum(Kind::Float);
             grad = backward_stage(&vjp, &x, &in_stage(Stage::Layer(l)), params, &mut grads);
@@ -242,7 +247,7 @@ mod tests {
         let rope = model.rope(&ids);
         let mut h = model.embed_tokens(&ids);
         for (l, layer) in model.layers.iter().enumerate() {
-            tch::manual_seed(seed.wrapping_mul(1_000_003).wrapping_add(l as i64 + 1));
+            tch::manual_seed(layer_seed(seed, l));
             h = layer.forward(&h, &rope, &model.config, true);
         }
         let want_loss = summed(&model, &labels)(&model.logits(&h));

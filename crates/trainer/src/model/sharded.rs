@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::recompute::{stage_of, Stage};
+use super::recompute::{layer_seed, stage_of, Stage};
 use super::{Layer, Model};
 use crate::collective::shard::Rows;
 
@@ -121,7 +121,6 @@ impl Model {
         let rows = self.shards.clone().unwrap_or_default();
         let mut grads: Vec<Option<Tensor>> = self.base.iter().map(|_| None).collect();
         let layers = self.config.num_hidden_layers as usize;
-        let layer_seed = |l: usize| seed.wrapping_mul(1_000_003).wrapping_add(l as i64 + 1);
         let rope = self.rope(ids);
 
         // Forward without autograd, one layer's whole weights at a time, keeping each layer's input.
@@ -132,7 +131,7 @@ impl Model {
             drop(w);
             for l in 0..layers {
                 let w = self.gather(&self.base_of(Stage::Layer(l)), false, comm)?;
-                tch::manual_seed(layer_seed(l));
+                tch::manual_seed(layer_seed(seed, l));
                 let next = self.layer_of(l, &w).forward(&h, &rope, &self.config, train);
                 inputs.push(h);
                 h = next;
@@ -182,7 +181,7 @@ impl Model {
             grad = backward(
                 Stage::Layer(l),
                 &|w, x| {
-                    tch::manual_seed(layer_seed(l));
+                    tch::manual_seed(layer_seed(seed, l));
                     let out = self.layer_of(l, w).forward(x, &rope, &self.config, train);
                     (out * &g_out).sum(Kind::Float)
                 },

@@ -63,10 +63,11 @@ impl Session {
         let mut loss_value = 0.0;
         let mut grads: Option<Vec<Tensor>> = None;
         let divisor = tokens.max(1) as f64;
+        let vocab = run.model.config.vocab_size;
         for (a, (ids, labels)) in micro.iter().enumerate() {
-            let vocab = run.model.config.vocab_size;
+            // Recomputing passes reseed libtorch's generator per layer from this.
+            let seed = step_seed(cfg.seed, self.step).wrapping_add(a as i64 * 7919);
             let loss = if run.model.is_sharded() {
-                let seed = step_seed(cfg.seed, self.step).wrapping_add(a as i64 * 7919);
                 let (loss, g) = run.model.loss_and_gradients_sharded(
                     ids,
                     seed,
@@ -77,7 +78,6 @@ impl Session {
                 grads = Some(accumulate(grads.take(), g));
                 loss
             } else if cfg.activation_checkpointing {
-                let seed = step_seed(cfg.seed, self.step).wrapping_add(a as i64 * 7919);
                 let (loss, g) =
                     run.model
                         .loss_and_gradients_recomputed(ids, seed, true, |logits| {
