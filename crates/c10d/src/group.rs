@@ -243,31 +243,23 @@ impl Group {
     /// The ring's reduce-scatter over `chunks`: after world-1 steps rank r holds the full sum of
     /// chunk (r + 1) % world.
     fn ring_reduce_scatter(&self, data: &mut [f32], chunks: &[(usize, usize)]) -> Result<()> {
-        let world = self.config.world_size as usize;
-        if world == 1 {
-            return Ok(());
-        }
-        let mut ring = self.ring()?;
-        let rank = self.config.rank as usize;
-        let largest = chunks.iter().map(|(a, b)| b - a).max().unwrap_or(0);
-        let mut incoming = vec![0f32; largest];
-        let (prev_rank, next_rank) = ((rank + world - 1) % world, (rank + 1) % world);
-        for step in 0..world - 1 {
-            let send_chunk = (rank + world - step) % world;
-            let recv_chunk = (rank + world - step - 1) % world;
-            let (s0, s1) = chunks[send_chunk];
-            let (r0, r1) = chunks[recv_chunk];
-            exchange(&mut ring, &data[s0..s1], &mut incoming[..r1 - r0])
-                .map_err(|e| self.peer_error(e, prev_rank, next_rank))?;
-            for (d, x) in data[r0..r1].iter_mut().zip(&incoming[..r1 - r0]) {
-                *d += *x;
-            }
-        }
-        Ok(())
+        self.ring_pass(data, chunks, RingPhase::ReduceScatter)
     }
 
     /// The ring's all-gather over `chunks`, rank r starting with chunk (r + 1) % world.
     fn ring_all_gather(&self, data: &mut [f32], chunks: &[(usize, usize)]) -> Result<()> {
+        self.ring_pass(data, chunks, RingPhase::AllGather)
+    }
+
+    /// world-1 steps around the ring: at each, send one chunk to the next rank and take one from
+    /// the previous, adding it in (reduce-scatter) or copying it (all-gather). The all-gather starts
+    /// one chunk further on, where the reduce-scatter left each rank's sum.
+    fn ring_pass(
+        &self,
+        data: &mut [f32],
+        chunks: &[(usize, usize)],
+        phase: RingPhase,
+    ) -> Result<()> {
         let world = self.config.world_size as usize;
         if world == 1 {
             return Ok(());
@@ -277,14 +269,26 @@ impl Group {
         let largest = chunks.iter().map(|(a, b)| b - a).max().unwrap_or(0);
         let mut incoming = vec![0f32; largest];
         let (prev_rank, next_rank) = ((rank + world - 1) % world, (rank + 1) % world);
+        let start = match phase {
+            RingPhase::ReduceScatter => rank,
+            RingPhase::AllGather => rank + 1,
+        };
         for step in 0..world - 1 {
-            let send_chunk = (rank + 1 + world - step) % world;
-            let recv_chunk = (rank + world - step) % world;
+            let send_chunk = (start + world - step) % world;
+            let recv_chunk = (start + world - step - 1) % world;
             let (s0, s1) = chunks[send_chunk];
             let (r0, r1) = chunks[recv_chunk];
             exchange(&mut ring, &data[s0..s1], &mut incoming[..r1 - r0])
                 .map_err(|e| self.peer_error(e, prev_rank, next_rank))?;
-            data[r0..r1].copy_from_slice(&incoming[..r1 - r0]);
+            let got = &incoming[..r1 - r0];
+            match phase {
+                RingPhase::ReduceScatter => {
+                    for (d, x) in data[r0..r1].iter_mut().zip(got) {
+                        *d += *x;
+                    }
+                }
+                RingPhase::AllGather => data[r0..r1].copy_from_slice(got),
+            }
         }
         Ok(())
     }
@@ -390,6 +394,15 @@ impl Drop for Group {
             let _ = store.wait(&refs, wait);
         }
     }
+}
+
+/// The two halves of a ring all-reduce.
+#[derive(Clone, Copy)]
+enum RingPhase {
+    /// Each chunk is summed as it travels; each rank ends with one chunk's sum.
+    ReduceScatter,
+    /// Each rank's chunk is passed around until every rank has all of them.
+    AllGather,
 }
 
 /// The ring's chunk order for parts owned by rank: the ring leaves rank r with chunk (r + 1) %
