@@ -8,7 +8,7 @@ mod support;
 
 use std::process::Command;
 
-use support::{make_model, run_log, write_dataset};
+use support::{field, make_model, run_log, write_dataset};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -82,14 +82,4 @@ fn main() {
             split.join(", ")
         );
     }
-}
-
-/// The number after `name=` in a log line.
-fn field(line: &str, name: &str) -> Option<f64> {
-    let at = line.find(&format!("{name}="))? + name.len() + 1;
-    line[at..]
-        .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-'))
-        .next()?
-        .parse()
-        .ok()
 }

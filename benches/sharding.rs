@@ -16,7 +16,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{make_model, run_log, write_dataset};
+use support::{field, make_model, run_log, write_dataset};
 
 struct Run {
     /// Peak RSS of each rank, MiB.
@@ -169,14 +169,4 @@ fn main() {
         recomputed.tokens_per_s,
         plain.tokens_per_s
     );
-}
-
-/// The number after `name=` in a log line.
-fn field(line: &str, name: &str) -> Option<f64> {
-    let at = line.find(&format!("{name}="))? + name.len() + 1;
-    line[at..]
-        .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-'))
-        .next()?
-        .parse()
-        .ok()
 }

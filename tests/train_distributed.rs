@@ -8,7 +8,9 @@ mod common;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::runs::{logged_step, manager, max_diff, read_until, sigterm_after_step, weights};
+use common::runs::{
+    launch_args, logged_step, manager, max_diff, read_until, sigterm_after_step, weights,
+};
 use waypoint_checkpoint::StepName;
 
 fn train_flags(base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
@@ -20,26 +22,6 @@ fn single(base: &str, run: &str, batch: u32, steps: u32) -> Output {
         .args(train_flags(base, run, batch, steps))
         .output()
         .unwrap()
-}
-
-fn launch_args(ranks: u32, restarts: u32) -> Vec<String> {
-    let exe = env!("CARGO_BIN_EXE_waypoint").to_string();
-    [
-        "launch",
-        "--nproc_per_node",
-        &ranks.to_string(),
-        "--master_port",
-        "0",
-        "--max_restarts",
-        &restarts.to_string(),
-        "--term_grace_secs",
-        "20",
-        "--",
-        &exe,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 fn launched(base: &str, run: &str, ranks: u32, batch: u32, steps: u32) -> Output {

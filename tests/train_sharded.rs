@@ -13,28 +13,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::{Child, Output, Stdio};
 
-use common::runs::{logged_step, manager, max_diff, read_until, sigterm_after_step, weights};
+use common::runs::{
+    launch_args, logged_step, manager, max_diff, read_until, sigterm_after_step, weights,
+};
 use waypoint_checkpoint::{dcp, StepName};
-
-fn launch_args(ranks: u32, restarts: u32) -> Vec<String> {
-    let exe = env!("CARGO_BIN_EXE_waypoint").to_string();
-    [
-        "launch",
-        "--nproc_per_node",
-        &ranks.to_string(),
-        "--master_port",
-        "0",
-        "--max_restarts",
-        &restarts.to_string(),
-        "--term_grace_secs",
-        "20",
-        "--",
-        &exe,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
 
 fn flags(base: &str, run: &str, batch: u32, steps: u32, sharding: &str) -> Vec<String> {
     let mut f = common::runs::train_flags("cpu", base, run, batch, steps);

@@ -136,3 +136,13 @@ impl HashLimits {
         )
     }
 }
+
+/// The number after `name=` in a log line.
+pub(crate) fn field(line: &str, name: &str) -> Option<f64> {
+    let at = line.find(&format!("{name}="))? + name.len() + 1;
+    line[at..]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '-'))
+        .next()?
+        .parse()
+        .ok()
+}

@@ -45,6 +45,28 @@ pub(crate) fn train_flags(
     .collect()
 }
 
+/// `waypoint launch` flags starting `ranks` local workers of this binary (a free store port, up to
+/// `restarts` group restarts, 20 s for workers to stop), before the worker's own flags.
+pub(crate) fn launch_args(ranks: u32, restarts: u32) -> Vec<String> {
+    let exe = env!("CARGO_BIN_EXE_waypoint").to_string();
+    [
+        "launch",
+        "--nproc_per_node",
+        &ranks.to_string(),
+        "--master_port",
+        "0",
+        "--max_restarts",
+        &restarts.to_string(),
+        "--term_grace_secs",
+        "20",
+        "--",
+        &exe,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The checkpoint manager of run `run` under `base`.
 pub(crate) fn manager(base: &str, run: &str) -> CheckpointManager {
     CheckpointManager::new(
