@@ -438,7 +438,16 @@ pub struct Model {
     device: Device,
     /// With `--sharding full`: which rows of each base weight this rank holds (`base` holds only
     /// those; the layers are built from gathered weights when they run).
-    shards: Option<Vec<Rows>>,
+    shards: Option<Vec<Shard>>,
+}
+
+/// This rank's part of one sharded base weight.
+#[derive(Debug, Clone)]
+struct Shard {
+    /// The rows it holds.
+    rows: Rows,
+    /// The whole weight's shape.
+    whole: Vec<i64>,
 }
 
 impl Model {
@@ -549,12 +558,15 @@ impl Model {
         device: Device,
     ) -> Result<Self> {
         let mut base = Vec::new();
-        let mut rows = Vec::new();
+        let mut shards = Vec::new();
         for (name, mut shape) in config.parameter_shapes() {
-            if let (Some((rank, world)), Some(d0)) = (shard, shape.first_mut()) {
-                let r = rows_of(*d0, rank, world);
-                *d0 = r.len;
-                rows.push(r);
+            if let (Some((rank, world)), Some(&d0)) = (shard, shape.first()) {
+                let r = rows_of(d0, rank, world);
+                shards.push(Shard {
+                    rows: r,
+                    whole: shape.clone(),
+                });
+                shape[0] = r.len;
             }
             let t = params
                 .remove(&name)
@@ -587,7 +599,7 @@ impl Model {
             norm: Tensor::new(),
             lm_head: None,
             device,
-            shards: shard.map(|_| rows),
+            shards: shard.map(|_| shards),
         };
         if !model.is_sharded() {
             model.wire();
@@ -723,18 +735,19 @@ impl Model {
         if self.is_sharded() {
             return Ok(());
         }
-        let mut rows = Vec::with_capacity(self.base.len());
+        let mut shards = Vec::with_capacity(self.base.len());
         for p in &mut self.base {
-            let r = rows_of(p.tensor.size()[0], rank, world);
+            let whole = p.tensor.size();
+            let r = rows_of(whole[0], rank, world);
             let shard = tch::no_grad(|| p.tensor.narrow(0, r.start, r.len).copy());
             p.tensor = shard.set_requires_grad(true);
-            rows.push(r);
+            shards.push(Shard { rows: r, whole });
         }
         self.layers.clear();
         self.embed = Tensor::new();
         self.norm = Tensor::new();
         self.lm_head = None;
-        self.shards = Some(rows);
+        self.shards = Some(shards);
         Ok(())
     }
 
@@ -745,7 +758,7 @@ impl Model {
 
     /// The rows of base weight `i` this rank holds, when the weights are sharded.
     pub(crate) fn shard_rows(&self, i: usize) -> Option<Rows> {
-        self.shards.as_ref().map(|r| r[i])
+        self.shards.as_ref().map(|s| s[i].rows)
     }
 
     /// The base weights under their HF names.

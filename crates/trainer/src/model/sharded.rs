@@ -52,10 +52,10 @@ impl Model {
         grad: bool,
         comm: &mut dyn RowCollective,
     ) -> Result<BTreeMap<String, Tensor>> {
-        let rows = self.shards.as_deref().unwrap_or_default();
+        let parts = self.shards.as_deref().unwrap_or_default();
         let shards: Vec<Tensor> = idx.iter().map(|&i| self.base[i].tensor.detach()).collect();
-        let picked: Vec<Rows> = idx.iter().map(|&i| rows[i]).collect();
-        let shapes: Vec<Vec<i64>> = idx.iter().map(|&i| self.full_shape(i)).collect();
+        let picked: Vec<Rows> = idx.iter().map(|&i| parts[i].rows).collect();
+        let shapes: Vec<Vec<i64>> = idx.iter().map(|&i| parts[i].whole.clone()).collect();
         let whole = tch::no_grad(|| comm.gather(&shards, &picked, &shapes))?;
         Ok(idx
             .iter()
@@ -65,11 +65,6 @@ impl Model {
                 (self.base[i].name.clone(), t)
             })
             .collect())
-    }
-
-    /// The whole shape of base weight `i`.
-    fn full_shape(&self, i: usize) -> Vec<i64> {
-        self.config.parameter_shapes()[i].1.clone()
     }
 
     fn layer_of(&self, l: usize, weights: &BTreeMap<String, Tensor>) -> Layer {
@@ -118,7 +113,7 @@ impl Model {
         loss_of: impl Fn(&Tensor) -> Tensor,
         comm: &mut dyn RowCollective,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let rows = self.shards.clone().unwrap_or_default();
+        let rows: Vec<Rows> = self.shards.iter().flatten().map(|s| s.rows).collect();
         let mut grads: Vec<Option<Tensor>> = self.base.iter().map(|_| None).collect();
         let layers = self.config.num_hidden_layers as usize;
         let rope = self.rope(ids);
