@@ -162,12 +162,27 @@ async fn sharded_training_matches_replicated_and_pytorch_reads_its_slices() {
     assert!(a.keys().any(|k| k.contains("lora_A")));
     assert_eq!(a, b, "LoRA with sharded optimizer state differs");
 
-    // The promotable weights of the fully sharded run, gathered for rank 0, are its weights in the
-    // sampler dtype (bf16).
+    // The promotable weights of the fully sharded run: every rank wrote its part of the HF
+    // directory (its own shard files; rank 0 the index too), and they are its weights in the
+    // sampler dtype (bf16)...
     let m = manager(base, "full");
     let manifest = m.manifest(StepName::new(6)).await.unwrap();
+    let mut writers: Vec<u32> = manifest
+        .sampler_files()
+        .filter(|f| f.path.ends_with(".safetensors"))
+        .map(|f| {
+            assert!(f.path.ends_with("-of-00003.safetensors"), "{}", f.path);
+            f.rank
+        })
+        .collect();
+    writers.sort();
+    assert_eq!(writers, [0, 1, 2], "one shard file per rank");
+    assert!(manifest
+        .sampler_files()
+        .any(|f| f.path == "sampler/model.safetensors.index.json"));
     let sampler = m.sampler_tensors(&manifest).await.unwrap();
     assert_eq!(sampler.len(), full.len());
+    let mut bf16_sha = BTreeMap::new();
     for t in &sampler {
         let whole = &full[&format!("model.{}", t.name)];
         let bf16: Vec<u16> = whole.iter().map(|x| half_bits(*x)).collect();
@@ -177,6 +192,21 @@ async fn sharded_training_matches_replicated_and_pytorch_reads_its_slices() {
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
             .collect();
         assert_eq!(got, bf16, "{}", t.name);
+        bf16_sha.insert(t.name.clone(), common::sha256_hex(&t.data));
+    }
+    // ...and the directory, promoted, loads in transformers with exactly those weights.
+    let promoted = m.promote(StepName::new(6), "full-promoted").await.unwrap();
+    let promoted = format!("{base}/{promoted}");
+    let out = common::root_python_script("hf_models.py", &["state", &promoted]);
+    let loaded: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    for (name, sha) in &bf16_sha {
+        assert_eq!(loaded[name]["dtype"], "torch.bfloat16", "{name}");
+        assert_eq!(
+            loaded[name]["sha256"].as_str(),
+            Some(sha.as_str()),
+            "{name}"
+        );
     }
 
     let embed = "model.embed_tokens.weight";

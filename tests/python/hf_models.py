@@ -4,6 +4,7 @@
                                             config.json, model.safetensors, tokenizer.json, and
                                             reference.safetensors: fixed `ids` and fp32 `logits`
   peft <base_dir> <adapter_dir> <out>       logits of base + the PEFT adapter for the same ids
+  state <model_dir>                         sha256 of each weight's bytes as transformers loads it
   tokenize <model_dir> <text> <out>         AutoTokenizer's ids of <text> (with BOS), its decoding
                                             of them, and the model's fp32 logits for them
 """
@@ -119,12 +120,29 @@ def tokenize(model_dir, text, out):
     print(json.dumps({"ids": x[0].tolist(), "decoded": decoded, "eos": tok.eos_token_id}))
 
 
+def state(model_dir):
+    """Loads a model directory with transformers in its stored dtype; prints the sha256 of each
+    weight's bytes by name (JSON, one line)."""
+    import hashlib
+    import json
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype="auto")
+    out = {}
+    for name, t in model.state_dict().items():
+        data = t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+        out[name] = {"sha256": hashlib.sha256(data).hexdigest(), "dtype": str(t.dtype)}
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
         make(sys.argv[2], sys.argv[3], "--tied" in sys.argv)
     elif cmd == "peft":
         peft_logits(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif cmd == "state":
+        state(sys.argv[2])
     elif cmd == "tokenize":
         tokenize(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

@@ -39,6 +39,7 @@ pub use manager::{
 pub use manifest::{DeltaBase, Manifest, FORMAT_VERSION};
 pub use names::{validate_name, StepName};
 pub use peers::{Peers, SingleRank};
+pub use sampler::{PlannedFile, WeightsPlan};
 pub use tensor::{Dtype, Tensor};
 pub use waypoint_storage as storage;
 

@@ -23,6 +23,7 @@ use waypoint_storage::Store;
 use crate::error::{CheckpointError, Result};
 use crate::manifest::DeltaBase;
 pub(crate) use crate::now_ms;
+use crate::sampler::WeightsPlan;
 use crate::tensor::Tensor;
 use crate::{RunLayout, StepName};
 
@@ -111,6 +112,19 @@ pub enum SamplerPart {
         /// The weights under their HF names.
         tensors: Vec<Tensor>,
     },
+    /// This rank's share of a full HF model directory that every rank writes (weights sharded over
+    /// the ranks): the files `plan` gives this rank, with exactly the tensors they hold; rank 0 also
+    /// writes `config.json`, the index and `extra_files` (the other ranks' are ignored).
+    FullShare {
+        /// The plan all ranks computed alike ([`WeightsPlan::new`] over the same tensors).
+        plan: WeightsPlan,
+        /// This rank's tensors under their HF names (the plan's for this rank, no more, no less).
+        tensors: Vec<Tensor>,
+        /// `config.json`, carried through (written by rank 0).
+        config_json: Bytes,
+        /// Other files of the model directory (written by rank 0).
+        extra_files: Vec<(String, Bytes)>,
+    },
     /// A PEFT adapter.
     Lora {
         /// `adapter_config.json` (see [`crate::peft::AdapterConfig`]).
@@ -177,6 +191,11 @@ impl CheckpointManager {
     pub fn other_run(&self, run_id: &str) -> Result<Self> {
         let layout = RunLayout::new(run_id, self.layout.framework())?;
         Ok(Self::new(self.store.clone(), layout, self.options.clone()))
+    }
+
+    /// The options it was made with.
+    pub fn options(&self) -> &ManagerOptions {
+        &self.options
     }
 
     /// The run's layout.

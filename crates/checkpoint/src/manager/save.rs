@@ -41,8 +41,9 @@ impl CheckpointManager {
     }
 
     /// This rank's part of a save by `peers.world()` ranks (see the module documentation). `request`
-    /// holds this rank's share of the resumable state; only the committer's (rank 0) may carry the
-    /// sampler part. Rank 0 returns its own error; the others return the manifest rank 0 committed,
+    /// holds this rank's share of the resumable state; the sampler part comes from the committer
+    /// (rank 0), or as a share from every rank ([`SamplerPart::FullShare`](super::SamplerPart)),
+    /// in which case the commit checks that every file of the plan came in. Rank 0 returns its own error; the others return the manifest rank 0 committed,
     /// or [`CheckpointError::NotCommitted`]. A rank that fails before the all-gather returns its
     /// error at once and the others' collectives time out: no commit either way.
     pub async fn save_with(
@@ -57,6 +58,14 @@ impl CheckpointManager {
         }
         peers.barrier(&format!("save/{step}/prepared"))?;
         let writer = self.file_writer(step, rank);
+        let planned: Vec<String> = match &request.sampler {
+            Some(super::SamplerPart::FullShare { plan, .. }) => plan
+                .files
+                .iter()
+                .map(|f| format!("sampler/{}", f.name))
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut files = Vec::new();
         if let Some(state) = request.dcp.take() {
             files.extend(self.write_dcp(&writer, world, state).await?);
@@ -88,6 +97,15 @@ impl CheckpointManager {
             let mut all = Vec::new();
             for list in &lists {
                 all.extend(decode::<Vec<WrittenFile>>(&gather, list)?);
+            }
+            if let Some(missing) = planned
+                .iter()
+                .find(|p| !all.iter().any(|f| &f.entry.path == *p))
+            {
+                return Err(CheckpointError::Invalid(format!(
+                    "{missing} of the promotable weights was written by no rank (every rank \
+                     must write its share)"
+                )));
             }
             let manifest = self.commit(request.commit, all).await?;
             self.after_commit(&manifest).await?;

@@ -11,6 +11,7 @@ use crate::error::{CheckpointError, Result};
 use crate::file_entry::{FileEntry, WrittenFile};
 use crate::kind::{detect, CheckpointKind};
 use crate::manifest::{Manifest, FORMAT_VERSION};
+use crate::sampler::{write_full_weights, write_weight_files};
 use crate::tensor::Tensor;
 use crate::writer::FileWriter;
 use crate::StepName;
@@ -115,6 +116,7 @@ impl CheckpointManager {
         sampler: SamplerPart,
         commit: &mut Commit,
     ) -> Result<Vec<WrittenFile>> {
+        let (max, parallel) = (self.options.max_file_bytes, self.options.parallel_files);
         let mut files = Vec::new();
         match sampler {
             SamplerPart::Full {
@@ -127,17 +129,26 @@ impl CheckpointManager {
                         .write_bytes("sampler/config.json", config_json)
                         .await?,
                 );
-                files.extend(
-                    crate::sampler::write_full_weights(
-                        writer,
-                        tensors,
-                        self.options.max_file_bytes,
-                        self.options.parallel_files,
-                    )
-                    .await?,
-                );
-                for (name, data) in extra_files {
-                    files.push(writer.write_bytes(&format!("sampler/{name}"), data).await?);
+                files.extend(write_full_weights(writer, tensors, max, parallel).await?);
+                files.extend(write_extra_files(writer, extra_files).await?);
+            }
+            SamplerPart::FullShare {
+                plan,
+                tensors,
+                config_json,
+                extra_files,
+            } => {
+                let mine = plan.files_of(writer.rank(), tensors)?;
+                let first = writer.rank() == 0;
+                let index = if first { plan.index()? } else { None };
+                files.extend(write_weight_files(writer, mine, index, parallel).await?);
+                if first {
+                    files.push(
+                        writer
+                            .write_bytes("sampler/config.json", config_json)
+                            .await?,
+                    );
+                    files.extend(write_extra_files(writer, extra_files).await?);
                 }
             }
             SamplerPart::Delta {
@@ -149,40 +160,17 @@ impl CheckpointManager {
                 let _pin = self.pin(base.step);
                 // Tensors share their bytes: the copy kept for a full save instead is cheap.
                 let kept = tensors.clone();
-                match crate::delta::write_delta(
-                    self,
-                    writer,
-                    &base,
-                    tensors,
-                    self.options.max_file_bytes,
-                )
-                .await?
-                {
+                files.push(
+                    writer
+                        .write_bytes("sampler/config.json", config_json)
+                        .await?,
+                );
+                match crate::delta::write_delta(self, writer, &base, tensors, max).await? {
                     Some((delta_files, delta_base)) => {
-                        files.push(
-                            writer
-                                .write_bytes("sampler/config.json", config_json)
-                                .await?,
-                        );
                         files.extend(delta_files);
                         commit.delta_base = Some(delta_base);
                     }
-                    None => {
-                        files.push(
-                            writer
-                                .write_bytes("sampler/config.json", config_json)
-                                .await?,
-                        );
-                        files.extend(
-                            crate::sampler::write_full_weights(
-                                writer,
-                                kept,
-                                self.options.max_file_bytes,
-                                self.options.parallel_files,
-                            )
-                            .await?,
-                        );
-                    }
+                    None => files.extend(write_full_weights(writer, kept, max, parallel).await?),
                 }
             }
             SamplerPart::Lora {
@@ -206,6 +194,18 @@ impl CheckpointManager {
         }
         Ok(files)
     }
+}
+
+/// Writes the other files of a model directory (tokenizer) under `sampler/`.
+async fn write_extra_files(
+    writer: &FileWriter,
+    extra_files: Vec<(String, Bytes)>,
+) -> Result<Vec<WrittenFile>> {
+    let mut files = Vec::new();
+    for (name, data) in extra_files {
+        files.push(writer.write_bytes(&format!("sampler/{name}"), data).await?);
+    }
+    Ok(files)
 }
 
 /// The manifest's entries, sorted by path, and the kinds they hold: detected as

@@ -27,11 +27,11 @@ use tch::{Device, Tensor};
 use tokio::runtime::Handle;
 use waypoint_c10d::SideChannel;
 use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
-use waypoint_checkpoint::StepName;
 use waypoint_checkpoint::{
     dcp, CheckpointError, CheckpointManager, Commit, Peers, SamplerPart, SaveRequest, SingleRank,
     Tensor as Blob,
 };
+use waypoint_checkpoint::{StepName, WeightsPlan};
 
 use crate::checkpointing::convert::{byte_size, to_blob};
 use crate::checkpointing::worker::{Task, Worker};
@@ -94,27 +94,54 @@ pub(crate) struct SaveOrder<'a> {
     pub metrics: String,
     /// Copy and write behind training instead of returning once committed.
     pub background: bool,
-    /// The whole base weights in the sampler dtype, gathered for the promotable part when the live
-    /// weights are sharded (rank 0; see [`gathered_weights`]).
-    pub gathered: Option<Vec<(String, Tensor)>>,
+    /// With sharded weights: this rank's share of the promotable weights, which every rank writes
+    /// ([`promotable_share`]).
+    pub share: Option<PromotableShare>,
 }
 
-/// For a promotable save of sharded weights: every rank takes part in gathering them one at a time;
-/// rank 0 keeps them, in the sampler dtype. `None` when the weights are not sharded.
-pub(crate) fn gathered_weights(
+/// This rank's share of the promotable weights of a model sharded over the ranks: every rank
+/// writes the files of the plan that are its own, from whole tensors gathered for it alone.
+pub(crate) struct PromotableShare {
+    plan: WeightsPlan,
+    tensors: Vec<Blob>,
+}
+
+/// For a promotable save of sharded weights (full-parameter): every rank takes part in gathering
+/// each weight whole, one at a time, and keeps those the plan gives it to write, in the sampler
+/// dtype — so no rank ever holds more than its share of the model. `None` when the weights are not
+/// sharded (rank 0 writes the whole model from its own copy) or under LoRA (the adapter is whole on
+/// every rank).
+pub(crate) fn promotable_share(
     model: &Model,
     ctx: &SaveContext,
+    manager: &CheckpointManager,
     ranks: &mut Ranks,
-) -> Result<Option<Vec<(String, Tensor)>>> {
-    if !model.is_sharded() {
+) -> Result<Option<PromotableShare>> {
+    if !model.is_sharded() || model.lora.is_some() {
         return Ok(None);
     }
-    let keep = ranks.is_main();
-    Ok(Some(model.gathered_base(
-        ctx.sampler_dtype.kind(),
-        keep,
+    let kind = ctx.sampler_dtype.kind();
+    let sizes: Vec<(String, u64)> = model
+        .whole_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let numel: i64 = shape.iter().product();
+            (name, numel as u64 * kind.elt_size_in_bytes() as u64)
+        })
+        .collect();
+    let plan = WeightsPlan::new(&sizes, ranks.world(), manager.options().max_file_bytes);
+    let rank = ranks.rank();
+    let mut tensors = Vec::new();
+    model.gather_each_base(
+        kind,
+        &|name| plan.writer_of(name) == Some(rank),
+        &mut |name, t| {
+            tensors.push(to_blob(name, &t, None)?);
+            Ok(())
+        },
         ranks,
-    )?))
+    )?;
+    Ok(Some(PromotableShare { plan, tensors }))
 }
 
 /// One save, staged in host memory.
@@ -212,7 +239,7 @@ impl Saver {
             status,
             metrics,
             background,
-            gathered,
+            share,
         } = order;
         self.hand_over_staged()?;
         let items = if resumable {
@@ -220,15 +247,15 @@ impl Saver {
         } else {
             Vec::new()
         };
-        let sampler = if promotable && self.rank == 0 {
-            let base = if delta_ok && model.lora.is_none() {
+        let sampler = if promotable && (self.rank == 0 || share.is_some()) {
+            let base = if delta_ok && model.lora.is_none() && share.is_none() {
                 // The base is decided by what is committed: wait for the save in flight.
                 self.join()?;
                 delta_base_for(self.chain, ctx.sampler_base_every)
             } else {
                 None
             };
-            Some(sampler_part(model, gathered.as_deref(), ctx, base)?)
+            Some(sampler_part(model, share, ctx, base)?)
         } else {
             None
         };
@@ -585,13 +612,13 @@ fn copy_to_host(items: &[StateItem]) -> Result<Vec<Blob>> {
         .collect()
 }
 
-/// The promotable part: a PEFT adapter under LoRA, else the full weights as an HF directory, in the
-/// sampler dtype (from `gathered` whole weights when the live ones are sharded) — or, given a
+/// The promotable part: a PEFT adapter under LoRA, else the full weights as an HF directory in the
+/// sampler dtype — this rank's `share` of them when the live weights are sharded — or, given a
 /// `delta_base`, a delta over that base's (which the checkpoint crate writes as full weights after
 /// all when the delta would exceed half their size).
 fn sampler_part(
     model: &Model,
-    gathered: Option<&[(String, Tensor)]>,
+    share: Option<PromotableShare>,
     ctx: &SaveContext,
     delta_base: Option<StepName>,
 ) -> Result<SamplerPart> {
@@ -628,18 +655,20 @@ fn sampler_part(
     }
     let mut config: Value = model.config.raw.clone();
     config["torch_dtype"] = json!(ctx.sampler_dtype.hf_name());
-    let tensors = match gathered {
-        Some(whole) => whole
-            .iter()
-            .map(|(name, t)| to_blob(name, t, Some(ctx.sampler_dtype.kind())))
-            .collect::<Result<Vec<_>>>()?,
-        None => model
-            .base()
-            .iter()
-            .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_dtype.kind())))
-            .collect::<Result<Vec<_>>>()?,
-    };
     let config_json = Bytes::from(serde_json::to_vec_pretty(&config)?);
+    if let Some(PromotableShare { plan, tensors }) = share {
+        return Ok(SamplerPart::FullShare {
+            plan,
+            tensors,
+            config_json,
+            extra_files: ctx.tokenizer_files.clone(),
+        });
+    }
+    let tensors = model
+        .base()
+        .iter()
+        .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_dtype.kind())))
+        .collect::<Result<Vec<_>>>()?;
     if let Some(base) = delta_base {
         return Ok(SamplerPart::Delta {
             base,
@@ -827,7 +856,7 @@ mod tests {
                     status: Status::new(JobState::Running, step, warm_up + saves),
                     metrics: String::new(),
                     background: true,
-                    gathered: None,
+                    share: None,
                 })
                 .unwrap();
             saver.before_update().unwrap();

@@ -206,22 +206,39 @@ impl Model {
         ))
     }
 
-    /// Every base weight whole, converted to `kind`, gathered one at a time (all ranks take part);
-    /// kept only where `keep` (rank 0, for the promotable weights).
-    pub(crate) fn gathered_base(
+    /// Every base weight whole, gathered one at a time (all ranks take part in each gather); those
+    /// `keep` names are converted to `kind` and handed to `take` (the weights this rank writes of
+    /// the promotable model), the rest dropped at once.
+    pub(crate) fn gather_each_base(
         &self,
         kind: Kind,
-        keep: bool,
+        keep: &dyn Fn(&str) -> bool,
+        take: &mut dyn FnMut(&str, Tensor) -> Result<()>,
         comm: &mut dyn RowCollective,
-    ) -> Result<Vec<(String, Tensor)>> {
-        let mut out = Vec::new();
+    ) -> Result<()> {
         for i in 0..self.base.len() {
-            let mut w = self.gather(&[i], false, comm)?;
-            if keep {
-                let (name, t) = w.pop_first().expect("one weight was gathered");
-                out.push((name, t.to_kind(kind)));
+            let w = self.gather(&[i], false, comm)?;
+            for (name, t) in w {
+                if keep(&name) {
+                    take(&name, t.to_kind(kind))?;
+                }
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Every base weight's name and whole shape, in `base` order (sharded or not).
+    pub(crate) fn whole_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        self.base
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let shape = match &self.shards {
+                    Some(s) => s[i].whole.clone(),
+                    None => p.tensor.size(),
+                };
+                (p.name.clone(), shape)
+            })
+            .collect()
     }
 }

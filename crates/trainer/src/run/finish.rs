@@ -6,7 +6,7 @@ use tokio::runtime::Runtime;
 use waypoint_checkpoint::{model_dir, StepName};
 
 use super::{Live, Outcome, Session};
-use crate::checkpointing::saver::{gathered_weights, SaveOrder};
+use crate::checkpointing::saver::{promotable_share, SaveOrder};
 use crate::run::records::{self, JobState, Status};
 
 impl Session {
@@ -45,8 +45,8 @@ impl Session {
             .ctx
             .commit(self.step, run.data_consumed, run.ranks.world());
         let status = self.status_for(run.attempt);
-        let gathered = if promotable {
-            gathered_weights(&run.model, &run.ctx, &mut run.ranks)?
+        let share = if promotable {
+            promotable_share(&run.model, &run.ctx, &run.manager, &mut run.ranks)?
         } else {
             None
         };
@@ -61,7 +61,7 @@ impl Session {
             status,
             metrics: run.metrics.clone(),
             background,
-            gathered,
+            share,
         })
     }
 
