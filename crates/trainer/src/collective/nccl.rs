@@ -1,5 +1,6 @@
-//! NCCL for multi-rank training on CUDA: one communicator per worker, and the sum all-reduce the
-//! loop needs.
+//! NCCL for multi-rank training on CUDA: one communicator per worker, and the collectives the loop
+//! needs — the sum all-reduce (replicated gradients), all-gather and reduce-scatter (sharded weights
+//! and their gradients, over equal parts: the caller pads uneven shards).
 //!
 //! The NCCL used is the one libtorch already loaded: `libtorch_cuda` links `libnccl.so.2`, so its
 //! symbols are in the process's global scope and are looked up there. That
@@ -34,8 +35,20 @@ type Comm = *mut c_void;
 type Stream = *mut c_void;
 
 const NCCL_SUCCESS: c_int = 0;
+const NCCL_FLOAT16: c_int = 6;
 const NCCL_FLOAT32: c_int = 7;
+const NCCL_BFLOAT16: c_int = 9;
 const NCCL_SUM: c_int = 0;
+
+/// NCCL's `ncclDataType_t` of a tensor kind the collectives carry.
+fn nccl_dtype(kind: Kind) -> Result<c_int> {
+    Ok(match kind {
+        Kind::Float => NCCL_FLOAT32,
+        Kind::BFloat16 => NCCL_BFLOAT16,
+        Kind::Half => NCCL_FLOAT16,
+        other => bail!("NCCL collectives here carry fp32, bf16 or fp16 tensors, not {other:?}"),
+    })
+}
 
 /// The NCCL entry points, resolved from the library libtorch loaded.
 pub(crate) struct Nccl {
@@ -43,6 +56,17 @@ pub(crate) struct Nccl {
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int,
     all_reduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        Comm,
+        Stream,
+    ) -> c_int,
+    all_gather:
+        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int,
+    reduce_scatter: unsafe extern "C" fn(
         *const c_void,
         *mut c_void,
         usize,
@@ -66,6 +90,8 @@ impl Nccl {
                 get_unique_id: loaded_fn("ncclGetUniqueId")?,
                 comm_init_rank: loaded_fn("ncclCommInitRank")?,
                 all_reduce: loaded_fn("ncclAllReduce")?,
+                all_gather: loaded_fn("ncclAllGather")?,
+                reduce_scatter: loaded_fn("ncclReduceScatter")?,
                 comm_destroy: loaded_fn("ncclCommDestroy")?,
                 comm_abort: loaded_fn("ncclCommAbort")?,
                 get_error_string: loaded_fn("ncclGetErrorString")?,
@@ -150,25 +176,17 @@ impl Communicator {
     /// Sums `buf` (a contiguous fp32 tensor on this worker's GPU) over all ranks, in place, and
     /// waits for the result.
     pub(crate) fn all_reduce_sum(&mut self, buf: &mut Tensor) -> Result<()> {
-        ensure!(
-            buf.device() == Device::Cuda(self.gpu)
-                && buf.kind() == Kind::Float
-                && buf.is_contiguous(),
-            "NCCL all-reduce wants a contiguous fp32 tensor on cuda:{}, got {:?} {:?}",
-            self.gpu,
-            buf.kind(),
-            buf.device()
-        );
-        let n = buf.numel();
-        let ptr = buf.data_ptr();
-        // SAFETY: `ptr` holds `n` floats on this communicator's GPU and stays alive (held by
-        // `buf`) until the wait below sees the collective finish; null is the default stream.
+        let dtype = self.check_buffer(buf, "all-reduce")?;
+        let (n, ptr) = (buf.numel(), buf.data_ptr());
+        // SAFETY: `ptr` holds `n` elements of `dtype` on this communicator's GPU and stays alive
+        // (held by `buf`) until the wait below sees the collective finish; null is the default
+        // stream.
         let code = unsafe {
             (self.nccl.all_reduce)(
                 ptr,
                 ptr,
                 n,
-                NCCL_FLOAT32,
+                dtype,
                 NCCL_SUM,
                 self.comm,
                 std::ptr::null_mut(),
@@ -176,6 +194,71 @@ impl Communicator {
         };
         self.nccl.check(code, "ncclAllReduce")?;
         self.wait(buf)
+    }
+
+    /// Every rank's `send` (the same length on every rank), concatenated in rank order: a new
+    /// tensor of `world` × its length, once the collective has finished.
+    pub(crate) fn all_gather(&mut self, send: &Tensor, world: u32) -> Result<Tensor> {
+        let dtype = self.check_buffer(send, "all-gather")?;
+        let n = send.numel();
+        let recv = Tensor::empty([(n * world as usize) as i64], (send.kind(), send.device()));
+        // SAFETY: `send` holds `n` elements and `recv` world × n of `dtype` on this GPU; both live
+        // until the wait below sees the collective finish.
+        let code = unsafe {
+            (self.nccl.all_gather)(
+                send.data_ptr(),
+                recv.data_ptr(),
+                n,
+                dtype,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        self.nccl.check(code, "ncclAllGather")?;
+        self.wait(&recv)?;
+        Ok(recv)
+    }
+
+    /// The sum over the ranks of `send` (`world` equal parts), this rank's part of it: a new tensor
+    /// of 1/`world` of its length, once the collective has finished.
+    pub(crate) fn reduce_scatter_sum(&mut self, send: &Tensor, world: u32) -> Result<Tensor> {
+        let dtype = self.check_buffer(send, "reduce-scatter")?;
+        let n = send.numel() / world.max(1) as usize;
+        ensure!(
+            n * world as usize == send.numel(),
+            "reduce-scatter wants {world} equal parts, got {} elements",
+            send.numel()
+        );
+        let recv = Tensor::empty([n as i64], (send.kind(), send.device()));
+        // SAFETY: `send` holds world × n and `recv` n elements of `dtype` on this GPU; both live
+        // until the wait below sees the collective finish.
+        let code = unsafe {
+            (self.nccl.reduce_scatter)(
+                send.data_ptr(),
+                recv.data_ptr(),
+                n,
+                dtype,
+                NCCL_SUM,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        self.nccl.check(code, "ncclReduceScatter")?;
+        self.wait(&recv)?;
+        Ok(recv)
+    }
+
+    /// `buf` is a non-empty contiguous tensor of a carried kind on this communicator's GPU: its
+    /// NCCL dtype.
+    fn check_buffer(&self, buf: &Tensor, what: &str) -> Result<c_int> {
+        ensure!(
+            buf.device() == Device::Cuda(self.gpu) && buf.is_contiguous() && buf.numel() > 0,
+            "NCCL {what} wants a non-empty contiguous tensor on cuda:{}, got {:?} on {:?}",
+            self.gpu,
+            buf.size(),
+            buf.device()
+        );
+        nccl_dtype(buf.kind())
     }
 
     /// Waits until the kernels queued so far (the collective included) have run: a copy of one
@@ -195,7 +278,7 @@ impl Communicator {
                 unsafe { (self.nccl.comm_abort)(self.comm) };
                 self.comm = std::ptr::null_mut();
                 bail!(
-                    "NCCL all-reduce did not finish within {} s: another rank probably died or \
+                    "an NCCL collective did not finish within {} s: another rank probably died or \
                      hangs; the communicator was aborted (raise --dist_timeout_secs if steps are \
                      that slow)",
                     self.timeout.as_secs()
@@ -229,5 +312,7 @@ mod tests {
         let b = nccl.unique_id().expect("id");
         assert_eq!(a.len(), UNIQUE_ID_BYTES);
         assert_ne!(a, b, "two ids must differ");
+        assert_eq!(nccl_dtype(Kind::BFloat16).unwrap(), NCCL_BFLOAT16);
+        assert!(nccl_dtype(Kind::Int64).is_err());
     }
 }

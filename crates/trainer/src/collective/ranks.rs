@@ -210,102 +210,118 @@ impl Ranks {
     }
 }
 
-/// Gathering and reducing rows, one collective each. On CPU, the TCP ring's own all-gather and
-/// reduce-scatter over a rank-major buffer (every rank's rows of every tensor, rank after rank), so
-/// each rank sends (N-1)/N of the bytes. On CUDA, sums over NCCL of buffers that are zero outside
-/// each rank's rows (adding zeros is exact) — twice those bytes; NCCL's own collectives need equal
-/// parts, which uneven shards are not.
+/// Gathering and reducing rows, one collective each (per dtype gathered), over a rank-major buffer
+/// ([`RankMajor`]: every rank's rows of every tensor, rank after rank), so each rank sends (N-1)/N
+/// of the bytes. On CPU, the TCP ring's own all-gather and reduce-scatter over uneven parts; on
+/// CUDA, NCCL's, whose parts must be equal: each rank's part is padded to the longest. Weights are
+/// gathered in the dtype they come in (bf16 for the projections on CUDA; see the model's
+/// `gathered_in`); gradients are summed in fp32.
 impl RowCollective for Ranks {
     fn gather(
         &mut self,
         shards: &[Tensor],
-        rows: &[Rows],
+        // Each rank's rows are `rows_of` its rank: the layout derives them.
+        _rows: &[Rows],
         shapes: &[Vec<i64>],
     ) -> Result<Vec<Tensor>> {
-        let Some(g) = &self.group else {
+        if self.group.is_none() {
             return Ok(shards.iter().map(Tensor::copy).collect());
-        };
-        let device = shards.first().map_or(Device::Cpu, Tensor::device);
-        if self.nccl.is_none() {
-            let layout = RankMajor::new(shapes, self.world);
-            let mut flat = vec![0f32; layout.len()];
-            let own: Vec<Tensor> = shards
-                .iter()
-                .map(|t| t.to_kind(Kind::Float).reshape([-1]))
-                .collect();
-            let own: Vec<f32> =
-                Vec::try_from(Tensor::cat(&own, 0)).context("weights to host memory")?;
-            let (a, b) = layout.parts[self.rank as usize];
-            flat[a..b].copy_from_slice(&own);
-            g.all_gather_parts(&mut flat, &layout.parts)
-                .with_context(|| format!("rank {}: gathering weights", self.rank))?;
-            // One staging copy at a time: the host buffer goes before the tensors are cut out.
-            let staged = Tensor::from_slice(&flat);
-            drop(flat);
-            return Ok(layout.whole(&staged, device));
         }
-        let parts: Vec<Tensor> = shards
-            .iter()
-            .zip(rows)
-            .zip(shapes)
-            .map(|((s, r), shape)| {
-                let buf = Tensor::zeros(shape.as_slice(), (Kind::Float, device));
-                if r.len > 0 {
-                    buf.narrow(0, r.start, r.len).copy_(s);
-                }
-                buf.reshape([-1])
-            })
-            .collect();
-        let summed = Self::sum_flat(
-            &mut self.nccl,
-            g,
-            Tensor::cat(&parts, 0),
-            self.rank,
-            "weights",
-        )?
-        .to_device(device);
-        Ok(split_flat(&summed, shapes))
+        let mut out: Vec<Option<Tensor>> = shards.iter().map(|_| None).collect();
+        let mut kinds: Vec<Kind> = Vec::new();
+        for t in shards {
+            if !kinds.contains(&t.kind()) {
+                kinds.push(t.kind());
+            }
+        }
+        for kind in kinds {
+            let idx: Vec<usize> = (0..shards.len())
+                .filter(|&i| shards[i].kind() == kind)
+                .collect();
+            let picked: Vec<&Tensor> = idx.iter().map(|&i| &shards[i]).collect();
+            let picked_shapes: Vec<Vec<i64>> = idx.iter().map(|&i| shapes[i].clone()).collect();
+            let whole = self.gather_kind(&picked, &picked_shapes, kind)?;
+            for (i, t) in idx.into_iter().zip(whole) {
+                out[i] = Some(t);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
 
     fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>> {
-        let narrow = |t: &Tensor, r: &Rows| t.narrow(0, r.start, r.len).copy();
         let Some(g) = &self.group else {
-            return Ok(whole.iter().zip(rows).map(|(t, r)| narrow(t, r)).collect());
+            return Ok(whole
+                .iter()
+                .zip(rows)
+                .map(|(t, r)| t.narrow(0, r.start, r.len).to_kind(Kind::Float).copy())
+                .collect());
         };
         let device = whole.first().map_or(Device::Cpu, Tensor::device);
-        if self.nccl.is_none() {
-            let shapes: Vec<Vec<i64>> = whole.iter().map(Tensor::size).collect();
-            let layout = RankMajor::new(&shapes, self.world);
-            // Staged piece by piece into one host buffer; the gradients go before the ring runs.
-            let mut flat: Vec<f32> = Vec::with_capacity(layout.len());
-            for piece in layout.cut(&whole) {
-                flat.extend(Vec::<f32>::try_from(&piece).context("gradients to host memory")?);
-            }
-            drop(whole);
-            g.reduce_scatter_sum(&mut flat, &layout.parts)
-                .with_context(|| format!("rank {}: summing gradients", self.rank))?;
-            let (a, b) = layout.parts[self.rank as usize];
-            let mine = Tensor::from_slice(&flat[a..b]);
-            return Ok(layout.own(&mine, self.rank, device));
-        }
-        let flat: Vec<Tensor> = whole
-            .iter()
-            .map(|t| t.to_kind(Kind::Float).reshape([-1]))
-            .collect();
-        let summed = Self::sum_flat(
-            &mut self.nccl,
-            g,
-            Tensor::cat(&flat, 0),
-            self.rank,
-            "gradients",
-        )?
-        .to_device(device);
         let shapes: Vec<Vec<i64>> = whole.iter().map(Tensor::size).collect();
-        Ok(split_flat(&summed, &shapes)
-            .iter()
-            .zip(rows)
-            .map(|(part, r)| narrow(part, r))
-            .collect())
+        let layout = RankMajor::new(&shapes, self.world);
+        let (a, b) = layout.parts[self.rank as usize];
+        let mine = match &mut self.nccl {
+            None => {
+                // Staged piece by piece into one host buffer; the gradients go before the ring runs.
+                let mut flat: Vec<f32> = Vec::with_capacity(layout.len());
+                for piece in layout.cut(&whole) {
+                    flat.extend(Vec::<f32>::try_from(&piece).context("gradients to host memory")?);
+                }
+                drop(whole);
+                g.reduce_scatter_sum(&mut flat, &layout.parts)
+                    .with_context(|| format!("rank {}: summing gradients", self.rank))?;
+                Tensor::from_slice(&flat[a..b])
+            }
+            Some(comm) => {
+                let padded = layout.padded(&whole, Kind::Float);
+                drop(whole);
+                comm.reduce_scatter_sum(&padded, self.world)
+                    .with_context(|| format!("rank {}: summing gradients", self.rank))?
+                    .narrow(0, 0, (b - a) as i64)
+            }
+        };
+        Ok(layout.own(&mine, self.rank, device))
+    }
+}
+
+impl Ranks {
+    /// [`RowCollective::gather`] of shards that are all of `kind`.
+    fn gather_kind(
+        &mut self,
+        shards: &[&Tensor],
+        shapes: &[Vec<i64>],
+        kind: Kind,
+    ) -> Result<Vec<Tensor>> {
+        let Some(g) = &self.group else {
+            return Ok(shards.iter().map(|t| t.copy()).collect());
+        };
+        let device = shards.first().map_or(Device::Cpu, |t| t.device());
+        let layout = RankMajor::new(shapes, self.world);
+        let own: Vec<Tensor> = shards.iter().map(|t| t.reshape([-1])).collect();
+        let own = Tensor::cat(&own, 0);
+        let flat = match &mut self.nccl {
+            None => {
+                let mut flat = vec![0f32; layout.len()];
+                let own: Vec<f32> =
+                    Vec::try_from(own.to_kind(Kind::Float)).context("weights to host memory")?;
+                let (a, b) = layout.parts[self.rank as usize];
+                flat[a..b].copy_from_slice(&own);
+                g.all_gather_parts(&mut flat, &layout.parts)
+                    .with_context(|| format!("rank {}: gathering weights", self.rank))?;
+                // One staging copy at a time: the host buffer goes before the tensors are cut out.
+                let staged = Tensor::from_slice(&flat);
+                drop(flat);
+                staged.to_kind(kind)
+            }
+            Some(comm) => {
+                let send = layout.pad_own(&own);
+                let got = comm
+                    .all_gather(&send, self.world)
+                    .with_context(|| format!("rank {}: gathering weights", self.rank))?;
+                layout.unpad(&got)
+            }
+        };
+        Ok(layout.whole(&flat, device))
     }
 }
 
@@ -349,6 +365,61 @@ impl RankMajor {
 
     fn len(&self) -> usize {
         self.parts.last().map_or(0, |p| p.1)
+    }
+
+    /// The longest rank's part: the equal part of NCCL's collectives (at least one element).
+    fn padded_part(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.1 - p.0)
+            .max()
+            .unwrap_or(0)
+            .max(1)
+    }
+
+    /// This rank's part `own` (flat), zero-padded to [`Self::padded_part`].
+    fn pad_own(&self, own: &Tensor) -> Tensor {
+        let pad = self.padded_part() as i64 - own.numel() as i64;
+        if pad == 0 {
+            return own.shallow_clone();
+        }
+        Tensor::cat(
+            &[
+                own.shallow_clone(),
+                own.new_zeros([pad], (own.kind(), own.device())),
+            ],
+            0,
+        )
+    }
+
+    /// The full buffer from every rank's padded part, gathered in rank order.
+    fn unpad(&self, gathered: &Tensor) -> Tensor {
+        let part = self.padded_part() as i64;
+        let pieces: Vec<Tensor> = self
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(q, (a, b))| gathered.narrow(0, q as i64 * part, (b - a) as i64))
+            .collect();
+        Tensor::cat(&pieces, 0)
+    }
+
+    /// Whole tensors `whole` cut rank-major, each rank's part zero-padded to
+    /// [`Self::padded_part`], in `kind`: what NCCL's reduce-scatter takes.
+    fn padded(&self, whole: &[Tensor], kind: Kind) -> Tensor {
+        let part = self.padded_part() as i64;
+        let per_rank = self.shapes.len().max(1);
+        let device = whole.first().map_or(Device::Cpu, Tensor::device);
+        let cut = self.cut(whole);
+        let mut pieces = Vec::new();
+        for ((a, b), mine) in self.parts.iter().zip(cut.chunks(per_rank)) {
+            pieces.extend(mine.iter().map(|p| p.to_kind(kind)));
+            let pad = part - (b - a) as i64;
+            if pad > 0 {
+                pieces.push(Tensor::zeros([pad], (kind, device)));
+            }
+        }
+        Tensor::cat(&pieces, 0)
     }
 
     /// The rank-major pieces of whole tensors `whole`, flattened, in buffer order.
@@ -426,4 +497,68 @@ fn split_flat(flat: &Tensor, shapes: &[Vec<i64>]) -> Vec<Tensor> {
 /// Elements in one row (dimension 0) of a tensor of `shape`.
 fn row_numel(shape: &[i64]) -> i64 {
     shape.iter().skip(1).product()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NCCL's equal parts, simulated on the CPU: every rank's padded part gathered in rank order
+    /// and unpadded is the full rank-major buffer; the sum of every rank's padded cut, split into
+    /// equal parts, holds each rank's rows of the summed tensors — for uneven and empty shards.
+    #[test]
+    fn padded_parts_gather_and_reduce_as_the_uneven_ones() {
+        let shapes = vec![vec![7i64, 3], vec![2], vec![5, 2, 2]];
+        for world in 1u32..=4 {
+            let layout = RankMajor::new(&shapes, world);
+            let whole: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| Tensor::randn(s.as_slice(), (Kind::Float, Device::Cpu)))
+                .collect();
+            let flat = Tensor::cat(&layout.cut(&whole), 0);
+            // All-gather: each rank sends its own part, padded.
+            let sends: Vec<Tensor> = layout
+                .parts
+                .iter()
+                .map(|(a, b)| layout.pad_own(&flat.narrow(0, *a as i64, (b - a) as i64)))
+                .collect();
+            assert!(sends.iter().all(|s| s.numel() == layout.padded_part()));
+            let gathered = layout.unpad(&Tensor::cat(&sends, 0));
+            assert!(gathered.equal(&flat), "world {world}");
+            for (w, g) in whole.iter().zip(layout.whole(&gathered, Device::Cpu)) {
+                assert!(w.equal(&g), "world {world}");
+            }
+            // Reduce-scatter: every rank contributes its own whole gradients.
+            let grads: Vec<Vec<Tensor>> = (0..world)
+                .map(|_| whole.iter().map(|t| t.randn_like()).collect())
+                .collect();
+            let summed = grads
+                .iter()
+                .map(|g| layout.padded(g, Kind::Float))
+                .reduce(|a, b| a + b)
+                .unwrap();
+            let total: Vec<Tensor> = (0..shapes.len())
+                .map(|i| {
+                    grads
+                        .iter()
+                        .map(|g| g[i].shallow_clone())
+                        .reduce(|a, b| a + b)
+                        .unwrap()
+                })
+                .collect();
+            let part = layout.padded_part() as i64;
+            for q in 0..world {
+                let (a, b) = layout.parts[q as usize];
+                let mine = summed.narrow(0, q as i64 * part, (b - a) as i64);
+                for (i, got) in layout.own(&mine, q, Device::Cpu).iter().enumerate() {
+                    let r = rows_of(shapes[i][0], q, world);
+                    let want = total[i].narrow(0, r.start, r.len);
+                    assert!(
+                        got.allclose(&want, 1e-6, 1e-6, false),
+                        "world {world} rank {q}"
+                    );
+                }
+            }
+        }
+    }
 }

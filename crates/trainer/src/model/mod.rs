@@ -439,6 +439,8 @@ pub struct Model {
     /// With `--sharding full`: which rows of each base weight this rank holds (`base` holds only
     /// those; the layers are built from gathered weights when they run).
     shards: Option<Vec<Shard>>,
+    /// The matmul dtype (bf16 on CUDA, as autocast would), else `None`: the weights' own (fp32).
+    compute: Option<Kind>,
 }
 
 /// This rank's part of one sharded base weight.
@@ -600,6 +602,7 @@ impl Model {
             lm_head: None,
             device,
             shards: shard.map(|_| shards),
+            compute: device.is_cuda().then_some(Kind::BFloat16),
         };
         if !model.is_sharded() {
             model.wire();
@@ -786,8 +789,11 @@ impl Model {
         let c = &self.config;
         let (cos, sin) = rope_tables(ids.size()[1], c.head_dim, c.rope_theta, self.device);
         // Mixed precision on CUDA: bf16 matmuls and attention, fp32 norms, residuals and weights.
-        let compute = self.device.is_cuda().then_some(Kind::BFloat16);
-        Rope { cos, sin, compute }
+        Rope {
+            cos,
+            sin,
+            compute: self.compute,
+        }
     }
 
     /// The residual stream's start: the embeddings of `ids`, in fp32 whatever dtype the embedding
@@ -810,7 +816,7 @@ impl Model {
     /// [`Model::logits`] with the given final norm and head weights.
     fn logits_with(&self, h: &Tensor, norm: &Tensor, head: &Tensor) -> Tensor {
         let h = rms_norm(h, norm, self.config.rms_norm_eps);
-        match self.device.is_cuda().then_some(Kind::BFloat16) {
+        match self.compute {
             None if head.kind() != h.kind() => h.linear::<Tensor>(&head.to_kind(h.kind()), None),
             None => h.linear::<Tensor>(head, None),
             Some(k) => h.to_kind(k).linear::<Tensor>(&head.to_kind(k), None),

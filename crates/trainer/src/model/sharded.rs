@@ -33,6 +33,16 @@ pub(crate) trait RowCollective {
     fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>>;
 }
 
+/// The dtype weight `name` is gathered in: the compute dtype (bf16 on CUDA) for the weights the
+/// forward pass casts to it anyway — the projections' weights and biases and an untied `lm_head` —
+/// so the gathered bytes halve and the results are those of the unsharded pass (a cast commutes
+/// with the gather); `None` (its own dtype, fp32) for the embedding (looked up, not multiplied) and
+/// the norms. Their gradients come back in that dtype and are summed in fp32.
+pub(super) fn gathered_in(name: &str, compute: Option<Kind>) -> Option<Kind> {
+    let projection = name.contains("_proj.") || name == "lm_head.weight";
+    compute.filter(|_| projection)
+}
+
 impl Model {
     /// Indices into `base` of the weights of `stage`; the head also uses a tied embedding.
     fn base_of(&self, stage: Stage) -> Vec<usize> {
@@ -53,7 +63,16 @@ impl Model {
         comm: &mut dyn RowCollective,
     ) -> Result<BTreeMap<String, Tensor>> {
         let parts = self.shards.as_deref().unwrap_or_default();
-        let shards: Vec<Tensor> = idx.iter().map(|&i| self.base[i].tensor.detach()).collect();
+        let shards: Vec<Tensor> = idx
+            .iter()
+            .map(|&i| {
+                let own = self.base[i].tensor.detach();
+                match gathered_in(&self.base[i].name, self.compute) {
+                    Some(k) if own.kind() != k => own.to_kind(k),
+                    _ => own,
+                }
+            })
+            .collect();
         let picked: Vec<Rows> = idx.iter().map(|&i| parts[i].rows).collect();
         let shapes: Vec<Vec<i64>> = idx.iter().map(|&i| parts[i].whole.clone()).collect();
         let whole = tch::no_grad(|| comm.gather(&shards, &picked, &shapes))?;
@@ -240,5 +259,118 @@ impl Model {
                 (p.name.clone(), shape)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::*;
+    use crate::model::ModelConfig;
+
+    /// One rank alone: gathers return the shards (whole), reduces cut the rows; records the dtype
+    /// each weight was gathered in.
+    #[derive(Default)]
+    struct Alone {
+        gathered: BTreeMap<Vec<i64>, Vec<Kind>>,
+    }
+
+    impl RowCollective for Alone {
+        fn gather(
+            &mut self,
+            shards: &[Tensor],
+            _: &[Rows],
+            shapes: &[Vec<i64>],
+        ) -> Result<Vec<Tensor>> {
+            for (t, s) in shards.iter().zip(shapes) {
+                self.gathered.entry(s.clone()).or_default().push(t.kind());
+            }
+            Ok(shards.iter().map(Tensor::copy).collect())
+        }
+        fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>> {
+            Ok(whole
+                .iter()
+                .zip(rows)
+                .map(|(t, r)| t.narrow(0, r.start, r.len).to_kind(Kind::Float))
+                .collect())
+        }
+    }
+
+    /// With a bf16 compute dtype (as on CUDA), the projections are gathered in bf16 and the rest
+    /// in fp32, and the loss and fp32 gradients are bit for bit those of the unsharded mixed
+    /// precision pass, which casts the fp32 weights to bf16 at each matmul.
+    #[test]
+    fn bf16_gathers_give_the_mixed_precision_gradients_bit_for_bit() {
+        let _turn = crate::model::tests::seeded();
+        let mut raw = ModelConfig::tiny().raw;
+        raw["tie_word_embeddings"] = false.into();
+        let config = ModelConfig::from_json("test", raw).unwrap();
+        let mut plain = Model::init(config.clone(), 3, Device::Cpu).unwrap();
+        let mut sharded = Model::init(config, 3, Device::Cpu).unwrap();
+        plain.compute = Some(Kind::BFloat16);
+        sharded.compute = Some(Kind::BFloat16);
+        sharded.shard(0, 1).unwrap();
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 200, 3, 4, 7, 8]).view([2, 4]);
+        let loss_of = |logits: &Tensor| logits.to_kind(Kind::Float).square().mean(Kind::Float);
+        let (l1, g1) = plain.loss_and_gradients_recomputed(&ids, 5, true, loss_of);
+        let mut comm = Alone::default();
+        let (l2, g2) = sharded
+            .loss_and_gradients_sharded(&ids, 5, true, loss_of, &mut comm)
+            .unwrap();
+        assert!(l1.equal(&l2));
+        for ((p, a), b) in plain.base().iter().zip(&g1).zip(&g2) {
+            assert_eq!(b.kind(), Kind::Float, "{}", p.name);
+            assert!(a.equal(b), "{}", p.name);
+        }
+        let h = plain.config.hidden_size;
+        let v = plain.config.vocab_size;
+        let q = plain.config.num_attention_heads * plain.config.head_dim;
+        assert!(comm.gathered[&vec![q, h]]
+            .iter()
+            .all(|k| *k == Kind::BFloat16));
+        assert!(
+            comm.gathered[&vec![v, h]].contains(&Kind::BFloat16),
+            "lm_head"
+        );
+        assert!(
+            comm.gathered[&vec![v, h]].contains(&Kind::Float),
+            "embedding"
+        );
+        assert!(
+            comm.gathered[&vec![h]].iter().all(|k| *k == Kind::Float),
+            "norms"
+        );
+    }
+
+    #[test]
+    fn projections_and_an_untied_head_are_gathered_in_the_compute_dtype() {
+        let bf16 = Some(Kind::BFloat16);
+        assert_eq!(
+            gathered_in("model.layers.0.self_attn.q_proj.weight", bf16),
+            bf16
+        );
+        assert_eq!(
+            gathered_in("model.layers.3.self_attn.k_proj.bias", bf16),
+            bf16
+        );
+        assert_eq!(
+            gathered_in("model.layers.3.mlp.down_proj.weight", bf16),
+            bf16
+        );
+        assert_eq!(gathered_in("lm_head.weight", bf16), bf16);
+        assert_eq!(gathered_in("model.embed_tokens.weight", bf16), None);
+        assert_eq!(
+            gathered_in("model.layers.0.input_layernorm.weight", bf16),
+            None
+        );
+        assert_eq!(
+            gathered_in("model.layers.0.self_attn.q_norm.weight", bf16),
+            None
+        );
+        assert_eq!(
+            gathered_in("model.layers.0.self_attn.q_proj.weight", None),
+            None
+        );
     }
 }
