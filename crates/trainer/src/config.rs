@@ -520,15 +520,6 @@ impl TrainConfig {
             },
         )?;
         check(
-            self.sharding != "full" || self.lora_rank == 0,
-            "sharding",
-            || {
-                "--sharding full does not shard LoRA runs yet; use --sharding optimizer or none \
-                 with --lora_rank"
-                    .into()
-            },
-        )?;
-        check(
             crate::run::memory::MemoryCheck::parse(&self.memory_check).is_some(),
             "memory_check",
             || format!("--memory_check {:?}: use refuse or warn", self.memory_check),

@@ -548,7 +548,7 @@ fn state_items(model: &Model, opt: &AdamW) -> Vec<StateItem> {
         }
     };
     for (i, (p, s)) in model.trainable().iter().zip(&opt.state).enumerate() {
-        let weight_rows = model.shard_rows(i);
+        let weight_rows = model.trainable_rows(i);
         items.push(item(dcp::model_key(&p.name), &p.tensor, weight_rows));
         let rows = weight_rows.or(opt.rows.as_ref().map(|r| r[i]));
         for (field, t) in [("exp_avg", &s.exp_avg), ("exp_avg_sq", &s.exp_avg_sq)] {

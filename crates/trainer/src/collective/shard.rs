@@ -24,6 +24,12 @@ impl Sharding {
             _ => None,
         }
     }
+
+    /// Whether AdamW's state is cut into rows apart from the weights (ZeRO-1): `optimizer`, and
+    /// `full` under LoRA — whose frozen base is what is sharded, the adapters staying whole.
+    pub(crate) fn cuts_optimizer_state_alone(self, lora: bool) -> bool {
+        self == Self::Optimizer || (self == Self::Full && lora)
+    }
 }
 
 /// A range of rows of a tensor.
@@ -71,5 +77,9 @@ mod tests {
         assert_eq!(Sharding::parse("optimizer"), Some(Sharding::Optimizer));
         assert_eq!(Sharding::parse("full"), Some(Sharding::Full));
         assert_eq!(Sharding::parse("zero3"), None);
+        assert!(Sharding::Optimizer.cuts_optimizer_state_alone(false));
+        assert!(Sharding::Full.cuts_optimizer_state_alone(true));
+        assert!(!Sharding::Full.cuts_optimizer_state_alone(false));
+        assert!(!Sharding::None.cuts_optimizer_state_alone(true));
     }
 }

@@ -610,7 +610,8 @@ impl Model {
         Ok(model)
     }
 
-    /// Builds the structure the forward pass walks (layers, embedding, norm, head) over `base`.
+    /// Builds the structure the forward pass walks (layers, embedding, norm, head) over `base`, with
+    /// the LoRA adapters (if any) on their projections.
     fn wire(&mut self) {
         let base = &self.base;
         let get = |name: &str| -> Tensor {
@@ -620,12 +621,32 @@ impl Model {
                 .expect("base holds every name of parameter_shapes (checked when assembled)")
         };
         let c = &self.config;
-        self.layers = (0..c.num_hidden_layers)
-            .map(|l| Layer::from_weights(c, l, &get))
+        let layers = (0..c.num_hidden_layers)
+            .map(|l| Layer::from_weights(c, l, &get, &|p| self.lora_at(p)))
             .collect();
+        self.layers = layers;
         self.embed = get("model.embed_tokens.weight");
         self.norm = get("model.norm.weight");
         self.lm_head = (!c.tie_word_embeddings).then(|| get("lm_head.weight"));
+    }
+
+    /// The LoRA adapter of the projection `prefix` (`model.layers.0.self_attn.q_proj`), if it has
+    /// one (sharing the trained tensors).
+    fn lora_at(&self, prefix: &str) -> Option<Lora> {
+        let lora = self.lora.as_ref()?;
+        let find = |which: &str| {
+            let name = format!("{prefix}.lora_{which}.weight");
+            self.adapters
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.tensor.shallow_clone())
+        };
+        Some(Lora {
+            a: find("A")?,
+            b: find("B")?,
+            scale: lora.alpha / lora.rank as f64,
+            dropout: lora.dropout,
+        })
     }
 
     /// Holds the frozen base in `kind` (bf16 under LoRA on CUDA: the stored dtype of the models
@@ -634,7 +655,9 @@ impl Model {
         for p in &mut self.base {
             p.tensor = p.tensor.detach().to_kind(kind);
         }
-        self.wire();
+        if !self.is_sharded() {
+            self.wire();
+        }
     }
 
     /// Freezes the base and adds LoRA adapters (drawn after seeding libtorch with `seed`).
@@ -668,44 +691,37 @@ impl Model {
         if self.device.is_cuda() {
             self.hold_base_in(Kind::BFloat16);
         }
-        let scale = lora.alpha / lora.rank as f64;
+        let shapes = self.config.projection_shapes();
         let mut adapters = Vec::new();
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let slots: [(&str, &mut Linear); 7] = [
-                ("self_attn.q_proj", &mut layer.q),
-                ("self_attn.k_proj", &mut layer.k),
-                ("self_attn.v_proj", &mut layer.v),
-                ("self_attn.o_proj", &mut layer.o),
-                ("mlp.gate_proj", &mut layer.gate),
-                ("mlp.up_proj", &mut layer.up),
-                ("mlp.down_proj", &mut layer.down),
-            ];
-            for (path, linear) in slots {
+        for l in 0..self.config.num_hidden_layers {
+            for path in [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ] {
                 let short = path.rsplit('.').next().unwrap_or(path);
                 if !lora.targets.iter().any(|t| t == short) {
                     continue;
                 }
-                let (out, inp) = (linear.weight.size()[0], linear.weight.size()[1]);
+                let Some(&(_, (out, inp))) = shapes.iter().find(|(name, _)| *name == short) else {
+                    continue;
+                };
                 let bound = 1.0 / (inp as f64).sqrt();
                 let a = (Tensor::rand([lora.rank, inp], (Kind::Float, self.device)) * 2.0 - 1.0)
                     * bound;
-                let a = a.set_requires_grad(true);
-                let b = Tensor::zeros([out, lora.rank], (Kind::Float, self.device))
-                    .set_requires_grad(true);
+                let b = Tensor::zeros([out, lora.rank], (Kind::Float, self.device));
                 let fqn = format!("model.layers.{l}.{path}");
                 adapters.push(Param {
                     name: format!("{fqn}.lora_A.weight"),
-                    tensor: a.shallow_clone(),
+                    tensor: a.set_requires_grad(true),
                 });
                 adapters.push(Param {
                     name: format!("{fqn}.lora_B.weight"),
-                    tensor: b.shallow_clone(),
-                });
-                linear.lora = Some(Lora {
-                    a,
-                    b,
-                    scale,
-                    dropout: lora.dropout,
+                    tensor: b.set_requires_grad(true),
                 });
             }
         }
@@ -715,6 +731,9 @@ impl Model {
         );
         self.adapters = adapters;
         self.lora = Some(lora);
+        if !self.is_sharded() {
+            self.wire();
+        }
         Ok(())
     }
 
@@ -729,12 +748,9 @@ impl Model {
 
     /// Keeps only the rows of every base weight that `rank` of `world` owns ([`rows_of`]) and drops
     /// the rest: from here on the layers run on weights gathered from all ranks
-    /// ([`Model::loss_and_gradients_sharded`]). Full-parameter training only.
+    /// ([`Model::loss_and_gradients_sharded`]). Under LoRA the frozen base is sharded (in the dtype
+    /// it is held in) and the adapters stay whole.
     pub(crate) fn shard(&mut self, rank: u32, world: u32) -> Result<()> {
-        ensure!(
-            self.lora.is_none(),
-            "--sharding full does not shard LoRA runs yet; use --sharding optimizer or none"
-        );
         if self.is_sharded() {
             return Ok(());
         }
@@ -743,7 +759,7 @@ impl Model {
             let whole = p.tensor.size();
             let r = rows_of(whole[0], rank, world);
             let shard = tch::no_grad(|| p.tensor.narrow(0, r.start, r.len).copy());
-            p.tensor = shard.set_requires_grad(true);
+            p.tensor = shard.set_requires_grad(self.lora.is_none());
             shards.push(Shard { rows: r, whole });
         }
         self.layers.clear();
@@ -762,6 +778,21 @@ impl Model {
     /// The rows of base weight `i` this rank holds, when the weights are sharded.
     pub(crate) fn shard_rows(&self, i: usize) -> Option<Rows> {
         self.shards.as_ref().map(|s| s[i].rows)
+    }
+
+    /// The rows of trainable weight `i` ([`Model::trainable`]) this rank holds, when they are
+    /// sharded: full-parameter sharded training; LoRA adapters are whole.
+    pub(crate) fn trainable_rows(&self, i: usize) -> Option<Rows> {
+        if self.lora.is_some() {
+            return None;
+        }
+        self.shard_rows(i)
+    }
+
+    /// Whether the sharded pass hands back gradients already summed over the ranks and cut to this
+    /// rank's rows (full-parameter sharded training); else the step sums them.
+    pub(crate) fn gradients_come_reduced(&self) -> bool {
+        self.is_sharded() && self.lora.is_none()
     }
 
     /// The base weights under their HF names.
@@ -833,13 +864,19 @@ struct Rope {
 }
 
 impl Layer {
-    /// Decoder layer `l` over the weights `get` gives by HF name.
-    fn from_weights(config: &ModelConfig, l: i64, get: &dyn Fn(&str) -> Tensor) -> Self {
+    /// Decoder layer `l` over the weights `get` gives by HF name, with the LoRA adapters `lora`
+    /// gives by projection (`model.layers.0.self_attn.q_proj`).
+    fn from_weights(
+        config: &ModelConfig,
+        l: i64,
+        get: &dyn Fn(&str) -> Tensor,
+        lora: &dyn Fn(&str) -> Option<Lora>,
+    ) -> Self {
         let p = format!("model.layers.{l}");
         let linear = |prefix: &str, bias: bool| Linear {
             weight: get(&format!("{prefix}.weight")),
             bias: bias.then(|| get(&format!("{prefix}.bias"))),
-            lora: None,
+            lora: lora(prefix),
         };
         let ab = config.attention_bias;
         Layer {

@@ -44,6 +44,16 @@ pub(super) fn stage_of(name: &str) -> Stage {
     }
 }
 
+/// Indices into `params` of the weights of `stage`; with `tied`, the head also uses the embedding.
+pub(super) fn in_stage(params: &[super::Param], stage: Stage, tied: bool) -> Vec<usize> {
+    (0..params.len())
+        .filter(|&i| {
+            let s = stage_of(&params[i].name);
+            s == stage || (tied && stage == Stage::Head && s == Stage::Embed)
+        })
+        .collect()
+}
+
 impl Model {
     /// The summed cross-entropy of `logits_of(ids)` against `labels`, divided by `divisor`, and its
     /// gradients for [`Model::trainable`] (in that order; undefined for a weight the batch does not
@@ -58,15 +68,7 @@ impl Model {
     ) -> (Tensor, Vec<Tensor>) {
         let params = self.trainable();
         let mut grads: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
-        let in_stage = |stage: Stage| -> Vec<usize> {
-            let tied = self.config.tie_word_embeddings;
-            (0..params.len())
-                .filter(|&i| {
-                    let s = stage_of(&params[i].name);
-                    s == stage || (tied && stage == Stage::Head && s == Stage::Embed)
-                })
-                .collect()
-        };
+        let in_stage = |stage: Stage| in_stage(params, stage, self.config.tie_word_embeddings);
 
         // Forward without autograd, keeping each layer's input.
         let rope = self.rope(ids);

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::recompute::{layer_seed, stage_of, Stage};
+use super::recompute::{in_stage, layer_seed, Stage};
 use super::{Layer, Model};
 use crate::collective::shard::Rows;
 
@@ -46,13 +46,7 @@ pub(super) fn gathered_in(name: &str, compute: Option<Kind>) -> Option<Kind> {
 impl Model {
     /// Indices into `base` of the weights of `stage`; the head also uses a tied embedding.
     fn base_of(&self, stage: Stage) -> Vec<usize> {
-        let tied = self.config.tie_word_embeddings;
-        (0..self.base.len())
-            .filter(|&i| {
-                let s = stage_of(&self.base[i].name);
-                s == stage || (tied && stage == Stage::Head && s == Stage::Embed)
-            })
-            .collect()
+        in_stage(&self.base, stage, self.config.tie_word_embeddings)
     }
 
     /// The whole weights `idx` (fresh tensors; leaves requiring gradients when `grad`), by name.
@@ -87,9 +81,12 @@ impl Model {
     }
 
     fn layer_of(&self, l: usize, weights: &BTreeMap<String, Tensor>) -> Layer {
-        Layer::from_weights(&self.config, l as i64, &|name| {
-            weights[name].shallow_clone()
-        })
+        Layer::from_weights(
+            &self.config,
+            l as i64,
+            &|name| weights[name].shallow_clone(),
+            &|p| self.lora_at(p),
+        )
     }
 
     fn head_of<'a>(&self, weights: &'a BTreeMap<String, Tensor>) -> (&'a Tensor, &'a Tensor) {
@@ -121,9 +118,12 @@ impl Model {
         })
     }
 
-    /// The loss (`loss_of` the logits) and the gradients of this rank's rows of every base weight,
-    /// in `base` order, with sharded weights. LoRA dropout is not involved (full-parameter only);
-    /// `seed` reseeds libtorch's generator per layer as the recomputing step does.
+    /// The loss (`loss_of` the logits) and the gradients of the trainable weights, in
+    /// [`Model::trainable`] order, with sharded weights: full-parameter, this rank's rows of every
+    /// base weight's gradient, already summed over the ranks; under LoRA, the whole adapters'
+    /// gradients of this rank's batch (summed by the step, as in data parallelism), the frozen base
+    /// gathered without autograd. `seed` reseeds libtorch's generator per layer (LoRA dropout) as
+    /// the recomputing step does.
     pub(crate) fn loss_and_gradients_sharded(
         &self,
         ids: &Tensor,
@@ -133,7 +133,9 @@ impl Model {
         comm: &mut dyn RowCollective,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let rows: Vec<Rows> = self.shards.iter().flatten().map(|s| s.rows).collect();
-        let mut grads: Vec<Option<Tensor>> = self.base.iter().map(|_| None).collect();
+        let lora = self.lora.is_some();
+        let params = self.trainable();
+        let mut grads: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
         let layers = self.config.num_hidden_layers as usize;
         let rope = self.rope(ids);
 
@@ -160,18 +162,36 @@ impl Model {
                             grads: &mut Vec<Option<Tensor>>|
          -> Result<(Option<Tensor>, Tensor)> {
             let idx = self.base_of(stage);
-            let w = self.gather(&idx, true, comm)?;
+            // What is trained here: the base weights gathered as leaves, or the stage's adapters.
+            let trained = if lora {
+                in_stage(params, stage, false)
+            } else {
+                idx.clone()
+            };
+            if x.is_none() && trained.is_empty() {
+                // Nothing to backpropagate into (the embedding under LoRA): no gather either.
+                return Ok((None, Tensor::new()));
+            }
+            let w = self.gather(&idx, !lora, comm)?;
             let x = x.map(|x| x.detach().set_requires_grad(true));
-            let out = out_of(&w, x.as_ref().unwrap_or(&Tensor::new()));
             let mut wrt: Vec<&Tensor> = x.iter().collect();
-            wrt.extend(idx.iter().map(|i| &w[&self.base[*i].name]));
+            if lora {
+                wrt.extend(trained.iter().map(|&t| &params[t].tensor));
+            } else {
+                wrt.extend(idx.iter().map(|i| &w[&self.base[*i].name]));
+            }
+            let out = out_of(&w, x.as_ref().unwrap_or(&Tensor::new()));
             let mut got = Tensor::run_backward(&[&out], &wrt, false, false);
             let out = out.detach();
             let into_x = x.is_some().then(|| got.remove(0));
             drop(w);
-            let picked: Vec<Rows> = idx.iter().map(|&i| rows[i]).collect();
-            let mine = tch::no_grad(|| comm.reduce(got, &picked))?;
-            for (&i, g) in idx.iter().zip(mine) {
+            let mine = if lora {
+                got
+            } else {
+                let picked: Vec<Rows> = idx.iter().map(|&i| rows[i]).collect();
+                tch::no_grad(|| comm.reduce(got, &picked))?
+            };
+            for (&i, g) in trained.iter().zip(mine) {
                 grads[i] = Some(match grads[i].take() {
                     None => g,
                     Some(acc) => acc + g,
@@ -341,6 +361,45 @@ mod tests {
             comm.gathered[&vec![h]].iter().all(|k| *k == Kind::Float),
             "norms"
         );
+    }
+
+    /// Under LoRA (with dropout), the sharded pass over a sharded frozen base gives the adapters'
+    /// gradients of the recomputing pass bit for bit, and never asks for the base's.
+    #[test]
+    fn lora_over_a_sharded_base_gives_the_recomputed_adapter_gradients() {
+        let _turn = crate::model::tests::seeded();
+        let lora = crate::model::LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        };
+        let mut plain = Model::init(ModelConfig::tiny(), 3, Device::Cpu).unwrap();
+        let mut sharded = Model::init(ModelConfig::tiny(), 3, Device::Cpu).unwrap();
+        plain.add_lora(lora.clone(), 4).unwrap();
+        sharded.add_lora(lora, 4).unwrap();
+        sharded.shard(0, 1).unwrap();
+        assert!(!sharded.gradients_come_reduced());
+        // Non-zero B, so that every adapter's gradient is non-trivial.
+        for m in [&plain, &sharded] {
+            tch::no_grad(|| {
+                for p in m.trainable() {
+                    let _ = p.tensor.shallow_clone().fill_(0.01);
+                }
+            });
+        }
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 200, 3, 4, 7, 8]).view([2, 4]);
+        let loss_of = |logits: &Tensor| logits.square().mean(Kind::Float);
+        let (l1, g1) = plain.loss_and_gradients_recomputed(&ids, 5, true, loss_of);
+        let (l2, g2) = sharded
+            .loss_and_gradients_sharded(&ids, 5, true, loss_of, &mut Alone::default())
+            .unwrap();
+        assert!(l1.equal(&l2));
+        assert_eq!(g1.len(), sharded.trainable().len());
+        for ((p, a), b) in plain.trainable().iter().zip(&g1).zip(&g2) {
+            assert!(a.defined() && b.defined(), "{}", p.name);
+            assert!(a.equal(b), "{}", p.name);
+        }
     }
 
     #[test]

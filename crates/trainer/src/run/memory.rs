@@ -125,9 +125,18 @@ impl MemoryPlan {
         let activations = tokens
             .saturating_mul(per_token_layer_stack.saturating_add(logits_per_token + 2 * F32 * h));
         let per_layer_weights = base / layers.max(1);
+        let lora = inputs.lora_parameters.is_some();
         let compute_copies = if inputs.sharded_weights {
-            // One part's whole weights gathered (fp32), with their whole gradients, at a time.
-            2 * F32 * per_layer_weights.max(vocab * h)
+            // One part's whole weights gathered at a time (the projections in bf16 on CUDA) and,
+            // when they are trained, their whole gradients: on CPU staged into one fp32 buffer as
+            // they go; on CUDA bf16, cut into fp32 pieces and padded into one buffer for NCCL.
+            let part = per_layer_weights.max(vocab * h);
+            match (lora, inputs.cuda) {
+                (true, true) => BF16 * part,
+                (true, false) => F32 * part,
+                (false, true) => (BF16 + 2 * F32) * part,
+                (false, false) => 2 * F32 * part,
+            }
         } else {
             match (inputs.cuda && inputs.lora_parameters.is_none(), recompute) {
                 // On CPU there are none; under LoRA on CUDA the base is already bf16.
@@ -158,14 +167,23 @@ impl MemoryPlan {
         } else {
             3 * F32 * trained / inputs.world_size.max(1)
         };
-        // Under LoRA on CUDA the frozen base is held in bf16.
-        let parameter_bytes = match (inputs.lora_parameters.is_some(), inputs.cuda) {
-            (true, true) => (BF16 * base).saturating_add(F32 * trained),
-            _ => F32.saturating_mul(all),
+        // Under LoRA on CUDA the frozen base is held in bf16; sharded, the base is cut over the
+        // ranks and the adapters (and their gradients) stay whole.
+        let base_bytes = if lora && inputs.cuda { BF16 } else { F32 }.saturating_mul(base);
+        let (parameters, gradients) = if lora {
+            (
+                (base_bytes / weight_shards).saturating_add(F32.saturating_mul(trained)),
+                (gradient_sets * F32).saturating_mul(trained),
+            )
+        } else {
+            (
+                F32.saturating_mul(all) / weight_shards,
+                (gradient_sets * F32).saturating_mul(trained) / weight_shards,
+            )
         };
         Self {
-            parameters: parameter_bytes / weight_shards,
-            gradients: (gradient_sets * F32).saturating_mul(trained) / weight_shards,
+            parameters,
+            gradients,
             optimizer: (2 * F32).saturating_mul(trained) / optimizer_shards,
             activations,
             compute_copies,

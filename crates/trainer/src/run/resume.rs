@@ -248,11 +248,14 @@ impl Session {
         if cfg.sharding() == Sharding::Full {
             model.shard(ranks.rank(), ranks.world())?;
         }
-        let mut opt = match cfg.sharding() {
-            Sharding::Optimizer if ranks.world() > 1 => {
-                AdamW::sharded(adamw, model.trainable(), ranks.rank(), ranks.world())
-            }
-            _ => AdamW::new(adamw, model.trainable()),
+        let mut opt = if ranks.world() > 1
+            && cfg
+                .sharding()
+                .cuts_optimizer_state_alone(model.lora.is_some())
+        {
+            AdamW::sharded(adamw, model.trainable(), ranks.rank(), ranks.world())
+        } else {
+            AdamW::new(adamw, model.trainable())
         };
         if let Some(m) = &latest {
             restore_state(&m.name, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
@@ -380,14 +383,17 @@ async fn init_from(manager: &CheckpointManager, spec: &str, model: &mut Model) -
 
 /// With sharded state (`--sharding optimizer|full` over several ranks, or a sharded model): the
 /// rows of each resumable tensor this rank reads — its rows of what it holds sharded, all of what it
-/// holds whole — by DCP name. `None` when the state is not sharded (every rank reads it all).
+/// holds whole — by DCP name. `None` when the state is not sharded, and under LoRA (its resumable
+/// state is the adapters, small, and they are added after the checkpoint is read): every rank
+/// reads it all.
 fn rows_wanted(
     cfg: &crate::config::TrainConfig,
     model: &Model,
     ranks: &crate::collective::ranks::Ranks,
 ) -> Option<HashMap<String, RowRange>> {
     let sharding = cfg.sharding();
-    if !model.is_sharded() && (sharding == Sharding::None || ranks.world() == 1) {
+    let sharded = model.is_sharded() || (sharding != Sharding::None && ranks.world() > 1);
+    if !sharded || cfg.lora().is_some() {
         return None;
     }
     let range = |r: Option<Rows>| {
@@ -398,7 +404,7 @@ fn rows_wanted(
     };
     let mut want = HashMap::new();
     for (i, p) in model.trainable().iter().enumerate() {
-        let weight = model.shard_rows(i);
+        let weight = model.trainable_rows(i);
         let moments = weight.or((sharding == Sharding::Optimizer).then(|| {
             rows_of(
                 p.tensor.size().first().copied().unwrap_or(1),
@@ -458,7 +464,7 @@ fn restore_state(checkpoint: &str, blobs: Vec<Blob>, model: &Model, opt: &mut Ad
     for (i, (p, s)) in model.trainable().iter().zip(&mut opt.state).enumerate() {
         // Sharded weights or optimizer state: this rank's rows of the whole tensors, however many
         // ranks (and however cut) saved them.
-        let weight_rows = model.shard_rows(i);
+        let weight_rows = model.trainable_rows(i);
         copy_into(
             &p.tensor,
             get(dcp::model_key(&p.name))?,

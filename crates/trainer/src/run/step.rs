@@ -93,7 +93,7 @@ impl Session {
             loss_value += loss.double_value(&[]);
         }
         let mut grads = grads.context("no micro-batch ran")?;
-        let grad_norm = if run.model.is_sharded() {
+        let grad_norm = if run.model.gradients_come_reduced() {
             // The gradients are already summed and cut into this rank's rows: only the loss and
             // the squared norm are summed over the ranks.
             run.ranks.all_reduce(&mut [], &mut loss_value)?;
