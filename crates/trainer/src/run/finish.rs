@@ -71,13 +71,6 @@ impl Session {
         let total = self.total_steps;
         let main = self.main;
         let last_loss = run.last_loss;
-        if let Some(peak) = super::memory::peak_rss() {
-            tracing::info!(
-                rank = run.ranks.rank(),
-                peak_rss_mb = peak >> 20,
-                "memory: peak resident"
-            );
-        }
         // The final save: resumable and promotable. Already there when a finished run is restarted.
         let final_name = StepName::new(total).to_string();
         if run.resumed_step.is_none_or(|s| s < total) {
@@ -85,6 +78,14 @@ impl Session {
             self.save(run, true, false)?;
         }
         run.saver.wait()?;
+        // The run's peak, the final save included.
+        if let Some(peak) = super::memory::peak_rss() {
+            tracing::info!(
+                rank = run.ranks.rank(),
+                peak_rss_mb = peak >> 20,
+                "memory: peak resident"
+            );
+        }
         self.last_checkpoint = Some(final_name.clone());
         let mut promoted = None;
         if !main {
