@@ -2,7 +2,9 @@
 //! - peak resident memory per rank with `--sharding full` at world 1, 2, 4 against the replicated
 //!   state divided by N (target: per-rank state ≤ 1.15 × replicated / N + one layer), where a rank's
 //!   state is its peak RSS less that of the same start on the built-in 2-layer model (libtorch, the
-//!   process, the data);
+//!   process, the data) — over the training steps, and over the whole run with its final save (a
+//!   host copy of the rank's state and its share of the promotable weights);
+//! - the loop's stall per async save at world 2 with `--sharding full` (target < 5 ms);
 //! - tokens/s with `--sharding full` and `--sharding optimizer` against replicated data parallelism
 //!   at world 2 (target ≥ 0.8×);
 //! - the step time of `--activation_checkpointing` against without, on one rank (target ≤ 1.4×).
@@ -19,13 +21,28 @@ use std::process::Command;
 use support::{field, make_model, run_log, write_dataset};
 
 struct Run {
-    /// Peak RSS of each rank, MiB.
+    /// Peak RSS of each rank over the training steps, MiB.
+    training_peak_mb: Vec<f64>,
+    /// Peak RSS of each rank over the whole run (the final save included), MiB.
     peak_mb: Vec<f64>,
+    /// Mean `save_stall_s` of the steps that recorded one (rank 0), seconds.
+    save_stall_s: Option<f64>,
     /// Mean tokens/s over the steps after the first.
     tokens_per_s: f64,
 }
 
 fn train(dir: &Path, model: Option<&Path>, data: &Path, world: u32, extra: &[&str]) -> Run {
+    train_batch(dir, model, data, world, 2, extra)
+}
+
+fn train_batch(
+    dir: &Path,
+    model: Option<&Path>,
+    data: &Path,
+    world: u32,
+    batch: u32,
+    extra: &[&str],
+) -> Run {
     let exe = env!("CARGO_BIN_EXE_waypoint");
     let run = format!("r{}", std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos());
     let mut cmd = Command::new(exe);
@@ -50,13 +67,12 @@ fn train(dir: &Path, model: Option<&Path>, data: &Path, world: u32, extra: &[&st
         ])
         .args([
             "--batch_size",
-            "2",
+            &batch.to_string(),
             "--max_seq_len",
             "128",
             "--max_steps",
             "4",
         ])
-        .args(["--save_steps", "0", "--sync_save"])
         .args(extra)
         .env("RUST_LOG", "info");
     if let Some(m) = model {
@@ -64,24 +80,33 @@ fn train(dir: &Path, model: Option<&Path>, data: &Path, world: u32, extra: &[&st
     }
     let log = run_log(&mut cmd);
     let mut peak_mb = vec![0.0; world as usize];
+    let mut training_peak_mb = vec![0.0; world as usize];
     for l in log.lines().filter(|l| l.contains("memory: peak resident")) {
         let rank = field(l, "rank").unwrap_or(0.0) as usize;
         peak_mb[rank] = field(l, "peak_rss_mb").expect("peak_rss_mb logged");
+        training_peak_mb[rank] = field(l, "training_peak_rss_mb").expect("training peak logged");
     }
     let metrics =
         std::fs::read_to_string(dir.join(format!("{run}/framework=waypoint/logs/metrics.jsonl")))
             .unwrap();
-    let rates: Vec<f64> = metrics
+    let lines: Vec<serde_json::Value> = metrics
         .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rates: Vec<f64> = lines
+        .iter()
         .skip(1)
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["tokens_per_s"]
-                .as_f64()
-                .unwrap()
-        })
+        .map(|l| l["tokens_per_s"].as_f64().unwrap())
+        .collect();
+    let stalls: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["save_stall_s"].as_f64())
         .collect();
     Run {
+        training_peak_mb,
         peak_mb,
+        save_stall_s: (!stalls.is_empty())
+            .then(|| stalls.iter().sum::<f64>() / stalls.len() as f64),
         tokens_per_s: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
     }
 }
@@ -111,40 +136,86 @@ fn main() {
     // One part's whole weights and gradients (the largest: a layer or the embedding).
     let part_mb = mib(2 * 4 * layer_params.max(vocab * h));
 
-    let floor = train(dir.path(), None, &data, 1, &[]).peak_mb[0];
+    let no_saves = ["--save_steps", "0", "--sync_save"];
+    let floor_run = train(dir.path(), None, &data, 1, &no_saves);
+    let (training_floor, floor) = (floor_run.training_peak_mb[0], floor_run.peak_mb[0]);
     println!(
         "model: hidden {hidden}, {layers} layers, {params} parameters, state {state_mb:.0} MiB \
-         (16 bytes each); the runtime floor (built-in model's peak RSS) is {floor:.0} MiB"
+         (16 bytes each); the runtime floor (built-in model's peak RSS) is {training_floor:.0} MiB \
+         training, {floor:.0} MiB with its final save"
     );
-    let mut replicated_state = None;
+    let worst = |mb: &[f64]| mb.iter().cloned().fold(0.0, f64::max);
+    let mut flags = vec!["--sharding", "full"];
+    flags.extend(no_saves);
+    // Activations do not shrink with the ranks (each runs the same micro-batch): measured as what
+    // a second micro-batch of 2 sequences adds to the training peak, and left out of the state.
+    let doubled = train_batch(dir.path(), Some(&model), &data, 1, 4, &flags);
+    let mut anchors = None;
+    let mut activations = 0.0;
     for world in [1u32, 2, 4] {
-        let r = train(
-            dir.path(),
-            Some(&model),
-            &data,
-            world,
-            &["--sharding", "full"],
-        );
-        let worst = r.peak_mb.iter().cloned().fold(0.0, f64::max);
-        let held = worst - floor;
-        let replicated = *replicated_state.get_or_insert(held);
-        let target = 1.15 * replicated / world as f64 + part_mb;
-        println!(
-            "--sharding full at world {world}: peak RSS per rank {:?} MiB; state held {held:.0} MiB \
-             = {:.2}x of target {target:.0} MiB (1.15 x {replicated:.0} / {world} + one part {part_mb:.0})",
-            r.peak_mb.iter().map(|m| m.round()).collect::<Vec<_>>(),
-            held / target
-        );
+        let r = train(dir.path(), Some(&model), &data, world, &flags);
+        if world == 1 {
+            activations = (doubled.training_peak_mb[0] - r.training_peak_mb[0]).max(0.0);
+            println!(
+                "activations of a micro-batch of 2 x 128 tokens: {activations:.0} MiB (batch 4 \
+                 peaks at {:.0} MiB, batch 2 at {:.0} MiB)",
+                doubled.training_peak_mb[0], r.training_peak_mb[0]
+            );
+        }
+        let held = [
+            worst(&r.training_peak_mb) - training_floor - activations,
+            worst(&r.peak_mb) - floor,
+        ];
+        let replicated = *anchors.get_or_insert(held);
+        for (i, what) in [
+            "training (state: peak less floor less activations)",
+            "with the final save (peak less floor)",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let target = 1.15 * replicated[i] / world as f64 + part_mb;
+            println!(
+                "--sharding full at world {world}, {what}: peak RSS per rank {:?} MiB; held \
+                 {:.0} MiB = {:.2}x of target {target:.0} MiB (1.15 x {:.0} / {world} + one part \
+                 {part_mb:.0})",
+                [&r.training_peak_mb, &r.peak_mb][i]
+                    .iter()
+                    .map(|m| m.round())
+                    .collect::<Vec<_>>(),
+                held[i],
+                held[i] / target,
+                replicated[i]
+            );
+        }
     }
 
-    let none = train(dir.path(), Some(&model), &data, 2, &["--sharding", "none"]);
+    let saving = train(
+        dir.path(),
+        Some(&model),
+        &data,
+        2,
+        &["--sharding", "full", "--save_steps", "1"],
+    );
+    println!(
+        "loop stall per async save at world 2, --sharding full: {:.2} ms (target < 5 ms)",
+        saving.save_stall_s.expect("save_stall_s recorded") * 1e3
+    );
+
+    let none = train(
+        dir.path(),
+        Some(&model),
+        &data,
+        2,
+        &["--sharding", "none", "--save_steps", "0"],
+    );
     for sharding in ["full", "optimizer"] {
         let r = train(
             dir.path(),
             Some(&model),
             &data,
             2,
-            &["--sharding", sharding],
+            &["--sharding", sharding, "--save_steps", "0"],
         );
         println!(
             "tokens/s at world 2, --sharding {sharding}: {:.0} vs replicated {:.0} = {:.2}x (target >= 0.8x)",
@@ -154,13 +225,13 @@ fn main() {
         );
     }
 
-    let plain = train(dir.path(), Some(&model), &data, 1, &[]);
+    let plain = train(dir.path(), Some(&model), &data, 1, &no_saves);
     let recomputed = train(
         dir.path(),
         Some(&model),
         &data,
         1,
-        &["--activation_checkpointing"],
+        &["--activation_checkpointing", "--save_steps", "0"],
     );
     println!(
         "step time with --activation_checkpointing: {:.2}x of without ({:.0} vs {:.0} tokens/s; \

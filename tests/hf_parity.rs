@@ -52,7 +52,7 @@ fn logits_match_transformers_for_llama_qwen2_and_qwen3() {
             args.push("--tied");
         }
         hf_models(&args);
-        let (model, _) = Model::load_hf_dir(dir.path(), Device::Cpu, None).unwrap();
+        let (model, _) = Model::load_hf_dir(dir.path(), Device::Cpu, None, Kind::Float).unwrap();
         assert_eq!(model.config.model_type, arch);
         let (ids, expected) = reference(&dir.path().join("reference.safetensors"));
         let got = tch::no_grad(|| model.forward(&ids, false));
@@ -122,7 +122,7 @@ fn lora_adapter_loads_in_peft_with_matching_logits() {
     let (_, base_logits) = reference(&base_dir.join("reference.safetensors"));
 
     // waypoint's own forward pass with the adapter it saved.
-    let (mut model, _) = Model::load_hf_dir(&base_dir, Device::Cpu, None).unwrap();
+    let (mut model, _) = Model::load_hf_dir(&base_dir, Device::Cpu, None, Kind::Float).unwrap();
     model
         .add_lora(
             LoraConfig {
@@ -195,7 +195,7 @@ fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
     assert_eq!(got["eos"], waypoint_trainer::data::tokenizer::BYTE_EOS);
 
     let (hf_ids, hf_logits) = reference(&logits_file);
-    let (model, _) = Model::load_hf_dir(&dir, Device::Cpu, None).unwrap();
+    let (model, _) = Model::load_hf_dir(&dir, Device::Cpu, None, Kind::Float).unwrap();
     let ours = tch::no_grad(|| model.forward(&hf_ids, false));
     let diff = max_abs_diff(&ours, &hf_logits);
     assert!(

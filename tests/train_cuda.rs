@@ -114,6 +114,46 @@ async fn two_ranks_over_nccl_match_one_rank_with_twice_the_batch() {
     );
 }
 
+/// `--sharding full` over NCCL (its own all-gather and reduce-scatter over padded parts, the
+/// projections gathered in bf16), full-parameter and LoRA (the bf16 base sharded): within bf16
+/// tolerance of one rank with the whole batch; both ranks write their part of the promotable weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a CUDA GPU"]
+async fn two_fully_sharded_ranks_over_nccl_match_one_rank() {
+    assert_gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let lora = [
+        "--lora_rank",
+        "4",
+        "--lora_target_modules",
+        "q_proj,down_proj",
+    ];
+    for (name, with_lora) in [("full", false), ("lora", true)] {
+        let extra: &[&str] = if with_lora { &lora } else { &[] };
+        let (one, two) = (format!("{name}-one"), format!("{name}-two"));
+        common::ok(&single(base, &one, 8, 12).args(extra).output().unwrap());
+        let out = two_ranks(base, &two, 4, 12, 0)
+            .args(["--sharding", "full"])
+            .args(extra)
+            .output()
+            .unwrap();
+        common::ok(&out);
+        let (_, a) = weights(base, &one, 12).await;
+        let (manifest, b) = weights(base, &two, 12).await;
+        let diff = max_diff(&a, &b);
+        eprintln!("{name}: 2 fully sharded ranks over NCCL vs 1 rank: max |dw| {diff:e}");
+        assert!(diff < 2e-3, "{name}: {diff}");
+        let writers: std::collections::BTreeSet<u32> = manifest
+            .sampler_files()
+            .filter(|f| f.path.ends_with(".safetensors"))
+            .map(|f| f.rank)
+            .collect();
+        let expected: &[u32] = if with_lora { &[0] } else { &[0, 1] };
+        assert_eq!(writers.into_iter().collect::<Vec<_>>(), expected, "{name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a CUDA GPU"]
 async fn a_gpu_run_stopped_by_sigterm_resumes_where_it_stopped() {

@@ -23,6 +23,17 @@ mod sharded;
 
 pub(crate) use sharded::RowCollective;
 
+/// The dtype a LoRA run holds its frozen base in on `device`: bf16 on CUDA, the compute dtype and
+/// the stored dtype of the models people adapt (no fp32 copy); fp32 on CPU, whose compute stays
+/// fp32 so its results are exact.
+pub fn frozen_base_kind(device: Device) -> Kind {
+    if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    }
+}
+
 /// The projections LoRA can wrap, as `peft` names them.
 pub const LORA_TARGETS: [&str; 7] = [
     "q_proj",
@@ -473,7 +484,8 @@ impl Model {
     }
 
     /// Loads an HF model directory: `config.json` and `model.safetensors` or the shards listed in
-    /// `model.safetensors.index.json`. Weights are held in fp32 for training; with `shard` =
+    /// `model.safetensors.index.json`. Weights are held in `hold`: fp32 for training them, the
+    /// frozen base's dtype for LoRA ([`frozen_base_kind`], never an fp32 copy on the way); with `shard` =
     /// (rank, world), only the rows of each weight that rank holds ([`Model::shard`]), read from a
     /// map of the files so the rest is never brought into memory. Also returns the sha256 of the
     /// weight files (in order), which identifies the base of a LoRA run.
@@ -481,6 +493,7 @@ impl Model {
         dir: &Path,
         device: Device,
         shard: Option<(u32, u32)>,
+        hold: Kind,
     ) -> Result<(Self, String)> {
         let usage = |e: anyhow::Error| anyhow::Error::from(UsageError(format!("{e:#}")));
         let config = ModelConfig::read_hf_dir(dir)?;
@@ -528,7 +541,7 @@ impl Model {
                 }
                 let t = Tensor::f_from_data_size(data, &shape, convert::kind_of(view.dtype())?)
                     .with_context(|| format!("tensor {name} of {}", file.display()))?
-                    .to_kind(Kind::Float)
+                    .to_kind(hold)
                     .to_device(device);
                 params.insert(name, t);
             }
@@ -537,7 +550,7 @@ impl Model {
         if config.tie_word_embeddings {
             params.remove("lm_head.weight");
         }
-        let model = Self::assemble_rows(config, params, shard, device)
+        let model = Self::assemble_rows(config, params, shard, hold, device)
             .with_context(|| format!("loading the weights of {}", dir.display()))?;
         Ok((model, hex::encode(hasher.finalize())))
     }
@@ -548,15 +561,16 @@ impl Model {
         params: BTreeMap<String, Tensor>,
         device: Device,
     ) -> Result<Self> {
-        Self::assemble_rows(config, params, None, device)
+        Self::assemble_rows(config, params, None, Kind::Float, device)
     }
 
-    /// [`Model::assemble`], or with `shard` = (rank, world) from the rows of each weight that rank
-    /// holds: a sharded model ([`Model::shard`]).
+    /// [`Model::assemble`] with the weights held in `hold`, or with `shard` = (rank, world) from
+    /// the rows of each weight that rank holds: a sharded model ([`Model::shard`]).
     fn assemble_rows(
         config: ModelConfig,
         mut params: BTreeMap<String, Tensor>,
         shard: Option<(u32, u32)>,
+        hold: Kind,
         device: Device,
     ) -> Result<Self> {
         let mut base = Vec::new();
@@ -580,10 +594,7 @@ impl Model {
             );
             base.push(Param {
                 name,
-                tensor: t
-                    .to_kind(Kind::Float)
-                    .to_device(device)
-                    .set_requires_grad(true),
+                tensor: t.to_kind(hold).to_device(device).set_requires_grad(true),
             });
         }
         let stray: Vec<&String> = params
@@ -686,10 +697,9 @@ impl Model {
         for p in &self.base {
             let _ = p.tensor.set_requires_grad(false);
         }
-        // On CUDA the frozen base is held in bf16, the compute dtype, instead of fp32 (CPU keeps
-        // fp32 compute, so its results stay exact).
-        if self.device.is_cuda() {
-            self.hold_base_in(Kind::BFloat16);
+        let frozen = frozen_base_kind(self.device);
+        if self.base.iter().any(|p| p.tensor.kind() != frozen) {
+            self.hold_base_in(frozen);
         }
         let shapes = self.config.projection_shapes();
         let mut adapters = Vec::new();
@@ -1171,7 +1181,7 @@ mod tests {
     }
 
     fn load_error(dir: &Path) -> String {
-        match Model::load_hf_dir(dir, Device::Cpu, None) {
+        match Model::load_hf_dir(dir, Device::Cpu, None, Kind::Float) {
             Ok(_) => panic!("{} loaded", dir.display()),
             Err(e) => format!("{e:#}"),
         }
@@ -1193,7 +1203,7 @@ mod tests {
         // A well-formed sharded directory loads.
         let dir = tempfile::tempdir().unwrap();
         write_index(dir.path(), &write_sharded(dir.path(), split));
-        Model::load_hf_dir(dir.path(), Device::Cpu, None).unwrap();
+        Model::load_hf_dir(dir.path(), Device::Cpu, None, Kind::Float).unwrap();
 
         // A copy of a tensor in a later shard that the map does not assign it to (it used to win
         // silently): refused, naming the tensor and both files.
@@ -1299,11 +1309,12 @@ mod tests {
             }
         };
         write_index(dir.path(), &write_sharded(dir.path(), split));
-        let (full, sha) = Model::load_hf_dir(dir.path(), Device::Cpu, None).unwrap();
+        let (full, sha) = Model::load_hf_dir(dir.path(), Device::Cpu, None, Kind::Float).unwrap();
         for world in [2u32, 3] {
             for rank in 0..world {
                 let (part, part_sha) =
-                    Model::load_hf_dir(dir.path(), Device::Cpu, Some((rank, world))).unwrap();
+                    Model::load_hf_dir(dir.path(), Device::Cpu, Some((rank, world)), Kind::Float)
+                        .unwrap();
                 assert_eq!(part_sha, sha);
                 assert!(part.is_sharded());
                 for (i, (w, p)) in full.base().iter().zip(part.base()).enumerate() {

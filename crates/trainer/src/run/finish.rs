@@ -73,16 +73,19 @@ impl Session {
         let last_loss = run.last_loss;
         // The final save: resumable and promotable. Already there when a finished run is restarted.
         let final_name = StepName::new(total).to_string();
+        let training_peak = super::memory::peak_rss();
         if run.resumed_step.is_none_or(|s| s < total) {
             run.saver.wait()?;
             self.save(run, true, false)?;
         }
         run.saver.wait()?;
-        // The run's peak, the final save included.
-        if let Some(peak) = super::memory::peak_rss() {
+        // The run's peak, the final save (a host copy of the state, the promotable weights)
+        // included, and the peak of the training before it.
+        if let (Some(training), Some(peak)) = (training_peak, super::memory::peak_rss()) {
             tracing::info!(
                 rank = run.ranks.rank(),
                 peak_rss_mb = peak >> 20,
+                training_peak_rss_mb = training >> 20,
                 "memory: peak resident"
             );
         }

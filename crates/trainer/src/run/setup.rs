@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use serde_json::json;
-use tch::Device;
+use tch::{Device, Kind};
 use tokio::runtime::Runtime;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 
@@ -182,7 +182,13 @@ async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> R
         )
     } else {
         let dir = Path::new(&cfg.model_id);
-        let (model, weights_sha) = Model::load_hf_dir(dir, device, shard)?;
+        // A LoRA run's frozen base is read straight into the dtype it is held in.
+        let hold = if cfg.lora().is_some() {
+            crate::model::frozen_base_kind(device)
+        } else {
+            Kind::Float
+        };
+        let (model, weights_sha) = Model::load_hf_dir(dir, device, shard, hold)?;
         let tokenizer = Tokenizer::from_hf_dir(dir, &model.config.raw)?;
         let mut files = Vec::new();
         for name in [
