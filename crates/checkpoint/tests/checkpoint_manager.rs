@@ -46,6 +46,14 @@ fn sorted(mut v: Vec<Tensor>) -> Vec<Tensor> {
     v
 }
 
+/// Manager options that keep the newest `n` checkpoints.
+fn keeping(n: usize) -> ManagerOptions {
+    ManagerOptions {
+        keep_last: Some(n),
+        ..Default::default()
+    }
+}
+
 async fn started(store: &Store, run: &str, options: ManagerOptions) -> CheckpointManager {
     let mut m = manager(store, run, options);
     m.start_attempt(&serde_json::json!({"test": true}))
@@ -214,15 +222,7 @@ async fn promotes_promotable_checkpoints_and_refuses_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_the_newest_and_never_the_sampler_blobs() {
     for b in backends("ckpt-retain", StoreOptions::default()) {
-        let m = started(
-            &b.store,
-            "run1",
-            ManagerOptions {
-                keep_last: Some(2),
-                ..Default::default()
-            },
-        )
-        .await;
+        let m = started(&b.store, "run1", keeping(2)).await;
         m.save(SaveRequest {
             sampler: Some(full_sampler(1)),
             ..resumable(1)
@@ -441,15 +441,7 @@ fn bf16_model(seed: u64, step: Option<u64>) -> Vec<Tensor> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deltas_rebuild_bit_for_bit_are_small_and_guard_their_base() {
     for b in backends("ckpt-delta", StoreOptions::default()) {
-        let m = started(
-            &b.store,
-            "run1",
-            ManagerOptions {
-                keep_last: Some(1),
-                ..Default::default()
-            },
-        )
-        .await;
+        let m = started(&b.store, "run1", keeping(1)).await;
         let config = Bytes::from_static(br#"{"model_type": "llama"}"#);
         let full = SamplerPart::Full {
             config_json: config.clone(),
