@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::Criterion;
-use support::{io_group, median, timed};
+use support::{criterion_and_runtime, env_or, io_group, median, timed};
 use waypoint_checkpoint::{
     CheckpointManager, Commit, Dtype, ManagerOptions, SamplerPart, SaveRequest, Tensor,
 };
@@ -300,15 +300,8 @@ fn delta_ratio(rt: &tokio::runtime::Runtime) -> (u64, u64) {
 }
 
 fn main() {
-    let mut c = Criterion::default().configure_from_args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mib: usize = std::env::var("WAYPOINT_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let (mut c, rt) = criterion_and_runtime();
+    let mib = env_or("WAYPOINT_BENCH_MIB", 1024);
     let st = state(mib);
     let bytes: u64 = st.iter().map(|t| t.data.len() as u64).sum();
     let mut step = 0;

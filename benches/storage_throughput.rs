@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use criterion::Criterion;
-use support::{env_or, io_group, median, timed};
+use support::{criterion_and_runtime, env_or, io_group, median, timed};
 use waypoint_storage::{Store, StoreOptions};
 
 fn data(len: usize) -> Vec<u8> {
@@ -221,11 +221,7 @@ fn boto3_anchor(data: &[u8]) -> Option<(f64, f64)> {
 }
 
 fn main() {
-    let mut c = Criterion::default().configure_from_args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (mut c, rt) = criterion_and_runtime();
     let mib = env_or("WAYPOINT_BENCH_MIB", 1024);
     let bytes = bytes::Bytes::from(data(mib << 20));
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("storage-bench");

@@ -213,3 +213,14 @@ pub(crate) fn io_group<'a>(
         .throughput(criterion::Throughput::Bytes(bytes));
     g
 }
+
+/// Criterion configured from the command line, and a multi-threaded tokio runtime for the I/O
+/// benches' async calls.
+pub(crate) fn criterion_and_runtime() -> (criterion::Criterion, tokio::runtime::Runtime) {
+    let c = criterion::Criterion::default().configure_from_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (c, rt)
+}
