@@ -17,44 +17,18 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{Criterion, SamplingMode, Throughput};
+use criterion::Criterion;
+use support::{criterion_and_runtime, env_or, io_group, median, timed};
 use waypoint_checkpoint::{
     CheckpointManager, Commit, Dtype, ManagerOptions, SamplerPart, SaveRequest, Tensor,
 };
 use waypoint_checkpoint::{RunLayout, StepName};
 use waypoint_storage::Store;
-
-static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
-
-fn timed(name: &str, iters: u64, mut f: impl FnMut()) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let t = Instant::now();
-        f();
-        let d = t.elapsed();
-        TIMES
-            .lock()
-            .unwrap()
-            .entry(name.into())
-            .or_default()
-            .push(d.as_secs_f64());
-        total += d;
-    }
-    total
-}
-
-fn median(name: &str) -> Option<f64> {
-    let mut v = TIMES.lock().unwrap().get(name)?.clone();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied()
-}
 
 /// A state of about `mib` MiB: a few large tensors, many medium ones, many small ones (f32 and bf16).
 fn state(mib: usize) -> Vec<Tensor> {
@@ -123,19 +97,11 @@ fn raw_read(path: &Path) -> usize {
     all.len()
 }
 
-fn vm_hwm_bytes() -> Option<u64> {
+/// The memory figure of `/proc/self/status` on the line starting `field` (`VmRSS:`, `VmHWM:`), in
+/// bytes.
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kb| kb * 1024)
-}
-
-fn vm_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace()
         .nth(1)?
         .parse::<u64>()
@@ -174,12 +140,12 @@ fn group(
     );
     let bytes: u64 = state.iter().map(|t| t.data.len() as u64).sum();
     let raw = dir.join("raw.bin");
-    let mut g = c.benchmark_group(format!("checkpoint/{label}"));
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Bytes(bytes));
+    let mut g = io_group(
+        c,
+        format!("checkpoint/{label}"),
+        bytes,
+        Duration::from_millis(500),
+    );
     g.bench_function("save/raw write+fsync", |b| {
         b.iter_custom(|n| timed(&format!("{label}/save/raw"), n, || raw_write(&raw, state)))
     });
@@ -232,7 +198,7 @@ fn group(
 
     // Peak RSS of one more save, above what the process held before it.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let before = vm_rss_bytes().unwrap_or(0);
+    let before = proc_status_bytes("VmRSS:").unwrap_or(0);
     *step += 1;
     rt.block_on(m.save(SaveRequest {
         commit: commit(*step),
@@ -240,8 +206,8 @@ fn group(
         sampler: None,
     }))
     .unwrap();
-    if let Some(hwm) = vm_hwm_bytes() {
-        TIMES.lock().unwrap().insert(
+    if let Some(hwm) = proc_status_bytes("VmHWM:") {
+        support::TIMES.lock().unwrap().insert(
             format!("{label}/rss_extra"),
             vec![hwm.saturating_sub(before) as f64],
         );
@@ -334,15 +300,8 @@ fn delta_ratio(rt: &tokio::runtime::Runtime) -> (u64, u64) {
 }
 
 fn main() {
-    let mut c = Criterion::default().configure_from_args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mib: usize = std::env::var("WAYPOINT_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let (mut c, rt) = criterion_and_runtime();
+    let mib = env_or("WAYPOINT_BENCH_MIB", 1024);
     let st = state(mib);
     let bytes: u64 = st.iter().map(|t| t.data.len() as u64).sum();
     let mut step = 0;

@@ -8,17 +8,13 @@ mod support;
 
 use std::process::Command;
 
-use support::{field, make_model, run_log, write_dataset};
+use support::{field, model_and_data, run_log};
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    if support::probed() {
         return;
     }
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let model = dir.path().join("model");
-    let (hidden, layers) = make_model(&model);
-    let data = dir.path().join("data.jsonl");
-    write_dataset(&data);
+    let (dir, model, data, (hidden, layers)) = model_and_data();
     let exe = env!("CARGO_BIN_EXE_waypoint");
     let mut baseline = None;
     for world in [1u32, 2, 4] {

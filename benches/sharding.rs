@@ -18,7 +18,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{field, make_model, run_log, write_dataset};
+use support::{field, model_and_data, run_log};
 
 struct Run {
     /// Peak RSS of each rank over the training steps, MiB.
@@ -112,14 +112,10 @@ fn train_batch(
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    if support::probed() {
         return;
     }
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let model = dir.path().join("model");
-    let (hidden, layers) = make_model(&model);
-    let data = dir.path().join("data.jsonl");
-    write_dataset(&data);
+    let (dir, model, data, (hidden, layers)) = model_and_data();
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
     let vocab = config["vocab_size"].as_u64().unwrap();

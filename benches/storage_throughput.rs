@@ -13,40 +13,13 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use criterion::{Criterion, SamplingMode, Throughput};
+use criterion::Criterion;
+use support::{criterion_and_runtime, env_or, io_group, median, timed};
 use waypoint_storage::{Store, StoreOptions};
-
-/// Seconds per iteration, by benchmark name, collected as criterion runs.
-static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
-
-fn record(name: &str, d: Duration) {
-    TIMES
-        .lock()
-        .unwrap()
-        .entry(name.to_string())
-        .or_default()
-        .push(d.as_secs_f64());
-}
-
-fn median(name: &str) -> Option<f64> {
-    let times = TIMES.lock().unwrap();
-    let mut v = times.get(name)?.clone();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied()
-}
-
-fn env_mib(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn data(len: usize) -> Vec<u8> {
     let mut x = 0x2545_F491_4F6C_DD1Du64;
@@ -118,15 +91,16 @@ fn local_group(
 ) {
     std::fs::create_dir_all(&dir).unwrap();
     let mut options = StoreOptions::default();
-    options.part_size = env_mib("WAYPOINT_BENCH_PART_MIB", options.part_size >> 20) << 20;
+    options.part_size = env_or("WAYPOINT_BENCH_PART_MIB", options.part_size >> 20) << 20;
     let store = Store::open_with(dir.to_str().unwrap(), options).unwrap();
     let raw_path = dir.join("raw.bin");
-    let mut g = c.benchmark_group(format!("storage/{label}"));
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Bytes(data.len() as u64));
+    let bytes = data.len() as u64;
+    let mut g = io_group(
+        c,
+        format!("storage/{label}"),
+        bytes,
+        Duration::from_millis(500),
+    );
     let names = [
         format!("{label}/write/raw"),
         format!("{label}/write/waypoint"),
@@ -183,30 +157,19 @@ fn local_group(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn timed(name: &str, iters: u64, mut f: impl FnMut()) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        let t = Instant::now();
-        f();
-        let d = t.elapsed();
-        record(name, d);
-        total += d;
-    }
-    total
-}
-
 fn s3_group(c: &mut Criterion, rt: &tokio::runtime::Runtime, data: &bytes::Bytes) -> bool {
     let Ok(base) = std::env::var("WAYPOINT_TEST_S3_URI") else {
         eprintln!("S3: skipped (no WAYPOINT_TEST_S3_URI; scripts/bench.sh starts the server)");
         return false;
     };
     let store = Store::open(&format!("{base}/bench")).unwrap();
-    let mut g = c.benchmark_group("storage/s3-loopback");
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Bytes(data.len() as u64));
+    let bytes = data.len() as u64;
+    let mut g = io_group(
+        c,
+        "storage/s3-loopback".into(),
+        bytes,
+        Duration::from_millis(200),
+    );
     g.bench_function("write/waypoint", |b| {
         b.iter_custom(|n| {
             timed("s3/write", n, || {
@@ -258,12 +221,8 @@ fn boto3_anchor(data: &[u8]) -> Option<(f64, f64)> {
 }
 
 fn main() {
-    let mut c = Criterion::default().configure_from_args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mib = env_mib("WAYPOINT_BENCH_MIB", 1024);
+    let (mut c, rt) = criterion_and_runtime();
+    let mib = env_or("WAYPOINT_BENCH_MIB", 1024);
     let bytes = bytes::Bytes::from(data(mib << 20));
     let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("storage-bench");
     let shm = PathBuf::from("/dev/shm").join(format!("waypoint-bench-{}", std::process::id()));
@@ -274,7 +233,7 @@ fn main() {
     }
     local_group(&mut c, &rt, "disk", work, &bytes);
     labels.push("disk");
-    let s3_mib = env_mib("WAYPOINT_BENCH_S3_MIB", 256);
+    let s3_mib = env_or("WAYPOINT_BENCH_S3_MIB", 256);
     let s3_data = bytes.slice(..(s3_mib << 20).min(bytes.len()));
     let s3 = s3_group(&mut c, &rt, &s3_data);
     let boto3 = if s3 { boto3_anchor(&s3_data) } else { None };

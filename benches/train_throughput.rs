@@ -20,7 +20,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use support::{env_or, make_model, python, run, write_dataset};
+use support::{env_or, model_and_data, python, run};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -73,14 +73,10 @@ fn run_quiet(cmd: &mut Command) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo bench -- --list` and `cargo test --benches` probe with this.
+    if support::probed() {
+        return;
     }
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let model = dir.path().join("model");
-    let (hidden, layers) = make_model(&model);
-    let data = dir.path().join("data.jsonl");
-    write_dataset(&data);
+    let (dir, model, data, (hidden, layers)) = model_and_data();
     let threads = env_or("WAYPOINT_BENCH_THREADS", 2);
     let (batch, seq) = (
         env_or("WAYPOINT_BENCH_BATCH", 4),

@@ -16,26 +16,15 @@ use waypoint_checkpoint::{CheckpointManager, Promotion};
 /// `waypoint train` flags on the built-in demo: a save every `save_steps`, `steps` in all.
 fn train_args(base: &str, run: &str, steps: u32, save_steps: u32) -> Vec<String> {
     let (steps, save_steps) = (steps.to_string(), save_steps.to_string());
-    [
-        "train",
-        "--device",
-        "cpu",
-        "--num_threads",
-        "1",
+    let flags = [
         "--batch_size",
         "2",
         "--save_steps",
         &save_steps,
         "--max_steps",
         &steps,
-        "--run_id",
-        run,
-        "--checkpoint_base_uri",
-        base,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    common::runs::train_args("cpu", 1, &flags, run, base)
 }
 
 /// `waypoint train` on the built-in demo, a save every 2 steps.
@@ -73,15 +62,6 @@ async fn dcp_blob(m: &CheckpointManager, step: u64) -> String {
         m.layout().checkpoint_dir(StepName::new(step)),
         f.path
     )
-}
-
-/// Whether `step` of `m`'s run re-hashes clean against its manifest.
-async fn intact(m: &CheckpointManager, step: u64) -> bool {
-    m.verify(StepName::new(step))
-        .await
-        .unwrap()
-        .problems
-        .is_empty()
 }
 
 /// Flips one bit of the object at `key`, `from_end` bytes before its end (same size, new bytes).
@@ -159,7 +139,7 @@ async fn a_damaged_newest_checkpoint_is_passed_over_and_set_aside() {
             // (--keep_last keeps the newest three by default.)
             assert_eq!(common::committed_steps(&m).await, [10, 8, 6], "{how:?}");
             // The new step-000006 is whole, and the damaged one is kept aside with its reason.
-            assert!(intact(&m, 6).await);
+            assert!(common::intact(&m, 6).await);
             let aside = m
                 .store()
                 .list(&format!("{}/quarantine/", m.layout().checkpoints_dir()))
@@ -218,7 +198,7 @@ async fn a_manifest_under_another_name_is_damaged() {
             "{}",
             stderr(&out)
         );
-        assert!(intact(&m, 8).await);
+        assert!(common::intact(&m, 8).await);
     }
 }
 
@@ -382,12 +362,7 @@ async fn gc_never_deletes_through_a_symlink() {
 fn a_run_folder_deleted_mid_run_gets_its_records_back() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let mut child = common::waypoint()
-        .args(train_args(base, "gone", 300, 5))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_logged(common::waypoint().args(train_args(base, "gone", 300, 5)));
     let (_, rest) = common::runs::read_until(&mut child, |l| l.contains("checkpoint committed"));
     let run_dir = dir.path().join("gone/framework=waypoint");
     // The run keeps writing while it is removed: try until one removal goes through whole.
@@ -405,8 +380,7 @@ fn a_run_folder_deleted_mid_run_gets_its_records_back() {
     assert!(log.contains("config/run.json is gone"), "{log}");
     assert!(run_dir.join("attempts/000001.json").exists());
     assert!(run_dir.join("config/run.json").exists());
-    let status: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run_dir.join("status.json")).unwrap()).unwrap();
+    let status = common::read_json(run_dir.join("status.json"));
     assert_eq!(status["state"], "FINISHED");
 }
 
@@ -418,15 +392,10 @@ async fn two_ranks_pass_over_a_bit_flip_together() {
     let base = dir.path().to_str().unwrap();
     let launched = |steps: u32| {
         common::waypoint()
-            .args([
-                "launch",
-                "--nproc_per_node",
-                "2",
-                "--master_port",
-                "0",
-                "--",
-                env!("CARGO_BIN_EXE_waypoint"),
-            ])
+            .args(common::runs::launch_flags(
+                2,
+                &["--", env!("CARGO_BIN_EXE_waypoint")],
+            ))
             .args(common::runs::train_flags("cpu", base, "two", 2, steps))
             .output()
             .unwrap()
@@ -443,7 +412,7 @@ async fn two_ranks_pass_over_a_bit_flip_together() {
     );
     assert!(err.contains("checkpoint=step-000003"), "{err}");
     assert_eq!(common::committed_steps(&m).await[..2], [9, 6]);
-    assert!(intact(&m, 6).await);
+    assert!(common::intact(&m, 6).await);
 }
 
 /// A finished run whose final checkpoint's model is damaged (a flipped byte in the sampler weights)
@@ -459,7 +428,7 @@ async fn a_damaged_final_model_is_redone_before_promotion() {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("checkpoint=step-000004"), "{err}");
-    assert!(intact(&m, 6).await);
+    assert!(common::intact(&m, 6).await);
     assert!(m
         .promotion("fin-model")
         .await
@@ -491,7 +460,7 @@ async fn a_newer_checkpoint_without_resumable_state_does_not_block_the_run() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("checkpoint=step-000004"), "{err}");
     assert_eq!(common::committed_steps(&m).await[..3], [8, 6, 4]);
-    assert!(intact(&m, 6).await);
+    assert!(common::intact(&m, 6).await);
 }
 
 /// A run whose `checkpoints/` folder is a symbolic link (moved to another disk) is the user's own

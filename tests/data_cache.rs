@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -47,38 +47,25 @@ fn write_dataset(path: &Path, rows: usize) {
 }
 
 fn train_args(base: &Path, cache: &Path, data: &Path, run: &str) -> Vec<String> {
-    [
-        "train",
-        "--device",
-        "cpu",
-        "--num_threads",
-        "1",
+    let flags = [
         "--max_steps",
         "1",
         "--save_steps",
         "0",
-        "--run_id",
-        run,
-        "--checkpoint_base_uri",
-        base.to_str().unwrap(),
         "--data_cache_dir",
         cache.to_str().unwrap(),
         "--dataset_uri",
         data.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    common::runs::train_args("cpu", 1, &flags, run, base.to_str().unwrap())
 }
 
 fn train(base: &Path, cache: &Path, data: &Path, run: &str) -> String {
-    let out: Output = common::waypoint()
+    let out = common::waypoint()
         .args(train_args(base, cache, data, run))
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "waypoint train failed:\n{stderr}");
-    stderr
+    common::train_log(&out)
 }
 
 /// The files of `dir`, by kind: published caches and a builder's temporary files.
@@ -206,17 +193,10 @@ fn two_ranks_on_one_node_build_one_cache() {
     let (base, cache) = (dir.path().join("runs"), dir.path().join("cache"));
     let exe = env!("CARGO_BIN_EXE_waypoint");
     let out = common::waypoint()
-        .args([
-            "launch",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "0",
-            "--max_restarts",
-            "0",
-            "--",
-            exe,
-        ])
+        .args(common::runs::launch_flags(
+            2,
+            &["--max_restarts", "0", "--", exe],
+        ))
         .args(train_args(&base, &cache, &data, "two"))
         .args(["--dist_timeout_secs", "120"])
         .output()

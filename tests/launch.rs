@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn launch(args: &[&str], script: &str, dir: &Path) -> Output {
@@ -81,16 +81,19 @@ fn a_failed_worker_restarts_the_group_then_the_launcher_reports_it() {
     let started = Instant::now();
     let error_file = dir.path().join("agent-error.json");
     let out = common::waypoint()
-        .args([
-            "launch",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "0",
-            "--max_restarts",
-            "1",
-        ])
-        .args(["--term_grace_secs", "5", "--", "sh", "-c", failing])
+        .args(common::runs::launch_flags(
+            2,
+            &[
+                "--max_restarts",
+                "1",
+                "--term_grace_secs",
+                "5",
+                "--",
+                "sh",
+                "-c",
+                failing,
+            ],
+        ))
         .env("TORCHELASTIC_ERROR_FILE", &error_file)
         .output()
         .unwrap();
@@ -116,30 +119,18 @@ fn sigterm_is_forwarded_to_the_workers() {
     let script = "trap 'echo term > $OUT/term-$RANK; exit 0' TERM; touch $OUT/up-$RANK; \
                   while true; do sleep 0.05; done";
     let mut child = common::waypoint()
-        .args([
-            "launch",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "0",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
+        .args(common::runs::launch_flags(2, &["--", "sh", "-c", script]))
         .env("OUT", dir.path())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(dir.path().join("up-0").exists() && dir.path().join("up-1").exists()) {
-        assert!(Instant::now() < deadline, "workers did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::wait_for(
+        "workers did not start",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || dir.path().join("up-0").exists() && dir.path().join("up-1").exists(),
+    );
+    common::send_signal(child.id(), "TERM").unwrap();
     let code = child.wait().unwrap();
     assert_eq!(code.code(), Some(143));
     for rank in 0..2 {
@@ -359,20 +350,18 @@ fn the_launchers_temp_folder_is_removed_however_it_ends() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !up.exists() {
-            assert!(Instant::now() < deadline, "the worker did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for(
+            "the worker did not start",
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || up.exists(),
+        );
         assert_eq!(
             launch_folders(tmp.path()).len(),
             1,
             "the folder exists meanwhile"
         );
-        Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
-            .status()
-            .unwrap();
+        common::send_signal(child.id(), signal).unwrap();
         assert_eq!(child.wait().unwrap().code(), Some(code), "SIG{signal}");
         assert_eq!(
             launch_folders(tmp.path()),

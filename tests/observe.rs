@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::runs::{logged_step, read_until};
@@ -20,30 +19,20 @@ const FAKE_KEY_ID: &str = "AKIAOBSERVEFAKEKEYID";
 const FAKE_SECRET: &str = "observeFakeSecretAccessKey0123456789";
 
 fn train_args(base: &str, run_id: &str, steps: u64, save_steps: u64) -> Vec<String> {
-    [
-        "train",
-        "--device",
-        "cpu",
-        "--num_threads",
-        "1",
+    let (steps, save_steps) = (steps.to_string(), save_steps.to_string());
+    let flags = [
         "--max_steps",
-        &steps.to_string(),
+        &steps,
         "--save_steps",
-        &save_steps.to_string(),
+        &save_steps,
         "--eval_steps",
         "5",
         "--eval_dataset_uri",
         "builtin:demo",
         "--logging_steps",
         "1",
-        "--run_id",
-        run_id,
-        "--checkpoint_base_uri",
-        base,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    common::runs::train_args("cpu", 1, &flags, run_id, base)
 }
 
 /// The AWS keys a run started by [`train`] sees: the environment's (the S3 test server's), else
@@ -71,11 +60,7 @@ fn train(args: &[String]) -> std::process::Command {
 /// Starts a run, follows its log until checkpoint `committed` is committed and training step `step`
 /// or later is reported, SIGKILLs it; returns the step seen.
 fn kill_after_step(args: &[String], committed: u64, step: u64) -> u64 {
-    let mut child: Child = train(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_logged(&mut train(args));
     let checkpoint = format!("checkpoint=step-{committed:06}");
     let mut saved = false;
     let (line, rest) = read_until(&mut child, |l| {
@@ -89,10 +74,7 @@ fn kill_after_step(args: &[String], committed: u64, step: u64) -> u64 {
 }
 
 fn run_to_end(args: &[String]) -> String {
-    let out = train(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "waypoint train failed:\n{stderr}");
-    stderr
+    common::train_log(&train(args).output().unwrap())
 }
 
 /// What TensorBoard's reader makes of a run's `logs/` folder (tests/python/tensorboard_events.py).
@@ -161,20 +143,6 @@ fn plot_points(seen: &Value) -> Vec<u64> {
         .iter()
         .map(|n| n.as_u64().unwrap())
         .collect()
-}
-
-/// Every file under `dir`, as text.
-fn all_text_under(dir: &Path) -> String {
-    let mut out = String::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.push_str(&all_text_under(&p));
-        } else if let Ok(bytes) = std::fs::read(&p) {
-            out.push_str(&String::from_utf8_lossy(&bytes));
-        }
-    }
-    out
 }
 
 fn assert_no_secrets(what: &str, text: &str, secrets: &[String]) {
@@ -264,7 +232,11 @@ fn events_plot_and_log_survive_a_sigkill_and_resume_locally() {
     assert!(log.find("attempt=1").unwrap() < log.find("attempt=2").unwrap());
     assert!(log.contains(&format!("train step={STEPS} ")));
     assert!(!log.contains('\u{1b}'), "colour codes in train.log");
-    assert_no_secrets("the run folder", &all_text_under(&run), &keys_in_env());
+    assert_no_secrets(
+        "the run folder",
+        &common::all_text_under(&run),
+        &keys_in_env(),
+    );
 }
 
 #[test]
@@ -274,11 +246,7 @@ fn status_reports_running_cancelled_finished_and_failed_runs() {
 
     // Running: a long run, watched once its progress is recorded; then stopped by SIGTERM.
     let run = format!("{base}/long/framework=waypoint");
-    let mut child = train(&train_args(base, "long", 5000, 50))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_logged(&mut train(&train_args(base, "long", 5000, 50)));
     let (_, rest) = read_until(&mut child, |l| logged_step(l).is_some_and(|s| s >= 1));
     let started = Instant::now();
     let progress = dir
@@ -308,10 +276,7 @@ fn status_reports_running_cancelled_finished_and_failed_runs() {
         screen.contains("RUNNING (attempt 1)") && screen.contains(" / 5000 ("),
         "{screen}"
     );
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::send_signal(child.id(), "TERM").unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(143));
     drop(rest.join());
     let cancelled = status_json(&run);
@@ -461,7 +426,11 @@ async fn an_s3_run_uploads_its_logs_and_events_without_secrets() {
     );
     let secrets: Vec<String> = secrets.into_iter().filter(|k| !run.contains(k)).collect();
     assert!(!secrets.is_empty());
-    assert_no_secrets("the run on S3", &all_text_under(local.path()), &secrets);
+    assert_no_secrets(
+        "the run on S3",
+        &common::all_text_under(local.path()),
+        &secrets,
+    );
     assert_no_secrets("stderr", &stderr, &secrets);
 }
 

@@ -3,26 +3,7 @@
 
 mod common;
 
-use std::path::Path;
-
 const SECRET: &str = "hunter2SECRET";
-
-/// Every file under `dir`, as text.
-fn all_text_under(dir: &Path) -> String {
-    let mut out = String::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.push_str(&all_text_under(&p));
-        } else if let Ok(bytes) = std::fs::read(&p) {
-            out.push_str(&String::from_utf8_lossy(&bytes));
-        }
-    }
-    out
-}
 
 fn assert_no_secret(what: &str, text: &str) {
     assert!(!text.contains(SECRET), "{what} leaks the secret:\n{text}");
@@ -120,7 +101,10 @@ fn uris_with_credentials_never_leak() {
             &format!("{what}: stdout"),
             &String::from_utf8_lossy(&out.stdout),
         );
-        assert_no_secret(&format!("{what}: files"), &all_text_under(dir.path()));
+        assert_no_secret(
+            &format!("{what}: files"),
+            &common::all_text_under(dir.path()),
+        );
     }
 }
 
@@ -148,7 +132,7 @@ fn a_config_file_and_the_ckpt_commands_do_not_leak_either() {
     assert!(!out.status.success());
     assert_no_secret("config file: stderr", &String::from_utf8_lossy(&out.stderr));
     std::fs::remove_file(&config).unwrap();
-    assert_no_secret("config file: files", &all_text_under(dir.path()));
+    assert_no_secret("config file: files", &common::all_text_under(dir.path()));
     for sub in [&["list"][..], &["verify"], &["gc"]] {
         let out = common::waypoint()
             .arg("ckpt")

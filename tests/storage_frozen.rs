@@ -16,16 +16,10 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = signal(self.child.id(), "CONT");
+        let _ = common::send_signal(self.child.id(), "CONT");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn signal(pid: u32, sig: &str) -> std::io::Result<std::process::ExitStatus> {
-    Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
 }
 
 fn start_server() -> Option<Server> {
@@ -58,11 +52,12 @@ fn start_server() -> Option<Server> {
         port,
         _root: root,
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "s3s-fs did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for(
+        "s3s-fs did not start",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
     Some(server)
 }
 
@@ -71,39 +66,30 @@ fn a_frozen_endpoint_fails_the_job_within_the_retry_budget() {
     let Some(server) = start_server() else {
         return;
     };
-    let mut child = common::waypoint()
-        .args([
-            "train",
-            "--device",
-            "cpu",
-            "--num_threads",
-            "1",
-            "--max_steps",
-            "100000",
-            "--save_steps",
-            "5",
-            "--run_id",
-            "frozen",
-            "--checkpoint_base_uri",
-            "s3://frozen-bucket/runs",
-        ])
-        .env(
-            "AWS_ENDPOINT_URL",
-            format!("http://127.0.0.1:{}", server.port),
-        )
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", "k")
-        .env("AWS_SECRET_ACCESS_KEY", "s")
-        .env("AWS_REGION", "us-east-1")
-        // The budget, small for the test: 2 s per request, no retry later than 3 s after the first try.
-        .env("WAYPOINT_STORAGE_TIMEOUT_SECS", "2")
-        .env("WAYPOINT_STORAGE_RETRY_SECS", "3")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let flags = ["--max_steps", "100000", "--save_steps", "5"];
+    let mut child = common::spawn_logged(
+        common::waypoint()
+            .args(common::runs::train_args(
+                "cpu",
+                1,
+                &flags,
+                "frozen",
+                "s3://frozen-bucket/runs",
+            ))
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", server.port),
+            )
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_ACCESS_KEY_ID", "k")
+            .env("AWS_SECRET_ACCESS_KEY", "s")
+            .env("AWS_REGION", "us-east-1")
+            // The budget, small for the test: 2 s per request, no retry later than 3 s after the first try.
+            .env("WAYPOINT_STORAGE_TIMEOUT_SECS", "2")
+            .env("WAYPOINT_STORAGE_RETRY_SECS", "3"),
+    );
     let (_, rest) = common::runs::read_until(&mut child, |l| l.contains("checkpoint committed"));
-    signal(server.child.id(), "STOP").unwrap();
+    common::send_signal(server.child.id(), "STOP").unwrap();
     let frozen_at = Instant::now();
     // Bounded wait: the job must end by itself well within this.
     let limit = Duration::from_secs(90);
@@ -127,5 +113,5 @@ fn a_frozen_endpoint_fails_the_job_within_the_retry_budget() {
         .unwrap_or_default();
     eprintln!("the job failed {took:?} after the endpoint froze: {said}");
     // Once the endpoint is back, the run resumes from what was committed.
-    signal(server.child.id(), "CONT").unwrap();
+    common::send_signal(server.child.id(), "CONT").unwrap();
 }

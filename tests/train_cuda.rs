@@ -12,10 +12,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::thread::JoinHandle;
 
-use common::runs::{logged_step, max_diff, read_until, sigterm_after_step, train_flags, weights};
+use common::runs::{
+    launch_flags, logged_step, max_diff, rank_pid, read_until, sigterm_after_step, train_flags,
+    weights,
+};
 
 fn single(base: &str, run: &str, batch: u32, steps: u32) -> Command {
     let mut c = common::waypoint();
@@ -26,9 +29,9 @@ fn single(base: &str, run: &str, batch: u32, steps: u32) -> Command {
 /// Two ranks under `waypoint launch`, one GPU each, or both on GPU 0 as two NCCL "hosts".
 fn two_ranks(base: &str, run: &str, batch: u32, steps: u32, restarts: u32) -> Command {
     let exe = env!("CARGO_BIN_EXE_waypoint");
+    let restarts = restarts.to_string();
     let mut c = common::waypoint();
-    c.args(["launch", "--nproc_per_node", "2", "--master_port", "0"])
-        .args(["--max_restarts", &restarts.to_string(), "--"]);
+    c.args(launch_flags(2, &["--max_restarts", &restarts, "--"]));
     if tch::Cuda::device_count() >= 2 {
         c.arg(exe)
             .args(train_flags("cuda", base, run, batch, steps));
@@ -46,18 +49,6 @@ fn two_ranks(base: &str, run: &str, batch: u32, steps: u32, restarts: u32) -> Co
     c
 }
 
-/// The pid a `joining the other ranks` line of rank `rank` names.
-fn rank_pid(line: &str, rank: u32) -> Option<String> {
-    if !(line.contains("joining the other ranks") && line.contains(&format!("rank={rank} "))) {
-        return None;
-    }
-    let at = line.find("pid=")? + 4;
-    line[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .map(str::to_string)
-}
-
 /// Two ranks (batch 4 each) started in the background and followed until step 20: the launcher,
 /// rank 1's pid, and a thread collecting the rest of the log.
 fn two_ranks_at_step_20(
@@ -66,11 +57,7 @@ fn two_ranks_at_step_20(
     steps: u32,
     restarts: u32,
 ) -> (Child, String, JoinHandle<String>) {
-    let mut child = two_ranks(base, run, 4, steps, restarts)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_logged(&mut two_ranks(base, run, 4, steps, restarts));
     let mut rank1 = None;
     let (_, rest) = read_until(&mut child, |l| {
         rank1 = rank1.take().or_else(|| rank_pid(l, 1));
@@ -161,11 +148,7 @@ async fn a_gpu_run_stopped_by_sigterm_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
     common::ok(&single(base, "reference", 8, 12).output().unwrap());
-    let mut child = single(base, "stopped", 8, 12)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_logged(&mut single(base, "stopped", 8, 12));
     sigterm_after_step(&mut child, 4);
     let saved = common::runs::manager(base, "stopped")
         .latest_resumable(true)
@@ -209,10 +192,7 @@ fn a_killed_rank_restarts_the_group_on_a_fresh_communicator() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
     let (mut child, rank1, rest) = two_ranks_at_step_20(base, "killed", 300, 1);
-    Command::new("kill")
-        .args(["-KILL", &rank1])
-        .status()
-        .unwrap();
+    common::send_signal(&rank1, "KILL").unwrap();
     let code = child.wait().unwrap();
     let log = rest.join().unwrap();
     assert!(code.success(), "the restarted group finishes:\n{log}");
@@ -223,10 +203,7 @@ fn a_killed_rank_restarts_the_group_on_a_fresh_communicator() {
         .find(|l| l.contains("resumed"))
         .unwrap_or_else(|| panic!("the restarted group resumes:\n{log}"));
     assert!(resumed.contains("checkpoint=step-000"), "{resumed}");
-    let status: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("killed/framework=waypoint/status.json")).unwrap(),
-    )
-    .unwrap();
+    let status = common::read_json(dir.path().join("killed/framework=waypoint/status.json"));
     assert_eq!(status["state"], "FINISHED");
     assert_eq!(status["step"], 300);
 }
@@ -239,10 +216,7 @@ fn a_frozen_rank_fails_the_other_after_the_timeout_not_a_hang() {
     let base = dir.path().to_str().unwrap();
     let (mut child, rank1, rest) = two_ranks_at_step_20(base, "frozen", 100_000, 0);
     let frozen_at = std::time::Instant::now();
-    Command::new("kill")
-        .args(["-STOP", &rank1])
-        .status()
-        .unwrap();
+    common::send_signal(&rank1, "STOP").unwrap();
     let code = child.wait().unwrap();
     let log = rest.join().unwrap();
     let took = frozen_at.elapsed();

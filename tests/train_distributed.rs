@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use common::runs::{
-    launch_args, logged_step, manager, max_diff, read_until, sigterm_after_step, weights,
+    block_rank1_file, launch_args, logged_step, manager, max_diff, rank_pid, read_until, set_flag,
+    sigterm_after_step, weights,
 };
-use waypoint_checkpoint::StepName;
 
 fn train_flags(base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
     common::runs::train_flags("cpu", base, run, batch, steps)
@@ -40,13 +40,11 @@ fn spawn_launched(
     batch: u32,
     steps: u32,
 ) -> Child {
-    common::waypoint()
-        .args(launch_args(ranks, restarts))
-        .args(train_flags(base, run, batch, steps))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    common::spawn_logged(
+        common::waypoint()
+            .args(launch_args(ranks, restarts))
+            .args(train_flags(base, run, batch, steps)),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,12 +80,7 @@ async fn two_ranks_match_one_rank_with_twice_the_batch_and_share_the_checkpoint(
     }
     assert!(manifest.dcp_files().all(|f| f.path.contains("shard-")));
     let m = manager(base, "two");
-    assert!(m
-        .verify(StepName::new(8))
-        .await
-        .unwrap()
-        .problems
-        .is_empty());
+    assert!(common::intact(&m, 8).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,20 +130,11 @@ fn a_killed_rank_stops_the_others_and_the_group_resumes() {
     let mut child = spawn_launched(base, "killed", 2, 1, 2, 40);
     let mut rank1 = None;
     let (_, rest) = read_until(&mut child, |l| {
-        if l.contains("joining the other ranks") && l.contains("rank=1") {
-            let at = l.find("pid=").unwrap() + 4;
-            rank1 = l[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .map(str::to_string);
-        }
+        rank1 = rank1.take().or_else(|| rank_pid(l, 1));
         rank1.is_some() && logged_step(l).is_some_and(|s| s >= 8)
     });
     let killed_at = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-KILL", rank1.as_deref().unwrap()])
-        .status()
-        .unwrap();
+    common::send_signal(rank1.unwrap(), "KILL").unwrap();
     let code = child.wait().unwrap();
     let log = rest.join().unwrap();
     assert!(code.success(), "the restarted group finishes:\n{log}");
@@ -162,10 +146,7 @@ fn a_killed_rank_stops_the_others_and_the_group_resumes() {
     assert!(resumed.contains("checkpoint=step-0000"), "{resumed}");
     // The survivor noticed within seconds (a closed connection), not after a long timeout.
     assert!(killed_at.elapsed() < Duration::from_secs(60));
-    let status: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("killed/framework=waypoint/status.json")).unwrap(),
-    )
-    .unwrap();
+    let status = common::read_json(dir.path().join("killed/framework=waypoint/status.json"));
     assert_eq!(status["state"], "FINISHED");
     assert_eq!(status["step"], 40);
 }
@@ -203,24 +184,11 @@ async fn a_rank_failing_mid_save_leaves_no_committed_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
     // A directory where rank 1's share of step 6 must go: its write fails, rank 0's does not.
-    let blocked = dir
-        .path()
-        .join("half/framework=waypoint/checkpoints/step-000006/dcp")
-        .join("shard-00002-model-00001-of-00001.safetensors");
-    std::fs::create_dir_all(&blocked).unwrap();
+    let blocked = block_rank1_file(dir.path(), "half", 6);
     let mut args = launch_args(2, 0);
     args.extend(train_flags(base, "half", 2, 12));
-    args.extend(["--dist_timeout_secs".to_string(), "5".to_string()]);
-    let args: Vec<String> = {
-        // The later --dist_timeout_secs replaces the one train_flags set.
-        let i = args
-            .iter()
-            .position(|a| a == "--dist_timeout_secs")
-            .unwrap();
-        let mut a = args.clone();
-        a.drain(i..i + 2);
-        a
-    };
+    // A short collective timeout instead of the one train_flags set.
+    set_flag(&mut args, "--dist_timeout_secs", "5");
     let out = common::waypoint().args(&args).output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "{log}");

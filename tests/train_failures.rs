@@ -8,22 +8,15 @@ mod common;
 fn a_libtorch_error_in_the_step_ends_as_failed_with_exit_1() {
     let dir = tempfile::tempdir().unwrap();
     let error_file = dir.path().join("error.json");
+    let flags = ["--max_steps", "10", "--save_steps", "2"];
     let out = common::waypoint()
-        .args([
-            "train",
-            "--device",
+        .args(common::runs::train_args(
             "cpu",
-            "--num_threads",
-            "1",
-            "--max_steps",
-            "10",
-            "--save_steps",
-            "2",
-            "--run_id",
+            1,
+            &flags,
             "boom",
-            "--checkpoint_base_uri",
             dir.path().to_str().unwrap(),
-        ])
+        ))
         .env("WAYPOINT_FAULT_INJECT_STEP", "3")
         // (With RUST_BACKTRACE set the default panic report, with its backtrace, is kept.)
         .env_remove("RUST_BACKTRACE")
@@ -36,10 +29,7 @@ fn a_libtorch_error_in_the_step_ends_as_failed_with_exit_1() {
     // The panic inside libtorch's wrapper is one log line, not the default hook's raw report.
     assert!(err.contains("ERROR") && err.contains("panic: "), "{err}");
     assert!(!err.contains("panicked at"), "{err}");
-    let status: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.path().join("boom/framework=waypoint/status.json")).unwrap(),
-    )
-    .unwrap();
+    let status = common::read_json(dir.path().join("boom/framework=waypoint/status.json"));
     assert_eq!(status["state"], "FAILED", "{status}");
     let error = status["error"].as_str().unwrap();
     assert!(

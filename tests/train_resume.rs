@@ -6,12 +6,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::runs::{manager, read_until};
 use waypoint_checkpoint::RunLayout;
-use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 use waypoint_storage::Store;
 
 const STEPS: u64 = 60;
@@ -24,14 +23,10 @@ fn train_args(base: &str, run_id: &str) -> Vec<String> {
     } else {
         &[]
     };
-    [
-        "train",
-        "--device",
-        "cpu",
-        "--num_threads",
-        "2",
+    let steps = STEPS.to_string();
+    let flags = [
         "--max_steps",
-        &STEPS.to_string(),
+        &steps,
         "--save_steps",
         "7",
         "--keep_last",
@@ -42,24 +37,14 @@ fn train_args(base: &str, run_id: &str) -> Vec<String> {
         "2",
         "--logging_steps",
         "1",
-        "--run_id",
-        run_id,
-        "--checkpoint_base_uri",
-        base,
-    ]
-    .iter()
-    .chain(lora)
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    let mut args = common::runs::train_args("cpu", 2, &flags, run_id, base);
+    args.extend(lora.iter().map(|s| s.to_string()));
+    args
 }
 
 fn spawn(base: &str, run_id: &str) -> Child {
-    common::waypoint()
-        .args(train_args(base, run_id))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start waypoint")
+    common::spawn_logged(common::waypoint().args(train_args(base, run_id)))
 }
 
 /// Runs to completion and returns stderr.
@@ -68,42 +53,19 @@ fn run_to_end(base: &str, run_id: &str) -> String {
         .args(train_args(base, run_id))
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "waypoint train failed:\n{stderr}");
-    stderr
+    common::train_log(&out)
 }
 
 /// Reads the child's log until it reports training step `step` (or later); returns that step and
 /// the rest of the log, collected until the child exits.
 fn wait_for_step(child: &mut Child, step: u64) -> (u64, std::thread::JoinHandle<String>) {
-    let stderr = child.stderr.take().expect("piped stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("the trainer ended before the step")
-            .unwrap();
-        if let Some(s) = logged_step(&line) {
-            if s >= step {
-                // Keep draining so the child never blocks on a full pipe.
-                let rest = std::thread::spawn(move || {
-                    lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
-                });
-                return (s, rest);
-            }
-        }
-    }
+    let (line, rest) = read_until(child, |l| logged_step(l).is_some_and(|s| s >= step));
+    (logged_step(&line).unwrap(), rest)
 }
 
-/// The step of a `train step=N` log line.
+/// The step of a `train step=N` log line, colour codes or not.
 fn logged_step(line: &str) -> Option<u64> {
-    let plain = strip_ansi(line);
-    let at = plain.find(": train step=")? + ": train step=".len();
-    plain[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    common::runs::logged_step(&strip_ansi(line))
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -125,11 +87,7 @@ fn strip_ansi(s: &str) -> String {
 
 /// The final checkpoint's `dcp/` tensors (weights and optimizer state) by name, as raw bytes.
 async fn final_state(base: &str, run_id: &str) -> BTreeMap<String, Vec<u8>> {
-    let m = CheckpointManager::new(
-        Store::open(base).unwrap(),
-        RunLayout::new(run_id, "waypoint").unwrap(),
-        ManagerOptions::default(),
-    );
+    let m = manager(base, run_id);
     let latest = m
         .latest_resumable(true)
         .await
@@ -218,12 +176,7 @@ async fn sigterm_saves_and_the_restart_redoes_no_step(base: &str) {
     let mut child = spawn(base, "termed");
     let (reached, log) = wait_for_step(&mut child, 20);
     let sent = Instant::now();
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(common::send_signal(child.id(), "TERM").unwrap().success());
     let code = child.wait().unwrap();
     let took = sent.elapsed();
     let log = log.join().unwrap();
@@ -291,11 +244,7 @@ async fn an_interrupted_lora_run_with_dropout_ends_bit_identical() {
         losses(base, "lora-reference").await.0,
         losses(base, "lora-killed").await.0
     );
-    let m = CheckpointManager::new(
-        Store::open(base).unwrap(),
-        RunLayout::new("lora-killed", "waypoint").unwrap(),
-        ManagerOptions::default(),
-    );
+    let m = manager(base, "lora-killed");
     let last = m.list().await.unwrap().into_iter().next().unwrap();
     let kinds: Vec<&str> = last.kinds.iter().map(|k| k.as_str()).collect();
     assert_eq!(kinds, ["TRAINING_LORA", "INFERENCE_LORA"]);

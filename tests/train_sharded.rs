@@ -11,10 +11,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Output};
 
 use common::runs::{
-    launch_args, logged_step, manager, max_diff, read_until, sigterm_after_step, weights,
+    block_rank1_file, launch_args, logged_step, manager, max_diff, rank_pid, read_until, set_flag,
+    sigterm_after_step, weights,
 };
 use waypoint_checkpoint::{dcp, StepName};
 
@@ -43,13 +44,11 @@ fn spawn(
     steps: u32,
     sharding: &str,
 ) -> Child {
-    common::waypoint()
-        .args(launch_args(ranks, restarts))
-        .args(flags(base, run, batch, steps, sharding))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    common::spawn_logged(
+        common::waypoint()
+            .args(launch_args(ranks, restarts))
+            .args(flags(base, run, batch, steps, sharding)),
+    )
 }
 
 /// Every `dcp/` tensor of a checkpoint, slices joined, as raw bytes by name.
@@ -232,13 +231,11 @@ async fn a_checkpoint_resumes_at_another_world_size_sharded_or_not() {
         ("full-to-none", (3, 4, "full"), (2, 6, "none")),
         ("none-to-full", (2, 6, "none"), (3, 4, "full")),
     ] {
-        let mut child = common::waypoint()
-            .args(launch_args(n, 0))
-            .args(flags(base, run, nb, 12, ns))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = common::spawn_logged(
+            common::waypoint()
+                .args(launch_args(n, 0))
+                .args(flags(base, run, nb, 12, ns)),
+        );
         sigterm_after_step(&mut child, 4);
         let saved = manager(base, run)
             .latest_resumable(true)
@@ -274,19 +271,10 @@ async fn killed_and_resumed(sharding: &str) {
     let (_, rest) = read_until(&mut child, |l| {
         // Killed once a checkpoint is committed, so that the group resumes from it.
         committed |= l.contains("checkpoint committed");
-        if l.contains("joining the other ranks") && l.contains("rank=1") {
-            let at = l.find("pid=").unwrap() + 4;
-            rank1 = l[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .map(str::to_string);
-        }
+        rank1 = rank1.take().or_else(|| rank_pid(l, 1));
         rank1.is_some() && committed && logged_step(l).is_some_and(|s| s >= 5)
     });
-    std::process::Command::new("kill")
-        .args(["-KILL", rank1.as_deref().unwrap()])
-        .status()
-        .unwrap();
+    common::send_signal(rank1.unwrap(), "KILL").unwrap();
     let code = child.wait().unwrap();
     let log = rest.join().unwrap();
     assert!(code.success(), "the restarted group finishes:\n{log}");
@@ -305,19 +293,11 @@ async fn a_rank_failing_mid_a_sharded_save_leaves_no_commit() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
     // A directory where rank 1's slices of step 6 must go: its write fails, rank 0's does not.
-    let blocked = dir
-        .path()
-        .join("half/framework=waypoint/checkpoints/step-000006/dcp")
-        .join("shard-00002-model-00001-of-00001.safetensors");
-    std::fs::create_dir_all(&blocked).unwrap();
+    let blocked = block_rank1_file(dir.path(), "half", 6);
     let mut args = launch_args(2, 0);
     args.extend(flags(base, "half", 2, 12, "full"));
     // A short collective timeout (the later flag wins over train_flags' 20 s).
-    let i = args
-        .iter()
-        .position(|a| a == "--dist_timeout_secs")
-        .unwrap();
-    args[i + 1] = "5".into();
+    set_flag(&mut args, "--dist_timeout_secs", "5");
     let out = common::waypoint().args(&args).output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "{log}");
@@ -345,13 +325,11 @@ async fn a_rank_failing_mid_a_sharded_save_leaves_no_commit() {
 async fn a_damaged_sharded_checkpoint_is_passed_over_by_all_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let mut child = common::waypoint()
-        .args(launch_args(2, 0))
-        .args(flags(base, "flip", 2, 12, "full"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_logged(
+        common::waypoint()
+            .args(launch_args(2, 0))
+            .args(flags(base, "flip", 2, 12, "full")),
+    );
     sigterm_after_step(&mut child, 7);
     let m = manager(base, "flip");
     let newest = m.latest_resumable(true).await.unwrap().unwrap();

@@ -2,8 +2,17 @@
 //! JSONL dataset, and running processes.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Whether cargo only probes the bench (`cargo bench -- --list`, `cargo test --benches`): then it
+/// runs nothing.
+pub(crate) fn probed() -> bool {
+    std::env::args().any(|a| a == "--list")
+}
 
 /// An environment variable as a number, or `default`.
 pub(crate) fn env_or(name: &str, default: usize) -> usize {
@@ -59,6 +68,18 @@ pub(crate) fn make_model(dir: &Path) -> (usize, usize) {
         &layers.to_string(),
     ]));
     (hidden, layers)
+}
+
+/// A bench's temp folder (under the target dir) holding a random model in `model/` (see
+/// [`make_model`]) and a dataset in `data.jsonl` (see [`write_dataset`]): (folder, model, dataset,
+/// (hidden, layers)).
+pub(crate) fn model_and_data() -> (tempfile::TempDir, PathBuf, PathBuf, (usize, usize)) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let model = dir.path().join("model");
+    let size = make_model(&model);
+    let data = dir.path().join("data.jsonl");
+    write_dataset(&data);
+    (dir, model, data, size)
 }
 
 /// 400 rows of text.
@@ -145,4 +166,61 @@ pub(crate) fn field(line: &str, name: &str) -> Option<f64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// Seconds per iteration, by benchmark name, collected as criterion runs.
+pub(crate) static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+/// Runs `f` `iters` times, recording each time under `name` in [`TIMES`]; returns the total (for
+/// criterion's `iter_custom`).
+pub(crate) fn timed(name: &str, iters: u64, mut f: impl FnMut()) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let t = Instant::now();
+        f();
+        let d = t.elapsed();
+        TIMES
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .push(d.as_secs_f64());
+        total += d;
+    }
+    total
+}
+
+/// The median of the times recorded under `name`.
+pub(crate) fn median(name: &str) -> Option<f64> {
+    let mut v = TIMES.lock().unwrap().get(name)?.clone();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
+}
+
+/// A criterion group `name` of slow I/O benchmarks moving `bytes` bytes an iteration: flat sampling,
+/// 10 samples, `warm_up`, then 5 s of measurement.
+pub(crate) fn io_group<'a>(
+    c: &'a mut criterion::Criterion,
+    name: String,
+    bytes: u64,
+    warm_up: Duration,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sampling_mode(criterion::SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(warm_up)
+        .measurement_time(Duration::from_secs(5))
+        .throughput(criterion::Throughput::Bytes(bytes));
+    g
+}
+
+/// Criterion configured from the command line, and a multi-threaded tokio runtime for the I/O
+/// benches' async calls.
+pub(crate) fn criterion_and_runtime() -> (criterion::Criterion, tokio::runtime::Runtime) {
+    let c = criterion::Criterion::default().configure_from_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (c, rt)
 }

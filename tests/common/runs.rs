@@ -3,11 +3,30 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::Child;
 
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions, Manifest};
 use waypoint_checkpoint::{RunLayout, StepName};
 use waypoint_storage::Store;
+
+/// `waypoint train` flags on `device` with `threads` libtorch threads, then `flags`, for run `run`
+/// under `base`.
+pub(crate) fn train_args(
+    device: &str,
+    threads: u32,
+    flags: &[&str],
+    run: &str,
+    base: &str,
+) -> Vec<String> {
+    let threads = threads.to_string();
+    ["train", "--device", device, "--num_threads", &threads]
+        .iter()
+        .chain(flags)
+        .chain(&["--run_id", run, "--checkpoint_base_uri", base])
+        .map(|s| s.to_string())
+        .collect()
+}
 
 /// `waypoint train` flags of the multi-rank tests: a tiny model on `device`, one libtorch thread, a
 /// log line per step, a save every 3 steps, a 20 s collective timeout.
@@ -19,52 +38,81 @@ pub(crate) fn train_flags(
     steps: u32,
 ) -> Vec<String> {
     let (batch, steps) = (batch.to_string(), steps.to_string());
-    [
-        "train",
-        "--device",
-        device,
-        "--num_threads",
-        "1",
+    let flags = [
         "--logging_steps",
         "1",
         "--save_steps",
         "3",
         "--dist_timeout_secs",
         "20",
-        "--run_id",
-        run,
-        "--checkpoint_base_uri",
-        base,
         "--batch_size",
         &batch,
         "--max_steps",
         &steps,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ];
+    train_args(device, 1, &flags, run, base)
+}
+
+/// `waypoint launch` flags starting `nproc` local workers with a free store port, then `flags`
+/// (`--` and the worker among them).
+pub(crate) fn launch_flags(nproc: u32, flags: &[&str]) -> Vec<String> {
+    let nproc = nproc.to_string();
+    ["launch", "--nproc_per_node", &nproc, "--master_port", "0"]
+        .iter()
+        .chain(flags)
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// `waypoint launch` flags starting `ranks` local workers of this binary (a free store port, up to
 /// `restarts` group restarts, 20 s for workers to stop), before the worker's own flags.
 pub(crate) fn launch_args(ranks: u32, restarts: u32) -> Vec<String> {
-    let exe = env!("CARGO_BIN_EXE_waypoint").to_string();
-    [
-        "launch",
-        "--nproc_per_node",
-        &ranks.to_string(),
-        "--master_port",
-        "0",
-        "--max_restarts",
-        &restarts.to_string(),
-        "--term_grace_secs",
-        "20",
-        "--",
-        &exe,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let exe = env!("CARGO_BIN_EXE_waypoint");
+    let restarts = restarts.to_string();
+    launch_flags(
+        ranks,
+        &[
+            "--max_restarts",
+            &restarts,
+            "--term_grace_secs",
+            "20",
+            "--",
+            exe,
+        ],
+    )
+}
+
+/// Sets the value of `flag` in `args`, in place (the CLI refuses a second copy of a flag).
+pub(crate) fn set_flag(args: &mut [String], flag: &str, value: &str) {
+    let i = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+    args[i + 1] = value.to_string();
+}
+
+/// The pid a `joining the other ranks` log line of rank `rank` names.
+pub(crate) fn rank_pid(line: &str, rank: u32) -> Option<String> {
+    if !(line.contains("joining the other ranks") && line.contains(&format!("rank={rank} "))) {
+        return None;
+    }
+    let at = line.find("pid=")? + 4;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .map(str::to_string)
+}
+
+/// Makes a directory where rank 1 of 2 must write its file of checkpoint `step` of run `run` under
+/// `dir`, so that its save fails and rank 0's does not; returns it.
+pub(crate) fn block_rank1_file(dir: &Path, run: &str, step: u64) -> PathBuf {
+    let blocked = dir
+        .join(format!(
+            "{run}/framework=waypoint/checkpoints/step-{step:06}/dcp"
+        ))
+        .join("shard-00002-model-00001-of-00001.safetensors");
+    std::fs::create_dir_all(&blocked).unwrap();
+    blocked
 }
 
 /// The checkpoint manager of run `run` under `base`.

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use waypoint_checkpoint::{CheckpointManager, Commit, Dtype, ManagerOptions, SaveRequest, Tensor};
+use waypoint_checkpoint::{CheckpointManager, Dtype, ManagerOptions, SaveRequest, Tensor};
 use waypoint_checkpoint::{RunLayout, StepName};
 use waypoint_storage::Store;
 
@@ -71,14 +71,7 @@ fn crash_child() {
             + 1;
         for step in start.. {
             let request = SaveRequest {
-                commit: Commit {
-                    step,
-                    data_consumed: step * 64,
-                    epoch: 0,
-                    world_size: 1,
-                    config_fingerprint: "c".repeat(64),
-                    delta_base: None,
-                },
+                commit: common::commit(step),
                 dcp: Some(state(step)),
                 sampler: None,
             };

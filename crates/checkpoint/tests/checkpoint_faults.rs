@@ -23,12 +23,8 @@ async fn a_commit_whose_answer_was_lost_counts_as_committed() {
             faults.lose_create_answers.store(1, Ordering::SeqCst);
             let request = waypoint_checkpoint::SaveRequest {
                 commit: waypoint_checkpoint::Commit {
-                    step: 10,
                     data_consumed: 40,
-                    epoch: 0,
-                    world_size: 1,
-                    config_fingerprint: "c".repeat(64),
-                    delta_base: None,
+                    ..common::commit(10)
                 },
                 dcp: Some(common::training_state(10)),
                 sampler: None,

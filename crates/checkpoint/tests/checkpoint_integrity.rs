@@ -6,7 +6,7 @@
 use waypoint_testkit as common;
 
 use bytes::Bytes;
-use common::{backends, part_digest_hex, sha256_hex};
+use common::{backends, commit, intact, part_digest_hex, sha256_hex};
 use waypoint_checkpoint::RunLayout;
 use waypoint_checkpoint::{
     CheckpointManager, Commit, Dtype, ManagerOptions, Manifest, SaveRequest, StepName, Tensor,
@@ -44,12 +44,8 @@ async fn saved(store: &Store, run: &str) -> (CheckpointManager, Manifest) {
     let manifest = m
         .save(SaveRequest {
             commit: Commit {
-                step: 1,
                 data_consumed: 1,
-                epoch: 0,
-                world_size: 1,
-                config_fingerprint: "c".repeat(64),
-                delta_base: None,
+                ..commit(1)
             },
             dcp: Some(state()),
             sampler: None,
@@ -77,12 +73,7 @@ async fn verify_and_load_catch_a_flipped_byte_in_every_part_position() {
         assert_eq!(f.part_size, Some(PART as u64), "{}", b.name);
         assert_eq!(f.sha256, part_digest_hex(&good, PART), "{}", b.name);
         assert!(f.sha256.ends_with(&format!("-{parts}")), "{}", f.sha256);
-        assert!(m
-            .verify(StepName::new(1))
-            .await
-            .unwrap()
-            .problems
-            .is_empty());
+        assert!(intact(&m, 1).await);
 
         for p in 0..parts {
             let (start, end) = (p * PART, ((p + 1) * PART).min(good.len()));
@@ -111,12 +102,7 @@ async fn verify_and_load_catch_a_flipped_byte_in_every_part_position() {
             }
         }
         b.store.put(&key, good).await.unwrap();
-        assert!(m
-            .verify(StepName::new(1))
-            .await
-            .unwrap()
-            .problems
-            .is_empty());
+        assert!(intact(&m, 1).await);
         assert_eq!(
             m.load_tensors(&manifest, "dcp/", &|_| true).await.unwrap(),
             state()
@@ -143,12 +129,7 @@ async fn checkpoints_of_format_1_still_load_and_verify() {
 
         let old = m.manifest(StepName::new(1)).await.unwrap();
         assert_eq!(old, manifest);
-        assert!(m
-            .verify(StepName::new(1))
-            .await
-            .unwrap()
-            .problems
-            .is_empty());
+        assert!(intact(&m, 1).await);
         assert_eq!(
             m.latest_resumable(true).await.unwrap().map(|m| m.step),
             Some(1)

@@ -82,6 +82,28 @@ pub async fn committed_steps(m: &waypoint_checkpoint::CheckpointManager) -> Vec<
         .collect()
 }
 
+/// Whether checkpoint `step` of `m`'s run re-hashes clean against its manifest (`verify` finds no
+/// problem).
+pub async fn intact(m: &waypoint_checkpoint::CheckpointManager, step: u64) -> bool {
+    m.verify(waypoint_checkpoint::StepName::new(step))
+        .await
+        .expect("verify a checkpoint")
+        .problems
+        .is_empty()
+}
+
+/// The commit of step `step` by one rank, `step * 64` samples in, as the checkpoint suites save it.
+pub fn commit(step: u64) -> waypoint_checkpoint::Commit {
+    waypoint_checkpoint::Commit {
+        step,
+        data_consumed: step * 64,
+        epoch: 0,
+        world_size: 1,
+        config_fingerprint: "c".repeat(64),
+        delta_base: None,
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

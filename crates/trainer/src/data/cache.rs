@@ -158,6 +158,36 @@ pub struct Opened {
     pub built: bool,
 }
 
+/// The published cache at `path` when it passes its checks, else `None` (missing, or bad and
+/// reported). Before the build lock (`locked` false) a bad one is only reported; under the lock a
+/// good one was built by another process while this one waited, and a bad one is removed.
+fn open_published(path: &Path, key: &str, threads: usize, locked: bool) -> Result<Option<Opened>> {
+    match open_trusted(path, key, threads) {
+        Ok((file, meta)) => {
+            if locked {
+                tracing::info!(cache = %path.display(), "token cache built by another process");
+            }
+            Ok(Some(Opened {
+                file,
+                meta,
+                path: path.to_path_buf(),
+                built: false,
+            }))
+        }
+        Err(Invalid::Missing) => Ok(None),
+        Err(e) if !locked => {
+            tracing::warn!(cache = %path.display(), "token cache {e}; taking the build lock to rebuild it");
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!(cache = %path.display(), "token cache {e}; rebuilding it (it is never trained on)");
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the bad token cache {}", path.display()))?;
+            Ok(None)
+        }
+    }
+}
+
 /// Opens the cache of `key` in `dir`, building it first (under the node-wide lock) when it is
 /// missing, partial or fails its checks.
 pub fn open_or_build(dir: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Opened> {
@@ -168,19 +198,8 @@ pub fn open_or_build(dir: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Open
         )
     })?;
     let path = cache_path(dir, key);
-    match open_trusted(&path, key, spec.threads) {
-        Ok((file, meta)) => {
-            return Ok(Opened {
-                file,
-                meta,
-                path,
-                built: false,
-            })
-        }
-        Err(Invalid::Missing) => {}
-        Err(e) => {
-            tracing::warn!(cache = %path.display(), "token cache {e}; taking the build lock to rebuild it")
-        }
+    if let Some(opened) = open_published(&path, key, spec.threads, false)? {
+        return Ok(opened);
     }
     let lock_path = dir.join(format!("{key}.lock"));
     let lock = File::options()
@@ -194,22 +213,8 @@ pub fn open_or_build(dir: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Open
         flock(&lock, true).with_context(|| format!("locking {}", lock_path.display()))?;
     }
     // Another process may have published it while this one waited.
-    match open_trusted(&path, key, spec.threads) {
-        Ok((file, meta)) => {
-            tracing::info!(cache = %path.display(), "token cache built by another process");
-            return Ok(Opened {
-                file,
-                meta,
-                path,
-                built: false,
-            });
-        }
-        Err(Invalid::Missing) => {}
-        Err(e) => {
-            tracing::warn!(cache = %path.display(), "token cache {e}; rebuilding it (it is never trained on)");
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing the bad token cache {}", path.display()))?;
-        }
+    if let Some(opened) = open_published(&path, key, spec.threads, true)? {
+        return Ok(opened);
     }
     remove_leftovers(dir, key);
     let tmp = dir.join(format!("{key}.tokens.tmp-{}", std::process::id()));
