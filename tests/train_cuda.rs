@@ -110,12 +110,7 @@ async fn two_fully_sharded_ranks_over_nccl_match_one_rank() {
     assert_gpu();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let lora = [
-        "--lora_rank",
-        "4",
-        "--lora_target_modules",
-        "q_proj,down_proj",
-    ];
+    let lora = common::runs::LORA_FLAGS;
     for (name, with_lora) in [("full", false), ("lora", true)] {
         let extra: &[&str] = if with_lora { &lora } else { &[] };
         let (one, two) = (format!("{name}-one"), format!("{name}-two"));

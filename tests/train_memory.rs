@@ -26,12 +26,7 @@ fn train(base: &str, run: &str, extra: &[&str]) {
 async fn activation_checkpointing_trains_bit_for_bit_as_without() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let lora = [
-        "--lora_rank",
-        "4",
-        "--lora_target_modules",
-        "q_proj,down_proj",
-    ];
+    let lora = common::runs::LORA_FLAGS;
     train(base, "plain", &[]);
     train(base, "recomputed", &["--activation_checkpointing"]);
     train(base, "lora-plain", &lora);

@@ -141,12 +141,7 @@ async fn sharded_training_matches_replicated_and_pytorch_reads_its_slices() {
     }
 
     // LoRA adapters with sharded optimizer state: bit for bit too.
-    let lora = [
-        "--lora_rank",
-        "4",
-        "--lora_target_modules",
-        "q_proj,down_proj",
-    ];
+    let lora = common::runs::LORA_FLAGS;
     for (run, sharding) in [("lora-replicated", "none"), ("lora-optimizer", "optimizer")] {
         let out = common::waypoint()
             .args(launch_args(3, 0))
@@ -380,12 +375,7 @@ fn half_bits(x: f32) -> u16 {
 async fn two_sharded_ranks_match_one_over_twenty_steps_full_and_lora() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let lora = [
-        "--lora_rank",
-        "4",
-        "--lora_target_modules",
-        "q_proj,v_proj,down_proj",
-    ];
+    let lora = common::runs::LORA_FLAGS;
     let run = |name: &str, ranks: u32, batch: u32, steps: u32, sharding: &str, with_lora: bool| {
         let mut c = common::waypoint();
         if ranks > 1 {
@@ -443,14 +433,12 @@ async fn two_sharded_ranks_match_one_over_twenty_steps_full_and_lora() {
 
     // Saved by 3 fully sharded LoRA ranks, resumed by 2: ends where the uninterrupted run ends.
     run("lora-reference", 1, 12, 12, "none", true);
-    let mut child = common::waypoint()
-        .args(launch_args(3, 0))
-        .args(flags(base, "lora-resharded", 4, 12, "full"))
-        .args(lora)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn_logged(
+        common::waypoint()
+            .args(launch_args(3, 0))
+            .args(flags(base, "lora-resharded", 4, 12, "full"))
+            .args(lora),
+    );
     sigterm_after_step(&mut child, 4);
     let saved = manager(base, "lora-resharded")
         .latest_resumable(true)

@@ -64,6 +64,14 @@ pub(crate) fn launch_flags(nproc: u32, flags: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The LoRA flags of the multi-rank tests: rank-4 adapters on two projections.
+pub(crate) const LORA_FLAGS: [&str; 4] = [
+    "--lora_rank",
+    "4",
+    "--lora_target_modules",
+    "q_proj,down_proj",
+];
+
 /// `waypoint launch` flags starting `ranks` local workers of this binary (a free store port, up to
 /// `restarts` group restarts, 20 s for workers to stop), before the worker's own flags.
 pub(crate) fn launch_args(ranks: u32, restarts: u32) -> Vec<String> {
