@@ -167,7 +167,7 @@ impl Ranks {
             .map(|(t, r)| t.narrow(0, r.start, r.len))
             .collect();
         let shapes: Vec<Vec<i64>> = tensors.iter().map(Tensor::size).collect();
-        let whole = self.gather(&shards, rows, &shapes)?;
+        let whole = self.gather(&shards, &shapes)?;
         tch::no_grad(|| {
             for (t, w) in tensors.iter().zip(whole) {
                 t.shallow_clone().copy_(&w);
@@ -217,13 +217,7 @@ impl Ranks {
 /// gathered in the dtype they come in (bf16 for the projections on CUDA; see the model's
 /// `gathered_in`); gradients are summed in fp32.
 impl RowCollective for Ranks {
-    fn gather(
-        &mut self,
-        shards: &[Tensor],
-        // Each rank's rows are `rows_of` its rank: the layout derives them.
-        _rows: &[Rows],
-        shapes: &[Vec<i64>],
-    ) -> Result<Vec<Tensor>> {
+    fn gather(&mut self, shards: &[Tensor], shapes: &[Vec<i64>]) -> Result<Vec<Tensor>> {
         if self.group.is_none() {
             return Ok(shards.iter().map(Tensor::copy).collect());
         }
@@ -292,15 +286,12 @@ impl Ranks {
         shapes: &[Vec<i64>],
         kind: Kind,
     ) -> Result<Vec<Tensor>> {
-        let Some(g) = &self.group else {
-            return Ok(shards.iter().map(|t| t.copy()).collect());
-        };
         let device = shards.first().map_or(Device::Cpu, |t| t.device());
         let layout = RankMajor::new(shapes, self.world);
         let own: Vec<Tensor> = shards.iter().map(|t| t.reshape([-1])).collect();
         let own = Tensor::cat(&own, 0);
-        let flat = match &mut self.nccl {
-            None => {
+        match (&mut self.nccl, &self.group) {
+            (None, Some(g)) => {
                 let mut flat = vec![0f32; layout.len()];
                 let own: Vec<f32> =
                     Vec::try_from(own.to_kind(Kind::Float)).context("weights to host memory")?;
@@ -311,17 +302,21 @@ impl Ranks {
                 // One staging copy at a time: the host buffer goes before the tensors are cut out.
                 let staged = Tensor::from_slice(&flat);
                 drop(flat);
-                staged.to_kind(kind)
+                let starts: Vec<usize> = layout.parts.iter().map(|p| p.0).collect();
+                Ok(layout.whole(&staged.to_kind(kind), &starts, device))
             }
-            Some(comm) => {
+            (Some(comm), _) => {
                 let send = layout.pad_own(&own);
                 let got = comm
                     .all_gather(&send, self.world)
                     .with_context(|| format!("rank {}: gathering weights", self.rank))?;
-                layout.unpad(&got)
+                // Rank q's part starts at q × the padded part: cut out in place, no unpadded copy.
+                let part = layout.padded_part();
+                let starts: Vec<usize> = (0..layout.parts.len()).map(|q| q * part).collect();
+                Ok(layout.whole(&got, &starts, device))
             }
-        };
-        Ok(layout.whole(&flat, device))
+            (None, None) => Ok(shards.iter().map(|t| t.copy()).collect()),
+        }
     }
 }
 
@@ -392,34 +387,25 @@ impl RankMajor {
         )
     }
 
-    /// The full buffer from every rank's padded part, gathered in rank order.
-    fn unpad(&self, gathered: &Tensor) -> Tensor {
-        let part = self.padded_part() as i64;
-        let pieces: Vec<Tensor> = self
-            .parts
-            .iter()
-            .enumerate()
-            .map(|(q, (a, b))| gathered.narrow(0, q as i64 * part, (b - a) as i64))
-            .collect();
-        Tensor::cat(&pieces, 0)
-    }
-
     /// Whole tensors `whole` cut rank-major, each rank's part zero-padded to
-    /// [`Self::padded_part`], in `kind`: what NCCL's reduce-scatter takes.
+    /// [`Self::padded_part`], in `kind`: what NCCL's reduce-scatter takes (one buffer, each piece
+    /// cast as it is copied in).
     fn padded(&self, whole: &[Tensor], kind: Kind) -> Tensor {
         let part = self.padded_part() as i64;
-        let per_rank = self.shapes.len().max(1);
         let device = whole.first().map_or(Device::Cpu, Tensor::device);
-        let cut = self.cut(whole);
-        let mut pieces = Vec::new();
-        for ((a, b), mine) in self.parts.iter().zip(cut.chunks(per_rank)) {
-            pieces.extend(mine.iter().map(|p| p.to_kind(kind)));
-            let pad = part - (b - a) as i64;
-            if pad > 0 {
-                pieces.push(Tensor::zeros([pad], (kind, device)));
+        let buf = Tensor::zeros([part * self.parts.len() as i64], (kind, device));
+        for (q, rows) in self.rows.iter().enumerate() {
+            let mut at = q as i64 * part;
+            for (r, t) in rows.iter().zip(whole) {
+                let n = r.len * row_numel(&t.size());
+                if n > 0 {
+                    buf.narrow(0, at, n)
+                        .copy_(&t.narrow(0, r.start, r.len).reshape([-1]));
+                }
+                at += n;
             }
         }
-        Tensor::cat(&pieces, 0)
+        buf
     }
 
     /// The rank-major pieces of whole tensors `whole`, flattened, in buffer order.
@@ -436,11 +422,11 @@ impl RankMajor {
             .collect()
     }
 
-    /// The whole tensors of a full buffer `flat`, on `device`.
-    fn whole(&self, flat: &Tensor, device: Device) -> Vec<Tensor> {
+    /// The whole tensors of a buffer `flat` holding rank q's part at `starts[q]`, on `device`.
+    fn whole(&self, flat: &Tensor, starts: &[usize], device: Device) -> Vec<Tensor> {
         let mut pieces: Vec<Vec<Tensor>> = self.shapes.iter().map(|_| Vec::new()).collect();
-        for (q, part) in self.rows.iter().zip(&self.parts) {
-            let mut at = part.0 as i64;
+        for (q, start) in self.rows.iter().zip(starts) {
+            let mut at = *start as i64;
             for (i, (r, s)) in q.iter().zip(&self.shapes).enumerate() {
                 let n = r.len * row_numel(s);
                 let mut shape = s.clone();
@@ -523,9 +509,13 @@ mod tests {
                 .map(|(a, b)| layout.pad_own(&flat.narrow(0, *a as i64, (b - a) as i64)))
                 .collect();
             assert!(sends.iter().all(|s| s.numel() == layout.padded_part()));
-            let gathered = layout.unpad(&Tensor::cat(&sends, 0));
-            assert!(gathered.equal(&flat), "world {world}");
-            for (w, g) in whole.iter().zip(layout.whole(&gathered, Device::Cpu)) {
+            let part = layout.padded_part();
+            let starts: Vec<usize> = (0..world as usize).map(|q| q * part).collect();
+            let gathered = Tensor::cat(&sends, 0);
+            for (w, g) in whole
+                .iter()
+                .zip(layout.whole(&gathered, &starts, Device::Cpu))
+            {
                 assert!(w.equal(&g), "world {world}");
             }
             // Reduce-scatter: every rank contributes its own whole gradients.

@@ -837,15 +837,9 @@ impl Model {
         }
     }
 
-    /// The residual stream's start: the embeddings of `ids`, in fp32 whatever dtype the embedding
-    /// is held in (as mixed precision keeps the stream).
+    /// The residual stream's start: the embeddings of `ids`.
     fn embed_tokens(&self, ids: &Tensor) -> Tensor {
-        let h = Tensor::embedding(&self.embed, ids, -1, false, false);
-        if h.kind() == Kind::Float {
-            h
-        } else {
-            h.to_kind(Kind::Float)
-        }
+        embed_lookup(&self.embed, ids)
     }
 
     /// The final norm and the LM head over the residual stream.
@@ -862,6 +856,17 @@ impl Model {
             None => h.linear::<Tensor>(head, None),
             Some(k) => h.to_kind(k).linear::<Tensor>(&head.to_kind(k), None),
         }
+    }
+}
+
+/// The rows of `embedding` for `ids`, in fp32 whatever dtype the embedding is held in (as mixed
+/// precision keeps the residual stream).
+fn embed_lookup(embedding: &Tensor, ids: &Tensor) -> Tensor {
+    let h = Tensor::embedding(embedding, ids, -1, false, false);
+    if h.kind() == Kind::Float {
+        h
+    } else {
+        h.to_kind(Kind::Float)
     }
 }
 

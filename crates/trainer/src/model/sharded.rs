@@ -1,13 +1,15 @@
 //! Sharded weights (`--sharding full`, FSDP2's `Shard(0)` for every weight): each rank holds only
-//! its rows of each base weight (fp32, the master copy the optimizer updates). A part of the model
-//! — the embedding, one decoder layer, the head — runs on whole weights gathered from all ranks
-//! just before it and dropped just after, so only one layer's whole weights live at a time.
+//! its rows of each base weight (fp32, the master copy the optimizer updates; under LoRA the frozen
+//! base, in the dtype it is held in). A part of the model — the embedding, one decoder layer, the
+//! head — runs on whole weights gathered from all ranks just before it and dropped just after, so
+//! only one layer's whole weights live at a time.
 //!
 //! The step is the recomputing one of [`super::recompute`]: a forward pass without autograd,
 //! layer by layer, keeping each layer's input; then from the head back to the embedding, each part
-//! gathers its weights again as fresh leaves, recomputes, backpropagates the incoming gradient, and
-//! hands its weights' gradients to [`RowCollective::reduce`], which sums them over the ranks and
-//! keeps this rank's rows. The collectives run in the same order on every rank.
+//! gathers its weights again (as fresh leaves when they are trained), recomputes, backpropagates
+//! the incoming gradient, and hands its weights' gradients to [`RowCollective::reduce`], which sums
+//! them over the ranks and keeps this rank's rows — or, under LoRA, keeps the adapters' gradients
+//! for the step to sum. The collectives run in the same order on every rank.
 
 use std::collections::BTreeMap;
 
@@ -15,19 +17,14 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::recompute::{in_stage, layer_seed, Stage};
-use super::{Layer, Model};
+use super::{embed_lookup, Layer, Model};
 use crate::collective::shard::Rows;
 
 /// The two collectives sharded weights need, over whole tensors cut into rows.
 pub(crate) trait RowCollective {
-    /// Whole tensors of `shapes` from every rank's `rows` of them (`shards[i]`: this rank's rows of
-    /// tensor i).
-    fn gather(
-        &mut self,
-        shards: &[Tensor],
-        rows: &[Rows],
-        shapes: &[Vec<i64>],
-    ) -> Result<Vec<Tensor>>;
+    /// Whole tensors of `shapes` from every rank's rows of them ([`crate::collective::shard::rows_of`]
+    /// its rank; `shards[i]`: this rank's rows of tensor i), in the dtype each shard comes in.
+    fn gather(&mut self, shards: &[Tensor], shapes: &[Vec<i64>]) -> Result<Vec<Tensor>>;
     /// The sum over the ranks of whole tensors, returning this rank's `rows` of each (`whole` is
     /// consumed, so it can be freed as soon as it is staged).
     fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>>;
@@ -49,11 +46,23 @@ impl Model {
         in_stage(&self.base, stage, self.config.tie_word_embeddings)
     }
 
-    /// The whole weights `idx` (fresh tensors; leaves requiring gradients when `grad`), by name.
+    /// The whole weights `idx` (fresh tensors; leaves requiring gradients when `grad`), by name,
+    /// each gathered in the dtype [`gathered_in`] gives it.
     fn gather(
         &self,
         idx: &[usize],
         grad: bool,
+        comm: &mut dyn RowCollective,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        self.gather_in(idx, grad, None, comm)
+    }
+
+    /// [`Model::gather`], every weight gathered in `kind` when given (its shard cast first: exact).
+    fn gather_in(
+        &self,
+        idx: &[usize],
+        grad: bool,
+        kind: Option<Kind>,
         comm: &mut dyn RowCollective,
     ) -> Result<BTreeMap<String, Tensor>> {
         let parts = self.shards.as_deref().unwrap_or_default();
@@ -61,15 +70,14 @@ impl Model {
             .iter()
             .map(|&i| {
                 let own = self.base[i].tensor.detach();
-                match gathered_in(&self.base[i].name, self.compute) {
+                match kind.or_else(|| gathered_in(&self.base[i].name, self.compute)) {
                     Some(k) if own.kind() != k => own.to_kind(k),
                     _ => own,
                 }
             })
             .collect();
-        let picked: Vec<Rows> = idx.iter().map(|&i| parts[i].rows).collect();
         let shapes: Vec<Vec<i64>> = idx.iter().map(|&i| parts[i].whole.clone()).collect();
-        let whole = tch::no_grad(|| comm.gather(&shards, &picked, &shapes))?;
+        let whole = tch::no_grad(|| comm.gather(&shards, &shapes))?;
         Ok(idx
             .iter()
             .zip(whole)
@@ -105,8 +113,7 @@ impl Model {
         tch::no_grad(|| {
             let rope = self.rope(ids);
             let embed = self.gather(&self.base_of(Stage::Embed), false, comm)?;
-            let mut h =
-                Tensor::embedding(&embed["model.embed_tokens.weight"], ids, -1, false, false);
+            let mut h = embed_lookup(&embed["model.embed_tokens.weight"], ids);
             drop(embed);
             for l in 0..self.config.num_hidden_layers as usize {
                 let w = self.gather(&self.base_of(Stage::Layer(l)), false, comm)?;
@@ -143,7 +150,7 @@ impl Model {
         let mut inputs = Vec::with_capacity(layers);
         let last = tch::no_grad(|| -> Result<Tensor> {
             let w = self.gather(&self.base_of(Stage::Embed), false, comm)?;
-            let mut h = Tensor::embedding(&w["model.embed_tokens.weight"], ids, -1, false, false);
+            let mut h = embed_lookup(&w["model.embed_tokens.weight"], ids);
             drop(w);
             for l in 0..layers {
                 let w = self.gather(&self.base_of(Stage::Layer(l)), false, comm)?;
@@ -230,7 +237,7 @@ impl Model {
         let _embedding_done = backward(
             Stage::Embed,
             &|w, _| {
-                let e = Tensor::embedding(&w["model.embed_tokens.weight"], ids, -1, false, false);
+                let e = embed_lookup(&w["model.embed_tokens.weight"], ids);
                 (e * &g_out).sum(Kind::Float)
             },
             None,
@@ -256,10 +263,11 @@ impl Model {
         comm: &mut dyn RowCollective,
     ) -> Result<()> {
         for i in 0..self.base.len() {
-            let w = self.gather(&[i], false, comm)?;
+            // Cast to the sampler dtype before the gather: exact, whatever the compute dtype.
+            let w = self.gather_in(&[i], false, Some(kind), comm)?;
             for (name, t) in w {
                 if keep(&name) {
-                    take(&name, t.to_kind(kind))?;
+                    take(&name, t)?;
                 }
             }
         }
@@ -297,12 +305,7 @@ mod tests {
     }
 
     impl RowCollective for Alone {
-        fn gather(
-            &mut self,
-            shards: &[Tensor],
-            _: &[Rows],
-            shapes: &[Vec<i64>],
-        ) -> Result<Vec<Tensor>> {
+        fn gather(&mut self, shards: &[Tensor], shapes: &[Vec<i64>]) -> Result<Vec<Tensor>> {
             for (t, s) in shards.iter().zip(shapes) {
                 self.gathered.entry(s.clone()).or_default().push(t.kind());
             }
@@ -333,11 +336,16 @@ mod tests {
         sharded.shard(0, 1).unwrap();
         let ids = Tensor::from_slice(&[1i64, 5, 9, 200, 3, 4, 7, 8]).view([2, 4]);
         let loss_of = |logits: &Tensor| logits.to_kind(Kind::Float).square().mean(Kind::Float);
+        // CPU bf16 matmuls split their sums by the threads free at the moment (other tests run
+        // beside this one): one thread makes both passes sum in the same order.
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1);
         let (l1, g1) = plain.loss_and_gradients_recomputed(&ids, 5, true, loss_of);
         let mut comm = Alone::default();
         let (l2, g2) = sharded
             .loss_and_gradients_sharded(&ids, 5, true, loss_of, &mut comm)
             .unwrap();
+        tch::set_num_threads(threads);
         assert!(l1.equal(&l2));
         for ((p, a), b) in plain.base().iter().zip(&g1).zip(&g2) {
             assert_eq!(b.kind(), Kind::Float, "{}", p.name);

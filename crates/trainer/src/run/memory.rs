@@ -62,7 +62,7 @@ pub struct PlanInputs {
 /// Bytes one rank will hold while training, by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryPlan {
-    /// Weights (fp32; a LoRA run's frozen base included).
+    /// Weights (fp32; a LoRA run's frozen base included, in bf16 on CUDA).
     pub parameters: u64,
     /// Gradients of the trained weights (two sets with gradient accumulation).
     pub gradients: u64,
@@ -127,13 +127,14 @@ impl MemoryPlan {
         let per_layer_weights = base / layers.max(1);
         let lora = inputs.lora_parameters.is_some();
         let compute_copies = if inputs.sharded_weights {
-            // One part's whole weights gathered at a time (the projections in bf16 on CUDA) and,
+            // One part's whole weights gathered at a time (the projections in bf16 on CUDA; the
+            // collective's buffer and the tensors cut from it live together for a moment) and,
             // when they are trained, their whole gradients: on CPU staged into one fp32 buffer as
-            // they go; on CUDA bf16, cut into fp32 pieces and padded into one buffer for NCCL.
+            // they go; on CUDA bf16, copied into one padded fp32 buffer for NCCL.
             let part = per_layer_weights.max(vocab * h);
             match (lora, inputs.cuda) {
-                (true, true) => BF16 * part,
-                (true, false) => F32 * part,
+                (true, true) => 2 * BF16 * part,
+                (true, false) => 2 * F32 * part,
                 (false, true) => (BF16 + 2 * F32) * part,
                 (false, false) => 2 * F32 * part,
             }
