@@ -8,6 +8,7 @@ use waypoint_checkpoint::{model_dir, StepName};
 use super::{Live, Outcome, Session};
 use crate::checkpointing::saver::{promotable_share, SaveOrder};
 use crate::run::records::{self, JobState, Status};
+use crate::run::step::libtorch_boundary;
 
 impl Session {
     /// Saves the state at the current step (resumable; also promotable when `promotable`), in the
@@ -46,7 +47,11 @@ impl Session {
             .commit(self.step, run.data_consumed, run.ranks.world());
         let status = self.status_for(run.attempt);
         let share = if promotable {
-            promotable_share(&run.model, &run.ctx, &run.manager, &mut run.ranks)?
+            // Gathering whole weights allocates on the device: behind the libtorch boundary.
+            let what = format!("gathering the promotable weights of step {}", self.step);
+            libtorch_boundary(&what, || {
+                promotable_share(&run.model, &run.ctx, &run.manager, &mut run.ranks)
+            })?
         } else {
             None
         };

@@ -20,19 +20,9 @@ impl Session {
     /// to stop before it (a signal reached one of them: `signal` is this rank's, 0 for none).
     pub(super) fn step(&mut self, run: &mut Live, signal: usize) -> Result<Option<Value>> {
         let step = self.step + 1;
-        match catch_unwind(AssertUnwindSafe(|| self.step_unguarded(run, signal))) {
-            Ok(result) => result,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("(no message)");
-                Err(anyhow!(
-                    "training step {step} failed in libtorch: {message}"
-                ))
-            }
-        }
+        libtorch_boundary(&format!("training step {step}"), || {
+            self.step_unguarded(run, signal)
+        })
     }
 
     fn step_unguarded(&mut self, run: &mut Live, signal: usize) -> Result<Option<Value>> {
@@ -145,6 +135,22 @@ impl Session {
             }
         }
         Ok(Some(line))
+    }
+}
+
+/// Runs `work` (tch calls) behind the boundary: a libtorch error, which tch raises as a panic (a
+/// CUDA out-of-memory included), comes back as an error naming `what`, so the run ends `FAILED`.
+pub(crate) fn libtorch_boundary<T>(what: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(work)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            Err(anyhow!("{what} failed in libtorch: {message}"))
+        }
     }
 }
 
