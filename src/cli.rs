@@ -350,27 +350,21 @@ pub fn main() -> ExitCode {
                 }
             }
         },
-        Command::Status(args) => match runtime.block_on(crate::status::run(args)) {
-            Ok(code) => code,
-            Err(e) => {
-                say_err(format_args!(
-                    "error: {}",
-                    waypoint_trainer::run::records::explain(&e)
-                ));
-                ExitCode::FAILURE
-            }
-        },
-        Command::Ckpt { command } => match runtime.block_on(crate::ckpt::run(command)) {
-            Ok(code) => code,
-            Err(e) => {
-                say_err(format_args!(
-                    "error: {}",
-                    waypoint_trainer::run::records::explain(&e)
-                ));
-                ExitCode::FAILURE
-            }
-        },
+        Command::Status(args) => exit_of(runtime.block_on(crate::status::run(args))),
+        Command::Ckpt { command } => exit_of(runtime.block_on(crate::ckpt::run(command))),
     }
+}
+
+/// The exit code of a subcommand that reads runs (`status`, `ckpt`): its own, or 1 with the error
+/// explained on stderr.
+fn exit_of(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        say_err(format_args!(
+            "error: {}",
+            waypoint_trainer::run::records::explain(&e)
+        ));
+        ExitCode::FAILURE
+    })
 }
 
 fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {

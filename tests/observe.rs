@@ -130,6 +130,25 @@ fn assert_events_match_metrics(seen: &Value, metrics: &BTreeMap<u64, Value>, tot
 }
 
 /// The point counts of the plot's polylines, after checking it is an SVG of the plot's size.
+/// The logs of a run that ended after one resume: its events equal `metrics.jsonl` up to `steps`,
+/// the plot reaches `steps`, and there are two event files (one per attempt). Returns what was read
+/// ([`read_logs`]) and the last step the first (killed) attempt's file recorded.
+fn resumed_logs(logs: &Path, steps: u64) -> (Value, Option<u64>) {
+    let seen = read_logs(logs);
+    let metrics = metrics_by_step(&std::fs::read_to_string(logs.join("metrics.jsonl")).unwrap());
+    assert_events_match_metrics(&seen, &metrics, steps);
+    assert_eq!(plot_points(&seen).iter().max(), Some(&steps));
+    let files = seen["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let first_max = files[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_u64)
+        .max();
+    (seen, first_max)
+}
+
 fn plot_points(seen: &Value) -> Vec<u64> {
     let plot = &seen["plot"];
     assert_eq!(plot["tag"], "{http://www.w3.org/2000/svg}svg", "{plot}");
@@ -195,24 +214,12 @@ fn events_plot_and_log_survive_a_sigkill_and_resume_locally() {
     assert_eq!(plot_points(&before).iter().max(), Some(&20));
 
     run_to_end(&args);
-    let after = read_logs(&logs);
-    let metrics = metrics_by_step(&std::fs::read_to_string(logs.join("metrics.jsonl")).unwrap());
-    assert_events_match_metrics(&after, &metrics, STEPS);
-    // Redrawn after the resume, to the last step.
-    assert_eq!(plot_points(&after).iter().max(), Some(&STEPS));
-
-    // One file per attempt; the killed one recorded steps past its checkpoint (which TensorBoard
-    // dropped), the resumed one starts with a session start at step 21.
-    let files = after["files"].as_array().unwrap();
-    assert_eq!(files.len(), 2, "{files:?}");
-    let first_max = files[0]["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_u64)
-        .max();
+    // Redrawn after the resume, to the last step. One file per attempt; the killed one recorded
+    // steps past its checkpoint (which TensorBoard dropped), the resumed one starts with a session
+    // start at step 21.
+    let (after, first_max) = resumed_logs(&logs, STEPS);
     assert!(first_max.is_some_and(|s| s > 20), "{first_max:?}");
-    assert_eq!(files[1]["session_starts"], serde_json::json!([21]));
+    assert_eq!(after["files"][1]["session_starts"], serde_json::json!([21]));
     // Save times at every checkpoint, once each.
     let saves: Vec<u64> = after["scalars"]["checkpoint/save_s"]
         .as_array()
@@ -390,19 +397,8 @@ async fn an_s3_run_uploads_its_logs_and_events_without_secrets() {
         std::fs::write(path, bytes).unwrap();
     }
     let logs = local.path().join("logs");
-    let seen = read_logs(&logs);
-    let metrics = metrics_by_step(&std::fs::read_to_string(logs.join("metrics.jsonl")).unwrap());
-    assert_events_match_metrics(&seen, &metrics, steps);
-    assert_eq!(plot_points(&seen).iter().max(), Some(&steps));
-    let files = seen["files"].as_array().unwrap();
-    assert_eq!(files.len(), 2, "{files:?}");
     // The killed attempt's events went up at its checkpoint (step 10), not after.
-    let first_max = files[0]["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_u64)
-        .max();
+    let (_, first_max) = resumed_logs(&logs, steps);
     assert!(
         first_max.is_some_and(|s| (10..steps).contains(&s)),
         "{first_max:?} {killed_at}"

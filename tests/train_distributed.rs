@@ -9,8 +9,7 @@ use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use common::runs::{
-    block_rank1_file, launch_args, logged_step, manager, max_diff, rank_pid, read_until, set_flag,
-    sigterm_after_step, weights,
+    launch_args, logged_step, manager, max_diff, rank_pid, read_until, sigterm_after_step, weights,
 };
 
 fn train_flags(base: &str, run: &str, batch: u32, steps: u32) -> Vec<String> {
@@ -182,26 +181,5 @@ async fn runs_under_pytorchs_torchrun() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_failing_mid_save_leaves_no_committed_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().to_str().unwrap();
-    // A directory where rank 1's share of step 6 must go: its write fails, rank 0's does not.
-    let blocked = block_rank1_file(dir.path(), "half", 6);
-    let mut args = launch_args(2, 0);
-    args.extend(train_flags(base, "half", 2, 12));
-    // A short collective timeout instead of the one train_flags set.
-    set_flag(&mut args, "--dist_timeout_secs", "5");
-    let out = common::waypoint().args(&args).output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{log}");
-    assert!(log.contains("rank 1 failed"), "{log}");
-    let m = manager(base, "half");
-    let steps: Vec<u64> = common::committed_steps(&m).await;
-    assert_eq!(steps, [3], "step 6 was never committed");
-    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 3);
-
-    // With the obstacle gone, the same command resumes from step 3 and finishes.
-    std::fs::remove_dir_all(&blocked).unwrap();
-    let out = launched(base, "half", 2, 2, 12);
-    common::ok(&out);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint=step-000003"));
-    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 12);
+    common::runs::rank1_failing_mid_save_leaves_no_commit(dir.path(), &[]).await;
 }

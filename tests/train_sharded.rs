@@ -14,8 +14,7 @@ use std::collections::BTreeMap;
 use std::process::{Child, Output};
 
 use common::runs::{
-    block_rank1_file, launch_args, logged_step, manager, max_diff, rank_pid, read_until, set_flag,
-    sigterm_after_step, weights,
+    launch_args, logged_step, manager, max_diff, rank_pid, read_until, sigterm_after_step, weights,
 };
 use waypoint_checkpoint::{dcp, StepName};
 
@@ -286,30 +285,8 @@ async fn killed_and_resumed(sharding: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_failing_mid_a_sharded_save_leaves_no_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().to_str().unwrap();
-    // A directory where rank 1's slices of step 6 must go: its write fails, rank 0's does not.
-    let blocked = block_rank1_file(dir.path(), "half", 6);
-    let mut args = launch_args(2, 0);
-    args.extend(flags(base, "half", 2, 12, "full"));
-    // A short collective timeout (the later flag wins over train_flags' 20 s).
-    set_flag(&mut args, "--dist_timeout_secs", "5");
-    let out = common::waypoint().args(&args).output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{log}");
-    assert!(log.contains("rank 1 failed"), "{log}");
-    let m = manager(base, "half");
-    assert_eq!(
-        common::committed_steps(&m).await,
-        [3],
-        "step 6 was never committed"
-    );
-
-    // With the obstacle gone, the same command resumes from step 3 and finishes.
-    std::fs::remove_dir_all(&blocked).unwrap();
-    let out = launched(base, "half", 2, 2, 12, "full");
-    common::ok(&out);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint=step-000003"));
-    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 12);
+    common::runs::rank1_failing_mid_save_leaves_no_commit(dir.path(), &["--sharding", "full"])
+        .await;
 }
 
 /// Sharded state reads only rows of the files, so the ranks check a share of the files' sha256 each

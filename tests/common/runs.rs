@@ -113,7 +113,7 @@ pub(crate) fn rank_pid(line: &str, rank: u32) -> Option<String> {
 
 /// Makes a directory where rank 1 of 2 must write its file of checkpoint `step` of run `run` under
 /// `dir`, so that its save fails and rank 0's does not; returns it.
-pub(crate) fn block_rank1_file(dir: &Path, run: &str, step: u64) -> PathBuf {
+fn block_rank1_file(dir: &Path, run: &str, step: u64) -> PathBuf {
     let blocked = dir
         .join(format!(
             "{run}/framework=waypoint/checkpoints/step-{step:06}/dcp"
@@ -121,6 +121,38 @@ pub(crate) fn block_rank1_file(dir: &Path, run: &str, step: u64) -> PathBuf {
         .join("shard-00002-model-00001-of-00001.safetensors");
     std::fs::create_dir_all(&blocked).unwrap();
     blocked
+}
+
+/// Two ranks (with the train flags `extra`) where rank 1's write of step 6 fails: the job fails
+/// naming rank 1, step 6 is never committed (step 3 stays the newest resumable), and with the
+/// obstacle gone the same command resumes from step 3 and finishes.
+pub(crate) async fn rank1_failing_mid_save_leaves_no_commit(dir: &Path, extra: &[&str]) {
+    let base = dir.to_str().unwrap();
+    let blocked = block_rank1_file(dir, "half", 6);
+    let mut args = launch_args(2, 0);
+    args.extend(train_flags("cpu", base, "half", 2, 12));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    // A short collective timeout instead of the one train_flags set.
+    set_flag(&mut args, "--dist_timeout_secs", "5");
+    let out = super::waypoint().args(&args).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("rank 1 failed"), "{log}");
+    let m = manager(base, "half");
+    assert_eq!(
+        super::committed_steps(&m).await,
+        [3],
+        "step 6 was never committed"
+    );
+    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 3);
+
+    // With the obstacle gone, the same command resumes from step 3 and finishes.
+    std::fs::remove_dir_all(&blocked).unwrap();
+    set_flag(&mut args, "--dist_timeout_secs", "20");
+    let out = super::waypoint().args(&args).output().unwrap();
+    super::ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint=step-000003"));
+    assert_eq!(m.latest_resumable(true).await.unwrap().unwrap().step, 12);
 }
 
 /// The checkpoint manager of run `run` under `base`.
