@@ -819,7 +819,11 @@ mod tests {
             Bytes::new(),
         )
         .unwrap();
-        let model = Model::init(ModelConfig::tiny(), 0, Device::Cpu).unwrap();
+        let model = {
+            // Seeds and draws from libtorch's process-wide generator: in turn with the other tests.
+            let _turn = crate::model::tests::seeded();
+            Model::init(ModelConfig::tiny(), 0, Device::Cpu).unwrap()
+        };
         let opt = AdamW::new(
             AdamWConfig {
                 beta1: 0.9,

@@ -218,9 +218,6 @@ impl Ranks {
 /// `gathered_in`); gradients are summed in fp32.
 impl RowCollective for Ranks {
     fn gather(&mut self, shards: &[Tensor], shapes: &[Vec<i64>]) -> Result<Vec<Tensor>> {
-        if self.group.is_none() {
-            return Ok(shards.iter().map(Tensor::copy).collect());
-        }
         let mut out: Vec<Option<Tensor>> = shards.iter().map(|_| None).collect();
         let mut kinds: Vec<Kind> = Vec::new();
         for t in shards {
@@ -279,7 +276,7 @@ impl RowCollective for Ranks {
 }
 
 impl Ranks {
-    /// [`RowCollective::gather`] of shards that are all of `kind`.
+    /// [`RowCollective::gather`] of shards that are all of `kind` (alone: copies of them).
     fn gather_kind(
         &mut self,
         shards: &[&Tensor],
@@ -494,6 +491,8 @@ mod tests {
     /// equal parts, holds each rank's rows of the summed tensors — for uneven and empty shards.
     #[test]
     fn padded_parts_gather_and_reduce_as_the_uneven_ones() {
+        // Draws from libtorch's process-wide generator: not while a seeded test draws its model.
+        let _turn = crate::model::tests::seeded();
         let shapes = vec![vec![7i64, 3], vec![2], vec![5, 2, 2]];
         for world in 1u32..=4 {
             let layout = RankMajor::new(&shapes, world);
