@@ -20,8 +20,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use support::{env_or, python, run};
-use waypoint_trainer::data::tokenizer::Tokenizer;
-use waypoint_trainer::data::{list_sources, DataOptions, Dataset};
+use waypoint_data::tokenizer::Tokenizer;
+use waypoint_data::{list_sources, DataOptions, Dataset};
 
 /// Writes about `mb` MB of JSONL text rows (~900 bytes each) of pseudo-random English-like words.
 fn write_jsonl(path: &Path, mb: usize) {

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use waypoint_trainer::config::{merge, read_config_file, ConfigError, Origin, TrainConfig};
+use waypoint_config::{merge, read_config_file, ConfigError, Origin, TrainConfig};
 use waypoint_trainer::run::memory::MemoryPlanError;
 use waypoint_trainer::run::{Outcome, UsageError};
 
@@ -359,10 +359,7 @@ pub fn main() -> ExitCode {
 /// explained on stderr.
 fn exit_of(result: anyhow::Result<ExitCode>) -> ExitCode {
     result.unwrap_or_else(|e| {
-        say_err(format_args!(
-            "error: {}",
-            waypoint_trainer::run::records::explain(&e)
-        ));
+        say_err(format_args!("error: {}", waypoint_observe::explain(&e)));
         ExitCode::FAILURE
     })
 }
@@ -379,9 +376,13 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         }
     };
     let stop = stop_on_signals();
-    let base = config.checkpoint_base_uri.trim_end_matches('/').to_string();
+    let base = config
+        .run
+        .checkpoint_base_uri
+        .trim_end_matches('/')
+        .to_string();
     // Only printed after a run (whose names were validated); an invalid name fails in `run` first.
-    let run = waypoint_checkpoint::RunLayout::new(&config.run_id, &config.framework)
+    let run = waypoint_checkpoint::RunLayout::new(&config.run.run_id, &config.run.framework)
         .map(|layout| layout.uri_under(&base))
         .unwrap_or_default();
     match waypoint_trainer::run::run(config, stop, runtime) {
@@ -408,7 +409,7 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             ExitCode::from((128 + signal).min(255) as u8)
         }
         Err(e) => {
-            let message = waypoint_trainer::run::records::explain(&e);
+            let message = waypoint_observe::explain(&e);
             say_err(format_args!("error: {message}"));
             if e.downcast_ref::<UsageError>().is_some() {
                 return ExitCode::from(2);
@@ -488,19 +489,17 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(|| waypoint_trainer::run::records::Redacting(std::io::stderr()))
+        .with_writer(|| waypoint_observe::Redacting(std::io::stderr()))
         // A closed stderr (`waypoint train 2>&1 | head -1`) must not end the run: the subscriber's
         // own report of a failed write would go to that stderr and panic.
         .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-            meta.target() != waypoint_trainer::run::trainlog::FILE_ONLY
+            meta.target() != waypoint_observe::trainlog::FILE_ONLY
         }));
     // The same lines, without colour codes, into the run's logs/train.log (run/trainlog.rs).
     let train_log = tracing_subscriber::fmt::layer()
-        .with_writer(|| {
-            waypoint_trainer::run::records::Redacting(waypoint_trainer::run::trainlog::writer())
-        })
+        .with_writer(|| waypoint_observe::Redacting(waypoint_observe::trainlog::writer()))
         .log_internal_errors(false)
         .with_ansi(false);
     // The file first: a line seen on stderr is already in the file.
@@ -528,7 +527,7 @@ mod tests {
             .filter(|f| f != "config_path")
             .collect();
         flags.sort();
-        let mut keys = waypoint_trainer::config::keys();
+        let mut keys = waypoint_config::keys();
         keys.sort();
         assert_eq!(flags, keys);
 
@@ -537,9 +536,12 @@ mod tests {
         std::fs::write(&path, r#"{"lr": 0.5, "max_steps": 9, "sync_save": true}"#).unwrap();
         let c =
             resolve_for_test(&["--config_path", path.to_str().unwrap(), "--lr", "0.1"]).unwrap();
-        assert_eq!((c.lr, c.max_steps, c.sync_save), (0.1, 9, true));
+        assert_eq!(
+            (c.optim.lr, c.run.max_steps, c.checkpointing.sync_save),
+            (0.1, 9, true)
+        );
         let c = resolve_for_test(&["--disable_packing"]).unwrap();
-        assert!(c.disable_packing);
+        assert!(c.data.disable_packing);
         assert!(resolve_for_test(&["--lr", "0.1", "--lr", "0.2"]).is_err());
     }
 }

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 use waypoint_checkpoint::{now_ms, CheckpointInfo, CheckpointManager, ManagerOptions, RunLayout};
+use waypoint_observe::records::{JobState, Status};
 use waypoint_storage::{StorageError, Store};
-use waypoint_trainer::run::records::{JobState, Status};
 
 /// A running run whose records have not changed for this long is reported as possibly gone.
 pub const STALE_AFTER_S: f64 = 600.0;

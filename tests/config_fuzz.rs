@@ -8,7 +8,7 @@ use std::io::Write;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use waypoint::cli::{resolve_train_args, ArgsError};
-use waypoint_trainer::config::{keys, limits, TrainConfig};
+use waypoint_config::{keys, limits, TrainConfig};
 
 /// Hostile command-line values.
 fn hostile_text() -> impl Strategy<Value = String> {
@@ -98,26 +98,42 @@ fn hostile_toml() -> impl Strategy<Value = String> {
 
 /// A configuration that resolved must be inside every range the parser promises.
 fn assert_in_range(c: &TrainConfig) {
-    assert!((1..=limits::BATCH_SIZE).contains(&c.batch_size), "{c:?}");
     assert!(
-        (1..=limits::GRADIENT_ACCUMULATION).contains(&c.gradient_accumulation),
+        (1..=limits::BATCH_SIZE).contains(&c.data.batch_size),
         "{c:?}"
     );
-    assert!((2..=limits::MAX_SEQ_LEN).contains(&c.max_seq_len), "{c:?}");
-    assert!(c.batch_size * c.gradient_accumulation * c.max_seq_len <= limits::TOKENS_PER_STEP);
-    assert!(c.num_threads <= limits::NUM_THREADS);
-    assert!(c.lora_rank <= limits::LORA_RANK);
-    assert!((1..=limits::DIST_TIMEOUT_SECS).contains(&c.dist_timeout_secs));
-    assert!(c.lr.is_finite() && c.lr > 0.0, "{c:?}");
-    assert!(c.adam_epsilon.is_finite() && c.adam_epsilon > 0.0, "{c:?}");
-    for x in [c.weight_decay, c.max_grad_norm, c.lora_alpha] {
+    assert!(
+        (1..=limits::GRADIENT_ACCUMULATION).contains(&c.data.gradient_accumulation),
+        "{c:?}"
+    );
+    assert!(
+        (2..=limits::MAX_SEQ_LEN).contains(&c.data.max_seq_len),
+        "{c:?}"
+    );
+    assert!(
+        c.data.batch_size * c.data.gradient_accumulation * c.data.max_seq_len
+            <= limits::TOKENS_PER_STEP
+    );
+    assert!(c.model.num_threads <= limits::NUM_THREADS);
+    assert!(c.lora.lora_rank <= limits::LORA_RANK);
+    assert!((1..=limits::DIST_TIMEOUT_SECS).contains(&c.distributed.dist_timeout_secs));
+    assert!(c.optim.lr.is_finite() && c.optim.lr > 0.0, "{c:?}");
+    assert!(
+        c.optim.adam_epsilon.is_finite() && c.optim.adam_epsilon > 0.0,
+        "{c:?}"
+    );
+    for x in [
+        c.optim.weight_decay,
+        c.optim.max_grad_norm,
+        c.lora.lora_alpha,
+    ] {
         assert!(x.is_finite() && x >= 0.0, "{c:?}");
     }
-    assert!((0.0..=1.0).contains(&c.min_lr_ratio), "{c:?}");
-    for x in [c.adam_beta1, c.adam_beta2, c.lora_dropout] {
+    assert!((0.0..=1.0).contains(&c.optim.min_lr_ratio), "{c:?}");
+    for x in [c.optim.adam_beta1, c.optim.adam_beta2, c.lora.lora_dropout] {
         assert!((0.0..1.0).contains(&x), "{c:?}");
     }
-    assert!(c.eval_steps == 0 || !c.eval_dataset_uri.is_empty());
+    assert!(c.run.eval_steps == 0 || !c.data.eval_dataset_uri.is_empty());
 }
 
 /// An error must say which flag, key or file is at fault.
@@ -250,6 +266,7 @@ fn the_issues_examples_name_the_flag_and_the_range() {
     assert_eq!(
         resolve_train_args(["--max_grad_norm", "0"])
             .unwrap()
+            .optim
             .max_grad_norm,
         0.0
     );

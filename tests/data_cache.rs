@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use waypoint_trainer::data::cache::open_checked;
+use waypoint_data::cache::open_checked;
 
 /// A JSONL file of `rows` text rows of pseudo-random words (the same for the same arguments).
 fn write_dataset(path: &Path, rows: usize) {
@@ -225,8 +225,8 @@ async fn a_dataset_on_s3_streams_into_the_same_samples_as_local_files() {
     let Some(s3) = common::s3_base() else {
         return;
     };
-    use waypoint_trainer::data::tokenizer::Tokenizer;
-    use waypoint_trainer::data::{list_sources, DataOptions, Dataset};
+    use waypoint_data::tokenizer::Tokenizer;
+    use waypoint_data::{list_sources, DataOptions, Dataset};
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("local");
     std::fs::create_dir_all(&local).unwrap();

@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 
 use common::*;
 use serde_json::{json, Value};
-use waypoint_trainer::data::tokenizer::Tokenizer;
-use waypoint_trainer::data::{list_sources, DataOptions, Dataset};
+use waypoint_data::tokenizer::Tokenizer;
+use waypoint_data::{list_sources, DataOptions, Dataset};
 
 fn conversations() -> Value {
     json!([

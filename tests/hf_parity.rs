@@ -9,7 +9,8 @@ mod common;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use waypoint_trainer::model::{LoraConfig, Model};
+use waypoint_config::LoraConfig;
+use waypoint_trainer::model::Model;
 
 fn hf_models(args: &[&str]) {
     common::root_python_script("hf_models.py", args);
@@ -181,7 +182,7 @@ fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
         ],
     );
     let got: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
-    let want: Vec<i64> = std::iter::once(waypoint_trainer::data::tokenizer::BYTE_BOS)
+    let want: Vec<i64> = std::iter::once(waypoint_data::tokenizer::BYTE_BOS)
         .chain(text.bytes().map(i64::from))
         .collect();
     let ids: Vec<i64> = got["ids"]
@@ -192,7 +193,7 @@ fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
         .collect();
     assert_eq!(ids, want, "transformers' ids are the byte tokenizer's");
     assert_eq!(got["decoded"], text);
-    assert_eq!(got["eos"], waypoint_trainer::data::tokenizer::BYTE_EOS);
+    assert_eq!(got["eos"], waypoint_data::tokenizer::BYTE_EOS);
 
     let (hf_ids, hf_logits) = reference(&logits_file);
     let (model, _) = Model::load_hf_dir(&dir, Device::Cpu, None, Kind::Float).unwrap();

@@ -1,8 +1,10 @@
-//! Checkpoints from the training loop: [`saver`] stages the live state to host memory and writes it
-//! on a thread through the checkpoint crate's save protocol (one rank or N); [`convert`] turns tch
-//! tensors into checkpoint tensors and back; [`worker`] is the saver's long-lived threads. The
+//! Checkpoints from the training loop. [`policy`] decides when and what to save (pure functions of
+//! the step and the settings); [`saver`] carries it out — it stages the live state to host memory
+//! ([`state`]: what a rank saves, snapshots and host copies) and writes it on [`worker`]'s
+//! long-lived threads through the checkpoint crate's save protocol (one rank or N). The
 //! on-storage formats are the checkpoint crate's.
 
-pub(crate) mod convert;
+pub(crate) mod policy;
 pub(crate) mod saver;
+pub(crate) mod state;
 pub(crate) mod worker;

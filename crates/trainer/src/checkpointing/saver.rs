@@ -22,54 +22,25 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use serde_json::{json, Value};
-use tch::{Device, Tensor};
 use tokio::runtime::Handle;
 use waypoint_c10d::SideChannel;
-use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
+use waypoint_checkpoint::StepName;
 use waypoint_checkpoint::{
     dcp, CheckpointError, CheckpointManager, Commit, Peers, SamplerPart, SaveRequest, SingleRank,
     Tensor as Blob,
 };
-use waypoint_checkpoint::{StepName, WeightsPlan};
 
-use crate::checkpointing::convert::{byte_size, to_blob};
+use crate::checkpointing::policy::{delta_base_for, SamplerChain};
+use crate::checkpointing::state::{
+    copy_to_host, sampler_part, snapshot_on_device, state_items, PromotableShare, SaveContext,
+    StateItem,
+};
 use crate::checkpointing::worker::{Task, Worker};
 use crate::collective::ranks::Ranks;
-use crate::collective::shard::Rows;
+use crate::convert::byte_size;
 use crate::model::Model;
-use crate::run::optim::AdamW;
-use crate::run::records::{RunRecords, Status};
-
-/// What every save needs besides the live state.
-pub(crate) struct SaveContext {
-    /// sha256 of the resume-relevant configuration.
-    pub fingerprint: String,
-    /// dtype of the promotable weights.
-    pub sampler_dtype: crate::config::SamplerDtype,
-    /// Tokenizer files carried into the sampler directory.
-    pub tokenizer_files: Vec<(String, Bytes)>,
-    /// The base model (named in a PEFT adapter's config).
-    pub model_id: String,
-    /// Samples in the training data (to derive the epoch).
-    pub n_samples: u64,
-    /// A new full sampler base after this many deltas (0: every periodic sampler save is a base).
-    pub sampler_base_every: u64,
-}
-
-impl SaveContext {
-    /// The counters and identity of a checkpoint at `step`.
-    pub(crate) fn commit(&self, step: u64, data_consumed: u64, world_size: u32) -> Commit {
-        Commit {
-            step,
-            data_consumed,
-            epoch: data_consumed / self.n_samples.max(1),
-            world_size,
-            config_fingerprint: self.fingerprint.clone(),
-            delta_base: None,
-        }
-    }
-}
+use crate::optim::AdamW;
+use waypoint_observe::records::{RunRecords, Status};
 
 /// One save asked of the [`Saver`]: the live state, what the checkpoint is, and how to save it.
 pub(crate) struct SaveOrder<'a> {
@@ -97,51 +68,6 @@ pub(crate) struct SaveOrder<'a> {
     /// With sharded weights: this rank's share of the promotable weights, which every rank writes
     /// ([`promotable_share`]).
     pub share: Option<PromotableShare>,
-}
-
-/// This rank's share of the promotable weights of a model sharded over the ranks: every rank
-/// writes the files of the plan that are its own, from whole tensors gathered for it alone.
-pub(crate) struct PromotableShare {
-    plan: WeightsPlan,
-    tensors: Vec<Blob>,
-}
-
-/// For a promotable save of sharded weights (full-parameter): every rank takes part in gathering
-/// each weight whole, one at a time, and keeps those the plan gives it to write, in the sampler
-/// dtype — so no rank ever holds more than its share of the model. `None` when the weights are not
-/// sharded (rank 0 writes the whole model from its own copy) or under LoRA (the adapter is whole on
-/// every rank).
-pub(crate) fn promotable_share(
-    model: &Model,
-    ctx: &SaveContext,
-    manager: &CheckpointManager,
-    ranks: &mut Ranks,
-) -> Result<Option<PromotableShare>> {
-    if !model.is_sharded() || model.lora.is_some() {
-        return Ok(None);
-    }
-    let kind = ctx.sampler_dtype.kind();
-    let sizes: Vec<(String, u64)> = model
-        .whole_shapes()
-        .into_iter()
-        .map(|(name, shape)| {
-            let numel: i64 = shape.iter().product();
-            (name, numel as u64 * kind.elt_size_in_bytes() as u64)
-        })
-        .collect();
-    let plan = WeightsPlan::new(&sizes, ranks.world(), manager.options().max_file_bytes);
-    let rank = ranks.rank();
-    let mut tensors = Vec::new();
-    model.gather_each_base(
-        kind,
-        &|name| plan.writer_of(name) == Some(rank),
-        &mut |name, t| {
-            tensors.push(to_blob(name, &t, None)?);
-            Ok(())
-        },
-        ranks,
-    )?;
-    Ok(Some(PromotableShare { plan, tensors }))
 }
 
 /// One save, staged in host memory.
@@ -401,15 +327,6 @@ impl Saver {
     }
 }
 
-/// The newest full sampler base a saver committed, and the deltas made over it since.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SamplerChain {
-    /// The base.
-    pub base: StepName,
-    /// Deltas committed over it.
-    pub deltas: u64,
-}
-
 /// What sampler part a committed save held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SamplerWritten {
@@ -516,260 +433,11 @@ fn peers_error(op: &str, e: impl std::fmt::Display) -> CheckpointError {
     }
 }
 
-/// One tensor of the resumable state: a handle that shares the live tensor's memory, under its DCP
-/// name; with `offsets`, this rank's slice of a sharded tensor (DCP's `saved_offsets`).
-struct StateItem {
-    name: String,
-    tensor: Tensor,
-    offsets: Option<Vec<usize>>,
-}
-
-/// The resumable state under DCP's names: trainable weights and their AdamW state — with sharded
-/// optimizer state, this rank's rows of the moments, as slices.
-fn state_items(model: &Model, opt: &AdamW) -> Vec<StateItem> {
-    let whole = |name: String, t: &Tensor| StateItem {
-        name,
-        tensor: t.shallow_clone(),
-        offsets: None,
-    };
-    let mut items = Vec::new();
-    let item = |name: String, t: &Tensor, rows: Option<Rows>| match rows {
-        None => whole(name, t),
-        Some(rows) => {
-            let mut offsets = vec![0usize; t.dim()];
-            if let Some(o) = offsets.first_mut() {
-                *o = rows.start as usize;
-            }
-            StateItem {
-                name,
-                tensor: t.shallow_clone(),
-                offsets: Some(offsets),
-            }
-        }
-    };
-    for (i, (p, s)) in model.trainable().iter().zip(&opt.state).enumerate() {
-        let weight_rows = model.trainable_rows(i);
-        items.push(item(dcp::model_key(&p.name), &p.tensor, weight_rows));
-        let rows = weight_rows.or(opt.rows.as_ref().map(|r| r[i]));
-        for (field, t) in [("exp_avg", &s.exp_avg), ("exp_avg_sq", &s.exp_avg_sq)] {
-            items.push(item(dcp::optim_key(&p.name, field), t, rows));
-        }
-        items.push(whole(dcp::optim_key(&p.name, "step"), &s.step));
-    }
-    items
-}
-
-/// Free GPU memory kept beyond a snapshot, for the activations of the steps that run beside it.
-const SNAPSHOT_HEADROOM: u64 = 2 << 30;
-
-/// A copy of the state on its own GPU, when the state lives on a GPU with room for it.
-fn snapshot_on_device(items: &[StateItem]) -> Option<Vec<StateItem>> {
-    let Device::Cuda(gpu) = items.first()?.tensor.device() else {
-        return None;
-    };
-    let bytes: u64 = items.iter().map(|i| byte_size(&i.tensor) as u64).sum();
-    match crate::collective::cuda::free_memory(gpu) {
-        Ok(free) if free >= bytes + SNAPSHOT_HEADROOM => {}
-        Ok(free) => {
-            tracing::info!(
-                state_mb = bytes >> 20,
-                free_mb = free >> 20,
-                "no room on the GPU for a snapshot: the optimizer waits for the copy to host"
-            );
-            return None;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "free GPU memory unknown: no snapshot");
-            return None;
-        }
-    }
-    tracing::debug!(state_mb = bytes >> 20, gpu, "state snapshotted on the GPU");
-    tch::no_grad(|| {
-        Some(
-            items
-                .iter()
-                .map(|i| StateItem {
-                    name: i.name.clone(),
-                    tensor: i.tensor.detach().copy(),
-                    offsets: i.offsets.clone(),
-                })
-                .collect(),
-        )
-    })
-}
-
-/// Copies named tensors to host memory, as they are.
-fn copy_to_host(items: &[StateItem]) -> Result<Vec<Blob>> {
-    items
-        .iter()
-        .map(|i| {
-            let blob = to_blob(&i.name, &i.tensor, None)?;
-            Ok(match &i.offsets {
-                Some(o) => blob.with_offsets(o.clone())?,
-                None => blob,
-            })
-        })
-        .collect()
-}
-
-/// The promotable part: a PEFT adapter under LoRA, else the full weights as an HF directory in the
-/// sampler dtype — this rank's `share` of them when the live weights are sharded — or, given a
-/// `delta_base`, a delta over that base's (which the checkpoint crate writes as full weights after
-/// all when the delta would exceed half their size).
-fn sampler_part(
-    model: &Model,
-    share: Option<PromotableShare>,
-    ctx: &SaveContext,
-    delta_base: Option<StepName>,
-) -> Result<SamplerPart> {
-    if let Some(lora) = &model.lora {
-        let config = AdapterConfig::new(
-            lora.rank as usize,
-            lora.alpha,
-            lora.dropout,
-            lora.targets.clone(),
-            &ctx.model_id,
-        );
-        let tensors = model
-            .trainable()
-            .iter()
-            .map(|p| {
-                let (fqn, which) = match p.name.strip_suffix(".lora_A.weight") {
-                    Some(f) => (f, 'A'),
-                    None => (
-                        p.name.strip_suffix(".lora_B.weight").unwrap_or(&p.name),
-                        'B',
-                    ),
-                };
-                to_blob(
-                    &adapter_tensor_name(fqn, which),
-                    &p.tensor,
-                    Some(ctx.sampler_dtype.kind()),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        return Ok(SamplerPart::Lora {
-            adapter_config: Bytes::from(config.to_json()?),
-            tensors,
-        });
-    }
-    let mut config: Value = model.config.raw.clone();
-    config["torch_dtype"] = json!(ctx.sampler_dtype.hf_name());
-    let config_json = Bytes::from(serde_json::to_vec_pretty(&config)?);
-    if let Some(PromotableShare { plan, tensors }) = share {
-        return Ok(SamplerPart::FullShare {
-            plan,
-            tensors,
-            config_json,
-            extra_files: ctx.tokenizer_files.clone(),
-        });
-    }
-    let tensors = model
-        .base()
-        .iter()
-        .map(|p| to_blob(&p.name, &p.tensor, Some(ctx.sampler_dtype.kind())))
-        .collect::<Result<Vec<_>>>()?;
-    if let Some(base) = delta_base {
-        return Ok(SamplerPart::Delta {
-            base,
-            config_json,
-            tensors,
-        });
-    }
-    Ok(SamplerPart::Full {
-        config_json,
-        tensors,
-        extra_files: ctx.tokenizer_files.clone(),
-    })
-}
-
-/// Which save, if any, is due after a step: the policy apart from the saving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SaveDue {
-    /// None.
-    None,
-    /// A periodic resumable save (every `save_steps`, before the last step).
-    Periodic,
-    /// The final save at the last step: resumable and promotable.
-    Final,
-    /// A stop was requested (a signal): save this step, resumable, then stop.
-    Stop,
-}
-
-/// What save is due once `step` of `total` is done, with saves every `save_steps` (0: none but the
-/// final one) and `signal` when a stop was requested. A stop at step 0 has nothing to save.
-pub(crate) fn save_due(step: u64, save_steps: u64, total: u64, signal: bool) -> SaveDue {
-    if step >= total {
-        SaveDue::Final
-    } else if signal {
-        if step > 0 {
-            SaveDue::Stop
-        } else {
-            SaveDue::None
-        }
-    } else if save_steps > 0 && step % save_steps == 0 {
-        SaveDue::Periodic
-    } else {
-        SaveDue::None
-    }
-}
-
-/// Whether a periodic sampler save is due once `step` of `total` is done, with one every `every`
-/// steps (0: none); the final save carries its own sampler part.
-pub(crate) fn sampler_save_due(step: u64, every: u64, total: u64) -> bool {
-    every > 0 && step < total && step % every == 0
-}
-
-/// The base a periodic sampler save is a delta over, or `None` for a full save (a new base): none
-/// was made yet by this process, or `base_every` deltas were made over the newest (0: always a
-/// base).
-pub(crate) fn delta_base_for(chain: Option<SamplerChain>, base_every: u64) -> Option<StepName> {
-    chain.filter(|c| c.deltas < base_every).map(|c| c.base)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sampler_saves_are_a_base_then_deltas_then_a_new_base() {
-        let due: Vec<u64> = (1..=10).filter(|&s| sampler_save_due(s, 4, 10)).collect();
-        assert_eq!(due, [4, 8]);
-        assert!(
-            !sampler_save_due(10, 5, 10),
-            "the final save carries its own"
-        );
-        assert!((1..10).all(|s| !sampler_save_due(s, 0, 10)));
-        assert_eq!(delta_base_for(None, 3), None);
-        let chain = |deltas| {
-            Some(SamplerChain {
-                base: StepName::new(4),
-                deltas,
-            })
-        };
-        assert_eq!(delta_base_for(chain(0), 3), Some(StepName::new(4)));
-        assert_eq!(delta_base_for(chain(2), 3), Some(StepName::new(4)));
-        assert_eq!(
-            delta_base_for(chain(3), 3),
-            None,
-            "K deltas made: a new base"
-        );
-        assert_eq!(delta_base_for(chain(0), 0), None, "0: always a base");
-    }
-
-    #[test]
-    fn periodic_saves_fall_on_multiples_before_the_last_step() {
-        let due: Vec<u64> = (1..10)
-            .filter(|&s| save_due(s, 3, 10, false) == SaveDue::Periodic)
-            .collect();
-        assert_eq!(due, [3, 6, 9]);
-        // The last step gets the final save, even on a multiple.
-        assert_eq!(save_due(9, 3, 9, false), SaveDue::Final);
-        assert_eq!(save_due(10, 3, 10, false), SaveDue::Final);
-        // save_steps 0: only the final one.
-        assert!((1..10).all(|s| save_due(s, 0, 10, false) == SaveDue::None));
-        assert_eq!(save_due(10, 0, 10, false), SaveDue::Final);
-    }
+    use serde_json::json;
+    use tch::Device;
 
     /// Resident memory of this process, from `/proc/self/status`.
     fn rss_bytes() -> u64 {
@@ -787,9 +455,9 @@ mod tests {
     #[test]
     fn a_thousand_async_saves_do_not_leak() {
         use crate::model::{Model, ModelConfig};
-        use crate::run::optim::{AdamW, AdamWConfig};
-        use crate::run::records::{JobState, RunRecords, Status};
+        use crate::optim::{AdamW, AdamWConfig};
         use waypoint_checkpoint::{ManagerOptions, RunLayout};
+        use waypoint_observe::records::{JobState, RunRecords, Status};
 
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -835,7 +503,7 @@ mod tests {
         );
         let ctx = SaveContext {
             fingerprint: "0".repeat(64),
-            sampler_dtype: crate::config::SamplerDtype::Bf16,
+            sampler_dtype: waypoint_config::SamplerDtype::Bf16,
             tokenizer_files: Vec::new(),
             model_id: "tiny".into(),
             n_samples: 1_000_000,
@@ -889,13 +557,5 @@ mod tests {
             growth <= 16.0,
             "RSS grew {growth:.2} MiB over {saves} saves"
         );
-    }
-
-    #[test]
-    fn a_stop_saves_the_current_step_unless_nothing_was_done() {
-        assert_eq!(save_due(4, 3, 10, true), SaveDue::Stop);
-        assert_eq!(save_due(6, 3, 10, true), SaveDue::Stop);
-        assert_eq!(save_due(0, 3, 10, true), SaveDue::None);
-        assert_eq!(save_due(10, 3, 10, true), SaveDue::Final);
     }
 }

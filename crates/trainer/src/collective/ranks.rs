@@ -13,8 +13,8 @@ use tch::{Device, Kind, Tensor};
 use waypoint_c10d::{Group, GroupConfig};
 
 use crate::collective::nccl::{Communicator, Nccl};
-use crate::collective::shard::{rows_of, Rows};
-use crate::model::RowCollective;
+use crate::shard::RowCollective;
+use crate::shard::{rows_of, Rows};
 use waypoint_launch::WorkerEnv;
 
 /// The ranks of the job, from this worker's side.

@@ -157,8 +157,9 @@ fn add_into(grads: &mut [Option<Tensor>], stage: &[usize], got: Vec<Tensor>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{LoraConfig, ModelConfig};
+    use crate::model::ModelConfig;
     use tch::Device;
+    use waypoint_config::LoraConfig;
 
     fn summed<'a>(model: &'a Model, labels: &'a Tensor) -> impl Fn(&Tensor) -> Tensor + 'a {
         let v = model.config.vocab_size;

@@ -17,18 +17,9 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::recompute::{in_stage, layer_seed, Stage};
-use super::{embed_lookup, Layer, Model};
-use crate::collective::shard::Rows;
-
-/// The two collectives sharded weights need, over whole tensors cut into rows.
-pub(crate) trait RowCollective {
-    /// Whole tensors of `shapes` from every rank's rows of them ([`crate::collective::shard::rows_of`]
-    /// its rank; `shards[i]`: this rank's rows of tensor i), in the dtype each shard comes in.
-    fn gather(&mut self, shards: &[Tensor], shapes: &[Vec<i64>]) -> Result<Vec<Tensor>>;
-    /// The sum over the ranks of whole tensors, returning this rank's `rows` of each (`whole` is
-    /// consumed, so it can be freed as soon as it is staged).
-    fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>>;
-}
+use crate::model::layers::{embed_lookup, Layer};
+use crate::model::Model;
+use crate::shard::{RowCollective, Rows};
 
 /// The dtype weight `name` is gathered in: the compute dtype (bf16 on CUDA) for the weights the
 /// forward pass casts to it anyway — the projections' weights and biases and an untied `lm_head` —
@@ -371,7 +362,7 @@ mod tests {
     #[test]
     fn lora_over_a_sharded_base_gives_the_recomputed_adapter_gradients() {
         let _turn = crate::model::tests::seeded();
-        let lora = crate::model::LoraConfig {
+        let lora = waypoint_config::LoraConfig {
             rank: 4,
             alpha: 8.0,
             dropout: 0.1,

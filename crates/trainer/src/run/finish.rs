@@ -6,9 +6,10 @@ use tokio::runtime::Runtime;
 use waypoint_checkpoint::{model_dir, StepName};
 
 use super::{Live, Outcome, Session};
-use crate::checkpointing::saver::{promotable_share, SaveOrder};
-use crate::run::records::{self, JobState, Status};
-use crate::run::step::libtorch_boundary;
+use crate::checkpointing::saver::SaveOrder;
+use crate::checkpointing::state::promotable_share;
+use crate::step::libtorch_boundary;
+use waypoint_observe::records::{self, JobState, Status};
 
 impl Session {
     /// Saves the state at the current step (resumable; also promotable when `promotable`), in the

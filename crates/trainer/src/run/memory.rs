@@ -18,25 +18,7 @@ use crate::model::ModelConfig;
 #[error("{0}")]
 pub struct MemoryPlanError(pub String);
 
-/// `--memory_check`: what to do when the plan exceeds the memory available.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemoryCheck {
-    /// Refuse to start (the default).
-    Refuse,
-    /// Say so, and start anyway.
-    Warn,
-}
-
-impl MemoryCheck {
-    /// Parses the flag's value.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "refuse" => Some(Self::Refuse),
-            "warn" => Some(Self::Warn),
-            _ => None,
-        }
-    }
-}
+pub use waypoint_config::MemoryCheck;
 
 /// What the estimate depends on besides the model's config.
 #[derive(Debug, Clone, PartialEq)]

@@ -21,35 +21,29 @@
 pub mod device;
 mod finish;
 pub mod memory;
-pub mod optim;
-pub mod plot;
-mod progress;
-pub mod records;
+mod outputs;
 mod resume;
 mod setup;
-mod step;
-pub mod tensorboard;
-pub mod trainlog;
-pub(crate) mod watch;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 use waypoint_checkpoint::RunLayout;
+use waypoint_config::TrainConfig;
+pub use waypoint_config::UsageError;
+use waypoint_observe::progress::Progress;
+use waypoint_observe::records::{self, JobState, Status};
+use waypoint_observe::watch;
 use waypoint_storage::Store;
 
-use crate::checkpointing::saver::{sampler_save_due, save_due, SaveDue};
-use crate::config::TrainConfig;
-use records::{JobState, Status};
-
-/// A configuration problem found before any work: the command exits with code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
+use crate::checkpointing::policy::{sampler_save_due, save_due, SaveDue};
+use crate::convert::batch_tensors;
+use crate::recipe::{MicroBatch, Recipe};
+use crate::step::{evaluate, libtorch_boundary, train_step, StepParts, StepSettings};
 
 /// How a run ended without error.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,9 +70,9 @@ pub enum Outcome {
 
 /// Runs `waypoint train`. `stop` holds a signal number once SIGTERM/SIGINT arrived (0 before).
 pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<Outcome> {
-    let store = Store::open(&config.checkpoint_base_uri)
+    let store = Store::open(&config.run.checkpoint_base_uri)
         .map_err(|e| UsageError(format!("--checkpoint_base_uri: {e}")))?;
-    let layout = RunLayout::new(&config.run_id, &config.framework)
+    let layout = RunLayout::new(&config.run.run_id, &config.run.framework)
         .map_err(|e| UsageError(format!("--run_id/--framework: {e}")))?;
     let mut session = Session {
         config,
@@ -102,7 +96,7 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
             let failure = e.downcast_ref::<UsageError>().is_none() && session.main;
             if failure {
                 let mut status = Status::new(JobState::Failed, session.step, session.total_steps);
-                status.error = Some(records::explain(&e));
+                status.error = Some(waypoint_observe::explain(&e));
                 status.attempt = session.attempt;
                 status.checkpoint = session.last_checkpoint.clone();
                 if let Err(w) = rt.block_on(records::write_status(
@@ -122,17 +116,19 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
 /// A run ready to step: the live training state and what the loop uses.
 struct Live {
     /// The checkpoint section of the configuration, built once.
-    checkpoint: crate::config::CheckpointSection,
+    checkpoint: waypoint_config::CheckpointSection,
     ranks: crate::collective::ranks::Ranks,
     device: tch::Device,
+    /// The objective (`sft`).
+    recipe: Box<dyn Recipe>,
     model: crate::model::Model,
-    opt: crate::run::optim::AdamW,
-    train: crate::data::Dataset,
-    eval: Option<crate::data::Dataset>,
+    opt: crate::optim::AdamW,
+    train: waypoint_data::Dataset,
+    eval: Option<waypoint_data::Dataset>,
     manager: Arc<waypoint_checkpoint::CheckpointManager>,
     saver: crate::checkpointing::saver::Saver,
-    ctx: crate::checkpointing::saver::SaveContext,
-    schedule: crate::run::optim::Schedule,
+    ctx: crate::checkpointing::state::SaveContext,
+    schedule: crate::optim::Schedule,
     /// `logs/metrics.jsonl` so far (rank 0).
     metrics: String,
     /// Samples consumed, globally.
@@ -158,7 +154,7 @@ impl Drop for Live {
         if let Err(e) = self.saver.finish_inflight() {
             tracing::warn!(
                 "the checkpoint in flight did not commit: {}",
-                records::explain(&e)
+                waypoint_observe::explain(&e)
             );
         }
     }
@@ -185,8 +181,7 @@ impl Session {
         let setup = self.setup(rt)?;
         let mut run = self.resume(setup, rt)?;
         let total = self.total_steps;
-        let progress =
-            progress::Progress::new(total, self.step, self.config.logging_steps, self.main);
+        let progress = Progress::new(total, self.step, self.config.run.logging_steps, self.main);
         let mut save_stall: Option<f64> = None;
         while self.step < total {
             let signal = stop.load(Ordering::SeqCst);
@@ -221,5 +216,89 @@ impl Session {
         }
         progress.finish();
         self.finish(&mut run, rt)
+    }
+}
+
+impl Session {
+    /// Runs optimizer step `self.step + 1`; returns its metrics line, or `None` when the ranks agreed
+    /// to stop before it (a signal reached one of them: `signal` is this rank's, 0 for none).
+    fn step(&mut self, run: &mut Live, signal: usize) -> Result<Option<Value>> {
+        let step = self.step + 1;
+        libtorch_boundary(&format!("training step {step}"), || {
+            self.step_unguarded(run, signal)
+        })
+    }
+
+    fn step_unguarded(&mut self, run: &mut Live, signal: usize) -> Result<Option<Value>> {
+        let cfg = &self.config;
+        let started = Instant::now();
+        let (rank, world) = (run.ranks.rank() as u64, run.ranks.world() as u64);
+        let bs = cfg.data.batch_size;
+        // Rank r takes the r-th slice of each micro-batch of the global batch.
+        let micro: Vec<MicroBatch> = (0..cfg.data.gradient_accumulation)
+            .map(|a| {
+                let start = run.data_consumed + (a * world + rank) * bs;
+                let batch = run.train.batch(cfg.run.seed, start, bs as usize);
+                let (ids, labels) = batch_tensors(&batch, run.device);
+                MicroBatch { ids, labels }
+            })
+            .collect();
+        let lr = run.schedule.lr_at(self.step);
+        let settings = StepSettings {
+            seed: cfg.run.seed,
+            max_grad_norm: cfg.optim.max_grad_norm,
+            activation_checkpointing: cfg.model.activation_checkpointing,
+        };
+        let parts = StepParts {
+            model: &run.model,
+            opt: &mut run.opt,
+            ranks: &mut run.ranks,
+            recipe: run.recipe.as_ref(),
+        };
+        let saver = &mut run.saver;
+        let done = train_step(
+            parts,
+            &micro,
+            self.step,
+            lr,
+            settings,
+            signal != 0,
+            &mut || saver.before_update(),
+        )?;
+        let Some(done) = done else {
+            return Ok(None);
+        };
+        self.step += 1;
+        run.data_consumed += run.global_batch;
+        run.last_loss = done.loss;
+        let secs = started.elapsed().as_secs_f64();
+        let mut line = json!({
+            "step": self.step,
+            "loss": done.loss,
+            "lr": lr,
+            "grad_norm": done.grad_norm,
+            "tokens": done.units,
+            "tokens_per_s": (run.global_batch * cfg.data.max_seq_len) as f64 / secs.max(1e-9),
+            "data_consumed": run.data_consumed,
+            "epoch": run.data_consumed / run.ctx.n_samples,
+            "time_unix_ms": waypoint_checkpoint::now_ms(),
+        });
+        if let Some(blocked) = done.stall {
+            line["save_stall_s"] = json!(blocked);
+        }
+        if let Some(eval) = &run.eval {
+            if cfg.run.eval_steps > 0 && self.step % cfg.run.eval_steps == 0 {
+                let indices: Vec<usize> = (0..eval.len()).collect();
+                let device = run.device;
+                let batches = indices.chunks((bs as usize).max(1)).map(|chunk| {
+                    let (ids, labels) = batch_tensors(&eval.rows(chunk), device);
+                    MicroBatch { ids, labels }
+                });
+                let eval_loss = evaluate(&run.model, run.recipe.as_ref(), batches, &mut run.ranks)?;
+                line["eval_loss"] = json!(eval_loss);
+                tracing::info!(step = self.step, eval_loss, "eval");
+            }
+        }
+        Ok(Some(line))
     }
 }

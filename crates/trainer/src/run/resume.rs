@@ -18,13 +18,15 @@ use waypoint_storage::Store;
 
 use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
-use crate::checkpointing::convert::from_blob;
-use crate::checkpointing::saver::{SaveContext, Saver};
-use crate::collective::shard::{rows_of, Rows, Sharding};
-use crate::config::fingerprint;
+use crate::checkpointing::saver::Saver;
+use crate::checkpointing::state::SaveContext;
+use crate::convert::from_blob;
 use crate::model::Model;
-use crate::run::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
-use crate::run::records::{self, JobState, RunRecords, Status};
+use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::shard::{rows_of, Rows};
+use waypoint_config::fingerprint;
+use waypoint_config::Sharding;
+use waypoint_observe::records::{self, JobState, RunRecords, Status};
 
 impl Session {
     /// From the setup to a run ready to step: see the module documentation.
@@ -152,7 +154,7 @@ impl Session {
                     "configuration drift: run {} has checkpoints up to {} made with other settings \
                      ({drift}). Resuming would not continue that run. Restore the settings, or start \
                      a new --run_id. Nothing was written.",
-                    cfg.run_id, m.name
+                    cfg.run.run_id, m.name
                 ))
                 .into());
             }
@@ -189,7 +191,7 @@ impl Session {
         }
         if let Some(lora) = cfg.lora() {
             model
-                .add_lora(lora, cfg.seed as i64 + 1)
+                .add_lora(lora, cfg.run.seed as i64 + 1)
                 .map_err(|e| UsageError(format!("--lora_rank/--lora_target_modules: {e:#}")))?;
         }
         // From here on the run is ours: rank 0 takes an attempt number (fencing), records the start.
@@ -240,10 +242,10 @@ impl Session {
 
         let mut data_consumed = 0u64;
         let adamw = AdamWConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
+            beta1: cfg.optim.adam_beta1,
+            beta2: cfg.optim.adam_beta2,
+            eps: cfg.optim.adam_epsilon,
+            weight_decay: cfg.optim.weight_decay,
         };
         if cfg.sharding() == Sharding::Full {
             model.shard(ranks.rank(), ranks.world())?;
@@ -286,11 +288,11 @@ impl Session {
         };
 
         let schedule = Schedule {
-            lr: cfg.lr,
-            warmup_steps: cfg.warmup_steps,
+            lr: cfg.optim.lr,
+            warmup_steps: cfg.optim.warmup_steps,
             total_steps: total,
-            kind: ScheduleKind::parse(&cfg.lr_scheduler)?,
-            min_lr_ratio: cfg.min_lr_ratio,
+            kind: cfg.schedule_kind(),
+            min_lr_ratio: cfg.optim.min_lr_ratio,
         };
         self.watch = self.start_watch(main, attempt, rt);
         let saver = Saver::new(
@@ -304,7 +306,7 @@ impl Session {
             fingerprint: config_fp.clone(),
             sampler_dtype: section.sampler_dtype,
             tokenizer_files,
-            model_id: cfg.model_id.clone(),
+            model_id: cfg.model.model_id.clone(),
             n_samples: train.len() as u64,
             sampler_base_every: section.sampler_base_every,
         };
@@ -319,6 +321,7 @@ impl Session {
             checkpoint: section,
             ranks,
             device,
+            recipe: Box::new(crate::recipe::Sft),
             model,
             opt,
             train,
@@ -387,7 +390,7 @@ async fn init_from(manager: &CheckpointManager, spec: &str, model: &mut Model) -
 /// state is the adapters, small, and they are added after the checkpoint is read): every rank
 /// reads it all.
 fn rows_wanted(
-    cfg: &crate::config::TrainConfig,
+    cfg: &waypoint_config::TrainConfig,
     model: &Model,
     ranks: &crate::collective::ranks::Ranks,
 ) -> Option<HashMap<String, RowRange>> {

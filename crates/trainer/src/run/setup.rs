@@ -13,11 +13,11 @@ use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 use super::memory::{self, MemoryCheck, MemoryPlan, MemoryPlanError, PlanInputs};
 use super::{Session, UsageError};
 use crate::collective::ranks::Ranks;
-use crate::collective::shard::Sharding;
-use crate::config::{fingerprint, TrainConfig};
-use crate::data::tokenizer::Tokenizer;
-use crate::data::{list_sources, DataOptions, Dataset};
 use crate::model::{Model, ModelConfig};
+use waypoint_config::Sharding;
+use waypoint_config::{fingerprint, TrainConfig};
+use waypoint_data::tokenizer::Tokenizer;
+use waypoint_data::{list_sources, DataOptions, Dataset};
 use waypoint_launch::WorkerEnv;
 
 /// What the run starts from, before anything is written.
@@ -45,23 +45,27 @@ impl Session {
     pub(super) fn setup(&mut self, rt: &Runtime) -> Result<Setup> {
         let cfg = &self.config;
         let env = WorkerEnv::from_env()?;
-        let device = crate::run::device::parse_device_for(&cfg.device, env.local_rank)
+        let device = crate::run::device::parse_device_for(&cfg.model.device, env.local_rank)
             .map_err(|e| UsageError(format!("{e:#}")))?;
         self.main = env.rank == 0;
-        let ranks = Ranks::join(&env, Duration::from_secs(cfg.dist_timeout_secs), device)?;
-        if cfg.num_threads > 0 {
-            tch::set_num_threads(cfg.num_threads as i32);
+        let ranks = Ranks::join(
+            &env,
+            Duration::from_secs(cfg.distributed.dist_timeout_secs),
+            device,
+        )?;
+        if cfg.model.num_threads > 0 {
+            tch::set_num_threads(cfg.model.num_threads as i32);
         }
         let model_config = model_config(cfg)?;
         check_memory(cfg, &model_config, &env, device, &ranks)?;
         // With --sharding full, each rank reads only its rows of the weights.
         let shard = (cfg.sharding() == Sharding::Full).then(|| (ranks.rank(), ranks.world()));
         let loaded = rt.block_on(load(cfg, device, shard))?;
-        let global_batch = cfg.batch_size * cfg.gradient_accumulation * env.world_size;
-        self.total_steps = if cfg.max_steps > 0 {
-            cfg.max_steps
+        let global_batch = cfg.data.batch_size * cfg.data.gradient_accumulation * env.world_size;
+        self.total_steps = if cfg.run.max_steps > 0 {
+            cfg.run.max_steps
         } else {
-            (cfg.num_epochs * loaded.train.len() as u64).div_ceil(global_batch)
+            (cfg.run.num_epochs * loaded.train.len() as u64).div_ceil(global_batch)
         };
         let manager = CheckpointManager::new(
             self.store.clone(),
@@ -84,15 +88,15 @@ impl Session {
 
 /// The architecture of the model `--model_id` names, read before any weight.
 fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
-    if cfg.model_id == "builtin:tiny" {
+    if cfg.model.model_id == "builtin:tiny" {
         return Ok(ModelConfig::tiny());
     }
-    let dir = Path::new(&cfg.model_id);
+    let dir = Path::new(&cfg.model.model_id);
     if !dir.join("config.json").is_file() {
         return Err(UsageError(format!(
             "--model_id {}: not a model directory with config.json; pass a local Hugging Face \
              model directory, or builtin:tiny",
-            cfg.model_id
+            cfg.model.model_id
         ))
         .into());
     }
@@ -113,16 +117,16 @@ fn check_memory(
         .map(|l| model.lora_parameter_count(l.rank, &l.targets));
     let inputs = PlanInputs {
         lora_parameters: lora,
-        micro_batch_tokens: cfg.batch_size * cfg.max_seq_len,
-        gradient_accumulation: cfg.gradient_accumulation,
+        micro_batch_tokens: cfg.data.batch_size * cfg.data.max_seq_len,
+        gradient_accumulation: cfg.data.gradient_accumulation,
         world_size: env.world_size,
         cuda: device.is_cuda(),
-        activation_checkpointing: cfg.activation_checkpointing,
+        activation_checkpointing: cfg.model.activation_checkpointing,
         sharded_optimizer: cfg.sharding() == Sharding::Optimizer,
         sharded_weights: cfg.sharding() == Sharding::Full,
     };
     let plan = MemoryPlan::estimate(model, &inputs);
-    let with_checkpointing = (!cfg.activation_checkpointing)
+    let with_checkpointing = (!cfg.model.activation_checkpointing)
         .then(|| {
             MemoryPlan::estimate(
                 model,
@@ -145,7 +149,7 @@ fn check_memory(
             "memory plan: {plan} (the memory available could not be read)"
         )),
     };
-    let refuse = MemoryCheck::parse(&cfg.memory_check) != Some(MemoryCheck::Warn);
+    let refuse = MemoryCheck::parse(&cfg.memory.memory_check) != Some(MemoryCheck::Warn);
     let too_big = match &verdict {
         Ok(line) => {
             if env.rank == 0 {
@@ -171,20 +175,23 @@ fn check_memory(
 /// Loads the model (with `shard` = (rank, world), that rank's rows of its weights), tokenizer and
 /// data that `cfg` names.
 async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> Result<Loaded> {
-    let (model, tokenizer, tokenizer_files, model_fingerprint) = if cfg.model_id == "builtin:tiny" {
+    let (model, tokenizer, tokenizer_files, model_fingerprint) = if cfg.model.model_id
+        == "builtin:tiny"
+    {
         let config = ModelConfig::tiny();
-        let fp = fingerprint(&json!({"builtin": "tiny", "config": config.raw, "seed": cfg.seed}));
+        let fp =
+            fingerprint(&json!({"builtin": "tiny", "config": config.raw, "seed": cfg.run.seed}));
         (
-            Model::init(config, cfg.seed as i64, device)?,
+            Model::init(config, cfg.run.seed as i64, device)?,
             Tokenizer::Bytes,
-            crate::data::tokenizer::byte_tokenizer_files()?,
+            waypoint_data::tokenizer::byte_tokenizer_files()?,
             fp,
         )
     } else {
-        let dir = Path::new(&cfg.model_id);
+        let dir = Path::new(&cfg.model.model_id);
         // A LoRA run's frozen base is read straight into the dtype it is held in.
         let hold = if cfg.lora().is_some() {
-            crate::model::frozen_base_kind(device)
+            crate::model::lora::frozen_base_kind(device)
         } else {
             Kind::Float
         };
@@ -210,14 +217,14 @@ async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> R
         (model, tokenizer, files, fp)
     };
     let opts = DataOptions {
-        text_field: cfg.dataset_text_field.clone(),
-        max_seq_len: cfg.max_seq_len as usize,
-        packing: !cfg.disable_packing,
-        skip_bad_lines: cfg.skip_bad_lines,
-        cache_dir: if cfg.data_cache_dir.is_empty() {
-            crate::data::default_cache_dir()
+        text_field: cfg.data.dataset_text_field.clone(),
+        max_seq_len: cfg.data.max_seq_len as usize,
+        packing: !cfg.data.disable_packing,
+        skip_bad_lines: cfg.data.skip_bad_lines,
+        cache_dir: if cfg.data.data_cache_dir.is_empty() {
+            waypoint_data::default_cache_dir()
         } else {
-            cfg.data_cache_dir.clone().into()
+            cfg.data.data_cache_dir.clone().into()
         },
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
@@ -238,11 +245,11 @@ async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> R
                 .with_context(|| format!("--{flag} {uri}"))
         }
     };
-    let train = load_data("dataset_uri", cfg.dataset_uri.clone()).await?;
-    let eval = if cfg.eval_dataset_uri.is_empty() {
+    let train = load_data("dataset_uri", cfg.data.dataset_uri.clone()).await?;
+    let eval = if cfg.data.eval_dataset_uri.is_empty() {
         None
     } else {
-        Some(load_data("eval_dataset_uri", cfg.eval_dataset_uri.clone()).await?)
+        Some(load_data("eval_dataset_uri", cfg.data.eval_dataset_uri.clone()).await?)
     };
     let vocab = model.config.vocab_size;
     for (name, d) in [("train", Some(&train)), ("eval", eval.as_ref())] {

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use waypoint_storage::{BlobReader, Store};
 
 /// The demo dataset shipped in the binary (`dataset_uri = builtin:demo`).
-pub const DEMO_DATASET: &str = include_str!("../../assets/demo.jsonl");
+pub const DEMO_DATASET: &str = include_str!("../assets/demo.jsonl");
 
 /// The UTF-8 byte order mark, accepted (and dropped) at the start of a file.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -85,7 +85,7 @@ pub async fn list_sources(uri: &str) -> Result<Vec<Source>> {
             name: uri.into(),
             location: Location::Builtin(DEMO_DATASET.as_bytes()),
             size: DEMO_DATASET.len() as u64,
-            identity: json!({"builtin": "demo", "sha256": crate::config::fingerprint(&json!(DEMO_DATASET))}),
+            identity: json!({"builtin": "demo", "sha256": waypoint_config::fingerprint(&json!(DEMO_DATASET))}),
         }]);
     }
     if !uri.contains("://") || uri.starts_with("file://") {

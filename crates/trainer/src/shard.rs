@@ -1,36 +1,11 @@
 //! Row sharding, as PyTorch FSDP2's `Shard(0)`: rank r of N owns rows `[r·⌈d0/N⌉, …)` of a tensor
 //! whose first dimension is d0 (the last shard may be shorter, or empty). A pure function of
-//! (d0, rank, world), so any world size can cut a checkpoint's tensors anew (resharding).
+//! (d0, rank, world), so any world size can cut a checkpoint's tensors anew
+//! (resharding). [`RowCollective`] is what sharded weights need of the ranks: the model runs over
+//! it, the collectives implement it.
 
-/// What `--sharding` shards over the ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Sharding {
-    /// Everything replicated (data parallelism).
-    None,
-    /// AdamW's state: each rank keeps and updates only its rows (ZeRO-1).
-    Optimizer,
-    /// Weights, gradients and AdamW's state: each rank holds its rows of every weight, and the
-    /// layers run on weights gathered just before them (FSDP).
-    Full,
-}
-
-impl Sharding {
-    /// Parses the flag's value.
-    pub(crate) fn parse(s: &str) -> Option<Self> {
-        match s {
-            "none" => Some(Self::None),
-            "optimizer" => Some(Self::Optimizer),
-            "full" => Some(Self::Full),
-            _ => None,
-        }
-    }
-
-    /// Whether AdamW's state is cut into rows apart from the weights (ZeRO-1): `optimizer`, and
-    /// `full` under LoRA — whose frozen base is what is sharded, the adapters staying whole.
-    pub(crate) fn cuts_optimizer_state_alone(self, lora: bool) -> bool {
-        self == Self::Optimizer || (self == Self::Full && lora)
-    }
-}
+use anyhow::Result;
+use tch::Tensor;
 
 /// A range of rows of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +25,16 @@ pub(crate) fn rows_of(d0: i64, rank: u32, world: u32) -> Rows {
         start,
         len: chunk.min(d0 - start),
     }
+}
+
+/// The two collectives sharded weights need, over whole tensors cut into rows.
+pub(crate) trait RowCollective {
+    /// Whole tensors of `shapes` from every rank's rows of them ([`rows_of`]
+    /// its rank; `shards[i]`: this rank's rows of tensor i), in the dtype each shard comes in.
+    fn gather(&mut self, shards: &[Tensor], shapes: &[Vec<i64>]) -> Result<Vec<Tensor>>;
+    /// The sum over the ranks of whole tensors, returning this rank's `rows` of each (`whole` is
+    /// consumed, so it can be freed as soon as it is staged).
+    fn reduce(&mut self, whole: Vec<Tensor>, rows: &[Rows]) -> Result<Vec<Tensor>>;
 }
 
 #[cfg(test)]
@@ -74,12 +59,5 @@ mod tests {
         let lens: Vec<i64> = (0..3).map(|r| rows_of(7, r, 3).len).collect();
         assert_eq!(lens, [3, 3, 1]);
         assert_eq!(rows_of(2, 2, 3), Rows { start: 2, len: 0 });
-        assert_eq!(Sharding::parse("optimizer"), Some(Sharding::Optimizer));
-        assert_eq!(Sharding::parse("full"), Some(Sharding::Full));
-        assert_eq!(Sharding::parse("zero3"), None);
-        assert!(Sharding::Optimizer.cuts_optimizer_state_alone(false));
-        assert!(Sharding::Full.cuts_optimizer_state_alone(true));
-        assert!(!Sharding::Full.cuts_optimizer_state_alone(false));
-        assert!(!Sharding::None.cuts_optimizer_state_alone(true));
     }
 }

@@ -66,7 +66,7 @@ pub struct RunRecords {
     store: Store,
     layout: RunLayout,
     /// The watched outputs (rank 0): plot and log uploads at checkpoints, save times.
-    watch: Option<Arc<crate::run::watch::Watch>>,
+    watch: Option<Arc<crate::watch::Watch>>,
 }
 
 impl std::fmt::Debug for RunRecords {
@@ -88,7 +88,7 @@ impl RunRecords {
     }
 
     /// These records, also drawing the plot and uploading the logs of `watch` at checkpoints.
-    pub(crate) fn watched(mut self, watch: Option<Arc<crate::run::watch::Watch>>) -> Self {
+    pub fn watched(mut self, watch: Option<Arc<crate::watch::Watch>>) -> Self {
         self.watch = watch;
         self
     }
@@ -170,41 +170,4 @@ pub async fn metrics_until(store: &Store, layout: &RunLayout, step: u64) -> Resu
         }
     }
     Ok(out)
-}
-
-/// The text of an error as it is printed and persisted (stderr, `status.json`, the torchrun error
-/// file): secrets inside URIs masked, and a hint for errors people can act on (CUDA running out of
-/// memory says what to lower).
-pub fn explain(error: &anyhow::Error) -> String {
-    let text = waypoint_storage::redact_text(&format!("{error:#}"));
-    if text.contains("out of memory") {
-        format!(
-            "{text}\nhint: the GPU ran out of memory; lower --batch_size or --max_seq_len (raise \
-             --gradient_accumulation to keep the global batch), or use --lora_rank"
-        )
-    } else {
-        text
-    }
-}
-
-/// A writer that masks secrets inside URIs ([`waypoint_storage::redact_text`]) in what passes
-/// through it; the log goes through one, so no line of it carries a credential.
-pub struct Redacting<W>(pub W);
-
-impl<W: std::io::Write> std::io::Write for Redacting<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // The log writes each event whole, so a URI is never split between two writes.
-        let text = String::from_utf8_lossy(buf);
-        if text.contains("//") {
-            self.0
-                .write_all(waypoint_storage::redact_text(&text).as_bytes())?;
-        } else {
-            self.0.write_all(buf)?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
 }

@@ -18,7 +18,7 @@
 //! the file makes the next open check every byte again.
 //!
 //! The key is a fingerprint of everything that changes the tokens (see
-//! [`crate::data::cache_key`]). A cache is built under a temporary name and published by a rename,
+//! [`crate::cache_key`]). A cache is built under a temporary name and published by a rename,
 //! under an exclusive lock on `<key>.lock` that the other processes of the node wait on: one
 //! builds, the others map what it published. A builder's leftovers (killed mid-way) are never
 //! opened and are removed by the next builder; a published file that fails its checks is rebuilt

@@ -1,10 +1,34 @@
-//! Conversion between libtorch tensors and the checkpoint crate's [`waypoint_checkpoint::Tensor`]
-//! (name, dtype, shape, little-endian bytes). The only place that knows both.
+//! The boundary between libtorch and the crates that do not know it: tch tensors ↔ the checkpoint
+//! crate's [`waypoint_checkpoint::Tensor`] (name, dtype, shape, little-endian bytes), the
+//! configuration's sampler dtype → a libtorch kind, and a data [`Batch`] → input and label tensors.
+//! The only place that knows both sides.
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
 use waypoint_checkpoint::{Dtype, Tensor as Blob};
+use waypoint_config::SamplerDtype;
+use waypoint_data::Batch;
+
+/// A batch's inputs and labels as `[rows, columns]` int64 tensors on `device`.
+pub(crate) fn batch_tensors(batch: &Batch, device: Device) -> (Tensor, Tensor) {
+    let shape = [batch.rows as i64, batch.columns as i64];
+    (
+        Tensor::from_slice(&batch.ids).view(shape).to_device(device),
+        Tensor::from_slice(&batch.labels)
+            .view(shape)
+            .to_device(device),
+    )
+}
+
+/// The libtorch dtype of the promotable weights.
+pub(crate) fn sampler_kind(dtype: SamplerDtype) -> Kind {
+    match dtype {
+        SamplerDtype::Bf16 => Kind::BFloat16,
+        SamplerDtype::Fp16 => Kind::Half,
+        SamplerDtype::Fp32 => Kind::Float,
+    }
+}
 
 /// The libtorch kind of a safetensors dtype.
 pub(crate) fn kind_of(dtype: Dtype) -> Result<Kind> {

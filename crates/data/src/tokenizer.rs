@@ -49,7 +49,7 @@ pub enum Tokenizer {
         chat: ChatFormat,
         /// The tokenizer's own chat template, when it has one (or why it does not compile: chat
         /// rows then fail with that reason, text rows are unaffected).
-        template: Result<Option<Box<crate::data::template::ChatTemplate>>, String>,
+        template: Result<Option<Box<crate::template::ChatTemplate>>, String>,
         /// sha256 (hex) of `tokenizer.json`: part of the token cache's key.
         sha256: String,
     },
@@ -91,7 +91,7 @@ impl Tokenizer {
             .unwrap_or_else(|| inner.get_vocab_size(true) as i64);
         for (what, id) in [("end-of-text", eos), ("padding", pad)] {
             if !(0..vocab).contains(&id) {
-                return Err(crate::run::UsageError(format!(
+                return Err(waypoint_config::UsageError(format!(
                     "{}: the {what} token id {id} is not in the model's vocabulary (0 to {}); fix \
                      eos_token_id/pad_token_id in config.json",
                     dir.display(),
@@ -107,7 +107,7 @@ impl Tokenizer {
         } else {
             ChatFormat::Plain
         };
-        let template = crate::data::template::ChatTemplate::from_hf_dir(dir)
+        let template = crate::template::ChatTemplate::from_hf_dir(dir)
             .map(|t| t.map(Box::new))
             .map_err(|e| format!("{e:#}"));
         if let Err(e) = &template {
@@ -143,7 +143,7 @@ impl Tokenizer {
     }
 
     /// The tokenizer's own chat template, when it has one.
-    pub fn chat_template(&self) -> Option<&crate::data::template::ChatTemplate> {
+    pub fn chat_template(&self) -> Option<&crate::template::ChatTemplate> {
         match self {
             Self::Bytes => None,
             Self::Hf { template, .. } => template.as_ref().ok().and_then(|t| t.as_deref()),
@@ -181,7 +181,7 @@ impl Tokenizer {
         let encoding = inner
             .encode(rendered.text.as_str(), false)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        let mask = crate::data::template::spans_to_mask(&encoding, &rendered.spans);
+        let mask = crate::template::spans_to_mask(&encoding, &rendered.spans);
         Ok(Some((encoding.get_ids().to_vec(), mask)))
     }
 

@@ -25,17 +25,17 @@ use tokio::task::JoinHandle;
 use waypoint_checkpoint::{now_ms, RunLayout};
 use waypoint_storage::{StorageError, Store};
 
-use crate::run::plot::{render_svg, Curves};
-use crate::run::tensorboard::{scalars_of, EventFile, SAVE_SECS_TAG};
-use crate::run::trainlog;
+use crate::plot::{render_svg, Curves};
+use crate::tensorboard::{scalars_of, EventFile, SAVE_SECS_TAG};
+use crate::trainlog;
 
 /// How often `logs/progress.json` is rewritten while steps run.
-pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// On an object store, an event file that reached this size at an upload is closed and the attempt
 /// goes on in a new part, so that each checkpoint uploads at most about this much of events (sealed
 /// parts go up once), however long the run.
-pub(crate) const EVENT_PART_BYTES: u64 = 8 << 20;
+pub const EVENT_PART_BYTES: u64 = 8 << 20;
 
 /// This attempt's event files: the one being written and the sealed parts not yet uploaded.
 struct Events {
@@ -60,7 +60,7 @@ struct Pace {
 }
 
 /// The watched outputs of one attempt (rank 0).
-pub(crate) struct Watch {
+pub struct Watch {
     store: Store,
     layout: RunLayout,
     handle: Handle,
@@ -83,7 +83,7 @@ pub(crate) struct Watch {
 impl Watch {
     /// Starts the outputs of attempt `attempt`, which resumes after step `resumed_step` (0 for a
     /// fresh start): attaches `train.log` and creates this attempt's event file.
-    pub(crate) async fn start(
+    pub async fn start(
         store: &Store,
         layout: &RunLayout,
         attempt: u64,
@@ -146,7 +146,7 @@ impl Watch {
     }
 
     /// After a step: its scalars into the event file, and `progress.json` when due.
-    pub(crate) fn step(&self, step: u64, line: &Value) {
+    pub fn step(&self, step: u64, line: &Value) {
         self.scalars(step, &scalars_of(line));
         let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
         for field in ["loss", "lr", "tokens_per_s", "eval_loss"] {
@@ -172,14 +172,14 @@ impl Watch {
     }
 
     /// A save begins: `metrics` is `logs/metrics.jsonl` as of its step (drawn once it commits).
-    pub(crate) fn saving(&self, metrics: &str) {
+    pub fn saving(&self, metrics: &str) {
         *self.metrics.lock().unwrap_or_else(|e| e.into_inner()) = metrics.to_string();
     }
 
     /// After the commit of `step`, whose save took `secs`: its save time into the events, the plot
     /// drawn from the metrics as of the save and, on an object store, the log and the event file
     /// uploaded. (After the commit, so that none of this delays it.)
-    pub(crate) async fn committed(&self, step: u64, secs: f64) {
+    pub async fn committed(&self, step: u64, secs: f64) {
         self.scalars(step, &[(SAVE_SECS_TAG, secs as f32)]);
         let title = format!("{} — {} steps", self.layout.run_id(), self.total_steps);
         let curves = Curves::from_metrics(&self.metrics.lock().unwrap_or_else(|e| e.into_inner()));
@@ -202,7 +202,7 @@ impl Watch {
 
     /// At the end of the attempt (finished, stopped or failed): the last `progress.json`, then the
     /// log closed and uploaded.
-    pub(crate) async fn close(&self, step: u64) {
+    pub async fn close(&self, step: u64) {
         let inflight = {
             let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
             pace.inflight.take()
@@ -319,7 +319,7 @@ fn event_file_name(attempt: u64, part: u32) -> String {
 
 /// A start that failed before its attempt's outputs began (loading the model or the data, say): its
 /// log lines so far and `error` are appended to `logs/train.log` all the same.
-async fn log_failed_start(store: &Store, layout: &RunLayout, error: &str) -> Result<()> {
+pub async fn log_failed_start(store: &Store, layout: &RunLayout, error: &str) -> Result<()> {
     let key = layout.train_log();
     let (path, upload) = match store.local_path(&key) {
         Some(path) => (path, false),
@@ -350,72 +350,10 @@ async fn log_failed_start(store: &Store, layout: &RunLayout, error: &str) -> Res
     Ok(())
 }
 
-impl super::Session {
-    /// At the end of this start: the error of a failed run (`error`) goes to `train.log`, then the
-    /// outputs are closed (the last progress, the log's upload); a start that failed before its
-    /// outputs began still appends its log and error (rank 0).
-    pub(super) fn end_watch(
-        &mut self,
-        error: Option<&anyhow::Error>,
-        rt: &tokio::runtime::Runtime,
-    ) {
-        let message = error.map(|e| format!("error: {}", crate::run::records::explain(e)));
-        match self.watch.take() {
-            Some(watch) => {
-                if let Some(m) = &message {
-                    trainlog::note(m);
-                }
-                rt.block_on(watch.close(self.step));
-            }
-            None => {
-                let Some(m) = message.filter(|_| self.main) else {
-                    return;
-                };
-                if let Err(e) = rt.block_on(log_failed_start(&self.store, &self.layout, &m)) {
-                    tracing::warn!(
-                        "could not write logs/train.log: {}",
-                        waypoint_storage::redact_text(&format!("{e:#}"))
-                    );
-                }
-            }
-        }
-    }
-
-    /// Rank 0's watched outputs for `attempt`, resuming after the current step; none on other ranks,
-    /// or (with a warning) when they cannot be started — training goes on without them.
-    pub(super) fn start_watch(
-        &self,
-        main: bool,
-        attempt: u64,
-        rt: &tokio::runtime::Runtime,
-    ) -> Option<std::sync::Arc<Watch>> {
-        if !main {
-            return None;
-        }
-        let started = rt.block_on(Watch::start(
-            &self.store,
-            &self.layout,
-            attempt,
-            self.step,
-            self.total_steps,
-        ));
-        match started {
-            Ok(watch) => Some(std::sync::Arc::new(watch)),
-            Err(e) => {
-                tracing::warn!(
-                    "no train.log, TensorBoard events or progress for this attempt: {}",
-                    waypoint_storage::redact_text(&format!("{e:#}"))
-                );
-                None
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::run::tensorboard::{read_events, What};
+    use crate::tensorboard::{read_events, What};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_an_object_store_events_go_up_in_parts_that_read_as_one_curve() {

@@ -1,36 +1,40 @@
-//! Training data: JSONL rows (a text field, or chat `messages` rendered with the tokenizer's chat
-//! template, loss on assistant turns only), tokenized once into a memory-mapped token cache
-//! ([`cache`]) and read from it as packed (or padded) fixed-length samples, visited in an order
-//! that is a pure function of (seed, epoch).
-//!
-//! The position in the data is one global counter, `data_consumed`: sample `g` of the run is
-//! `permuted(seed, g / n, n, g % n)` of the `n` samples. Resuming at any counter — with any batch
-//! split — continues the same sequence, at a cost that grows neither with the counter nor with the
-//! data.
-
-pub mod cache;
-pub mod source;
-pub mod template;
-pub mod tokenizer;
+//! A dataset: JSONL rows tokenized once into the token cache ([`crate::cache`]) and read back as
+//! packed (or padded) fixed-length samples, in the order [`crate::order`] gives; [`Batch`] is what
+//! leaves this crate for the model.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use serde_json::{json, Value};
-use tch::{Device, Tensor};
 
-use crate::data::cache::{BuildSpec, Meta, Row, RowEncoder};
-use crate::data::source::Source;
-use crate::data::tokenizer::{chat_turn, Tokenizer};
+use crate::cache::{BuildSpec, Meta, Row, RowEncoder};
+use crate::source::Source;
+use crate::tokenizer::{chat_turn, Tokenizer};
 
-pub use crate::data::source::{list_sources, DEMO_DATASET};
+use crate::cache;
+use crate::order::permuted;
 
 /// Label value that the loss ignores.
 pub const IGNORE: i64 = -100;
 
 /// The chat roles `messages` may use (those of Hugging Face chat templates).
 pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// Inputs and labels of some samples, row-major `[rows, columns]`: the model sees `ids` and learns
+/// `labels` (the next token, or [`IGNORE`] where the loss does not apply). The trainer turns it
+/// into tensors at one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Samples.
+    pub rows: usize,
+    /// Tokens per sample (`max_seq_len`).
+    pub columns: usize,
+    /// Input token ids, `rows × columns`.
+    pub ids: Vec<i64>,
+    /// Target token ids, `rows × columns`; [`IGNORE`] where the loss does not apply.
+    pub labels: Vec<i64>,
+}
 
 /// How rows become samples.
 #[derive(Debug, Clone)]
@@ -53,7 +57,7 @@ pub struct DataOptions {
 /// identities (path or URI, size, modification time), the tokenizer and chat template, the text
 /// field, the sample length, packing, skipping, and the cache format.
 pub fn cache_key(sources: &[Source], tokenizer: &Tokenizer, opts: &DataOptions) -> String {
-    crate::config::fingerprint(&json!({
+    waypoint_config::fingerprint(&json!({
         "format": cache::VERSION,
         "sources": sources.iter().map(|s| &s.identity).collect::<Vec<_>>(),
         "tokenizer": tokenizer.identity(),
@@ -196,11 +200,11 @@ impl Dataset {
 
     /// Inputs and labels `[count, max_seq_len]` of the samples at global positions
     /// `start..start + count`; labels are [`IGNORE`] where the loss does not apply.
-    pub fn batch(&self, seed: u64, start: u64, count: usize, device: Device) -> (Tensor, Tensor) {
+    pub fn batch(&self, seed: u64, start: u64, count: usize) -> Batch {
         let indices: Vec<usize> = (0..count as u64)
             .map(|k| self.sample_at(seed, start + k))
             .collect();
-        self.rows(&indices, device)
+        self.rows(&indices)
     }
 
     /// Token `i` of the stream.
@@ -281,7 +285,7 @@ impl Dataset {
     }
 
     /// Inputs and labels of samples `indices`, in order.
-    pub fn rows(&self, indices: &[usize], device: Device) -> (Tensor, Tensor) {
+    pub fn rows(&self, indices: &[usize]) -> Batch {
         let width = self.width;
         let mut ids = Vec::with_capacity(indices.len() * (width - 1));
         let mut labels = Vec::with_capacity(indices.len() * (width - 1));
@@ -290,11 +294,12 @@ impl Dataset {
             ids.extend_from_slice(&t[..width - 1]);
             labels.extend((1..width).map(|j| if m[j] { t[j] } else { IGNORE }));
         }
-        let shape = [indices.len() as i64, width as i64 - 1];
-        (
-            Tensor::from_slice(&ids).view(shape).to_device(device),
-            Tensor::from_slice(&labels).view(shape).to_device(device),
-        )
+        Batch {
+            rows: indices.len(),
+            columns: width - 1,
+            ids,
+            labels,
+        }
     }
 
     /// The largest token id in the data, padding included (checked against the model's
@@ -303,41 +308,6 @@ impl Dataset {
         let pad = if self.packing { 0 } else { self.pad };
         i64::from(self.meta.max_token).max(pad)
     }
-}
-
-/// The index of the sample visited `i`-th of `n` in `epoch`: a pseudo-random permutation of
-/// `0..n` that is a pure function of (seed, epoch), computed per position in constant time and
-/// memory (a four-round Feistel network over the next even power of two, cycle-walked into `0..n`;
-/// at most four walks expected), so that resuming anywhere costs nothing that grows with the data.
-pub fn permuted(seed: u64, epoch: u64, n: usize, i: usize) -> usize {
-    assert!(i < n, "position {i} of {n} samples");
-    if n == 1 {
-        return 0;
-    }
-    let bits = (usize::BITS - (n - 1).leading_zeros()).max(2);
-    let half = bits.div_ceil(2);
-    let mask = (1u64 << half) - 1;
-    let key = splitmix(seed ^ splitmix(epoch.wrapping_add(0x5EED)));
-    let mut x = i as u64;
-    loop {
-        let (mut left, mut right) = (x >> half, x & mask);
-        for round in 0..4u64 {
-            let f = splitmix(key ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ right) & mask;
-            (left, right) = (right, left ^ f);
-        }
-        x = (left << half) | right;
-        if x < n as u64 {
-            return x as usize;
-        }
-    }
-}
-
-/// SplitMix64's finalizer: a bijective 64-bit mixer.
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// One JSONL row to (ids, loss mask). A text row is BOS (when the tokenizer adds one), the text
@@ -411,6 +381,7 @@ fn encode_row(line: &str, tokenizer: &Tokenizer, opts: &DataOptions) -> Result<R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::list_sources;
 
     fn opts(packing: bool) -> DataOptions {
         DataOptions {
@@ -451,11 +422,9 @@ mod tests {
              {\"role\": \"assistant\", \"content\": \"yo\"}]}\n";
         let d = build(s, &opts(false)).unwrap();
         assert_eq!((d.len(), d.documents), (2, 2));
-        let (ids, labels) = d.rows(&[1], Device::Cpu);
-        let labels: Vec<i64> = Vec::try_from(labels.view([-1])).unwrap();
-        let ids: Vec<i64> = Vec::try_from(ids.view([-1])).unwrap();
+        let Batch { ids, labels, .. } = d.rows(&[1]);
         // BOS "user: hi\n" "assistant: " are not learned; "yo" would be, but 8 tokens cut it off.
-        assert_eq!(ids[0], crate::data::tokenizer::BYTE_BOS);
+        assert_eq!(ids[0], crate::tokenizer::BYTE_BOS);
         assert!(labels.iter().all(|&l| l == IGNORE), "{labels:?}");
         let packed = build(s, &opts(true)).unwrap();
         // 12 + 25 tokens → 4 blocks of 9.
@@ -488,12 +457,12 @@ mod tests {
             ..opts(true)
         };
         let d = build(&text, &o).unwrap();
-        let mut all: Vec<i64> = vec![crate::data::tokenizer::BYTE_BOS];
+        let mut all: Vec<i64> = vec![crate::tokenizer::BYTE_BOS];
         all.extend(long.bytes().map(i64::from));
-        all.push(crate::data::tokenizer::BYTE_EOS);
-        all.push(crate::data::tokenizer::BYTE_BOS);
+        all.push(crate::tokenizer::BYTE_EOS);
+        all.push(crate::tokenizer::BYTE_BOS);
         all.extend("tail".bytes().map(i64::from));
-        all.push(crate::data::tokenizer::BYTE_EOS);
+        all.push(crate::tokenizer::BYTE_EOS);
         assert_eq!(d.len(), all.len() / 101);
         for (k, block) in all.chunks_exact(101).enumerate() {
             let (ids, mask) = d.sample(k);
@@ -520,8 +489,7 @@ mod tests {
         let d = load_bytes("u.jsonl", &bytes, &o).unwrap();
         assert_eq!((d.documents, d.skipped), (2, 1));
         // The BOM and the \r are not part of the first row.
-        let (ids, _) = d.rows(&[0], Device::Cpu);
-        let ids: Vec<i64> = Vec::try_from(ids.view([-1])).unwrap();
+        let ids = d.rows(&[0]).ids;
         assert_eq!(
             &ids[1..8],
             &"first r".bytes().map(i64::from).collect::<Vec<_>>()[..]

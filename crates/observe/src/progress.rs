@@ -3,13 +3,15 @@
 use std::io::IsTerminal;
 
 /// Progress: a bar on an interactive terminal, log lines otherwise.
-pub(super) struct Progress {
+pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     every: u64,
 }
 
 impl Progress {
-    pub(super) fn new(total: u64, start: u64, every: u64, enabled: bool) -> Self {
+    /// Progress from step `start` of `total`, a line every `every` steps; `enabled` on the rank
+    /// that reports (rank 0).
+    pub fn new(total: u64, start: u64, every: u64, enabled: bool) -> Self {
         let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -26,7 +28,8 @@ impl Progress {
         }
     }
 
-    pub(super) fn step(&self, step: u64, loss: f64, lr: f64) {
+    /// Step `step` is done with `loss` at learning rate `lr`.
+    pub fn step(&self, step: u64, loss: f64, lr: f64) {
         let line_due = step % self.every == 0 || (step == 1 && self.every != u64::MAX);
         match &self.bar {
             Some(bar) => {
@@ -34,7 +37,7 @@ impl Progress {
                 bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
                 // The bar stands for these lines on the terminal; train.log still gets them.
                 if line_due {
-                    tracing::info!(target: super::trainlog::FILE_ONLY, step, loss, lr, "train")
+                    tracing::info!(target: crate::trainlog::FILE_ONLY, step, loss, lr, "train")
                 }
             }
             None if line_due => tracing::info!(step, loss, lr, "train"),
@@ -42,7 +45,8 @@ impl Progress {
         }
     }
 
-    pub(super) fn finish(&self) {
+    /// The last step is done.
+    pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish();
         }

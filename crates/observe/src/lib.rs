@@ -1,0 +1,21 @@
+//! waypoint-observe: what people watch of a run, with no libtorch and nothing of the model.
+//!
+//! - [`records`]: `status.json` (the control plane's job states), `logs/metrics.jsonl` and the
+//!   `TORCHELASTIC_ERROR_FILE`;
+//! - [`watch`]: rank 0's outputs of one attempt — it owns `logs/train.log` ([`trainlog`], the log's
+//!   file sink), the TensorBoard event file ([`tensorboard`]: record framing, CRC32C, the `Event`
+//!   protobuf), `logs/loss.svg` ([`plot`], drawn from `metrics.jsonl`) and `logs/progress.json`;
+//! - [`progress`]: the progress bar on a terminal, a line every `logging_steps` elsewhere;
+//! - [`explain`]: an error as people read it (secrets masked, a hint where one helps).
+//!
+//! Arrows inside: `records → watch → {trainlog, tensorboard, plot, explain}`.
+
+pub mod explain;
+pub mod plot;
+pub mod progress;
+pub mod records;
+pub mod tensorboard;
+pub mod trainlog;
+pub mod watch;
+
+pub use explain::{explain, Redacting};

@@ -1,0 +1,260 @@
+//! What one rank saves, as tensors: the resumable state under DCP's names ([`state_items`]), a
+//! snapshot of it on the GPU when there is room, its copy to host memory, and the promotable part
+//! (a PEFT adapter, full weights or this rank's share of them, or a delta).
+
+use anyhow::Result;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tch::{Device, Tensor};
+use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
+use waypoint_checkpoint::{
+    dcp, CheckpointManager, Commit, SamplerPart, StepName, Tensor as Blob, WeightsPlan,
+};
+
+use crate::collective::ranks::Ranks;
+use crate::convert::{byte_size, sampler_kind, to_blob};
+use crate::model::Model;
+use crate::optim::AdamW;
+use crate::shard::Rows;
+
+/// What every save needs besides the live state.
+pub(crate) struct SaveContext {
+    /// sha256 of the resume-relevant configuration.
+    pub fingerprint: String,
+    /// dtype of the promotable weights.
+    pub sampler_dtype: waypoint_config::SamplerDtype,
+    /// Tokenizer files carried into the sampler directory.
+    pub tokenizer_files: Vec<(String, Bytes)>,
+    /// The base model (named in a PEFT adapter's config).
+    pub model_id: String,
+    /// Samples in the training data (to derive the epoch).
+    pub n_samples: u64,
+    /// A new full sampler base after this many deltas (0: every periodic sampler save is a base).
+    pub sampler_base_every: u64,
+}
+
+impl SaveContext {
+    /// The counters and identity of a checkpoint at `step`.
+    pub(crate) fn commit(&self, step: u64, data_consumed: u64, world_size: u32) -> Commit {
+        Commit {
+            step,
+            data_consumed,
+            epoch: data_consumed / self.n_samples.max(1),
+            world_size,
+            config_fingerprint: self.fingerprint.clone(),
+            delta_base: None,
+        }
+    }
+}
+
+/// One tensor of the resumable state: a handle that shares the live tensor's memory, under its DCP
+/// name; with `offsets`, this rank's slice of a sharded tensor (DCP's `saved_offsets`).
+pub(crate) struct StateItem {
+    pub(crate) name: String,
+    pub(crate) tensor: Tensor,
+    pub(crate) offsets: Option<Vec<usize>>,
+}
+
+/// The resumable state under DCP's names: trainable weights and their AdamW state — with sharded
+/// optimizer state, this rank's rows of the moments, as slices.
+pub(crate) fn state_items(model: &Model, opt: &AdamW) -> Vec<StateItem> {
+    let whole = |name: String, t: &Tensor| StateItem {
+        name,
+        tensor: t.shallow_clone(),
+        offsets: None,
+    };
+    let mut items = Vec::new();
+    let item = |name: String, t: &Tensor, rows: Option<Rows>| match rows {
+        None => whole(name, t),
+        Some(rows) => {
+            let mut offsets = vec![0usize; t.dim()];
+            if let Some(o) = offsets.first_mut() {
+                *o = rows.start as usize;
+            }
+            StateItem {
+                name,
+                tensor: t.shallow_clone(),
+                offsets: Some(offsets),
+            }
+        }
+    };
+    for (i, (p, s)) in model.trainable().iter().zip(&opt.state).enumerate() {
+        let weight_rows = model.trainable_rows(i);
+        items.push(item(dcp::model_key(&p.name), &p.tensor, weight_rows));
+        let rows = weight_rows.or(opt.rows.as_ref().map(|r| r[i]));
+        for (field, t) in [("exp_avg", &s.exp_avg), ("exp_avg_sq", &s.exp_avg_sq)] {
+            items.push(item(dcp::optim_key(&p.name, field), t, rows));
+        }
+        items.push(whole(dcp::optim_key(&p.name, "step"), &s.step));
+    }
+    items
+}
+
+/// Free GPU memory kept beyond a snapshot, for the activations of the steps that run beside it.
+const SNAPSHOT_HEADROOM: u64 = 2 << 30;
+
+/// A copy of the state on its own GPU, when the state lives on a GPU with room for it.
+pub(crate) fn snapshot_on_device(items: &[StateItem]) -> Option<Vec<StateItem>> {
+    let Device::Cuda(gpu) = items.first()?.tensor.device() else {
+        return None;
+    };
+    let bytes: u64 = items.iter().map(|i| byte_size(&i.tensor) as u64).sum();
+    match crate::collective::cuda::free_memory(gpu) {
+        Ok(free) if free >= bytes + SNAPSHOT_HEADROOM => {}
+        Ok(free) => {
+            tracing::info!(
+                state_mb = bytes >> 20,
+                free_mb = free >> 20,
+                "no room on the GPU for a snapshot: the optimizer waits for the copy to host"
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "free GPU memory unknown: no snapshot");
+            return None;
+        }
+    }
+    tracing::debug!(state_mb = bytes >> 20, gpu, "state snapshotted on the GPU");
+    tch::no_grad(|| {
+        Some(
+            items
+                .iter()
+                .map(|i| StateItem {
+                    name: i.name.clone(),
+                    tensor: i.tensor.detach().copy(),
+                    offsets: i.offsets.clone(),
+                })
+                .collect(),
+        )
+    })
+}
+
+/// Copies named tensors to host memory, as they are.
+pub(crate) fn copy_to_host(items: &[StateItem]) -> Result<Vec<Blob>> {
+    items
+        .iter()
+        .map(|i| {
+            let blob = to_blob(&i.name, &i.tensor, None)?;
+            Ok(match &i.offsets {
+                Some(o) => blob.with_offsets(o.clone())?,
+                None => blob,
+            })
+        })
+        .collect()
+}
+
+/// This rank's share of the promotable weights of a model sharded over the ranks: every rank
+/// writes the files of the plan that are its own, from whole tensors gathered for it alone.
+pub(crate) struct PromotableShare {
+    plan: WeightsPlan,
+    tensors: Vec<Blob>,
+}
+
+/// For a promotable save of sharded weights (full-parameter): every rank takes part in gathering
+/// each weight whole, one at a time, and keeps those the plan gives it to write, in the sampler
+/// dtype — so no rank ever holds more than its share of the model. `None` when the weights are not
+/// sharded (rank 0 writes the whole model from its own copy) or under LoRA (the adapter is whole on
+/// every rank).
+pub(crate) fn promotable_share(
+    model: &Model,
+    ctx: &SaveContext,
+    manager: &CheckpointManager,
+    ranks: &mut Ranks,
+) -> Result<Option<PromotableShare>> {
+    if !model.is_sharded() || model.lora.is_some() {
+        return Ok(None);
+    }
+    let kind = sampler_kind(ctx.sampler_dtype);
+    let sizes: Vec<(String, u64)> = model
+        .whole_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let numel: i64 = shape.iter().product();
+            (name, numel as u64 * kind.elt_size_in_bytes() as u64)
+        })
+        .collect();
+    let plan = WeightsPlan::new(&sizes, ranks.world(), manager.options().max_file_bytes);
+    let rank = ranks.rank();
+    let mut tensors = Vec::new();
+    model.gather_each_base(
+        kind,
+        &|name| plan.writer_of(name) == Some(rank),
+        &mut |name, t| {
+            tensors.push(to_blob(name, &t, None)?);
+            Ok(())
+        },
+        ranks,
+    )?;
+    Ok(Some(PromotableShare { plan, tensors }))
+}
+
+/// The promotable part: a PEFT adapter under LoRA, else the full weights as an HF directory in the
+/// sampler dtype — this rank's `share` of them when the live weights are sharded — or, given a
+/// `delta_base`, a delta over that base's (which the checkpoint crate writes as full weights after
+/// all when the delta would exceed half their size).
+pub(crate) fn sampler_part(
+    model: &Model,
+    share: Option<PromotableShare>,
+    ctx: &SaveContext,
+    delta_base: Option<StepName>,
+) -> Result<SamplerPart> {
+    if let Some(lora) = &model.lora {
+        let config = AdapterConfig::new(
+            lora.rank as usize,
+            lora.alpha,
+            lora.dropout,
+            lora.targets.clone(),
+            &ctx.model_id,
+        );
+        let tensors = model
+            .trainable()
+            .iter()
+            .map(|p| {
+                let (fqn, which) = match p.name.strip_suffix(".lora_A.weight") {
+                    Some(f) => (f, 'A'),
+                    None => (
+                        p.name.strip_suffix(".lora_B.weight").unwrap_or(&p.name),
+                        'B',
+                    ),
+                };
+                to_blob(
+                    &adapter_tensor_name(fqn, which),
+                    &p.tensor,
+                    Some(sampler_kind(ctx.sampler_dtype)),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(SamplerPart::Lora {
+            adapter_config: Bytes::from(config.to_json()?),
+            tensors,
+        });
+    }
+    let mut config: Value = model.config.raw.clone();
+    config["torch_dtype"] = json!(ctx.sampler_dtype.hf_name());
+    let config_json = Bytes::from(serde_json::to_vec_pretty(&config)?);
+    if let Some(PromotableShare { plan, tensors }) = share {
+        return Ok(SamplerPart::FullShare {
+            plan,
+            tensors,
+            config_json,
+            extra_files: ctx.tokenizer_files.clone(),
+        });
+    }
+    let tensors = model
+        .base()
+        .iter()
+        .map(|p| to_blob(&p.name, &p.tensor, Some(sampler_kind(ctx.sampler_dtype))))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(base) = delta_base {
+        return Ok(SamplerPart::Delta {
+            base,
+            config_json,
+            tensors,
+        });
+    }
+    Ok(SamplerPart::Full {
+        config_json,
+        tensors,
+        extra_files: ctx.tokenizer_files.clone(),
+    })
+}
