@@ -46,7 +46,7 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// `waypoint train` flags, spelled as the control plane passes them to train.py. Unset flags fall
-/// back to `--config_path`, then to the built-in defaults (see `config.rs`).
+/// back to `--config_path`, then to the built-in defaults (see `crates/config/src/flags.rs`).
 #[derive(Debug, Default, clap::Args, Serialize)]
 struct TrainArgs {
     /// A JSON or TOML file of settings with these same names (flags win).
@@ -497,7 +497,7 @@ fn init_tracing() {
         .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
             meta.target() != waypoint_observe::trainlog::FILE_ONLY
         }));
-    // The same lines, without colour codes, into the run's logs/train.log (run/trainlog.rs).
+    // The same lines, without colour codes, into the run's logs/train.log (crates/observe/src/trainlog.rs).
     let train_log = tracing_subscriber::fmt::layer()
         .with_writer(|| waypoint_observe::Redacting(waypoint_observe::trainlog::writer()))
         .log_internal_errors(false)

@@ -289,7 +289,7 @@ impl Default for MemoryFlags {
     }
 }
 
-/// The valid keys (the flag names), section by section.
+/// The valid keys (the flag names), sorted by name.
 pub fn keys() -> Vec<String> {
     match serde_json::to_value(TrainConfig::default()) {
         Ok(Value::Object(m)) => m.keys().cloned().collect(),

@@ -192,7 +192,7 @@ impl Dataset {
         self.samples == 0
     }
 
-    /// The sample index of global position `g` (see the module doc).
+    /// The sample index of global position `g` (see [`crate::order`]).
     pub fn sample_at(&self, seed: u64, g: u64) -> usize {
         let n = self.len() as u64;
         permuted(seed, g / n, self.len(), (g % n) as usize)

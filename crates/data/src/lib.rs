@@ -7,7 +7,6 @@
 //! `permuted(seed, g / n, n, g % n)` of the `n` samples. Resuming at any counter — with any batch
 //! split — continues the same sequence, at a cost that grows neither with the counter nor with the
 //! data.
-
 //!
 //! Modules: [`source`] lists and streams the files (local or on a store); [`tokenizer`] and
 //! [`template`] turn rows into ids and loss masks; [`cache`] is the token cache; [`dataset`] reads

@@ -8,7 +8,8 @@
 //! - [`progress`]: the progress bar on a terminal, a line every `logging_steps` elsewhere;
 //! - [`explain`]: an error as people read it (secrets masked, a hint where one helps).
 //!
-//! Arrows inside: `records → watch → {trainlog, tensorboard, plot, explain}`.
+//! Arrows inside: `records → watch → {trainlog, tensorboard, plot}`; `explain` and `progress`
+//! stand alone.
 
 pub mod explain;
 pub mod plot;

@@ -184,7 +184,7 @@ fn wall_time() -> f64 {
 
 /// Test builds: the events of an event file's bytes, every checksum checked.
 #[cfg(test)]
-pub fn read_events(mut bytes: &[u8]) -> Vec<Event> {
+pub(crate) fn read_events(mut bytes: &[u8]) -> Vec<Event> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         let len_bytes: [u8; 8] = bytes[..8].try_into().unwrap();

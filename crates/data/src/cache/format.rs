@@ -243,4 +243,3 @@ fn verify_hashes(
         Err(_) => Err(Invalid::Corrupt("a checking thread panicked".into())),
     }
 }
-

@@ -186,4 +186,3 @@ fn remove_leftovers(dir: &Path, key: &str) {
         }
     }
 }
-

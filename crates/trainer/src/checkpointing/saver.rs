@@ -1,4 +1,5 @@
-//! Checkpoints from inside the training loop: what a save holds, and the [`Saver`] that writes it.
+//! Checkpoints from inside the training loop: the [`Saver`] that stages and writes a save (what a
+//! save holds is [`crate::checkpointing::state`]'s).
 //!
 //! A save is copied to host memory, then written and committed on a thread of its own while
 //! training goes on; at most one is in flight. The copy and write threads live as long as the saver

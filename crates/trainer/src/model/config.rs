@@ -229,7 +229,7 @@ impl ModelConfig {
         v * h + self.num_hidden_layers as u128 * layer + h + head
     }
 
-    /// Each projection LoRA can wrap, with its weight's (outputs, inputs), in [`LORA_TARGETS`] order.
+    /// Each projection LoRA can wrap, with its weight's (outputs, inputs), in [`waypoint_config::LORA_TARGETS`] order.
     pub fn projection_shapes(&self) -> [(&'static str, (i64, i64)); 7] {
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;

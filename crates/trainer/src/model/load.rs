@@ -20,7 +20,7 @@ use crate::shard::rows_of;
 impl Model {
     /// Loads an HF model directory: `config.json` and `model.safetensors` or the shards listed in
     /// `model.safetensors.index.json`. Weights are held in `hold`: fp32 for training them, the
-    /// frozen base's dtype for LoRA ([`frozen_base_kind`], never an fp32 copy on the way); with `shard` =
+    /// frozen base's dtype for LoRA ([`crate::model::lora::frozen_base_kind`], never an fp32 copy on the way); with `shard` =
     /// (rank, world), only the rows of each weight that rank holds ([`Model::shard`]), read from a
     /// map of the files so the rest is never brought into memory. Also returns the sha256 of the
     /// weight files (in order), which identifies the base of a LoRA run.

@@ -1,4 +1,4 @@
-//! Recipes: what turns a micro-batch into a loss. The step ([`crate::step`]) runs the model and
+//! Recipes: what turns a micro-batch into a loss. The step (`crate::step`) runs the model and
 //! hands its logits to the recipe; the recipe says how many units (tokens, pairs, …) its loss is a
 //! mean over, so that gradient accumulation and data parallelism divide by the step's global
 //! count. A new objective is one new file here, not an edit of the step, the loop or the saver.
@@ -7,9 +7,12 @@
 
 mod sft;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
+use waypoint_data::Batch;
 
 pub use sft::Sft;
+
+use crate::convert::batch_tensors;
 
 /// One micro-batch on the device: the model reads `ids`, the recipe scores its logits against
 /// `labels` (both `[batch, seq]`, int64; [`waypoint_data::IGNORE`] where no loss applies).
@@ -18,6 +21,14 @@ pub struct MicroBatch {
     pub ids: Tensor,
     /// Targets.
     pub labels: Tensor,
+}
+
+impl MicroBatch {
+    /// A data batch on `device`.
+    pub fn on(batch: &Batch, device: Device) -> Self {
+        let (ids, labels) = batch_tensors(batch, device);
+        Self { ids, labels }
+    }
 }
 
 /// An objective: a loss over the logits of a micro-batch.

@@ -7,7 +7,7 @@ use waypoint_data::IGNORE;
 
 use crate::recipe::{MicroBatch, Recipe};
 
-/// Next-token cross-entropy (`--recipe sft`, the default).
+/// Next-token cross-entropy: the only recipe today (chosen in `run/resume.rs`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sft;
 

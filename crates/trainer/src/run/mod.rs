@@ -1,13 +1,17 @@
-//! `waypoint train`: one start of the trainer, in four parts.
+//! `waypoint train`: one start of the trainer.
 //!
 //! - [`setup`]: join the ranks, load the model, tokenizer and data, open the run's checkpoints;
 //! - [`resume`]: find the newest resumable checkpoint that loads whole (passing over damaged ones),
 //!   refuse a drifted configuration, take an attempt number (fencing), write the run records, and
 //!   restore weights, optimizer state and data position (or `init_from_checkpoint`, or fresh);
-//! - [`step`]: one optimizer step (forward, backward, gradient sum over ranks, clipping, AdamW), behind
-//!   a boundary that turns any libtorch failure — a CUDA out-of-memory included — into an error;
+//! - this file: the loop — each step's micro-batches taken from the data and handed to
+//!   [`crate::step`] (one optimizer step over the recipe, behind a boundary that turns any libtorch
+//!   failure — a CUDA out-of-memory included — into an error), its metrics line, eval, and the saves
+//!   [`crate::checkpointing::policy`] asks for;
 //! - [`finish`]: the final save (resumable and promotable), promotion, `FINISHED`; or, on
-//!   SIGTERM/SIGINT, saving the current step and `CANCELLED`.
+//!   SIGTERM/SIGINT, saving the current step and `CANCELLED`;
+//! - [`outputs`]: rank 0's watched outputs (observe's watch) started and closed; [`memory`]: the
+//!   memory plan; [`device`]: the device choice.
 //!
 //! Periodic saves are resumable; the final save is resumable and promotable (see
 //! [`crate::checkpointing::saver`]). With several ranks, each takes its slice of every global batch and gradients
@@ -41,7 +45,6 @@ use waypoint_observe::watch;
 use waypoint_storage::Store;
 
 use crate::checkpointing::policy::{sampler_save_due, save_due, SaveDue};
-use crate::convert::batch_tensors;
 use crate::recipe::{MicroBatch, Recipe};
 use crate::step::{evaluate, libtorch_boundary, train_step, StepParts, StepSettings};
 
@@ -238,9 +241,10 @@ impl Session {
         let micro: Vec<MicroBatch> = (0..cfg.data.gradient_accumulation)
             .map(|a| {
                 let start = run.data_consumed + (a * world + rank) * bs;
-                let batch = run.train.batch(cfg.run.seed, start, bs as usize);
-                let (ids, labels) = batch_tensors(&batch, run.device);
-                MicroBatch { ids, labels }
+                MicroBatch::on(
+                    &run.train.batch(cfg.run.seed, start, bs as usize),
+                    run.device,
+                )
             })
             .collect();
         let lr = run.schedule.lr_at(self.step);
@@ -290,10 +294,9 @@ impl Session {
             if cfg.run.eval_steps > 0 && self.step % cfg.run.eval_steps == 0 {
                 let indices: Vec<usize> = (0..eval.len()).collect();
                 let device = run.device;
-                let batches = indices.chunks((bs as usize).max(1)).map(|chunk| {
-                    let (ids, labels) = batch_tensors(&eval.rows(chunk), device);
-                    MicroBatch { ids, labels }
-                });
+                let batches = indices
+                    .chunks((bs as usize).max(1))
+                    .map(|chunk| MicroBatch::on(&eval.rows(chunk), device));
                 let eval_loss = evaluate(&run.model, run.recipe.as_ref(), batches, &mut run.ranks)?;
                 line["eval_loss"] = json!(eval_loss);
                 tracing::info!(step = self.step, eval_loss, "eval");

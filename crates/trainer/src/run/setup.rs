@@ -149,7 +149,7 @@ fn check_memory(
             "memory plan: {plan} (the memory available could not be read)"
         )),
     };
-    let refuse = MemoryCheck::parse(&cfg.memory.memory_check) != Some(MemoryCheck::Warn);
+    let refuse = cfg.memory_check() == MemoryCheck::Refuse;
     let too_big = match &verdict {
         Ok(line) => {
             if env.rank == 0 {
