@@ -204,3 +204,56 @@ fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
         "promoted demo logits differ from transformers' by {diff}"
     );
 }
+
+/// A model made by transformers 5 records `"dtype": "float32"` in its config.json; promoted with
+/// bf16 weights, its config must say bf16 in every key a loader reads, so transformers loads it at
+/// the weights' size (`dtype="auto"` reads `dtype`), not at twice it.
+#[test]
+fn a_promoted_model_states_the_dtype_of_its_weights() {
+    let models = tempfile::tempdir().unwrap();
+    let base_dir = models.path().join("base");
+    std::fs::create_dir(&base_dir).unwrap();
+    hf_models(&["make", base_dir.to_str().unwrap(), "qwen3", "--tied"]);
+    let made: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(made["dtype"], "float32", "the oracle's own config: {made}");
+    let data = models.path().join("data.jsonl");
+    let rows: Vec<String> = (0..16)
+        .map(|i| format!("{{\"text\": \"row {i} of the promotion test\"}}"))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let runs = tempfile::tempdir().unwrap();
+    let out = common::waypoint()
+        .args(["train", "--run_id", "bf16", "--device", "cpu"])
+        .args(["--model_id", base_dir.to_str().unwrap()])
+        .args(["--dataset_uri", data.to_str().unwrap()])
+        .args(["--checkpoint_base_uri", runs.path().to_str().unwrap()])
+        .args([
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--max_seq_len",
+            "16",
+        ])
+        .args(["--output_model_id", "bf16"])
+        .output()
+        .unwrap();
+    common::ok(&out);
+    let promoted = runs.path().join("models/bf16");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(promoted.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "bfloat16", "{config}");
+    assert_eq!(config["torch_dtype"], "bfloat16", "{config}");
+    let out = common::root_python_script("hf_models.py", &["state", promoted.to_str().unwrap()]);
+    let loaded: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(!loaded.is_empty());
+    for (name, t) in &loaded {
+        assert_eq!(
+            t["dtype"], "torch.bfloat16",
+            "{name} loaded as {}",
+            t["dtype"]
+        );
+    }
+}

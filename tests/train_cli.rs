@@ -193,6 +193,7 @@ fn the_default_command_runs_the_embedded_demo() {
     let out = common::waypoint()
         .arg("train")
         .current_dir(dir.path())
+        .env_remove("HOSTNAME")
         .output()
         .unwrap();
     let stdout = common::ok(&out);
@@ -201,6 +202,10 @@ fn the_default_command_runs_the_embedded_demo() {
     assert!(run.join("status.json").is_file());
     assert!(run.join("config/run.json").is_file());
     assert!(run.join("logs/metrics.jsonl").is_file());
+    // Without HOSTNAME (outside a pod) the attempt record names the machine all the same.
+    let attempt = common::read_json(run.join("attempts/000001.json"));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(attempt["info"]["host"], host.trim(), "{attempt}");
 }
 
 #[test]

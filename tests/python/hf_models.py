@@ -121,13 +121,14 @@ def tokenize(model_dir, text, out):
 
 
 def state(model_dir):
-    """Loads a model directory with transformers in its stored dtype; prints the sha256 of each
-    weight's bytes by name (JSON, one line)."""
+    """Loads a model directory with transformers in the dtype its config.json states (`dtype="auto"`,
+    transformers 5's spelling, which reads the config's `dtype`); prints the sha256 and dtype of each
+    weight by name (JSON, one line)."""
     import hashlib
     import json
     import transformers as tf
 
-    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype="auto")
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     out = {}
     for name, t in model.state_dict().items():
         data = t.detach().contiguous().view(torch.uint8).numpy().tobytes()

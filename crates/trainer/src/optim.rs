@@ -207,7 +207,12 @@ pub fn clip_to_norm(grads: &mut [Tensor], norm: f64, max_norm: f64) -> f64 {
     norm
 }
 
-/// The learning-rate schedule: linear warmup, then cosine, linear or constant.
+/// The learning-rate schedule: linear warmup, then cosine, linear or constant — transformers'
+/// `get_constant_schedule_with_warmup`, `get_linear_schedule_with_warmup` (with a floor of
+/// `min_lr_ratio`; 0 is transformers' own) and `get_cosine_with_min_lr_schedule_with_warmup`
+/// (`min_lr_rate` = `min_lr_ratio`), step for step and in the same floating-point operations, as
+/// a loop that calls `scheduler.step()` after `optimizer.step()` sees them: optimizer step `s + 1`
+/// runs at `lr_at(s)`, so the first warmup step runs at 0 (tests/schedule_parity.rs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
     /// Peak learning rate.
@@ -226,16 +231,20 @@ impl Schedule {
     /// The learning rate of optimizer step `step` (0-based): a pure function, so resume restores it.
     pub fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+            return self.lr * (step as f64 / self.warmup_steps.max(1) as f64);
         }
-        let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1);
-        let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+        let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
         let floor = self.min_lr_ratio;
         let factor = match self.kind {
             ScheduleKind::Constant => 1.0,
-            ScheduleKind::Linear => floor + (1.0 - floor) * (1.0 - progress),
+            ScheduleKind::Linear => {
+                let left = self.total_steps.saturating_sub(step) as f64 / decay_steps;
+                (left * (1.0 - floor) + floor).max(0.0)
+            }
             ScheduleKind::Cosine => {
-                floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+                let progress = ((step - self.warmup_steps) as f64 / decay_steps).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                (cosine * (1.0 - floor) + floor).max(0.0)
             }
         };
         self.lr * factor
@@ -283,7 +292,10 @@ mod tests {
             kind: ScheduleKind::Cosine,
             min_lr_ratio: 0.0,
         };
-        assert_eq!(s.lr_at(0), 0.5);
+        // transformers' convention: the first warmup step runs at 0 (tests/schedule_parity.rs
+        // holds every step against transformers itself).
+        assert_eq!(s.lr_at(0), 0.0);
+        assert_eq!(s.lr_at(1), 0.5);
         assert_eq!(s.lr_at(2), 1.0);
         assert!((s.lr_at(7) - 0.5).abs() < 1e-12);
         assert!(s.lr_at(11) < 0.03);

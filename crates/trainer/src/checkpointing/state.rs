@@ -230,7 +230,11 @@ pub(crate) fn sampler_part(
         });
     }
     let mut config: Value = model.config.raw.clone();
-    config["torch_dtype"] = json!(ctx.sampler_dtype.hf_name());
+    // One dtype, the weights': transformers 5 reads `dtype`, earlier versions and other loaders
+    // `torch_dtype`; an HF config may carry either, so both say the same.
+    let dtype = json!(ctx.sampler_dtype.hf_name());
+    config["dtype"] = dtype.clone();
+    config["torch_dtype"] = dtype;
     let config_json = Bytes::from(serde_json::to_vec_pretty(&config)?);
     if let Some(PromotableShare { plan, tensors }) = share {
         return Ok(SamplerPart::FullShare {

@@ -198,7 +198,7 @@ impl Session {
         let attempt = if main {
             rt.block_on(manager.start_attempt(&json!({
                 "pid": std::process::id(),
-                "host": std::env::var("HOSTNAME").unwrap_or_default(),
+                "host": host_name(),
                 "restart_count": env.restart_count,
                 "world_size": world,
             })))?
@@ -520,4 +520,14 @@ async fn describe_drift(store: &Store, layout: &RunLayout, now: &Value) -> Strin
     } else {
         diffs.join("; ")
     }
+}
+
+/// This machine's name for the attempt record: `HOSTNAME` when set (a pod's name), else the
+/// system's.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(sysinfo::System::host_name)
+        .unwrap_or_default()
 }
