@@ -1,7 +1,8 @@
 //! `waypoint ckpt list|verify|promote|gc <run uri>`: the checkpoint crate, for people.
 //!
-//! A run URI is `<checkpoint_base_uri>/<run_id>/framework=<framework>`, the folder the run layout
-//! puts a run in (what `waypoint train` prints at the end).
+//! A run is `<checkpoint_base_uri>/<run_id>/framework=<framework>`, the folder the run layout puts
+//! a run in (what `waypoint train` prints at the end), or its run folder `<base>/<run_id>` when one
+//! framework is inside (see [`crate::runs`]).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,7 +26,7 @@ macro_rules! out {
 pub enum CkptCommand {
     /// List committed checkpoints: step, kinds, resumable/promotable, size, data consumed.
     List {
-        /// `<base>/<run_id>/framework=<framework>`.
+        /// `<base>/<run_id>/framework=<framework>`, or the run folder `<base>/<run_id>`.
         run: String,
         /// Print JSON lines instead of a table.
         #[arg(long)]
@@ -33,14 +34,14 @@ pub enum CkptCommand {
     },
     /// Re-hash checkpoints against their manifests (all when no name is given). Exit code 3 on damage.
     Verify {
-        /// `<base>/<run_id>/framework=<framework>`.
+        /// `<base>/<run_id>/framework=<framework>`, or the run folder `<base>/<run_id>`.
         run: String,
         /// Checkpoint names (`step-000100`).
         names: Vec<String>,
     },
     /// Copy a promotable checkpoint to `<base>/models/<model_id>/`.
     Promote {
-        /// `<base>/<run_id>/framework=<framework>`.
+        /// `<base>/<run_id>/framework=<framework>`, or the run folder `<base>/<run_id>`.
         run: String,
         /// The checkpoint (`step-000100`).
         name: String,
@@ -49,7 +50,7 @@ pub enum CkptCommand {
     },
     /// Remove blobs of uncommitted saves older than a grace period.
     Gc {
-        /// `<base>/<run_id>/framework=<framework>`.
+        /// `<base>/<run_id>/framework=<framework>`, or the run folder `<base>/<run_id>`.
         run: String,
         /// Leave uncommitted blobs younger than this many seconds (a save may be in flight).
         #[arg(long = "grace_secs", default_value_t = 3600)]
@@ -57,8 +58,16 @@ pub enum CkptCommand {
     },
 }
 
-fn open(uri: &str) -> Result<CheckpointManager> {
-    let (base, layout) = RunLayout::from_uri(uri)?;
+async fn open(given: &str) -> Result<CheckpointManager> {
+    let flags = crate::runs::RunFlags {
+        checkpoint_base_uri: None,
+        run_id: None,
+        framework: None,
+    };
+    let uri = crate::runs::resolve(Some(given), &flags)
+        .await?
+        .unwrap_or_else(|| given.to_string());
+    let (base, layout) = RunLayout::from_uri(&uri)?;
     let store = Store::open(&base).with_context(|| format!("opening {base}"))?;
     Ok(CheckpointManager::new(
         store,
@@ -71,7 +80,7 @@ fn open(uri: &str) -> Result<CheckpointManager> {
 pub async fn run(command: CkptCommand) -> Result<ExitCode> {
     match command {
         CkptCommand::List { run, json } => {
-            let manager = open(&run)?;
+            let manager = open(&run).await?;
             let list = manager.list().await?;
             if json {
                 for c in &list {
@@ -116,7 +125,7 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CkptCommand::Verify { run, names } => {
-            let manager = open(&run)?;
+            let manager = open(&run).await?;
             let steps: Vec<StepName> = if names.is_empty() {
                 manager.committed_steps().await?
             } else {
@@ -170,7 +179,7 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
             name,
             model_id,
         } => {
-            let manager = open(&run)?;
+            let manager = open(&run).await?;
             let step: StepName = name
                 .parse()
                 .with_context(|| format!("checkpoint name {name:?}"))?;
@@ -179,7 +188,7 @@ pub async fn run(command: CkptCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CkptCommand::Gc { run, grace_secs } => {
-            let manager = open(&run)?;
+            let manager = open(&run).await?;
             let removed = manager.gc(Duration::from_secs(grace_secs)).await?;
             for key in &removed {
                 out!("removed {key}");

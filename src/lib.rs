@@ -8,4 +8,5 @@
 
 pub mod ckpt;
 pub mod cli;
+pub mod runs;
 pub mod status;

@@ -1,7 +1,9 @@
-//! `waypoint status <run uri> [--json]`: where a run stands, on one screen — state, step / total,
+//! `waypoint status [<run>] [--json]`: where a run stands, on one screen — state, step / total,
 //! progress and ETA, last loss, tokens/s, the newest resumable and promotable checkpoints, the last
 //! error — read from the run's records (`status.json`, `logs/progress.json`, `logs/metrics.jsonl`,
-//! the checkpoint manifests), so it works during and after a run, on any store.
+//! the checkpoint manifests), so it works during and after a run, on any store. The run is named as
+//! [`crate::runs`] says; with none named, the runs under `--checkpoint_base_uri` (`./runs`) are
+//! listed with their states.
 
 use std::process::ExitCode;
 
@@ -18,8 +20,11 @@ pub const STALE_AFTER_S: f64 = 600.0;
 /// `waypoint status` arguments.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// `<base>/<run_id>/framework=<framework>`.
-    run: String,
+    /// `<base>/<run_id>/framework=<framework>`, or a run folder `<base>/<run_id>` holding one
+    /// framework; without it, the run the flags below name, or every run under the base.
+    run: Option<String>,
+    #[command(flatten)]
+    flags: crate::runs::RunFlags,
     /// Print one JSON object instead of the screen.
     #[arg(long)]
     json: bool,
@@ -147,13 +152,18 @@ fn duration(secs: f64) -> String {
     }
 }
 
+/// A job state as the control plane spells it (`FINISHED`).
+fn state_name(state: JobState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// The screen of a report.
 pub fn render(r: &Report) -> String {
     let opt = |v: Option<f64>, f: fn(f64) -> String| v.map_or("-".to_string(), f);
-    let state = serde_json::to_value(r.state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let state = state_name(r.state);
     let attempt = r
         .attempt
         .map_or(String::new(), |a| format!(" (attempt {a})"));
@@ -239,13 +249,48 @@ pub async fn gather(run: &str) -> Result<Report> {
 /// Runs `waypoint status`.
 pub async fn run(args: StatusArgs) -> Result<ExitCode> {
     use std::io::Write as _;
-    let report = gather(&args.run).await?;
+    let Some(run) = crate::runs::resolve(args.run.as_deref(), &args.flags).await? else {
+        return list_runs(args.flags.base(), args.json).await;
+    };
+    let report = gather(&run).await?;
     let text = if args.json {
         serde_json::to_string(&report)?
     } else {
         render(&report)
     };
     let text = waypoint_storage::redact_text(&text);
+    writeln!(std::io::stdout().lock(), "{text}").context("writing to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waypoint status` with no run named: each run under `base` with its state and step (one JSON
+/// object per line with `--json`).
+async fn list_runs(base: &str, json: bool) -> Result<ExitCode> {
+    use std::io::Write as _;
+    let runs = crate::runs::list(base).await?;
+    let mut lines = Vec::new();
+    if runs.is_empty() {
+        lines.push(format!(
+            "no runs under {base}; name one with --checkpoint_base_uri/--run_id, or a run URI"
+        ));
+    }
+    for run in &runs {
+        let line = match gather(run).await {
+            Ok(r) if json => serde_json::to_string(&r)?,
+            Ok(r) => format!(
+                "{run}  {}  step {}/{}",
+                state_name(r.state),
+                r.step,
+                r.total_steps
+            ),
+            Err(e) if json => {
+                serde_json::json!({"run": run, "error": format!("{e:#}")}).to_string()
+            }
+            Err(e) => format!("{run}  ({e:#})"),
+        };
+        lines.push(line);
+    }
+    let text = waypoint_storage::redact_text(&lines.join("\n"));
     writeln!(std::io::stdout().lock(), "{text}").context("writing to stdout")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -753,3 +753,100 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(status.code(), Some(0), "{err}");
 }
+
+/// `waypoint status` and `waypoint ckpt` find a run the way `train` names it: its URI, its run
+/// folder when one framework is inside, or `--checkpoint_base_uri`/`--run_id`/`--framework`;
+/// `waypoint status` alone lists the runs under `./runs`.
+#[test]
+fn status_and_ckpt_find_runs_as_train_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("runs");
+    let base_s = base.to_str().unwrap();
+    for (run, framework) in [("a", "waypoint"), ("b", "waypoint"), ("b", "hf")] {
+        common::ok(&train(
+            base_s,
+            run,
+            &[
+                "--framework",
+                framework,
+                "--max_steps",
+                "2",
+                "--save_steps",
+                "0",
+            ],
+        ));
+    }
+    let waypoint = |args: &[&str]| {
+        common::waypoint()
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let status_of = |args: &[&str]| -> serde_json::Value {
+        let out = waypoint(args);
+        serde_json::from_str(common::ok(&out).trim()).unwrap()
+    };
+    let a = format!("{base_s}/a/framework=waypoint");
+    // The run folder of a run with one framework, and train's flags, name the same run.
+    for args in [
+        vec!["status", "--json", &format!("{base_s}/a")],
+        vec![
+            "status",
+            "--json",
+            "--checkpoint_base_uri",
+            base_s,
+            "--run_id",
+            "a",
+        ],
+        vec!["status", "--json", &a],
+    ] {
+        let report = status_of(&args);
+        assert_eq!(report["run"], a.as_str(), "{args:?}");
+        assert_eq!(report["state"], "FINISHED", "{args:?}");
+    }
+    let hf = status_of(&[
+        "status",
+        "--json",
+        "--checkpoint_base_uri",
+        base_s,
+        "--run_id",
+        "b",
+        "--framework",
+        "hf",
+    ]);
+    assert_eq!(hf["run"], format!("{base_s}/b/framework=hf"));
+    // A folder with two frameworks: refused, naming both.
+    let out = waypoint(&["status", &format!("{base_s}/b")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("framework=hf") && err.contains("framework=waypoint"),
+        "{err}"
+    );
+    // Two ways of naming a run at once: refused.
+    let out = waypoint(&["status", &a, "--run_id", "a"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("give one"), "{}", stderr(&out));
+    // Nothing named: every run under ./runs, with its state.
+    let out = waypoint(&["status"]);
+    let listed = common::ok(&out);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    for run in [
+        "runs/a/framework=waypoint",
+        "runs/b/framework=hf",
+        "runs/b/framework=waypoint",
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(run) && l.contains("FINISHED")),
+            "{run} in {listed}"
+        );
+    }
+    // ckpt takes the run folder too.
+    let out = waypoint(&["ckpt", "list", "--json", &format!("{base_s}/a")]);
+    let listed = common::ok(&out);
+    assert!(listed.contains("step-000002"), "{listed}");
+}
