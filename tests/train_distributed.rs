@@ -1,6 +1,7 @@
 //! Data-parallel training on CPU under `waypoint launch`: 2 ranks × batch b reach the weights of
 //! 1 rank × batch 2b; each rank writes its share of every checkpoint; a run saved by 2 ranks resumes
-//! with 1 and with 3 and ends where an uninterrupted run ends; a killed rank makes the others exit
+//! with 1 and with 3 and ends where an uninterrupted run ends (another world size keeps the global
+//! batch through gradient accumulation, or is refused); a killed rank makes the others exit
 //! promptly, the group restarts, and training resumes from the last committed checkpoint.
 
 mod common;
@@ -120,6 +121,53 @@ async fn a_run_saved_by_two_ranks_resumes_with_one_and_with_three() {
             "{run}: differs from the uninterrupted run by {diff}"
         );
     }
+}
+
+/// A restart at another world size keeps the run's global batch through the gradient
+/// accumulation (said in the log) and ends where an uninterrupted run ends; when no accumulation
+/// keeps it, the restart is refused before any work, naming the choices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_world_size_keeps_the_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    common::ok(&single(base, "reference", 4, 8));
+    let (_, reference) = weights(base, "reference", 8).await;
+    // Two ranks × 2: a global batch of 4, stopped after a few steps.
+    let mut child = spawn_launched(base, "kept", 2, 0, 2, 8);
+    sigterm_after_step(&mut child, 3);
+    let saved = manager(base, "kept")
+        .latest_resumable(true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((saved.world_size, saved.data_consumed), (2, 4 * saved.step));
+    // One rank × 3 cannot make 4: refused (exit 2), the choices named, nothing written.
+    let out = single(base, "kept", 3, 8);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("global batch of 4 samples"), "{err}");
+    assert!(
+        err.contains("--batch_size 1 or 2 or 4 at world size 1"),
+        "{err}"
+    );
+    assert_eq!(
+        manager(base, "kept")
+            .latest_resumable(true)
+            .await
+            .unwrap()
+            .unwrap()
+            .step,
+        saved.step
+    );
+    // One rank × 2 accumulates 2 micro-batches: the same global batch, the same weights.
+    let out = single(base, "kept", 2, 8);
+    let err = common::ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("--gradient_accumulation 1 → 2"), "{err}{log}");
+    let (m, kept) = weights(base, "kept", 8).await;
+    assert_eq!((m.world_size, m.data_consumed), (1, 32));
+    let diff = max_diff(&reference, &kept);
+    assert!(diff < 5e-5, "differs from the uninterrupted run by {diff}");
 }
 
 #[test]

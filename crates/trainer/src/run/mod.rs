@@ -22,6 +22,7 @@
 //! the step — so restoring weights, optimizer state and counters restores everything. Any failure
 //! (usage errors aside, which write nothing) ends in `status.json` as `FAILED` and exit code 1.
 
+mod batch;
 pub mod device;
 mod finish;
 pub mod memory;

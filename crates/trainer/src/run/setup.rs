@@ -10,6 +10,7 @@ use tch::{Device, Kind};
 use tokio::runtime::Runtime;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 
+use super::batch::{keep_global_batch, previous_global_batch, BatchKeep};
 use super::memory::{self, MemoryCheck, MemoryPlan, MemoryPlanError, PlanInputs};
 use super::{Session, UsageError};
 use crate::collective::ranks::Ranks;
@@ -43,16 +44,26 @@ pub(super) struct Loaded {
 impl Session {
     /// Joins the ranks, loads model and data, sets the total steps, opens the checkpoints.
     pub(super) fn setup(&mut self, rt: &Runtime) -> Result<Setup> {
-        let cfg = &self.config;
         let env = WorkerEnv::from_env()?;
-        let device = crate::run::device::parse_device_for(&cfg.model.device, env.local_rank)
-            .map_err(|e| UsageError(format!("{e:#}")))?;
+        let device =
+            crate::run::device::parse_device_for(&self.config.model.device, env.local_rank)
+                .map_err(|e| UsageError(format!("{e:#}")))?;
         self.main = env.rank == 0;
         let ranks = Ranks::join(
             &env,
-            Duration::from_secs(cfg.distributed.dist_timeout_secs),
+            Duration::from_secs(self.config.distributed.dist_timeout_secs),
             device,
         )?;
+        let manager = CheckpointManager::new(
+            self.store.clone(),
+            self.layout.clone(),
+            ManagerOptions {
+                keep_last: self.config.checkpoint().keep_last,
+                ..ManagerOptions::default()
+            },
+        );
+        self.keep_global_batch(&manager, &ranks, env.world_size, rt)?;
+        let cfg = &self.config;
         if cfg.model.num_threads > 0 {
             tch::set_num_threads(cfg.model.num_threads as i32);
         }
@@ -67,14 +78,6 @@ impl Session {
         } else {
             (cfg.run.num_epochs * loaded.train.len() as u64).div_ceil(global_batch)
         };
-        let manager = CheckpointManager::new(
-            self.store.clone(),
-            self.layout.clone(),
-            ManagerOptions {
-                keep_last: cfg.checkpoint().keep_last,
-                ..ManagerOptions::default()
-            },
-        );
         Ok(Setup {
             env,
             device,
@@ -83,6 +86,60 @@ impl Session {
             global_batch,
             manager,
         })
+    }
+}
+
+impl Session {
+    /// A restart at another world size keeps the run's global batch by its gradient accumulation
+    /// ([`keep_global_batch`]), said in the log; refused (exit 2, nothing written) when none does.
+    /// Rank 0 reads the run's checkpoints and tells the others.
+    fn keep_global_batch(
+        &mut self,
+        manager: &CheckpointManager,
+        ranks: &Ranks,
+        world: u64,
+        rt: &Runtime,
+    ) -> Result<()> {
+        let previous = if ranks.is_main() {
+            rt.block_on(previous_global_batch(manager))
+        } else {
+            None
+        };
+        let said = previous
+            .map(|(g, w)| format!("{g} {w}"))
+            .unwrap_or_default();
+        let said =
+            String::from_utf8_lossy(&ranks.broadcast("global-batch", said.as_bytes())?).to_string();
+        let Some((previous, previous_world)) = said
+            .split_once(' ')
+            .and_then(|(g, w)| Some((g.parse::<u64>().ok()?, w.parse::<u64>().ok()?)))
+        else {
+            return Ok(());
+        };
+        let data = &mut self.config.data;
+        match keep_global_batch(
+            previous,
+            previous_world,
+            data.batch_size,
+            data.gradient_accumulation,
+            world,
+        ) {
+            BatchKeep::Same => Ok(()),
+            BatchKeep::Accumulate(accumulation) => {
+                if ranks.is_main() {
+                    tracing::warn!(
+                        "world size {previous_world} → {world}: --gradient_accumulation {} → {accumulation} \
+                         keeps the run's global batch of {previous} samples per step \
+                         (--batch_size {})",
+                        data.gradient_accumulation,
+                        data.batch_size
+                    );
+                }
+                data.gradient_accumulation = accumulation;
+                Ok(())
+            }
+            BatchKeep::Refuse(why) => Err(UsageError(why).into()),
+        }
     }
 }
 
