@@ -191,6 +191,11 @@ struct TrainArgs {
     #[arg(long = "init_from_checkpoint")]
     #[serde(skip_serializing_if = "Option::is_none")]
     init_from_checkpoint: Option<String>,
+    /// Resume although the optimizer, schedule, global batch, LoRA scale or recipe differ from
+    /// what the checkpoint was trained with (the change is logged and recorded).
+    #[arg(long = "allow_config_change")]
+    #[serde(skip_serializing_if = "is_false")]
+    allow_config_change: bool,
     /// Accepted as the control plane passes it; resuming is always automatic.
     #[arg(long = "resume_from_checkpoint")]
     #[serde(skip_serializing_if = "is_false")]

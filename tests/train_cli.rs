@@ -143,6 +143,51 @@ async fn trains_records_restarts_and_promotes(base: &str) {
             .unwrap(),
     );
     assert!(gc.contains("0 orphan blob(s) removed"), "{gc}");
+
+    // Settings that decide the trajectory (the lr, the schedule's length) differ from what the
+    // checkpoint was trained with: refused, each change named old → new, nothing written...
+    let before = store.get(&layout.run_config()).await.unwrap();
+    let changed = ["--lr", "0.001", "--max_steps", "40"];
+    let out = train(base, "demo", &changed);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("lr: was 0.003, now 0.001")
+            && err.contains("total_steps: was 30, now 40")
+            && err.contains("--allow_config_change"),
+        "{err}"
+    );
+    assert_eq!(store.get(&layout.run_config()).await.unwrap(), before);
+    // ...and with --allow_config_change applied, logged, and kept in the attempt record and in
+    // config/run.json, beside every earlier attempt's settings.
+    let out = train(
+        base,
+        "demo",
+        &[&changed[..], &["--allow_config_change"]].concat(),
+    );
+    let stdout = common::ok(&out);
+    assert!(stdout.contains("finished 40 steps"), "{stdout}");
+    assert!(stderr(&out).contains("--allow_config_change: lr: was 0.003, now 0.001"));
+    let attempt = json(&store, &layout.attempt(3)).await;
+    let recorded: Vec<&str> = attempt["info"]["config_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(recorded.contains(&"lr: was 0.003, now 0.001"), "{attempt}");
+    assert_eq!(attempt["info"]["training"]["lr"], 0.001);
+    let run = json(&store, &layout.run_config()).await;
+    assert_eq!(run["attempt"], 3);
+    assert_eq!(run["training"]["total_steps"], 40);
+    let history: Vec<u64> = run["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(history, [1, 2], "{run}");
+    assert_eq!(run["history"][0]["config"]["lr"], 0.003);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

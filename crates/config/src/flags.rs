@@ -233,6 +233,10 @@ pub struct CheckpointFlags {
     pub init_from_checkpoint: String,
     /// Accepted as the control plane passes it: resuming is always automatic.
     pub resume_from_checkpoint: bool,
+    /// Resume although settings that decide the trajectory (optimizer, schedule, global batch,
+    /// LoRA scale, recipe) differ from those the checkpoint was trained with: the new ones apply,
+    /// and the change is logged and kept in the attempt record and `config/run.json`.
+    pub allow_config_change: bool,
 }
 
 impl Default for CheckpointFlags {
@@ -248,6 +252,7 @@ impl Default for CheckpointFlags {
             output_model_id: String::new(),
             init_from_checkpoint: String::new(),
             resume_from_checkpoint: false,
+            allow_config_change: false,
         }
     }
 }

@@ -20,7 +20,7 @@ pub mod typed;
 pub mod validate;
 
 pub use error::{ConfigError, Origin, UsageError};
-pub use fingerprint::fingerprint;
+pub use fingerprint::{changes, fingerprint, BATCH_SPLIT};
 pub use flags::{
     closest_key, keys, CheckpointFlags, DataFlags, DistributedFlags, LoraFlags, MemoryFlags,
     ModelFlags, OptimFlags, RunFlags, TrainConfig,

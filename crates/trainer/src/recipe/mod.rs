@@ -33,6 +33,9 @@ impl MicroBatch {
 
 /// An objective: a loss over the logits of a micro-batch.
 pub trait Recipe: Send + Sync {
+    /// The recipe's name, as the run records it (`sft`).
+    fn name(&self) -> &'static str;
+
     /// The units the loss is a mean over in `batch` (for SFT, the tokens whose label counts);
     /// summed over the step's micro-batches and ranks, it divides each micro-batch's loss.
     fn units(&self, batch: &MicroBatch) -> i64;

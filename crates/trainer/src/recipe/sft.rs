@@ -12,6 +12,10 @@ use crate::recipe::{MicroBatch, Recipe};
 pub struct Sft;
 
 impl Recipe for Sft {
+    fn name(&self) -> &'static str {
+        "sft"
+    }
+
     fn units(&self, batch: &MicroBatch) -> i64 {
         batch.labels.ne(IGNORE).sum(Kind::Int64).int64_value(&[])
     }

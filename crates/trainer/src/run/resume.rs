@@ -23,9 +23,10 @@ use crate::checkpointing::state::SaveContext;
 use crate::convert::from_blob;
 use crate::model::Model;
 use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::recipe::{Recipe, Sft};
 use crate::shard::{rows_of, Rows};
-use waypoint_config::fingerprint;
 use waypoint_config::Sharding;
+use waypoint_config::{changes, fingerprint, BATCH_SPLIT};
 use waypoint_observe::records::{self, JobState, RunRecords, Status};
 
 impl Session {
@@ -159,6 +160,38 @@ impl Session {
                 .into());
             }
         }
+        // What decides the trajectory (optimizer, schedule, global batch, recipe) is what the
+        // checkpoint was trained with, unless the user asks for the change.
+        let recipe: Box<dyn Recipe> = Box::new(Sft);
+        let trajectory = cfg.trajectory(&resume_fields, world, total, recipe.name());
+        let config_changes = match &latest {
+            // Every rank reads the record and decides alike, so a refusal needs no word between
+            // them.
+            Some(m) => {
+                let before = rt.block_on(trained_with(&self.store, &self.layout, m.attempt));
+                let diffs = before
+                    .map(|b| changes(&b, &trajectory, &BATCH_SPLIT))
+                    .unwrap_or_default();
+                if !diffs.is_empty() && !cfg.checkpointing.allow_config_change {
+                    return Err(UsageError(format!(
+                        "run {} was trained to {} with other settings: {}. Resuming with these \
+                         would silently change its training. Restore them, pass \
+                         --allow_config_change to continue with the new ones (the change is \
+                         logged and recorded in the attempt record and config/run.json), or start \
+                         a new --run_id. Nothing was written.",
+                        cfg.run.run_id,
+                        m.name,
+                        diffs.join("; ")
+                    ))
+                    .into());
+                }
+                for change in diffs.iter().filter(|_| main) {
+                    tracing::warn!(checkpoint = %m.name, "--allow_config_change: {change}");
+                }
+                diffs
+            }
+            _ => Vec::new(),
+        };
         let section = cfg.checkpoint();
         if let Some(model_id) = &section.output_model_id {
             let dir =
@@ -201,6 +234,8 @@ impl Session {
                 "host": host_name(),
                 "restart_count": env.restart_count,
                 "world_size": world,
+                "training": trajectory,
+                "config_changes": config_changes,
             })))?
         } else {
             0
@@ -215,8 +250,16 @@ impl Session {
                 })?;
         }
         let manager = Arc::new(manager);
+        let history = if main {
+            rt.block_on(run_history(&self.store, &self.layout))
+        } else {
+            Vec::new()
+        };
         let run_record = json!({
             "config": cfg.redacted()?,
+            "training": trajectory,
+            "config_changes": config_changes,
+            "history": history,
             "resume_fields": resume_fields,
             "config_fingerprint": config_fp,
             "model": model.config.raw,
@@ -321,7 +364,7 @@ impl Session {
             checkpoint: section,
             ranks,
             device,
-            recipe: Box::new(crate::recipe::Sft),
+            recipe,
             model,
             opt,
             train,
@@ -503,23 +546,45 @@ async fn describe_drift(store: &Store, layout: &RunLayout, now: &Value) -> Strin
         Ok(b) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
         Err(_) => Value::Null,
     };
-    let before = &recorded["resume_fields"];
-    let Some(now) = now.as_object() else {
-        return "unknown".into();
-    };
-    let diffs: Vec<String> = now
-        .iter()
-        .filter(|(k, v)| before.get(k.as_str()) != Some(v))
-        .map(|(k, v)| match before.get(k.as_str()) {
-            Some(b) => format!("{k}: was {b}, now {v}"),
-            None => format!("{k}: now {v}"),
-        })
-        .collect();
+    let diffs = changes(&recorded["resume_fields"], now, &[]);
     if diffs.is_empty() {
         "the recorded fingerprint differs".into()
     } else {
         diffs.join("; ")
     }
+}
+
+/// The trajectory settings attempt `attempt` recorded when it started (what its checkpoints were
+/// trained with); `None` when its record is gone or predates them (nothing to compare).
+async fn trained_with(store: &Store, layout: &RunLayout, attempt: u64) -> Option<Value> {
+    let bytes = store.get(&layout.attempt(attempt)).await.ok()?;
+    let record: Value = serde_json::from_slice(&bytes).ok()?;
+    let training = record["info"]["training"].clone();
+    training.is_object().then_some(training)
+}
+
+/// The earlier attempts' settings from `config/run.json` (its `history`, then its own), oldest
+/// first: each start adds the one before it, so the file keeps every attempt's configuration.
+async fn run_history(store: &Store, layout: &RunLayout) -> Vec<Value> {
+    let Ok(bytes) = store.get(&layout.run_config()).await else {
+        return Vec::new();
+    };
+    let Ok(mut previous) = serde_json::from_slice::<Value>(&bytes) else {
+        return Vec::new();
+    };
+    let mut history = match previous.get_mut("history").map(Value::take) {
+        Some(Value::Array(h)) => h,
+        _ => Vec::new(),
+    };
+    history.push(json!({
+        "attempt": previous["attempt"],
+        "started_unix_ms": previous["started_unix_ms"],
+        "world_size": previous["world_size"],
+        "config": previous["config"],
+        "training": previous["training"],
+        "config_changes": previous["config_changes"],
+    }));
+    history
 }
 
 /// This machine's name for the attempt record: `HOSTNAME` when set (a pod's name), else the
