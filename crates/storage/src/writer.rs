@@ -27,6 +27,8 @@ pub struct BlobWriter {
     bytes: u64,
     buffer: BytesMut,
     upload: Option<Upload>,
+    /// When the write started (a completion whose answer was lost is recognised by a newer object).
+    started: std::time::SystemTime,
 }
 
 /// An open multipart upload and its parts in flight.
@@ -49,6 +51,7 @@ impl BlobWriter {
             bytes: 0,
             buffer: BytesMut::with_capacity(part_size.min(1 << 20)),
             upload: None,
+            started: std::time::SystemTime::now(),
         })
     }
 
@@ -110,8 +113,7 @@ impl BlobWriter {
                 let sha256 = digest_bytes(tail.clone(), DigestScheme::Parts(part_size)).await?;
                 let payload = PutPayload::from(tail);
                 self.store
-                    .layer_retry
-                    .run("put", || {
+                    .retrying("put", || {
                         self.store.inner.put_opts(
                             &self.path,
                             payload.clone(),
@@ -136,7 +138,11 @@ impl BlobWriter {
                     None => return Err(StorageError::Task("part hasher missing".into())),
                 };
                 let done = match upload.drain(0).await {
-                    Ok(()) => upload.upload.complete().await.map(|_| ()),
+                    Ok(()) => match upload.upload.complete().await {
+                        Ok(_) => Ok(()),
+                        Err(e) if self.completed_anyway(&e).await => Ok(()),
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 };
                 if let Err(e) = done {
@@ -165,6 +171,24 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// After a failed completion: whether it landed all the same (its answer was lost and the
+    /// retried completion found the upload gone). It did when the key now holds an object of the
+    /// size written, written since this upload started. Said in the log.
+    async fn completed_anyway(&self, e: &object_store::Error) -> bool {
+        if !self.store.client_retries() {
+            return false;
+        }
+        let Ok(there) = self.store.head(&self.key).await else {
+            return false;
+        };
+        let fresh = there.last_modified + std::time::Duration::from_secs(5) >= self.started;
+        let landed = there.size == self.bytes && fresh;
+        if landed {
+            tracing::warn!(key = %self.key, %e, "a multipart completion's answer was lost, but the object is there: completed");
+        }
+        landed
+    }
+
     fn part_size(&self) -> usize {
         self.store.options.part_size.max(1)
     }
@@ -173,8 +197,7 @@ impl BlobWriter {
         if self.upload.is_none() {
             let upload = self
                 .store
-                .layer_retry
-                .run("start upload", || {
+                .retrying("start upload", || {
                     self.store
                         .inner
                         .put_multipart_opts(&self.path, Default::default())
