@@ -101,7 +101,25 @@ impl Store {
         options: StoreOptions,
         transport: Option<Arc<dyn object_store::client::HttpConnector>>,
     ) -> Result<Self> {
-        let backend = open_backend(uri, &options, transport)?;
+        Self::from_backend(open_backend(uri, &options, transport)?, options)
+    }
+
+    /// Opens the store a URI names with its settings (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, …)
+    /// read through `settings` instead of the process environment, and `transport` as in
+    /// [`Store::open_with_transport`] (tests point one process at several servers with it).
+    pub fn open_with_settings(
+        uri: &str,
+        options: StoreOptions,
+        settings: &dyn Fn(&str) -> Option<String>,
+        transport: Option<Arc<dyn object_store::client::HttpConnector>>,
+    ) -> Result<Self> {
+        Self::from_backend(
+            crate::uri::open_backend_in(uri, &options, settings, transport)?,
+            options,
+        )
+    }
+
+    fn from_backend(backend: crate::uri::Backend, options: StoreOptions) -> Result<Self> {
         Ok(Self {
             inner: backend.store,
             root: backend.root,
@@ -198,6 +216,7 @@ impl Store {
     /// key taken settles the question by reading back what is there: our own bytes mean created.
     pub async fn put_create(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
+        let started = std::time::Instant::now();
         let mut tries = 0u32;
         let result = self
             .retrying("create", || {
@@ -216,7 +235,7 @@ impl Store {
             // time with its answer lost: it is ours exactly when the bytes there are the bytes we
             // wrote.
             Err(object_store::Error::AlreadyExists { .. }) if tries > 1 || self.client_retries => {
-                if self.holds(key, &data, true).await {
+                if self.holds(key, &data, None).await {
                     Ok(())
                 } else {
                     Err(self.already_exists(key))
@@ -224,24 +243,37 @@ impl Store {
             }
             Err(object_store::Error::AlreadyExists { .. }) => Err(self.already_exists(key)),
             // The outcome is unknown (the answer was lost and the deadline has passed): the same
-            // test, tried once (the deadline is spent).
-            Err(_) if self.holds(key, &data, false).await => Ok(()),
+            // test, in what is left of the call's time (deadline + one request timeout).
+            Err(_)
+                if self
+                    .holds(
+                        key,
+                        &data,
+                        Some(
+                            self.options
+                                .retry
+                                .give_up_after()
+                                .saturating_sub(started.elapsed()),
+                        ),
+                    )
+                    .await =>
+            {
+                Ok(())
+            }
             Err(e) => Err(self.error("create", key, e)),
         }
     }
 
     /// After a create whose answer may have been lost: whether `key` holds exactly `data` (then the
-    /// create landed; said in the log). `retry`: within the retry budget, else one try.
-    async fn holds(&self, key: &str, data: &Bytes, retry: bool) -> bool {
-        let there = if retry {
-            self.get(key).await.ok()
-        } else {
-            let path = self.path(key);
-            let once = async { self.inner.get(&path.ok()?).await.ok()?.bytes().await.ok() };
-            tokio::time::timeout(self.options.retry.request_timeout, once)
-                .await
-                .ok()
-                .flatten()
+    /// create landed; said in the log). Read within the retry budget, or within `within`.
+    async fn holds(&self, key: &str, data: &Bytes, within: Option<std::time::Duration>) -> bool {
+        let there = match within {
+            None => self.get(key).await.ok(),
+            Some(within) => {
+                let path = self.path(key);
+                let once = async { self.inner.get(&path.ok()?).await.ok()?.bytes().await.ok() };
+                tokio::time::timeout(within, once).await.ok().flatten()
+            }
         };
         let ours = there.is_some_and(|there| there == *data);
         if ours {

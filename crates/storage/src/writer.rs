@@ -146,7 +146,9 @@ impl BlobWriter {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = done {
-                    upload.abort(&self.key).await;
+                    upload
+                        .abort(&self.key, Some(self.failed_abort_time()))
+                        .await;
                     return Err(self.store.error("upload", &self.key, e));
                 }
                 digest
@@ -166,7 +168,7 @@ impl BlobWriter {
     /// Gives the write up; nothing becomes visible.
     pub async fn abort(mut self) -> Result<()> {
         if let Some(upload) = self.upload.take() {
-            upload.abort(&self.key).await;
+            upload.abort(&self.key, None).await;
         }
         Ok(())
     }
@@ -187,6 +189,12 @@ impl BlobWriter {
             tracing::warn!(key = %self.key, %e, "a multipart completion's answer was lost, but the object is there: completed");
         }
         landed
+    }
+
+    /// The time an abort after a failure gets: one request (the failure spent the retry budget;
+    /// an upload left behind is invisible and the store's lifecycle rules remove it).
+    fn failed_abort_time(&self) -> std::time::Duration {
+        self.store.options.retry.request_timeout
     }
 
     fn part_size(&self) -> usize {
@@ -219,8 +227,9 @@ impl BlobWriter {
         };
         let drained = upload.drain(max - 1).await;
         if let Err(e) = drained {
+            let within = self.failed_abort_time();
             if let Some(upload) = self.upload.take() {
-                upload.abort(&self.key).await;
+                upload.abort(&self.key, Some(within)).await;
             }
             return Err(self.store.error("upload part", &self.key, e));
         }
@@ -244,10 +253,22 @@ impl Upload {
         Ok(())
     }
 
-    async fn abort(mut self, key: &str) {
+    /// Aborts the upload; `within` bounds the time given to it (after a failure the call has
+    /// already spent its retry budget), else the whole budget applies.
+    async fn abort(mut self, key: &str, within: Option<std::time::Duration>) {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
-        if let Err(e) = self.upload.abort().await {
+        let aborted = match within {
+            None => self.upload.abort().await,
+            Some(d) => match tokio::time::timeout(d, self.upload.abort()).await {
+                Ok(r) => r,
+                Err(_) => Err(object_store::Error::Generic {
+                    store: "waypoint",
+                    source: format!("no answer within {d:?}").into(),
+                }),
+            },
+        };
+        if let Err(e) = aborted {
             tracing::warn!(%key, %e, "could not abort multipart upload; the store's lifecycle rules must clean it");
         }
     }
@@ -259,7 +280,7 @@ impl Drop for BlobWriter {
             let key = std::mem::take(&mut self.key);
             match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
-                    handle.spawn(async move { upload.abort(&key).await });
+                    handle.spawn(async move { upload.abort(&key, None).await });
                 }
                 Err(_) => {
                     tracing::warn!(%key, "blob writer dropped outside a runtime; upload left for cleanup")
