@@ -72,17 +72,22 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the store a URI names, with default options and the retry budget's environment
-    /// overrides ([`RetryPolicy::from_env`]).
+    /// Opens the store a URI names, with default options, the retry budget's environment
+    /// overrides ([`RetryPolicy::from_env`]) and the part size's ([`crate::PART_ENV`]).
     pub fn open(uri: &str) -> Result<Self> {
-        let retry = RetryPolicy::from_env().map_err(|reason| StorageError::InvalidUri {
+        let invalid = |reason| StorageError::InvalidUri {
             uri: crate::redact::redact_uri(uri),
             reason,
-        })?;
+        };
+        let retry = RetryPolicy::from_env().map_err(invalid)?;
+        let part_size = crate::options::part_size_from_env()
+            .map_err(invalid)?
+            .unwrap_or(StoreOptions::default().part_size);
         Self::open_with(
             uri,
             StoreOptions {
                 retry,
+                part_size,
                 ..StoreOptions::default()
             },
         )

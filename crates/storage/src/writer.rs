@@ -149,7 +149,7 @@ impl BlobWriter {
                     upload
                         .abort(&self.key, Some(self.failed_abort_time()))
                         .await;
-                    return Err(self.store.error("upload", &self.key, e));
+                    return Err(self.upload_error("upload", e));
                 }
                 digest
                     .await
@@ -189,6 +189,21 @@ impl BlobWriter {
             tracing::warn!(key = %self.key, %e, "a multipart completion's answer was lost, but the object is there: completed");
         }
         landed
+    }
+
+    /// The error of a started multipart upload that failed: [`StorageError::UploadLost`] when the
+    /// server answered as if the upload it created did not exist (not found, or refused).
+    fn upload_error(&self, op: &'static str, e: object_store::Error) -> StorageError {
+        match e {
+            object_store::Error::NotFound { .. } | object_store::Error::PermissionDenied { .. } => {
+                StorageError::UploadLost {
+                    store: self.store.uri().to_string(),
+                    key: self.key.clone(),
+                    source: Box::new(e),
+                }
+            }
+            e => self.store.error(op, &self.key, e),
+        }
     }
 
     /// The time an abort after a failure gets: one request (the failure spent the retry budget;
@@ -231,7 +246,7 @@ impl BlobWriter {
             if let Some(upload) = self.upload.take() {
                 upload.abort(&self.key, Some(within)).await;
             }
-            return Err(self.store.error("upload part", &self.key, e));
+            return Err(self.upload_error("upload part", e));
         }
         upload.in_flight.spawn(upload.upload.put_part(part.into()));
         Ok(())

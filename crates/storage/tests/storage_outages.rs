@@ -229,3 +229,27 @@ fn an_outage_longer_than_the_deadline_fails_in_bounded_time_with_nothing_visible
         );
     });
 }
+
+/// A server that lost a multipart upload (answers its completion `NoSuchUpload`): the write fails
+/// as [`waypoint_storage::StorageError::UploadLost`] (so the caller may write it again), with
+/// nothing visible.
+#[test]
+fn a_lost_upload_is_reported_as_such_with_nothing_visible() {
+    let Some(s3) = FaultyS3::start() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = s3.store(&waypoint_testkit::unique("lost"), options());
+        s3.arm(Call::Complete, 1, Fault::NoSuchUpload);
+        let mut w = BlobWriter::new(&s, "blob").unwrap();
+        w.write(&pattern(PART + 10, 3)).await.unwrap();
+        let err = w.finish().await.unwrap_err();
+        assert!(
+            matches!(err, waypoint_storage::StorageError::UploadLost { .. }),
+            "{err}"
+        );
+        assert!(!s.exists("blob").await.unwrap());
+    });
+}

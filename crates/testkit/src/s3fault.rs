@@ -120,6 +120,9 @@ pub enum Fault {
     Freeze(Duration),
     /// This request is answered `503 SlowDown` and never reaches the server.
     SlowDown,
+    /// This request is answered `404 NoSuchUpload` and never reaches the server: the server lost
+    /// the multipart upload (as one that keeps uploads in memory does when it restarts).
+    NoSuchUpload,
 }
 
 impl Fault {
@@ -130,6 +133,7 @@ impl Fault {
             Fault::LostAnswer(d) => format!("lost answer + outage {:.1}s", d.as_secs_f64()),
             Fault::Freeze(d) => format!("freeze {:.1}s", d.as_secs_f64()),
             Fault::SlowDown => "503 SlowDown".into(),
+            Fault::NoSuchUpload => "404 NoSuchUpload".into(),
         }
     }
 }
@@ -327,7 +331,11 @@ impl FaultyS3 {
             outage: tx,
         });
         let port = crate::free_port();
-        let listener = rt.block_on(async { listen(port) }).expect("proxy listens");
+        // Entered, not blocked on: a test may start the proxy from inside its own runtime.
+        let listener = {
+            let _in = rt.enter();
+            listen(port).expect("proxy listens")
+        };
         rt.spawn(accept_loop(shared.clone(), listener, port, rx));
         Some(Self {
             server,
@@ -388,6 +396,12 @@ impl FaultyS3 {
     pub fn injected(&self) -> Vec<Armed> {
         let c = self.shared.counts.lock().unwrap_or_else(|e| e.into_inner());
         c.injected.iter().map(|(a, _)| *a).collect()
+    }
+
+    /// When the first fault was injected.
+    pub fn injected_at(&self) -> Option<Instant> {
+        let c = self.shared.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.injected.first().map(|(_, at)| *at)
     }
 
     /// Requests seen per kind since the last [`FaultyS3::arm`] / [`FaultyS3::disarm`].
@@ -531,7 +545,7 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream) -> std::io::Result<(
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
     match fault {
-        Some(Fault::SlowDown) => {
+        Some(f @ (Fault::SlowDown | Fault::NoSuchUpload)) => {
             // Take the body first, so the client reads the answer rather than a broken pipe.
             let mut left = length.saturating_sub(rest.len());
             let mut chunk = vec![0u8; 64 << 10];
@@ -542,10 +556,25 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream) -> std::io::Result<(
                 }
                 left -= n;
             }
-            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
-                        <Message>Please reduce your request rate.</Message></Error>";
+            let (status, code, message) = if f == Fault::SlowDown {
+                (
+                    "503 Service Unavailable",
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                )
+            } else {
+                (
+                    "404 Not Found",
+                    "NoSuchUpload",
+                    "The specified upload does not exist.",
+                )
+            };
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+                 <Message>{message}</Message></Error>"
+            );
             let head = format!(
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n\
+                "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n\
                  Content-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
