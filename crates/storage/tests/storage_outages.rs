@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use waypoint_storage::{BlobWriter, RetryPolicy, Store, StoreOptions};
-use waypoint_testkit::s3fault::{Call, Fault, FaultyS3};
+use waypoint_testkit::s3fault::{cell_width, run_cells, Call, Fault, FaultyS3};
 use waypoint_testkit::{part_digest_hex, pattern};
 
 /// S3's smallest part (except the last).
@@ -143,36 +143,29 @@ fn every_kind_of_call_rides_out_every_transient_fault() {
         .flat_map(|c| FAULTS.iter().map(move |f| (*c, *f)))
         .collect();
     let started = Instant::now();
-    let mut ran = 0;
-    // Cells mostly wait out their faults: several at once, each on its own server.
-    for chunk in cells.chunks(8) {
-        let results: Vec<_> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .map(|&(call, fault)| (call, fault, scope.spawn(move || cell(call, fault))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|(c, f, h)| (c, f, h.join()))
-                .collect()
-        });
-        for (call, fault, result) in results {
-            match result {
-                Ok(Some(took)) => {
-                    ran += 1;
-                    eprintln!("{call:?} / {}: ridden out in {took:.1?}", fault.name());
-                }
-                Ok(None) => return,
-                Err(_) => panic!("{call:?} / {}: failed (see above)", fault.name()),
-            }
-        }
+    // Cells mostly wait out their faults: several at once, each on a server of its own.
+    let results = run_cells(
+        &cells,
+        cell_width(),
+        |&(call, fault)| std::panic::catch_unwind(|| cell(call, fault)).ok(),
+        |&(call, fault), result| match result {
+            Some(Some(took)) => eprintln!("{call:?} / {}: ridden out in {took:.1?}", fault.name()),
+            Some(None) => {}
+            None => eprintln!("FAILED {call:?} / {} (see above)", fault.name()),
+        },
+    );
+    if results.iter().any(|r| matches!(r, Some(None))) {
+        return; // no s3s-fs
     }
+    let failed = results.iter().filter(|r| r.is_none()).count();
+    let ran = results.len();
     eprintln!(
         "{ran} cells ({} kinds of call x {} faults) in {:.1?}",
         CALLS.len(),
         FAULTS.len(),
         started.elapsed()
     );
+    assert_eq!(failed, 0, "{failed} cells failed");
 }
 
 /// Longer than the deadline: the call fails within the deadline plus one request timeout, and a

@@ -634,6 +634,44 @@ async fn forward(
     Ok(())
 }
 
+/// Runs `cell` over every item of `cells`, `width` at once (fault cells mostly wait out their
+/// faults, so more than the cores), each result reported by `report` as it comes; returns the
+/// results in the order of `cells`.
+pub fn run_cells<T: Sync, R: Send>(
+    cells: &[T],
+    width: usize,
+    cell: impl Fn(&T) -> R + Sync,
+    report: impl Fn(&T, &R) + Sync,
+) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new(cells.iter().map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..width.max(1) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(item) = cells.get(i) else { break };
+                let r = cell(item);
+                report(item, &r);
+                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|r| r.expect("every cell ran"))
+        .collect()
+}
+
+/// How many fault cells to run at once: twice the cores, from 4 to 16.
+pub fn cell_width() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() * 2)
+        .unwrap_or(4)
+        .clamp(4, 16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
