@@ -409,12 +409,7 @@ fn of_two_trainers_of_one_run_the_newer_always_wins() {
     let (want, _) = final_files("alone");
     let attempt_of = |log: &str| -> Option<u64> {
         let line = log.lines().find(|l| l.contains("attempt started"))?;
-        let at = line.find("attempt=")? + "attempt=".len();
-        line[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
+        common::runs::logged_number(line, "attempt=")
     };
     let started = Instant::now();
     for (i, offset_ms) in [0u64, 150, 400, 700, 1000, 1400, 1900, 2500]

@@ -547,15 +547,7 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream) -> std::io::Result<(
     match fault {
         Some(f @ (Fault::SlowDown | Fault::NoSuchUpload)) => {
             // Take the body first, so the client reads the answer rather than a broken pipe.
-            let mut left = length.saturating_sub(rest.len());
-            let mut chunk = vec![0u8; 64 << 10];
-            while left > 0 {
-                let n = client.read(&mut chunk[..left.min(64 << 10)]).await?;
-                if n == 0 {
-                    break;
-                }
-                left -= n;
-            }
+            pass_body(&mut client, length.saturating_sub(rest.len()), None).await?;
             let (status, code, message) = if f == Fault::SlowDown {
                 (
                     "503 Service Unavailable",
@@ -593,16 +585,12 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream) -> std::io::Result<(
             let mut up = TcpStream::connect(("127.0.0.1", shared.server.port())).await?;
             up.write_all(&closing(&head)).await?;
             up.write_all(&rest).await?;
-            let mut left = length.saturating_sub(rest.len());
-            let mut chunk = vec![0u8; 64 << 10];
-            while left > 0 {
-                let n = client.read(&mut chunk[..left.min(64 << 10)]).await?;
-                if n == 0 {
-                    break;
-                }
-                up.write_all(&chunk[..n]).await?;
-                left -= n;
-            }
+            pass_body(
+                &mut client,
+                length.saturating_sub(rest.len()),
+                Some(&mut up),
+            )
+            .await?;
             let mut answer = Vec::new();
             let _ = up.read_to_end(&mut answer).await;
             let _ = shared.outage.send(down);
@@ -619,6 +607,26 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream) -> std::io::Result<(
         }
         None => forward(&shared, client, &head, &rest).await,
     }
+}
+
+/// Reads the `left` bytes of a request body still to come from `client`, into `to` (or nowhere).
+async fn pass_body(
+    client: &mut TcpStream,
+    mut left: usize,
+    mut to: Option<&mut TcpStream>,
+) -> std::io::Result<()> {
+    let mut chunk = vec![0u8; 64 << 10];
+    while left > 0 {
+        let n = client.read(&mut chunk[..left.min(64 << 10)]).await?;
+        if n == 0 {
+            break;
+        }
+        if let Some(to) = to.as_mut() {
+            to.write_all(&chunk[..n]).await?;
+        }
+        left -= n;
+    }
+    Ok(())
 }
 
 async fn forward(
