@@ -19,7 +19,7 @@
 //! - local backends (files, memory): [`RetryPolicy::run`] around each operation retries every
 //!   transient (I/O) error until the deadline.
 //!
-//! Defaults: back-off from 100 ms doubling to at most 5 s, with jitter; no retry started later than
+//! Defaults: back-off from 100 ms doubling, jittered, no wait longer than 5 s; no retry started later than
 //! 60 s after the first try; 30 s per request, 5 s to connect. So a frozen or unreachable endpoint
 //! fails a storage call within 90 s (deadline + one request timeout), and anything shorter than the
 //! deadline is ridden out. `WAYPOINT_STORAGE_TIMEOUT_SECS` (per request) and
@@ -134,12 +134,13 @@ impl RetryPolicy {
             .with_connect_timeout(self.connect_timeout)
     }
 
-    /// The back-off between tries: exponential from `initial_backoff`, capped at `max_backoff`, with
-    /// jitter, unbounded in count (the deadline ends it).
+    /// The back-off between tries: exponential from `initial_backoff`, with jitter (each wait is
+    /// its delay plus up to as much again), at most `max_backoff`, unbounded in count (the deadline
+    /// ends it).
     fn backoff(&self) -> ExponentialBuilder {
         ExponentialBuilder::default()
             .with_min_delay(self.initial_backoff)
-            .with_max_delay(self.max_backoff)
+            .with_max_delay((self.max_backoff / 2).max(self.initial_backoff))
             .with_factor(2.0)
             .with_jitter()
             .without_max_times()
@@ -193,13 +194,42 @@ impl RetryPolicy {
     }
 }
 
-/// Whether an error may go away on its own (I/O, network, server errors) rather than being an answer
-/// (not found, already exists, refused, unsupported).
+/// Whether an error may go away on its own (network, server errors, an interrupted or timed-out
+/// I/O) rather than being an answer (not found, already exists, refused, unsupported) or a lasting
+/// local condition (a directory where a file goes, no permission, no space).
 pub fn is_transient(e: &object_store::Error) -> bool {
+    if is_lost_request(e) {
+        return true;
+    }
+    if !matches!(e, object_store::Error::Generic { .. }) {
+        return false;
+    }
+    // A local file error is transient only when its kind says so.
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return transient_io(io);
+        }
+        current = err.source();
+    }
+    true
+}
+
+/// I/O errors that a retry may see go away: interrupted, would block, timed out, a connection
+/// dropped (network file systems), and EIO / EBUSY / ESTALE.
+fn transient_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
     matches!(
-        e,
-        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
-    ) || is_lost_request(e)
+        e.kind(),
+        K::Interrupted
+            | K::WouldBlock
+            | K::TimedOut
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::ConnectionRefused
+            | K::BrokenPipe
+            | K::UnexpectedEof
+    ) || matches!(e.raw_os_error(), Some(5 | 16 | 116))
 }
 
 /// Whether an error of a cloud backend is a transport failure: the request may not have reached the
@@ -232,12 +262,12 @@ mod tests {
         };
         let waits: Vec<Duration> = p.backoff().build().take(200).collect();
         assert_eq!(waits.len(), 200, "the count never runs out");
-        // Jitter adds up to one more delay to each wait; the cap bounds the delay itself.
+        // Jitter adds up to one more delay to each wait; no wait is longer than the cap.
         assert!(waits
             .iter()
-            .all(|w| *w >= Duration::from_millis(100) && *w <= Duration::from_millis(1000)));
-        assert!(waits[0] < Duration::from_millis(200 + 1));
-        assert!(waits[150] >= Duration::from_millis(500), "{:?}", waits[150]);
+            .all(|w| *w >= Duration::from_millis(100) && *w <= Duration::from_millis(500)));
+        assert!(waits[0] <= Duration::from_millis(200));
+        assert!(waits[150] >= Duration::from_millis(250), "{:?}", waits[150]);
     }
 
     #[test]
@@ -271,6 +301,22 @@ mod tests {
             RetryPolicy::from_vars(|_| None).unwrap(),
             RetryPolicy::default()
         );
+    }
+
+    #[test]
+    fn lasting_local_conditions_are_answers_not_transient() {
+        let local = |kind: std::io::ErrorKind| object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(std::io::Error::from(kind)),
+        };
+        assert!(!is_transient(&local(std::io::ErrorKind::IsADirectory)));
+        assert!(!is_transient(&local(std::io::ErrorKind::PermissionDenied)));
+        assert!(is_transient(&local(std::io::ErrorKind::Interrupted)));
+        assert!(is_transient(&local(std::io::ErrorKind::TimedOut)));
+        assert!(is_transient(&object_store::Error::Generic {
+            store: "s3",
+            source: "a server error".into(),
+        }));
     }
 
     #[tokio::test]
