@@ -202,7 +202,12 @@ pub(crate) fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<
 
 /// The step of a `train step=N` log line.
 pub(crate) fn logged_step(line: &str) -> Option<u64> {
-    let at = line.find(": train step=")? + ": train step=".len();
+    logged_number(line, ": train step=")
+}
+
+/// The number right after `key` in a log line (`attempt=` → N of `… attempt=N …`).
+pub(crate) fn logged_number(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(key)? + key.len();
     line[at..]
         .split(|c: char| !c.is_ascii_digit())
         .next()?

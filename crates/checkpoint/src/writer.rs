@@ -43,7 +43,11 @@ impl FileWriter {
         tensors: &[Tensor],
         extra: &BTreeMap<String, String>,
     ) -> Result<WrittenFile> {
-        let info = write_file(&self.store, &format!("{}/{path}", self.dir), tensors, extra).await?;
+        let key = format!("{}/{path}", self.dir);
+        let info = again_if_lost(&self.store, &key, || {
+            write_file(&self.store, &key, tensors, extra)
+        })
+        .await?;
         Ok(WrittenFile {
             entry: self.entry(path, info),
             tensors: tensors.iter().map(|t| t.name.clone()).collect(),
@@ -52,10 +56,13 @@ impl FileWriter {
 
     /// Writes a small file (JSON, tokenizer) at `path`.
     pub async fn write_bytes(&self, path: &str, data: Bytes) -> Result<WrittenFile> {
-        let mut w =
-            waypoint_storage::BlobWriter::new(&self.store, &format!("{}/{path}", self.dir))?;
-        w.write_bytes(data).await?;
-        let info = w.finish().await?;
+        let key = format!("{}/{path}", self.dir);
+        let info = again_if_lost(&self.store, &key, || async {
+            let mut w = waypoint_storage::BlobWriter::new(&self.store, &key)?;
+            w.write_bytes(data.clone()).await?;
+            Ok(w.finish().await?)
+        })
+        .await?;
         Ok(WrittenFile {
             entry: self.entry(path, info),
             tensors: Vec::new(),
@@ -69,6 +76,31 @@ impl FileWriter {
             sha256: info.sha256,
             part_size: Some(info.part_size),
             rank: self.rank,
+        }
+    }
+}
+
+/// Runs `write` (of the file at `key`) again from its start when the server lost its multipart
+/// upload ([`waypoint_storage::StorageError::UploadLost`]), while the store's retry deadline since
+/// the first try allows; the bytes are still at hand, so nothing is lost but time.
+async fn again_if_lost<F, Fut>(
+    store: &Store,
+    key: &str,
+    mut write: F,
+) -> Result<waypoint_storage::BlobInfo>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<waypoint_storage::BlobInfo>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match write().await {
+            Err(crate::error::CheckpointError::Storage(
+                e @ waypoint_storage::StorageError::UploadLost { .. },
+            )) if started.elapsed() < store.options().retry.deadline => {
+                tracing::warn!(key, "writing the file again from its start: {e}");
+            }
+            other => return other,
         }
     }
 }

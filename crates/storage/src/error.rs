@@ -66,6 +66,20 @@ pub enum StorageError {
         #[source]
         source: Box<object_store::Error>,
     },
+    /// The server lost a multipart upload it had started for us: it answered a part or the
+    /// completion as if the upload did not exist (a restart that lost it, or a completion it began
+    /// and never finished). Nothing is visible under the key; the write may be made again from its
+    /// start.
+    #[error("the server lost the multipart upload of {key} in {store}: {source}")]
+    UploadLost {
+        /// The store (URI).
+        store: String,
+        /// The key being written.
+        key: String,
+        /// The backend's answer.
+        #[source]
+        source: Box<object_store::Error>,
+    },
     /// A local file operation failed.
     #[error("{op} {path}: {source}")]
     Io {

@@ -26,7 +26,7 @@ mod writer;
 
 pub use digest::DigestScheme;
 pub use error::{Result, StorageError};
-pub use options::StoreOptions;
+pub use options::{StoreOptions, PART_ENV};
 pub use reader::BlobReader;
 pub use redact::{redact_text, redact_uri};
 pub use retry::{is_transient, RetryPolicy, RETRY_ENV, TIMEOUT_ENV};

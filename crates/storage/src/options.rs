@@ -27,3 +27,19 @@ impl Default for StoreOptions {
         }
     }
 }
+
+/// Environment variable: the part size of streaming writes, in MiB (1 to 5120; S3 needs at least 5).
+pub const PART_ENV: &str = "WAYPOINT_STORAGE_PART_MB";
+
+/// The part size [`PART_ENV`] sets, if it is set.
+pub(crate) fn part_size_from_env() -> Result<Option<usize>, String> {
+    match std::env::var(PART_ENV) {
+        Err(_) => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=5120).contains(&n) => Ok(Some(n << 20)),
+            _ => Err(format!(
+                "{PART_ENV}={v:?}: give whole MiB from 1 to 5120 (S3 needs at least 5)"
+            )),
+        },
+    }
+}

@@ -62,8 +62,7 @@ impl BlobReader {
             ..Default::default()
         };
         let result = store
-            .layer_retry
-            .run("get", || store.inner.get_opts(&path, options.clone()))
+            .retrying("get", || store.inner.get_opts(&path, options.clone()))
             .await
             .map_err(|e| store.error("get", key, e))?;
         let got = result.range.clone();

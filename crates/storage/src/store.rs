@@ -59,11 +59,9 @@ pub struct Store {
     /// For a local store: the folder the root key stands for, so deletes can refuse to follow
     /// symbolic links out of it.
     local_root: Option<Arc<PathBuf>>,
-    /// The retries this layer makes around each operation: `options.retry` where the backend does not
-    /// retry by itself, none where its HTTP client already does (one budget, never stacked).
-    pub(crate) layer_retry: RetryPolicy,
     /// Whether the backend's HTTP client retries requests by itself (so a create may have been sent
-    /// twice even when this layer tried once).
+    /// twice even when this layer tried once, and this layer retries only the lost requests that client
+    /// leaves alone: [`RetryPolicy::run`]).
     client_retries: bool,
 }
 
@@ -74,17 +72,22 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the store a URI names, with default options and the retry budget's environment
-    /// overrides ([`RetryPolicy::from_env`]).
+    /// Opens the store a URI names, with default options, the retry budget's environment
+    /// overrides ([`RetryPolicy::from_env`]) and the part size's ([`crate::PART_ENV`]).
     pub fn open(uri: &str) -> Result<Self> {
-        let retry = RetryPolicy::from_env().map_err(|reason| StorageError::InvalidUri {
+        let invalid = |reason| StorageError::InvalidUri {
             uri: crate::redact::redact_uri(uri),
             reason,
-        })?;
+        };
+        let retry = RetryPolicy::from_env().map_err(invalid)?;
+        let part_size = crate::options::part_size_from_env()
+            .map_err(invalid)?
+            .unwrap_or(StoreOptions::default().part_size);
         Self::open_with(
             uri,
             StoreOptions {
                 retry,
+                part_size,
                 ..StoreOptions::default()
             },
         )
@@ -103,18 +106,31 @@ impl Store {
         options: StoreOptions,
         transport: Option<Arc<dyn object_store::client::HttpConnector>>,
     ) -> Result<Self> {
-        let backend = open_backend(uri, &options, transport)?;
+        Self::from_backend(open_backend(uri, &options, transport)?, options)
+    }
+
+    /// Opens the store a URI names with its settings (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, …)
+    /// read through `settings` instead of the process environment, and `transport` as in
+    /// [`Store::open_with_transport`] (tests point one process at several servers with it).
+    pub fn open_with_settings(
+        uri: &str,
+        options: StoreOptions,
+        settings: &dyn Fn(&str) -> Option<String>,
+        transport: Option<Arc<dyn object_store::client::HttpConnector>>,
+    ) -> Result<Self> {
+        Self::from_backend(
+            crate::uri::open_backend_in(uri, &options, settings, transport)?,
+            options,
+        )
+    }
+
+    fn from_backend(backend: crate::uri::Backend, options: StoreOptions) -> Result<Self> {
         Ok(Self {
             inner: backend.store,
             root: backend.root,
             uri: backend.display.into(),
             options,
             local_root: backend.local_root.map(Arc::new),
-            layer_retry: if backend.client_retries {
-                RetryPolicy::none()
-            } else {
-                options.retry
-            },
             client_retries: backend.client_retries,
         })
     }
@@ -136,9 +152,14 @@ impl Store {
             uri: name.into(),
             options,
             local_root: None,
-            layer_retry: options.retry,
             client_retries: false,
         })
+    }
+
+    /// Whether the backend's HTTP client retries by itself (cloud stores): a request may then have
+    /// reached the server more often than it was sent from here.
+    pub(crate) fn client_retries(&self) -> bool {
+        self.client_retries
     }
 
     /// The store's URI (or local folder), safe to print.
@@ -176,7 +197,6 @@ impl Store {
                 .local_root
                 .as_ref()
                 .map(|r| Arc::new(r.join(key.trim_matches('/')))),
-            layer_retry: self.layer_retry,
             client_retries: self.client_retries,
         })
     }
@@ -184,24 +204,27 @@ impl Store {
     /// Writes `data` to `key`, replacing what was there.
     pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
-        self.layer_retry
-            .run("put", || {
-                self.inner
-                    .put_opts(&path, PutPayload::from(data.clone()), PutOptions::default())
-            })
-            .await
-            .map_err(|e| self.error("put", key, e))?;
+        self.retrying("put", || {
+            self.inner
+                .put_opts(&path, PutPayload::from(data.clone()), PutOptions::default())
+        })
+        .await
+        .map_err(|e| self.error("put", key, e))?;
         Ok(())
     }
 
     /// Writes `data` to `key` only if nothing is there: the commit primitive. A second create returns
     /// [`StorageError::AlreadyExists`].
+    ///
+    /// A create is the one request that cannot simply be repeated: when its answer is lost it may
+    /// have landed. It is retried all the same (within the one deadline), and a retry that finds the
+    /// key taken settles the question by reading back what is there: our own bytes mean created.
     pub async fn put_create(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key)?;
+        let started = std::time::Instant::now();
         let mut tries = 0u32;
         let result = self
-            .layer_retry
-            .run("create", || {
+            .retrying("create", || {
                 tries += 1;
                 let opts = PutOptions {
                     mode: PutMode::Create,
@@ -217,23 +240,47 @@ impl Store {
             // time with its answer lost: it is ours exactly when the bytes there are the bytes we
             // wrote.
             Err(object_store::Error::AlreadyExists { .. }) if tries > 1 || self.client_retries => {
-                if self.holds(key, &data).await {
+                if self.holds(key, &data, None).await {
                     Ok(())
                 } else {
                     Err(self.already_exists(key))
                 }
             }
             Err(object_store::Error::AlreadyExists { .. }) => Err(self.already_exists(key)),
-            // The outcome is unknown (the answer was lost after the retries): the same test.
-            Err(_) if self.holds(key, &data).await => Ok(()),
+            // The outcome is unknown (the answer was lost and the deadline has passed): the same
+            // test, in what is left of the call's time (deadline + one request timeout).
+            Err(_)
+                if self
+                    .holds(
+                        key,
+                        &data,
+                        Some(
+                            self.options
+                                .retry
+                                .give_up_after()
+                                .saturating_sub(started.elapsed()),
+                        ),
+                    )
+                    .await =>
+            {
+                Ok(())
+            }
             Err(e) => Err(self.error("create", key, e)),
         }
     }
 
     /// After a create whose answer may have been lost: whether `key` holds exactly `data` (then the
-    /// create landed; said in the log).
-    async fn holds(&self, key: &str, data: &Bytes) -> bool {
-        let ours = self.get(key).await.is_ok_and(|there| there == *data);
+    /// create landed; said in the log). Read within the retry budget, or within `within`.
+    async fn holds(&self, key: &str, data: &Bytes, within: Option<std::time::Duration>) -> bool {
+        let there = match within {
+            None => self.get(key).await.ok(),
+            Some(within) => {
+                let path = self.path(key);
+                let once = async { self.inner.get(&path.ok()?).await.ok()?.bytes().await.ok() };
+                tokio::time::timeout(within, once).await.ok().flatten()
+            }
+        };
+        let ours = there.is_some_and(|there| there == *data);
         if ours {
             tracing::warn!(
                 key,
@@ -243,22 +290,29 @@ impl Store {
         ours
     }
 
+    /// Runs one store operation under the retry budget ([`RetryPolicy::run`]).
+    pub(crate) async fn retrying<T, F, Fut>(&self, what: &str, op: F) -> object_store::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = object_store::Result<T>>,
+    {
+        self.options.retry.run(what, self.client_retries, op).await
+    }
+
     /// Reads a whole object into memory.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         let path = self.path(key)?;
-        self.layer_retry
-            .run("get", || async {
-                self.inner.get(&path).await?.bytes().await
-            })
-            .await
-            .map_err(|e| self.error("get", key, e))
+        self.retrying("get", || async {
+            self.inner.get(&path).await?.bytes().await
+        })
+        .await
+        .map_err(|e| self.error("get", key, e))
     }
 
     /// Reads the bytes `range` of an object.
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let path = self.path(key)?;
-        self.layer_retry
-            .run("get_range", || self.inner.get_range(&path, range.clone()))
+        self.retrying("get_range", || self.inner.get_range(&path, range.clone()))
             .await
             .map_err(|e| self.error("get_range", key, e))
     }
@@ -267,8 +321,7 @@ impl Store {
     pub async fn head(&self, key: &str) -> Result<ObjectInfo> {
         let path = self.path(key)?;
         let meta = self
-            .layer_retry
-            .run("head", || self.inner.head(&path))
+            .retrying("head", || self.inner.head(&path))
             .await
             .map_err(|e| self.error("head", key, e))?;
         Ok(self.info(meta))
@@ -287,8 +340,7 @@ impl Store {
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let path = self.path(prefix)?;
         let metas: Vec<object_store::ObjectMeta> = self
-            .layer_retry
-            .run("list", || self.inner.list(Some(&path)).try_collect())
+            .retrying("list", || self.inner.list(Some(&path)).try_collect())
             .await
             .map_err(|e| self.error("list", prefix, e))?;
         let mut out: Vec<ObjectInfo> = metas.into_iter().map(|m| self.info(m)).collect();
@@ -300,8 +352,7 @@ impl Store {
     pub async fn list_dir(&self, prefix: &str) -> Result<Listing> {
         let path = self.path(prefix)?;
         let result = self
-            .layer_retry
-            .run("list", || self.inner.list_with_delimiter(Some(&path)))
+            .retrying("list", || self.inner.list_with_delimiter(Some(&path)))
             .await
             .map_err(|e| self.error("list", prefix, e))?;
         let mut objects: Vec<ObjectInfo> =
@@ -321,11 +372,7 @@ impl Store {
     /// — the run's `checkpoints/` moved to another disk — is the store's own layout.)
     pub async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
-        match self
-            .layer_retry
-            .run("delete", || self.inner.delete(&path))
-            .await
-        {
+        match self.retrying("delete", || self.inner.delete(&path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error("delete", key, e)),
         }
@@ -401,8 +448,7 @@ impl Store {
     /// Copies an object inside the store (server-side where the backend can).
     pub async fn copy(&self, from: &str, to: &str) -> Result<()> {
         let (src, dst) = (self.path(from)?, self.path(to)?);
-        self.layer_retry
-            .run("copy", || self.inner.copy(&src, &dst))
+        self.retrying("copy", || self.inner.copy(&src, &dst))
             .await
             .map_err(|e| self.error("copy", from, e))
     }

@@ -57,14 +57,14 @@ impl HttpConnector for SharedConnector {
 }
 
 /// A source of settings by environment-variable name (the process environment, or a test's map).
-type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub(crate) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// Opens the backend a URI names, reading settings through `env`.
-fn open_backend_in(
+pub(crate) fn open_backend_in(
     uri: &str,
     options: &StoreOptions,
     env: Env<'_>,

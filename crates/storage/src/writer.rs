@@ -27,6 +27,8 @@ pub struct BlobWriter {
     bytes: u64,
     buffer: BytesMut,
     upload: Option<Upload>,
+    /// When the write started (a completion whose answer was lost is recognised by a newer object).
+    started: std::time::SystemTime,
 }
 
 /// An open multipart upload and its parts in flight.
@@ -49,6 +51,7 @@ impl BlobWriter {
             bytes: 0,
             buffer: BytesMut::with_capacity(part_size.min(1 << 20)),
             upload: None,
+            started: std::time::SystemTime::now(),
         })
     }
 
@@ -110,8 +113,7 @@ impl BlobWriter {
                 let sha256 = digest_bytes(tail.clone(), DigestScheme::Parts(part_size)).await?;
                 let payload = PutPayload::from(tail);
                 self.store
-                    .layer_retry
-                    .run("put", || {
+                    .retrying("put", || {
                         self.store.inner.put_opts(
                             &self.path,
                             payload.clone(),
@@ -136,12 +138,18 @@ impl BlobWriter {
                     None => return Err(StorageError::Task("part hasher missing".into())),
                 };
                 let done = match upload.drain(0).await {
-                    Ok(()) => upload.upload.complete().await.map(|_| ()),
+                    Ok(()) => match upload.upload.complete().await {
+                        Ok(_) => Ok(()),
+                        Err(e) if self.completed_anyway(&e).await => Ok(()),
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 };
                 if let Err(e) = done {
-                    upload.abort(&self.key).await;
-                    return Err(self.store.error("upload", &self.key, e));
+                    upload
+                        .abort(&self.key, Some(self.failed_abort_time()))
+                        .await;
+                    return Err(self.upload_error("upload", e));
                 }
                 digest
                     .await
@@ -160,9 +168,48 @@ impl BlobWriter {
     /// Gives the write up; nothing becomes visible.
     pub async fn abort(mut self) -> Result<()> {
         if let Some(upload) = self.upload.take() {
-            upload.abort(&self.key).await;
+            upload.abort(&self.key, None).await;
         }
         Ok(())
+    }
+
+    /// After a failed completion: whether it landed all the same (its answer was lost and the
+    /// retried completion found the upload gone). It did when the key now holds an object of the
+    /// size written, written since this upload started. Said in the log.
+    async fn completed_anyway(&self, e: &object_store::Error) -> bool {
+        if !self.store.client_retries() {
+            return false;
+        }
+        let Ok(there) = self.store.head(&self.key).await else {
+            return false;
+        };
+        let fresh = there.last_modified + std::time::Duration::from_secs(5) >= self.started;
+        let landed = there.size == self.bytes && fresh;
+        if landed {
+            tracing::warn!(key = %self.key, %e, "a multipart completion's answer was lost, but the object is there: completed");
+        }
+        landed
+    }
+
+    /// The error of a started multipart upload that failed: [`StorageError::UploadLost`] when the
+    /// server answered as if the upload it created did not exist (not found, or refused).
+    fn upload_error(&self, op: &'static str, e: object_store::Error) -> StorageError {
+        match e {
+            object_store::Error::NotFound { .. } | object_store::Error::PermissionDenied { .. } => {
+                StorageError::UploadLost {
+                    store: self.store.uri().to_string(),
+                    key: self.key.clone(),
+                    source: Box::new(e),
+                }
+            }
+            e => self.store.error(op, &self.key, e),
+        }
+    }
+
+    /// The time an abort after a failure gets: one request (the failure spent the retry budget;
+    /// an upload left behind is invisible and the store's lifecycle rules remove it).
+    fn failed_abort_time(&self) -> std::time::Duration {
+        self.store.options.retry.request_timeout
     }
 
     fn part_size(&self) -> usize {
@@ -173,8 +220,7 @@ impl BlobWriter {
         if self.upload.is_none() {
             let upload = self
                 .store
-                .layer_retry
-                .run("start upload", || {
+                .retrying("start upload", || {
                     self.store
                         .inner
                         .put_multipart_opts(&self.path, Default::default())
@@ -196,10 +242,11 @@ impl BlobWriter {
         };
         let drained = upload.drain(max - 1).await;
         if let Err(e) = drained {
+            let within = self.failed_abort_time();
             if let Some(upload) = self.upload.take() {
-                upload.abort(&self.key).await;
+                upload.abort(&self.key, Some(within)).await;
             }
-            return Err(self.store.error("upload part", &self.key, e));
+            return Err(self.upload_error("upload part", e));
         }
         upload.in_flight.spawn(upload.upload.put_part(part.into()));
         Ok(())
@@ -221,10 +268,22 @@ impl Upload {
         Ok(())
     }
 
-    async fn abort(mut self, key: &str) {
+    /// Aborts the upload; `within` bounds the time given to it (after a failure the call has
+    /// already spent its retry budget), else the whole budget applies.
+    async fn abort(mut self, key: &str, within: Option<std::time::Duration>) {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
-        if let Err(e) = self.upload.abort().await {
+        let aborted = match within {
+            None => self.upload.abort().await,
+            Some(d) => match tokio::time::timeout(d, self.upload.abort()).await {
+                Ok(r) => r,
+                Err(_) => Err(object_store::Error::Generic {
+                    store: "waypoint",
+                    source: format!("no answer within {d:?}").into(),
+                }),
+            },
+        };
+        if let Err(e) = aborted {
             tracing::warn!(%key, %e, "could not abort multipart upload; the store's lifecycle rules must clean it");
         }
     }
@@ -236,7 +295,7 @@ impl Drop for BlobWriter {
             let key = std::mem::take(&mut self.key);
             match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
-                    handle.spawn(async move { upload.abort(&key).await });
+                    handle.spawn(async move { upload.abort(&key, None).await });
                 }
                 Err(_) => {
                     tracing::warn!(%key, "blob writer dropped outside a runtime; upload left for cleanup")

@@ -4,6 +4,7 @@
 use waypoint_testkit as common;
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::flaky::flaky_stores;
@@ -13,10 +14,14 @@ use waypoint_storage::StorageError;
 /// The part size of the flaky stores (digests are S3 composites of parts of this size).
 const PART: usize = 1 << 20;
 
+/// The retry deadline of the flaky stores that retry.
+const DEADLINE: Duration = Duration::from_secs(2);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failures_of_the_first_calls_are_retried() {
-    for (name, s, faults, _dir) in flaky_stores(3) {
-        faults.fail_next_calls.store(3, Ordering::SeqCst);
+    for (name, s, faults, _dir) in flaky_stores(DEADLINE) {
+        // Far more failures than the old count of five retries: the deadline, not a count, decides.
+        faults.fail_next_calls.store(40, Ordering::SeqCst);
         s.put("k", Bytes::from_static(b"v")).await.unwrap();
         faults.fail_next_calls.store(2, Ordering::SeqCst);
         assert_eq!(
@@ -46,10 +51,17 @@ async fn transient_failures_of_the_first_calls_are_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_failures_than_retries_fail_with_nothing_written() {
-    for (name, s, faults, _dir) in flaky_stores(2) {
-        faults.fail_next_calls.store(3, Ordering::SeqCst);
+async fn failures_past_the_deadline_fail_with_nothing_written() {
+    for (name, s, faults, _dir) in flaky_stores(Duration::from_millis(300)) {
+        faults.fail_next_calls.store(usize::MAX, Ordering::SeqCst);
+        let started = std::time::Instant::now();
         let err = s.put("k", Bytes::from_static(b"v")).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{name}: gave up after {took:?}"
+        );
+        faults.fail_next_calls.store(0, Ordering::SeqCst);
         assert!(
             matches!(err, StorageError::Backend { op: "put", .. }),
             "{name}: {err}"
@@ -78,7 +90,7 @@ async fn more_failures_than_retries_fail_with_nothing_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_part_mid_upload_aborts_cleanly() {
-    for (name, s, faults, _dir) in flaky_stores(3) {
+    for (name, s, faults, _dir) in flaky_stores(DEADLINE) {
         faults.fail_part.store(4, Ordering::SeqCst);
         let data = pattern(9 * 1024 * 1024 + 5, 11);
         let mut w = waypoint_storage::BlobWriter::new(&s, "ckpt/blob.safetensors").unwrap();

@@ -141,24 +141,25 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use waypoint_storage::{RetryPolicy, Store, StoreOptions};
 
-/// Store options for fault tests: small parts, quick retries, `max_retries` of them.
-pub fn options(max_retries: u32) -> StoreOptions {
+/// Store options for fault tests: small parts, quick retries for `deadline` (zero: none).
+pub fn options(deadline: Duration) -> StoreOptions {
     StoreOptions {
         part_size: 1 << 20,
         max_concurrency: 3,
         retry: RetryPolicy {
-            max_retries,
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(5),
+            deadline,
             ..RetryPolicy::default()
         },
         fsync: false,
     }
 }
 
-/// Flaky wrappers over memory and local FS (the temp dir lives as long as the returned guard).
+/// Flaky wrappers over memory and local FS (the temp dir lives as long as the returned guard),
+/// retrying transient failures for `deadline` (zero: not at all).
 pub fn flaky_stores(
-    max_retries: u32,
+    deadline: Duration,
 ) -> Vec<(&'static str, Store, Arc<Faults>, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
     let inners: Vec<(&'static str, Arc<dyn ObjectStore>)> = vec![
@@ -175,7 +176,7 @@ pub fn flaky_stores(
             inner,
             faults: faults.clone(),
         });
-        let store = Store::from_object_store(flaky, "root", name, options(max_retries)).unwrap();
+        let store = Store::from_object_store(flaky, "root", name, options(deadline)).unwrap();
         out.push((name, store, faults, tempfile::tempdir().unwrap()));
     }
     // Keep the local store's directory alive with the first entry.

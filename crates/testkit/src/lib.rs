@@ -1,10 +1,12 @@
 //! waypoint-testkit: what the test suites of several crates share (dev-only, never shipped): the
 //! storage backends every suite runs against (local, memory, the S3 test server), deterministic test
-//! data, a store that fails on purpose ([`flaky`]), bf16 weights ([`weights`]), and the venv's Python.
+//! data, a store that fails on purpose ([`flaky`]), a real S3 server behind a fault proxy that kills,
+//! freezes or throttles it at a chosen kind of call ([`s3fault`]), bf16 weights ([`weights`]), and the venv's Python.
 
 #![forbid(unsafe_code)]
 
 pub mod flaky;
+pub mod s3fault;
 pub mod weights;
 
 use std::sync::atomic::{AtomicU64, Ordering};

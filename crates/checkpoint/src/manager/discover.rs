@@ -179,7 +179,8 @@ impl CheckpointManager {
         Ok((None, skipped))
     }
 
-    /// Sets a damaged committed checkpoint aside so that the run can go on past it: its manifest
+    /// Sets a committed checkpoint aside (a damaged one, or one an older attempt committed after
+    /// this one started: `docs/fencing.md`) so that the run can go on past it: its manifest
     /// moves to `checkpoints/quarantine/<name>-attempt-<N>.json` (with `reason`), so discovery no
     /// longer sees it and the step can be saved again; its blobs become uncommitted leftovers, which
     /// the next save of that step or `gc` removes. Fenced like a commit: only the newest attempt may.

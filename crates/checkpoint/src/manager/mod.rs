@@ -5,7 +5,8 @@
 //! (it clears uncommitted leftovers of that step); every rank writes its files with a
 //! [`FileWriter`](crate::FileWriter) and reports them; the committer calls
 //! [`CheckpointManager::commit`] with all of them (it only commits), then
-//! [`CheckpointManager::after_commit`] (retention, `dataloader.json`). A single process can call
+//! [`CheckpointManager::upkeep`] (retention, leftovers, `dataloader.json`; a failure there is a
+//! warning, redone at the next save, never a failed save). A single process can call
 //! [`CheckpointManager::save`], which does all of it.
 //!
 //! One file per verb: [`attempts`] (fencing), [`write`] (the save path and the commit), [`upkeep`]

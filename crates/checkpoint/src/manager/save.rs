@@ -1,6 +1,6 @@
 //! The one save protocol, for one rank and for N: the committer (rank 0) clears the step's
 //! leftovers; a barrier; every rank writes its share; the file lists are all-gathered; the committer
-//! commits and runs the upkeep; its verdict (the manifest, or the error) is broadcast, so every rank
+//! commits and runs the upkeep (which never fails the save); its verdict (the manifest, or the error) is broadcast, so every rank
 //! returns the same outcome.
 //! One rank is the trivial case ([`SingleRank`]). Storage calls are retried inside the storage
 //! crate; there is no retry of a whole save.
@@ -108,7 +108,8 @@ impl CheckpointManager {
                 )));
             }
             let manifest = self.commit(request.commit, all).await?;
-            self.after_commit(&manifest).await?;
+            // Upkeep never fails a save that committed: a failure is a warning, redone next save.
+            self.upkeep(&manifest).await;
             Ok::<_, CheckpointError>(manifest)
         }
         .await;

@@ -17,21 +17,32 @@ use crate::writer::FileWriter;
 use crate::StepName;
 
 impl CheckpointManager {
-    /// Committer, before any rank writes step `step`: refuses a committed step and removes uncommitted
-    /// leftovers under its folder, so that it ends up holding exactly what its manifest will list.
+    /// Committer, before any rank writes step `step`: refuses a step this attempt already committed
+    /// (and, when a newer attempt has started, refuses to touch the run at all); sets aside a step an
+    /// older attempt committed after this one chose its resume point (see `docs/fencing.md`); then
+    /// removes uncommitted leftovers under the step's folder, so that it ends up holding exactly what
+    /// its manifest will list. The leftovers are removed again after the commit
+    /// ([`Self::after_commit`]), so failing to remove them here is a warning, not an error.
     pub async fn prepare_save(&self, step: StepName) -> Result<()> {
-        if self.store.exists(&self.layout.manifest(step)).await? {
-            return Err(CheckpointError::AlreadyCommitted {
-                name: step.to_string(),
-            });
+        if let Some(ours) = self.attempt {
+            self.check_fence(&step.to_string(), ours).await?;
         }
-        let removed = self
+        if self.store.exists(&self.layout.manifest(step)).await? {
+            self.older_commit_before_writing(step).await?;
+        }
+        match self
             .store
             .delete_prefix(&self.layout.checkpoint_dir(step))
-            .await?
-            .len();
-        if removed > 0 {
-            tracing::warn!(checkpoint = %step, removed, "removed uncommitted leftovers");
+            .await
+        {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::warn!(checkpoint = %step, removed = removed.len(), "removed uncommitted leftovers");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                checkpoint = %step,
+                "could not remove uncommitted leftovers before writing (removed after the commit instead): {e}"
+            ),
         }
         Ok(())
     }
@@ -78,7 +89,7 @@ impl CheckpointManager {
             Ok(()) => {}
             // (A create whose answer was lost is recognised by the store: our bytes there = Ok.)
             Err(StorageError::AlreadyExists { .. }) => {
-                return Err(CheckpointError::AlreadyCommitted { name })
+                return self.older_commit_at_commit(manifest, body).await;
             }
             Err(e) => return Err(e.into()),
         }
