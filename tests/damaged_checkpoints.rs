@@ -14,6 +14,7 @@ use waypoint_checkpoint::StepName;
 use waypoint_checkpoint::{CheckpointManager, Promotion};
 
 /// `waypoint train` flags on the built-in demo: a save every `save_steps`, `steps` in all.
+/// (Restarts here train on past the first run's `steps`: a longer schedule, allowed.)
 fn train_args(base: &str, run: &str, steps: u32, save_steps: u32) -> Vec<String> {
     let (steps, save_steps) = (steps.to_string(), save_steps.to_string());
     let flags = [
@@ -23,6 +24,7 @@ fn train_args(base: &str, run: &str, steps: u32, save_steps: u32) -> Vec<String>
         &save_steps,
         "--max_steps",
         &steps,
+        "--allow_config_change",
     ];
     common::runs::train_args("cpu", 1, &flags, run, base)
 }
@@ -397,6 +399,7 @@ async fn two_ranks_pass_over_a_bit_flip_together() {
                 &["--", env!("CARGO_BIN_EXE_waypoint")],
             ))
             .args(common::runs::train_flags("cpu", base, "two", 2, steps))
+            .arg("--allow_config_change")
             .output()
             .unwrap()
     };

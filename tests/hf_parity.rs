@@ -17,6 +17,26 @@ fn hf_models(args: &[&str]) {
 }
 
 /// `ids` and `logits` from a file the Python side wrote.
+/// A transformers-made model (`make` `arch`…) under `dir/base` and `rows` rows of JSONL text in
+/// `dir/data.jsonl`.
+fn model_and_data(
+    dir: &Path,
+    arch: &[&str],
+    rows: usize,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base_dir = dir.join("base");
+    std::fs::create_dir(&base_dir).unwrap();
+    let mut args = vec!["make", base_dir.to_str().unwrap()];
+    args.extend_from_slice(arch);
+    hf_models(&args);
+    let data = dir.join("data.jsonl");
+    let rows: Vec<String> = (0..rows)
+        .map(|i| format!("{{\"text\": \"the trainer writes checkpoint {i} and resumes from it\"}}"))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    (base_dir, data)
+}
+
 fn reference(path: &Path) -> (Tensor, Tensor) {
     let mut ids = None;
     let mut logits = None;
@@ -69,14 +89,7 @@ fn logits_match_transformers_for_llama_qwen2_and_qwen3() {
 #[test]
 fn lora_adapter_loads_in_peft_with_matching_logits() {
     let models = tempfile::tempdir().unwrap();
-    let base_dir = models.path().join("base");
-    std::fs::create_dir(&base_dir).unwrap();
-    hf_models(&["make", base_dir.to_str().unwrap(), "qwen2"]);
-    let data = models.path().join("data.jsonl");
-    let rows: Vec<String> = (0..40)
-        .map(|i| format!("{{\"text\": \"the trainer writes checkpoint {i} and resumes from it\"}}"))
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    let (base_dir, data) = model_and_data(models.path(), &["qwen2"], 40);
 
     let runs = tempfile::tempdir().unwrap();
     let out = common::waypoint()
@@ -211,17 +224,10 @@ fn the_promoted_demo_model_loads_in_transformers_with_its_tokenizer() {
 #[test]
 fn a_promoted_model_states_the_dtype_of_its_weights() {
     let models = tempfile::tempdir().unwrap();
-    let base_dir = models.path().join("base");
-    std::fs::create_dir(&base_dir).unwrap();
-    hf_models(&["make", base_dir.to_str().unwrap(), "qwen3", "--tied"]);
+    let (base_dir, data) = model_and_data(models.path(), &["qwen3", "--tied"], 16);
     let made: serde_json::Value =
         serde_json::from_slice(&std::fs::read(base_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(made["dtype"], "float32", "the oracle's own config: {made}");
-    let data = models.path().join("data.jsonl");
-    let rows: Vec<String> = (0..16)
-        .map(|i| format!("{{\"text\": \"row {i} of the promotion test\"}}"))
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
     let runs = tempfile::tempdir().unwrap();
     let out = common::waypoint()
         .args(["train", "--run_id", "bf16", "--device", "cpu"])

@@ -59,7 +59,8 @@ fn train(s3: &FaultyS3, attempt: u8, retry_secs: &str) -> std::process::Command 
         "1",
     ];
     if attempt == 2 {
-        flags.extend(["--output_model_id", MODEL]);
+        // Training on past attempt 1's 2 steps lengthens the schedule: a change asked for.
+        flags.extend(["--output_model_id", MODEL, "--allow_config_change"]);
     }
     flags.extend(["--model_id", model_dir(), "--max_seq_len", "64"]);
     let mut cmd = common::waypoint();

@@ -53,9 +53,11 @@ pub struct SummaryValue {
     /// The tag (the curve's name).
     #[prost(string, tag = "1")]
     pub tag: String,
-    /// The scalar.
-    #[prost(float, tag = "2")]
-    pub simple_value: f32,
+    /// The scalar. In TensorFlow's proto it is a member of the `value` oneof, so it is encoded
+    /// whenever set — 0.0 included (a plain proto3 float would drop a zero: an lr of 0 at the
+    /// first warmup step would vanish from the curve).
+    #[prost(float, optional, tag = "2")]
+    pub simple_value: Option<f32>,
 }
 
 /// `tensorflow.SessionLog`.
@@ -160,7 +162,7 @@ impl EventFile {
             .iter()
             .map(|(tag, v)| SummaryValue {
                 tag: tag.to_string(),
-                simple_value: *v,
+                simple_value: Some(*v),
             })
             .collect();
         self.write(&Event {
@@ -245,5 +247,18 @@ mod tests {
             scalars_of(&line),
             vec![("eval/loss", 1.5), ("checkpoint/save_stall_s", 0.25)]
         );
+    }
+
+    #[test]
+    fn a_zero_scalar_is_written_not_dropped() {
+        use prost::Message;
+        let v = SummaryValue {
+            tag: "train/lr".into(),
+            simple_value: Some(0.0),
+        };
+        let bytes = v.encode_to_vec();
+        // Field 2, fixed32: tag byte 0x15, then four zero bytes.
+        assert!(bytes.ends_with(&[0x15, 0, 0, 0, 0]), "{bytes:?}");
+        assert_eq!(SummaryValue::decode(&bytes[..]).unwrap(), v);
     }
 }

@@ -406,7 +406,7 @@ mod tests {
                         s.value
                             .iter()
                             .filter(|v| v.tag == "train/loss")
-                            .map(|v| (e.step, v.simple_value)),
+                            .filter_map(|v| Some((e.step, v.simple_value?))),
                     ),
                     Some(What::SessionLog(l)) => starts.push((e.step, l.status)),
                     _ => {}

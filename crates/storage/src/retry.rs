@@ -216,12 +216,15 @@ pub fn is_transient(e: &object_store::Error) -> bool {
 }
 
 /// I/O errors that a retry may see go away: interrupted, would block, timed out, a connection
-/// dropped (network file systems), and EIO / EBUSY / ESTALE.
+/// dropped (network file systems), EIO / EBUSY / ESTALE, and a folder removed while a file was
+/// being written into it (the write's rename finds no directory: the retried write recreates it;
+/// a missing object is `NotFound`, not a local I/O error, so reads are not retried for it).
 fn transient_io(e: &std::io::Error) -> bool {
     use std::io::ErrorKind as K;
     matches!(
         e.kind(),
-        K::Interrupted
+        K::NotFound
+            | K::Interrupted
             | K::WouldBlock
             | K::TimedOut
             | K::ConnectionReset
@@ -312,6 +315,8 @@ mod tests {
         assert!(!is_transient(&local(std::io::ErrorKind::IsADirectory)));
         assert!(!is_transient(&local(std::io::ErrorKind::PermissionDenied)));
         assert!(is_transient(&local(std::io::ErrorKind::Interrupted)));
+        // The folder a write was renaming into was removed (a run folder deleted mid-run).
+        assert!(is_transient(&local(std::io::ErrorKind::NotFound)));
         assert!(is_transient(&local(std::io::ErrorKind::TimedOut)));
         assert!(is_transient(&object_store::Error::Generic {
             store: "s3",
