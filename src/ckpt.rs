@@ -59,14 +59,7 @@ pub enum CkptCommand {
 }
 
 async fn open(given: &str) -> Result<CheckpointManager> {
-    let flags = crate::runs::RunFlags {
-        checkpoint_base_uri: None,
-        run_id: None,
-        framework: None,
-    };
-    let uri = crate::runs::resolve(Some(given), &flags)
-        .await?
-        .unwrap_or_else(|| given.to_string());
+    let uri = crate::runs::run_of(given).await?;
     let (base, layout) = RunLayout::from_uri(&uri)?;
     let store = Store::open(&base).with_context(|| format!("opening {base}"))?;
     Ok(CheckpointManager::new(

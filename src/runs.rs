@@ -45,9 +45,8 @@ impl RunFlags {
     }
 }
 
-/// The run URI that `given` (a run URI or a run folder) and `flags` name together; `None` when
-/// neither names one. A run folder is resolved by listing it: it must hold exactly one
-/// `framework=<name>` folder.
+/// The run URI that `given` (a run URI or a run folder, see [`run_of`]) or `flags` name; `None`
+/// when neither names one, an error when both do.
 pub async fn resolve(given: Option<&str>, flags: &RunFlags) -> Result<Option<String>> {
     let named = flags.uri()?;
     let Some(given) = given else {
@@ -59,8 +58,14 @@ pub async fn resolve(given: Option<&str>, flags: &RunFlags) -> Result<Option<Str
              of them"
         );
     }
+    run_of(given).await.map(Some)
+}
+
+/// The run URI `given` names: a run URI as it is, or the run of a run folder, found by listing it:
+/// it must hold exactly one `framework=<name>` folder.
+pub async fn run_of(given: &str) -> Result<String> {
     if RunLayout::from_uri(given).is_ok() {
-        return Ok(Some(given.trim_end_matches('/').to_string()));
+        return Ok(given.trim_end_matches('/').to_string());
     }
     let folder = given.trim_end_matches('/');
     let (base, run_id) = folder.rsplit_once('/').unwrap_or((".", folder));
@@ -73,11 +78,10 @@ pub async fn resolve(given: Option<&str>, flags: &RunFlags) -> Result<Option<Str
     let frameworks: Vec<&str> = listing
         .prefixes
         .iter()
-        .filter_map(|p| p.rsplit('/').next())
-        .filter(|name| name.starts_with(FRAMEWORK))
+        .filter_map(|p| framework_of(p))
         .collect();
     match frameworks.as_slice() {
-        [one] => Ok(Some(format!("{folder}/{one}"))),
+        [one] => Ok(format!("{folder}/{one}")),
         [] => bail!(
             "{given:?} is neither a run (<checkpoint_base_uri>/<run_id>/framework=<framework>) nor \
              a run folder holding one: nothing named {FRAMEWORK}… is inside it"
@@ -94,6 +98,14 @@ pub async fn resolve(given: Option<&str>, flags: &RunFlags) -> Result<Option<Str
     }
 }
 
+/// The `framework=<name>` segment that ends a listed prefix, if it is one.
+fn framework_of(prefix: &str) -> Option<&str> {
+    prefix
+        .rsplit('/')
+        .next()
+        .filter(|name| name.starts_with(FRAMEWORK))
+}
+
 /// The runs under `base`: every `<run_id>/framework=<name>` folder, as run URIs, sorted.
 pub async fn list(base: &str) -> Result<Vec<String>> {
     let store = Store::open(base).with_context(|| format!("opening {base}"))?;
@@ -108,10 +120,7 @@ pub async fn list(base: &str) -> Result<Vec<String>> {
             .await
             .with_context(|| format!("listing {base}/{run_id}"))?;
         for p in &inside.prefixes {
-            if p.rsplit('/')
-                .next()
-                .is_some_and(|n| n.starts_with(FRAMEWORK))
-            {
+            if framework_of(p).is_some() {
                 runs.push(format!("{}/{p}", base.trim_end_matches('/')));
             }
         }
