@@ -182,14 +182,40 @@ fn baseline() -> Option<(Outcome, BTreeMap<Call, usize>)> {
     Some((out, seen))
 }
 
-/// One cell: a fault at the `nth` call of kind `call`; the run must finish as the baseline did.
-fn cell(call: Call, nth: usize, fault: Fault, want: &Outcome) -> Result<Duration, String> {
+/// Where a cell's fault lands: the `nth` call of its kind in the run, or (`after` set) the `nth`
+/// after the first request whose key contains `after`.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    call: Call,
+    nth: usize,
+    after: Option<&'static str>,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} #{}", self.call, self.nth)?;
+        if let Some(after) = self.after {
+            write!(f, " after {after}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The promotion's create-only record: the last landmark of a run; what follows it are the final
+/// status and log uploads.
+const PROMOTION_RECORD: &str = "waypoint_promotion.json";
+
+/// Attempt 2's first commit (its first save, after resuming from attempt 1's step 2).
+const ATTEMPT_2_FIRST_COMMIT: &str = "checkpoints/step-000004.json";
+
+/// One cell: a fault at one place; the run must finish as the baseline did.
+fn cell(place: Place, fault: Fault, want: &Outcome) -> Result<Duration, String> {
     let s3 = FaultyS3::start().expect("s3s-fs");
-    s3.arm(call, nth, fault);
+    s3.arm_where(place.call, place.after, place.nth, fault);
     let started = Instant::now();
     let (a, b) = run_both(&s3);
     let took = started.elapsed();
-    let what = format!("{call:?} #{nth} / {}", fault.name());
+    let what = format!("{place} / {}", fault.name());
     for (i, out) in [&a, &b].into_iter().enumerate() {
         if !out.status.success() {
             return Err(format!(
@@ -231,7 +257,14 @@ fn a_run_rides_out_a_storage_fault_at_every_kind_of_call() {
     ];
     // Every kind the run makes, each fault at its middle call (attempt 2's save path); the server
     // killed at the first and last call of the kinds every path makes too (attempt 1's start, and
-    // the promotion with the final uploads).
+    // the promotion with the final uploads). How many status and log writes a run makes depends on
+    // the clock, so the middle and last Put are named by landmarks: the first Put after attempt
+    // 2's first commit (the data position it records) and the first after the promotion.
+    let at = |call, nth| Place {
+        call,
+        nth,
+        after: None,
+    };
     let mut cells = Vec::new();
     for (&call, &n) in &seen {
         if call == Call::Other || n == 0 {
@@ -239,13 +272,32 @@ fn a_run_rides_out_a_storage_fault_at_every_kind_of_call() {
         }
         let middle = n.div_ceil(2);
         for fault in faults {
-            cells.push((call, middle, fault));
+            let place = if call == Call::Put {
+                Place {
+                    call,
+                    nth: 1,
+                    after: Some(ATTEMPT_2_FIRST_COMMIT),
+                }
+            } else {
+                at(call, middle)
+            };
+            cells.push((place, fault));
         }
         if matches!(call, Call::Put | Call::Create | Call::Get | Call::List) {
             for nth in [1, n] {
-                if nth != middle {
-                    cells.push((call, nth, faults[0]));
+                if nth == middle {
+                    continue;
                 }
+                let place = if call == Call::Put && nth == n {
+                    Place {
+                        call,
+                        nth: 1,
+                        after: Some(PROMOTION_RECORD),
+                    }
+                } else {
+                    at(call, nth)
+                };
+                cells.push((place, faults[0]));
             }
         }
     }
@@ -272,13 +324,13 @@ fn a_run_rides_out_a_storage_fault_at_every_kind_of_call() {
     let results = run_cells(
         &cells,
         cell_width(),
-        |&(call, nth, fault)| {
-            std::panic::catch_unwind(|| cell(call, nth, fault, &want))
-                .unwrap_or_else(|_| Err(format!("{call:?} #{nth} / {}: panicked", fault.name())))
+        |&(place, fault)| {
+            std::panic::catch_unwind(|| cell(place, fault, &want))
+                .unwrap_or_else(|_| Err(format!("{place} / {}: panicked", fault.name())))
         },
-        |&(call, nth, fault), result| match result {
+        |&(place, fault), result| match result {
             Ok(took) => eprintln!(
-                "{call:?} #{nth} / {}: finished as uninterrupted in {took:.1?}",
+                "{place} / {}: finished as uninterrupted in {took:.1?}",
                 fault.name()
             ),
             Err(e) => eprintln!("FAILED {e}"),

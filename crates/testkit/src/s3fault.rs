@@ -284,7 +284,13 @@ pub struct Armed {
 struct Counts {
     /// Requests seen per kind since the counts were last cleared.
     seen: HashMap<Call, usize>,
+    /// Every request since the counts were last cleared: its kind and target (path and query).
+    log: Vec<(Call, String)>,
     armed: Option<Armed>,
+    /// When set, the armed fault's `nth` counts from the first request whose target contains it.
+    marker: Option<String>,
+    /// Requests of the armed kind counted towards its `nth`.
+    matched: usize,
     /// Faults injected: (kind, nth, fault, when).
     injected: Vec<(Armed, Instant)>,
 }
@@ -380,8 +386,19 @@ impl FaultyS3 {
 
     /// Arms `fault` for the `nth` request of kind `call` from now (clears the counts).
     pub fn arm(&self, call: Call, nth: usize, fault: Fault) {
+        self.arm_where(call, None, nth, fault);
+    }
+
+    /// Arms `fault` for the `nth` request of kind `call` after the first request (of any kind)
+    /// whose target (path and query) contains `marker`, counted from now (clears the counts). For
+    /// a call whose place among the others of its kind depends on timing (status writes come as
+    /// often as the clock says), counting from a landmark keeps the cell deterministic.
+    pub fn arm_where(&self, call: Call, marker: Option<&str>, nth: usize, fault: Fault) {
         let mut c = self.shared.counts.lock().unwrap_or_else(|e| e.into_inner());
         c.seen.clear();
+        c.log.clear();
+        c.matched = 0;
+        c.marker = marker.map(str::to_string);
         c.armed = Some(Armed { call, nth, fault });
     }
 
@@ -389,7 +406,17 @@ impl FaultyS3 {
     pub fn disarm(&self) {
         let mut c = self.shared.counts.lock().unwrap_or_else(|e| e.into_inner());
         c.seen.clear();
+        c.log.clear();
+        c.matched = 0;
+        c.marker = None;
         c.armed = None;
+    }
+
+    /// Every request since the last [`FaultyS3::arm`] / [`FaultyS3::disarm`], in the order the
+    /// proxy read them: kind and target (path and query).
+    pub fn requests(&self) -> Vec<(Call, String)> {
+        let c = self.shared.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.log.clone()
     }
 
     /// The faults injected so far.
@@ -525,13 +552,17 @@ async fn handle(shared: Arc<Shared>, mut client: TcpStream) -> std::io::Result<(
     let call = classify(&method, &target, &headers);
     let fault = {
         let mut c = shared.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = {
-            let n = c.seen.entry(call).or_insert(0);
-            *n += 1;
-            *n
-        };
+        *c.seen.entry(call).or_insert(0) += 1;
+        c.log.push((call, target.clone()));
+        let counts = c.armed.is_some_and(|a| a.call == call) && c.marker.is_none();
+        if c.marker.as_deref().is_some_and(|m| target.contains(m)) {
+            c.marker = None;
+        }
+        if counts {
+            c.matched += 1;
+        }
         match c.armed {
-            Some(a) if a.call == call && a.nth == n => {
+            Some(a) if counts && a.nth == c.matched => {
                 c.armed = None;
                 c.injected.push((a, Instant::now()));
                 Some(a.fault)
