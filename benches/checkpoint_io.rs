@@ -79,6 +79,7 @@ fn commit(step: u64) -> Commit {
         world_size: 1,
         config_fingerprint: "0".repeat(64),
         delta_base: None,
+        training: None,
     }
 }
 

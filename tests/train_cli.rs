@@ -188,6 +188,69 @@ async fn trains_records_restarts_and_promotes(base: &str) {
         .collect();
     assert_eq!(history, [1, 2], "{run}");
     assert_eq!(run["history"][0]["config"]["lr"], 0.003);
+    // Each checkpoint records what it was trained with, the data's content fingerprint included.
+    let manifest = |step| {
+        let key = layout.manifest(waypoint_checkpoint::StepName::new(step));
+        let store = store.clone();
+        async move { json(&store, &key).await }
+    };
+    let (old, new) = (manifest(30).await, manifest(40).await);
+    assert_eq!(old["training"]["lr"], 0.003, "{old}");
+    assert_eq!(new["training"]["lr"], 0.001, "{new}");
+    assert_eq!(new["training"]["total_steps"], 40);
+    let data = new["training"]["data"].as_str().unwrap();
+    assert_eq!(data.len(), 64, "{new}");
+    assert_eq!(old["training"]["data"], data);
+}
+
+/// A dataset whose content changes under the same URI changes the trajectory: refused, naming the
+/// data; a file only touched (same tokens) resumes.
+#[test]
+fn a_dataset_whose_tokens_changed_is_a_change_of_trajectory() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("runs");
+    let data = dir.path().join("train.jsonl");
+    let rows = |tag: &str| {
+        (0..64)
+            .map(|i| format!("{{\"text\": \"{tag} row {i}: some words to train on\"}}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    std::fs::write(&data, rows("first")).unwrap();
+    let base = base.to_str().unwrap();
+    let run = |steps: &str, allow: bool| {
+        let mut args = vec![
+            "--dataset_uri",
+            data.to_str().unwrap(),
+            "--max_steps",
+            steps,
+            "--save_steps",
+            "2",
+        ];
+        if allow {
+            args.push("--allow_config_change");
+        }
+        train(base, "data", &args)
+    };
+    common::ok(&run("2", false));
+    // Touched, same rows: the same tokens, so the same run.
+    std::fs::write(&data, rows("first")).unwrap();
+    let out = run("4", true);
+    let stdout = common::ok(&out);
+    assert!(stdout.contains("finished 4 steps"), "{stdout}");
+    assert!(!stderr(&out).contains("data: was"), "{}", stderr(&out));
+    // Other rows at the same URI: refused, naming the data, until the change is asked for.
+    std::fs::write(&data, rows("second")).unwrap();
+    let out = run("4", false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("data: was"), "{}", stderr(&out));
+    let out = run("6", true);
+    common::ok(&out);
+    assert!(
+        stderr(&out).contains("--allow_config_change: data: was"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

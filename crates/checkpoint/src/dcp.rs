@@ -4,8 +4,16 @@
 //! `model.<fqn>`, `optim.state.<fqn>.exp_avg`, `.exp_avg_sq`, `.step`. File names follow PyTorch's:
 //! `model-00001-of-00002.safetensors` for a single writer, `shard-00001-model-00001-of-00001.safetensors`
 //! (shard = rank + 1) when several ranks each write their share.
+//!
+//! Beside them, [`LoopState`]: what else a PyTorch loop needs to continue exactly — the learning-rate
+//! scheduler's `state_dict` (`lr_scheduler.*`) and the train state (`train_state.*`) under
+//! torchtitan's checkpointer names, and the dropout generator's seeds (`rng.*`) — as small tensors,
+//! since DCP's Hugging Face storage holds tensors only.
 
-use crate::tensor::Tensor;
+use bytes::Bytes;
+
+use crate::error::{CheckpointError, Result};
+use crate::tensor::{Dtype, Tensor};
 
 /// `model.<fqn>`.
 pub fn model_key(fqn: &str) -> String {
@@ -26,6 +34,121 @@ pub fn file_name(rank: u32, world_size: u32, index: usize, count: usize) -> Stri
             "shard-{:05}-model-{index:05}-of-{count:05}.safetensors",
             rank + 1
         )
+    }
+}
+
+/// The loop's state at a checkpoint, beyond the weights and AdamW's state (see the module doc and
+/// `docs/continue-in-pytorch.md`). Every value is a pure function of the run's settings and the
+/// step, so waypoint itself resumes without it; it is written for the loops that continue a
+/// waypoint checkpoint, and read back to check a checkpoint's counters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoopState {
+    /// Optimizer steps done (`train_state.step`; the scheduler's `last_epoch`).
+    pub step: u64,
+    /// Samples consumed, globally: the position in the sample order (`train_state.data_consumed`).
+    pub data_consumed: u64,
+    /// The epoch that position is in (`train_state.epoch`).
+    pub epoch: u64,
+    /// Token positions fed to the model so far, padding included, as torchtitan counts them
+    /// (`train_state.ntokens_seen` = `data_consumed × max_seq_len`).
+    pub tokens_seen: u64,
+    /// The scheduler's `base_lrs` (the peak learning rate), one per parameter group.
+    pub base_lrs: Vec<f64>,
+    /// The scheduler's `_last_lr`: the learning rate of the next optimizer step, one per group.
+    pub last_lrs: Vec<f64>,
+    /// The run's `--seed` (`rng.seed`, as int64: two's complement above 2^63).
+    pub seed: u64,
+    /// The seed libtorch's generator is given before the next step's dropout draws
+    /// (`rng.step_seed`).
+    pub next_step_seed: i64,
+}
+
+/// The tensor names of [`LoopState`], in the order it writes them.
+pub const LOOP_STATE_KEYS: [&str; 10] = [
+    "lr_scheduler.last_epoch",
+    "lr_scheduler._step_count",
+    "lr_scheduler.base_lrs",
+    "lr_scheduler._last_lr",
+    "train_state.step",
+    "train_state.ntokens_seen",
+    "train_state.epoch",
+    "train_state.data_consumed",
+    "rng.seed",
+    "rng.step_seed",
+];
+
+impl LoopState {
+    /// The state as tensors: int64 scalars for counts and seeds, float64 vectors (one entry per
+    /// parameter group) for the scheduler's lists — the values `LambdaLR.state_dict()` holds.
+    pub fn tensors(&self) -> Result<Vec<Tensor>> {
+        let int = |v: i64| (Dtype::I64, Vec::new(), v.to_le_bytes().to_vec());
+        let floats = |v: &[f64]| {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (Dtype::F64, vec![v.len()], bytes)
+        };
+        let values = [
+            int(self.step as i64),
+            // PyTorch counts the `step()` call its constructor makes.
+            int(self.step as i64 + 1),
+            floats(&self.base_lrs),
+            floats(&self.last_lrs),
+            int(self.step as i64),
+            int(self.tokens_seen as i64),
+            int(self.epoch as i64),
+            int(self.data_consumed as i64),
+            int(self.seed as i64),
+            int(self.next_step_seed),
+        ];
+        LOOP_STATE_KEYS
+            .iter()
+            .zip(values)
+            .map(|(name, (dtype, shape, bytes))| {
+                Tensor::new(*name, dtype, shape, Bytes::from(bytes))
+            })
+            .collect()
+    }
+
+    /// Reads the state back from `tensors` (those of a `dcp/` folder, any order, others ignored);
+    /// `None` when the checkpoint predates it.
+    pub fn from_tensors(tensors: &[Tensor]) -> Result<Option<Self>> {
+        let find = |name: &str| tensors.iter().find(|t| t.name == name);
+        if find(LOOP_STATE_KEYS[0]).is_none() {
+            return Ok(None);
+        }
+        let bad = |name: &str, reason: &str| CheckpointError::BadTensor {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        };
+        let int = |name: &str| -> Result<i64> {
+            let t = find(name).ok_or_else(|| bad(name, "missing beside the other loop state"))?;
+            match (t.dtype, t.data.as_ref().try_into()) {
+                (Dtype::I64, Ok(b)) if t.shape.is_empty() => Ok(i64::from_le_bytes(b)),
+                _ => Err(bad(name, "not an int64 scalar")),
+            }
+        };
+        let floats = |name: &str| -> Result<Vec<f64>> {
+            let t = find(name).ok_or_else(|| bad(name, "missing beside the other loop state"))?;
+            if t.dtype != Dtype::F64 || t.shape.len() != 1 {
+                return Err(bad(name, "not a float64 vector"));
+            }
+            Ok(t.data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect())
+        };
+        let count = |name: &str| -> Result<u64> {
+            u64::try_from(int(name)?).map_err(|_| bad(name, "negative"))
+        };
+        Ok(Some(Self {
+            step: count("train_state.step")?,
+            data_consumed: count("train_state.data_consumed")?,
+            epoch: count("train_state.epoch")?,
+            tokens_seen: count("train_state.ntokens_seen")?,
+            base_lrs: floats("lr_scheduler.base_lrs")?,
+            last_lrs: floats("lr_scheduler._last_lr")?,
+            seed: int("rng.seed")? as u64,
+            next_step_seed: int("rng.step_seed")?,
+        }))
     }
 }
 
@@ -91,6 +214,41 @@ mod tests {
     }
 
     #[test]
+    fn loop_state_round_trips_as_int64_and_float64_tensors() {
+        let state = LoopState {
+            step: 7,
+            data_consumed: 56,
+            epoch: 1,
+            tokens_seen: 56 * 128,
+            base_lrs: vec![1e-4],
+            last_lrs: vec![7.5e-5],
+            seed: u64::MAX - 3,
+            next_step_seed: 12345,
+        };
+        let tensors = state.tensors().unwrap();
+        let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, LOOP_STATE_KEYS);
+        let step_count = tensors
+            .iter()
+            .find(|t| t.name == "lr_scheduler._step_count");
+        assert_eq!(step_count.unwrap().data.as_ref(), 8i64.to_le_bytes());
+        let mut shuffled = tensors.clone();
+        shuffled.reverse();
+        shuffled.push(Tensor::new("model.w", Dtype::U8, vec![1], Bytes::from(vec![0u8])).unwrap());
+        assert_eq!(LoopState::from_tensors(&shuffled).unwrap(), Some(state));
+        assert_eq!(LoopState::from_tensors(&shuffled[10..]).unwrap(), None);
+        let mut wrong = tensors;
+        wrong[4] = Tensor::new(
+            "train_state.step",
+            Dtype::F64,
+            vec![],
+            Bytes::from(vec![0u8; 8]),
+        )
+        .unwrap();
+        assert!(LoopState::from_tensors(&wrong).is_err());
+    }
+
+    #[test]
     fn splits_by_bytes_and_balances_owners() {
         let t = |n: usize| {
             Tensor::new(
@@ -117,7 +275,6 @@ mod tests {
 /// Joins the slices of one tensor (same name and dtype, `offsets` set) into the whole tensor. The
 /// slices must tile it exactly: no gaps, no overlaps.
 pub fn assemble(mut parts: Vec<Tensor>) -> crate::Result<Tensor> {
-    use crate::error::CheckpointError;
     let Some(first) = parts.first() else {
         return Err(CheckpointError::Invalid("no slices to assemble".into()));
     };

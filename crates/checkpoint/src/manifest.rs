@@ -52,6 +52,12 @@ pub struct Manifest {
     /// For a delta sampler checkpoint: its base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_base: Option<DeltaBase>,
+    /// Everything that decided the trajectory up to this step, by name (model and LoRA, AdamW,
+    /// clipping, schedule, batch, sequence length, seed, the data's content fingerprint, the
+    /// recipe): what a restart is compared with, and what a PyTorch loop continues with. Absent in
+    /// checkpoints older than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<serde_json::Value>,
 }
 
 impl Manifest {
@@ -207,6 +213,7 @@ mod tests {
                 part_size: Some(4),
             }],
             delta_base: None,
+            training: None,
         }
     }
 

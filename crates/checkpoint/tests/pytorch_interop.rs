@@ -73,6 +73,7 @@ async fn pytorch_loads_what_waypoint_wrote() {
         world_size: 2,
         config_fingerprint: "c".repeat(64),
         delta_base: None,
+        training: None,
     };
     let manifest = m
         .save(waypoint_checkpoint::SaveRequest {

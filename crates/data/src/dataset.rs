@@ -177,6 +177,18 @@ impl Dataset {
         })
     }
 
+    /// The fingerprint of what the model is trained on: sha256 of the tokens, loss masks and
+    /// document bounds (through the cache's checksums of them) and their counts. Unlike the cache
+    /// key, it does not change when a file is touched or moved, only when its tokens do.
+    pub fn content_fingerprint(&self) -> String {
+        waypoint_config::fingerprint(&json!({
+            "token_bytes": self.meta.token_bytes,
+            "tokens": self.meta.tokens,
+            "documents": self.meta.documents,
+            "xxh3": self.meta.hashes,
+        }))
+    }
+
     /// Bytes per token id in the cache (1, 2 or 4: the smallest that holds the vocabulary).
     pub fn token_bytes(&self) -> u8 {
         self.meta.token_bytes

@@ -103,6 +103,7 @@ pub fn commit(step: u64) -> waypoint_checkpoint::Commit {
         world_size: 1,
         config_fingerprint: "c".repeat(64),
         delta_base: None,
+        training: None,
     }
 }
 

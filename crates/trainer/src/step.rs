@@ -193,7 +193,7 @@ fn inject_fault(step: u64, device: tch::Device) {
     }
 }
 
-/// The seed of libtorch's generator at optimizer step `step`.
-fn step_seed(seed: u64, step: u64) -> i64 {
+/// The seed of libtorch's generator at optimizer step `step` (0-based: the steps done before it).
+pub(crate) fn step_seed(seed: u64, step: u64) -> i64 {
     (seed.wrapping_mul(1_000_003).wrapping_add(step) & 0x7FFF_FFFF_FFFF_FFFF) as i64
 }

@@ -89,6 +89,8 @@ pub struct Commit {
     pub config_fingerprint: String,
     /// For a delta sampler part: its base.
     pub delta_base: Option<DeltaBase>,
+    /// The settings that decided the trajectory (recorded in the manifest as `training`).
+    pub training: Option<serde_json::Value>,
 }
 
 /// The sampler (promotable or delta) part of a single-process save.

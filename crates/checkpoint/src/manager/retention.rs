@@ -164,6 +164,7 @@ mod tests {
             created_unix_ms: 0,
             files,
             delta_base: None,
+            training: None,
         }
     }
 

@@ -79,6 +79,7 @@ impl CheckpointManager {
             created_unix_ms: now_ms(),
             files,
             delta_base: commit.delta_base,
+            training: commit.training,
         };
         // Validate exactly what readers will parse.
         let body = manifest.to_json()?;

@@ -25,6 +25,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use tokio::runtime::Handle;
 use waypoint_c10d::SideChannel;
+use waypoint_checkpoint::dcp::LoopState;
 use waypoint_checkpoint::StepName;
 use waypoint_checkpoint::{
     dcp, CheckpointError, CheckpointManager, Commit, Peers, SamplerPart, SaveRequest, SingleRank,
@@ -69,6 +70,9 @@ pub(crate) struct SaveOrder<'a> {
     /// With sharded weights: this rank's share of the promotable weights, which every rank writes
     /// ([`promotable_share`]).
     pub share: Option<PromotableShare>,
+    /// The scheduler, train state and seeds a PyTorch loop continues from (rank 0 writes them into
+    /// `dcp/` with the resumable part).
+    pub loop_state: LoopState,
 }
 
 /// One save, staged in host memory.
@@ -85,6 +89,8 @@ struct Job {
 /// A copy of the state to host memory running on its own thread.
 struct Staging {
     copy: Task<Result<Vec<Blob>>>,
+    /// Written beside the copy: the loop state's tensors (rank 0).
+    loop_state: Vec<Blob>,
     /// The copy reads a snapshot, not the live tensors: the optimizer need not wait for it.
     from_snapshot: bool,
     commit: Commit,
@@ -167,10 +173,16 @@ impl Saver {
             metrics,
             background,
             share,
+            loop_state,
         } = order;
         self.hand_over_staged()?;
         let items = if resumable {
             self.my_items(model, opt)
+        } else {
+            Vec::new()
+        };
+        let loop_state = if resumable && self.rank == 0 {
+            loop_state.tensors()?
         } else {
             Vec::new()
         };
@@ -193,6 +205,7 @@ impl Saver {
             };
             self.staging = Some(Staging {
                 copy: self.copier.run(move || copy_to_host(&items)),
+                loop_state,
                 from_snapshot,
                 commit,
                 status,
@@ -200,9 +213,11 @@ impl Saver {
             });
             return Ok(());
         }
+        let mut dcp = copy_to_host(&items)?;
+        dcp.extend(loop_state);
         let job = Job {
             commit,
-            dcp: copy_to_host(&items)?,
+            dcp,
             sampler,
             status,
             metrics,
@@ -283,7 +298,8 @@ impl Saver {
         let Some(s) = self.staging.take() else {
             return Ok(());
         };
-        let dcp = s.copy.join()??;
+        let mut dcp = s.copy.join()??;
+        dcp.extend(s.loop_state);
         self.launch(Job {
             commit: s.commit,
             dcp,
@@ -509,6 +525,7 @@ mod tests {
             model_id: "tiny".into(),
             n_samples: 1_000_000,
             sampler_base_every: 0,
+            training: json!({}),
         };
         let (warm_up, saves) = (100u64, 1_000u64);
         let mut before = 0;
@@ -530,6 +547,16 @@ mod tests {
                     metrics: String::new(),
                     background: true,
                     share: None,
+                    loop_state: LoopState {
+                        step,
+                        data_consumed: step,
+                        epoch: 0,
+                        tokens_seen: step,
+                        base_lrs: vec![1e-3],
+                        last_lrs: vec![1e-3],
+                        seed: 0,
+                        next_step_seed: 0,
+                    },
                 })
                 .unwrap();
             saver.before_update().unwrap();

@@ -31,6 +31,8 @@ pub(crate) struct SaveContext {
     pub n_samples: u64,
     /// A new full sampler base after this many deltas (0: every periodic sampler save is a base).
     pub sampler_base_every: u64,
+    /// The settings that decide the trajectory, recorded in every manifest.
+    pub training: Value,
 }
 
 impl SaveContext {
@@ -43,6 +45,7 @@ impl SaveContext {
             world_size,
             config_fingerprint: self.fingerprint.clone(),
             delta_base: None,
+            training: Some(self.training.clone()),
         }
     }
 }

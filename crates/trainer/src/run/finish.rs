@@ -3,12 +3,13 @@
 
 use anyhow::Result;
 use tokio::runtime::Runtime;
+use waypoint_checkpoint::dcp::LoopState;
 use waypoint_checkpoint::{model_dir, StepName};
 
 use super::{Live, Outcome, Session};
 use crate::checkpointing::saver::SaveOrder;
 use crate::checkpointing::state::promotable_share;
-use crate::step::libtorch_boundary;
+use crate::step::{libtorch_boundary, step_seed};
 use waypoint_observe::records::{self, JobState, Status};
 
 impl Session {
@@ -56,6 +57,16 @@ impl Session {
         } else {
             None
         };
+        let loop_state = LoopState {
+            step: self.step,
+            data_consumed: run.data_consumed,
+            epoch: commit.epoch,
+            tokens_seen: run.data_consumed * self.config.data.max_seq_len,
+            base_lrs: vec![run.schedule.lr],
+            last_lrs: vec![run.schedule.lr_at(self.step)],
+            seed: self.config.run.seed,
+            next_step_seed: step_seed(self.config.run.seed, self.step),
+        };
         run.saver.save(SaveOrder {
             model: &run.model,
             opt: &run.opt,
@@ -68,6 +79,7 @@ impl Session {
             metrics: run.metrics.clone(),
             background,
             share,
+            loop_state,
         })
     }
 

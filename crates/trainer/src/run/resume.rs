@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use tch::Tensor;
 use tokio::runtime::Runtime;
 use waypoint_checkpoint::{
-    dcp, model_dir, CheckpointError, CheckpointManager, Promotion, RowRange, RunLayout, Skipped,
-    Tensor as Blob,
+    dcp, model_dir, CheckpointError, CheckpointManager, Manifest, Promotion, RowRange, RunLayout,
+    Skipped, Tensor as Blob,
 };
 use waypoint_storage::Store;
 
@@ -163,14 +163,18 @@ impl Session {
         // What decides the trajectory (optimizer, schedule, global batch, recipe) is what the
         // checkpoint was trained with, unless the user asks for the change.
         let recipe: Box<dyn Recipe> = Box::new(Sft);
-        let trajectory = cfg.trajectory(&resume_fields, world, total, recipe.name());
+        let mut trajectory = cfg.trajectory(&resume_fields, world, total, recipe.name());
+        trajectory["data"] = Value::String(train.content_fingerprint());
         let config_changes = match &latest {
             // Every rank reads the record and decides alike, so a refusal needs no word between
             // them.
             Some(m) => {
-                let before = rt.block_on(trained_with(&self.store, &self.layout, m.attempt));
+                let before = match &m.training {
+                    Some(t) => Some(t.clone()),
+                    None => rt.block_on(trained_with(&self.store, &self.layout, m.attempt)),
+                };
                 let diffs = before
-                    .map(|b| changes(&b, &trajectory, &BATCH_SPLIT))
+                    .map(|b| changes(&b, &recorded_keys(&trajectory, &b), &BATCH_SPLIT))
                     .unwrap_or_default();
                 if !diffs.is_empty() && !cfg.checkpointing.allow_config_change {
                     return Err(UsageError(format!(
@@ -303,7 +307,7 @@ impl Session {
             AdamW::new(adamw, model.trainable())
         };
         if let Some(m) = &latest {
-            restore_state(&m.name, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
+            restore_state(m, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
             let pos = rt.block_on(manager.data_position(m))?;
             let remaining = (total.saturating_sub(m.step)).saturating_add(1);
             ensure!(
@@ -352,6 +356,7 @@ impl Session {
             model_id: cfg.model.model_id.clone(),
             n_samples: train.len() as u64,
             sampler_base_every: section.sampler_base_every,
+            training: trajectory.clone(),
         };
         status.state = JobState::Running;
         status.step = self.step;
@@ -464,6 +469,9 @@ fn rows_wanted(
         }
         want.insert(dcp::optim_key(&p.name, "step"), RowRange::ALL);
     }
+    for key in dcp::LOOP_STATE_KEYS {
+        want.insert(key.to_string(), RowRange::ALL);
+    }
     Some(want)
 }
 
@@ -499,8 +507,24 @@ fn copy_into(dst: &Tensor, src: &Blob, rows: Option<Rows>, checkpoint: &str) -> 
     Ok(())
 }
 
-/// Restores trainable weights and optimizer state from a checkpoint's `dcp/` tensors.
-fn restore_state(checkpoint: &str, blobs: Vec<Blob>, model: &Model, opt: &mut AdamW) -> Result<()> {
+/// Restores trainable weights and optimizer state from a checkpoint's `dcp/` tensors, after
+/// checking that its loop state (when it has one) counts what its manifest counts.
+fn restore_state(m: &Manifest, blobs: Vec<Blob>, model: &Model, opt: &mut AdamW) -> Result<()> {
+    let checkpoint = m.name.as_str();
+    if let Some(state) = dcp::LoopState::from_tensors(&blobs)
+        .with_context(|| format!("reading the loop state of checkpoint {checkpoint}"))?
+    {
+        ensure!(
+            state.step == m.step && state.data_consumed == m.data_consumed,
+            "checkpoint {checkpoint} contradicts itself: its manifest says step {} after {} \
+             samples, its dcp/ train_state step {} after {}; set it aside (waypoint ckpt) and \
+             resume from an earlier one",
+            m.step,
+            m.data_consumed,
+            state.step,
+            state.data_consumed
+        );
+    }
     let blobs = assemble_slices(blobs)?;
     let get = |key: String| {
         blobs.get(&key).with_context(|| {
@@ -561,6 +585,20 @@ async fn trained_with(store: &Store, layout: &RunLayout, attempt: u64) -> Option
     let record: Value = serde_json::from_slice(&bytes).ok()?;
     let training = record["info"]["training"].clone();
     training.is_object().then_some(training)
+}
+
+/// The settings of `now` that `before` records: a setting recorded only by newer versions of
+/// waypoint is not a change.
+fn recorded_keys(now: &Value, before: &Value) -> Value {
+    match (now, before) {
+        (Value::Object(now), Value::Object(before)) => Value::Object(
+            now.iter()
+                .filter(|(k, _)| before.contains_key(k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        _ => now.clone(),
+    }
 }
 
 /// The earlier attempts' settings from `config/run.json` (its `history`, then its own), oldest
