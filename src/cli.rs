@@ -390,7 +390,10 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     let run = waypoint_checkpoint::RunLayout::new(&config.run.run_id, &config.run.framework)
         .map(|layout| layout.uri_under(&base))
         .unwrap_or_default();
+    // Under a launcher the run's outcome is rank 0's to print; the others print only their errors.
+    let secondary = secondary_rank();
     match waypoint_trainer::run::run(config, stop, runtime) {
+        Ok(Outcome::Finished { .. }) if secondary.is_some() => ExitCode::SUCCESS,
         Ok(Outcome::Finished {
             steps,
             last_loss,
@@ -410,7 +413,9 @@ fn train(args: &TrainArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Outcome::Stopped { signal, step }) => {
-            say(format_args!("stopped by signal {signal} after step {step}; saved in {run}; run the same command to resume"));
+            if secondary.is_none() {
+                say(format_args!("stopped by signal {signal} after step {step}; saved in {run}; run the same command to resume"));
+            }
             ExitCode::from((128 + signal).min(255) as u8)
         }
         Err(e) => {
@@ -452,11 +457,14 @@ fn route_panics_to_the_log() {
     }));
 }
 
-/// Prints a line on stderr; a closed stderr is not an error of the run (the line is dropped).
+/// Prints a line on stderr, prefixed with the rank on a worker other than rank 0 (as its log lines
+/// are); a closed stderr is not an error of the run (the line is dropped).
 fn say_err(line: std::fmt::Arguments) {
     use std::io::Write;
-    let mut err = std::io::stderr().lock();
-    let _ = err.write_fmt(line).and_then(|()| err.write_all(b"\n"));
+    let prefix = secondary_rank().map_or(String::new(), |r| format!("[rank {r}] "));
+    // One write, so lines of workers sharing a pipe do not interleave mid-line.
+    let text = format!("{prefix}{line}\n");
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// Prints a result line on stdout; a closed stdout (a reader that went away) is not an error of the
@@ -487,20 +495,46 @@ fn stop_on_signals() -> Arc<AtomicUsize> {
     stop
 }
 
+/// This process's rank when it is one of several workers (`WORLD_SIZE` > 1, as a launcher or
+/// torchrun sets it) other than rank 0: its stderr carries only its own warnings and errors,
+/// prefixed with the rank, and the rest goes to its file (`logs/ranks/`).
+fn secondary_rank() -> Option<u32> {
+    let var = |name| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    match (var("RANK"), var("WORLD_SIZE")) {
+        (Some(rank), Some(world)) if world > 1 && rank > 0 => Some(rank),
+        _ => None,
+    }
+}
+
 fn init_tracing() {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let secondary = secondary_rank();
+    let prefix: std::sync::Arc<str> = secondary
+        .map_or(String::new(), |r| format!("[rank {r}] "))
+        .into();
     let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(|| waypoint_observe::Redacting(std::io::stderr()))
+        .with_writer(move || {
+            waypoint_observe::Prefixed(
+                prefix.clone(),
+                waypoint_observe::Redacting(std::io::stderr()),
+            )
+        })
         // A closed stderr (`waypoint train 2>&1 | head -1`) must not end the run: the subscriber's
         // own report of a failed write would go to that stderr and panic.
         .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+        .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+            // Run-level events and progress are rank 0's to print, once.
             meta.target() != waypoint_observe::trainlog::FILE_ONLY
+                && (secondary.is_none() || *meta.level() <= tracing::Level::WARN)
         }));
     // The same lines, without colour codes, into the run's logs/train.log (crates/observe/src/trainlog.rs).
     let train_log = tracing_subscriber::fmt::layer()

@@ -118,7 +118,10 @@ fn pytorch_continues_a_waypoint_checkpoint_step_for_step() {
     assert_eq!(theirs.len(), 6, "{theirs:?}");
     let samples: u64 = {
         let m = common::read_json(run.join("checkpoints/step-000006.json"));
-        assert!(m["epoch"].as_u64() >= Some(1), "the run should cross an epoch: {m}");
+        assert!(
+            m["epoch"].as_u64() >= Some(1),
+            "the run should cross an epoch: {m}"
+        );
         m["data_consumed"].as_u64().unwrap()
     };
     assert_eq!(samples, 6 * 8);

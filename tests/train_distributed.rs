@@ -52,7 +52,9 @@ async fn two_ranks_match_one_rank_with_twice_the_batch_and_share_the_checkpoint(
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
     common::ok(&single(base, "one", 4, 8));
-    common::ok(&launched(base, "two", 2, 2, 8));
+    let out = launched(base, "two", 2, 2, 8);
+    let stdout = common::ok(&out);
+    rank_0_speaks_for_the_run(base, &stdout, &String::from_utf8_lossy(&out.stderr));
     let (_, one) = weights(base, "one", 8).await;
     let (manifest, two) = weights(base, "two", 8).await;
     let diff = max_diff(&one, &two);
@@ -81,6 +83,48 @@ async fn two_ranks_match_one_rank_with_twice_the_batch_and_share_the_checkpoint(
     assert!(manifest.dcp_files().all(|f| f.path.contains("shard-")));
     let m = manager(base, "two");
     assert!(common::intact(&m, 8).await);
+}
+
+/// Under a launcher, the run's events and outcome are printed once (rank 0's); rank 1's stderr
+/// carries only its warnings and errors, prefixed with its rank, and its whole log is in its file.
+fn rank_0_speaks_for_the_run(base: &str, stdout: &str, stderr: &str) {
+    assert_eq!(stdout.matches("finished 8 steps").count(), 1, "{stdout}");
+    for once in ["dataset ready", "attempt started", "memory plan"] {
+        assert_eq!(stderr.matches(once).count(), 1, "{once}:\n{stderr}");
+    }
+    // (The launcher's own lines name the rank too.)
+    let of_rank_1 = |l: &&str| {
+        l.contains("[rank 1]") || (l.contains("rank=1") && !l.contains("waypoint_launch"))
+    };
+    for line in stderr.lines().filter(of_rank_1) {
+        assert!(
+            line.starts_with("[rank 1] ") && (line.contains("WARN") || line.contains("ERROR")),
+            "rank 1 printed more than its warnings and errors: {line}"
+        );
+    }
+    let own = std::fs::read_to_string(format!(
+        "{base}/two/framework=waypoint/logs/ranks/rank-00001.log"
+    ))
+    .unwrap();
+    assert!(
+        own.contains("dataset ready") && own.contains("rank=1") && !own.contains("rank=0"),
+        "{own}"
+    );
+    // An error every rank meets: each prints it, rank 1's prefixed.
+    let out = common::waypoint()
+        .args(launch_args(2, 0))
+        .args(train_flags(base, "bad", 2, 8))
+        .arg("--lr=-1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains("error: ")).collect();
+    assert!(
+        errors.iter().any(|l| l.starts_with("error: --lr"))
+            && errors.iter().any(|l| l.starts_with("[rank 1] error: --lr")),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

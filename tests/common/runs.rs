@@ -99,9 +99,9 @@ pub(crate) fn set_flag(args: &mut [String], flag: &str, value: &str) {
     args[i + 1] = value.to_string();
 }
 
-/// The pid a `joining the other ranks` log line of rank `rank` names.
+/// The pid the launcher's `worker started` log line of rank `rank` names.
 pub(crate) fn rank_pid(line: &str, rank: u32) -> Option<String> {
-    if !(line.contains("joining the other ranks") && line.contains(&format!("rank={rank} "))) {
+    if !(line.contains("worker started") && line.contains(&format!("rank={rank} "))) {
         return None;
     }
     let at = line.find("pid=")? + 4;

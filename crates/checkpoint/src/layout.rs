@@ -106,6 +106,11 @@ impl RunLayout {
         format!("{}/logs/train.log", self.root)
     }
 
+    /// `logs/ranks/rank-0000N.log`: the whole log of rank `rank` (> 0) under a launcher.
+    pub fn rank_log(&self, rank: u32) -> String {
+        format!("{}/logs/ranks/rank-{rank:05}.log", self.root)
+    }
+
     /// `logs/metrics.jsonl`: one JSON object per step.
     pub fn metrics(&self) -> String {
         format!("{}/logs/metrics.jsonl", self.root)

@@ -309,6 +309,9 @@ fn round(
                 });
             }
         };
+        // The launcher names each worker's pid (the workers other than rank 0 print only their
+        // warnings and errors).
+        tracing::info!(rank, pid = child.id(), restart, "worker started");
         workers.push((rank, child, error_file));
     }
     let grace = Duration::from_secs(args.term_grace_secs);

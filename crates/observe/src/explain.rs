@@ -16,6 +16,25 @@ pub fn explain(error: &anyhow::Error) -> String {
     }
 }
 
+/// A writer that starts every write (one log event) with a prefix: a worker's rank on the stderr it
+/// shares with the other workers of a launcher.
+pub struct Prefixed<W>(pub std::sync::Arc<str>, pub W);
+
+impl<W: std::io::Write> std::io::Write for Prefixed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut line = Vec::with_capacity(self.0.len() + buf.len());
+        line.extend_from_slice(self.0.as_bytes());
+        line.extend_from_slice(buf);
+        // One write, so lines of workers sharing a pipe do not interleave mid-line.
+        self.1.write_all(&line)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.1.flush()
+    }
+}
+
 /// A writer that masks secrets inside URIs ([`waypoint_storage::redact_text`]) in what passes
 /// through it; the log goes through one, so no line of it carries a credential.
 pub struct Redacting<W>(pub W);

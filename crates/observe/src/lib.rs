@@ -19,4 +19,4 @@ pub mod tensorboard;
 pub mod trainlog;
 pub mod watch;
 
-pub use explain::{explain, Redacting};
+pub use explain::{explain, Prefixed, Redacting};

@@ -317,6 +317,73 @@ fn event_file_name(attempt: u64, part: u32) -> String {
     }
 }
 
+/// The whole log of a rank other than 0 (which prints only its warnings and errors on stderr):
+/// `logs/ranks/rank-0000N.log`, appended attempt after attempt. On a local store the file is the
+/// run's; on object storage a local copy is uploaded when the attempt ends.
+pub struct RankLog {
+    store: Store,
+    key: String,
+    path: std::path::PathBuf,
+    upload: bool,
+}
+
+impl RankLog {
+    /// Sends this process's log lines (those so far included) to rank `rank`'s file.
+    pub async fn start(store: &Store, layout: &RunLayout, rank: u32) -> Result<Self> {
+        let key = layout.rank_log(rank);
+        let (path, upload) = match store.local_path(&key) {
+            Some(path) => (path, false),
+            None => {
+                let path = std::env::temp_dir()
+                    .join("waypoint-logs")
+                    .join(layout.root())
+                    .join(format!("rank-{rank:05}-{}.log", std::process::id()));
+                let earlier = match store.get(&key).await {
+                    Ok(b) => b,
+                    Err(StorageError::NotFound { .. }) => Bytes::new(),
+                    Err(e) => return Err(e).with_context(|| format!("reading {key}")),
+                };
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                std::fs::write(&path, &earlier)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                (path, true)
+            }
+        };
+        trainlog::attach(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            store: store.clone(),
+            key,
+            path,
+            upload,
+        })
+    }
+
+    /// Closes the file (later lines are dropped) and uploads it when the store is remote.
+    pub async fn close(self) {
+        trainlog::detach();
+        if !self.upload {
+            return;
+        }
+        let uploaded = match std::fs::read(&self.path) {
+            Ok(body) => self
+                .store
+                .put(&self.key, Bytes::from(body))
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        match uploaded {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Err(e) => tracing::warn!("could not upload {}: {e:#}", self.key),
+        }
+    }
+}
+
 /// A start that failed before its attempt's outputs began (loading the model or the data, say): its
 /// log lines so far and `error` are appended to `logs/train.log` all the same.
 pub async fn log_failed_start(store: &Store, layout: &RunLayout, error: &str) -> Result<()> {

@@ -88,6 +88,7 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
         last_checkpoint: None,
         main: true,
         watch: None,
+        rank_log: None,
     };
     match session.train(&stop, rt) {
         Ok(outcome) => {
@@ -177,6 +178,8 @@ struct Session {
     main: bool,
     /// Rank 0's `train.log`, TensorBoard events, plot and progress (see [`watch`]).
     watch: Option<Arc<watch::Watch>>,
+    /// Another rank's whole log, `logs/ranks/rank-0000N.log` (its stderr has only its warnings).
+    rank_log: Option<watch::RankLog>,
 }
 
 impl Session {

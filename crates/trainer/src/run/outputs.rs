@@ -1,7 +1,8 @@
-//! The loop's side of what people watch (rank 0): starting this attempt's outputs (the watch of
-//! `waypoint-observe`) and closing them at the end, with the error of a failed start.
+//! The loop's side of what people watch: starting this attempt's outputs (rank 0: the watch of
+//! `waypoint-observe`; other ranks: their log file) and closing them at the end, with the error of
+//! a failed start.
 
-use waypoint_observe::watch::{log_failed_start, Watch};
+use waypoint_observe::watch::{log_failed_start, RankLog, Watch};
 use waypoint_observe::{explain, trainlog};
 
 impl super::Session {
@@ -14,6 +15,13 @@ impl super::Session {
         rt: &tokio::runtime::Runtime,
     ) {
         let message = error.map(|e| format!("error: {}", explain(e)));
+        if let Some(log) = self.rank_log.take() {
+            if let Some(m) = &message {
+                trainlog::note(m);
+            }
+            rt.block_on(log.close());
+            return;
+        }
         match self.watch.take() {
             Some(watch) => {
                 if let Some(m) = &message {
@@ -31,6 +39,25 @@ impl super::Session {
                         waypoint_storage::redact_text(&format!("{e:#}"))
                     );
                 }
+            }
+        }
+    }
+
+    /// The whole log of a rank other than 0, in its file of the run; none (with a warning) when it
+    /// cannot be opened.
+    pub(super) fn start_rank_log(
+        &self,
+        rank: u32,
+        rt: &tokio::runtime::Runtime,
+    ) -> Option<RankLog> {
+        match rt.block_on(RankLog::start(&self.store, &self.layout, rank)) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                tracing::warn!(
+                    "no log file for rank {rank}: {}",
+                    waypoint_storage::redact_text(&format!("{e:#}"))
+                );
+                None
             }
         }
     }

@@ -342,6 +342,9 @@ impl Session {
             min_lr_ratio: cfg.optim.min_lr_ratio,
         };
         self.watch = self.start_watch(main, attempt, rt);
+        if !main {
+            self.rank_log = self.start_rank_log(ranks.rank(), rt);
+        }
         let saver = Saver::new(
             manager.clone(),
             RunRecords::new(self.store.clone(), self.layout.clone()).watched(self.watch.clone()),
