@@ -3,7 +3,10 @@
 //!   model, batch shape and thread count; benches/anchors/train_anchor.py) — target ≥ 1.0×;
 //! - the time the training loop is blocked by an async (default) save against a synchronous one
 //!   (`--sync_save`), from the `save_stall_s` the trainer records — target ≤ 1/20. The extra wall time
-//!   of each run over a run without saves is printed too: background uploads share the CPU.
+//!   of each run over a run without saves is printed too: background uploads share the CPU;
+//! - the slowdown of the steps that overlap a background save against the steps with none, as the
+//!   trainer reports it per save (`save_overlap_slowdown`), beside its snapshot, upload and
+//!   step → commit seconds.
 //!
 //! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6: ~19M parameters, a ~230 MB
 //! resumable checkpoint); WAYPOINT_BENCH_THREADS the libtorch threads (default 2);
@@ -137,10 +140,28 @@ fn main() {
             stalls.iter().sum::<f64>() / stalls.len().max(1) as f64,
             stalls.len(),
             secs,
+            lines,
         )
     };
-    let (sync_stall, n, sync_secs) = stall("sync", &["--sync_save"]);
-    let (async_stall, _, async_secs) = stall("async", &[]);
+    let (sync_stall, n, sync_secs, _) = stall("sync", &["--sync_save"]);
+    let (async_stall, _, async_secs, async_lines) = stall("async", &[]);
+    let mean_of = |field: &str| {
+        let v: Vec<f64> = async_lines
+            .iter()
+            .filter_map(|l| l[field].as_f64())
+            .collect();
+        (v.iter().sum::<f64>() / v.len().max(1) as f64, v.len())
+    };
+    let (slowdown, reported) = mean_of("save_overlap_slowdown");
+    let (overlapped, _) = mean_of("save_overlap_steps");
+    println!(
+        "steps overlapping a background save ({reported} saves reported, {overlapped:.1} steps \
+         each): {slowdown:.2}x the time of steps without one; per save: snapshot {:.2} s, upload \
+         {:.2} s, step -> commit {:.2} s",
+        mean_of("save_snapshot_s").0,
+        mean_of("save_upload_s").0,
+        mean_of("save_commit_latency_s").0
+    );
     let ckpt_mb = std::fs::read_dir(dir.path().join("sync/framework=waypoint/checkpoints"))
         .unwrap()
         .filter_map(|e| e.ok())

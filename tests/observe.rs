@@ -102,6 +102,10 @@ fn assert_events_match_metrics(seen: &Value, metrics: &BTreeMap<u64, Value>, tot
         ("tokens_per_s", "train/tokens_per_s"),
         ("eval_loss", "eval/loss"),
         ("save_stall_s", "checkpoint/save_stall_s"),
+        ("save_snapshot_s", "checkpoint/snapshot_s"),
+        ("save_upload_s", "checkpoint/upload_s"),
+        ("save_commit_latency_s", "checkpoint/commit_latency_s"),
+        ("save_overlap_slowdown", "checkpoint/overlap_slowdown"),
     ] {
         let expected: Vec<(u64, f32)> = metrics
             .iter()
@@ -113,9 +117,10 @@ fn assert_events_match_metrics(seen: &Value, metrics: &BTreeMap<u64, Value>, tot
             .iter()
             .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
             .collect();
-        // (A save stall is recorded only on a step a save held up.)
+        // (A save stall is recorded only on a step a save held up; a slowdown once steps both
+        // with and without a save in flight ran.)
         assert!(
-            !expected.is_empty() || field == "save_stall_s",
+            !expected.is_empty() || ["save_stall_s", "save_overlap_slowdown"].contains(&field),
             "metrics.jsonl has no {field}"
         );
         assert_eq!(got, expected, "{tag} differs from metrics.jsonl's {field}");
@@ -228,6 +233,26 @@ fn events_plot_and_log_survive_a_sigkill_and_resume_locally() {
         .map(|p| p[0].as_u64().unwrap())
         .collect();
     assert_eq!(saves, [10, 20, 30, 40]);
+    // Each background save's report, on the line of the step at which its commit was seen: the
+    // commit comes after the step, the upload within that.
+    let metrics = metrics_by_step(&std::fs::read_to_string(logs.join("metrics.jsonl")).unwrap());
+    let reported: Vec<u64> = metrics
+        .iter()
+        .filter_map(|(step, l)| {
+            let saved = l["save_step"].as_u64()?;
+            let (upload, latency) = (
+                l["save_upload_s"].as_f64()?,
+                l["save_commit_latency_s"].as_f64()?,
+            );
+            assert!(saved <= *step && 0.0 < upload && upload <= latency, "{l}");
+            assert!(l["save_snapshot_s"].as_f64()? >= 0.0, "{l}");
+            Some(saved)
+        })
+        .collect();
+    assert!(
+        reported.contains(&10) && reported.contains(&30),
+        "save reports for {reported:?}"
+    );
     assert!(!after["scalars"]["checkpoint/save_stall_s"]
         .as_array()
         .unwrap()

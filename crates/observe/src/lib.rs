@@ -6,6 +6,8 @@
 //!   file sink), the TensorBoard event file ([`tensorboard`]: record framing, CRC32C, the `Event`
 //!   protobuf), `logs/loss.svg` ([`plot`], drawn from `metrics.jsonl`) and `logs/progress.json`;
 //! - [`progress`]: the progress bar on a terminal, a line every `logging_steps` elsewhere;
+//! - [`saves`]: what each checkpoint save cost the run (stall, snapshot, upload, step → commit,
+//!   the slowdown of the steps it overlapped);
 //! - [`explain`]: an error as people read it (secrets masked, a hint where one helps).
 //!
 //! Arrows inside: `records → watch → {trainlog, tensorboard, plot}`; `explain` and `progress`
@@ -15,6 +17,7 @@ pub mod explain;
 pub mod plot;
 pub mod progress;
 pub mod records;
+pub mod saves;
 pub mod tensorboard;
 pub mod trainlog;
 pub mod watch;

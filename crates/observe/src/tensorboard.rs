@@ -102,13 +102,17 @@ pub fn event_record(event: &Event) -> Vec<u8> {
 /// The scalars of one line of `logs/metrics.jsonl`, as TensorBoard tags. Fields absent from the line
 /// (eval loss between evaluations, the save stall of steps no save held up) give no scalar.
 pub fn scalars_of(line: &serde_json::Value) -> Vec<(&'static str, f32)> {
-    const TAGS: [(&str, &str); 6] = [
+    const TAGS: [(&str, &str); 10] = [
         ("loss", "train/loss"),
         ("lr", "train/lr"),
         ("grad_norm", "train/grad_norm"),
         ("tokens_per_s", "train/tokens_per_s"),
         ("eval_loss", "eval/loss"),
         ("save_stall_s", "checkpoint/save_stall_s"),
+        ("save_snapshot_s", "checkpoint/snapshot_s"),
+        ("save_upload_s", "checkpoint/upload_s"),
+        ("save_commit_latency_s", "checkpoint/commit_latency_s"),
+        ("save_overlap_slowdown", "checkpoint/overlap_slowdown"),
     ];
     TAGS.iter()
         .filter_map(|(field, tag)| line[field].as_f64().map(|v| (*tag, v as f32)))

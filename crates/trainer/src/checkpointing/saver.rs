@@ -43,6 +43,7 @@ use crate::convert::byte_size;
 use crate::model::Model;
 use crate::optim::AdamW;
 use waypoint_observe::records::{RunRecords, Status};
+use waypoint_observe::saves::SaveReport;
 
 /// One save asked of the [`Saver`]: the live state, what the checkpoint is, and how to save it.
 pub(crate) struct SaveOrder<'a> {
@@ -75,8 +76,20 @@ pub(crate) struct SaveOrder<'a> {
     pub loop_state: LoopState,
 }
 
+/// When a save began (the end of its step) and what it has cost the loop so far.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// The save call: the end of the checkpoint's step.
+    began: Instant,
+    /// Seconds the loop was blocked by this save.
+    stall_s: f64,
+    /// Seconds the copy to host memory took.
+    snapshot_s: f64,
+}
+
 /// One save, staged in host memory.
 struct Job {
+    timing: Timing,
     commit: Commit,
     dcp: Vec<Blob>,
     sampler: Option<SamplerPart>,
@@ -88,7 +101,9 @@ struct Job {
 
 /// A copy of the state to host memory running on its own thread.
 struct Staging {
-    copy: Task<Result<Vec<Blob>>>,
+    timing: Timing,
+    /// The copy, and the seconds it took.
+    copy: Task<Result<(Vec<Blob>, f64)>>,
     /// Written beside the copy: the loop state's tensors (rank 0).
     loop_state: Vec<Blob>,
     /// The copy reads a snapshot, not the live tensors: the optimizer need not wait for it.
@@ -120,6 +135,8 @@ pub(crate) struct Saver {
     chain: Option<SamplerChain>,
     /// `config/run.json` as written at the start (rank 0).
     run_record: Bytes,
+    /// Saves committed since the loop last asked ([`Saver::take_committed`]).
+    reports: Vec<SaveReport>,
 }
 
 impl Saver {
@@ -154,6 +171,7 @@ impl Saver {
             committed: None,
             chain: None,
             run_record,
+            reports: Vec::new(),
         })
     }
 
@@ -175,6 +193,7 @@ impl Saver {
             share,
             loop_state,
         } = order;
+        let began = Instant::now();
         self.hand_over_staged()?;
         let items = if resumable {
             self.my_items(model, opt)
@@ -204,7 +223,15 @@ impl Saver {
                 None => (items, false),
             };
             self.staging = Some(Staging {
-                copy: self.copier.run(move || copy_to_host(&items)),
+                timing: Timing {
+                    began,
+                    stall_s: began.elapsed().as_secs_f64(),
+                    snapshot_s: 0.0,
+                },
+                copy: self.copier.run(move || {
+                    let copying = Instant::now();
+                    copy_to_host(&items).map(|blobs| (blobs, copying.elapsed().as_secs_f64()))
+                }),
                 loop_state,
                 from_snapshot,
                 commit,
@@ -213,9 +240,19 @@ impl Saver {
             });
             return Ok(());
         }
+        // The writer is free first: waiting for it is part of this save's stall.
+        self.join()?;
+        let copying = Instant::now();
         let mut dcp = copy_to_host(&items)?;
+        let snapshot_s = copying.elapsed().as_secs_f64();
         dcp.extend(loop_state);
         let job = Job {
+            // The stall of a save that returns once committed is all of it (added in `wait`).
+            timing: Timing {
+                began,
+                stall_s: began.elapsed().as_secs_f64(),
+                snapshot_s,
+            },
             commit,
             dcp,
             sampler,
@@ -226,6 +263,9 @@ impl Saver {
         self.launch(job)?;
         if !background {
             self.wait()?;
+            if let Some(r) = self.reports.last_mut() {
+                r.stall_s = began.elapsed().as_secs_f64();
+            }
         }
         Ok(())
     }
@@ -233,12 +273,29 @@ impl Saver {
     /// Before the optimizer changes the weights: waits for a copy in progress and hands it to the
     /// writer. Returns the seconds this blocked, if a copy was pending.
     pub(crate) fn before_update(&mut self) -> Result<Option<f64>> {
-        if self.staging.as_ref().is_none_or(|s| s.from_snapshot) {
+        let Some(staging) = self.staging.as_mut().filter(|s| !s.from_snapshot) else {
             return Ok(None);
-        }
+        };
+        // Blocked until the copy is done and the writer is free (the previous save committed).
         let started = Instant::now();
+        staging.copy.wait();
+        self.join()?;
+        let blocked = started.elapsed().as_secs_f64();
+        if let Some(s) = self.staging.as_mut() {
+            s.timing.stall_s += blocked;
+        }
         self.hand_over_staged()?;
-        Ok(Some(started.elapsed().as_secs_f64()))
+        Ok(Some(blocked))
+    }
+
+    /// Whether a save is being copied or written (a step run now overlaps it).
+    pub(crate) fn busy(&self) -> bool {
+        self.staging.is_some() || self.inflight.is_some()
+    }
+
+    /// The saves committed since the last call, with what each cost.
+    pub(crate) fn take_committed(&mut self) -> Vec<SaveReport> {
+        std::mem::take(&mut self.reports)
     }
 
     /// Fails if the save in flight has failed, and hands a finished copy from a snapshot to the
@@ -298,9 +355,13 @@ impl Saver {
         let Some(s) = self.staging.take() else {
             return Ok(());
         };
-        let mut dcp = s.copy.join()??;
+        let (mut dcp, snapshot_s) = s.copy.join()??;
         dcp.extend(s.loop_state);
         self.launch(Job {
+            timing: Timing {
+                snapshot_s,
+                ..s.timing
+            },
             commit: s.commit,
             dcp,
             sampler: None,
@@ -338,6 +399,20 @@ impl Saver {
                 }),
                 None => self.chain,
             };
+            self.reports.push(SaveReport {
+                checkpoint: done.name.clone(),
+                step: done.step,
+                stall_s: done.timing.stall_s,
+                snapshot_s: done.timing.snapshot_s,
+                upload_s: done.upload_s,
+                commit_latency_s: done
+                    .committed_at
+                    .duration_since(done.timing.began)
+                    .as_secs_f64(),
+                // The loop knows the steps that ran meanwhile.
+                overlap_steps: 0,
+                overlap_slowdown: None,
+            });
             self.committed = Some(done.name);
         }
         Ok(())
@@ -358,6 +433,9 @@ struct Committed {
     name: String,
     step: u64,
     sampler: Option<SamplerWritten>,
+    timing: Timing,
+    upload_s: f64,
+    committed_at: Instant,
 }
 
 /// This rank's part of a save, by the one protocol of the checkpoint crate (rank 0 commits; one rank
@@ -373,6 +451,7 @@ fn write(
     let mut peers = peers.lock().unwrap_or_else(|e| e.into_inner());
     let rank = peers.rank();
     let name = StepName::new(job.commit.step).to_string();
+    let timing = job.timing;
     handle.block_on(async {
         if rank == 0 {
             records.write_metrics(job.metrics).await?;
@@ -405,6 +484,9 @@ fn write(
             name: manifest.name,
             step: manifest.step,
             sampler,
+            timing,
+            upload_s: secs,
+            committed_at: Instant::now(),
         })
     })
 }

@@ -95,6 +95,17 @@ impl<T> Task<T> {
         }
     }
 
+    /// Waits until the task has ended, keeping its result for [`Task::join`].
+    pub(crate) fn wait(&mut self) {
+        if self.done.is_some() || self.gone {
+            return;
+        }
+        match self.result.recv() {
+            Ok(v) => self.done = Some(v),
+            Err(_) => self.gone = true,
+        }
+    }
+
     /// Waits for the task's result; an error if it panicked.
     pub(crate) fn join(mut self) -> Result<T> {
         if let Some(v) = self.done.take() {

@@ -97,6 +97,9 @@ impl Session {
             self.save(run, true, false)?;
         }
         run.saver.wait()?;
+        for report in run.saver.take_committed() {
+            tracing::info!(checkpoint = %report.checkpoint, "save report: {}", report.describe());
+        }
         // The run's peak, the final save (a host copy of the state, the promotable weights)
         // included, and the peak of the training before it.
         if let (Some(training), Some(peak)) = (training_peak, super::memory::peak_rss()) {

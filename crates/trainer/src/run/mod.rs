@@ -42,6 +42,7 @@ use waypoint_config::TrainConfig;
 pub use waypoint_config::UsageError;
 use waypoint_observe::progress::Progress;
 use waypoint_observe::records::{self, JobState, Status};
+use waypoint_observe::saves::OverlapMeter;
 use waypoint_observe::watch;
 use waypoint_storage::Store;
 
@@ -190,16 +191,33 @@ impl Session {
         let total = self.total_steps;
         let progress = Progress::new(total, self.step, self.config.run.logging_steps, self.main);
         let mut save_stall: Option<f64> = None;
+        let mut overlap = OverlapMeter::default();
         while self.step < total {
             let signal = stop.load(Ordering::SeqCst);
             run.saver.check()?;
             if run.saver.committed.is_some() {
                 self.last_checkpoint = run.saver.committed.clone();
             }
+            // The first step of an attempt warms up: it is no measure of a step's time.
+            let saving = run.saver.busy();
+            let started = Instant::now();
             let Some(mut line) = self.step(&mut run, signal)? else {
                 let signal = if signal != 0 { signal } else { 15 };
                 return self.stop_for_signal(signal, &mut run, rt);
             };
+            if self.step > run.resumed_step.unwrap_or(0) + 1 {
+                overlap.step(started.elapsed().as_secs_f64(), saving);
+            }
+            run.saver.check()?;
+            for mut report in run.saver.take_committed() {
+                (report.overlap_steps, report.overlap_slowdown) = overlap.take();
+                tracing::info!(checkpoint = %report.checkpoint, "save report: {}", report.describe());
+                if let (Some(line), Some(fields)) =
+                    (line.as_object_mut(), report.metrics_fields().as_object())
+                {
+                    line.extend(fields.clone());
+                }
+            }
             if let Some(stall) = save_stall.take() {
                 // Time the loop spent blocked by the save started after the previous step (the
                 // step itself may have waited for its copy too).
