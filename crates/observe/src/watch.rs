@@ -317,13 +317,41 @@ fn event_file_name(attempt: u64, part: u32) -> String {
     }
 }
 
+/// A local file to append a log object `key` of the run to: the object itself on a local store
+/// (`false`: nothing to upload), else `temp` under the system's temp folder holding the object's
+/// bytes so far (`true`: upload it when done).
+async fn appendable_copy(
+    store: &Store,
+    layout: &RunLayout,
+    key: &str,
+    temp: &str,
+) -> Result<(PathBuf, bool)> {
+    if let Some(path) = store.local_path(key) {
+        return Ok((path, false));
+    }
+    let path = std::env::temp_dir()
+        .join("waypoint-logs")
+        .join(layout.root())
+        .join(temp);
+    let earlier = match store.get(key).await {
+        Ok(b) => b,
+        Err(StorageError::NotFound { .. }) => Bytes::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {key}")),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, &earlier).with_context(|| format!("writing {}", path.display()))?;
+    Ok((path, true))
+}
+
 /// The whole log of a rank other than 0 (which prints only its warnings and errors on stderr):
 /// `logs/ranks/rank-0000N.log`, appended attempt after attempt. On a local store the file is the
 /// run's; on object storage a local copy is uploaded when the attempt ends.
 pub struct RankLog {
     store: Store,
     key: String,
-    path: std::path::PathBuf,
+    path: PathBuf,
     upload: bool,
 }
 
@@ -331,27 +359,8 @@ impl RankLog {
     /// Sends this process's log lines (those so far included) to rank `rank`'s file.
     pub async fn start(store: &Store, layout: &RunLayout, rank: u32) -> Result<Self> {
         let key = layout.rank_log(rank);
-        let (path, upload) = match store.local_path(&key) {
-            Some(path) => (path, false),
-            None => {
-                let path = std::env::temp_dir()
-                    .join("waypoint-logs")
-                    .join(layout.root())
-                    .join(format!("rank-{rank:05}-{}.log", std::process::id()));
-                let earlier = match store.get(&key).await {
-                    Ok(b) => b,
-                    Err(StorageError::NotFound { .. }) => Bytes::new(),
-                    Err(e) => return Err(e).with_context(|| format!("reading {key}")),
-                };
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
-                }
-                std::fs::write(&path, &earlier)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                (path, true)
-            }
-        };
+        let temp = format!("rank-{rank:05}-{}.log", std::process::id());
+        let (path, upload) = appendable_copy(store, layout, &key, &temp).await?;
         trainlog::attach(&path).with_context(|| format!("opening {}", path.display()))?;
         Ok(Self {
             store: store.clone(),
@@ -388,26 +397,8 @@ impl RankLog {
 /// log lines so far and `error` are appended to `logs/train.log` all the same.
 pub async fn log_failed_start(store: &Store, layout: &RunLayout, error: &str) -> Result<()> {
     let key = layout.train_log();
-    let (path, upload) = match store.local_path(&key) {
-        Some(path) => (path, false),
-        None => {
-            let path = std::env::temp_dir()
-                .join("waypoint-logs")
-                .join(layout.root())
-                .join(format!("failed-start-{}", std::process::id()))
-                .join("train.log");
-            let earlier = match store.get(&key).await {
-                Ok(b) => b,
-                Err(StorageError::NotFound { .. }) => Bytes::new(),
-                Err(e) => return Err(e).context("reading logs/train.log"),
-            };
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&path, &earlier)?;
-            (path, true)
-        }
-    };
+    let temp = format!("failed-start-{}/train.log", std::process::id());
+    let (path, upload) = appendable_copy(store, layout, &key, &temp).await?;
     trainlog::attach(&path).with_context(|| format!("opening {}", path.display()))?;
     trainlog::note(error);
     trainlog::detach();
