@@ -40,8 +40,20 @@ pub struct Status {
     pub error: Option<String>,
     /// This start's attempt number.
     pub attempt: Option<u64>,
+    /// The checkpoint this start resumed from, and its tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<ResumedFrom>,
     /// When this was written (ms since the Unix epoch).
     pub updated_unix_ms: u64,
+}
+
+/// Where a start resumed from (`status.json`'s `resumed_from`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumedFrom {
+    /// `step-XXXXXX`.
+    pub checkpoint: String,
+    /// `memory` (the node's memory tier) or `durable`.
+    pub tier: String,
 }
 
 impl Status {
@@ -54,6 +66,7 @@ impl Status {
             checkpoint: None,
             error: None,
             attempt: None,
+            resumed_from: None,
             updated_unix_ms: now_ms(),
         }
     }

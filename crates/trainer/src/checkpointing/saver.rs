@@ -121,8 +121,9 @@ pub(crate) struct Saver {
     world: u32,
     /// The other ranks of a save ([`SingleRank`] alone).
     peers: Arc<Mutex<Box<dyn Peers + Send>>>,
-    /// `status.json` and `logs/metrics.jsonl`.
-    records: RunRecords,
+    /// `status.json` and `logs/metrics.jsonl`; `None` for the memory tier, whose saves change
+    /// neither.
+    records: Option<RunRecords>,
     staging: Option<Staging>,
     inflight: Option<Task<Result<Committed>>>,
     /// The thread that copies a background save to host memory, kept across saves.
@@ -140,20 +141,22 @@ pub(crate) struct Saver {
 }
 
 impl Saver {
-    /// A saver for this rank, writing run records through `records`; with other ranks it opens its
-    /// own store connection.
+    /// A saver for this rank, writing run records through `records` (none for the memory tier);
+    /// with other ranks it opens its own store connection, its keys under `channel`.
     pub(crate) fn new(
         manager: Arc<CheckpointManager>,
-        records: RunRecords,
+        records: Option<RunRecords>,
         ranks: &Ranks,
         handle: Handle,
         run_record: Bytes,
+        channel: &'static str,
     ) -> Result<Self> {
         let peers: Box<dyn Peers + Send> = match ranks.group() {
             Some(g) => Box::new(SidePeers {
                 side: g.side_channel().context("opening the save channel")?,
                 rank: ranks.rank(),
                 world: ranks.world(),
+                channel,
             }),
             None => Box::new(SingleRank),
         };
@@ -443,7 +446,7 @@ struct Committed {
 /// commit. Every rank returns the committed checkpoint or the save's error.
 fn write(
     manager: &CheckpointManager,
-    records: &RunRecords,
+    records: &Option<RunRecords>,
     handle: &Handle,
     peers: &Mutex<Box<dyn Peers + Send>>,
     job: Job,
@@ -453,7 +456,7 @@ fn write(
     let name = StepName::new(job.commit.step).to_string();
     let timing = job.timing;
     handle.block_on(async {
-        if rank == 0 {
+        if let Some(records) = records.as_ref().filter(|_| rank == 0) {
             records.write_metrics(job.metrics).await?;
         }
         let request = SaveRequest {
@@ -469,12 +472,17 @@ fn write(
             .await
             .with_context(|| format!("saving checkpoint {name} failed"))?;
         let secs = started.elapsed().as_secs_f64();
-        if rank == 0 {
+        if let Some(records) = records.as_ref().filter(|_| rank == 0) {
             records
                 .committed(job.status, &job.run_record, &manifest.name, secs)
                 .await?;
         }
-        tracing::info!(rank, checkpoint = %manifest.name, kinds = ?manifest.kinds, secs, "checkpoint committed");
+        // (The memory tier, which has no run records, commits every step: a debug line.)
+        if records.is_some() {
+            tracing::info!(rank, checkpoint = %manifest.name, kinds = ?manifest.kinds, secs, "checkpoint committed");
+        } else {
+            tracing::debug!(rank, checkpoint = %manifest.name, secs, "memory-tier checkpoint committed");
+        }
         let sampler = match (manifest.sampler_files().next(), &manifest.delta_base) {
             (None, _) => None,
             (Some(_), Some(_)) => Some(SamplerWritten::Delta),
@@ -497,6 +505,8 @@ struct SidePeers {
     side: SideChannel,
     rank: u32,
     world: u32,
+    /// What this saver's keys are under (the durable and the memory tier save the same steps).
+    channel: &'static str,
 }
 
 impl Peers for SidePeers {
@@ -509,18 +519,21 @@ impl Peers for SidePeers {
     }
 
     fn barrier(&mut self, name: &str) -> waypoint_checkpoint::Result<()> {
-        self.side.barrier(name).map_err(|e| peers_error(name, e))
+        let key = format!("{}/{name}", self.channel);
+        self.side.barrier(&key).map_err(|e| peers_error(name, e))
     }
 
     fn all_gather(&mut self, name: &str, data: &[u8]) -> waypoint_checkpoint::Result<Vec<Vec<u8>>> {
+        let key = format!("{}/{name}", self.channel);
         self.side
-            .all_gather(name, data)
+            .all_gather(&key, data)
             .map_err(|e| peers_error(name, e))
     }
 
     fn broadcast(&mut self, name: &str, data: &[u8]) -> waypoint_checkpoint::Result<Vec<u8>> {
+        let key = format!("{}/{name}", self.channel);
         self.side
-            .broadcast(name, data)
+            .broadcast(&key, data)
             .map_err(|e| peers_error(name, e))
     }
 }
@@ -580,10 +593,11 @@ mod tests {
         let ranks = Ranks::join(&env, std::time::Duration::from_secs(5), Device::Cpu).unwrap();
         let mut saver = Saver::new(
             Arc::new(manager),
-            RunRecords::new(store, layout),
+            Some(RunRecords::new(store, layout)),
             &ranks,
             rt.handle().clone(),
             Bytes::new(),
+            "durable",
         )
         .unwrap();
         let model = {
