@@ -121,9 +121,10 @@ pub(crate) struct Saver {
     world: u32,
     /// The other ranks of a save ([`SingleRank`] alone).
     peers: Arc<Mutex<Box<dyn Peers + Send>>>,
-    /// `status.json` and `logs/metrics.jsonl`; `None` for the memory tier, whose saves change
-    /// neither.
-    records: Option<RunRecords>,
+    /// `status.json` and `logs/metrics.jsonl` (the memory tier's own: its tail of the metrics).
+    records: RunRecords,
+    /// Commits are debug lines.
+    quiet: bool,
     staging: Option<Staging>,
     inflight: Option<Task<Result<Committed>>>,
     /// The thread that copies a background save to host memory, kept across saves.
@@ -141,15 +142,17 @@ pub(crate) struct Saver {
 }
 
 impl Saver {
-    /// A saver for this rank, writing run records through `records` (none for the memory tier);
-    /// with other ranks it opens its own store connection, its keys under `channel`.
+    /// A saver for this rank, writing run records through `records`; with other ranks it opens its
+    /// own store connection, its keys under `channel`. `quiet`: commits are debug lines (the memory
+    /// tier, which saves every step).
     pub(crate) fn new(
         manager: Arc<CheckpointManager>,
-        records: Option<RunRecords>,
+        records: RunRecords,
         ranks: &Ranks,
         handle: Handle,
         run_record: Bytes,
         channel: &'static str,
+        quiet: bool,
     ) -> Result<Self> {
         let peers: Box<dyn Peers + Send> = match ranks.group() {
             Some(g) => Box::new(SidePeers {
@@ -175,6 +178,7 @@ impl Saver {
             chain: None,
             run_record,
             reports: Vec::new(),
+            quiet,
         })
     }
 
@@ -380,10 +384,10 @@ impl Saver {
         job.run_record = self.run_record.clone();
         let manager = self.manager.clone();
         let handle = self.handle.clone();
-        let (records, peers) = (self.records.clone(), self.peers.clone());
+        let (records, peers, quiet) = (self.records.clone(), self.peers.clone(), self.quiet);
         self.inflight = Some(
             self.writer
-                .run(move || write(&manager, &records, &handle, &peers, job)),
+                .run(move || write(&manager, &records, quiet, &handle, &peers, job)),
         );
         Ok(())
     }
@@ -446,7 +450,8 @@ struct Committed {
 /// commit. Every rank returns the committed checkpoint or the save's error.
 fn write(
     manager: &CheckpointManager,
-    records: &Option<RunRecords>,
+    records: &RunRecords,
+    quiet: bool,
     handle: &Handle,
     peers: &Mutex<Box<dyn Peers + Send>>,
     job: Job,
@@ -456,7 +461,7 @@ fn write(
     let name = StepName::new(job.commit.step).to_string();
     let timing = job.timing;
     handle.block_on(async {
-        if let Some(records) = records.as_ref().filter(|_| rank == 0) {
+        if rank == 0 {
             records.write_metrics(job.metrics).await?;
         }
         let request = SaveRequest {
@@ -472,13 +477,13 @@ fn write(
             .await
             .with_context(|| format!("saving checkpoint {name} failed"))?;
         let secs = started.elapsed().as_secs_f64();
-        if let Some(records) = records.as_ref().filter(|_| rank == 0) {
+        if rank == 0 {
             records
                 .committed(job.status, &job.run_record, &manifest.name, secs)
                 .await?;
         }
-        // (The memory tier, which has no run records, commits every step: a debug line.)
-        if records.is_some() {
+        // (The memory tier commits every step: a debug line.)
+        if !quiet {
             tracing::info!(rank, checkpoint = %manifest.name, kinds = ?manifest.kinds, secs, "checkpoint committed");
         } else {
             tracing::debug!(rank, checkpoint = %manifest.name, secs, "memory-tier checkpoint committed");
@@ -593,11 +598,12 @@ mod tests {
         let ranks = Ranks::join(&env, std::time::Duration::from_secs(5), Device::Cpu).unwrap();
         let mut saver = Saver::new(
             Arc::new(manager),
-            Some(RunRecords::new(store, layout)),
+            RunRecords::new(store, layout),
             &ranks,
             rt.handle().clone(),
             Bytes::new(),
             "durable",
+            false,
         )
         .unwrap();
         let model = {

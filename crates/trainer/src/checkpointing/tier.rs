@@ -22,6 +22,8 @@ use waypoint_checkpoint::{CheckpointManager, ManagerOptions, RunLayout};
 use waypoint_config::CheckpointSection;
 use waypoint_storage::Store;
 
+use waypoint_observe::records::RunRecords;
+
 use crate::checkpointing::saver::{SaveOrder, Saver};
 use crate::collective::ranks::Ranks;
 
@@ -137,13 +139,15 @@ impl MemoryTier {
         if failed {
             return Ok(());
         }
+        let records = RunRecords::new(self.manager.store().clone(), self.manager.layout().clone());
         let saver = Saver::new(
             Arc::new(self.manager.clone()),
-            None,
+            records,
             ranks,
             handle.clone(),
             Bytes::new(),
             "memory",
+            true,
         );
         match saver {
             Ok(s) => self.saver = Some(s),

@@ -73,6 +73,13 @@ impl Session {
             .commit(self.step, run.data_consumed, run.ranks.world());
         let loop_state = self.loop_state(run, commit.epoch);
         let status = self.status_for(run.attempt);
+        // The metrics since the last durable checkpoint (the durable tier has the rest).
+        let durable_step = self
+            .last_checkpoint
+            .as_deref()
+            .and_then(|n| n.parse::<StepName>().ok())
+            .map_or(0, |s| s.step());
+        let metrics = records::lines_between(&run.metrics, durable_step, self.step);
         if let Some(tier) = run.memory.as_mut() {
             tier.save(SaveOrder {
                 model: &run.model,
@@ -83,7 +90,7 @@ impl Session {
                 promotable: false,
                 delta_ok: false,
                 status,
-                metrics: String::new(),
+                metrics,
                 background: true,
                 share: None,
                 loop_state,

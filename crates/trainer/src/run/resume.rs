@@ -399,7 +399,25 @@ impl Session {
             tracing::info!(checkpoint = %m.name, tier = tier_used.name(), step = m.step, data_consumed, "resumed");
         }
         let metrics = if main {
-            rt.block_on(records::metrics_until(&self.store, &self.layout, self.step))?
+            let mut metrics =
+                rt.block_on(records::metrics_until(&self.store, &self.layout, self.step))?;
+            // From the memory tier: the steps since the last durable save are in its own tail of
+            // the metrics.
+            if let (Tier::Memory, Some(t)) = (tier_used, &memory) {
+                match rt.block_on(records::metrics_until(
+                    t.manager.store(),
+                    &self.layout,
+                    self.step,
+                )) {
+                    Ok(tail) => metrics.push_str(&records::lines_between(
+                        &tail,
+                        records::last_step(&metrics),
+                        self.step,
+                    )),
+                    Err(e) => tracing::warn!("the memory tier's metrics could not be read: {e:#}"),
+                }
+            }
+            metrics
         } else {
             String::new()
         };
@@ -417,14 +435,12 @@ impl Session {
         }
         let saver = Saver::new(
             manager.clone(),
-            Some(
-                RunRecords::new(self.store.clone(), self.layout.clone())
-                    .watched(self.watch.clone()),
-            ),
+            RunRecords::new(self.store.clone(), self.layout.clone()).watched(self.watch.clone()),
             &ranks,
             rt.handle().clone(),
             Bytes::from(serde_json::to_vec_pretty(&run_record)?),
             "durable",
+            false,
         )?;
         let ctx = SaveContext {
             fingerprint: config_fp.clone(),
