@@ -335,6 +335,14 @@ impl Saver {
         self.join()
     }
 
+    /// Bytes of this rank's part of the resumable state (what one save of it writes).
+    pub(crate) fn share_bytes(&self, model: &Model, opt: &AdamW) -> u64 {
+        self.my_items(model, opt)
+            .iter()
+            .map(|i| byte_size(&i.tensor) as u64)
+            .sum()
+    }
+
     /// This rank's part of the resumable state: all of it alone; else the replicated tensors it
     /// owns (spread by size) and its own slices of sharded ones (empty slices left out).
     fn my_items(&self, model: &Model, opt: &AdamW) -> Vec<StateItem> {

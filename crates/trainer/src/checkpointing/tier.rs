@@ -57,15 +57,21 @@ pub(crate) struct MemoryTier {
     folder: PathBuf,
     every: u64,
     saver: Option<Saver>,
+    /// Whether the tier was found to have room for its checkpoints (before the first save).
+    room_checked: bool,
+    /// The ranks of this node (they share the tier).
+    node_ranks: u64,
 }
 
 impl MemoryTier {
-    /// Opens (creating) this run's folder in the tier at `section.memory_tier_dir`; `None`, with the
-    /// reason logged, when it cannot be used (missing, read-only, full).
+    /// Opens (creating) this run's folder in the tier at `section.memory_tier_dir`, shared by the
+    /// node's `node_ranks` ranks; `None`, with the reason logged, when it cannot be used (missing,
+    /// read-only, full).
     pub(crate) fn open(
         section: &CheckpointSection,
         layout: &RunLayout,
         run_uri: &str,
+        node_ranks: u64,
     ) -> Option<Self> {
         let folder = run_folder(
             Path::new(&section.memory_tier_dir),
@@ -78,6 +84,8 @@ impl MemoryTier {
                 folder,
                 every: section.memory_save_steps,
                 saver: None,
+                room_checked: false,
+                node_ranks,
             }),
             Err(e) => {
                 tracing::warn!(
@@ -167,6 +175,36 @@ impl MemoryTier {
         self.saver.is_some() && self.every > 0 && step % self.every == 0 && step < total
     }
 
+    /// Before the first save: whether the tier's filesystem has room for the checkpoints it keeps
+    /// and the one being written (`KEEP + 1` of the node's state: this rank's share, `rank_bytes`,
+    /// times the node's ranks); when not, the tier is off with the figures and what to do. Every
+    /// rank decides alike (a tmpfs counts against the node's RAM: it must not fill it).
+    pub(crate) fn check_room(&mut self, rank_bytes: u64, ranks: &Ranks) -> Result<()> {
+        if self.room_checked || self.saver.is_none() {
+            return Ok(());
+        }
+        self.room_checked = true;
+        let need = rank_bytes * self.node_ranks.max(1) * (KEEP as u64 + 1);
+        let free = free_bytes(&self.folder);
+        let short = free.is_some_and(|free| free < need);
+        if ranks.any("memory-tier-room", short)? {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            tracing::warn!(
+                folder = %self.folder.display(),
+                "the memory tier is off: it needs {:.2} GiB ({} checkpoints of the node's {:.2} GiB \
+                 state) and its filesystem has {:.2} GiB free; give the tmpfs more room (e.g. a \
+                 larger /dev/shm), point --memory_tier_dir elsewhere, or set --memory_save_steps 0. \
+                 Training goes on with the durable tier alone",
+                gib(need),
+                KEEP + 1,
+                gib(need / (KEEP as u64 + 1)),
+                gib(free.unwrap_or(0)),
+            );
+            self.saver = None;
+        }
+        Ok(())
+    }
+
     /// Saves in the background; a failure turns the tier off.
     pub(crate) fn save(&mut self, order: SaveOrder<'_>) {
         if let Some(Err(e)) = self.saver.as_mut().map(|s| s.save(order)) {
@@ -226,9 +264,31 @@ impl MemoryTier {
     }
 }
 
+/// Bytes free to an unprivileged writer in the filesystem holding `dir`, when it can be read.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: statvfs writes one `statvfs` into the zeroed buffer for a NUL-terminated path.
+    let code = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if code != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filesystems_free_bytes_are_read() {
+        let free = free_bytes(Path::new("/")).expect("statvfs of /");
+        assert!(free > 0);
+        assert!(free_bytes(Path::new("/no/such/folder")).is_none());
+    }
 
     #[test]
     fn each_run_has_a_folder_of_its_own() {

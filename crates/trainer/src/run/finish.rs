@@ -58,6 +58,7 @@ impl Session {
             return Ok(());
         };
         tier.check();
+        tier.check_room(run.saver.share_bytes(&run.model, &run.opt), &run.ranks)?;
         if !tier.due(self.step, self.total_steps) {
             return Ok(());
         }

@@ -67,7 +67,7 @@ impl Session {
                 }
                 None => {
                     let run_uri = self.layout.uri_under(&cfg.run.checkpoint_base_uri);
-                    MemoryTier::open(&section, &self.layout, &run_uri)
+                    MemoryTier::open(&section, &self.layout, &run_uri, env.local_world_size)
                 }
             };
         if ranks.any("memory-tier-open", memory.is_none())? {
