@@ -2,7 +2,7 @@
 //! save holds is [`crate::checkpointing::state`]'s).
 //!
 //! A save is copied to host memory, then written and committed on a thread of its own while
-//! training goes on; at most one is in flight, and a save copies nothing until the one before it is
+//! training goes on; at most one is in flight, and a save's copy starts once the one before it is
 //! written, so at most one save's host copy exists at a time (what the memory plan counts). The copy and write threads live as long as the saver
 //! ([`Worker`]), so memory stays flat over any number of saves. In the background mode the copy itself also runs on a
 //! thread. On a GPU with room for it, the state is first snapshotted on the device (a device-to-device
@@ -115,9 +115,8 @@ pub(crate) struct Saver {
     chain: Option<SamplerChain>,
     /// `config/run.json` as written at the start (rank 0).
     run_record: Bytes,
-    /// Seconds the last save waited for the one before it to be written (reported with the next
-    /// step's stall).
-    waited: Option<f64>,
+    /// Closed once the save in flight is written and its host copy freed.
+    written: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Saver {
@@ -152,7 +151,7 @@ impl Saver {
             committed: None,
             chain: None,
             run_record,
-            waited: None,
+            written: None,
         })
     }
 
@@ -173,13 +172,15 @@ impl Saver {
             background,
             share,
         } = order;
-        self.one_copy_at_a_time()?;
+        self.hand_over_staged()?;
         let items = if resumable {
             self.my_items(model, opt)
         } else {
             Vec::new()
         };
         let sampler = if promotable && (self.rank == 0 || share.is_some()) {
+            // Its weights are copied now: once the save in flight is written (one copy at a time).
+            self.join()?;
             let base = if delta_ok && model.lora.is_none() && share.is_none() {
                 // The base is decided by what is committed: wait for the save in flight.
                 self.join()?;
@@ -196,8 +197,17 @@ impl Saver {
                 Some(snapshot) => (snapshot, true),
                 None => (items, false),
             };
+            // At most one save's host copy at a time: this copy starts on the copy thread once the
+            // save in flight is written, while the loop goes on (the optimizer waits for it).
+            let written = self.written.take();
+            let copy = move || {
+                if let Some(written) = written {
+                    let _ = written.recv();
+                }
+                copy_to_host(&items)
+            };
             self.staging = Some(Staging {
-                copy: self.copier.run(move || copy_to_host(&items)),
+                copy: self.copier.run(copy),
                 from_snapshot,
                 commit,
                 status,
@@ -205,6 +215,8 @@ impl Saver {
             });
             return Ok(());
         }
+        // The save in flight is written (and its copy freed) before this one's copy is made.
+        self.join()?;
         let job = Job {
             commit,
             dcp: copy_to_host(&items)?,
@@ -222,31 +234,13 @@ impl Saver {
 
     /// Before the optimizer changes the weights: waits for a copy in progress and hands it to the
     /// writer. Returns the seconds this blocked, if a copy was pending.
-    /// The wait of the save before it for the previous one's write is counted here too.
     pub(crate) fn before_update(&mut self) -> Result<Option<f64>> {
-        let waited = self.waited.take();
         if self.staging.as_ref().is_none_or(|s| s.from_snapshot) {
-            return Ok(waited);
+            return Ok(None);
         }
         let started = Instant::now();
         self.hand_over_staged()?;
-        Ok(Some(
-            waited.unwrap_or(0.0) + started.elapsed().as_secs_f64(),
-        ))
-    }
-
-    /// Before a save copies anything: waits until the saves started before it are written, so that
-    /// at most one save's host copy exists at a time — what the memory plan counts. (A new copy
-    /// beside one still being written would hold the state twice over; writing slower than the
-    /// saves come would stall the loop at the next update anyway.)
-    fn one_copy_at_a_time(&mut self) -> Result<()> {
-        if self.staging.is_none() && self.inflight.is_none() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        self.wait()?;
-        self.waited = Some(self.waited.unwrap_or(0.0) + started.elapsed().as_secs_f64());
-        Ok(())
+        Ok(Some(started.elapsed().as_secs_f64()))
     }
 
     /// Fails if the save in flight has failed, and hands a finished copy from a snapshot to the
@@ -324,10 +318,14 @@ impl Saver {
         let manager = self.manager.clone();
         let handle = self.handle.clone();
         let (records, peers) = (self.records.clone(), self.peers.clone());
-        self.inflight = Some(
-            self.writer
-                .run(move || write(&manager, &records, &handle, &peers, job)),
-        );
+        let (done, written) = std::sync::mpsc::channel::<()>();
+        self.written = Some(written);
+        self.inflight = Some(self.writer.run(move || {
+            // `job` (the host copy) is dropped by the time `write` returns; then `done` closes.
+            let result = write(&manager, &records, &handle, &peers, job);
+            drop(done);
+            result
+        }));
         Ok(())
     }
 
