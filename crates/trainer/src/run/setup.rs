@@ -183,6 +183,21 @@ fn check_memory(
         sharded_weights: cfg.sharding() == Sharding::Full,
     };
     let plan = MemoryPlan::estimate(model, &inputs);
+    // Every rank's plan, in figures a program reads (the run's peak is logged beside it at the end).
+    let mb = |b: u64| b >> 20;
+    tracing::info!(
+        rank = env.rank,
+        plan_mb = mb(plan.total()),
+        parameters_mb = mb(plan.parameters),
+        gradients_mb = mb(plan.gradients),
+        optimizer_mb = mb(plan.optimizer),
+        activations_mb = mb(plan.activations),
+        weight_copies_mb = mb(plan.compute_copies),
+        checkpoint_copy_mb = mb(plan.checkpoint_copy),
+        step_buffers_mb = mb(plan.step_buffers),
+        runtime_mb = mb(plan.runtime),
+        "memory plan of this rank"
+    );
     let with_checkpointing = (!cfg.model.activation_checkpointing)
         .then(|| {
             MemoryPlan::estimate(
