@@ -1,4 +1,7 @@
 //! Sharded training state on CPU, one run of each, figure beside anchor:
+//! - the memory plan against the measured peak (`VmHWM`) of every rank, for sharding none,
+//!   optimizer and full at world 1, 2, 3, with a background save every 2 steps (target: peak ≤ plan
+//!   ≤ 1.15 × peak; a line whose plan is below its peak says FAILED, and the bench exits 1);
 //! - peak resident memory per rank with `--sharding full` at world 1, 2, 4 against the replicated
 //!   state divided by N (target: per-rank state ≤ 1.15 × replicated / N + one layer), where a rank's
 //!   state is its peak RSS less that of the same start on the built-in 2-layer model (libtorch, the
@@ -21,6 +24,8 @@ use std::process::Command;
 use support::{field, model_and_data, run_log};
 
 struct Run {
+    /// The memory plan each rank logged at its start, MiB.
+    plan_mb: Vec<f64>,
     /// Peak RSS of each rank over the training steps, MiB.
     training_peak_mb: Vec<f64>,
     /// Peak RSS of each rank over the whole run (the final save included), MiB.
@@ -78,9 +83,24 @@ fn train_batch(
     if let Some(m) = model {
         cmd.args(["--model_id", m.to_str().unwrap()]);
     }
-    let log = run_log(&mut cmd);
+    let mut log = run_log(&mut cmd);
+    // Ranks other than 0 log their figures to their own files.
+    for rank in 1..world {
+        let own = dir.join(format!(
+            "{run}/framework=waypoint/logs/ranks/rank-{rank:05}.log"
+        ));
+        log.push_str(&std::fs::read_to_string(&own).unwrap_or_default());
+    }
     let mut peak_mb = vec![0.0; world as usize];
     let mut training_peak_mb = vec![0.0; world as usize];
+    let mut plan_mb = vec![0.0; world as usize];
+    for l in log
+        .lines()
+        .filter(|l| l.contains("memory plan of this rank"))
+    {
+        let rank = field(l, "rank").unwrap_or(0.0) as usize;
+        plan_mb[rank] = field(l, "plan_mb").expect("plan_mb logged");
+    }
     for l in log.lines().filter(|l| l.contains("memory: peak resident")) {
         let rank = field(l, "rank").unwrap_or(0.0) as usize;
         peak_mb[rank] = field(l, "peak_rss_mb").expect("peak_rss_mb logged");
@@ -103,6 +123,7 @@ fn train_batch(
         .filter_map(|l| l["save_stall_s"].as_f64())
         .collect();
     Run {
+        plan_mb,
         training_peak_mb,
         peak_mb,
         save_stall_s: (!stalls.is_empty())
@@ -131,6 +152,44 @@ fn main() {
     let state_mb = mib(16 * params);
     // One part's whole weights and gradients (the largest: a layer or the embedding).
     let part_mb = mib(2 * 4 * layer_params.max(vocab * h));
+
+    // The plan against the peak, with a background save every 2 steps (the first written while the
+    // next steps run) and the final save.
+    let mut low = Vec::new();
+    for sharding in ["none", "optimizer", "full"] {
+        for world in [1u32, 2, 3] {
+            let r = train(
+                dir.path(),
+                Some(&model),
+                &data,
+                world,
+                &[
+                    "--sharding",
+                    sharding,
+                    "--save_steps",
+                    "2",
+                    "--keep_last",
+                    "1",
+                ],
+            );
+            for (rank, (&plan, &peak)) in r.plan_mb.iter().zip(&r.peak_mb).enumerate() {
+                let ratio = plan / peak;
+                let verdict = if plan < peak {
+                    low.push(format!("{sharding} at world {world}, rank {rank}"));
+                    "  FAILED: the plan is below the peak"
+                } else if ratio > 1.15 {
+                    "  (above 1.15x)"
+                } else {
+                    ""
+                };
+                println!(
+                    "memory plan, --sharding {sharding} at world {world}, rank {rank}: plan \
+                     {plan:.0} MiB, peak RSS {peak:.0} MiB = plan {ratio:.3}x of peak (target 1 to \
+                     1.15x){verdict}"
+                );
+            }
+        }
+    }
 
     let no_saves = ["--save_steps", "0", "--sync_save"];
     let floor_run = train(dir.path(), None, &data, 1, &no_saves);
@@ -236,4 +295,11 @@ fn main() {
         recomputed.tokens_per_s,
         plain.tokens_per_s
     );
+    if !low.is_empty() {
+        println!(
+            "FAILED: the memory plan is below the measured peak for {}",
+            low.join("; ")
+        );
+        std::process::exit(1);
+    }
 }

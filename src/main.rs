@@ -1,4 +1,5 @@
 //! The `waypoint` binary: the command line in this package's library ([`waypoint::cli`]).
 fn main() -> std::process::ExitCode {
+    waypoint_trainer::run::memory::settle_host_allocator();
     waypoint::cli::main()
 }

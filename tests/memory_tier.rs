@@ -23,17 +23,20 @@ fn flags(base: &str, run: &str, tier: &Path, save_steps: u32) -> Vec<String> {
     args.extend([
         "--memory_tier_dir".to_string(),
         tier.to_str().unwrap().to_string(),
+        "--memory_save_steps".to_string(),
+        "1".to_string(),
     ]);
     args
 }
 
 /// One process, followed until it logged step `step`, then SIGKILLed; the step it last logged.
-fn kill_after_step(args: &[String], step: u64) -> u64 {
+/// With `tier` (the tier's folder and the run), not before the tier committed a checkpoint.
+fn kill_after_step(args: &[String], step: u64, tier: Option<(&Path, &str)>) -> u64 {
     let mut child: Child = common::spawn_logged(common::waypoint().args(args));
     let mut last = 0;
     let (_, rest) = read_until(&mut child, |l| {
         last = logged_step(l).unwrap_or(last);
-        last >= step
+        last >= step && tier.is_none_or(|(dir, run)| has_tier_checkpoint(dir, run))
     });
     child.kill().unwrap();
     child.wait().unwrap();
@@ -57,6 +60,21 @@ fn tier_folder(tier: &Path) -> std::path::PathBuf {
         .collect();
     assert_eq!(runs.len(), 1, "{runs:?}");
     runs.pop().unwrap()
+}
+
+/// Whether the tier holds a committed checkpoint of `run` (its only run).
+fn has_tier_checkpoint(tier: &Path, run: &str) -> bool {
+    let Some(Ok(folder)) = std::fs::read_dir(tier).ok().and_then(|mut d| d.next()) else {
+        return false;
+    };
+    let dir = folder
+        .path()
+        .join(run)
+        .join("framework=waypoint/checkpoints");
+    std::fs::read_dir(dir).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().ends_with(".json"))
+    })
 }
 
 /// The tier's committed steps, newest first.
@@ -184,7 +202,7 @@ async fn a_damaged_or_wiped_memory_tier_falls_back_tier_by_tier() {
     // Damaged: one byte of the newest tier checkpoint's state flipped; no durable checkpoint
     // before the end, so the tier is what resumes.
     let args = flags(base, "damaged", &tier, 1000);
-    let killed = kill_after_step(&args, 13);
+    let killed = kill_after_step(&args, 13, Some((&tier, "damaged")));
     let steps = tier_steps(&tier, "damaged");
     assert!(
         !steps.is_empty(),
@@ -223,7 +241,7 @@ async fn a_damaged_or_wiped_memory_tier_falls_back_tier_by_tier() {
 
     // Wiped: the durable tier (saved every 5 steps) resumes.
     let args = flags(base, "wiped", &tier, 5);
-    let killed = kill_after_step(&args, 13);
+    let killed = kill_after_step(&args, 13, None);
     std::fs::remove_dir_all(&tier).unwrap();
     let out = common::waypoint().args(&args).output().unwrap();
     common::train_log(&out);
@@ -260,7 +278,7 @@ fn an_unusable_memory_tier_is_named_and_training_goes_on() {
 
     let tier = dir.path().join("shm");
     let mut args = flags(base, "off", &tier, 10);
-    args.extend(["--memory_save_steps".to_string(), "0".to_string()]);
+    set_flag(&mut args, "--memory_save_steps", "0");
     common::train_log(&common::waypoint().args(&args).output().unwrap());
     assert!(!tier.exists(), "--memory_save_steps 0 writes no tier");
 }

@@ -103,3 +103,128 @@ fn a_plan_that_does_not_fit_is_refused_before_any_work() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("memory plan: "), "{stderr}");
 }
+
+/// The memory plan never under-estimates: for sharding none, optimizer and full at 1 and 2 ranks,
+/// with a background save during training (and the final save), every rank's peak resident set —
+/// the kernel's high-water mark (`VmHWM`), read by this test from `/proc` while the rank runs and
+/// reported by the rank itself as it finishes — is at most the plan the rank logged at its start,
+/// and the plan at most 1.15 × that peak. The model (a random Llama, ~12 M weights: 46 MiB fp32) is
+/// big enough that its state, the save's host copy and the step's buffers are about half the peak,
+/// the rest being libtorch and the process.
+#[test]
+fn the_memory_plan_bounds_the_measured_peak_from_above_within_15_percent() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    common::root_python_script(
+        "hf_models.py",
+        &[
+            "make",
+            model.to_str().unwrap(),
+            "llama",
+            "--hidden",
+            "512",
+            "--inter",
+            "1408",
+            "--layers",
+            "4",
+        ],
+    );
+    let data = dir.path().join("data.jsonl");
+    let rows: Vec<String> = (0..200)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"row {i}: the trainer writes the weights, the optimizer state and \
+                 the data position; a checkpoint is real once its manifest exists.\"}}"
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let mut lines = Vec::new();
+    let mut failures = Vec::new();
+    for sharding in ["none", "optimizer", "full"] {
+        for world in [1u32, 2] {
+            let run = format!("{sharding}-{world}");
+            let base = dir.path().join("runs");
+            let mut worker: Vec<String> = common::runs::train_args(
+                "cpu",
+                1,
+                &[
+                    "--model_id",
+                    model.to_str().unwrap(),
+                    "--dataset_uri",
+                    data.to_str().unwrap(),
+                    "--sharding",
+                    sharding,
+                    "--batch_size",
+                    "2",
+                    "--max_seq_len",
+                    "128",
+                    "--max_steps",
+                    "3",
+                    // A background save at step 2, written while step 3 runs.
+                    "--save_steps",
+                    "2",
+                    "--dist_timeout_secs",
+                    "120",
+                ],
+                &run,
+                base.to_str().unwrap(),
+            );
+            let mut cmd = waypoint();
+            if world > 1 {
+                let mut args = common::runs::launch_flags(world, &["--"]);
+                args.push(env!("CARGO_BIN_EXE_waypoint").to_string());
+                args.append(&mut worker);
+                worker = args;
+            }
+            let child = cmd
+                .args(&worker)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let (mut log, polled) = common::memory::follow_peaks(child, world);
+            // Ranks other than 0 log their figures to their own files.
+            for rank in 1..world {
+                let own = base.join(format!(
+                    "{run}/framework=waypoint/logs/ranks/rank-{rank:05}.log"
+                ));
+                log.push_str(&std::fs::read_to_string(&own).unwrap_or_default());
+            }
+            for rank in 0..world {
+                let plan =
+                    common::memory::logged_mb(&log, "memory plan of this rank", rank, "plan_mb")
+                        .unwrap_or_else(|| panic!("{run}: no plan of rank {rank} in\n{log}"));
+                let reported =
+                    common::memory::logged_mb(&log, "memory: peak resident", rank, "peak_rss_mb")
+                        .unwrap_or_else(|| panic!("{run}: no peak of rank {rank} in\n{log}"));
+                let seen = polled.get(&rank).copied().unwrap_or(0);
+                // The rank's own figure is the kernel's: what this test saw of it cannot exceed it
+                // (but for the MiB it rounds down, and what the process pages in as it exits).
+                assert!(
+                    seen <= reported + 64,
+                    "{run} rank {rank}: /proc said {seen} MiB, the rank {reported} MiB"
+                );
+                let peak = seen.max(reported);
+                let ratio = plan as f64 / peak as f64;
+                let line = format!(
+                    "--sharding {sharding} at world {world}, rank {rank}: plan {plan} MiB, peak {peak} \
+                     MiB ({seen} seen in /proc, {reported} reported), plan/peak {ratio:.3}"
+                );
+                if !(plan >= peak && ratio <= 1.15) {
+                    failures.push(line.clone());
+                }
+                lines.push(line);
+            }
+        }
+    }
+    eprintln!("{}", lines.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "the plan must be at or above the peak and within 15% of it:\n{}",
+        failures.join("\n")
+    );
+    eprintln!("took {:.0?}", started.elapsed());
+}

@@ -2,6 +2,7 @@
 //! `waypoint-testkit`.
 #![allow(dead_code)]
 
+pub(crate) mod memory;
 pub(crate) mod runs;
 
 use std::path::Path;

@@ -253,7 +253,7 @@ impl Default for CheckpointFlags {
             sampler_save_steps: 0,
             sampler_base_every: 8,
             sync_save: false,
-            memory_save_steps: 1,
+            memory_save_steps: 0,
             memory_tier_dir: String::new(),
             sampler_dtype: "bf16".into(),
             output_model_id: String::new(),

@@ -39,6 +39,9 @@ pub struct PlanInputs {
     pub sharded_optimizer: bool,
     /// Weights, gradients and AdamW's state sharded (`--sharding full`; implies recomputation).
     pub sharded_weights: bool,
+    /// The node's memory tier saves too (`--memory_save_steps` > 0 on one node): a second saver,
+    /// with a host copy of its own.
+    pub memory_tier: bool,
 }
 
 /// Bytes one rank will hold while training, by kind.
@@ -55,10 +58,20 @@ pub struct MemoryPlan {
     /// bf16 copies of the weights made for the matmuls (CUDA), or the whole weights (and their
     /// gradients) of the part running on gathered weights (`--sharding full`).
     pub compute_copies: u64,
-    /// This rank's share of a checkpoint's host copy (host memory: counted on CPU only).
+    /// This rank's share of a checkpoint's host copy (host memory: counted on CPU only). One copy
+    /// per saver (the durable tier's, the memory tier's): a save copies nothing until the one
+    /// before it is written.
     pub checkpoint_copy: u64,
-    /// libtorch and the process itself.
+    /// The step's passing buffers over the gradients: with other ranks (weights not sharded), the
+    /// gradients flattened into one buffer, its sum and the ring's receive buffer; alone, the
+    /// clipping's and AdamW's temporaries.
+    pub step_buffers: u64,
+    /// libtorch and the process itself while training (its code and data paged in, the tokenizer,
+    /// the data's pages, the threads), measured.
     pub runtime: u64,
+    /// What the runtime grows by at exit, when libtorch's static destructors page its code back in
+    /// (the state is freed by then, so this is a floor under the total, not a term of it).
+    pub teardown: u64,
 }
 
 const F32: u64 = 4;
@@ -69,7 +82,9 @@ impl MemoryPlan {
     /// The estimate for `model` under `inputs`. Activations count what autograd keeps per token of
     /// a decoder layer (the residual stream, the norms' outputs, q/k/v and their rotated copies, the
     /// attention output, the MLP's four intermediate products) plus the logits' three vocabulary-wide
-    /// buffers of the loss and its gradient; measured on CPU it is within ~15% above the real peak.
+    /// buffers of the loss and its gradient. Measured on CPU (peak resident set, `VmHWM`, with
+    /// background saves, sharding none/optimizer/full at 1-3 ranks) the plan is at or above the peak
+    /// and within 15% of it — see the `sharding` bench and `tests/train_memory.rs`.
     pub fn estimate(model: &ModelConfig, inputs: &PlanInputs) -> Self {
         let c = model;
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
@@ -112,9 +127,11 @@ impl MemoryPlan {
             // One part's whole weights gathered at a time (the projections in bf16 on CUDA; the
             // collective's buffer and the tensors cut from it live together for a moment) and,
             // when they are trained, their whole gradients: on CPU staged into one fp32 buffer as
-            // they go; on CUDA bf16, copied into one padded fp32 buffer for NCCL.
+            // they go; on CUDA bf16, copied into one padded fp32 buffer for NCCL. Two parts' worth:
+            // the next part's gather and the last one's gradients are still held while one runs
+            // (measured on CPU: 1.9-2x one part's weights and gradients).
             let part = per_layer_weights.max(vocab * h);
-            match (lora, inputs.cuda) {
+            2 * match (lora, inputs.cuda) {
                 (true, true) => 2 * BF16 * part,
                 (true, false) => 2 * F32 * part,
                 (false, true) => (BF16 + 2 * F32) * part,
@@ -145,10 +162,29 @@ impl MemoryPlan {
         } else {
             1
         };
+        // This rank's share of the weights and AdamW's two moments, copied to host memory while the
+        // next steps run; one save's at a time (the saver waits for the previous write first). The
+        // memory tier's saver adds its own copy and its writes' buffers: measured at 1.7 copies on
+        // one CPU rank (12M weights), counted as 2.
+        let savers = if inputs.memory_tier { 3 } else { 1 };
         let checkpoint_copy = if inputs.cuda {
             0
         } else {
-            3 * F32 * trained / inputs.world_size.max(1)
+            (savers * 3 * F32).saturating_mul(trained) / inputs.world_size.max(1)
+        };
+        // The gradients' sum over the ranks (replicated weights) flattens them into one buffer,
+        // sums it into another and receives into a third: three sets of gradients while the step's
+        // other buffers are gone. Alone, the clipping's and AdamW's temporaries: measured on CPU at
+        // 0.65-0.8x the gradients (their size, their squares, the update's denominator). With
+        // sharded weights the gradients are summed part by part (see the weight copies) and AdamW
+        // runs over this rank's rows: a quarter of them, measured within the two parts' slack.
+        let trained_grads = F32.saturating_mul(trained);
+        let step_buffers = if inputs.sharded_weights {
+            trained_grads / 4 / inputs.world_size.max(1)
+        } else if inputs.world_size > 1 {
+            3 * trained_grads
+        } else {
+            trained_grads / 4 * 3
         };
         // Under LoRA on CUDA the frozen base is held in bf16; sharded, the base is cut over the
         // ranks and the adapters (and their gradients) stay whole.
@@ -171,11 +207,20 @@ impl MemoryPlan {
             activations,
             compute_copies,
             checkpoint_copy,
-            runtime: if inputs.cuda { 1024 * MIB } else { 512 * MIB },
+            step_buffers,
+            // CUDA: the context and the kernels' workspace on the device. CPU: measured as what a
+            // run's peak resident set holds beyond the other terms: 410-415 MiB for the built-in
+            // tiny model (whose state is a few MiB) in a release build, ~435 MiB in a debug one
+            // (a bigger binary paged in), 1 to 3 ranks, with saves; and 460-520 MiB for random
+            // Llamas of 12-47 M weights (the buffers' slack grows with the model). 490 MiB.
+            runtime: if inputs.cuda { 1024 * MIB } else { 490 * MIB },
+            // CPU: the tiny model's runs peak at 520-536 MiB as the process exits.
+            teardown: if inputs.cuda { 0 } else { 70 * MIB },
         }
     }
 
-    /// Everything, in bytes.
+    /// Everything, in bytes: the sum of what is held while training, or the runtime at exit if
+    /// that is more (a small model's).
     pub fn total(&self) -> u64 {
         [
             self.parameters,
@@ -184,10 +229,12 @@ impl MemoryPlan {
             self.activations,
             self.compute_copies,
             self.checkpoint_copy,
+            self.step_buffers,
             self.runtime,
         ]
         .iter()
         .fold(0u64, |a, b| a.saturating_add(*b))
+        .max(self.runtime.saturating_add(self.teardown))
     }
 }
 
@@ -207,6 +254,9 @@ impl fmt::Display for MemoryPlan {
         }
         if self.checkpoint_copy > 0 {
             write!(f, ", checkpoint host copy {}", gib(self.checkpoint_copy))?;
+        }
+        if self.step_buffers > 0 {
+            write!(f, ", step buffers {}", gib(self.step_buffers))?;
         }
         write!(f, ", runtime {}", gib(self.runtime))
     }
@@ -288,7 +338,9 @@ pub fn judge(
         );
     }
     advice.push(
-        "or pass --memory_check warn to start anyway (the estimate is conservative by ~15%)".into(),
+        "or pass --memory_check warn to start anyway (the plan is at or above the measured peak, \
+             by under 15%)"
+            .into(),
     );
     Err(format!(
         "the memory plan does not fit: {plan}, but only {} is {source}. To fit: {}",
@@ -297,8 +349,33 @@ pub fn judge(
     ))
 }
 
-/// The most resident memory this process has held so far (`getrusage`'s `ru_maxrss`), in bytes.
+/// The host allocator's policy for buffers of 4 MiB or more — a weight, its gradient or AdamW state,
+/// a gathered part, a save's host copy: each is mapped on its own and handed back to the system
+/// when freed. glibc's default raises its mmap threshold (up to 32 MiB) each time such a buffer is
+/// freed, after which buffers below it come from the allocating thread's arena and stay there when
+/// freed: the training threads, the collective's and the save's threads would each keep their own
+/// dead copies, and the process would grow past what it holds by an amount that depends on timing
+/// (measured: 5-10% of the peak with sharded weights), which no plan can count. Call once, first
+/// thing in `main`; nothing elsewhere than glibc.
+pub fn settle_host_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt sets a parameter of glibc's allocator; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
+/// The most resident memory this process has held so far, in bytes: the kernel's high-water mark
+/// of its resident set (`VmHWM` in `/proc/self/status`), or `getrusage`'s `ru_maxrss` where there
+/// is no `/proc`.
 pub fn peak_rss() -> Option<u64> {
+    if let Some(kb) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .as_deref()
+        .and_then(vm_hwm_kb)
+    {
+        return Some(kb * 1024);
+    }
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage writes one `rusage` into the zeroed buffer it is given.
     let code = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
@@ -309,6 +386,15 @@ pub fn peak_rss() -> Option<u64> {
     let usage = unsafe { usage.assume_init() };
     // Linux reports kilobytes.
     u64::try_from(usage.ru_maxrss).ok().map(|kb| kb * 1024)
+}
+
+/// The `VmHWM:` line of a `/proc/<pid>/status`, in kB.
+pub fn vm_hwm_kb(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
 }
 
 fn sat(x: u128) -> u64 {
@@ -338,6 +424,7 @@ mod tests {
             activation_checkpointing: false,
             sharded_optimizer: false,
             sharded_weights: false,
+            memory_tier: false,
         }
     }
 
@@ -433,8 +520,8 @@ mod tests {
         );
         let n = c.parameter_count() as u64;
         assert_eq!(full.parameters + full.gradients + full.optimizer, 2 * n);
-        // One part's whole weights and gradients (here the 151936 × 4096 embedding, fp32).
-        assert_eq!(full.compute_copies, 2 * 4 * 151_936 * 4096);
+        // Two parts' whole weights and gradients (here the 151936 × 4096 embedding, fp32).
+        assert_eq!(full.compute_copies, 2 * 2 * 4 * 151_936 * 4096);
     }
 
     #[test]

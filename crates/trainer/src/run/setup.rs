@@ -181,8 +181,25 @@ fn check_memory(
         activation_checkpointing: cfg.model.activation_checkpointing,
         sharded_optimizer: cfg.sharding() == Sharding::Optimizer,
         sharded_weights: cfg.sharding() == Sharding::Full,
+        memory_tier: cfg.checkpointing.memory_save_steps > 0
+            && env.world_size == env.local_world_size,
     };
     let plan = MemoryPlan::estimate(model, &inputs);
+    // Every rank's plan, in figures a program reads (the run's peak is logged beside it at the end).
+    let mb = |b: u64| b >> 20;
+    tracing::info!(
+        rank = env.rank,
+        plan_mb = mb(plan.total()),
+        parameters_mb = mb(plan.parameters),
+        gradients_mb = mb(plan.gradients),
+        optimizer_mb = mb(plan.optimizer),
+        activations_mb = mb(plan.activations),
+        weight_copies_mb = mb(plan.compute_copies),
+        checkpoint_copy_mb = mb(plan.checkpoint_copy),
+        step_buffers_mb = mb(plan.step_buffers),
+        runtime_mb = mb(plan.runtime),
+        "memory plan of this rank"
+    );
     let with_checkpointing = (!cfg.model.activation_checkpointing)
         .then(|| {
             MemoryPlan::estimate(
