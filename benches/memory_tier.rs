@@ -123,21 +123,29 @@ fn mean_step_secs(log: &str) -> f64 {
     (later.last().unwrap() - later.first().unwrap()) / (later.len().max(2) - 1) as f64
 }
 
-/// Starts a run, SIGKILLs it once it logged step `kill_after`; the step it last logged.
-fn kill_after(cmd: &mut Command, kill_after: u64) -> u64 {
+/// Starts a run, SIGKILLs it once the durable tier committed step `durable` and (with `memory`)
+/// the memory tier a later one; the step it last logged.
+fn kill_after(cmd: &mut Command, durable: u64, memory: bool) -> u64 {
     let mut child = cmd
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut last = 0;
+    let (mut last, mut durable_done, mut memory_done) = (0, false, !memory);
+    let durable_name = format!("checkpoint=step-{durable:06}");
     for line in BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
         if let Some(s) = logged_step(&line) {
             last = s;
-            if s >= kill_after {
-                break;
-            }
+        }
+        durable_done |=
+            line.contains("checkpoint committed rank=0") && line.contains(&durable_name);
+        if durable_done && line.contains("memory-tier checkpoint committed rank=0") {
+            memory_done |=
+                number_after(&line, "checkpoint=step-").is_some_and(|s| s as u64 > durable);
+        }
+        if durable_done && memory_done && last > durable {
+            break;
         }
     }
     child.kill().unwrap();
@@ -253,7 +261,8 @@ fn main() {
         tier_gbs / raw_gbs
     );
 
-    // Recovery: killed after step 7 (durable saves every 4 steps), restarted from each tier.
+    // Recovery: killed once the durable tier committed step 4 (and, for the memory tier's figure,
+    // the tier a later step), restarted from each tier.
     let s3_base = format!("s3://{BUCKET}/bench");
     let mut figures = Vec::new();
     for (name, base, wipe) in [
@@ -265,7 +274,7 @@ fn main() {
             name.split([' ', ',']).next().unwrap().to_string() + if wipe { "-d" } else { "" };
         let run_id = format!("{run_id}-{}", figures.len());
         let args = bench.args(base, &run_id, 40, 4, 1);
-        let killed = kill_after(&mut bench.command(&args), 7);
+        let killed = kill_after(&mut bench.command(&args), 4, !wipe);
         if wipe {
             std::fs::remove_dir_all(tier_dir.path()).unwrap();
             std::fs::create_dir_all(tier_dir.path()).unwrap();
