@@ -179,6 +179,16 @@ struct TrainArgs {
     #[arg(long = "sync_save")]
     #[serde(skip_serializing_if = "is_false")]
     sync_save: bool,
+    /// Save the resumable state to the node's memory tier every N steps, so a crash costs at most
+    /// N steps (0: off; one node only) [default: 0].
+    #[arg(long = "memory_save_steps")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_save_steps: Option<u64>,
+    /// Where the node's memory tier lives (a tmpfs that outlives the worker) [default:
+    /// /dev/shm/waypoint].
+    #[arg(long = "memory_tier_dir")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_tier_dir: Option<String>,
     /// dtype of the promotable weights: bf16, fp16, fp32 [default: bf16].
     #[arg(long = "sampler_dtype")]
     #[serde(skip_serializing_if = "Option::is_none")]

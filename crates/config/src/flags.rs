@@ -225,6 +225,11 @@ pub struct CheckpointFlags {
     pub sampler_base_every: u64,
     /// Save synchronously (the training loop waits for each upload).
     pub sync_save: bool,
+    /// Save the resumable state to the node's memory tier every this many steps (0: off).
+    pub memory_save_steps: u64,
+    /// The folder of the node's memory tier (empty: `/dev/shm/waypoint`); each run has its own
+    /// folder inside.
+    pub memory_tier_dir: String,
     /// dtype of the promotable weights: `bf16`, `fp16` or `fp32`.
     pub sampler_dtype: String,
     /// Promote the final checkpoint to `models/<output_model_id>/`.
@@ -248,6 +253,8 @@ impl Default for CheckpointFlags {
             sampler_save_steps: 0,
             sampler_base_every: 8,
             sync_save: false,
+            memory_save_steps: 0,
+            memory_tier_dir: String::new(),
             sampler_dtype: "bf16".into(),
             output_model_id: String::new(),
             init_from_checkpoint: String::new(),

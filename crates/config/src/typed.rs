@@ -16,6 +16,12 @@ impl TrainConfig {
             sampler_save_steps: self.checkpointing.sampler_save_steps,
             sampler_base_every: self.checkpointing.sampler_base_every,
             background: !self.checkpointing.sync_save,
+            memory_save_steps: self.checkpointing.memory_save_steps,
+            memory_tier_dir: if self.checkpointing.memory_tier_dir.is_empty() {
+                DEFAULT_MEMORY_TIER_DIR.to_string()
+            } else {
+                self.checkpointing.memory_tier_dir.clone()
+            },
             sampler_dtype: SamplerDtype::parse(&self.checkpointing.sampler_dtype)
                 .unwrap_or(SamplerDtype::Bf16),
             output_model_id: some(&self.checkpointing.output_model_id),
@@ -55,6 +61,10 @@ impl TrainConfig {
     }
 }
 
+/// Where the memory tier lives unless `--memory_tier_dir` says: a tmpfs, which outlives the worker
+/// process (and a restarted container of the same pod).
+pub const DEFAULT_MEMORY_TIER_DIR: &str = "/dev/shm/waypoint";
+
 /// The checkpoint section of the configuration (see [`TrainConfig::checkpoint`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointSection {
@@ -68,6 +78,10 @@ pub struct CheckpointSection {
     pub sampler_base_every: u64,
     /// Saves run behind training (`--sync_save` makes the loop wait).
     pub background: bool,
+    /// A memory-tier save every this many steps (0: none).
+    pub memory_save_steps: u64,
+    /// The node's memory tier (each run in a folder of its own inside).
+    pub memory_tier_dir: String,
     /// The dtype of the promotable weights.
     pub sampler_dtype: SamplerDtype,
     /// Promote the final checkpoint to `models/<id>/`.

@@ -40,8 +40,20 @@ pub struct Status {
     pub error: Option<String>,
     /// This start's attempt number.
     pub attempt: Option<u64>,
+    /// The checkpoint this start resumed from, and its tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<ResumedFrom>,
     /// When this was written (ms since the Unix epoch).
     pub updated_unix_ms: u64,
+}
+
+/// Where a start resumed from (`status.json`'s `resumed_from`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumedFrom {
+    /// `step-XXXXXX`.
+    pub checkpoint: String,
+    /// `memory` (the node's memory tier) or `durable`.
+    pub tier: String,
 }
 
 impl Status {
@@ -54,6 +66,7 @@ impl Status {
             checkpoint: None,
             error: None,
             attempt: None,
+            resumed_from: None,
             updated_unix_ms: now_ms(),
         }
     }
@@ -158,16 +171,30 @@ pub async fn metrics_until(store: &Store, layout: &RunLayout, step: u64) -> Resu
         Err(StorageError::NotFound { .. }) => return Ok(String::new()),
         Err(e) => return Err(e).context("reading logs/metrics.jsonl"),
     };
+    Ok(lines_between(&String::from_utf8_lossy(&bytes), 0, step))
+}
+
+/// The lines of a `metrics.jsonl` text whose step is in `after + 1 ..= until`.
+pub fn lines_between(metrics: &str, after: u64, until: u64) -> String {
     let mut out = String::new();
-    for line in String::from_utf8_lossy(&bytes).lines() {
+    for line in metrics.lines() {
         let keep = serde_json::from_str::<serde_json::Value>(line)
             .ok()
             .and_then(|v| v["step"].as_u64())
-            .is_some_and(|s| s <= step);
+            .is_some_and(|s| s > after && s <= until);
         if keep {
             out.push_str(line);
             out.push('\n');
         }
     }
-    Ok(out)
+    out
+}
+
+/// The last step of a `metrics.jsonl` text (0 when it has none).
+pub fn last_step(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .unwrap_or(0)
 }

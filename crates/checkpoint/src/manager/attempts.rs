@@ -30,11 +30,19 @@ impl CheckpointManager {
             {
                 Ok(()) => {
                     self.attempt = Some(next);
-                    tracing::info!(
-                        attempt = next,
-                        run = self.layout.run_id(),
-                        "attempt started"
-                    );
+                    if self.options.quiet {
+                        tracing::debug!(
+                            attempt = next,
+                            run = self.layout.run_id(),
+                            "attempt started"
+                        );
+                    } else {
+                        tracing::info!(
+                            attempt = next,
+                            run = self.layout.run_id(),
+                            "attempt started"
+                        );
+                    }
                     return Ok(next);
                 }
                 Err(StorageError::AlreadyExists { .. }) => next += 1,

@@ -60,6 +60,8 @@ pub struct ManagerOptions {
     pub parallel_files: usize,
     /// Check every file's sha256 while loading.
     pub verify_on_load: bool,
+    /// Log commits and retention at debug level, not info (a tier that saves every step).
+    pub quiet: bool,
 }
 
 impl Default for ManagerOptions {
@@ -70,6 +72,7 @@ impl Default for ManagerOptions {
             max_file_bytes: 512 << 20,
             parallel_files: 2,
             verify_on_load: true,
+            quiet: false,
         }
     }
 }

@@ -86,7 +86,11 @@ impl CheckpointManager {
             self.store
                 .delete_prefix(&self.layout.checkpoint_dir(step))
                 .await?;
-            tracing::info!(checkpoint = %step, "retention removed checkpoint");
+            if self.options.quiet {
+                tracing::debug!(checkpoint = %step, "retention removed checkpoint");
+            } else {
+                tracing::info!(checkpoint = %step, "retention removed checkpoint");
+            }
             removed.push(step);
         }
         Ok(removed)

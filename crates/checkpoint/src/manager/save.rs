@@ -78,7 +78,11 @@ impl CheckpointManager {
         }
         if world > 1 {
             let bytes: u64 = files.iter().map(|f| f.entry.bytes).sum();
-            tracing::info!(rank, checkpoint = %step, files = files.len(), bytes, "wrote this rank's share");
+            if self.options.quiet {
+                tracing::debug!(rank, checkpoint = %step, files = files.len(), bytes, "wrote this rank's share");
+            } else {
+                tracing::info!(rank, checkpoint = %step, files = files.len(), bytes, "wrote this rank's share");
+            }
         }
         let gather = format!("save/{step}/files");
         let lists = peers.all_gather(&gather, &encode("a save's file list", &files)?)?;

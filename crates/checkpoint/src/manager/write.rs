@@ -94,7 +94,11 @@ impl CheckpointManager {
             }
             Err(e) => return Err(e.into()),
         }
-        tracing::info!(checkpoint = %name, kinds = ?manifest.kinds, bytes = manifest.total_bytes(), "checkpoint committed");
+        if self.options.quiet {
+            tracing::debug!(checkpoint = %name, kinds = ?manifest.kinds, bytes = manifest.total_bytes(), "checkpoint committed");
+        } else {
+            tracing::info!(checkpoint = %name, kinds = ?manifest.kinds, bytes = manifest.total_bytes(), "checkpoint committed");
+        }
         Ok(manifest)
     }
 

@@ -122,8 +122,10 @@ pub(crate) struct Saver {
     world: u32,
     /// The other ranks of a save ([`SingleRank`] alone).
     peers: Arc<Mutex<Box<dyn Peers + Send>>>,
-    /// `status.json` and `logs/metrics.jsonl`.
+    /// `status.json` and `logs/metrics.jsonl` (the memory tier's own: its tail of the metrics).
     records: RunRecords,
+    /// Commits are debug lines.
+    quiet: bool,
     staging: Option<Staging>,
     inflight: Option<Task<Result<Committed>>>,
     /// The thread that copies a background save to host memory, kept across saves.
@@ -144,19 +146,23 @@ pub(crate) struct Saver {
 
 impl Saver {
     /// A saver for this rank, writing run records through `records`; with other ranks it opens its
-    /// own store connection.
+    /// own store connection, its keys under `channel`. `quiet`: commits are debug lines (the memory
+    /// tier, which saves every step).
     pub(crate) fn new(
         manager: Arc<CheckpointManager>,
         records: RunRecords,
         ranks: &Ranks,
         handle: Handle,
         run_record: Bytes,
+        channel: &'static str,
+        quiet: bool,
     ) -> Result<Self> {
         let peers: Box<dyn Peers + Send> = match ranks.group() {
             Some(g) => Box::new(SidePeers {
                 side: g.side_channel().context("opening the save channel")?,
                 rank: ranks.rank(),
                 world: ranks.world(),
+                channel,
             }),
             None => Box::new(SingleRank),
         };
@@ -175,6 +181,7 @@ impl Saver {
             chain: None,
             run_record,
             reports: Vec::new(),
+            quiet,
             written: None,
         })
     }
@@ -342,6 +349,14 @@ impl Saver {
         self.join()
     }
 
+    /// Bytes of this rank's part of the resumable state (what one save of it writes).
+    pub(crate) fn share_bytes(&self, model: &Model, opt: &AdamW) -> u64 {
+        self.my_items(model, opt)
+            .iter()
+            .map(|i| byte_size(&i.tensor) as u64)
+            .sum()
+    }
+
     /// This rank's part of the resumable state: all of it alone; else the replicated tensors it
     /// owns (spread by size) and its own slices of sharded ones (empty slices left out).
     fn my_items(&self, model: &Model, opt: &AdamW) -> Vec<StateItem> {
@@ -391,12 +406,12 @@ impl Saver {
         job.run_record = self.run_record.clone();
         let manager = self.manager.clone();
         let handle = self.handle.clone();
-        let (records, peers) = (self.records.clone(), self.peers.clone());
+        let (records, peers, quiet) = (self.records.clone(), self.peers.clone(), self.quiet);
         let (done, written) = std::sync::mpsc::channel::<()>();
         self.written = Some(written);
         self.inflight = Some(self.writer.run(move || {
             // `job` (the host copy) is dropped by the time `write` returns; then `done` closes.
-            let result = write(&manager, &records, &handle, &peers, job);
+            let result = write(&manager, &records, quiet, &handle, &peers, job);
             drop(done);
             result
         }));
@@ -464,6 +479,7 @@ struct Committed {
 fn write(
     manager: &CheckpointManager,
     records: &RunRecords,
+    quiet: bool,
     handle: &Handle,
     peers: &Mutex<Box<dyn Peers + Send>>,
     job: Job,
@@ -494,7 +510,12 @@ fn write(
                 .committed(job.status, &job.run_record, &manifest.name, secs)
                 .await?;
         }
-        tracing::info!(rank, checkpoint = %manifest.name, kinds = ?manifest.kinds, secs, "checkpoint committed");
+        // (The memory tier commits every step: a debug line.)
+        if !quiet {
+            tracing::info!(rank, checkpoint = %manifest.name, kinds = ?manifest.kinds, secs, "checkpoint committed");
+        } else {
+            tracing::debug!(rank, checkpoint = %manifest.name, secs, "memory-tier checkpoint committed");
+        }
         let sampler = match (manifest.sampler_files().next(), &manifest.delta_base) {
             (None, _) => None,
             (Some(_), Some(_)) => Some(SamplerWritten::Delta),
@@ -517,6 +538,8 @@ struct SidePeers {
     side: SideChannel,
     rank: u32,
     world: u32,
+    /// What this saver's keys are under (the durable and the memory tier save the same steps).
+    channel: &'static str,
 }
 
 impl Peers for SidePeers {
@@ -529,18 +552,21 @@ impl Peers for SidePeers {
     }
 
     fn barrier(&mut self, name: &str) -> waypoint_checkpoint::Result<()> {
-        self.side.barrier(name).map_err(|e| peers_error(name, e))
+        let key = format!("{}/{name}", self.channel);
+        self.side.barrier(&key).map_err(|e| peers_error(name, e))
     }
 
     fn all_gather(&mut self, name: &str, data: &[u8]) -> waypoint_checkpoint::Result<Vec<Vec<u8>>> {
+        let key = format!("{}/{name}", self.channel);
         self.side
-            .all_gather(name, data)
+            .all_gather(&key, data)
             .map_err(|e| peers_error(name, e))
     }
 
     fn broadcast(&mut self, name: &str, data: &[u8]) -> waypoint_checkpoint::Result<Vec<u8>> {
+        let key = format!("{}/{name}", self.channel);
         self.side
-            .broadcast(name, data)
+            .broadcast(&key, data)
             .map_err(|e| peers_error(name, e))
     }
 }
@@ -618,6 +644,8 @@ mod tests {
             &ranks,
             rt.handle().clone(),
             Bytes::new(),
+            "durable",
+            false,
         )
         .unwrap();
         let model = {

@@ -36,6 +36,70 @@ impl Session {
         self.save_parts(run, resumable, sampler, sampler, background)
     }
 
+    /// The loop state a PyTorch loop continues from, at the current step.
+    fn loop_state(&self, run: &Live, epoch: u64) -> LoopState {
+        LoopState {
+            step: self.step,
+            data_consumed: run.data_consumed,
+            epoch,
+            tokens_seen: run.data_consumed * self.config.data.max_seq_len,
+            base_lrs: vec![run.schedule.lr],
+            last_lrs: vec![run.schedule.lr_at(self.step)],
+            seed: self.config.run.seed,
+            next_step_seed: step_seed(self.config.run.seed, self.step),
+        }
+    }
+
+    /// Saves the resumable state of this step to the node's memory tier, in the background, when
+    /// it is due and every rank's tier is free (the ranks agree: a save is all ranks' or none's);
+    /// a tier still writing the previous one is skipped this step, never waited for.
+    pub(super) fn save_to_memory(&mut self, run: &mut Live) -> Result<()> {
+        let Some(tier) = run.memory.as_mut() else {
+            return Ok(());
+        };
+        tier.check();
+        tier.check_room(run.saver.share_bytes(&run.model, &run.opt), &run.ranks)?;
+        if !tier.due(self.step, self.total_steps) {
+            return Ok(());
+        }
+        if run.ranks.any("memory-tier-busy", tier.busy())? {
+            tracing::debug!(
+                step = self.step,
+                "the memory tier is still writing; not saved this step"
+            );
+            return Ok(());
+        }
+        let commit = run
+            .ctx
+            .commit(self.step, run.data_consumed, run.ranks.world());
+        let loop_state = self.loop_state(run, commit.epoch);
+        let status = self.status_for(run.attempt);
+        // The metrics since the last durable checkpoint (the durable tier has the rest).
+        let durable_step = self
+            .last_checkpoint
+            .as_deref()
+            .and_then(|n| n.parse::<StepName>().ok())
+            .map_or(0, |s| s.step());
+        let metrics = records::lines_between(&run.metrics, durable_step, self.step);
+        if let Some(tier) = run.memory.as_mut() {
+            tier.save(SaveOrder {
+                model: &run.model,
+                opt: &run.opt,
+                ctx: &run.ctx,
+                commit,
+                resumable: true,
+                promotable: false,
+                delta_ok: false,
+                status,
+                metrics,
+                background: true,
+                share: None,
+                loop_state,
+            });
+        }
+        Ok(())
+    }
+
     fn save_parts(
         &mut self,
         run: &mut Live,
@@ -57,16 +121,7 @@ impl Session {
         } else {
             None
         };
-        let loop_state = LoopState {
-            step: self.step,
-            data_consumed: run.data_consumed,
-            epoch: commit.epoch,
-            tokens_seen: run.data_consumed * self.config.data.max_seq_len,
-            base_lrs: vec![run.schedule.lr],
-            last_lrs: vec![run.schedule.lr_at(self.step)],
-            seed: self.config.run.seed,
-            next_step_seed: step_seed(self.config.run.seed, self.step),
-        };
+        let loop_state = self.loop_state(run, commit.epoch);
         run.saver.save(SaveOrder {
             model: &run.model,
             opt: &run.opt,
@@ -92,6 +147,11 @@ impl Session {
         // The final save: resumable and promotable. Already there when a finished run is restarted.
         let final_name = StepName::new(total).to_string();
         let training_peak = super::memory::peak_rss();
+        // The memory tier's last save ends before the final save, whose collectives then tell
+        // every rank that all of them are past it.
+        if let Some(tier) = run.memory.as_mut() {
+            tier.wait();
+        }
         if run.resumed_step.is_none_or(|s| s < total) {
             run.saver.wait()?;
             self.save(run, true, false)?;
@@ -111,6 +171,13 @@ impl Session {
             );
         }
         self.last_checkpoint = Some(final_name.clone());
+        // The run is durable to its end: nothing will resume from the memory tier (rank 0 removes
+        // the node's folder of the run; every rank is past its last memory save).
+        if let Some(tier) = run.memory.take() {
+            if main {
+                tier.remove();
+            }
+        }
         let mut promoted = None;
         if !main {
             return Ok(Outcome::Finished {
@@ -152,6 +219,7 @@ impl Session {
         let mut s = Status::new(JobState::Running, self.step, self.total_steps);
         s.attempt = Some(attempt);
         s.checkpoint = self.last_checkpoint.clone();
+        s.resumed_from = self.resumed_from.clone();
         s
     }
 
@@ -169,6 +237,9 @@ impl Session {
             step = self.step,
             "stop requested; saving the current step"
         );
+        if let Some(tier) = run.memory.as_mut() {
+            tier.wait();
+        }
         run.saver.wait()?;
         if run.saver.committed.is_some() {
             self.last_checkpoint = run.saver.committed.clone();

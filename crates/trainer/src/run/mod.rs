@@ -88,6 +88,7 @@ pub fn run(config: TrainConfig, stop: Arc<AtomicUsize>, rt: &Runtime) -> Result<
         step: 0,
         last_checkpoint: None,
         main: true,
+        resumed_from: None,
         watch: None,
         rank_log: None,
     };
@@ -133,6 +134,8 @@ struct Live {
     eval: Option<waypoint_data::Dataset>,
     manager: Arc<waypoint_checkpoint::CheckpointManager>,
     saver: crate::checkpointing::saver::Saver,
+    /// The node's memory tier, when this start has one.
+    memory: Option<crate::checkpointing::tier::MemoryTier>,
     ctx: crate::checkpointing::state::SaveContext,
     schedule: crate::optim::Schedule,
     /// `logs/metrics.jsonl` so far (rank 0).
@@ -177,6 +180,8 @@ struct Session {
     last_checkpoint: Option<String>,
     /// Rank 0 (or the only worker): it writes the run records.
     main: bool,
+    /// The checkpoint this start resumed from, and its tier (recorded in `status.json`).
+    resumed_from: Option<records::ResumedFrom>,
     /// Rank 0's `train.log`, TensorBoard events, plot and progress (see [`watch`]).
     watch: Option<Arc<watch::Watch>>,
     /// Another rank's whole log, `logs/ranks/rank-0000N.log` (its stderr has only its warnings).
@@ -238,6 +243,7 @@ impl Session {
                 self.save_periodic(&mut run, due == SaveDue::Periodic, sampler, background)?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());
             }
+            self.save_to_memory(&mut run)?;
         }
         progress.finish();
         self.finish(&mut run, rt)
@@ -281,7 +287,16 @@ impl Session {
             ranks: &mut run.ranks,
             recipe: run.recipe.as_ref(),
         };
-        let saver = &mut run.saver;
+        let (saver, memory) = (&mut run.saver, &mut run.memory);
+        // Both tiers' copies of the previous step end before the weights change.
+        let mut before_update = || {
+            let durable = saver.before_update()?;
+            let in_memory = memory.as_mut().and_then(|t| t.before_update());
+            Ok(match (durable, in_memory) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            })
+        };
         let done = train_step(
             parts,
             &micro,
@@ -289,7 +304,7 @@ impl Session {
             lr,
             settings,
             signal != 0,
-            &mut || saver.before_update(),
+            &mut before_update,
         )?;
         let Some(done) = done else {
             return Ok(None);

@@ -20,6 +20,7 @@ use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
 use crate::checkpointing::saver::Saver;
 use crate::checkpointing::state::SaveContext;
+use crate::checkpointing::tier::{self, MemoryTier};
 use crate::convert::from_blob;
 use crate::model::Model;
 use crate::optim::{AdamW, AdamWConfig, Schedule};
@@ -27,7 +28,7 @@ use crate::recipe::{Recipe, Sft};
 use crate::shard::{rows_of, Rows};
 use waypoint_config::Sharding;
 use waypoint_config::{changes, fingerprint, BATCH_SPLIT};
-use waypoint_observe::records::{self, JobState, RunRecords, Status};
+use waypoint_observe::records::{self, JobState, ResumedFrom, RunRecords, Status};
 
 impl Session {
     /// From the setup to a run ready to step: see the module documentation.
@@ -53,11 +54,32 @@ impl Session {
         let total = self.total_steps;
         let resume_fields = cfg.resume_fields(&model_fingerprint);
         let config_fp = fingerprint(&resume_fields);
-        // Rank 0 picks the checkpoint to resume from (sizes checked); every rank loads it, checking
-        // each blob's sha256 as it is read. A checkpoint any rank finds damaged is passed over (and
-        // set aside once this attempt owns the run) and the next older one tried.
+        // The node's memory tier, when this start has one: every rank opens it, and it is used only
+        // if every rank could.
+        let section = cfg.checkpoint();
+        let mut memory =
+            match tier::off_because(&section, (world / env.local_world_size.max(1)) as u32) {
+                Some(why) => {
+                    if main && section.memory_save_steps > 0 {
+                        tracing::info!("the memory tier is off: {why}");
+                    }
+                    None
+                }
+                None => {
+                    let run_uri = self.layout.uri_under(&cfg.run.checkpoint_base_uri);
+                    MemoryTier::open(&section, &self.layout, &run_uri, env.local_world_size)
+                }
+            };
+        if ranks.any("memory-tier-open", memory.is_none())? {
+            memory = None;
+        }
+        // Rank 0 picks the checkpoint to resume from — the newest step of either tier (sizes
+        // checked); every rank loads it, checking each blob's sha256 as it is read. A checkpoint any
+        // rank finds damaged is passed over (and set aside once this attempt owns the run) and the
+        // next older one tried, in either tier.
         let mut damaged: Vec<Skipped> = Vec::new();
-        let (latest, mut resume_blobs) = loop {
+        let mut damaged_in_memory: Vec<Skipped> = Vec::new();
+        let (latest, tier_used, mut resume_blobs) = loop {
             let mut pick = None;
             if main {
                 // What was found damaged already is neither examined nor reported again.
@@ -66,19 +88,43 @@ impl Session {
                     .block_on(manager.resume_candidate(false, &known))
                     .context("looking for the run's newest resumable checkpoint")?;
                 damaged.extend(skipped);
-                pick = found;
+                pick = found.map(|m| (m, Tier::Durable));
+                if let Some(t) = &memory {
+                    let known: Vec<_> = damaged_in_memory.iter().map(|d| d.step).collect();
+                    match rt.block_on(t.manager.resume_candidate(false, &known)) {
+                        Ok((found, skipped)) => {
+                            damaged_in_memory.extend(skipped);
+                            if let Some(m) = found.filter(|m| {
+                                pick.as_ref().is_none_or(|(d, _)| m.step > d.step)
+                            }) {
+                                pick = Some((m, Tier::Memory));
+                            }
+                        }
+                        Err(e) => tracing::warn!(
+                            "the memory tier could not be read ({e}); resuming from the durable tier"
+                        ),
+                    }
+                }
             }
-            let chosen = pick.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+            let chosen = pick
+                .as_ref()
+                .map(|(m, t)| format!("{}:{}", t.name(), m.name))
+                .unwrap_or_default();
             let chosen =
                 String::from_utf8_lossy(&ranks.broadcast("resume-from", chosen.as_bytes())?)
                     .to_string();
-            if chosen.is_empty() {
-                break (None, Vec::new());
-            }
+            let Some((tier_name, chosen)) = chosen.split_once(':') else {
+                break (None, Tier::Durable, Vec::new());
+            };
+            let (chosen, from) = (chosen.to_string(), Tier::parse(tier_name)?);
+            let source = match (from, &memory) {
+                (Tier::Memory, Some(t)) => &t.manager,
+                _ => &manager,
+            };
             let step: waypoint_checkpoint::StepName = chosen.parse()?;
             let m = match pick {
-                Some(m) => m,
-                None => rt.block_on(manager.manifest(step))?,
+                Some((m, _)) => m,
+                None => rt.block_on(source.manifest(step))?,
             };
             // Sharded state: the ranks check a share of the files each (agreeing on damage
             // before anything else is read), then every rank reads only its rows.
@@ -87,7 +133,7 @@ impl Session {
             if let Some(want) = &rows {
                 let (rank, world) = (ranks.rank() as usize, ranks.world() as usize);
                 let mine = move |i: usize| i % world == rank;
-                let problem = match rt.block_on(manager.verify_files(&m, "dcp/", &mine)) {
+                let problem = match rt.block_on(source.verify_files(&m, "dcp/", &mine)) {
                     Ok(()) => None,
                     Err(e) if e.is_damage() => Some(e.to_string()),
                     Err(e) => return Err(e).context(format!("checking checkpoint {chosen}")),
@@ -97,7 +143,7 @@ impl Session {
             }
             let loaded = rt.block_on(async {
                 let blobs = match &shared_check {
-                    None => manager.load_tensors(&m, "dcp/", &|_| true).await?,
+                    None => source.load_tensors(&m, "dcp/", &|_| true).await?,
                     Some((true, problem, _)) => {
                         return Err(CheckpointError::Damaged {
                             name: chosen.clone(),
@@ -107,7 +153,7 @@ impl Session {
                         })
                     }
                     Some((false, _, want)) => {
-                        manager
+                        source
                             .load_rows(&m, "dcp/", &|n| want.get(n).copied())
                             .await?
                     }
@@ -115,7 +161,7 @@ impl Session {
                 // A finished run resumes at its final checkpoint only to promote it: what it
                 // would deploy must be whole too, or the run is redone from the one before.
                 if main && m.step >= total && m.sampler_files().next().is_some() {
-                    manager.sampler_weight_files(&m).await?;
+                    source.sampler_weight_files(&m).await?;
                 }
                 Ok::<_, waypoint_checkpoint::CheckpointError>(blobs)
             });
@@ -124,12 +170,16 @@ impl Session {
                 Err(e) if e.is_damage() => (Vec::new(), Some(e.to_string())),
                 Err(e) => return Err(e).context(format!("loading checkpoint {chosen}")),
             };
-            if !ranks.any(&format!("resume-damaged/{chosen}"), problem.is_some())? {
-                break (Some(m), blobs);
+            let what = format!("resume-damaged/{}/{chosen}", from.name());
+            if !ranks.any(&what, problem.is_some())? {
+                break (Some(m), from, blobs);
             }
             let reason = problem.unwrap_or_else(|| "another rank found it damaged".into());
-            tracing::warn!(checkpoint = %chosen, "passing over a damaged checkpoint: {reason}");
-            damaged.push(Skipped { step, reason });
+            tracing::warn!(checkpoint = %chosen, tier = from.name(), "passing over a damaged checkpoint: {reason}");
+            match from {
+                Tier::Memory => damaged_in_memory.push(Skipped { step, reason }),
+                Tier::Durable => damaged.push(Skipped { step, reason }),
+            }
         };
         // Committed checkpoints newer than the one resumed that hold no resumable state would
         // block saving their step again: set aside too (the trainer writes none of its own).
@@ -254,6 +304,14 @@ impl Session {
                 })?;
         }
         let manager = Arc::new(manager);
+        if let Some(t) = memory.as_mut() {
+            t.start_saving(attempt, &ranks, rt.handle())?;
+            for skipped in damaged_in_memory.iter().filter(|_| main) {
+                if let Err(e) = rt.block_on(t.manager.set_aside(skipped.step, &skipped.reason)) {
+                    tracing::warn!(checkpoint = %skipped.step, "could not set a damaged memory-tier checkpoint aside: {e}");
+                }
+            }
+        }
         let history = if main {
             rt.block_on(run_history(&self.store, &self.layout))
         } else {
@@ -308,7 +366,11 @@ impl Session {
         };
         if let Some(m) = &latest {
             restore_state(m, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
-            let pos = rt.block_on(manager.data_position(m))?;
+            let source = match (tier_used, &memory) {
+                (Tier::Memory, Some(t)) => &t.manager,
+                _ => &manager,
+            };
+            let pos = rt.block_on(source.data_position(m))?;
             let remaining = (total.saturating_sub(m.step)).saturating_add(1);
             ensure!(
                 pos.data_consumed / train.len().max(1) as u64 == pos.epoch
@@ -325,11 +387,37 @@ impl Session {
             );
             self.step = m.step;
             data_consumed = pos.data_consumed;
-            self.last_checkpoint = Some(m.name.clone());
-            tracing::info!(checkpoint = %m.name, step = m.step, data_consumed, "resumed");
+            // `status.json`'s checkpoint is the newest durable one.
+            if tier_used == Tier::Durable {
+                self.last_checkpoint = Some(m.name.clone());
+            } else if main {
+                self.last_checkpoint = rt
+                    .block_on(manager.committed_steps())?
+                    .first()
+                    .map(|s| s.to_string());
+            }
+            tracing::info!(checkpoint = %m.name, tier = tier_used.name(), step = m.step, data_consumed, "resumed");
         }
         let metrics = if main {
-            rt.block_on(records::metrics_until(&self.store, &self.layout, self.step))?
+            let mut metrics =
+                rt.block_on(records::metrics_until(&self.store, &self.layout, self.step))?;
+            // From the memory tier: the steps since the last durable save are in its own tail of
+            // the metrics.
+            if let (Tier::Memory, Some(t)) = (tier_used, &memory) {
+                match rt.block_on(records::metrics_until(
+                    t.manager.store(),
+                    &self.layout,
+                    self.step,
+                )) {
+                    Ok(tail) => metrics.push_str(&records::lines_between(
+                        &tail,
+                        records::last_step(&metrics),
+                        self.step,
+                    )),
+                    Err(e) => tracing::warn!("the memory tier's metrics could not be read: {e:#}"),
+                }
+            }
+            metrics
         } else {
             String::new()
         };
@@ -351,6 +439,8 @@ impl Session {
             &ranks,
             rt.handle().clone(),
             Bytes::from(serde_json::to_vec_pretty(&run_record)?),
+            "durable",
+            false,
         )?;
         let ctx = SaveContext {
             fingerprint: config_fp.clone(),
@@ -364,6 +454,11 @@ impl Session {
         status.state = JobState::Running;
         status.step = self.step;
         status.checkpoint = self.last_checkpoint.clone();
+        self.resumed_from = latest.as_ref().map(|m| ResumedFrom {
+            checkpoint: m.name.clone(),
+            tier: tier_used.name().to_string(),
+        });
+        status.resumed_from = self.resumed_from.clone();
         if main {
             rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
         }
@@ -379,6 +474,7 @@ impl Session {
             eval,
             manager,
             saver,
+            memory,
             ctx,
             schedule,
             metrics,
@@ -636,4 +732,30 @@ fn host_name() -> String {
         .filter(|h| !h.is_empty())
         .or_else(sysinfo::System::host_name)
         .unwrap_or_default()
+}
+
+/// The tier a checkpoint is resumed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    /// The node's memory tier ([`MemoryTier`]).
+    Memory,
+    /// Object storage (or the local run folder): `--checkpoint_base_uri`.
+    Durable,
+}
+
+impl Tier {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Durable => "durable",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "memory" => Ok(Self::Memory),
+            "durable" => Ok(Self::Durable),
+            other => anyhow::bail!("rank 0 named an unknown checkpoint tier {other:?}"),
+        }
+    }
 }

@@ -181,6 +181,8 @@ fn check_memory(
         activation_checkpointing: cfg.model.activation_checkpointing,
         sharded_optimizer: cfg.sharding() == Sharding::Optimizer,
         sharded_weights: cfg.sharding() == Sharding::Full,
+        memory_tier: cfg.checkpointing.memory_save_steps > 0
+            && env.world_size == env.local_world_size,
     };
     let plan = MemoryPlan::estimate(model, &inputs);
     // Every rank's plan, in figures a program reads (the run's peak is logged beside it at the end).

@@ -1,0 +1,312 @@
+//! The node's memory tier: the resumable state saved every `--memory_save_steps` steps to a tmpfs
+//! (`--memory_tier_dir`, default `/dev/shm/waypoint`) that outlives the worker, so a crashed or
+//! killed worker resumes having redone at most that many steps, without reading object storage.
+//!
+//! It is the durable tier's format on a local store — the same `step-XXXXXX` names, manifests with
+//! their sha256s, create-only commits, attempts and retention (the newest 2) — written by a second
+//! [`Saver`] of its own, so one discovery/verify/load path reads both tiers. Nothing of it ever
+//! fails training: a tier that cannot be opened, or a save that fails, turns the tier off with a
+//! warning, and the durable tier goes on alone. A finished run removes its folder.
+//!
+//! Today it serves one node (every rank of the job sees the same folder); with several nodes it is
+//! off (peer replicas are the next step).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::runtime::Handle;
+use waypoint_checkpoint::{CheckpointManager, ManagerOptions, RunLayout};
+use waypoint_config::CheckpointSection;
+use waypoint_storage::Store;
+
+use waypoint_observe::records::RunRecords;
+
+use crate::checkpointing::saver::{SaveOrder, Saver};
+use crate::collective::ranks::Ranks;
+
+/// Memory-tier checkpoints kept (the newest 2: one may be half-written when a worker dies).
+pub(crate) const KEEP: usize = 2;
+
+/// This run's folder in the tier: `<tier>/<run_id>-<12 hex digits of sha256 of the run's URI>`, so
+/// that runs of the same name under different bases never meet.
+pub(crate) fn run_folder(tier: &Path, run_uri: &str, run_id: &str) -> PathBuf {
+    let digest = hex::encode(Sha256::digest(run_uri.as_bytes()));
+    tier.join(format!("{run_id}-{}", &digest[..12]))
+}
+
+/// Why the tier is off for this start, when it is (a line for the log), else `None`.
+pub(crate) fn off_because(section: &CheckpointSection, nodes: u32) -> Option<String> {
+    if section.memory_save_steps == 0 {
+        return Some("--memory_save_steps 0".into());
+    }
+    (nodes > 1).then(|| {
+        format!(
+            "the job spans {nodes} nodes and the memory tier serves one node today (peer \
+             replicas are to come); the durable tier goes on alone"
+        )
+    })
+}
+
+/// The memory tier of this rank's node, for this run.
+pub(crate) struct MemoryTier {
+    /// The tier's checkpoints (a local store at [`MemoryTier::folder`]).
+    pub(crate) manager: CheckpointManager,
+    folder: PathBuf,
+    every: u64,
+    saver: Option<Saver>,
+    /// Whether the tier was found to have room for its checkpoints (before the first save).
+    room_checked: bool,
+    /// The ranks of this node (they share the tier).
+    node_ranks: u64,
+}
+
+impl MemoryTier {
+    /// Opens (creating) this run's folder in the tier at `section.memory_tier_dir`, shared by the
+    /// node's `node_ranks` ranks; `None`, with the reason logged, when it cannot be used (missing,
+    /// read-only, full).
+    pub(crate) fn open(
+        section: &CheckpointSection,
+        layout: &RunLayout,
+        run_uri: &str,
+        node_ranks: u64,
+    ) -> Option<Self> {
+        let folder = run_folder(
+            Path::new(&section.memory_tier_dir),
+            run_uri,
+            layout.run_id(),
+        );
+        match Self::try_open(&folder, layout) {
+            Ok(manager) => Some(Self {
+                manager,
+                folder,
+                every: section.memory_save_steps,
+                saver: None,
+                room_checked: false,
+                node_ranks,
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    folder = %folder.display(),
+                    "the memory tier is off: {e:#}; set --memory_tier_dir to a writable tmpfs, or \
+                     --memory_save_steps 0. Training goes on with the durable tier alone"
+                );
+                None
+            }
+        }
+    }
+
+    fn try_open(folder: &Path, layout: &RunLayout) -> Result<CheckpointManager> {
+        std::fs::create_dir_all(folder)
+            .with_context(|| format!("creating {}", folder.display()))?;
+        // Writable, with room for a small file at least.
+        let probe = folder.join(format!(".probe-{}", std::process::id()));
+        std::fs::write(&probe, b"waypoint")
+            .with_context(|| format!("writing {}", probe.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        let uri = folder
+            .to_str()
+            .context("the memory tier's path is not UTF-8")?;
+        let store = Store::open(uri)?;
+        Ok(CheckpointManager::new(
+            store,
+            layout.clone(),
+            ManagerOptions {
+                keep_last: Some(KEEP),
+                quiet: true,
+                ..ManagerOptions::default()
+            },
+        ))
+    }
+
+    /// Starts saving (once this attempt owns the run): rank 0 takes the tier's attempt (`attempt`,
+    /// the durable tier's number, is recorded in it), then every rank opens its saver. Off, with a
+    /// warning, when that fails; every rank learns of a failure on rank 0, so all save or none do.
+    pub(crate) fn start_saving(
+        &mut self,
+        attempt: u64,
+        ranks: &Ranks,
+        handle: &Handle,
+    ) -> Result<()> {
+        let started = if ranks.is_main() {
+            let info = serde_json::json!({"durable_attempt": attempt});
+            handle
+                .block_on(self.manager.start_attempt(&info))
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        } else {
+            Ok(())
+        };
+        let failed = ranks.any("memory-tier-attempt", started.is_err())?;
+        if let Err(e) = started {
+            self.off(&e);
+            return Ok(());
+        }
+        if failed {
+            return Ok(());
+        }
+        let records = RunRecords::new(self.manager.store().clone(), self.manager.layout().clone());
+        let saver = Saver::new(
+            Arc::new(self.manager.clone()),
+            records,
+            ranks,
+            handle.clone(),
+            Bytes::new(),
+            "memory",
+            true,
+        );
+        match saver {
+            Ok(s) => self.saver = Some(s),
+            Err(e) => self.off(&e),
+        }
+        Ok(())
+    }
+
+    /// Whether a save is being copied or written.
+    pub(crate) fn busy(&self) -> bool {
+        self.saver.as_ref().is_some_and(Saver::busy)
+    }
+
+    /// Whether step `step` (of `total`) is one the tier saves (the final step is the durable
+    /// tier's).
+    pub(crate) fn due(&self, step: u64, total: u64) -> bool {
+        self.saver.is_some() && self.every > 0 && step % self.every == 0 && step < total
+    }
+
+    /// Before the first save: whether the tier's filesystem has room for the checkpoints it keeps
+    /// and the one being written (`KEEP + 1` of the node's state: this rank's share, `rank_bytes`,
+    /// times the node's ranks); when not, the tier is off with the figures and what to do. Every
+    /// rank decides alike (a tmpfs counts against the node's RAM: it must not fill it).
+    pub(crate) fn check_room(&mut self, rank_bytes: u64, ranks: &Ranks) -> Result<()> {
+        if self.room_checked || self.saver.is_none() {
+            return Ok(());
+        }
+        self.room_checked = true;
+        let need = rank_bytes * self.node_ranks.max(1) * (KEEP as u64 + 1);
+        let free = free_bytes(&self.folder);
+        let short = free.is_some_and(|free| free < need);
+        if ranks.any("memory-tier-room", short)? {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            tracing::warn!(
+                folder = %self.folder.display(),
+                "the memory tier is off: it needs {:.2} GiB ({} checkpoints of the node's {:.2} GiB \
+                 state) and its filesystem has {:.2} GiB free; give the tmpfs more room (e.g. a \
+                 larger /dev/shm), point --memory_tier_dir elsewhere, or set --memory_save_steps 0. \
+                 Training goes on with the durable tier alone",
+                gib(need),
+                KEEP + 1,
+                gib(need / (KEEP as u64 + 1)),
+                gib(free.unwrap_or(0)),
+            );
+            self.saver = None;
+        }
+        Ok(())
+    }
+
+    /// Saves in the background; a failure turns the tier off.
+    pub(crate) fn save(&mut self, order: SaveOrder<'_>) {
+        if let Some(Err(e)) = self.saver.as_mut().map(|s| s.save(order)) {
+            self.off(&e);
+        }
+    }
+
+    /// Before the optimizer changes the weights: waits for a copy in progress (seconds blocked).
+    pub(crate) fn before_update(&mut self) -> Option<f64> {
+        match self.saver.as_mut().map(Saver::before_update) {
+            Some(Ok(blocked)) => blocked,
+            Some(Err(e)) => {
+                self.off(&e);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Notices a finished write; a failure turns the tier off.
+    pub(crate) fn check(&mut self) {
+        if let Some(Err(e)) = self.saver.as_mut().map(Saver::check) {
+            self.off(&e);
+        }
+        for report in self
+            .saver
+            .as_mut()
+            .map(Saver::take_committed)
+            .unwrap_or_default()
+        {
+            tracing::debug!(checkpoint = %report.checkpoint, "memory tier: {}", report.describe());
+        }
+    }
+
+    /// Waits for the saves started so far (before the process ends).
+    pub(crate) fn wait(&mut self) {
+        if let Some(Err(e)) = self.saver.as_mut().map(Saver::wait) {
+            self.off(&e);
+        }
+    }
+
+    /// After the run finished: its folder is removed (nothing will resume from it).
+    pub(crate) fn remove(mut self) {
+        self.wait();
+        drop(self.saver.take());
+        if let Err(e) = std::fs::remove_dir_all(&self.folder) {
+            tracing::warn!(folder = %self.folder.display(), "could not remove the run's memory tier: {e}");
+        }
+    }
+
+    fn off(&mut self, e: &anyhow::Error) {
+        tracing::warn!(
+            "the memory tier is off from here on: {}; the durable tier goes on alone",
+            waypoint_observe::explain(e)
+        );
+        self.saver = None;
+    }
+}
+
+/// Bytes free to an unprivileged writer in the filesystem holding `dir`, when it can be read.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: statvfs writes one `statvfs` into the zeroed buffer for a NUL-terminated path.
+    let code = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if code != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filesystems_free_bytes_are_read() {
+        let free = free_bytes(Path::new("/")).expect("statvfs of /");
+        assert!(free > 0);
+        assert!(free_bytes(Path::new("/no/such/folder")).is_none());
+    }
+
+    #[test]
+    fn each_run_has_a_folder_of_its_own() {
+        let tier = Path::new("/dev/shm/waypoint");
+        let a = run_folder(tier, "s3://a/runs/r/framework=waypoint", "r");
+        let b = run_folder(tier, "s3://b/runs/r/framework=waypoint", "r");
+        assert_ne!(a, b);
+        assert!(a.starts_with(tier) && a.file_name().unwrap().to_str().unwrap().starts_with("r-"));
+        assert_eq!(a, run_folder(tier, "s3://a/runs/r/framework=waypoint", "r"));
+    }
+
+    #[test]
+    fn the_tier_is_off_when_asked_or_across_nodes() {
+        let mut section = waypoint_config::TrainConfig::default().checkpoint();
+        assert_eq!(section.memory_save_steps, 0, "opt-in for now");
+        assert!(off_because(&section, 1).is_some());
+        section.memory_save_steps = 1;
+        assert!(off_because(&section, 1).is_none());
+        assert!(off_because(&section, 2).unwrap().contains("2 nodes"));
+    }
+}
