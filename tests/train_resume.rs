@@ -65,24 +65,7 @@ fn wait_for_step(child: &mut Child, step: u64) -> (u64, std::thread::JoinHandle<
 
 /// The step of a `train step=N` log line, colour codes or not.
 fn logged_step(line: &str) -> Option<u64> {
-    common::runs::logged_step(&strip_ansi(line))
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    common::runs::logged_step(&common::strip_ansi(line))
 }
 
 /// The final checkpoint's `dcp/` tensors (weights and optimizer state) by name, as raw bytes.
@@ -200,7 +183,7 @@ async fn sigterm_saves_and_the_restart_redoes_no_step(base: &str) {
     );
 
     let stderr = run_to_end(base, "termed");
-    let first = strip_ansi(&stderr)
+    let first = common::strip_ansi(&stderr)
         .lines()
         .find_map(logged_step)
         .expect("the restart logs its steps");

@@ -43,7 +43,7 @@ pub(crate) fn follow_peaks(mut child: Child, world: u32) -> (String, BTreeMap<u3
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let log = strip_escapes(&reader.join().unwrap());
+    let log = super::strip_ansi(&reader.join().unwrap());
     assert!(status.success(), "the run failed:\n{log}");
     (log, peaks)
 }
@@ -93,22 +93,4 @@ fn rank_of(pid: u32) -> Option<u32> {
 fn vm_hwm_mb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     waypoint_trainer::run::memory::vm_hwm_kb(&status).map(|kb| kb >> 10)
-}
-
-fn strip_escapes(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ … a letter.
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
