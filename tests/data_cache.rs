@@ -201,8 +201,13 @@ fn two_ranks_on_one_node_build_one_cache() {
         .args(["--dist_timeout_secs", "120"])
         .output()
         .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    let mut log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "launch failed:\n{log}");
+    // Rank 1 logs to its own file.
+    log.push_str(
+        &std::fs::read_to_string(base.join("two/framework=waypoint/logs/ranks/rank-00001.log"))
+            .unwrap(),
+    );
     assert_eq!(log.matches("token cache built cache=").count(), 1, "{log}");
     // The other rank waited for it, or came after it was published.
     assert_eq!(
