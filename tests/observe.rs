@@ -111,16 +111,20 @@ fn assert_events_match_metrics(seen: &Value, metrics: &BTreeMap<u64, Value>, tot
             .iter()
             .filter_map(|(s, l)| l[field].as_f64().map(|v| (*s, v as f32)))
             .collect();
+        // (A tag with no scalar at all is absent.)
         let got: Vec<(u64, f32)> = scalars[tag]
             .as_array()
-            .unwrap_or_else(|| panic!("no tag {tag} in {scalars}"))
-            .iter()
-            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
-            .collect();
-        // (A save stall is recorded only on a step a save held up; a slowdown once steps both
-        // with and without a save in flight ran.)
+            .map(|points| {
+                points
+                    .iter()
+                    .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // (A save stall is recorded only on a step a save held up; a save's report at the step its
+        // commit is seen, when that is before the end — the local run checks them apart.)
         assert!(
-            !expected.is_empty() || ["save_stall_s", "save_overlap_slowdown"].contains(&field),
+            !expected.is_empty() || field.starts_with("save_"),
             "metrics.jsonl has no {field}"
         );
         assert_eq!(got, expected, "{tag} differs from metrics.jsonl's {field}");

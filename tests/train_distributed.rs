@@ -89,7 +89,7 @@ async fn two_ranks_match_one_rank_with_twice_the_batch_and_share_the_checkpoint(
 /// carries only its warnings and errors, prefixed with its rank, and its whole log is in its file.
 fn rank_0_speaks_for_the_run(base: &str, stdout: &str, stderr: &str) {
     assert_eq!(stdout.matches("finished 8 steps").count(), 1, "{stdout}");
-    for once in ["dataset ready", "attempt started", "memory plan"] {
+    for once in ["dataset ready", "attempt started", "memory plan:"] {
         assert_eq!(stderr.matches(once).count(), 1, "{once}:\n{stderr}");
     }
     // (The launcher's own lines name the rank too.)
