@@ -176,12 +176,21 @@ impl CheckpointManager {
         let ours = mine.attempt;
         let theirs = match self.manifest(step).await {
             Ok(m) => m,
-            Err(e) if e.is_damage() => return Err(CheckpointError::AlreadyCommitted { name }),
+            // Gone or unreadable since: a newer attempt may have set it aside (or committed past
+            // it) meanwhile — then this attempt is fenced off; else it stays committed.
+            Err(e) if e.is_damage() => {
+                self.check_fence(&name, ours).await?;
+                return Err(CheckpointError::AlreadyCommitted { name });
+            }
             Err(e) => return Err(e),
         };
         match theirs.attempt.cmp(&ours) {
             std::cmp::Ordering::Less => {}
-            std::cmp::Ordering::Equal => return Err(CheckpointError::AlreadyCommitted { name }),
+            std::cmp::Ordering::Equal => {
+                // A newer attempt, if any, is what this attempt must yield to.
+                self.check_fence(&name, ours).await?;
+                return Err(CheckpointError::AlreadyCommitted { name });
+            }
             std::cmp::Ordering::Greater => {
                 return Err(CheckpointError::Fenced {
                     name,
