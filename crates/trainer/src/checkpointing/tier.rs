@@ -179,11 +179,17 @@ impl MemoryTier {
     /// and the one being written (`KEEP + 1` of the node's state: this rank's share, `rank_bytes`,
     /// times the node's ranks); when not, the tier is off with the figures and what to do. Every
     /// rank decides alike (a tmpfs counts against the node's RAM: it must not fill it).
-    pub(crate) fn check_room(&mut self, rank_bytes: u64, ranks: &Ranks) -> Result<()> {
+    /// `rank_bytes` is asked for only then (it walks the state).
+    pub(crate) fn check_room(
+        &mut self,
+        rank_bytes: impl FnOnce() -> u64,
+        ranks: &Ranks,
+    ) -> Result<()> {
         if self.room_checked || self.saver.is_none() {
             return Ok(());
         }
         self.room_checked = true;
+        let rank_bytes = rank_bytes();
         let need = rank_bytes * self.node_ranks.max(1) * (KEEP as u64 + 1);
         let free = free_bytes(&self.folder);
         let short = free.is_some_and(|free| free < need);

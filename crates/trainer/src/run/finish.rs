@@ -58,7 +58,8 @@ impl Session {
             return Ok(());
         };
         tier.check();
-        tier.check_room(run.saver.share_bytes(&run.model, &run.opt), &run.ranks)?;
+        let (saver, model, opt) = (&run.saver, &run.model, &run.opt);
+        tier.check_room(|| saver.share_bytes(model, opt), &run.ranks)?;
         if !tier.due(self.step, self.total_steps) {
             return Ok(());
         }

@@ -117,10 +117,7 @@ impl Session {
                 break (None, Tier::Durable, Vec::new());
             };
             let (chosen, from) = (chosen.to_string(), Tier::parse(tier_name)?);
-            let source = match (from, &memory) {
-                (Tier::Memory, Some(t)) => &t.manager,
-                _ => &manager,
-            };
+            let source = from.manager(&memory, &manager);
             let step: waypoint_checkpoint::StepName = chosen.parse()?;
             let m = match pick {
                 Some((m, _)) => m,
@@ -366,10 +363,7 @@ impl Session {
         };
         if let Some(m) = &latest {
             restore_state(m, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
-            let source = match (tier_used, &memory) {
-                (Tier::Memory, Some(t)) => &t.manager,
-                _ => &manager,
-            };
+            let source = tier_used.manager(&memory, &manager);
             let pos = rt.block_on(source.data_position(m))?;
             let remaining = (total.saturating_sub(m.step)).saturating_add(1);
             ensure!(
@@ -744,6 +738,18 @@ enum Tier {
 }
 
 impl Tier {
+    /// The checkpoints of this tier: the memory tier's when it is that and open, else the durable.
+    fn manager<'a>(
+        self,
+        memory: &'a Option<MemoryTier>,
+        durable: &'a CheckpointManager,
+    ) -> &'a CheckpointManager {
+        match (self, memory) {
+            (Self::Memory, Some(t)) => &t.manager,
+            _ => durable,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::Memory => "memory",
