@@ -264,6 +264,23 @@ struct TrainArgs {
     #[arg(long = "data_cache_dir")]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_cache_dir: Option<String>,
+    /// The objective: sft (next-token cross-entropy), dpo or orpo (preference pairs: prompt,
+    /// chosen, rejected) [default: sft].
+    #[arg(long = "recipe")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recipe: Option<String>,
+    /// DPO: the KL weight β; ORPO: the weight of the odds-ratio term (TRL's beta) [default: 0.1].
+    #[arg(long = "beta")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    beta: Option<f64>,
+    /// DPO's loss: sigmoid, ipo or hinge (TRL's loss_type) [default: sigmoid].
+    #[arg(long = "dpo_loss")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dpo_loss: Option<String>,
+    /// DPO: weight of an NLL term on the chosen completions (RPO; TRL's loss_type "sft") [default: 0].
+    #[arg(long = "rpo_alpha")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rpo_alpha: Option<f64>,
 }
 
 impl TrainArgs {

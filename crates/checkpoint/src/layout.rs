@@ -101,6 +101,11 @@ impl RunLayout {
         format!("{}/attempts/{n:06}.json", self.root)
     }
 
+    /// `reference/<name>`: DPO's reference log-probs of a full-parameter run (computed once).
+    pub fn reference(&self, name: &str) -> String {
+        format!("{}/reference/{name}", self.root)
+    }
+
     /// `logs/train.log`.
     pub fn train_log(&self) -> String {
         format!("{}/logs/train.log", self.root)

@@ -76,6 +76,16 @@ impl TrainConfig {
             "world_size": world_size,
             "recipe": recipe,
         });
+        let mut more = more;
+        if self.objective().is_preference() {
+            // Recorded only for preference runs: an SFT run's record stays what it was.
+            let r = &self.recipe;
+            more["beta"] = json!(r.beta);
+            if recipe == "dpo" {
+                more["dpo_loss"] = json!(r.dpo_loss);
+                more["rpo_alpha"] = json!(r.rpo_alpha);
+            }
+        }
         if let (Some(t), Some(more)) = (t.as_object_mut(), more.as_object()) {
             t.extend(more.clone());
         }

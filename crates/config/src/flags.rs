@@ -33,6 +33,9 @@ pub struct TrainConfig {
     /// The memory plan.
     #[serde(flatten)]
     pub memory: MemoryFlags,
+    /// The objective: supervised, or preference training (DPO, ORPO) and its settings.
+    #[serde(flatten)]
+    pub recipe: RecipeFlags,
 }
 
 /// The run: where it lives, how long it trains, its seed and how it reports.
@@ -260,6 +263,32 @@ impl Default for CheckpointFlags {
             init_from_checkpoint: String::new(),
             resume_from_checkpoint: false,
             allow_config_change: false,
+        }
+    }
+}
+
+/// The objective: `sft` (next-token cross-entropy) or a preference recipe over chosen/rejected
+/// pairs, with TRL 1.16's settings and names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecipeFlags {
+    /// `sft`, `dpo` or `orpo`.
+    pub recipe: String,
+    /// DPO: the KL weight β; ORPO: the weight of the odds-ratio term (TRL's `beta`).
+    pub beta: f64,
+    /// DPO's loss: `sigmoid`, `ipo` or `hinge`.
+    pub dpo_loss: String,
+    /// DPO: weight of an NLL term on the chosen completions (TRL's `loss_type=[…, "sft"]`); 0: none.
+    pub rpo_alpha: f64,
+}
+
+impl Default for RecipeFlags {
+    fn default() -> Self {
+        Self {
+            recipe: "sft".into(),
+            beta: 0.1,
+            dpo_loss: "sigmoid".into(),
+            rpo_alpha: 0.0,
         }
     }
 }

@@ -3,12 +3,12 @@
 //! section of it.
 //!
 //! - [`flags`]: [`TrainConfig`], the flags as data in sections (run, model, LoRA, optimizer and
-//!   schedule, data, checkpointing, distributed, memory), flattened into one table of keys;
+//!   schedule, data, checkpointing, distributed, memory, recipe), flattened into one table of keys;
 //! - [`resolve`]: built-in defaults ← a `--config_path` JSON or TOML file ← flags, every key and
 //!   value named in its error;
 //! - [`validate`]: range and cross-field checks, and the [`limits`];
 //! - [`typed`]: the sections as the trainer uses them ([`CheckpointSection`], [`Sharding`],
-//!   [`LoraConfig`], [`ScheduleKind`], [`MemoryCheck`], [`SamplerDtype`]);
+//!   [`LoraConfig`], [`ScheduleKind`], [`MemoryCheck`], [`SamplerDtype`], the [`Objective`]);
 //! - [`fingerprint`](mod@fingerprint): what identifies a configuration, and what a resume must not change;
 //! - [`error`]: [`ConfigError`] and [`UsageError`], both exit code 2 with nothing written.
 
@@ -23,10 +23,11 @@ pub use error::{ConfigError, Origin, UsageError};
 pub use fingerprint::{changes, fingerprint, BATCH_SPLIT};
 pub use flags::{
     closest_key, keys, CheckpointFlags, DataFlags, DistributedFlags, LoraFlags, MemoryFlags,
-    ModelFlags, OptimFlags, RunFlags, TrainConfig,
+    ModelFlags, OptimFlags, RecipeFlags, RunFlags, TrainConfig,
 };
 pub use resolve::{merge, read_config_file};
 pub use typed::{
-    CheckpointSection, LoraConfig, MemoryCheck, SamplerDtype, ScheduleKind, Sharding, LORA_TARGETS,
+    CheckpointSection, DpoLoss, LoraConfig, MemoryCheck, Objective, RecipeKind, SamplerDtype,
+    ScheduleKind, Sharding, LORA_TARGETS,
 };
 pub use validate::limits;

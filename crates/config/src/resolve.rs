@@ -26,7 +26,8 @@ impl FloatRange {
     pub(crate) fn of(key: &str) -> Option<Self> {
         Some(match key {
             "lr" | "adam_epsilon" => Self::Positive,
-            "weight_decay" | "max_grad_norm" | "lora_alpha" => Self::NonNegative,
+            "weight_decay" | "max_grad_norm" | "lora_alpha" | "rpo_alpha" => Self::NonNegative,
+            "beta" => Self::Positive,
             "min_lr_ratio" => Self::UnitClosed,
             "adam_beta1" | "adam_beta2" | "lora_dropout" => Self::UnitHalfOpen,
             _ => return None,

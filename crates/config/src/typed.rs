@@ -55,6 +55,20 @@ impl TrainConfig {
         ScheduleKind::parse(&self.optim.lr_scheduler).unwrap_or(ScheduleKind::Cosine)
     }
 
+    /// The objective and its settings, typed. Call on a validated configuration.
+    pub fn objective(&self) -> Objective {
+        let r = &self.recipe;
+        match RecipeKind::parse(&r.recipe).unwrap_or(RecipeKind::Sft) {
+            RecipeKind::Sft => Objective::Sft,
+            RecipeKind::Dpo => Objective::Dpo {
+                beta: r.beta,
+                loss: DpoLoss::parse(&r.dpo_loss).unwrap_or(DpoLoss::Sigmoid),
+                rpo_alpha: r.rpo_alpha,
+            },
+            RecipeKind::Orpo => Objective::Orpo { beta: r.beta },
+        }
+    }
+
     /// `--memory_check`, typed. Call on a validated configuration.
     pub fn memory_check(&self) -> MemoryCheck {
         MemoryCheck::parse(&self.memory.memory_check).unwrap_or(MemoryCheck::Refuse)
@@ -172,6 +186,80 @@ impl ScheduleKind {
             "constant" => Some(Self::Constant),
             _ => None,
         }
+    }
+}
+
+/// `--recipe`: the objective's family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipeKind {
+    /// Next-token cross-entropy.
+    Sft,
+    /// Direct preference optimization over chosen/rejected pairs.
+    Dpo,
+    /// Odds-ratio preference optimization (no reference model).
+    Orpo,
+}
+
+impl RecipeKind {
+    /// Parses `--recipe`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sft" => Some(Self::Sft),
+            "dpo" => Some(Self::Dpo),
+            "orpo" => Some(Self::Orpo),
+            _ => None,
+        }
+    }
+}
+
+/// `--dpo_loss`: TRL's `loss_type` of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpoLoss {
+    /// `-logsigmoid(β·Δ)` (the DPO paper).
+    Sigmoid,
+    /// `(Δ/len − 1/(2β))²` with each completion's log-ratio divided by its length (TRL's IPO).
+    Ipo,
+    /// `relu(1 − β·Δ)` (SLiC).
+    Hinge,
+}
+
+impl DpoLoss {
+    /// Parses `--dpo_loss`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sigmoid" => Some(Self::Sigmoid),
+            "ipo" => Some(Self::Ipo),
+            "hinge" => Some(Self::Hinge),
+            _ => None,
+        }
+    }
+}
+
+/// The objective a run trains, with its settings (see [`TrainConfig::objective`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    /// Next-token cross-entropy over the learned tokens.
+    Sft,
+    /// DPO.
+    Dpo {
+        /// β: the weight of the log-ratio in the loss and the rewards.
+        beta: f64,
+        /// The loss over the log-ratio difference.
+        loss: DpoLoss,
+        /// Weight of the NLL of the chosen completions (0: none).
+        rpo_alpha: f64,
+    },
+    /// ORPO.
+    Orpo {
+        /// The weight of the odds-ratio term.
+        beta: f64,
+    },
+}
+
+impl Objective {
+    /// Whether it trains on chosen/rejected pairs.
+    pub fn is_preference(self) -> bool {
+        !matches!(self, Self::Sft)
     }
 }
 

@@ -4,7 +4,9 @@
 use crate::error::ConfigError;
 use crate::flags::TrainConfig;
 use crate::resolve::FloatRange;
-use crate::typed::{MemoryCheck, SamplerDtype, ScheduleKind, Sharding, LORA_TARGETS};
+use crate::typed::{
+    DpoLoss, MemoryCheck, RecipeKind, SamplerDtype, ScheduleKind, Sharding, LORA_TARGETS,
+};
 
 /// The most a setting may be, where more would exhaust the machine or overflow before any use of it.
 pub mod limits {
@@ -117,6 +119,8 @@ impl TrainConfig {
             ("max_grad_norm", self.optim.max_grad_norm),
             ("lora_alpha", self.lora.lora_alpha),
             ("lora_dropout", self.lora.lora_dropout),
+            ("beta", self.recipe.beta),
+            ("rpo_alpha", self.recipe.rpo_alpha),
         ] {
             if let Some(range) = FloatRange::of(key) {
                 check(range.contains(value), key, || {
@@ -154,6 +158,38 @@ impl TrainConfig {
                 )
             },
         )?;
+        let recipe = RecipeKind::parse(&self.recipe.recipe);
+        check(recipe.is_some(), "recipe", || {
+            format!("--recipe {:?}: use sft, dpo or orpo", self.recipe.recipe)
+        })?;
+        check(
+            DpoLoss::parse(&self.recipe.dpo_loss).is_some(),
+            "dpo_loss",
+            || {
+                format!(
+                    "--dpo_loss {:?}: use sigmoid, ipo or hinge",
+                    self.recipe.dpo_loss
+                )
+            },
+        )?;
+        let d = TrainConfig::default();
+        if recipe != Some(RecipeKind::Dpo) {
+            check(
+                self.recipe.dpo_loss == d.recipe.dpo_loss && self.recipe.rpo_alpha == 0.0,
+                "recipe",
+                || {
+                    format!(
+                        "--dpo_loss/--rpo_alpha are DPO settings but --recipe is {}; set --recipe dpo",
+                        self.recipe.recipe
+                    )
+                },
+            )?;
+        }
+        if recipe == Some(RecipeKind::Sft) {
+            check(self.recipe.beta == d.recipe.beta, "recipe", || {
+                "--beta is a DPO/ORPO setting but --recipe is sft; set --recipe dpo or orpo".into()
+            })?;
+        }
         check(
             MemoryCheck::parse(&self.memory.memory_check).is_some(),
             "memory_check",

@@ -9,6 +9,7 @@ use memmap2::Mmap;
 use serde_json::{json, Value};
 
 use crate::cache::{BuildSpec, Meta, Row, RowEncoder};
+use crate::pairs::{encode_pair, PairStyle};
 use crate::source::Source;
 use crate::tokenizer::{chat_turn, Tokenizer};
 
@@ -34,6 +35,8 @@ pub struct Batch {
     pub ids: Vec<i64>,
     /// Target token ids, `rows × columns`; [`IGNORE`] where the loss does not apply.
     pub labels: Vec<i64>,
+    /// The real (unpadded) tokens at the start of each row's ids.
+    pub lengths: Vec<usize>,
 }
 
 /// How rows become samples.
@@ -41,8 +44,12 @@ pub struct Batch {
 pub struct DataOptions {
     /// The JSON field holding the text (when a row has no `messages`).
     pub text_field: String,
-    /// Tokens per sample (the model sees `max_seq_len` inputs and as many labels).
+    /// Tokens per sample (the model sees `max_seq_len` inputs and as many labels); a preference
+    /// pair's sequences are cut to it.
     pub max_seq_len: usize,
+    /// Rows are preference pairs, tokenized in this style (each sample is then a pair: its chosen
+    /// and its rejected sequence, never packed); `None`: text and chat rows.
+    pub pairs: Option<PairStyle>,
     /// Concatenate documents and cut fixed blocks; else one padded sample per document.
     pub packing: bool,
     /// Skip and count malformed rows instead of failing.
@@ -65,6 +72,11 @@ pub fn cache_key(sources: &[Source], tokenizer: &Tokenizer, opts: &DataOptions) 
         "max_seq_len": opts.max_seq_len,
         "packing": opts.packing,
         "skip_bad_lines": opts.skip_bad_lines,
+        "pairs": opts.pairs.map(|p| json!({
+            "style": p.name(),
+            "bos": tokenizer.bos(),
+            "eos_text": tokenizer.encode_with_eos("", false).ok(),
+        })),
     }))
 }
 
@@ -91,10 +103,13 @@ pub struct Dataset {
     meta: Meta,
     width: usize,
     packing: bool,
+    pairs: bool,
     pad: i64,
     samples: usize,
     /// Rows skipped as malformed.
     pub skipped: usize,
+    /// Rows cut to `max_seq_len` (padded samples and pairs; packing cuts nothing).
+    pub truncated: usize,
     /// Documents read.
     pub documents: usize,
     /// Where the cache file is.
@@ -110,13 +125,16 @@ struct Rows<'a> {
 }
 
 impl RowEncoder for Rows<'_> {
-    fn encode(&self, line: &str) -> Result<Row> {
-        let (ids, mask) = encode_row(line, self.tokenizer, self.opts)?;
+    fn encode(&self, line: &str) -> Result<Vec<Row>> {
+        let docs = match self.opts.pairs {
+            Some(style) => encode_pair(line, self.tokenizer, style, self.opts.max_seq_len)?,
+            None => vec![encode_row(line, self.tokenizer, self.opts)?],
+        };
         ensure!(
-            ids.len() == mask.len(),
+            docs.iter().all(|(ids, mask)| ids.len() == mask.len()),
             "internal: a row's mask is not as long as its ids"
         );
-        Ok((ids, mask))
+        Ok(docs)
     }
 }
 
@@ -131,13 +149,24 @@ impl Dataset {
         rt: tokio::runtime::Handle,
     ) -> Result<Self> {
         let width = opts.max_seq_len + 1;
+        // Pairs are never packed: each sequence is one padded row.
+        let packing = opts.packing && opts.pairs.is_none();
+        let opts = &DataOptions {
+            packing,
+            ..opts.clone()
+        };
         let key = cache_key(sources, tokenizer, opts);
         let rows = Rows { tokenizer, opts };
         let spec = BuildSpec {
             sources,
             encoder: &rows,
             token_bytes: cache::token_bytes_for(tokenizer.vocab_size().max(1) as u64),
-            truncate: (!opts.packing).then_some(width),
+            // A pair's sequence is cut to max_seq_len tokens (TRL's max_length); a padded
+            // document keeps one more, the last target.
+            truncate: match opts.pairs {
+                Some(_) => Some(opts.max_seq_len),
+                None => (!opts.packing).then_some(width),
+            },
             skip_bad_lines: opts.skip_bad_lines,
             threads: opts.threads.max(1),
             rt,
@@ -154,6 +183,8 @@ impl Dataset {
         let meta = opened.meta;
         let samples = if opts.packing {
             (meta.tokens / width as u64) as usize
+        } else if opts.pairs.is_some() {
+            (meta.documents / 2) as usize
         } else {
             meta.documents as usize
         };
@@ -167,9 +198,11 @@ impl Dataset {
             map,
             width,
             packing: opts.packing,
+            pairs: opts.pairs.is_some(),
             pad: tokenizer.pad(),
             samples,
             skipped: meta.skipped as usize,
+            truncated: meta.truncated as usize,
             documents: meta.documents as usize,
             cache_path: opened.path,
             built_cache: opened.built,
@@ -194,7 +227,12 @@ impl Dataset {
         self.meta.token_bytes
     }
 
-    /// Number of samples.
+    /// Whether each sample is a preference pair (two rows: chosen, rejected).
+    pub fn is_pairs(&self) -> bool {
+        self.pairs
+    }
+
+    /// Number of samples (pairs, for preference data).
     pub fn len(&self) -> usize {
         self.samples
     }
@@ -245,8 +283,15 @@ impl Dataset {
         u64::from_le_bytes(b)
     }
 
-    /// Sample `i`: `max_seq_len + 1` ids and their loss mask (padding is not learned).
+    /// Sample `i`: `max_seq_len + 1` ids and their loss mask (padding is not learned). For pairs,
+    /// see [`Dataset::document`].
     pub fn sample(&self, i: usize) -> (Vec<i64>, Vec<bool>) {
+        self.document(i).0
+    }
+
+    /// Document `i` padded to `max_seq_len + 1` ids with its loss mask, and its real length (a
+    /// packed block: block `i`, all real). Pair `p` is documents `2p` (chosen) and `2p + 1`.
+    pub fn document(&self, i: usize) -> ((Vec<i64>, Vec<bool>), usize) {
         let (start, end) = if self.packing {
             let s = (i * self.width) as u64;
             (s, s + self.width as u64)
@@ -266,9 +311,10 @@ impl Dataset {
             let bounds = self.meta.bounds_at.offset + (i as u64).saturating_sub(1) * 8;
             self.release(bounds..bounds + 16);
         }
+        let len = ids.len();
         ids.resize(self.width, self.pad);
         mask.resize(self.width, false);
-        (ids, mask)
+        ((ids, mask), len)
     }
 
     /// Drops the pages around `bytes` of the file from this process's memory once a sample is
@@ -296,21 +342,31 @@ impl Dataset {
         };
     }
 
-    /// Inputs and labels of samples `indices`, in order.
+    /// Inputs and labels of samples `indices`, in order; for pairs, the chosen rows of the pairs
+    /// in order, then their rejected rows (TRL's layout).
     pub fn rows(&self, indices: &[usize]) -> Batch {
+        let docs: Vec<usize> = if self.pairs {
+            let chosen = indices.iter().map(|&p| 2 * p);
+            chosen.chain(indices.iter().map(|&p| 2 * p + 1)).collect()
+        } else {
+            indices.to_vec()
+        };
         let width = self.width;
-        let mut ids = Vec::with_capacity(indices.len() * (width - 1));
-        let mut labels = Vec::with_capacity(indices.len() * (width - 1));
-        for &i in indices {
-            let (t, m) = self.sample(i);
+        let mut ids = Vec::with_capacity(docs.len() * (width - 1));
+        let mut labels = Vec::with_capacity(docs.len() * (width - 1));
+        let mut lengths = Vec::with_capacity(docs.len());
+        for &d in &docs {
+            let ((t, m), len) = self.document(d);
             ids.extend_from_slice(&t[..width - 1]);
             labels.extend((1..width).map(|j| if m[j] { t[j] } else { IGNORE }));
+            lengths.push(len.min(width - 1));
         }
         Batch {
-            rows: indices.len(),
+            rows: docs.len(),
             columns: width - 1,
             ids,
             labels,
+            lengths,
         }
     }
 
@@ -400,6 +456,7 @@ mod tests {
             text_field: "text".into(),
             max_seq_len: 8,
             packing,
+            pairs: None,
             skip_bad_lines: false,
             cache_dir: PathBuf::new(),
             threads: 2,

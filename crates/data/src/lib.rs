@@ -9,17 +9,19 @@
 //! data.
 //!
 //! Modules: [`source`] lists and streams the files (local or on a store); [`tokenizer`] and
-//! [`template`] turn rows into ids and loss masks; [`cache`] is the token cache; [`dataset`] reads
+//! [`template`] turn rows into ids and loss masks; [`pairs`] reads preference pairs; [`cache`] is the token cache; [`dataset`] reads
 //! samples from it as [`Batch`]es; [`order`] is the seeded order. Nothing here knows libtorch: the
 //! trainer turns a [`Batch`] into tensors.
 
 pub mod cache;
 pub mod dataset;
 pub mod order;
+pub mod pairs;
 pub mod source;
 pub mod template;
 pub mod tokenizer;
 
 pub use dataset::{cache_key, default_cache_dir, Batch, DataOptions, Dataset, CHAT_ROLES, IGNORE};
 pub use order::permuted;
+pub use pairs::PairStyle;
 pub use source::{list_sources, DEMO_DATASET};

@@ -155,6 +155,17 @@ impl ChatTemplate {
         Ok(Rendered { text: full, spans })
     }
 
+    /// The text of `messages` as transformers' `apply_chat_template(..., tokenize=False)` renders
+    /// it, with `add_generation_prompt` when `generation_prompt`.
+    pub fn text(&self, messages: &[serde_json::Value], generation_prompt: bool) -> Result<String> {
+        let text = self.render_text(messages, generation_prompt)?;
+        Ok(if self.generation {
+            text.replace([GEN_START, GEN_END], "")
+        } else {
+            text
+        })
+    }
+
     /// Renders `messages` with `add_generation_prompt`; generation markers still in the text.
     fn render_text(&self, messages: &[serde_json::Value], prompt: bool) -> Result<String> {
         let messages: Vec<serde_json::Value> = messages.iter().map(alias_reasoning).collect();

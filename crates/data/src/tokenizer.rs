@@ -45,6 +45,10 @@ pub enum Tokenizer {
         eos: i64,
         /// Used to pad when packing is off.
         pad: i64,
+        /// The tokenizer's `bos_token` (from `tokenizer_config.json`), when it has one.
+        bos: Option<i64>,
+        /// The tokenizer's `eos_token` as text (appended to preference completions, as TRL does).
+        eos_text: Option<String>,
         /// Chat layout when there is no chat template.
         chat: ChatFormat,
         /// The tokenizer's own chat template, when it has one (or why it does not compile: chat
@@ -113,10 +117,13 @@ impl Tokenizer {
         if let Err(e) = &template {
             tracing::warn!("{e}; chat rows will fail, text rows are unaffected");
         }
+        let (bos, eos_text) = special_tokens(dir, &inner, eos);
         Ok(Self::Hf {
             inner: Box::new(inner),
             eos,
             pad,
+            bos,
+            eos_text,
             chat,
             template,
             sha256,
@@ -215,6 +222,38 @@ impl Tokenizer {
         }
     }
 
+    /// The tokenizer's beginning-of-sequence id (`bos_token_id` in transformers), if it has one.
+    pub fn bos(&self) -> Option<i64> {
+        match self {
+            Self::Bytes => Some(BYTE_BOS),
+            Self::Hf { bos, .. } => *bos,
+        }
+    }
+
+    /// Appends the end-of-text token to `text` as TRL appends `eos_token` to a preference
+    /// completion (unless the text ends with it), and tokenizes: the token's text for a Hugging Face
+    /// tokenizer (which reads it as the special token), the id for the byte tokenizer.
+    pub fn encode_with_eos(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        match self {
+            Self::Hf {
+                eos_text: Some(e), ..
+            } => {
+                if text.ends_with(e.as_str()) {
+                    self.encode(text, add_special)
+                } else {
+                    self.encode(&format!("{text}{e}"), add_special)
+                }
+            }
+            _ => {
+                let mut ids = self.encode(text, add_special)?;
+                if ids.last().map(|&i| i64::from(i)) != Some(self.eos()) {
+                    ids.push(self.eos() as u32);
+                }
+                Ok(ids)
+            }
+        }
+    }
+
     /// The padding id.
     pub fn pad(&self) -> i64 {
         match self {
@@ -293,6 +332,26 @@ pub fn byte_tokenizer_files() -> Result<Vec<(String, Bytes)>> {
             Bytes::from(serde_json::to_vec_pretty(&config)?),
         ),
     ])
+}
+
+/// The tokenizer's `bos_token` id and `eos_token` text from `tokenizer_config.json` (a string or
+/// `{content}`), the EOS text falling back to the token of `eos`.
+fn special_tokens(
+    dir: &Path,
+    inner: &tokenizers::Tokenizer,
+    eos: i64,
+) -> (Option<i64>, Option<String>) {
+    let config: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let token = |key: &str| match &config[key] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        v => v["content"].as_str().map(str::to_string),
+    };
+    let bos = token("bos_token").and_then(|t| inner.token_to_id(&t).map(i64::from));
+    let eos_text = token("eos_token").or_else(|| inner.id_to_token(eos as u32));
+    (bos, eos_text)
 }
 
 /// The text of one chat turn and the text that ends it, in `format`.

@@ -12,7 +12,7 @@ use tch::Tensor;
 use crate::collective::ranks::Ranks;
 use crate::model::Model;
 use crate::optim::{accumulate, clip_grad_norm, clip_to_norm, gradients, squared_norm, AdamW};
-use crate::recipe::{MicroBatch, Recipe};
+use crate::recipe::{sequence_logps, MicroBatch, Recipe};
 
 /// What a step trains and with what.
 pub(crate) struct StepParts<'a> {
@@ -38,7 +38,7 @@ pub(crate) struct StepSettings {
 }
 
 /// What one step did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct StepOutcome {
     /// The loss (a mean over the step's units on all ranks).
     pub loss: f64,
@@ -48,6 +48,8 @@ pub(crate) struct StepOutcome {
     pub units: i64,
     /// Seconds the optimizer waited for the previous save's copy (see `before_update`).
     pub stall: Option<f64>,
+    /// The recipe's statistics by name: means over the step's units on all ranks.
+    pub stats: Vec<(&'static str, f64)>,
 }
 
 /// Runs optimizer step `step + 1` (`step` done so far) over this rank's `micro`-batches at learning
@@ -79,46 +81,67 @@ pub(crate) fn train_step(
         return Ok(None);
     }
     let mut loss_value = 0.0;
+    let mut stats = vec![0.0; recipe.stat_names().len()];
     let mut grads: Option<Vec<Tensor>> = None;
     let divisor = units.max(1) as f64;
     for (a, batch) in micro.iter().enumerate() {
+        let referenced;
+        let batch = if recipe.needs_reference() && batch.reference.is_none() {
+            referenced = batch.with_reference(reference_logps(model, batch, ranks)?);
+            &referenced
+        } else {
+            batch
+        };
+        // The recipe's statistics come out of the loss closure (the model calls it once).
+        let scored = std::cell::RefCell::new(Vec::new());
+        let loss_of = |logits: &Tensor| {
+            let s = recipe.score(logits, batch);
+            *scored.borrow_mut() = s.stats;
+            s.loss / divisor
+        };
         // Recomputing passes reseed libtorch's generator per layer from this.
         let seed = step_seed(settings.seed, step).wrapping_add(a as i64 * 7919);
         let loss = if model.is_sharded() {
-            let (loss, g) = model.loss_and_gradients_sharded(
-                &batch.ids,
-                seed,
-                true,
-                |logits| recipe.loss_sum(logits, batch) / divisor,
-                ranks,
-            )?;
+            let (loss, g) =
+                model.loss_and_gradients_sharded(&batch.ids, seed, true, loss_of, ranks)?;
             grads = Some(accumulate(grads.take(), g));
             loss
         } else if settings.activation_checkpointing {
-            let (loss, g) = model.loss_and_gradients_recomputed(&batch.ids, seed, true, |logits| {
-                recipe.loss_sum(logits, batch) / divisor
-            });
+            let (loss, g) = model.loss_and_gradients_recomputed(&batch.ids, seed, true, loss_of);
             grads = Some(accumulate(grads.take(), g));
             loss
         } else {
-            let loss = recipe.loss_sum(&model.forward(&batch.ids, true), batch) / divisor;
+            let loss = loss_of(&model.forward(&batch.ids, true));
             grads = Some(gradients(&loss, params, grads.take()));
             loss
         };
         loss_value += loss.double_value(&[]);
+        for (total, s) in stats.iter_mut().zip(scored.into_inner()) {
+            *total += s;
+        }
     }
     let mut grads = grads.context("no micro-batch ran")?;
+    // The statistics are summed over the ranks with the loss, then made means over the units.
+    let mut summed_stats = [Tensor::from_slice(&stats)];
     let grad_norm = if model.gradients_come_reduced() {
         // The gradients are already summed and cut into this rank's rows: only the loss and
         // the squared norm are summed over the ranks.
-        ranks.all_reduce(&mut [], &mut loss_value)?;
+        ranks.all_reduce(&mut summed_stats, &mut loss_value)?;
         let mut squares = squared_norm(&grads);
         ranks.all_reduce(&mut [], &mut squares)?;
         clip_to_norm(&mut grads, squares.sqrt(), settings.max_grad_norm)
     } else {
+        grads.push(summed_stats[0].shallow_clone());
         ranks.all_reduce(&mut grads, &mut loss_value)?;
+        summed_stats[0] = grads.pop().context("the statistics were summed")?;
         clip_grad_norm(&mut grads, settings.max_grad_norm)
     };
+    let stats: Vec<(&'static str, f64)> = recipe
+        .stat_names()
+        .iter()
+        .enumerate()
+        .map(|(i, &name)| (name, summed_stats[0].double_value(&[i as i64]) / divisor))
+        .collect();
     // The copy of the previous step's state must end before the weights change.
     let stall = before_update()?;
     opt.step(params, &grads, lr);
@@ -138,6 +161,7 @@ pub(crate) fn train_step(
         grad_norm,
         units,
         stall,
+        stats,
     }))
 }
 
@@ -156,10 +180,39 @@ pub(crate) fn evaluate(
             } else {
                 model.forward(&batch.ids, false)
             };
-            sum += recipe.loss_sum(&logits, &batch).double_value(&[]);
+            let batch = if recipe.needs_reference() && batch.reference.is_none() {
+                batch.with_reference(reference_logps(model, &batch, ranks)?)
+            } else {
+                batch
+            };
+            sum += recipe.score(&logits, &batch).loss.double_value(&[]);
             units += recipe.units(&batch);
         }
         Ok(sum / units.max(1) as f64)
+    })
+}
+
+/// Each row's sequence log-prob under the reference model, `[rows]`: the base model with the LoRA
+/// adapters off. A full-parameter run has no such model at hand; its reference log-probs come with
+/// the batch (computed once, before the first step).
+pub(crate) fn reference_logps(
+    model: &Model,
+    batch: &MicroBatch,
+    ranks: &mut Ranks,
+) -> Result<Tensor> {
+    ensure!(
+        model.lora.is_some(),
+        "internal: a full-parameter batch came without its reference log-probs"
+    );
+    tch::no_grad(|| {
+        let logits = model.without_adapters(|| {
+            if model.is_sharded() {
+                model.forward_sharded(&batch.ids, ranks)
+            } else {
+                Ok(model.forward(&batch.ids, false))
+            }
+        })?;
+        Ok(sequence_logps(&logits, &batch.labels))
     })
 }
 

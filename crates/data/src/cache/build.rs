@@ -20,10 +20,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// One tokenized row: ids and loss mask (as long as the ids).
 pub type Row = (Vec<u32>, Vec<bool>);
 
-/// Tokenizes one line of JSONL into a row.
+/// Tokenizes one line of JSONL into its documents (one, or two for a preference pair).
 pub trait RowEncoder: Sync {
-    /// The row of `line`, or why it is malformed.
-    fn encode(&self, line: &str) -> Result<Row>;
+    /// The documents of `line`, or why it is malformed.
+    fn encode(&self, line: &str) -> Result<Vec<Row>>;
 }
 
 /// How to build: the sources, the encoder, the id width and the per-document cut.
@@ -34,7 +34,8 @@ pub struct BuildSpec<'a> {
     pub encoder: &'a dyn RowEncoder,
     /// Bytes per id (see [`token_bytes_for`]).
     pub token_bytes: u8,
-    /// Cut each document to this many tokens (padded samples); `None` keeps them whole (packing).
+    /// Cut each document to this many tokens (padded samples, pairs); `None` keeps them whole
+    /// (packing). The rows cut are counted ([`Meta::truncated`]).
     pub truncate: Option<usize>,
     /// Skip and count malformed rows instead of failing.
     pub skip_bad_lines: bool,
@@ -51,6 +52,7 @@ struct Encoded {
     mask: Vec<bool>,
     doc_lens: Vec<u64>,
     skipped: u64,
+    truncated: u64,
     error: Option<anyhow::Error>,
 }
 
@@ -62,6 +64,7 @@ fn encode_chunk(chunk: &Chunk, spec: &BuildSpec<'_>) -> Encoded {
         mask: Vec::with_capacity(chunk.bytes.len() / 2),
         doc_lens: Vec::new(),
         skipped: 0,
+        truncated: 0,
         error: None,
     };
     let name = &spec.sources[chunk.source].name;
@@ -75,14 +78,19 @@ fn encode_chunk(chunk: &Chunk, spec: &BuildSpec<'_>) -> Encoded {
             })
             .and_then(|line| spec.encoder.encode(line));
         match row {
-            Ok((mut ids, mut mask)) => {
-                if let Some(cut) = spec.truncate {
-                    ids.truncate(cut);
-                    mask.truncate(cut);
+            Ok(docs) => {
+                let mut cut_any = false;
+                for (mut ids, mut mask) in docs {
+                    if let Some(cut) = spec.truncate {
+                        cut_any |= ids.len() > cut;
+                        ids.truncate(cut);
+                        mask.truncate(cut);
+                    }
+                    out.doc_lens.push(ids.len() as u64);
+                    out.tokens.extend(ids);
+                    out.mask.extend(mask);
                 }
-                out.doc_lens.push(ids.len() as u64);
-                out.tokens.extend(ids);
-                out.mask.extend(mask);
+                out.truncated += u64::from(cut_any);
             }
             Err(e) if spec.skip_bad_lines => {
                 out.skipped += 1;
@@ -147,6 +155,7 @@ struct Sink {
     bounds: BufWriter<File>,
     count: u64,
     documents: u64,
+    truncated: u64,
     max_token: u32,
     token_bytes: u8,
 }
@@ -191,6 +200,7 @@ impl Sink {
         }
         self.bounds.write_all(&b)?;
         self.documents += e.doc_lens.len() as u64;
+        self.truncated += e.truncated;
         Ok(())
     }
 }
@@ -228,6 +238,7 @@ pub(crate) fn build(tmp: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Meta>
             bounds: BufWriter::with_capacity(1 << 20, create(&bounds_path)?),
             count: 0,
             documents: 0,
+            truncated: 0,
             max_token: 0,
             token_bytes: spec.token_bytes,
         };
@@ -242,6 +253,7 @@ pub(crate) fn build(tmp: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Meta>
             bounds,
             count,
             documents,
+            truncated,
             max_token,
             token_bytes,
             ..
@@ -273,6 +285,7 @@ pub(crate) fn build(tmp: &Path, key: &str, spec: &BuildSpec<'_>) -> Result<Meta>
             tokens: count,
             documents,
             skipped,
+            truncated,
             max_token,
             tokens_at: Section {
                 offset: 0,

@@ -42,6 +42,9 @@ pub struct Meta {
     pub documents: u64,
     /// Rows skipped as malformed.
     pub skipped: u64,
+    /// Rows with a document cut to the sample length.
+    #[serde(default)]
+    pub truncated: u64,
     /// The largest token id stored.
     pub max_token: u32,
     /// The tokens section.

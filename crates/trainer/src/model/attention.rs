@@ -9,6 +9,8 @@ pub(crate) struct Rope {
     pub(crate) sin: Tensor,
     /// The matmul dtype (bf16 on CUDA, as autocast would), else the weights' own.
     pub(crate) compute: Option<Kind>,
+    /// Whether the LoRA adapters take part (off: the base model, DPO's reference).
+    pub(crate) adapters: bool,
 }
 
 /// cos and sin tables `[seq, head_dim]` for positions `0..seq`.

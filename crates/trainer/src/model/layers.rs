@@ -62,11 +62,11 @@ impl Layer {
     pub(crate) fn forward(&self, h: &Tensor, rope: &Rope, c: &ModelConfig, train: bool) -> Tensor {
         let (b, t) = (h.size()[0], h.size()[1]);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let ac = rope.compute;
+        let (ac, on) = (rope.compute, rope.adapters);
         let x = rms_norm(h, &self.input_norm, c.rms_norm_eps);
-        let mut q = self.q.forward(&x, train, ac).view([b, t, nh, hd]);
-        let mut k = self.k.forward(&x, train, ac).view([b, t, nkv, hd]);
-        let v = self.v.forward(&x, train, ac).view([b, t, nkv, hd]);
+        let mut q = self.q.forward(&x, train, ac, on).view([b, t, nh, hd]);
+        let mut k = self.k.forward(&x, train, ac, on).view([b, t, nkv, hd]);
+        let v = self.v.forward(&x, train, ac, on).view([b, t, nkv, hd]);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = rms_norm(&q, qn, c.rms_norm_eps);
             k = rms_norm(&k, kn, c.rms_norm_eps);
@@ -85,10 +85,10 @@ impl Layer {
             nkv != nh,
         );
         let a = a.transpose(1, 2).reshape([b, t, nh * hd]);
-        let h = h + self.o.forward(&a, train, ac);
+        let h = h + self.o.forward(&a, train, ac, on);
         let x = rms_norm(&h, &self.post_norm, c.rms_norm_eps);
-        let m = self.gate.forward(&x, train, ac).silu() * self.up.forward(&x, train, ac);
-        h + self.down.forward(&m, train, ac)
+        let m = self.gate.forward(&x, train, ac, on).silu() * self.up.forward(&x, train, ac, on);
+        h + self.down.forward(&m, train, ac, on)
     }
 }
 

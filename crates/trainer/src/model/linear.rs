@@ -17,8 +17,15 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    /// `compute`: the matmul dtype (bf16 on CUDA, as autocast would), else the weights' own.
-    pub(crate) fn forward(&self, x: &Tensor, train: bool, compute: Option<Kind>) -> Tensor {
+    /// `compute`: the matmul dtype (bf16 on CUDA, as autocast would), else the weights' own;
+    /// `adapters` off leaves the LoRA adapter out (the base projection alone).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        compute: Option<Kind>,
+        adapters: bool,
+    ) -> Tensor {
         let y = match compute {
             // A weight held in another dtype than the activations (a bf16 base): cast per call.
             None if self.weight.kind() != x.kind() => x.linear(
@@ -33,6 +40,7 @@ impl Linear {
         };
         match &self.lora {
             None => y,
+            Some(_) if !adapters => y,
             Some(l) => {
                 let x = if train && l.dropout > 0.0 {
                     x.dropout(l.dropout, true)

@@ -60,6 +60,8 @@ pub struct Model {
     shards: Option<Vec<Shard>>,
     /// The matmul dtype (bf16 on CUDA, as autocast would), else `None`: the weights' own (fp32).
     compute: Option<Kind>,
+    /// Whether the LoRA adapters take part in the forward pass (see [`Model::without_adapters`]).
+    adapters_on: std::sync::atomic::AtomicBool,
 }
 
 /// This rank's part of one sharded base weight.
@@ -150,6 +152,7 @@ impl Model {
             device,
             shards: shard.map(|_| shards),
             compute: device.is_cuda().then_some(Kind::BFloat16),
+            adapters_on: std::sync::atomic::AtomicBool::new(true),
         };
         if !model.is_sharded() {
             model.wire();
@@ -274,6 +277,16 @@ impl Model {
         self.logits(&h)
     }
 
+    /// Runs `work` with the LoRA adapters left out of every forward pass: the base model, DPO's
+    /// reference. (Without adapters, `work` runs the model as it is.)
+    pub fn without_adapters<T>(&self, work: impl FnOnce() -> T) -> T {
+        use std::sync::atomic::Ordering;
+        self.adapters_on.store(false, Ordering::Relaxed);
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+        self.adapters_on.store(true, Ordering::Relaxed);
+        out.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
     /// The RoPE tables and compute dtype for a batch of ids `[batch, seq]`.
     fn rope(&self, ids: &Tensor) -> Rope {
         let c = &self.config;
@@ -283,6 +296,7 @@ impl Model {
             cos,
             sin,
             compute: self.compute,
+            adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -5,9 +5,9 @@
 use tch::{Kind, Tensor};
 use waypoint_data::IGNORE;
 
-use crate::recipe::{MicroBatch, Recipe};
+use crate::recipe::{MicroBatch, Recipe, Scored};
 
-/// Next-token cross-entropy: the only recipe today (chosen in `run/resume.rs`).
+/// Next-token cross-entropy (`--recipe sft`, the default).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sft;
 
@@ -20,9 +20,9 @@ impl Recipe for Sft {
         batch.labels.ne(IGNORE).sum(Kind::Int64).int64_value(&[])
     }
 
-    fn loss_sum(&self, logits: &Tensor, batch: &MicroBatch) -> Tensor {
+    fn score(&self, logits: &Tensor, batch: &MicroBatch) -> Scored {
         let vocab = logits.size().last().copied().unwrap_or(1);
-        logits
+        let loss = logits
             .view([-1, vocab])
             .to_kind(Kind::Float)
             .cross_entropy_loss::<Tensor>(
@@ -31,6 +31,10 @@ impl Recipe for Sft {
                 tch::Reduction::Sum,
                 IGNORE,
                 0.0,
-            )
+            );
+        Scored {
+            loss,
+            stats: Vec::new(),
+        }
     }
 }

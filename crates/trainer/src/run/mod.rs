@@ -27,6 +27,7 @@ pub mod device;
 mod finish;
 pub mod memory;
 mod outputs;
+mod reference;
 mod resume;
 mod setup;
 
@@ -126,8 +127,10 @@ struct Live {
     checkpoint: waypoint_config::CheckpointSection,
     ranks: crate::collective::ranks::Ranks,
     device: tch::Device,
-    /// The objective (`sft`).
+    /// The objective (`sft`, `dpo`, `orpo`).
     recipe: Box<dyn Recipe>,
+    /// A full-parameter DPO run's reference log-probs (see [`reference`]).
+    reference: Option<reference::ReferenceTable>,
     model: crate::model::Model,
     opt: crate::optim::AdamW,
     train: waypoint_data::Dataset,
@@ -269,10 +272,14 @@ impl Session {
         let micro: Vec<MicroBatch> = (0..cfg.data.gradient_accumulation)
             .map(|a| {
                 let start = run.data_consumed + (a * world + rank) * bs;
-                MicroBatch::on(
-                    &run.train.batch(cfg.run.seed, start, bs as usize),
-                    run.device,
-                )
+                let samples: Vec<usize> = (0..bs)
+                    .map(|k| run.train.sample_at(cfg.run.seed, start + k))
+                    .collect();
+                let batch = MicroBatch::on(&run.train.rows(&samples), run.device);
+                match &run.reference {
+                    Some(table) => batch.with_reference(table.rows(&samples, run.device)),
+                    None => batch,
+                }
             })
             .collect();
         let lr = run.schedule.lr_at(self.step);
@@ -313,19 +320,28 @@ impl Session {
         run.data_consumed += run.global_batch;
         run.last_loss = done.loss;
         let secs = started.elapsed().as_secs_f64();
+        // A preference step's units are pairs, each two sequences.
+        let pairs = run.train.is_pairs();
+        let sequences = run.global_batch * if pairs { 2 } else { 1 };
         let mut line = json!({
             "step": self.step,
             "loss": done.loss,
             "lr": lr,
             "grad_norm": done.grad_norm,
-            "tokens": done.units,
-            "tokens_per_s": (run.global_batch * cfg.data.max_seq_len) as f64 / secs.max(1e-9),
+            if pairs { "pairs" } else { "tokens" }: done.units,
+            "tokens_per_s": (sequences * cfg.data.max_seq_len) as f64 / secs.max(1e-9),
             "data_consumed": run.data_consumed,
             "epoch": run.data_consumed / run.ctx.n_samples,
             "time_unix_ms": waypoint_checkpoint::now_ms(),
         });
         if let Some(blocked) = done.stall {
             line["save_stall_s"] = json!(blocked);
+        }
+        if pairs {
+            line["pairs_per_s"] = json!(run.global_batch as f64 / secs.max(1e-9));
+        }
+        for (name, value) in &done.stats {
+            line[*name] = json!(value);
         }
         if let Some(eval) = &run.eval {
             if cfg.run.eval_steps > 0 && self.step % cfg.run.eval_steps == 0 {

@@ -16,6 +16,7 @@ use waypoint_checkpoint::{
 };
 use waypoint_storage::Store;
 
+use super::reference::{self, ReferenceKey};
 use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
 use crate::checkpointing::saver::Saver;
@@ -24,7 +25,7 @@ use crate::checkpointing::tier::{self, MemoryTier};
 use crate::convert::from_blob;
 use crate::model::Model;
 use crate::optim::{AdamW, AdamWConfig, Schedule};
-use crate::recipe::{Recipe, Sft};
+use crate::recipe::{recipe_for, Recipe};
 use crate::shard::{rows_of, Rows};
 use waypoint_config::Sharding;
 use waypoint_config::{changes, fingerprint, BATCH_SPLIT};
@@ -37,7 +38,7 @@ impl Session {
         let Setup {
             env,
             device,
-            ranks,
+            mut ranks,
             loaded,
             global_batch,
             mut manager,
@@ -209,7 +210,7 @@ impl Session {
         }
         // What decides the trajectory (optimizer, schedule, global batch, recipe) is what the
         // checkpoint was trained with, unless the user asks for the change.
-        let recipe: Box<dyn Recipe> = Box::new(Sft);
+        let recipe: Box<dyn Recipe> = recipe_for(cfg.objective());
         let mut trajectory = cfg.trajectory(&resume_fields, world, total, recipe.name());
         trajectory["data"] = Value::String(train.content_fingerprint());
         let config_changes = match &latest {
@@ -361,6 +362,29 @@ impl Session {
         } else {
             AdamW::new(adamw, model.trainable())
         };
+        // A full-parameter DPO run's reference is its starting weights: scored before they are
+        // restored or trained (read back when the run has them already).
+        let reference = if recipe.needs_reference() && model.lora.is_none() {
+            let key = ReferenceKey::new(
+                &model_fingerprint,
+                section.init_from_checkpoint.as_deref(),
+                &train.content_fingerprint(),
+                json!({"recipe": recipe.name(), "max_seq_len": cfg.data.max_seq_len}),
+            );
+            Some(reference::load_or_compute(
+                &self.store,
+                &self.layout,
+                &key,
+                &model,
+                &train,
+                &mut ranks,
+                cfg.data.batch_size as usize,
+                latest.is_some(),
+                rt,
+            )?)
+        } else {
+            None
+        };
         if let Some(m) = &latest {
             restore_state(m, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
             let source = tier_used.manager(&memory, &manager);
@@ -462,6 +486,7 @@ impl Session {
             ranks,
             device,
             recipe,
+            reference,
             model,
             opt,
             train,

@@ -15,10 +15,10 @@ use super::memory::{self, MemoryCheck, MemoryPlan, MemoryPlanError, PlanInputs};
 use super::{Session, UsageError};
 use crate::collective::ranks::Ranks;
 use crate::model::{Model, ModelConfig};
-use waypoint_config::Sharding;
 use waypoint_config::{fingerprint, TrainConfig};
+use waypoint_config::{Objective, Sharding};
 use waypoint_data::tokenizer::Tokenizer;
-use waypoint_data::{list_sources, DataOptions, Dataset};
+use waypoint_data::{list_sources, DataOptions, Dataset, PairStyle};
 use waypoint_launch::WorkerEnv;
 
 /// What the run starts from, before anything is written.
@@ -294,6 +294,11 @@ async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> R
         text_field: cfg.data.dataset_text_field.clone(),
         max_seq_len: cfg.data.max_seq_len as usize,
         packing: !cfg.data.disable_packing,
+        pairs: match cfg.objective() {
+            Objective::Sft => None,
+            Objective::Dpo { .. } => Some(PairStyle::Dpo),
+            Objective::Orpo { .. } => Some(PairStyle::Orpo),
+        },
         skip_bad_lines: cfg.data.skip_bad_lines,
         cache_dir: if cfg.data.data_cache_dir.is_empty() {
             waypoint_data::default_cache_dir()
@@ -336,10 +341,20 @@ async fn load(cfg: &TrainConfig, device: Device, shard: Option<(u32, u32)>) -> R
             );
         }
     }
+    if train.is_pairs() && train.truncated > 0 {
+        tracing::warn!(
+            "{} of {} pairs are longer than --max_seq_len {}: their completions were cut to fit",
+            train.truncated,
+            train.len(),
+            cfg.data.max_seq_len
+        );
+    }
     tracing::info!(
         samples = train.len(),
+        pairs = train.is_pairs(),
         documents = train.documents,
         skipped = train.skipped,
+        truncated = train.truncated,
         cache = %train.cache_path.display(),
         cache_hit = !train.built_cache,
         "dataset ready"

@@ -1,0 +1,200 @@
+//! DPO's reference log-probs for a full-parameter run. The reference is the model as it starts;
+//! rather than keep a frozen copy of it beside the trained one (twice the weights), each pair's
+//! chosen and rejected log-probs under it are computed once, before the first step — a forward
+//! pass over the data, split over the ranks — and stored with the run: `reference/<key>.bin`
+//! (fp32, chosen then rejected per pair) with `reference/<key>.json` (its sha256, the pairs and
+//! what it took), the record written last. The key is a fingerprint of the model, the data and the
+//! settings that decide the tokens, so any change computes a new table. Every later start, a
+//! resume included, reads it back and checks its digest: a reference is never recomputed from
+//! weights that have since been trained. (With LoRA the reference is the base with its adapters
+//! off, computed with each batch: nothing is stored.)
+
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+use tokio::runtime::Runtime;
+use waypoint_checkpoint::RunLayout;
+use waypoint_data::Dataset;
+use waypoint_storage::Store;
+
+use crate::collective::ranks::Ranks;
+use crate::model::Model;
+use crate::recipe::{sequence_logps, MicroBatch};
+
+/// Each pair's reference log-probs, `[chosen, rejected]` per pair.
+pub(crate) struct ReferenceTable {
+    logps: Vec<f32>,
+}
+
+impl ReferenceTable {
+    /// The reference log-probs of the rows of `pairs` as a micro-batch lays them out (the chosen
+    /// rows, then the rejected ones), `[2 × pairs]` on `device`.
+    pub(crate) fn rows(&self, pairs: &[usize], device: Device) -> Tensor {
+        let chosen = pairs.iter().map(|&p| self.logps[2 * p]);
+        let rejected = pairs.iter().map(|&p| self.logps[2 * p + 1]);
+        let all: Vec<f32> = chosen.chain(rejected).collect();
+        Tensor::from_slice(&all).to_device(device)
+    }
+}
+
+/// Where a table is and what identifies it.
+pub(crate) struct ReferenceKey {
+    /// sha256 of what decides the reference log-probs.
+    pub fingerprint: String,
+}
+
+impl ReferenceKey {
+    /// The key of the reference of `model` (its fingerprint, and where the run's weights start
+    /// from) over `data` (its content fingerprint) with `settings` (what decides the tokens).
+    pub(crate) fn new(model: &str, start: Option<&str>, data: &str, settings: Value) -> Self {
+        Self {
+            fingerprint: waypoint_config::fingerprint(&json!({
+                "model": model,
+                "init_from_checkpoint": start,
+                "data": data,
+                "settings": settings,
+            })),
+        }
+    }
+
+    fn blob(&self, layout: &RunLayout) -> String {
+        layout.reference(&format!("dpo-{}.bin", &self.fingerprint[..16]))
+    }
+
+    fn record(&self, layout: &RunLayout) -> String {
+        layout.reference(&format!("dpo-{}.json", &self.fingerprint[..16]))
+    }
+}
+
+/// The run's stored table for `key`, checked; `None` when there is none.
+async fn read(
+    store: &Store,
+    layout: &RunLayout,
+    key: &ReferenceKey,
+    pairs: usize,
+) -> Result<Option<ReferenceTable>> {
+    let record_key = key.record(layout);
+    if !store.exists(&record_key).await? {
+        return Ok(None);
+    }
+    let record: Value = serde_json::from_slice(&store.get(&record_key).await?)
+        .with_context(|| format!("{record_key}: not valid JSON"))?;
+    let bytes = store.get(&key.blob(layout)).await?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    ensure!(
+        record["fingerprint"] == key.fingerprint.as_str()
+            && record["sha256"] == sha.as_str()
+            && bytes.len() == pairs * 8,
+        "the stored reference log-probs {} do not match their record {record_key} (digest \
+         {sha}); delete both to compute them again",
+        key.blob(layout)
+    );
+    let logps = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Some(ReferenceTable { logps }))
+}
+
+/// The reference table of a full-parameter DPO run: read back when the run has it; else, on a
+/// run's first start (`resuming` false), computed from `model`'s weights as they are now — all
+/// ranks take part — and stored by rank 0. `batch` pairs per forward pass.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_or_compute(
+    store: &Store,
+    layout: &RunLayout,
+    key: &ReferenceKey,
+    model: &Model,
+    train: &Dataset,
+    ranks: &mut Ranks,
+    batch: usize,
+    resuming: bool,
+    rt: &Runtime,
+) -> Result<ReferenceTable> {
+    let pairs = train.len();
+    if let Some(table) = rt.block_on(read(store, layout, key, pairs))? {
+        tracing::info!(pairs, record = %key.record(layout), "reference log-probs read back (not recomputed)");
+        return Ok(table);
+    }
+    if resuming {
+        bail!(
+            "the run's reference log-probs ({}) are missing, and its weights have been trained \
+             since: they cannot be computed again. Restore the reference/ folder, or start a new \
+             --run_id",
+            key.record(layout)
+        );
+    }
+    let started = Instant::now();
+    let (rank, world) = (ranks.rank() as usize, ranks.world() as usize);
+    let mut table = vec![0f32; 2 * pairs];
+    // Rank r scores pairs r, r + world, … in batches; every rank runs as many batches (a sharded
+    // model needs all of them in each forward pass).
+    let mine: Vec<usize> = (rank..pairs).step_by(world).collect();
+    let rounds = pairs.div_ceil(world).div_ceil(batch.max(1));
+    for round in 0..rounds {
+        let chunk: Vec<usize> = mine
+            .iter()
+            .copied()
+            .skip(round * batch)
+            .take(batch)
+            .collect();
+        // A rank out of pairs scores its first again (discarded) to keep in step.
+        let scored = if chunk.is_empty() {
+            vec![mine.first().copied().unwrap_or(0)]
+        } else {
+            chunk.clone()
+        };
+        let micro = MicroBatch::on(&train.rows(&scored), model.device());
+        let logps = tch::no_grad(|| -> Result<Tensor> {
+            let logits = if model.is_sharded() {
+                model.forward_sharded(&micro.ids, ranks)?
+            } else {
+                model.forward(&micro.ids, false)
+            };
+            Ok(sequence_logps(&logits, &micro.labels)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu))
+        })?;
+        let values = Vec::<f32>::try_from(&logps).context("reading the reference log-probs")?;
+        let n = chunk.len();
+        for (k, &p) in chunk.iter().enumerate() {
+            table[2 * p] = values[k];
+            table[2 * p + 1] = values[n + k];
+        }
+    }
+    // Each pair was scored by one rank; the others hold zeros there.
+    let mut summed = [Tensor::from_slice(&table)];
+    let mut unused = 0.0;
+    ranks.all_reduce(&mut summed, &mut unused)?;
+    let logps = Vec::<f32>::try_from(&summed[0]).context("reading the reference log-probs")?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        pairs,
+        secs = format!("{secs:.1}"),
+        "reference log-probs computed from the initial weights"
+    );
+    if rank == 0 {
+        let bytes: Vec<u8> = logps.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let record = json!({
+            "fingerprint": key.fingerprint,
+            "sha256": sha,
+            "pairs": pairs,
+            "dtype": "float32",
+            "layout": "chosen, rejected per pair, in dataset order",
+            "secs": secs,
+            "world_size": world,
+        });
+        let record = Bytes::from(serde_json::to_vec_pretty(&record)?);
+        rt.block_on(async {
+            store.put(&key.blob(layout), Bytes::from(bytes)).await?;
+            store.put(&key.record(layout), record).await
+        })
+        .context("storing the reference log-probs")?;
+    }
+    Ok(ReferenceTable { logps })
+}
