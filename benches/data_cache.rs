@@ -231,6 +231,7 @@ fn throughput(dir: &Path) {
         text_field: "text".into(),
         max_seq_len: 2048,
         packing: true,
+        pairs: None,
         skip_bad_lines: false,
         cache_dir: dir.join("tok-cache"),
         threads,

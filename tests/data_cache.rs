@@ -251,6 +251,7 @@ async fn a_dataset_on_s3_streams_into_the_same_samples_as_local_files() {
         text_field: "text".into(),
         max_seq_len: 63,
         packing: true,
+        pairs: None,
         skip_bad_lines: false,
         cache_dir: dir.path().join("cache"),
         threads: 2,

@@ -102,6 +102,7 @@ fn text_rows_cache_as_u32_ids_equal_to_hf_tokenizers() {
         text_field: "text".into(),
         max_seq_len: 31,
         packing: true,
+        pairs: None,
         skip_bad_lines: false,
         cache_dir: dir.path().join("cache"),
         threads: 2,
