@@ -81,7 +81,10 @@ pub fn encode_pair(
         } => chosen == rejected,
     };
     if same {
-        tracing::warn!("a pair's chosen and rejected completions are the same: it teaches nothing");
+        tracing::warn!(
+            prompt = %prompt_start(&parts),
+            "a pair's chosen and rejected completions are the same: it teaches nothing"
+        );
     }
     let (chosen, rejected) = match style {
         PairStyle::Dpo => dpo_tokens(parts, tokenizer)?,
@@ -100,6 +103,15 @@ pub fn encode_pair(
         );
     }
     Ok(vec![chosen, rejected])
+}
+
+/// The first characters of a pair's prompt (to say which pair a warning is about).
+fn prompt_start(parts: &Parts) -> String {
+    let text = match parts {
+        Parts::Text { prompt, .. } => prompt.clone(),
+        Parts::Chat { prompt, .. } => serde_json::to_string(prompt).unwrap_or_default(),
+    };
+    text.chars().take(40).collect()
 }
 
 /// The row's prompt, chosen and rejected, in whichever format it is.
