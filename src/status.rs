@@ -5,13 +5,14 @@
 //! [`crate::runs`] says; with none named, the runs under `--checkpoint_base_uri` (`./runs`) are
 //! listed with their states.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 use waypoint_checkpoint::{now_ms, CheckpointInfo, CheckpointManager, ManagerOptions, RunLayout};
-use waypoint_observe::records::{JobState, Status};
+use waypoint_observe::records::{JobState, Status, RECIPE_METRICS};
 use waypoint_storage::{StorageError, Store};
 
 /// A running run whose records have not changed for this long is reported as possibly gone.
@@ -57,6 +58,9 @@ pub struct Report {
     pub lr: Option<f64>,
     /// Tokens per second of the last step recorded.
     pub tokens_per_s: Option<f64>,
+    /// A preference run's statistics at the last step recorded (TRL's names: `rewards/margins`,
+    /// …); empty for a supervised run.
+    pub preference: BTreeMap<String, f64>,
     /// The newest committed checkpoint a restart resumes from.
     pub resumable_checkpoint: Option<String>,
     /// The newest committed checkpoint that can be promoted.
@@ -133,6 +137,13 @@ pub fn report(
         eval_loss: field("eval_loss"),
         lr: field("lr"),
         tokens_per_s: field("tokens_per_s"),
+        preference: RECIPE_METRICS
+            .iter()
+            .filter_map(|&name| {
+                let v = last_metrics.and_then(|m| m[name].as_f64())?;
+                Some((name.to_string(), v))
+            })
+            .collect(),
         resumable_checkpoint: newest(|c| c.resumable),
         promotable_checkpoint: newest(|c| c.promotable),
         error: status.error.clone(),
@@ -185,13 +196,24 @@ pub fn render(r: &Report) -> String {
             opt(r.lr, |v| format!("{v:.2e}")),
             opt(r.tokens_per_s, |v| format!("{v:.0}"))
         ),
+    ];
+    // A preference run's statistics, in the recipe's order, four to a line.
+    let stats: Vec<String> = RECIPE_METRICS
+        .iter()
+        .filter_map(|&name| Some(format!("{name} {:.4}", r.preference.get(name)?)))
+        .collect();
+    for (i, chunk) in stats.chunks(4).enumerate() {
+        let head = if i == 0 { "preference" } else { "" };
+        lines.push(format!("{head:<12}{}", chunk.join("  ")));
+    }
+    lines.extend([
         format!(
             "checkpoint  resumable {}  promotable {}",
             r.resumable_checkpoint.as_deref().unwrap_or("-"),
             r.promotable_checkpoint.as_deref().unwrap_or("-")
         ),
         format!("updated     {} ago", duration(r.updated_s_ago)),
-    ];
+    ]);
     if r.stale {
         lines.push(format!(
             "warning     RUNNING but nothing recorded for {}: the process may be gone; the same \
@@ -347,6 +369,37 @@ mod tests {
         let screen = render(&r);
         assert!(screen.contains("RUNNING (attempt 2)") && screen.contains("40 / 100 (40.0%)"));
         assert!(screen.contains("eta 28s"), "{screen}");
+    }
+
+    #[test]
+    fn a_preference_run_shows_its_statistics_and_a_supervised_one_none() {
+        let last = json!({"step": 30, "loss": 0.4, "rewards/accuracies": 0.75,
+            "rewards/margins": 1.25, "logps/chosen": -40.0, "tokens": 100});
+        let r = report(
+            "r",
+            &status(JobState::Finished, 30, 1),
+            None,
+            Some(&last),
+            &[],
+            0,
+        );
+        assert_eq!(r.preference.len(), 3);
+        assert_eq!(r.preference["rewards/margins"], 1.25);
+        let screen = render(&r);
+        assert!(
+            screen.contains("preference  rewards/accuracies 0.7500  rewards/margins 1.2500"),
+            "{screen}"
+        );
+        let sft = json!({"step": 30, "loss": 0.4});
+        let r = report(
+            "r",
+            &status(JobState::Finished, 30, 1),
+            None,
+            Some(&sft),
+            &[],
+            0,
+        );
+        assert!(r.preference.is_empty() && !render(&r).contains("preference"));
     }
 
     #[test]

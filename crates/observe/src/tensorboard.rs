@@ -11,6 +11,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
+use crate::records::RECIPE_METRICS;
+
 /// `tensorflow.Event`: the fields waypoint writes.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Event {
@@ -102,7 +104,7 @@ pub fn event_record(event: &Event) -> Vec<u8> {
 /// The scalars of one line of `logs/metrics.jsonl`, as TensorBoard tags. Fields absent from the line
 /// (eval loss between evaluations, the save stall of steps no save held up) give no scalar.
 pub fn scalars_of(line: &serde_json::Value) -> Vec<(&'static str, f32)> {
-    const TAGS: [(&str, &str); 10] = [
+    const TAGS: [(&str, &str); 11] = [
         ("loss", "train/loss"),
         ("lr", "train/lr"),
         ("grad_norm", "train/grad_norm"),
@@ -113,9 +115,25 @@ pub fn scalars_of(line: &serde_json::Value) -> Vec<(&'static str, f32)> {
         ("save_upload_s", "checkpoint/upload_s"),
         ("save_commit_latency_s", "checkpoint/commit_latency_s"),
         ("save_overlap_slowdown", "checkpoint/overlap_slowdown"),
+        ("pairs_per_s", "train/pairs_per_s"),
     ];
+    /// [`RECIPE_METRICS`] under `train/`, in the same order.
+    const RECIPE_TAGS: [&str; 9] = [
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/accuracies",
+        "train/rewards/margins",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "train/nll_loss",
+        "train/log_odds_ratio",
+        "train/log_odds_chosen",
+    ];
+    let recipe = RECIPE_METRICS.iter().zip(RECIPE_TAGS);
     TAGS.iter()
-        .filter_map(|(field, tag)| line[field].as_f64().map(|v| (*tag, v as f32)))
+        .map(|(field, tag)| (*field, *tag))
+        .chain(recipe.map(|(field, tag)| (*field, tag)))
+        .filter_map(|(field, tag)| line[field].as_f64().map(|v| (tag, v as f32)))
         .collect()
 }
 

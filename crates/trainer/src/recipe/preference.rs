@@ -195,3 +195,26 @@ impl Recipe for Orpo {
         Scored { loss, stats }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use waypoint_observe::records::RECIPE_METRICS;
+
+    #[test]
+    fn every_statistic_is_one_that_metrics_tensorboard_and_status_show() {
+        for name in DPO_STATS.iter().chain(&ORPO_STATS) {
+            assert!(RECIPE_METRICS.contains(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn log1mexp_is_log_of_one_minus_exp_on_both_branches() {
+        let x = Tensor::from_slice(&[-5.0f64, -1.0, -0.5, -0.01]);
+        let got = Vec::<f64>::try_from(log1mexp(&x)).unwrap();
+        for (g, x) in got.iter().zip([-5.0f64, -1.0, -0.5, -0.01]) {
+            let want = (1.0 - x.exp()).ln();
+            assert!((g - want).abs() < 1e-12, "{x}: {g} vs {want}");
+        }
+    }
+}

@@ -232,7 +232,12 @@ impl Session {
                 let during = line["save_stall_s"].as_f64().unwrap_or(0.0);
                 line["save_stall_s"] = json!(stall + during);
             }
-            progress.step(self.step, run.last_loss, line["lr"].as_f64().unwrap_or(0.0));
+            progress.step(
+                self.step,
+                run.last_loss,
+                line["lr"].as_f64().unwrap_or(0.0),
+                &line,
+            );
             run.metrics.push_str(&line.to_string());
             run.metrics.push('\n');
             if let Some(watch) = &self.watch {

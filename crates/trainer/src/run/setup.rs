@@ -174,7 +174,14 @@ fn check_memory(
         .map(|l| model.lora_parameter_count(l.rank, &l.targets));
     let inputs = PlanInputs {
         lora_parameters: lora,
-        micro_batch_tokens: cfg.data.batch_size * cfg.data.max_seq_len,
+        // A preference micro-batch of `batch_size` pairs runs twice as many sequences.
+        micro_batch_tokens: cfg.data.batch_size
+            * cfg.data.max_seq_len
+            * if cfg.objective().is_preference() {
+                2
+            } else {
+                1
+            },
         gradient_accumulation: cfg.data.gradient_accumulation,
         world_size: env.world_size,
         cuda: device.is_cuda(),
