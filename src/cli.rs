@@ -69,7 +69,8 @@ struct TrainArgs {
     #[arg(long = "checkpoint_base_uri")]
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_base_uri: Option<String>,
-    /// builtin:demo, a JSONL file or directory, or a store URI [default: builtin:demo].
+    /// builtin:demo (builtin:demo_preference for --recipe dpo/orpo), a JSONL file or directory, or a
+    /// store URI [default: builtin:demo].
     #[arg(long = "dataset_uri")]
     #[serde(skip_serializing_if = "Option::is_none")]
     dataset_uri: Option<String>,

@@ -185,6 +185,20 @@ impl TrainConfig {
                 },
             )?;
         }
+        if recipe.is_some_and(|r| r != RecipeKind::Sft) {
+            for (key, uri) in [
+                ("dataset_uri", &self.data.dataset_uri),
+                ("eval_dataset_uri", &self.data.eval_dataset_uri),
+            ] {
+                check(uri != "builtin:demo", key, || {
+                    format!(
+                        "--{key} builtin:demo holds text and chat rows, not preference pairs; use \
+                         builtin:demo_preference with --recipe {}",
+                        self.recipe.recipe
+                    )
+                })?;
+            }
+        }
         if recipe == Some(RecipeKind::Sft) {
             check(self.recipe.beta == d.recipe.beta, "recipe", || {
                 "--beta is a DPO/ORPO setting but --recipe is sft; set --recipe dpo or orpo".into()

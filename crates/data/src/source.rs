@@ -12,6 +12,10 @@ use waypoint_storage::{BlobReader, Store};
 /// The demo dataset shipped in the binary (`dataset_uri = builtin:demo`).
 pub const DEMO_DATASET: &str = include_str!("../assets/demo.jsonl");
 
+/// The demo preference pairs shipped in the binary (`dataset_uri = builtin:demo_preference`), for
+/// `--recipe dpo|orpo`: 64 pairs, in turn in each of the four formats of [`crate::pairs`].
+pub const DEMO_PREFERENCE_DATASET: &str = include_str!("../assets/demo_preference.jsonl");
+
 /// The UTF-8 byte order mark, accepted (and dropped) at the start of a file.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -77,15 +81,21 @@ impl Chunk {
     }
 }
 
-/// Lists `uri`: `builtin:demo`, a local file or directory (its `*.jsonl`, sorted), or a store URI of
-/// a file or a prefix (its `*.jsonl` objects, sorted). Reads no data.
+/// Lists `uri`: `builtin:demo` or `builtin:demo_preference`, a local file or directory (its
+/// `*.jsonl`, sorted), or a store URI of a file or a prefix (its `*.jsonl` objects, sorted). Reads
+/// no data.
 pub async fn list_sources(uri: &str) -> Result<Vec<Source>> {
-    if uri == "builtin:demo" {
+    let builtin = match uri {
+        "builtin:demo" => Some(("demo", DEMO_DATASET)),
+        "builtin:demo_preference" => Some(("demo_preference", DEMO_PREFERENCE_DATASET)),
+        _ => None,
+    };
+    if let Some((name, text)) = builtin {
         return Ok(vec![Source {
             name: uri.into(),
-            location: Location::Builtin(DEMO_DATASET.as_bytes()),
-            size: DEMO_DATASET.len() as u64,
-            identity: json!({"builtin": "demo", "sha256": waypoint_config::fingerprint(&json!(DEMO_DATASET))}),
+            location: Location::Builtin(text.as_bytes()),
+            size: text.len() as u64,
+            identity: json!({"builtin": name, "sha256": waypoint_config::fingerprint(&json!(text))}),
         }]);
     }
     if !uri.contains("://") || uri.starts_with("file://") {
