@@ -6,7 +6,12 @@
 //!   of each run over a run without saves is printed too: background uploads share the CPU;
 //! - the slowdown of the steps that overlap a background save against the steps with none, as the
 //!   trainer reports it per save (`save_overlap_slowdown`), beside its snapshot, upload and
-//!   step → commit seconds.
+//!   step → commit seconds;
+//! - DPO with LoRA: pairs/s of `waypoint train --recipe dpo` against TRL 1.16's DPOTrainer on the
+//!   same model and pairs (benches/anchors/dpo_anchor.py; both compute the reference with the
+//!   adapters off, in fp32, every sequence cut to the same length) — target ≥ 1.2×; and the peak
+//!   resident memory of that run against LoRA SFT over the same tokens (the pairs' chosen and
+//!   rejected sequences as text rows, twice the batch) — target ≤ 1.1×.
 //!
 //! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6: ~19M parameters, a ~230 MB
 //! resumable checkpoint); WAYPOINT_BENCH_THREADS the libtorch threads (default 2);
@@ -180,6 +185,135 @@ fn main() {
     println!(
         "wall time: 14 steps without saves {plain_secs:.1} s; {stall_steps} steps saving every \
          {every} async {async_secs:.1} s, sync {sync_secs:.1} s (includes start-up and the final save)"
+    );
+    dpo(&model, dir.path(), threads);
+}
+
+/// `count` preference pairs whose every sequence is longer than `seq` tokens (so that both sides
+/// cut them to the same length), and the same sequences as text rows.
+fn write_pairs(pairs: &Path, text: &Path, count: usize) {
+    let body = "the trainer writes the weights, the optimizer state and the data position; a \
+                checkpoint is real once its manifest exists, and resume continues from the newest \
+                complete one";
+    let (mut p, mut t) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        let prompt = format!("question {i}: what makes a checkpoint real?");
+        let chosen = format!(" the manifest, written last. {body}");
+        let rejected = format!(" the first file. {body}");
+        p.push(
+            serde_json::json!({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+                .to_string(),
+        );
+        for c in [&chosen, &rejected] {
+            t.push(serde_json::json!({"text": format!("{prompt}{c}")}).to_string());
+        }
+    }
+    std::fs::write(pairs, p.join("\n")).unwrap();
+    std::fs::write(text, t.join("\n")).unwrap();
+}
+
+/// The `peak_rss_mb` the trainer logs at the end of a run.
+fn peak_rss_mb(log: &str) -> f64 {
+    log.lines()
+        .filter_map(|l| l.split("peak_rss_mb=").nth(1))
+        .filter_map(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .next_back()
+        .expect("the trainer logs its peak resident memory")
+}
+
+/// DPO throughput against TRL, and DPO's peak memory against SFT's on the same tokens.
+fn dpo(model: &Path, dir: &Path, threads: usize) {
+    let (batch, seq, steps, rank) = (
+        env_or("WAYPOINT_BENCH_BATCH", 4),
+        env_or("WAYPOINT_BENCH_SEQ", 128),
+        12,
+        16,
+    );
+    // AutoTokenizer (TRL's side) needs the tokenizer's special tokens.
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        r#"{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}"#,
+    )
+    .unwrap();
+    let (pairs, text) = (dir.join("pairs.jsonl"), dir.join("text.jsonl"));
+    write_pairs(&pairs, &text, 64);
+    let logged = |run: &str, data: &Path, batch: usize, extra: &[&str]| {
+        let (batch, seq, steps, rank) = (
+            batch.to_string(),
+            seq.to_string(),
+            steps.to_string(),
+            rank.to_string(),
+        );
+        let log = support::run_log(
+            Command::new(env!("CARGO_BIN_EXE_waypoint"))
+                .args([
+                    "train",
+                    "--device",
+                    "cpu",
+                    "--num_threads",
+                    &threads.to_string(),
+                ])
+                .args(["--run_id", run, "--model_id", model.to_str().unwrap()])
+                .args(["--dataset_uri", data.to_str().unwrap()])
+                .args(["--checkpoint_base_uri", dir.to_str().unwrap()])
+                .args([
+                    "--max_seq_len",
+                    &seq,
+                    "--max_steps",
+                    &steps,
+                    "--save_steps",
+                    "0",
+                ])
+                .args(["--lora_rank", &rank, "--warmup_steps", "0", "--lr", "1e-4"])
+                .args(["--logging_steps", "1000", "--batch_size", &batch])
+                .args(extra)
+                .env("RUST_LOG", "info"),
+        );
+        let text =
+            std::fs::read_to_string(dir.join(run).join("framework=waypoint/logs/metrics.jsonl"))
+                .expect("metrics.jsonl");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (lines, log)
+    };
+    let (lines, dpo_log) = logged("dpo", &pairs, batch, &["--recipe", "dpo"]);
+    let ours = median(
+        lines[2..]
+            .iter()
+            .map(|l| l["pairs_per_s"].as_f64().unwrap())
+            .collect(),
+    );
+    let anchor: serde_json::Value = serde_json::from_str(
+        run(Command::new(python()).args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/benches/anchors/dpo_anchor.py"),
+            model.to_str().unwrap(),
+            pairs.to_str().unwrap(),
+            &batch.to_string(),
+            &seq.to_string(),
+            &steps.to_string(),
+            &threads.to_string(),
+            &rank.to_string(),
+        ]))
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default(),
+    )
+    .unwrap();
+    let theirs = anchor["pairs_per_s"].as_f64().unwrap();
+    println!(
+        "DPO pairs/s (LoRA rank {rank}, {batch} pairs x 2 x {seq} tokens, {threads} threads, cpu): \
+         waypoint {ours:.2} vs TRL DPOTrainer {theirs:.2} = {:.2}x (target >= 1.2x)",
+        ours / theirs
+    );
+    let (_, sft_log) = logged("sft", &text, 2 * batch, &["--disable_packing"]);
+    let (dpo_mb, sft_mb) = (peak_rss_mb(&dpo_log), peak_rss_mb(&sft_log));
+    println!(
+        "peak resident memory, LoRA: DPO {dpo_mb:.0} MB vs SFT over the same tokens {sft_mb:.0} MB \
+         = {:.2}x (target <= 1.1x)",
+        dpo_mb / sft_mb
     );
 }
 

@@ -446,6 +446,91 @@ fn dpo_and_orpo_match_trl_step_for_step() {
     }
 }
 
+/// A LoRA DPO run that trains on fewer pairs than the data holds scores its reference with the
+/// adapters off as batches come; one that sees them all stores a table scored once. The two give
+/// the same steps (a constant learning rate makes the runs' first steps the same).
+#[test]
+fn both_sources_of_a_lora_reference_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |run_id: &str, steps: &str| {
+        let out = common::waypoint()
+            .args([
+                "train",
+                "--recipe",
+                "dpo",
+                "--dataset_uri",
+                "builtin:demo_preference",
+            ])
+            .args([
+                "--max_seq_len",
+                "192",
+                "--batch_size",
+                "4",
+                "--lora_rank",
+                "4",
+            ])
+            .args([
+                "--lr_scheduler",
+                "constant",
+                "--warmup_steps",
+                "0",
+                "--lr",
+                "1e-2",
+            ])
+            .args([
+                "--max_steps",
+                steps,
+                "--run_id",
+                run_id,
+                "--logging_steps",
+                "1",
+            ])
+            .arg("--checkpoint_base_uri")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let log = common::train_log(&out);
+        let metrics = dir
+            .path()
+            .join(run_id)
+            .join("framework=waypoint/logs/metrics.jsonl");
+        let lines: Vec<Value> = std::fs::read_to_string(metrics)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (log, lines)
+    };
+    // 3 steps × 4 pairs < 64 pairs: adapters off; 16 steps × 4 = 64: stored.
+    let (log, on_the_fly) = run("few", "3");
+    assert!(
+        log.contains("the adapters off, scored with each batch"),
+        "{log}"
+    );
+    assert!(!dir.path().join("few/framework=waypoint/reference").exists());
+    let (log, stored) = run("all", "16");
+    assert!(
+        log.contains("reference log-probs computed from the initial weights"),
+        "{log}"
+    );
+    for (a, b) in on_the_fly.iter().zip(&stored).take(3) {
+        for name in [
+            "loss",
+            "grad_norm",
+            "rewards/chosen",
+            "rewards/margins",
+            "logps/rejected",
+        ] {
+            let (x, y) = (a[name].as_f64().unwrap(), b[name].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(y.abs()).max(1e-2),
+                "step {} {name}: {x} vs {y}",
+                a["step"]
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_rows_name_file_line_and_field_or_are_skipped() {
     let dir = tempfile::tempdir().unwrap();

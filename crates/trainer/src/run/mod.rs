@@ -129,8 +129,10 @@ struct Live {
     device: tch::Device,
     /// The objective (`sft`, `dpo`, `orpo`).
     recipe: Box<dyn Recipe>,
-    /// A full-parameter DPO run's reference log-probs (see [`reference`]).
+    /// A full-parameter DPO run's reference log-probs (see [`reference`]), of the training data
+    /// and of the eval data.
     reference: Option<reference::ReferenceTable>,
+    eval_reference: Option<reference::ReferenceTable>,
     model: crate::model::Model,
     opt: crate::optim::AdamW,
     train: waypoint_data::Dataset,
@@ -352,9 +354,14 @@ impl Session {
             if cfg.run.eval_steps > 0 && self.step % cfg.run.eval_steps == 0 {
                 let indices: Vec<usize> = (0..eval.len()).collect();
                 let device = run.device;
-                let batches = indices
-                    .chunks((bs as usize).max(1))
-                    .map(|chunk| MicroBatch::on(&eval.rows(chunk), device));
+                let table = run.eval_reference.as_ref();
+                let batches = indices.chunks((bs as usize).max(1)).map(|chunk| {
+                    let batch = MicroBatch::on(&eval.rows(chunk), device);
+                    match table {
+                        Some(t) => batch.with_reference(t.rows(chunk, device)),
+                        None => batch,
+                    }
+                });
                 let eval_loss = evaluate(&run.model, run.recipe.as_ref(), batches, &mut run.ranks)?;
                 line["eval_loss"] = json!(eval_loss);
                 tracing::info!(step = self.step, eval_loss, "eval");

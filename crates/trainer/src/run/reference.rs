@@ -1,13 +1,14 @@
-//! DPO's reference log-probs for a full-parameter run. The reference is the model as it starts;
-//! rather than keep a frozen copy of it beside the trained one (twice the weights), each pair's
-//! chosen and rejected log-probs under it are computed once, before the first step — a forward
-//! pass over the data, split over the ranks — and stored with the run: `reference/<key>.bin`
-//! (fp32, chosen then rejected per pair) with `reference/<key>.json` (its sha256, the pairs and
-//! what it took), the record written last. The key is a fingerprint of the model, the data and the
-//! settings that decide the tokens, so any change computes a new table. Every later start, a
-//! resume included, reads it back and checks its digest: a reference is never recomputed from
-//! weights that have since been trained. (With LoRA the reference is the base with its adapters
-//! off, computed with each batch: nothing is stored.)
+//! DPO's reference log-probs. The reference is the model as it starts (under LoRA: the base with
+//! its adapters off, which is the same model, the adapters starting at zero). [`reference_source`]
+//! (the policy) says where they come from; this file carries out the stored kind: rather than keep
+//! a frozen copy of the weights beside the trained ones, or score every batch twice, each pair's
+//! chosen and rejected log-probs are computed once, before the first step — a forward pass over
+//! the data, split over the ranks — and stored with the run: `reference/<key>.bin` (fp32, chosen
+//! then rejected per pair) with `reference/<key>.json` (its sha256, the pairs and what it took),
+//! the record written last. The key is a fingerprint of the model, the data and the settings that
+//! decide the tokens, so any change computes a new table. Every later start, a resume included,
+//! reads it back and checks its digest: a full-parameter reference is never recomputed from weights
+//! that have since been trained (a LoRA one can be: its base never changes).
 
 use std::time::Instant;
 
@@ -24,6 +25,36 @@ use waypoint_storage::Store;
 use crate::collective::ranks::Ranks;
 use crate::model::Model;
 use crate::recipe::{sequence_logps, MicroBatch};
+
+/// Where a DPO run's reference log-probs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReferenceSource {
+    /// The recipe has no reference (SFT, ORPO).
+    None,
+    /// A table computed once and stored with the run.
+    Stored,
+    /// The base with the adapters off, with every batch (LoRA).
+    AdaptersOff,
+}
+
+/// The policy: a full-parameter run stores its reference (the starting weights are gone after step
+/// 1, and a frozen copy would double them); a LoRA run stores it when it trains on at least as many
+/// pairs as the data holds (`pairs_trained` ≥ `pairs`: one scoring pass costs no more than scoring
+/// each batch as it comes, and saves a forward pass per step from then on), and otherwise scores
+/// each batch with the adapters off (no pass over data it will never see).
+pub(crate) fn reference_source(
+    needs_reference: bool,
+    lora: bool,
+    pairs: u64,
+    pairs_trained: u64,
+) -> ReferenceSource {
+    match (needs_reference, lora) {
+        (false, _) => ReferenceSource::None,
+        (true, false) => ReferenceSource::Stored,
+        (true, true) if pairs_trained >= pairs => ReferenceSource::Stored,
+        (true, true) => ReferenceSource::AdaptersOff,
+    }
+}
 
 /// Each pair's reference log-probs, `[chosen, rejected]` per pair.
 pub(crate) struct ReferenceTable {
@@ -100,9 +131,10 @@ async fn read(
     Ok(Some(ReferenceTable { logps }))
 }
 
-/// The reference table of a full-parameter DPO run: read back when the run has it; else, on a
-/// run's first start (`resuming` false), computed from `model`'s weights as they are now — all
-/// ranks take part — and stored by rank 0. `batch` pairs per forward pass.
+/// The reference table of a DPO run: read back when the run has it; else computed from `model`'s
+/// weights as they are now, its adapters off — all ranks take part — and stored by rank 0, on a
+/// run's first start or under LoRA (whose base does not train; a full-parameter run `resuming`
+/// has trained its weights, and fails). `batch` pairs per forward pass.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn load_or_compute(
     store: &Store,
@@ -120,7 +152,7 @@ pub(crate) fn load_or_compute(
         tracing::info!(pairs, record = %key.record(layout), "reference log-probs read back (not recomputed)");
         return Ok(table);
     }
-    if resuming {
+    if resuming && model.lora.is_none() {
         bail!(
             "the run's reference log-probs ({}) are missing, and its weights have been trained \
              since: they cannot be computed again. Restore the reference/ folder, or start a new \
@@ -150,11 +182,13 @@ pub(crate) fn load_or_compute(
         };
         let micro = MicroBatch::on(&train.rows(&scored), model.device());
         let logps = tch::no_grad(|| -> Result<Tensor> {
-            let logits = if model.is_sharded() {
-                model.forward_sharded(&micro.ids, ranks)?
-            } else {
-                model.forward(&micro.ids, false)
-            };
+            let logits = model.without_adapters(|| {
+                if model.is_sharded() {
+                    model.forward_sharded(&micro.ids, ranks)
+                } else {
+                    Ok(model.forward(&micro.ids, false))
+                }
+            })?;
             Ok(sequence_logps(&logits, &micro.labels)
                 .to_kind(Kind::Float)
                 .to_device(Device::Cpu))
@@ -197,4 +231,19 @@ pub(crate) fn load_or_compute(
         .context("storing the reference log-probs")?;
     }
     Ok(ReferenceTable { logps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_parameter_runs_store_their_reference_and_lora_runs_when_they_see_all_the_data() {
+        use ReferenceSource::*;
+        assert_eq!(reference_source(false, false, 10, 100), None);
+        assert_eq!(reference_source(false, true, 10, 100), None);
+        assert_eq!(reference_source(true, false, 1000, 10), Stored);
+        assert_eq!(reference_source(true, true, 100, 100), Stored);
+        assert_eq!(reference_source(true, true, 100, 99), AdaptersOff);
+    }
 }

@@ -16,7 +16,7 @@ use waypoint_checkpoint::{
 };
 use waypoint_storage::Store;
 
-use super::reference::{self, ReferenceKey};
+use super::reference::{self, ReferenceKey, ReferenceSource};
 use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
 use crate::checkpointing::saver::Saver;
@@ -362,28 +362,49 @@ impl Session {
         } else {
             AdamW::new(adamw, model.trainable())
         };
-        // A full-parameter DPO run's reference is its starting weights: scored before they are
-        // restored or trained (read back when the run has them already).
-        let reference = if recipe.needs_reference() && model.lora.is_none() {
-            let key = ReferenceKey::new(
-                &model_fingerprint,
-                section.init_from_checkpoint.as_deref(),
-                &train.content_fingerprint(),
-                json!({"recipe": recipe.name(), "max_seq_len": cfg.data.max_seq_len}),
+        // A DPO run's reference is its starting weights: a stored one is scored before they are
+        // restored or trained (read back when the run has it already).
+        let source = reference::reference_source(
+            recipe.needs_reference(),
+            model.lora.is_some(),
+            train.len() as u64,
+            total.saturating_mul(global_batch),
+        );
+        if source == ReferenceSource::AdaptersOff && main {
+            tracing::info!(
+                "reference log-probs: the base with the adapters off, scored with each batch (the \
+                 run trains on fewer pairs than the data holds)"
             );
-            Some(reference::load_or_compute(
-                &self.store,
-                &self.layout,
-                &key,
-                &model,
-                &train,
-                &mut ranks,
-                cfg.data.batch_size as usize,
-                latest.is_some(),
-                rt,
-            )?)
+        }
+        let (reference, eval_reference) = if source == ReferenceSource::Stored {
+            let mut table_of = |data: &waypoint_data::Dataset| {
+                let key = ReferenceKey::new(
+                    &model_fingerprint,
+                    section.init_from_checkpoint.as_deref(),
+                    &data.content_fingerprint(),
+                    json!({"recipe": recipe.name(), "max_seq_len": cfg.data.max_seq_len}),
+                );
+                reference::load_or_compute(
+                    &self.store,
+                    &self.layout,
+                    &key,
+                    &model,
+                    data,
+                    &mut ranks,
+                    cfg.data.batch_size as usize,
+                    latest.is_some(),
+                    rt,
+                )
+            };
+            let train_table = table_of(&train)?;
+            // Under LoRA an eval set is scored with the adapters off as it comes.
+            let eval_table = match model.lora {
+                Some(_) => None,
+                None => eval.as_ref().map(&mut table_of).transpose()?,
+            };
+            (Some(train_table), eval_table)
         } else {
-            None
+            (None, None)
         };
         if let Some(m) = &latest {
             restore_state(m, std::mem::take(&mut resume_blobs), &model, &mut opt)?;
@@ -487,6 +508,7 @@ impl Session {
             device,
             recipe,
             reference,
+            eval_reference,
             model,
             opt,
             train,
