@@ -531,6 +531,86 @@ fn both_sources_of_a_lora_reference_agree() {
     }
 }
 
+/// A preference run set up through a config file in the control plane's `extra_args` shape shows
+/// its statistics in TensorBoard and `waypoint status`; its recipe settings are part of its record,
+/// so a restart with another β is refused; pairs cut to `--max_seq_len` are counted.
+#[test]
+fn a_dpo_job_from_extra_args_reports_its_metrics_and_keeps_its_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("job.json");
+    std::fs::write(
+        &config,
+        json!({"extra_args": {"recipe": "dpo", "beta": 0.2, "dpo_loss": "hinge",
+            "dataset_uri": "builtin:demo_preference", "max_seq_len": 96, "max_steps": 4,
+            "batch_size": 4, "lora_rank": 4, "logging_steps": 1}})
+        .to_string(),
+    )
+    .unwrap();
+    let train = |extra: &[&str]| {
+        common::waypoint()
+            .args(["train", "--config_path"])
+            .arg(&config)
+            .arg("--checkpoint_base_uri")
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let log = common::train_log(&train(&[]));
+    // Byte-level pairs of the demo are longer than 96 tokens: their completions are cut.
+    let cut = log
+        .lines()
+        .find(|l| l.contains("dataset ready"))
+        .and_then(|l| common::runs::logged_number(l, "truncated="))
+        .expect("the dataset line counts the pairs cut");
+    assert!(
+        cut > 0
+            && log.contains(&format!(
+                "{cut} of 64 pairs are longer than --max_seq_len 96"
+            )),
+        "{log}"
+    );
+    let run = dir.path().join("demo/framework=waypoint");
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(run.join("logs/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        first["loss"].as_f64().unwrap(),
+        1.0,
+        "hinge at the reference"
+    );
+    assert_eq!(first["pairs"], 4);
+    let events = std::fs::read_dir(run.join("logs/tensorboard"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap();
+    let bytes = std::fs::read(events.path()).unwrap();
+    for tag in [
+        "train/rewards/margins",
+        "train/logps/chosen",
+        "train/pairs_per_s",
+    ] {
+        assert!(
+            bytes.windows(tag.len()).any(|w| w == tag.as_bytes()),
+            "no {tag} in the events"
+        );
+    }
+    let status = common::waypoint().arg("status").arg(&run).output().unwrap();
+    let screen = String::from_utf8_lossy(&status.stdout);
+    assert!(screen.contains("preference  rewards/chosen"), "{screen}");
+    // The same run asked to go on with another β.
+    let out = train(&["--beta", "0.3", "--max_steps", "4"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("beta: was 0.2, now 0.3"), "{err}");
+}
+
 #[test]
 fn bad_rows_name_file_line_and_field_or_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
