@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 use waypoint_checkpoint::{now_ms, CheckpointInfo, CheckpointManager, ManagerOptions, RunLayout};
-use waypoint_observe::records::{JobState, Status, RECIPE_METRICS};
+use waypoint_observe::metrics::RECIPE_METRICS;
+use waypoint_observe::records::{JobState, Status};
 use waypoint_storage::{StorageError, Store};
 
 /// A running run whose records have not changed for this long is reported as possibly gone.

@@ -78,19 +78,7 @@ fn kill_at(args: &[String], at: u64) -> String {
 
 /// The final checkpoint's `dcp/` tensors as raw bytes, by name.
 async fn final_state(base: &str, run: &str) -> BTreeMap<String, Vec<u8>> {
-    let m = manager(base, run);
-    let latest = m
-        .latest_resumable(true)
-        .await
-        .unwrap()
-        .expect("a checkpoint");
-    assert_eq!(latest.step, STEPS);
-    m.load_tensors(&latest, "dcp/", &|_| true)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| (t.name, t.data.to_vec()))
-        .collect()
+    common::runs::final_state(base, run, STEPS).await
 }
 
 /// step → (loss, rewards/margins or nll_loss) bits from the run's metrics.

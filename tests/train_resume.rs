@@ -70,19 +70,7 @@ fn logged_step(line: &str) -> Option<u64> {
 
 /// The final checkpoint's `dcp/` tensors (weights and optimizer state) by name, as raw bytes.
 async fn final_state(base: &str, run_id: &str) -> BTreeMap<String, Vec<u8>> {
-    let m = manager(base, run_id);
-    let latest = m
-        .latest_resumable(true)
-        .await
-        .unwrap()
-        .expect("a checkpoint");
-    assert_eq!(latest.step, STEPS);
-    m.load_tensors(&latest, "dcp/", &|_| true)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| (t.name, t.data.to_vec()))
-        .collect()
+    common::runs::final_state(base, run_id, STEPS).await
 }
 
 /// (step → loss) from `logs/metrics.jsonl`, and whether any step appears twice.

@@ -166,6 +166,24 @@ pub(crate) fn manager(base: &str, run: &str) -> CheckpointManager {
     )
 }
 
+/// The `dcp/` tensors (weights and optimizer state) of run `run`'s newest resumable checkpoint,
+/// which must be at step `steps`, as raw bytes by name.
+pub(crate) async fn final_state(base: &str, run: &str, steps: u64) -> BTreeMap<String, Vec<u8>> {
+    let m = manager(base, run);
+    let latest = m
+        .latest_resumable(true)
+        .await
+        .unwrap()
+        .expect("a checkpoint");
+    assert_eq!(latest.step, steps);
+    m.load_tensors(&latest, "dcp/", &|_| true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.name, t.data.to_vec()))
+        .collect()
+}
+
 /// The `model.*` tensors of a checkpoint (slices joined) as f32 values, by name.
 pub(crate) async fn weights(
     base: &str,

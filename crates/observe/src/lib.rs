@@ -8,12 +8,14 @@
 //! - [`progress`]: the progress bar on a terminal, a line every `logging_steps` elsewhere;
 //! - [`saves`]: what each checkpoint save cost the run (stall, snapshot, upload, step → commit,
 //!   the slowdown of the steps it overlapped);
-//! - [`explain`]: an error as people read it (secrets masked, a hint where one helps).
+//! - [`explain`]: an error as people read it (secrets masked, a hint where one helps);
+//! - [`metrics`]: the names of a metrics line's fields that several readers know.
 //!
-//! Arrows inside: `records → watch → {trainlog, tensorboard, plot}`; `explain` and `progress`
-//! stand alone.
+//! Arrows inside: `records → watch → {trainlog, tensorboard, plot}`, `tensorboard → metrics`;
+//! `explain` and `progress` stand alone.
 
 pub mod explain;
+pub mod metrics;
 pub mod plot;
 pub mod progress;
 pub mod records;

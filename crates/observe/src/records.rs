@@ -198,17 +198,3 @@ pub fn last_step(metrics: &str) -> u64 {
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
         .unwrap_or(0)
 }
-/// The statistics a preference recipe reports beside its loss, by TRL's names, each a mean over the
-/// step's pairs: keys of `logs/metrics.jsonl`, TensorBoard's `train/<name>` tags, and what
-/// `waypoint status` shows of a preference run.
-pub const RECIPE_METRICS: [&str; 9] = [
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "nll_loss",
-    "log_odds_ratio",
-    "log_odds_chosen",
-];

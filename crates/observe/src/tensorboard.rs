@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
-use crate::records::RECIPE_METRICS;
+use crate::metrics::RECIPE_METRICS;
 
 /// `tensorflow.Event`: the fields waypoint writes.
 #[derive(Clone, PartialEq, prost::Message)]
