@@ -87,7 +87,7 @@ pub(crate) fn train_step(
     for (a, batch) in micro.iter().enumerate() {
         let referenced;
         let batch = if recipe.needs_reference() && batch.reference.is_none() {
-            referenced = batch.with_reference(reference_logps(model, batch, ranks)?);
+            referenced = batch.with_reference(reference_for(model, batch, ranks)?);
             &referenced
         } else {
             batch
@@ -181,7 +181,7 @@ pub(crate) fn evaluate(
                 model.forward(&batch.ids, false)
             };
             let batch = if recipe.needs_reference() && batch.reference.is_none() {
-                batch.with_reference(reference_logps(model, &batch, ranks)?)
+                batch.with_reference(reference_for(model, &batch, ranks)?)
             } else {
                 batch
             };
@@ -192,18 +192,14 @@ pub(crate) fn evaluate(
     })
 }
 
-/// Each row's sequence log-prob under the reference model, `[rows]`: the base model with the LoRA
-/// adapters off. A full-parameter run has no such model at hand; its reference log-probs come with
-/// the batch (computed once, before the first step).
+/// Each row's sequence log-prob under the reference model, `[rows]`, without autograd: the model
+/// with its LoRA adapters off (a full-parameter model as it is — the reference only while it has
+/// not trained yet; after that its reference log-probs come with the batch).
 pub(crate) fn reference_logps(
     model: &Model,
     batch: &MicroBatch,
     ranks: &mut Ranks,
 ) -> Result<Tensor> {
-    ensure!(
-        model.lora.is_some(),
-        "internal: a full-parameter batch came without its reference log-probs"
-    );
     tch::no_grad(|| {
         let logits = model.without_adapters(|| {
             if model.is_sharded() {
@@ -214,6 +210,16 @@ pub(crate) fn reference_logps(
         })?;
         Ok(sequence_logps(&logits, &batch.labels))
     })
+}
+
+/// The reference log-probs of a batch that came without them: only a LoRA model can score them
+/// at any step (its base does not train).
+fn reference_for(model: &Model, batch: &MicroBatch, ranks: &mut Ranks) -> Result<Tensor> {
+    ensure!(
+        model.lora.is_some(),
+        "internal: a full-parameter batch came without its reference log-probs"
+    );
+    reference_logps(model, batch, ranks)
 }
 
 /// Runs `work` (tch calls) behind the boundary: a libtorch error, which tch raises as a panic (a

@@ -24,7 +24,8 @@ use waypoint_storage::Store;
 
 use crate::collective::ranks::Ranks;
 use crate::model::Model;
-use crate::recipe::{sequence_logps, MicroBatch};
+use crate::recipe::MicroBatch;
+use crate::step::reference_logps;
 
 /// Where a DPO run's reference log-probs come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,18 +182,9 @@ pub(crate) fn load_or_compute(
             chunk.clone()
         };
         let micro = MicroBatch::on(&train.rows(&scored), model.device());
-        let logps = tch::no_grad(|| -> Result<Tensor> {
-            let logits = model.without_adapters(|| {
-                if model.is_sharded() {
-                    model.forward_sharded(&micro.ids, ranks)
-                } else {
-                    Ok(model.forward(&micro.ids, false))
-                }
-            })?;
-            Ok(sequence_logps(&logits, &micro.labels)
-                .to_kind(Kind::Float)
-                .to_device(Device::Cpu))
-        })?;
+        let logps = reference_logps(model, &micro, ranks)?
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
         let values = Vec::<f32>::try_from(&logps).context("reading the reference log-probs")?;
         let n = chunk.len();
         for (k, &p) in chunk.iter().enumerate() {
