@@ -44,7 +44,7 @@ fn assistant(text: &str) -> Value {
 }
 
 /// (prompt, chosen, rejected) texts; the first pair is long enough to be cut at 64 tokens.
-const PAIRS: [(&str, &str, &str); 4] = [
+const PAIRS: [(&str, &str, &str); 5] = [
     (
         "the trainer writes",
         " the weights and the optimizer state, then the manifest that makes it real; a checkpoint \
@@ -62,6 +62,9 @@ const PAIRS: [(&str, &str, &str); 4] = [
         " from scratch",
     ),
     ("the optimizer", " state is saved", " is lost"),
+    // No prompt: the completion starts at the first token, which nothing predicts (IPO still
+    // counts it in the completion's length, as TRL does).
+    ("", " yes", " no"),
 ];
 
 /// The datasets of every format, by name.
@@ -310,7 +313,7 @@ fn dpo_and_orpo_match_trl_step_for_step() {
         },
         Case {
             arch: "qwen3",
-            format: "chat",
+            format: "standard",
             recipe: "dpo",
             loss: "ipo",
             beta: 0.5,

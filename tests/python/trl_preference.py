@@ -3,7 +3,8 @@
   make <dir> <llama|qwen3> [--bos] [--chat]   a tiny random model (hf_models.make) loadable by
                                               AutoTokenizer: tokenizer_config.json with EOS/PAD,
                                               a BOS token with --bos, a ChatML-like template with
-                                              --chat
+                                              --chat; config.json's eos_token_id is not the
+                                              tokenizer's
   run <cases.json> <out.json>                 trains each case with TRL and writes its per-step
                                               log history; a case is {model, data, recipe, loss,
                                               beta, rpo_alpha, lora, steps, batch, lr, max_len,
@@ -48,6 +49,14 @@ def make(dir, arch, bos, chat):
         config["chat_template"] = CHAT_TEMPLATE
     with open(f"{dir}/tokenizer_config.json", "w") as f:
         json.dump(config, f)
+    # The model's end-of-text id differs from the tokenizer's (as Llama 3 instruct's config lists
+    # <|end_of_text|> first where its tokenizer ends turns with <|eot_id|>): TRL appends the
+    # tokenizer's.
+    with open(f"{dir}/config.json") as f:
+        model_config = json.load(f)
+    model_config["eos_token_id"] = 1
+    with open(f"{dir}/config.json", "w") as f:
+        json.dump(model_config, f)
 
 
 def rows_of(path):

@@ -37,6 +37,9 @@ pub struct Batch {
     pub labels: Vec<i64>,
     /// The real (unpadded) tokens at the start of each row's ids.
     pub lengths: Vec<usize>,
+    /// The learned tokens of each row's ids — a pair's completion tokens —, the first token
+    /// included when it is learned (no label holds it: nothing predicts it).
+    pub learned: Vec<usize>,
 }
 
 /// How rows become samples.
@@ -355,11 +358,14 @@ impl Dataset {
         let mut ids = Vec::with_capacity(docs.len() * (width - 1));
         let mut labels = Vec::with_capacity(docs.len() * (width - 1));
         let mut lengths = Vec::with_capacity(docs.len());
+        let mut learned = Vec::with_capacity(docs.len());
         for &d in &docs {
             let ((t, m), len) = self.document(d);
             ids.extend_from_slice(&t[..width - 1]);
             labels.extend((1..width).map(|j| if m[j] { t[j] } else { IGNORE }));
-            lengths.push(len.min(width - 1));
+            let len = len.min(width - 1);
+            lengths.push(len);
+            learned.push(m[..len].iter().filter(|&&on| on).count());
         }
         Batch {
             rows: docs.len(),
@@ -367,6 +373,7 @@ impl Dataset {
             ids,
             labels,
             lengths,
+            learned,
         }
     }
 

@@ -20,7 +20,8 @@
 //! - ORPO: conversational rows are first rendered to text (the prompt is the common text prefix of
 //!   the renderings); then everything is tokenized without special tokens, the completion starting
 //!   where the prompt's tokens end (one earlier when the last prompt token merged with the
-//!   completion), BOS is put first when the tokenizer has one and the EOS id last.
+//!   completion), BOS is put first when the tokenizer has one and the tokenizer's EOS id last
+//!   (`eos_token` of `tokenizer_config.json`, as transformers reads it).
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
@@ -379,7 +380,7 @@ fn orpo_tokens(parts: Parts, tokenizer: &Tokenizer) -> Result<(Row, Row)> {
             }
         }
     }
-    let eos = tokenizer.eos() as u32;
+    let eos = tokenizer.tokenizer_eos() as u32;
     for a in [&mut ca, &mut ra] {
         if a.last() != Some(&eos) {
             a.push(eos);

@@ -49,6 +49,9 @@ pub enum Tokenizer {
         bos: Option<i64>,
         /// The tokenizer's `eos_token` as text (appended to preference completions, as TRL does).
         eos_text: Option<String>,
+        /// Its id (transformers' `tokenizer.eos_token_id`, which may differ from `config.json`'s
+        /// first `eos_token_id`: Llama 3 instruct models end turns with `<|eot_id|>`).
+        eos_token_id: Option<i64>,
         /// Chat layout when there is no chat template.
         chat: ChatFormat,
         /// The tokenizer's own chat template, when it has one (or why it does not compile: chat
@@ -118,12 +121,16 @@ impl Tokenizer {
             tracing::warn!("{e}; chat rows will fail, text rows are unaffected");
         }
         let (bos, eos_text) = special_tokens(dir, &inner, eos);
+        let eos_token_id = eos_text
+            .as_deref()
+            .and_then(|t| inner.token_to_id(t).map(i64::from));
         Ok(Self::Hf {
             inner: Box::new(inner),
             eos,
             pad,
             bos,
             eos_text,
+            eos_token_id,
             chat,
             template,
             sha256,
@@ -246,11 +253,24 @@ impl Tokenizer {
             }
             _ => {
                 let mut ids = self.encode(text, add_special)?;
-                if ids.last().map(|&i| i64::from(i)) != Some(self.eos()) {
-                    ids.push(self.eos() as u32);
+                let eos = self.tokenizer_eos();
+                if ids.last().map(|&i| i64::from(i)) != Some(eos) {
+                    ids.push(eos as u32);
                 }
                 Ok(ids)
             }
+        }
+    }
+
+    /// The tokenizer's own end-of-text id (transformers' `tokenizer.eos_token_id`, from
+    /// `tokenizer_config.json`), which TRL appends to preference completions; else [`Self::eos`].
+    pub fn tokenizer_eos(&self) -> i64 {
+        match self {
+            Self::Hf {
+                eos_token_id: Some(id),
+                ..
+            } => *id,
+            _ => self.eos(),
         }
     }
 

@@ -122,7 +122,12 @@ pub(crate) fn train_step(
     }
     let mut grads = grads.context("no micro-batch ran")?;
     // The statistics are summed over the ranks with the loss, then made means over the units.
-    let mut summed_stats = [Tensor::from_slice(&stats)];
+    // (A recipe without statistics adds nothing to the sum.)
+    let mut summed_stats: Vec<Tensor> = if stats.is_empty() {
+        Vec::new()
+    } else {
+        vec![Tensor::from_slice(&stats).to_device(model.device())]
+    };
     let grad_norm = if model.gradients_come_reduced() {
         // The gradients are already summed and cut into this rank's rows: only the loss and
         // the squared norm are summed over the ranks.
@@ -131,17 +136,21 @@ pub(crate) fn train_step(
         ranks.all_reduce(&mut [], &mut squares)?;
         clip_to_norm(&mut grads, squares.sqrt(), settings.max_grad_norm)
     } else {
-        grads.push(summed_stats[0].shallow_clone());
+        let n = grads.len();
+        grads.append(&mut summed_stats);
         ranks.all_reduce(&mut grads, &mut loss_value)?;
-        summed_stats[0] = grads.pop().context("the statistics were summed")?;
+        summed_stats = grads.split_off(n);
         clip_grad_norm(&mut grads, settings.max_grad_norm)
     };
-    let stats: Vec<(&'static str, f64)> = recipe
-        .stat_names()
-        .iter()
-        .enumerate()
-        .map(|(i, &name)| (name, summed_stats[0].double_value(&[i as i64]) / divisor))
-        .collect();
+    let stats: Vec<(&'static str, f64)> = match summed_stats.first() {
+        Some(sums) => recipe
+            .stat_names()
+            .iter()
+            .enumerate()
+            .map(|(i, &name)| (name, sums.double_value(&[i as i64]) / divisor))
+            .collect(),
+        None => Vec::new(),
+    };
     // The copy of the previous step's state must end before the weights change.
     let stall = before_update()?;
     opt.step(params, &grads, lr);

@@ -23,6 +23,8 @@ pub(crate) struct Ranks {
     nccl: Option<Communicator>,
     rank: u32,
     world: u32,
+    /// This worker's device: what NCCL sums on (the CPU ring reads host copies).
+    device: Device,
 }
 
 impl Ranks {
@@ -37,6 +39,7 @@ impl Ranks {
                 nccl: None,
                 rank,
                 world,
+                device,
             });
         }
         let restart_count =
@@ -75,6 +78,7 @@ impl Ranks {
             nccl,
             rank,
             world,
+            device,
         })
     }
 
@@ -128,17 +132,18 @@ impl Ranks {
         Ok(all.iter().any(|m| m.first().is_some_and(|&b| b != 0)))
     }
 
-    /// Sums the gradients (fp32) and the loss over all ranks, in place.
+    /// Sums the gradients (fp32) and the loss over all ranks, in place. The tensors may live on
+    /// any device (statistics and tables come from the host): they are summed on this worker's.
     pub(crate) fn all_reduce(&mut self, grads: &mut [Tensor], loss: &mut f64) -> Result<()> {
         let Some(g) = &self.group else {
             return Ok(());
         };
         let shapes: Vec<Vec<i64>> = grads.iter().map(|t| t.size()).collect();
+        let device = self.device;
         let mut flat: Vec<Tensor> = grads
             .iter()
-            .map(|t| t.to_kind(Kind::Float).reshape([-1]))
+            .map(|t| t.to_kind(Kind::Float).reshape([-1]).to_device(device))
             .collect();
-        let device = flat.first().map_or(Device::Cpu, Tensor::device);
         flat.push(Tensor::from_slice(&[*loss as f32]).to_device(device));
         let summed = Self::sum_flat(
             &mut self.nccl,

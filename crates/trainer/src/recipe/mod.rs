@@ -29,6 +29,8 @@ pub struct MicroBatch {
     pub labels: Tensor,
     /// The real (unpadded) tokens at the start of each row, `[rows]` int64.
     pub lengths: Tensor,
+    /// The learned tokens of each row, `[rows]` int64 (see [`Batch::learned`]).
+    pub learned: Tensor,
     /// Each row's sequence log-prob under the reference model, `[rows]` fp64, when the recipe
     /// needs one and it was computed before the step (see [`Recipe::needs_reference`]).
     pub reference: Option<Tensor>,
@@ -38,11 +40,15 @@ impl MicroBatch {
     /// A data batch on `device`.
     pub fn on(batch: &Batch, device: Device) -> Self {
         let (ids, labels) = batch_tensors(batch, device);
-        let lengths: Vec<i64> = batch.lengths.iter().map(|&l| l as i64).collect();
+        let counts = |v: &[usize]| {
+            let v: Vec<i64> = v.iter().map(|&l| l as i64).collect();
+            Tensor::from_slice(&v).to_device(device)
+        };
         Self {
             ids,
             labels,
-            lengths: Tensor::from_slice(&lengths).to_device(device),
+            lengths: counts(&batch.lengths),
+            learned: counts(&batch.learned),
             reference: None,
         }
     }
@@ -53,6 +59,7 @@ impl MicroBatch {
             ids: self.ids.shallow_clone(),
             labels: self.labels.shallow_clone(),
             lengths: self.lengths.shallow_clone(),
+            learned: self.learned.shallow_clone(),
             reference: Some(reference),
         }
     }

@@ -110,7 +110,8 @@ impl Recipe for Dpo {
             DpoLoss::Sigmoid => -(&delta * beta).log_sigmoid(),
             DpoLoss::Hinge => (-(&delta * beta) + 1.0).relu(),
             DpoLoss::Ipo => {
-                let lens = mask.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0);
+                // Each completion's tokens, as TRL counts them (its first included).
+                let lens = batch.learned.to_kind(Kind::Float).clamp_min(1.0);
                 let (lc, lr) = (lens.narrow(0, 0, pairs), lens.narrow(0, pairs, pairs));
                 (&chosen_r / lc - &rejected_r / lr - 1.0 / (2.0 * beta)).square()
             }

@@ -57,6 +57,11 @@ pub(crate) fn reference_source(
     }
 }
 
+/// [`ReferenceKey`]'s name of the training data.
+pub(crate) const TRAIN: &str = "training data";
+/// [`ReferenceKey`]'s name of the eval data.
+pub(crate) const EVAL: &str = "eval data (--eval_dataset_uri)";
+
 /// Each pair's reference log-probs, `[chosen, rejected]` per pair.
 pub(crate) struct ReferenceTable {
     logps: Vec<f32>,
@@ -75,21 +80,34 @@ impl ReferenceTable {
 
 /// Where a table is and what identifies it.
 pub(crate) struct ReferenceKey {
-    /// sha256 of what decides the reference log-probs.
+    /// sha256 of what decides the reference log-probs and stays the run's across restarts: the
+    /// model, the data, the settings that decide the tokens.
     pub fingerprint: String,
+    /// `--init_from_checkpoint` as this start gives it: recorded with the table, and compared only
+    /// on a run's first starts (a resumed run ignores the flag, and so does its table).
+    start: Option<String>,
+    /// Which data (for messages): the training data or the eval data.
+    what: &'static str,
 }
 
 impl ReferenceKey {
-    /// The key of the reference of `model` (its fingerprint, and where the run's weights start
-    /// from) over `data` (its content fingerprint) with `settings` (what decides the tokens).
-    pub(crate) fn new(model: &str, start: Option<&str>, data: &str, settings: Value) -> Self {
+    /// The key of the reference of `model` (its fingerprint) started from `start` over `data` (its
+    /// content fingerprint; `what` names it) with `settings` (what decides the tokens).
+    pub(crate) fn new(
+        model: &str,
+        start: Option<&str>,
+        data: &str,
+        what: &'static str,
+        settings: Value,
+    ) -> Self {
         Self {
             fingerprint: waypoint_config::fingerprint(&json!({
                 "model": model,
-                "init_from_checkpoint": start,
                 "data": data,
                 "settings": settings,
             })),
+            start: start.map(str::to_string),
+            what,
         }
     }
 
@@ -102,13 +120,14 @@ impl ReferenceKey {
     }
 }
 
-/// The run's stored table for `key`, checked; `None` when there is none.
+/// The run's stored table for `key`, checked, with the `--init_from_checkpoint` it was scored
+/// from; `None` when there is none.
 async fn read(
     store: &Store,
     layout: &RunLayout,
     key: &ReferenceKey,
     pairs: usize,
-) -> Result<Option<ReferenceTable>> {
+) -> Result<Option<(ReferenceTable, Option<String>)>> {
     let record_key = key.record(layout);
     if !store.exists(&record_key).await? {
         return Ok(None);
@@ -129,7 +148,8 @@ async fn read(
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    Ok(Some(ReferenceTable { logps }))
+    let start = record["init_from_checkpoint"].as_str().map(str::to_string);
+    Ok(Some((ReferenceTable { logps }, start)))
 }
 
 /// The reference table of a DPO run: read back when the run has it; else computed from `model`'s
@@ -149,17 +169,33 @@ pub(crate) fn load_or_compute(
     rt: &Runtime,
 ) -> Result<ReferenceTable> {
     let pairs = train.len();
-    if let Some(table) = rt.block_on(read(store, layout, key, pairs))? {
-        tracing::info!(pairs, record = %key.record(layout), "reference log-probs read back (not recomputed)");
-        return Ok(table);
-    }
-    if resuming && model.lora.is_none() {
-        bail!(
-            "the run's reference log-probs ({}) are missing, and its weights have been trained \
-             since: they cannot be computed again. Restore the reference/ folder, or start a new \
-             --run_id",
-            key.record(layout)
-        );
+    let what = key.what;
+    match rt.block_on(read(store, layout, key, pairs))? {
+        Some((table, _)) if resuming => {
+            tracing::info!(pairs, data = what, record = %key.record(layout), "reference log-probs read back (not recomputed)");
+            return Ok(table);
+        }
+        Some((table, start)) if start == key.start => {
+            tracing::info!(pairs, data = what, record = %key.record(layout), "reference log-probs read back (not recomputed)");
+            return Ok(table);
+        }
+        Some(_) => tracing::info!(
+            data = what,
+            "the stored reference log-probs were scored from another --init_from_checkpoint, \
+             before the run's first checkpoint: scoring them again"
+        ),
+        None if resuming && model.lora.is_none() => bail!(
+            "the run's reference log-probs of the {what} ({}) are not stored, and its weights have \
+             been trained since: they cannot be scored again. {}",
+            key.record(layout),
+            if what == TRAIN {
+                "Restore the run's reference/ folder, or start a new --run_id"
+            } else {
+                "A full-parameter DPO run scores its eval data at its first start: drop \
+                 --eval_dataset_uri (or give the one it started with), or start a new --run_id"
+            }
+        ),
+        None => {}
     }
     let started = Instant::now();
     let (rank, world) = (ranks.rank() as usize, ranks.world() as usize);
@@ -208,6 +244,7 @@ pub(crate) fn load_or_compute(
         let sha = hex::encode(Sha256::digest(&bytes));
         let record = json!({
             "fingerprint": key.fingerprint,
+            "init_from_checkpoint": key.start,
             "sha256": sha,
             "pairs": pairs,
             "dtype": "float32",

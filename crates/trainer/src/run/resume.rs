@@ -377,11 +377,12 @@ impl Session {
             );
         }
         let (reference, eval_reference) = if source == ReferenceSource::Stored {
-            let mut table_of = |data: &waypoint_data::Dataset| {
+            let mut table_of = |data: &waypoint_data::Dataset, what: &'static str| {
                 let key = ReferenceKey::new(
                     &model_fingerprint,
                     section.init_from_checkpoint.as_deref(),
                     &data.content_fingerprint(),
+                    what,
                     json!({"recipe": recipe.name(), "max_seq_len": cfg.data.max_seq_len}),
                 );
                 reference::load_or_compute(
@@ -396,11 +397,14 @@ impl Session {
                     rt,
                 )
             };
-            let train_table = table_of(&train)?;
+            let train_table = table_of(&train, reference::TRAIN)?;
             // Under LoRA an eval set is scored with the adapters off as it comes.
             let eval_table = match model.lora {
                 Some(_) => None,
-                None => eval.as_ref().map(&mut table_of).transpose()?,
+                None => eval
+                    .as_ref()
+                    .map(|e| table_of(e, reference::EVAL))
+                    .transpose()?,
             };
             (Some(train_table), eval_table)
         } else {
