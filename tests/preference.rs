@@ -545,7 +545,8 @@ fn a_dpo_job_from_extra_args_reports_its_metrics_and_keeps_its_settings() {
         &config,
         json!({"extra_args": {"recipe": "dpo", "beta": 0.2, "dpo_loss": "hinge",
             "dataset_uri": "builtin:demo_preference", "max_seq_len": 96, "max_steps": 4,
-            "batch_size": 4, "lora_rank": 4, "logging_steps": 1}})
+            "batch_size": 4, "lora_rank": 4, "logging_steps": 1,
+            "eval_dataset_uri": "builtin:demo_preference", "eval_steps": 2}})
         .to_string(),
     )
     .unwrap();
@@ -588,6 +589,24 @@ fn a_dpo_job_from_extra_args_reports_its_metrics_and_keeps_its_settings() {
         "hinge at the reference"
     );
     assert_eq!(first["pairs"], 4);
+    // The eval set reports TRL's eval names; at step 2 the policy has moved off the reference.
+    let second: Value = serde_json::from_str(
+        std::fs::read_to_string(run.join("logs/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .nth(1)
+            .unwrap(),
+    )
+    .unwrap();
+    for name in [
+        "eval_loss",
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+        "eval_logps/chosen",
+    ] {
+        assert!(second[name].is_f64(), "{name} in {second}");
+    }
+    assert!(second["eval_loss"].as_f64().unwrap() < 1.0, "{second}");
     let events = std::fs::read_dir(run.join("logs/tensorboard"))
         .unwrap()
         .flatten()

@@ -174,15 +174,17 @@ pub(crate) fn train_step(
     }))
 }
 
-/// Mean loss over `batches` (with sharded weights, every rank takes part in each batch).
+/// Mean loss over `batches`, and the recipe's statistics as means over the same units (with
+/// sharded weights, every rank takes part in each batch).
 pub(crate) fn evaluate(
     model: &Model,
     recipe: &dyn Recipe,
     batches: impl Iterator<Item = MicroBatch>,
     ranks: &mut Ranks,
-) -> Result<f64> {
+) -> Result<(f64, Vec<(&'static str, f64)>)> {
     tch::no_grad(|| {
         let (mut sum, mut units) = (0.0, 0i64);
+        let mut stats = vec![0.0; recipe.stat_names().len()];
         for batch in batches {
             let logits = if model.is_sharded() {
                 model.forward_sharded(&batch.ids, ranks)?
@@ -194,10 +196,21 @@ pub(crate) fn evaluate(
             } else {
                 batch
             };
-            sum += recipe.score(&logits, &batch).loss.double_value(&[]);
+            let scored = recipe.score(&logits, &batch);
+            sum += scored.loss.double_value(&[]);
+            for (total, s) in stats.iter_mut().zip(scored.stats) {
+                *total += s;
+            }
             units += recipe.units(&batch);
         }
-        Ok(sum / units.max(1) as f64)
+        let per_unit = units.max(1) as f64;
+        let stats = recipe
+            .stat_names()
+            .iter()
+            .zip(stats)
+            .map(|(&name, total)| (name, total / per_unit))
+            .collect();
+        Ok((sum / per_unit, stats))
     })
 }
 

@@ -362,8 +362,13 @@ impl Session {
                         None => batch,
                     }
                 });
-                let eval_loss = evaluate(&run.model, run.recipe.as_ref(), batches, &mut run.ranks)?;
+                let (eval_loss, stats) =
+                    evaluate(&run.model, run.recipe.as_ref(), batches, &mut run.ranks)?;
                 line["eval_loss"] = json!(eval_loss);
+                // TRL's names: `eval_rewards/margins`, …
+                for (name, value) in stats {
+                    line[format!("eval_{name}")] = json!(value);
+                }
                 tracing::info!(step = self.step, eval_loss, "eval");
             }
         }
