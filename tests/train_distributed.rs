@@ -110,7 +110,8 @@ fn rank_0_speaks_for_the_run(base: &str, stdout: &str, stderr: &str) {
         own.contains("dataset ready") && own.contains("rank=1") && !own.contains("rank=0"),
         "{own}"
     );
-    // An error every rank meets: each prints it, rank 1's prefixed.
+    // An error every rank meets: each rank that gets to print it before the launcher stops the
+    // group (the first to fail ends the others) prints it, rank 1's prefixed.
     let out = common::waypoint()
         .args(launch_args(2, 0))
         .args(train_flags(base, "bad", 2, 8))
@@ -119,10 +120,12 @@ fn rank_0_speaks_for_the_run(base: &str, stdout: &str, stderr: &str) {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = err.lines().filter(|l| l.contains("error: ")).collect();
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains("error: --lr")).collect();
+    assert!(!errors.is_empty(), "{err}");
     assert!(
-        errors.iter().any(|l| l.starts_with("error: --lr"))
-            && errors.iter().any(|l| l.starts_with("[rank 1] error: --lr")),
+        errors
+            .iter()
+            .all(|l| l.starts_with("error: --lr") || l.starts_with("[rank 1] error: --lr")),
         "{err}"
     );
 }
