@@ -128,6 +128,15 @@ fn rank_0_speaks_for_the_run(base: &str, stdout: &str, stderr: &str) {
             .all(|l| l.starts_with("error: --lr") || l.starts_with("[rank 1] error: --lr")),
         "{err}"
     );
+    // Only rank 0 prints it bare.
+    assert!(
+        errors
+            .iter()
+            .filter(|l| l.starts_with("error: --lr"))
+            .count()
+            <= 1,
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
