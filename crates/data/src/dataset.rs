@@ -251,13 +251,12 @@ impl Dataset {
         permuted(seed, g / n, self.len(), (g % n) as usize)
     }
 
-    /// Inputs and labels `[count, max_seq_len]` of the samples at global positions
-    /// `start..start + count`; labels are [`IGNORE`] where the loss does not apply.
-    pub fn batch(&self, seed: u64, start: u64, count: usize) -> Batch {
-        let indices: Vec<usize> = (0..count as u64)
+    /// The samples at global positions `start..start + count` (see [`Dataset::sample_at`]), for
+    /// [`Dataset::rows`].
+    pub fn samples_at(&self, seed: u64, start: u64, count: usize) -> Vec<usize> {
+        (0..count as u64)
             .map(|k| self.sample_at(seed, start + k))
-            .collect();
-        self.rows(&indices)
+            .collect()
     }
 
     /// Token `i` of the stream.

@@ -50,6 +50,7 @@ use waypoint_storage::Store;
 use crate::checkpointing::policy::{sampler_save_due, save_due, SaveDue};
 use crate::recipe::{MicroBatch, Recipe};
 use crate::step::{evaluate, libtorch_boundary, train_step, StepParts, StepSettings};
+use reference::ReferenceTable;
 
 /// How a run ended without error.
 #[derive(Debug, Clone, PartialEq)]
@@ -279,14 +280,9 @@ impl Session {
         let micro: Vec<MicroBatch> = (0..cfg.data.gradient_accumulation)
             .map(|a| {
                 let start = run.data_consumed + (a * world + rank) * bs;
-                let samples: Vec<usize> = (0..bs)
-                    .map(|k| run.train.sample_at(cfg.run.seed, start + k))
-                    .collect();
+                let samples = run.train.samples_at(cfg.run.seed, start, bs as usize);
                 let batch = MicroBatch::on(&run.train.rows(&samples), run.device);
-                match &run.reference {
-                    Some(table) => batch.with_reference(table.rows(&samples, run.device)),
-                    None => batch,
-                }
+                ReferenceTable::attach(run.reference.as_ref(), batch, &samples)
             })
             .collect();
         let lr = run.schedule.lr_at(self.step);
@@ -356,11 +352,7 @@ impl Session {
                 let device = run.device;
                 let table = run.eval_reference.as_ref();
                 let batches = indices.chunks((bs as usize).max(1)).map(|chunk| {
-                    let batch = MicroBatch::on(&eval.rows(chunk), device);
-                    match table {
-                        Some(t) => batch.with_reference(t.rows(chunk, device)),
-                        None => batch,
-                    }
+                    ReferenceTable::attach(table, MicroBatch::on(&eval.rows(chunk), device), chunk)
                 });
                 let (eval_loss, stats) =
                     evaluate(&run.model, run.recipe.as_ref(), batches, &mut run.ranks)?;

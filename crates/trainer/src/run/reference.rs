@@ -68,6 +68,18 @@ pub(crate) struct ReferenceTable {
 }
 
 impl ReferenceTable {
+    /// `batch` (of the pairs `pairs`) with its reference log-probs from `table`, when there is
+    /// one; else as it is (a recipe that needs them scores them itself, see `step`).
+    pub(crate) fn attach(table: Option<&Self>, batch: MicroBatch, pairs: &[usize]) -> MicroBatch {
+        match table {
+            Some(t) => {
+                let device = batch.ids.device();
+                batch.with_reference(t.rows(pairs, device))
+            }
+            None => batch,
+        }
+    }
+
     /// The reference log-probs of the rows of `pairs` as a micro-batch lays them out (the chosen
     /// rows, then the rejected ones), `[2 × pairs]` on `device`.
     pub(crate) fn rows(&self, pairs: &[usize], device: Device) -> Tensor {
