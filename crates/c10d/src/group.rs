@@ -3,8 +3,10 @@
 //! the same on every rank, so replicas stay identical).
 //!
 //! Every collective has a timeout: a dead or hung peer ends it with an error that names the rank and
-//! the collective, never a hang. Keys live under `waypoint/<restart>/`, so a restarted group never
-//! reads the keys of the one before.
+//! the collective, never a hang. On an agent's store, which outlives the worker group, keys
+//! live under `waypoint/<round>/` (the restart count, which `waypoint launch` numbers for the whole
+//! job), so a re-formed group never reads the keys of the one before; a store rank 0 hosts is new
+//! with each group, and its keys are under `waypoint/0/` whatever each node's restart count says.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
@@ -27,10 +29,24 @@ pub struct GroupConfig {
     pub master_port: u16,
     /// The store is hosted by an agent (torchrun, `waypoint launch`); else rank 0 hosts it.
     pub agent_store: bool,
-    /// Namespace of this incarnation of the group (torchrun's restart count).
+    /// Namespace of this incarnation of the group on an agent's store (the restart count).
     pub restart_count: u32,
     /// Limit of every collective and of joining.
     pub timeout: Duration,
+}
+
+impl GroupConfig {
+    /// The round this group's keys live under: the restart count on an agent's store, which holds
+    /// the keys of every earlier round; 0 on a store rank 0 hosts, which starts empty with each
+    /// group (under torchrun with `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` a node started in place of
+    /// a dead one has restart count 0 while the survivors count on: they must still meet).
+    fn namespace(&self) -> u32 {
+        if self.agent_store {
+            self.restart_count
+        } else {
+            0
+        }
+    }
 }
 
 /// Joined ranks.
@@ -64,6 +80,7 @@ impl Group {
             counter: Mutex::new(0),
         };
         if group.config.world_size > 1 {
+            group.refuse_a_used_namespace()?;
             group.ring = Some(Mutex::new(group.link_ring()?));
         }
         Ok(group)
@@ -80,11 +97,35 @@ impl Group {
     }
 
     fn key(&self, name: &str) -> String {
-        format!("waypoint/{}/{name}", self.config.restart_count)
+        format!("waypoint/{}/{name}", self.config.namespace())
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, StoreClient> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fails when an earlier group of the same round already used this agent's store: this rank's
+    /// first key is there before it wrote it (only this rank writes it). That happens under
+    /// torchrun's shared rendezvous store when the restart counts of a re-formed group repeat one
+    /// (a node started in place of a dead one counts from 0): the earlier group's ring addresses
+    /// would be read as this one's.
+    fn refuse_a_used_namespace(&self) -> Result<()> {
+        if !self.config.agent_store {
+            return Ok(());
+        }
+        let first = format!("{}/{}", self.key("ring-addr/1"), self.config.rank);
+        if self.store().check(&[&first])? {
+            return Err(DistError::Protocol(format!(
+                "rank {}: the agent's store already holds the keys of an earlier worker group of \
+                 round {} (a node was restarted or replaced, and its restart count repeats one \
+                 the store has seen). Under torchrun, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so \
+                 that each round gets a store of its own, or launch with `waypoint launch`, whose \
+                 rounds are numbered for the whole job",
+                self.config.rank,
+                self.config.namespace()
+            )));
+        }
+        Ok(())
     }
 
     /// Each rank's listening address goes through the store; rank r connects to r+1 and accepts r-1.
@@ -315,7 +356,7 @@ pub struct SideChannel {
 impl SideChannel {
     /// Every rank's `data` for the collective called `name`, in rank order.
     pub fn all_gather(&mut self, name: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let key = format!("waypoint/{}/side/{name}", self.config.restart_count);
+        let key = format!("waypoint/{}/side/{name}", self.config.namespace());
         gather(&mut self.store, &self.config, name, &key, data)
     }
 
@@ -326,7 +367,7 @@ impl SideChannel {
 
     /// Rank 0's `data` for the collective called `name`, on every rank.
     pub fn broadcast(&mut self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
-        let key = format!("waypoint/{}/side/{name}", self.config.restart_count);
+        let key = format!("waypoint/{}/side/{name}", self.config.namespace());
         broadcast(&mut self.store, &self.config, name, &key, data)
     }
 }
@@ -491,6 +532,39 @@ mod tests {
                 assert_eq!(b, b"from 0");
             }
         }
+    }
+
+    /// On an agent's store, a group of the same round as an earlier one is refused with what to do;
+    /// the next round joins.
+    #[test]
+    fn a_round_already_used_on_an_agents_store_is_refused() {
+        let server = StoreServer::bind("127.0.0.1", 0).unwrap();
+        let master_port = server.port();
+        let join = |round: u32| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    std::thread::spawn(move || {
+                        let mut c = config(rank, 2, master_port, 3);
+                        c.agent_store = true;
+                        c.restart_count = round;
+                        Group::join(c).map(|g| g.barrier("b"))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert!(join(0).iter().all(|r| matches!(r, Ok(Ok(())))));
+        for r in join(0) {
+            let err = r.expect_err("round 0 again is refused").to_string();
+            assert!(
+                err.contains("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"),
+                "{err}"
+            );
+        }
+        assert!(join(1).iter().all(|r| matches!(r, Ok(Ok(())))));
     }
 
     /// Uneven parts (an empty one included): the reduce-scatter leaves each rank the sum of its

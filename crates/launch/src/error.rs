@@ -26,6 +26,10 @@ pub enum LaunchError {
         #[source]
         source: waypoint_c10d::DistError,
     },
+    /// The nodes could not agree on a round of the worker group (a node missing, the store gone, the
+    /// job out of restarts); the message says which and what to do.
+    #[error("{0}")]
+    Rendezvous(String),
     /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {

@@ -1,11 +1,13 @@
 //! The launcher side of the contract: what torchrun does for the workers of one node.
 //!
-//! It hosts the c10d TCPStore (on node 0, at `--master_addr:--master_port`), starts
-//! `--nproc_per_node` copies of the command with the torchrun worker environment, forwards SIGTERM and
-//! SIGINT (then SIGKILL after `--term_grace_secs`), and when a worker fails stops the others and starts
-//! the group again, up to `--max_restarts` times, raising `TORCHELASTIC_RESTART_COUNT`. It ends with
-//! the failing rank's exit code, and prints (and passes on) that rank's error file. Defaults come from
-//! the `PET_*` variables, as torchrun reads them.
+//! Node 0's launcher hosts the c10d TCPStore (at `--master_addr:--master_port`, listening on
+//! `--store_bind_addr`). Every node's launcher joins the job's rendezvous ([`crate::rendezvous`]),
+//! starts `--nproc_per_node` copies of the command with the torchrun worker environment for the
+//! round all nodes agreed on, forwards SIGTERM and SIGINT (then SIGKILL after `--term_grace_secs`),
+//! and when a worker fails — or another node closes the round, or a node is started in place of a
+//! dead one — stops its workers and joins the next round, up to `--max_restarts` rounds for the
+//! whole job. It ends with the failing rank's exit code, and prints (and passes on) that rank's error
+//! file. Defaults come from the `PET_*` variables, as torchrun reads them.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use waypoint_c10d::StoreServer;
 
 use crate::error::{LaunchError, Result};
+use crate::rendezvous::{Joined, Rendezvous};
 use crate::vars;
 use crate::worker::write_error_file;
 
@@ -46,9 +49,17 @@ pub struct LaunchArgs {
     /// Port of the store (0 on a single node: any free port).
     #[arg(long = "master_port", env = "PET_MASTER_PORT", default_value_t = 29500)]
     pub master_port: u16,
-    /// Restarts of the worker group after a failure.
+    /// Address node 0's store listens on (default: `--master_addr` on one node, every interface on
+    /// several).
+    #[arg(long = "store_bind_addr")]
+    pub store_bind_addr: Option<String>,
+    /// Restarts of the worker group after a failure, counted for the whole job (a round re-formed
+    /// around a replaced node is one).
     #[arg(long = "max_restarts", env = "PET_MAX_RESTARTS", default_value_t = 0)]
     pub max_restarts: u32,
+    /// Seconds a launcher waits for the other nodes to join a round (and node 0 for them to end).
+    #[arg(long = "join_timeout_secs", default_value_t = 600)]
+    pub join_timeout_secs: u64,
     /// Seconds workers get to exit after SIGTERM before SIGKILL (at most a day).
     #[arg(long = "term_grace_secs", default_value_t = 30)]
     pub term_grace_secs: u64,
@@ -69,9 +80,14 @@ enum Round {
         error: Option<String>,
     },
     Signalled(usize),
+    /// Another node closed the round (a failure there, a node started again): join the next one.
+    MovedOn,
 }
 
-/// The most `--term_grace_secs` may be (a day).
+/// How often a launcher running workers looks whether the job has left their round.
+const ROUND_WATCH: Duration = Duration::from_millis(500);
+
+/// The most `--term_grace_secs` (and `--join_timeout_secs`) may be (a day).
 pub const MAX_TERM_GRACE_SECS: u64 = 24 * 3600;
 
 /// Workers per CPU beyond which `--nproc_per_node` needs `--oversubscribe`.
@@ -128,6 +144,12 @@ impl LaunchArgs {
             return fail(format!(
                 "--term_grace_secs {} is out of range: use 0 to {MAX_TERM_GRACE_SECS}",
                 self.term_grace_secs
+            ));
+        }
+        if self.join_timeout_secs == 0 || self.join_timeout_secs > MAX_TERM_GRACE_SECS {
+            return fail(format!(
+                "--join_timeout_secs {} is out of range: use 1 to {MAX_TERM_GRACE_SECS}",
+                self.join_timeout_secs
             ));
         }
         if self.command.first().is_none_or(|c| c.is_empty()) {
@@ -199,12 +221,12 @@ pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
             tracing::warn!(signal, %e, "could not install the signal handler");
         }
     }
-    // Node 0 hosts the store for the whole job, for every restart (as torchrun's agent does).
+    // Node 0 hosts the store for the whole job, for every round (as torchrun's agent does).
     let server = if args.node_rank == 0 {
-        let bind = if args.nnodes > 1 {
-            "0.0.0.0"
-        } else {
-            args.master_addr.as_str()
+        let bind = match &args.store_bind_addr {
+            Some(addr) => addr.as_str(),
+            None if args.nnodes > 1 => "0.0.0.0",
+            None => args.master_addr.as_str(),
         };
         Some(
             StoreServer::bind(bind, args.master_port).map_err(|source| LaunchError::Store {
@@ -220,22 +242,53 @@ pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
     tracing::info!(
         nproc_per_node = args.nproc_per_node,
         nnodes = args.nnodes,
+        node_rank = args.node_rank,
         store = %format!("{}:{port}", args.master_addr),
         "launching workers"
     );
-    let mut restart = 0;
+    let mut rdzv = Rendezvous::connect(
+        &args.master_addr,
+        port,
+        args.nnodes,
+        args.node_rank,
+        args.max_restarts,
+        Duration::from_secs(args.join_timeout_secs),
+    )?;
     loop {
-        match round(args, port, restart, &run_dir.0, &stop)? {
-            Round::Succeeded => return Ok(ExitCode::SUCCESS),
+        let round_no = match rdzv.join(&stop)? {
+            Joined::Round(r) => r,
+            Joined::Signalled(sig) => return Ok(ExitCode::from((128 + sig).min(255) as u8)),
+        };
+        match round(args, port, round_no, &run_dir.0, &stop, &mut rdzv)? {
+            Round::Succeeded => {
+                rdzv.finish(round_no)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             Round::Signalled(sig) => return Ok(ExitCode::from((128 + sig).min(255) as u8)),
+            Round::MovedOn => {
+                let why = rdzv.why(round_no);
+                tracing::warn!(
+                    round = round_no,
+                    "another node ended round {round_no} ({}); stopped this node's workers, \
+                     re-forming the group",
+                    if why.is_empty() {
+                        "no failure recorded"
+                    } else {
+                        why.as_str()
+                    }
+                );
+            }
             Round::Failed { rank, code, error } => {
                 let detail = error.as_deref().unwrap_or("(no error file)");
-                if restart < args.max_restarts {
-                    restart += 1;
+                rdzv.close(
+                    round_no,
+                    &format!("rank {rank} failed with exit code {code}: {detail}"),
+                )?;
+                if round_no < args.max_restarts {
                     tracing::warn!(
                         rank,
                         code,
-                        restart,
+                        restart = round_no + 1,
                         max_restarts = args.max_restarts,
                         "worker failed: {detail}; restarting the group"
                     );
@@ -244,7 +297,7 @@ pub fn run(args: &LaunchArgs, stop: Arc<AtomicUsize>) -> Result<ExitCode> {
                 // (A closed stderr is no reason to fail differently.)
                 let _ = writeln!(
                     std::io::stderr(),
-                    "error: rank {rank} failed with exit code {code} after {restart} restart(s): {detail}"
+                    "error: rank {rank} failed with exit code {code} after {round_no} restart(s): {detail}"
                 );
                 // Passed on as it is, for the agent above (torchrun, a PyTorchJob) to read.
                 if let Some(e) = &error {
@@ -263,6 +316,7 @@ fn round(
     restart: u32,
     run_dir: &Path,
     stop: &AtomicUsize,
+    rdzv: &mut Rendezvous,
 ) -> Result<Round> {
     let world = args.nproc_per_node * args.nnodes;
     let mut workers: Vec<(u32, Child, PathBuf)> = Vec::new();
@@ -316,7 +370,21 @@ fn round(
     }
     let grace = Duration::from_secs(args.term_grace_secs);
     let mut done = vec![false; workers.len()];
+    let mut looked = Instant::now();
     loop {
+        // Whether another node ended the round (its failure, a node started again). A store that
+        // does not answer is not acted on here: the workers, which use it too, fail on their own.
+        if looked.elapsed() >= ROUND_WATCH {
+            looked = Instant::now();
+            match rdzv.moved_on(restart) {
+                Ok(true) => {
+                    stop_all(&mut workers, grace);
+                    return Ok(Round::MovedOn);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!("watching the round: {e}"),
+            }
+        }
         if let sig @ 1.. = stop.load(Ordering::SeqCst) {
             tracing::warn!(signal = sig, "forwarding the signal to the workers");
             stop_all(&mut workers, grace);

@@ -1,0 +1,201 @@
+//! A job of two nodes on loopback (one launcher per node, one rank each) where a node dies for good
+//! and a fresh one is started in its place, as a Kubernetes PyTorchJob does: the job re-forms in the
+//! next round agreed by all nodes, the new node resumes with the survivor from the newest checkpoint,
+//! and the end is bit-identical to an uninterrupted run of the same world size. Under `waypoint
+//! launch` (its rendezvous) and under PyTorch's own `torchrun --rdzv-backend c10d`.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::runs::{launch_flags, logged_step, max_diff, read_until, weights};
+
+const STEPS: u32 = 18;
+
+fn train_flags(base: &str, run: &str) -> Vec<String> {
+    common::runs::train_flags("cpu", base, run, 1, STEPS)
+}
+
+/// One node's launcher of a 2-node job whose store node 0 hosts at `port`.
+fn node(base: &str, run: &str, port: &str, node_rank: u32) -> Child {
+    let exe = env!("CARGO_BIN_EXE_waypoint");
+    let node_rank = node_rank.to_string();
+    common::spawn_logged(
+        common::waypoint()
+            .args(["launch", "--nnodes", "2", "--node_rank", &node_rank])
+            .args(["--nproc_per_node", "1", "--master_addr", "127.0.0.1"])
+            .args(["--master_port", port, "--max_restarts", "2"])
+            .args(["--term_grace_secs", "20", "--join_timeout_secs", "120"])
+            .args(["--", exe])
+            .args(train_flags(base, run)),
+    )
+}
+
+/// The whole log of a finished launcher; fails the test unless it succeeded.
+fn succeeded(mut child: Child, what: &str) -> String {
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{what} failed:\n{log}");
+    log
+}
+
+/// The same job of world size 2, uninterrupted, on one launcher: the anchor.
+fn anchor(base: &str) {
+    let exe = env!("CARGO_BIN_EXE_waypoint");
+    let out = common::waypoint()
+        .args(launch_flags(2, &["--", exe]))
+        .args(train_flags(base, "anchor"))
+        .output()
+        .unwrap();
+    common::ok(&out);
+}
+
+/// Checks that run `run` finished all steps with 2 ranks, its weights within `tolerance` of the
+/// anchor's.
+async fn ends_as_the_anchor(base: &str, run: &str, tolerance: f32) {
+    let dir = std::path::Path::new(base)
+        .join(run)
+        .join("framework=waypoint");
+    let status = common::read_json(dir.join("status.json"));
+    assert_eq!(status["state"], "FINISHED", "{status}");
+    assert_eq!(status["step"], STEPS);
+    let (_, anchor) = weights(base, "anchor", u64::from(STEPS)).await;
+    let (manifest, elastic) = weights(base, run, u64::from(STEPS)).await;
+    assert_eq!(manifest.world_size, 2);
+    let diff = max_diff(&anchor, &elastic);
+    assert!(
+        diff <= tolerance,
+        "the re-formed job ends {diff} away from the uninterrupted one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_node_rejoins_under_waypoint_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    anchor(base);
+
+    let port = common::free_port().to_string();
+    let mut zero = node(base, "elastic", &port, 0);
+    let one = node(base, "elastic", &port, 1);
+    let (_, zero_rest) = read_until(&mut zero, |l| logged_step(l).is_some_and(|s| s >= 7));
+    // Node 1 dies for good: its launcher is killed, and its worker with it.
+    common::send_signal(one.id(), "KILL").unwrap();
+    let _ = succeeded_or_killed(one);
+    // A fresh node takes its place (nothing of the old one's state on this machine is needed: the
+    // durable tier is shared).
+    let replacement = node(base, "elastic", &port, 1);
+    let replacement_log = succeeded(replacement, "the replacement node");
+    let zero_log = zero_rest.join().unwrap();
+    let status = zero.wait().unwrap();
+    assert!(status.success(), "node 0 failed:\n{zero_log}");
+
+    // Node 0 leaves round 0 either way: its worker fails (the dead rank's connection closed), or
+    // the replacement, arriving first, closes the round.
+    assert!(
+        zero_log.contains("restarting the group") || zero_log.contains("re-forming the group"),
+        "node 0 restarts its worker in the next round:\n{zero_log}"
+    );
+    assert!(zero_log.contains("joined round 1"), "{zero_log}");
+    assert!(
+        replacement_log.contains("joined round 1"),
+        "the replacement joins the job's round 1, not a round 0 of its own:\n{replacement_log}"
+    );
+    let resumed = zero_log
+        .lines()
+        .find(|l| l.contains("resumed"))
+        .unwrap_or_else(|| panic!("the re-formed group resumes:\n{zero_log}"));
+    assert!(resumed.contains("checkpoint=step-0000"), "{resumed}");
+    // The same ranks, the same sums: bit for bit.
+    ends_as_the_anchor(base, "elastic", 0.0).await;
+}
+
+/// Waits for a process that was killed; returns its log so far.
+fn succeeded_or_killed(mut child: Child) -> String {
+    let _ = child.wait();
+    let mut log = String::new();
+    let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
+    log
+}
+
+/// One node's `torchrun` agent (its own process group) of a 2-node job with c10d rendezvous at
+/// `port`; node 0's agent hosts the rendezvous store.
+fn torchrun_node(base: &str, port: &str, host: bool) -> Child {
+    let torchrun = common::python().replace("/bin/python", "/bin/torchrun");
+    let mut cmd = Command::new(torchrun);
+    cmd.args(["--nnodes", "2", "--nproc_per_node", "1"])
+        .args(["--rdzv-backend", "c10d", "--rdzv-id", "elastic"])
+        .args(["--rdzv-endpoint", &format!("127.0.0.1:{port}")])
+        .args(["--rdzv-conf", if host { "is_host=1" } else { "is_host=0" }])
+        .args(["--local-addr", "127.0.0.1", "--max-restarts", "2"])
+        .args(["--monitor-interval", "0.5", "--no-python"])
+        .arg(env!("CARGO_BIN_EXE_waypoint"))
+        .args(train_flags(base, "torchrun"))
+        // PyTorch's shared rendezvous store keeps the keys of every round, and a replaced node's
+        // restart count starts again at 0: a store per round is the documented way round it.
+        .env("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        .env_remove("LD_LIBRARY_PATH")
+        .env("RUST_LOG", "info")
+        .process_group(0);
+    common::spawn_logged(&mut cmd)
+}
+
+/// Collects `child`'s log on a thread of its own (so that its pipe never fills) until it exits.
+fn drain(mut child: Child) -> std::thread::JoinHandle<(std::process::ExitStatus, String)> {
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
+        (child.wait().unwrap(), log)
+    })
+}
+
+/// The processes `pid` started (torchrun's workers lead sessions of their own).
+fn children(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_node_rejoins_under_pytorchs_torchrun() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    anchor(base);
+    let port = common::free_port().to_string();
+    let zero = torchrun_node(base, &port, true);
+    let one = torchrun_node(base, &port, false);
+    // Rank 0, which logs the progress, may be either node's worker: watch the storage instead.
+    let zero_log = drain(zero);
+    let run = dir.path().join("torchrun/framework=waypoint");
+    common::wait_for(
+        "the job's checkpoint of step 6",
+        Duration::from_secs(120),
+        Duration::from_millis(100),
+        || run.join("checkpoints/step-000006.json").exists(),
+    );
+    // Node 1 dies for good: its agent and its worker.
+    let workers = children(one.id());
+    assert!(!workers.is_empty(), "node 1's agent has a worker");
+    common::send_signal(one.id(), "KILL").unwrap();
+    for w in &workers {
+        common::send_signal(w, "KILL").unwrap();
+    }
+    let _ = succeeded_or_killed(one);
+    let replacement = torchrun_node(base, &port, false);
+    let replacement_log = succeeded(replacement, "the replacement node");
+    let (status, zero_log) = zero_log.join().unwrap();
+    assert!(
+        status.success(),
+        "node 0 failed:\n{zero_log}\nreplacement:\n{replacement_log}"
+    );
+    let status = common::read_json(run.join("status.json"));
+    assert!(status["attempt"].as_u64().unwrap() >= 2, "{status}");
+    // torchrun may give the ranks to the nodes in another order in the new round, so the sums may
+    // be taken in another order: equal up to rounding.
+    ends_as_the_anchor(base, "torchrun", 2e-5).await;
+}
