@@ -6,11 +6,13 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use common::runs::{launch_flags, logged_step, max_diff, read_until, weights};
+use common::runs::{launch_flags, max_diff, weights};
 
 const STEPS: u32 = 18;
 
@@ -79,27 +81,37 @@ async fn a_replaced_node_rejoins_under_waypoint_launch() {
     anchor(base);
 
     let port = common::free_port().to_string();
-    let mut zero = node(base, "elastic", &port, 0);
+    let zero = Follower::new(node(base, "elastic", &port, 0));
     let one = node(base, "elastic", &port, 1);
-    let (_, zero_rest) = read_until(&mut zero, |l| logged_step(l).is_some_and(|s| s >= 7));
-    // Node 1 dies for good: its launcher is killed, and its worker with it.
+    // Node 1 dies for good — its launcher is killed, and its worker with it — while a save is in
+    // flight (rank 0 wrote its share and waits for rank 1's, which never comes).
+    zero.wait_line("rank 0's share of step 6", Duration::from_secs(120), |l| {
+        l.contains("wrote this rank's share") && l.contains("checkpoint=step-000006")
+    });
     common::send_signal(one.id(), "KILL").unwrap();
+    let killed = Instant::now();
     let _ = succeeded_or_killed(one);
+    // The survivor's worker fails at once (the ring's connection closed) without waiting out the
+    // save's collective timeout (20 s here), and node 0 waits for the job's next round.
+    zero.wait_line("node 0 in round 1", Duration::from_secs(60), |l| {
+        l.contains("joined round 1")
+    });
+    let recovered = killed.elapsed();
+    eprintln!("node 0 left the dead round {recovered:?} after the kill");
+    assert!(
+        recovered < Duration::from_secs(10),
+        "node 0 took {recovered:?} to leave the dead round"
+    );
     // A fresh node takes its place (nothing of the old one's state on this machine is needed: the
     // durable tier is shared).
     let replacement = node(base, "elastic", &port, 1);
     let replacement_log = succeeded(replacement, "the replacement node");
-    let zero_log = zero_rest.join().unwrap();
-    let status = zero.wait().unwrap();
+    let (status, zero_log) = zero.end();
     assert!(status.success(), "node 0 failed:\n{zero_log}");
-
-    // Node 0 leaves round 0 either way: its worker fails (the dead rank's connection closed), or
-    // the replacement, arriving first, closes the round.
     assert!(
-        zero_log.contains("restarting the group") || zero_log.contains("re-forming the group"),
+        zero_log.contains("restarting the group"),
         "node 0 restarts its worker in the next round:\n{zero_log}"
     );
-    assert!(zero_log.contains("joined round 1"), "{zero_log}");
     assert!(
         replacement_log.contains("joined round 1"),
         "the replacement joins the job's round 1, not a round 0 of its own:\n{replacement_log}"
@@ -111,6 +123,60 @@ async fn a_replaced_node_rejoins_under_waypoint_launch() {
     assert!(resumed.contains("checkpoint=step-0000"), "{resumed}");
     // The same ranks, the same sums: bit for bit.
     ends_as_the_anchor(base, "elastic", 0.0).await;
+}
+
+/// A launcher whose log lines a thread reads as they come.
+struct Follower {
+    lines: mpsc::Receiver<String>,
+    seen: std::cell::RefCell<Vec<String>>,
+    ended: std::thread::JoinHandle<std::process::ExitStatus>,
+}
+
+impl Follower {
+    fn new(mut child: Child) -> Self {
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let ended = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+            child.wait().unwrap()
+        });
+        Self {
+            lines,
+            seen: Default::default(),
+            ended,
+        }
+    }
+
+    /// Waits for a line that `matches`; fails the test with the log after `limit`.
+    fn wait_line(&self, what: &str, limit: Duration, matches: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = matches(&line);
+                    self.seen.borrow_mut().push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "no {what} within {limit:?}:\n{}",
+                    self.seen.borrow().join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the launcher's end: its status and whole log.
+    fn end(self) -> (std::process::ExitStatus, String) {
+        let status = self.ended.join().unwrap();
+        let mut log = self.seen.into_inner();
+        log.extend(self.lines.try_iter());
+        (status, log.join("\n"))
+    }
 }
 
 /// Waits for a process that was killed; returns its log so far.

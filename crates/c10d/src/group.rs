@@ -10,7 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{DistError, Result};
@@ -55,12 +55,44 @@ pub struct Group {
     store: Mutex<StoreClient>,
     server: Option<StoreServer>,
     ring: Option<Mutex<Ring>>,
+    /// The ring's connections seen from beside it, for waits on the store to notice a dead peer.
+    neighbours: Option<Arc<Neighbours>>,
     counter: Mutex<u64>,
 }
 
 struct Ring {
     next: TcpStream,
     prev: TcpStream,
+}
+
+/// How often a wait on the store looks whether a ring neighbour has gone.
+const NEIGHBOUR_WATCH: Duration = Duration::from_millis(500);
+
+/// Clones of this rank's two ring connections. A rank that dies (killed, its node gone) closes
+/// them, and a rank waiting on the store for that rank's key would otherwise wait out the whole
+/// collective timeout; its neighbours see the closed connection at once and fail, which closes
+/// theirs in turn, so every rank learns of it within a few watches.
+struct Neighbours {
+    next: (u32, TcpStream),
+    prev: (u32, TcpStream),
+}
+
+impl Neighbours {
+    /// The neighbour whose connection has closed, if one has. Peeks without waiting and without
+    /// taking bytes, so the ring's own reads (on another thread, maybe) are undisturbed.
+    fn gone(&self) -> Option<u32> {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        [&self.next, &self.prev].into_iter().find_map(|(rank, s)| {
+            let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+            match socket2::SockRef::from(s).recv_with_flags(&mut byte, flags) {
+                Ok(0) => Some(*rank),
+                Ok(_) => None,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+                Err(_) => Some(*rank),
+            }
+        })
+    }
 }
 
 impl Group {
@@ -77,11 +109,22 @@ impl Group {
             store: Mutex::new(store),
             server,
             ring: None,
+            neighbours: None,
             counter: Mutex::new(0),
         };
         if group.config.world_size > 1 {
             group.refuse_a_used_namespace()?;
-            group.ring = Some(Mutex::new(group.link_ring()?));
+            let ring = group.link_ring()?;
+            let (world, rank) = (group.config.world_size, group.config.rank);
+            let clone = |s: &TcpStream| {
+                s.try_clone()
+                    .map_err(DistError::io("cloning a ring socket"))
+            };
+            group.neighbours = Some(Arc::new(Neighbours {
+                next: ((rank + 1) % world, clone(&ring.next)?),
+                prev: ((rank + world - 1) % world, clone(&ring.prev)?),
+            }));
+            group.ring = Some(Mutex::new(ring));
         }
         Ok(group)
     }
@@ -204,7 +247,14 @@ impl Group {
     /// Every rank's `data`, in rank order.
     pub fn all_gather(&self, what: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let name = self.key(&self.next_name(what));
-        gather(&mut self.store(), &self.config, what, &name, data)
+        gather(
+            &mut self.store(),
+            &self.config,
+            self.neighbours.as_deref(),
+            what,
+            &name,
+            data,
+        )
     }
 
     /// Waits until every rank reaches the barrier called `what`.
@@ -215,7 +265,14 @@ impl Group {
     /// Rank 0's `data` on every rank.
     pub fn broadcast(&self, what: &str, data: &[u8]) -> Result<Vec<u8>> {
         let name = self.key(&self.next_name(what));
-        broadcast(&mut self.store(), &self.config, what, &name, data)
+        broadcast(
+            &mut self.store(),
+            &self.config,
+            self.neighbours.as_deref(),
+            what,
+            &name,
+            data,
+        )
     }
 
     /// Collectives on a store connection of their own, named by the caller: for work beside the
@@ -225,6 +282,7 @@ impl Group {
         Ok(SideChannel {
             store: StoreClient::connect(&c.master_addr, c.master_port, c.timeout)?,
             config: c.clone(),
+            neighbours: self.neighbours.clone(),
         })
     }
 
@@ -351,13 +409,21 @@ impl Group {
 pub struct SideChannel {
     store: StoreClient,
     config: GroupConfig,
+    neighbours: Option<Arc<Neighbours>>,
 }
 
 impl SideChannel {
     /// Every rank's `data` for the collective called `name`, in rank order.
     pub fn all_gather(&mut self, name: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let key = format!("waypoint/{}/side/{name}", self.config.namespace());
-        gather(&mut self.store, &self.config, name, &key, data)
+        gather(
+            &mut self.store,
+            &self.config,
+            self.neighbours.as_deref(),
+            name,
+            &key,
+            data,
+        )
     }
 
     /// Waits until every rank reaches the barrier called `name`.
@@ -368,7 +434,14 @@ impl SideChannel {
     /// Rank 0's `data` for the collective called `name`, on every rank.
     pub fn broadcast(&mut self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
         let key = format!("waypoint/{}/side/{name}", self.config.namespace());
-        broadcast(&mut self.store, &self.config, name, &key, data)
+        broadcast(
+            &mut self.store,
+            &self.config,
+            self.neighbours.as_deref(),
+            name,
+            &key,
+            data,
+        )
     }
 }
 
@@ -376,6 +449,7 @@ impl SideChannel {
 fn gather(
     store: &mut StoreClient,
     c: &GroupConfig,
+    neighbours: Option<&Neighbours>,
     what: &str,
     key: &str,
     data: &[u8],
@@ -383,9 +457,7 @@ fn gather(
     let keys: Vec<String> = (0..c.world_size).map(|r| format!("{key}/{r}")).collect();
     store.set(&keys[c.rank as usize], data)?;
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    store
-        .wait(&refs, c.timeout)
-        .map_err(|e| collective_error(c, what, e))?;
+    wait_for_keys(store, c, neighbours, what, &refs)?;
     store.multi_get(&refs)
 }
 
@@ -393,6 +465,7 @@ fn gather(
 fn broadcast(
     store: &mut StoreClient,
     c: &GroupConfig,
+    neighbours: Option<&Neighbours>,
     what: &str,
     key: &str,
     data: &[u8],
@@ -400,10 +473,49 @@ fn broadcast(
     if c.rank == 0 {
         store.set(key, data)?;
     }
-    store
-        .wait(&[key], c.timeout)
-        .map_err(|e| collective_error(c, what, e))?;
+    wait_for_keys(store, c, neighbours, what, &[key])?;
     store.get(key)
+}
+
+/// Waits for the other ranks' `keys` up to the collective timeout; with ring neighbours, it looks
+/// every [`NEIGHBOUR_WATCH`] whether one has gone and then fails at once, naming it.
+fn wait_for_keys(
+    store: &mut StoreClient,
+    c: &GroupConfig,
+    neighbours: Option<&Neighbours>,
+    what: &str,
+    keys: &[&str],
+) -> Result<()> {
+    let deadline = Instant::now() + c.timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let slice = if neighbours.is_some() {
+            left.min(NEIGHBOUR_WATCH)
+        } else {
+            left
+        };
+        match store.wait(keys, slice) {
+            Ok(()) => return Ok(()),
+            Err(DistError::Timeout { .. }) if Instant::now() < deadline => {
+                if let Some(gone) = neighbours.and_then(Neighbours::gone) {
+                    return Err(DistError::Protocol(format!(
+                        "rank {}: collective `{what}`: rank {gone} is gone (its ring connection \
+                         closed: it died, or its node did)",
+                        c.rank
+                    )));
+                }
+            }
+            Err(DistError::Timeout { keys, .. }) => {
+                let timeout = c.timeout;
+                return Err(collective_error(
+                    c,
+                    what,
+                    DistError::Timeout { keys, timeout },
+                ));
+            }
+            Err(e) => return Err(collective_error(c, what, e)),
+        }
+    }
 }
 
 fn collective_error(c: &GroupConfig, what: &str, e: DistError) -> DistError {
@@ -530,6 +642,33 @@ mod tests {
                 let want: Vec<Vec<u8>> = (0..world).map(|r| format!("r{r}").into_bytes()).collect();
                 assert_eq!(names, &want);
                 assert_eq!(b, b"from 0");
+            }
+        }
+    }
+
+    /// A rank that dies while the others wait on the store for its key: they fail within a few
+    /// watches, naming it, not after the collective timeout.
+    #[test]
+    fn a_dead_rank_fails_a_wait_on_the_store_promptly() {
+        let master_port = port();
+        let handles: Vec<_> = (0..3)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let g = Group::join(config(rank, 3, master_port, 30)).unwrap();
+                    g.barrier("joined").unwrap();
+                    if rank == 2 {
+                        return None;
+                    }
+                    let started = Instant::now();
+                    let err = g.all_gather("step", b"x").unwrap_err().to_string();
+                    Some((started.elapsed(), err))
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Some((took, err)) = h.join().unwrap() {
+                assert!(took < Duration::from_secs(5), "{took:?}: {err}");
+                assert!(err.contains("rank 2 is gone"), "{err}");
             }
         }
     }

@@ -349,6 +349,17 @@ impl Saver {
         self.join()
     }
 
+    /// When the run ends early with other ranks: lets the save in flight go without waiting for
+    /// it (its commit needs every rank's share, and a rank that died never sends its own: waiting
+    /// would hold this rank's exit, and so the job's restart, for the collective timeout). What it
+    /// wrote stays uncommitted and is cleared by the next save of that step.
+    pub(crate) fn abandon(&mut self) {
+        self.staging = None;
+        self.inflight = None;
+        self.copier.abandon();
+        self.writer.abandon();
+    }
+
     /// Bytes of this rank's part of the resumable state (what one save of it writes).
     pub(crate) fn share_bytes(&self, model: &Model, opt: &AdamW) -> u64 {
         self.my_items(model, opt)

@@ -64,6 +64,13 @@ pub(crate) struct MemoryTier {
 }
 
 impl MemoryTier {
+    /// Lets the tier's save in flight go without waiting for it (see [`Saver::abandon`]).
+    pub(crate) fn abandon(&mut self) {
+        if let Some(saver) = &mut self.saver {
+            saver.abandon();
+        }
+    }
+
     /// Opens (creating) this run's folder in the tier at `section.memory_tier_dir`, shared by the
     /// node's `node_ranks` ranks; `None`, with the reason logged, when it cannot be used (missing,
     /// read-only, full).

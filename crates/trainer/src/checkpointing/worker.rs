@@ -67,6 +67,15 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Lets the thread go without waiting for what it runs (the process is about to end: a task
+    /// that waits for ranks that died would hold the exit up to the collective timeout).
+    pub(crate) fn abandon(&mut self) {
+        drop(self.jobs.take());
+        drop(self.thread.take());
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         drop(self.jobs.take());

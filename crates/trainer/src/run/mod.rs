@@ -159,11 +159,16 @@ struct Live {
 
 impl Drop for Live {
     /// A start that ends early (an error) lets the save in flight finish first, so that its commit
-    /// and the `status.json` it writes come before the failure is recorded, never after it. (With
-    /// several ranks it does not wait: a save whose peer died would hold the exit for the
-    /// collective timeout.)
+    /// and the `status.json` it writes come before the failure is recorded, never after it. With
+    /// several ranks it lets the saves in flight go: a save whose peer died would hold the exit,
+    /// and so the job's restart, for the collective timeout (`tests/train_elastic.rs` kills a node
+    /// while a save is in flight).
     fn drop(&mut self) {
         if self.ranks.world() > 1 {
+            self.saver.abandon();
+            if let Some(tier) = &mut self.memory {
+                tier.abandon();
+            }
             return;
         }
         if let Err(e) = self.saver.finish_inflight() {
