@@ -154,10 +154,15 @@ struct TrainArgs {
     #[arg(long = "dataloader_workers")]
     #[serde(skip_serializing_if = "Option::is_none")]
     dataloader_workers: Option<u64>,
-    /// Resumable save every N steps (0: only the final save) [default: 50].
+    /// Resumable save every N steps (0: only the final save), or `auto`: the interval Young and
+    /// Daly's model gives from the measured cost of a save and --mtbf_hours [default: 50].
     #[arg(long = "save_steps")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    save_steps: Option<u64>,
+    save_steps: Option<waypoint_config::SaveSteps>,
+    /// The job's mean time between failures in hours, for --save_steps auto.
+    #[arg(long = "mtbf_hours")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mtbf_hours: Option<f64>,
     /// The recipe's name for --save_steps.
     #[arg(long = "dcp_save_interval")]
     #[serde(skip_serializing_if = "Option::is_none")]

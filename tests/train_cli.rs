@@ -330,6 +330,22 @@ fn bad_input_is_named_before_any_work() {
             vec!["--save_steps", "5", "--dcp_save_interval", "6"],
             "--dcp_save_interval",
         ),
+        (
+            vec!["--save_steps", "auto"],
+            "--save_steps auto needs --mtbf_hours",
+        ),
+        (
+            vec!["--save_steps", "auto", "--mtbf_hours", "0"],
+            "--save_steps auto needs --mtbf_hours",
+        ),
+        (
+            vec!["--mtbf_hours", "12"],
+            "--mtbf_hours 12 only sets the interval of --save_steps auto",
+        ),
+        (
+            vec!["--save_steps", "often"],
+            "neither a number of steps nor `auto`",
+        ),
         (vec!["--lora_alpha", "8"], "--lora_rank"),
         (
             vec!["--model_id", "/nonexistent/model"],
@@ -958,4 +974,63 @@ fn status_and_ckpt_find_runs_as_train_names_them() {
     let out = waypoint(&["ckpt", "list", "--json", &format!("{base_s}/a")]);
     let listed = common::ok(&out);
     assert!(listed.contains("step-000002"), "{listed}");
+}
+
+/// `--save_steps auto` (here from a config file, as the control plane's `extra_args` pass it):
+/// the first durable save after 10 steps measures what a save costs, then the saves fall at the
+/// interval Young and Daly's model gives for that cost, the step time and `--mtbf_hours`, as logged.
+#[test]
+fn save_steps_auto_measures_a_save_then_follows_young_daly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let cfg = dir.path().join("extra_args.json");
+    // A failure every 0.036 s: the model asks for a save every step or few.
+    std::fs::write(&cfg, r#"{"save_steps": "auto", "mtbf_hours": 0.00001}"#).unwrap();
+    let out = common::waypoint()
+        .args(["train", "--device", "cpu", "--run_id", "auto"])
+        .args(["--checkpoint_base_uri", base, "--max_steps", "40"])
+        .args(["--keep_last", "0", "--config_path", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let log = common::train_log(&out);
+    assert!(
+        log.contains("--save_steps auto for 0.00001 h between failures"),
+        "{log}"
+    );
+    let committed: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("checkpoint committed checkpoint=step-"))
+        .filter_map(|l| common::runs::logged_number(l, "checkpoint=step-"))
+        .filter(|&s| s < 40)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(committed[..2], [10, 20], "{log}");
+    // Each interval announced is the model's for the figures it names.
+    let announced: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("durable saves now every"))
+        .map(|l| {
+            let every = common::runs::logged_number(l, "now every ").unwrap();
+            let figure = |key: &str| -> f64 {
+                let at = l.find(key).unwrap() + key.len();
+                l[at..].split(' ').next().unwrap().parse().unwrap()
+            };
+            let (tau, step) = (figure(") = "), figure(", at "));
+            assert!(
+                (every as f64 - (tau / step).max(1.0)).abs() <= 1.0 + 0.01 * every as f64,
+                "{l}"
+            );
+            every
+        })
+        .collect();
+    assert!(!announced.is_empty(), "the interval moved from 10:\n{log}");
+    // After the measured save, every gap is an announced interval.
+    for gap in committed[1..].windows(2).map(|w| w[1] - w[0]) {
+        assert!(
+            announced.contains(&gap),
+            "gap {gap}, announced {announced:?}: {committed:?}"
+        );
+    }
+    assert!(committed.len() > 3, "{committed:?}");
 }

@@ -210,12 +210,69 @@ impl Default for DataFlags {
     }
 }
 
+/// `--save_steps`: a durable save every this many steps (0: only the final one), or `auto`: the
+/// interval Young and Daly's model gives from the measured cost of a save and `--mtbf_hours`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveSteps {
+    /// Every this many steps (0: only the final save).
+    Every(u64),
+    /// From the measured cost of a save and the job's mean time between failures.
+    Auto,
+}
+
+impl std::fmt::Display for SaveSteps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Every(n) => write!(f, "{n}"),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for SaveSteps {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        s.trim()
+            .parse()
+            .map(Self::Every)
+            .map_err(|_| format!("{s:?} is neither a number of steps nor `auto`"))
+    }
+}
+
+impl Serialize for SaveSteps {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Every(n) => s.serialize_u64(*n),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SaveSteps {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Number(n) => n.as_u64().map(Self::Every).ok_or_else(|| {
+                serde::de::Error::custom(format!("{n} is not a whole number of steps"))
+            }),
+            Value::String(s) => s.parse().map_err(serde::de::Error::custom),
+            other => Err(serde::de::Error::custom(format!(
+                "{other} is neither a number of steps nor `auto`"
+            ))),
+        }
+    }
+}
+
 /// Checkpoints: when and what to save, keep, promote and start from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CheckpointFlags {
-    /// Save a resumable checkpoint every this many steps (0: only at the end).
-    pub save_steps: u64,
+    /// Save a resumable checkpoint every this many steps (0: only at the end), or `auto`.
+    pub save_steps: SaveSteps,
+    /// The job's mean time between failures, in hours, for `--save_steps auto` (0: unset).
+    pub mtbf_hours: f64,
     /// Same as `save_steps` (the recipe's spelling); when both are set they must agree.
     pub dcp_save_interval: u64,
     /// Keep this many newest resumable checkpoints (0: all).
@@ -250,7 +307,8 @@ pub struct CheckpointFlags {
 impl Default for CheckpointFlags {
     fn default() -> Self {
         Self {
-            save_steps: 50,
+            save_steps: SaveSteps::Every(50),
+            mtbf_hours: 0.0,
             dcp_save_interval: 0,
             keep_last: 3,
             sampler_save_steps: 0,

@@ -23,11 +23,11 @@ pub use error::{ConfigError, Origin, UsageError};
 pub use fingerprint::{changes, fingerprint, BATCH_SPLIT};
 pub use flags::{
     closest_key, keys, CheckpointFlags, DataFlags, DistributedFlags, LoraFlags, MemoryFlags,
-    ModelFlags, OptimFlags, RecipeFlags, RunFlags, TrainConfig,
+    ModelFlags, OptimFlags, RecipeFlags, RunFlags, SaveSteps, TrainConfig,
 };
 pub use resolve::{merge, read_config_file};
 pub use typed::{
-    CheckpointSection, DpoLoss, LoraConfig, MemoryCheck, Objective, RecipeKind, SamplerDtype,
-    ScheduleKind, Sharding, LORA_TARGETS,
+    CheckpointSection, DpoLoss, DurableInterval, LoraConfig, MemoryCheck, Objective, RecipeKind,
+    SamplerDtype, ScheduleKind, Sharding, LORA_TARGETS,
 };
 pub use validate::limits;

@@ -10,7 +10,12 @@ impl TrainConfig {
     pub fn checkpoint(&self) -> CheckpointSection {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
         CheckpointSection {
-            save_steps: self.checkpointing.save_steps,
+            save_steps: match self.checkpointing.save_steps {
+                crate::flags::SaveSteps::Every(n) => DurableInterval::Every(n),
+                crate::flags::SaveSteps::Auto => DurableInterval::Auto {
+                    mtbf_s: self.checkpointing.mtbf_hours * 3600.0,
+                },
+            },
             keep_last: (self.checkpointing.keep_last > 0)
                 .then_some(self.checkpointing.keep_last as usize),
             sampler_save_steps: self.checkpointing.sampler_save_steps,
@@ -79,11 +84,24 @@ impl TrainConfig {
 /// process (and a restarted container of the same pod).
 pub const DEFAULT_MEMORY_TIER_DIR: &str = "/dev/shm/waypoint";
 
+/// When durable resumable saves are made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DurableInterval {
+    /// Every this many steps (0: only the final one).
+    Every(u64),
+    /// At the interval Young and Daly's model gives from the measured cost of a save and the
+    /// job's mean time between failures (seconds).
+    Auto {
+        /// Mean time between failures, seconds.
+        mtbf_s: f64,
+    },
+}
+
 /// The checkpoint section of the configuration (see [`TrainConfig::checkpoint`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointSection {
-    /// A resumable save every this many steps (0: only the final one).
-    pub save_steps: u64,
+    /// When durable resumable saves are made.
+    pub save_steps: DurableInterval,
     /// Keep this many newest resumable checkpoints (`None`: all).
     pub keep_last: Option<usize>,
     /// A promotable sampler save every this many steps (0: none besides the final one).

@@ -2,7 +2,7 @@
 //! what they accept; [`limits`] are the largest values a setting may take.
 
 use crate::error::ConfigError;
-use crate::flags::TrainConfig;
+use crate::flags::{SaveSteps, TrainConfig};
 use crate::resolve::FloatRange;
 use crate::typed::{
     DpoLoss, MemoryCheck, RecipeKind, SamplerDtype, ScheduleKind, Sharding, LORA_TARGETS,
@@ -29,6 +29,8 @@ pub mod limits {
     pub const NUM_EPOCHS: u64 = 1 << 20;
     /// `--dist_timeout_secs` (a week).
     pub const DIST_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+    /// The most `--mtbf_hours` may be (ten years).
+    pub const MTBF_HOURS: f64 = 24.0 * 3650.0;
 }
 
 fn usage(key: &str, message: String) -> ConfigError {
@@ -55,9 +57,10 @@ impl TrainConfig {
     /// Range and cross-field checks, each naming the flags involved and what they accept.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         if self.checkpointing.dcp_save_interval > 0 {
+            let dcp = SaveSteps::Every(self.checkpointing.dcp_save_interval);
             check(
                 self.checkpointing.save_steps == TrainConfig::default().checkpointing.save_steps
-                    || self.checkpointing.save_steps == self.checkpointing.dcp_save_interval,
+                    || self.checkpointing.save_steps == dcp,
                 "dcp_save_interval",
                 || {
                     format!(
@@ -67,7 +70,28 @@ impl TrainConfig {
                     )
                 },
             )?;
-            self.checkpointing.save_steps = self.checkpointing.dcp_save_interval;
+            self.checkpointing.save_steps = dcp;
+        }
+        let mtbf = self.checkpointing.mtbf_hours;
+        match self.checkpointing.save_steps {
+            SaveSteps::Auto => check(
+                mtbf.is_finite() && mtbf > 0.0 && mtbf <= limits::MTBF_HOURS,
+                "mtbf_hours",
+                || {
+                    format!(
+                        "--save_steps auto needs --mtbf_hours: the job's mean time between \
+                         failures in hours (above 0, at most {}; e.g. 24 for a failure a day), \
+                         got {mtbf}",
+                        limits::MTBF_HOURS
+                    )
+                },
+            )?,
+            SaveSteps::Every(_) => check(mtbf == 0.0, "mtbf_hours", || {
+                format!(
+                    "--mtbf_hours {mtbf} only sets the interval of --save_steps auto; pass \
+                     --save_steps auto, or drop --mtbf_hours"
+                )
+            })?,
         }
         in_range("batch_size", self.data.batch_size, 1, limits::BATCH_SIZE)?;
         in_range(

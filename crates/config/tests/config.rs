@@ -53,7 +53,7 @@ fn file_keys_are_checked_and_flags_win() {
 #[test]
 fn conflicts_are_named() {
     let mut c = TrainConfig::default();
-    c.checkpointing.save_steps = 10;
+    c.checkpointing.save_steps = waypoint_config::SaveSteps::Every(10);
     c.checkpointing.dcp_save_interval = 20;
     let err = c.validate().unwrap_err().to_string();
     assert!(err.contains("--save_steps") && err.contains("--dcp_save_interval"));

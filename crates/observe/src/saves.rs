@@ -83,6 +83,11 @@ impl OverlapMeter {
         }
     }
 
+    /// The mean time of a step that ran with no save in flight (`None` before the first).
+    pub fn clean_mean(&self) -> Option<f64> {
+        (self.clean_count > 0).then(|| self.clean_sum / self.clean_count as f64)
+    }
+
     /// The steps that overlapped the save just committed (their count, and their slowdown against
     /// the steps without a save); starts counting afresh for the next save.
     pub fn take(&mut self) -> (u64, Option<f64>) {

@@ -47,7 +47,9 @@ use waypoint_observe::saves::OverlapMeter;
 use waypoint_observe::watch;
 use waypoint_storage::Store;
 
-use crate::checkpointing::policy::{sampler_save_due, save_due, SaveDue};
+use crate::checkpointing::policy::{
+    sampler_save_due, save_cost_s, save_due, DurableSchedule, SaveDue,
+};
 use crate::recipe::{MicroBatch, Recipe};
 use crate::step::{evaluate, libtorch_boundary, train_step, StepParts, StepSettings};
 use reference::ReferenceTable;
@@ -140,6 +142,8 @@ struct Live {
     eval: Option<waypoint_data::Dataset>,
     manager: Arc<waypoint_checkpoint::CheckpointManager>,
     saver: crate::checkpointing::saver::Saver,
+    /// When the durable saves fall (every N steps, or `--save_steps auto`'s interval).
+    durable: DurableSchedule,
     /// The node's memory tier, when this start has one.
     memory: Option<crate::checkpointing::tier::MemoryTier>,
     ctx: crate::checkpointing::state::SaveContext,
@@ -227,6 +231,15 @@ impl Session {
             run.saver.check()?;
             for mut report in run.saver.take_committed() {
                 (report.overlap_steps, report.overlap_slowdown) = overlap.take();
+                if let Some(step_s) = overlap.clean_mean().filter(|_| self.main) {
+                    let cost = save_cost_s(
+                        report.stall_s,
+                        report.overlap_steps,
+                        report.overlap_slowdown,
+                        step_s,
+                    );
+                    run.durable.measured(cost, step_s);
+                }
                 tracing::info!(checkpoint = %report.checkpoint, "save report: {}", report.describe());
                 if let (Some(line), Some(fields)) =
                     (line.as_object_mut(), report.metrics_fields().as_object())
@@ -251,13 +264,16 @@ impl Session {
             if let Some(watch) = &self.watch {
                 watch.step(self.step, &line);
             }
-            let due = save_due(self.step, run.checkpoint.save_steps, total, false);
+            let due = save_due(self.step, run.durable.due(self.step), total, false);
             let sampler = sampler_save_due(self.step, run.checkpoint.sampler_save_steps, total);
             if due == SaveDue::Periodic || sampler {
                 let blocked = Instant::now();
                 let background = run.checkpoint.background;
                 self.save_periodic(&mut run, due == SaveDue::Periodic, sampler, background)?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());
+            }
+            if due == SaveDue::Periodic {
+                self.next_durable_interval(&mut run)?;
             }
             self.save_to_memory(&mut run)?;
         }
@@ -267,6 +283,41 @@ impl Session {
 }
 
 impl Session {
+    /// After a periodic durable save: the interval to the next one. With `--save_steps auto`, rank
+    /// 0's proposal from the measured cost of the saves, agreed by all ranks (each measures its
+    /// own), and logged when it changes.
+    fn next_durable_interval(&mut self, run: &mut Live) -> Result<()> {
+        let mut every = run.durable.proposal();
+        if run.durable.is_auto() {
+            let agreed = run
+                .ranks
+                .broadcast("durable-interval", &every.to_le_bytes())?;
+            let bytes: [u8; 8] = agreed
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("rank 0 sent a malformed save interval"))?;
+            every = u64::from_le_bytes(bytes);
+        }
+        let changed = run.durable.saved(self.step, every);
+        if let (true, true, Some((cost, step_s)), Some(mtbf_s)) = (
+            changed,
+            self.main,
+            run.durable.measured_costs(),
+            run.durable.mtbf_s(),
+        ) {
+            tracing::info!(
+                every,
+                save_cost_s = cost,
+                step_s,
+                "durable saves now every {every} steps (Young/Daly: √(2 × {cost:.4} s a save × \
+                 {} h between failures) = {:.4} s, at {step_s:.4} s a step)",
+                mtbf_s / 3600.0,
+                (2.0 * cost * mtbf_s).sqrt()
+            );
+        }
+        Ok(())
+    }
+
     /// Runs optimizer step `self.step + 1`; returns its metrics line, or `None` when the ranks agreed
     /// to stop before it (a signal reached one of them: `signal` is this rank's, 0 for none).
     fn step(&mut self, run: &mut Live, signal: usize) -> Result<Option<Value>> {

@@ -19,6 +19,7 @@ use waypoint_storage::Store;
 use super::reference::{self, ReferenceKey, ReferenceSource};
 use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
+use crate::checkpointing::policy::DurableSchedule;
 use crate::checkpointing::saver::Saver;
 use crate::checkpointing::state::SaveContext;
 use crate::checkpointing::tier::{self, MemoryTier};
@@ -506,8 +507,19 @@ impl Session {
             rt.block_on(records::write_status(&self.store, &self.layout, &status))?;
         }
 
+        let durable = DurableSchedule::new(section.save_steps, self.step);
+        if let (true, Some(mtbf_s)) = (main, durable.mtbf_s()) {
+            tracing::info!(
+                "durable saves: --save_steps auto for {} h between failures; the first after \
+                 {} steps measures what a save costs, then the interval is Young/Daly's \
+                 √(2 × cost × MTBF)",
+                mtbf_s / 3600.0,
+                durable.every()
+            );
+        }
         Ok(Live {
             checkpoint: section,
+            durable,
             ranks,
             device,
             recipe,
