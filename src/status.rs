@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 use waypoint_checkpoint::{now_ms, CheckpointInfo, CheckpointManager, ManagerOptions, RunLayout};
+use waypoint_observe::goodput::Goodput;
 use waypoint_observe::metrics::RECIPE_METRICS;
 use waypoint_observe::records::{JobState, Status};
 use waypoint_storage::{StorageError, Store};
@@ -74,6 +75,9 @@ pub struct Report {
     pub updated_s_ago: f64,
     /// Running, but no record changed for [`STALE_AFTER_S`]: the process may be gone.
     pub stale: bool,
+    /// What failures cost the run over its attempts (from the newest `progress.json`, whichever
+    /// attempt wrote it).
+    pub goodput: Option<Goodput>,
 }
 
 /// The report from the records: `status.json`, `logs/progress.json` (if any), the last line of
@@ -86,6 +90,7 @@ pub fn report(
     checkpoints: &[CheckpointInfo],
     now: u64,
 ) -> Report {
+    let goodput = progress.and_then(|p| serde_json::from_value(p["goodput"].clone()).ok());
     // Progress counts only when it is this attempt's (an older attempt's is history).
     let progress = progress.filter(|p| p["attempt"].as_u64() == status.attempt);
     let progress_step = progress.and_then(|p| p["step"].as_u64()).unwrap_or(0);
@@ -150,6 +155,7 @@ pub fn report(
         error: status.error.clone(),
         updated_unix_ms: updated,
         updated_s_ago,
+        goodput,
         stale: running && updated_s_ago > STALE_AFTER_S,
     }
 }
@@ -215,6 +221,9 @@ pub fn render(r: &Report) -> String {
         ),
         format!("updated     {} ago", duration(r.updated_s_ago)),
     ]);
+    if let Some(g) = &r.goodput {
+        lines.push(format!("goodput     {}", g.describe()));
+    }
     if r.stale {
         lines.push(format!(
             "warning     RUNNING but nothing recorded for {}: the process may be gone; the same \

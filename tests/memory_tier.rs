@@ -156,6 +156,34 @@ async fn a_killed_worker_resumes_from_the_memory_tier_bit_identical() {
         "resumed at {resumed}, killed after {last}"
     );
     same_end(base, "reference", "killed").await;
+    // What the failure cost, in progress.json's goodput and on `waypoint status`'s screen.
+    let run_dir = dir.path().join("killed/framework=waypoint");
+    let progress = common::read_json(run_dir.join("logs/progress.json"));
+    let g = &progress["goodput"];
+    assert_eq!(g["attempts"], 2, "{progress}");
+    let restart = &g["last_restart"];
+    assert_eq!(restart["attempt"], 2, "{g}");
+    assert_eq!(restart["resumed_step"], resumed, "{g}");
+    let recovery = restart["start_to_first_step_s"].as_f64().unwrap();
+    assert!(recovery > 0.0 && recovery < 60.0, "{g}");
+    // At most the steps the killed attempt had reported beyond the resumed one.
+    assert!(
+        g["steps_redone"].as_u64().unwrap() <= last + 1 - resumed.min(last + 1),
+        "{g}"
+    );
+    let ratio = g["goodput"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio <= 1.0, "{g}");
+    assert!(g["lost_s"].as_f64().unwrap() >= recovery, "{g}");
+    let screen = common::waypoint()
+        .args(["status", run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&screen.stdout);
+    assert!(
+        screen.contains("goodput") && screen.contains("2 attempt(s)"),
+        "{screen}"
+    );
+    assert!(screen.contains("from start to first step"), "{screen}");
     // Every step's loss is in metrics.jsonl once, those before the resume included.
     let metrics = std::fs::read_to_string(
         dir.path()

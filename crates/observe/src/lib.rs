@@ -8,13 +8,16 @@
 //! - [`progress`]: the progress bar on a terminal, a line every `logging_steps` elsewhere;
 //! - [`saves`]: what each checkpoint save cost the run (stall, snapshot, upload, step → commit,
 //!   the slowdown of the steps it overlapped);
+//! - [`goodput`]: what failures cost a run over its attempts (steps redone, time lost, useful step
+//!   time over wall time), carried in `progress.json`;
 //! - [`explain`]: an error as people read it (secrets masked, a hint where one helps);
 //! - [`metrics`]: the names of a metrics line's fields that several readers know.
 //!
-//! Arrows inside: `records → watch → {trainlog, tensorboard, plot}`, `tensorboard → metrics`;
+//! Arrows inside: `records → watch → {trainlog, tensorboard, plot, goodput}`, `tensorboard → metrics`;
 //! `explain` and `progress` stand alone.
 
 pub mod explain;
+pub mod goodput;
 pub mod metrics;
 pub mod plot;
 pub mod progress;

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use waypoint_checkpoint::{now_ms, RunLayout};
 use waypoint_storage::{StorageError, Store};
 
+use crate::goodput::{process_start_ms, Goodput, PreviousProgress};
 use crate::plot::{render_svg, Curves};
 use crate::tensorboard::{scalars_of, EventFile, SAVE_SECS_TAG};
 use crate::trainlog;
@@ -57,6 +58,10 @@ struct Pace {
     inflight: Option<JoinHandle<()>>,
     /// The newest loss, lr, tokens/s and eval loss seen.
     last: Value,
+    /// The run's goodput over its attempts, this one's steps included.
+    goodput: Goodput,
+    /// This attempt's first step was seen.
+    stepped: bool,
 }
 
 /// The watched outputs of one attempt (rank 0).
@@ -114,6 +119,14 @@ impl Watch {
                 .with_context(|| format!("writing {}", log_path.display()))?;
         }
         trainlog::attach(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+        // The previous attempt's last progress: what this restart costs (see `goodput`).
+        let previous = match store.get(&layout.progress()).await {
+            Ok(b) => serde_json::from_slice::<Value>(&b)
+                .ok()
+                .and_then(|v| PreviousProgress::parse(&v)),
+            Err(_) => None,
+        };
+        let goodput = Goodput::start(attempt, resumed_step, process_start_ms(), previous.as_ref());
         let name = event_file_name(attempt, 0);
         let path = dir.join("tensorboard").join(&name);
         let note = format!("attempt {attempt} resumes after step {resumed_step}");
@@ -141,6 +154,8 @@ impl Watch {
                 last_write: None,
                 inflight: None,
                 last: json!({}),
+                goodput,
+                stepped: false,
             }),
         })
     }
@@ -149,6 +164,14 @@ impl Watch {
     pub fn step(&self, step: u64, line: &Value) {
         self.scalars(step, &scalars_of(line));
         let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        let step_s = line["step_s"].as_f64().unwrap_or(0.0);
+        if !pace.stepped {
+            pace.stepped = true;
+            let ended = line["time_unix_ms"].as_u64().unwrap_or_else(now_ms);
+            let began = ended.saturating_sub((step_s * 1000.0) as u64);
+            pace.goodput.first_step(process_start_ms(), began);
+        }
+        pace.goodput.step(step_s);
         for field in ["loss", "lr", "tokens_per_s", "eval_loss"] {
             if let Some(v) = line.get(field) {
                 pace.last[field] = v.clone();
@@ -161,7 +184,14 @@ impl Watch {
         if !due || busy {
             return;
         }
-        let body = self.progress(&pace, step);
+        let body = self.progress(&mut pace, step);
+        let g = &pace.goodput;
+        let scalars = [
+            ("goodput/goodput", g.goodput.unwrap_or(0.0) as f32),
+            ("goodput/steps_redone", g.steps_redone as f32),
+            ("goodput/lost_s", g.lost_s as f32),
+        ];
+        self.scalars(step, &scalars);
         pace.last_write = Some(Instant::now());
         let (store, key) = (self.store.clone(), self.layout.progress());
         pace.inflight = Some(self.handle.spawn(async move {
@@ -211,8 +241,8 @@ impl Watch {
             let _ = h.await;
         }
         let body = {
-            let pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
-            self.progress(&pace, step)
+            let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+            self.progress(&mut pace, step)
         };
         if let Err(e) = self.store.put(&self.layout.progress(), body).await {
             tracing::warn!("could not write logs/progress.json: {e}");
@@ -264,8 +294,9 @@ impl Watch {
         Ok(out)
     }
 
-    /// The body of `progress.json` at `step`.
-    fn progress(&self, pace: &Pace, step: u64) -> Bytes {
+    /// The body of `progress.json` at `step` (the goodput updated to now).
+    fn progress(&self, pace: &mut Pace, step: u64) -> Bytes {
+        pace.goodput.update(now_ms());
         let secs = pace.started.elapsed().as_secs_f64();
         let done = step.saturating_sub(pace.first_step);
         let steps_per_s = (done > 0 && secs > 0.0).then(|| done as f64 / secs);
@@ -277,6 +308,7 @@ impl Watch {
             "steps_per_s": steps_per_s,
             "eta_s": eta_s,
             "updated_unix_ms": now_ms(),
+            "goodput": serde_json::to_value(&pace.goodput).unwrap_or(Value::Null),
         });
         if let (Some(body), Some(last)) = (body.as_object_mut(), pace.last.as_object()) {
             body.extend(last.clone());

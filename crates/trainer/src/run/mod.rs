@@ -391,6 +391,7 @@ impl Session {
             "tokens_per_s": (sequences * cfg.data.max_seq_len) as f64 / secs.max(1e-9),
             "data_consumed": run.data_consumed,
             "epoch": run.data_consumed / run.ctx.n_samples,
+            "step_s": secs,
             "time_unix_ms": waypoint_checkpoint::now_ms(),
         });
         if let Some(blocked) = done.stall {
