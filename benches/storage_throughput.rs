@@ -5,7 +5,8 @@
 //!
 //! Sizes: WAYPOINT_BENCH_MIB (default 1024) for local, WAYPOINT_BENCH_S3_MIB (default 256) for S3.
 //!
-//! Hashing is part digests on all cores (as checkpoints record them); the bench also measures what
+//! Hashing is part digests on all cores (as checkpoints record them), sha256 and, for the memory
+//! tier's store, CRC32C (its write and verified read are printed beside sha256's); the bench also measures what
 //! sha256 alone does on one core and on all of them, and prints it beside the raw figures: where
 //! hashing on every core is slower than the raw I/O, no verified path can reach the raw figure on
 //! this machine, and the line says so. On S3 the anchor is boto3's managed transfer
@@ -56,7 +57,10 @@ async fn waypoint_read(store: &Store, key: &str, hash: bool) -> u64 {
         .unwrap();
     let part = store.options().part_size as u64;
     let r = if hash {
-        r.with_digest(waypoint_storage::DigestScheme::Parts(part))
+        r.with_digest(waypoint_storage::DigestScheme::parts(
+            part,
+            store.options().checksum,
+        ))
     } else {
         r.without_hash()
     };
@@ -93,6 +97,15 @@ fn local_group(
     let mut options = StoreOptions::default();
     options.part_size = env_or("WAYPOINT_BENCH_PART_MIB", options.part_size >> 20) << 20;
     let store = Store::open_with(dir.to_str().unwrap(), options).unwrap();
+    // The memory tier's checksum: the same store with CRC32C part digests.
+    let crc = Store::open_with(
+        dir.to_str().unwrap(),
+        StoreOptions {
+            checksum: waypoint_storage::digest::Checksum::Crc32c,
+            ..options
+        },
+    )
+    .unwrap();
     let raw_path = dir.join("raw.bin");
     let bytes = data.len() as u64;
     let mut g = io_group(
@@ -108,6 +121,8 @@ fn local_group(
         format!("{label}/read/waypoint"),
         format!("{label}/read/waypoint+sha256"),
         format!("{label}/write/waypoint-copying"),
+        format!("{label}/write/waypoint-crc32c"),
+        format!("{label}/read/waypoint+crc32c"),
     ];
     g.bench_function("write/raw std::fs+fsync", |b| {
         b.iter_custom(|n| timed(&names[0], n, || raw_write(&raw_path, data)))
@@ -123,6 +138,13 @@ fn local_group(
         b.iter_custom(|n| {
             timed(&names[5], n, || {
                 rt.block_on(waypoint_write(&store, "wp.bin", data))
+            })
+        })
+    });
+    g.bench_function("write/waypoint (crc32c, fsync)", |b| {
+        b.iter_custom(|n| {
+            timed(&names[6], n, || {
+                rt.block_on(waypoint_write_bytes(&crc, "crc.bin", data))
             })
         })
     });
@@ -148,6 +170,16 @@ fn local_group(
             timed(&names[4], n, || {
                 assert_eq!(
                     rt.block_on(waypoint_read(&store, "wp.bin", true)),
+                    data.len() as u64
+                )
+            })
+        })
+    });
+    g.bench_function("read/waypoint+crc32c", |b| {
+        b.iter_custom(|n| {
+            timed(&names[7], n, || {
+                assert_eq!(
+                    rt.block_on(waypoint_read(&crc, "crc.bin", true)),
                     data.len() as u64
                 )
             })
@@ -259,6 +291,12 @@ fn main() {
             ),
             ("read", "read/waypoint", "read/raw"),
             ("read +sha256 verify", "read/waypoint+sha256", "read/raw"),
+            (
+                "write (crc32c+fsync, the memory tier's)",
+                "write/waypoint-crc32c",
+                "write/raw",
+            ),
+            ("read +crc32c verify", "read/waypoint+crc32c", "read/raw"),
         ] {
             let (Some(w), Some(r)) = (
                 median(&format!("{label}/{ours}")),

@@ -237,6 +237,22 @@ async fn a_damaged_or_wiped_memory_tier_falls_back_tier_by_tier() {
         "the tier holds checkpoints after step {killed}"
     );
     let newest = format!("step-{:06}", steps[0]);
+    // The tier's manifests record CRC32C digests (the durable tier's, sha256).
+    let manifest = common::read_json(
+        tier_folder(&tier)
+            .join("damaged/framework=waypoint/checkpoints")
+            .join(format!("{newest}.json")),
+    );
+    let digests: Vec<&str> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["sha256"].as_str().unwrap())
+        .collect();
+    assert!(
+        !digests.is_empty() && digests.iter().all(|d| d.starts_with("crc32c:")),
+        "{manifest}"
+    );
     let dcp = tier_folder(&tier)
         .join("damaged/framework=waypoint/checkpoints")
         .join(&newest)

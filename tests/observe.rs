@@ -137,9 +137,13 @@ fn assert_events_match_metrics(seen: &Value, metrics: &BTreeMap<u64, Value>, tot
         .collect();
     assert_eq!(loss_steps, (1..=total).collect::<Vec<_>>());
     // Goodput goes in with progress.json (every few seconds, the first step included): a ratio.
-    let goodput = scalars["goodput/goodput"].as_array().expect("goodput/goodput");
+    let goodput = scalars["goodput/goodput"]
+        .as_array()
+        .expect("goodput/goodput");
     assert!(
-        goodput.iter().all(|p| (0.0..=1.0).contains(&p[1].as_f64().unwrap())),
+        goodput
+            .iter()
+            .all(|p| (0.0..=1.0).contains(&p[1].as_f64().unwrap())),
         "{goodput:?}"
     );
     assert!(scalars["goodput/lost_s"].is_array() && scalars["goodput/steps_redone"].is_array());

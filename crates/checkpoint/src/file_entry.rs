@@ -11,7 +11,8 @@ pub struct FileEntry {
     pub path: String,
     /// Size in bytes.
     pub bytes: u64,
-    /// The file's digest: the sha256 of its parts of `part_size` bytes combined S3's way
+    /// The file's digest: the sha256 of its parts of `part_size` bytes combined S3's way (in the
+    /// memory tier, CRC32Cs combined alike, `crc32c:…`: see `waypoint_storage::digest`)
     /// (`waypoint_storage::digest`: plain lower-case hex for one part, `<hex>-N` for N parts); in
     /// manifests without `part_size` (format 1), the plain sha256 of the whole file.
     pub sha256: String,
@@ -31,8 +32,9 @@ impl FileEntry {
 
     /// How its digest was computed.
     pub fn digest_scheme(&self) -> waypoint_storage::DigestScheme {
+        use waypoint_storage::digest::Checksum;
         match self.part_size {
-            Some(p) => waypoint_storage::DigestScheme::Parts(p),
+            Some(p) => waypoint_storage::DigestScheme::parts(p, Checksum::of_digest(&self.sha256)),
             None => waypoint_storage::DigestScheme::Whole,
         }
     }

@@ -15,6 +15,9 @@ pub struct StoreOptions {
     pub retry: RetryPolicy,
     /// `fsync` local files and their folders before a write is reported done.
     pub fsync: bool,
+    /// The checksum blobs written through the store are digested with (sha256 unless a local
+    /// copy asks for CRC32C: see [`crate::digest`]).
+    pub checksum: crate::digest::Checksum,
 }
 
 impl Default for StoreOptions {
@@ -24,6 +27,7 @@ impl Default for StoreOptions {
             max_concurrency: 4,
             retry: RetryPolicy::default(),
             fsync: true,
+            checksum: crate::digest::Checksum::Sha256,
         }
     }
 }

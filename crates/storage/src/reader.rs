@@ -19,7 +19,7 @@ use futures::StreamExt;
 use object_store::{GetOptions, GetRange, GetResultPayload};
 use sha2::{Digest, Sha256};
 
-use crate::digest::{combine, DigestScheme, PartDigest, StreamDigest};
+use crate::digest::{Checksum, DigestScheme, PartDigest, StreamDigest};
 use crate::error::{Result, StorageError};
 use crate::store::Store;
 
@@ -210,7 +210,7 @@ impl BlobReader {
         else {
             return Ok(None);
         };
-        let parts = matches!(self.scheme, Some(DigestScheme::Parts(_)));
+        let parts = self.scheme.and_then(DigestScheme::part_size).is_some();
         if self.read != 0 || !pending.is_empty() || !(keep || parts) {
             // (Draining under the whole-blob scheme, or unhashed, is one stream: see next_chunk.)
             return Ok(None);
@@ -240,10 +240,11 @@ impl BlobReader {
     /// schemes, and for objects of one part.
     async fn read_ranges_at_once(&mut self, keep: bool) -> Result<Option<(Option<Bytes>, String)>> {
         use futures::TryStreamExt;
-        let part = match self.scheme {
-            Some(DigestScheme::Parts(p)) => p.max(1),
-            _ => return Ok(None),
+        let Some(scheme @ (DigestScheme::Parts(_) | DigestScheme::Crc32cParts(_))) = self.scheme
+        else {
+            return Ok(None);
         };
+        let (part, checksum) = (scheme.part_size().unwrap_or(1).max(1), scheme.checksum());
         if !matches!(self.source, Source::Stream(_)) || self.read != 0 || self.len <= part {
             return Ok(None);
         }
@@ -255,10 +256,9 @@ impl BlobReader {
             let range = start + i * part..start + ((i + 1) * part).min(len);
             let bytes = store.get_range(key, range).await?;
             let hashed = bytes.clone();
-            let digest: PartDigest =
-                tokio::task::spawn_blocking(move || Sha256::digest(&hashed).into())
-                    .await
-                    .map_err(|e| StorageError::Task(e.to_string()))?;
+            let digest: PartDigest = tokio::task::spawn_blocking(move || checksum.part(&[&hashed]))
+                .await
+                .map_err(|e| StorageError::Task(e.to_string()))?;
             Ok::<_, StorageError>((keep.then_some(bytes), digest))
         });
         let concurrency = (store.options.max_concurrency * 2).max(2);
@@ -266,7 +266,7 @@ impl BlobReader {
             .buffered(concurrency)
             .try_collect()
             .await?;
-        let digest = combine(&got.iter().map(|(_, d)| *d).collect::<Vec<_>>());
+        let digest = checksum.combine(&got.iter().map(|(_, d)| *d).collect::<Vec<_>>());
         let all = keep.then(|| {
             let mut all = bytes::BytesMut::with_capacity(len as usize);
             for (b, _) in &got {
@@ -282,6 +282,11 @@ impl BlobReader {
     }
 }
 
+/// Whether `scheme` digests parts (rather than the whole blob, or nothing).
+fn part_checksum(scheme: Option<DigestScheme>) -> bool {
+    scheme.and_then(DigestScheme::part_size).is_some()
+}
+
 /// Reads bytes `start..end` of `file` in parts on all cores (rayon), hashing each part under
 /// `scheme` as it is read; keeps the bytes when `keep`. Memory without `keep`: one part per thread.
 fn read_parts(
@@ -293,14 +298,15 @@ fn read_parts(
 ) -> std::io::Result<(Option<Vec<u8>>, String)> {
     use rayon::prelude::*;
     let len = (end - start) as usize;
-    let part = match scheme {
-        Some(DigestScheme::Parts(p)) => p.clamp(1, usize::MAX as u64) as usize,
-        _ => LOCAL_CHUNK,
+    let part = match scheme.and_then(DigestScheme::part_size) {
+        Some(p) => p.clamp(1, usize::MAX as u64) as usize,
+        None => LOCAL_CHUNK,
     };
-    let hash_parts = matches!(scheme, Some(DigestScheme::Parts(_)));
+    let hash_parts = part_checksum(scheme);
+    let checksum = scheme.map_or(Checksum::Sha256, DigestScheme::checksum);
     let read_one = |i: usize, buf: &mut [u8]| -> std::io::Result<Option<PartDigest>> {
         file.read_exact_at(buf, start + (i * part) as u64)?;
-        Ok(hash_parts.then(|| Sha256::digest(&*buf).into()))
+        Ok(hash_parts.then(|| checksum.part(&[&*buf])))
     };
     let (all, parts) = if keep {
         let mut all = vec![0u8; len];
@@ -323,7 +329,9 @@ fn read_parts(
     };
     let digest = match scheme {
         None => String::new(),
-        Some(DigestScheme::Parts(_)) => combine(&parts.into_iter().flatten().collect::<Vec<_>>()),
+        Some(DigestScheme::Parts(_) | DigestScheme::Crc32cParts(_)) => {
+            checksum.combine(&parts.into_iter().flatten().collect::<Vec<_>>())
+        }
         Some(DigestScheme::Whole) => all
             .as_ref()
             .map(|all| hex::encode(Sha256::digest(all)))

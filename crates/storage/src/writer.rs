@@ -110,7 +110,8 @@ impl BlobWriter {
         let part_size = self.part_size() as u64;
         let sha256 = match self.upload.take() {
             None => {
-                let sha256 = digest_bytes(tail.clone(), DigestScheme::Parts(part_size)).await?;
+                let scheme = DigestScheme::parts(part_size, self.store.options.checksum);
+                let sha256 = digest_bytes(tail.clone(), scheme).await?;
                 let payload = PutPayload::from(tail);
                 self.store
                     .retrying("put", || {
@@ -231,7 +232,10 @@ impl BlobWriter {
                 upload,
                 in_flight: JoinSet::new(),
             });
-            self.hasher = Some(PartHasher::new(self.part_size() as u64));
+            self.hasher = Some(PartHasher::with_checksum(
+                self.part_size() as u64,
+                self.store.options.checksum,
+            ));
         }
         if let Some(h) = self.hasher.as_mut() {
             h.update_part(part.clone()).await?;

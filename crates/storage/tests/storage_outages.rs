@@ -27,6 +27,7 @@ fn options() -> StoreOptions {
             connect_timeout: Duration::from_secs(1),
         },
         fsync: false,
+        checksum: Default::default(),
     }
 }
 

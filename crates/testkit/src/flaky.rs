@@ -153,6 +153,7 @@ pub fn options(deadline: Duration) -> StoreOptions {
             ..RetryPolicy::default()
         },
         fsync: false,
+        checksum: Default::default(),
     }
 }
 
