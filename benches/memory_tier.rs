@@ -257,7 +257,7 @@ fn main() {
     );
     println!(
         "memory tier write: {tier_gbs:.2} GB/s vs plain tmpfs write {raw_gbs:.2} GB/s = {:.2}x \
-         (target >= 0.9x; the tier also hashes every byte with sha256)",
+         (target >= 0.9x; the tier also checksums every byte, CRC32C)",
         tier_gbs / raw_gbs
     );
 

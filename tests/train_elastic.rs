@@ -12,7 +12,7 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::runs::{launch_flags, max_diff, weights};
+use common::runs::{launch_flags, logged_step, max_diff, rank_pid, weights};
 
 const STEPS: u32 = 18;
 
@@ -22,6 +22,11 @@ fn train_flags(base: &str, run: &str) -> Vec<String> {
 
 /// One node's launcher of a 2-node job whose store node 0 hosts at `port`.
 fn node(base: &str, run: &str, port: &str, node_rank: u32) -> Child {
+    node_with(base, run, port, node_rank, &[])
+}
+
+/// [`node`] with more `waypoint train` flags.
+fn node_with(base: &str, run: &str, port: &str, node_rank: u32, extra: &[&str]) -> Child {
     let exe = env!("CARGO_BIN_EXE_waypoint");
     let node_rank = node_rank.to_string();
     common::spawn_logged(
@@ -31,7 +36,8 @@ fn node(base: &str, run: &str, port: &str, node_rank: u32) -> Child {
             .args(["--master_port", port, "--max_restarts", "2"])
             .args(["--term_grace_secs", "20", "--join_timeout_secs", "120"])
             .args(["--", exe])
-            .args(train_flags(base, run)),
+            .args(train_flags(base, run))
+            .args(extra),
     )
 }
 
@@ -125,6 +131,94 @@ async fn a_replaced_node_rejoins_under_waypoint_launch() {
     ends_as_the_anchor(base, "elastic", 0.0).await;
 }
 
+/// Each node of a 2-node job keeps a memory tier of its own (`--memory_tier_dir`, one per node):
+/// a worker killed on node 1 makes the job re-form, and both nodes resume from their own tier at
+/// the newest step both hold, and end bit-identical to the
+/// uninterrupted run. A node started in place of a dead one, its tier empty, makes the job fall back
+/// to the durable tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_resumes_from_its_own_memory_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    anchor(base);
+    let tiers = [tier_dir(), tier_dir()];
+    let flags = |n: usize| -> Vec<String> {
+        let path = tiers[n].path().to_str().unwrap().to_string();
+        ["--memory_save_steps", "1", "--memory_tier_dir", &path]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let (f0, f1) = (flags(0), flags(1));
+    let f0: Vec<&str> = f0.iter().map(String::as_str).collect();
+    let f1: Vec<&str> = f1.iter().map(String::as_str).collect();
+
+    // A worker killed: both tiers resume.
+    let port = common::free_port().to_string();
+    let zero = Follower::new(node_with(base, "tiers", &port, 0, &f0));
+    let one = Follower::new(node_with(base, "tiers", &port, 1, &f1));
+    let started = one.wait_line("node 1's worker", Duration::from_secs(60), |l| {
+        rank_pid(l, 1).is_some()
+    });
+    let step = zero.wait_line("step 10", Duration::from_secs(120), |l| {
+        logged_step(l).is_some_and(|s| s >= 10)
+    });
+    let killed_after = logged_step(&step).unwrap();
+    common::send_signal(rank_pid(&started, 1).unwrap(), "KILL").unwrap();
+    let (status, log) = zero.end();
+    assert!(status.success(), "node 0:\n{log}");
+    let (status, log1) = one.end();
+    assert!(status.success(), "node 1:\n{log1}");
+    let run = dir.path().join("tiers/framework=waypoint");
+    let s = common::read_json(run.join("status.json"));
+    assert_eq!(s["resumed_from"]["tier"], "memory", "{s}\n{log}");
+    let resumed: u64 = s["resumed_from"]["checkpoint"].as_str().unwrap()[5..]
+        .parse()
+        .unwrap();
+    // (On this tiny model a step takes milliseconds, less than a tier write: saves that fall due
+    // while one is written are skipped, so the newest may be a few steps back.)
+    assert!(
+        (1..=killed_after + 1).contains(&resumed),
+        "resumed at {resumed}, killed after {killed_after}"
+    );
+    eprintln!("killed after step {killed_after}; both nodes resumed from their tiers at {resumed}");
+    ends_as_the_anchor(base, "tiers", 0.0).await;
+    for t in &tiers {
+        assert!(
+            std::fs::read_dir(t.path()).unwrap().next().is_none(),
+            "a finished run leaves nothing in a node's tier"
+        );
+    }
+
+    // A node replaced, its tier empty: the durable tier resumes (saved every 3 steps).
+    let port = common::free_port().to_string();
+    let zero = Follower::new(node_with(base, "replaced", &port, 0, &f0));
+    let one = node_with(base, "replaced", &port, 1, &f1);
+    zero.wait_line("step 10", Duration::from_secs(120), |l| {
+        logged_step(l).is_some_and(|s| s >= 10)
+    });
+    common::send_signal(one.id(), "KILL").unwrap();
+    let _ = succeeded_or_killed(one);
+    std::fs::remove_dir_all(tiers[1].path()).unwrap();
+    std::fs::create_dir_all(tiers[1].path()).unwrap();
+    let replacement = node_with(base, "replaced", &port, 1, &f1);
+    succeeded(replacement, "the replacement");
+    let (status, log) = zero.end();
+    assert!(status.success(), "node 0:\n{log}");
+    let s = common::read_json(dir.path().join("replaced/framework=waypoint/status.json"));
+    assert_eq!(s["resumed_from"]["tier"], "durable", "{s}\n{log}");
+    ends_as_the_anchor(base, "replaced", 0.0).await;
+}
+
+/// A tmpfs folder for a node's memory tier (as in production), else a temporary folder.
+fn tier_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("waypoint-test-tier")
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap()
+}
+
 /// A launcher whose log lines a thread reads as they come.
 struct Follower {
     lines: mpsc::Receiver<String>,
@@ -149,17 +243,17 @@ impl Follower {
         }
     }
 
-    /// Waits for a line that `matches`; fails the test with the log after `limit`.
-    fn wait_line(&self, what: &str, limit: Duration, matches: impl Fn(&str) -> bool) {
+    /// Waits for a line that `matches` and returns it; fails the test with the log after `limit`.
+    fn wait_line(&self, what: &str, limit: Duration, matches: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     let hit = matches(&line);
-                    self.seen.borrow_mut().push(line);
+                    self.seen.borrow_mut().push(line.clone());
                     if hit {
-                        return;
+                        return line;
                     }
                 }
                 Err(_) => panic!(

@@ -283,6 +283,29 @@ impl Group {
             store: StoreClient::connect(&c.master_addr, c.master_port, c.timeout)?,
             config: c.clone(),
             neighbours: self.neighbours.clone(),
+            scope: String::new(),
+        })
+    }
+
+    /// Collectives among the ranks of one node — `local_world` of them, this one `local_rank` —
+    /// on a store connection of their own, their keys apart from every other node's (each node's
+    /// memory tier commits its own checkpoints).
+    pub fn node_channel(
+        &self,
+        node: u32,
+        local_rank: u32,
+        local_world: u32,
+    ) -> Result<SideChannel> {
+        let c = &self.config;
+        Ok(SideChannel {
+            store: StoreClient::connect(&c.master_addr, c.master_port, c.timeout)?,
+            config: GroupConfig {
+                rank: local_rank,
+                world_size: local_world,
+                ..c.clone()
+            },
+            neighbours: self.neighbours.clone(),
+            scope: format!("node{node}/"),
         })
     }
 
@@ -410,12 +433,18 @@ pub struct SideChannel {
     store: StoreClient,
     config: GroupConfig,
     neighbours: Option<Arc<Neighbours>>,
+    /// What its keys are under, after `side/` (a node's: `node<k>/`).
+    scope: String,
 }
 
 impl SideChannel {
     /// Every rank's `data` for the collective called `name`, in rank order.
     pub fn all_gather(&mut self, name: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let key = format!("waypoint/{}/side/{name}", self.config.namespace());
+        let key = format!(
+            "waypoint/{}/side/{}{name}",
+            self.config.namespace(),
+            self.scope
+        );
         gather(
             &mut self.store,
             &self.config,
@@ -433,7 +462,11 @@ impl SideChannel {
 
     /// Rank 0's `data` for the collective called `name`, on every rank.
     pub fn broadcast(&mut self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
-        let key = format!("waypoint/{}/side/{name}", self.config.namespace());
+        let key = format!(
+            "waypoint/{}/side/{}{name}",
+            self.config.namespace(),
+            self.scope
+        );
         broadcast(
             &mut self.store,
             &self.config,

@@ -114,6 +114,25 @@ struct Staging {
     metrics: String,
 }
 
+/// The tier a saver writes: its keys on the store, its voice in the log, and the ranks its
+/// checkpoints span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SaverTier {
+    /// The durable tier: every rank of the job; commits are info lines.
+    Durable,
+    /// A node's memory tier: the ranks of one node — `local_world` of them, this one `local_rank`,
+    /// on node `node` — whose checkpoint is the node's own: the replicated state is split among
+    /// them and the node's local rank 0 commits; commits are debug lines (it saves every step).
+    Memory {
+        /// The node's index.
+        node: u32,
+        /// This rank on the node.
+        local_rank: u32,
+        /// The node's ranks.
+        local_world: u32,
+    },
+}
+
 /// Writes saves in the background, one at a time, for this rank.
 pub(crate) struct Saver {
     manager: Arc<CheckpointManager>,
@@ -145,23 +164,36 @@ pub(crate) struct Saver {
 }
 
 impl Saver {
-    /// A saver for this rank, writing run records through `records`; with other ranks it opens its
-    /// own store connection, its keys under `channel`. `quiet`: commits are debug lines (the memory
-    /// tier, which saves every step).
+    /// A saver of `tier` for this rank, writing run records through `records`; with other ranks it
+    /// opens its own store connection, its keys under the tier's name.
     pub(crate) fn new(
         manager: Arc<CheckpointManager>,
         records: RunRecords,
         ranks: &Ranks,
         handle: Handle,
         run_record: Bytes,
-        channel: &'static str,
-        quiet: bool,
+        tier: SaverTier,
     ) -> Result<Self> {
-        let peers: Box<dyn Peers + Send> = match ranks.group() {
-            Some(g) => Box::new(SidePeers {
-                side: g.side_channel().context("opening the save channel")?,
-                rank: ranks.rank(),
-                world: ranks.world(),
+        let (rank, world, channel, quiet) = match tier {
+            SaverTier::Durable => (ranks.rank(), ranks.world(), "durable", false),
+            SaverTier::Memory {
+                local_rank,
+                local_world,
+                ..
+            } => (local_rank, local_world, "memory", true),
+        };
+        let side = match (ranks.group(), tier) {
+            (Some(g), SaverTier::Durable) => Some(g.side_channel()),
+            (Some(g), SaverTier::Memory { node, .. }) if world > 1 => {
+                Some(g.node_channel(node, rank, world))
+            }
+            _ => None,
+        };
+        let peers: Box<dyn Peers + Send> = match side {
+            Some(side) => Box::new(SidePeers {
+                side: side.context("opening the save channel")?,
+                rank,
+                world,
                 channel,
             }),
             None => Box::new(SingleRank),
@@ -169,8 +201,8 @@ impl Saver {
         Ok(Self {
             manager,
             handle,
-            rank: ranks.rank(),
-            world: ranks.world(),
+            rank: if world > 1 { rank } else { 0 },
+            world,
             peers: Arc::new(Mutex::new(peers)),
             records,
             staging: None,
@@ -655,8 +687,7 @@ mod tests {
             &ranks,
             rt.handle().clone(),
             Bytes::new(),
-            "durable",
-            false,
+            SaverTier::Durable,
         )
         .unwrap();
         let model = {

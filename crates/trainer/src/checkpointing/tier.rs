@@ -9,8 +9,11 @@
 //! fails training: a tier that cannot be opened, or a save that fails, turns the tier off with a
 //! warning, and the durable tier goes on alone. A finished run removes its folder.
 //!
-//! Today it serves one node (every rank of the job sees the same folder); with several nodes it is
-//! off (peer replicas are the next step).
+//! Each node's tier is its own: the node's ranks split the state among them and the node's local
+//! rank 0 commits it there ([`SaverTier::Memory`]), so with several nodes every node holds a whole
+//! checkpoint of the replicated state, and a restart resumes from the newest step every node has.
+//! A state sharded over the ranks (`--sharding optimizer|full`) spans nodes: on several nodes the
+//! tier is off for it (a node would hold only its ranks' shards; peer replicas are the next step).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +29,7 @@ use waypoint_storage::{Store, StoreOptions};
 
 use waypoint_observe::records::RunRecords;
 
-use crate::checkpointing::saver::{SaveOrder, Saver};
+use crate::checkpointing::saver::{SaveOrder, Saver, SaverTier};
 use crate::collective::ranks::Ranks;
 
 /// Memory-tier checkpoints kept (the newest 2: one may be half-written when a worker dies).
@@ -39,15 +42,32 @@ pub(crate) fn run_folder(tier: &Path, run_uri: &str, run_id: &str) -> PathBuf {
     tier.join(format!("{run_id}-{}", &digest[..12]))
 }
 
-/// Why the tier is off for this start, when it is (a line for the log), else `None`.
-pub(crate) fn off_because(section: &CheckpointSection, nodes: u32) -> Option<String> {
+/// Where this rank is among the job's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodePlace {
+    /// The node's index.
+    pub node: u32,
+    /// This rank on the node.
+    pub local_rank: u32,
+    /// The node's ranks.
+    pub local_world: u32,
+}
+
+/// Why the tier is off for this start, when it is (a line for the log), else `None`: asked off, or
+/// a state sharded over the ranks of several nodes (`sharded`), of which no node holds the whole.
+pub(crate) fn off_because(
+    section: &CheckpointSection,
+    nodes: u32,
+    sharded: bool,
+) -> Option<String> {
     if section.memory_save_steps == 0 {
         return Some("--memory_save_steps 0".into());
     }
-    (nodes > 1).then(|| {
+    (nodes > 1 && sharded).then(|| {
         format!(
-            "the job spans {nodes} nodes and the memory tier serves one node today (peer \
-             replicas are to come); the durable tier goes on alone"
+            "the job spans {nodes} nodes and its state is sharded over the ranks (--sharding): \
+             a node's tier would hold only its ranks' shards (peer replicas are to come); the \
+             durable tier goes on alone"
         )
     })
 }
@@ -61,8 +81,8 @@ pub(crate) struct MemoryTier {
     saver: Option<Saver>,
     /// Whether the tier was found to have room for its checkpoints (before the first save).
     room_checked: bool,
-    /// The ranks of this node (they share the tier).
-    node_ranks: u64,
+    /// Where this rank is among the nodes (the node's ranks share the tier).
+    place: NodePlace,
 }
 
 impl MemoryTier {
@@ -74,13 +94,13 @@ impl MemoryTier {
     }
 
     /// Opens (creating) this run's folder in the tier at `section.memory_tier_dir`, shared by the
-    /// node's `node_ranks` ranks; `None`, with the reason logged, when it cannot be used (missing,
-    /// read-only, full).
+    /// ranks of this rank's node (`place`); `None`, with the reason logged, when it cannot be used
+    /// (missing, read-only, full).
     pub(crate) fn open(
         section: &CheckpointSection,
         layout: &RunLayout,
         run_uri: &str,
-        node_ranks: u64,
+        place: NodePlace,
     ) -> Option<Self> {
         let folder = run_folder(
             Path::new(&section.memory_tier_dir),
@@ -94,7 +114,7 @@ impl MemoryTier {
                 every: section.memory_save_steps,
                 saver: None,
                 room_checked: false,
-                node_ranks,
+                place,
             }),
             Err(e) => {
                 tracing::warn!(
@@ -138,16 +158,17 @@ impl MemoryTier {
         ))
     }
 
-    /// Starts saving (once this attempt owns the run): rank 0 takes the tier's attempt (`attempt`,
-    /// the durable tier's number, is recorded in it), then every rank opens its saver. Off, with a
-    /// warning, when that fails; every rank learns of a failure on rank 0, so all save or none do.
+    /// Starts saving (once this attempt owns the run): each node's local rank 0 takes its tier's
+    /// attempt (`attempt`, the durable tier's number, is recorded in it), then every rank opens its
+    /// saver. Off, with a warning, when that fails; every rank learns of a failure anywhere, so all
+    /// save or none do.
     pub(crate) fn start_saving(
         &mut self,
         attempt: u64,
         ranks: &Ranks,
         handle: &Handle,
     ) -> Result<()> {
-        let started = if ranks.is_main() {
+        let started = if self.place.local_rank == 0 {
             let info = serde_json::json!({"durable_attempt": attempt});
             handle
                 .block_on(self.manager.start_attempt(&info))
@@ -171,14 +192,22 @@ impl MemoryTier {
             ranks,
             handle.clone(),
             Bytes::new(),
-            "memory",
-            true,
+            SaverTier::Memory {
+                node: self.place.node,
+                local_rank: self.place.local_rank,
+                local_world: self.place.local_world,
+            },
         );
         match saver {
             Ok(s) => self.saver = Some(s),
             Err(e) => self.off(&e),
         }
         Ok(())
+    }
+
+    /// Whether this rank commits its node's tier (the node's local rank 0).
+    pub(crate) fn commits_here(&self) -> bool {
+        self.place.local_rank == 0
     }
 
     /// Whether a save is being copied or written.
@@ -207,7 +236,7 @@ impl MemoryTier {
         }
         self.room_checked = true;
         let rank_bytes = rank_bytes();
-        let need = rank_bytes * self.node_ranks.max(1) * (KEEP as u64 + 1);
+        let need = rank_bytes * u64::from(self.place.local_world.max(1)) * (KEEP as u64 + 1);
         let free = free_bytes(&self.folder);
         let short = free.is_some_and(|free| free < need);
         if ranks.any("memory-tier-room", short)? {
@@ -324,12 +353,20 @@ mod tests {
     }
 
     #[test]
-    fn the_tier_is_off_when_asked_or_across_nodes() {
+    fn the_tier_is_off_when_asked_or_for_sharded_state_across_nodes() {
         let mut section = waypoint_config::TrainConfig::default().checkpoint();
         assert_eq!(section.memory_save_steps, 0, "opt-in for now");
-        assert!(off_because(&section, 1).is_some());
+        assert!(off_because(&section, 1, false).is_some());
         section.memory_save_steps = 1;
-        assert!(off_because(&section, 1).is_none());
-        assert!(off_because(&section, 2).unwrap().contains("2 nodes"));
+        assert!(off_because(&section, 1, false).is_none());
+        assert!(
+            off_because(&section, 1, true).is_none(),
+            "one node holds every shard"
+        );
+        assert!(
+            off_because(&section, 2, false).is_none(),
+            "each node holds the whole"
+        );
+        assert!(off_because(&section, 2, true).unwrap().contains("2 nodes"));
     }
 }

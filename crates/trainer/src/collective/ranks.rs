@@ -123,6 +123,23 @@ impl Ranks {
         Ok((total, any_stop))
     }
 
+    /// The smallest of every rank's `value` (every rank calls this with the same `what`).
+    pub(crate) fn min_over_ranks(&self, what: &str, value: u64) -> Result<u64> {
+        let Some(g) = &self.group else {
+            return Ok(value);
+        };
+        let all = g.all_gather(what, &value.to_le_bytes())?;
+        all.iter()
+            .map(|m| {
+                let b: [u8; 8] = m
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("a rank sent a malformed `{what}`"))?;
+                Ok(u64::from_le_bytes(b))
+            })
+            .try_fold(u64::MAX, |lo, v| v.map(|v| lo.min(v)))
+    }
+
     /// Whether `flag` is set on any rank (every rank calls this with the same `what`).
     pub(crate) fn any(&self, what: &str, flag: bool) -> Result<bool> {
         let Some(g) = &self.group else {

@@ -172,10 +172,11 @@ impl Session {
             );
         }
         self.last_checkpoint = Some(final_name.clone());
-        // The run is durable to its end: nothing will resume from the memory tier (rank 0 removes
-        // the node's folder of the run; every rank is past its last memory save).
+        // The run is durable to its end: nothing will resume from the memory tier (each node's local
+        // rank 0, which commits its tier's saves, removes the node's folder of the run once they are
+        // written; every rank is past its last memory save).
         if let Some(tier) = run.memory.take() {
-            if main {
+            if tier.commits_here() {
                 tier.remove();
             }
         }

@@ -20,7 +20,7 @@ use super::reference::{self, ReferenceKey, ReferenceSource};
 use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
 use crate::checkpointing::policy::DurableSchedule;
-use crate::checkpointing::saver::Saver;
+use crate::checkpointing::saver::{Saver, SaverTier};
 use crate::checkpointing::state::SaveContext;
 use crate::checkpointing::tier::{self, MemoryTier};
 use crate::convert::from_blob;
@@ -59,19 +59,25 @@ impl Session {
         // The node's memory tier, when this start has one: every rank opens it, and it is used only
         // if every rank could.
         let section = cfg.checkpoint();
-        let mut memory =
-            match tier::off_because(&section, (world / env.local_world_size.max(1)) as u32) {
-                Some(why) => {
-                    if main && section.memory_save_steps > 0 {
-                        tracing::info!("the memory tier is off: {why}");
-                    }
-                    None
+        let local_world = env.local_world_size.max(1);
+        let place = tier::NodePlace {
+            node: (env.rank / local_world) as u32,
+            local_rank: env.local_rank as u32,
+            local_world: local_world as u32,
+        };
+        let sharded = cfg.sharding() != waypoint_config::Sharding::None;
+        let mut memory = match tier::off_because(&section, (world / local_world) as u32, sharded) {
+            Some(why) => {
+                if main && section.memory_save_steps > 0 {
+                    tracing::info!("the memory tier is off: {why}");
                 }
-                None => {
-                    let run_uri = self.layout.uri_under(&cfg.run.checkpoint_base_uri);
-                    MemoryTier::open(&section, &self.layout, &run_uri, env.local_world_size)
-                }
-            };
+                None
+            }
+            None => {
+                let run_uri = self.layout.uri_under(&cfg.run.checkpoint_base_uri);
+                MemoryTier::open(&section, &self.layout, &run_uri, place)
+            }
+        };
         if ranks.any("memory-tier-open", memory.is_none())? {
             memory = None;
         }
@@ -82,6 +88,35 @@ impl Session {
         let mut damaged: Vec<Skipped> = Vec::new();
         let mut damaged_in_memory: Vec<Skipped> = Vec::new();
         let (latest, tier_used, mut resume_blobs) = loop {
+            // Each node's memory tier is its own: every rank states its node's newest candidate,
+            // and the tier offers the newest step every node has (the nodes save the same steps and
+            // keep 2, so the oldest of the newest is on all).
+            let mut in_memory = None;
+            if let Some(t) = &memory {
+                // What was found damaged already is neither examined nor reported again.
+                let known: Vec<_> = damaged_in_memory.iter().map(|d| d.step).collect();
+                let newest = match rt.block_on(t.manager.resume_candidate(false, &known)) {
+                    Ok((found, skipped)) => {
+                        damaged_in_memory.extend(skipped);
+                        found.map(|m| (m.step, m))
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "the memory tier could not be read ({e}); resuming from the durable tier"
+                        );
+                        None
+                    }
+                };
+                let everywhere = ranks.min_over_ranks(
+                    "memory-tier-newest",
+                    newest.as_ref().map_or(0, |(step, _)| *step),
+                )?;
+                in_memory = match newest {
+                    _ if everywhere == 0 => None,
+                    Some((step, m)) if step == everywhere => Some((everywhere, Some(m))),
+                    _ => Some((everywhere, None)),
+                };
+            }
             let mut pick = None;
             if main {
                 // What was found damaged already is neither examined nor reported again.
@@ -91,27 +126,18 @@ impl Session {
                     .context("looking for the run's newest resumable checkpoint")?;
                 damaged.extend(skipped);
                 pick = found.map(|m| (m, Tier::Durable));
-                if let Some(t) = &memory {
-                    let known: Vec<_> = damaged_in_memory.iter().map(|d| d.step).collect();
-                    match rt.block_on(t.manager.resume_candidate(false, &known)) {
-                        Ok((found, skipped)) => {
-                            damaged_in_memory.extend(skipped);
-                            if let Some(m) = found.filter(|m| {
-                                pick.as_ref().is_none_or(|(d, _)| m.step > d.step)
-                            }) {
-                                pick = Some((m, Tier::Memory));
-                            }
-                        }
-                        Err(e) => tracing::warn!(
-                            "the memory tier could not be read ({e}); resuming from the durable tier"
-                        ),
-                    }
-                }
             }
-            let chosen = pick
-                .as_ref()
-                .map(|(m, t)| format!("{}:{}", t.name(), m.name))
-                .unwrap_or_default();
+            let chosen = match (&in_memory, &pick) {
+                (Some((step, _)), p) if p.as_ref().is_none_or(|(d, _)| *step > d.step) => {
+                    format!(
+                        "{}:{}",
+                        Tier::Memory.name(),
+                        waypoint_checkpoint::StepName::new(*step)
+                    )
+                }
+                (_, Some((m, t))) => format!("{}:{}", t.name(), m.name),
+                _ => String::new(),
+            };
             let chosen =
                 String::from_utf8_lossy(&ranks.broadcast("resume-from", chosen.as_bytes())?)
                     .to_string();
@@ -121,8 +147,12 @@ impl Session {
             let (chosen, from) = (chosen.to_string(), Tier::parse(tier_name)?);
             let source = from.manager(&memory, &manager);
             let step: waypoint_checkpoint::StepName = chosen.parse()?;
-            let m = match pick {
-                Some((m, _)) => m,
+            let known = match from {
+                Tier::Durable => pick.map(|(m, _)| m),
+                Tier::Memory => in_memory.and_then(|(_, m)| m),
+            };
+            let m = match known.filter(|m| m.step == step.step()) {
+                Some(m) => m,
                 None => rt.block_on(source.manifest(step))?,
             };
             // Sharded state: the ranks check a share of the files each (agreeing on damage
@@ -305,7 +335,7 @@ impl Session {
         let manager = Arc::new(manager);
         if let Some(t) = memory.as_mut() {
             t.start_saving(attempt, &ranks, rt.handle())?;
-            for skipped in damaged_in_memory.iter().filter(|_| main) {
+            for skipped in damaged_in_memory.iter().filter(|_| place.local_rank == 0) {
                 if let Err(e) = rt.block_on(t.manager.set_aside(skipped.step, &skipped.reason)) {
                     tracing::warn!(checkpoint = %skipped.step, "could not set a damaged memory-tier checkpoint aside: {e}");
                 }
@@ -483,8 +513,7 @@ impl Session {
             &ranks,
             rt.handle().clone(),
             Bytes::from(serde_json::to_vec_pretty(&run_record)?),
-            "durable",
-            false,
+            SaverTier::Durable,
         )?;
         let ctx = SaveContext {
             fingerprint: config_fp.clone(),
