@@ -115,7 +115,7 @@ async fn same_end(base: &str, reference: &str, run: &str) {
 async fn a_killed_worker_resumes_from_the_memory_tier_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let shm = tier_dir();
+    let shm = common::tier_dir();
     let tier = shm.path().to_path_buf();
     let run = |name: &str, restarts: u32| {
         let mut args = launch_args(2, restarts);
@@ -202,15 +202,6 @@ async fn a_killed_worker_resumes_from_the_memory_tier_bit_identical() {
     assert!(std::fs::read_dir(&tier).unwrap().next().is_none());
 }
 
-/// A tmpfs folder for a test's memory tier (as in production), else a temporary folder.
-fn tier_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("waypoint-test-tier")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap()
-}
-
 /// A damaged blob in the tier's newest checkpoint: named in the log, set aside, and the next older
 /// one (the tier keeps 2) resumes — or, without one, a fresh start (no durable checkpoint yet);
 /// the end is bit-identical. With the tier wiped, the durable tier resumes.
@@ -218,7 +209,7 @@ fn tier_dir() -> tempfile::TempDir {
 async fn a_damaged_or_wiped_memory_tier_falls_back_tier_by_tier() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let shm = tier_dir();
+    let shm = common::tier_dir();
     let tier = shm.path().to_path_buf();
     common::ok(
         &common::waypoint()

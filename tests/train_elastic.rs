@@ -141,7 +141,7 @@ async fn each_node_resumes_from_its_own_memory_tier() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
     anchor(base);
-    let tiers = [tier_dir(), tier_dir()];
+    let tiers = [common::tier_dir(), common::tier_dir()];
     let flags = |n: usize| -> Vec<String> {
         let path = tiers[n].path().to_str().unwrap().to_string();
         ["--memory_save_steps", "1", "--memory_tier_dir", &path]
@@ -208,15 +208,6 @@ async fn each_node_resumes_from_its_own_memory_tier() {
     let s = common::read_json(dir.path().join("replaced/framework=waypoint/status.json"));
     assert_eq!(s["resumed_from"]["tier"], "durable", "{s}\n{log}");
     ends_as_the_anchor(base, "replaced", 0.0).await;
-}
-
-/// A tmpfs folder for a node's memory tier (as in production), else a temporary folder.
-fn tier_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("waypoint-test-tier")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap()
 }
 
 /// A launcher whose log lines a thread reads as they come.

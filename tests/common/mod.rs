@@ -102,3 +102,12 @@ pub(crate) fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// A tmpfs folder for a test's memory tier (as in production), else a temporary folder.
+pub(crate) fn tier_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("waypoint-test-tier")
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap()
+}

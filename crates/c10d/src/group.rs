@@ -438,21 +438,19 @@ pub struct SideChannel {
 }
 
 impl SideChannel {
-    /// Every rank's `data` for the collective called `name`, in rank order.
-    pub fn all_gather(&mut self, name: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let key = format!(
+    fn key(&self, name: &str) -> String {
+        format!(
             "waypoint/{}/side/{}{name}",
             self.config.namespace(),
             self.scope
-        );
-        gather(
-            &mut self.store,
-            &self.config,
-            self.neighbours.as_deref(),
-            name,
-            &key,
-            data,
         )
+    }
+
+    /// Every rank's `data` for the collective called `name`, in rank order.
+    pub fn all_gather(&mut self, name: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let key = self.key(name);
+        let neighbours = self.neighbours.as_deref();
+        gather(&mut self.store, &self.config, neighbours, name, &key, data)
     }
 
     /// Waits until every rank reaches the barrier called `name`.
@@ -462,19 +460,9 @@ impl SideChannel {
 
     /// Rank 0's `data` for the collective called `name`, on every rank.
     pub fn broadcast(&mut self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
-        let key = format!(
-            "waypoint/{}/side/{}{name}",
-            self.config.namespace(),
-            self.scope
-        );
-        broadcast(
-            &mut self.store,
-            &self.config,
-            self.neighbours.as_deref(),
-            name,
-            &key,
-            data,
-        )
+        let key = self.key(name);
+        let neighbours = self.neighbours.as_deref();
+        broadcast(&mut self.store, &self.config, neighbours, name, &key, data)
     }
 }
 

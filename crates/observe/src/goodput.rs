@@ -102,19 +102,7 @@ impl Goodput {
         process_ms: u64,
         previous: Option<&PreviousProgress>,
     ) -> Self {
-        let Some(prev) = previous else {
-            return Self {
-                run_started_unix_ms: process_ms,
-                attempts: attempt.max(1),
-                steps_redone: 0,
-                lost_s: 0.0,
-                train_s: 0.0,
-                redone_s: 0.0,
-                goodput: None,
-                last_restart: None,
-            };
-        };
-        let mut g = prev.goodput.clone().unwrap_or(Self {
+        let fresh = Self {
             run_started_unix_ms: process_ms,
             attempts: 0,
             steps_redone: 0,
@@ -123,7 +111,14 @@ impl Goodput {
             redone_s: 0.0,
             goodput: None,
             last_restart: None,
-        });
+        };
+        let Some(prev) = previous else {
+            return Self {
+                attempts: attempt.max(1),
+                ..fresh
+            };
+        };
+        let mut g = prev.goodput.clone().unwrap_or(fresh);
         let redone = prev.step.saturating_sub(resumed_step);
         let redone_s = prev.steps_per_s.map_or(0.0, |r| redone as f64 / r);
         let down_s = process_ms.saturating_sub(prev.updated_unix_ms) as f64 / 1000.0;
