@@ -247,10 +247,11 @@ impl Group {
     /// Every rank's `data`, in rank order.
     pub fn all_gather(&self, what: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let name = self.key(&self.next_name(what));
+        let neighbours = self.neighbours.as_deref();
         gather(
             &mut self.store(),
             &self.config,
-            self.neighbours.as_deref(),
+            neighbours,
             what,
             &name,
             data,
@@ -265,10 +266,11 @@ impl Group {
     /// Rank 0's `data` on every rank.
     pub fn broadcast(&self, what: &str, data: &[u8]) -> Result<Vec<u8>> {
         let name = self.key(&self.next_name(what));
+        let neighbours = self.neighbours.as_deref();
         broadcast(
             &mut self.store(),
             &self.config,
-            self.neighbours.as_deref(),
+            neighbours,
             what,
             &name,
             data,
