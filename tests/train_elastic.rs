@@ -133,9 +133,9 @@ async fn a_replaced_node_rejoins_under_waypoint_launch() {
 
 /// Each node of a 2-node job keeps a memory tier of its own (`--memory_tier_dir`, one per node):
 /// a worker killed on node 1 makes the job re-form, and both nodes resume from their own tier at
-/// the newest step both hold, and end bit-identical to the
-/// uninterrupted run. A node started in place of a dead one, its tier empty, makes the job fall back
-/// to the durable tier.
+/// the newest step both hold, and end bit-identical to the uninterrupted run. A node started in
+/// place of a dead one, its tier empty, receives the newest checkpoint from its peer's tier (over
+/// TCP, node to node) and the job resumes from it (`resumed_from.tier` = `peer`), bit-identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_node_resumes_from_its_own_memory_tier() {
     let dir = tempfile::tempdir().unwrap();
@@ -190,7 +190,8 @@ async fn each_node_resumes_from_its_own_memory_tier() {
         );
     }
 
-    // A node replaced, its tier empty: the durable tier resumes (saved every 3 steps).
+    // A node replaced, its tier empty: it receives the newest checkpoint from node 0's tier, and
+    // both resume from it (`peer`).
     let port = common::free_port().to_string();
     let zero = Follower::new(node_with(base, "replaced", &port, 0, &f0));
     let one = node_with(base, "replaced", &port, 1, &f1);
@@ -206,8 +207,24 @@ async fn each_node_resumes_from_its_own_memory_tier() {
     let (status, log) = zero.end();
     assert!(status.success(), "node 0:\n{log}");
     let s = common::read_json(dir.path().join("replaced/framework=waypoint/status.json"));
-    assert_eq!(s["resumed_from"]["tier"], "durable", "{s}\n{log}");
+    assert_eq!(s["resumed_from"]["tier"], "peer", "{s}\n{log}");
+    assert!(log.contains("copying it from rank 0's node"), "{log}");
     ends_as_the_anchor(base, "replaced", 0.0).await;
+    // Every step's line is in metrics.jsonl once (the tier's tail came with the copy).
+    let metrics = std::fs::read_to_string(
+        dir.path()
+            .join("replaced/framework=waypoint/logs/metrics.jsonl"),
+    )
+    .unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=u64::from(STEPS)).collect::<Vec<_>>());
 }
 
 /// A launcher whose log lines a thread reads as they come.

@@ -147,6 +147,16 @@ impl Group {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The address other nodes reach this rank at: the one its store connection leaves from.
+    pub fn reachable_ip(&self) -> Result<IpAddr> {
+        let probe = TcpStream::connect((self.config.master_addr.as_str(), self.config.master_port))
+            .map_err(DistError::io("finding this node's address"))?;
+        Ok(probe
+            .local_addr()
+            .map_err(DistError::io("finding this node's address"))?
+            .ip())
+    }
+
     /// Fails when an earlier group of the same round already used this agent's store: this rank's
     /// first key is there before it wrote it (only this rank writes it). That happens under
     /// torchrun's shared rendezvous store when the restart counts of a re-formed group repeat one
@@ -174,16 +184,7 @@ impl Group {
     /// Each rank's listening address goes through the store; rank r connects to r+1 and accepts r-1.
     fn link_ring(&self) -> Result<Ring> {
         let (rank, world) = (self.config.rank, self.config.world_size);
-        // The address other nodes reach us at: the one our store connection leaves from.
-        let ip: IpAddr = {
-            let probe =
-                TcpStream::connect((self.config.master_addr.as_str(), self.config.master_port))
-                    .map_err(DistError::io("finding this node's address"))?;
-            probe
-                .local_addr()
-                .map_err(DistError::io("finding this node's address"))?
-                .ip()
-        };
+        let ip = self.reachable_ip()?;
         let listener = TcpListener::bind((ip, 0))
             .map_err(DistError::io(format!("binding a ring port on {ip}")))?;
         let port = listener

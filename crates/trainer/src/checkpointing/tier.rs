@@ -205,6 +205,11 @@ impl MemoryTier {
         Ok(())
     }
 
+    /// This run's folder in the tier on this node (the root of its store).
+    pub(crate) fn folder(&self) -> &Path {
+        &self.folder
+    }
+
     /// Whether this rank commits its node's tier (the node's local rank 0).
     pub(crate) fn commits_here(&self) -> bool {
         self.place.local_rank == 0

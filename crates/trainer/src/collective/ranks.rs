@@ -123,13 +123,10 @@ impl Ranks {
         Ok((total, any_stop))
     }
 
-    /// The smallest of every rank's `value` (every rank calls this with the same `what`).
-    pub(crate) fn min_over_ranks(&self, what: &str, value: u64) -> Result<u64> {
-        let Some(g) = &self.group else {
-            return Ok(value);
-        };
-        let all = g.all_gather(what, &value.to_le_bytes())?;
-        all.iter()
+    /// Every rank's `value`, in rank order (every rank calls this with the same `what`).
+    pub(crate) fn gather_u64(&self, what: &str, value: u64) -> Result<Vec<u64>> {
+        self.all_gather(what, &value.to_le_bytes())?
+            .iter()
             .map(|m| {
                 let b: [u8; 8] = m
                     .as_slice()
@@ -137,7 +134,24 @@ impl Ranks {
                     .map_err(|_| anyhow::anyhow!("a rank sent a malformed `{what}`"))?;
                 Ok(u64::from_le_bytes(b))
             })
-            .try_fold(u64::MAX, |lo, v| v.map(|v| lo.min(v)))
+            .collect()
+    }
+
+    /// Every rank's `data`, in rank order (every rank calls this with the same `what`).
+    pub(crate) fn all_gather(&self, what: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        match &self.group {
+            None => Ok(vec![data.to_vec()]),
+            Some(g) => Ok(g.all_gather(what, data)?),
+        }
+    }
+
+    /// The address this rank's node is reached at by the others (the one its store connection
+    /// leaves from).
+    pub(crate) fn local_ip(&self) -> Result<std::net::IpAddr> {
+        match &self.group {
+            None => Ok(std::net::IpAddr::from([127, 0, 0, 1])),
+            Some(g) => Ok(g.reachable_ip()?),
+        }
     }
 
     /// Whether `flag` is set on any rank (every rank calls this with the same `what`).

@@ -19,6 +19,7 @@ use waypoint_storage::Store;
 use super::reference::{self, ReferenceKey, ReferenceSource};
 use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
+use crate::checkpointing::peer;
 use crate::checkpointing::policy::DurableSchedule;
 use crate::checkpointing::saver::{Saver, SaverTier};
 use crate::checkpointing::state::SaveContext;
@@ -87,6 +88,8 @@ impl Session {
         // next older one tried, in either tier.
         let mut damaged: Vec<Skipped> = Vec::new();
         let mut damaged_in_memory: Vec<Skipped> = Vec::new();
+        // Whether a node's memory tier received the checkpoint resumed from a peer node's.
+        let mut from_peer = false;
         let (latest, tier_used, mut resume_blobs) = loop {
             // Each node's memory tier is its own: every rank states its node's newest candidate,
             // and the tier offers the newest step every node has (the nodes save the same steps and
@@ -107,14 +110,46 @@ impl Session {
                         None
                     }
                 };
-                let everywhere = ranks.min_over_ranks(
+                let all = ranks.gather_u64(
                     "memory-tier-newest",
                     newest.as_ref().map_or(0, |(step, _)| *step),
                 )?;
+                // A node lacking the newest step (replaced: its tier is empty) receives it from a
+                // node that holds it; if that fails, the newest step all hold is used.
+                let plan = peer::plan(&all, place.local_world);
+                let mut usable = all.iter().copied().min().unwrap_or(0);
+                if let Some(giver) = plan.giver {
+                    tracing::info!(
+                        step = plan.step,
+                        giver,
+                        takers = ?plan.takers,
+                        "the memory tier's newest checkpoint is missing on some nodes: copying it \
+                         from rank {giver}'s node"
+                    );
+                    let manifest = newest.as_ref().filter(|(s, _)| *s == plan.step);
+                    let copied = peer::carry_out(
+                        &plan,
+                        &ranks,
+                        t.folder(),
+                        &self.layout,
+                        manifest.map(|(_, m)| m),
+                        std::time::Duration::from_secs(cfg.distributed.dist_timeout_secs),
+                    );
+                    match copied {
+                        Ok(()) => {
+                            usable = plan.step;
+                            from_peer = true;
+                        }
+                        Err(e) => tracing::warn!(
+                            "{e:#}; resuming from the newest step every node's tier holds, or \
+                             the durable tier"
+                        ),
+                    }
+                }
                 in_memory = match newest {
-                    _ if everywhere == 0 => None,
-                    Some((step, m)) if step == everywhere => Some((everywhere, Some(m))),
-                    _ => Some((everywhere, None)),
+                    _ if usable == 0 => None,
+                    Some((step, m)) if step == usable => Some((usable, Some(m))),
+                    _ => Some((usable, None)),
                 };
             }
             let mut pick = None;
@@ -470,7 +505,7 @@ impl Session {
                     .first()
                     .map(|s| s.to_string());
             }
-            tracing::info!(checkpoint = %m.name, tier = tier_used.name(), step = m.step, data_consumed, "resumed");
+            tracing::info!(checkpoint = %m.name, tier = tier_used.label(from_peer), step = m.step, data_consumed, "resumed");
         }
         let metrics = if main {
             let mut metrics =
@@ -529,7 +564,7 @@ impl Session {
         status.checkpoint = self.last_checkpoint.clone();
         self.resumed_from = latest.as_ref().map(|m| ResumedFrom {
             checkpoint: m.name.clone(),
-            tier: tier_used.name().to_string(),
+            tier: tier_used.label(from_peer).to_string(),
         });
         status.resumed_from = self.resumed_from.clone();
         if main {
@@ -839,6 +874,15 @@ impl Tier {
         match (self, memory) {
             (Self::Memory, Some(t)) => &t.manager,
             _ => durable,
+        }
+    }
+
+    /// How `status.json` names it: `memory`, `peer` (the memory tier, a node's copy received from
+    /// a peer node's) or `durable`.
+    fn label(self, from_peer: bool) -> &'static str {
+        match (self, from_peer) {
+            (Self::Memory, true) => "peer",
+            _ => self.name(),
         }
     }
 
