@@ -52,7 +52,8 @@ pub struct Status {
 pub struct ResumedFrom {
     /// `step-XXXXXX`.
     pub checkpoint: String,
-    /// `memory` (the node's memory tier) or `durable`.
+    /// `memory` (the node's memory tier), `peer` (the memory tier, a copy received from a peer
+    /// node's) or `durable`.
     pub tier: String,
 }
 
