@@ -14,6 +14,8 @@ pub struct StoreClient {
     writer: TcpStream,
     addr: String,
     timeout: Duration,
+    /// The most any answer may take (`None`: no limit but a wait's own).
+    io_timeout: Option<Duration>,
 }
 
 impl StoreClient {
@@ -60,11 +62,21 @@ impl StoreClient {
             writer,
             addr: addr.to_string(),
             timeout,
+            io_timeout: None,
         };
         c.send(Message::new(Query::Validate).u32(wire::MAGIC))?;
         c.ping()?;
         c.raw_add(wire::INIT_KEY, 1)?;
         Ok(c)
+    }
+
+    /// Limits how long any answer may take: a store that goes silent (its host powered off, cut
+    /// off without a reset) fails the call instead of holding it for ever. After such a failure
+    /// the connection's state is unknown: connect again.
+    pub fn set_io_timeout(&mut self, timeout: Option<Duration>) {
+        self.io_timeout = timeout;
+        self.reader.get_ref().set_read_timeout(timeout).ok();
+        self.writer.set_write_timeout(timeout).ok();
     }
 
     /// The store's address.
@@ -155,7 +167,7 @@ impl StoreClient {
             .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
             .ok();
         let first = wire::read_u8(&mut self.reader);
-        self.reader.get_ref().set_read_timeout(None).ok();
+        self.reader.get_ref().set_read_timeout(self.io_timeout).ok();
         match first {
             Ok(wire::STOP_WAITING) => Ok(()),
             Ok(other) => Err(DistError::Protocol(format!("WAIT answered {other}"))),

@@ -522,6 +522,11 @@ fn wait_for_keys(
             Ok(()) => return Ok(()),
             Err(DistError::Timeout { .. }) if Instant::now() < deadline => {
                 if let Some(gone) = neighbours.and_then(Neighbours::gone) {
+                    // A neighbour that completed this collective and then exited has closed its
+                    // connection too: the keys decide.
+                    if store.check(keys)? {
+                        return Ok(());
+                    }
                     return Err(DistError::Protocol(format!(
                         "rank {}: collective `{what}`: rank {gone} is gone (its ring connection \
                          closed: it died, or its node did)",

@@ -7,8 +7,10 @@
 //!
 //! Everything lives in the job's TCPStore (node 0's launcher hosts it), under `waypoint-rdzv/`:
 //! - `round`: the job's current round (a counter; absent is 0);
-//! - `<round>/node/<node_rank>`: how many launchers took that node's place in the round (the first
-//!   joins; a second one is a node started again, so the round is closed and a new one formed);
+//! - `<round>/seat/<node_rank>`: the launcher holding that node's place in the round (its start
+//!   time and pid; set once). A launcher finding another in its seat closes the round when it is
+//!   the newer (the node was started again: the job re-forms around it), and stops when it is the
+//!   older (it was replaced while cut off: it never takes the place back);
 //! - `<round>/joined`, `<round>/done`: how many nodes joined the round, finished in it;
 //! - `<round>/why`: the failures that closed the round, one line each (every node that saw one adds
 //!   it), for the message of every node.
@@ -26,6 +28,10 @@ use waypoint_c10d::StoreClient;
 use crate::error::{LaunchError, Result};
 
 const PREFIX: &str = "waypoint-rdzv";
+
+/// The most a store answer may take before the launcher gives up on the call (and connects again
+/// for the next).
+const STORE_ANSWER: Duration = Duration::from_secs(10);
 
 /// How often a waiting launcher looks at the store again.
 const POLL: Duration = Duration::from_millis(100);
@@ -47,6 +53,13 @@ pub enum Joined {
 /// One launcher's view of the job's rendezvous.
 pub struct Rendezvous {
     store: StoreClient,
+    /// Where the store is, to connect again after a call failed.
+    host: String,
+    port: u16,
+    /// A call failed: the connection's state is unknown, the next call connects again.
+    broken: std::cell::Cell<bool>,
+    /// This launcher: its start time (ns since the epoch, zero-padded) and pid, ordered as started.
+    id: String,
     nnodes: u32,
     node_rank: u32,
     max_restarts: u32,
@@ -63,19 +76,40 @@ impl Rendezvous {
         max_restarts: u32,
         join_timeout: Duration,
     ) -> Result<Self> {
-        let store = StoreClient::connect(addr, port, join_timeout).map_err(|source| {
-            LaunchError::Store {
-                addr: format!("{addr}:{port} (node 0's launcher hosts it)"),
-                source,
-            }
-        })?;
+        let store = Self::open(addr, port, join_timeout)?;
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         Ok(Self {
             store,
+            host: addr.to_string(),
+            port,
+            broken: std::cell::Cell::new(false),
+            id: format!("{started:032}-{:010}", std::process::id()),
             nnodes,
             node_rank,
             max_restarts,
             join_timeout,
         })
+    }
+
+    fn open(addr: &str, port: u16, timeout: Duration) -> Result<StoreClient> {
+        let mut store =
+            StoreClient::connect(addr, port, timeout).map_err(|source| LaunchError::Store {
+                addr: format!("{addr}:{port} (node 0's launcher hosts it)"),
+                source,
+            })?;
+        store.set_io_timeout(Some(STORE_ANSWER));
+        Ok(store)
+    }
+
+    /// Connects again when the last call failed.
+    fn heal(&mut self) -> Result<()> {
+        if self.broken.get() {
+            self.store = Self::open(&self.host, self.port, STORE_ANSWER)?;
+            self.broken.set(false);
+        }
+        Ok(())
     }
 
     fn key(round: u32, name: &str) -> String {
@@ -84,6 +118,7 @@ impl Rendezvous {
 
     fn lost(&self, what: &str) -> impl Fn(waypoint_c10d::DistError) -> LaunchError + '_ {
         let what = what.to_string();
+        self.broken.set(true);
         move |e| {
             LaunchError::Rendezvous(format!(
                 "node {}: {what}: the job's store at {} stopped answering ({e}); node 0's launcher \
@@ -96,6 +131,7 @@ impl Rendezvous {
 
     /// The job's current round.
     pub fn current(&mut self) -> Result<u32> {
+        self.heal()?;
         let round = self
             .store
             .add(&format!("{PREFIX}/round"), 0)
@@ -112,6 +148,9 @@ impl Rendezvous {
 
     /// The failures that closed `round`, one per line (empty when none was recorded).
     pub fn why(&mut self, round: u32) -> String {
+        if self.heal().is_err() {
+            return String::new();
+        }
         let key = Self::key(round, "why");
         match self.store.check(&[&key]) {
             Ok(true) => self
@@ -119,13 +158,18 @@ impl Rendezvous {
                 .get(&key)
                 .map(|v| String::from_utf8_lossy(&v).trim().to_string())
                 .unwrap_or_default(),
-            _ => String::new(),
+            Ok(false) => String::new(),
+            Err(_) => {
+                self.broken.set(true);
+                String::new()
+            }
         }
     }
 
     /// Closes `round` for `why` (recorded for every node's message); the job moves to the next
     /// round unless another node closed it first.
     pub fn close(&mut self, round: u32, why: &str) -> Result<()> {
+        self.heal()?;
         let line = format!("node {}: {why}\n", self.node_rank);
         self.store
             .append(&Self::key(round, "why"), line.as_bytes())
@@ -156,11 +200,20 @@ impl Rendezvous {
                     }
                 )));
             }
-            let seat = self
+            let seat_key = Self::key(round, &format!("seat/{}", self.node_rank));
+            let held = self
                 .store
-                .add(&Self::key(round, &format!("node/{}", self.node_rank)), 1)
+                .compare_set(&seat_key, b"", self.id.as_bytes())
                 .map_err(|e| (self.lost("joining"))(e))?;
-            if seat > 1 {
+            let held = String::from_utf8_lossy(&held).to_string();
+            if held != self.id {
+                if held > self.id {
+                    return Err(LaunchError::Rendezvous(format!(
+                        "node {}'s place in round {round} was taken by a launcher started after \
+                         this one (this node was replaced); this launcher stops",
+                        self.node_rank
+                    )));
+                }
                 tracing::warn!(
                     round,
                     node = self.node_rank,
@@ -212,7 +265,7 @@ impl Rendezvous {
     fn missing(&mut self, round: u32) -> String {
         let missing: Vec<String> = (0..self.nnodes)
             .filter(|n| {
-                let key = Self::key(round, &format!("node/{n}"));
+                let key = Self::key(round, &format!("seat/{n}"));
                 !self.store.check(&[&key]).unwrap_or(false)
             })
             .map(|n| n.to_string())
@@ -223,6 +276,7 @@ impl Rendezvous {
     /// Records that this node's workers finished in `round`; node 0 (whose store the others use)
     /// then waits, up to the join timeout, until every node has, or the job has moved on.
     pub fn finish(&mut self, round: u32) -> Result<()> {
+        self.heal()?;
         let key = Self::key(round, "done");
         self.store
             .add(&key, 1)
@@ -306,6 +360,24 @@ mod tests {
         );
         assert_eq!(zero.join(&stop).unwrap(), Joined::Round(1));
         assert_eq!(replacement.join().unwrap(), Joined::Round(1));
+    }
+
+    #[test]
+    fn a_launcher_replaced_while_cut_off_stops_instead_of_taking_its_place_back() {
+        let server = StoreServer::bind("127.0.0.1", 0).unwrap();
+        let port = server.port();
+        let stop = AtomicUsize::new(0);
+        let mut old = node(port, 1, 0, 5);
+        assert_eq!(old.join(&stop).unwrap(), Joined::Round(0));
+        // Its replacement (started later) closes round 0 and holds the seat of round 1.
+        let mut new = node(port, 1, 0, 5);
+        assert_eq!(new.join(&stop).unwrap(), Joined::Round(1));
+        let err = old.join(&stop).unwrap_err().to_string();
+        assert!(
+            err.contains("was taken by a launcher started after this one"),
+            "{err}"
+        );
+        assert_eq!(new.current().unwrap(), 1, "the old launcher closed nothing");
     }
 
     #[test]

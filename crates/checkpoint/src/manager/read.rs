@@ -3,7 +3,8 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use waypoint_storage::BlobReader;
+use waypoint_storage::digest::Checksum;
+use waypoint_storage::{BlobReader, DigestScheme};
 
 use super::CheckpointManager;
 use crate::delta::{self, CheckpointFiles};
@@ -75,20 +76,34 @@ impl CheckpointManager {
         futures::stream::iter(reads).buffered(self.options.parallel_files.max(1))
     }
 
+    /// How `f`'s digest is checked on this store: a CRC32C digest is accepted only where the store
+    /// itself records CRC32C (a memory tier); on a store that records sha256 (every durable tier)
+    /// it is damage, so that a manifest cannot weaken its own check.
+    pub(super) fn scheme_for(&self, f: &FileEntry) -> std::result::Result<DigestScheme, String> {
+        let recorded = Checksum::of_digest(&f.sha256);
+        if recorded == Checksum::Crc32c && self.store.options().checksum != Checksum::Crc32c {
+            return Err(format!(
+                "{}: a CRC32C digest ({}) where this store's checkpoints record sha256",
+                f.path, f.sha256
+            ));
+        }
+        Ok(f.digest_scheme())
+    }
+
     /// Reads a file of a checkpoint, checking size and (with `verify_on_load`) its digest, computed
     /// in parts on all cores as the bytes arrive (a plain sha256 for manifests of format 1).
     pub(super) async fn read_file_checked(&self, key: &str, f: &FileEntry) -> Result<Bytes> {
-        let reader = BlobReader::open(&self.store, key, None).await?;
-        let reader = if self.options.verify_on_load {
-            reader.with_digest(f.digest_scheme())
-        } else {
-            reader.without_hash()
-        };
-        let (bytes, sha) = reader.read_all().await?;
         let damaged = |problem: String| CheckpointError::Damaged {
             name: key.to_string(),
             problems: vec![problem],
         };
+        let reader = BlobReader::open(&self.store, key, None).await?;
+        let reader = if self.options.verify_on_load {
+            reader.with_digest(self.scheme_for(f).map_err(damaged)?)
+        } else {
+            reader.without_hash()
+        };
+        let (bytes, sha) = reader.read_all().await?;
         if bytes.len() as u64 != f.bytes {
             return Err(damaged(format!(
                 "{} bytes, manifest says {}",

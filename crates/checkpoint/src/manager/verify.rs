@@ -91,9 +91,13 @@ impl CheckpointManager {
                 Err(e) => return Err(e.into()),
             }
             if rehash {
+                let scheme = match self.scheme_for(f) {
+                    Ok(scheme) => scheme,
+                    Err(problem) => return Ok(Some(problem)),
+                };
                 let (_, sha) = BlobReader::open(&self.store, &key, None)
                     .await?
-                    .with_digest(f.digest_scheme())
+                    .with_digest(scheme)
                     .drain()
                     .await?;
                 if sha != f.sha256 {

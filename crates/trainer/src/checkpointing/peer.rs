@@ -12,12 +12,12 @@
 //! [`tier`]: crate::checkpointing::tier
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use waypoint_checkpoint::{Manifest, RunLayout};
+use waypoint_checkpoint::{Manifest, RunLayout, StepName};
 
 use crate::collective::ranks::Ranks;
 
@@ -75,8 +75,10 @@ fn keys_of(folder: &Path, layout: &RunLayout, m: &Manifest) -> Vec<String> {
 
 /// Carries out `plan` on this rank: the giver sends its tier's checkpoint of `plan.step` (read under
 /// `folder`, the tier's run root on this node) to every taker, each taker writes it under its own
-/// `folder`; the other ranks only wait. Every rank returns once all copies are done (or one failed:
-/// then an error, on every rank).
+/// `folder`; the other ranks only wait. Every rank takes the same collectives whatever fails here,
+/// and returns the same answer: whether every copy was made (a copy that failed is a warning; a
+/// collective that failed is an error, as anywhere). A copy must end within `timeout` (the
+/// collective timeout: the ranks not copying wait that long).
 pub(crate) fn carry_out(
     plan: &PeerPlan,
     ranks: &Ranks,
@@ -84,49 +86,133 @@ pub(crate) fn carry_out(
     layout: &RunLayout,
     manifest: Option<&Manifest>,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<bool> {
     let Some(giver) = plan.giver else {
-        return Ok(());
+        return Ok(true);
     };
     let rank = ranks.rank();
-    // Each taker listens and says where; the giver connects to each.
-    let listener = if plan.takers.contains(&rank) {
-        let ip = ranks.local_ip()?;
-        Some(TcpListener::bind((ip, 0)).with_context(|| format!("listening on {ip}"))?)
+    let taker = plan.takers.contains(&rank);
+    // Each taker listens and says where; the giver says from where it sends, how many bytes, and a
+    // token the takers check (a stray connection is not the giver).
+    let mut local: Result<()> = Ok(());
+    let listener = if taker {
+        let bound = ranks.local_ip().and_then(|ip| {
+            TcpListener::bind((ip, 0)).with_context(|| format!("listening on {ip}"))
+        });
+        match bound {
+            Ok(l) => Some(l),
+            Err(e) => {
+                local = Err(e);
+                None
+            }
+        }
     } else {
         None
     };
-    let mine = match &listener {
-        Some(l) => l.local_addr()?.to_string(),
-        None => String::new(),
+    let keys = (rank == giver).then(|| match manifest {
+        Some(m) => Ok(keys_of(folder, layout, m)),
+        None => Err(anyhow::anyhow!(
+            "the giving node has no manifest of step {}",
+            plan.step
+        )),
+    });
+    let offer = match keys {
+        Some(Ok(keys)) => match total_bytes(folder, &keys).and_then(|t| Ok((t, ranks.local_ip()?)))
+        {
+            Ok((total, ip)) => Some((keys, total, ip, token())),
+            Err(e) => {
+                local = Err(e);
+                None
+            }
+        },
+        Some(Err(e)) => {
+            local = Err(e);
+            None
+        }
+        None => None,
     };
-    let addrs = ranks.all_gather("memory-tier-peer-addr", mine.as_bytes())?;
-    let outcome = if rank == giver {
-        let m = manifest.context("the giving node has no manifest of the step it gives")?;
-        plan.takers.iter().try_for_each(|&taker| {
-            let addr = String::from_utf8_lossy(&addrs[taker as usize]).to_string();
-            send(&addr, folder, &keys_of(folder, layout, m), timeout)
-                .with_context(|| format!("sending step-{:06} to rank {taker} at {addr}", plan.step))
-        })
-    } else if let Some(listener) = listener {
-        receive(&listener, folder, timeout)
-            .with_context(|| format!("receiving step-{:06} from rank {giver}", plan.step))
-    } else {
-        Ok(())
+    let said = match (&listener, &offer) {
+        (Some(l), _) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        (_, Some((_, total, ip, token))) => format!("{ip} {total} {token}"),
+        _ => String::new(),
     };
+    let said_all = ranks.all_gather("memory-tier-peer-addr", said.as_bytes())?;
+    let said_all: Vec<String> = said_all
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).to_string())
+        .collect();
+    let outcome = local.and_then(|()| {
+        if let Some((keys, _, _, token)) = &offer {
+            plan.takers.iter().try_for_each(|&taker| {
+                let addr = &said_all[taker as usize];
+                ensure!(!addr.is_empty(), "rank {taker} could not listen");
+                send(addr, folder, keys, *token, timeout).with_context(|| {
+                    format!("sending step-{:06} to rank {taker} at {addr}", plan.step)
+                })
+            })
+        } else if let Some(listener) = &listener {
+            let offer: Vec<&str> = said_all[giver as usize].split(' ').collect();
+            let [ip, total, token] = offer[..] else {
+                bail!("rank {giver} could not offer step-{:06}", plan.step);
+            };
+            let expect = Expected {
+                from: ip.parse().context("the giver's address")?,
+                total: total.parse().context("the giver's size")?,
+                token: token.parse().context("the giver's token")?,
+                dir: layout.checkpoint_dir(StepName::new(plan.step)),
+                manifest: layout.manifest(StepName::new(plan.step)),
+                metrics: layout.metrics(),
+            };
+            receive(listener, folder, &expect, timeout)
+                .with_context(|| format!("receiving step-{:06} from rank {giver}", plan.step))
+        } else {
+            Ok(())
+        }
+    });
     if let Err(e) = &outcome {
         tracing::warn!("the peer copy of the memory tier failed: {e:#}");
     }
-    ensure!(
-        !ranks.any("memory-tier-peer-failed", outcome.is_err())?,
-        "a peer copy of the memory tier failed"
-    );
-    Ok(())
+    Ok(!ranks.any("memory-tier-peer-failed", outcome.is_err())?)
 }
 
-/// Streams the files at `keys` (under `folder`) to `addr`: a count, then each file's key, length
-/// and bytes; waits for the receiver's acknowledgement.
-fn send(addr: &str, folder: &Path, keys: &[String], timeout: Duration) -> Result<()> {
+/// What a taker accepts: a connection from `from` that starts with `token`, at most `total` bytes,
+/// files under `dir`, the `metrics` tail, and `manifest` last.
+struct Expected {
+    from: IpAddr,
+    total: u64,
+    token: u64,
+    dir: String,
+    manifest: String,
+    metrics: String,
+}
+
+/// A token no stray connection guesses.
+fn token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// The bytes of the files at `keys` under `folder`.
+fn total_bytes(folder: &Path, keys: &[String]) -> Result<u64> {
+    keys.iter().try_fold(0u64, |sum, k| {
+        let path = folder.join(k);
+        let len = std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        Ok(sum + len)
+    })
+}
+
+/// Streams the files at `keys` (under `folder`) to `addr`: the token, a count, then each file's
+/// key, length and bytes; waits for the receiver's acknowledgement.
+fn send(addr: &str, folder: &Path, keys: &[String], token: u64, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let stream = loop {
         match TcpStream::connect(addr) {
@@ -138,6 +224,7 @@ fn send(addr: &str, folder: &Path, keys: &[String], timeout: Duration) -> Result
     stream.set_write_timeout(Some(timeout)).ok();
     stream.set_read_timeout(Some(timeout)).ok();
     let mut out = BufWriter::with_capacity(8 << 20, stream.try_clone()?);
+    out.write_all(&token.to_le_bytes())?;
     out.write_all(&(keys.len() as u64).to_le_bytes())?;
     for key in keys {
         let path = folder.join(key);
@@ -159,38 +246,81 @@ fn send(addr: &str, folder: &Path, keys: &[String], timeout: Duration) -> Result
     Ok(())
 }
 
-/// Takes one sender's files under `folder` (each written to a temporary name, then renamed; the
-/// manifest comes last), then acknowledges.
-fn receive(listener: &TcpListener, folder: &Path, timeout: Duration) -> Result<()> {
+/// Takes the giver's files under `folder` — a connection from elsewhere, or without the token, is
+/// dropped and the wait goes on — each written to a temporary name then renamed, the manifest
+/// last; then acknowledges. Refuses keys outside what `expect` allows, more bytes than announced,
+/// and more than the tier's filesystem has free.
+fn receive(
+    listener: &TcpListener,
+    folder: &Path,
+    expect: &Expected,
+    timeout: Duration,
+) -> Result<()> {
+    if let Some(free) = super::tier::free_bytes(folder) {
+        ensure!(
+            free >= expect.total,
+            "the tier has {free} bytes free, the checkpoint needs {}",
+            expect.total
+        );
+    }
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + timeout;
-    let stream = loop {
+    let (stream, mut input) = loop {
         match listener.accept() {
-            Ok((s, _)) => break s,
+            Ok((s, peer)) if peer.ip() == expect.from => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(timeout)).ok();
+                let mut input = BufReader::with_capacity(8 << 20, s.try_clone()?);
+                if read_u64(&mut input).ok() == Some(expect.token) {
+                    break (s, input);
+                }
+                tracing::warn!(%peer, "a connection without the giver's token: dropped");
+            }
+            Ok((_, peer)) => {
+                tracing::warn!(%peer, "a connection from elsewhere than the giver: dropped")
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20))
             }
             Err(e) => return Err(e).context("waiting for the giving node to connect"),
         }
     };
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(timeout)).ok();
-    let mut input = BufReader::with_capacity(8 << 20, stream.try_clone()?);
     let count = read_u64(&mut input)?;
     ensure!(
         count <= 1 << 20,
         "a copy of {count} files is not one checkpoint"
     );
-    for _ in 0..count {
+    let mut received = 0u64;
+    for i in 0..count {
         let key_len = read_u64(&mut input)?;
         ensure!(key_len <= 4096, "a key of {key_len} bytes");
         let mut key = vec![0u8; key_len as usize];
         input.read_exact(&mut key)?;
         let key = String::from_utf8(key).context("a key that is not UTF-8")?;
-        if key.split('/').any(|c| c == ".." || c.is_empty()) || key.starts_with('/') {
-            bail!("refusing the key {key:?}: it would leave the tier's folder");
-        }
+        let last = i + 1 == count;
+        let inside = key
+            .strip_prefix(&format!("{}/", expect.dir))
+            .is_some_and(|rest| {
+                !rest
+                    .split('/')
+                    .any(|c| c.is_empty() || c == "." || c == "..")
+            });
+        let allowed = if last {
+            key == expect.manifest
+        } else {
+            inside || key == expect.metrics
+        };
+        ensure!(
+            allowed,
+            "refusing the key {key:?}: not a file of the checkpoint being copied"
+        );
         let len = read_u64(&mut input)?;
+        received = received.saturating_add(len);
+        ensure!(
+            received <= expect.total,
+            "the giver sends more than the {} bytes it announced",
+            expect.total
+        );
         let path = folder.join(&key);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
@@ -240,50 +370,82 @@ mod tests {
         assert_eq!((p.giver, p.takers.clone()), (Some(1), vec![0]));
     }
 
+    fn expected(total: u64, token: u64) -> Expected {
+        Expected {
+            from: IpAddr::from([127, 0, 0, 1]),
+            total,
+            token,
+            dir: "r/checkpoints/step-000003".into(),
+            manifest: "r/checkpoints/step-000003.json".into(),
+            metrics: "r/logs/metrics.jsonl".into(),
+        }
+    }
+
     #[test]
-    fn a_copy_carries_files_then_the_manifest_and_refuses_escaping_keys() {
+    fn a_copy_carries_files_then_the_manifest_and_refuses_what_it_was_not_offered() {
         let from = tempfile::tempdir().unwrap();
         let to = tempfile::tempdir().unwrap();
-        let keys = [
+        let keys: Vec<String> = [
             "r/checkpoints/step-000003/dcp/a.safetensors",
+            "r/logs/metrics.jsonl",
             "r/checkpoints/step-000003.json",
-        ];
+        ]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
         for (i, k) in keys.iter().enumerate() {
             let p = from.path().join(k);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, vec![i as u8; 100_000 * (i + 1)]).unwrap();
         }
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-        let (src, sent) = (from.path().to_path_buf(), keys.clone());
-        let sender = std::thread::spawn(move || send(&addr, &src, &sent, Duration::from_secs(10)));
-        receive(&listener, to.path(), Duration::from_secs(10)).unwrap();
-        sender.join().unwrap().unwrap();
+        let total = total_bytes(from.path(), &keys).unwrap();
+        let copy = |keys: Vec<String>, token: u64, expect: Expected| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let src = from.path().to_path_buf();
+            let sender =
+                std::thread::spawn(move || send(&addr, &src, &keys, token, Duration::from_secs(5)));
+            let got = receive(&listener, to.path(), &expect, Duration::from_secs(5));
+            let _ = sender.join();
+            got
+        };
+        copy(keys.clone(), 7, expected(total, 7)).unwrap();
         for k in &keys {
             assert_eq!(
                 std::fs::read(to.path().join(k)).unwrap(),
                 std::fs::read(from.path().join(k)).unwrap()
             );
         }
-        // A key that climbs out of the folder is refused.
+        // More bytes than announced, a key of another step, the manifest not last: refused.
+        let err = copy(keys.clone(), 7, expected(total - 1, 7)).unwrap_err();
+        assert!(format!("{err:#}").contains("more than"), "{err:#}");
+        let other = vec!["r/checkpoints/step-000004.json".to_string()];
+        std::fs::create_dir_all(from.path().join("r/checkpoints")).unwrap();
+        std::fs::write(from.path().join(&other[0]), b"{}").unwrap();
+        let err = copy(other, 7, expected(total, 7)).unwrap_err();
+        assert!(format!("{err:#}").contains("refusing the key"), "{err:#}");
+        let reordered = vec![keys[2].clone(), keys[0].clone()];
+        let err = copy(reordered, 7, expected(total, 7)).unwrap_err();
+        assert!(format!("{err:#}").contains("refusing the key"), "{err:#}");
+        // A connection without the token is dropped, and the wait ends with the timeout.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let sender = std::thread::spawn(move || {
+        let stray = std::thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
-            let key = b"../escape";
-            s.write_all(&1u64.to_le_bytes()).unwrap();
-            s.write_all(&(key.len() as u64).to_le_bytes()).unwrap();
-            s.write_all(key).unwrap();
-            s.write_all(&1u64.to_le_bytes()).unwrap();
-            s.write_all(b"x").unwrap();
+            s.write_all(&8u64.to_le_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
         });
-        let err = receive(&listener, to.path(), Duration::from_secs(5)).unwrap_err();
+        let err = receive(
+            &listener,
+            to.path(),
+            &expected(total, 7),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
         assert!(
-            format!("{err:#}").contains("leave the tier's folder"),
+            format!("{err:#}").contains("waiting for the giving node"),
             "{err:#}"
         );
-        assert!(!to.path().join("../escape").exists());
-        sender.join().unwrap();
+        stray.join().unwrap();
     }
 }

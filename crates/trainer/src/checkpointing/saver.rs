@@ -161,6 +161,9 @@ pub(crate) struct Saver {
     reports: Vec<SaveReport>,
     /// Closed once the save in flight is written and its host copy freed.
     written: Option<std::sync::mpsc::Receiver<()>>,
+    /// Set when the run let its saves go ([`Saver::abandon`]): a write that still commits then
+    /// leaves `status.json` to the failure being recorded.
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Saver {
@@ -215,6 +218,7 @@ impl Saver {
             reports: Vec::new(),
             quiet,
             written: None,
+            abandoned: Arc::default(),
         })
     }
 
@@ -386,6 +390,8 @@ impl Saver {
     /// would hold this rank's exit, and so the job's restart, for the collective timeout). What it
     /// wrote stays uncommitted and is cleared by the next save of that step.
     pub(crate) fn abandon(&mut self) {
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.staging = None;
         self.inflight = None;
         self.copier.abandon();
@@ -450,11 +456,12 @@ impl Saver {
         let manager = self.manager.clone();
         let handle = self.handle.clone();
         let (records, peers, quiet) = (self.records.clone(), self.peers.clone(), self.quiet);
+        let abandoned = self.abandoned.clone();
         let (done, written) = std::sync::mpsc::channel::<()>();
         self.written = Some(written);
         self.inflight = Some(self.writer.run(move || {
             // `job` (the host copy) is dropped by the time `write` returns; then `done` closes.
-            let result = write(&manager, &records, quiet, &handle, &peers, job);
+            let result = write(&manager, &records, quiet, &handle, &peers, &abandoned, job);
             drop(done);
             result
         }));
@@ -525,6 +532,7 @@ fn write(
     quiet: bool,
     handle: &Handle,
     peers: &Mutex<Box<dyn Peers + Send>>,
+    abandoned: &std::sync::atomic::AtomicBool,
     job: Job,
 ) -> Result<Committed> {
     let mut peers = peers.lock().unwrap_or_else(|e| e.into_inner());
@@ -548,7 +556,8 @@ fn write(
             .await
             .with_context(|| format!("saving checkpoint {name} failed"))?;
         let secs = started.elapsed().as_secs_f64();
-        if rank == 0 {
+        // (A save the run let go as it failed commits, but the failure owns `status.json`.)
+        if rank == 0 && !abandoned.load(std::sync::atomic::Ordering::SeqCst) {
             records
                 .committed(job.status, &job.run_record, &manifest.name, secs)
                 .await?;

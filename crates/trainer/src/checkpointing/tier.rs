@@ -81,6 +81,10 @@ pub(crate) struct MemoryTier {
     saver: Option<Saver>,
     /// Whether the tier was found to have room for its checkpoints (before the first save).
     room_checked: bool,
+    /// The tier is on for every rank: the ranks agree on it (at the start, the room check, and
+    /// each due step), so that they all take the same collectives; a rank whose own saver failed
+    /// says so at the next due step and the tier goes off everywhere.
+    on: bool,
     /// Where this rank is among the nodes (the node's ranks share the tier).
     place: NodePlace,
 }
@@ -114,6 +118,7 @@ impl MemoryTier {
                 every: section.memory_save_steps,
                 saver: None,
                 room_checked: false,
+                on: false,
                 place,
             }),
             Err(e) => {
@@ -198,11 +203,46 @@ impl MemoryTier {
                 local_world: self.place.local_world,
             },
         );
+        let failed = ranks.any("memory-tier-saver", saver.is_err())?;
         match saver {
-            Ok(s) => self.saver = Some(s),
+            Ok(s) if !failed => {
+                self.saver = Some(s);
+                self.on = true;
+            }
+            Ok(_) => tracing::warn!(
+                "the memory tier is off: another rank could not open its saver; the durable tier \
+                 goes on alone"
+            ),
             Err(e) => self.off(&e),
         }
         Ok(())
+    }
+
+    /// At a due step: whether every rank saves now. All ranks agree: when any rank's tier failed
+    /// since (its saver gone), it is off on every rank from here; when any is still writing the
+    /// last save, no rank saves this step (a save is all ranks' or none's).
+    pub(crate) fn agree_to_save(&mut self, ranks: &Ranks, step: u64) -> Result<bool> {
+        let mine = [u8::from(self.busy()), u8::from(self.saver.is_none())];
+        let all = ranks.all_gather("memory-tier-state", &mine)?;
+        if all.iter().any(|m| m.get(1).is_some_and(|&off| off != 0)) {
+            if self.saver.is_some() {
+                tracing::warn!(
+                    "the memory tier is off from here on: it failed on another rank; the durable \
+                     tier goes on alone"
+                );
+            }
+            self.saver = None;
+            self.on = false;
+            return Ok(false);
+        }
+        let busy = all.iter().any(|m| m.first().is_some_and(|&b| b != 0));
+        if busy {
+            tracing::debug!(
+                step,
+                "the memory tier is still writing; not saved this step"
+            );
+        }
+        Ok(!busy)
     }
 
     /// This run's folder in the tier on this node (the root of its store).
@@ -223,7 +263,7 @@ impl MemoryTier {
     /// Whether step `step` (of `total`) is one the tier saves (the final step is the durable
     /// tier's).
     pub(crate) fn due(&self, step: u64, total: u64) -> bool {
-        self.saver.is_some() && self.every > 0 && step % self.every == 0 && step < total
+        self.on && self.every > 0 && step % self.every == 0 && step < total
     }
 
     /// Before the first save: whether the tier's filesystem has room for the checkpoints it keeps
@@ -236,7 +276,7 @@ impl MemoryTier {
         rank_bytes: impl FnOnce() -> u64,
         ranks: &Ranks,
     ) -> Result<()> {
-        if self.room_checked || self.saver.is_none() {
+        if self.room_checked || !self.on {
             return Ok(());
         }
         self.room_checked = true;
@@ -244,7 +284,7 @@ impl MemoryTier {
         let need = rank_bytes * u64::from(self.place.local_world.max(1)) * (KEEP as u64 + 1);
         let free = free_bytes(&self.folder);
         let short = free.is_some_and(|free| free < need);
-        if ranks.any("memory-tier-room", short)? {
+        if ranks.any("memory-tier-room", short || self.saver.is_none())? {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             tracing::warn!(
                 folder = %self.folder.display(),
@@ -258,6 +298,7 @@ impl MemoryTier {
                 gib(free.unwrap_or(0)),
             );
             self.saver = None;
+            self.on = false;
         }
         Ok(())
     }
@@ -322,7 +363,7 @@ impl MemoryTier {
 }
 
 /// Bytes free to an unprivileged writer in the filesystem holding `dir`, when it can be read.
-fn free_bytes(dir: &Path) -> Option<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();

@@ -63,11 +63,7 @@ impl Session {
         if !tier.due(self.step, self.total_steps) {
             return Ok(());
         }
-        if run.ranks.any("memory-tier-busy", tier.busy())? {
-            tracing::debug!(
-                step = self.step,
-                "the memory tier is still writing; not saved this step"
-            );
+        if !tier.agree_to_save(&run.ranks, self.step)? {
             return Ok(());
         }
         let commit = run

@@ -135,15 +135,14 @@ impl Session {
                         manifest.map(|(_, m)| m),
                         std::time::Duration::from_secs(cfg.distributed.dist_timeout_secs),
                     );
-                    match copied {
-                        Ok(()) => {
-                            usable = plan.step;
-                            from_peer = true;
-                        }
-                        Err(e) => tracing::warn!(
-                            "{e:#}; resuming from the newest step every node's tier holds, or \
-                             the durable tier"
-                        ),
+                    if copied? {
+                        usable = plan.step;
+                        from_peer = true;
+                    } else {
+                        tracing::warn!(
+                            "resuming from the newest step every node's tier holds, or the \
+                             durable tier"
+                        );
                     }
                 }
                 in_memory = match newest {
