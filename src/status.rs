@@ -14,7 +14,7 @@ use serde_json::Value;
 use waypoint_checkpoint::{now_ms, CheckpointInfo, CheckpointManager, ManagerOptions, RunLayout};
 use waypoint_observe::goodput::Goodput;
 use waypoint_observe::metrics::RECIPE_METRICS;
-use waypoint_observe::records::{JobState, Status};
+use waypoint_observe::records::{JobState, ResumedFrom, Status};
 use waypoint_storage::{StorageError, Store};
 
 /// A running run whose records have not changed for this long is reported as possibly gone.
@@ -75,6 +75,8 @@ pub struct Report {
     pub updated_s_ago: f64,
     /// Running, but no record changed for [`STALE_AFTER_S`]: the process may be gone.
     pub stale: bool,
+    /// Where this attempt resumed from: the checkpoint and its tier (`memory`, `peer`, `durable`).
+    pub resumed_from: Option<ResumedFrom>,
     /// What failures cost the run over its attempts (from the newest `progress.json`, whichever
     /// attempt wrote it).
     pub goodput: Option<Goodput>,
@@ -156,6 +158,7 @@ pub fn report(
         updated_unix_ms: updated,
         updated_s_ago,
         goodput,
+        resumed_from: status.resumed_from.clone(),
         stale: running && updated_s_ago > STALE_AFTER_S,
     }
 }
@@ -185,9 +188,12 @@ pub fn render(r: &Report) -> String {
     let attempt = r
         .attempt
         .map_or(String::new(), |a| format!(" (attempt {a})"));
+    let resumed = r.resumed_from.as_ref().map_or(String::new(), |f| {
+        format!(", resumed from {} ({} tier)", f.checkpoint, f.tier)
+    });
     let mut lines = vec![
         format!("run         {}", r.run),
-        format!("state       {state}{attempt}"),
+        format!("state       {state}{attempt}{resumed}"),
         format!(
             "step        {} / {} ({:.1}%)  eta {}  ({} steps/s)",
             r.step,
@@ -378,6 +384,24 @@ mod tests {
         assert!(!r.stale);
         let screen = render(&r);
         assert!(screen.contains("RUNNING (attempt 2)") && screen.contains("40 / 100 (40.0%)"));
+        // Where a restarted attempt came from.
+        let mut restarted = status(JobState::Running, 30, 2);
+        restarted.resumed_from = Some(ResumedFrom {
+            checkpoint: "step-000029".into(),
+            tier: "peer".into(),
+        });
+        let screen = render(&report(
+            "r",
+            &restarted,
+            Some(&progress),
+            None,
+            &cks,
+            1_012_000,
+        ));
+        assert!(
+            screen.contains("RUNNING (attempt 2), resumed from step-000029 (peer tier)"),
+            "{screen}"
+        );
         assert!(screen.contains("eta 28s"), "{screen}");
     }
 
