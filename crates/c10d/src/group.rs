@@ -65,6 +65,14 @@ struct Ring {
     prev: TcpStream,
 }
 
+/// The collective that links the ring: each rank's listening address (the group's first).
+const RING_ADDR: &str = "ring-addr";
+
+/// The name of the `n`-th collective of a group, called `what`.
+fn call_name(what: &str, n: u64) -> String {
+    format!("{what}/{n}")
+}
+
 /// How often a wait on the store looks whether a ring neighbour has gone.
 const NEIGHBOUR_WATCH: Duration = Duration::from_millis(500);
 
@@ -166,7 +174,12 @@ impl Group {
         if !self.config.agent_store {
             return Ok(());
         }
-        let first = format!("{}/{}", self.key("ring-addr/1"), self.config.rank);
+        // The group's first collective (see `link_ring`), as `all_gather` names this rank's key.
+        let first = format!(
+            "{}/{}",
+            self.key(&call_name(RING_ADDR, 1)),
+            self.config.rank
+        );
         if self.store().check(&[&first])? {
             return Err(DistError::Protocol(format!(
                 "rank {}: the agent's store already holds the keys of an earlier worker group of \
@@ -191,7 +204,7 @@ impl Group {
             .local_addr()
             .map_err(DistError::io("reading the ring port"))?
             .port();
-        let addrs = self.all_gather("ring-addr", format!("{ip}:{port}").as_bytes())?;
+        let addrs = self.all_gather(RING_ADDR, format!("{ip}:{port}").as_bytes())?;
         let next_addr = String::from_utf8_lossy(&addrs[((rank + 1) % world) as usize]).to_string();
         let deadline = Instant::now() + self.config.timeout;
         let next = loop {
@@ -242,7 +255,7 @@ impl Group {
     fn next_name(&self, what: &str) -> String {
         let mut c = self.counter.lock().unwrap_or_else(|e| e.into_inner());
         *c += 1;
-        format!("{what}/{c}")
+        call_name(what, *c)
     }
 
     /// Every rank's `data`, in rank order.

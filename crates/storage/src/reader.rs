@@ -210,7 +210,7 @@ impl BlobReader {
         else {
             return Ok(None);
         };
-        let parts = self.scheme.and_then(DigestScheme::part_size).is_some();
+        let parts = digests_parts(self.scheme);
         if self.read != 0 || !pending.is_empty() || !(keep || parts) {
             // (Draining under the whole-blob scheme, or unhashed, is one stream: see next_chunk.)
             return Ok(None);
@@ -283,7 +283,7 @@ impl BlobReader {
 }
 
 /// Whether `scheme` digests parts (rather than the whole blob, or nothing).
-fn part_checksum(scheme: Option<DigestScheme>) -> bool {
+fn digests_parts(scheme: Option<DigestScheme>) -> bool {
     scheme.and_then(DigestScheme::part_size).is_some()
 }
 
@@ -302,7 +302,7 @@ fn read_parts(
         Some(p) => p.clamp(1, usize::MAX as u64) as usize,
         None => LOCAL_CHUNK,
     };
-    let hash_parts = part_checksum(scheme);
+    let hash_parts = digests_parts(scheme);
     let checksum = scheme.map_or(Checksum::Sha256, DigestScheme::checksum);
     let read_one = |i: usize, buf: &mut [u8]| -> std::io::Result<Option<PartDigest>> {
         file.read_exact_at(buf, start + (i * part) as u64)?;

@@ -256,7 +256,7 @@ impl MemoryTier {
     }
 
     /// Whether a save is being copied or written.
-    pub(crate) fn busy(&self) -> bool {
+    fn busy(&self) -> bool {
         self.saver.as_ref().is_some_and(Saver::busy)
     }
 
