@@ -185,19 +185,7 @@ async fn a_killed_worker_resumes_from_the_memory_tier_bit_identical() {
     );
     assert!(screen.contains("from start to first step"), "{screen}");
     // Every step's loss is in metrics.jsonl once, those before the resume included.
-    let metrics = std::fs::read_to_string(
-        dir.path()
-            .join("killed/framework=waypoint/logs/metrics.jsonl"),
-    )
-    .unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let steps = common::runs::metrics_steps(&run_dir);
     assert_eq!(steps, (1..=STEPS as u64).collect::<Vec<_>>());
     assert!(std::fs::read_dir(&tier).unwrap().next().is_none());
 }

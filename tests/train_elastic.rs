@@ -12,7 +12,7 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::runs::{launch_flags, logged_step, max_diff, rank_pid, weights};
+use common::runs::{launch_flags, logged_step, max_diff, metrics_steps, rank_pid, weights};
 
 const STEPS: u32 = 18;
 
@@ -54,11 +54,16 @@ fn with_flags(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// The whole log of a finished launcher; fails the test unless it succeeded.
-fn succeeded(mut child: Child, what: &str) -> String {
+/// A launcher's whole log (stderr, piped) and how it ended, once it has.
+fn finished(mut child: Child) -> (std::process::ExitStatus, String) {
     let mut log = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
-    let status = child.wait().unwrap();
+    let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
+    (child.wait().unwrap(), log)
+}
+
+/// The whole log of a finished launcher; fails the test unless it succeeded.
+fn succeeded(child: Child, what: &str) -> String {
+    let (status, log) = finished(child);
     assert!(status.success(), "{what} failed:\n{log}");
     log
 }
@@ -109,7 +114,7 @@ async fn a_replaced_node_rejoins_under_waypoint_launch() {
     });
     common::send_signal(one.id(), "KILL").unwrap();
     let killed = Instant::now();
-    let _ = succeeded_or_killed(one);
+    let _ = finished(one);
     // The survivor's worker fails at once (the ring's connection closed) without waiting out the
     // save's collective timeout (20 s here), and node 0 waits for the job's next round.
     zero.wait_line("node 0 in round 1", Duration::from_secs(60), |l| {
@@ -225,7 +230,7 @@ async fn each_node_resumes_from_its_own_memory_tier() {
         logged_step(l).is_some_and(|s| s >= 10)
     });
     common::send_signal(one.id(), "KILL").unwrap();
-    let _ = succeeded_or_killed(one);
+    let _ = finished(one);
     std::fs::remove_dir_all(tiers[1].path()).unwrap();
     std::fs::create_dir_all(tiers[1].path()).unwrap();
     let replacement = node_with(base, "replaced", &port, 1, &f1);
@@ -237,19 +242,7 @@ async fn each_node_resumes_from_its_own_memory_tier() {
     assert!(log.contains("copying it from rank 0's node"), "{log}");
     ends_as_the_anchor(base, "replaced", 0.0).await;
     // Every step's line is in metrics.jsonl once (the tier's tail came with the copy).
-    let metrics = std::fs::read_to_string(
-        dir.path()
-            .join("replaced/framework=waypoint/logs/metrics.jsonl"),
-    )
-    .unwrap();
-    let steps: Vec<u64> = metrics
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let steps = metrics_steps(&dir.path().join("replaced/framework=waypoint"));
     assert_eq!(steps, (1..=u64::from(STEPS)).collect::<Vec<_>>());
 }
 
@@ -307,14 +300,6 @@ impl Follower {
     }
 }
 
-/// Waits for a process that was killed; returns its log so far.
-fn succeeded_or_killed(mut child: Child) -> String {
-    let _ = child.wait();
-    let mut log = String::new();
-    let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
-    log
-}
-
 /// One node's `torchrun` agent (its own process group) of a 2-node job with c10d rendezvous at
 /// `port`; node 0's agent hosts the rendezvous store.
 fn torchrun_node(base: &str, port: &str, host: bool) -> Child {
@@ -338,12 +323,8 @@ fn torchrun_node(base: &str, port: &str, host: bool) -> Child {
 }
 
 /// Collects `child`'s log on a thread of its own (so that its pipe never fills) until it exits.
-fn drain(mut child: Child) -> std::thread::JoinHandle<(std::process::ExitStatus, String)> {
-    std::thread::spawn(move || {
-        let mut log = String::new();
-        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
-        (child.wait().unwrap(), log)
-    })
+fn drain(child: Child) -> std::thread::JoinHandle<(std::process::ExitStatus, String)> {
+    std::thread::spawn(move || finished(child))
 }
 
 /// The processes `pid` started (torchrun's workers lead sessions of their own).
@@ -379,7 +360,7 @@ async fn a_replaced_node_rejoins_under_pytorchs_torchrun() {
     for w in &workers {
         common::send_signal(w, "KILL").unwrap();
     }
-    let _ = succeeded_or_killed(one);
+    let _ = finished(one);
     let replacement = torchrun_node(base, &port, false);
     let replacement_log = succeeded(replacement, "the replacement node");
     let (status, zero_log) = zero_log.join().unwrap();

@@ -220,6 +220,20 @@ pub(crate) fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<
         .fold(0.0, f32::max)
 }
 
+/// The `step` of every line of a run's `logs/metrics.jsonl` (`run_dir`: the run URI's folder), in
+/// order.
+pub(crate) fn metrics_steps(run_dir: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run_dir.join("logs/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// The step of a `train step=N` log line.
 pub(crate) fn logged_step(line: &str) -> Option<u64> {
     logged_number(line, ": train step=")
