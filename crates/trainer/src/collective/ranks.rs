@@ -127,14 +127,13 @@ impl Ranks {
     pub(crate) fn gather_u64(&self, what: &str, value: u64) -> Result<Vec<u64>> {
         self.all_gather(what, &value.to_le_bytes())?
             .iter()
-            .map(|m| {
-                let b: [u8; 8] = m
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| anyhow::anyhow!("a rank sent a malformed `{what}`"))?;
-                Ok(u64::from_le_bytes(b))
-            })
+            .map(|m| u64_of(what, m))
             .collect()
+    }
+
+    /// Rank 0's `value` on every rank (every rank calls this with the same `what`).
+    pub(crate) fn broadcast_u64(&self, what: &str, value: u64) -> Result<u64> {
+        u64_of(what, &self.broadcast(what, &value.to_le_bytes())?)
     }
 
     /// Every rank's `data`, in rank order (every rank calls this with the same `what`).
@@ -244,6 +243,14 @@ impl Ranks {
             Some(g) => Ok(g.broadcast(what, data)?),
         }
     }
+}
+
+/// A `u64` another rank sent for the collective `what`.
+fn u64_of(what: &str, bytes: &[u8]) -> Result<u64> {
+    let b: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("a rank sent a malformed `{what}`"))?;
+    Ok(u64::from_le_bytes(b))
 }
 
 /// Gathering and reducing rows, one collective each (per dtype gathered), over a rank-major buffer

@@ -289,14 +289,7 @@ impl Session {
     fn next_durable_interval(&mut self, run: &mut Live) -> Result<()> {
         let mut every = run.durable.proposal();
         if run.durable.is_auto() {
-            let agreed = run
-                .ranks
-                .broadcast("durable-interval", &every.to_le_bytes())?;
-            let bytes: [u8; 8] = agreed
-                .as_slice()
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("rank 0 sent a malformed save interval"))?;
-            every = u64::from_le_bytes(bytes);
+            every = run.ranks.broadcast_u64("durable-interval", every)?;
         }
         let changed = run.durable.saved(self.step, every);
         if let (true, true, Some((cost, step_s)), Some(mtbf_s)) = (
