@@ -693,8 +693,12 @@ mod tests {
     #[test]
     fn a_dead_rank_fails_a_wait_on_the_store_promptly() {
         let master_port = port();
+        // The survivors keep their groups until both have failed: a survivor that ended first
+        // would close its own connections, and the other could name it instead of rank 2.
+        let survivors = std::sync::Arc::new(std::sync::Barrier::new(2));
         let handles: Vec<_> = (0..3)
             .map(|rank| {
+                let survivors = survivors.clone();
                 std::thread::spawn(move || {
                     let g = Group::join(config(rank, 3, master_port, 30)).unwrap();
                     g.barrier("joined").unwrap();
@@ -703,7 +707,9 @@ mod tests {
                     }
                     let started = Instant::now();
                     let err = g.all_gather("step", b"x").unwrap_err().to_string();
-                    Some((started.elapsed(), err))
+                    let took = started.elapsed();
+                    survivors.wait();
+                    Some((took, err))
                 })
             })
             .collect();
