@@ -75,13 +75,15 @@ pub fn read_config_file(path: &Path) -> Result<Map<String, Value>, ConfigError> 
     let Value::Object(mut map) = value else {
         return Err(err("the top level must be a table of settings".into()));
     };
+    let valid = keys();
     // The control plane's job spec nests trainer flags under `extra_args`; accept that shape too.
     match map.remove("extra_args") {
         None => {}
         Some(Value::Object(extra)) => {
             for (k, v) in extra {
                 if let Some(top) = map.get(&k) {
-                    if *top != v {
+                    // (An unknown key is reported as such below, whatever its values.)
+                    if *top != v && valid.contains(&k) {
                         return Err(ConfigError::new(
                             &k,
                             format!(
@@ -100,7 +102,6 @@ pub fn read_config_file(path: &Path) -> Result<Map<String, Value>, ConfigError> 
             )))
         }
     }
-    let valid = keys();
     for key in map.keys() {
         if !valid.contains(key) {
             let hint = closest_key(key)
