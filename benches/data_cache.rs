@@ -111,6 +111,8 @@ fn first_step(data: &Path, cache: &Path, base: &Path, run: &str) -> (f64, f64) {
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_waypoint"))
         .args(["train", "--device", "cpu", "--num_threads", "1"])
+        // What a restart costs without the memory tier's saves (benches/memory_tier.rs has those).
+        .args(["--memory_save_steps", "0"])
         .args([
             "--max_steps",
             "1",

@@ -29,6 +29,8 @@ fn main() {
                     "0",
                 ])
                 .args(["--", exe, "train", "--device", "cpu", "--num_threads", "1"])
+                // The durable save alone (the memory tier's cost is benches/memory_tier.rs's).
+                .args(["--memory_save_steps", "0"])
                 .args(["--model_id", model.to_str().unwrap()])
                 .args(["--dataset_uri", data.to_str().unwrap()])
                 .args([

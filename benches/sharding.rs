@@ -63,6 +63,8 @@ fn train_batch(
         ]);
     }
     cmd.args(["train", "--device", "cpu", "--num_threads", "1"])
+        // The sharded step alone (the memory tier's cost is benches/memory_tier.rs's).
+        .args(["--memory_save_steps", "0"])
         .args(["--dataset_uri", data.to_str().unwrap()])
         .args([
             "--checkpoint_base_uri",

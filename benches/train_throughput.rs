@@ -52,6 +52,9 @@ fn waypoint(
     run_quiet(
         Command::new(env!("CARGO_BIN_EXE_waypoint"))
             .args(["train", "--device", &device(), "--num_threads", &threads])
+            // The step against PyTorch's, without the memory tier's saves (their cost is
+            // benches/memory_tier.rs's).
+            .args(["--memory_save_steps", "0"])
             .args(["--run_id", run])
             .args(["--model_id", model.to_str().unwrap()])
             .args(["--dataset_uri", data.to_str().unwrap()])
@@ -268,6 +271,8 @@ fn dpo(model: &Path, dir: &Path, threads: usize) {
                     "--max_steps",
                     &steps,
                     "--save_steps",
+                    "0",
+                    "--memory_save_steps",
                     "0",
                 ])
                 .args(["--lora_rank", &rank, "--warmup_steps", "0", "--lr", "1e-4"])

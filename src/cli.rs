@@ -186,7 +186,7 @@ struct TrainArgs {
     #[serde(skip_serializing_if = "is_false")]
     sync_save: bool,
     /// Save the resumable state to the node's memory tier every N steps, so a crash costs at most
-    /// N steps (0: off; one node only) [default: 0].
+    /// N steps (0: off) [default: 1].
     #[arg(long = "memory_save_steps")]
     #[serde(skip_serializing_if = "Option::is_none")]
     memory_save_steps: Option<u64>,

@@ -20,11 +20,10 @@ const STEPS: u32 = 30;
 fn flags(base: &str, run: &str, tier: &Path, save_steps: u32) -> Vec<String> {
     let mut args = train_flags("cpu", base, run, 2, STEPS);
     set_flag(&mut args, "--save_steps", &save_steps.to_string());
+    set_flag(&mut args, "--memory_save_steps", "1");
     args.extend([
         "--memory_tier_dir".to_string(),
         tier.to_str().unwrap().to_string(),
-        "--memory_save_steps".to_string(),
-        "1".to_string(),
     ]);
     args
 }
@@ -304,4 +303,52 @@ fn an_unusable_memory_tier_is_named_and_training_goes_on() {
     set_flag(&mut args, "--memory_save_steps", "0");
     common::train_log(&common::waypoint().args(&args).output().unwrap());
     assert!(!tier.exists(), "--memory_save_steps 0 writes no tier");
+}
+
+/// A durable save that falls on a tier save's step drains the tier's host copy instead of copying
+/// the state again (it leaves the device once): its report says so, and its checkpoint's tensors
+/// are byte for byte those of the same run without the tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_save_drains_the_memory_tiers_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let shm = common::tier_dir();
+    let mut args = flags(base, "drained", shm.path(), 4);
+    set_flag(&mut args, "--max_steps", "9");
+    // The tier saves with the durable tier: a tier save still being written when the next falls
+    // due is skipped (and the durable save then copies the state itself), which tier saves every
+    // step on a loaded machine may meet; the first tier save never does.
+    set_flag(&mut args, "--memory_save_steps", "4");
+    let out = common::waypoint().args(&args).output().unwrap();
+    let log = common::train_log(&out);
+    let drained: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("save report") && l.contains("of it the memory tier's copy"))
+        .collect();
+    assert!(
+        drained.iter().any(|l| l.contains("step-000004")),
+        "the first periodic durable save drains the tier's copy:\n{log}"
+    );
+    let metrics = std::fs::read_to_string(
+        dir.path()
+            .join("drained/framework=waypoint/logs/metrics.jsonl"),
+    )
+    .unwrap();
+    assert!(metrics.contains("\"save_drained_mb\""), "{metrics}");
+
+    set_flag(&mut args, "--run_id", "own");
+    set_flag(&mut args, "--memory_save_steps", "0");
+    common::train_log(&common::waypoint().args(&args).output().unwrap());
+    for step in [4, 8] {
+        let m = common::runs::manager(base, "drained");
+        let drained = m.manifest(waypoint_checkpoint::StepName::new(step)).await;
+        let m = common::runs::manager(base, "own");
+        let own = m.manifest(waypoint_checkpoint::StepName::new(step)).await;
+        let files = |m: waypoint_checkpoint::Manifest| -> Vec<(String, String)> {
+            m.dcp_files()
+                .map(|f| (f.path.clone(), f.sha256.clone()))
+                .collect()
+        };
+        assert_eq!(files(drained.unwrap()), files(own.unwrap()), "step {step}");
+    }
 }

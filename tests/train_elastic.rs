@@ -303,6 +303,11 @@ impl Follower {
 /// One node's `torchrun` agent (its own process group) of a 2-node job with c10d rendezvous at
 /// `port`; node 0's agent hosts the rendezvous store.
 fn torchrun_node(base: &str, port: &str, host: bool) -> Child {
+    torchrun_node_with(base, "torchrun", port, host, &[])
+}
+
+/// [`torchrun_node`] for run `run`, with more `waypoint train` flags.
+fn torchrun_node_with(base: &str, run: &str, port: &str, host: bool, extra: &[&str]) -> Child {
     let torchrun = common::python().replace("/bin/python", "/bin/torchrun");
     let mut cmd = Command::new(torchrun);
     cmd.args(["--nnodes", "2", "--nproc_per_node", "1"])
@@ -312,7 +317,7 @@ fn torchrun_node(base: &str, port: &str, host: bool) -> Child {
         .args(["--local-addr", "127.0.0.1", "--max-restarts", "2"])
         .args(["--monitor-interval", "0.5", "--no-python"])
         .arg(env!("CARGO_BIN_EXE_waypoint"))
-        .args(train_flags(base, "torchrun"))
+        .args(with_flags(train_flags(base, run), extra))
         // PyTorch's shared rendezvous store keeps the keys of every round, and a replaced node's
         // restart count starts again at 0: a store per round is the documented way round it.
         .env("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -373,4 +378,87 @@ async fn a_replaced_node_rejoins_under_pytorchs_torchrun() {
     // torchrun may give the ranks to the nodes in another order in the new round, so the sums may
     // be taken in another order: equal up to rounding.
     ends_as_the_anchor(base, "torchrun", 2e-5).await;
+}
+
+/// The same under `torchrun` with each node's memory tier on and no durable save before the end:
+/// the replacement, its tier empty, receives the survivor's newest tier checkpoint over TCP
+/// (`peer`) and the job ends as the uninterrupted one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_node_under_torchrun_receives_the_memory_tier_from_its_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    anchor(base);
+    let tiers = [common::tier_dir(), common::tier_dir(), common::tier_dir()];
+    let flags: Vec<Vec<String>> = tiers
+        .iter()
+        .map(|t| {
+            let path = t.path().to_str().unwrap();
+            ["--memory_save_steps", "1", "--memory_tier_dir", path]
+                .iter()
+                .chain(&["--save_steps", "1000"])
+                .map(|s| s.to_string())
+                .collect()
+        })
+        .collect();
+    let flags: Vec<Vec<&str>> = flags
+        .iter()
+        .map(|f| f.iter().map(String::as_str).collect())
+        .collect();
+    let port = common::free_port().to_string();
+    let zero = torchrun_node_with(base, "tiers", &port, true, &flags[0]);
+    let one = torchrun_node_with(base, "tiers", &port, false, &flags[1]);
+    let zero_log = drain(zero);
+    // Node 0's tier holds step 6 or later (whichever rank runs there; it keeps the newest 2).
+    let newest_step = |tier: &std::path::Path| -> u64 {
+        let runs = std::fs::read_dir(tier).into_iter().flatten().flatten();
+        runs.flat_map(|r| {
+            std::fs::read_dir(r.path().join("tiers/framework=waypoint/checkpoints"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("step-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+    };
+    common::wait_for(
+        "node 0's tier checkpoint of step 6 or later",
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        || newest_step(tiers[0].path()) >= 6,
+    );
+    let workers = children(one.id());
+    assert!(!workers.is_empty(), "node 1's agent has a worker");
+    common::send_signal(one.id(), "KILL").unwrap();
+    for w in &workers {
+        common::send_signal(w, "KILL").unwrap();
+    }
+    let _ = finished(one);
+    // The replacement starts with a tier of its own, empty.
+    let replacement = torchrun_node_with(base, "tiers", &port, false, &flags[2]);
+    let replacement_log = succeeded(replacement, "the replacement node");
+    let (status, zero_log) = zero_log.join().unwrap();
+    assert!(
+        status.success(),
+        "node 0 failed:\n{zero_log}\nreplacement:\n{replacement_log}"
+    );
+    let run = dir.path().join("tiers/framework=waypoint");
+    let s = common::read_json(run.join("status.json"));
+    assert_eq!(
+        s["resumed_from"]["tier"], "peer",
+        "{s}\nnode 0:\n{zero_log}\nreplacement:\n{replacement_log}"
+    );
+    let resumed: u64 = s["resumed_from"]["checkpoint"].as_str().unwrap()[5..]
+        .parse()
+        .unwrap();
+    assert!(resumed >= 6, "{s}");
+    ends_as_the_anchor(base, "tiers", 2e-5).await;
+    let steps = metrics_steps(&run);
+    assert_eq!(steps, (1..=u64::from(STEPS)).collect::<Vec<_>>());
 }

@@ -20,9 +20,17 @@ pub(crate) fn train_args(
     base: &str,
 ) -> Vec<String> {
     let threads = threads.to_string();
+    // The memory tier (on by default) is off unless a test asks for it: these tests pin down the
+    // durable tier's protocol (what a restart resumes from); tests/memory_tier.rs the tier's.
+    let tier_off: &[&str] = if flags.contains(&"--memory_save_steps") {
+        &[]
+    } else {
+        &["--memory_save_steps", "0"]
+    };
     ["train", "--device", device, "--num_threads", &threads]
         .iter()
         .chain(flags)
+        .chain(tier_off)
         .chain(&["--run_id", run, "--checkpoint_base_uri", base])
         .map(|s| s.to_string())
         .collect()
@@ -132,8 +140,6 @@ pub(crate) async fn rank1_failing_mid_save_leaves_no_commit(dir: &Path, extra: &
     let mut args = launch_args(2, 0);
     args.extend(train_flags("cpu", base, "half", 2, 12));
     args.extend(extra.iter().map(|s| s.to_string()));
-    // The durable tier's protocol alone: with the memory tier the restart would resume later.
-    args.extend(["--memory_save_steps".to_string(), "0".to_string()]);
     // A short collective timeout instead of the one train_flags set.
     set_flag(&mut args, "--dist_timeout_secs", "5");
     let out = super::waypoint().args(&args).output().unwrap();

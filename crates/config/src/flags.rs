@@ -285,7 +285,8 @@ pub struct CheckpointFlags {
     pub sampler_base_every: u64,
     /// Save synchronously (the training loop waits for each upload).
     pub sync_save: bool,
-    /// Save the resumable state to the node's memory tier every this many steps (0: off).
+    /// Save the resumable state to the node's memory tier every this many steps (0: off; 1, every
+    /// step, by default).
     pub memory_save_steps: u64,
     /// The folder of the node's memory tier (empty: `/dev/shm/waypoint`); each run has its own
     /// folder inside.
@@ -314,7 +315,7 @@ impl Default for CheckpointFlags {
             sampler_save_steps: 0,
             sampler_base_every: 8,
             sync_save: false,
-            memory_save_steps: 0,
+            memory_save_steps: 1,
             memory_tier_dir: String::new(),
             sampler_dtype: "bf16".into(),
             output_model_id: String::new(),

@@ -16,6 +16,9 @@ pub struct SaveReport {
     pub stall_s: f64,
     /// Seconds the copy of the state to host memory took (on its thread for a background save).
     pub snapshot_s: f64,
+    /// Bytes of the state taken from another save's host copy of the same step instead of copied
+    /// again (a durable save draining the memory tier's copy).
+    pub drained_bytes: u64,
     /// Seconds from the start of the write to the commit.
     pub upload_s: f64,
     /// Seconds from the end of its step to the commit: how old the newest durable state is when
@@ -38,6 +41,9 @@ impl SaveReport {
             "save_commit_latency_s": self.commit_latency_s,
             "save_overlap_steps": self.overlap_steps,
         });
+        if self.drained_bytes > 0 {
+            v["save_drained_mb"] = json!(self.drained_bytes >> 20);
+        }
         if let Some(s) = self.overlap_slowdown {
             v["save_overlap_slowdown"] = json!(s);
         }
@@ -50,9 +56,13 @@ impl SaveReport {
             Some(s) => format!(", {:.2}× as slow as steps without a save", s),
             None => String::new(),
         };
+        let drained = match self.drained_bytes {
+            0 => String::new(),
+            b => format!(" ({} MB of it the memory tier's copy)", b >> 20),
+        };
         format!(
-            "{}: loop stalled {:.3} s, snapshot {:.2} s, upload {:.2} s, step → commit {:.2} s; \
-             {} step(s) overlapped{slowdown}",
+            "{}: loop stalled {:.3} s, snapshot {:.2} s{drained}, upload {:.2} s, step → commit \
+             {:.2} s; {} step(s) overlapped{slowdown}",
             self.checkpoint,
             self.stall_s,
             self.snapshot_s,
@@ -129,6 +139,7 @@ mod tests {
             step: 10,
             stall_s: 0.004,
             snapshot_s: 0.5,
+            drained_bytes: 0,
             upload_s: 3.0,
             commit_latency_s: 3.6,
             overlap_steps: 4,
@@ -148,5 +159,18 @@ mod tests {
             ..r
         };
         assert!(none.metrics_fields().get("save_overlap_slowdown").is_none());
+        assert!(none.metrics_fields().get("save_drained_mb").is_none());
+        let drained = SaveReport {
+            drained_bytes: 3 << 20,
+            ..none
+        };
+        assert_eq!(drained.metrics_fields()["save_drained_mb"], 3);
+        assert!(
+            drained
+                .describe()
+                .contains("3 MB of it the memory tier's copy"),
+            "{}",
+            drained.describe()
+        );
     }
 }

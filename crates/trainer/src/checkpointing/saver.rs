@@ -35,8 +35,8 @@ use waypoint_checkpoint::{
 
 use crate::checkpointing::policy::{delta_base_for, SamplerChain};
 use crate::checkpointing::state::{
-    copy_to_host, sampler_part, snapshot_on_device, state_items, PromotableShare, SaveContext,
-    StateItem,
+    copy_to_host_drawing_on, lend_copy, sampler_part, snapshot_on_device, state_items, CopyLender,
+    CopyLoan, PromotableShare, SaveContext, StateItem,
 };
 use crate::checkpointing::worker::{Task, Worker};
 use crate::collective::ranks::Ranks;
@@ -75,6 +75,20 @@ pub(crate) struct SaveOrder<'a> {
     /// The scheduler, train state and seeds a PyTorch loop continues from (rank 0 writes them into
     /// `dcp/` with the resumable part).
     pub loop_state: LoopState,
+    /// Where the resumable part's host copy comes from, and whether it is lent on.
+    pub host_copy: HostCopy,
+}
+
+/// How a save gets the host copy of its resumable state.
+pub(crate) enum HostCopy {
+    /// It copies the state itself.
+    Own,
+    /// It copies the state itself and lends the copy to another save of the same step
+    /// ([`Saver::lent_copy`] hands out the loan).
+    Lend,
+    /// It takes what the loan holds of its state from another save's copy of the same step — the
+    /// durable save drains the memory tier's —, copying only the rest itself.
+    Borrow(CopyLoan),
 }
 
 /// When a save began (the end of its step) and what it has cost the loop so far.
@@ -86,6 +100,8 @@ struct Timing {
     stall_s: f64,
     /// Seconds the copy to host memory took.
     snapshot_s: f64,
+    /// Bytes of the copy taken from another save's ([`HostCopy::Borrow`]).
+    drained_bytes: u64,
 }
 
 /// One save, staged in host memory.
@@ -103,8 +119,8 @@ struct Job {
 /// A copy of the state to host memory running on its own thread.
 struct Staging {
     timing: Timing,
-    /// The copy, and the seconds it took.
-    copy: Task<Result<(Vec<Blob>, f64)>>,
+    /// The copy, the seconds it took and the bytes of it borrowed.
+    copy: Task<Result<(Vec<Blob>, f64, u64)>>,
     /// Written beside the copy: the loop state's tensors (rank 0).
     loop_state: Vec<Blob>,
     /// The copy reads a snapshot, not the live tensors: the optimizer need not wait for it.
@@ -164,6 +180,8 @@ pub(crate) struct Saver {
     /// Set when the run let its saves go ([`Saver::abandon`]): a write that still commits then
     /// leaves `status.json` to the failure being recorded.
     abandoned: Arc<std::sync::atomic::AtomicBool>,
+    /// The loan of the last save's host copy ([`HostCopy::Lend`]), until it is taken.
+    lent: Option<CopyLoan>,
 }
 
 impl Saver {
@@ -219,6 +237,7 @@ impl Saver {
             quiet,
             written: None,
             abandoned: Arc::default(),
+            lent: None,
         })
     }
 
@@ -239,9 +258,21 @@ impl Saver {
             background,
             share,
             loop_state,
+            host_copy,
         } = order;
         let began = Instant::now();
         self.hand_over_staged()?;
+        self.lent = None;
+        let (lender, loan) = match host_copy {
+            HostCopy::Own => (None, None),
+            HostCopy::Lend if resumable => {
+                let (lender, loan) = lend_copy();
+                self.lent = Some(loan);
+                (Some(lender), None)
+            }
+            HostCopy::Lend => (None, None),
+            HostCopy::Borrow(loan) => (None, Some(loan)),
+        };
         let items = if resumable {
             self.my_items(model, opt)
         } else {
@@ -267,9 +298,11 @@ impl Saver {
             None
         };
         if background && sampler.is_none() {
-            let (items, from_snapshot) = match snapshot_on_device(&items) {
-                Some(snapshot) => (snapshot, true),
-                None => (items, false),
+            // A borrowed copy may never come (its lender failed): what it held is then copied
+            // from the live tensors, so the optimizer waits for this copy.
+            let (items, from_snapshot) = match loan.is_none().then(|| snapshot_on_device(&items)) {
+                Some(Some(snapshot)) => (snapshot, true),
+                _ => (items, false),
             };
             // At most one save's host copy at a time: this copy starts on the copy thread once the
             // save in flight is written, while the loop goes on (the optimizer waits for it).
@@ -279,13 +312,15 @@ impl Saver {
                     let _ = written.recv();
                 }
                 let copying = Instant::now();
-                copy_to_host(&items).map(|blobs| (blobs, copying.elapsed().as_secs_f64()))
+                let (blobs, drained) = host_copy_of(&items, loan, lender)?;
+                Ok((blobs, copying.elapsed().as_secs_f64(), drained))
             };
             self.staging = Some(Staging {
                 timing: Timing {
                     began,
                     stall_s: began.elapsed().as_secs_f64(),
                     snapshot_s: 0.0,
+                    drained_bytes: 0,
                 },
                 copy: self.copier.run(copy),
                 loop_state,
@@ -300,7 +335,7 @@ impl Saver {
         // for it is part of this save's stall.
         self.join()?;
         let copying = Instant::now();
-        let mut dcp = copy_to_host(&items)?;
+        let (mut dcp, drained_bytes) = host_copy_of(&items, loan, lender)?;
         let snapshot_s = copying.elapsed().as_secs_f64();
         dcp.extend(loop_state);
         let job = Job {
@@ -309,6 +344,7 @@ impl Saver {
                 began,
                 stall_s: began.elapsed().as_secs_f64(),
                 snapshot_s,
+                drained_bytes,
             },
             commit,
             dcp,
@@ -343,6 +379,11 @@ impl Saver {
         }
         self.hand_over_staged()?;
         Ok(Some(blocked))
+    }
+
+    /// The loan of the host copy of the save just started with [`HostCopy::Lend`], once.
+    pub(crate) fn lent_copy(&mut self) -> Option<CopyLoan> {
+        self.lent.take()
     }
 
     /// Whether a save is being copied or written (a step run now overlaps it).
@@ -433,11 +474,12 @@ impl Saver {
         let Some(s) = self.staging.take() else {
             return Ok(());
         };
-        let (mut dcp, snapshot_s) = s.copy.join()??;
+        let (mut dcp, snapshot_s, drained_bytes) = s.copy.join()??;
         dcp.extend(s.loop_state);
         self.launch(Job {
             timing: Timing {
                 snapshot_s,
+                drained_bytes,
                 ..s.timing
             },
             commit: s.commit,
@@ -489,6 +531,7 @@ impl Saver {
                 step: done.step,
                 stall_s: done.timing.stall_s,
                 snapshot_s: done.timing.snapshot_s,
+                drained_bytes: done.timing.drained_bytes,
                 upload_s: done.upload_s,
                 commit_latency_s: done
                     .committed_at
@@ -502,6 +545,20 @@ impl Saver {
         }
         Ok(())
     }
+}
+
+/// The host copy of `items`, drawing on `loan` (a borrowed copy) and handed on to `lender`'s
+/// borrower once made; with the bytes taken from the loan.
+fn host_copy_of(
+    items: &[StateItem],
+    loan: Option<CopyLoan>,
+    lender: Option<CopyLender>,
+) -> Result<(Vec<Blob>, u64)> {
+    let (copy, drained) = copy_to_host_drawing_on(items, loan)?;
+    if let Some(lender) = lender {
+        lender.send(&copy);
+    }
+    Ok((copy, drained))
 }
 
 /// What sampler part a committed save held.
@@ -752,6 +809,7 @@ mod tests {
                         seed: 0,
                         next_step_seed: 0,
                     },
+                    host_copy: HostCopy::Own,
                 })
                 .unwrap();
             saver.before_update().unwrap();

@@ -2,6 +2,9 @@
 //! snapshot of it on the GPU when there is room, its copy to host memory, and the promotable part
 //! (a PEFT adapter, full weights or this rank's share of them, or a delta).
 
+use std::collections::HashMap;
+use std::sync::mpsc;
+
 use anyhow::Result;
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -130,6 +133,65 @@ pub(crate) fn snapshot_on_device(items: &[StateItem]) -> Option<Vec<StateItem>> 
                 .collect(),
         )
     })
+}
+
+/// Another save's host copy of the same step's state, as it will arrive from the copy thread of
+/// the save that lends it (the durable save drains the memory tier's copy: the state leaves the
+/// device once). Its tensors share their bytes with the lender's: no second copy in host memory.
+pub(crate) struct CopyLoan {
+    copy: mpsc::Receiver<Vec<Blob>>,
+}
+
+/// The lender's end of a [`CopyLoan`]: its copy, once made, goes to the borrower.
+pub(crate) struct CopyLender(mpsc::Sender<Vec<Blob>>);
+
+impl CopyLender {
+    /// Hands the copy over (shared bytes); a borrower gone is no error.
+    pub(crate) fn send(self, copy: &[Blob]) {
+        let _ = self.0.send(copy.to_vec());
+    }
+}
+
+/// A loan of a host copy still to be made, and its lender's end.
+pub(crate) fn lend_copy() -> (CopyLender, CopyLoan) {
+    let (tx, rx) = mpsc::channel();
+    (CopyLender(tx), CopyLoan { copy: rx })
+}
+
+/// The host copy of `items`: those `loan` holds taken from the lender's copy when it arrives (all
+/// copied here if it never does: the lender failed), the others copied here. Returns the copy and
+/// the bytes taken from the loan. Reads the live tensors for what it copies: the optimizer must
+/// wait for it.
+pub(crate) fn copy_to_host_drawing_on(
+    items: &[StateItem],
+    loan: Option<CopyLoan>,
+) -> Result<(Vec<Blob>, u64)> {
+    let Some(loan) = loan else {
+        return Ok((copy_to_host(items)?, 0));
+    };
+    let mut lent: HashMap<(String, Option<Vec<usize>>), Blob> = loan
+        .copy
+        .recv()
+        .map(|copy| {
+            copy.into_iter()
+                .map(|b| ((b.name.clone(), b.offsets.clone()), b))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut drained = 0u64;
+    let copy = items
+        .iter()
+        .map(
+            |i| match lent.remove(&(i.name.clone(), i.offsets.clone())) {
+                Some(blob) => {
+                    drained += blob.data.len() as u64;
+                    Ok(blob)
+                }
+                None => copy_to_host(std::slice::from_ref(i)).map(|mut one| one.remove(0)),
+            },
+        )
+        .collect::<Result<Vec<_>>>()?;
+    Ok((copy, drained))
 }
 
 /// Copies named tensors to host memory, as they are.
@@ -264,4 +326,53 @@ pub(crate) fn sampler_part(
         tensors,
         extra_files: ctx.tokenizer_files.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(name: &str, values: &[f32], offsets: Option<Vec<usize>>) -> StateItem {
+        StateItem {
+            name: name.into(),
+            tensor: Tensor::from_slice(values),
+            offsets,
+        }
+    }
+
+    #[test]
+    fn a_borrowed_copy_is_taken_where_it_holds_the_tensor_and_the_rest_copied() {
+        let mine = [
+            item("a", &[1.0, 2.0], None),
+            item("b", &[3.0], Some(vec![4])),
+            item("c", &[5.0], None),
+        ];
+        // The lender holds a, b at other offsets (another slice), and d.
+        let lenders = [
+            item("a", &[1.0, 2.0], None),
+            item("b", &[9.0], Some(vec![0])),
+            item("d", &[7.0], None),
+        ];
+        let (lender, loan) = lend_copy();
+        let lent = copy_to_host(&lenders).unwrap();
+        lender.send(&lent);
+        let (copy, drained) = copy_to_host_drawing_on(&mine, Some(loan)).unwrap();
+        assert_eq!(drained, 8, "only a, whose name and offsets match");
+        assert_eq!(copy, copy_to_host(&mine).unwrap());
+        assert_eq!(
+            copy[0].data.as_ptr(),
+            lent[0].data.as_ptr(),
+            "a's bytes are the lender's, not a second copy"
+        );
+    }
+
+    #[test]
+    fn a_loan_whose_lender_failed_is_copied_here() {
+        let mine = [item("a", &[1.0, 2.0], None)];
+        let (lender, loan) = lend_copy();
+        drop(lender);
+        let (copy, drained) = copy_to_host_drawing_on(&mine, Some(loan)).unwrap();
+        assert_eq!(drained, 0);
+        assert_eq!(copy, copy_to_host(&mine).unwrap());
+    }
 }

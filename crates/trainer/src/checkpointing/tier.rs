@@ -30,6 +30,7 @@ use waypoint_storage::{Store, StoreOptions};
 use waypoint_observe::records::RunRecords;
 
 use crate::checkpointing::saver::{SaveOrder, Saver, SaverTier};
+use crate::checkpointing::state::CopyLoan;
 use crate::collective::ranks::Ranks;
 
 /// Memory-tier checkpoints kept (the newest 2: one may be half-written when a worker dies).
@@ -310,6 +311,11 @@ impl MemoryTier {
         }
     }
 
+    /// The loan of the host copy of the save just started with [`HostCopy::Lend`](crate::checkpointing::saver::HostCopy::Lend).
+    pub(crate) fn lent_copy(&mut self) -> Option<CopyLoan> {
+        self.saver.as_mut().and_then(Saver::lent_copy)
+    }
+
     /// Before the optimizer changes the weights: waits for a copy in progress (seconds blocked).
     pub(crate) fn before_update(&mut self) -> Option<f64> {
         match self.saver.as_mut().map(Saver::before_update) {
@@ -401,9 +407,7 @@ mod tests {
     #[test]
     fn the_tier_is_off_when_asked_or_for_sharded_state_across_nodes() {
         let mut section = waypoint_config::TrainConfig::default().checkpoint();
-        assert_eq!(section.memory_save_steps, 0, "opt-in for now");
-        assert!(off_because(&section, 1, false).is_some());
-        section.memory_save_steps = 1;
+        assert_eq!(section.memory_save_steps, 1, "on by default, every step");
         assert!(off_because(&section, 1, false).is_none());
         assert!(
             off_because(&section, 1, true).is_none(),
@@ -414,5 +418,7 @@ mod tests {
             "each node holds the whole"
         );
         assert!(off_because(&section, 2, true).unwrap().contains("2 nodes"));
+        section.memory_save_steps = 0;
+        assert!(off_because(&section, 1, false).is_some());
     }
 }

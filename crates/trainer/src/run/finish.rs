@@ -7,8 +7,9 @@ use waypoint_checkpoint::dcp::LoopState;
 use waypoint_checkpoint::{model_dir, StepName};
 
 use super::{Live, Outcome, Session};
-use crate::checkpointing::saver::SaveOrder;
+use crate::checkpointing::saver::{HostCopy, SaveOrder};
 use crate::checkpointing::state::promotable_share;
+use crate::checkpointing::state::CopyLoan;
 use crate::step::{libtorch_boundary, step_seed};
 use waypoint_observe::records::{self, JobState, Status};
 
@@ -21,19 +22,22 @@ impl Session {
         promotable: bool,
         background: bool,
     ) -> Result<()> {
-        self.save_parts(run, true, promotable, false, background)
+        self.save_parts(run, true, promotable, false, background, HostCopy::Own)
     }
 
-    /// The loop's periodic save at the current step: resumable when `resumable`, and a periodic
-    /// sampler save (a full base, or a delta over the newest) when `sampler`.
+    /// The loop's periodic save at the current step: resumable when `resumable` (drawing on the
+    /// memory tier's host copy of the step when it lent one), and a periodic sampler save (a full
+    /// base, or a delta over the newest) when `sampler`.
     pub(super) fn save_periodic(
         &mut self,
         run: &mut Live,
         resumable: bool,
         sampler: bool,
         background: bool,
+        tier_copy: Option<CopyLoan>,
     ) -> Result<()> {
-        self.save_parts(run, resumable, sampler, sampler, background)
+        let host_copy = tier_copy.map_or(HostCopy::Own, HostCopy::Borrow);
+        self.save_parts(run, resumable, sampler, sampler, background, host_copy)
     }
 
     /// The loop state a PyTorch loop continues from, at the current step.
@@ -52,19 +56,24 @@ impl Session {
 
     /// Saves the resumable state of this step to the node's memory tier, in the background, when
     /// it is due and every rank's tier is free (the ranks agree: a save is all ranks' or none's);
-    /// a tier still writing the previous one is skipped this step, never waited for.
-    pub(super) fn save_to_memory(&mut self, run: &mut Live) -> Result<()> {
+    /// a tier still writing the previous one is skipped this step, never waited for. With `lend`
+    /// (a durable save of the step follows), the loan of its host copy.
+    pub(super) fn save_to_memory(
+        &mut self,
+        run: &mut Live,
+        lend: bool,
+    ) -> Result<Option<CopyLoan>> {
         let Some(tier) = run.memory.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         tier.check();
         let (saver, model, opt) = (&run.saver, &run.model, &run.opt);
         tier.check_room(|| saver.share_bytes(model, opt), &run.ranks)?;
         if !tier.due(self.step, self.total_steps) {
-            return Ok(());
+            return Ok(None);
         }
         if !tier.agree_to_save(&run.ranks, self.step)? {
-            return Ok(());
+            return Ok(None);
         }
         let commit = run
             .ctx
@@ -92,9 +101,11 @@ impl Session {
                 background: true,
                 share: None,
                 loop_state,
+                host_copy: if lend { HostCopy::Lend } else { HostCopy::Own },
             });
+            return Ok(tier.lent_copy());
         }
-        Ok(())
+        Ok(None)
     }
 
     fn save_parts(
@@ -104,6 +115,7 @@ impl Session {
         promotable: bool,
         delta_ok: bool,
         background: bool,
+        host_copy: HostCopy,
     ) -> Result<()> {
         let commit = run
             .ctx
@@ -132,6 +144,7 @@ impl Session {
             background,
             share,
             loop_state,
+            host_copy,
         })
     }
 

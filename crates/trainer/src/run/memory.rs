@@ -39,9 +39,9 @@ pub struct PlanInputs {
     pub sharded_optimizer: bool,
     /// Weights, gradients and AdamW's state sharded (`--sharding full`; implies recomputation).
     pub sharded_weights: bool,
-    /// The node's memory tier saves too (`--memory_save_steps` > 0 on one node): a second saver,
-    /// with a host copy of its own.
-    pub memory_tier: bool,
+    /// The node's memory tier saves too, its copy split over this many ranks of the node (`None`:
+    /// no tier): a second saver, with a host copy of its own.
+    pub memory_tier: Option<u64>,
 }
 
 /// Bytes one rank will hold while training, by kind.
@@ -164,13 +164,17 @@ impl MemoryPlan {
         };
         // This rank's share of the weights and AdamW's two moments, copied to host memory while the
         // next steps run; one save's at a time (the saver waits for the previous write first). The
-        // memory tier's saver adds its own copy and its writes' buffers: measured at 1.7 copies on
-        // one CPU rank (12M weights), counted as 2.
-        let savers = if inputs.memory_tier { 3 } else { 1 };
+        // memory tier's saver adds its own copy of the node's share and its writes' buffers:
+        // measured at 1.7 copies on one CPU rank (12M weights), counted as 2 (a durable save of
+        // the same step shares the tier's copy).
+        let state = (3 * F32).saturating_mul(trained);
         let checkpoint_copy = if inputs.cuda {
             0
         } else {
-            (savers * 3 * F32).saturating_mul(trained) / inputs.world_size.max(1)
+            let tier = inputs
+                .memory_tier
+                .map_or(0, |node_ranks| 2 * state / node_ranks.max(1));
+            state / inputs.world_size.max(1) + tier
         };
         // The gradients' sum over the ranks (replicated weights) flattens them into one buffer,
         // sums it into another and receives into a third: three sets of gradients while the step's
@@ -297,6 +301,15 @@ pub fn available(device: Device, local_ranks: u64) -> Option<(u64, String)> {
     }
 }
 
+/// The plans of the same run with one setting changed, for a refusal's advice.
+#[derive(Debug, Clone, Default)]
+pub struct OtherPlans {
+    /// With `--activation_checkpointing`, when that would hold fewer activations.
+    pub with_checkpointing: Option<MemoryPlan>,
+    /// Without the memory tier, when it is on.
+    pub without_memory_tier: Option<MemoryPlan>,
+}
+
 /// The verdict on `plan` given `available` bytes: `Ok` with a line to log when it fits, `Err` with
 /// the figures and what to change when it does not. `with_checkpointing` is the plan with
 /// `--activation_checkpointing`, offered when it would help.
@@ -304,7 +317,7 @@ pub fn judge(
     plan: &MemoryPlan,
     available: u64,
     source: &str,
-    with_checkpointing: Option<&MemoryPlan>,
+    other: &OtherPlans,
     micro_batch_tokens: u64,
 ) -> Result<String, String> {
     let total = plan.total();
@@ -322,7 +335,15 @@ pub fn judge(
              (now {micro_batch_tokens}); keep the global batch with --gradient_accumulation"
         ));
     }
-    if let Some(ac) = with_checkpointing {
+    if let Some(without) = &other.without_memory_tier {
+        advice.push(format!(
+            "turn the memory tier off with --memory_save_steps 0, or save it less often (its \
+             host copy: plan {} instead of {})",
+            gib(without.total()),
+            gib(plan.total())
+        ));
+    }
+    if let Some(ac) = &other.with_checkpointing {
         advice.push(format!(
             "add --activation_checkpointing (activations {} instead of {}; plan {})",
             gib(ac.activations),
@@ -424,7 +445,7 @@ mod tests {
             activation_checkpointing: false,
             sharded_optimizer: false,
             sharded_weights: false,
-            memory_tier: false,
+            memory_tier: None,
         }
     }
 
@@ -538,7 +559,17 @@ mod tests {
             },
         );
         let ram = 24u64 << 30;
-        let err = judge(&plan, ram, "available RAM", Some(&ac), tokens).unwrap_err();
+        let err = judge(
+            &plan,
+            ram,
+            "available RAM",
+            &OtherPlans {
+                with_checkpointing: Some(ac),
+                without_memory_tier: None,
+            },
+            tokens,
+        )
+        .unwrap_err();
         assert!(err.contains("does not fit"), "{err}");
         assert!(err.contains("24.0 GiB is available RAM"), "{err}");
         assert!(err.contains("--batch_size"), "{err}");
@@ -553,8 +584,52 @@ mod tests {
         assert!(advised > 0 && advised < tokens);
         let smaller = MemoryPlan::estimate(&c, &inputs(advised));
         assert!(smaller.total() <= ram, "{smaller}");
-        let ok = judge(&smaller, ram, "available RAM", None, advised).unwrap();
+        let ok = judge(
+            &smaller,
+            ram,
+            "available RAM",
+            &OtherPlans::default(),
+            advised,
+        )
+        .unwrap();
         assert!(ok.starts_with("memory plan: "), "{ok}");
+    }
+
+    #[test]
+    fn the_memory_tier_is_counted_and_its_cost_named_when_the_plan_does_not_fit() {
+        // A full-parameter 8B model on one CPU rank: the tier adds two copies of the state.
+        let c = qwen3_8b();
+        let without = MemoryPlan::estimate(&c, &inputs(512));
+        let with = MemoryPlan::estimate(
+            &c,
+            &PlanInputs {
+                memory_tier: Some(1),
+                ..inputs(512)
+            },
+        );
+        let state = 3 * 4 * c.parameter_count() as u64;
+        assert_eq!(with.checkpoint_copy, without.checkpoint_copy + 2 * state);
+        // Split over a node's 4 ranks, each holds a quarter of the tier's copy.
+        let shared = MemoryPlan::estimate(
+            &c,
+            &PlanInputs {
+                memory_tier: Some(4),
+                ..inputs(512)
+            },
+        );
+        assert_eq!(shared.checkpoint_copy, without.checkpoint_copy + state / 2);
+        let err = judge(
+            &with,
+            without.total(),
+            "available RAM",
+            &OtherPlans {
+                with_checkpointing: None,
+                without_memory_tier: Some(without),
+            },
+            512,
+        )
+        .unwrap_err();
+        assert!(err.contains("--memory_save_steps 0"), "{err}");
     }
 
     #[test]

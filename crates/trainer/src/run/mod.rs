@@ -266,16 +266,19 @@ impl Session {
             }
             let due = save_due(self.step, run.durable.due(self.step), total, false);
             let sampler = sampler_save_due(self.step, run.checkpoint.sampler_save_steps, total);
+            // The memory tier's save first: a durable save of the same step drains its host copy
+            // (the state leaves the device once).
+            let tier_copy = self.save_to_memory(&mut run, due == SaveDue::Periodic)?;
             if due == SaveDue::Periodic || sampler {
                 let blocked = Instant::now();
                 let background = run.checkpoint.background;
-                self.save_periodic(&mut run, due == SaveDue::Periodic, sampler, background)?;
+                let resumable = due == SaveDue::Periodic;
+                self.save_periodic(&mut run, resumable, sampler, background, tier_copy)?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());
             }
             if due == SaveDue::Periodic {
                 self.next_durable_interval(&mut run)?;
             }
-            self.save_to_memory(&mut run)?;
         }
         progress.finish();
         self.finish(&mut run, rt)

@@ -11,7 +11,7 @@ use tokio::runtime::Runtime;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 
 use super::batch::{keep_global_batch, previous_global_batch, BatchKeep};
-use super::memory::{self, MemoryCheck, MemoryPlan, MemoryPlanError, PlanInputs};
+use super::memory::{self, MemoryCheck, MemoryPlan, MemoryPlanError, OtherPlans, PlanInputs};
 use super::{Session, UsageError};
 use crate::collective::ranks::Ranks;
 use crate::model::{Model, ModelConfig};
@@ -160,6 +160,16 @@ fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
     ModelConfig::read_hf_dir(dir)
 }
 
+/// The node's ranks that split the memory tier's copy, when the tier saves in this start.
+fn memory_tier_ranks(cfg: &TrainConfig, env: &WorkerEnv) -> Option<u64> {
+    let local_world = env.local_world_size.max(1);
+    let nodes = (env.world_size / local_world) as u32;
+    let sharded = cfg.sharding() != Sharding::None;
+    crate::checkpointing::tier::off_because(&cfg.checkpoint(), nodes, sharded)
+        .is_none()
+        .then_some(local_world)
+}
+
 /// Estimates what this rank will hold and, before anything is loaded, refuses a plan that exceeds
 /// the memory available (all ranks refuse together when any does), unless `--memory_check warn`.
 fn check_memory(
@@ -188,8 +198,7 @@ fn check_memory(
         activation_checkpointing: cfg.model.activation_checkpointing,
         sharded_optimizer: cfg.sharding() == Sharding::Optimizer,
         sharded_weights: cfg.sharding() == Sharding::Full,
-        memory_tier: cfg.checkpointing.memory_save_steps > 0
-            && env.world_size == env.local_world_size,
+        memory_tier: memory_tier_ranks(cfg, env),
     };
     let plan = MemoryPlan::estimate(model, &inputs);
     // Every rank's plan, in figures a program reads (the run's peak is logged beside it at the end).
@@ -218,14 +227,23 @@ fn check_memory(
             )
         })
         .filter(|ac| ac.activations < plan.activations);
+    let without_memory_tier = inputs.memory_tier.map(|_| {
+        MemoryPlan::estimate(
+            model,
+            &PlanInputs {
+                memory_tier: None,
+                ..inputs.clone()
+            },
+        )
+    });
+    let other = OtherPlans {
+        with_checkpointing,
+        without_memory_tier: without_memory_tier.filter(|w| w.total() < plan.total()),
+    };
     let verdict = match memory::available(device, env.local_world_size) {
-        Some((bytes, source)) => memory::judge(
-            &plan,
-            bytes,
-            &source,
-            with_checkpointing.as_ref(),
-            inputs.micro_batch_tokens,
-        ),
+        Some((bytes, source)) => {
+            memory::judge(&plan, bytes, &source, &other, inputs.micro_batch_tokens)
+        }
         None => Ok(format!(
             "memory plan: {plan} (the memory available could not be read)"
         )),
