@@ -70,10 +70,15 @@ fn succeeded(child: Child, what: &str) -> String {
 
 /// The same job of world size 2, uninterrupted, on one launcher: the anchor.
 fn anchor(base: &str) {
+    anchor_with(base, "anchor", &[]);
+}
+
+/// [`anchor`] as run `run`, with more `waypoint train` flags.
+fn anchor_with(base: &str, run: &str, extra: &[&str]) {
     let exe = env!("CARGO_BIN_EXE_waypoint");
     let out = common::waypoint()
         .args(launch_flags(2, &["--", exe]))
-        .args(train_flags(base, "anchor"))
+        .args(with_flags(train_flags(base, run), extra))
         .output()
         .unwrap();
     common::ok(&out);
@@ -82,13 +87,19 @@ fn anchor(base: &str) {
 /// Checks that run `run` finished all steps with 2 ranks, its weights within `tolerance` of the
 /// anchor's.
 async fn ends_as_the_anchor(base: &str, run: &str, tolerance: f32) {
+    ends_as(base, run, "anchor", tolerance).await;
+}
+
+/// Checks that run `run` finished all steps with 2 ranks, its weights within `tolerance` of run
+/// `anchor`'s.
+async fn ends_as(base: &str, run: &str, anchor: &str, tolerance: f32) {
     let dir = std::path::Path::new(base)
         .join(run)
         .join("framework=waypoint");
     let status = common::read_json(dir.join("status.json"));
     assert_eq!(status["state"], "FINISHED", "{status}");
     assert_eq!(status["step"], STEPS);
-    let (_, anchor) = weights(base, "anchor", u64::from(STEPS)).await;
+    let (_, anchor) = weights(base, anchor, u64::from(STEPS)).await;
     let (manifest, elastic) = weights(base, run, u64::from(STEPS)).await;
     assert_eq!(manifest.world_size, 2);
     let diff = max_diff(&anchor, &elastic);
@@ -461,4 +472,93 @@ async fn a_replaced_node_under_torchrun_receives_the_memory_tier_from_its_peer()
     ends_as_the_anchor(base, "tiers", 2e-5).await;
     let steps = metrics_steps(&run);
     assert_eq!(steps, (1..=u64::from(STEPS)).collect::<Vec<_>>());
+}
+
+/// A state sharded over the ranks of both nodes (`--sharding full`): each node's tier holds its
+/// own rank's shards. A worker killed: both nodes resume from their own tiers, each rank reading
+/// its rows, bit-identical to the uninterrupted sharded run. A node replaced, its tier empty: no
+/// other node holds its shards, so the job resumes from the durable tier, bit-identical too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_state_resumes_from_each_nodes_own_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    anchor_with(base, "anchor-sharded", &["--sharding", "full"]);
+    let tiers = [common::tier_dir(), common::tier_dir()];
+    let flags: Vec<Vec<String>> = tiers
+        .iter()
+        .map(|t| {
+            let path = t.path().to_str().unwrap();
+            // Tier saves every 4 steps give each write time to end on both nodes before the
+            // kill (a tier save still being written when the next falls due is skipped).
+            ["--memory_save_steps", "4", "--memory_tier_dir", path]
+                .iter()
+                .chain(&["--save_steps", "6", "--sharding", "full"])
+                .map(|s| s.to_string())
+                .collect()
+        })
+        .collect();
+    let flags: Vec<Vec<&str>> = flags
+        .iter()
+        .map(|f| f.iter().map(String::as_str).collect())
+        .collect();
+
+    // A worker killed after step 10 (the tiers' newest is 8, the durable tier's 6): the tiers
+    // resume.
+    let port = common::free_port().to_string();
+    let zero = Follower::new(node_with(base, "shards", &port, 0, &flags[0]));
+    let one = Follower::new(node_with(base, "shards", &port, 1, &flags[1]));
+    let started = one.wait_line("node 1's worker", Duration::from_secs(60), |l| {
+        rank_pid(l, 1).is_some()
+    });
+    let step = zero.wait_line("step 10", Duration::from_secs(120), |l| {
+        logged_step(l).is_some_and(|s| s >= 10)
+    });
+    let killed_after = logged_step(&step).unwrap();
+    common::send_signal(rank_pid(&started, 1).unwrap(), "KILL").unwrap();
+    let (status, log) = zero.end();
+    assert!(status.success(), "node 0:\n{log}");
+    let (status, log1) = one.end();
+    assert!(status.success(), "node 1:\n{log1}");
+    let run = dir.path().join("shards/framework=waypoint");
+    let s = common::read_json(run.join("status.json"));
+    assert_eq!(
+        s["resumed_from"]["tier"], "memory",
+        "{s}\n{log}\nnode 1:\n{log1}"
+    );
+    let resumed: u64 = s["resumed_from"]["checkpoint"].as_str().unwrap()[5..]
+        .parse()
+        .unwrap();
+    assert!(
+        resumed > 6 && resumed <= killed_after + 1,
+        "resumed at {resumed}, killed after {killed_after}, durable at 6:\n{log}"
+    );
+    ends_as(base, "shards", "anchor-sharded", 0.0).await;
+
+    // A node replaced, its tier wiped: the durable tier resumes.
+    let port = common::free_port().to_string();
+    let zero = Follower::new(node_with(base, "shards-replaced", &port, 0, &flags[0]));
+    let one = node_with(base, "shards-replaced", &port, 1, &flags[1]);
+    zero.wait_line("step 8", Duration::from_secs(120), |l| {
+        logged_step(l).is_some_and(|s| s >= 8)
+    });
+    common::send_signal(one.id(), "KILL").unwrap();
+    let _ = finished(one);
+    std::fs::remove_dir_all(tiers[1].path()).unwrap();
+    std::fs::create_dir_all(tiers[1].path()).unwrap();
+    let replacement = node_with(base, "shards-replaced", &port, 1, &flags[1]);
+    succeeded(replacement, "the replacement");
+    let (status, log) = zero.end();
+    assert!(status.success(), "node 0:\n{log}");
+    let s = common::read_json(
+        dir.path()
+            .join("shards-replaced/framework=waypoint/status.json"),
+    );
+    assert_eq!(s["resumed_from"]["tier"], "durable", "{s}\n{log}");
+    ends_as(base, "shards-replaced", "anchor-sharded", 0.0).await;
+    for t in &tiers {
+        assert!(
+            std::fs::read_dir(t.path()).unwrap().next().is_none(),
+            "a finished run leaves nothing in a node's tier"
+        );
+    }
 }

@@ -33,6 +33,30 @@ pub(crate) struct PeerPlan {
     pub takers: Vec<u32>,
 }
 
+/// The newest step every rank's node holds, of the steps each holds (`held[r]`); 0 for none.
+pub(crate) fn newest_held_by_all(held: &[Vec<u64>]) -> u64 {
+    let Some((first, rest)) = held.split_first() else {
+        return 0;
+    };
+    first
+        .iter()
+        .copied()
+        .filter(|s| rest.iter().all(|h| h.contains(s)))
+        .max()
+        .unwrap_or(0)
+}
+
+impl PeerPlan {
+    /// No copy.
+    pub(crate) fn none() -> Self {
+        Self {
+            step: 0,
+            giver: None,
+            takers: Vec::new(),
+        }
+    }
+}
+
 /// The plan for ranks whose nodes' newest tier steps are `newest` (`local_world` ranks a node, in
 /// rank order).
 pub(crate) fn plan(newest: &[u64], local_world: u32) -> PeerPlan {
@@ -351,6 +375,17 @@ fn read_u64(r: &mut impl Read) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_step_held_by_all_is_one_every_node_holds() {
+        assert_eq!(newest_held_by_all(&[vec![8, 7], vec![8, 7]]), 8);
+        // A node killed mid-write is behind: 7 is the newest both hold.
+        assert_eq!(newest_held_by_all(&[vec![8, 7], vec![7, 6]]), 7);
+        // Behind by two: none in common (the older node's newest is gone from the other's tier).
+        assert_eq!(newest_held_by_all(&[vec![7, 6], vec![5, 4]]), 0);
+        assert_eq!(newest_held_by_all(&[vec![3], vec![]]), 0, "an empty tier");
+        assert_eq!(newest_held_by_all(&[]), 0);
+    }
 
     #[test]
     fn the_newest_step_is_given_by_the_first_node_holding_it_to_those_lacking_it() {

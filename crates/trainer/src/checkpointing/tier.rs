@@ -12,8 +12,12 @@
 //! Each node's tier is its own: the node's ranks split the state among them and the node's local
 //! rank 0 commits it there ([`SaverTier::Memory`]), so with several nodes every node holds a whole
 //! checkpoint of the replicated state, and a restart resumes from the newest step every node has.
-//! A state sharded over the ranks (`--sharding optimizer|full`) spans nodes: on several nodes the
-//! tier is off for it (a node would hold only its ranks' shards; peer replicas are the next step).
+//! A state sharded over the ranks of several nodes (`--sharding optimizer|full`) leaves each node's
+//! tier holding its own ranks' shards (and the replicated tensors): a restart of the same ranks on
+//! the same nodes resumes from the tiers, each rank reading its rows from its node's; the folder
+//! is named after the world size and the node's first rank ([`Shards`]), so other ranks (another
+//! world size, a reordered job) find it empty and resume from the durable tier. A replaced node's
+//! shards are gone with it: the durable tier resumes (peer replicas of shards are not done).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,10 +41,39 @@ use crate::collective::ranks::Ranks;
 pub(crate) const KEEP: usize = 2;
 
 /// This run's folder in the tier: `<tier>/<run_id>-<12 hex digits of sha256 of the run's URI>`, so
-/// that runs of the same name under different bases never meet.
-pub(crate) fn run_folder(tier: &Path, run_uri: &str, run_id: &str) -> PathBuf {
+/// that runs of the same name under different bases never meet; for a node holding only its ranks'
+/// shards, `…-w<world>-r<first rank>`, so that only the same ranks read it again.
+pub(crate) fn run_folder(
+    tier: &Path,
+    run_uri: &str,
+    run_id: &str,
+    shards: Option<Shards>,
+) -> PathBuf {
     let digest = hex::encode(Sha256::digest(run_uri.as_bytes()));
-    tier.join(format!("{run_id}-{}", &digest[..12]))
+    let owner = shards.map_or(String::new(), |s| {
+        format!("-w{}-r{}", s.world, s.first_rank)
+    });
+    tier.join(format!("{run_id}-{}{owner}", &digest[..12]))
+}
+
+/// A node's tier that holds only its own ranks' shards of a state sharded over several nodes: the
+/// ranks whose rows it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shards {
+    /// The job's ranks.
+    pub world: u32,
+    /// The node's first rank (its ranks are the next `local_world`).
+    pub first_rank: u32,
+}
+
+/// Whether a node's tier holds only its ranks' shards: the state is sharded over the ranks
+/// (`sharded`) of several nodes.
+pub(crate) fn shards_of(place: NodePlace, world: u32, sharded: bool) -> Option<Shards> {
+    let nodes = world / place.local_world.max(1);
+    (sharded && nodes > 1).then_some(Shards {
+        world,
+        first_rank: place.node * place.local_world,
+    })
 }
 
 /// Where this rank is among the job's nodes.
@@ -54,23 +87,9 @@ pub(crate) struct NodePlace {
     pub local_world: u32,
 }
 
-/// Why the tier is off for this start, when it is (a line for the log), else `None`: asked off, or
-/// a state sharded over the ranks of several nodes (`sharded`), of which no node holds the whole.
-pub(crate) fn off_because(
-    section: &CheckpointSection,
-    nodes: u32,
-    sharded: bool,
-) -> Option<String> {
-    if section.memory_save_steps == 0 {
-        return Some("--memory_save_steps 0".into());
-    }
-    (nodes > 1 && sharded).then(|| {
-        format!(
-            "the job spans {nodes} nodes and its state is sharded over the ranks (--sharding): \
-             a node's tier would hold only its ranks' shards (peer replicas are to come); the \
-             durable tier goes on alone"
-        )
-    })
+/// Why the tier is off for this start, when it is (a line for the log), else `None`.
+pub(crate) fn off_because(section: &CheckpointSection) -> Option<String> {
+    (section.memory_save_steps == 0).then(|| "--memory_save_steps 0".into())
 }
 
 /// The memory tier of this rank's node, for this run.
@@ -88,6 +107,8 @@ pub(crate) struct MemoryTier {
     on: bool,
     /// Where this rank is among the nodes (the node's ranks share the tier).
     place: NodePlace,
+    /// Set when the node's checkpoints hold only its ranks' shards.
+    shards: Option<Shards>,
 }
 
 impl MemoryTier {
@@ -106,11 +127,13 @@ impl MemoryTier {
         layout: &RunLayout,
         run_uri: &str,
         place: NodePlace,
+        shards: Option<Shards>,
     ) -> Option<Self> {
         let folder = run_folder(
             Path::new(&section.memory_tier_dir),
             run_uri,
             layout.run_id(),
+            shards,
         );
         match Self::try_open(&folder, layout) {
             Ok(manager) => Some(Self {
@@ -121,6 +144,7 @@ impl MemoryTier {
                 room_checked: false,
                 on: false,
                 place,
+                shards,
             }),
             Err(e) => {
                 tracing::warn!(
@@ -249,6 +273,12 @@ impl MemoryTier {
     /// This run's folder in the tier on this node (the root of its store).
     pub(crate) fn folder(&self) -> &Path {
         &self.folder
+    }
+
+    /// Whether the node's checkpoints hold only its ranks' shards (no other node's can stand in
+    /// for them).
+    pub(crate) fn holds_own_shards_only(&self) -> bool {
+        self.shards.is_some()
     }
 
     /// Whether this rank commits its node's tier (the node's local rank 0).
@@ -397,28 +427,58 @@ mod tests {
     #[test]
     fn each_run_has_a_folder_of_its_own() {
         let tier = Path::new("/dev/shm/waypoint");
-        let a = run_folder(tier, "s3://a/runs/r/framework=waypoint", "r");
-        let b = run_folder(tier, "s3://b/runs/r/framework=waypoint", "r");
+        let a = run_folder(tier, "s3://a/runs/r/framework=waypoint", "r", None);
+        let b = run_folder(tier, "s3://b/runs/r/framework=waypoint", "r", None);
         assert_ne!(a, b);
         assert!(a.starts_with(tier) && a.file_name().unwrap().to_str().unwrap().starts_with("r-"));
-        assert_eq!(a, run_folder(tier, "s3://a/runs/r/framework=waypoint", "r"));
+        assert_eq!(
+            a,
+            run_folder(tier, "s3://a/runs/r/framework=waypoint", "r", None)
+        );
     }
 
     #[test]
-    fn the_tier_is_off_when_asked_or_for_sharded_state_across_nodes() {
-        let mut section = waypoint_config::TrainConfig::default().checkpoint();
-        assert_eq!(section.memory_save_steps, 1, "on by default, every step");
-        assert!(off_because(&section, 1, false).is_none());
-        assert!(
-            off_because(&section, 1, true).is_none(),
+    fn a_node_holding_its_own_shards_has_a_folder_of_its_ranks() {
+        let place = |node| NodePlace {
+            node,
+            local_rank: 0,
+            local_world: 2,
+        };
+        assert_eq!(
+            shards_of(place(1), 4, false),
+            None,
+            "replicated: every node holds all"
+        );
+        assert_eq!(
+            shards_of(place(0), 2, true),
+            None,
             "one node holds every shard"
         );
-        assert!(
-            off_because(&section, 2, false).is_none(),
-            "each node holds the whole"
+        let one = shards_of(place(1), 4, true).unwrap();
+        assert_eq!(
+            one,
+            Shards {
+                world: 4,
+                first_rank: 2
+            }
         );
-        assert!(off_because(&section, 2, true).unwrap().contains("2 nodes"));
+        let tier = Path::new("/dev/shm/waypoint");
+        let uri = "s3://a/runs/r/framework=waypoint";
+        let folder = run_folder(tier, uri, "r", Some(one));
+        assert!(folder.to_str().unwrap().ends_with("-w4-r2"), "{folder:?}");
+        // Another world size, or the node's ranks moved: another folder (found empty).
+        let other = shards_of(place(0), 4, true);
+        assert_ne!(folder, run_folder(tier, uri, "r", other));
+        let wider = shards_of(place(1), 6, true);
+        assert_ne!(folder, run_folder(tier, uri, "r", wider));
+    }
+
+    #[test]
+    fn the_tier_is_on_by_default_and_off_when_asked() {
+        let mut section = waypoint_config::TrainConfig::default().checkpoint();
+        assert_eq!(section.memory_save_steps, 1, "on by default, every step");
+        assert!(off_because(&section).is_none());
         section.memory_save_steps = 0;
-        assert!(off_because(&section, 1, false).is_some());
+        assert!(off_because(&section).is_some());
     }
 }

@@ -123,11 +123,18 @@ impl Ranks {
         Ok((total, any_stop))
     }
 
-    /// Every rank's `value`, in rank order (every rank calls this with the same `what`).
-    pub(crate) fn gather_u64(&self, what: &str, value: u64) -> Result<Vec<u64>> {
-        self.all_gather(what, &value.to_le_bytes())?
+    /// Every rank's `values` (any number each), in rank order (every rank calls this with the
+    /// same `what`).
+    pub(crate) fn gather_u64s(&self, what: &str, values: &[u64]) -> Result<Vec<Vec<u64>>> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.all_gather(what, &bytes)?
             .iter()
-            .map(|m| u64_of(what, m))
+            .map(|m| {
+                if m.len() % 8 != 0 {
+                    anyhow::bail!("a rank sent a malformed `{what}`");
+                }
+                m.chunks_exact(8).map(|c| u64_of(what, c)).collect()
+            })
             .collect()
     }
 

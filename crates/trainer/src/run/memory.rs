@@ -171,9 +171,23 @@ impl MemoryPlan {
         let checkpoint_copy = if inputs.cuda {
             0
         } else {
-            let tier = inputs
-                .memory_tier
-                .map_or(0, |node_ranks| 2 * state / node_ranks.max(1));
+            // The tier's copy is the node's part split over its ranks: this rank's rows of what
+            // is sharded over the job, a share of what is replicated.
+            let world = inputs.world_size.max(1);
+            let tier = inputs.memory_tier.map_or(0, |node_ranks| {
+                let node_ranks = node_ranks.max(1);
+                let weights = F32.saturating_mul(trained);
+                let moments = 2 * weights;
+                let weights = weights
+                    / if inputs.sharded_weights {
+                        world
+                    } else {
+                        node_ranks
+                    };
+                let sharded_moments = inputs.sharded_optimizer || inputs.sharded_weights;
+                let moments = moments / if sharded_moments { world } else { node_ranks };
+                2 * (weights + moments)
+            });
             state / inputs.world_size.max(1) + tier
         };
         // The gradients' sum over the ranks (replicated weights) flattens them into one buffer,

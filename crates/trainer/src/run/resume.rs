@@ -67,16 +67,12 @@ impl Session {
             local_world: local_world as u32,
         };
         let sharded = cfg.sharding() != waypoint_config::Sharding::None;
-        let mut memory = match tier::off_because(&section, (world / local_world) as u32, sharded) {
-            Some(why) => {
-                if main && section.memory_save_steps > 0 {
-                    tracing::info!("the memory tier is off: {why}");
-                }
-                None
-            }
+        let shards = tier::shards_of(place, world as u32, sharded);
+        let mut memory = match tier::off_because(&section) {
+            Some(_) => None,
             None => {
                 let run_uri = self.layout.uri_under(&cfg.run.checkpoint_base_uri);
-                MemoryTier::open(&section, &self.layout, &run_uri, place)
+                MemoryTier::open(&section, &self.layout, &run_uri, place, shards)
             }
         };
         if ranks.any("memory-tier-open", memory.is_none())? {
@@ -110,14 +106,37 @@ impl Session {
                         None
                     }
                 };
-                let all = ranks.gather_u64(
-                    "memory-tier-newest",
-                    newest.as_ref().map_or(0, |(step, _)| *step),
-                )?;
+                // The steps this node's tier holds from its newest good one down (it keeps 2): the
+                // nodes' tiers need not hold the same ones (a node killed mid-write is behind).
+                let held: Vec<u64> = match &newest {
+                    None => Vec::new(),
+                    Some((step, _)) => {
+                        let older = rt.block_on(t.manager.committed_steps()).unwrap_or_default();
+                        std::iter::once(*step)
+                            .chain(
+                                older
+                                    .iter()
+                                    .filter(|s| s.step() < *step && !known.contains(s))
+                                    .map(|s| s.step()),
+                            )
+                            .take(tier::KEEP)
+                            .collect()
+                    }
+                };
+                let held_all = ranks.gather_u64s("memory-tier-held", &held)?;
+                let all: Vec<u64> = held_all
+                    .iter()
+                    .map(|h| h.first().copied().unwrap_or(0))
+                    .collect();
                 // A node lacking the newest step (replaced: its tier is empty) receives it from a
-                // node that holds it; if that fails, the newest step all hold is used.
-                let plan = peer::plan(&all, place.local_world);
-                let mut usable = all.iter().copied().min().unwrap_or(0);
+                // node that holds it; if that fails, the newest step all hold is used. A node
+                // holding only its ranks' shards has no stand-in: the newest step all hold.
+                let plan = if t.holds_own_shards_only() {
+                    peer::PeerPlan::none()
+                } else {
+                    peer::plan(&all, place.local_world)
+                };
+                let mut usable = peer::newest_held_by_all(&held_all);
                 if let Some(giver) = plan.giver {
                     tracing::info!(
                         step = plan.step,
@@ -144,6 +163,14 @@ impl Session {
                              durable tier"
                         );
                     }
+                }
+                if main {
+                    tracing::info!(
+                        held_by_rank = ?held_all,
+                        usable,
+                        "memory tier: the steps each rank's node holds, and the newest all can \
+                         resume from"
+                    );
                 }
                 in_memory = match newest {
                     _ if usable == 0 => None,
@@ -194,7 +221,15 @@ impl Session {
             let rows = rows_wanted(&cfg, &model, &ranks);
             let mut shared_check = None;
             if let Some(want) = &rows {
-                let (rank, world) = (ranks.rank() as usize, ranks.world() as usize);
+                // A node's tier holding only its ranks' shards is checked by the node's ranks.
+                let own_shards = from == Tier::Memory
+                    && memory
+                        .as_ref()
+                        .is_some_and(MemoryTier::holds_own_shards_only);
+                let (rank, world) = match own_shards {
+                    true => (place.local_rank as usize, place.local_world as usize),
+                    false => (ranks.rank() as usize, ranks.world() as usize),
+                };
                 let mine = move |i: usize| i % world == rank;
                 let problem = match rt.block_on(source.verify_files(&m, "dcp/", &mine)) {
                     Ok(()) => None,
@@ -674,14 +709,19 @@ fn rows_wanted(
     };
     let mut want = HashMap::new();
     for (i, p) in model.trainable().iter().enumerate() {
-        let weight = model.trainable_rows(i);
-        let moments = weight.or((sharding == Sharding::Optimizer).then(|| {
+        let own_rows = || {
             rows_of(
                 p.tensor.size().first().copied().unwrap_or(1),
                 ranks.rank(),
                 ranks.world(),
             )
-        }));
+        };
+        // The weights are cut into rows after the resume (`Model::shard`): the rows this rank
+        // will hold (a node's memory tier holds no other rank's).
+        let weight = model
+            .trainable_rows(i)
+            .or((sharding == Sharding::Full).then(own_rows));
+        let moments = weight.or((sharding == Sharding::Optimizer).then(own_rows));
         want.insert(dcp::model_key(&p.name), range(weight));
         for field in ["exp_avg", "exp_avg_sq"] {
             want.insert(dcp::optim_key(&p.name, field), range(moments));

@@ -162,12 +162,9 @@ fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
 
 /// The node's ranks that split the memory tier's copy, when the tier saves in this start.
 fn memory_tier_ranks(cfg: &TrainConfig, env: &WorkerEnv) -> Option<u64> {
-    let local_world = env.local_world_size.max(1);
-    let nodes = (env.world_size / local_world) as u32;
-    let sharded = cfg.sharding() != Sharding::None;
-    crate::checkpointing::tier::off_because(&cfg.checkpoint(), nodes, sharded)
+    crate::checkpointing::tier::off_because(&cfg.checkpoint())
         .is_none()
-        .then_some(local_world)
+        .then_some(env.local_world_size.max(1))
 }
 
 /// Estimates what this rank will hold and, before anything is loaded, refuses a plan that exceeds
