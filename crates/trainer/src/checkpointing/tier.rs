@@ -56,6 +56,16 @@ pub(crate) fn run_folder(
     tier.join(format!("{run_id}-{}{owner}", &digest[..12]))
 }
 
+/// Whether `name`, a folder in the tier, is one of this run's: the run's folder (`base`, named by
+/// [`run_folder`] without shards) or one of its nodes' shard folders (`<base>-w…`).
+fn is_folder_of_run(name: &str, base: &str) -> bool {
+    name == base
+        || name
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix("-w"))
+            .is_some_and(|rest| rest.split_once("-r").is_some())
+}
+
 /// A node's tier that holds only its own ranks' shards of a state sharded over several nodes: the
 /// ranks whose rows it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +119,8 @@ pub(crate) struct MemoryTier {
     place: NodePlace,
     /// Set when the node's checkpoints hold only its ranks' shards.
     shards: Option<Shards>,
+    /// The run's folder named without shards (the stem of every folder of the run in the tier).
+    run_base: PathBuf,
 }
 
 impl MemoryTier {
@@ -129,12 +141,9 @@ impl MemoryTier {
         place: NodePlace,
         shards: Option<Shards>,
     ) -> Option<Self> {
-        let folder = run_folder(
-            Path::new(&section.memory_tier_dir),
-            run_uri,
-            layout.run_id(),
-            shards,
-        );
+        let tier = Path::new(&section.memory_tier_dir);
+        let folder = run_folder(tier, run_uri, layout.run_id(), shards);
+        let run_base = run_folder(tier, run_uri, layout.run_id(), None);
         match Self::try_open(&folder, layout) {
             Ok(manager) => Some(Self {
                 manager,
@@ -145,6 +154,7 @@ impl MemoryTier {
                 on: false,
                 place,
                 shards,
+                run_base,
             }),
             Err(e) => {
                 tracing::warn!(
@@ -380,12 +390,31 @@ impl MemoryTier {
         }
     }
 
-    /// After the run finished: its folder is removed (nothing will resume from it).
+    /// After the run finished: the run's folders in the node's tier are removed (nothing will
+    /// resume from them) — its own, and those a sharded job left under other ranks (another world
+    /// size, ranks given out in another order).
     pub(crate) fn remove(mut self) {
         self.wait();
         drop(self.saver.take());
-        if let Err(e) = std::fs::remove_dir_all(&self.folder) {
-            tracing::warn!(folder = %self.folder.display(), "could not remove the run's memory tier: {e}");
+        let base = self.run_base.file_name().and_then(|n| n.to_str());
+        let folders: Vec<PathBuf> = match (self.run_base.parent(), base) {
+            (Some(tier), Some(base)) => std::fs::read_dir(tier)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| is_folder_of_run(n, base))
+                })
+                .map(|e| e.path())
+                .collect(),
+            _ => vec![self.folder.clone()],
+        };
+        for folder in folders {
+            if let Err(e) = std::fs::remove_dir_all(&folder) {
+                tracing::warn!(folder = %folder.display(), "could not remove the run's memory tier: {e}");
+            }
         }
     }
 
@@ -471,6 +500,26 @@ mod tests {
         assert_ne!(folder, run_folder(tier, uri, "r", other));
         let wider = shards_of(place(1), 6, true);
         assert_ne!(folder, run_folder(tier, uri, "r", wider));
+        // The run's folders, whatever their ranks; not another run's whose name extends it.
+        let base = run_folder(tier, uri, "r", None);
+        let base = base.file_name().unwrap().to_str().unwrap();
+        for f in [
+            folder.clone(),
+            run_folder(tier, uri, "r", wider),
+            tier.join(base),
+        ] {
+            assert!(
+                is_folder_of_run(f.file_name().unwrap().to_str().unwrap(), base),
+                "{f:?}"
+            );
+        }
+        assert!(!is_folder_of_run(&format!("{base}x"), base));
+        assert!(!is_folder_of_run(&format!("{base}-world"), base));
+        let other = run_folder(tier, uri, "r-2", None);
+        assert!(!is_folder_of_run(
+            other.file_name().unwrap().to_str().unwrap(),
+            base
+        ));
     }
 
     #[test]
