@@ -3,6 +3,8 @@
 //!   target ≤ 1.02×), and the loop's stall per step;
 //! - the tier's write speed (the state's bytes over a memory-tier save's write-to-commit seconds)
 //!   against a plain write of as many bytes to the same tmpfs (target ≥ 0.9×);
+//! - a durable save's host copy on a tier save's step, drained from the tier's copy, against one
+//!   copied from the state;
 //! - recovery after a SIGKILL: seconds from the restart to its first step and steps redone, from
 //!   the memory tier, from the durable tier on local disk, and from the durable tier on the S3
 //!   test server (`s3s-fs` on loopback; target: memory ≥ 5× faster than S3).
@@ -259,6 +261,36 @@ fn main() {
         "memory tier write: {tier_gbs:.2} GB/s vs plain tmpfs write {raw_gbs:.2} GB/s = {:.2}x \
          (target >= 0.9x; the tier also checksums every byte, CRC32C)",
         tier_gbs / raw_gbs
+    );
+
+    // A durable save on a tier save's step: its host copy drained from the tier's, against one
+    // taken from the live state.
+    let durable_copy = |log: &str| -> (f64, usize) {
+        let secs: Vec<f64> = log
+            .lines()
+            .filter(|l| l.contains("save report: step-") && !l.contains("step-000012"))
+            .filter_map(|l| number_after(l, "snapshot "))
+            .collect();
+        (
+            secs.iter().sum::<f64>() / secs.len().max(1) as f64,
+            secs.len(),
+        )
+    };
+    // Tier saves on the durable saves' steps (every 4): a tier save every step is still being
+    // written at most of them here (a step is shorter than a tier write), and is then skipped.
+    let own = run(&mut bench.command(&bench.args(local, "own-copy", 12, 4, 0)));
+    let drained = run(&mut bench.command(&bench.args(local, "drained", 12, 4, 4)));
+    let ((t_own, n_own), (t_drained, n_drained)) = (durable_copy(&own), durable_copy(&drained));
+    let drained_saves = drained
+        .lines()
+        .filter(|l| l.contains("save report: step-") && l.contains("the memory tier's copy"))
+        .count();
+    println!(
+        "durable save's host copy: {t_own:.3} s copied from the state without the tier ({n_own} \
+         saves) vs {t_drained:.3} s with the tier's copy of the step drained ({drained_saves} of \
+         {n_drained} saves; one copy serves both tiers); steps {:.3} s vs {:.3} s",
+        mean_step_secs(&own),
+        mean_step_secs(&drained)
     );
 
     // Recovery: killed once the durable tier committed step 4 (and, for the memory tier's figure,

@@ -8,6 +8,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -171,41 +172,14 @@ async fn each_node_resumes_from_its_own_memory_tier() {
     let base = dir.path().to_str().unwrap();
     anchor(base);
     let tiers = [common::tier_dir(), common::tier_dir()];
-    let flags = |n: usize| -> Vec<String> {
-        let path = tiers[n].path().to_str().unwrap().to_string();
-        // No durable save before the end: the tiers are what a restart resumes from.
-        [
-            "--memory_save_steps",
-            "1",
-            "--memory_tier_dir",
-            &path,
-            "--save_steps",
-            "1000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let (f0, f1) = (flags(0), flags(1));
-    let f0: Vec<&str> = f0.iter().map(String::as_str).collect();
-    let f1: Vec<&str> = f1.iter().map(String::as_str).collect();
+    // No durable save before the end: the tiers are what a restart resumes from.
+    let flags = tiers
+        .each_ref()
+        .map(|t| tier_flags(t, "1", &["--save_steps", "1000"]));
+    let (f0, f1) = (as_strs(&flags[0]), as_strs(&flags[1]));
 
     // A worker killed: both tiers resume.
-    let port = common::free_port().to_string();
-    let zero = Follower::new(node_with(base, "tiers", &port, 0, &f0));
-    let one = Follower::new(node_with(base, "tiers", &port, 1, &f1));
-    let started = one.wait_line("node 1's worker", Duration::from_secs(60), |l| {
-        rank_pid(l, 1).is_some()
-    });
-    let step = zero.wait_line("step 10", Duration::from_secs(120), |l| {
-        logged_step(l).is_some_and(|s| s >= 10)
-    });
-    let killed_after = logged_step(&step).unwrap();
-    common::send_signal(rank_pid(&started, 1).unwrap(), "KILL").unwrap();
-    let (status, log) = zero.end();
-    assert!(status.success(), "node 0:\n{log}");
-    let (status, log1) = one.end();
-    assert!(status.success(), "node 1:\n{log1}");
+    let (killed_after, log, _) = kill_node1s_worker(base, "tiers", [&f0, &f1], 10);
     let run = dir.path().join("tiers/framework=waypoint");
     let s = common::read_json(run.join("status.json"));
     // (`peer` when the killed worker's node was a tier save behind: it received the newest one.)
@@ -234,20 +208,7 @@ async fn each_node_resumes_from_its_own_memory_tier() {
 
     // A node replaced, its tier empty: it receives the newest checkpoint from node 0's tier, and
     // both resume from it (`peer`).
-    let port = common::free_port().to_string();
-    let zero = Follower::new(node_with(base, "replaced", &port, 0, &f0));
-    let one = node_with(base, "replaced", &port, 1, &f1);
-    zero.wait_line("step 10", Duration::from_secs(120), |l| {
-        logged_step(l).is_some_and(|s| s >= 10)
-    });
-    common::send_signal(one.id(), "KILL").unwrap();
-    let _ = finished(one);
-    std::fs::remove_dir_all(tiers[1].path()).unwrap();
-    std::fs::create_dir_all(tiers[1].path()).unwrap();
-    let replacement = node_with(base, "replaced", &port, 1, &f1);
-    succeeded(replacement, "the replacement");
-    let (status, log) = zero.end();
-    assert!(status.success(), "node 0:\n{log}");
+    let log = replace_node1(base, "replaced", [&f0, &f1], tiers[1].path(), 10);
     let s = common::read_json(dir.path().join("replaced/framework=waypoint/status.json"));
     assert_eq!(s["resumed_from"]["tier"], "peer", "{s}\n{log}");
     assert!(log.contains("copying it from rank 0's node"), "{log}");
@@ -309,6 +270,69 @@ impl Follower {
         log.extend(self.lines.try_iter());
         (status, log.join("\n"))
     }
+}
+
+/// `waypoint train` flags keeping the memory tier in `tier`, saving it every `every` steps, then
+/// `extra`.
+fn tier_flags(tier: &tempfile::TempDir, every: &str, extra: &[&str]) -> Vec<String> {
+    let path = tier.path().to_str().unwrap();
+    ["--memory_save_steps", every, "--memory_tier_dir", path]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn as_strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// Run `run` on two launchers (node `n` with the train flags `flags[n]`); once node 0 logged step
+/// `after`, node 1's worker is SIGKILLed and the job re-forms. Returns the step node 0 had logged
+/// and both nodes' logs (each finished successfully).
+fn kill_node1s_worker(
+    base: &str,
+    run: &str,
+    flags: [&[&str]; 2],
+    after: u64,
+) -> (u64, String, String) {
+    let port = common::free_port().to_string();
+    let zero = Follower::new(node_with(base, run, &port, 0, flags[0]));
+    let one = Follower::new(node_with(base, run, &port, 1, flags[1]));
+    let started = one.wait_line("node 1's worker", Duration::from_secs(60), |l| {
+        rank_pid(l, 1).is_some()
+    });
+    let step = zero.wait_line(&format!("step {after}"), Duration::from_secs(120), |l| {
+        logged_step(l).is_some_and(|s| s >= after)
+    });
+    let killed_after = logged_step(&step).unwrap();
+    common::send_signal(rank_pid(&started, 1).unwrap(), "KILL").unwrap();
+    let (status, log) = zero.end();
+    assert!(status.success(), "node 0:\n{log}");
+    let (status, log1) = one.end();
+    assert!(status.success(), "node 1:\n{log1}");
+    (killed_after, log, log1)
+}
+
+/// Run `run` on two launchers; once node 0 logged step `after`, node 1 dies for good (launcher
+/// and worker SIGKILLed), its tier (`tier1`) is wiped, and a fresh node 1 is started in its place.
+/// Returns node 0's log (both finished successfully).
+fn replace_node1(base: &str, run: &str, flags: [&[&str]; 2], tier1: &Path, after: u64) -> String {
+    let port = common::free_port().to_string();
+    let zero = Follower::new(node_with(base, run, &port, 0, flags[0]));
+    let one = node_with(base, run, &port, 1, flags[1]);
+    zero.wait_line(&format!("step {after}"), Duration::from_secs(120), |l| {
+        logged_step(l).is_some_and(|s| s >= after)
+    });
+    common::send_signal(one.id(), "KILL").unwrap();
+    let _ = finished(one);
+    std::fs::remove_dir_all(tier1).unwrap();
+    std::fs::create_dir_all(tier1).unwrap();
+    let replacement = node_with(base, run, &port, 1, flags[1]);
+    succeeded(replacement, "the replacement");
+    let (status, log) = zero.end();
+    assert!(status.success(), "node 0:\n{log}");
+    log
 }
 
 /// One node's `torchrun` agent (its own process group) of a 2-node job with c10d rendezvous at
@@ -400,21 +424,10 @@ async fn a_replaced_node_under_torchrun_receives_the_memory_tier_from_its_peer()
     let base = dir.path().to_str().unwrap();
     anchor(base);
     let tiers = [common::tier_dir(), common::tier_dir(), common::tier_dir()];
-    let flags: Vec<Vec<String>> = tiers
-        .iter()
-        .map(|t| {
-            let path = t.path().to_str().unwrap();
-            ["--memory_save_steps", "1", "--memory_tier_dir", path]
-                .iter()
-                .chain(&["--save_steps", "1000"])
-                .map(|s| s.to_string())
-                .collect()
-        })
-        .collect();
-    let flags: Vec<Vec<&str>> = flags
-        .iter()
-        .map(|f| f.iter().map(String::as_str).collect())
-        .collect();
+    let flags = tiers
+        .each_ref()
+        .map(|t| tier_flags(t, "1", &["--save_steps", "1000"]));
+    let flags = flags.each_ref().map(|f| as_strs(f));
     let port = common::free_port().to_string();
     let zero = torchrun_node_with(base, "tiers", &port, true, &flags[0]);
     let one = torchrun_node_with(base, "tiers", &port, false, &flags[1]);
@@ -484,41 +497,15 @@ async fn sharded_state_resumes_from_each_nodes_own_shards() {
     let base = dir.path().to_str().unwrap();
     anchor_with(base, "anchor-sharded", &["--sharding", "full"]);
     let tiers = [common::tier_dir(), common::tier_dir()];
-    let flags: Vec<Vec<String>> = tiers
-        .iter()
-        .map(|t| {
-            let path = t.path().to_str().unwrap();
-            // Tier saves every 4 steps give each write time to end on both nodes before the
-            // kill (a tier save still being written when the next falls due is skipped).
-            ["--memory_save_steps", "4", "--memory_tier_dir", path]
-                .iter()
-                .chain(&["--save_steps", "6", "--sharding", "full"])
-                .map(|s| s.to_string())
-                .collect()
-        })
-        .collect();
-    let flags: Vec<Vec<&str>> = flags
-        .iter()
-        .map(|f| f.iter().map(String::as_str).collect())
-        .collect();
+    // Tier saves every 4 steps give each write time to end on both nodes before the kill (a tier
+    // save still being written when the next falls due is skipped).
+    let extra = ["--save_steps", "6", "--sharding", "full"];
+    let flags = tiers.each_ref().map(|t| tier_flags(t, "4", &extra));
+    let (f0, f1) = (as_strs(&flags[0]), as_strs(&flags[1]));
 
     // A worker killed after step 10 (the tiers' newest is 8, the durable tier's 6): the tiers
     // resume.
-    let port = common::free_port().to_string();
-    let zero = Follower::new(node_with(base, "shards", &port, 0, &flags[0]));
-    let one = Follower::new(node_with(base, "shards", &port, 1, &flags[1]));
-    let started = one.wait_line("node 1's worker", Duration::from_secs(60), |l| {
-        rank_pid(l, 1).is_some()
-    });
-    let step = zero.wait_line("step 10", Duration::from_secs(120), |l| {
-        logged_step(l).is_some_and(|s| s >= 10)
-    });
-    let killed_after = logged_step(&step).unwrap();
-    common::send_signal(rank_pid(&started, 1).unwrap(), "KILL").unwrap();
-    let (status, log) = zero.end();
-    assert!(status.success(), "node 0:\n{log}");
-    let (status, log1) = one.end();
-    assert!(status.success(), "node 1:\n{log1}");
+    let (killed_after, log, log1) = kill_node1s_worker(base, "shards", [&f0, &f1], 10);
     let run = dir.path().join("shards/framework=waypoint");
     let s = common::read_json(run.join("status.json"));
     assert_eq!(
@@ -535,20 +522,7 @@ async fn sharded_state_resumes_from_each_nodes_own_shards() {
     ends_as(base, "shards", "anchor-sharded", 0.0).await;
 
     // A node replaced, its tier wiped: the durable tier resumes.
-    let port = common::free_port().to_string();
-    let zero = Follower::new(node_with(base, "shards-replaced", &port, 0, &flags[0]));
-    let one = node_with(base, "shards-replaced", &port, 1, &flags[1]);
-    zero.wait_line("step 8", Duration::from_secs(120), |l| {
-        logged_step(l).is_some_and(|s| s >= 8)
-    });
-    common::send_signal(one.id(), "KILL").unwrap();
-    let _ = finished(one);
-    std::fs::remove_dir_all(tiers[1].path()).unwrap();
-    std::fs::create_dir_all(tiers[1].path()).unwrap();
-    let replacement = node_with(base, "shards-replaced", &port, 1, &flags[1]);
-    succeeded(replacement, "the replacement");
-    let (status, log) = zero.end();
-    assert!(status.success(), "node 0:\n{log}");
+    let log = replace_node1(base, "shards-replaced", [&f0, &f1], tiers[1].path(), 8);
     let s = common::read_json(
         dir.path()
             .join("shards-replaced/framework=waypoint/status.json"),
