@@ -536,3 +536,34 @@ async fn sharded_state_resumes_from_each_nodes_own_shards() {
         );
     }
 }
+
+/// LoRA whose optimizer state is cut by rank over 2 nodes keeps the tier off, named in the log (a
+/// LoRA resume reads whole tensors, which no node's tier would hold); a worker killed resumes from
+/// the durable tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_sharded_over_nodes_keeps_the_tier_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let tiers = [common::tier_dir(), common::tier_dir()];
+    let extra = [
+        "--save_steps",
+        "4",
+        "--sharding",
+        "optimizer",
+        "--lora_rank",
+        "4",
+    ];
+    let flags = tiers.each_ref().map(|t| tier_flags(t, "1", &extra));
+    let (f0, f1) = (as_strs(&flags[0]), as_strs(&flags[1]));
+    let (_, log, _) = kill_node1s_worker(base, "lora", [&f0, &f1], 6);
+    assert!(
+        log.contains("the memory tier is off: LoRA with --sharding over several nodes"),
+        "{log}"
+    );
+    let s = common::read_json(dir.path().join("lora/framework=waypoint/status.json"));
+    assert_eq!(s["state"], "FINISHED", "{s}");
+    assert_eq!(s["resumed_from"]["tier"], "durable", "{s}\n{log}");
+    for t in &tiers {
+        assert!(std::fs::read_dir(t.path()).unwrap().next().is_none());
+    }
+}

@@ -15,9 +15,10 @@
 //! A state sharded over the ranks of several nodes (`--sharding optimizer|full`) leaves each node's
 //! tier holding its own ranks' shards (and the replicated tensors): a restart of the same ranks on
 //! the same nodes resumes from the tiers, each rank reading its rows from its node's; the folder
-//! is named after the world size and the node's first rank ([`Shards`]), so other ranks (another
-//! world size, a reordered job) find it empty and resume from the durable tier. A replaced node's
-//! shards are gone with it: the durable tier resumes (peer replicas of shards are not done).
+//! is named after the world size, the node's first rank and its ranks ([`Shards`]), so any other
+//! set of ranks (another world size, a reordered job, other ranks a node) finds it empty and
+//! resumes from the durable tier. A replaced node's shards are gone with it: the durable tier
+//! resumes (peer replicas of shards are not done). LoRA cut that way keeps the tier off.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,7 +43,7 @@ pub(crate) const KEEP: usize = 2;
 
 /// This run's folder in the tier: `<tier>/<run_id>-<12 hex digits of sha256 of the run's URI>`, so
 /// that runs of the same name under different bases never meet; for a node holding only its ranks'
-/// shards, `…-w<world>-r<first rank>`, so that only the same ranks read it again.
+/// shards, `…-w<world>-r<first rank>-l<its ranks>`, so that only the same ranks read it again.
 pub(crate) fn run_folder(
     tier: &Path,
     run_uri: &str,
@@ -51,7 +52,7 @@ pub(crate) fn run_folder(
 ) -> PathBuf {
     let digest = hex::encode(Sha256::digest(run_uri.as_bytes()));
     let owner = shards.map_or(String::new(), |s| {
-        format!("-w{}-r{}", s.world, s.first_rank)
+        format!("-w{}-r{}-l{}", s.world, s.first_rank, s.local_world)
     });
     tier.join(format!("{run_id}-{}{owner}", &digest[..12]))
 }
@@ -72,8 +73,10 @@ fn is_folder_of_run(name: &str, base: &str) -> bool {
 pub(crate) struct Shards {
     /// The job's ranks.
     pub world: u32,
-    /// The node's first rank (its ranks are the next `local_world`).
+    /// The node's first rank.
     pub first_rank: u32,
+    /// The node's ranks (from `first_rank` on).
+    pub local_world: u32,
 }
 
 /// Whether a node's tier holds only its ranks' shards: the state is sharded over the ranks
@@ -83,6 +86,7 @@ pub(crate) fn shards_of(place: NodePlace, world: u32, sharded: bool) -> Option<S
     (sharded && nodes > 1).then_some(Shards {
         world,
         first_rank: place.node * place.local_world,
+        local_world: place.local_world,
     })
 }
 
@@ -97,9 +101,35 @@ pub(crate) struct NodePlace {
     pub local_world: u32,
 }
 
-/// Why the tier is off for this start, when it is (a line for the log), else `None`.
-pub(crate) fn off_because(section: &CheckpointSection) -> Option<String> {
-    (section.memory_save_steps == 0).then(|| "--memory_save_steps 0".into())
+impl NodePlace {
+    /// This worker's place, from its torchrun environment.
+    pub(crate) fn of(env: &waypoint_launch::WorkerEnv) -> Self {
+        let local_world = env.local_world_size.max(1);
+        Self {
+            node: (env.rank / local_world) as u32,
+            local_rank: env.local_rank as u32,
+            local_world: local_world as u32,
+        }
+    }
+}
+
+/// Why the tier is off for this start, when it is (a line for the log), else `None`: asked off,
+/// or LoRA whose optimizer state is cut by rank over several nodes (`shards`): a LoRA resume
+/// reads whole tensors, which no node's tier holds then.
+pub(crate) fn off_because(
+    section: &CheckpointSection,
+    shards: Option<Shards>,
+    lora: bool,
+) -> Option<String> {
+    if section.memory_save_steps == 0 {
+        return Some("--memory_save_steps 0".into());
+    }
+    (shards.is_some() && lora).then(|| {
+        "LoRA with --sharding over several nodes: the adapters' optimizer state is cut by rank \
+         and a node's tier would hold only its ranks' rows, which a LoRA resume does not read; \
+         the durable tier goes on alone"
+            .into()
+    })
 }
 
 /// The memory tier of this rank's node, for this run.
@@ -119,6 +149,8 @@ pub(crate) struct MemoryTier {
     place: NodePlace,
     /// Set when the node's checkpoints hold only its ranks' shards.
     shards: Option<Shards>,
+    /// The job's ranks.
+    world: u32,
     /// The run's folder named without shards (the stem of every folder of the run in the tier).
     run_base: PathBuf,
 }
@@ -139,6 +171,7 @@ impl MemoryTier {
         layout: &RunLayout,
         run_uri: &str,
         place: NodePlace,
+        world: u32,
         shards: Option<Shards>,
     ) -> Option<Self> {
         let tier = Path::new(&section.memory_tier_dir);
@@ -154,6 +187,7 @@ impl MemoryTier {
                 on: false,
                 place,
                 shards,
+                world,
                 run_base,
             }),
             Err(e) => {
@@ -168,8 +202,17 @@ impl MemoryTier {
     }
 
     fn try_open(folder: &Path, layout: &RunLayout) -> Result<CheckpointManager> {
+        use std::os::unix::fs::PermissionsExt;
+        let root = folder.parent().filter(|r| !r.exists());
         std::fs::create_dir_all(folder)
             .with_context(|| format!("creating {}", folder.display()))?;
+        // The tier's root, when this run made it, is shared like /tmp (every user's runs make
+        // their folders in it); a run's folder — its weights and optimizer state — is its owner's.
+        if let Some(root) = root {
+            let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o1777));
+        }
+        std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} its owner's alone", folder.display()))?;
         // Writable, with room for a small file at least.
         let probe = folder.join(format!(".probe-{}", std::process::id()));
         std::fs::write(&probe, b"waypoint")
@@ -285,6 +328,15 @@ impl MemoryTier {
         &self.folder
     }
 
+    /// Whether this rank's tier copy holds every tensor of its durable share, so that a durable
+    /// save of the same step can take it all from the tier's copy: one node (both split the state
+    /// over the same ranks alike), or one rank a node (the tier's copy is the whole node part).
+    /// Otherwise a borrowing durable save would still copy much of its share itself, after
+    /// waiting for the tier's copy: it does not borrow.
+    pub(crate) fn copy_holds_the_durable_share(&self) -> bool {
+        self.place.local_world == 1 || self.place.local_world == self.world
+    }
+
     /// Whether the node's checkpoints hold only its ranks' shards (no other node's can stand in
     /// for them).
     pub(crate) fn holds_own_shards_only(&self) -> bool {
@@ -308,20 +360,21 @@ impl MemoryTier {
     }
 
     /// Before the first save: whether the tier's filesystem has room for the checkpoints it keeps
-    /// and the one being written (`KEEP + 1` of the node's state: this rank's share, `rank_bytes`,
-    /// times the node's ranks); when not, the tier is off with the figures and what to do. Every
-    /// rank decides alike (a tmpfs counts against the node's RAM: it must not fill it).
-    /// `rank_bytes` is asked for only then (it walks the state).
+    /// and the one being written (`KEEP + 1` of the node's state: this rank's share of the node's
+    /// checkpoint, times the node's ranks); when not, the tier is off with the figures and what to
+    /// do. Every rank decides alike (a tmpfs counts against the node's RAM: it must not fill it).
     pub(crate) fn check_room(
         &mut self,
-        rank_bytes: impl FnOnce() -> u64,
+        model: &crate::model::Model,
+        opt: &crate::optim::AdamW,
         ranks: &Ranks,
     ) -> Result<()> {
         if self.room_checked || !self.on {
             return Ok(());
         }
         self.room_checked = true;
-        let rank_bytes = rank_bytes();
+        // This rank's share of the node's checkpoint (the tier's own split over the node's ranks).
+        let rank_bytes = self.saver.as_ref().map_or(0, |s| s.share_bytes(model, opt));
         let need = rank_bytes * u64::from(self.place.local_world.max(1)) * (KEEP as u64 + 1);
         let free = free_bytes(&self.folder);
         let short = free.is_some_and(|free| free < need);
@@ -488,13 +541,23 @@ mod tests {
             one,
             Shards {
                 world: 4,
-                first_rank: 2
+                first_rank: 2,
+                local_world: 2
             }
         );
         let tier = Path::new("/dev/shm/waypoint");
         let uri = "s3://a/runs/r/framework=waypoint";
         let folder = run_folder(tier, uri, "r", Some(one));
-        assert!(folder.to_str().unwrap().ends_with("-w4-r2"), "{folder:?}");
+        assert!(
+            folder.to_str().unwrap().ends_with("-w4-r2-l2"),
+            "{folder:?}"
+        );
+        // The same first rank and world with another number of ranks a node: other rows.
+        let narrower = Shards {
+            local_world: 1,
+            ..one
+        };
+        assert_ne!(folder, run_folder(tier, uri, "r", Some(narrower)));
         // Another world size, or the node's ranks moved: another folder (found empty).
         let other = shards_of(place(0), 4, true);
         assert_ne!(folder, run_folder(tier, uri, "r", other));
@@ -526,8 +589,21 @@ mod tests {
     fn the_tier_is_on_by_default_and_off_when_asked() {
         let mut section = waypoint_config::TrainConfig::default().checkpoint();
         assert_eq!(section.memory_save_steps, 1, "on by default, every step");
-        assert!(off_because(&section).is_none());
+        assert!(off_because(&section, None, false).is_none());
+        assert!(
+            off_because(&section, None, true).is_none(),
+            "LoRA on one node"
+        );
+        let shards = Some(Shards {
+            world: 4,
+            first_rank: 2,
+            local_world: 2,
+        });
+        assert!(off_because(&section, shards, false).is_none());
+        assert!(off_because(&section, shards, true)
+            .unwrap()
+            .contains("LoRA"));
         section.memory_save_steps = 0;
-        assert!(off_because(&section).is_some());
+        assert!(off_because(&section, None, false).is_some());
     }
 }

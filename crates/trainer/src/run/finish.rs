@@ -67,8 +67,7 @@ impl Session {
             return Ok(None);
         };
         tier.check();
-        let (saver, model, opt) = (&run.saver, &run.model, &run.opt);
-        tier.check_room(|| saver.share_bytes(model, opt), &run.ranks)?;
+        tier.check_room(&run.model, &run.opt, &run.ranks)?;
         if !tier.due(self.step, self.total_steps) {
             return Ok(None);
         }
@@ -101,7 +100,11 @@ impl Session {
                 background: true,
                 share: None,
                 loop_state,
-                host_copy: if lend { HostCopy::Lend } else { HostCopy::Own },
+                host_copy: if lend && tier.copy_holds_the_durable_share() {
+                    HostCopy::Lend
+                } else {
+                    HostCopy::Own
+                },
             });
             return Ok(tier.lent_copy());
         }

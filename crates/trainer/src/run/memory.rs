@@ -351,8 +351,8 @@ pub fn judge(
     }
     if let Some(without) = &other.without_memory_tier {
         advice.push(format!(
-            "turn the memory tier off with --memory_save_steps 0, or save it less often (its \
-             host copy: plan {} instead of {})",
+            "turn the memory tier off with --memory_save_steps 0 (its host copy: plan {} \
+             instead of {})",
             gib(without.total()),
             gib(plan.total())
         ));

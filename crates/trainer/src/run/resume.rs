@@ -60,19 +60,26 @@ impl Session {
         // The node's memory tier, when this start has one: every rank opens it, and it is used only
         // if every rank could.
         let section = cfg.checkpoint();
-        let local_world = env.local_world_size.max(1);
-        let place = tier::NodePlace {
-            node: (env.rank / local_world) as u32,
-            local_rank: env.local_rank as u32,
-            local_world: local_world as u32,
-        };
+        let place = tier::NodePlace::of(&env);
         let sharded = cfg.sharding() != waypoint_config::Sharding::None;
         let shards = tier::shards_of(place, world as u32, sharded);
-        let mut memory = match tier::off_because(&section) {
-            Some(_) => None,
+        let mut memory = match tier::off_because(&section, shards, cfg.lora().is_some()) {
+            Some(why) => {
+                if main && section.memory_save_steps > 0 {
+                    tracing::info!("the memory tier is off: {why}");
+                }
+                None
+            }
             None => {
                 let run_uri = self.layout.uri_under(&cfg.run.checkpoint_base_uri);
-                MemoryTier::open(&section, &self.layout, &run_uri, place, shards)
+                MemoryTier::open(
+                    &section,
+                    &self.layout,
+                    &run_uri,
+                    place,
+                    world as u32,
+                    shards,
+                )
             }
         };
         if ranks.any("memory-tier-open", memory.is_none())? {
@@ -793,26 +800,33 @@ fn restore_state(m: &Manifest, blobs: Vec<Blob>, model: &Model, opt: &mut AdamW)
     for (i, (p, s)) in model.trainable().iter().zip(&mut opt.state).enumerate() {
         // Sharded weights or optimizer state: this rank's rows of the whole tensors, however many
         // ranks (and however cut) saved them.
+        // A rank may own no rows of a small tensor (the chunks are rounded up): nothing of it
+        // was read, nothing to restore.
+        let none = |rows: Option<Rows>| rows.is_some_and(|r| r.len == 0);
         let weight_rows = model.trainable_rows(i);
-        copy_into(
-            &p.tensor,
-            get(dcp::model_key(&p.name))?,
-            weight_rows,
-            checkpoint,
-        )?;
+        if !none(weight_rows) {
+            copy_into(
+                &p.tensor,
+                get(dcp::model_key(&p.name))?,
+                weight_rows,
+                checkpoint,
+            )?;
+        }
         let rows = weight_rows.or(opt.rows.as_ref().map(|r| r[i]));
-        copy_into(
-            &s.exp_avg,
-            get(dcp::optim_key(&p.name, "exp_avg"))?,
-            rows,
-            checkpoint,
-        )?;
-        copy_into(
-            &s.exp_avg_sq,
-            get(dcp::optim_key(&p.name, "exp_avg_sq"))?,
-            rows,
-            checkpoint,
-        )?;
+        if !none(rows) {
+            copy_into(
+                &s.exp_avg,
+                get(dcp::optim_key(&p.name, "exp_avg"))?,
+                rows,
+                checkpoint,
+            )?;
+            copy_into(
+                &s.exp_avg_sq,
+                get(dcp::optim_key(&p.name, "exp_avg_sq"))?,
+                rows,
+                checkpoint,
+            )?;
+        }
         copy_into(
             &s.step,
             get(dcp::optim_key(&p.name, "step"))?,

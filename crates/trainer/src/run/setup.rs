@@ -162,9 +162,16 @@ fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
 
 /// The node's ranks that split the memory tier's copy, when the tier saves in this start.
 fn memory_tier_ranks(cfg: &TrainConfig, env: &WorkerEnv) -> Option<u64> {
-    crate::checkpointing::tier::off_because(&cfg.checkpoint())
+    use crate::checkpointing::tier;
+    let place = tier::NodePlace::of(env);
+    let shards = tier::shards_of(
+        place,
+        env.world_size as u32,
+        cfg.sharding() != Sharding::None,
+    );
+    tier::off_because(&cfg.checkpoint(), shards, cfg.lora().is_some())
         .is_none()
-        .then_some(env.local_world_size.max(1))
+        .then_some(u64::from(place.local_world))
 }
 
 /// Estimates what this rank will hold and, before anything is loaded, refuses a plan that exceeds
