@@ -108,11 +108,21 @@ pub(crate) fn snapshot_on_device(items: &[StateItem]) -> Option<Vec<StateItem>> 
     match crate::collective::cuda::free_memory(gpu) {
         Ok(free) if free >= bytes + SNAPSHOT_HEADROOM => {}
         Ok(free) => {
-            tracing::info!(
-                state_mb = bytes >> 20,
-                free_mb = free >> 20,
-                "no room on the GPU for a snapshot: the optimizer waits for the copy to host"
-            );
+            // Once at info (the memory tier may ask every step), then at debug.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(
+                    state_mb = bytes >> 20,
+                    free_mb = free >> 20,
+                    "no room on the GPU for a snapshot: the optimizer waits for the copy to host"
+                );
+            } else {
+                tracing::debug!(
+                    state_mb = bytes >> 20,
+                    free_mb = free >> 20,
+                    "no room for a snapshot"
+                );
+            }
             return None;
         }
         Err(e) => {

@@ -315,6 +315,31 @@ pub fn available(device: Device, local_ranks: u64) -> Option<(u64, String)> {
     }
 }
 
+/// [`judge`] for a plan with the memory tier's host copies, and whether the tier stays on: when
+/// the plan does not fit but the plan without the tier does, the tier goes off and that plan's
+/// verdict stands (a start is not refused for what the tier would add).
+pub fn judge_with_tier(
+    plan: &MemoryPlan,
+    available: u64,
+    source: &str,
+    other: &OtherPlans,
+    micro_batch_tokens: u64,
+) -> (Result<String, String>, bool) {
+    let verdict = judge(plan, available, source, other, micro_batch_tokens);
+    let Some(without) = other
+        .without_memory_tier
+        .as_ref()
+        .filter(|_| verdict.is_err())
+    else {
+        return (verdict, true);
+    };
+    let none = OtherPlans::default();
+    match judge(without, available, source, &none, micro_batch_tokens) {
+        Ok(line) => (Ok(line), false),
+        Err(_) => (verdict, true),
+    }
+}
+
 /// The plans of the same run with one setting changed, for a refusal's advice.
 #[derive(Debug, Clone, Default)]
 pub struct OtherPlans {
@@ -644,6 +669,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("--memory_save_steps 0"), "{err}");
+        // What only the tier would add turns the tier off instead of refusing the start.
+        let other = OtherPlans {
+            with_checkpointing: None,
+            without_memory_tier: Some(without),
+        };
+        let (verdict, tier_on) = judge_with_tier(&with, without.total(), "RAM", &other, 512);
+        assert!(!tier_on && verdict.is_ok(), "{verdict:?}");
+        let (verdict, tier_on) = judge_with_tier(&with, with.total(), "RAM", &other, 512);
+        assert!(tier_on && verdict.is_ok(), "it fits with the tier");
+        let (verdict, tier_on) = judge_with_tier(&with, without.total() - 1, "RAM", &other, 512);
+        assert!(
+            tier_on && verdict.is_err(),
+            "fits neither way: refused as it is"
+        );
     }
 
     #[test]

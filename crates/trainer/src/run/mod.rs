@@ -266,18 +266,25 @@ impl Session {
             }
             let due = save_due(self.step, run.durable.due(self.step), total, false);
             let sampler = sampler_save_due(self.step, run.checkpoint.sampler_save_steps, total);
+            let resumable = due == SaveDue::Periodic;
             // The memory tier's save first: a durable save of the same step drains its host copy
-            // (the state leaves the device once).
-            let tier_copy = self.save_to_memory(&mut run, due == SaveDue::Periodic)?;
-            if due == SaveDue::Periodic || sampler {
+            // (the state leaves the device once). On a sampler save's step it comes after: the
+            // sampler save gathers whole weights on the device, before any snapshot of the tier's.
+            let tier_copy = match sampler {
+                false => self.save_to_memory(&mut run, resumable)?,
+                true => None,
+            };
+            if resumable || sampler {
                 let blocked = Instant::now();
                 let background = run.checkpoint.background;
-                let resumable = due == SaveDue::Periodic;
                 self.save_periodic(&mut run, resumable, sampler, background, tier_copy)?;
                 save_stall = Some(blocked.elapsed().as_secs_f64());
             }
-            if due == SaveDue::Periodic {
+            if resumable {
                 self.next_durable_interval(&mut run)?;
+            }
+            if sampler {
+                self.save_to_memory(&mut run, false)?;
             }
         }
         progress.finish();

@@ -44,6 +44,7 @@ impl Session {
             loaded,
             global_batch,
             mut manager,
+            memory_tier_fits,
         } = setup;
         let Loaded {
             mut model,
@@ -70,6 +71,8 @@ impl Session {
                 }
                 None
             }
+            // Its host copies do not fit the memory plan (named in the log).
+            None if !memory_tier_fits => None,
             None => {
                 let run_uri = self.layout.uri_under(&cfg.run.checkpoint_base_uri);
                 MemoryTier::open(
@@ -172,10 +175,15 @@ impl Session {
                     }
                 }
                 if main {
+                    // One entry a node (its local rank 0's).
+                    let by_node: Vec<&Vec<u64>> = held_all
+                        .iter()
+                        .step_by(place.local_world as usize)
+                        .collect();
                     tracing::info!(
-                        held_by_rank = ?held_all,
+                        held_by_node = ?by_node,
                         usable,
-                        "memory tier: the steps each rank's node holds, and the newest all can \
+                        "memory tier: the steps each node's tier holds, and the newest all can \
                          resume from"
                     );
                 }

@@ -30,6 +30,9 @@ pub(super) struct Setup {
     /// Samples per optimizer step over all ranks.
     pub global_batch: u64,
     pub manager: CheckpointManager,
+    /// The memory plan fits with the memory tier's host copies (when it does not, but fits without
+    /// them, the tier is off for this start rather than the start refused).
+    pub memory_tier_fits: bool,
 }
 
 /// What is loaded before training: model, tokenizer, data.
@@ -68,7 +71,7 @@ impl Session {
             tch::set_num_threads(cfg.model.num_threads as i32);
         }
         let model_config = model_config(cfg)?;
-        check_memory(cfg, &model_config, &env, device, &ranks)?;
+        let memory_tier_fits = check_memory(cfg, &model_config, &env, device, &ranks)?;
         // With --sharding full, each rank reads only its rows of the weights.
         let shard = (cfg.sharding() == Sharding::Full).then(|| (ranks.rank(), ranks.world()));
         let loaded = rt.block_on(load(cfg, device, shard))?;
@@ -85,6 +88,7 @@ impl Session {
             loaded,
             global_batch,
             manager,
+            memory_tier_fits,
         })
     }
 }
@@ -176,13 +180,15 @@ fn memory_tier_ranks(cfg: &TrainConfig, env: &WorkerEnv) -> Option<u64> {
 
 /// Estimates what this rank will hold and, before anything is loaded, refuses a plan that exceeds
 /// the memory available (all ranks refuse together when any does), unless `--memory_check warn`.
+/// Returns whether the memory tier's host copies fit too: when only they do not, the tier is off
+/// for this start (named in the log) and the start goes on.
 fn check_memory(
     cfg: &TrainConfig,
     model: &ModelConfig,
     env: &WorkerEnv,
     device: Device,
     ranks: &Ranks,
-) -> Result<()> {
+) -> Result<bool> {
     let lora = cfg
         .lora()
         .map(|l| model.lora_parameter_count(l.rank, &l.targets));
@@ -244,14 +250,27 @@ fn check_memory(
         with_checkpointing,
         without_memory_tier: without_memory_tier.filter(|w| w.total() < plan.total()),
     };
-    let verdict = match memory::available(device, env.local_world_size) {
+    let (verdict, tier_fits_here) = match memory::available(device, env.local_world_size) {
         Some((bytes, source)) => {
-            memory::judge(&plan, bytes, &source, &other, inputs.micro_batch_tokens)
+            memory::judge_with_tier(&plan, bytes, &source, &other, inputs.micro_batch_tokens)
         }
-        None => Ok(format!(
-            "memory plan: {plan} (the memory available could not be read)"
-        )),
+        None => (
+            Ok(format!(
+                "memory plan: {plan} (the memory available could not be read)"
+            )),
+            true,
+        ),
     };
+    // Without the memory tier's host copies the plan fits: the tier is off for this start (every
+    // rank alike), not the start refused.
+    let tier_fits = !ranks.any("memory plan without the tier", !tier_fits_here)?;
+    if !tier_fits_here {
+        tracing::warn!(
+            "the memory tier is off for this start: with its host copies the memory plan does not \
+             fit ({plan} per rank), without them it does. Free memory, or set \
+             --memory_save_steps 0 to silence this"
+        );
+    }
     let refuse = cfg.memory_check() == MemoryCheck::Refuse;
     let too_big = match &verdict {
         Ok(line) => {
@@ -272,7 +291,7 @@ fn check_memory(
             .unwrap_or_else(|| "another rank's memory plan does not fit (see its log)".into());
         return Err(MemoryPlanError(why).into());
     }
-    Ok(())
+    Ok(tier_fits)
 }
 
 /// Loads the model (with `shard` = (rank, world), that rank's rows of its weights), tokenizer and
