@@ -272,6 +272,16 @@ impl Follower {
     }
 }
 
+/// The step run `run` (its folder) last resumed from, which must be a checkpoint of tier `tier`
+/// (`logs` for the failure's message).
+fn resumed_from(run: &Path, tier: &str, logs: &str) -> u64 {
+    let s = common::read_json(run.join("status.json"));
+    assert_eq!(s["resumed_from"]["tier"], tier, "{s}\n{logs}");
+    s["resumed_from"]["checkpoint"].as_str().unwrap()[5..]
+        .parse()
+        .unwrap()
+}
+
 /// `waypoint train` flags keeping the memory tier in `tier`, saving it every `every` steps, then
 /// `extra`.
 fn tier_flags(tier: &tempfile::TempDir, every: &str, extra: &[&str]) -> Vec<String> {
@@ -362,6 +372,18 @@ fn torchrun_node_with(base: &str, run: &str, port: &str, host: bool, extra: &[&s
     common::spawn_logged(&mut cmd)
 }
 
+/// A torchrun node dies for good: its agent and its workers (which lead sessions of their own)
+/// are SIGKILLed.
+fn kill_torchrun_node(agent: Child) {
+    let workers = children(agent.id());
+    assert!(!workers.is_empty(), "the node's agent has a worker");
+    common::send_signal(agent.id(), "KILL").unwrap();
+    for w in &workers {
+        common::send_signal(w, "KILL").unwrap();
+    }
+    let _ = finished(agent);
+}
+
 /// Collects `child`'s log on a thread of its own (so that its pipe never fills) until it exits.
 fn drain(child: Child) -> std::thread::JoinHandle<(std::process::ExitStatus, String)> {
     std::thread::spawn(move || finished(child))
@@ -394,13 +416,7 @@ async fn a_replaced_node_rejoins_under_pytorchs_torchrun() {
         || run.join("checkpoints/step-000006.json").exists(),
     );
     // Node 1 dies for good: its agent and its worker.
-    let workers = children(one.id());
-    assert!(!workers.is_empty(), "node 1's agent has a worker");
-    common::send_signal(one.id(), "KILL").unwrap();
-    for w in &workers {
-        common::send_signal(w, "KILL").unwrap();
-    }
-    let _ = finished(one);
+    kill_torchrun_node(one);
     let replacement = torchrun_node(base, &port, false);
     let replacement_log = succeeded(replacement, "the replacement node");
     let (status, zero_log) = zero_log.join().unwrap();
@@ -457,13 +473,7 @@ async fn a_replaced_node_under_torchrun_receives_the_memory_tier_from_its_peer()
         Duration::from_millis(20),
         || newest_step(tiers[0].path()) >= 6,
     );
-    let workers = children(one.id());
-    assert!(!workers.is_empty(), "node 1's agent has a worker");
-    common::send_signal(one.id(), "KILL").unwrap();
-    for w in &workers {
-        common::send_signal(w, "KILL").unwrap();
-    }
-    let _ = finished(one);
+    kill_torchrun_node(one);
     // The replacement starts with a tier of its own, empty.
     let replacement = torchrun_node_with(base, "tiers", &port, false, &flags[2]);
     let replacement_log = succeeded(replacement, "the replacement node");
@@ -473,15 +483,9 @@ async fn a_replaced_node_under_torchrun_receives_the_memory_tier_from_its_peer()
         "node 0 failed:\n{zero_log}\nreplacement:\n{replacement_log}"
     );
     let run = dir.path().join("tiers/framework=waypoint");
-    let s = common::read_json(run.join("status.json"));
-    assert_eq!(
-        s["resumed_from"]["tier"], "peer",
-        "{s}\nnode 0:\n{zero_log}\nreplacement:\n{replacement_log}"
-    );
-    let resumed: u64 = s["resumed_from"]["checkpoint"].as_str().unwrap()[5..]
-        .parse()
-        .unwrap();
-    assert!(resumed >= 6, "{s}");
+    let logs = format!("node 0:\n{zero_log}\nreplacement:\n{replacement_log}");
+    let resumed = resumed_from(&run, "peer", &logs);
+    assert!(resumed >= 6, "resumed at {resumed}");
     ends_as_the_anchor(base, "tiers", 2e-5).await;
     let steps = metrics_steps(&run);
     assert_eq!(steps, (1..=u64::from(STEPS)).collect::<Vec<_>>());
@@ -507,14 +511,7 @@ async fn sharded_state_resumes_from_each_nodes_own_shards() {
     // resume.
     let (killed_after, log, log1) = kill_node1s_worker(base, "shards", [&f0, &f1], 10);
     let run = dir.path().join("shards/framework=waypoint");
-    let s = common::read_json(run.join("status.json"));
-    assert_eq!(
-        s["resumed_from"]["tier"], "memory",
-        "{s}\n{log}\nnode 1:\n{log1}"
-    );
-    let resumed: u64 = s["resumed_from"]["checkpoint"].as_str().unwrap()[5..]
-        .parse()
-        .unwrap();
+    let resumed = resumed_from(&run, "memory", &format!("{log}\nnode 1:\n{log1}"));
     assert!(
         resumed > 6 && resumed <= killed_after + 1,
         "resumed at {resumed}, killed after {killed_after}, durable at 6:\n{log}"
