@@ -352,3 +352,29 @@ async fn a_durable_save_drains_the_memory_tiers_copy() {
         assert_eq!(files(drained.unwrap()), files(own.unwrap()), "step {step}");
     }
 }
+
+/// SIGTERM: the current step is saved to the durable tier, and the memory tier's copies — no
+/// newer — are removed (their RAM goes back to the node); a restart resumes from the durable tier
+/// and ends bit-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_run_gives_its_memory_tier_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_str().unwrap();
+    let shm = common::tier_dir();
+    let args = |run: &str| flags(base, run, shm.path(), 100);
+    common::ok(&common::waypoint().args(args("reference")).output().unwrap());
+    let mut child = common::spawn_logged(common::waypoint().args(args("stopped")));
+    let log = common::runs::sigterm_after_step(&mut child, 8);
+    let s = status(base, "stopped");
+    assert_eq!(s["state"], "CANCELLED", "{s}\n{log}");
+    assert!(
+        std::fs::read_dir(shm.path()).unwrap().next().is_none(),
+        "the stopped run's tier is gone:\n{log}"
+    );
+    let out = common::waypoint().args(args("stopped")).output().unwrap();
+    let log = common::train_log(&out);
+    let s = status(base, "stopped");
+    assert_eq!(s["state"], "FINISHED", "{s}\n{log}");
+    assert_eq!(s["resumed_from"]["tier"], "durable", "{s}\n{log}");
+    same_end(base, "reference", "stopped").await;
+}

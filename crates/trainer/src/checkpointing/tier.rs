@@ -7,7 +7,8 @@
 //! `waypoint_storage::digest`), create-only commits, attempts and retention (the newest 2) — written by a second
 //! [`Saver`] of its own, so one discovery/verify/load path reads both tiers. Nothing of it ever
 //! fails training: a tier that cannot be opened, or a save that fails, turns the tier off with a
-//! warning, and the durable tier goes on alone. A finished run removes its folder.
+//! warning, and the durable tier goes on alone. A finished run removes its folder, and so does one
+//! stopped by a signal once its step is durable.
 //!
 //! Each node's tier is its own: the node's ranks split the state among them and the node's local
 //! rank 0 commits it there ([`SaverTier::Memory`]), so with several nodes every node holds a whole

@@ -13,6 +13,17 @@ use crate::checkpointing::state::CopyLoan;
 use crate::step::{libtorch_boundary, step_seed};
 use waypoint_observe::records::{self, JobState, Status};
 
+/// Once the durable tier holds the run's newest step: each node's local rank 0, which commits its
+/// tier's saves, removes the node's folders of the run (every rank is past its last tier save: it
+/// took part in the durable save after waiting for its own).
+fn retire_memory_tier(run: &mut Live) {
+    if let Some(tier) = run.memory.take() {
+        if tier.commits_here() {
+            tier.remove();
+        }
+    }
+}
+
 impl Session {
     /// Saves the state at the current step (resumable; also promotable when `promotable`), in the
     /// background when `background`.
@@ -184,14 +195,8 @@ impl Session {
             );
         }
         self.last_checkpoint = Some(final_name.clone());
-        // The run is durable to its end: nothing will resume from the memory tier (each node's local
-        // rank 0, which commits its tier's saves, removes the node's folder of the run once they are
-        // written; every rank is past its last memory save).
-        if let Some(tier) = run.memory.take() {
-            if tier.commits_here() {
-                tier.remove();
-            }
-        }
+        // The run is durable to its end: nothing will resume from the memory tier.
+        retire_memory_tier(run);
         let mut promoted = None;
         if !main {
             return Ok(Outcome::Finished {
@@ -263,6 +268,12 @@ impl Session {
         {
             self.save(run, false, false)?;
             self.last_checkpoint = Some(StepName::new(self.step).to_string());
+        }
+        // The durable tier holds this step (committed by every rank): the memory tier's copies,
+        // no newer, are spare — their RAM goes back to the node. (A save that failed, as when a
+        // rank died, returned above and leaves them for the restart.)
+        if self.step > 0 {
+            retire_memory_tier(run);
         }
         if !run.ranks.is_main() {
             return Ok(Outcome::Stopped {
