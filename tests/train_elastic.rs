@@ -208,7 +208,7 @@ async fn each_node_resumes_from_its_own_memory_tier() {
 
     // A node replaced, its tier empty: it receives the newest checkpoint from node 0's tier, and
     // both resume from it (`peer`).
-    let log = replace_node1(base, "replaced", [&f0, &f1], tiers[1].path(), 10);
+    let log = replace_node1(base, "replaced", [&f0, &f1], tiers[1].path(), 10, &|| true);
     let s = common::read_json(dir.path().join("replaced/framework=waypoint/status.json"));
     assert_eq!(s["resumed_from"]["tier"], "peer", "{s}\n{log}");
     assert!(log.contains("copying it from rank 0's node"), "{log}");
@@ -324,16 +324,31 @@ fn kill_node1s_worker(
     (killed_after, log, log1)
 }
 
-/// Run `run` on two launchers; once node 0 logged step `after`, node 1 dies for good (launcher
-/// and worker SIGKILLed), its tier (`tier1`) is wiped, and a fresh node 1 is started in its place.
-/// Returns node 0's log (both finished successfully).
-fn replace_node1(base: &str, run: &str, flags: [&[&str]; 2], tier1: &Path, after: u64) -> String {
+/// Run `run` on two launchers; once node 0 logged step `after` and `ready` holds, node 1 dies for
+/// good (launcher and worker SIGKILLed), its tier (`tier1`) is wiped, and a fresh node 1 is started
+/// in its place. Returns node 0's log (both finished successfully).
+fn replace_node1(
+    base: &str,
+    run: &str,
+    flags: [&[&str]; 2],
+    tier1: &Path,
+    after: u64,
+    ready: &dyn Fn() -> bool,
+) -> String {
     let port = common::free_port().to_string();
     let zero = Follower::new(node_with(base, run, &port, 0, flags[0]));
     let one = node_with(base, run, &port, 1, flags[1]);
     zero.wait_line(&format!("step {after}"), Duration::from_secs(120), |l| {
         logged_step(l).is_some_and(|s| s >= after)
     });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{run}: not ready in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     common::send_signal(one.id(), "KILL").unwrap();
     let _ = finished(one);
     std::fs::remove_dir_all(tier1).unwrap();
@@ -492,9 +507,10 @@ async fn a_replaced_node_under_torchrun_receives_the_memory_tier_from_its_peer()
 }
 
 /// A state sharded over the ranks of both nodes (`--sharding full`): each node's tier holds its
-/// own rank's shards. A worker killed: both nodes resume from their own tiers, each rank reading
-/// its rows, bit-identical to the uninterrupted sharded run. A node replaced, its tier empty: no
-/// other node holds its shards, so the job resumes from the durable tier, bit-identical too.
+/// own rank's shards, and the other node's tier a replica of them. A worker killed: both nodes
+/// resume from their own tiers, each rank reading its rows, bit-identical to the uninterrupted
+/// sharded run. A node replaced, its tier empty: it receives its shards back from the replica the
+/// other node keeps (`peer`), newer than the durable tier's step, bit-identical too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_state_resumes_from_each_nodes_own_shards() {
     let dir = tempfile::tempdir().unwrap();
@@ -518,20 +534,44 @@ async fn sharded_state_resumes_from_each_nodes_own_shards() {
     );
     ends_as(base, "shards", "anchor-sharded", 0.0).await;
 
-    // A node replaced, its tier wiped: the durable tier resumes.
-    let log = replace_node1(base, "shards-replaced", [&f0, &f1], tiers[1].path(), 8);
-    let s = common::read_json(
-        dir.path()
-            .join("shards-replaced/framework=waypoint/status.json"),
+    // A node replaced, its tier wiped, once node 0's tier keeps node 1's shards of step 8 (newer
+    // than the durable tier's 6): node 1 receives them back and the job resumes from the tiers.
+    let replica_of_8 = || holds_replica(tiers[0].path(), "-w2-r1-l1", "shards-replaced", 8);
+    let log = replace_node1(
+        base,
+        "shards-replaced",
+        [&f0, &f1],
+        tiers[1].path(),
+        8,
+        &replica_of_8,
     );
-    assert_eq!(s["resumed_from"]["tier"], "durable", "{s}\n{log}");
+    let run = dir.path().join("shards-replaced/framework=waypoint");
+    let resumed = resumed_from(&run, "peer", &log);
+    assert!(resumed >= 8, "resumed at {resumed}:\n{log}");
+    eprintln!("a replaced node took its shards back from the other node's tier: step {resumed}");
     ends_as(base, "shards-replaced", "anchor-sharded", 0.0).await;
+    let steps = metrics_steps(&run);
+    assert_eq!(steps, (1..=u64::from(STEPS)).collect::<Vec<_>>());
     for t in &tiers {
         assert!(
             std::fs::read_dir(t.path()).unwrap().next().is_none(),
             "a finished run leaves nothing in a node's tier"
         );
     }
+}
+
+/// Whether the memory tier at `tier` keeps, in a folder whose name ends with `owner`, run `run`'s
+/// committed step `step`.
+fn holds_replica(tier: &Path, owner: &str, run: &str, step: u64) -> bool {
+    let manifest = format!("{run}/framework=waypoint/checkpoints/step-{step:06}.json");
+    std::fs::read_dir(tier)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name().to_str().is_some_and(|n| n.ends_with(owner))
+                && e.path().join(&manifest).is_file()
+        })
 }
 
 /// LoRA whose optimizer state is cut by rank over 2 nodes keeps the tier off, named in the log (a

@@ -9,6 +9,12 @@
 //! address passed through the store). The files go as they are — the manifest last, so a copy cut
 //! short is never a checkpoint — and the normal load path checks every blob's digest afterwards.
 //!
+//! A state sharded over several nodes leaves each node's tier holding only its own shards; the next
+//! node keeps a replica of them ([`replica`]), and [`replica_plan`] gives a node lacking the step
+//! its shards back from there, over the same wire.
+//!
+//! [`replica`]: crate::checkpointing::replica
+//!
 //! [`tier`]: crate::checkpointing::tier
 
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -46,17 +52,6 @@ pub(crate) fn newest_held_by_all(held: &[Vec<u64>]) -> u64 {
         .unwrap_or(0)
 }
 
-impl PeerPlan {
-    /// No copy.
-    pub(crate) fn none() -> Self {
-        Self {
-            step: 0,
-            giver: None,
-            takers: Vec::new(),
-        }
-    }
-}
-
 /// The plan for ranks whose nodes' newest tier steps are `newest` (`local_world` ranks a node, in
 /// rank order).
 pub(crate) fn plan(newest: &[u64], local_world: u32) -> PeerPlan {
@@ -83,10 +78,53 @@ pub(crate) fn plan(newest: &[u64], local_world: u32) -> PeerPlan {
     }
 }
 
+/// What the nodes do when each node's tier holds only its own shards and the next node's tier a
+/// replica of them (see [`replica`](super::replica)): the step to resume and, for each node lacking
+/// it in its own tier, the node that gives it from the replica it keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReplicaPlan {
+    /// The newest step every node holds or can receive (0: none).
+    pub step: u64,
+    /// (The node giving it from its replica, the node taking it into its own tier.)
+    pub copies: Vec<(u32, u32)>,
+}
+
+/// The plan for nodes whose tiers hold `own[n]` (node `n`'s own steps) and `replicas[n]` (the
+/// steps of node `n - 1`'s shards that node `n` keeps; the first node keeps the last's): the
+/// newest step each node holds itself or can receive from the next node, copies only where a node
+/// lacks it.
+pub(crate) fn replica_plan(own: &[Vec<u64>], replicas: &[Vec<u64>]) -> ReplicaPlan {
+    let nodes = own.len();
+    let mut steps: Vec<u64> = own.iter().chain(replicas).flatten().copied().collect();
+    steps.sort_unstable_by(|a, b| b.cmp(a));
+    steps.dedup();
+    for step in steps.into_iter().filter(|&s| s > 0) {
+        let mut copies = Vec::new();
+        let whole = (0..nodes).all(|n| {
+            if own[n].contains(&step) {
+                return true;
+            }
+            let keeper = (n + 1) % nodes;
+            let kept = keeper != n && replicas.get(keeper).is_some_and(|r| r.contains(&step));
+            if kept {
+                copies.push((keeper as u32, n as u32));
+            }
+            kept
+        });
+        if whole {
+            return ReplicaPlan { step, copies };
+        }
+    }
+    ReplicaPlan {
+        step: 0,
+        copies: Vec::new(),
+    }
+}
+
 /// The keys (under the tier's store, whose root is `folder`) of checkpoint `m` that a copy carries:
 /// its files, the tier's tail of the metrics (the steps since the last durable save) when there is
 /// one, then the manifest.
-fn keys_of(folder: &Path, layout: &RunLayout, m: &Manifest) -> Vec<String> {
+pub(crate) fn keys_of(folder: &Path, layout: &RunLayout, m: &Manifest) -> Vec<String> {
     let dir = layout.checkpoint_dir(m.step_name());
     let metrics = Some(layout.metrics()).filter(|k| folder.join(k).is_file());
     m.files
@@ -97,16 +135,18 @@ fn keys_of(folder: &Path, layout: &RunLayout, m: &Manifest) -> Vec<String> {
         .collect()
 }
 
-/// Carries out `plan` on this rank: the giver sends its tier's checkpoint of `plan.step` (read under
-/// `folder`, the tier's run root on this node) to every taker, each taker writes it under its own
-/// `folder`; the other ranks only wait. Every rank takes the same collectives whatever fails here,
-/// and returns the same answer: whether every copy was made (a copy that failed is a warning; a
-/// collective that failed is an error, as anywhere). A copy must end within `timeout` (the
-/// collective timeout: the ranks not copying wait that long).
+/// Carries out `plan` on this rank: the giver sends its checkpoint of `plan.step` (read under
+/// `send_from`: the tier's run root on this node, or the replica of another node's shards it
+/// keeps) to every taker, each taker writes it under `receive_into` (its tier's run root); the
+/// other ranks only wait. Every rank takes the same collectives whatever fails here, and returns the
+/// same answer: whether every copy was made (a copy that failed is a warning; a collective that
+/// failed is an error, as anywhere). A copy must end within `timeout` (the collective timeout: the
+/// ranks not copying wait that long).
 pub(crate) fn carry_out(
     plan: &PeerPlan,
     ranks: &Ranks,
-    folder: &Path,
+    send_from: &Path,
+    receive_into: &Path,
     layout: &RunLayout,
     manifest: Option<&Manifest>,
     timeout: Duration,
@@ -116,14 +156,11 @@ pub(crate) fn carry_out(
     };
     let rank = ranks.rank();
     let taker = plan.takers.contains(&rank);
-    // Each taker listens and says where; the giver says from where it sends, how many bytes, and a
-    // token the takers check (a stray connection is not the giver).
+    // Each taker listens and says where; the giver says from where it sends and a token the takers
+    // check (a stray connection is not the giver).
     let mut local: Result<()> = Ok(());
     let listener = if taker {
-        let bound = ranks.local_ip().and_then(|ip| {
-            TcpListener::bind((ip, 0)).with_context(|| format!("listening on {ip}"))
-        });
-        match bound {
+        match listen(ranks) {
             Ok(l) => Some(l),
             Err(e) => {
                 local = Err(e);
@@ -133,31 +170,26 @@ pub(crate) fn carry_out(
     } else {
         None
     };
-    let keys = (rank == giver).then(|| match manifest {
-        Some(m) => Ok(keys_of(folder, layout, m)),
-        None => Err(anyhow::anyhow!(
-            "the giving node has no manifest of step {}",
-            plan.step
-        )),
-    });
-    let offer = match keys {
-        Some(Ok(keys)) => match total_bytes(folder, &keys).and_then(|t| Ok((t, ranks.local_ip()?)))
-        {
-            Ok((total, ip)) => Some((keys, total, ip, token())),
+    let offer = match (rank == giver).then_some(manifest) {
+        Some(Some(m)) => match ranks.local_ip() {
+            Ok(ip) => Some((keys_of(send_from, layout, m), ip, token())),
             Err(e) => {
                 local = Err(e);
                 None
             }
         },
-        Some(Err(e)) => {
-            local = Err(e);
+        Some(None) => {
+            local = Err(anyhow::anyhow!(
+                "the giving node has no manifest of step {}",
+                plan.step
+            ));
             None
         }
         None => None,
     };
     let said = match (&listener, &offer) {
         (Some(l), _) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        (_, Some((_, total, ip, token))) => format!("{ip} {total} {token}"),
+        (_, Some((_, ip, token))) => format!("{ip} {token}"),
         _ => String::new(),
     };
     let said_all = ranks.all_gather("memory-tier-peer-addr", said.as_bytes())?;
@@ -166,28 +198,29 @@ pub(crate) fn carry_out(
         .map(|b| String::from_utf8_lossy(b).to_string())
         .collect();
     let outcome = local.and_then(|()| {
-        if let Some((keys, _, _, token)) = &offer {
+        if let Some((keys, _, token)) = &offer {
             plan.takers.iter().try_for_each(|&taker| {
                 let addr = &said_all[taker as usize];
                 ensure!(!addr.is_empty(), "rank {taker} could not listen");
-                send(addr, folder, keys, *token, timeout).with_context(|| {
+                send(addr, send_from, plan.step, keys, *token, timeout).with_context(|| {
                     format!("sending step-{:06} to rank {taker} at {addr}", plan.step)
                 })
             })
         } else if let Some(listener) = &listener {
             let offer: Vec<&str> = said_all[giver as usize].split(' ').collect();
-            let [ip, total, token] = offer[..] else {
+            let [ip, token] = offer[..] else {
                 bail!("rank {giver} could not offer step-{:06}", plan.step);
             };
-            let expect = Expected {
+            let giver_is = Sender {
                 from: ip.parse().context("the giver's address")?,
-                total: total.parse().context("the giver's size")?,
                 token: token.parse().context("the giver's token")?,
-                dir: layout.checkpoint_dir(StepName::new(plan.step)),
-                manifest: layout.manifest(StepName::new(plan.step)),
-                metrics: layout.metrics(),
             };
-            receive(listener, folder, &expect, timeout)
+            let deadline = Instant::now() + timeout;
+            let (stream, mut input) =
+                accept(listener, &giver_is, timeout, &|| Instant::now() < deadline)?
+                    .context("waiting for the giving node to connect: it did not in time")?;
+            receive(&stream, &mut input, receive_into, layout, Some(plan.step))
+                .map(|_| ())
                 .with_context(|| format!("receiving step-{:06} from rank {giver}", plan.step))
         } else {
             Ok(())
@@ -199,19 +232,20 @@ pub(crate) fn carry_out(
     Ok(!ranks.any("memory-tier-peer-failed", outcome.is_err())?)
 }
 
-/// What a taker accepts: a connection from `from` that starts with `token`, at most `total` bytes,
-/// files under `dir`, the `metrics` tail, and `manifest` last.
-struct Expected {
-    from: IpAddr,
-    total: u64,
-    token: u64,
-    dir: String,
-    manifest: String,
-    metrics: String,
+/// A listener on this rank's reachable address, on a port the system picks.
+pub(crate) fn listen(ranks: &Ranks) -> Result<TcpListener> {
+    let ip = ranks.local_ip()?;
+    TcpListener::bind((ip, 0)).with_context(|| format!("listening on {ip}"))
+}
+
+/// Whom a receiver takes a checkpoint from: a connection from `from` that starts with `token`.
+pub(crate) struct Sender {
+    pub from: IpAddr,
+    pub token: u64,
 }
 
 /// A token no stray connection guesses.
-fn token() -> u64 {
+pub(crate) fn token() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -223,20 +257,26 @@ fn token() -> u64 {
     h.finish()
 }
 
-/// The bytes of the files at `keys` under `folder`.
-fn total_bytes(folder: &Path, keys: &[String]) -> Result<u64> {
-    keys.iter().try_fold(0u64, |sum, k| {
-        let path = folder.join(k);
-        let len = std::fs::metadata(&path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .len();
-        Ok(sum + len)
-    })
-}
-
-/// Streams the files at `keys` (under `folder`) to `addr`: the token, a count, then each file's
-/// key, length and bytes; waits for the receiver's acknowledgement.
-fn send(addr: &str, folder: &Path, keys: &[String], token: u64, timeout: Duration) -> Result<()> {
+/// Streams checkpoint `step`'s files at `keys` (under `folder`, the manifest last) to `addr`: the
+/// token, the step, the bytes in all and the count, then each file's key, length and bytes; waits
+/// for the receiver's acknowledgement.
+pub(crate) fn send(
+    addr: &str,
+    folder: &Path,
+    step: u64,
+    keys: &[String],
+    token: u64,
+    timeout: Duration,
+) -> Result<()> {
+    let lens = keys
+        .iter()
+        .map(|k| {
+            let path = folder.join(k);
+            Ok(std::fs::metadata(&path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .len())
+        })
+        .collect::<Result<Vec<u64>>>()?;
     let deadline = Instant::now() + timeout;
     let stream = loop {
         match TcpStream::connect(addr) {
@@ -248,13 +288,13 @@ fn send(addr: &str, folder: &Path, keys: &[String], token: u64, timeout: Duratio
     stream.set_write_timeout(Some(timeout)).ok();
     stream.set_read_timeout(Some(timeout)).ok();
     let mut out = BufWriter::with_capacity(8 << 20, stream.try_clone()?);
-    out.write_all(&token.to_le_bytes())?;
-    out.write_all(&(keys.len() as u64).to_le_bytes())?;
-    for key in keys {
+    for n in [token, step, lens.iter().sum(), keys.len() as u64] {
+        out.write_all(&n.to_le_bytes())?;
+    }
+    for (key, &len) in keys.iter().zip(&lens) {
         let path = folder.join(key);
         let mut file =
             std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let len = file.metadata()?.len();
         out.write_all(&(key.len() as u64).to_le_bytes())?;
         out.write_all(key.as_bytes())?;
         out.write_all(&len.to_le_bytes())?;
@@ -270,80 +310,123 @@ fn send(addr: &str, folder: &Path, keys: &[String], token: u64, timeout: Duratio
     Ok(())
 }
 
-/// Takes the giver's files under `folder` — a connection from elsewhere, or without the token, is
-/// dropped and the wait goes on — each written to a temporary name then renamed, the manifest
-/// last; then acknowledges. Refuses keys outside what `expect` allows, more bytes than announced,
-/// and more than the tier's filesystem has free.
-fn receive(
+/// The next connection from `sender` carrying its token (a connection from elsewhere, or without
+/// the token, is dropped and the wait goes on), with reads bounded by `timeout`; `None` once
+/// `keep_waiting` says no.
+pub(crate) fn accept(
     listener: &TcpListener,
-    folder: &Path,
-    expect: &Expected,
+    sender: &Sender,
     timeout: Duration,
-) -> Result<()> {
-    if let Some(free) = super::tier::free_bytes(folder) {
-        ensure!(
-            free >= expect.total,
-            "the tier has {free} bytes free, the checkpoint needs {}",
-            expect.total
-        );
-    }
+    keep_waiting: &dyn Fn() -> bool,
+) -> Result<Option<(TcpStream, BufReader<TcpStream>)>> {
     listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    let (stream, mut input) = loop {
+    loop {
         match listener.accept() {
-            Ok((s, peer)) if peer.ip() == expect.from => {
+            Ok((s, peer)) if peer.ip() == sender.from => {
                 s.set_nonblocking(false)?;
                 s.set_read_timeout(Some(timeout)).ok();
                 let mut input = BufReader::with_capacity(8 << 20, s.try_clone()?);
-                if read_u64(&mut input).ok() == Some(expect.token) {
-                    break (s, input);
+                if read_u64(&mut input).ok() == Some(sender.token) {
+                    return Ok(Some((s, input)));
                 }
                 tracing::warn!(%peer, "a connection without the giver's token: dropped");
             }
             Ok((_, peer)) => {
                 tracing::warn!(%peer, "a connection from elsewhere than the giver: dropped")
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !keep_waiting() {
+                    return Ok(None);
+                }
                 std::thread::sleep(Duration::from_millis(20))
             }
             Err(e) => return Err(e).context("waiting for the giving node to connect"),
         }
-    };
-    let count = read_u64(&mut input)?;
+    }
+}
+
+/// Takes one checkpoint from an accepted connection (`stream`, read through `input`) under
+/// `folder` — `step` when given, else the one announced — each file written to a temporary name
+/// then renamed, the manifest last; then acknowledges; returns its step. Refuses keys outside the
+/// checkpoint's folder, its manifest and the metrics tail, more bytes than announced, and more than
+/// the filesystem has free. A copy cut short leaves no file of its step behind (it has no manifest,
+/// so it was never a checkpoint).
+pub(crate) fn receive(
+    stream: &TcpStream,
+    input: &mut BufReader<TcpStream>,
+    folder: &Path,
+    layout: &RunLayout,
+    step: Option<u64>,
+) -> Result<u64> {
+    let announced = read_u64(input)?;
+    if let Some(wanted) = step {
+        ensure!(
+            announced == wanted,
+            "the giver offers step {announced}, step {wanted} was agreed"
+        );
+    }
+    let name = StepName::new(announced);
+    let dir = folder.join(layout.checkpoint_dir(name));
+    let received = receive_files(input, folder, layout, name);
+    if received.is_err() && !folder.join(layout.manifest(name)).exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    received?;
+    (&*stream).write_all(&[1])?;
+    Ok(announced)
+}
+
+/// The files of checkpoint `name` after its header (see [`receive`]).
+fn receive_files(
+    input: &mut BufReader<TcpStream>,
+    folder: &Path,
+    layout: &RunLayout,
+    name: StepName,
+) -> Result<()> {
+    let total = read_u64(input)?;
+    if let Some(free) = super::tier::free_bytes(folder) {
+        ensure!(
+            free >= total,
+            "the tier has {free} bytes free, the checkpoint needs {total}"
+        );
+    }
+    let (dir, manifest, metrics) = (
+        layout.checkpoint_dir(name),
+        layout.manifest(name),
+        layout.metrics(),
+    );
+    let count = read_u64(input)?;
     ensure!(
         count <= 1 << 20,
         "a copy of {count} files is not one checkpoint"
     );
     let mut received = 0u64;
     for i in 0..count {
-        let key_len = read_u64(&mut input)?;
+        let key_len = read_u64(input)?;
         ensure!(key_len <= 4096, "a key of {key_len} bytes");
         let mut key = vec![0u8; key_len as usize];
         input.read_exact(&mut key)?;
         let key = String::from_utf8(key).context("a key that is not UTF-8")?;
         let last = i + 1 == count;
-        let inside = key
-            .strip_prefix(&format!("{}/", expect.dir))
-            .is_some_and(|rest| {
-                !rest
-                    .split('/')
-                    .any(|c| c.is_empty() || c == "." || c == "..")
-            });
+        let inside = key.strip_prefix(&format!("{dir}/")).is_some_and(|rest| {
+            !rest
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        });
         let allowed = if last {
-            key == expect.manifest
+            key == manifest
         } else {
-            inside || key == expect.metrics
+            inside || key == metrics
         };
         ensure!(
             allowed,
             "refusing the key {key:?}: not a file of the checkpoint being copied"
         );
-        let len = read_u64(&mut input)?;
+        let len = read_u64(input)?;
         received = received.saturating_add(len);
         ensure!(
-            received <= expect.total,
-            "the giver sends more than the {} bytes it announced",
-            expect.total
+            received <= total,
+            "the giver sends more than the {total} bytes it announced"
         );
         let path = folder.join(&key);
         if let Some(parent) = path.parent() {
@@ -353,7 +436,7 @@ fn receive(
         let partial = path.with_extension("peer-partial");
         let mut file = std::fs::File::create(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
-        let copied = std::io::copy(&mut (&mut input).take(len), &mut file)?;
+        let copied = std::io::copy(&mut input.take(len), &mut file)?;
         ensure!(
             copied == len,
             "the copy of {key} was cut short ({copied} of {len} bytes)"
@@ -362,7 +445,6 @@ fn receive(
         std::fs::rename(&partial, &path)
             .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
     }
-    (&stream).write_all(&[1])?;
     Ok(())
 }
 
@@ -405,82 +487,152 @@ mod tests {
         assert_eq!((p.giver, p.takers.clone()), (Some(1), vec![0]));
     }
 
-    fn expected(total: u64, token: u64) -> Expected {
-        Expected {
+    #[test]
+    fn a_replaced_node_takes_its_shards_from_the_next_node() {
+        // 3 nodes, node 1 replaced (its tier and its replica of node 0 gone): node 2 keeps node
+        // 1's replica of step 8 and gives it; node 0 holds 8 itself.
+        let own = [vec![8, 4], vec![], vec![8, 4]];
+        let replicas = [vec![8, 4], vec![], vec![8, 4]];
+        let p = replica_plan(&own, &replicas);
+        assert_eq!((p.step, p.copies), (8, vec![(2, 1)]));
+        // The replica of 8 did not arrive before node 1 died: 4 is the newest all can have.
+        let p = replica_plan(&own, &[vec![8, 4], vec![], vec![4]]);
+        assert_eq!((p.step, p.copies), (4, vec![(2, 1)]));
+        // Every node holds its own: nothing to copy.
+        let p = replica_plan(&[vec![8, 4], vec![8, 4]], &[vec![8, 4], vec![8, 4]]);
+        assert_eq!((p.step, p.copies), (8, vec![]));
+        // Both nodes' own step 12 set aside (damaged), their replicas whole: each takes its own
+        // back from the other.
+        let p = replica_plan(&[vec![8], vec![8]], &[vec![12, 8], vec![12, 8]]);
+        assert_eq!((p.step, p.copies), (12, vec![(1, 0), (0, 1)]));
+        // Node 0 a save behind, node 1 keeps its replica of the newer step: copied back.
+        let p = replica_plan(&[vec![8, 4], vec![12, 8]], &[vec![12, 8], vec![12, 8]]);
+        assert_eq!((p.step, p.copies), (12, vec![(1, 0)]));
+        // Two neighbours replaced: node 1's shards are nowhere.
+        let p = replica_plan(&[vec![8], vec![], vec![]], &[vec![8], vec![], vec![]]);
+        assert_eq!((p.step, p.copies), (0, vec![]));
+        // One node keeps no replica of itself.
+        let p = replica_plan(&[vec![]], &[vec![8]]);
+        assert_eq!(p.step, 0);
+    }
+
+    /// Copies checkpoint `step` (as `sent`, with `token`) from `from` to `to` over loopback, the
+    /// receiver accepting token 7 for `wanted`; the receiver's answer.
+    fn copy(
+        from: &Path,
+        to: &Path,
+        keys: Vec<String>,
+        (sent, token): (u64, u64),
+        wanted: Option<u64>,
+    ) -> Result<u64> {
+        let layout = RunLayout::new("r", "waypoint").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let src = from.to_path_buf();
+        let sender = std::thread::spawn(move || {
+            send(&addr, &src, sent, &keys, token, Duration::from_secs(5))
+        });
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let giver = Sender {
             from: IpAddr::from([127, 0, 0, 1]),
-            total,
-            token,
-            dir: "r/checkpoints/step-000003".into(),
-            manifest: "r/checkpoints/step-000003.json".into(),
-            metrics: "r/logs/metrics.jsonl".into(),
-        }
+            token: 7,
+        };
+        let got = accept(&listener, &giver, Duration::from_secs(5), &|| {
+            Instant::now() < deadline
+        })
+        .and_then(|c| {
+            let (stream, mut input) = c.context("nobody with the token came")?;
+            receive(&stream, &mut input, to, &layout, wanted)
+        });
+        let _ = sender.join();
+        got
     }
 
     #[test]
     fn a_copy_carries_files_then_the_manifest_and_refuses_what_it_was_not_offered() {
+        let layout = RunLayout::new("r", "waypoint").unwrap();
+        let (three, four) = (StepName::new(3), StepName::new(4));
         let from = tempfile::tempdir().unwrap();
-        let to = tempfile::tempdir().unwrap();
-        let keys: Vec<String> = [
-            "r/checkpoints/step-000003/dcp/a.safetensors",
-            "r/logs/metrics.jsonl",
-            "r/checkpoints/step-000003.json",
-        ]
-        .iter()
-        .map(|k| k.to_string())
-        .collect();
-        for (i, k) in keys.iter().enumerate() {
+        let keys: Vec<String> = vec![
+            format!("{}/a.safetensors", layout.dcp_dir(three)),
+            layout.metrics(),
+            layout.manifest(three),
+        ];
+        for (i, k) in keys.iter().chain([&layout.manifest(four)]).enumerate() {
             let p = from.path().join(k);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(&p, vec![i as u8; 100_000 * (i + 1)]).unwrap();
         }
-        let total = total_bytes(from.path(), &keys).unwrap();
-        let copy = |keys: Vec<String>, token: u64, expect: Expected| {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
-            let src = from.path().to_path_buf();
-            let sender =
-                std::thread::spawn(move || send(&addr, &src, &keys, token, Duration::from_secs(5)));
-            let got = receive(&listener, to.path(), &expect, Duration::from_secs(5));
-            let _ = sender.join();
-            got
-        };
-        copy(keys.clone(), 7, expected(total, 7)).unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let got = copy(from.path(), to.path(), keys.clone(), (3, 7), Some(3)).unwrap();
+        assert_eq!(got, 3);
         for k in &keys {
             assert_eq!(
                 std::fs::read(to.path().join(k)).unwrap(),
                 std::fs::read(from.path().join(k)).unwrap()
             );
         }
-        // More bytes than announced, a key of another step, the manifest not last: refused.
-        let err = copy(keys.clone(), 7, expected(total - 1, 7)).unwrap_err();
-        assert!(format!("{err:#}").contains("more than"), "{err:#}");
-        let other = vec!["r/checkpoints/step-000004.json".to_string()];
-        std::fs::create_dir_all(from.path().join("r/checkpoints")).unwrap();
-        std::fs::write(from.path().join(&other[0]), b"{}").unwrap();
-        let err = copy(other, 7, expected(total, 7)).unwrap_err();
+        // Any step when none was agreed (a replica), not another than the one agreed.
+        let to = tempfile::tempdir().unwrap();
+        assert_eq!(
+            copy(from.path(), to.path(), keys.clone(), (3, 7), None).unwrap(),
+            3
+        );
+        let to = tempfile::tempdir().unwrap();
+        let err = copy(from.path(), to.path(), keys.clone(), (3, 7), Some(4)).unwrap_err();
+        assert!(format!("{err:#}").contains("was agreed"), "{err:#}");
+        // A key of another step after a file of this one: refused, and nothing of the step is
+        // left behind (it has no manifest: it never was a checkpoint).
+        let wrong = vec![keys[0].clone(), layout.manifest(four)];
+        let err = copy(from.path(), to.path(), wrong, (3, 7), Some(3)).unwrap_err();
         assert!(format!("{err:#}").contains("refusing the key"), "{err:#}");
+        assert!(!to.path().join(layout.checkpoint_dir(three)).exists());
+        // The manifest not last: refused.
         let reordered = vec![keys[2].clone(), keys[0].clone()];
-        let err = copy(reordered, 7, expected(total, 7)).unwrap_err();
+        let err = copy(from.path(), to.path(), reordered, (3, 7), Some(3)).unwrap_err();
         assert!(format!("{err:#}").contains("refusing the key"), "{err:#}");
-        // A connection without the token is dropped, and the wait ends with the timeout.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stray = std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(&8u64.to_le_bytes()).unwrap();
-            std::thread::sleep(Duration::from_millis(500));
-        });
-        let err = receive(
-            &listener,
-            to.path(),
-            &expected(total, 7),
-            Duration::from_secs(1),
-        )
-        .unwrap_err();
+        // Without the token: dropped, and the wait ends when told to.
+        let err = copy(from.path(), to.path(), keys.clone(), (3, 8), Some(3)).unwrap_err();
         assert!(
-            format!("{err:#}").contains("waiting for the giving node"),
+            format!("{err:#}").contains("nobody with the token"),
             "{err:#}"
         );
-        stray.join().unwrap();
+        assert!(!to.path().join(layout.manifest(three)).exists());
+    }
+
+    #[test]
+    fn a_giver_sending_more_than_it_announced_is_refused() {
+        let layout = RunLayout::new("r", "waypoint").unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = format!("{}/a.safetensors", layout.dcp_dir(StepName::new(3)));
+        let liar = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            // Token, step, 10 bytes in all, 2 files — then a first file of 100 bytes.
+            for n in [7u64, 3, 10, 2, key.len() as u64] {
+                s.write_all(&n.to_le_bytes()).unwrap();
+            }
+            s.write_all(key.as_bytes()).unwrap();
+            s.write_all(&100u64.to_le_bytes()).unwrap();
+            let _ = s.write_all(&[0u8; 100]);
+        });
+        let giver = Sender {
+            from: IpAddr::from([127, 0, 0, 1]),
+            token: 7,
+        };
+        let (stream, mut input) = accept(&listener, &giver, Duration::from_secs(5), &|| true)
+            .unwrap()
+            .unwrap();
+        let err = receive(&stream, &mut input, to.path(), &layout, Some(3)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("more than the 10 bytes"),
+            "{err:#}"
+        );
+        assert!(!to
+            .path()
+            .join(layout.checkpoint_dir(StepName::new(3)))
+            .exists());
+        liar.join().unwrap();
     }
 }

@@ -17,9 +17,10 @@
 //! tier holding its own ranks' shards (and the replicated tensors): a restart of the same ranks on
 //! the same nodes resumes from the tiers, each rank reading its rows from its node's; the folder
 //! is named after the world size, the node's first rank and its ranks ([`Shards`]), so any other
-//! set of ranks (another world size, a reordered job, other ranks a node) finds it empty and
-//! resumes from the durable tier. A replaced node's shards are gone with it: the durable tier
-//! resumes (peer replicas of shards are not done). LoRA cut that way keeps the tier off.
+//! set of ranks (another world size, other ranks a node) finds none of its own. After each commit
+//! the node's shards go to the next node's tier too, kept there under this node's folder name
+//! ([`replica`](super::replica)): a replaced node, its tier empty, receives them back from there at
+//! the restart. LoRA cut that way keeps the tier off.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use waypoint_storage::{Store, StoreOptions};
 
 use waypoint_observe::records::RunRecords;
 
+use crate::checkpointing::replica::{self, Replicas};
 use crate::checkpointing::saver::{SaveOrder, Saver, SaverTier};
 use crate::checkpointing::state::CopyLoan;
 use crate::collective::ranks::Ranks;
@@ -154,6 +156,12 @@ pub(crate) struct MemoryTier {
     world: u32,
     /// The run's folder named without shards (the stem of every folder of the run in the tier).
     run_base: PathBuf,
+    /// With shards: the previous node's folder in this node's tier, where its replicas are kept.
+    replica: Option<PathBuf>,
+    /// The nodes send their commits to the next node (agreed by every rank).
+    replicating: bool,
+    /// This node's end of the ring (on its local rank 0).
+    replicas: Option<Replicas>,
 }
 
 impl MemoryTier {
@@ -178,6 +186,16 @@ impl MemoryTier {
         let tier = Path::new(&section.memory_tier_dir);
         let folder = run_folder(tier, run_uri, layout.run_id(), shards);
         let run_base = run_folder(tier, run_uri, layout.run_id(), None);
+        // The previous node's shards are kept under its folder's name.
+        let replica = shards.map(|s| {
+            let nodes = (s.world / s.local_world.max(1)).max(1);
+            let previous = (place.node + nodes - 1) % nodes;
+            let of_previous = Shards {
+                first_rank: previous * s.local_world,
+                ..s
+            };
+            run_folder(tier, run_uri, layout.run_id(), Some(of_previous))
+        });
         match Self::try_open(&folder, layout) {
             Ok(manager) => Some(Self {
                 manager,
@@ -190,6 +208,9 @@ impl MemoryTier {
                 shards,
                 world,
                 run_base,
+                replica,
+                replicating: false,
+                replicas: None,
             }),
             Err(e) => {
                 tracing::warn!(
@@ -245,12 +266,14 @@ impl MemoryTier {
     /// Starts saving (once this attempt owns the run): each node's local rank 0 takes its tier's
     /// attempt (`attempt`, the durable tier's number, is recorded in it), then every rank opens its
     /// saver. Off, with a warning, when that fails; every rank learns of a failure anywhere, so all
-    /// save or none do.
+    /// save or none do. With shards, the nodes then start sending their commits to the next node
+    /// (each copy bounded by `timeout`), unless any cannot.
     pub(crate) fn start_saving(
         &mut self,
         attempt: u64,
         ranks: &Ranks,
         handle: &Handle,
+        timeout: std::time::Duration,
     ) -> Result<()> {
         let started = if self.place.local_rank == 0 {
             let info = serde_json::json!({"durable_attempt": attempt});
@@ -294,7 +317,41 @@ impl MemoryTier {
             ),
             Err(e) => self.off(&e),
         }
+        if let (true, Some(replica)) = (self.on, &self.replica) {
+            let head = self.commits_here();
+            let layout = self.manager.layout().clone();
+            self.replicas =
+                Replicas::start(ranks, self.place, &self.folder, replica, &layout, timeout)?;
+            let off = ranks.any("memory-tier-replicas", head && self.replicas.is_none())?;
+            self.replicating = !off;
+            if off {
+                self.stop_replicas();
+            }
+        }
         Ok(())
+    }
+
+    fn stop_replicas(&mut self) {
+        if let Some(r) = self.replicas.take() {
+            r.stop();
+        }
+    }
+
+    /// With shards: the previous node's folder in this node's tier, where its replicas are kept.
+    pub(crate) fn replica_folder(&self) -> Option<&Path> {
+        self.replica.as_deref()
+    }
+
+    /// The steps of the previous node's shards this node keeps, newest first (with shards, on the
+    /// node's local rank 0; empty elsewhere).
+    pub(crate) fn replica_steps(&self) -> Vec<u64> {
+        match (&self.replica, self.commits_here()) {
+            (Some(folder), true) => replica::committed_in(folder, self.manager.layout())
+                .into_iter()
+                .take(KEEP)
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// At a due step: whether every rank saves now. All ranks agree: when any rank's tier failed
@@ -379,6 +436,23 @@ impl MemoryTier {
         let need = rank_bytes * u64::from(self.place.local_world.max(1)) * (KEEP as u64 + 1);
         let free = free_bytes(&self.folder);
         let short = free.is_some_and(|free| free < need);
+        // The previous node's replicas take about as much again.
+        let short_for_replicas = self.replicating && free.is_some_and(|free| free < 2 * need);
+        if ranks.any("memory-tier-room-replicas", short_for_replicas)? {
+            if ranks.is_main() {
+                tracing::warn!(
+                    folder = %self.folder.display(),
+                    "the memory tier keeps no replicas between nodes: with the previous node's \
+                     shards it needs {:.2} GiB and its filesystem has {:.2} GiB free on some node; \
+                     a replaced node resumes from the durable tier. Give the tmpfs more room to \
+                     keep them",
+                    (2 * need) as f64 / (1u64 << 30) as f64,
+                    free.unwrap_or(0) as f64 / (1u64 << 30) as f64,
+                );
+            }
+            self.replicating = false;
+            self.stop_replicas();
+        }
         if ranks.any("memory-tier-room", short || self.saver.is_none())? {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             tracing::warn!(
@@ -434,6 +508,12 @@ impl MemoryTier {
             .unwrap_or_default()
         {
             tracing::debug!(checkpoint = %report.checkpoint, "memory tier: {}", report.describe());
+            if let Some(r) = &mut self.replicas {
+                r.committed(report.step);
+            }
+        }
+        if let Some(r) = &mut self.replicas {
+            r.poll();
         }
     }
 
@@ -450,6 +530,7 @@ impl MemoryTier {
     pub(crate) fn remove(mut self) {
         self.wait();
         drop(self.saver.take());
+        self.stop_replicas();
         let base = self.run_base.file_name().and_then(|n| n.to_str());
         let folders: Vec<PathBuf> = match (self.run_base.parent(), base) {
             (Some(tier), Some(base)) => std::fs::read_dir(tier)

@@ -19,11 +19,11 @@ use waypoint_storage::Store;
 use super::reference::{self, ReferenceKey, ReferenceSource};
 use super::setup::{Loaded, Setup};
 use super::{Live, Session, UsageError};
-use crate::checkpointing::peer;
 use crate::checkpointing::policy::DurableSchedule;
 use crate::checkpointing::saver::{Saver, SaverTier};
 use crate::checkpointing::state::SaveContext;
 use crate::checkpointing::tier::{self, MemoryTier};
+use crate::checkpointing::{peer, replica};
 use crate::convert::from_blob;
 use crate::model::Model;
 use crate::optim::{AdamW, AdamWConfig, Schedule};
@@ -138,40 +138,101 @@ impl Session {
                     .iter()
                     .map(|h| h.first().copied().unwrap_or(0))
                     .collect();
-                // A node lacking the newest step (replaced: its tier is empty) receives it from a
-                // node that holds it; if that fails, the newest step all hold is used. A node
-                // holding only its ranks' shards has no stand-in: the newest step all hold.
-                let plan = if t.holds_own_shards_only() {
-                    peer::PeerPlan::none()
-                } else {
-                    peer::plan(&all, place.local_world)
-                };
                 let mut usable = peer::newest_held_by_all(&held_all);
-                if let Some(giver) = plan.giver {
-                    tracing::info!(
-                        step = plan.step,
-                        giver,
-                        takers = ?plan.takers,
-                        "the memory tier's newest checkpoint is missing on some nodes: copying it \
-                         from rank {giver}'s node"
-                    );
-                    let manifest = newest.as_ref().filter(|(s, _)| *s == plan.step);
-                    let copied = peer::carry_out(
-                        &plan,
-                        &ranks,
-                        t.folder(),
-                        &self.layout,
-                        manifest.map(|(_, m)| m),
-                        std::time::Duration::from_secs(cfg.distributed.dist_timeout_secs),
-                    );
-                    if copied? {
-                        usable = plan.step;
-                        from_peer = true;
-                    } else {
-                        tracing::warn!(
-                            "resuming from the newest step every node's tier holds, or the \
-                             durable tier"
+                let timeout = std::time::Duration::from_secs(cfg.distributed.dist_timeout_secs);
+                if let Some(replica_folder) = t.replica_folder() {
+                    // A node's shards are in its own tier and in the next node's replica: a node
+                    // lacking the newest step all can have (replaced: its tier is empty) receives
+                    // its shards back from the next node; if that fails, the newest step all hold.
+                    let kept: Vec<u64> = t
+                        .replica_steps()
+                        .into_iter()
+                        .filter(|s| !known.iter().any(|k| k.step() == *s))
+                        .collect();
+                    let kept_all = ranks.gather_u64s("memory-tier-replicas-held", &kept)?;
+                    let by_node = |all: &[Vec<u64>]| -> Vec<Vec<u64>> {
+                        all.iter()
+                            .step_by(place.local_world as usize)
+                            .cloned()
+                            .collect()
+                    };
+                    let plan = peer::replica_plan(&by_node(&held_all), &by_node(&kept_all));
+                    if plan.step > usable {
+                        tracing::info!(
+                            step = plan.step,
+                            copies = ?plan.copies,
+                            "the memory tier's newest step is missing on some nodes: each \
+                             receives its shards from the replica the next node keeps \
+                             (giver, taker)"
                         );
+                        let mut copied = true;
+                        for &(giver, taker) in &plan.copies {
+                            let one = peer::PeerPlan {
+                                step: plan.step,
+                                giver: Some(giver * place.local_world),
+                                takers: vec![taker * place.local_world],
+                            };
+                            let manifest = (one.giver == Some(ranks.rank()))
+                                .then(|| {
+                                    replica::manifest_in(replica_folder, &self.layout, plan.step)
+                                })
+                                .flatten();
+                            let ok = peer::carry_out(
+                                &one,
+                                &ranks,
+                                replica_folder,
+                                t.folder(),
+                                &self.layout,
+                                manifest.as_ref(),
+                                timeout,
+                            )?;
+                            if !ok {
+                                copied = false;
+                                break;
+                            }
+                        }
+                        if copied {
+                            usable = plan.step;
+                            from_peer = true;
+                        } else {
+                            tracing::warn!(
+                                "resuming from the newest step every node's tier holds, or the \
+                                 durable tier"
+                            );
+                        }
+                    }
+                } else {
+                    // A node lacking the newest step (replaced: its tier is empty) receives it
+                    // from a node that holds it (every node's tier holds the whole replicated
+                    // state); if that fails, the newest step all hold is used.
+                    let plan = peer::plan(&all, place.local_world);
+                    if let Some(giver) = plan.giver {
+                        tracing::info!(
+                            step = plan.step,
+                            giver,
+                            takers = ?plan.takers,
+                            "the memory tier's newest checkpoint is missing on some nodes: copying \
+                             it from rank {giver}'s node"
+                        );
+                        let manifest = newest.as_ref().filter(|(s, _)| *s == plan.step);
+                        let copied = peer::carry_out(
+                            &plan,
+                            &ranks,
+                            t.folder(),
+                            t.folder(),
+                            &self.layout,
+                            manifest.map(|(_, m)| m),
+                            timeout,
+                        );
+                        if copied? {
+                            usable = plan.step;
+                            from_peer = true;
+                        } else {
+                            tracing::warn!(
+                                "resuming from the newest step every node's tier holds, or the \
+                                 durable tier"
+                            );
+                        }
                     }
                 }
                 if main {
@@ -418,7 +479,12 @@ impl Session {
         }
         let manager = Arc::new(manager);
         if let Some(t) = memory.as_mut() {
-            t.start_saving(attempt, &ranks, rt.handle())?;
+            t.start_saving(
+                attempt,
+                &ranks,
+                rt.handle(),
+                std::time::Duration::from_secs(cfg.distributed.dist_timeout_secs),
+            )?;
             for skipped in damaged_in_memory.iter().filter(|_| place.local_rank == 0) {
                 if let Err(e) = rt.block_on(t.manager.set_aside(skipped.step, &skipped.reason)) {
                     tracing::warn!(checkpoint = %skipped.step, "could not set a damaged memory-tier checkpoint aside: {e}");
