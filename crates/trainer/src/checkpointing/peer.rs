@@ -384,7 +384,7 @@ fn receive_files(
     name: StepName,
 ) -> Result<()> {
     let total = read_u64(input)?;
-    if let Some(free) = super::tier::free_bytes(folder) {
+    if let Some(free) = free_bytes(folder) {
         ensure!(
             free >= total,
             "the tier has {free} bytes free, the checkpoint needs {total}"
@@ -446,6 +446,44 @@ fn receive_files(
             .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
     }
     Ok(())
+}
+
+/// Bytes free to an unprivileged writer in the filesystem holding `dir`, when it can be read.
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: statvfs writes one `statvfs` into the zeroed buffer for a NUL-terminated path.
+    let code = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if code != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Where this rank is among the job's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodePlace {
+    /// The node's index.
+    pub node: u32,
+    /// This rank on the node.
+    pub local_rank: u32,
+    /// The node's ranks.
+    pub local_world: u32,
+}
+
+impl NodePlace {
+    /// This worker's place, from its torchrun environment.
+    pub(crate) fn of(env: &waypoint_launch::WorkerEnv) -> Self {
+        let local_world = env.local_world_size.max(1);
+        Self {
+            node: (env.rank / local_world) as u32,
+            local_rank: env.local_rank as u32,
+            local_world: local_world as u32,
+        }
+    }
 }
 
 fn read_u64(r: &mut impl Read) -> Result<u64> {

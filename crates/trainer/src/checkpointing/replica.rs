@@ -2,8 +2,7 @@
 //! memory tier holds only its own ranks' shards, so a node lost for good would take them with it.
 //! After each commit to its tier, the node's local rank 0 streams the checkpoint over TCP to the
 //! next node in the ring (node `n` to node `n + 1`, the last to the first), whose local rank 0
-//! keeps it in its own tier under the sender's folder name — the newest [`KEEP`] there, as in the
-//! sender's. A replaced node, its tier empty, then receives its shards back from that node at the
+//! keeps it in its own tier under the sender's folder name — as many as the sender's tier keeps. A replaced node, its tier empty, then receives its shards back from that node at the
 //! restart ([`peer::replica_plan`], [`peer::carry_out`]).
 //!
 //! Nothing here ever fails training: a send that fails is named once in the log (the next commit
@@ -25,8 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use waypoint_checkpoint::{Manifest, RunLayout, StepName};
 
-use super::peer;
-use super::tier::{NodePlace, KEEP};
+use super::peer::{self, NodePlace};
 use crate::collective::ranks::Ranks;
 
 /// The steps committed (with a manifest) in the tier folder `folder`, newest first.
@@ -89,16 +87,28 @@ pub(crate) fn prune(folder: &Path, layout: &RunLayout, keep: usize) {
     }
 }
 
+/// Where a node's end of the ring reads and writes, and its bounds.
+#[derive(Debug, Clone)]
+pub(crate) struct Folders {
+    /// The tier's run folder on this node (what is sent).
+    pub(crate) own: PathBuf,
+    /// The previous node's folder in this node's tier (what is received).
+    pub(crate) replica: PathBuf,
+    /// The run's layout in both.
+    pub(crate) layout: RunLayout,
+    /// Checkpoints kept of the previous node's (as many as its tier keeps).
+    pub(crate) keep: usize,
+    /// How long one copy may take.
+    pub(crate) timeout: Duration,
+}
+
 /// This node's side of the ring, on its local rank 0: the sender of its commits to the next node,
 /// and the receiver of the previous node's.
 pub(crate) struct Replicas {
     /// The next node's receiver: its address and token.
     to: (String, u64),
     next_node: u32,
-    /// The tier's run folder on this node (what is sent).
-    own: PathBuf,
-    layout: RunLayout,
-    timeout: Duration,
+    folders: Folders,
     sending: Option<JoinHandle<Result<u64>>>,
     /// The newest step committed and not yet sent.
     pending: Option<u64>,
@@ -112,20 +122,13 @@ impl Replicas {
     /// `replica` (the previous node's folder name in this node's tier), listens, and publishes its
     /// address and a token through the store. `Some` on each node's local rank 0 when every node
     /// could; `None` elsewhere, and everywhere (named in the log) when some node could not.
-    pub(crate) fn start(
-        ranks: &Ranks,
-        place: NodePlace,
-        own: &Path,
-        replica: &Path,
-        layout: &RunLayout,
-        timeout: Duration,
-    ) -> Result<Option<Self>> {
+    pub(crate) fn start(ranks: &Ranks, place: NodePlace, folders: Folders) -> Result<Option<Self>> {
         let head = place.local_rank == 0;
         let local_world = place.local_world.max(1) as usize;
         let nodes = (ranks.world() as usize / local_world).max(1) as u32;
         let token = peer::token();
         let listening = match head {
-            true => make_folder(replica)
+            true => make_folder(&folders.replica)
                 .and_then(|()| peer::listen(ranks))
                 .map(Some),
             false => Ok(None),
@@ -161,9 +164,7 @@ impl Replicas {
         let Ok(Some(listener)) = listening else {
             return Ok(None);
         };
-        let started = Self::ring(
-            place, nodes, token, &heads, listener, own, replica, layout, timeout,
-        );
+        let started = Self::ring(place, nodes, token, &heads, listener, folders);
         if let Err(e) = &started {
             tracing::warn!(
                 "the memory tier keeps no replica of another node's shards, nor sends its own: \
@@ -174,17 +175,13 @@ impl Replicas {
     }
 
     /// This node's place in the ring, from every node's published address and token (`heads`).
-    #[allow(clippy::too_many_arguments)]
     fn ring(
         place: NodePlace,
         nodes: u32,
         token: u64,
         heads: &[String],
         listener: TcpListener,
-        own: &Path,
-        replica: &Path,
-        layout: &RunLayout,
-        timeout: Duration,
+        folders: Folders,
     ) -> Result<Self> {
         let at = |n: u32| -> Result<(String, IpAddr, u64)> {
             let said = &heads[n as usize];
@@ -204,21 +201,12 @@ impl Replicas {
             token,
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let receiving = receive_replicas(
-            listener,
-            from,
-            replica.to_path_buf(),
-            layout.clone(),
-            timeout,
-            previous_node,
-            stop.clone(),
-        )?;
+        let receiving =
+            receive_replicas(listener, from, folders.clone(), previous_node, stop.clone())?;
         Ok(Self {
             to: (addr, next_token),
             next_node,
-            own: own.to_path_buf(),
-            layout: layout.clone(),
-            timeout,
+            folders,
             sending: None,
             pending: None,
             warned: false,
@@ -244,7 +232,12 @@ impl Replicas {
         let Some(step) = self.pending.take() else {
             return;
         };
-        let (own, layout, timeout) = (self.own.clone(), self.layout.clone(), self.timeout);
+        let Folders {
+            own,
+            layout,
+            timeout,
+            ..
+        } = self.folders.clone();
         let (addr, token) = self.to.clone();
         let spawned = std::thread::Builder::new()
             .name("memory-tier-replica".into())
@@ -320,17 +313,22 @@ fn make_folder(folder: &Path) -> Result<()> {
         .with_context(|| format!("making {} its owner's alone", folder.display()))
 }
 
-/// The receiver's thread: takes each checkpoint node `previous_node` sends into `folder`, keeping
-/// the newest [`KEEP`], until `stop`.
+/// The receiver's thread: takes each checkpoint node `previous_node` sends into the replica
+/// folder, keeping the newest `keep`, until `stop`.
 fn receive_replicas(
     listener: TcpListener,
     from: peer::Sender,
-    folder: PathBuf,
-    layout: RunLayout,
-    timeout: Duration,
+    folders: Folders,
     previous_node: u32,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>> {
+    let Folders {
+        replica: folder,
+        layout,
+        keep,
+        timeout,
+        ..
+    } = folders;
     let run = move || loop {
         let keep_waiting = || !stop.load(Ordering::Relaxed);
         match peer::accept(&listener, &from, timeout, &keep_waiting) {
@@ -338,7 +336,7 @@ fn receive_replicas(
             Ok(Some((stream, mut input))) => {
                 match peer::receive(&stream, &mut input, &folder, &layout, None) {
                     Ok(step) => {
-                        prune(&folder, &layout, KEEP);
+                        prune(&folder, &layout, keep);
                         tracing::debug!(
                             step,
                             node = previous_node,

@@ -36,6 +36,8 @@ use waypoint_storage::{Store, StoreOptions};
 
 use waypoint_observe::records::RunRecords;
 
+use crate::checkpointing::peer::free_bytes;
+pub(crate) use crate::checkpointing::peer::NodePlace;
 use crate::checkpointing::replica::{self, Replicas};
 use crate::checkpointing::saver::{SaveOrder, Saver, SaverTier};
 use crate::checkpointing::state::CopyLoan;
@@ -91,29 +93,6 @@ pub(crate) fn shards_of(place: NodePlace, world: u32, sharded: bool) -> Option<S
         first_rank: place.node * place.local_world,
         local_world: place.local_world,
     })
-}
-
-/// Where this rank is among the job's nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NodePlace {
-    /// The node's index.
-    pub node: u32,
-    /// This rank on the node.
-    pub local_rank: u32,
-    /// The node's ranks.
-    pub local_world: u32,
-}
-
-impl NodePlace {
-    /// This worker's place, from its torchrun environment.
-    pub(crate) fn of(env: &waypoint_launch::WorkerEnv) -> Self {
-        let local_world = env.local_world_size.max(1);
-        Self {
-            node: (env.rank / local_world) as u32,
-            local_rank: env.local_rank as u32,
-            local_world: local_world as u32,
-        }
-    }
 }
 
 /// Why the tier is off for this start, when it is (a line for the log), else `None`: asked off,
@@ -319,9 +298,14 @@ impl MemoryTier {
         }
         if let (true, Some(replica)) = (self.on, &self.replica) {
             let head = self.commits_here();
-            let layout = self.manager.layout().clone();
-            self.replicas =
-                Replicas::start(ranks, self.place, &self.folder, replica, &layout, timeout)?;
+            let folders = replica::Folders {
+                own: self.folder.clone(),
+                replica: replica.clone(),
+                layout: self.manager.layout().clone(),
+                keep: KEEP,
+                timeout,
+            };
+            self.replicas = Replicas::start(ranks, self.place, folders)?;
             let off = ranks.any("memory-tier-replicas", head && self.replicas.is_none())?;
             self.replicating = !off;
             if off {
@@ -560,21 +544,6 @@ impl MemoryTier {
         );
         self.saver = None;
     }
-}
-
-/// Bytes free to an unprivileged writer in the filesystem holding `dir`, when it can be read.
-pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: statvfs writes one `statvfs` into the zeroed buffer for a NUL-terminated path.
-    let code = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
-    if code != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled the buffer.
-    let stat = unsafe { stat.assume_init() };
-    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 #[cfg(test)]
