@@ -1,4 +1,4 @@
-//! The `waypoint` command line: `train`, `launch`, `ckpt` and `status`.
+//! The `waypoint` command line: `train`, `launch`, `ckpt`, `status` and `serve`.
 //!
 //! Exit codes: 0 done; 1 failed (the error is printed, recorded in `status.json` and in
 //! `TORCHELASTIC_ERROR_FILE`); 2 bad usage or configuration, found before any work; 3 `ckpt verify`
@@ -39,6 +39,8 @@ enum Command {
     },
     /// Where a run stands: state, step / total, ETA, loss, tokens/s, checkpoints, last error.
     Status(crate::status::StatusArgs),
+    /// A service-mode trainer that the Tinker SDK drives over HTTP (see docs/serve.md).
+    Serve(waypoint_serve::ServeArgs),
 }
 
 fn is_false(b: &bool) -> bool {
@@ -390,6 +392,38 @@ pub fn main() -> ExitCode {
         },
         Command::Status(args) => exit_of(runtime.block_on(crate::status::run(args))),
         Command::Ckpt { command } => exit_of(runtime.block_on(crate::ckpt::run(command))),
+        Command::Serve(args) => serve(args, &runtime),
+    }
+}
+
+/// `waypoint serve` until SIGTERM or SIGINT: 0 after a clean stop, 2 when a flag or file is
+/// wrong, 1 on another failure.
+fn serve(args: waypoint_serve::ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let stop = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+        tracing::info!("waypoint serve: stopping (signal): no new requests, those in flight end");
+    };
+    match runtime.block_on(waypoint_serve::run(args, stop)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say_err(format_args!("error: {e}"));
+            match e {
+                waypoint_serve::ServeError::Start(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
     }
 }
 

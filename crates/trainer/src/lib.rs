@@ -12,7 +12,8 @@
 //! - [`recipe`]: what turns a batch into a loss (today: supervised cross-entropy);
 //! - `step`: one optimizer step over a recipe, behind the libtorch boundary;
 //! - `checkpointing`: when and what to save (`policy`) and the saver that does it;
-//! - [`run`]: one start of the trainer — setup, resume, the loop, finish.
+//! - [`run`]: one start of the trainer — setup, resume, the loop, finish;
+//! - [`service`]: the service-mode trainer's model (`waypoint serve`), driven call by call.
 
 pub(crate) mod checkpointing;
 pub(crate) mod collective;
@@ -21,5 +22,6 @@ pub mod model;
 pub mod optim;
 pub mod recipe;
 pub mod run;
+pub mod service;
 pub(crate) mod shard;
 pub(crate) mod step;

@@ -80,6 +80,12 @@ impl AdamW {
         }
     }
 
+    /// Takes new hyper-parameters for the next steps (the state is kept): a service-mode client
+    /// sends them with every step.
+    pub fn reconfigure(&mut self, config: AdamWConfig) {
+        self.config = config;
+    }
+
     /// One update of every parameter with its gradient (`grads[i]` for `params[i]`), at rate `lr`.
     /// With sharded state only this rank's rows change: gather them afterwards
     /// ([`crate::collective::ranks::Ranks::all_gather_rows`]).

@@ -1,0 +1,458 @@
+//! The routes, under `/api/v1`, as the Tinker SDK 0.38 calls them: each parses its body (JSON,
+//! or protobuf for `forward_backward`), hands the work to the [`Engine`] and answers — at once
+//! with a request id for training calls, whose outcome the client long-polls at
+//! `retrieve_future`. Every request but `healthz` must carry the server's key in `X-API-Key`.
+//! Errors are 4xx with a JSON body saying what was wrong (the SDK retries 408, 409, 429 and 5xx
+//! for minutes, so a client's mistake is never one of those); a route not served is a 404 that
+//! says so.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prost::Message;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use waypoint_trainer::service::{AdamParams, Datum, LoraSpec};
+
+use crate::api;
+use crate::engine::{Engine, Op};
+use crate::error::ServeError;
+use crate::futures::{Outcome, Polled};
+use crate::proto;
+
+/// The key clients must present, compared in constant time.
+pub(crate) struct ApiKey(Vec<u8>);
+
+impl ApiKey {
+    /// The key in `file` (surrounding whitespace ignored).
+    pub(crate) fn read(file: &std::path::Path) -> Result<Self, ServeError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ServeError::Start(format!("--api_key_file {}: {e}", file.display())))?;
+        let key = text.trim();
+        if !key.starts_with("tml-") || key.len() < 8 {
+            return Err(ServeError::Start(format!(
+                "--api_key_file {}: the key must start with `tml-` and be at least 8 characters \
+                 (the Tinker SDK refuses any other before sending it)",
+                file.display()
+            )));
+        }
+        Ok(Self(key.as_bytes().to_vec()))
+    }
+
+    fn matches(&self, given: &[u8]) -> bool {
+        self.0.ct_eq(given).into()
+    }
+}
+
+/// The largest request body taken (a `forward_backward` chunk is at most ~5 MB).
+pub(crate) const MAX_BODY: usize = 64 << 20;
+
+/// How long a `retrieve_future` waits for its outcome before answering "try again" (the SDK
+/// gives the call 45 s).
+const LONG_POLL: Duration = Duration::from_secs(30);
+
+/// The server's routes.
+pub(crate) fn router(engine: Arc<Engine>, key: Arc<ApiKey>) -> Router {
+    let api = Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/client/config", post(client_config))
+        .route("/client/dynamic_config", post(|| async { Json(json!({})) }))
+        .route("/create_session", post(create_session))
+        .route("/session_heartbeat", post(heartbeat))
+        .route(
+            "/telemetry",
+            post(|| async { Json(json!({"status": "accepted"})) }),
+        )
+        .route(
+            "/sessions/{session}/finish",
+            post(|| async { Json(json!({})) }),
+        )
+        .route("/get_server_capabilities", get(capabilities))
+        .route("/create_model", post(create_model))
+        .route("/get_info", post(get_info))
+        .route("/forward_backward", post(forward_backward))
+        .route("/optim_step", post(optim_step))
+        .route("/retrieve_future", post(retrieve_future))
+        .fallback(not_served)
+        .layer(middleware::from_fn_with_state(key, authenticate))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(engine);
+    Router::new().nest("/api/v1", api).fallback(not_served)
+}
+
+impl IntoResponse for ServeError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ServeError::Start(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(json!({"detail": self.to_string()}))).into_response()
+    }
+}
+
+async fn authenticate(State(key): State<Arc<ApiKey>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path.ends_with("/healthz") {
+        return next.run(request).await;
+    }
+    let given = request.headers().get("x-api-key").map(|v| v.as_bytes());
+    if given.is_some_and(|g| key.matches(g)) {
+        return next.run(request).await;
+    }
+    let why = match given {
+        None => "no X-API-Key header: set TINKER_API_KEY to this server's key",
+        Some(_) => "the X-API-Key is not this server's key (see its --api_key_file)",
+    };
+    ServeError::Unauthorized(why.into()).into_response()
+}
+
+async fn not_served(request: Request) -> ServeError {
+    ServeError::NotFound(format!(
+        "{} {} is not served by waypoint serve (see docs/serve.md for what is)",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+/// `body` as the JSON of `route`'s request.
+fn parse<T: DeserializeOwned>(route: &str, body: &Bytes) -> Result<T, ServeError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ServeError::BadRequest(format!("{route}: the body is not a valid request: {e}"))
+    })
+}
+
+async fn client_config() -> Json<Value> {
+    // The SDK's defaults, but its plain httpx transport, and none of the optional server-side
+    // features (custom losses, sampling sessions, batched futures).
+    Json(json!({"use_pyqwest_transport": false}))
+}
+
+async fn create_session(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let _: api::CreateSession = parse("create_session", &body)?;
+    let id = engine.create_session();
+    tracing::info!(session = %id, "session created");
+    Ok(Json(json!({"session_id": id, "type": "create_session"})))
+}
+
+async fn heartbeat(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let beat: api::SessionHeartbeat = parse("session_heartbeat", &body)?;
+    if !engine.has_session(&beat.session_id) {
+        return Err(ServeError::NotFound(format!(
+            "session {:?} is unknown",
+            beat.session_id
+        )));
+    }
+    Ok(Json(json!({"type": "session_heartbeat"})))
+}
+
+async fn capabilities(State(engine): State<Arc<Engine>>) -> Json<Value> {
+    let models: Vec<Value> = engine
+        .bases()
+        .map(|name| json!({"model_name": name, "trainable": true, "sampleable": false}))
+        .collect();
+    Json(json!({"supported_models": models}))
+}
+
+async fn create_model(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::CreateModel = parse("create_model", &body)?;
+    let lora = req.lora_config.ok_or_else(|| {
+        ServeError::BadRequest(
+            "create_model without lora_config (full-parameter training) is not served yet: \
+             create a LoRA training client"
+                .into(),
+        )
+    })?;
+    if let Some(kind) = req
+        .optimizer_config
+        .as_ref()
+        .and_then(|c| c.get("type"))
+        .and_then(Value::as_str)
+        .filter(|t| *t != "adamw")
+    {
+        return Err(ServeError::BadRequest(format!(
+            "optimizer {kind:?} is not served: only adamw"
+        )));
+    }
+    if lora.train_unembed {
+        return Err(ServeError::BadRequest(
+            "train_unembed=True (LoRA on the unembedding, lm_head) is not served yet: create the \
+             client with train_unembed=False"
+                .into(),
+        ));
+    }
+    let spec = LoraSpec {
+        rank: lora.rank,
+        attn: lora.train_attn,
+        mlp: lora.train_mlp,
+        seed: lora.seed.unwrap_or(0),
+    };
+    if spec.rank <= 0 || !(spec.attn || spec.mlp) {
+        return Err(ServeError::BadRequest(format!(
+            "lora_config: rank must be positive (got {}) and train_attn or train_mlp set",
+            spec.rank
+        )));
+    }
+    let (request, model_id) =
+        engine.create_model(&req.session_id, req.model_seq_id, &req.base_model, spec)?;
+    Ok(Json(json!({"request_id": request, "model_id": model_id})))
+}
+
+async fn get_info(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::GetInfo = parse("get_info", &body)?;
+    let (base, rank) = engine.model_info(&req.model_id)?;
+    Ok(Json(json!({
+        "model_id": req.model_id,
+        "model_data": {"model_name": base, "tokenizer_id": base},
+        "is_lora": true,
+        "lora_rank": rank,
+        "optimizer_config": {"type": "adamw"},
+        "type": "get_info",
+    })))
+}
+
+async fn forward_backward(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    if headers.contains_key(header::CONTENT_ENCODING) {
+        return Err(ServeError::Unsupported(
+            "forward_backward: a compressed body is not taken (this server leaves \
+             proto_compress_fwdbwd off)"
+                .into(),
+        ));
+    }
+    let req = proto::ForwardBackwardRequest::decode(body).map_err(|e| {
+        ServeError::BadRequest(format!(
+            "forward_backward: the body is not a tinker_public.ForwardBackwardRequest: {e}"
+        ))
+    })?;
+    let seq = i64::from(req.seq_id);
+    let op = match cross_entropy_op(&req) {
+        Ok(op) => op,
+        Err(e) => {
+            // The client counted this request: its number is used.
+            engine.submit(&req.model_id, seq, Op::Refused)?;
+            return Err(e);
+        }
+    };
+    let request = engine.submit(&req.model_id, seq, op)?;
+    Ok(Json(
+        json!({"request_id": request, "model_id": req.model_id}),
+    ))
+}
+
+/// The losses the SDK 0.38 defines.
+const SDK_LOSSES: [&str; 8] = [
+    "cross_entropy",
+    "importance_sampling",
+    "ppo",
+    "cispo",
+    "dro",
+    "gspo",
+    "stable_reinforce",
+    "custom",
+];
+
+/// The work a `forward`/`forward_backward` request asks for.
+fn cross_entropy_op(req: &proto::ForwardBackwardRequest) -> Result<Op, ServeError> {
+    let loss = req.loss_fn.as_str();
+    if loss != "cross_entropy" {
+        let known = SDK_LOSSES.contains(&loss);
+        return Err(ServeError::BadRequest(match known {
+            true => format!("loss_fn {loss:?} is not served yet (served: cross_entropy)"),
+            false => format!("loss_fn {loss:?} is unknown (the SDK's: {SDK_LOSSES:?})"),
+        }));
+    }
+    if req.data.is_empty() {
+        return Err(ServeError::BadRequest("forward_backward: no datums".into()));
+    }
+    let data = req
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| datum(i, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Op::CrossEntropy {
+        data,
+        backward: !req.forward_only,
+    })
+}
+
+/// Datum `i` of a request as the trainer takes it: the input's tokens, `target_tokens` and
+/// `weights` (all ones when absent).
+fn datum(i: usize, d: &proto::Datum) -> Result<Datum, ServeError> {
+    let bad = |what: String| ServeError::BadRequest(format!("datum {i}: {what}"));
+    let mut tokens = Vec::new();
+    for chunk in &d.model_input {
+        match &chunk.chunk {
+            Some(proto::chunk::Kind::EncodedText(t)) => tokens.extend(
+                proto::unpack(&t.tokens, i32::from_le_bytes)
+                    .ok_or_else(|| bad("an encoded_text chunk's tokens are not int32s".into()))?
+                    .into_iter()
+                    .map(i64::from),
+            ),
+            None => {
+                return Err(bad(
+                    "only encoded_text chunks are served (not images or audio)".into(),
+                ))
+            }
+        }
+    }
+    let targets = d
+        .loss_fn_inputs
+        .get("target_tokens")
+        .ok_or_else(|| bad("cross_entropy needs target_tokens".into()))?;
+    let targets = match dense(targets, "target_tokens").map_err(&bad)? {
+        (bytes, proto::DType::Int64) => proto::unpack(bytes, i64::from_le_bytes),
+        (bytes, proto::DType::Int32) => {
+            proto::unpack(bytes, i32::from_le_bytes).map(|v| v.into_iter().map(i64::from).collect())
+        }
+        (_, other) => {
+            return Err(bad(format!(
+                "target_tokens of dtype {other:?}: int64 wanted"
+            )))
+        }
+    }
+    .ok_or_else(|| bad("target_tokens' bytes do not split into its dtype".into()))?;
+    let weights = match d.loss_fn_inputs.get("weights") {
+        None => vec![1.0; targets.len()],
+        Some(w) => match dense(w, "weights").map_err(&bad)? {
+            (bytes, proto::DType::Float32) => proto::unpack(bytes, f32::from_le_bytes)
+                .ok_or_else(|| bad("weights' bytes do not split into float32s".into()))?,
+            (_, other) => return Err(bad(format!("weights of dtype {other:?}: float32 wanted"))),
+        },
+    };
+    Ok(Datum {
+        tokens,
+        targets,
+        weights,
+    })
+}
+
+/// A one-dimensional dense tensor's bytes and dtype.
+fn dense<'a>(t: &'a proto::Tensor, name: &str) -> Result<(&'a [u8], proto::DType), String> {
+    if t.shape.len() > 1 {
+        return Err(format!(
+            "{name} of shape {:?}: several targets a position are not served yet",
+            t.shape
+        ));
+    }
+    let dtype = proto::DType::try_from(t.dtype).unwrap_or(proto::DType::Unspecified);
+    match &t.encoding {
+        Some(proto::tensor::Encoding::Dense(bytes)) => Ok((bytes, dtype)),
+        Some(proto::tensor::Encoding::SparseCsr(_)) => Err(format!(
+            "{name} is sparse: only dense one-dimensional tensors are served"
+        )),
+        None => Err(format!("{name} holds no data")),
+    }
+}
+
+async fn optim_step(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::OptimStep = parse("optim_step", &body)?;
+    let Some(p) = req.adam_params else {
+        engine.submit(&req.model_id, req.seq_id, Op::Refused)?;
+        let kind = req
+            .optimizer_params
+            .as_ref()
+            .and_then(|o| o.get("type"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        return Err(ServeError::BadRequest(format!(
+            "optim_step: optimizer {kind} is not served: only Adam (adam_params)"
+        )));
+    };
+    let params = AdamParams {
+        learning_rate: p.learning_rate,
+        beta1: p.beta1,
+        beta2: p.beta2,
+        eps: p.eps,
+        weight_decay: p.weight_decay,
+        grad_clip_norm: p.grad_clip_norm,
+    };
+    let request = engine.submit(&req.model_id, req.seq_id, Op::OptimStep(params))?;
+    Ok(Json(
+        json!({"request_id": request, "model_id": req.model_id}),
+    ))
+}
+
+async fn retrieve_future(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Response, ServeError> {
+    let req: api::RetrieveFuture = parse("retrieve_future", &body)?;
+    Ok(
+        match engine.futures().poll(&req.request_id, LONG_POLL).await {
+            Polled::Done(outcome) => match outcome.as_ref() {
+                Outcome::Json(v) => Json(v.clone()).into_response(),
+                Outcome::Proto(bytes) => (
+                    [(header::CONTENT_TYPE, "application/x-protobuf")],
+                    bytes.clone(),
+                )
+                    .into_response(),
+                Outcome::Failed { error, category } => {
+                    Json(json!({"error": error, "category": category.as_str()})).into_response()
+                }
+            },
+            Polled::Pending => Json(json!({
+                "type": "try_again",
+                "request_id": req.request_id,
+                "queue_state": "active",
+            }))
+            .into_response(),
+            Polled::Unknown => {
+                return Err(ServeError::NotFound(format!(
+                "request {:?} is unknown (or its outcome was dropped, 10 minutes after it came)",
+                req.request_id
+            )))
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_read_checked_and_compared_without_echoing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "tml-secret-1\n").unwrap();
+        let k = ApiKey::read(&key).unwrap();
+        assert!(k.matches(b"tml-secret-1") && !k.matches(b"tml-secret-2") && !k.matches(b""));
+        std::fs::write(&key, "not-a-tinker-key").unwrap();
+        let err = ApiKey::read(&key).err().unwrap().to_string();
+        assert!(err.contains("must start with `tml-`"), "{err}");
+        assert!(
+            !err.contains("not-a-tinker-key"),
+            "the key is never echoed: {err}"
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! waypoint-serve: `waypoint serve`, a service-mode trainer that clients drive call by call over
+//! HTTP, speaking the REST protocol of Thinking Machines' Tinker SDK (`tinker==0.38.0`; read from
+//! its source in `docs/tinker-protocol.md`), so unmodified SDK code trains on waypoint.
+//!
+//! The rooms, each importing only those before it:
+//! - `error`: what goes wrong, each with what to do (and the HTTP status it answers with);
+//! - [`proto`]: the protobuf messages of the wire (prost derives);
+//! - [`api`]: the JSON bodies of the routes;
+//! - [`futures`]: each request's outcome, which clients long-poll;
+//! - [`engine`]: sessions, models, and each model's requests in the client's order, run on one
+//!   trainer thread over `waypoint_trainer::service` (the only part that knows libtorch);
+//! - `http`: the routes, the key check, and errors as the SDK reads them;
+//! - `server`: the command's flags and the server's start and stop (this file only re-exports).
+//!
+//! Served today: sessions, LoRA training clients (attention and MLP projections), `forward`,
+//! `forward_backward` with `cross_entropy`, `optim_step` with Adam's parameters, futures. Not yet:
+//! checkpoints, sampling, the other losses, LoRA on the unembedding (see `docs/serve.md`).
+
+mod api;
+mod engine;
+mod error;
+mod futures;
+mod http;
+mod proto;
+mod server;
+
+pub use error::ServeError;
+pub use server::{base_models, run, ServeArgs};

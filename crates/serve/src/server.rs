@@ -1,0 +1,109 @@
+//! `waypoint serve`'s flags, and the server's start (key, base models, address) and stop.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+
+use crate::error::ServeError;
+use crate::http::{self, ApiKey};
+
+/// `waypoint serve` flags.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The address to listen on (127.0.0.1: this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The port to listen on (0: any free one, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// A base model clients may train: NAME=DIR, DIR a Hugging Face model directory; NAME is
+    /// what clients pass as base_model. Repeat for several.
+    #[arg(long = "base_model", value_name = "NAME=DIR", required = true)]
+    pub base_model: Vec<String>,
+    /// A file holding the key clients must send (TINKER_API_KEY; it starts with `tml-`).
+    #[arg(long = "api_key_file", value_name = "FILE")]
+    pub api_key_file: PathBuf,
+}
+
+/// `--base_model NAME=DIR` flags as a map, each DIR a model directory.
+pub fn base_models(flags: &[String]) -> Result<BTreeMap<String, PathBuf>, ServeError> {
+    let mut bases = BTreeMap::new();
+    for flag in flags {
+        let (name, dir) = flag
+            .split_once('=')
+            .filter(|(n, d)| !n.is_empty() && !d.is_empty())
+            .ok_or_else(|| {
+                ServeError::Start(format!(
+                    "--base_model {flag:?}: expected NAME=DIR (e.g. Qwen/Qwen3-8B=/models/qwen3-8b)"
+                ))
+            })?;
+        let dir = PathBuf::from(dir);
+        if !dir.join("config.json").is_file() {
+            return Err(ServeError::Start(format!(
+                "--base_model {name}={}: no config.json there; DIR must be a Hugging Face model \
+                 directory",
+                dir.display()
+            )));
+        }
+        if bases.insert(name.to_string(), dir).is_some() {
+            return Err(ServeError::Start(format!(
+                "--base_model {name} is given twice"
+            )));
+        }
+    }
+    Ok(bases)
+}
+
+/// Serves until `stop` resolves; then stops taking connections and finishes the requests in
+/// flight.
+pub async fn run(
+    args: ServeArgs,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let key = std::sync::Arc::new(ApiKey::read(&args.api_key_file)?);
+    let bases = base_models(&args.base_model)?;
+    let engine = crate::engine::Engine::start(bases)?;
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .map_err(|e| {
+            ServeError::Start(format!(
+                "listening on {}:{}: {e} (choose another --host or --port)",
+                args.host, args.port
+            ))
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Start(format!("the listening address: {e}")))?;
+    tracing::info!(
+        url = %format!("http://{addr}"),
+        base_models = ?engine.bases().collect::<Vec<_>>(),
+        "waypoint serve: listening; point TINKER_BASE_URL at the url"
+    );
+    axum::serve(listener, http::router(engine, key))
+        .with_graceful_shutdown(stop)
+        .await
+        .map_err(|e| ServeError::Internal(format!("serving: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_checked_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let d = dir.path().display();
+        let bases = base_models(&[format!("tiny={d}")]).unwrap();
+        assert_eq!(bases["tiny"], dir.path());
+        for (flag, says) in [
+            ("tiny".to_string(), "expected NAME=DIR"),
+            (format!("tiny={d}/none"), "no config.json"),
+        ] {
+            let err = base_models(&[flag]).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        let twice = base_models(&[format!("a={d}"), format!("a={d}")]).unwrap_err();
+        assert!(twice.to_string().contains("given twice"));
+    }
+}

@@ -1,0 +1,153 @@
+"""Drives `waypoint serve` through the Tinker SDK (tinker==0.38.0), unmodified; prints a JSON
+report for tests/serve.rs. The server's URL and key come as the SDK reads them: TINKER_BASE_URL,
+TINKER_API_KEY.
+
+  sft <base_name> <model_dir>   a LoRA client: forward_backward (cross_entropy) → optim_step →
+                                forward, with transformers' log-probs of the base model as the
+                                oracle of the first call (LoRA's B starts at zero); a second
+                                client trains at the same time
+  errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
+                                not served, and raw HTTP on malformed and oversized bodies; then
+                                the same client goes on
+"""
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+import torch
+import tinker
+from tinker import types
+
+
+def data():
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (9, 13)]
+    weights = [[1.0] * (len(s) - 1) for s in seqs]
+    weights[1][:4] = [0.0] * 4
+    return seqs, weights, [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(s[:-1]),
+            loss_fn_inputs={"target_tokens": s[1:], "weights": w},
+        )
+        for s, w in zip(seqs, weights)
+    ]
+
+
+def oracle(model_dir, seqs, weights):
+    """transformers' target log-probs of each sequence, and the weighted loss."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    logprobs, loss = [], 0.0
+    with torch.no_grad():
+        for s, w in zip(seqs, weights):
+            ids = torch.tensor([s[:-1]])
+            lp = model(ids).logits.float().log_softmax(-1)[0]
+            lp = lp.gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1)
+            logprobs.append(lp.tolist())
+            loss += float(-(lp * torch.tensor(w)).sum())
+    return logprobs, loss
+
+
+def logprobs_of(out):
+    return [o["logprobs"].tolist() for o in out.loss_fn_outputs]
+
+
+def sft(name, model_dir):
+    seqs, weights, batch = data()
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(
+        base_model=name, rank=4, seed=7, train_unembed=False
+    ).result()
+    other = sc.create_lora_training_client(
+        base_model=name, rank=2, train_unembed=False, train_attn=False
+    ).result()
+    info = tc.get_info()
+    first = tc.forward_backward(batch, "cross_entropy")
+    # Sent before the first result is back: the server keeps the order.
+    step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+    other_first = other.forward_backward(batch[:1], "cross_entropy")
+    other_step = other.optim_step(types.AdamParams(learning_rate=1e-2))
+    first, step = first.result(), step.result()
+    after = tc.forward(batch, "cross_entropy").result()
+    other_first, other_step = other_first.result(), other_step.result()
+    other_after = other.forward(batch[:1], "cross_entropy").result()
+    want_lp, want_loss = oracle(model_dir, seqs, weights)
+    print(json.dumps({
+        "model_name": info.model_data.model_name,
+        "lora_rank": info.lora_rank,
+        "metric_keys": sorted(first.metrics),
+        "loss": first.metrics["loss:sum"],
+        "loss_after": after.metrics["loss:sum"],
+        "oracle_loss": want_loss,
+        "logprobs": logprobs_of(first),
+        "oracle_logprobs": want_lp,
+        "grad_norm": (step.metrics or {}).get("grad_norm"),
+        "other_loss": other_first.metrics["loss:sum"],
+        "other_loss_after": other_after.metrics["loss:sum"],
+        "other_oracle_loss": oracle(model_dir, seqs[:1], weights[:1])[1],
+    }))
+
+
+def raised(work):
+    try:
+        work()
+    except Exception as e:  # noqa: BLE001 - the report names the class and message
+        return {"class": type(e).__name__, "message": str(e)}
+    return None
+
+
+def raw(path, body, key, content_type="application/json"):
+    """POST body to the server without the SDK: (status, JSON body)."""
+    url = os.environ["TINKER_BASE_URL"].rstrip("/") + "/api/v1/" + path
+    req = urllib.request.Request(url, data=body, method="POST")
+    req.add_header("Content-Type", content_type)
+    if key is not None:
+        req.add_header("X-API-Key", key)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, text.decode(errors="replace")
+
+
+def errors(name):
+    key = os.environ["TINKER_API_KEY"]
+    report = {}
+    report["wrong_key"] = raised(
+        lambda: tinker.ServiceClient(api_key="tml-not-the-key")
+        .create_lora_training_client(base_model=name, rank=2, train_unembed=False)
+        .result()
+    )
+    sc = tinker.ServiceClient()
+    report["unknown_base"] = raised(
+        lambda: sc.create_lora_training_client(
+            base_model="no/such-model", rank=2, train_unembed=False
+        ).result()
+    )
+    report["unembed"] = raised(
+        lambda: sc.create_lora_training_client(base_model=name, rank=2).result()
+    )
+    tc = sc.create_lora_training_client(base_model=name, rank=2, train_unembed=False).result()
+    _, _, batch = data()
+    report["loss_not_served"] = raised(lambda: tc.forward_backward(batch, "ppo").result())
+    # The refused request used its number: the next ones run.
+    report["after_refusal"] = tc.forward_backward(batch, "cross_entropy").result().metrics["loss:sum"]
+    report["malformed"] = raw("create_model", b"{", key)
+    report["no_key"] = raw("create_session", b"{}", None)
+    report["unknown_route"] = raw("save_weights", b"{}", key)
+    report["oversized"] = raw("forward_backward", b"\0" * (65 << 20), key, "application/x-protobuf")
+    report["unknown_future"] = raw("retrieve_future", json.dumps({"request_id": "req-0"}).encode(), key)
+    report["still_serving"] = tc.forward(batch, "cross_entropy").result().metrics["loss:sum"]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    {"sft": sft, "errors": errors}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,182 @@
+//! `waypoint serve` driven by the Tinker SDK (`tinker==0.38.0` from the venv), unmodified
+//! (`tests/python/tinker_client.py`): a LoRA client's first `forward_backward` against
+//! transformers' log-probs of the same base model, its `optim_step` lowering the loss, two clients
+//! at once, and the errors a client meets, after which the server goes on serving.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const KEY: &str = "tml-waypoint-serve-test";
+
+/// A `waypoint serve` on a free loopback port over a tiny random Llama named `tiny`; killed when
+/// dropped.
+struct Server {
+    child: Child,
+    url: String,
+    model: std::path::PathBuf,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    common::root_python_script("hf_models.py", &["make", model.to_str().unwrap(), "llama"]);
+    let key = dir.path().join("key");
+    std::fs::write(&key, format!("{KEY}\n")).unwrap();
+    let port = common::free_port();
+    let log = dir.path().join("serve.log");
+    let child = common::waypoint()
+        .args(["serve", "--port", &port.to_string(), "--api_key_file"])
+        .arg(&key)
+        .arg("--base_model")
+        .arg(format!("tiny={}", model.display()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start waypoint serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "waypoint serve did not listen in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        model,
+        log,
+        _dir: dir,
+    }
+}
+
+/// Runs `tinker_client.py` against `server`; its JSON report.
+fn sdk(server: &Server, args: &[&str]) -> Value {
+    let script = format!(
+        "{}/tests/python/tinker_client.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = Command::new(common::python())
+        .arg(script)
+        .args(args)
+        .env("TINKER_BASE_URL", &server.url)
+        .env("TINKER_API_KEY", KEY)
+        .env("TINKER_TELEMETRY", "0")
+        .output()
+        .expect("run python");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tinker_client.py {args:?}:\n{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"))
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|x| match x {
+            Value::Array(inner) => inner.iter().map(|y| y.as_f64().unwrap()).collect(),
+            other => vec![other.as_f64().unwrap()],
+        })
+        .collect()
+}
+
+#[test]
+fn the_sdk_trains_a_lora_client_whose_first_step_matches_transformers() {
+    let server = start();
+    let model = server.model.to_str().unwrap().to_string();
+    let r = sdk(&server, &["sft", "tiny", &model]);
+    assert_eq!(r["model_name"], "tiny", "{r}");
+    assert_eq!(r["lora_rank"], 4, "{r}");
+    assert_eq!(r["metric_keys"], serde_json::json!(["loss:sum"]), "{r}");
+    // LoRA's B starts at zero: the first call sees the base model, as transformers computes it.
+    let (got, want) = (floats(&r["logprobs"]), floats(&r["oracle_logprobs"]));
+    assert_eq!(got.len(), 8 + 12, "one log-prob a target: {r}");
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        diff < 1e-4,
+        "log-probs differ from transformers' by {diff}: {r}"
+    );
+    let (loss, oracle) = (
+        r["loss"].as_f64().unwrap(),
+        r["oracle_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (loss - oracle).abs() < 1e-3 * oracle.abs(),
+        "loss:sum {loss} vs {oracle}"
+    );
+    // One Adam step on that batch lowers its loss; the other client trained its own adapters.
+    let after = r["loss_after"].as_f64().unwrap();
+    assert!(after < loss, "loss {loss} → {after} after a step: {r}");
+    assert!(r["grad_norm"].as_f64().unwrap() > 0.0, "{r}");
+    let (o, oo) = (
+        r["other_loss"].as_f64().unwrap(),
+        r["other_oracle_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (o - oo).abs() < 1e-3 * oo.abs(),
+        "the second client: {o} vs {oo}"
+    );
+    assert!(r["other_loss_after"].as_f64().unwrap() < o, "{r}");
+}
+
+#[test]
+fn a_client_meets_clear_errors_and_the_server_goes_on() {
+    let server = start();
+    let r = sdk(&server, &["errors", "tiny"]);
+    let says = |case: &str, class: &str, text: &str| {
+        let e = &r[case];
+        assert_eq!(e["class"], class, "{case}: {r}");
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains(text), "{case}: {message}");
+    };
+    says("wrong_key", "AuthenticationError", "not this server's key");
+    says(
+        "unknown_base",
+        "BadRequestError",
+        "\"no/such-model\" is not served here",
+    );
+    says("unembed", "BadRequestError", "train_unembed=False");
+    says(
+        "loss_not_served",
+        "BadRequestError",
+        "\"ppo\" is not served yet",
+    );
+    assert!(r["after_refusal"].as_f64().unwrap() > 0.0, "{r}");
+    let status = |case: &str, code: u64, text: &str| {
+        let (got, body) = (&r[case][0], &r[case][1]);
+        assert_eq!(got, code, "{case}: {r}");
+        assert!(body.to_string().contains(text), "{case}: {body}");
+    };
+    status(
+        "malformed",
+        400,
+        "create_model: the body is not a valid request",
+    );
+    status("no_key", 401, "no X-API-Key header");
+    status("unknown_route", 404, "is not served by waypoint serve");
+    status("oversized", 413, "");
+    status("unknown_future", 404, "is unknown");
+    assert!(r["still_serving"].as_f64().unwrap() > 0.0, "{r}");
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("session created"), "{log}");
+    assert!(!log.contains(KEY), "the key is never logged:\n{log}");
+}
