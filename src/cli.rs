@@ -234,7 +234,8 @@ struct TrainArgs {
     #[arg(long = "lora_dropout")]
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_dropout: Option<f64>,
-    /// Comma-separated projections LoRA wraps [default: all seven].
+    /// Comma-separated projections LoRA wraps: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj, and lm_head (the unembedding) [default: the seven of each layer].
     #[arg(long = "lora_target_modules")]
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_target_modules: Option<String>,

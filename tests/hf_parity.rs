@@ -98,7 +98,7 @@ fn lora_adapter_loads_in_peft_with_matching_logits() {
         .args(["--dataset_uri", data.to_str().unwrap()])
         .args(["--checkpoint_base_uri", runs.path().to_str().unwrap()])
         .args(["--lora_rank", "4", "--lora_alpha", "8", "--lr", "0.02"])
-        .args(["--lora_target_modules", "q_proj,v_proj,down_proj"])
+        .args(["--lora_target_modules", "q_proj,v_proj,down_proj,lm_head"])
         .args([
             "--max_steps",
             "6",
@@ -143,7 +143,9 @@ fn lora_adapter_loads_in_peft_with_matching_logits() {
                 rank: 4,
                 alpha: 8.0,
                 dropout: 0.0,
-                targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+                targets: ["q_proj", "v_proj", "down_proj", "lm_head"]
+                    .map(String::from)
+                    .into(),
             },
             0,
         )

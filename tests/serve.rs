@@ -154,7 +154,11 @@ fn a_client_meets_clear_errors_and_the_server_goes_on() {
         "BadRequestError",
         "\"no/such-model\" is not served here",
     );
-    says("unembed", "BadRequestError", "train_unembed=False");
+    says(
+        "outside_vocab",
+        "RequestFailedError",
+        "datum 0: token 100000 is outside",
+    );
     says(
         "loss_not_served",
         "BadRequestError",

@@ -59,9 +59,8 @@ def logprobs_of(out):
 def sft(name, model_dir):
     seqs, weights, batch = data()
     sc = tinker.ServiceClient()
-    tc = sc.create_lora_training_client(
-        base_model=name, rank=4, seed=7, train_unembed=False
-    ).result()
+    # The SDK's defaults: attention, MLP and the unembedding.
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=7).result()
     other = sc.create_lora_training_client(
         base_model=name, rank=2, train_unembed=False, train_attn=False
     ).result()
@@ -132,12 +131,14 @@ def errors(name):
             base_model="no/such-model", rank=2, train_unembed=False
         ).result()
     )
-    report["unembed"] = raised(
-        lambda: sc.create_lora_training_client(base_model=name, rank=2).result()
-    )
     tc = sc.create_lora_training_client(base_model=name, rank=2, train_unembed=False).result()
     _, _, batch = data()
     report["loss_not_served"] = raised(lambda: tc.forward_backward(batch, "ppo").result())
+    outside = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 100000]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+    )
+    report["outside_vocab"] = raised(lambda: tc.forward_backward([outside], "cross_entropy").result())
     # The refused request used its number: the next ones run.
     report["after_refusal"] = tc.forward_backward(batch, "cross_entropy").result().metrics["loss:sum"]
     report["malformed"] = raw("create_model", b"{", key)

@@ -301,8 +301,9 @@ impl MemoryCheck {
     }
 }
 
-/// The projections LoRA can wrap, as `peft` names them.
-pub const LORA_TARGETS: [&str; 7] = [
+/// The projections LoRA can wrap, as `peft` names them: each decoder layer's, and the unembedding
+/// (`lm_head`, once; on its own projection even when tied to the embedding).
+pub const LORA_TARGETS: [&str; 8] = [
     "q_proj",
     "k_proj",
     "v_proj",
@@ -310,6 +311,7 @@ pub const LORA_TARGETS: [&str; 7] = [
     "gate_proj",
     "up_proj",
     "down_proj",
+    "lm_head",
 ];
 
 /// LoRA settings.

@@ -193,22 +193,17 @@ async fn create_model(
             "optimizer {kind:?} is not served: only adamw"
         )));
     }
-    if lora.train_unembed {
-        return Err(ServeError::BadRequest(
-            "train_unembed=True (LoRA on the unembedding, lm_head) is not served yet: create the \
-             client with train_unembed=False"
-                .into(),
-        ));
-    }
     let spec = LoraSpec {
         rank: lora.rank,
         attn: lora.train_attn,
         mlp: lora.train_mlp,
+        unembed: lora.train_unembed,
         seed: lora.seed.unwrap_or(0),
     };
-    if spec.rank <= 0 || !(spec.attn || spec.mlp) {
+    if spec.rank <= 0 || !(spec.attn || spec.mlp || spec.unembed) {
         return Err(ServeError::BadRequest(format!(
-            "lora_config: rank must be positive (got {}) and train_attn or train_mlp set",
+            "lora_config: rank must be positive (got {}) and one of train_attn, train_mlp, \
+             train_unembed set",
             spec.rank
         )));
     }

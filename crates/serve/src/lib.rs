@@ -12,9 +12,9 @@
 //! - `http`: the routes, the key check, and errors as the SDK reads them;
 //! - `server`: the command's flags and the server's start and stop (this file only re-exports).
 //!
-//! Served today: sessions, LoRA training clients (attention and MLP projections), `forward`,
+//! Served today: sessions, LoRA training clients (attention, MLP, `lm_head`), `forward`,
 //! `forward_backward` with `cross_entropy`, `optim_step` with Adam's parameters, futures. Not yet:
-//! checkpoints, sampling, the other losses, LoRA on the unembedding (see `docs/serve.md`).
+//! checkpoints, sampling, the other losses (see `docs/serve.md`).
 
 mod api;
 mod engine;

@@ -27,6 +27,8 @@ pub struct LoraSpec {
     pub attn: bool,
     /// The MLP projections (gate, up, down).
     pub mlp: bool,
+    /// The unembedding (`lm_head`).
+    pub unembed: bool,
     /// The seed of the adapters' initialisation.
     pub seed: i64,
 }
@@ -40,6 +42,7 @@ impl LoraSpec {
             .iter()
             .filter(|_| self.attn)
             .chain(mlp.iter().filter(|_| self.mlp))
+            .chain(["lm_head"].iter().filter(|_| self.unembed))
             .map(|t| t.to_string())
             .collect();
         LoraConfig {
@@ -119,9 +122,8 @@ impl TrainingModel {
             spec.rank
         );
         ensure!(
-            spec.attn || spec.mlp,
-            "a LoRA client must train the attention or the MLP projections (train_attn or \
-             train_mlp)"
+            spec.attn || spec.mlp || spec.unembed,
+            "a LoRA client must train something: train_attn, train_mlp or train_unembed"
         );
         let device = Device::cuda_if_available();
         libtorch_boundary("loading the base model", || {
@@ -303,10 +305,11 @@ mod tests {
             rank: 4,
             attn: false,
             mlp: true,
+            unembed: true,
             seed: 0,
         };
         let c = spec.config();
-        assert_eq!(c.targets, ["gate_proj", "up_proj", "down_proj"]);
+        assert_eq!(c.targets, ["gate_proj", "up_proj", "down_proj", "lm_head"]);
         assert_eq!((c.rank, c.alpha, c.dropout), (4, 4.0, 0.0));
     }
 }

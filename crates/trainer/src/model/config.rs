@@ -254,7 +254,17 @@ impl ModelConfig {
             .filter(|(name, _)| targets.iter().any(|t| t == name))
             .map(|(_, (out, inp))| (rank * (out + inp)) as u128)
             .sum();
-        per_layer * self.num_hidden_layers as u128
+        let (out, inp) = self.unembedding_shape();
+        let head = match targets.iter().any(|t| t == "lm_head") {
+            true => (rank * (out + inp)) as u128,
+            false => 0,
+        };
+        per_layer * self.num_hidden_layers as u128 + head
+    }
+
+    /// The unembedding's (`lm_head`) weight shape: (vocabulary, hidden).
+    pub fn unembedding_shape(&self) -> (i64, i64) {
+        (self.vocab_size, self.hidden_size)
     }
 
     /// The built-in demo model: a 2-layer Llama over the byte tokenizer's 259 ids.

@@ -41,18 +41,24 @@ impl Linear {
         match &self.lora {
             None => y,
             Some(_) if !adapters => y,
-            Some(l) => {
-                let x = if train && l.dropout > 0.0 {
-                    x.dropout(l.dropout, true)
-                } else {
-                    x.shallow_clone()
-                };
-                let (x, a, b) = match compute {
-                    None => (x, l.a.shallow_clone(), l.b.shallow_clone()),
-                    Some(k) => (x.to_kind(k), l.a.to_kind(k), l.b.to_kind(k)),
-                };
-                y + x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * l.scale
-            }
+            Some(l) => y + l.delta(x, train, compute),
         }
+    }
+}
+
+impl Lora {
+    /// What the adapter adds to its projection's output for input `x`: `scale · B(A(dropout(x)))`
+    /// (dropout only with `train`), in the `compute` dtype when there is one.
+    pub(crate) fn delta(&self, x: &Tensor, train: bool, compute: Option<Kind>) -> Tensor {
+        let x = if train && self.dropout > 0.0 {
+            x.dropout(self.dropout, true)
+        } else {
+            x.shallow_clone()
+        };
+        let (x, a, b) = match compute {
+            None => (x, self.a.shallow_clone(), self.b.shallow_clone()),
+            Some(k) => (x.to_kind(k), self.a.to_kind(k), self.b.to_kind(k)),
+        };
+        x.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * self.scale
     }
 }

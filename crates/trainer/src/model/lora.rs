@@ -41,7 +41,8 @@ impl Model {
         }
         // An adapter of rank r adds r × (in + out) weights to a projection: beyond min(in, out) it
         // can express nothing more, so a larger rank is a mistake (and could exhaust memory).
-        for (target, (out, inp)) in self.config.projection_shapes() {
+        let head = ("lm_head", self.config.unembedding_shape());
+        for (target, (out, inp)) in self.config.projection_shapes().into_iter().chain([head]) {
             let limit = out.min(inp);
             ensure!(
                 !lora.targets.iter().any(|t| t == target) || lora.rank <= limit,
@@ -93,6 +94,22 @@ impl Model {
                     tensor: b.set_requires_grad(true),
                 });
             }
+        }
+        // The unembedding's, once (drawn after every layer's).
+        if lora.targets.iter().any(|t| t == "lm_head") {
+            let (out, inp) = self.config.unembedding_shape();
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a =
+                (Tensor::rand([lora.rank, inp], (Kind::Float, self.device)) * 2.0 - 1.0) * bound;
+            let b = Tensor::zeros([out, lora.rank], (Kind::Float, self.device));
+            adapters.push(Param {
+                name: "lm_head.lora_A.weight".into(),
+                tensor: a.set_requires_grad(true),
+            });
+            adapters.push(Param {
+                name: "lm_head.lora_B.weight".into(),
+                tensor: b.set_requires_grad(true),
+            });
         }
         ensure!(
             !adapters.is_empty(),

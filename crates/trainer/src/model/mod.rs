@@ -274,7 +274,7 @@ impl Model {
         for layer in &self.layers {
             h = layer.forward(&h, &rope, &self.config, train);
         }
-        self.logits(&h)
+        self.logits(&h, train)
     }
 
     /// Runs `work` with the LoRA adapters left out of every forward pass: the base model, DPO's
@@ -305,19 +305,26 @@ impl Model {
         embed_lookup(&self.embed, ids)
     }
 
-    /// The final norm and the LM head over the residual stream.
-    fn logits(&self, h: &Tensor) -> Tensor {
+    /// The final norm and the LM head over the residual stream (`train`: LoRA dropout on).
+    fn logits(&self, h: &Tensor, train: bool) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        self.logits_with(h, &self.norm, head)
+        self.logits_with(h, &self.norm, head, train)
     }
 
-    /// [`Model::logits`] with the given final norm and head weights.
-    fn logits_with(&self, h: &Tensor, norm: &Tensor, head: &Tensor) -> Tensor {
+    /// [`Model::logits`] with the given final norm and head weights, and the head's LoRA adapter
+    /// when it has one (`lm_head` among the targets; on the head's own projection even when it is
+    /// tied to the embedding, as `peft` does).
+    fn logits_with(&self, h: &Tensor, norm: &Tensor, head: &Tensor, train: bool) -> Tensor {
         let h = rms_norm(h, norm, self.config.rms_norm_eps);
-        match self.compute {
+        let logits = match self.compute {
             None if head.kind() != h.kind() => h.linear::<Tensor>(&head.to_kind(h.kind()), None),
             None => h.linear::<Tensor>(head, None),
             Some(k) => h.to_kind(k).linear::<Tensor>(&head.to_kind(k), None),
+        };
+        let adapters = self.adapters_on.load(std::sync::atomic::Ordering::Relaxed);
+        match self.lora_at("lm_head").filter(|_| adapters) {
+            Some(lora) => logits + lora.delta(&h, train, self.compute),
+            None => logits,
         }
     }
 }

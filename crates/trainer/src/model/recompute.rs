@@ -86,7 +86,7 @@ impl Model {
 
         // The head: loss, its gradient into the last layer's output and into the head's weights.
         let x = last.detach().set_requires_grad(true);
-        let loss = loss_of(&self.logits(&x));
+        let loss = loss_of(&self.logits(&x, train));
         let mut grad = backward_stage(&loss, &x, &in_stage(Stage::Head), params, &mut grads);
         let loss = loss.detach();
 
@@ -253,7 +253,7 @@ mod tests {
             tch::manual_seed(layer_seed(seed, l));
             h = layer.forward(&h, &rope, &model.config, true);
         }
-        let want_loss = summed(&model, &labels)(&model.logits(&h));
+        let want_loss = summed(&model, &labels)(&model.logits(&h, false));
         let inputs: Vec<&Tensor> = model.trainable().iter().map(|p| &p.tensor).collect();
         let want = Tensor::run_backward(&[&want_loss], &inputs, false, false);
         assert!(loss.equal(&want_loss.detach()));

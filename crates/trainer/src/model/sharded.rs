@@ -112,7 +112,7 @@ impl Model {
             }
             let w = self.gather(&self.base_of(Stage::Head), false, comm)?;
             let (norm, head) = self.head_of(&w);
-            Ok(self.logits_with(&h, norm, head))
+            Ok(self.logits_with(&h, norm, head, false))
         })
     }
 
@@ -202,7 +202,7 @@ impl Model {
             Stage::Head,
             &|w, x| {
                 let (norm, head) = self.head_of(w);
-                loss_of(&self.logits_with(x, norm, head))
+                loss_of(&self.logits_with(x, norm, head, train))
             },
             Some(&last),
             &mut grads,

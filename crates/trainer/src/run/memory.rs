@@ -520,6 +520,10 @@ mod tests {
         assert_eq!(lora.optimizer, 8 * lora_n as u64);
         // q (4096 → 4096) and v (4096 → 1024) at rank 16, 36 layers.
         assert_eq!(lora_n, 36 * 16 * ((4096 + 4096) + (1024 + 4096)));
+        // The unembedding's adapter is one, not one a layer: vocabulary 151,936 × hidden 4096.
+        let with_head =
+            c.lora_parameter_count(16, &["q_proj".into(), "v_proj".into(), "lm_head".into()]);
+        assert_eq!(with_head - lora_n, 16 * (151_936 + 4096));
     }
 
     #[test]
