@@ -12,14 +12,16 @@ use serde_json::Value;
 
 const KEY: &str = "tml-waypoint-serve-test";
 
-/// A `waypoint serve` on a free loopback port over a tiny random Llama named `tiny`; killed when
-/// dropped.
+/// A `waypoint serve` on a loopback port over a tiny random Llama named `tiny`, its runs under
+/// `runs`; killed when dropped.
 struct Server {
     child: Child,
     url: String,
+    port: u16,
     model: std::path::PathBuf,
+    runs: std::path::PathBuf,
     log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl Drop for Server {
@@ -33,15 +35,24 @@ fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
     common::root_python_script("hf_models.py", &["make", model.to_str().unwrap(), "llama"]);
-    let key = dir.path().join("key");
-    std::fs::write(&key, format!("{KEY}\n")).unwrap();
-    let port = common::free_port();
-    let log = dir.path().join("serve.log");
+    std::fs::write(dir.path().join("key"), format!("{KEY}\n")).unwrap();
+    serve(std::sync::Arc::new(dir), common::free_port())
+}
+
+/// `waypoint serve` over the model, key and runs of `dir`, on `port`.
+fn serve(dir: std::sync::Arc<tempfile::TempDir>, port: u16) -> Server {
+    let model = dir.path().join("tiny");
+    let runs = dir.path().join("runs");
+    let log = dir
+        .path()
+        .join(format!("serve-{}.log", common::unique("log")));
     let child = common::waypoint()
         .args(["serve", "--port", &port.to_string(), "--api_key_file"])
-        .arg(&key)
+        .arg(dir.path().join("key"))
         .arg("--base_model")
         .arg(format!("tiny={}", model.display()))
+        .arg("--checkpoint_base_uri")
+        .arg(&runs)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -57,9 +68,11 @@ fn start() -> Server {
     Server {
         child,
         url: format!("http://127.0.0.1:{port}"),
+        port,
         model,
+        runs,
         log,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -165,6 +178,16 @@ fn a_client_meets_clear_errors_and_the_server_goes_on() {
         "\"ppo\" is not served yet",
     );
     assert!(r["after_refusal"].as_f64().unwrap() > 0.0, "{r}");
+    says(
+        "duplicate_name",
+        "RequestFailedError",
+        "weights/dup exists already",
+    );
+    says(
+        "unknown_checkpoint",
+        "RequestFailedError",
+        "no checkpoint is named",
+    );
     let status = |case: &str, code: u64, text: &str| {
         let (got, body) = (&r[case][0], &r[case][1]);
         assert_eq!(got, code, "{case}: {r}");
@@ -183,4 +206,60 @@ fn a_client_meets_clear_errors_and_the_server_goes_on() {
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(log.contains("session created"), "{log}");
     assert!(!log.contains(KEY), "the key is never logged:\n{log}");
+}
+
+/// A client's state and sampler weights saved after step 3: the sampler weights are a PEFT
+/// adapter that `peft` loads to the served model's log-probs; the server SIGKILLed and started
+/// again over the same storage lists them, and a client made from the state with its optimizer
+/// continues bit for bit as the uninterrupted client did. The run is `waypoint ckpt`'s as a batch
+/// run's.
+#[test]
+fn a_killed_server_comes_back_with_its_checkpoints_and_a_client_continues_exactly() {
+    let server = start();
+    let (model, runs) = (
+        server.model.to_str().unwrap(),
+        server.runs.to_str().unwrap(),
+    );
+    let whole = sdk(&server, &["train", "tiny", model, runs, "3", "6"]);
+    let diff = whole["peft_diff"].as_f64().unwrap();
+    assert!(
+        diff < 1e-4,
+        "peft over the saved adapter vs the served model: {diff}"
+    );
+
+    let part = sdk(&server, &["train", "tiny", model, runs, "3", "3"]);
+    assert_eq!(
+        part["losses"],
+        Value::from(whole["losses"].as_array().unwrap()[..3].to_vec())
+    );
+    common::send_signal(server.child.id(), "KILL").unwrap();
+    let again = serve(server.dir.clone(), server.port);
+    let path = part["path"].as_str().unwrap();
+    let resumed = sdk(&again, &["resume", path, "3"]);
+    assert_eq!(
+        resumed["losses"],
+        Value::from(whole["losses"].as_array().unwrap()[3..].to_vec()),
+        "the resumed client's losses are the uninterrupted one's"
+    );
+    let model_id = part["model_id"].as_str().unwrap();
+    let listed = resumed["listed"].to_string();
+    for (id, kind) in [
+        ("weights/after-3", "training"),
+        ("sampler_weights/after-3", "sampler"),
+    ] {
+        assert!(
+            listed.contains(id) && listed.contains(kind) && listed.contains(model_id),
+            "{listed}"
+        );
+    }
+    let list = common::waypoint()
+        .args(["ckpt", "list"])
+        .arg(part["run"].as_str().unwrap())
+        .output()
+        .unwrap();
+    let list = common::ok(&list);
+    assert!(
+        list.contains("step-000003") && list.contains("TRAINING_LORA,INFERENCE_LORA"),
+        "{list}"
+    );
 }

@@ -6,6 +6,14 @@ TINKER_API_KEY.
                                 forward, with transformers' log-probs of the base model as the
                                 oracle of the first call (LoRA's B starts at zero); a second
                                 client trains at the same time
+  train <base_name> <model_dir> <runs_dir> <save_after> <steps>
+                                a LoRA client (seed 7): `steps` × (forward_backward, optim_step),
+                                its state and sampler weights saved after step `save_after` as
+                                "after-<n>"; the losses, the path, and the saved PEFT adapter's
+                                log-probs (peft over transformers) against the served model's
+  resume <path> <steps>         a client made from that state with its optimizer (as after a
+                                server restart), `steps` more steps; the losses and the
+                                checkpoints listed for the original model
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -91,6 +99,67 @@ def sft(name, model_dir):
     }))
 
 
+def peft_logprobs(model_dir, adapter_dir, seqs):
+    """peft's target log-probs of each sequence, the saved adapter over the base model."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            lp = model(torch.tensor([s[:-1]])).logits.float().log_softmax(-1)[0]
+            out.append(lp.gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1).tolist())
+    return out
+
+
+def steps(tc, batch, n):
+    losses = []
+    for _ in range(n):
+        fb = tc.forward_backward(batch, "cross_entropy")
+        step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+        losses.append(fb.result().metrics["loss:sum"])
+        step.result()
+    return losses
+
+
+def train(name, model_dir, runs_dir, save_after, total):
+    seqs, _, batch = data()
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=7).result()
+    losses = steps(tc, batch, int(save_after))
+    label = f"after-{save_after}"
+    path = tc.save_state(label).result().path
+    sampler_path = tc.save_weights_for_sampler(label).result().path
+    served = logprobs_of(tc.forward(batch, "cross_entropy").result())
+    losses += steps(tc, batch, int(total) - int(save_after))
+    model_id = tc.model_id
+    run = os.path.join(runs_dir, model_id.replace(":", "-"), "framework=waypoint")
+    adapter = os.path.join(run, "checkpoints", f"step-{int(save_after):06d}", "sampler")
+    theirs = peft_logprobs(model_dir, adapter, seqs)
+    diff = max(abs(a - b) for x, y in zip(served, theirs) for a, b in zip(x, y))
+    print(json.dumps({
+        "losses": losses, "path": path, "sampler_path": sampler_path, "model_id": model_id,
+        "run": run, "peft_diff": diff,
+    }))
+
+
+def resume(path, n):
+    _, _, batch = data()
+    sc = tinker.ServiceClient()
+    tc = sc.create_training_client_from_state_with_optimizer(path).result()
+    losses = steps(tc, batch, int(n))
+    model_id = path[len("tinker://"):].split("/")[0]
+    listed = sc.create_rest_client().list_checkpoints(model_id).result()
+    print(json.dumps({
+        "losses": losses,
+        "model_id": tc.model_id,
+        "listed": sorted((c.checkpoint_id, c.checkpoint_type, c.tinker_path) for c in listed.checkpoints),
+    }))
+
+
 def raised(work):
     try:
         work()
@@ -141,9 +210,14 @@ def errors(name):
     report["outside_vocab"] = raised(lambda: tc.forward_backward([outside], "cross_entropy").result())
     # The refused request used its number: the next ones run.
     report["after_refusal"] = tc.forward_backward(batch, "cross_entropy").result().metrics["loss:sum"]
+    tc.save_state("dup").result()
+    report["duplicate_name"] = raised(lambda: tc.save_state("dup").result())
+    report["unknown_checkpoint"] = raised(
+        lambda: tc.load_state(f"tinker://{tc.model_id}/weights/none").result()
+    )
     report["malformed"] = raw("create_model", b"{", key)
     report["no_key"] = raw("create_session", b"{}", None)
-    report["unknown_route"] = raw("save_weights", b"{}", key)
+    report["unknown_route"] = raw("asample", b"{}", key)
     report["oversized"] = raw("forward_backward", b"\0" * (65 << 20), key, "application/x-protobuf")
     report["unknown_future"] = raw("retrieve_future", json.dumps({"request_id": "req-0"}).encode(), key)
     report["still_serving"] = tc.forward(batch, "cross_entropy").result().metrics["loss:sum"]
@@ -151,4 +225,4 @@ def errors(name):
 
 
 if __name__ == "__main__":
-    {"sft": sft, "errors": errors}[sys.argv[1]](*sys.argv[2:])
+    {"sft": sft, "train": train, "resume": resume, "errors": errors}[sys.argv[1]](*sys.argv[2:])

@@ -93,6 +93,43 @@ pub(crate) struct OptimStep {
     pub(crate) optimizer_params: Option<Value>,
 }
 
+/// `POST save_weights` (`save_state`).
+#[derive(Debug, Deserialize)]
+pub(crate) struct SaveWeights {
+    pub(crate) model_id: String,
+    pub(crate) seq_id: i64,
+    #[serde(default)]
+    pub(crate) path: Option<String>,
+    #[serde(default)]
+    pub(crate) overwrite: bool,
+}
+
+/// `POST save_weights_for_sampler`: named (`path`), or ephemeral for a sampling client.
+#[derive(Debug, Deserialize)]
+pub(crate) struct SaveWeightsForSampler {
+    pub(crate) model_id: String,
+    pub(crate) seq_id: i64,
+    #[serde(default)]
+    pub(crate) path: Option<String>,
+}
+
+/// `POST load_weights`: into a model (`model_id`, `seq_id`: `load_state`), or a new model made from
+/// the checkpoint (`session_id`, `model_seq_id`: `create_training_client_from_state`).
+#[derive(Debug, Deserialize)]
+pub(crate) struct LoadWeights {
+    pub(crate) path: String,
+    #[serde(default)]
+    pub(crate) optimizer: bool,
+    #[serde(default)]
+    pub(crate) model_id: Option<String>,
+    #[serde(default)]
+    pub(crate) seq_id: Option<i64>,
+    #[serde(default)]
+    pub(crate) session_id: Option<String>,
+    #[serde(default)]
+    pub(crate) model_seq_id: Option<i64>,
+}
+
 /// `POST retrieve_future`.
 #[derive(Debug, Deserialize)]
 pub(crate) struct RetrieveFuture {

@@ -6,8 +6,10 @@
 //! request id. A request refused at submission keeps its number (the client counts it), so the
 //! ones after it are not held forever.
 //!
-//! The libtorch work runs on one trainer thread, in the order requests are released: a model's
-//! requests never overlap, and libtorch's process-wide generator is used by one thread only.
+//! The libtorch and checkpoint work runs on one trainer thread, in the order requests are
+//! released: a model's requests never overlap, and libtorch's process-wide generator is used by one
+//! thread only. Each model is a run of its own under the checkpoint base ([`crate::names`]); its
+//! saves are `step-N` checkpoints through the checkpoint crate, named by the client.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -15,14 +17,18 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
-use waypoint_trainer::service::{AdamParams, Datum, LoraSpec, TrainingModel};
+use tokio::runtime::Handle;
+use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
+use waypoint_storage::{StorageError, Store};
+use waypoint_trainer::service::{identity_of, AdamParams, Datum, Identity, TrainingModel};
 
 use crate::error::ServeError;
 use crate::futures::{Category, Futures, Outcome};
+use crate::names::{self, Kind, Record, TinkerPath};
 use crate::proto;
 
 /// Requests a model may hold waiting for an earlier one.
-const MAX_WAITING: usize = 4096;
+const MAX_WAITING: usize = 1024;
 
 /// What a training request asks of its model.
 #[derive(Debug)]
@@ -31,16 +37,31 @@ pub(crate) enum Op {
     CrossEntropy { data: Vec<Datum>, backward: bool },
     /// `optim_step`.
     OptimStep(AdamParams),
+    /// `save_state` (`Kind::Weights`) or `save_weights_for_sampler` (`Kind::Sampler`) under `name`.
+    Save {
+        kind: Kind,
+        name: String,
+        overwrite: bool,
+    },
+    /// `load_state`, with or without the optimizer's state.
+    Load { path: TinkerPath, optimizer: bool },
     /// A request refused at submission: its number is used, nothing runs.
     Refused,
+}
+
+/// Where a new model's weights come from.
+enum Origin {
+    /// A new LoRA on a base model.
+    New(Identity),
+    /// A checkpoint (`create_training_client_from_state`), with or without its optimizer state.
+    Checkpoint { path: TinkerPath, optimizer: bool },
 }
 
 /// The trainer thread's work.
 enum Job {
     Create {
         model_id: String,
-        dir: PathBuf,
-        spec: LoraSpec,
+        origin: Origin,
         request: String,
     },
     Run {
@@ -48,11 +69,20 @@ enum Job {
         op: Op,
         request: Option<String>,
     },
+    /// Frees a finished session's models.
+    Drop { model_ids: Vec<String> },
+}
+
+/// What a client may ask of a model without going through the trainer thread.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelInfo {
+    pub(crate) base_model: String,
+    pub(crate) lora_rank: i64,
 }
 
 struct ModelEntry {
-    base: String,
-    lora_rank: i64,
+    /// The request that created it (a retried creation gets it again).
+    created_by: String,
     /// The next request to release.
     next_seq: i64,
     /// Requests waiting for an earlier one, by number.
@@ -63,7 +93,8 @@ struct ModelEntry {
 
 #[derive(Default)]
 struct State {
-    sessions: HashMap<String, ()>,
+    /// Each session's models.
+    sessions: HashMap<String, Vec<String>>,
     models: HashMap<String, ModelEntry>,
 }
 
@@ -72,31 +103,60 @@ pub(crate) struct Engine {
     state: Mutex<State>,
     futures: Arc<Futures>,
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// Filled by the trainer thread once a model is made.
+    info: Arc<Mutex<HashMap<String, ModelInfo>>>,
     /// The base models clients may train, by name.
-    bases: BTreeMap<String, PathBuf>,
+    bases: Arc<BTreeMap<String, PathBuf>>,
+    /// The checkpoint base.
+    store: Store,
+    /// Models held at most.
+    max_models: usize,
 }
 
 impl Engine {
-    /// An engine serving `bases` (name → Hugging Face directory), its trainer thread started.
-    pub(crate) fn start(bases: BTreeMap<String, PathBuf>) -> Result<Arc<Self>, ServeError> {
+    /// An engine serving `bases` (name → Hugging Face directory), its models' runs in `store`, at
+    /// most `max_models` at once; its trainer thread started (storage calls through `runtime`).
+    pub(crate) fn start(
+        bases: BTreeMap<String, PathBuf>,
+        store: Store,
+        max_models: usize,
+        runtime: Handle,
+    ) -> Result<Arc<Self>, ServeError> {
         let futures = Arc::new(Futures::default());
+        let info = Arc::new(Mutex::new(HashMap::new()));
+        let bases = Arc::new(bases);
         let (jobs, inbox) = mpsc::channel();
-        let posted = futures.clone();
+        let trainer = Trainer {
+            futures: futures.clone(),
+            info: info.clone(),
+            bases: bases.clone(),
+            store: store.clone(),
+            runtime,
+            models: HashMap::new(),
+        };
         std::thread::Builder::new()
             .name("trainer".into())
-            .spawn(move || train(inbox, &posted))
+            .spawn(move || trainer.run(inbox))
             .map_err(|e| ServeError::Start(format!("starting the trainer thread: {e}")))?;
         Ok(Arc::new(Self {
             state: Mutex::default(),
             futures,
             jobs: Mutex::new(jobs),
+            info,
             bases,
+            store,
+            max_models,
         }))
     }
 
     /// The futures of the requests.
     pub(crate) fn futures(&self) -> &Futures {
         &self.futures
+    }
+
+    /// The checkpoint base.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The base models served, by name.
@@ -117,7 +177,7 @@ impl Engine {
     /// A new session's id.
     pub(crate) fn create_session(&self) -> String {
         let id = format!("s{:016x}", random_u64());
-        self.state().sessions.insert(id.clone(), ());
+        self.state().sessions.insert(id.clone(), Vec::new());
         id
     }
 
@@ -126,64 +186,113 @@ impl Engine {
         self.state().sessions.contains_key(session)
     }
 
-    /// Starts creating the LoRA model `<session>:train:<seq>` on base `base`; its request id and
-    /// model id.
-    pub(crate) fn create_model(
+    /// Ends `session`: its models are freed (their checkpoints stay).
+    pub(crate) fn finish_session(&self, session: &str) -> Result<(), ServeError> {
+        let mut state = self.state();
+        let Some(model_ids) = state.sessions.remove(session) else {
+            return Ok(());
+        };
+        for m in &model_ids {
+            state.models.remove(m);
+        }
+        drop(state);
+        self.info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|m, _| !model_ids.contains(m));
+        self.send(Job::Drop { model_ids })
+    }
+
+    /// Starts making model `<session>:train:<seq>`, from a base model (`identity`) or from a
+    /// checkpoint (`path`); its request id and model id. The same creation sent again gets the same
+    /// request id.
+    fn create(
         &self,
         session: &str,
         model_seq_id: i64,
-        base: &str,
-        spec: LoraSpec,
+        origin: Origin,
     ) -> Result<(String, String), ServeError> {
-        let dir = self.bases.get(base).cloned().ok_or_else(|| {
-            ServeError::BadRequest(format!(
-                "base_model {base:?} is not served here; served: {:?} (each given to `waypoint \
-                 serve` as --base_model NAME=DIR)",
-                self.bases.keys().collect::<Vec<_>>()
-            ))
-        })?;
+        if let Origin::New(identity) = &origin {
+            if !self.bases.contains_key(&identity.base_model) {
+                return Err(ServeError::BadRequest(format!(
+                    "base_model {:?} is not served here; served: {:?} (each given to `waypoint \
+                     serve` as --base_model NAME=DIR)",
+                    identity.base_model,
+                    self.bases.keys().collect::<Vec<_>>()
+                )));
+            }
+        }
         let mut state = self.state();
+        let model_id = format!("{session}:train:{model_seq_id}");
+        if let Some(m) = state.models.get(&model_id) {
+            return Ok((m.created_by.clone(), model_id));
+        }
         if !state.sessions.contains_key(session) {
             return Err(ServeError::NotFound(format!(
                 "session {session:?} is unknown: create one first (create_session)"
             )));
         }
-        let model_id = format!("{session}:train:{model_seq_id}");
-        if state.models.contains_key(&model_id) {
+        if state.models.len() >= self.max_models {
             return Err(ServeError::BadRequest(format!(
-                "model {model_id} exists already: model_seq_id {model_seq_id} was used in this \
-                 session"
+                "this server holds {} training clients, its --max_models: close a ServiceClient \
+                 (its session's models are freed), or start the server with a larger \
+                 --max_models",
+                self.max_models
             )));
         }
         let request = self.futures.open();
         state.models.insert(
             model_id.clone(),
             ModelEntry {
-                base: base.to_string(),
-                lora_rank: spec.rank,
+                created_by: request.clone(),
                 next_seq: 1,
                 waiting: BTreeMap::new(),
                 requests: HashMap::new(),
             },
         );
+        if let Some(models) = state.sessions.get_mut(session) {
+            models.push(model_id.clone());
+        }
         // Sent under the lock: the model's first request cannot overtake its creation.
         self.send(Job::Create {
             model_id: model_id.clone(),
-            dir,
-            spec,
+            origin,
             request: request.clone(),
         })?;
         Ok((request, model_id))
     }
 
-    /// The base model and LoRA rank of model `model_id`.
-    pub(crate) fn model_info(&self, model_id: &str) -> Result<(String, i64), ServeError> {
-        let state = self.state();
-        let m = state
-            .models
-            .get(model_id)
-            .ok_or_else(|| unknown_model(model_id))?;
-        Ok((m.base.clone(), m.lora_rank))
+    /// `create_model`: a new LoRA on a served base.
+    pub(crate) fn create_model(
+        &self,
+        session: &str,
+        model_seq_id: i64,
+        identity: Identity,
+    ) -> Result<(String, String), ServeError> {
+        self.create(session, model_seq_id, Origin::New(identity))
+    }
+
+    /// `load_weights` with a session: a model made from checkpoint `path`.
+    pub(crate) fn create_from(
+        &self,
+        session: &str,
+        model_seq_id: i64,
+        path: TinkerPath,
+        optimizer: bool,
+    ) -> Result<(String, String), ServeError> {
+        self.create(
+            session,
+            model_seq_id,
+            Origin::Checkpoint { path, optimizer },
+        )
+    }
+
+    /// The base model and LoRA rank of model `model_id`, once it is made.
+    pub(crate) fn model_info(&self, model_id: &str) -> Result<ModelInfo, ServeError> {
+        let info = self.info.lock().unwrap_or_else(|e| e.into_inner());
+        info.get(model_id)
+            .cloned()
+            .ok_or_else(|| unknown_model(model_id))
     }
 
     /// Takes request `seq` of model `model_id`: released to the trainer once every earlier one
@@ -209,9 +318,13 @@ impl Engine {
                 m.next_seq
             )));
         }
-        if m.waiting.len() >= MAX_WAITING {
+        // The one released next is always taken: it lets the others go.
+        if seq != m.next_seq && m.waiting.len() >= MAX_WAITING {
+            m.requests.insert(seq, None);
+            m.waiting.insert(seq, (None, Op::Refused));
             return Err(ServeError::BadRequest(format!(
-                "model {model_id} holds {MAX_WAITING} requests waiting for seq_id {}: send it",
+                "model {model_id} holds {MAX_WAITING} requests waiting for seq_id {}: send it \
+                 first",
                 m.next_seq
             )));
         }
@@ -232,62 +345,146 @@ impl Engine {
 
 fn unknown_model(model_id: &str) -> ServeError {
     ServeError::NotFound(format!(
-        "model {model_id:?} is unknown here (created by create_model in this server's life)"
+        "model {model_id:?} is unknown here (made by create_model or load_weights in this \
+         server's life, and not freed by its session's end)"
     ))
-}
-
-/// The trainer thread: runs the jobs in order and posts their outcomes.
-fn train(inbox: mpsc::Receiver<Job>, futures: &Futures) {
-    let mut models: HashMap<String, Result<TrainingModel, String>> = HashMap::new();
-    while let Ok(job) = inbox.recv() {
-        match job {
-            Job::Create {
-                model_id,
-                dir,
-                spec,
-                request,
-            } => {
-                let made = TrainingModel::lora(&dir, spec).map_err(|e| format!("{e:#}"));
-                let outcome = match &made {
-                    Ok(_) => {
-                        tracing::info!(model = %model_id, rank = spec.rank, "training client created");
-                        Outcome::Json(json!({"model_id": model_id, "type": "create_model"}))
-                    }
-                    Err(e) => {
-                        tracing::warn!(model = %model_id, "creating a training client failed: {e}");
-                        failed(Category::User, format!("creating model {model_id}: {e}"))
-                    }
-                };
-                futures.post(&request, outcome);
-                models.insert(model_id, made);
-            }
-            Job::Run {
-                model_id,
-                op,
-                request,
-            } => {
-                let outcome = match models.get_mut(&model_id) {
-                    Some(Ok(model)) => run(model, op),
-                    Some(Err(e)) => failed(
-                        Category::User,
-                        format!("model {model_id} could not be created: {e}"),
-                    ),
-                    None => failed(Category::Server, format!("model {model_id} is not here")),
-                };
-                if let Some(request) = request {
-                    futures.post(&request, outcome);
-                }
-            }
-        }
-    }
 }
 
 fn failed(category: Category, error: String) -> Outcome {
     Outcome::Failed { error, category }
 }
 
+/// A served model and its run's checkpoints.
+struct Served {
+    model: TrainingModel,
+    manager: CheckpointManager,
+}
+
+/// The trainer thread: runs the jobs in order and posts their outcomes.
+struct Trainer {
+    futures: Arc<Futures>,
+    info: Arc<Mutex<HashMap<String, ModelInfo>>>,
+    bases: Arc<BTreeMap<String, PathBuf>>,
+    store: Store,
+    runtime: Handle,
+    models: HashMap<String, Result<Served, String>>,
+}
+
+impl Trainer {
+    fn run(mut self, inbox: mpsc::Receiver<Job>) {
+        while let Ok(job) = inbox.recv() {
+            match job {
+                Job::Create {
+                    model_id,
+                    origin,
+                    request,
+                } => {
+                    let made = self.make(&model_id, origin);
+                    let outcome = match &made {
+                        Ok(served) => {
+                            let identity = served.model.identity();
+                            tracing::info!(model = %model_id, base = %identity.base_model, rank = identity.lora.rank, "training client made");
+                            self.info.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                                model_id.clone(),
+                                ModelInfo {
+                                    base_model: identity.base_model.clone(),
+                                    lora_rank: identity.lora.rank,
+                                },
+                            );
+                            Outcome::Json(json!({"model_id": model_id}))
+                        }
+                        Err(e) => {
+                            tracing::warn!(model = %model_id, "making a training client failed: {e}");
+                            failed(Category::User, format!("making model {model_id}: {e}"))
+                        }
+                    };
+                    self.futures.post(&request, outcome);
+                    self.models.insert(model_id, made);
+                }
+                Job::Run {
+                    model_id,
+                    op,
+                    request,
+                } => {
+                    let outcome = match self.models.get_mut(&model_id) {
+                        Some(Ok(served)) => run(served, &model_id, op, &self.store, &self.runtime),
+                        Some(Err(e)) => failed(
+                            Category::User,
+                            format!("model {model_id} could not be made: {e}"),
+                        ),
+                        None => failed(Category::User, format!("model {model_id} was freed")),
+                    };
+                    if let Some(request) = request {
+                        self.futures.post(&request, outcome);
+                    }
+                }
+                Job::Drop { model_ids } => {
+                    for m in model_ids {
+                        self.models.remove(&m);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Model `model_id` from `origin`, its run's attempt taken.
+    fn make(&self, model_id: &str, origin: Origin) -> Result<Served, String> {
+        let rt = &self.runtime;
+        let layout = names::run_of(model_id).map_err(|e| e.to_string())?;
+        let mut manager =
+            CheckpointManager::new(self.store.clone(), layout, ManagerOptions::default());
+        let info = json!({"served_model": model_id});
+        rt.block_on(manager.start_attempt(&info))
+            .map_err(|e| format!("taking the run's attempt: {e}"))?;
+        let (identity, from) = match origin {
+            Origin::New(identity) => (identity, None),
+            Origin::Checkpoint { path, optimizer } => {
+                let (source, step) = resolve(&self.store, rt, &path).map_err(|e| e.to_string())?;
+                let identity = identity_of(&source, rt, step).map_err(|e| format!("{e:#}"))?;
+                (identity, Some((source, step, optimizer)))
+            }
+        };
+        let dir = self.bases.get(&identity.base_model).ok_or_else(|| {
+            format!(
+                "the checkpoint's base model {:?} is not served here (served: {:?})",
+                identity.base_model,
+                self.bases.keys().collect::<Vec<_>>()
+            )
+        })?;
+        let mut model = TrainingModel::lora(dir, identity).map_err(|e| format!("{e:#}"))?;
+        if let Some((source, step, optimizer)) = from {
+            model
+                .load(&source, rt, step, optimizer)
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        Ok(Served { model, manager })
+    }
+}
+
+/// The run and checkpoint that `path` names (its name record read).
+fn resolve(
+    store: &Store,
+    rt: &Handle,
+    path: &TinkerPath,
+) -> Result<(CheckpointManager, waypoint_checkpoint::StepName), ServeError> {
+    let layout = names::run_of(&path.model_id)?;
+    let key = names::record_key(&layout, path.kind, &path.name);
+    let bytes = rt.block_on(store.get(&key)).map_err(|e| match e {
+        StorageError::NotFound { .. } => ServeError::BadRequest(format!(
+            "no checkpoint is named {}",
+            TinkerPath::of(&path.model_id, path.kind, &path.name)
+        )),
+        e => ServeError::Internal(format!("reading {key}: {e}")),
+    })?;
+    let record: Record = serde_json::from_slice(&bytes)
+        .map_err(|e| ServeError::Internal(format!("{key} is not a name record: {e}")))?;
+    let manager = CheckpointManager::new(store.clone(), layout, ManagerOptions::default());
+    Ok((manager, record.step()?))
+}
+
 /// One request on its model.
-fn run(model: &mut TrainingModel, op: Op) -> Outcome {
+fn run(served: &mut Served, model_id: &str, op: Op, store: &Store, rt: &Handle) -> Outcome {
+    let model = &mut served.model;
     match op {
         Op::CrossEntropy { data, backward } => {
             if let Err(e) = model.check(&data) {
@@ -315,6 +512,53 @@ fn run(model: &mut TrainingModel, op: Op) -> Outcome {
             Ok(s) => Outcome::Json(json!({"metrics": {"grad_norm": s.grad_norm}})),
             Err(e) => failed(Category::User, format!("{e:#}")),
         },
+        Op::Save {
+            kind,
+            name,
+            overwrite,
+        } => {
+            let checkpoint = match model.save(&served.manager, rt) {
+                Ok(c) => c,
+                Err(e) => return failed(Category::Server, format!("saving: {e:#}")),
+            };
+            let key = names::record_key(served.manager.layout(), kind, &name);
+            let record = Record {
+                checkpoint,
+                time: chrono::Utc::now().to_rfc3339(),
+            };
+            let body = bytes::Bytes::from(serde_json::to_vec(&record).unwrap_or_default());
+            let put = match overwrite {
+                true => rt.block_on(store.put(&key, body)),
+                false => rt.block_on(store.put_create(&key, body)),
+            };
+            let path = TinkerPath::of(model_id, kind, &name);
+            match put {
+                Ok(()) => {
+                    tracing::info!(%path, checkpoint = %record.checkpoint, "checkpoint named");
+                    Outcome::Json(json!({"path": path}))
+                }
+                Err(StorageError::AlreadyExists { .. }) => failed(
+                    Category::User,
+                    format!(
+                        "{path} exists already: save under another name, or pass \
+                         overwrite=True"
+                    ),
+                ),
+                Err(e) => failed(Category::Server, format!("naming {path}: {e}")),
+            }
+        }
+        Op::Load { path, optimizer } => {
+            let loaded = resolve(store, rt, &path).and_then(|(source, step)| {
+                model
+                    .load(&source, rt, step, optimizer)
+                    .map_err(|e| ServeError::BadRequest(format!("{e:#}")))
+            });
+            let full = TinkerPath::of(&path.model_id, path.kind, &path.name);
+            match loaded {
+                Ok(()) => Outcome::Json(json!({"path": full, "model_id": model_id})),
+                Err(e) => failed(Category::User, format!("loading {full}: {e}")),
+            }
+        }
         Op::Refused => failed(Category::User, "refused at submission".into()),
     }
 }

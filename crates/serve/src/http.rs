@@ -20,12 +20,13 @@ use prost::Message;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use waypoint_trainer::service::{AdamParams, Datum, LoraSpec};
+use waypoint_trainer::service::{AdamParams, Datum, Identity, LoraSpec};
 
 use crate::api;
 use crate::engine::{Engine, Op};
 use crate::error::ServeError;
 use crate::futures::{Outcome, Polled};
+use crate::names::{self, Kind, Record, TinkerPath};
 use crate::proto;
 
 /// The key clients must present, compared in constant time.
@@ -71,15 +72,19 @@ pub(crate) fn router(engine: Arc<Engine>, key: Arc<ApiKey>) -> Router {
             "/telemetry",
             post(|| async { Json(json!({"status": "accepted"})) }),
         )
-        .route(
-            "/sessions/{session}/finish",
-            post(|| async { Json(json!({})) }),
-        )
+        .route("/sessions/{session}/finish", post(finish_session))
         .route("/get_server_capabilities", get(capabilities))
         .route("/create_model", post(create_model))
         .route("/get_info", post(get_info))
         .route("/forward_backward", post(forward_backward))
         .route("/optim_step", post(optim_step))
+        .route("/save_weights", post(save_weights))
+        .route("/save_weights_for_sampler", post(save_weights_for_sampler))
+        .route("/load_weights", post(load_weights))
+        .route(
+            "/training_runs/{model_id}/checkpoints",
+            get(list_checkpoints),
+        )
         .route("/retrieve_future", post(retrieve_future))
         .fallback(not_served)
         .layer(middleware::from_fn_with_state(key, authenticate))
@@ -207,8 +212,11 @@ async fn create_model(
             spec.rank
         )));
     }
-    let (request, model_id) =
-        engine.create_model(&req.session_id, req.model_seq_id, &req.base_model, spec)?;
+    let identity = Identity {
+        base_model: req.base_model,
+        lora: spec,
+    };
+    let (request, model_id) = engine.create_model(&req.session_id, req.model_seq_id, identity)?;
     Ok(Json(json!({"request_id": request, "model_id": model_id})))
 }
 
@@ -217,12 +225,13 @@ async fn get_info(
     body: Bytes,
 ) -> Result<Json<Value>, ServeError> {
     let req: api::GetInfo = parse("get_info", &body)?;
-    let (base, rank) = engine.model_info(&req.model_id)?;
+    let info = engine.model_info(&req.model_id)?;
+    let base = info.base_model;
     Ok(Json(json!({
         "model_id": req.model_id,
         "model_data": {"model_name": base, "tokenizer_id": base},
         "is_lora": true,
-        "lora_rank": rank,
+        "lora_rank": info.lora_rank,
         "optimizer_config": {"type": "adamw"},
         "type": "get_info",
     })))
@@ -395,6 +404,154 @@ async fn optim_step(
     Ok(Json(
         json!({"request_id": request, "model_id": req.model_id}),
     ))
+}
+
+async fn finish_session(
+    State(engine): State<Arc<Engine>>,
+    axum::extract::Path(session): axum::extract::Path<String>,
+) -> Result<Json<Value>, ServeError> {
+    engine.finish_session(&session)?;
+    tracing::info!(session = %session, "session finished: its models are freed");
+    Ok(Json(json!({})))
+}
+
+/// The name a save asks for, checked; a refusal uses the request's number.
+fn save_name(
+    engine: &Engine,
+    model_id: &str,
+    seq: i64,
+    path: Option<&str>,
+    missing: &str,
+) -> Result<String, ServeError> {
+    let named = path
+        .ok_or_else(|| ServeError::BadRequest(missing.to_string()))
+        .and_then(|name| names::check_name(name).map(|()| name.to_string()));
+    if named.is_err() {
+        engine.submit(model_id, seq, Op::Refused)?;
+    }
+    named
+}
+
+async fn save_weights(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::SaveWeights = parse("save_weights", &body)?;
+    let name = save_name(
+        &engine,
+        &req.model_id,
+        req.seq_id,
+        req.path.as_deref(),
+        "save_state needs a name",
+    )?;
+    let op = Op::Save {
+        kind: Kind::Weights,
+        name,
+        overwrite: req.overwrite,
+    };
+    let request = engine.submit(&req.model_id, req.seq_id, op)?;
+    Ok(Json(
+        json!({"request_id": request, "model_id": req.model_id}),
+    ))
+}
+
+async fn save_weights_for_sampler(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::SaveWeightsForSampler = parse("save_weights_for_sampler", &body)?;
+    let name = save_name(
+        &engine,
+        &req.model_id,
+        req.seq_id,
+        req.path.as_deref(),
+        "sampling is not served yet, so neither is an unnamed sampler save \
+         (save_weights_and_get_sampling_client): name it, save_weights_for_sampler(name)",
+    )?;
+    let op = Op::Save {
+        kind: Kind::Sampler,
+        name,
+        overwrite: false,
+    };
+    let request = engine.submit(&req.model_id, req.seq_id, op)?;
+    Ok(Json(
+        json!({"request_id": request, "model_id": req.model_id}),
+    ))
+}
+
+async fn load_weights(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::LoadWeights = parse("load_weights", &body)?;
+    match (&req.model_id, req.seq_id, &req.session_id, req.model_seq_id) {
+        (Some(model_id), Some(seq), _, _) => {
+            let op = match TinkerPath::parse(&req.path) {
+                Ok(path) => Op::Load {
+                    path,
+                    optimizer: req.optimizer,
+                },
+                Err(e) => {
+                    engine.submit(model_id, seq, Op::Refused)?;
+                    return Err(e);
+                }
+            };
+            let request = engine.submit(model_id, seq, op)?;
+            Ok(Json(json!({"request_id": request, "model_id": model_id})))
+        }
+        (None, _, Some(session), Some(model_seq_id)) => {
+            let path = TinkerPath::parse(&req.path)?;
+            let (request, model_id) =
+                engine.create_from(session, model_seq_id, path, req.optimizer)?;
+            Ok(Json(json!({"request_id": request, "model_id": model_id})))
+        }
+        _ => Err(ServeError::BadRequest(
+            "load_weights: give model_id and seq_id (load_state), or session_id and \
+             model_seq_id (create_training_client_from_state)"
+                .into(),
+        )),
+    }
+}
+
+async fn list_checkpoints(
+    State(engine): State<Arc<Engine>>,
+    axum::extract::Path(model_id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ServeError> {
+    let run = names::run_of(&model_id)?;
+    let store = engine.store();
+    let mut checkpoints = Vec::new();
+    for kind in [Kind::Weights, Kind::Sampler] {
+        let dir = names::records_dir(&run, kind);
+        let listed = store
+            .list(&format!("{dir}/"))
+            .await
+            .map_err(|e| ServeError::Internal(format!("listing {dir}: {e}")))?;
+        for object in listed {
+            let Some(name) = object
+                .key
+                .rsplit('/')
+                .next()
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let bytes = store
+                .get(&object.key)
+                .await
+                .map_err(|e| ServeError::Internal(format!("reading {}: {e}", object.key)))?;
+            let Ok(record) = serde_json::from_slice::<Record>(&bytes) else {
+                continue;
+            };
+            checkpoints.push(json!({
+                "checkpoint_id": format!("{}/{name}", kind.segment()),
+                "checkpoint_type": kind.checkpoint_type(),
+                "time": record.time,
+                "tinker_path": TinkerPath::of(&model_id, kind, name),
+                "public": false,
+            }));
+        }
+    }
+    Ok(Json(json!({"checkpoints": checkpoints})))
 }
 
 async fn retrieve_future(

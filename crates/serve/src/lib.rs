@@ -4,6 +4,7 @@
 //!
 //! The rooms, each importing only those before it:
 //! - `error`: what goes wrong, each with what to do (and the HTTP status it answers with);
+//! - `names`: each client's run, and the names clients give its checkpoints (`tinker://` paths);
 //! - [`proto`]: the protobuf messages of the wire (prost derives);
 //! - [`api`]: the JSON bodies of the routes;
 //! - [`futures`]: each request's outcome, which clients long-poll;
@@ -13,14 +14,16 @@
 //! - `server`: the command's flags and the server's start and stop (this file only re-exports).
 //!
 //! Served today: sessions, LoRA training clients (attention, MLP, `lm_head`), `forward`,
-//! `forward_backward` with `cross_entropy`, `optim_step` with Adam's parameters, futures. Not yet:
-//! checkpoints, sampling, the other losses (see `docs/serve.md`).
+//! `forward_backward` with `cross_entropy`, `optim_step` with Adam's parameters, futures, and
+//! checkpoints (`save_state`, `load_state`, named sampler weights, listing) as `step-N`
+//! checkpoints of a run per client. Not yet: sampling, the other losses (see `docs/serve.md`).
 
 mod api;
 mod engine;
 mod error;
 mod futures;
 mod http;
+mod names;
 mod proto;
 mod server;
 

@@ -23,6 +23,13 @@ pub struct ServeArgs {
     /// A file holding the key clients must send (TINKER_API_KEY; it starts with `tml-`).
     #[arg(long = "api_key_file", value_name = "FILE")]
     pub api_key_file: PathBuf,
+    /// Where the training clients' runs and checkpoints go (a local path, file://, s3://, gs://,
+    /// az://): each client is a run `<session>-train-<n>` of its own, as `waypoint ckpt` reads.
+    #[arg(long = "checkpoint_base_uri", value_name = "URI")]
+    pub checkpoint_base_uri: String,
+    /// Training clients held at once (each holds its base model); a session's end frees its own.
+    #[arg(long = "max_models", default_value_t = 4)]
+    pub max_models: usize,
 }
 
 /// `--base_model NAME=DIR` flags as a map, each DIR a model directory.
@@ -62,7 +69,14 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let key = std::sync::Arc::new(ApiKey::read(&args.api_key_file)?);
     let bases = base_models(&args.base_model)?;
-    let engine = crate::engine::Engine::start(bases)?;
+    let store = waypoint_storage::Store::open(&args.checkpoint_base_uri)
+        .map_err(|e| ServeError::Start(format!("--checkpoint_base_uri: {e}")))?;
+    let engine = crate::engine::Engine::start(
+        bases,
+        store,
+        args.max_models.max(1),
+        tokio::runtime::Handle::current(),
+    )?;
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .map_err(|e| {
@@ -77,6 +91,7 @@ pub async fn run(
     tracing::info!(
         url = %format!("http://{addr}"),
         base_models = ?engine.bases().collect::<Vec<_>>(),
+        checkpoints = %waypoint_storage::redact_text(&args.checkpoint_base_uri),
         "waypoint serve: listening; point TINKER_BASE_URL at the url"
     );
     axum::serve(listener, http::router(engine, key))

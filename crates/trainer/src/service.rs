@@ -6,20 +6,33 @@
 //! Its interface holds no libtorch types (tokens, weights and log-probs are plain vectors): the
 //! HTTP side (`waypoint-serve`) never sees a tensor. Every call runs behind the libtorch
 //! boundary, so a libtorch error comes back as an error, never a panic.
+//!
+//! Checkpoints are a batch run's: [`TrainingModel::save`] commits `step-N` with the resumable
+//! state (adapters and AdamW state under DCP's names) and the promotable PEFT adapter through the
+//! checkpoint crate's one save protocol; [`TrainingModel::load`] restores it as a resume does. Each
+//! manifest records the model's [`Identity`] (`training`), so a checkpoint alone makes the model
+//! again ([`identity_of`]).
 
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
-use waypoint_config::LoraConfig;
+use tokio::runtime::Handle;
+use waypoint_checkpoint::{CheckpointManager, SaveRequest, StepName};
+use waypoint_config::{LoraConfig, SamplerDtype};
 
+use crate::checkpointing::state::{
+    copy_to_host, restore_state, sampler_part, state_items, SaveContext,
+};
 use crate::model::lora::frozen_base_kind;
 use crate::model::Model;
-use crate::optim::{clip_grad_norm, gradients, AdamW, AdamWConfig};
+use crate::optim::{accumulate, clip_grad_norm, gradients, AdamW, AdamWConfig};
 use crate::step::libtorch_boundary;
 
 /// Which projections a LoRA client trains, as the Tinker SDK's `LoraConfig` asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoraSpec {
     /// Rank r.
     pub rank: i64,
@@ -101,21 +114,68 @@ pub struct Stepped {
     pub steps: u64,
 }
 
+/// What a served model is — its base model's name and its LoRA — as every checkpoint it saves
+/// records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The base model's name (`--base_model NAME=…`).
+    pub base_model: String,
+    /// Its adapters.
+    pub lora: LoraSpec,
+}
+
+/// The identity recorded in checkpoint `step` of `manager`'s run.
+pub fn identity_of(manager: &CheckpointManager, rt: &Handle, step: StepName) -> Result<Identity> {
+    let m = rt.block_on(manager.manifest(step))?;
+    let training = m
+        .training
+        .with_context(|| format!("{}: no record of the model that saved it", m.name))?;
+    serde_json::from_value(training["service"].clone()).with_context(|| {
+        format!(
+            "{}: not saved by waypoint serve (its manifest names no served model)",
+            m.name
+        )
+    })
+}
+
+/// AdamW's state before any step, with the SDK's default parameters (each step brings its own).
+fn fresh_optimizer(model: &Model) -> AdamW {
+    AdamW::new(
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-12,
+            weight_decay: 0.0,
+        },
+        model.trainable(),
+    )
+}
+
 /// A LoRA model being trained by calls.
 pub struct TrainingModel {
     model: Model,
     opt: AdamW,
     /// The gradients accumulated since the last `optim_step`.
     grads: Option<Vec<Tensor>>,
+    /// The number of the model's state: optimizer steps taken (a save whose number its run has
+    /// taken already, after a load, takes the next free one).
     steps: u64,
     /// Tokens the model knows (`vocab_size`).
     vocab: i64,
+    identity: Identity,
+    /// The checkpoint of this run that holds the model exactly as it is, if one does.
+    saved: Option<u64>,
+    /// Set when a call failed inside libtorch midway through changing the state (an optimizer
+    /// step, or adding gradients): the state is no longer one the client made, and only a load
+    /// makes it whole again.
+    broken: Option<String>,
 }
 
 impl TrainingModel {
     /// Loads the base model of the Hugging Face directory `dir` (on CUDA when there is one, else
-    /// the CPU) and adds LoRA adapters as `spec` asks.
-    pub fn lora(dir: &Path, spec: LoraSpec) -> Result<Self> {
+    /// the CPU) and adds LoRA adapters as `identity` asks.
+    pub fn lora(dir: &Path, identity: Identity) -> Result<Self> {
+        let spec = identity.lora;
         ensure!(
             spec.rank > 0,
             "the LoRA rank must be positive, not {}",
@@ -130,15 +190,7 @@ impl TrainingModel {
             let (mut model, _) = Model::load_hf_dir(dir, device, None, frozen_base_kind(device))
                 .with_context(|| format!("loading the base model in {}", dir.display()))?;
             model.add_lora(spec.config(), spec.seed)?;
-            let opt = AdamW::new(
-                AdamWConfig {
-                    beta1: 0.9,
-                    beta2: 0.95,
-                    eps: 1e-12,
-                    weight_decay: 0.0,
-                },
-                model.trainable(),
-            );
+            let opt = fresh_optimizer(&model);
             let vocab = model.config.vocab_size;
             Ok(Self {
                 model,
@@ -146,8 +198,87 @@ impl TrainingModel {
                 grads: None,
                 steps: 0,
                 vocab,
+                identity,
+                saved: None,
+                broken: None,
             })
         })
+    }
+
+    /// What this model is.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Commits the model as it is to `manager`'s run (whose attempt it holds): `step-N`, N its
+    /// number, resumable (the adapters and their AdamW state) and promotable (a PEFT adapter, fp32);
+    /// the checkpoint's name. A checkpoint of this run holding exactly this state already is
+    /// returned as it is; gradients accumulated and not yet applied are not part of a checkpoint.
+    pub fn save(&mut self, manager: &CheckpointManager, rt: &Handle) -> Result<String> {
+        self.whole()?;
+        if let Some(n) = self.saved {
+            return Ok(StepName::new(n).to_string());
+        }
+        let committed = rt.block_on(manager.committed_steps())?;
+        if committed.iter().any(|s| s.step() == self.steps) {
+            self.steps = committed.iter().map(StepName::step).max().unwrap_or(0) + 1;
+        }
+        let training = serde_json::json!({ "service": self.identity });
+        let ctx = SaveContext {
+            fingerprint: hex::encode(Sha256::digest(training.to_string())),
+            sampler_dtype: SamplerDtype::Fp32,
+            tokenizer_files: Vec::new(),
+            model_id: self.identity.base_model.clone(),
+            n_samples: 1,
+            sampler_base_every: 0,
+            training,
+        };
+        let (blobs, sampler) = libtorch_boundary("saving", || {
+            let blobs = copy_to_host(&state_items(&self.model, &self.opt))?;
+            Ok((blobs, sampler_part(&self.model, None, &ctx, None)?))
+        })?;
+        let request = SaveRequest {
+            commit: ctx.commit(self.steps, 0, 1),
+            dcp: Some(blobs),
+            sampler: Some(sampler),
+        };
+        let m = rt.block_on(manager.save(request))?;
+        self.saved = Some(self.steps);
+        Ok(m.name)
+    }
+
+    /// Restores checkpoint `step` of `manager`'s run (saved by a model of this identity): the
+    /// adapters, and with `optimizer` their AdamW state too (else AdamW starts afresh); every blob's
+    /// digest is checked as it is read. Gradients not yet applied are dropped.
+    pub fn load(
+        &mut self,
+        manager: &CheckpointManager,
+        rt: &Handle,
+        step: StepName,
+        optimizer: bool,
+    ) -> Result<()> {
+        let saved_by = identity_of(manager, rt, step)?;
+        ensure!(
+            saved_by == self.identity,
+            "{step} was saved by another model ({saved_by:?}), not this one ({:?})",
+            self.identity
+        );
+        let m = rt.block_on(manager.manifest(step))?;
+        let blobs = rt.block_on(manager.load_tensors(&m, "dcp/", &|_| true))?;
+        libtorch_boundary("loading", || {
+            restore_state(&m, blobs, &self.model, &mut self.opt)?;
+            if !optimizer {
+                self.opt = fresh_optimizer(&self.model);
+            }
+            Ok(())
+        })?;
+        self.grads = None;
+        self.broken = None;
+        self.steps = m.step;
+        // Another run's checkpoint, or this run's without its optimizer state: no checkpoint of
+        // this run holds the state as it now is.
+        self.saved = None;
+        Ok(())
     }
 
     /// The LoRA rank.
@@ -168,7 +299,11 @@ impl TrainingModel {
     /// are added to those accumulated for the next [`TrainingModel::optim_step`].
     pub fn forward(&mut self, data: &[Datum], backward: bool) -> Result<Forward> {
         self.check(data)?;
-        libtorch_boundary("forward_backward", || {
+        self.whole()?;
+        // This call's gradients are added to the accumulated ones only once all of it ran: a
+        // call that fails leaves them as they were.
+        let (out, call) = libtorch_boundary("forward_backward", || {
+            let mut call: Option<Vec<Tensor>> = None;
             let mut logprobs = Vec::with_capacity(data.len());
             let mut loss_sum = 0.0;
             let device = self.model.device();
@@ -191,13 +326,39 @@ impl TrainingModel {
                 let loss = -(&lp * &weights).sum(Kind::Float);
                 loss_sum += loss.double_value(&[]);
                 if backward {
-                    let params = self.model.trainable();
-                    self.grads = Some(gradients(&loss, params, self.grads.take()));
+                    call = Some(gradients(&loss, self.model.trainable(), call.take()));
                 }
                 logprobs.push(Vec::<f32>::try_from(lp.detach().to_device(Device::Cpu))?);
             }
-            Ok(Forward { logprobs, loss_sum })
-        })
+            Ok((Forward { logprobs, loss_sum }, call))
+        })?;
+        if let Some(call) = call {
+            let added = libtorch_boundary("adding gradients", || {
+                Ok(accumulate(self.grads.take(), call))
+            });
+            match added {
+                Ok(grads) => self.grads = Some(grads),
+                Err(e) => return Err(self.breaks(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fails when an earlier call left the state broken.
+    fn whole(&self) -> Result<()> {
+        match &self.broken {
+            None => Ok(()),
+            Some(why) => anyhow::bail!(
+                "this model's state is broken since {why}; load a checkpoint (load_state) to go on"
+            ),
+        }
+    }
+
+    /// Records that `e`, a failure midway through changing the state, broke it.
+    fn breaks(&mut self, e: anyhow::Error) -> anyhow::Error {
+        self.broken = Some(format!("{e:#}"));
+        self.grads = None;
+        e
     }
 
     /// Applies the accumulated gradients with `p` and clears them (without gradients, nothing
@@ -215,7 +376,8 @@ impl TrainingModel {
             p.beta2
         );
         ensure!(p.eps > 0.0, "eps must be positive, not {}", p.eps);
-        libtorch_boundary("optim_step", || {
+        self.whole()?;
+        let stepped = libtorch_boundary("optim_step", || {
             self.opt.reconfigure(AdamWConfig {
                 beta1: p.beta1,
                 beta2: p.beta2,
@@ -229,11 +391,13 @@ impl TrainingModel {
                     .step(self.model.trainable(), &grads, p.learning_rate);
             }
             self.steps += 1;
+            self.saved = None;
             Ok(Stepped {
                 grad_norm,
                 steps: self.steps,
             })
-        })
+        });
+        stepped.map_err(|e| self.breaks(e))
     }
 }
 

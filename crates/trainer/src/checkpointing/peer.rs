@@ -170,14 +170,21 @@ pub(crate) fn carry_out(
     } else {
         None
     };
+    // The giver opens every file before it offers them: one it cannot open makes it offer
+    // nothing, so the takers do not wait for it.
     let offer = match (rank == giver).then_some(manifest) {
-        Some(Some(m)) => match ranks.local_ip() {
-            Ok(ip) => Some((keys_of(send_from, layout, m), ip, token())),
-            Err(e) => {
-                local = Err(e);
-                None
+        Some(Some(m)) => {
+            let keys = keys_of(send_from, layout, m);
+            let opened = Outgoing::open(send_from, plan.step, &keys)
+                .and_then(|files| Ok((files, ranks.local_ip()?)));
+            match opened {
+                Ok((files, ip)) => Some((std::cell::Cell::new(Some(files)), ip, token())),
+                Err(e) => {
+                    local = Err(e);
+                    None
+                }
             }
-        },
+        }
         Some(None) => {
             local = Err(anyhow::anyhow!(
                 "the giving node has no manifest of step {}",
@@ -198,11 +205,20 @@ pub(crate) fn carry_out(
         .map(|b| String::from_utf8_lossy(b).to_string())
         .collect();
     let outcome = local.and_then(|()| {
-        if let Some((keys, _, token)) = &offer {
-            plan.takers.iter().try_for_each(|&taker| {
+        if let Some((files, _, token)) = &offer {
+            plan.takers.iter().enumerate().try_for_each(|(i, &taker)| {
                 let addr = &said_all[taker as usize];
                 ensure!(!addr.is_empty(), "rank {taker} could not listen");
-                send(addr, send_from, plan.step, keys, *token, timeout).with_context(|| {
+                // The files opened for the first taker; opened again for each other one.
+                let outgoing = match (i, files.take()) {
+                    (0, Some(opened)) => opened,
+                    _ => Outgoing::open(
+                        send_from,
+                        plan.step,
+                        &keys_of(send_from, layout, manifest.context("no manifest")?),
+                    )?,
+                };
+                send(addr, outgoing, *token, timeout).with_context(|| {
                     format!("sending step-{:06} to rank {taker} at {addr}", plan.step)
                 })
             })
@@ -257,26 +273,37 @@ pub(crate) fn token() -> u64 {
     h.finish()
 }
 
-/// Streams checkpoint `step`'s files at `keys` (under `folder`, the manifest last) to `addr`: the
-/// token, the step, the bytes in all and the count, then each file's key, length and bytes; waits
-/// for the receiver's acknowledgement.
-pub(crate) fn send(
-    addr: &str,
-    folder: &Path,
+/// A checkpoint's files opened for sending: each file's key, handle and length. Opened before
+/// anything is sent, so a file the tier's retention removes meanwhile is still read whole (an
+/// open file outlives its name).
+pub(crate) struct Outgoing {
     step: u64,
-    keys: &[String],
-    token: u64,
-    timeout: Duration,
-) -> Result<()> {
-    let lens = keys
-        .iter()
-        .map(|k| {
-            let path = folder.join(k);
-            Ok(std::fs::metadata(&path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .len())
-        })
-        .collect::<Result<Vec<u64>>>()?;
+    files: Vec<(String, std::fs::File, u64)>,
+}
+
+impl Outgoing {
+    /// Opens the files at `keys` (under `folder`) of checkpoint `step`.
+    pub(crate) fn open(folder: &Path, step: u64, keys: &[String]) -> Result<Self> {
+        let files = keys
+            .iter()
+            .map(|k| {
+                let path = folder.join(k);
+                let file = std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                let len = file
+                    .metadata()
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .len();
+                Ok((k.clone(), file, len))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { step, files })
+    }
+}
+
+/// Streams `outgoing` (the manifest last) to `addr`: the token, the step, the bytes in all and the
+/// count, then each file's key, length and bytes; waits for the receiver's acknowledgement.
+pub(crate) fn send(addr: &str, outgoing: Outgoing, token: u64, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let stream = loop {
         match TcpStream::connect(addr) {
@@ -288,18 +315,17 @@ pub(crate) fn send(
     stream.set_write_timeout(Some(timeout)).ok();
     stream.set_read_timeout(Some(timeout)).ok();
     let mut out = BufWriter::with_capacity(8 << 20, stream.try_clone()?);
-    for n in [token, step, lens.iter().sum(), keys.len() as u64] {
+    let total: u64 = outgoing.files.iter().map(|(_, _, len)| len).sum();
+    let count = outgoing.files.len() as u64;
+    for n in [token, outgoing.step, total, count] {
         out.write_all(&n.to_le_bytes())?;
     }
-    for (key, &len) in keys.iter().zip(&lens) {
-        let path = folder.join(key);
-        let mut file =
-            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    for (key, mut file, len) in outgoing.files {
         out.write_all(&(key.len() as u64).to_le_bytes())?;
         out.write_all(key.as_bytes())?;
         out.write_all(&len.to_le_bytes())?;
         let copied = std::io::copy(&mut (&mut file).take(len), &mut out)?;
-        ensure!(copied == len, "{} shrank while it was sent", path.display());
+        ensure!(copied == len, "{key} shrank while it was sent");
     }
     out.flush()?;
     let mut ack = [0u8; 1];
@@ -568,7 +594,8 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let src = from.to_path_buf();
         let sender = std::thread::spawn(move || {
-            send(&addr, &src, sent, &keys, token, Duration::from_secs(5))
+            let outgoing = Outgoing::open(&src, sent, &keys)?;
+            send(&addr, outgoing, token, Duration::from_secs(5))
         });
         let deadline = Instant::now() + Duration::from_secs(2);
         let giver = Sender {

@@ -72,11 +72,12 @@ pub(crate) fn prune(folder: &Path, layout: &RunLayout, keep: usize) {
         .into_iter()
         .take(keep)
         .collect();
-    for (step, path, manifest) in entries_by_step(folder, layout) {
-        if kept.contains(&step) {
-            continue;
-        }
-        // The manifest first: a checkpoint half removed is never one.
+    let mut gone: Vec<(u64, PathBuf, bool)> = entries_by_step(folder, layout)
+        .filter(|(step, _, _)| !kept.contains(step))
+        .collect();
+    // Every manifest first: a checkpoint half removed is never one.
+    gone.sort_by_key(|(_, _, manifest)| !*manifest);
+    for (_, path, manifest) in gone {
         let removed = match manifest {
             true => std::fs::remove_file(&path),
             false => std::fs::remove_dir_all(&path),
@@ -237,15 +238,20 @@ impl Replicas {
             layout,
             timeout,
             ..
-        } = self.folders.clone();
-        let (addr, token) = self.to.clone();
+        } = &self.folders;
+        // Opened here, at once: the tier's retention may remove the step while it is sent.
+        let outgoing = manifest_in(own, layout, step)
+            .with_context(|| format!("step-{step:06} is gone from the tier"))
+            .and_then(|m| peer::Outgoing::open(own, step, &peer::keys_of(own, layout, &m)));
+        let outgoing = match outgoing {
+            Ok(o) => o,
+            Err(e) => return self.failed(&e),
+        };
+        let (addr, token, timeout) = (self.to.0.clone(), self.to.1, *timeout);
         let spawned = std::thread::Builder::new()
             .name("memory-tier-replica".into())
             .spawn(move || {
-                let m = manifest_in(&own, &layout, step)
-                    .with_context(|| format!("step-{step:06} is gone from the tier"))?;
-                let keys = peer::keys_of(&own, &layout, &m);
-                peer::send(&addr, &own, step, &keys, token, timeout)?;
+                peer::send(&addr, outgoing, token, timeout)?;
                 Ok(step)
             });
         match spawned {
@@ -285,10 +291,15 @@ impl Replicas {
         }
     }
 
-    /// Ends both sides: waits for the send in flight, then stops the receiver once the copy it
-    /// is taking (if any) is through, so that nothing is written after the run's folders are gone.
+    /// Ends both sides: a send that ended is noticed, one in flight is let go (it reads files it
+    /// opened; the next node may be gone and it would wait out its timeout); then the receiver
+    /// stops once the copy it is taking (if any) is through, so that nothing is written after the
+    /// run's folders are gone.
     pub(crate) fn stop(mut self) {
-        self.join_sender();
+        if self.sending.as_ref().is_some_and(JoinHandle::is_finished) {
+            self.join_sender();
+        }
+        drop(self.sending.take());
         if let Some((stop, receiving)) = self.receiver.take() {
             stop.store(true, Ordering::Relaxed);
             let _ = receiving.join();
@@ -349,11 +360,13 @@ fn receive_replicas(
                     ),
                 }
             }
+            // A passing failure to accept (too many open files, a reset connection): the
+            // receiver goes on.
             Err(e) => {
-                tracing::warn!(
-                    "the memory tier takes no more replicas from node {previous_node}: {e:#}"
+                tracing::debug!(
+                    "memory tier: accepting a replica from node {previous_node}: {e:#}"
                 );
-                return;
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
     };

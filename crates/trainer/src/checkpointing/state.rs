@@ -1,21 +1,22 @@
 //! What one rank saves, as tensors: the resumable state under DCP's names ([`state_items`]), a
 //! snapshot of it on the GPU when there is room, its copy to host memory, and the promotable part
-//! (a PEFT adapter, full weights or this rank's share of them, or a delta).
+//! (a PEFT adapter, full weights or this rank's share of them, or a delta); and the way back:
+//! [`restore_state`] puts a checkpoint's `dcp/` tensors into the live model and optimizer.
 
 use std::collections::HashMap;
 use std::sync::mpsc;
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use tch::{Device, Tensor};
 use waypoint_checkpoint::peft::{adapter_tensor_name, AdapterConfig};
 use waypoint_checkpoint::{
-    dcp, CheckpointManager, Commit, SamplerPart, StepName, Tensor as Blob, WeightsPlan,
+    dcp, CheckpointManager, Commit, Manifest, SamplerPart, StepName, Tensor as Blob, WeightsPlan,
 };
 
 use crate::collective::ranks::Ranks;
-use crate::convert::{byte_size, sampler_kind, to_blob};
+use crate::convert::{byte_size, from_blob, sampler_kind, to_blob};
 use crate::model::Model;
 use crate::optim::AdamW;
 use crate::shard::Rows;
@@ -336,6 +337,112 @@ pub(crate) fn sampler_part(
         tensors,
         extra_files: ctx.tokenizer_files.clone(),
     })
+}
+
+/// Joins DCP slices (from multi-rank saves) into whole tensors, by name.
+pub(crate) fn assemble_slices(blobs: Vec<Blob>) -> Result<HashMap<String, Blob>> {
+    Ok(dcp::assemble_by_name(blobs)?.into_iter().collect())
+}
+
+/// Copies a saved tensor into a live one (shape checked), converting dtype and device. With `rows`
+/// (a live shard), `src` is either those rows already (read by rows) or the whole tensor, cut here.
+pub(crate) fn copy_into(
+    dst: &Tensor,
+    src: &Blob,
+    rows: Option<Rows>,
+    checkpoint: &str,
+) -> Result<()> {
+    let mut t = from_blob(src)?;
+    if let Some(r) = rows {
+        let d0 = t.size().first().copied().unwrap_or(0);
+        if d0 != r.len {
+            ensure!(
+                r.start + r.len <= d0,
+                "{checkpoint}: tensor {} has {d0} rows, fewer than this rank's shard needs",
+                src.name
+            );
+            t = t.narrow(0, r.start, r.len);
+        }
+    }
+    ensure!(
+        t.size() == dst.size(),
+        "{checkpoint}: tensor {} has shape {:?}, the model expects {:?}",
+        src.name,
+        t.size(),
+        dst.size()
+    );
+    let mut d = dst.shallow_clone();
+    tch::no_grad(|| d.copy_(&t.to_kind(dst.kind()).to_device(dst.device())));
+    Ok(())
+}
+
+/// Restores trainable weights and optimizer state from a checkpoint's `dcp/` tensors, after
+/// checking that its loop state (when it has one) counts what its manifest counts.
+pub(crate) fn restore_state(
+    m: &Manifest,
+    blobs: Vec<Blob>,
+    model: &Model,
+    opt: &mut AdamW,
+) -> Result<()> {
+    let checkpoint = m.name.as_str();
+    if let Some(state) = dcp::LoopState::from_tensors(&blobs)
+        .with_context(|| format!("reading the loop state of checkpoint {checkpoint}"))?
+    {
+        ensure!(
+            state.step == m.step && state.data_consumed == m.data_consumed,
+            "checkpoint {checkpoint} contradicts itself: its manifest says step {} after {} \
+             samples, its dcp/ train_state step {} after {}; set it aside (waypoint ckpt) and \
+             resume from an earlier one",
+            m.step,
+            m.data_consumed,
+            state.step,
+            state.data_consumed
+        );
+    }
+    let blobs = assemble_slices(blobs)?;
+    let get = |key: String| {
+        blobs.get(&key).with_context(|| {
+            format!("{checkpoint} lacks tensor {key}; was it saved with another configuration?")
+        })
+    };
+    for (i, (p, s)) in model.trainable().iter().zip(&mut opt.state).enumerate() {
+        // Sharded weights or optimizer state: this rank's rows of the whole tensors, however many
+        // ranks (and however cut) saved them.
+        // A rank may own no rows of a small tensor (the chunks are rounded up): nothing of it
+        // was read, nothing to restore.
+        let none = |rows: Option<Rows>| rows.is_some_and(|r| r.len == 0);
+        let weight_rows = model.trainable_rows(i);
+        if !none(weight_rows) {
+            copy_into(
+                &p.tensor,
+                get(dcp::model_key(&p.name))?,
+                weight_rows,
+                checkpoint,
+            )?;
+        }
+        let rows = weight_rows.or(opt.rows.as_ref().map(|r| r[i]));
+        if !none(rows) {
+            copy_into(
+                &s.exp_avg,
+                get(dcp::optim_key(&p.name, "exp_avg"))?,
+                rows,
+                checkpoint,
+            )?;
+            copy_into(
+                &s.exp_avg_sq,
+                get(dcp::optim_key(&p.name, "exp_avg_sq"))?,
+                rows,
+                checkpoint,
+            )?;
+        }
+        copy_into(
+            &s.step,
+            get(dcp::optim_key(&p.name, "step"))?,
+            None,
+            checkpoint,
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
