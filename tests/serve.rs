@@ -175,7 +175,7 @@ fn a_client_meets_clear_errors_and_the_server_goes_on() {
     says(
         "loss_not_served",
         "BadRequestError",
-        "\"ppo\" is not served yet",
+        "\"gspo\" is not served yet",
     );
     assert!(r["after_refusal"].as_f64().unwrap() > 0.0, "{r}");
     says(
@@ -206,6 +206,29 @@ fn a_client_meets_clear_errors_and_the_server_goes_on() {
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(log.contains("session created"), "{log}");
     assert!(!log.contains(KEY), "the key is never logged:\n{log}");
+}
+
+/// Each policy-gradient loss of a first `forward` (LoRA's B is zero: the base model) equals the
+/// same formula in PyTorch over transformers' log-probs; a `ppo` step lowers the `ppo` loss.
+#[test]
+fn the_policy_gradient_losses_are_pytorchs() {
+    let server = start();
+    let r = sdk(&server, &["rl", "tiny", server.model.to_str().unwrap()]);
+    for loss in ["importance_sampling", "ppo", "cispo", "dro"] {
+        let (got, want) = (r[loss][0].as_f64().unwrap(), r[loss][1].as_f64().unwrap());
+        assert!(
+            (got - want).abs() < 1e-4 * want.abs().max(1.0),
+            "{loss}: {got} vs PyTorch's {want}: {r}"
+        );
+    }
+    let (before, after) = (
+        r["ppo_before_step"].as_f64().unwrap(),
+        r["ppo_after_step"].as_f64().unwrap(),
+    );
+    assert!(
+        after < before,
+        "ppo loss {before} → {after} after a step: {r}"
+    );
 }
 
 /// A client's state and sampler weights saved after step 3: the sampler weights are a PEFT

@@ -14,6 +14,9 @@ TINKER_API_KEY.
   resume <path> <steps>         a client made from that state with its optimizer (as after a
                                 server restart), `steps` more steps; the losses and the
                                 checkpoints listed for the original model
+  rl <base_name> <model_dir>    each policy-gradient loss (importance_sampling, ppo, cispo, dro) of
+                                a first `forward` against the same formula in PyTorch over
+                                transformers' log-probs; then a ppo step lowers the ppo loss
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -160,6 +163,58 @@ def resume(path, n):
     }))
 
 
+def rl_oracle(loss, lp, q, a, config):
+    """The Tinker losses as the SDK's documentation defines them: sums over positions."""
+    r = (lp - q).exp()
+    if loss == "importance_sampling":
+        return -(r * a).sum()
+    if loss == "ppo":
+        lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
+        return -torch.minimum(r * a, r.clamp(lo, hi) * a).sum()
+    if loss == "cispo":
+        lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
+        return -(r.clamp(lo, hi).detach() * lp * a).sum()
+    if loss == "dro":
+        return -(lp * a - 0.5 * config["beta"] * (lp - q) ** 2).sum()
+    raise ValueError(loss)
+
+
+def rl(name, model_dir):
+    seqs, weights, _ = data()
+    want_lp, _ = oracle(model_dir, seqs, weights)
+    g = torch.Generator().manual_seed(5)
+    batch, inputs = [], []
+    for s, lp in zip(seqs, want_lp):
+        n = len(s) - 1
+        # A sampler a little off the model, and advantages of both signs.
+        q = (torch.tensor(lp) + 0.3 * torch.randn(n, generator=g)).tolist()
+        a = torch.randn(n, generator=g).tolist()
+        inputs.append((torch.tensor(lp), torch.tensor(q), torch.tensor(a)))
+        batch.append(types.Datum(
+            model_input=types.ModelInput.from_ints(s[:-1]),
+            loss_fn_inputs={"target_tokens": s[1:], "logprobs": q, "advantages": a},
+        ))
+    configs = {
+        "importance_sampling": {},
+        "ppo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
+        "cispo": {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1},
+        "dro": {"beta": 0.05},
+    }
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=7).result()
+    report = {}
+    for loss, config in configs.items():
+        got = tc.forward(batch, loss, config or None).result().metrics["loss:sum"]
+        want = float(sum(rl_oracle(loss, lp, q, a, config) for lp, q, a in inputs))
+        report[loss] = [got, want]
+    before = report["ppo"][0]
+    tc.forward_backward(batch, "ppo", configs["ppo"]).result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    report["ppo_after_step"] = tc.forward(batch, "ppo", configs["ppo"]).result().metrics["loss:sum"]
+    report["ppo_before_step"] = before
+    print(json.dumps(report))
+
+
 def raised(work):
     try:
         work()
@@ -202,7 +257,7 @@ def errors(name):
     )
     tc = sc.create_lora_training_client(base_model=name, rank=2, train_unembed=False).result()
     _, _, batch = data()
-    report["loss_not_served"] = raised(lambda: tc.forward_backward(batch, "ppo").result())
+    report["loss_not_served"] = raised(lambda: tc.forward_backward(batch, "gspo").result())
     outside = types.Datum(
         model_input=types.ModelInput.from_ints([1, 2, 100000]),
         loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
@@ -225,4 +280,5 @@ def errors(name):
 
 
 if __name__ == "__main__":
-    {"sft": sft, "train": train, "resume": resume, "errors": errors}[sys.argv[1]](*sys.argv[2:])
+    commands = {"sft": sft, "train": train, "resume": resume, "rl": rl, "errors": errors}
+    commands[sys.argv[1]](*sys.argv[2:])

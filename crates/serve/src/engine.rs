@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::runtime::Handle;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 use waypoint_storage::{StorageError, Store};
-use waypoint_trainer::service::{identity_of, AdamParams, Datum, Identity, TrainingModel};
+use waypoint_trainer::service::{identity_of, AdamParams, Datum, Identity, Loss, TrainingModel};
 
 use crate::error::ServeError;
 use crate::futures::{Category, Futures, Outcome};
@@ -33,8 +33,12 @@ const MAX_WAITING: usize = 1024;
 /// What a training request asks of its model.
 #[derive(Debug)]
 pub(crate) enum Op {
-    /// `forward` (`backward: false`) or `forward_backward` with cross-entropy.
-    CrossEntropy { data: Vec<Datum>, backward: bool },
+    /// `forward` (`backward: false`) or `forward_backward` with `loss`.
+    Forward {
+        data: Vec<Datum>,
+        loss: Loss,
+        backward: bool,
+    },
     /// `optim_step`.
     OptimStep(AdamParams),
     /// `save_state` (`Kind::Weights`) or `save_weights_for_sampler` (`Kind::Sampler`) under `name`.
@@ -486,11 +490,15 @@ fn resolve(
 fn run(served: &mut Served, model_id: &str, op: Op, store: &Store, rt: &Handle) -> Outcome {
     let model = &mut served.model;
     match op {
-        Op::CrossEntropy { data, backward } => {
-            if let Err(e) = model.check(&data) {
+        Op::Forward {
+            data,
+            loss,
+            backward,
+        } => {
+            if let Err(e) = model.check(&data, loss) {
                 return failed(Category::User, format!("{e:#}"));
             }
-            match model.forward(&data, backward) {
+            match model.forward(&data, loss, backward) {
                 Ok(out) => {
                     let record = proto::ArrayRecord {
                         type_tag: String::new(),

@@ -20,7 +20,7 @@ use prost::Message;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use waypoint_trainer::service::{AdamParams, Datum, Identity, LoraSpec};
+use waypoint_trainer::service::{AdamParams, Datum, Identity, LoraSpec, Loss};
 
 use crate::api;
 use crate::engine::{Engine, Op};
@@ -255,7 +255,7 @@ async fn forward_backward(
         ))
     })?;
     let seq = i64::from(req.seq_id);
-    let op = match cross_entropy_op(&req) {
+    let op = match forward_op(&req) {
         Ok(op) => op,
         Err(e) => {
             // The client counted this request: its number is used.
@@ -281,16 +281,53 @@ const SDK_LOSSES: [&str; 8] = [
     "custom",
 ];
 
+/// A number of the request's `loss_fn_config` (its typed map first, then the legacy one).
+fn config_number(req: &proto::ForwardBackwardRequest, key: &str) -> Option<f64> {
+    let typed = req.loss_fn_config_v2.get(key).and_then(|v| match &v.value {
+        Some(proto::loss_config_value::Value::Number(n)) => Some(*n),
+        _ => None,
+    });
+    typed.or_else(|| req.loss_fn_config.get(key).copied())
+}
+
+/// The loss a request names, with its settings (the SDK's defaults where it has them).
+fn loss_of(req: &proto::ForwardBackwardRequest) -> Result<Loss, ServeError> {
+    let clip = || Loss::Ppo {
+        low: config_number(req, "clip_low_threshold").unwrap_or(0.8),
+        high: config_number(req, "clip_high_threshold").unwrap_or(1.2),
+    };
+    Ok(match req.loss_fn.as_str() {
+        "cross_entropy" => Loss::CrossEntropy,
+        "importance_sampling" => Loss::ImportanceSampling,
+        "ppo" => clip(),
+        "cispo" => match clip() {
+            Loss::Ppo { low, high } => Loss::Cispo { low, high },
+            other => other,
+        },
+        "dro" => Loss::Dro {
+            beta: config_number(req, "beta").ok_or_else(|| {
+                ServeError::BadRequest(
+                    "loss_fn dro needs loss_fn_config {\"beta\": …} (e.g. 0.05)".into(),
+                )
+            })?,
+        },
+        other if SDK_LOSSES.contains(&other) => {
+            return Err(ServeError::BadRequest(format!(
+                "loss_fn {other:?} is not served yet (served: cross_entropy, \
+                 importance_sampling, ppo, cispo, dro)"
+            )))
+        }
+        other => {
+            return Err(ServeError::BadRequest(format!(
+                "loss_fn {other:?} is unknown (the SDK's: {SDK_LOSSES:?})"
+            )))
+        }
+    })
+}
+
 /// The work a `forward`/`forward_backward` request asks for.
-fn cross_entropy_op(req: &proto::ForwardBackwardRequest) -> Result<Op, ServeError> {
-    let loss = req.loss_fn.as_str();
-    if loss != "cross_entropy" {
-        let known = SDK_LOSSES.contains(&loss);
-        return Err(ServeError::BadRequest(match known {
-            true => format!("loss_fn {loss:?} is not served yet (served: cross_entropy)"),
-            false => format!("loss_fn {loss:?} is unknown (the SDK's: {SDK_LOSSES:?})"),
-        }));
-    }
+fn forward_op(req: &proto::ForwardBackwardRequest) -> Result<Op, ServeError> {
+    let loss = loss_of(req)?;
     if req.data.is_empty() {
         return Err(ServeError::BadRequest("forward_backward: no datums".into()));
     }
@@ -298,17 +335,18 @@ fn cross_entropy_op(req: &proto::ForwardBackwardRequest) -> Result<Op, ServeErro
         .data
         .iter()
         .enumerate()
-        .map(|(i, d)| datum(i, d))
+        .map(|(i, d)| datum(i, d, loss))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Op::CrossEntropy {
+    Ok(Op::Forward {
         data,
+        loss,
         backward: !req.forward_only,
     })
 }
 
-/// Datum `i` of a request as the trainer takes it: the input's tokens, `target_tokens` and
-/// `weights` (all ones when absent).
-fn datum(i: usize, d: &proto::Datum) -> Result<Datum, ServeError> {
+/// Datum `i` of a request as the trainer takes it: the input's tokens, `target_tokens`, and what
+/// `loss` reads — `weights` (all ones when absent), or `logprobs` and `advantages`.
+fn datum(i: usize, d: &proto::Datum, loss: Loss) -> Result<Datum, ServeError> {
     let bad = |what: String| ServeError::BadRequest(format!("datum {i}: {what}"));
     let mut tokens = Vec::new();
     for chunk in &d.model_input {
@@ -326,11 +364,12 @@ fn datum(i: usize, d: &proto::Datum) -> Result<Datum, ServeError> {
             }
         }
     }
-    let targets = d
-        .loss_fn_inputs
-        .get("target_tokens")
-        .ok_or_else(|| bad("cross_entropy needs target_tokens".into()))?;
-    let targets = match dense(targets, "target_tokens").map_err(&bad)? {
+    let input = |name: &str| {
+        d.loss_fn_inputs
+            .get(name)
+            .ok_or_else(|| bad(format!("loss_fn_inputs lacks {name}")))
+    };
+    let targets = match dense(input("target_tokens")?, "target_tokens").map_err(&bad)? {
         (bytes, proto::DType::Int64) => proto::unpack(bytes, i64::from_le_bytes),
         (bytes, proto::DType::Int32) => {
             proto::unpack(bytes, i32::from_le_bytes).map(|v| v.into_iter().map(i64::from).collect())
@@ -342,19 +381,27 @@ fn datum(i: usize, d: &proto::Datum) -> Result<Datum, ServeError> {
         }
     }
     .ok_or_else(|| bad("target_tokens' bytes do not split into its dtype".into()))?;
-    let weights = match d.loss_fn_inputs.get("weights") {
-        None => vec![1.0; targets.len()],
-        Some(w) => match dense(w, "weights").map_err(&bad)? {
+    let floats = |name: &str| -> Result<Vec<f32>, ServeError> {
+        match dense(input(name)?, name).map_err(&bad)? {
             (bytes, proto::DType::Float32) => proto::unpack(bytes, f32::from_le_bytes)
-                .ok_or_else(|| bad("weights' bytes do not split into float32s".into()))?,
-            (_, other) => return Err(bad(format!("weights of dtype {other:?}: float32 wanted"))),
-        },
+                .ok_or_else(|| bad(format!("{name}' bytes do not split into float32s"))),
+            (_, other) => Err(bad(format!("{name} of dtype {other:?}: float32 wanted"))),
+        }
     };
-    Ok(Datum {
+    let mut datum = Datum {
         tokens,
         targets,
-        weights,
-    })
+        ..Datum::default()
+    };
+    if loss.is_policy_gradient() {
+        datum.sampler_logprobs = floats("logprobs")?;
+        datum.advantages = floats("advantages")?;
+    } else if d.loss_fn_inputs.contains_key("weights") {
+        datum.weights = floats("weights")?;
+    } else {
+        datum.weights = vec![1.0; datum.targets.len()];
+    }
+    Ok(datum)
 }
 
 /// A one-dimensional dense tensor's bytes and dtype.

@@ -14,9 +14,10 @@
 //! - `server`: the command's flags and the server's start and stop (this file only re-exports).
 //!
 //! Served today: sessions, LoRA training clients (attention, MLP, `lm_head`), `forward`,
-//! `forward_backward` with `cross_entropy`, `optim_step` with Adam's parameters, futures, and
+//! `forward_backward` with `cross_entropy`, `importance_sampling`, `ppo`, `cispo` and `dro`,
+//! `optim_step` with Adam's parameters, futures, and
 //! checkpoints (`save_state`, `load_state`, named sampler weights, listing) as `step-N`
-//! checkpoints of a run per client. Not yet: sampling, the other losses (see `docs/serve.md`).
+//! checkpoints of a run per client. Not yet: sampling, `gspo` and the rest (see `docs/serve.md`).
 
 mod api;
 mod engine;

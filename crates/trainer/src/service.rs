@@ -68,15 +68,74 @@ impl LoraSpec {
 }
 
 /// One sequence of a `forward`/`forward_backward` call: position i of `tokens` predicts
-/// `targets[i]`, whose log-prob counts with `weights[i]`.
-#[derive(Debug, Clone, PartialEq)]
+/// `targets[i]`; the loss reads the per-position inputs it needs (the others are empty).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Datum {
     /// The model's input.
     pub tokens: Vec<i64>,
     /// The token each position should predict.
     pub targets: Vec<i64>,
-    /// Each position's weight in the loss.
+    /// Each position's weight (cross-entropy).
     pub weights: Vec<f32>,
+    /// The sampler's log-prob of each target (the policy-gradient losses).
+    pub sampler_logprobs: Vec<f32>,
+    /// Each position's advantage (the policy-gradient losses).
+    pub advantages: Vec<f32>,
+}
+
+/// The losses served, as the Tinker SDK names them; each a sum over datums and positions, with
+/// `lp` the target's log-prob under the model, `q` the sampler's, `r = exp(lp − q)`, `A` the
+/// advantage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Loss {
+    /// `cross_entropy`: −Σ lp · weight.
+    CrossEntropy,
+    /// `importance_sampling`: −Σ r · A.
+    ImportanceSampling,
+    /// `ppo`: −Σ min(r · A, clip(r, low, high) · A).
+    Ppo {
+        /// The clip's lower bound (`clip_low_threshold`).
+        low: f64,
+        /// Its upper bound (`clip_high_threshold`).
+        high: f64,
+    },
+    /// `cispo`: −Σ sg(clip(r, low, high)) · lp · A (sg: no gradient through it).
+    Cispo {
+        /// The clip's lower bound.
+        low: f64,
+        /// Its upper bound.
+        high: f64,
+    },
+    /// `dro`: −Σ (lp · A − ½ β (lp − q)²).
+    Dro {
+        /// β, the quadratic penalty's weight.
+        beta: f64,
+    },
+}
+
+impl Loss {
+    /// Whether it reads the sampler's log-probs and the advantages (else the weights).
+    pub fn is_policy_gradient(&self) -> bool {
+        !matches!(self, Loss::CrossEntropy)
+    }
+
+    /// The loss of one datum from its target log-probs `lp` and its inputs (1-D, one a
+    /// position): a scalar.
+    fn of(&self, lp: &Tensor, weights: &Tensor, q: &Tensor, a: &Tensor) -> Tensor {
+        let sum = |t: Tensor| -t.sum(Kind::Float);
+        let ratio = || (lp - q).exp();
+        match *self {
+            Loss::CrossEntropy => sum(lp * weights),
+            Loss::ImportanceSampling => sum(ratio() * a),
+            Loss::Ppo { low, high } => {
+                let r = ratio();
+                let clipped = r.clamp(low, high) * a;
+                sum((r * a).minimum(&clipped))
+            }
+            Loss::Cispo { low, high } => sum(ratio().clamp(low, high).detach() * lp * a),
+            Loss::Dro { beta } => sum(lp * a - (lp - q).square() * (0.5 * beta)),
+        }
+    }
 }
 
 /// What a `forward`/`forward_backward` call gives back.
@@ -286,19 +345,19 @@ impl TrainingModel {
         self.model.lora.as_ref().map_or(0, |l| l.rank)
     }
 
-    /// Whether `data` fits this model (one target and weight a token, tokens in the vocabulary):
-    /// the error names the datum and what is wrong.
-    pub fn check(&self, data: &[Datum]) -> Result<()> {
+    /// Whether `data` fits this model and `loss` (one target and each input the loss reads a
+    /// token, tokens in the vocabulary): the error names the datum and what is wrong.
+    pub fn check(&self, data: &[Datum], loss: Loss) -> Result<()> {
         ensure!(!data.is_empty(), "no datums");
         data.iter()
             .enumerate()
-            .try_for_each(|(i, d)| check_datum(i, d, self.vocab))
+            .try_for_each(|(i, d)| check_datum(i, d, self.vocab, loss))
     }
 
     /// Each datum's target log-probs and the weighted loss; with `backward`, the loss's gradients
     /// are added to those accumulated for the next [`TrainingModel::optim_step`].
-    pub fn forward(&mut self, data: &[Datum], backward: bool) -> Result<Forward> {
-        self.check(data)?;
+    pub fn forward(&mut self, data: &[Datum], loss: Loss, backward: bool) -> Result<Forward> {
+        self.check(data, loss)?;
         self.whole()?;
         // This call's gradients are added to the accumulated ones only once all of it ran: a
         // call that fails leaves them as they were.
@@ -313,7 +372,12 @@ impl TrainingModel {
                 let targets = Tensor::from_slice(&d.targets)
                     .view([1, n, 1])
                     .to_device(device);
-                let weights = Tensor::from_slice(&d.weights).to_device(device);
+                let input = |v: &[f32]| Tensor::from_slice(v).to_device(device);
+                let (weights, q, a) = (
+                    input(&d.weights),
+                    input(&d.sampler_logprobs),
+                    input(&d.advantages),
+                );
                 let run = || {
                     let logits = self.model.forward(&ids, backward);
                     logits
@@ -323,7 +387,7 @@ impl TrainingModel {
                         .view([n])
                 };
                 let lp = if backward { run() } else { tch::no_grad(run) };
-                let loss = -(&lp * &weights).sum(Kind::Float);
+                let loss = loss.of(&lp, &weights, &q, &a);
                 loss_sum += loss.double_value(&[]);
                 if backward {
                     call = Some(gradients(&loss, self.model.trainable(), call.take()));
@@ -403,16 +467,26 @@ impl TrainingModel {
 
 /// A datum's shape and tokens are checked before libtorch sees them: a clear error naming the
 /// datum, never a libtorch message (or an out-of-bounds gather).
-fn check_datum(i: usize, d: &Datum, vocab: i64) -> Result<()> {
+fn check_datum(i: usize, d: &Datum, vocab: i64, loss: Loss) -> Result<()> {
     let n = d.tokens.len();
     ensure!(n > 0, "datum {i}: model_input is empty");
-    ensure!(
-        d.targets.len() == n && d.weights.len() == n,
-        "datum {i}: target_tokens has {} positions and weights {}, model_input {n}: each must \
-         have one per input token",
-        d.targets.len(),
-        d.weights.len()
-    );
+    let inputs: Vec<(&str, usize)> = match loss.is_policy_gradient() {
+        false => vec![("weights", d.weights.len())],
+        true => vec![
+            ("logprobs", d.sampler_logprobs.len()),
+            ("advantages", d.advantages.len()),
+        ],
+    };
+    for (name, len) in [("target_tokens", d.targets.len())]
+        .into_iter()
+        .chain(inputs)
+    {
+        ensure!(
+            len == n,
+            "datum {i}: {name} has {len} positions, model_input {n}: each input must have one \
+             per input token"
+        );
+    }
     let bad = d
         .tokens
         .iter()
@@ -422,8 +496,12 @@ fn check_datum(i: usize, d: &Datum, vocab: i64) -> Result<()> {
         anyhow::bail!("datum {i}: token {t} is outside the model's vocabulary (0..{vocab})");
     }
     ensure!(
-        d.weights.iter().all(|w| w.is_finite()),
-        "datum {i}: weights must be finite numbers"
+        d.weights
+            .iter()
+            .chain(&d.sampler_logprobs)
+            .chain(&d.advantages)
+            .all(|w| w.is_finite()),
+        "datum {i}: weights, logprobs and advantages must be finite numbers"
     );
     Ok(())
 }
@@ -438,29 +516,64 @@ mod tests {
             tokens: vec![1, 2],
             targets: vec![2, 3],
             weights: vec![1.0, 1.0],
+            ..Datum::default()
         };
-        assert!(check_datum(0, &ok, 10).is_ok());
+        let ce = Loss::CrossEntropy;
+        assert!(check_datum(0, &ok, 10, ce).is_ok());
+        let err = check_datum(1, &ok, 10, Loss::ImportanceSampling)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("datum 1: logprobs has 0 positions"), "{err}");
         let short = Datum {
             weights: vec![1.0],
             ..ok.clone()
         };
-        let err = check_datum(3, &short, 10).unwrap_err().to_string();
-        assert!(
-            err.contains("datum 3") && err.contains("weights 1"),
-            "{err}"
-        );
+        let err = check_datum(3, &short, 10, ce).unwrap_err().to_string();
+        assert!(err.contains("datum 3: weights has 1 positions"), "{err}");
         let outside = Datum {
             targets: vec![2, 10],
             ..ok.clone()
         };
-        let err = check_datum(0, &outside, 10).unwrap_err().to_string();
+        let err = check_datum(0, &outside, 10, ce).unwrap_err().to_string();
         assert!(err.contains("token 10 is outside"), "{err}");
-        let empty = Datum {
-            tokens: vec![],
-            targets: vec![],
-            weights: vec![],
-        };
-        assert!(check_datum(0, &empty, 10).is_err());
+        assert!(check_datum(0, &Datum::default(), 10, ce).is_err());
+    }
+
+    #[test]
+    fn each_loss_is_its_formula() {
+        let t = |v: &[f32]| Tensor::from_slice(v);
+        let (lp, q, a, w) = (
+            t(&[-1.0, -2.0]),
+            t(&[-1.5, -1.0]),
+            t(&[2.0, -1.0]),
+            t(&[1.0, 0.5]),
+        );
+        let value = |loss: Loss| loss.of(&lp, &w, &q, &a).double_value(&[]);
+        let r = [0.5f64.exp(), (-1.0f64).exp()];
+        let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        close(value(Loss::CrossEntropy), 1.0 + 2.0 * 0.5);
+        close(value(Loss::ImportanceSampling), -(r[0] * 2.0 - r[1]));
+        // PPO: the first ratio (1.65) is clipped at 1.2 (A > 0), the second (0.37) at 0.8,
+        // whose term -0.8 is the smaller of -0.37 and -0.8.
+        close(
+            value(Loss::Ppo {
+                low: 0.8,
+                high: 1.2,
+            }),
+            -(1.2 * 2.0 - 0.8),
+        );
+        close(
+            value(Loss::Cispo {
+                low: 0.8,
+                high: 1.2,
+            }),
+            // clip(r)·lp·A: 1.2 · (−1) · 2 and 0.8 · (−2) · (−1).
+            -(-2.4 + 1.6),
+        );
+        close(
+            value(Loss::Dro { beta: 0.1 }),
+            -((-2.0 - 0.05 * 0.25) + (2.0 - 0.05 * 1.0)),
+        );
     }
 
     #[test]
