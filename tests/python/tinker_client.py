@@ -17,6 +17,10 @@ TINKER_API_KEY.
   rl <base_name> <model_dir>    each policy-gradient loss (importance_sampling, ppo, cispo, dro) of
                                 a first `forward` against the same formula in PyTorch over
                                 transformers' log-probs; then a ppo step lowers the ppo loss
+  bench <base_name> <steps> <datums> <seq>
+                                benches/serve.rs: tokens/s of `steps` × (forward_backward,
+                                optim_step) over `datums` random sequences of `seq` tokens, the
+                                first two steps left out (warm-up); the median
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -215,6 +219,31 @@ def rl(name, model_dir):
     print(json.dumps(report))
 
 
+def bench(name, n_steps, datums, seq):
+    import statistics
+    import time
+
+    g = torch.Generator().manual_seed(11)
+    batch = []
+    for _ in range(int(datums)):
+        s = torch.randint(0, 250, (int(seq) + 1,), generator=g).tolist()
+        batch.append(types.Datum(
+            model_input=types.ModelInput.from_ints(s[:-1]),
+            loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * int(seq)},
+        ))
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=8, seed=7).result()
+    rates = []
+    for _ in range(int(n_steps)):
+        start = time.perf_counter()
+        fb = tc.forward_backward(batch, "cross_entropy")
+        step = tc.optim_step(types.AdamParams(learning_rate=1e-4))
+        fb.result()
+        step.result()
+        rates.append(int(datums) * int(seq) / (time.perf_counter() - start))
+    print(json.dumps({"tokens_per_s": statistics.median(rates[2:])}))
+
+
 def raised(work):
     try:
         work()
@@ -280,5 +309,7 @@ def errors(name):
 
 
 if __name__ == "__main__":
-    commands = {"sft": sft, "train": train, "resume": resume, "rl": rl, "errors": errors}
+    commands = {
+        "sft": sft, "train": train, "resume": resume, "rl": rl, "bench": bench, "errors": errors,
+    }
     commands[sys.argv[1]](*sys.argv[2:])

@@ -119,21 +119,20 @@ impl Loss {
         !matches!(self, Loss::CrossEntropy)
     }
 
-    /// The loss of one datum from its target log-probs `lp` and its inputs (1-D, one a
-    /// position): a scalar.
-    fn of(&self, lp: &Tensor, weights: &Tensor, q: &Tensor, a: &Tensor) -> Tensor {
-        let sum = |t: Tensor| -t.sum(Kind::Float);
+    /// Each position's term of the loss (the loss is minus their sum) from the target log-probs
+    /// `lp` and the inputs, all of one shape.
+    fn terms(&self, lp: &Tensor, weights: &Tensor, q: &Tensor, a: &Tensor) -> Tensor {
         let ratio = || (lp - q).exp();
         match *self {
-            Loss::CrossEntropy => sum(lp * weights),
-            Loss::ImportanceSampling => sum(ratio() * a),
+            Loss::CrossEntropy => lp * weights,
+            Loss::ImportanceSampling => ratio() * a,
             Loss::Ppo { low, high } => {
                 let r = ratio();
                 let clipped = r.clamp(low, high) * a;
-                sum((r * a).minimum(&clipped))
+                (r * a).minimum(&clipped)
             }
-            Loss::Cispo { low, high } => sum(ratio().clamp(low, high).detach() * lp * a),
-            Loss::Dro { beta } => sum(lp * a - (lp - q).square() * (0.5 * beta)),
+            Loss::Cispo { low, high } => ratio().clamp(low, high).detach() * lp * a,
+            Loss::Dro { beta } => lp * a - (lp - q).square() * (0.5 * beta),
         }
     }
 }
@@ -366,33 +365,55 @@ impl TrainingModel {
             let mut logprobs = Vec::with_capacity(data.len());
             let mut loss_sum = 0.0;
             let device = self.model.device();
-            for d in data {
-                let n = d.tokens.len() as i64;
-                let ids = Tensor::from_slice(&d.tokens).view([1, n]).to_device(device);
-                let targets = Tensor::from_slice(&d.targets)
-                    .view([1, n, 1])
-                    .to_device(device);
-                let input = |v: &[f32]| Tensor::from_slice(v).to_device(device);
-                let (weights, q, a) = (
-                    input(&d.weights),
-                    input(&d.sampler_logprobs),
-                    input(&d.advantages),
+            for group in batches(data, MAX_BATCH_TOKENS) {
+                // One forward over the group, each datum padded on the right to the longest:
+                // with causal attention a datum's positions never see its padding, which the
+                // mask keeps out of the loss.
+                let t = group.iter().map(|d| d.tokens.len()).max().unwrap_or(0);
+                let b = group.len() as i64;
+                let ids: Vec<i64> = group.iter().flat_map(|d| padded(&d.tokens, t)).collect();
+                let targets: Vec<i64> = group.iter().flat_map(|d| padded(&d.targets, t)).collect();
+                let input = |of: &dyn Fn(&Datum) -> &[f32]| {
+                    let v: Vec<f32> = group.iter().flat_map(|d| padded(of(d), t)).collect();
+                    Tensor::from_slice(&v).view([b, t as i64]).to_device(device)
+                };
+                let (w, q, a) = (
+                    input(&|d| &d.weights),
+                    input(&|d| &d.sampler_logprobs),
+                    input(&|d| &d.advantages),
                 );
+                let mask: Vec<f32> = group
+                    .iter()
+                    .flat_map(|d| (0..t).map(|i| f32::from(u8::from(i < d.tokens.len()))))
+                    .collect();
+                let mask = Tensor::from_slice(&mask)
+                    .view([b, t as i64])
+                    .to_device(device);
+                let ids = Tensor::from_slice(&ids)
+                    .view([b, t as i64])
+                    .to_device(device);
+                let targets = Tensor::from_slice(&targets)
+                    .view([b, t as i64, 1])
+                    .to_device(device);
                 let run = || {
-                    let logits = self.model.forward(&ids, backward);
-                    logits
+                    self.model
+                        .forward(&ids, backward)
                         .to_kind(Kind::Float)
                         .log_softmax(-1, Kind::Float)
                         .gather(-1, &targets, false)
-                        .view([n])
+                        .squeeze_dim(-1)
                 };
                 let lp = if backward { run() } else { tch::no_grad(run) };
-                let loss = loss.of(&lp, &weights, &q, &a);
+                let loss = -(loss.terms(&lp, &w, &q, &a) * &mask).sum(Kind::Float);
                 loss_sum += loss.double_value(&[]);
                 if backward {
                     call = Some(gradients(&loss, self.model.trainable(), call.take()));
                 }
-                logprobs.push(Vec::<f32>::try_from(lp.detach().to_device(Device::Cpu))?);
+                let lp = lp.detach().to_device(Device::Cpu);
+                for (row, d) in group.iter().enumerate() {
+                    let n = d.tokens.len() as i64;
+                    logprobs.push(Vec::<f32>::try_from(lp.get(row as i64).narrow(0, 0, n))?);
+                }
             }
             Ok((Forward { logprobs, loss_sum }, call))
         })?;
@@ -463,6 +484,37 @@ impl TrainingModel {
         });
         stepped.map_err(|e| self.breaks(e))
     }
+}
+
+/// `v` padded on the right with zeros (the type's default) to `len`.
+fn padded<T: Copy + Default>(v: &[T], len: usize) -> impl Iterator<Item = T> + '_ {
+    v.iter()
+        .copied()
+        .chain(std::iter::repeat(T::default()))
+        .take(len)
+}
+
+/// Padded tokens a forward pass takes at most (a group of datums; one longer datum alone).
+const MAX_BATCH_TOKENS: usize = 16_384;
+
+/// `data` in order, cut into groups whose padded size (datums × the longest) stays within
+/// `budget` tokens; a datum longer than that is a group of its own.
+fn batches(data: &[Datum], budget: usize) -> Vec<&[Datum]> {
+    let mut groups = Vec::new();
+    let (mut start, mut longest) = (0, 0);
+    for (i, d) in data.iter().enumerate() {
+        let wider = longest.max(d.tokens.len());
+        if i > start && wider * (i - start + 1) > budget {
+            groups.push(&data[start..i]);
+            (start, longest) = (i, d.tokens.len());
+        } else {
+            longest = wider;
+        }
+    }
+    if start < data.len() {
+        groups.push(&data[start..]);
+    }
+    groups
 }
 
 /// A datum's shape and tokens are checked before libtorch sees them: a clear error naming the
@@ -540,6 +592,26 @@ mod tests {
     }
 
     #[test]
+    fn datums_go_in_groups_within_the_token_budget() {
+        let of = |n: usize| Datum {
+            tokens: vec![0; n],
+            ..Datum::default()
+        };
+        let data: Vec<Datum> = [3, 5, 2, 9, 1].map(of).into();
+        let sizes =
+            |budget| -> Vec<usize> { batches(&data, budget).iter().map(|g| g.len()).collect() };
+        assert_eq!(sizes(100), [5]);
+        // 3,5 → 2 × 5 = 10; 2 joins (15); 9 would make 4 × 9 = 36 > 16; 9,1 → 18 > 16.
+        assert_eq!(sizes(16), [3, 1, 1]);
+        assert_eq!(
+            sizes(1),
+            [1, 1, 1, 1, 1],
+            "a datum over the budget goes alone"
+        );
+        assert!(batches(&[], 10).is_empty());
+    }
+
+    #[test]
     fn each_loss_is_its_formula() {
         let t = |v: &[f32]| Tensor::from_slice(v);
         let (lp, q, a, w) = (
@@ -548,7 +620,12 @@ mod tests {
             t(&[2.0, -1.0]),
             t(&[1.0, 0.5]),
         );
-        let value = |loss: Loss| loss.of(&lp, &w, &q, &a).double_value(&[]);
+        let value = |loss: Loss| {
+            -loss
+                .terms(&lp, &w, &q, &a)
+                .sum(Kind::Float)
+                .double_value(&[])
+        };
         let r = [0.5f64.exp(), (-1.0f64).exp()];
         let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         close(value(Loss::CrossEntropy), 1.0 + 2.0 * 0.5);

@@ -1,0 +1,127 @@
+//! `waypoint serve`'s service path against the batch loop, figure beside anchor: tokens/s of a
+//! LoRA client's `forward_backward` + `optim_step` driven by the Tinker SDK over HTTP on loopback
+//! (`tests/python/tinker_client.py bench`), against the same LoRA step (attention, MLP and
+//! `lm_head`, rank 8) inside `waypoint train` on the same model, batch and sequence length
+//! (target: the service ≥ 1/1.05 of the batch loop's tokens/s).
+//!
+//! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6), WAYPOINT_BENCH_BATCH /
+//! _SEQ the step (default 4 × 128); libtorch on 2 threads, CPU.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{env_or, model_and_data, python};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let (dir, model, data, (hidden, layers)) = model_and_data();
+    let (batch, seq) = (
+        env_or("WAYPOINT_BENCH_BATCH", 4),
+        env_or("WAYPOINT_BENCH_SEQ", 128),
+    );
+    let steps = 12;
+    let targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head";
+
+    // The anchor: the batch loop, the same LoRA.
+    let base = dir.path().join("runs");
+    support::run(
+        Command::new(env!("CARGO_BIN_EXE_waypoint"))
+            .env_remove("LD_LIBRARY_PATH")
+            .env("RUST_LOG", "warn")
+            .args(["train", "--device", "cpu", "--num_threads", "2"])
+            .args(["--memory_save_steps", "0", "--save_steps", "0"])
+            .args(["--run_id", "batch"])
+            .args(["--model_id", model.to_str().unwrap()])
+            .args(["--dataset_uri", data.to_str().unwrap()])
+            .args(["--checkpoint_base_uri", base.to_str().unwrap()])
+            .args([
+                "--batch_size",
+                &batch.to_string(),
+                "--max_seq_len",
+                &seq.to_string(),
+            ])
+            .args([
+                "--lora_rank",
+                "8",
+                "--lora_alpha",
+                "8",
+                "--lora_target_modules",
+                targets,
+            ])
+            .args(["--warmup_steps", "0", "--max_steps", &steps.to_string()]),
+    );
+    let metrics = std::fs::read_to_string(base.join("batch/framework=waypoint/logs/metrics.jsonl"))
+        .expect("metrics.jsonl");
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train = median(
+        lines[2..]
+            .iter()
+            .map(|l| l["tokens_per_s"].as_f64().unwrap())
+            .collect(),
+    );
+
+    // The figure: the same step through the SDK.
+    let key = dir.path().join("key");
+    std::fs::write(&key, "tml-waypoint-bench\n").unwrap();
+    let port = waypoint_testkit::free_port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_waypoint"))
+        .env_remove("LD_LIBRARY_PATH")
+        .env("RUST_LOG", "warn")
+        .args(["serve", "--port", &port.to_string(), "--api_key_file"])
+        .arg(&key)
+        .arg("--base_model")
+        .arg(format!("bench={}", model.display()))
+        .arg("--checkpoint_base_uri")
+        .arg(dir.path().join("served"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start waypoint serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "waypoint serve did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/tinker_client.py"
+        ))
+        .args([
+            "bench",
+            "bench",
+            &steps.to_string(),
+            &batch.to_string(),
+            &seq.to_string(),
+        ])
+        .env("TINKER_BASE_URL", format!("http://127.0.0.1:{port}"))
+        .env("TINKER_API_KEY", "tml-waypoint-bench")
+        .env("TINKER_TELEMETRY", "0")
+        .output()
+        .expect("run the SDK");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let served = report["tokens_per_s"].as_f64().unwrap();
+    println!(
+        "LoRA step tokens/s on cpu (hidden {hidden}, {layers} layers, {batch} x {seq}, rank 8, 2 \
+         threads): waypoint serve through the Tinker SDK {served:.0} vs waypoint train {train:.0} \
+         = {:.2}x the batch loop's time (target <= 1.05x)",
+        train / served
+    );
+}
