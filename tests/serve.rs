@@ -285,4 +285,23 @@ fn a_killed_server_comes_back_with_its_checkpoints_and_a_client_continues_exactl
         list.contains("step-000003") && list.contains("TRAINING_LORA,INFERENCE_LORA"),
         "{list}"
     );
+    // Each client's run says where it stands, as a batch run does.
+    let status = common::waypoint()
+        .args(["status"])
+        .arg(part["run"].as_str().unwrap())
+        .output()
+        .unwrap();
+    let status = common::ok(&status);
+    assert!(status.contains("step-000003"), "{status}");
+    let resumed_run = server
+        .runs
+        .join(resumed["model_id"].as_str().unwrap().replace(':', "-"))
+        .join("framework=waypoint");
+    let s = common::read_json(resumed_run.join("status.json"));
+    assert_eq!(s["state"], "RUNNING", "{s}");
+    let from = s["resumed_from"]["checkpoint"].as_str().unwrap();
+    assert!(
+        from.ends_with(":step-000003") && from.starts_with(&model_id.replace(':', "-")),
+        "{s}"
+    );
 }

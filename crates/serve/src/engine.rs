@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::json;
 use tokio::runtime::Handle;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
+use waypoint_observe::records::{self, JobState, ResumedFrom, Status};
 use waypoint_storage::{StorageError, Store};
 use waypoint_trainer::service::{identity_of, AdamParams, Datum, Identity, Loss, TrainingModel};
 
@@ -362,6 +363,24 @@ fn failed(category: Category, error: String) -> Outcome {
 struct Served {
     model: TrainingModel,
     manager: CheckpointManager,
+    /// The newest checkpoint of its run, and the one it was made from (another run's).
+    checkpoint: Option<String>,
+    made_from: Option<ResumedFrom>,
+}
+
+impl Served {
+    /// Writes the run's `status.json` (what `waypoint status` reads): `state`, the model's step,
+    /// its newest checkpoint. A failure is a warning: the model goes on.
+    fn record(&self, state: JobState, rt: &Handle) {
+        let mut status = Status::new(state, self.model.steps(), 0);
+        status.checkpoint = self.checkpoint.clone();
+        status.attempt = self.manager.attempt();
+        status.resumed_from = self.made_from.clone();
+        let layout = self.manager.layout();
+        if let Err(e) = rt.block_on(records::write_status(self.manager.store(), layout, &status)) {
+            tracing::warn!(run = %layout.run_id(), "writing status.json: {e}");
+        }
+    }
 }
 
 /// The trainer thread: runs the jobs in order and posts their outcomes.
@@ -402,6 +421,9 @@ impl Trainer {
                             failed(Category::User, format!("making model {model_id}: {e}"))
                         }
                     };
+                    if let Ok(served) = &made {
+                        served.record(JobState::Running, &self.runtime);
+                    }
                     self.futures.post(&request, outcome);
                     self.models.insert(model_id, made);
                 }
@@ -424,7 +446,9 @@ impl Trainer {
                 }
                 Job::Drop { model_ids } => {
                     for m in model_ids {
-                        self.models.remove(&m);
+                        if let Some(Ok(served)) = self.models.remove(&m) {
+                            served.record(JobState::Finished, &self.runtime);
+                        }
                     }
                 }
             }
@@ -456,12 +480,22 @@ impl Trainer {
             )
         })?;
         let mut model = TrainingModel::lora(dir, identity).map_err(|e| format!("{e:#}"))?;
+        let mut made_from = None;
         if let Some((source, step, optimizer)) = from {
             model
                 .load(&source, rt, step, optimizer)
                 .map_err(|e| format!("{e:#}"))?;
+            made_from = Some(ResumedFrom {
+                checkpoint: format!("{}:{step}", source.layout().run_id()),
+                tier: "durable".into(),
+            });
         }
-        Ok(Served { model, manager })
+        Ok(Served {
+            model,
+            manager,
+            checkpoint: None,
+            made_from,
+        })
     }
 }
 
@@ -529,6 +563,8 @@ fn run(served: &mut Served, model_id: &str, op: Op, store: &Store, rt: &Handle) 
                 Ok(c) => c,
                 Err(e) => return failed(Category::Server, format!("saving: {e:#}")),
             };
+            served.checkpoint = Some(checkpoint.clone());
+            served.record(JobState::Running, rt);
             let key = names::record_key(served.manager.layout(), kind, &name);
             let record = Record {
                 checkpoint,

@@ -263,6 +263,11 @@ impl TrainingModel {
         })
     }
 
+    /// The number of the model's state (optimizer steps taken; see [`TrainingModel::save`]).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
     /// What this model is.
     pub fn identity(&self) -> &Identity {
         &self.identity
