@@ -479,27 +479,40 @@ fn save_name(
     named
 }
 
+/// A save's submission: the name checked (a refusal uses the request's number), then the save.
+fn submit_save(
+    engine: &Engine,
+    (model_id, seq): (&str, i64),
+    name: Option<&str>,
+    kind: Kind,
+    overwrite: bool,
+    unnamed: &str,
+) -> Result<Json<Value>, ServeError> {
+    let name = save_name(engine, model_id, seq, name, unnamed)?;
+    let op = Op::Save {
+        kind,
+        name,
+        overwrite,
+    };
+    let request = engine.submit(model_id, seq, op)?;
+    Ok(Json(json!({"request_id": request, "model_id": model_id})))
+}
+
 async fn save_weights(
     State(engine): State<Arc<Engine>>,
     body: Bytes,
 ) -> Result<Json<Value>, ServeError> {
     let req: api::SaveWeights = parse("save_weights", &body)?;
-    let name = save_name(
+    let unnamed = "save_state needs a name";
+    let at = (req.model_id.as_str(), req.seq_id);
+    submit_save(
         &engine,
-        &req.model_id,
-        req.seq_id,
+        at,
         req.path.as_deref(),
-        "save_state needs a name",
-    )?;
-    let op = Op::Save {
-        kind: Kind::Weights,
-        name,
-        overwrite: req.overwrite,
-    };
-    let request = engine.submit(&req.model_id, req.seq_id, op)?;
-    Ok(Json(
-        json!({"request_id": request, "model_id": req.model_id}),
-    ))
+        Kind::Weights,
+        req.overwrite,
+        unnamed,
+    )
 }
 
 async fn save_weights_for_sampler(
@@ -507,23 +520,17 @@ async fn save_weights_for_sampler(
     body: Bytes,
 ) -> Result<Json<Value>, ServeError> {
     let req: api::SaveWeightsForSampler = parse("save_weights_for_sampler", &body)?;
-    let name = save_name(
+    let unnamed = "sampling is not served yet, so neither is an unnamed sampler save \
+         (save_weights_and_get_sampling_client): name it, save_weights_for_sampler(name)";
+    let at = (req.model_id.as_str(), req.seq_id);
+    submit_save(
         &engine,
-        &req.model_id,
-        req.seq_id,
+        at,
         req.path.as_deref(),
-        "sampling is not served yet, so neither is an unnamed sampler save \
-         (save_weights_and_get_sampling_client): name it, save_weights_for_sampler(name)",
-    )?;
-    let op = Op::Save {
-        kind: Kind::Sampler,
-        name,
-        overwrite: false,
-    };
-    let request = engine.submit(&req.model_id, req.seq_id, op)?;
-    Ok(Json(
-        json!({"request_id": request, "model_id": req.model_id}),
-    ))
+        Kind::Sampler,
+        false,
+        unnamed,
+    )
 }
 
 async fn load_weights(

@@ -139,6 +139,8 @@ impl Session {
                     .collect();
                 let mut usable = peer::newest_held_by_all(&held_all);
                 let timeout = std::time::Duration::from_secs(cfg.distributed.dist_timeout_secs);
+                // The step a copy between nodes made every node hold, and whether it went well.
+                let mut copy: Option<(u64, bool)> = None;
                 if let Some(replica_folder) = t.replica_folder() {
                     // A node's shards are in its own tier and in the next node's replica: a node
                     // lacking the newest step all can have (replaced: its tier is empty) receives
@@ -190,15 +192,7 @@ impl Session {
                                 break;
                             }
                         }
-                        if copied {
-                            usable = plan.step;
-                            from_peer = true;
-                        } else {
-                            tracing::warn!(
-                                "resuming from the newest step every node's tier holds, or the \
-                                 durable tier"
-                            );
-                        }
+                        copy = Some((plan.step, copied));
                     }
                 } else {
                     // A node lacking the newest step (replaced: its tier is empty) receives it
@@ -222,17 +216,21 @@ impl Session {
                             &self.layout,
                             manifest.map(|(_, m)| m),
                             timeout,
-                        );
-                        if copied? {
-                            usable = plan.step;
-                            from_peer = true;
-                        } else {
-                            tracing::warn!(
-                                "resuming from the newest step every node's tier holds, or the \
-                                 durable tier"
-                            );
-                        }
+                        )?;
+                        copy = Some((plan.step, copied));
                     }
+                }
+                // Every rank took the same copies and agrees on their outcome.
+                match copy {
+                    Some((step, true)) => {
+                        usable = step;
+                        from_peer = true;
+                    }
+                    Some((_, false)) => tracing::warn!(
+                        "resuming from the newest step every node's tier holds, or the durable \
+                         tier"
+                    ),
+                    None => {}
                 }
                 if main {
                     // One entry a node (its local rank 0's).
