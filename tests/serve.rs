@@ -206,6 +206,30 @@ fn a_client_meets_clear_errors_and_the_server_goes_on() {
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(log.contains("session created"), "{log}");
     assert!(!log.contains(KEY), "the key is never logged:\n{log}");
+
+    // SIGTERM: no new requests, the work taken finished, each client's run says CANCELLED.
+    let mut server = server;
+    common::send_signal(server.child.id(), "TERM").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exit = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waypoint serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(exit.success(), "{exit:?}\n{log}");
+    assert!(log.contains("waypoint serve: stopped"), "{log}");
+    let runs: Vec<_> = std::fs::read_dir(&server.runs).unwrap().flatten().collect();
+    assert!(!runs.is_empty());
+    for run in runs {
+        let s = common::read_json(run.path().join("framework=waypoint/status.json"));
+        assert_eq!(s["state"], "CANCELLED", "{}: {s}", run.path().display());
+    }
 }
 
 /// Each policy-gradient loss of a first `forward` (LoRA's B is zero: the base model) equals the

@@ -107,7 +107,9 @@ struct State {
 pub(crate) struct Engine {
     state: Mutex<State>,
     futures: Arc<Futures>,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    /// The trainer thread's inbox (`None` once stopping) and the thread.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    trainer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Filled by the trainer thread once a model is made.
     info: Arc<Mutex<HashMap<String, ModelInfo>>>,
     /// The base models clients may train, by name.
@@ -139,14 +141,15 @@ impl Engine {
             runtime,
             models: HashMap::new(),
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("trainer".into())
             .spawn(move || trainer.run(inbox))
             .map_err(|e| ServeError::Start(format!("starting the trainer thread: {e}")))?;
         Ok(Arc::new(Self {
             state: Mutex::default(),
             futures,
-            jobs: Mutex::new(jobs),
+            jobs: Mutex::new(Some(jobs)),
+            trainer: Mutex::new(Some(thread)),
             info,
             bases,
             store,
@@ -175,8 +178,25 @@ impl Engine {
 
     fn send(&self, job: Job) -> Result<(), ServeError> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.send(job)
+        let stopping = || ServeError::Unavailable("the server is stopping".into());
+        jobs.as_ref()
+            .ok_or_else(stopping)?
+            .send(job)
             .map_err(|_| ServeError::Internal("the trainer thread is gone".into()))
+    }
+
+    /// Takes no more work, lets the trainer thread finish what it was given (each model's run then
+    /// says `CANCELLED`: stopped, its checkpoints there to go on from), and waits for it.
+    pub(crate) fn stop(&self) {
+        drop(self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let thread = self
+            .trainer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 
     /// A new session's id.
@@ -452,6 +472,10 @@ impl Trainer {
                     }
                 }
             }
+        }
+        // The server is stopping: every model still held was stopped, not finished.
+        for served in self.models.values().flatten() {
+            served.record(JobState::Cancelled, &self.runtime);
         }
     }
 

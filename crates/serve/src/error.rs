@@ -19,6 +19,9 @@ pub enum ServeError {
     /// The server cannot start: a flag, a file, the address.
     #[error("{0}")]
     Start(String),
+    /// The server is stopping (503; the SDK retries, and fails once it is gone).
+    #[error("{0}")]
+    Unavailable(String),
     /// A fault of the server's own (500).
     #[error("{0}")]
     Internal(String),

@@ -100,6 +100,7 @@ impl IntoResponse for ServeError {
             ServeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ServeError::NotFound(_) => StatusCode::NOT_FOUND,
             ServeError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ServeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Start(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(json!({"detail": self.to_string()}))).into_response()

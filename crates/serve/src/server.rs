@@ -94,10 +94,17 @@ pub async fn run(
         checkpoints = %waypoint_storage::redact_text(&args.checkpoint_base_uri),
         "waypoint serve: listening; point TINKER_BASE_URL at the url"
     );
-    axum::serve(listener, http::router(engine, key))
+    let served = axum::serve(listener, http::router(engine.clone(), key))
         .with_graceful_shutdown(stop)
         .await
-        .map_err(|e| ServeError::Internal(format!("serving: {e}")))
+        .map_err(|e| ServeError::Internal(format!("serving: {e}")));
+    // No more requests come: the work already taken is finished, off the async runtime (the
+    // trainer thread's storage calls run on it).
+    tokio::task::spawn_blocking(move || engine.stop())
+        .await
+        .map_err(|e| ServeError::Internal(format!("stopping the trainer: {e}")))?;
+    tracing::info!("waypoint serve: stopped");
+    served
 }
 
 #[cfg(test)]
