@@ -255,6 +255,47 @@ fn the_policy_gradient_losses_are_pytorchs() {
     );
 }
 
+/// Sampling: greedy samples from saved sampler weights (`create_sampling_client`) and from the
+/// live model (`save_weights_and_get_sampling_client`) are the tokens a greedy loop of `peft` over
+/// the saved adapter makes; `compute_logprobs` gives `peft`'s log-probs; a seeded draw repeats.
+#[test]
+fn samples_are_those_of_peft_over_the_saved_adapter() {
+    let server = start();
+    let (model, runs) = (
+        server.model.to_str().unwrap(),
+        server.runs.to_str().unwrap(),
+    );
+    let r = sdk(&server, &["sample", "tiny", model, runs]);
+    assert_eq!(
+        r["saved"][0], r["peft"],
+        "greedy from the saved weights vs peft: {r}"
+    );
+    assert_eq!(r["saved"][1], r["peft"], "every greedy sample alike: {r}");
+    assert_eq!(
+        r["live"][0], r["peft"],
+        "greedy from the live model vs peft: {r}"
+    );
+    assert_eq!(r["stop_reasons"][0], "length", "{r}");
+    assert_eq!(r["saved_logprobs"].as_array().unwrap().len(), 8, "{r}");
+    let got = r["logprobs"].as_array().unwrap();
+    assert!(
+        got[0].is_null(),
+        "the first prompt token has no log-prob: {r}"
+    );
+    let want = floats(&r["peft_logprobs"]);
+    let diff = got[1..]
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a.as_f64().unwrap() - b).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-4, "compute_logprobs vs peft: {diff}: {r}");
+    assert_eq!(r["draws"][0], r["draws"][1], "a seeded draw repeats: {r}");
+    assert_ne!(
+        r["draws"][0][0], r["draws"][0][1],
+        "its samples differ: {r}"
+    );
+}
+
 /// A client's state and sampler weights saved after step 3: the sampler weights are a PEFT
 /// adapter that `peft` loads to the served model's log-probs; the server SIGKILLed and started
 /// again over the same storage lists them, and a client made from the state with its optimizer

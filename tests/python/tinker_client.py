@@ -21,6 +21,12 @@ TINKER_API_KEY.
                                 benches/serve.rs: tokens/s of `steps` × (forward_backward,
                                 optim_step) over `datums` random sequences of `seq` tokens, the
                                 first two steps left out (warm-up); the median
+  sample <base_name> <model_dir> <runs_dir>
+                                a client trained 2 steps, its sampler weights saved: greedy
+                                samples from them (create_sampling_client) and from the live
+                                model (save_weights_and_get_sampling_client) against a greedy
+                                loop of peft over the saved adapter; compute_logprobs against
+                                peft's; seeded sampling repeats
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -244,6 +250,54 @@ def bench(name, n_steps, datums, seq):
     print(json.dumps({"tokens_per_s": statistics.median(rates[2:])}))
 
 
+def peft_model(model_dir, adapter_dir):
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    return model
+
+
+def sample(name, model_dir, runs_dir):
+    seqs, _, batch = data()
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=7).result()
+    steps(tc, batch, 2)
+    path = tc.save_weights_for_sampler("after-2").result().path
+    prompt = types.ModelInput.from_ints(seqs[0][:5])
+    greedy = types.SamplingParams(max_tokens=8, top_k=1, stop=[])
+    saved = sc.create_sampling_client(model_path=path)
+    from_saved = saved.sample(prompt=prompt, num_samples=2, sampling_params=greedy).result()
+    live = tc.save_weights_and_get_sampling_client()
+    from_live = live.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result()
+    logprobs = saved.compute_logprobs(types.ModelInput.from_ints(seqs[0])).result()
+    seeded = types.SamplingParams(max_tokens=8, temperature=1.5, seed=3, stop=[])
+    draws = [
+        [s.tokens for s in saved.sample(prompt=prompt, num_samples=2, sampling_params=seeded).result().sequences]
+        for _ in range(2)
+    ]
+    run = os.path.join(runs_dir, tc.model_id.replace(":", "-"), "framework=waypoint")
+    model = peft_model(model_dir, os.path.join(run, "checkpoints", "step-000002", "sampler"))
+    ids = list(seqs[0][:5])
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        lp = model(torch.tensor([seqs[0][:-1]])).logits.float().log_softmax(-1)[0]
+        want_lp = lp.gather(-1, torch.tensor(seqs[0][1:]).unsqueeze(-1)).squeeze(-1).tolist()
+    print(json.dumps({
+        "saved": [s.tokens for s in from_saved.sequences],
+        "saved_logprobs": from_saved.sequences[0].logprobs,
+        "stop_reasons": [s.stop_reason for s in from_saved.sequences],
+        "live": [s.tokens for s in from_live.sequences],
+        "peft": ids[5:],
+        "logprobs": logprobs,
+        "peft_logprobs": want_lp,
+        "draws": draws,
+    }))
+
+
 def raised(work):
     try:
         work()
@@ -301,7 +355,7 @@ def errors(name):
     )
     report["malformed"] = raw("create_model", b"{", key)
     report["no_key"] = raw("create_session", b"{}", None)
-    report["unknown_route"] = raw("asample", b"{}", key)
+    report["unknown_route"] = raw("copy_weights", b"{}", key)
     report["oversized"] = raw("forward_backward", b"\0" * (65 << 20), key, "application/x-protobuf")
     report["unknown_future"] = raw("retrieve_future", json.dumps({"request_id": "req-0"}).encode(), key)
     report["still_serving"] = tc.forward(batch, "cross_entropy").result().metrics["loss:sum"]
@@ -310,6 +364,7 @@ def errors(name):
 
 if __name__ == "__main__":
     commands = {
-        "sft": sft, "train": train, "resume": resume, "rl": rl, "bench": bench, "errors": errors,
+        "sft": sft, "train": train, "resume": resume, "rl": rl, "sample": sample, "bench": bench,
+        "errors": errors,
     }
     commands[sys.argv[1]](*sys.argv[2:])

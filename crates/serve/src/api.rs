@@ -104,13 +104,82 @@ pub(crate) struct SaveWeights {
     pub(crate) overwrite: bool,
 }
 
-/// `POST save_weights_for_sampler`: named (`path`), or ephemeral for a sampling client.
+/// `POST save_weights_for_sampler`: named (`path`), or ephemeral for a sampling client
+/// (`sampling_session_seq_id`).
 #[derive(Debug, Deserialize)]
 pub(crate) struct SaveWeightsForSampler {
     pub(crate) model_id: String,
     pub(crate) seq_id: i64,
     #[serde(default)]
     pub(crate) path: Option<String>,
+    #[serde(default)]
+    pub(crate) sampling_session_seq_id: Option<i64>,
+}
+
+/// `POST create_sampling_session`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CreateSamplingSession {
+    pub(crate) session_id: String,
+    pub(crate) sampling_session_seq_id: i64,
+    #[serde(default)]
+    pub(crate) base_model: Option<String>,
+    #[serde(default)]
+    pub(crate) model_path: Option<String>,
+}
+
+/// A chunk of a JSON `ModelInput`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Chunk {
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    #[serde(default)]
+    pub(crate) tokens: Vec<i64>,
+}
+
+/// A JSON `ModelInput`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ModelInput {
+    pub(crate) chunks: Vec<Chunk>,
+}
+
+/// The SDK's `SamplingParams`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct SamplingParams {
+    #[serde(default)]
+    pub(crate) max_tokens: Option<usize>,
+    #[serde(default)]
+    pub(crate) seed: Option<u64>,
+    #[serde(default)]
+    pub(crate) stop: Option<Value>,
+    #[serde(default = "one")]
+    pub(crate) temperature: f64,
+    #[serde(default = "minus_one")]
+    pub(crate) top_k: i64,
+    #[serde(default = "one")]
+    pub(crate) top_p: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn minus_one() -> i64 {
+    -1
+}
+
+/// `POST asample`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ASample {
+    pub(crate) sampling_session_id: String,
+    #[serde(default = "one_sample")]
+    pub(crate) num_samples: usize,
+    pub(crate) prompt: ModelInput,
+    pub(crate) sampling_params: SamplingParams,
+    #[serde(default)]
+    pub(crate) prompt_logprobs: bool,
+}
+
+fn one_sample() -> usize {
+    1
 }
 
 /// `POST load_weights`: into a model (`model_id`, `seq_id`: `load_state`), or a new model made from

@@ -21,7 +21,9 @@ use tokio::runtime::Handle;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 use waypoint_observe::records::{self, JobState, ResumedFrom, Status};
 use waypoint_storage::{StorageError, Store};
-use waypoint_trainer::service::{identity_of, AdamParams, Datum, Identity, Loss, TrainingModel};
+use waypoint_trainer::service::{
+    identity_of, AdamParams, Datum, Identity, Loss, SampleParams, Snapshot, TrainingModel,
+};
 
 use crate::error::ServeError;
 use crate::futures::{Category, Futures, Outcome};
@@ -50,6 +52,8 @@ pub(crate) enum Op {
     },
     /// `load_state`, with or without the optimizer's state.
     Load { path: TinkerPath, optimizer: bool },
+    /// `save_weights_and_get_sampling_client`: sampler `sampler_id` over the model as it is.
+    Sampler { sampler_id: String },
     /// A request refused at submission: its number is used, nothing runs.
     Refused,
 }
@@ -76,6 +80,45 @@ enum Job {
     },
     /// Frees a finished session's models.
     Drop { model_ids: Vec<String> },
+    /// Makes sampler `sampler_id` over checkpoint `path`'s weights.
+    SamplerFrom {
+        sampler_id: String,
+        path: TinkerPath,
+    },
+    /// Samples with sampler `sampler_id`.
+    Sample {
+        sampler_id: String,
+        request: Sample,
+        id: String,
+    },
+}
+
+/// What an `asample` asks.
+#[derive(Debug)]
+pub(crate) struct Sample {
+    pub(crate) prompt: Vec<i64>,
+    pub(crate) params: SampleParams,
+    /// Whether `params.stop` was given (else the model's end-of-sequence tokens stop).
+    pub(crate) stop_given: bool,
+    pub(crate) samples: usize,
+    pub(crate) prompt_logprobs: bool,
+}
+
+/// What a sampler samples from: a training client's model with its adapters as they were when
+/// the sampler was made, or a model of its own, made from a checkpoint.
+enum Sampler {
+    Client {
+        model_id: String,
+        snapshot: Snapshot,
+    },
+    Own(Box<Result<TrainingModel, String>>),
+}
+
+/// What `GET samplers/{id}` says of a sampler.
+#[derive(Debug, Clone)]
+pub(crate) struct SamplerInfo {
+    pub(crate) base_model: String,
+    pub(crate) model_path: Option<String>,
 }
 
 /// What a client may ask of a model without going through the trainer thread.
@@ -112,6 +155,10 @@ pub(crate) struct Engine {
     trainer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Filled by the trainer thread once a model is made.
     info: Arc<Mutex<HashMap<String, ModelInfo>>>,
+    /// The samplers made or being made.
+    samplers: Mutex<HashMap<String, SamplerInfo>>,
+    /// The models whose making failed (they hold no slot of `max_models`).
+    failed: Arc<Mutex<std::collections::HashSet<String>>>,
     /// The base models clients may train, by name.
     bases: Arc<BTreeMap<String, PathBuf>>,
     /// The checkpoint base.
@@ -131,15 +178,18 @@ impl Engine {
     ) -> Result<Arc<Self>, ServeError> {
         let futures = Arc::new(Futures::default());
         let info = Arc::new(Mutex::new(HashMap::new()));
+        let failed = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let bases = Arc::new(bases);
         let (jobs, inbox) = mpsc::channel();
         let trainer = Trainer {
             futures: futures.clone(),
             info: info.clone(),
+            failed: failed.clone(),
             bases: bases.clone(),
             store: store.clone(),
             runtime,
             models: HashMap::new(),
+            samplers: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("trainer".into())
@@ -151,6 +201,8 @@ impl Engine {
             jobs: Mutex::new(Some(jobs)),
             trainer: Mutex::new(Some(thread)),
             info,
+            samplers: Mutex::default(),
+            failed,
             bases,
             store,
             max_models,
@@ -211,14 +263,23 @@ impl Engine {
         self.state().sessions.contains_key(session)
     }
 
-    /// Ends `session`: its models are freed (their checkpoints stay).
+    /// Ends `session`: its models are freed (their checkpoints stay), and the requests they held
+    /// waiting fail.
     pub(crate) fn finish_session(&self, session: &str) -> Result<(), ServeError> {
         let mut state = self.state();
         let Some(model_ids) = state.sessions.remove(session) else {
             return Ok(());
         };
         for m in &model_ids {
-            state.models.remove(m);
+            let Some(entry) = state.models.remove(m) else {
+                continue;
+            };
+            for (request, _) in entry.waiting.into_values() {
+                if let Some(request) = request {
+                    let error = format!("model {m} was freed: its session finished");
+                    self.futures.post(&request, failed(Category::User, error));
+                }
+            }
         }
         drop(state);
         self.info
@@ -257,7 +318,10 @@ impl Engine {
                 "session {session:?} is unknown: create one first (create_session)"
             )));
         }
-        if state.models.len() >= self.max_models {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let held = state.models.keys().filter(|m| !failed.contains(*m)).count();
+        drop(failed);
+        if held >= self.max_models {
             return Err(ServeError::BadRequest(format!(
                 "this server holds {} training clients, its --max_models: close a ServiceClient \
                  (its session's models are freed), or start the server with a larger \
@@ -312,6 +376,57 @@ impl Engine {
         )
     }
 
+    /// Registers sampler `<session>:sample:<seq>` (on base `base_model`, `model_path` a
+    /// checkpoint's when made from one); its id, and whether it is new (the same one asked
+    /// again keeps its id).
+    pub(crate) fn register_sampler(
+        &self,
+        session: &str,
+        seq: i64,
+        info: SamplerInfo,
+    ) -> Result<(String, bool), ServeError> {
+        if !self.has_session(session) {
+            return Err(ServeError::NotFound(format!(
+                "session {session:?} is unknown: create one first (create_session)"
+            )));
+        }
+        let id = format!("{session}:sample:{seq}");
+        let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
+        let new = !samplers.contains_key(&id);
+        samplers.entry(id.clone()).or_insert(info);
+        Ok((id, new))
+    }
+
+    /// Starts making sampler `sampler_id` from checkpoint `path`.
+    pub(crate) fn make_sampler(
+        &self,
+        sampler_id: String,
+        path: TinkerPath,
+    ) -> Result<(), ServeError> {
+        self.send(Job::SamplerFrom { sampler_id, path })
+    }
+
+    /// What sampler `id` samples.
+    pub(crate) fn sampler_info(&self, id: &str) -> Result<SamplerInfo, ServeError> {
+        let samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
+        samplers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ServeError::NotFound(format!("sampler {id:?} is unknown here")))
+    }
+
+    /// Starts `request` on sampler `sampler_id`; the request id.
+    pub(crate) fn sample(&self, sampler_id: &str, request: Sample) -> Result<String, ServeError> {
+        self.sampler_info(sampler_id)?;
+        let id = self.futures.open();
+        self.send(Job::Sample {
+            sampler_id: sampler_id.to_string(),
+            request,
+            id: id.clone(),
+        })?;
+        Ok(id)
+    }
+
     /// The base model and LoRA rank of model `model_id`, once it is made.
     pub(crate) fn model_info(&self, model_id: &str) -> Result<ModelInfo, ServeError> {
         let info = self.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -355,6 +470,9 @@ impl Engine {
         }
         let request = (!matches!(op, Op::Refused)).then(|| self.futures.open());
         m.requests.insert(seq, request.clone());
+        // Numbers long run are not sent again (a retry comes within moments): forgotten.
+        let horizon = m.next_seq - MAX_WAITING as i64;
+        m.requests.retain(|&s, _| s >= horizon);
         m.waiting.insert(seq, (request.clone(), op));
         while let Some((request, op)) = m.waiting.remove(&m.next_seq) {
             m.next_seq += 1;
@@ -407,10 +525,12 @@ impl Served {
 struct Trainer {
     futures: Arc<Futures>,
     info: Arc<Mutex<HashMap<String, ModelInfo>>>,
+    failed: Arc<Mutex<std::collections::HashSet<String>>>,
     bases: Arc<BTreeMap<String, PathBuf>>,
     store: Store,
     runtime: Handle,
     models: HashMap<String, Result<Served, String>>,
+    samplers: HashMap<String, Sampler>,
 }
 
 impl Trainer {
@@ -438,6 +558,10 @@ impl Trainer {
                         }
                         Err(e) => {
                             tracing::warn!(model = %model_id, "making a training client failed: {e}");
+                            self.failed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(model_id.clone());
                             failed(Category::User, format!("making model {model_id}: {e}"))
                         }
                     };
@@ -452,19 +576,54 @@ impl Trainer {
                     op,
                     request,
                 } => {
-                    let outcome = match self.models.get_mut(&model_id) {
-                        Some(Ok(served)) => run(served, &model_id, op, &self.store, &self.runtime),
-                        Some(Err(e)) => failed(
+                    let outcome = match (self.models.get_mut(&model_id), op) {
+                        (Some(Ok(served)), Op::Sampler { sampler_id }) => {
+                            match served.model.snapshot() {
+                                Ok(snapshot) => {
+                                    let sampler = Sampler::Client {
+                                        model_id: model_id.clone(),
+                                        snapshot,
+                                    };
+                                    self.samplers.insert(sampler_id.clone(), sampler);
+                                    Outcome::Json(json!({"sampling_session_id": sampler_id}))
+                                }
+                                Err(e) => failed(Category::Server, format!("{e:#}")),
+                            }
+                        }
+                        (Some(Ok(served)), op) => {
+                            run(served, &model_id, op, &self.store, &self.runtime)
+                        }
+                        (Some(Err(e)), _) => failed(
                             Category::User,
                             format!("model {model_id} could not be made: {e}"),
                         ),
-                        None => failed(Category::User, format!("model {model_id} was freed")),
+                        (None, _) => failed(Category::User, format!("model {model_id} was freed")),
                     };
                     if let Some(request) = request {
                         self.futures.post(&request, outcome);
                     }
                 }
+                Job::SamplerFrom { sampler_id, path } => {
+                    let made = resolve(&self.store, &self.runtime, &path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|(source, step)| self.sampler_model(&source, step));
+                    self.samplers
+                        .insert(sampler_id, Sampler::Own(Box::new(made)));
+                }
+                Job::Sample {
+                    sampler_id,
+                    request,
+                    id,
+                } => {
+                    let outcome = self.sample(&sampler_id, &request);
+                    self.futures.post(&id, outcome);
+                }
                 Job::Drop { model_ids } => {
+                    // A creation still queued at the session's end put its model's info back.
+                    self.info
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|m, _| !model_ids.contains(m));
                     for m in model_ids {
                         if let Some(Ok(served)) = self.models.remove(&m) {
                             served.record(JobState::Finished, &self.runtime);
@@ -476,6 +635,54 @@ impl Trainer {
         // The server is stopping: every model still held was stopped, not finished.
         for served in self.models.values().flatten() {
             served.record(JobState::Cancelled, &self.runtime);
+        }
+    }
+
+    /// A model of a sampler's own: the weights of checkpoint `step` of `source`'s run (no run of
+    /// its own: a sampler saves nothing).
+    fn sampler_model(
+        &self,
+        source: &CheckpointManager,
+        step: waypoint_checkpoint::StepName,
+    ) -> Result<TrainingModel, String> {
+        let rt = &self.runtime;
+        let identity = identity_of(source, rt, step).map_err(|e| format!("{e:#}"))?;
+        let dir = self
+            .bases
+            .get(&identity.base_model)
+            .ok_or_else(|| format!("base model {:?} is not served here", identity.base_model))?;
+        let mut model = TrainingModel::lora(dir, identity).map_err(|e| format!("{e:#}"))?;
+        model
+            .load(source, rt, step, false)
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(model)
+    }
+
+    /// Runs a sampling request on its sampler; the protobuf `SampleResponse`.
+    fn sample(&mut self, sampler_id: &str, r: &Sample) -> Outcome {
+        let Some(sampler) = self.samplers.get_mut(sampler_id) else {
+            return failed(Category::User, format!("sampler {sampler_id} is not made"));
+        };
+        let (model, snapshot) = match sampler {
+            Sampler::Own(own) => match own.as_mut() {
+                Ok(model) => (model, None),
+                Err(e) => return failed(Category::User, format!("sampler {sampler_id}: {e}")),
+            },
+            Sampler::Client { model_id, snapshot } => {
+                match self.models.get_mut(model_id.as_str()) {
+                    Some(Ok(served)) => (&mut served.model, Some(&*snapshot)),
+                    _ => {
+                        return failed(
+                            Category::User,
+                            format!("sampler {sampler_id}: its training client is gone"),
+                        )
+                    }
+                }
+            }
+        };
+        match sample_with(model, snapshot, r) {
+            Ok(response) => Outcome::Proto(prost::Message::encode_to_vec(&response)),
+            Err(e) => failed(Category::User, format!("{e:#}")),
         }
     }
 
@@ -521,6 +728,15 @@ impl Trainer {
             made_from,
         })
     }
+}
+
+/// The base model of the checkpoint `path` names (read from storage: call off the async
+/// runtime's workers).
+pub(crate) fn base_of(store: &Store, rt: &Handle, path: &TinkerPath) -> Result<String, ServeError> {
+    let (source, step) = resolve(store, rt, path)?;
+    identity_of(&source, rt, step)
+        .map(|i| i.base_model)
+        .map_err(|e| ServeError::BadRequest(format!("{e:#}")))
 }
 
 /// The run and checkpoint that `path` names (its name record read).
@@ -628,7 +844,48 @@ fn run(served: &mut Served, model_id: &str, op: Op, store: &Store, rt: &Handle) 
             }
         }
         Op::Refused => failed(Category::User, "refused at submission".into()),
+        Op::Sampler { .. } => failed(Category::Server, "a sampler is made by the trainer".into()),
     }
+}
+
+/// Samples `r` with `model`, its adapters as `snapshot` holds them when given.
+fn sample_with(
+    model: &mut TrainingModel,
+    snapshot: Option<&Snapshot>,
+    r: &Sample,
+) -> anyhow::Result<proto::SampleResponse> {
+    let mut params = r.params.clone();
+    if !r.stop_given {
+        params.stop = model.eos_tokens();
+    }
+    let (sequences, prompt) = model.with_snapshot(snapshot, |m| {
+        let sequences = m.sample(&r.prompt, &params, r.samples)?;
+        let prompt = match r.prompt_logprobs {
+            true => Some(m.prompt_logprobs(&r.prompt)?),
+            false => None,
+        };
+        Ok((sequences, prompt))
+    })?;
+    let le_f32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    Ok(proto::SampleResponse {
+        sequences: sequences
+            .iter()
+            .map(|s| proto::SampledSequence {
+                stop_reason: match s.stopped {
+                    true => proto::StopReason::Stop as i32,
+                    false => proto::StopReason::Length as i32,
+                },
+                tokens: s
+                    .tokens
+                    .iter()
+                    .flat_map(|&t| (t as i32).to_le_bytes())
+                    .collect(),
+                logprobs: Some(le_f32(&s.logprobs)),
+            })
+            .collect(),
+        prompt_logprobs: prompt.as_deref().map(le_f32),
+        prompt_cache_hit_tokens: 0,
+    })
 }
 
 /// A number no client guesses (ids of sessions).

@@ -20,10 +20,10 @@ use prost::Message;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use waypoint_trainer::service::{AdamParams, Datum, Identity, LoraSpec, Loss};
+use waypoint_trainer::service::{AdamParams, Datum, Identity, LoraSpec, Loss, SampleParams};
 
 use crate::api;
-use crate::engine::{Engine, Op};
+use crate::engine::{self, Engine, Op, Sample, SamplerInfo};
 use crate::error::ServeError;
 use crate::futures::{Outcome, Polled};
 use crate::names::{self, Kind, Record, TinkerPath};
@@ -86,6 +86,9 @@ pub(crate) fn router(engine: Arc<Engine>, key: Arc<ApiKey>) -> Router {
             get(list_checkpoints),
         )
         .route("/retrieve_future", post(retrieve_future))
+        .route("/create_sampling_session", post(create_sampling_session))
+        .route("/samplers/{sampler_id}", get(sampler))
+        .route("/asample", post(asample))
         .fallback(not_served)
         .layer(middleware::from_fn_with_state(key, authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -326,9 +329,28 @@ fn loss_of(req: &proto::ForwardBackwardRequest) -> Result<Loss, ServeError> {
     })
 }
 
+/// Whether `loss`'s settings make sense: finite, the clip's bounds ordered, β not negative.
+fn check_settings(loss: Loss) -> Result<(), ServeError> {
+    let ok = match loss {
+        Loss::Ppo { low, high } | Loss::Cispo { low, high } => {
+            low.is_finite() && high.is_finite() && 0.0 <= low && low <= high
+        }
+        Loss::Dro { beta } => beta.is_finite() && beta >= 0.0,
+        Loss::CrossEntropy | Loss::ImportanceSampling => true,
+    };
+    match ok {
+        true => Ok(()),
+        false => Err(ServeError::BadRequest(format!(
+            "loss_fn_config {loss:?}: clip thresholds must be finite with 0 <= low <= high, \
+             beta finite and >= 0"
+        ))),
+    }
+}
+
 /// The work a `forward`/`forward_backward` request asks for.
 fn forward_op(req: &proto::ForwardBackwardRequest) -> Result<Op, ServeError> {
     let loss = loss_of(req)?;
+    check_settings(loss)?;
     if req.data.is_empty() {
         return Err(ServeError::BadRequest("forward_backward: no datums".into()));
     }
@@ -521,6 +543,29 @@ async fn save_weights_for_sampler(
     body: Bytes,
 ) -> Result<Json<Value>, ServeError> {
     let req: api::SaveWeightsForSampler = parse("save_weights_for_sampler", &body)?;
+    if let (None, Some(seq)) = (&req.path, req.sampling_session_seq_id) {
+        // save_weights_and_get_sampling_client: a sampler over the model as it is, in the
+        // client's session.
+        let session = req.model_id.split(":train:").next().unwrap_or_default();
+        let base_model = engine.model_info(&req.model_id)?.base_model;
+        let info = SamplerInfo {
+            base_model,
+            model_path: None,
+        };
+        let registered = engine.register_sampler(session, seq, info);
+        let (sampler_id, _) = match registered {
+            Ok(r) => r,
+            Err(e) => {
+                engine.submit(&req.model_id, req.seq_id, Op::Refused)?;
+                return Err(e);
+            }
+        };
+        let op = Op::Sampler { sampler_id };
+        let request = engine.submit(&req.model_id, req.seq_id, op)?;
+        return Ok(Json(
+            json!({"request_id": request, "model_id": req.model_id}),
+        ));
+    }
     let unnamed = "sampling is not served yet, so neither is an unnamed sampler save \
          (save_weights_and_get_sampling_client): name it, save_weights_for_sampler(name)";
     let at = (req.model_id.as_str(), req.seq_id);
@@ -607,6 +652,112 @@ async fn list_checkpoints(
         }
     }
     Ok(Json(json!({"checkpoints": checkpoints})))
+}
+
+async fn create_sampling_session(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::CreateSamplingSession = parse("create_sampling_session", &body)?;
+    let Some(model_path) = req.model_path else {
+        return Err(ServeError::BadRequest(format!(
+            "sampling a base model alone ({:?}) is not served: sample a client's weights \
+             (save_weights_for_sampler, then create_sampling_client(model_path))",
+            req.base_model.unwrap_or_default()
+        )));
+    };
+    let path = TinkerPath::parse(&model_path)?;
+    let (store, rt, p) = (
+        engine.store().clone(),
+        tokio::runtime::Handle::current(),
+        path.clone(),
+    );
+    let base_model = tokio::task::spawn_blocking(move || engine::base_of(&store, &rt, &p))
+        .await
+        .map_err(|e| ServeError::Internal(format!("reading the checkpoint: {e}")))??;
+    let info = SamplerInfo {
+        base_model,
+        model_path: Some(model_path),
+    };
+    let (id, new) = engine.register_sampler(&req.session_id, req.sampling_session_seq_id, info)?;
+    if new {
+        engine.make_sampler(id.clone(), path)?;
+    }
+    Ok(Json(json!({"sampling_session_id": id})))
+}
+
+async fn sampler(
+    State(engine): State<Arc<Engine>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ServeError> {
+    let info = engine.sampler_info(&id)?;
+    Ok(Json(json!({
+        "sampler_id": id,
+        "base_model": info.base_model,
+        "model_path": info.model_path,
+    })))
+}
+
+/// Tokens a sample takes when the request sets no `max_tokens`.
+const DEFAULT_MAX_TOKENS: usize = 64;
+
+/// Samples a request may ask for at once.
+const MAX_SAMPLES: usize = 128;
+
+async fn asample(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::ASample = parse("asample", &body)?;
+    let bad = |what: String| ServeError::BadRequest(format!("asample: {what}"));
+    let mut prompt = Vec::new();
+    for chunk in &req.prompt.chunks {
+        if chunk.kind != "encoded_text" {
+            return Err(bad(format!(
+                "a {:?} chunk: only encoded_text chunks are served",
+                chunk.kind
+            )));
+        }
+        prompt.extend(&chunk.tokens);
+    }
+    if !(1..=MAX_SAMPLES).contains(&req.num_samples) {
+        return Err(bad(format!(
+            "num_samples {}: between 1 and {MAX_SAMPLES}",
+            req.num_samples
+        )));
+    }
+    let p = &req.sampling_params;
+    let stop = match &p.stop {
+        None => None,
+        Some(Value::Array(items)) if items.iter().all(Value::is_i64) => {
+            Some(items.iter().filter_map(Value::as_i64).collect())
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "stop {other}: stop strings need the tokenizer, which the server does not \
+                 read yet; pass stop token ids"
+            )))
+        }
+    };
+    let request = Sample {
+        prompt,
+        params: SampleParams {
+            max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            seed: p.seed,
+            stop: stop.clone().unwrap_or_default(),
+        },
+        stop_given: stop.is_some(),
+        samples: req.num_samples,
+        prompt_logprobs: req.prompt_logprobs,
+    };
+    let id = engine.sample(&req.sampling_session_id, request)?;
+    let sequences: Vec<String> = (0..req.num_samples).map(|i| format!("{id}-{i}")).collect();
+    Ok(Json(
+        json!({"request_id": id, "sample_sequence_ids": sequences}),
+    ))
 }
 
 async fn retrieve_future(

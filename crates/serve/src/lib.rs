@@ -17,7 +17,8 @@
 //! `forward_backward` with `cross_entropy`, `importance_sampling`, `ppo`, `cispo` and `dro`,
 //! `optim_step` with Adam's parameters, futures, and
 //! checkpoints (`save_state`, `load_state`, named sampler weights, listing) as `step-N`
-//! checkpoints of a run per client. Not yet: sampling, `gspo` and the rest (see `docs/serve.md`).
+//! checkpoints of a run per client, and sampling (a KV cache) from saved or live weights. Not
+//! yet: `gspo` and the rest (see `docs/serve.md`).
 
 mod api;
 mod engine;

@@ -144,6 +144,37 @@ pub(crate) struct BatchedTensor {
     pub(crate) trailing_shape: Vec<i64>,
 }
 
+/// Why a sample ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub(crate) enum StopReason {
+    Stop = 0,
+    Length = 1,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct SampleResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub(crate) sequences: Vec<SampledSequence>,
+    /// float32, one a prompt token, NaN for the first.
+    #[prost(bytes = "vec", optional, tag = "2")]
+    pub(crate) prompt_logprobs: Option<Vec<u8>>,
+    #[prost(int32, tag = "4")]
+    pub(crate) prompt_cache_hit_tokens: i32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct SampledSequence {
+    #[prost(enumeration = "StopReason", tag = "1")]
+    pub(crate) stop_reason: i32,
+    /// int32, little-endian.
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) tokens: Vec<u8>,
+    /// float32, one a token.
+    #[prost(bytes = "vec", optional, tag = "3")]
+    pub(crate) logprobs: Option<Vec<u8>>,
+}
+
 /// Little-endian values of a packed byte field.
 pub(crate) fn unpack<const N: usize, T>(bytes: &[u8], from: fn([u8; N]) -> T) -> Option<Vec<T>> {
     if bytes.len() % N != 0 {

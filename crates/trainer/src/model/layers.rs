@@ -60,6 +60,21 @@ impl Layer {
     // `h = h + …`, not `h += …`: an in-place add would overwrite what the norms saved for backward.
     #[allow(clippy::assign_op_pattern)]
     pub(crate) fn forward(&self, h: &Tensor, rope: &Rope, c: &ModelConfig, train: bool) -> Tensor {
+        self.forward_with(h, rope, c, train, None)
+    }
+
+    /// [`Layer::forward`] with a cache of the keys and values of the positions before `h`'s
+    /// (`[batch, kv heads, past, head_dim]` each), which it extends: `rope` holds the tables of
+    /// `h`'s positions. With a past, `h` is one position (a decoding step: it sees every key).
+    #[allow(clippy::assign_op_pattern)]
+    pub(crate) fn forward_with(
+        &self,
+        h: &Tensor,
+        rope: &Rope,
+        c: &ModelConfig,
+        train: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let (b, t) = (h.size()[0], h.size()[1]);
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (ac, on) = (rope.compute, rope.adapters);
@@ -74,13 +89,25 @@ impl Layer {
         let q = apply_rope(&q.transpose(1, 2), &rope.cos, &rope.sin);
         let k = apply_rope(&k.transpose(1, 2), &rope.cos, &rope.sin);
         let v = v.transpose(1, 2);
+        let (k, v, causal) = match cache {
+            None => (k, v, true),
+            Some(cache) => {
+                let (k, v) = match cache.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
+                    None => (k, v),
+                };
+                *cache = Some((k.shallow_clone(), v.shallow_clone()));
+                // A prompt (no past) attends causally; one new position sees every key.
+                (k, v, t > 1)
+            }
+        };
         let a = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
             None::<Tensor>,
             0.0,
-            true,
+            causal,
             None,
             nkv != nh,
         );

@@ -34,6 +34,11 @@ pub use config::{
     ModelConfig, MAX_HEADS, MAX_HEAD_DIM, MAX_LAYERS, MAX_PARAMETERS, MAX_VOCAB, MAX_WIDTH,
 };
 
+/// The keys and values of the positions decoded so far, a layer each (see
+/// [`Model::forward_cached`]).
+#[derive(Default)]
+pub struct KvCache(Vec<Option<(Tensor, Tensor)>>);
+
 /// A named trainable or frozen tensor.
 pub struct Param {
     /// HF name (`model.layers.0.self_attn.q_proj.weight`, or `….lora_A.weight`).
@@ -277,6 +282,30 @@ impl Model {
         self.logits(&h, train)
     }
 
+    /// Logits `[batch, t, vocab]` of `ids` `[batch, t]` at positions `past..past + t`, the keys and
+    /// values of the positions before in `cache` (one entry a layer, extended here): a prompt
+    /// with an empty cache, then one token at a time. No autograd, no dropout; not for a sharded
+    /// model.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, past: i64) -> Tensor {
+        let t = ids.size()[1];
+        let c = &self.config;
+        let (cos, sin) = rope_tables(past + t, c.head_dim, c.rope_theta, self.device);
+        let rope = Rope {
+            cos: cos.narrow(0, past, t),
+            sin: sin.narrow(0, past, t),
+            compute: self.compute,
+            adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        tch::no_grad(|| {
+            let mut h = self.embed_tokens(ids);
+            cache.0.resize_with(self.layers.len(), || None);
+            for (layer, kv) in self.layers.iter().zip(cache.0.iter_mut()) {
+                h = layer.forward_with(&h, &rope, c, false, Some(kv));
+            }
+            self.logits(&h, false)
+        })
+    }
+
     /// Runs `work` with the LoRA adapters left out of every forward pass: the base model, DPO's
     /// reference. (Without adapters, `work` runs the model as it is.)
     pub fn without_adapters<T>(&self, work: impl FnOnce() -> T) -> T {
@@ -354,6 +383,25 @@ pub(crate) mod tests {
         let logits2 = model.forward(&ids2, false);
         assert!(logits.narrow(1, 0, 3).equal(&logits2.narrow(1, 0, 3)));
         assert!(!logits.narrow(1, 3, 1).equal(&logits2.narrow(1, 3, 1)));
+    }
+
+    #[test]
+    fn decoding_with_the_cache_gives_the_full_forward_passes_logits() {
+        let _turn = seeded();
+        let model = Model::init(ModelConfig::tiny(), 0, Device::Cpu).unwrap();
+        let all = [1i64, 5, 9, 200, 3, 4];
+        let full = model.forward(&Tensor::from_slice(&all).view([1, 6]), false);
+        let mut cache = KvCache::default();
+        let prompt =
+            model.forward_cached(&Tensor::from_slice(&all[..3]).view([1, 3]), &mut cache, 0);
+        let mut got = vec![prompt];
+        for (i, &t) in all.iter().enumerate().skip(3) {
+            let one = Tensor::from_slice(&[t]).view([1, 1]);
+            got.push(model.forward_cached(&one, &mut cache, i as i64));
+        }
+        let got = Tensor::cat(&got, 1);
+        let diff = (got - full).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "cached decoding differs by {diff}");
     }
 
     #[test]
