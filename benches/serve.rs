@@ -2,7 +2,9 @@
 //! LoRA client's `forward_backward` + `optim_step` driven by the Tinker SDK over HTTP on loopback
 //! (`tests/python/tinker_client.py bench`), against the same LoRA step (attention, MLP and
 //! `lm_head`, rank 8) inside `waypoint train` on the same model, batch and sequence length
-//! (target: the service ≥ 1/1.05 of the batch loop's tokens/s).
+//! (target: the service ≥ 1/1.05 of the batch loop's tokens/s); and greedy sampling tokens/s
+//! through the SDK (a KV cache; the client's LoRA adapters on) against transformers' `generate`
+//! with its cache on the same base model (target ≥ 1×).
 //!
 //! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6), WAYPOINT_BENCH_BATCH /
 //! _SEQ the step (default 4 × 128); libtorch on 2 threads, CPU.
@@ -91,37 +93,62 @@ fn main() {
         assert!(Instant::now() < deadline, "waypoint serve did not listen");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = Command::new(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/tinker_client.py"
-        ))
-        .args([
-            "bench",
-            "bench",
-            &steps.to_string(),
-            &batch.to_string(),
-            &seq.to_string(),
-        ])
-        .env("TINKER_BASE_URL", format!("http://127.0.0.1:{port}"))
-        .env("TINKER_API_KEY", "tml-waypoint-bench")
-        .env("TINKER_TELEMETRY", "0")
-        .output()
-        .expect("run the SDK");
+    let sdk = |args: &[&str]| -> f64 {
+        let out = Command::new(python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/python/tinker_client.py"
+            ))
+            .args(args)
+            .env("TINKER_BASE_URL", format!("http://127.0.0.1:{port}"))
+            .env("TINKER_API_KEY", "tml-waypoint-bench")
+            .env("TINKER_TELEMETRY", "0")
+            .output()
+            .expect("run the SDK");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        report["tokens_per_s"].as_f64().unwrap()
+    };
+    let served = sdk(&[
+        "bench",
+        "bench",
+        &steps.to_string(),
+        &batch.to_string(),
+        &seq.to_string(),
+    ]);
+    let (requests, prompt, new_tokens) = ("6", "32", "64");
+    let sampled = sdk(&["bench_sample", "bench", requests, prompt, new_tokens]);
     let _ = server.kill();
     let _ = server.wait();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
-    let served = report["tokens_per_s"].as_f64().unwrap();
     println!(
         "LoRA step tokens/s on cpu (hidden {hidden}, {layers} layers, {batch} x {seq}, rank 8, 2 \
          threads): waypoint serve through the Tinker SDK {served:.0} vs waypoint train {train:.0} \
          = {:.2}x the batch loop's time (target <= 1.05x)",
         train / served
+    );
+    let generate = support::run(Command::new(python()).args([
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/anchors/generate_anchor.py"
+        ),
+        model.to_str().unwrap(),
+        requests,
+        prompt,
+        new_tokens,
+        "2",
+    ]));
+    let generate: serde_json::Value = serde_json::from_str(generate.trim()).unwrap();
+    let generate = generate["tokens_per_s"].as_f64().unwrap();
+    println!(
+        "greedy sampling tokens/s on cpu ({prompt}-token prompt, {new_tokens} new, 2 threads): \
+         waypoint serve through the Tinker SDK {sampled:.1} vs transformers generate {generate:.1} \
+         = {:.2}x (target >= 1.0x)",
+        sampled / generate
     );
 }

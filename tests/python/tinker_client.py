@@ -27,6 +27,9 @@ TINKER_API_KEY.
                                 model (save_weights_and_get_sampling_client) against a greedy
                                 loop of peft over the saved adapter; compute_logprobs against
                                 peft's; seeded sampling repeats
+  bench_sample <base_name> <requests> <prompt_len> <max_tokens>
+                                benches/serve.rs: greedy sampling tokens/s from a client's live
+                                adapters, the median over the requests after the first
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -298,6 +301,24 @@ def sample(name, model_dir, runs_dir):
     }))
 
 
+def bench_sample(name, requests, prompt_len, max_tokens):
+    import statistics
+    import time
+
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=8, seed=7).result()
+    sampler = tc.save_weights_and_get_sampling_client()
+    g = torch.Generator().manual_seed(13)
+    greedy = types.SamplingParams(max_tokens=int(max_tokens), top_k=1, stop=[])
+    rates = []
+    for _ in range(int(requests)):
+        prompt = types.ModelInput.from_ints(torch.randint(0, 250, (int(prompt_len),), generator=g).tolist())
+        start = time.perf_counter()
+        out = sampler.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result()
+        rates.append(len(out.sequences[0].tokens) / (time.perf_counter() - start))
+    print(json.dumps({"tokens_per_s": statistics.median(rates[1:])}))
+
+
 def raised(work):
     try:
         work()
@@ -365,6 +386,6 @@ def errors(name):
 if __name__ == "__main__":
     commands = {
         "sft": sft, "train": train, "resume": resume, "rl": rl, "sample": sample, "bench": bench,
-        "errors": errors,
+        "bench_sample": bench_sample, "errors": errors,
     }
     commands[sys.argv[1]](*sys.argv[2:])
