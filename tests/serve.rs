@@ -255,6 +255,21 @@ fn the_policy_gradient_losses_are_pytorchs() {
     );
 }
 
+/// A small RL loop through the SDK — sample from the live adapters, score, `forward_backward` with
+/// `importance_sampling`, `optim_step` — runs end to end, and the trainer's log-probs of the
+/// sampled tokens are the sampler's (the same weights: an importance ratio of 1).
+#[test]
+fn an_rl_loop_samples_scores_and_trains() {
+    let server = start();
+    let r = sdk(&server, &["rl_loop", "tiny"]);
+    assert_eq!(r["rewards"].as_array().unwrap().len(), 3, "{r}");
+    let gap = r["max_logprob_gap"].as_f64().unwrap();
+    assert!(
+        gap < 1e-4,
+        "sampler vs trainer log-probs of the same tokens: {gap}: {r}"
+    );
+}
+
 /// Sampling: greedy samples from saved sampler weights (`create_sampling_client`) and from the
 /// live model (`save_weights_and_get_sampling_client`) are the tokens a greedy loop of `peft` over
 /// the saved adapter makes; `compute_logprobs` gives `peft`'s log-probs; a seeded draw repeats.

@@ -17,6 +17,9 @@ TINKER_API_KEY.
   rl <base_name> <model_dir>    each policy-gradient loss (importance_sampling, ppo, cispo, dro) of
                                 a first `forward` against the same formula in PyTorch over
                                 transformers' log-probs; then a ppo step lowers the ppo loss
+  rl_loop <base_name>           a small RL loop: sample from the live adapters → score →
+                                forward_backward (importance_sampling) → optim_step, 3 times; the
+                                sampler's log-probs against the trainer's for the same tokens
   bench <base_name> <steps> <datums> <seq>
                                 benches/serve.rs: tokens/s of `steps` × (forward_backward,
                                 optim_step) over `datums` random sequences of `seq` tokens, the
@@ -228,6 +231,43 @@ def rl(name, model_dir):
     print(json.dumps(report))
 
 
+def rl_loop(name):
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=7).result()
+    prompt = [11, 42, 7, 99]
+    rewards, gaps = [], []
+    for it in range(3):
+        sampler = tc.save_weights_and_get_sampling_client()
+        params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=it, stop=[])
+        out = sampler.sample(
+            prompt=types.ModelInput.from_ints(prompt), num_samples=4, sampling_params=params
+        ).result()
+        # The reward: how many sampled tokens are below 160.
+        scores = [sum(t < 160 for t in s.tokens) / len(s.tokens) for s in out.sequences]
+        mean = sum(scores) / len(scores)
+        rewards.append(mean)
+        batch = []
+        for s, score in zip(out.sequences, scores):
+            full = prompt + s.tokens
+            n_prompt = len(prompt) - 1
+            batch.append(types.Datum(
+                model_input=types.ModelInput.from_ints(full[:-1]),
+                loss_fn_inputs={
+                    "target_tokens": full[1:],
+                    "logprobs": [0.0] * n_prompt + list(s.logprobs),
+                    "advantages": [0.0] * n_prompt + [score - mean] * len(s.tokens),
+                },
+            ))
+        fb = tc.forward_backward(batch, "importance_sampling").result()
+        # The trainer's log-probs of the sampled tokens, under the weights they were sampled
+        # with: the sampler's.
+        for o, s in zip(fb.loss_fn_outputs, out.sequences):
+            trained = o["logprobs"].tolist()[len(prompt) - 1:]
+            gaps.append(max(abs(a - b) for a, b in zip(trained, s.logprobs)))
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    print(json.dumps({"rewards": rewards, "max_logprob_gap": max(gaps)}))
+
+
 def bench(name, n_steps, datums, seq):
     import statistics
     import time
@@ -385,7 +425,8 @@ def errors(name):
 
 if __name__ == "__main__":
     commands = {
-        "sft": sft, "train": train, "resume": resume, "rl": rl, "sample": sample, "bench": bench,
+        "sft": sft, "train": train, "resume": resume, "rl": rl, "rl_loop": rl_loop, "sample": sample,
+        "bench": bench,
         "bench_sample": bench_sample, "errors": errors,
     }
     commands[sys.argv[1]](*sys.argv[2:])
