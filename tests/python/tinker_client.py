@@ -62,20 +62,24 @@ def data():
     ]
 
 
+def target_logprobs(model, seqs):
+    """`model`'s log-prob of each sequence's next token, position by position."""
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            lp = model(torch.tensor([s[:-1]])).logits.float().log_softmax(-1)[0]
+            out.append(lp.gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1).tolist())
+    return out
+
+
 def oracle(model_dir, seqs, weights):
     """transformers' target log-probs of each sequence, and the weighted loss."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    logprobs, loss = [], 0.0
-    with torch.no_grad():
-        for s, w in zip(seqs, weights):
-            ids = torch.tensor([s[:-1]])
-            lp = model(ids).logits.float().log_softmax(-1)[0]
-            lp = lp.gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1)
-            logprobs.append(lp.tolist())
-            loss += float(-(lp * torch.tensor(w)).sum())
+    logprobs = target_logprobs(model, seqs)
+    loss = sum(float(-(torch.tensor(lp) * torch.tensor(w)).sum()) for lp, w in zip(logprobs, weights))
     return logprobs, loss
 
 
@@ -120,18 +124,7 @@ def sft(name, model_dir):
 
 def peft_logprobs(model_dir, adapter_dir, seqs):
     """peft's target log-probs of each sequence, the saved adapter over the base model."""
-    import peft
-    import transformers
-
-    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = peft.PeftModel.from_pretrained(base, adapter_dir)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for s in seqs:
-            lp = model(torch.tensor([s[:-1]])).logits.float().log_softmax(-1)[0]
-            out.append(lp.gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1).tolist())
-    return out
+    return target_logprobs(peft_model(model_dir, adapter_dir), seqs)
 
 
 def steps(tc, batch, n):
@@ -327,8 +320,7 @@ def sample(name, model_dir, runs_dir):
     with torch.no_grad():
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        lp = model(torch.tensor([seqs[0][:-1]])).logits.float().log_softmax(-1)[0]
-        want_lp = lp.gather(-1, torch.tensor(seqs[0][1:]).unsqueeze(-1)).squeeze(-1).tolist()
+    want_lp = target_logprobs(model, [seqs[0]])[0]
     print(json.dumps({
         "saved": [s.tokens for s in from_saved.sequences],
         "saved_logprobs": from_saved.sequences[0].logprobs,

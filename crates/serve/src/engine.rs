@@ -606,7 +606,8 @@ impl Trainer {
                 Job::SamplerFrom { sampler_id, path } => {
                     let made = resolve(&self.store, &self.runtime, &path)
                         .map_err(|e| e.to_string())
-                        .and_then(|(source, step)| self.sampler_model(&source, step));
+                        // A sampler's own model has no run: it saves nothing.
+                        .and_then(|(source, step)| self.checkpoint_model(&source, step, false));
                     self.samplers
                         .insert(sampler_id, Sampler::Own(Box::new(made)));
                 }
@@ -638,22 +639,31 @@ impl Trainer {
         }
     }
 
-    /// A model of a sampler's own: the weights of checkpoint `step` of `source`'s run (no run of
-    /// its own: a sampler saves nothing).
-    fn sampler_model(
+    /// A new LoRA model as `identity` says, on its base model's directory.
+    fn model_of(&self, identity: Identity) -> Result<TrainingModel, String> {
+        let dir = self.bases.get(&identity.base_model).ok_or_else(|| {
+            format!(
+                "the checkpoint's base model {:?} is not served here (served: {:?})",
+                identity.base_model,
+                self.bases.keys().collect::<Vec<_>>()
+            )
+        })?;
+        TrainingModel::lora(dir, identity).map_err(|e| format!("{e:#}"))
+    }
+
+    /// The model checkpoint `step` of `source`'s run holds (its base and LoRA read from the
+    /// manifest), with or without its optimizer state.
+    fn checkpoint_model(
         &self,
         source: &CheckpointManager,
         step: waypoint_checkpoint::StepName,
+        optimizer: bool,
     ) -> Result<TrainingModel, String> {
         let rt = &self.runtime;
         let identity = identity_of(source, rt, step).map_err(|e| format!("{e:#}"))?;
-        let dir = self
-            .bases
-            .get(&identity.base_model)
-            .ok_or_else(|| format!("base model {:?} is not served here", identity.base_model))?;
-        let mut model = TrainingModel::lora(dir, identity).map_err(|e| format!("{e:#}"))?;
+        let mut model = self.model_of(identity)?;
         model
-            .load(source, rt, step, false)
+            .load(source, rt, step, optimizer)
             .map_err(|e| format!("{e:#}"))?;
         Ok(model)
     }
@@ -695,32 +705,18 @@ impl Trainer {
         let info = json!({"served_model": model_id});
         rt.block_on(manager.start_attempt(&info))
             .map_err(|e| format!("taking the run's attempt: {e}"))?;
-        let (identity, from) = match origin {
-            Origin::New(identity) => (identity, None),
+        let (model, made_from) = match origin {
+            Origin::New(identity) => (self.model_of(identity)?, None),
             Origin::Checkpoint { path, optimizer } => {
                 let (source, step) = resolve(&self.store, rt, &path).map_err(|e| e.to_string())?;
-                let identity = identity_of(&source, rt, step).map_err(|e| format!("{e:#}"))?;
-                (identity, Some((source, step, optimizer)))
+                let model = self.checkpoint_model(&source, step, optimizer)?;
+                let made_from = ResumedFrom {
+                    checkpoint: format!("{}:{step}", source.layout().run_id()),
+                    tier: "durable".into(),
+                };
+                (model, Some(made_from))
             }
         };
-        let dir = self.bases.get(&identity.base_model).ok_or_else(|| {
-            format!(
-                "the checkpoint's base model {:?} is not served here (served: {:?})",
-                identity.base_model,
-                self.bases.keys().collect::<Vec<_>>()
-            )
-        })?;
-        let mut model = TrainingModel::lora(dir, identity).map_err(|e| format!("{e:#}"))?;
-        let mut made_from = None;
-        if let Some((source, step, optimizer)) = from {
-            model
-                .load(&source, rt, step, optimizer)
-                .map_err(|e| format!("{e:#}"))?;
-            made_from = Some(ResumedFrom {
-                checkpoint: format!("{}:{step}", source.layout().run_id()),
-                tier: "durable".into(),
-            });
-        }
         Ok(Served {
             model,
             manager,
