@@ -151,6 +151,90 @@ fn the_sdk_trains_a_lora_client_whose_first_step_matches_transformers() {
     assert!(r["other_loss_after"].as_f64().unwrap() < o, "{r}");
 }
 
+/// One implementation: a LoRA run of `waypoint train` (gradient accumulation, clipping, weight
+/// decay, a warmup) replayed through the SDK on the same batches (rebuilt by the documented sample
+/// order), with the same base, adapter seed and AdamW settings, loses the same at every step.
+#[test]
+fn an_sft_loop_through_the_sdk_loses_what_waypoint_train_loses() {
+    let server = start();
+    let data = server.dir.path().join("train.jsonl");
+    let rows: Vec<String> = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"row {}: a served step is the batch step\"}}",
+                i % 2
+            )
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let base = server.dir.path().join("batch-runs");
+    let flags = [
+        "--model_id",
+        server.model.to_str().unwrap(),
+        "--dataset_uri",
+        data.to_str().unwrap(),
+        "--max_steps",
+        "5",
+        "--save_steps",
+        "5",
+        "--logging_steps",
+        "1",
+        "--max_seq_len",
+        "16",
+        "--batch_size",
+        "2",
+        "--gradient_accumulation",
+        "2",
+        "--lr",
+        "2e-2",
+        "--warmup_steps",
+        "2",
+        "--lr_scheduler",
+        "linear",
+        "--weight_decay",
+        "0.01",
+        "--max_grad_norm",
+        "0.5",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "4",
+        "--lora_dropout",
+        "0",
+        "--lora_target_modules",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
+        "--seed",
+        "11",
+    ];
+    let args = common::runs::train_args("cpu", 1, &flags, "batch", base.to_str().unwrap());
+    let out = common::waypoint().args(&args).output().unwrap();
+    common::train_log(&out);
+    let run = base.join("batch/framework=waypoint");
+    let r = sdk(
+        &server,
+        &[
+            "sft_parity",
+            "tiny",
+            run.to_str().unwrap(),
+            server.model.to_str().unwrap(),
+        ],
+    );
+    let (trained, served) = (floats(&r["trained"]), floats(&r["served"]));
+    assert_eq!(r["steps"], serde_json::json!([1, 2, 3, 4, 5]), "{r}");
+    assert_eq!(served.len(), trained.len(), "{r}");
+    for (step, (t, s)) in trained.iter().zip(&served).enumerate() {
+        assert!(
+            (t - s).abs() <= 1e-6,
+            "step {}: waypoint train lost {t}, the served client {s} ({:e} apart)",
+            step + 1,
+            (t - s).abs()
+        );
+    }
+    // The steps learned: the replay is not of a flat curve.
+    assert!(trained[4] < trained[0], "{r}");
+    eprintln!("waypoint train: {trained:?}\nserved:         {served:?}");
+}
+
 #[test]
 fn a_client_meets_clear_errors_and_the_server_goes_on() {
     let server = start();

@@ -33,6 +33,13 @@ TINKER_API_KEY.
   bench_sample <base_name> <requests> <prompt_len> <max_tokens>
                                 benches/serve.rs: greedy sampling tokens/s from a client's live
                                 adapters, the median over the requests after the first
+  sft_parity <base_name> <run_dir> <model_dir>
+                                `waypoint train`'s LoRA run in <run_dir> replayed through the SDK:
+                                the run's settings from its last manifest, its batches rebuilt by
+                                docs/continue_in_pytorch.py (the documented sample order), each
+                                token weighted 1/(the step's learned tokens) so that `loss:sum` is
+                                the step's mean, each step's learning rate from the run's metrics;
+                                the served losses beside the run's
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -169,6 +176,65 @@ def resume(path, n):
         "losses": losses,
         "model_id": tc.model_id,
         "listed": sorted((c.checkpoint_id, c.checkpoint_type, c.tinker_path) for c in listed.checkpoints),
+    }))
+
+
+def sft_parity(name, run_dir, model_dir):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "docs"))
+    import continue_in_pytorch as example
+    from pathlib import Path
+
+    run = Path(run_dir)
+    last = max((run / "checkpoints").glob("step-*.json"))
+    t = json.loads(last.read_text())["training"]
+    metrics = [json.loads(l) for l in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if m.get("loss") is not None and m.get("lr") is not None]
+    targets = set(t["lora_target_modules"].split(","))
+    attn = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    assert targets - {"lm_head"} in (attn, mlp, attn | mlp, set()), targets
+    assert t["lora_alpha"] == t["lora_rank"] and t["lora_dropout"] == 0, t
+    sc = tinker.ServiceClient()
+    # waypoint train draws the adapters with the run's seed + 1.
+    tc = sc.create_lora_training_client(
+        base_model=name, rank=t["lora_rank"], seed=t["seed"] + 1,
+        train_attn=attn <= targets, train_mlp=mlp <= targets, train_unembed="lm_head" in targets,
+    ).result()
+    width = t["max_seq_len"] + 1
+    data = example.samples(Path(t["dataset_uri"]), t["dataset_text_field"], Path(model_dir), width,
+                           not t["disable_packing"])
+    n, seed = len(data), t["seed"]
+    bs, accum, world = t["batch_size"], t["gradient_accumulation"], t["world_size"]
+    position, served = 0, []
+    for m in metrics:
+        micro = [example.batch(data, [example.sample_at(seed, n, position + (a * world + r) * bs + j)
+                                      for j in range(bs)])
+                 for a in range(accum) for r in range(world)]
+        position += bs * accum * world
+        units = sum(int((labels != example.IGNORE).sum()) for _, labels in micro)
+        batch = [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(ids.tolist()),
+                loss_fn_inputs={
+                    "target_tokens": [max(int(x), 0) for x in labels],
+                    "weights": [0.0 if int(x) == example.IGNORE else 1.0 / units for x in labels],
+                },
+            )
+            for ids_rows, labels_rows in micro
+            for ids, labels in zip(ids_rows, labels_rows)
+        ]
+        fb = tc.forward_backward(batch, "cross_entropy")
+        step = tc.optim_step(types.AdamParams(
+            learning_rate=m["lr"], beta1=t["adam_beta1"], beta2=t["adam_beta2"],
+            eps=t["adam_epsilon"], weight_decay=t["weight_decay"], grad_clip_norm=t["max_grad_norm"],
+        ))
+        served.append(fb.result().metrics["loss:sum"])
+        step.result()
+    print(json.dumps({
+        "steps": [m["step"] for m in metrics],
+        "trained": [m["loss"] for m in metrics],
+        "served": served,
+        "samples_per_step": bs * accum * world,
     }))
 
 
@@ -419,6 +485,6 @@ if __name__ == "__main__":
     commands = {
         "sft": sft, "train": train, "resume": resume, "rl": rl, "rl_loop": rl_loop, "sample": sample,
         "bench": bench,
-        "bench_sample": bench_sample, "errors": errors,
+        "bench_sample": bench_sample, "errors": errors, "sft_parity": sft_parity,
     }
     commands[sys.argv[1]](*sys.argv[2:])

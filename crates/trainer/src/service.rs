@@ -417,7 +417,11 @@ impl TrainingModel {
                         .squeeze_dim(-1)
                 };
                 let lp = if backward { run() } else { tch::no_grad(run) };
-                let loss = -(loss.terms(&lp, &w, &q, &a) * &mask).sum(Kind::Float);
+                // Summed in float64: `loss:sum` adds many small weighted terms (the gradient
+                // reaching each term is the same 1 either way).
+                let loss = -(loss.terms(&lp, &w, &q, &a) * &mask)
+                    .to_kind(Kind::Double)
+                    .sum(Kind::Double);
                 loss_sum += loss.double_value(&[]);
                 if backward {
                     call = Some(gradients(&loss, self.model.trainable(), call.take()));
