@@ -108,6 +108,16 @@ fn floats(v: &Value) -> Vec<f64> {
         .collect()
 }
 
+/// The largest difference between two equally long lists of numbers (nested once at most).
+fn max_diff(a: &Value, b: &Value) -> f64 {
+    let (a, b) = (floats(a), floats(b));
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
 #[test]
 fn the_sdk_trains_a_lora_client_whose_first_step_matches_transformers() {
     let server = start();
@@ -117,13 +127,12 @@ fn the_sdk_trains_a_lora_client_whose_first_step_matches_transformers() {
     assert_eq!(r["lora_rank"], 4, "{r}");
     assert_eq!(r["metric_keys"], serde_json::json!(["loss:sum"]), "{r}");
     // LoRA's B starts at zero: the first call sees the base model, as transformers computes it.
-    let (got, want) = (floats(&r["logprobs"]), floats(&r["oracle_logprobs"]));
-    assert_eq!(got.len(), 8 + 12, "one log-prob a target: {r}");
-    let diff = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    assert_eq!(
+        floats(&r["logprobs"]).len(),
+        8 + 12,
+        "one log-prob a target: {r}"
+    );
+    let diff = max_diff(&r["logprobs"], &r["oracle_logprobs"]);
     assert!(
         diff < 1e-4,
         "log-probs differ from transformers' by {diff}: {r}"
@@ -233,6 +242,48 @@ fn an_sft_loop_through_the_sdk_loses_what_waypoint_train_loses() {
     // The steps learned: the replay is not of a flat curve.
     assert!(trained[4] < trained[0], "{r}");
     eprintln!("waypoint train: {trained:?}\nserved:         {served:?}");
+}
+
+/// A loss written in the client — DPO, as preference loops write it — goes through
+/// `forward_backward_custom` (forward, the client's autograd, then a backward with its gradients
+/// as weights); the reference log-probs come from a sampler over the starting weights. PyTorch
+/// (peft over the starting adapter, autograd, torch's AdamW) taking the same two steps is the
+/// oracle.
+#[test]
+fn a_dpo_loss_written_in_the_client_trains_as_pytorch_does() {
+    let server = start();
+    let r = sdk(
+        &server,
+        &[
+            "dpo_custom",
+            "tiny",
+            server.model.to_str().unwrap(),
+            server.runs.to_str().unwrap(),
+        ],
+    );
+    let reference = max_diff(&r["reference"], &r["torch_reference"]);
+    assert!(
+        reference < 1e-4,
+        "reference log-probs {reference} apart: {r}"
+    );
+    // Policy = reference at the start: the first loss is log 2.
+    let first = r["losses"][0].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "{r}");
+    let losses = max_diff(&r["losses"], &r["torch_losses"]);
+    assert!(losses < 1e-4, "losses {losses} apart: {r}");
+    let after = max_diff(&r["after"], &r["torch_after"]);
+    assert!(after < 1e-4, "log-probs after two steps {after} apart: {r}");
+    // The steps moved the policy (else the comparison above would be of nothing).
+    let moved = max_diff(&r["after"], &r["reference"]);
+    assert!(
+        moved > 1e-2,
+        "two steps changed the log-probs by {moved} only: {r}"
+    );
+    assert!(r["margins"][1].as_f64().unwrap() > 0.0, "{r}");
+    eprintln!(
+        "DPO through the SDK: losses {}, PyTorch's {}; log-probs after {after:e} apart",
+        r["losses"], r["torch_losses"]
+    );
 }
 
 #[test]

@@ -40,6 +40,14 @@ TINKER_API_KEY.
                                 token weighted 1/(the step's learned tokens) so that `loss:sum` is
                                 the step's mean, each step's learning rate from the run's metrics;
                                 the served losses beside the run's
+  dpo_custom <base_name> <model_dir> <runs_dir>
+                                a DPO loss written in the client (forward_backward_custom: the SDK
+                                sends -dloss/dlogprobs as cross_entropy weights), reference
+                                log-probs from a sampler over the starting weights
+                                (compute_logprobs), 2 × (forward_backward_custom, optim_step);
+                                PyTorch (peft over the starting adapter, autograd, torch's AdamW)
+                                takes the same 2 steps: the losses and the log-probs after, side
+                                by side
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -238,6 +246,78 @@ def sft_parity(name, run_dir, model_dir):
     }))
 
 
+def dpo_custom(name, model_dir, runs_dir):
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 4)]
+    seqs, masks = [], []
+    for p in prompts:
+        for _ in ("chosen", "rejected"):
+            completion = torch.randint(0, 300, (5,), generator=g).tolist()
+            seqs.append(p + completion)
+            # Only the completion's tokens count.
+            masks.append([0.0] * (len(p) - 1) + [1.0] * len(completion))
+    batch = [
+        types.Datum(model_input=types.ModelInput.from_ints(s[:-1]),
+                    loss_fn_inputs={"target_tokens": s[1:], "weights": m})
+        for s, m in zip(seqs, masks)
+    ]
+    beta, adam = 0.5, dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8)
+
+    def dpo(reference):
+        def loss_fn(data, logprobs):
+            seq = [(lp * torch.tensor(m)).sum() for lp, m in zip(logprobs, masks)]
+            ref = [(torch.tensor(r) * torch.tensor(m)).sum() for r, m in zip(reference, masks)]
+            margins = torch.stack([
+                beta * ((seq[i] - ref[i]) - (seq[i + 1] - ref[i + 1])) for i in range(0, len(seq), 2)
+            ])
+            return -torch.nn.functional.logsigmoid(margins).mean(), {"margin:mean": float(margins.mean())}
+        return loss_fn
+
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=3).result()
+    tc.save_state("start").result()
+    reference_sampler = tc.save_weights_and_get_sampling_client()
+    # compute_logprobs gives each prompt token's log-prob (None for the first).
+    reference = [reference_sampler.compute_logprobs(types.ModelInput.from_ints(s)).result()[1:]
+                 for s in seqs]
+    losses, margins = [], []
+    for _ in range(2):
+        fb = tc.forward_backward_custom(batch, dpo(reference))
+        step = tc.optim_step(types.AdamParams(**adam))
+        out = fb.result()
+        losses.append(out.metrics["loss:sum"])
+        margins.append(out.metrics["margin:mean"])
+        step.result()
+    served_after = logprobs_of(tc.forward(batch, "cross_entropy").result())
+
+    # PyTorch takes the same steps from the same starting adapter.
+    run = os.path.join(runs_dir, tc.model_id.replace(":", "-"), "framework=waypoint")
+    model = peft_model(model_dir, os.path.join(run, "checkpoints", "step-000000", "sampler"),
+                       trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=adam["learning_rate"], betas=(adam["beta1"], adam["beta2"]),
+                            eps=adam["eps"], weight_decay=0.0, foreach=False)
+    with torch.no_grad():
+        torch_reference = target_logprobs(model, seqs)
+    torch_losses = []
+    for _ in range(2):
+        lp = []
+        for s in seqs:
+            out = model(torch.tensor([s[:-1]])).logits.float().log_softmax(-1)[0]
+            lp.append(out.gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1))
+        loss, _ = dpo(torch_reference)(None, lp)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        torch_losses.append(float(loss))
+    torch_after = target_logprobs(model, seqs)
+    print(json.dumps({
+        "losses": losses, "torch_losses": torch_losses, "margins": margins,
+        "reference": reference, "torch_reference": torch_reference,
+        "after": served_after, "torch_after": torch_after,
+    }))
+
+
 def rl_oracle(loss, lp, q, a, config):
     """The Tinker losses as the SDK's documentation defines them: sums over positions."""
     r = (lp - q).exp()
@@ -352,12 +432,12 @@ def bench(name, n_steps, datums, seq):
     print(json.dumps({"tokens_per_s": statistics.median(rates[2:])}))
 
 
-def peft_model(model_dir, adapter_dir):
+def peft_model(model_dir, adapter_dir, trainable=False):
     import peft
     import transformers
 
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = peft.PeftModel.from_pretrained(base, adapter_dir)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
     model.eval()
     return model
 
@@ -486,5 +566,6 @@ if __name__ == "__main__":
         "sft": sft, "train": train, "resume": resume, "rl": rl, "rl_loop": rl_loop, "sample": sample,
         "bench": bench,
         "bench_sample": bench_sample, "errors": errors, "sft_parity": sft_parity,
+        "dpo_custom": dpo_custom,
     }
     commands[sys.argv[1]](*sys.argv[2:])
