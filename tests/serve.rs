@@ -432,13 +432,23 @@ fn samples_are_those_of_peft_over_the_saved_adapter() {
         got[0].is_null(),
         "the first prompt token has no log-prob: {r}"
     );
-    let want = floats(&r["peft_logprobs"]);
-    let diff = got[1..]
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a.as_f64().unwrap() - b).abs())
-        .fold(0.0, f64::max);
+    let diff = max_diff(&Value::from(&got[1..]), &r["peft_logprobs"]);
     assert!(diff < 1e-4, "compute_logprobs vs peft: {diff}: {r}");
+    // A sampler over the base model alone is transformers' base model.
+    assert_eq!(
+        r["base"], r["transformers"],
+        "greedy from the base model: {r}"
+    );
+    assert_ne!(
+        r["base"], r["peft"],
+        "the trained adapters changed the samples: {r}"
+    );
+    let base = r["base_logprobs"].as_array().unwrap();
+    let diff = max_diff(&Value::from(&base[1..]), &r["transformers_logprobs"]);
+    assert!(
+        diff < 1e-4,
+        "the base model's compute_logprobs vs transformers: {diff}: {r}"
+    );
     assert_eq!(r["draws"][0], r["draws"][1], "a seeded draw repeats: {r}");
     assert_ne!(
         r["draws"][0][0], r["draws"][0][1],

@@ -29,7 +29,8 @@ TINKER_API_KEY.
                                 samples from them (create_sampling_client) and from the live
                                 model (save_weights_and_get_sampling_client) against a greedy
                                 loop of peft over the saved adapter; compute_logprobs against
-                                peft's; seeded sampling repeats
+                                peft's; seeded sampling repeats; a sampler over the base model
+                                alone (create_sampling_client(base_model)) against transformers
   bench_sample <base_name> <requests> <prompt_len> <max_tokens>
                                 benches/serve.rs: greedy sampling tokens/s from a client's live
                                 adapters, the median over the requests after the first
@@ -442,6 +443,15 @@ def peft_model(model_dir, adapter_dir, trainable=False):
     return model
 
 
+def greedy_loop(model, prompt, n):
+    """`n` tokens after `prompt`, each the most likely."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def sample(name, model_dir, runs_dir):
     seqs, _, batch = data()
     sc = tinker.ServiceClient()
@@ -460,19 +470,25 @@ def sample(name, model_dir, runs_dir):
         [s.tokens for s in saved.sample(prompt=prompt, num_samples=2, sampling_params=seeded).result().sequences]
         for _ in range(2)
     ]
+    base = sc.create_sampling_client(base_model=name)
+    from_base = base.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result()
+    base_logprobs = base.compute_logprobs(types.ModelInput.from_ints(seqs[0])).result()
     run = os.path.join(runs_dir, tc.model_id.replace(":", "-"), "framework=waypoint")
     model = peft_model(model_dir, os.path.join(run, "checkpoints", "step-000002", "sampler"))
-    ids = list(seqs[0][:5])
-    with torch.no_grad():
-        for _ in range(8):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     want_lp = target_logprobs(model, [seqs[0]])[0]
+    import transformers
+
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     print(json.dumps({
+        "base": from_base.sequences[0].tokens,
+        "transformers": greedy_loop(base_model, seqs[0][:5], 8),
+        "base_logprobs": base_logprobs,
+        "transformers_logprobs": target_logprobs(base_model, [seqs[0]])[0],
         "saved": [s.tokens for s in from_saved.sequences],
         "saved_logprobs": from_saved.sequences[0].logprobs,
         "stop_reasons": [s.stop_reason for s in from_saved.sequences],
         "live": [s.tokens for s in from_live.sequences],
-        "peft": ids[5:],
+        "peft": greedy_loop(model, seqs[0][:5], 8),
         "logprobs": logprobs,
         "peft_logprobs": want_lp,
         "draws": draws,

@@ -22,7 +22,8 @@ use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 use waypoint_observe::records::{self, JobState, ResumedFrom, Status};
 use waypoint_storage::{StorageError, Store};
 use waypoint_trainer::service::{
-    identity_of, AdamParams, Datum, Identity, Loss, SampleParams, Snapshot, TrainingModel,
+    identity_of, AdamParams, BaseModel, Datum, Identity, Loss, SampleParams, Sampling,
+    TrainingModel,
 };
 
 use crate::error::ServeError;
@@ -80,10 +81,10 @@ enum Job {
     },
     /// Frees a finished session's models.
     Drop { model_ids: Vec<String> },
-    /// Makes sampler `sampler_id` over checkpoint `path`'s weights.
+    /// Makes sampler `sampler_id` over `source`.
     SamplerFrom {
         sampler_id: String,
-        path: TinkerPath,
+        source: SamplerSource,
     },
     /// Samples with sampler `sampler_id`.
     Sample {
@@ -91,6 +92,15 @@ enum Job {
         request: Sample,
         id: String,
     },
+}
+
+/// What a sampler of its own samples (`create_sampling_client`).
+#[derive(Debug, Clone)]
+pub(crate) enum SamplerSource {
+    /// A checkpoint's weights (`model_path`).
+    Checkpoint(TinkerPath),
+    /// A served base model alone (`base_model`), by name.
+    Base(String),
 }
 
 /// What an `asample` asks.
@@ -105,13 +115,14 @@ pub(crate) struct Sample {
 }
 
 /// What a sampler samples from: a training client's model with its adapters as they were when
-/// the sampler was made, or a model of its own, made from a checkpoint.
+/// the sampler was made, a model of its own made from a checkpoint, or a base model alone.
 enum Sampler {
     Client {
         model_id: String,
-        snapshot: Snapshot,
+        snapshot: waypoint_trainer::service::Snapshot,
     },
     Own(Box<Result<TrainingModel, String>>),
+    Base(Box<Result<BaseModel, String>>),
 }
 
 /// What `GET samplers/{id}` says of a sampler.
@@ -289,6 +300,18 @@ impl Engine {
         self.send(Job::Drop { model_ids })
     }
 
+    /// Fails unless base model `name` is served here.
+    pub(crate) fn check_base(&self, name: &str) -> Result<(), ServeError> {
+        match self.bases.contains_key(name) {
+            true => Ok(()),
+            false => Err(ServeError::BadRequest(format!(
+                "base_model {name:?} is not served here; served: {:?} (each given to `waypoint \
+                 serve` as --base_model NAME=DIR)",
+                self.bases.keys().collect::<Vec<_>>()
+            ))),
+        }
+    }
+
     /// Starts making model `<session>:train:<seq>`, from a base model (`identity`) or from a
     /// checkpoint (`path`); its request id and model id. The same creation sent again gets the same
     /// request id.
@@ -299,14 +322,7 @@ impl Engine {
         origin: Origin,
     ) -> Result<(String, String), ServeError> {
         if let Origin::New(identity) = &origin {
-            if !self.bases.contains_key(&identity.base_model) {
-                return Err(ServeError::BadRequest(format!(
-                    "base_model {:?} is not served here; served: {:?} (each given to `waypoint \
-                     serve` as --base_model NAME=DIR)",
-                    identity.base_model,
-                    self.bases.keys().collect::<Vec<_>>()
-                )));
-            }
+            self.check_base(&identity.base_model)?;
         }
         let mut state = self.state();
         let model_id = format!("{session}:train:{model_seq_id}");
@@ -397,13 +413,13 @@ impl Engine {
         Ok((id, new))
     }
 
-    /// Starts making sampler `sampler_id` from checkpoint `path`.
+    /// Starts making sampler `sampler_id` over `source`.
     pub(crate) fn make_sampler(
         &self,
         sampler_id: String,
-        path: TinkerPath,
+        source: SamplerSource,
     ) -> Result<(), ServeError> {
-        self.send(Job::SamplerFrom { sampler_id, path })
+        self.send(Job::SamplerFrom { sampler_id, source })
     }
 
     /// What sampler `id` samples.
@@ -603,13 +619,25 @@ impl Trainer {
                         self.futures.post(&request, outcome);
                     }
                 }
-                Job::SamplerFrom { sampler_id, path } => {
-                    let made = resolve(&self.store, &self.runtime, &path)
-                        .map_err(|e| e.to_string())
-                        // A sampler's own model has no run: it saves nothing.
-                        .and_then(|(source, step)| self.checkpoint_model(&source, step, false));
-                    self.samplers
-                        .insert(sampler_id, Sampler::Own(Box::new(made)));
+                Job::SamplerFrom { sampler_id, source } => {
+                    let sampler = match source {
+                        SamplerSource::Checkpoint(path) => {
+                            let made = resolve(&self.store, &self.runtime, &path)
+                                .map_err(|e| e.to_string())
+                                // A sampler's own model has no run: it saves nothing.
+                                .and_then(|(source, step)| {
+                                    self.checkpoint_model(&source, step, false)
+                                });
+                            Sampler::Own(Box::new(made))
+                        }
+                        SamplerSource::Base(name) => {
+                            let made = self
+                                .base_dir(&name)
+                                .and_then(|dir| BaseModel::load(dir).map_err(|e| format!("{e:#}")));
+                            Sampler::Base(Box::new(made))
+                        }
+                    };
+                    self.samplers.insert(sampler_id, sampler);
                 }
                 Job::Sample {
                     sampler_id,
@@ -639,15 +667,19 @@ impl Trainer {
         }
     }
 
-    /// A new LoRA model as `identity` says, on its base model's directory.
-    fn model_of(&self, identity: Identity) -> Result<TrainingModel, String> {
-        let dir = self.bases.get(&identity.base_model).ok_or_else(|| {
+    /// The directory of base model `name`.
+    fn base_dir(&self, name: &str) -> Result<&std::path::Path, String> {
+        self.bases.get(name).map(PathBuf::as_path).ok_or_else(|| {
             format!(
-                "the checkpoint's base model {:?} is not served here (served: {:?})",
-                identity.base_model,
+                "the base model {name:?} is not served here (served: {:?})",
                 self.bases.keys().collect::<Vec<_>>()
             )
-        })?;
+        })
+    }
+
+    /// A new LoRA model as `identity` says, on its base model's directory.
+    fn model_of(&self, identity: Identity) -> Result<TrainingModel, String> {
+        let dir = self.base_dir(&identity.base_model)?;
         TrainingModel::lora(dir, identity).map_err(|e| format!("{e:#}"))
     }
 
@@ -673,14 +705,21 @@ impl Trainer {
         let Some(sampler) = self.samplers.get_mut(sampler_id) else {
             return failed(Category::User, format!("sampler {sampler_id} is not made"));
         };
-        let (model, snapshot) = match sampler {
-            Sampler::Own(own) => match own.as_mut() {
-                Ok(model) => (model, None),
-                Err(e) => return failed(Category::User, format!("sampler {sampler_id}: {e}")),
+        let not_made = |e: &String| failed(Category::User, format!("sampler {sampler_id}: {e}"));
+        let sampled = match sampler {
+            Sampler::Own(own) => match own.as_ref() {
+                Ok(model) => sample_with(model, r),
+                Err(e) => return not_made(e),
+            },
+            Sampler::Base(base) => match base.as_ref() {
+                Ok(model) => sample_with(model, r),
+                Err(e) => return not_made(e),
             },
             Sampler::Client { model_id, snapshot } => {
                 match self.models.get_mut(model_id.as_str()) {
-                    Some(Ok(served)) => (&mut served.model, Some(&*snapshot)),
+                    Some(Ok(served)) => served
+                        .model
+                        .with_snapshot(Some(&*snapshot), |m| sample_with(m, r)),
                     _ => {
                         return failed(
                             Category::User,
@@ -690,7 +729,7 @@ impl Trainer {
                 }
             }
         };
-        match sample_with(model, snapshot, r) {
+        match sampled {
             Ok(response) => Outcome::Proto(prost::Message::encode_to_vec(&response)),
             Err(e) => failed(Category::User, format!("{e:#}")),
         }
@@ -844,24 +883,17 @@ fn run(served: &mut Served, model_id: &str, op: Op, store: &Store, rt: &Handle) 
     }
 }
 
-/// Samples `r` with `model`, its adapters as `snapshot` holds them when given.
-fn sample_with(
-    model: &mut TrainingModel,
-    snapshot: Option<&Snapshot>,
-    r: &Sample,
-) -> anyhow::Result<proto::SampleResponse> {
+/// Samples `r` with `model`.
+fn sample_with(model: &dyn Sampling, r: &Sample) -> anyhow::Result<proto::SampleResponse> {
     let mut params = r.params.clone();
     if !r.stop_given {
         params.stop = model.eos_tokens();
     }
-    let (sequences, prompt) = model.with_snapshot(snapshot, |m| {
-        let sequences = m.sample(&r.prompt, &params, r.samples)?;
-        let prompt = match r.prompt_logprobs {
-            true => Some(m.prompt_logprobs(&r.prompt)?),
-            false => None,
-        };
-        Ok((sequences, prompt))
-    })?;
+    let sequences = model.sample(&r.prompt, &params, r.samples)?;
+    let prompt = match r.prompt_logprobs {
+        true => Some(model.prompt_logprobs(&r.prompt)?),
+        false => None,
+    };
     let le_f32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     Ok(proto::SampleResponse {
         sequences: sequences

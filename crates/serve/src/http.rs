@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 use waypoint_trainer::service::{AdamParams, Datum, Identity, LoraSpec, Loss, SampleParams};
 
 use crate::api;
-use crate::engine::{self, Engine, Op, Sample, SamplerInfo};
+use crate::engine::{self, Engine, Op, Sample, SamplerInfo, SamplerSource};
 use crate::error::ServeError;
 use crate::futures::{Outcome, Polled};
 use crate::names::{self, Kind, Record, TinkerPath};
@@ -660,11 +660,24 @@ async fn create_sampling_session(
 ) -> Result<Json<Value>, ServeError> {
     let req: api::CreateSamplingSession = parse("create_sampling_session", &body)?;
     let Some(model_path) = req.model_path else {
-        return Err(ServeError::BadRequest(format!(
-            "sampling a base model alone ({:?}) is not served: sample a client's weights \
-             (save_weights_for_sampler, then create_sampling_client(model_path))",
-            req.base_model.unwrap_or_default()
-        )));
+        // A base model alone.
+        let Some(name) = req.base_model else {
+            return Err(ServeError::BadRequest(
+                "create_sampling_session: give model_path (saved sampler weights) or base_model"
+                    .into(),
+            ));
+        };
+        engine.check_base(&name)?;
+        let info = SamplerInfo {
+            base_model: name.clone(),
+            model_path: None,
+        };
+        let (id, new) =
+            engine.register_sampler(&req.session_id, req.sampling_session_seq_id, info)?;
+        if new {
+            engine.make_sampler(id.clone(), SamplerSource::Base(name))?;
+        }
+        return Ok(Json(json!({"sampling_session_id": id})));
     };
     let path = TinkerPath::parse(&model_path)?;
     let (store, rt, p) = (
@@ -681,7 +694,7 @@ async fn create_sampling_session(
     };
     let (id, new) = engine.register_sampler(&req.session_id, req.sampling_session_seq_id, info)?;
     if new {
-        engine.make_sampler(id.clone(), path)?;
+        engine.make_sampler(id.clone(), SamplerSource::Checkpoint(path))?;
     }
     Ok(Json(json!({"sampling_session_id": id})))
 }

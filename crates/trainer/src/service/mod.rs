@@ -27,9 +27,14 @@ use crate::checkpointing::state::{
     copy_to_host, restore_state, sampler_part, state_items, SaveContext,
 };
 use crate::model::lora::frozen_base_kind;
-use crate::model::{KvCache, Model};
+use crate::model::Model;
 use crate::optim::{accumulate, clip_grad_norm, gradients, AdamW, AdamWConfig};
 use crate::step::libtorch_boundary;
+
+mod sampling;
+
+use sampling::check_tokens;
+pub use sampling::{BaseModel, SampleParams, Sampled, Sampling};
 
 /// Which projections a LoRA client trains, as the Tinker SDK's `LoraConfig` asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -537,48 +542,16 @@ fn batches(data: &[Datum], budget: usize) -> Vec<&[Datum]> {
     groups
 }
 
-/// How to sample, as the SDK's `SamplingParams` says.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SampleParams {
-    /// Tokens to sample at most.
-    pub max_tokens: usize,
-    /// The logits' divisor (0: the most likely token, always).
-    pub temperature: f64,
-    /// Sample among the `top_k` most likely tokens (≤ 0: all).
-    pub top_k: i64,
-    /// Sample among the most likely tokens whose probabilities reach `top_p` (1: all).
-    pub top_p: f64,
-    /// Seeds the draw (each sample `seed + i`), for the same samples again.
-    pub seed: Option<u64>,
-    /// Tokens that end a sample (kept as its last).
-    pub stop: Vec<i64>,
-}
-
-/// One sampled sequence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampled {
-    /// The tokens, after the prompt.
-    pub tokens: Vec<i64>,
-    /// Each token's log-prob under the distribution it was drawn from (the model's, over the
-    /// temperature, before `top_k`/`top_p`).
-    pub logprobs: Vec<f32>,
-    /// Whether a stop token ended it (else `max_tokens` did).
-    pub stopped: bool,
+impl Sampling for TrainingModel {
+    fn sampled_model(&self) -> &Model {
+        &self.model
+    }
 }
 
 /// A copy of a model's adapters, to sample from as they were when it was taken.
 pub struct Snapshot(Vec<Tensor>);
 
 impl TrainingModel {
-    /// The model's end-of-sequence tokens (`eos_token_id` of its `config.json`).
-    pub fn eos_tokens(&self) -> Vec<i64> {
-        match &self.model.config.raw["eos_token_id"] {
-            serde_json::Value::Number(n) => n.as_i64().into_iter().collect(),
-            serde_json::Value::Array(a) => a.iter().filter_map(serde_json::Value::as_i64).collect(),
-            _ => Vec::new(),
-        }
-    }
-
     /// A copy of the adapters as they are.
     pub fn snapshot(&self) -> Result<Snapshot> {
         libtorch_boundary("copying the adapters", || {
@@ -617,127 +590,6 @@ impl TrainingModel {
         swap(&live)?;
         out
     }
-
-    /// `n` samples after `prompt`, each decoded with a cache of the keys and values.
-    pub fn sample(&self, prompt: &[i64], p: &SampleParams, n: usize) -> Result<Vec<Sampled>> {
-        ensure!(!prompt.is_empty(), "the prompt is empty");
-        let vocab = self.vocab;
-        if let Some(t) = prompt.iter().chain(&p.stop).find(|&&t| t < 0 || t >= vocab) {
-            anyhow::bail!("token {t} is outside the model's vocabulary (0..{vocab})");
-        }
-        ensure!(
-            p.temperature >= 0.0 && p.temperature.is_finite() && p.top_p > 0.0 && p.top_p <= 1.0,
-            "temperature must be ≥ 0 and top_p in (0, 1], not {} and {}",
-            p.temperature,
-            p.top_p
-        );
-        libtorch_boundary("sampling", || {
-            (0..n)
-                .map(|i| {
-                    if let Some(seed) = p.seed {
-                        tch::manual_seed(
-                            (seed.wrapping_add(i as u64) & 0x7FFF_FFFF_FFFF_FFFF) as i64,
-                        );
-                    }
-                    self.sample_one(prompt, p)
-                })
-                .collect()
-        })
-    }
-
-    fn sample_one(&self, prompt: &[i64], p: &SampleParams) -> Result<Sampled> {
-        let device = self.model.device();
-        let mut cache = KvCache::default();
-        let ids = Tensor::from_slice(prompt)
-            .view([1, prompt.len() as i64])
-            .to_device(device);
-        let mut logits = self.model.forward_cached(&ids, &mut cache, 0);
-        let mut out = Sampled {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            stopped: false,
-        };
-        for i in 0..p.max_tokens {
-            let last = logits.get(0).get(-1).to_kind(Kind::Float);
-            let (token, logprob) = draw(&last, p);
-            out.tokens.push(token);
-            out.logprobs.push(logprob);
-            if p.stop.contains(&token) {
-                out.stopped = true;
-                break;
-            }
-            if i + 1 < p.max_tokens {
-                let one = Tensor::from_slice(&[token]).view([1, 1]).to_device(device);
-                let past = (prompt.len() + i) as i64;
-                logits = self.model.forward_cached(&one, &mut cache, past);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The log-prob of each prompt token after the ones before it; the first has none (NaN).
-    pub fn prompt_logprobs(&self, prompt: &[i64]) -> Result<Vec<f32>> {
-        ensure!(!prompt.is_empty(), "the prompt is empty");
-        if let Some(t) = prompt.iter().find(|&&t| t < 0 || t >= self.vocab) {
-            anyhow::bail!(
-                "token {t} is outside the model's vocabulary (0..{})",
-                self.vocab
-            );
-        }
-        libtorch_boundary("prompt log-probs", || {
-            let n = prompt.len() as i64;
-            let device = self.model.device();
-            let ids = Tensor::from_slice(prompt).view([1, n]).to_device(device);
-            let lp = tch::no_grad(|| {
-                self.model
-                    .forward(&ids, false)
-                    .to_kind(Kind::Float)
-                    .log_softmax(-1, Kind::Float)
-            });
-            let next = ids.narrow(1, 1, n - 1).unsqueeze(-1);
-            let got = lp
-                .narrow(1, 0, n - 1)
-                .gather(-1, &next, false)
-                .view([n - 1]);
-            let mut out = vec![f32::NAN];
-            out.extend(Vec::<f32>::try_from(got.to_device(Device::Cpu))?);
-            Ok(out)
-        })
-    }
-}
-
-/// A token drawn from `logits` (`[vocab]`, fp32) as `p` says, and its log-prob.
-fn draw(logits: &Tensor, p: &SampleParams) -> (i64, f32) {
-    let greedy = p.temperature == 0.0 || p.top_k == 1;
-    let scaled = if p.temperature > 0.0 {
-        logits / p.temperature
-    } else {
-        logits.shallow_clone()
-    };
-    let logp = scaled.log_softmax(-1, Kind::Float);
-    let token = if greedy {
-        logits.argmax(-1, false).int64_value(&[])
-    } else {
-        let mut kept = scaled.shallow_clone();
-        let vocab = kept.size()[0];
-        if p.top_k > 0 && p.top_k < vocab {
-            let kth = kept.topk(p.top_k, -1, true, true).0.get(p.top_k - 1);
-            kept = kept.masked_fill(&kept.lt_tensor(&kth), f64::NEG_INFINITY);
-        }
-        if p.top_p < 1.0 {
-            let (sorted, order) = kept.sort(-1, true);
-            let cum = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-            // Keep a token while the mass before it is under top_p (the first always).
-            let before = &cum - sorted.softmax(-1, Kind::Float);
-            let drop_sorted = before.ge(p.top_p);
-            let drop = drop_sorted.scatter(-1, &order, &drop_sorted);
-            kept = kept.masked_fill(&drop, f64::NEG_INFINITY);
-        }
-        kept.softmax(-1, Kind::Float)
-            .multinomial(1, false)
-            .int64_value(&[0])
-    };
-    (token, logp.double_value(&[token]) as f32)
 }
 
 /// A datum's shape and tokens are checked before libtorch sees them: a clear error naming the
@@ -762,14 +614,8 @@ fn check_datum(i: usize, d: &Datum, vocab: i64, loss: Loss) -> Result<()> {
              per input token"
         );
     }
-    let bad = d
-        .tokens
-        .iter()
-        .chain(&d.targets)
-        .find(|&&t| t < 0 || t >= vocab);
-    if let Some(t) = bad {
-        anyhow::bail!("datum {i}: token {t} is outside the model's vocabulary (0..{vocab})");
-    }
+    check_tokens(d.tokens.iter().chain(&d.targets), vocab)
+        .map_err(|e| anyhow::anyhow!("datum {i}: {e}"))?;
     ensure!(
         d.weights
             .iter()
@@ -832,43 +678,6 @@ mod tests {
             "a datum over the budget goes alone"
         );
         assert!(batches(&[], 10).is_empty());
-    }
-
-    #[test]
-    fn a_draw_keeps_to_greedy_top_k_and_top_p() {
-        let _turn = crate::model::tests::seeded();
-        let logits = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 0.5]);
-        let p = |temperature, top_k, top_p| SampleParams {
-            max_tokens: 1,
-            temperature,
-            top_k,
-            top_p,
-            seed: None,
-            stop: Vec::new(),
-        };
-        let (token, lp) = draw(&logits, &p(0.0, -1, 1.0));
-        let want = logits.log_softmax(-1, Kind::Float).double_value(&[1]) as f32;
-        assert_eq!(
-            (token, lp),
-            (1, want),
-            "greedy: the most likely, its log-prob"
-        );
-        tch::manual_seed(3);
-        for _ in 0..50 {
-            assert!(
-                [1, 2].contains(&draw(&logits, &p(1.0, 2, 1.0)).0),
-                "top_k 2"
-            );
-            assert_eq!(
-                draw(&logits, &p(1.0, -1, 0.3)).0,
-                1,
-                "top_p 0.3: the first alone"
-            );
-        }
-        let all: std::collections::BTreeSet<i64> = (0..400)
-            .map(|_| draw(&logits, &p(2.0, -1, 1.0)).0)
-            .collect();
-        assert_eq!(all.len(), 4, "no filter: every token comes");
     }
 
     #[test]
