@@ -199,6 +199,7 @@ impl Engine {
             bases: bases.clone(),
             store: store.clone(),
             runtime,
+            loaded: HashMap::new(),
             models: HashMap::new(),
             samplers: HashMap::new(),
         };
@@ -545,6 +546,9 @@ struct Trainer {
     bases: Arc<BTreeMap<String, PathBuf>>,
     store: Store,
     runtime: Handle,
+    /// The base models loaded so far, by name: each is in memory once, shared by every model
+    /// and sampler over it.
+    loaded: HashMap<String, BaseModel>,
     models: HashMap<String, Result<Served, String>>,
     samplers: HashMap<String, Sampler>,
 }
@@ -632,8 +636,8 @@ impl Trainer {
                         }
                         SamplerSource::Base(name) => {
                             let made = self
-                                .base_dir(&name)
-                                .and_then(|dir| BaseModel::load(dir).map_err(|e| format!("{e:#}")));
+                                .base(&name)
+                                .and_then(|b| b.share().map_err(|e| format!("{e:#}")));
                             Sampler::Base(Box::new(made))
                         }
                     };
@@ -667,35 +671,40 @@ impl Trainer {
         }
     }
 
-    /// The directory of base model `name`.
-    fn base_dir(&self, name: &str) -> Result<&std::path::Path, String> {
-        self.bases.get(name).map(PathBuf::as_path).ok_or_else(|| {
-            format!(
-                "the base model {name:?} is not served here (served: {:?})",
-                self.bases.keys().collect::<Vec<_>>()
-            )
-        })
+    /// Base model `name`, loaded from its directory the first time.
+    fn base(&mut self, name: &str) -> Result<&BaseModel, String> {
+        if !self.loaded.contains_key(name) {
+            let dir = self.bases.get(name).ok_or_else(|| {
+                format!(
+                    "the base model {name:?} is not served here (served: {:?})",
+                    self.bases.keys().collect::<Vec<_>>()
+                )
+            })?;
+            let base = BaseModel::load(dir).map_err(|e| format!("{e:#}"))?;
+            tracing::info!(base = name, dir = %dir.display(), "base model loaded");
+            self.loaded.insert(name.to_string(), base);
+        }
+        Ok(&self.loaded[name])
     }
 
-    /// A new LoRA model as `identity` says, on its base model's directory.
-    fn model_of(&self, identity: Identity) -> Result<TrainingModel, String> {
-        let dir = self.base_dir(&identity.base_model)?;
-        TrainingModel::lora(dir, identity).map_err(|e| format!("{e:#}"))
+    /// A new LoRA model as `identity` says, over its base model.
+    fn model_of(&mut self, identity: Identity) -> Result<TrainingModel, String> {
+        let base = self.base(&identity.base_model)?;
+        TrainingModel::lora(base, identity).map_err(|e| format!("{e:#}"))
     }
 
     /// The model checkpoint `step` of `source`'s run holds (its base and LoRA read from the
     /// manifest), with or without its optimizer state.
     fn checkpoint_model(
-        &self,
+        &mut self,
         source: &CheckpointManager,
         step: waypoint_checkpoint::StepName,
         optimizer: bool,
     ) -> Result<TrainingModel, String> {
-        let rt = &self.runtime;
-        let identity = identity_of(source, rt, step).map_err(|e| format!("{e:#}"))?;
+        let identity = identity_of(source, &self.runtime, step).map_err(|e| format!("{e:#}"))?;
         let mut model = self.model_of(identity)?;
         model
-            .load(source, rt, step, optimizer)
+            .load(source, &self.runtime, step, optimizer)
             .map_err(|e| format!("{e:#}"))?;
         Ok(model)
     }
@@ -736,7 +745,7 @@ impl Trainer {
     }
 
     /// Model `model_id` from `origin`, its run's attempt taken.
-    fn make(&self, model_id: &str, origin: Origin) -> Result<Served, String> {
+    fn make(&mut self, model_id: &str, origin: Origin) -> Result<Served, String> {
         let rt = &self.runtime;
         let layout = names::run_of(model_id).map_err(|e| e.to_string())?;
         let mut manager =

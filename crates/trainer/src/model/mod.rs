@@ -165,6 +165,28 @@ impl Model {
         Ok(model)
     }
 
+    /// A model over the same base weights — the same memory, no copy — frozen and without
+    /// adapters: each training client of `waypoint serve` adds its own adapters over one base.
+    /// The base must never change while shared (only adapters train). Not for a sharded model.
+    pub fn sharing_base(&self) -> Result<Self> {
+        ensure!(
+            !self.is_sharded(),
+            "a sharded model's base cannot be shared"
+        );
+        let hold = self.base.first().map_or(Kind::Float, |p| p.tensor.kind());
+        // `detach` aliases the storage with autograd flags of its own.
+        let params = self
+            .base
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.detach()))
+            .collect();
+        let model = Self::assemble_rows(self.config.clone(), params, None, hold, self.device)?;
+        for p in &model.base {
+            let _ = p.tensor.set_requires_grad(false);
+        }
+        Ok(model)
+    }
+
     /// Builds the structure the forward pass walks (layers, embedding, norm, head) over `base`, with
     /// the LoRA adapters (if any) on their projections.
     fn wire(&mut self) {
@@ -661,5 +683,60 @@ pub(crate) mod tests {
         assert!(lora.base().iter().all(|p| !p.tensor.requires_grad()));
         let names: Vec<&str> = lora.trainable().iter().map(|p| p.name.as_str()).collect();
         assert!(names.contains(&"model.layers.1.mlp.down_proj.lora_B.weight"));
+    }
+
+    /// Two LoRA models over one base hold its weights once; each trains its own adapters, and
+    /// a step of one leaves the other (and the base) as they were.
+    #[test]
+    fn models_sharing_a_base_hold_it_once_and_train_their_own_adapters() {
+        let _turn = seeded();
+        let base = Model::init(ModelConfig::tiny(), 1, Device::Cpu)
+            .unwrap()
+            .sharing_base()
+            .unwrap();
+        let lora = |seed| {
+            let mut m = base.sharing_base().unwrap();
+            let targets = vec!["q_proj".into(), "lm_head".into()];
+            m.add_lora(
+                LoraConfig {
+                    rank: 2,
+                    alpha: 2.0,
+                    dropout: 0.0,
+                    targets,
+                },
+                seed,
+            )
+            .unwrap();
+            m
+        };
+        let (one, two) = (lora(3), lora(4));
+        for ((b, x), y) in base.base().iter().zip(one.base()).zip(two.base()) {
+            assert_eq!(b.tensor.data_ptr(), x.tensor.data_ptr(), "{}", b.name);
+            assert_eq!(b.tensor.data_ptr(), y.tensor.data_ptr(), "{}", b.name);
+            assert!(!x.tensor.requires_grad() && !b.tensor.requires_grad());
+        }
+        let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).view([1, 4]);
+        let before = two.forward(&ids, false);
+        let weights: Vec<Tensor> = base.base().iter().map(|p| p.tensor.copy()).collect();
+        // A step on the first model's adapters (B starts at zero: step it so it counts).
+        let loss = one.forward(&ids, true).square().mean(Kind::Float);
+        let params = one.trainable();
+        let grads = crate::optim::gradients(&loss, params, None);
+        tch::no_grad(|| {
+            for (p, g) in params.iter().zip(&grads) {
+                let _ = p.tensor.shallow_clone().g_add_(&(g * -0.1));
+            }
+        });
+        assert!(
+            !one.forward(&ids, false).equal(&before),
+            "the step changed the first"
+        );
+        assert!(
+            two.forward(&ids, false).equal(&before),
+            "the second is as it was"
+        );
+        for (p, w) in base.base().iter().zip(&weights) {
+            assert!(p.tensor.equal(w), "{} changed", p.name);
+        }
     }
 }

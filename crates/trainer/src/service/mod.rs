@@ -13,8 +13,6 @@
 //! manifest records the model's [`Identity`] (`training`), so a checkpoint alone makes the model
 //! again ([`identity_of`]).
 
-use std::path::Path;
-
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -26,7 +24,6 @@ use waypoint_config::{LoraConfig, SamplerDtype};
 use crate::checkpointing::state::{
     copy_to_host, restore_state, sampler_part, state_items, SaveContext,
 };
-use crate::model::lora::frozen_base_kind;
 use crate::model::Model;
 use crate::optim::{accumulate, clip_grad_norm, gradients, AdamW, AdamWConfig};
 use crate::step::libtorch_boundary;
@@ -235,9 +232,9 @@ pub struct TrainingModel {
 }
 
 impl TrainingModel {
-    /// Loads the base model of the Hugging Face directory `dir` (on CUDA when there is one, else
-    /// the CPU) and adds LoRA adapters as `identity` asks.
-    pub fn lora(dir: &Path, identity: Identity) -> Result<Self> {
+    /// LoRA adapters as `identity` asks over `base`, whose weights it shares (no copy: many
+    /// clients train over one base model in memory).
+    pub fn lora(base: &BaseModel, identity: Identity) -> Result<Self> {
         let spec = identity.lora;
         ensure!(
             spec.rank > 0,
@@ -248,10 +245,8 @@ impl TrainingModel {
             spec.attn || spec.mlp || spec.unembed,
             "a LoRA client must train something: train_attn, train_mlp or train_unembed"
         );
-        let device = Device::cuda_if_available();
-        libtorch_boundary("loading the base model", || {
-            let (mut model, _) = Model::load_hf_dir(dir, device, None, frozen_base_kind(device))
-                .with_context(|| format!("loading the base model in {}", dir.display()))?;
+        libtorch_boundary("adding the adapters", || {
+            let mut model = base.sampled_model().sharing_base()?;
             model.add_lora(spec.config(), spec.seed)?;
             let opt = fresh_optimizer(&model);
             let vocab = model.config.vocab_size;

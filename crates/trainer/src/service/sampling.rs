@@ -112,13 +112,21 @@ pub trait Sampling {
 pub struct BaseModel(Model);
 
 impl BaseModel {
-    /// Loads the Hugging Face directory `dir` (on CUDA when there is one, else the CPU), frozen.
+    /// Loads the Hugging Face directory `dir` (on CUDA when there is one, else the CPU), frozen,
+    /// held as a LoRA model holds its base (so that adapters go on over it without a copy).
     pub fn load(dir: &Path) -> Result<Self> {
         let device = Device::cuda_if_available();
         libtorch_boundary("loading the base model", || {
             let (model, _) = Model::load_hf_dir(dir, device, None, frozen_base_kind(device))
                 .with_context(|| format!("loading the base model in {}", dir.display()))?;
-            Ok(Self(model))
+            Ok(Self(model.sharing_base()?))
+        })
+    }
+
+    /// Another handle on the same weights (no copy).
+    pub fn share(&self) -> Result<Self> {
+        libtorch_boundary("sharing the base model", || {
+            Ok(Self(self.0.sharing_base()?))
         })
     }
 }
