@@ -286,6 +286,22 @@ fn a_dpo_loss_written_in_the_client_trains_as_pytorch_does() {
     );
 }
 
+/// A save uploads in the background while the model trains on; what it holds is the state at its
+/// place in the client's order, not the state the upload finished beside.
+#[test]
+fn a_save_holds_the_state_at_its_place_in_the_order_while_training_goes_on() {
+    let server = start();
+    let r = sdk(&server, &["save_order", "tiny"]);
+    assert_eq!(
+        r["restored"], r["before"],
+        "a client from the saved state has the log-probs from before the later step: {r}"
+    );
+    assert!(
+        max_diff(&r["trained"], &r["before"]) > 1e-4,
+        "the step after the save changed the model: {r}"
+    );
+}
+
 #[test]
 fn a_client_meets_clear_errors_and_the_server_goes_on() {
     let server = start();

@@ -49,6 +49,9 @@ TINKER_API_KEY.
                                 PyTorch (peft over the starting adapter, autograd, torch's AdamW)
                                 takes the same 2 steps: the losses and the log-probs after, side
                                 by side
+  save_order <base_name>        a save_state sent without waiting, then a step: the step runs
+                                while the save uploads, and a client made from the saved state
+                                has the log-probs from before the step
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -319,6 +322,25 @@ def dpo_custom(name, model_dir, runs_dir):
     }))
 
 
+def save_order(name):
+    _, _, batch = data()
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=7).result()
+    steps(tc, batch, 2)
+    before = logprobs_of(tc.forward(batch, "cross_entropy").result())
+    saving = tc.save_state("mid")
+    fb = tc.forward_backward(batch, "cross_entropy")
+    step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+    path = saving.result().path
+    fb.result(), step.result()
+    trained = logprobs_of(tc.forward(batch, "cross_entropy").result())
+    restored = sc.create_training_client_from_state(path).result()
+    print(json.dumps({
+        "before": before, "restored": logprobs_of(restored.forward(batch, "cross_entropy").result()),
+        "trained": trained, "path": path,
+    }))
+
+
 def rl_oracle(loss, lp, q, a, config):
     """The Tinker losses as the SDK's documentation defines them: sums over positions."""
     r = (lp - q).exp()
@@ -582,6 +604,6 @@ if __name__ == "__main__":
         "sft": sft, "train": train, "resume": resume, "rl": rl, "rl_loop": rl_loop, "sample": sample,
         "bench": bench,
         "bench_sample": bench_sample, "errors": errors, "sft_parity": sft_parity,
-        "dpo_custom": dpo_custom,
+        "dpo_custom": dpo_custom, "save_order": save_order,
     }
     commands[sys.argv[1]](*sys.argv[2:])

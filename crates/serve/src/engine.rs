@@ -22,7 +22,7 @@ use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
 use waypoint_observe::records::{self, JobState, ResumedFrom, Status};
 use waypoint_storage::{StorageError, Store};
 use waypoint_trainer::service::{
-    identity_of, AdamParams, BaseModel, Datum, Identity, Loss, SampleParams, Sampling,
+    identity_of, AdamParams, BaseModel, Datum, Identity, Loss, SampleParams, Sampling, Saving,
     TrainingModel,
 };
 
@@ -101,6 +101,20 @@ pub(crate) enum SamplerSource {
     Checkpoint(TinkerPath),
     /// A served base model alone (`base_model`), by name.
     Base(String),
+}
+
+impl Job {
+    /// Whether it reads or writes checkpoints (and so must see the uploads in flight end).
+    fn touches_checkpoints(&self) -> bool {
+        match self {
+            Job::Create { origin, .. } => matches!(origin, Origin::Checkpoint { .. }),
+            Job::Run { op, .. } => matches!(op, Op::Save { .. } | Op::Load { .. }),
+            Job::SamplerFrom { source, .. } => matches!(source, SamplerSource::Checkpoint(_)),
+            // A finished session's runs record their newest checkpoints.
+            Job::Drop { .. } => true,
+            Job::Sample { .. } => false,
+        }
+    }
 }
 
 /// What an `asample` asks.
@@ -202,6 +216,7 @@ impl Engine {
             loaded: HashMap::new(),
             models: HashMap::new(),
             samplers: HashMap::new(),
+            uploads: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("trainer".into())
@@ -551,11 +566,26 @@ struct Trainer {
     loaded: HashMap<String, BaseModel>,
     models: HashMap<String, Result<Served, String>>,
     samplers: HashMap<String, Sampler>,
+    /// Saves uploading in the background, oldest first.
+    uploads: Vec<Upload>,
+}
+
+/// A save whose state is on the host, uploading and then named by a thread of its own (which
+/// posts the client's outcome; the checkpoint crate's save is not `Send`, so not a tokio task);
+/// `true` once its checkpoint is committed.
+struct Upload {
+    model_id: String,
+    step: u64,
+    task: std::thread::JoinHandle<bool>,
 }
 
 impl Trainer {
     fn run(mut self, inbox: mpsc::Receiver<Job>) {
         while let Ok(job) = inbox.recv() {
+            // What reads or writes checkpoints waits for the uploads in flight (a load finds
+            // every checkpoint saved before it; step numbers follow the committed ones); the
+            // rest goes on while they upload.
+            self.settle_uploads(job.touches_checkpoints());
             match job {
                 Job::Create {
                     model_id,
@@ -590,6 +620,22 @@ impl Trainer {
                     }
                     self.futures.post(&request, outcome);
                     self.models.insert(model_id, made);
+                }
+                Job::Run {
+                    model_id,
+                    op:
+                        Op::Save {
+                            kind,
+                            name,
+                            overwrite,
+                        },
+                    request,
+                } => {
+                    if let Some(outcome) = self.save(&model_id, kind, &name, overwrite, &request) {
+                        if let Some(request) = request {
+                            self.futures.post(&request, outcome);
+                        }
+                    }
                 }
                 Job::Run {
                     model_id,
@@ -665,9 +711,117 @@ impl Trainer {
                 }
             }
         }
-        // The server is stopping: every model still held was stopped, not finished.
+        // The server is stopping: the uploads end first, then every model still held was
+        // stopped, not finished.
+        self.settle_uploads(true);
         for served in self.models.values().flatten() {
             served.record(JobState::Cancelled, &self.runtime);
+        }
+    }
+
+    /// `save_state`/`save_weights_for_sampler` on model `model_id`: the state is copied to the host
+    /// now, then uploaded and named `name` in the background (the client's outcome posted then);
+    /// the outcome when it is known at once.
+    fn save(
+        &mut self,
+        model_id: &str,
+        kind: Kind,
+        name: &str,
+        overwrite: bool,
+        request: &Option<String>,
+    ) -> Option<Outcome> {
+        let served = match self.models.get_mut(model_id) {
+            Some(Ok(served)) => served,
+            Some(Err(e)) => {
+                return Some(failed(
+                    Category::User,
+                    format!("model {model_id} could not be made: {e}"),
+                ))
+            }
+            None => {
+                return Some(failed(
+                    Category::User,
+                    format!("model {model_id} was freed"),
+                ))
+            }
+        };
+        let rt = &self.runtime;
+        let path = TinkerPath::of(model_id, kind, name);
+        let key = names::record_key(served.manager.layout(), kind, name);
+        // A name taken is refused before anything uploads.
+        if !overwrite && rt.block_on(self.store.exists(&key)).unwrap_or(false) {
+            return Some(name_taken(&path));
+        }
+        match served.model.begin_save(&served.manager, rt) {
+            Err(e) => Some(failed(Category::Server, format!("saving: {e:#}"))),
+            Ok(Saving::Done(checkpoint)) => Some(rt.block_on(name_checkpoint(
+                &self.store,
+                &key,
+                &path,
+                checkpoint,
+                overwrite,
+            ))),
+            Ok(Saving::Upload {
+                request: save,
+                step,
+            }) => {
+                let (manager, store) = (served.manager.clone(), self.store.clone());
+                let (futures, request) = (self.futures.clone(), request.clone());
+                let rt = rt.clone();
+                let upload = move || {
+                    let (committed, outcome) = match rt.block_on(manager.save(save)) {
+                        Ok(m) => {
+                            let named = name_checkpoint(&store, &key, &path, m.name, overwrite);
+                            (true, rt.block_on(named))
+                        }
+                        Err(e) => (false, failed(Category::Server, format!("saving: {e}"))),
+                    };
+                    if let Some(request) = request {
+                        futures.post(&request, outcome);
+                    }
+                    committed
+                };
+                let task = match std::thread::Builder::new()
+                    .name("upload".into())
+                    .spawn(upload)
+                {
+                    Ok(task) => task,
+                    Err(e) => {
+                        served.model.save_failed(step);
+                        return Some(failed(
+                            Category::Server,
+                            format!("starting the upload: {e}"),
+                        ));
+                    }
+                };
+                self.uploads.push(Upload {
+                    model_id: model_id.to_string(),
+                    step,
+                    task,
+                });
+                None
+            }
+        }
+    }
+
+    /// Takes in the uploads that ended (with `wait`, all of them, waiting): a committed one is
+    /// its run's newest checkpoint (in `status.json`), a failed one leaves its state unsaved.
+    fn settle_uploads(&mut self, wait: bool) {
+        let (ended, running): (Vec<Upload>, Vec<Upload>) = std::mem::take(&mut self.uploads)
+            .into_iter()
+            .partition(|u| wait || u.task.is_finished());
+        self.uploads = running;
+        for u in ended {
+            let committed = u.task.join().unwrap_or(false);
+            if let Some(Ok(served)) = self.models.get_mut(&u.model_id) {
+                if committed {
+                    served.checkpoint =
+                        Some(waypoint_checkpoint::StepName::new(u.step).to_string());
+                    served.record(JobState::Running, &self.runtime);
+                } else {
+                    served.model.save_failed(u.step);
+                }
+            }
         }
     }
 
@@ -838,43 +992,7 @@ fn run(served: &mut Served, model_id: &str, op: Op, store: &Store, rt: &Handle) 
             Ok(s) => Outcome::Json(json!({"metrics": {"grad_norm": s.grad_norm}})),
             Err(e) => failed(Category::User, format!("{e:#}")),
         },
-        Op::Save {
-            kind,
-            name,
-            overwrite,
-        } => {
-            let checkpoint = match model.save(&served.manager, rt) {
-                Ok(c) => c,
-                Err(e) => return failed(Category::Server, format!("saving: {e:#}")),
-            };
-            served.checkpoint = Some(checkpoint.clone());
-            served.record(JobState::Running, rt);
-            let key = names::record_key(served.manager.layout(), kind, &name);
-            let record = Record {
-                checkpoint,
-                time: chrono::Utc::now().to_rfc3339(),
-            };
-            let body = bytes::Bytes::from(serde_json::to_vec(&record).unwrap_or_default());
-            let put = match overwrite {
-                true => rt.block_on(store.put(&key, body)),
-                false => rt.block_on(store.put_create(&key, body)),
-            };
-            let path = TinkerPath::of(model_id, kind, &name);
-            match put {
-                Ok(()) => {
-                    tracing::info!(%path, checkpoint = %record.checkpoint, "checkpoint named");
-                    Outcome::Json(json!({"path": path}))
-                }
-                Err(StorageError::AlreadyExists { .. }) => failed(
-                    Category::User,
-                    format!(
-                        "{path} exists already: save under another name, or pass \
-                         overwrite=True"
-                    ),
-                ),
-                Err(e) => failed(Category::Server, format!("naming {path}: {e}")),
-            }
-        }
+        Op::Save { .. } => failed(Category::Server, "a save is the trainer's".into()),
         Op::Load { path, optimizer } => {
             let loaded = resolve(store, rt, &path).and_then(|(source, step)| {
                 model
@@ -890,6 +1008,42 @@ fn run(served: &mut Served, model_id: &str, op: Op, store: &Store, rt: &Handle) 
         Op::Refused => failed(Category::User, "refused at submission".into()),
         Op::Sampler { .. } => failed(Category::Server, "a sampler is made by the trainer".into()),
     }
+}
+
+/// Names `checkpoint` (`step-N` of the run) as `path` says: the record at `key`, create-only
+/// unless `overwrite`; the client's outcome.
+async fn name_checkpoint(
+    store: &Store,
+    key: &str,
+    path: &str,
+    checkpoint: String,
+    overwrite: bool,
+) -> Outcome {
+    let record = Record {
+        checkpoint,
+        time: chrono::Utc::now().to_rfc3339(),
+    };
+    let body = bytes::Bytes::from(serde_json::to_vec(&record).unwrap_or_default());
+    let put = match overwrite {
+        true => store.put(key, body).await,
+        false => store.put_create(key, body).await,
+    };
+    match put {
+        Ok(()) => {
+            tracing::info!(%path, checkpoint = %record.checkpoint, "checkpoint named");
+            Outcome::Json(json!({"path": path}))
+        }
+        Err(StorageError::AlreadyExists { .. }) => name_taken(path),
+        Err(e) => failed(Category::Server, format!("naming {path}: {e}")),
+    }
+}
+
+/// The outcome of a save under a name taken already.
+fn name_taken(path: &str) -> Outcome {
+    failed(
+        Category::User,
+        format!("{path} exists already: save under another name, or pass overwrite=True"),
+    )
 }
 
 /// Samples `r` with `model`.

@@ -7,9 +7,10 @@
 //! HTTP side (`waypoint-serve`) never sees a tensor. Every call runs behind the libtorch
 //! boundary, so a libtorch error comes back as an error, never a panic.
 //!
-//! Checkpoints are a batch run's: [`TrainingModel::save`] commits `step-N` with the resumable
-//! state (adapters and AdamW state under DCP's names) and the promotable PEFT adapter through the
-//! checkpoint crate's one save protocol; [`TrainingModel::load`] restores it as a resume does. Each
+//! Checkpoints are a batch run's: [`TrainingModel::begin_save`] copies `step-N`'s resumable state
+//! (adapters and AdamW state under DCP's names) and promotable PEFT adapter to the host, for the
+//! checkpoint crate's one save protocol to commit (in the background, while the model trains on);
+//! [`TrainingModel::load`] restores it as a resume does. Each
 //! manifest records the model's [`Identity`] (`training`), so a checkpoint alone makes the model
 //! again ([`identity_of`]).
 
@@ -263,7 +264,7 @@ impl TrainingModel {
         })
     }
 
-    /// The number of the model's state (optimizer steps taken; see [`TrainingModel::save`]).
+    /// The number of the model's state (optimizer steps taken; see [`TrainingModel::begin_save`]).
     pub fn steps(&self) -> u64 {
         self.steps
     }
@@ -273,14 +274,20 @@ impl TrainingModel {
         &self.identity
     }
 
-    /// Commits the model as it is to `manager`'s run (whose attempt it holds): `step-N`, N its
-    /// number, resumable (the adapters and their AdamW state) and promotable (a PEFT adapter, fp32);
-    /// the checkpoint's name. A checkpoint of this run holding exactly this state already is
-    /// returned as it is; gradients accumulated and not yet applied are not part of a checkpoint.
-    pub fn save(&mut self, manager: &CheckpointManager, rt: &Handle) -> Result<String> {
+    /// Starts committing the model as it is to `manager`'s run (whose attempt it holds): `step-N`,
+    /// N its number, resumable (the adapters and their AdamW state) and promotable (a PEFT
+    /// adapter, fp32). The state is copied to the host here; the upload and the commit are the
+    /// caller's ([`Saving::Upload`], in the background while the model trains on), who reports a
+    /// failed one with [`TrainingModel::save_failed`]. A checkpoint of this run holding exactly
+    /// this state (committed, or being uploaded) is [`Saving::Done`]. Gradients accumulated and
+    /// not yet applied are not part of a checkpoint.
+    ///
+    /// Uploads of a run must commit before the next `begin_save` of it (the next step number is
+    /// chosen from the committed ones).
+    pub fn begin_save(&mut self, manager: &CheckpointManager, rt: &Handle) -> Result<Saving> {
         self.whole()?;
         if let Some(n) = self.saved {
-            return Ok(StepName::new(n).to_string());
+            return Ok(Saving::Done(StepName::new(n).to_string()));
         }
         let committed = rt.block_on(manager.committed_steps())?;
         if committed.iter().any(|s| s.step() == self.steps) {
@@ -305,9 +312,18 @@ impl TrainingModel {
             dcp: Some(blobs),
             sampler: Some(sampler),
         };
-        let m = rt.block_on(manager.save(request))?;
         self.saved = Some(self.steps);
-        Ok(m.name)
+        Ok(Saving::Upload {
+            request,
+            step: self.steps,
+        })
+    }
+
+    /// The upload of `step` (from [`TrainingModel::begin_save`]) failed: the state is not saved.
+    pub fn save_failed(&mut self, step: u64) {
+        if self.saved == Some(step) {
+            self.saved = None;
+        }
     }
 
     /// Restores checkpoint `step` of `manager`'s run (saved by a model of this identity): the
@@ -541,6 +557,19 @@ impl Sampling for TrainingModel {
     fn sampled_model(&self) -> &Model {
         &self.model
     }
+}
+
+/// What [`TrainingModel::begin_save`] leaves to do.
+pub enum Saving {
+    /// This state is saved already, as this checkpoint (named `step-N`).
+    Done(String),
+    /// The state, on the host: commit it with [`CheckpointManager::save`].
+    Upload {
+        /// The save.
+        request: SaveRequest,
+        /// Its step number.
+        step: u64,
+    },
 }
 
 /// A copy of a model's adapters, to sample from as they were when it was taken.
