@@ -769,7 +769,7 @@ impl Trainer {
                 let (futures, request) = (self.futures.clone(), request.clone());
                 let rt = rt.clone();
                 let upload = move || {
-                    let (committed, outcome) = match rt.block_on(manager.save(save)) {
+                    let (committed, outcome) = match rt.block_on(manager.save(*save)) {
                         Ok(m) => {
                             let named = name_checkpoint(&store, &key, &path, m.name, overwrite);
                             (true, rt.block_on(named))

@@ -314,7 +314,7 @@ impl TrainingModel {
         };
         self.saved = Some(self.steps);
         Ok(Saving::Upload {
-            request,
+            request: Box::new(request),
             step: self.steps,
         })
     }
@@ -565,8 +565,8 @@ pub enum Saving {
     Done(String),
     /// The state, on the host: commit it with [`CheckpointManager::save`].
     Upload {
-        /// The save.
-        request: SaveRequest,
+        /// The save (boxed: it is large).
+        request: Box<SaveRequest>,
         /// Its step number.
         step: u64,
     },
