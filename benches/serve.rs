@@ -4,7 +4,9 @@
 //! `lm_head`, rank 8) inside `waypoint train` on the same model, batch and sequence length
 //! (target: the service ≥ 1/1.05 of the batch loop's tokens/s); and greedy sampling tokens/s
 //! through the SDK (a KV cache; the client's LoRA adapters on) against transformers' `generate`
-//! with its cache on the same base model (target ≥ 1×).
+//! with its cache on the same base model (target ≥ 1×); and the server's resident memory per LoRA
+//! client beyond the first against the base model's size (one base is shared by every client: a
+//! small fraction, where a copy each would be 1×).
 //!
 //! WAYPOINT_BENCH_HIDDEN / _LAYERS size the model (default 512 / 6), WAYPOINT_BENCH_BATCH /
 //! _SEQ the step (default 4 × 128); libtorch on 2 threads, CPU.
@@ -93,7 +95,7 @@ fn main() {
         assert!(Instant::now() < deadline, "waypoint serve did not listen");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let sdk = |args: &[&str]| -> f64 {
+    let report = |args: &[&str]| -> serde_json::Value {
         let out = Command::new(python())
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -111,10 +113,24 @@ fn main() {
             String::from_utf8_lossy(&out.stderr)
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let report: serde_json::Value =
-            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-        report["tokens_per_s"].as_f64().unwrap()
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
     };
+    let sdk = |args: &[&str]| report(args)["tokens_per_s"].as_f64().unwrap();
+    // First, on the fresh server: what each client adds to its memory.
+    let clients = 4;
+    let memory = report(&[
+        "bench_memory",
+        "bench",
+        &server.id().to_string(),
+        &clients.to_string(),
+    ]);
+    let mb = |k: &str| memory[k].as_f64().unwrap();
+    let base_mb = std::fs::read_dir(&model)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .map(|e| e.metadata().unwrap().len() as f64 / (1 << 20) as f64)
+        .sum::<f64>();
     let served = sdk(&[
         "bench",
         "bench",
@@ -131,6 +147,15 @@ fn main() {
          threads): waypoint serve through the Tinker SDK {served:.0} vs waypoint train {train:.0} \
          = {:.2}x the batch loop's time (target <= 1.05x)",
         train / served
+    );
+    let per_client = (mb("all_mb") - mb("one_mb")) / (clients - 1) as f64;
+    println!(
+        "server memory with LoRA clients (rank 8, attention, MLP, lm_head): the first {:.0} MB \
+         (the base model loads), each of {} more {per_client:.1} MB vs the base model's {base_mb:.0} \
+         MB = {:.3}x (a copy each would be 1x; target: well under)",
+        mb("one_mb") - mb("before_mb"),
+        clients - 1,
+        per_client / base_mb
     );
     let generate = support::run(Command::new(python()).args([
         concat!(

@@ -32,15 +32,20 @@ impl Drop for Server {
 }
 
 fn start() -> Server {
+    start_with(&[])
+}
+
+/// [`start`] with more `waypoint serve` flags.
+fn start_with(flags: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
     common::root_python_script("hf_models.py", &["make", model.to_str().unwrap(), "llama"]);
     std::fs::write(dir.path().join("key"), format!("{KEY}\n")).unwrap();
-    serve(std::sync::Arc::new(dir), common::free_port())
+    serve(std::sync::Arc::new(dir), common::free_port(), flags)
 }
 
-/// `waypoint serve` over the model, key and runs of `dir`, on `port`.
-fn serve(dir: std::sync::Arc<tempfile::TempDir>, port: u16) -> Server {
+/// `waypoint serve` over the model, key and runs of `dir`, on `port`, with `flags`.
+fn serve(dir: std::sync::Arc<tempfile::TempDir>, port: u16, flags: &[&str]) -> Server {
     let model = dir.path().join("tiny");
     let runs = dir.path().join("runs");
     let log = dir
@@ -53,6 +58,7 @@ fn serve(dir: std::sync::Arc<tempfile::TempDir>, port: u16) -> Server {
         .arg(format!("tiny={}", model.display()))
         .arg("--checkpoint_base_uri")
         .arg(&runs)
+        .args(flags)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -302,6 +308,53 @@ fn a_save_holds_the_state_at_its_place_in_the_order_while_training_goes_on() {
     );
 }
 
+/// What a client that went away held is freed: a session without heartbeats is finished (its
+/// run `FINISHED`, its slot of `--max_models` free again), and a session's samplers beyond
+/// `--max_samplers_per_session` go least recently used first.
+#[test]
+fn a_gone_clients_models_and_old_samplers_are_freed() {
+    let server = start_with(&[
+        "--max_models",
+        "1",
+        "--session_timeout_secs",
+        "3",
+        "--max_samplers_per_session",
+        "2",
+    ]);
+    // A client that leaves without closing its ServiceClient.
+    let r = sdk(&server, &["leave", "tiny"]);
+    let run = server
+        .runs
+        .join(r["model_id"].as_str().unwrap().replace(':', "-"))
+        .join("framework=waypoint");
+    assert_eq!(r["evicted"]["class"], "NotFoundError", "{r}");
+    assert!(
+        r["evicted"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max_samplers_per_session"),
+        "{r}"
+    );
+    assert_eq!(r["newest_sampled"], 3, "{r}");
+    // Its session ends once 3 s pass without a heartbeat: the slot is free for another.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = std::fs::read_to_string(run.join("status.json")).unwrap_or_default();
+        if status.contains("FINISHED") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gone client's run: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = sdk(&server, &["leave", "tiny"]);
+    assert_ne!(again["model_id"], r["model_id"], "{again}");
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(
+        log.contains("no heartbeat: the session is finished"),
+        "{log}"
+    );
+}
+
 #[test]
 fn a_client_meets_clear_errors_and_the_server_goes_on() {
     let server = start();
@@ -497,7 +550,7 @@ fn a_killed_server_comes_back_with_its_checkpoints_and_a_client_continues_exactl
         Value::from(whole["losses"].as_array().unwrap()[..3].to_vec())
     );
     common::send_signal(server.child.id(), "KILL").unwrap();
-    let again = serve(server.dir.clone(), server.port);
+    let again = serve(server.dir.clone(), server.port, &[]);
     let path = part["path"].as_str().unwrap();
     let resumed = sdk(&again, &["resume", path, "3"]);
     assert_eq!(

@@ -52,6 +52,11 @@ TINKER_API_KEY.
   save_order <base_name>        a save_state sent without waiting, then a step: the step runs
                                 while the save uploads, and a client made from the saved state
                                 has the log-probs from before the step
+  bench_memory <base_name> <server_pid> <n>
+                                benches/serve.rs: the server's resident memory before any client,
+                                with one LoRA client, and with n
+  leave <base_name>             a client makes 3 samplers (the server keeps 2), samples the newest
+                                and the oldest, then exits without closing its ServiceClient
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -341,6 +346,24 @@ def save_order(name):
     }))
 
 
+def leave(name):
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=2, seed=1).result()
+    prompt = types.ModelInput.from_ints([1, 2, 3])
+    params = types.SamplingParams(max_tokens=3, top_k=1, stop=[])
+    samplers = [tc.save_weights_and_get_sampling_client() for _ in range(3)]
+    newest = samplers[-1].sample(prompt=prompt, num_samples=1, sampling_params=params).result()
+    print(json.dumps({
+        "model_id": tc.model_id,
+        "newest_sampled": len(newest.sequences[0].tokens),
+        "evicted": raised(lambda: samplers[0].sample(
+            prompt=prompt, num_samples=1, sampling_params=params).result()),
+    }))
+    # Gone without closing the ServiceClient: its heartbeats stop.
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def rl_oracle(loss, lp, q, a, config):
     """The Tinker losses as the SDK's documentation defines them: sums over positions."""
     r = (lp - q).exp()
@@ -535,6 +558,27 @@ def bench_sample(name, requests, prompt_len, max_tokens):
     print(json.dumps({"tokens_per_s": statistics.median(rates[1:])}))
 
 
+def bench_memory(name, pid, n):
+    """benches/serve.rs: the server's resident memory (VmRSS of process `pid`) before any client,
+    with one LoRA client, and with `n`."""
+
+    def rss_mb():
+        with open(f"/proc/{pid}/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return kb / 1024
+
+    sc = tinker.ServiceClient()
+    before = rss_mb()
+    clients = [sc.create_lora_training_client(base_model=name, rank=8, seed=7).result()]
+    one = rss_mb()
+    clients += [sc.create_lora_training_client(base_model=name, rank=8, seed=7 + i).result()
+                for i in range(1, int(n))]
+    report = {"before_mb": before, "one_mb": one, "all_mb": rss_mb()}
+    # The session ends: its clients are freed for the next benchmark.
+    sc.close("success").result()
+    print(json.dumps(report))
+
+
 def raised(work):
     try:
         work()
@@ -604,6 +648,7 @@ if __name__ == "__main__":
         "sft": sft, "train": train, "resume": resume, "rl": rl, "rl_loop": rl_loop, "sample": sample,
         "bench": bench,
         "bench_sample": bench_sample, "errors": errors, "sft_parity": sft_parity,
-        "dpo_custom": dpo_custom, "save_order": save_order,
+        "dpo_custom": dpo_custom, "save_order": save_order, "leave": leave,
+        "bench_memory": bench_memory,
     }
     commands[sys.argv[1]](*sys.argv[2:])

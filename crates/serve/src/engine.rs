@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde_json::json;
 use tokio::runtime::Handle;
@@ -79,8 +80,11 @@ enum Job {
         op: Op,
         request: Option<String>,
     },
-    /// Frees a finished session's models.
-    Drop { model_ids: Vec<String> },
+    /// Frees models (a finished session's) and samplers.
+    Drop {
+        model_ids: Vec<String>,
+        sampler_ids: Vec<String>,
+    },
     /// Makes sampler `sampler_id` over `source`.
     SamplerFrom {
         sampler_id: String,
@@ -164,11 +168,37 @@ struct ModelEntry {
     requests: HashMap<i64, Option<String>>,
 }
 
+/// A live session.
+struct Session {
+    /// Its training models.
+    models: Vec<String>,
+    /// Its creation or last heartbeat.
+    seen: Instant,
+}
+
+/// A sampler made or being made.
+struct SamplerEntry {
+    info: SamplerInfo,
+    /// Its creation or last sample.
+    used: Instant,
+}
+
 #[derive(Default)]
 struct State {
-    /// Each session's models.
-    sessions: HashMap<String, Vec<String>>,
+    sessions: HashMap<String, Session>,
+    /// Sessions that ended (closed, or heartbeats stopped): their heartbeats get 410.
+    finished: std::collections::HashSet<String>,
     models: HashMap<String, ModelEntry>,
+}
+
+/// How much a server holds at once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Training models, over all sessions (`--max_models`).
+    pub(crate) models: usize,
+    /// Samplers of one session (`--max_samplers_per_session`): beyond it, the least recently
+    /// used goes.
+    pub(crate) samplers_per_session: usize,
 }
 
 /// Sessions, models, and the trainer thread.
@@ -181,24 +211,24 @@ pub(crate) struct Engine {
     /// Filled by the trainer thread once a model is made.
     info: Arc<Mutex<HashMap<String, ModelInfo>>>,
     /// The samplers made or being made.
-    samplers: Mutex<HashMap<String, SamplerInfo>>,
+    samplers: Mutex<HashMap<String, SamplerEntry>>,
     /// The models whose making failed (they hold no slot of `max_models`).
     failed: Arc<Mutex<std::collections::HashSet<String>>>,
     /// The base models clients may train, by name.
     bases: Arc<BTreeMap<String, PathBuf>>,
     /// The checkpoint base.
     store: Store,
-    /// Models held at most.
-    max_models: usize,
+    /// What it holds at most.
+    limits: Limits,
 }
 
 impl Engine {
-    /// An engine serving `bases` (name → Hugging Face directory), its models' runs in `store`, at
-    /// most `max_models` at once; its trainer thread started (storage calls through `runtime`).
+    /// An engine serving `bases` (name → Hugging Face directory), its models' runs in `store`,
+    /// holding at most `limits`; its trainer thread started (storage calls through `runtime`).
     pub(crate) fn start(
         bases: BTreeMap<String, PathBuf>,
         store: Store,
-        max_models: usize,
+        limits: Limits,
         runtime: Handle,
     ) -> Result<Arc<Self>, ServeError> {
         let futures = Arc::new(Futures::default());
@@ -232,7 +262,7 @@ impl Engine {
             failed,
             bases,
             store,
-            max_models,
+            limits,
         }))
     }
 
@@ -281,8 +311,50 @@ impl Engine {
     /// A new session's id.
     pub(crate) fn create_session(&self) -> String {
         let id = format!("s{:016x}", random_u64());
-        self.state().sessions.insert(id.clone(), Vec::new());
+        let session = Session {
+            models: Vec::new(),
+            seen: Instant::now(),
+        };
+        self.state().sessions.insert(id.clone(), session);
         id
+    }
+
+    /// A heartbeat of `session`: it is alive.
+    pub(crate) fn beat(&self, session: &str) -> Result<(), ServeError> {
+        let mut state = self.state();
+        if let Some(s) = state.sessions.get_mut(session) {
+            s.seen = Instant::now();
+            return Ok(());
+        }
+        match state.finished.contains(session) {
+            true => Err(ServeError::Gone(format!(
+                "session {session:?} has finished (closed, or no heartbeat for \
+                 --session_timeout_secs): its models are freed, its checkpoints kept; make a new \
+                 ServiceClient"
+            ))),
+            false => Err(ServeError::NotFound(format!(
+                "session {session:?} is unknown"
+            ))),
+        }
+    }
+
+    /// Finishes the sessions without a heartbeat for `timeout` (their client is gone: its
+    /// models and samplers would be held forever); their ids.
+    pub(crate) fn expire_sessions(&self, timeout: std::time::Duration) -> Vec<String> {
+        let silent: Vec<String> = self
+            .state()
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.seen.elapsed() > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &silent {
+            tracing::warn!(session = %id, timeout_s = timeout.as_secs(), "no heartbeat: the session is finished, its models and samplers freed");
+            if let Err(e) = self.finish_session(id) {
+                tracing::warn!(session = %id, "finishing it: {e}");
+            }
+        }
+        silent
     }
 
     /// Whether `session` was created here.
@@ -290,13 +362,17 @@ impl Engine {
         self.state().sessions.contains_key(session)
     }
 
-    /// Ends `session`: its models are freed (their checkpoints stay), and the requests they held
-    /// waiting fail.
+    /// Ends `session`: its models and samplers are freed (their checkpoints stay), and the
+    /// requests its models held waiting fail.
     pub(crate) fn finish_session(&self, session: &str) -> Result<(), ServeError> {
         let mut state = self.state();
-        let Some(model_ids) = state.sessions.remove(session) else {
+        let Some(Session {
+            models: model_ids, ..
+        }) = state.sessions.remove(session)
+        else {
             return Ok(());
         };
+        state.finished.insert(session.to_string());
         for m in &model_ids {
             let Some(entry) = state.models.remove(m) else {
                 continue;
@@ -313,7 +389,19 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|m, _| !model_ids.contains(m));
-        self.send(Job::Drop { model_ids })
+        let prefix = format!("{session}:sample:");
+        let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
+        let sampler_ids: Vec<String> = samplers
+            .keys()
+            .filter(|id| id.starts_with(&prefix))
+            .cloned()
+            .collect();
+        samplers.retain(|id, _| !id.starts_with(&prefix));
+        drop(samplers);
+        self.send(Job::Drop {
+            model_ids,
+            sampler_ids,
+        })
     }
 
     /// Fails unless base model `name` is served here.
@@ -353,12 +441,12 @@ impl Engine {
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         let held = state.models.keys().filter(|m| !failed.contains(*m)).count();
         drop(failed);
-        if held >= self.max_models {
+        if held >= self.limits.models {
             return Err(ServeError::BadRequest(format!(
                 "this server holds {} training clients, its --max_models: close a ServiceClient \
                  (its session's models are freed), or start the server with a larger \
                  --max_models",
-                self.max_models
+                self.limits.models
             )));
         }
         let request = self.futures.open();
@@ -371,8 +459,8 @@ impl Engine {
                 requests: HashMap::new(),
             },
         );
-        if let Some(models) = state.sessions.get_mut(session) {
-            models.push(model_id.clone());
+        if let Some(s) = state.sessions.get_mut(session) {
+            s.models.push(model_id.clone());
         }
         // Sent under the lock: the model's first request cannot overtake its creation.
         self.send(Job::Create {
@@ -425,7 +513,31 @@ impl Engine {
         let id = format!("{session}:sample:{seq}");
         let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
         let new = !samplers.contains_key(&id);
-        samplers.entry(id.clone()).or_insert(info);
+        samplers.entry(id.clone()).or_insert(SamplerEntry {
+            info,
+            used: Instant::now(),
+        });
+        // A loop makes a sampler per round and never says when it is done with one: past the
+        // limit, the session's least recently used go.
+        let prefix = format!("{session}:sample:");
+        let of_session = samplers
+            .iter()
+            .filter(|(s, _)| s.starts_with(&prefix))
+            .map(|(s, e)| (s.clone(), e.used));
+        let evicted = least_recently_used(of_session, self.limits.samplers_per_session);
+        samplers.retain(|s, _| !evicted.contains(s));
+        drop(samplers);
+        if !evicted.is_empty() {
+            tracing::info!(
+                session,
+                ?evicted,
+                "samplers freed (--max_samplers_per_session)"
+            );
+            self.send(Job::Drop {
+                model_ids: Vec::new(),
+                sampler_ids: evicted,
+            })?;
+        }
         Ok((id, new))
     }
 
@@ -438,18 +550,29 @@ impl Engine {
         self.send(Job::SamplerFrom { sampler_id, source })
     }
 
+    /// What sampler `id` samples; `use_it` counts as a use (the least recently used go first).
+    fn sampler_entry(&self, id: &str, use_it: bool) -> Result<SamplerInfo, ServeError> {
+        let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = samplers.get_mut(id).ok_or_else(|| {
+            ServeError::NotFound(format!(
+                "sampler {id:?} is unknown here (a session's samplers are freed when it ends, and \
+                 its least recently used beyond --max_samplers_per_session): make it again"
+            ))
+        })?;
+        if use_it {
+            entry.used = Instant::now();
+        }
+        Ok(entry.info.clone())
+    }
+
     /// What sampler `id` samples.
     pub(crate) fn sampler_info(&self, id: &str) -> Result<SamplerInfo, ServeError> {
-        let samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
-        samplers
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ServeError::NotFound(format!("sampler {id:?} is unknown here")))
+        self.sampler_entry(id, false)
     }
 
     /// Starts `request` on sampler `sampler_id`; the request id.
     pub(crate) fn sample(&self, sampler_id: &str, request: Sample) -> Result<String, ServeError> {
-        self.sampler_info(sampler_id)?;
+        self.sampler_entry(sampler_id, true)?;
         let id = self.futures.open();
         self.send(Job::Sample {
             sampler_id: sampler_id.to_string(),
@@ -697,7 +820,13 @@ impl Trainer {
                     let outcome = self.sample(&sampler_id, &request);
                     self.futures.post(&id, outcome);
                 }
-                Job::Drop { model_ids } => {
+                Job::Drop {
+                    model_ids,
+                    sampler_ids,
+                } => {
+                    for s in sampler_ids {
+                        self.samplers.remove(&s);
+                    }
                     // A creation still queued at the session's end put its model's info back.
                     self.info
                         .lock()
@@ -1079,6 +1208,17 @@ fn sample_with(model: &dyn Sampling, r: &Sample) -> anyhow::Result<proto::Sample
     })
 }
 
+/// Of `samplers` (id, last use), those beyond the `keep` most recently used, oldest first.
+fn least_recently_used(
+    samplers: impl Iterator<Item = (String, Instant)>,
+    keep: usize,
+) -> Vec<String> {
+    let mut all: Vec<(String, Instant)> = samplers.collect();
+    all.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    let over = all.len().saturating_sub(keep);
+    all.into_iter().take(over).map(|(id, _)| id).collect()
+}
+
 /// A number no client guesses (ids of sessions).
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -1089,4 +1229,24 @@ fn random_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_least_recently_used_samplers_go_beyond_the_limit() {
+        let t0 = Instant::now();
+        let at = |id: &str, s: u64| (id.to_string(), t0 + Duration::from_secs(s));
+        let samplers = [at("c", 3), at("a", 1), at("d", 4), at("b", 2)];
+        assert_eq!(
+            least_recently_used(samplers.clone().into_iter(), 2),
+            ["a", "b"],
+            "the two used longest ago, oldest first"
+        );
+        assert!(least_recently_used(samplers.clone().into_iter(), 4).is_empty());
+        assert!(least_recently_used(samplers.into_iter(), 9).is_empty());
+    }
 }

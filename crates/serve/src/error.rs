@@ -13,6 +13,9 @@ pub enum ServeError {
     /// Unknown session, model, request or route (404).
     #[error("{0}")]
     NotFound(String),
+    /// A session that has finished (410: the SDK stops its heartbeats).
+    #[error("{0}")]
+    Gone(String),
     /// A body encoding not taken (415).
     #[error("{0}")]
     Unsupported(String),

@@ -102,6 +102,7 @@ impl IntoResponse for ServeError {
             ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ServeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::Gone(_) => StatusCode::GONE,
             ServeError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ServeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Start(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -162,12 +163,7 @@ async fn heartbeat(
     body: Bytes,
 ) -> Result<Json<Value>, ServeError> {
     let beat: api::SessionHeartbeat = parse("session_heartbeat", &body)?;
-    if !engine.has_session(&beat.session_id) {
-        return Err(ServeError::NotFound(format!(
-            "session {:?} is unknown",
-            beat.session_id
-        )));
-    }
+    engine.beat(&beat.session_id)?;
     Ok(Json(json!({"type": "session_heartbeat"})))
 }
 

@@ -27,9 +27,18 @@ pub struct ServeArgs {
     /// az://): each client is a run `<session>-train-<n>` of its own, as `waypoint ckpt` reads.
     #[arg(long = "checkpoint_base_uri", value_name = "URI")]
     pub checkpoint_base_uri: String,
-    /// Training clients held at once (each holds its base model); a session's end frees its own.
+    /// Training clients held at once (a base model is held once, shared by its clients); a
+    /// session's end frees its own.
     #[arg(long = "max_models", default_value_t = 4)]
     pub max_models: usize,
+    /// Samplers one session holds at once; beyond it, its least recently used are freed (a loop
+    /// that makes a sampler per round never says when it is done with one).
+    #[arg(long = "max_samplers_per_session", default_value_t = 16)]
+    pub max_samplers_per_session: usize,
+    /// A session without a heartbeat for this long (the SDK sends one every 10 s) is finished:
+    /// its client is gone, and its models and samplers are freed (0: never).
+    #[arg(long = "session_timeout_secs", default_value_t = 300)]
+    pub session_timeout_secs: u64,
 }
 
 /// `--base_model NAME=DIR` flags as a map, each DIR a model directory.
@@ -71,12 +80,31 @@ pub async fn run(
     let bases = base_models(&args.base_model)?;
     let store = waypoint_storage::Store::open(&args.checkpoint_base_uri)
         .map_err(|e| ServeError::Start(format!("--checkpoint_base_uri: {e}")))?;
-    let engine = crate::engine::Engine::start(
-        bases,
-        store,
-        args.max_models.max(1),
-        tokio::runtime::Handle::current(),
-    )?;
+    let limits = crate::engine::Limits {
+        models: args.max_models.max(1),
+        samplers_per_session: args.max_samplers_per_session.max(1),
+    };
+    let engine =
+        crate::engine::Engine::start(bases, store, limits, tokio::runtime::Handle::current())?;
+    if (1..30).contains(&args.session_timeout_secs) {
+        tracing::warn!(
+            "--session_timeout_secs {}: the SDK sends a heartbeat every 10 s, so a live client's \
+             session may be finished; 30 or more is safe",
+            args.session_timeout_secs
+        );
+    }
+    // Sessions whose client is gone are finished.
+    let reaper = (args.session_timeout_secs > 0).then(|| {
+        let timeout = std::time::Duration::from_secs(args.session_timeout_secs);
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(timeout.min(std::time::Duration::from_secs(10)));
+            loop {
+                tick.tick().await;
+                engine.expire_sessions(timeout);
+            }
+        })
+    });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .map_err(|e| {
@@ -98,6 +126,9 @@ pub async fn run(
         .with_graceful_shutdown(stop)
         .await
         .map_err(|e| ServeError::Internal(format!("serving: {e}")));
+    if let Some(reaper) = reaper {
+        reaper.abort();
+    }
     // No more requests come: the work already taken is finished, off the async runtime (the
     // trainer thread's storage calls run on it).
     tokio::task::spawn_blocking(move || engine.stop())
