@@ -74,7 +74,8 @@ pub trait Sampling {
                             (seed.wrapping_add(i as u64) & 0x7FFF_FFFF_FFFF_FFFF) as i64,
                         );
                     }
-                    sample_one(model, prompt, p)
+                    // No gradients: the adapters of a training client would record a graph.
+                    tch::no_grad(|| sample_one(model, prompt, p))
                 })
                 .collect()
         })
