@@ -518,6 +518,10 @@ fn samples_are_those_of_peft_over_the_saved_adapter() {
         diff < 1e-4,
         "the base model's compute_logprobs vs transformers: {diff}: {r}"
     );
+    // A stop string ends the sample where the tokenizer's text of it first holds the string.
+    assert_eq!(r["stopped"], r["want_stopped"], "stop strings: {r}");
+    assert!(r["stopped"].as_array().unwrap().len() < 8, "{r}");
+    assert_eq!(r["stopped_reason"], "stop", "{r}");
     assert_eq!(r["draws"][0], r["draws"][1], "a seeded draw repeats: {r}");
     assert_ne!(
         r["draws"][0][0], r["draws"][0][1],

@@ -524,7 +524,26 @@ def sample(name, model_dir, runs_dir):
     import transformers
 
     base_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Stop strings, looked for in the text the model's own tokenizer decodes (special tokens kept);
+    # the end-of-sequence token stops too.
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    text = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    free = from_base.sequences[0].tokens
+    stop_string = text(free[:3])
+    want_stopped = []
+    for t in free:
+        want_stopped.append(t)
+        if t == 0 or stop_string in text(want_stopped):
+            break
+    stopped = base.sample(prompt=prompt, num_samples=1, sampling_params=types.SamplingParams(
+        max_tokens=8, top_k=1, stop=["never said", stop_string])).result().sequences[0]
     print(json.dumps({
+        "stop_string": stop_string,
+        "stopped": stopped.tokens,
+        "stopped_reason": stopped.stop_reason,
+        "want_stopped": want_stopped,
         "base": from_base.sequences[0].tokens,
         "transformers": greedy_loop(base_model, seqs[0][:5], 8),
         "base_logprobs": base_logprobs,

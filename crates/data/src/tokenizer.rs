@@ -290,6 +290,17 @@ impl Tokenizer {
         }
     }
 
+    /// The text of `ids`, special tokens included (what a stop string is looked for in).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Self::Bytes => {
+                let bytes: Vec<u8> = ids.iter().filter_map(|&i| u8::try_from(i).ok()).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            Self::Hf { inner, .. } => inner.decode(ids, false).map_err(|e| anyhow::anyhow!("{e}")),
+        }
+    }
+
     /// The number of ids the tokenizer can produce.
     pub fn vocab_size(&self) -> i64 {
         match self {

@@ -20,11 +20,12 @@ use std::time::Instant;
 use serde_json::json;
 use tokio::runtime::Handle;
 use waypoint_checkpoint::{CheckpointManager, ManagerOptions};
+use waypoint_data::tokenizer::Tokenizer;
 use waypoint_observe::records::{self, JobState, ResumedFrom, Status};
 use waypoint_storage::{StorageError, Store};
 use waypoint_trainer::service::{
     identity_of, AdamParams, BaseModel, Datum, Identity, Loss, SampleParams, Sampling, Saving,
-    TrainingModel,
+    TextStop, TrainingModel,
 };
 
 use crate::error::ServeError;
@@ -126,6 +127,8 @@ impl Job {
 pub(crate) struct Sample {
     pub(crate) prompt: Vec<i64>,
     pub(crate) params: SampleParams,
+    /// Stop strings: a sample ends once its text holds one (the base model's tokenizer decodes).
+    pub(crate) stop_strings: Vec<String>,
     /// Whether `params.stop` was given (else the model's end-of-sequence tokens stop).
     pub(crate) stop_given: bool,
     pub(crate) samples: usize,
@@ -140,7 +143,10 @@ enum Sampler {
         snapshot: waypoint_trainer::service::Snapshot,
     },
     Own(Box<Result<TrainingModel, String>>),
-    Base(Box<Result<BaseModel, String>>),
+    Base {
+        name: String,
+        model: Box<Result<BaseModel, String>>,
+    },
 }
 
 /// What `GET samplers/{id}` says of a sampler.
@@ -244,6 +250,7 @@ impl Engine {
             store: store.clone(),
             runtime,
             loaded: HashMap::new(),
+            tokenizers: HashMap::new(),
             models: HashMap::new(),
             samplers: HashMap::new(),
             uploads: Vec::new(),
@@ -687,6 +694,8 @@ struct Trainer {
     /// The base models loaded so far, by name: each is in memory once, shared by every model
     /// and sampler over it.
     loaded: HashMap<String, BaseModel>,
+    /// The base models' tokenizers loaded so far (for stop strings), by name.
+    tokenizers: HashMap<String, Result<Tokenizer, String>>,
     models: HashMap<String, Result<Served, String>>,
     samplers: HashMap<String, Sampler>,
     /// Saves uploading in the background, oldest first.
@@ -807,7 +816,10 @@ impl Trainer {
                             let made = self
                                 .base(&name)
                                 .and_then(|b| b.share().map_err(|e| format!("{e:#}")));
-                            Sampler::Base(Box::new(made))
+                            Sampler::Base {
+                                name,
+                                model: Box::new(made),
+                            }
                         }
                     };
                     self.samplers.insert(sampler_id, sampler);
@@ -994,24 +1006,48 @@ impl Trainer {
 
     /// Runs a sampling request on its sampler; the protobuf `SampleResponse`.
     fn sample(&mut self, sampler_id: &str, r: &Sample) -> Outcome {
+        let Some(sampler) = self.samplers.get(sampler_id) else {
+            return failed(Category::User, format!("sampler {sampler_id} is not made"));
+        };
+        // Stop strings are looked for in the text of the tokens sampled so far, as the sampler's
+        // base model's tokenizer decodes them.
+        let tokenizer = match (
+            r.stop_strings.is_empty(),
+            sampler_base(sampler, &self.models),
+        ) {
+            (false, Some(base)) => match tokenizer_of(&mut self.tokenizers, &self.bases, &base) {
+                Ok(t) => Some(t),
+                Err(e) => return failed(Category::User, e),
+            },
+            _ => None,
+        };
+        let stop = tokenizer.map(|tokenizer| {
+            move |tokens: &[i64]| {
+                let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+                tokenizer
+                    .decode(&ids)
+                    .is_ok_and(|text| r.stop_strings.iter().any(|s| text.contains(s.as_str())))
+            }
+        });
+        let text_stop = stop.as_ref().map(|f| f as TextStop<'_>);
         let Some(sampler) = self.samplers.get_mut(sampler_id) else {
             return failed(Category::User, format!("sampler {sampler_id} is not made"));
         };
         let not_made = |e: &String| failed(Category::User, format!("sampler {sampler_id}: {e}"));
         let sampled = match sampler {
             Sampler::Own(own) => match own.as_ref() {
-                Ok(model) => sample_with(model, r),
+                Ok(model) => sample_with(model, r, text_stop),
                 Err(e) => return not_made(e),
             },
-            Sampler::Base(base) => match base.as_ref() {
-                Ok(model) => sample_with(model, r),
+            Sampler::Base { model, .. } => match model.as_ref() {
+                Ok(model) => sample_with(model, r, text_stop),
                 Err(e) => return not_made(e),
             },
             Sampler::Client { model_id, snapshot } => {
                 match self.models.get_mut(model_id.as_str()) {
                     Some(Ok(served)) => served
                         .model
-                        .with_snapshot(Some(&*snapshot), |m| sample_with(m, r)),
+                        .with_snapshot(Some(&*snapshot), |m| sample_with(m, r, text_stop)),
                     _ => {
                         return failed(
                             Category::User,
@@ -1175,13 +1211,60 @@ fn name_taken(path: &str) -> Outcome {
     )
 }
 
+/// The base model `sampler` samples over, by name (`None` when it is not made).
+fn sampler_base(
+    sampler: &Sampler,
+    models: &HashMap<String, Result<Served, String>>,
+) -> Option<String> {
+    match sampler {
+        Sampler::Own(own) => own
+            .as_ref()
+            .as_ref()
+            .ok()
+            .map(|m| m.identity().base_model.clone()),
+        Sampler::Base { name, .. } => Some(name.clone()),
+        Sampler::Client { model_id, .. } => match models.get(model_id) {
+            Some(Ok(served)) => Some(served.model.identity().base_model.clone()),
+            _ => None,
+        },
+    }
+}
+
+/// Base model `name`'s tokenizer, read from its directory the first time.
+fn tokenizer_of<'a>(
+    tokenizers: &'a mut HashMap<String, Result<Tokenizer, String>>,
+    bases: &BTreeMap<String, PathBuf>,
+    name: &str,
+) -> Result<&'a Tokenizer, String> {
+    let loaded = tokenizers.entry(name.to_string()).or_insert_with(|| {
+        let dir = bases
+            .get(name)
+            .ok_or_else(|| format!("the base model {name:?} is not served here"))?;
+        let config: serde_json::Value = std::fs::read(dir.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Tokenizer::from_hf_dir(dir, &config).map_err(|e| {
+            format!(
+                "stop strings need the base model's tokenizer ({e:#}); pass stop token ids \
+                 instead, or serve a model directory with its tokenizer.json"
+            )
+        })
+    });
+    loaded.as_ref().map_err(Clone::clone)
+}
+
 /// Samples `r` with `model`.
-fn sample_with(model: &dyn Sampling, r: &Sample) -> anyhow::Result<proto::SampleResponse> {
+fn sample_with(
+    model: &dyn Sampling,
+    r: &Sample,
+    text_stop: Option<TextStop<'_>>,
+) -> anyhow::Result<proto::SampleResponse> {
     let mut params = r.params.clone();
     if !r.stop_given {
         params.stop = model.eos_tokens();
     }
-    let sequences = model.sample(&r.prompt, &params, r.samples)?;
+    let sequences = model.sample(&r.prompt, &params, r.samples, text_stop)?;
     let prompt = match r.prompt_logprobs {
         true => Some(model.prompt_logprobs(&r.prompt)?),
         false => None,

@@ -736,18 +736,29 @@ async fn asample(
         )));
     }
     let p = &req.sampling_params;
-    let stop = match &p.stop {
-        None => None,
-        Some(Value::Array(items)) if items.iter().all(Value::is_i64) => {
-            Some(items.iter().filter_map(Value::as_i64).collect())
+    // Token ids replace the model's end-of-sequence tokens; strings come on top of them.
+    let (stop, stop_strings): (Option<Vec<i64>>, Vec<String>) = match &p.stop {
+        None => (None, Vec::new()),
+        Some(Value::String(s)) => (None, vec![s.clone()]),
+        Some(Value::Array(items)) if items.iter().all(Value::is_i64) => (
+            Some(items.iter().filter_map(Value::as_i64).collect()),
+            Vec::new(),
+        ),
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+            let strings = items.iter().filter_map(Value::as_str).map(String::from);
+            (None, strings.collect())
         }
         Some(other) => {
             return Err(bad(format!(
-                "stop {other}: stop strings need the tokenizer, which the server does not \
-                 read yet; pass stop token ids"
+                "stop {other}: a string, a list of strings or a list of token ids"
             )))
         }
     };
+    if let Some(s) = stop_strings.iter().find(|s| s.is_empty()) {
+        return Err(bad(format!(
+            "stop {s:?}: an empty stop string would stop at once"
+        )));
+    }
     let request = Sample {
         prompt,
         params: SampleParams {
@@ -759,6 +770,7 @@ async fn asample(
             stop: stop.clone().unwrap_or_default(),
         },
         stop_given: stop.is_some(),
+        stop_strings,
         samples: req.num_samples,
         prompt_logprobs: req.prompt_logprobs,
     };

@@ -41,6 +41,10 @@ pub struct Sampled {
     pub stopped: bool,
 }
 
+/// Whether the tokens sampled so far end a sample (a stop string in their text: the caller
+/// decodes, the sampler knows no tokenizer).
+pub type TextStop<'a> = &'a dyn Fn(&[i64]) -> bool;
+
 /// What samples: a model and its vocabulary.
 pub trait Sampling {
     /// The model sampled from.
@@ -55,8 +59,15 @@ pub trait Sampling {
         }
     }
 
-    /// `n` samples after `prompt`, each decoded with a cache of the keys and values.
-    fn sample(&self, prompt: &[i64], p: &SampleParams, n: usize) -> Result<Vec<Sampled>> {
+    /// `n` samples after `prompt`, each decoded with a cache of the keys and values; a sample
+    /// ends at a stop token, when `text_stop` says so, or after `max_tokens`.
+    fn sample(
+        &self,
+        prompt: &[i64],
+        p: &SampleParams,
+        n: usize,
+        text_stop: Option<TextStop<'_>>,
+    ) -> Result<Vec<Sampled>> {
         let model = self.sampled_model();
         ensure!(!prompt.is_empty(), "the prompt is empty");
         check_tokens(prompt.iter().chain(&p.stop), model.config.vocab_size)?;
@@ -75,7 +86,7 @@ pub trait Sampling {
                         );
                     }
                     // No gradients: the adapters of a training client would record a graph.
-                    tch::no_grad(|| sample_one(model, prompt, p))
+                    tch::no_grad(|| sample_one(model, prompt, p, text_stop))
                 })
                 .collect()
         })
@@ -150,7 +161,12 @@ pub(crate) fn check_tokens<'a>(
 }
 
 /// One sample after `prompt`: the prompt through the model once, then a token at a time.
-fn sample_one(model: &Model, prompt: &[i64], p: &SampleParams) -> Result<Sampled> {
+fn sample_one(
+    model: &Model,
+    prompt: &[i64],
+    p: &SampleParams,
+    text_stop: Option<TextStop<'_>>,
+) -> Result<Sampled> {
     let device = model.device();
     let mut cache = KvCache::default();
     let ids = Tensor::from_slice(prompt)
@@ -167,7 +183,7 @@ fn sample_one(model: &Model, prompt: &[i64], p: &SampleParams) -> Result<Sampled
         let (token, logprob) = draw(&last, p);
         out.tokens.push(token);
         out.logprobs.push(logprob);
-        if p.stop.contains(&token) {
+        if p.stop.contains(&token) || text_stop.is_some_and(|stop| stop(&out.tokens)) {
             out.stopped = true;
             break;
         }
