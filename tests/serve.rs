@@ -308,24 +308,26 @@ fn a_save_holds_the_state_at_its_place_in_the_order_while_training_goes_on() {
     );
 }
 
-/// What a client that went away held is freed: a session without heartbeats is finished (its
-/// run `FINISHED`, its slot of `--max_models` free again), and a session's samplers beyond
-/// `--max_samplers_per_session` go least recently used first.
+/// What a client that went away held is freed: a session without heartbeats or requests is
+/// finished (its run `FINISHED`, its slot of `--max_models` free again, a late heartbeat 410), and
+/// a session's samplers beyond `--max_samplers_per_session` go least recently used first. Every
+/// client and sampler over the base model shares one copy of it, loaded once.
 #[test]
 fn a_gone_clients_models_and_old_samplers_are_freed() {
     let server = start_with(&[
         "--max_models",
         "1",
         "--session_timeout_secs",
-        "3",
+        "8",
         "--max_samplers_per_session",
         "2",
     ]);
     // A client that leaves without closing its ServiceClient.
     let r = sdk(&server, &["leave", "tiny"]);
+    let model_id = r["model_id"].as_str().unwrap();
     let run = server
         .runs
-        .join(r["model_id"].as_str().unwrap().replace(':', "-"))
+        .join(model_id.replace(':', "-"))
         .join("framework=waypoint");
     assert_eq!(r["evicted"]["class"], "NotFoundError", "{r}");
     assert!(
@@ -335,9 +337,13 @@ fn a_gone_clients_models_and_old_samplers_are_freed() {
             .contains("--max_samplers_per_session"),
         "{r}"
     );
-    assert_eq!(r["newest_sampled"], 3, "{r}");
-    // Its session ends once 3 s pass without a heartbeat: the slot is free for another.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    assert_eq!(
+        (&r["newest_sampled"], &r["second_sampled"]),
+        (&3.into(), &3.into()),
+        "the two most recent samplers are kept: {r}"
+    );
+    // Its session ends once 8 s pass without a heartbeat or a request.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status = std::fs::read_to_string(run.join("status.json")).unwrap_or_default();
         if status.contains("FINISHED") {
@@ -346,12 +352,20 @@ fn a_gone_clients_models_and_old_samplers_are_freed() {
         assert!(Instant::now() < deadline, "the gone client's run: {status}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let again = sdk(&server, &["leave", "tiny"]);
-    assert_ne!(again["model_id"], r["model_id"], "{again}");
+    let session = model_id.split(':').next().unwrap();
+    let late = sdk(&server, &["heartbeat", session]);
+    assert_eq!(late["status"], 410, "a late heartbeat: {late}");
+    // The one slot of --max_models is free again: another client is made (else `leave` fails).
+    sdk(&server, &["leave", "tiny"]);
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(
         log.contains("no heartbeat: the session is finished"),
         "{log}"
+    );
+    assert_eq!(
+        log.matches("base model loaded").count(),
+        1,
+        "two clients and their samplers over one base load it once: {log}"
     );
 }
 

@@ -55,8 +55,10 @@ TINKER_API_KEY.
   bench_memory <base_name> <server_pid> <n>
                                 benches/serve.rs: the server's resident memory before any client,
                                 with one LoRA client, and with n
-  leave <base_name>             a client makes 3 samplers (the server keeps 2), samples the newest
-                                and the oldest, then exits without closing its ServiceClient
+  leave <base_name>             a client makes 3 samplers (the server keeps 2), samples the newest,
+                                the second and the oldest, then exits without closing its
+                                ServiceClient
+  heartbeat <session_id>        a raw heartbeat of the session: its HTTP status
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -353,15 +355,23 @@ def leave(name):
     params = types.SamplingParams(max_tokens=3, top_k=1, stop=[])
     samplers = [tc.save_weights_and_get_sampling_client() for _ in range(3)]
     newest = samplers[-1].sample(prompt=prompt, num_samples=1, sampling_params=params).result()
+    second = samplers[1].sample(prompt=prompt, num_samples=1, sampling_params=params).result()
     print(json.dumps({
         "model_id": tc.model_id,
         "newest_sampled": len(newest.sequences[0].tokens),
+        "second_sampled": len(second.sequences[0].tokens),
         "evicted": raised(lambda: samplers[0].sample(
             prompt=prompt, num_samples=1, sampling_params=params).result()),
     }))
     # Gone without closing the ServiceClient: its heartbeats stop.
     sys.stdout.flush()
     os._exit(0)
+
+
+def heartbeat(session):
+    """A raw heartbeat of `session`: the HTTP status."""
+    body = json.dumps({"session_id": session}).encode()
+    print(json.dumps({"status": raw("session_heartbeat", body, os.environ["TINKER_API_KEY"])[0]}))
 
 
 def rl_oracle(loss, lp, q, a, config):
@@ -668,6 +678,7 @@ if __name__ == "__main__":
         "bench": bench,
         "bench_sample": bench_sample, "errors": errors, "sft_parity": sft_parity,
         "dpo_custom": dpo_custom, "save_order": save_order, "leave": leave,
+        "heartbeat": heartbeat,
         "bench_memory": bench_memory,
     }
     commands[sys.argv[1]](*sys.argv[2:])

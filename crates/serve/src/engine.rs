@@ -109,15 +109,29 @@ pub(crate) enum SamplerSource {
 }
 
 impl Job {
-    /// Whether it reads or writes checkpoints (and so must see the uploads in flight end).
-    fn touches_checkpoints(&self) -> bool {
+    /// The models whose uploads in flight must end before it runs: those whose checkpoints it
+    /// reads or numbers, and those it frees (their runs record their newest checkpoint).
+    fn waits_for(&self) -> Vec<String> {
         match self {
-            Job::Create { origin, .. } => matches!(origin, Origin::Checkpoint { .. }),
-            Job::Run { op, .. } => matches!(op, Op::Save { .. } | Op::Load { .. }),
-            Job::SamplerFrom { source, .. } => matches!(source, SamplerSource::Checkpoint(_)),
-            // A finished session's runs record their newest checkpoints.
-            Job::Drop { .. } => true,
-            Job::Sample { .. } => false,
+            Job::Create {
+                origin: Origin::Checkpoint { path, .. },
+                ..
+            } => vec![path.model_id.clone()],
+            Job::Run {
+                model_id,
+                op: Op::Save { .. },
+                ..
+            } => vec![model_id.clone()],
+            Job::Run {
+                op: Op::Load { path, .. },
+                ..
+            } => vec![path.model_id.clone()],
+            Job::SamplerFrom {
+                source: SamplerSource::Checkpoint(path),
+                ..
+            } => vec![path.model_id.clone()],
+            Job::Drop { model_ids, .. } => model_ids.clone(),
+            _ => Vec::new(),
         }
     }
 }
@@ -197,6 +211,34 @@ struct State {
     models: HashMap<String, ModelEntry>,
 }
 
+impl State {
+    /// A request of the model or sampler `id` (`<session>:train:<n>`, `<session>:sample:<n>`):
+    /// its session is alive, as a heartbeat says.
+    fn touch(&mut self, id: &str) {
+        let session = id.split(':').next().unwrap_or_default();
+        if let Some(s) = self.sessions.get_mut(session) {
+            s.seen = Instant::now();
+        }
+    }
+}
+
+/// Why `session`, not live, cannot be used: it finished, or it never was.
+fn no_session(state: &State, session: &str) -> ServeError {
+    match state.finished.contains(session) {
+        true => ServeError::Gone(format!(
+            "session {session:?} has finished (closed, or no heartbeat for \
+             --session_timeout_secs): its models are freed, its checkpoints kept; make a new \
+             ServiceClient"
+        )),
+        false => ServeError::NotFound(format!(
+            "session {session:?} is unknown: create one first (create_session)"
+        )),
+    }
+}
+
+/// Finished sessions remembered (for their late heartbeats' 410); past it the memory starts over.
+const FINISHED_REMEMBERED: usize = 65_536;
+
 /// How much a server holds at once.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -254,6 +296,7 @@ impl Engine {
             models: HashMap::new(),
             samplers: HashMap::new(),
             uploads: Vec::new(),
+            freed_unmade: std::collections::HashSet::new(),
         };
         let thread = std::thread::Builder::new()
             .name("trainer".into())
@@ -333,16 +376,7 @@ impl Engine {
             s.seen = Instant::now();
             return Ok(());
         }
-        match state.finished.contains(session) {
-            true => Err(ServeError::Gone(format!(
-                "session {session:?} has finished (closed, or no heartbeat for \
-                 --session_timeout_secs): its models are freed, its checkpoints kept; make a new \
-                 ServiceClient"
-            ))),
-            false => Err(ServeError::NotFound(format!(
-                "session {session:?} is unknown"
-            ))),
-        }
+        Err(no_session(&state, session))
     }
 
     /// Finishes the sessions without a heartbeat for `timeout` (their client is gone: its
@@ -364,11 +398,6 @@ impl Engine {
         silent
     }
 
-    /// Whether `session` was created here.
-    pub(crate) fn has_session(&self, session: &str) -> bool {
-        self.state().sessions.contains_key(session)
-    }
-
     /// Ends `session`: its models and samplers are freed (their checkpoints stay), and the
     /// requests its models held waiting fail.
     pub(crate) fn finish_session(&self, session: &str) -> Result<(), ServeError> {
@@ -379,6 +408,9 @@ impl Engine {
         else {
             return Ok(());
         };
+        if state.finished.len() >= FINISHED_REMEMBERED {
+            state.finished.clear();
+        }
         state.finished.insert(session.to_string());
         for m in &model_ids {
             let Some(entry) = state.models.remove(m) else {
@@ -391,11 +423,11 @@ impl Engine {
                 }
             }
         }
-        drop(state);
         self.info
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|m, _| !model_ids.contains(m));
+        // Under the state lock: a sampler registered for this session cannot slip in after.
         let prefix = format!("{session}:sample:");
         let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
         let sampler_ids: Vec<String> = samplers
@@ -405,6 +437,7 @@ impl Engine {
             .collect();
         samplers.retain(|id, _| !id.starts_with(&prefix));
         drop(samplers);
+        drop(state);
         self.send(Job::Drop {
             model_ids,
             sampler_ids,
@@ -441,9 +474,7 @@ impl Engine {
             return Ok((m.created_by.clone(), model_id));
         }
         if !state.sessions.contains_key(session) {
-            return Err(ServeError::NotFound(format!(
-                "session {session:?} is unknown: create one first (create_session)"
-            )));
+            return Err(no_session(&state, session));
         }
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         let held = state.models.keys().filter(|m| !failed.contains(*m)).count();
@@ -512,10 +543,11 @@ impl Engine {
         seq: i64,
         info: SamplerInfo,
     ) -> Result<(String, bool), ServeError> {
-        if !self.has_session(session) {
-            return Err(ServeError::NotFound(format!(
-                "session {session:?} is unknown: create one first (create_session)"
-            )));
+        // The session cannot end between the check and the registration (finish_session takes
+        // the same locks in the same order).
+        let state = self.state();
+        if !state.sessions.contains_key(session) {
+            return Err(no_session(&state, session));
         }
         let id = format!("{session}:sample:{seq}");
         let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
@@ -534,6 +566,7 @@ impl Engine {
         let evicted = least_recently_used(of_session, self.limits.samplers_per_session);
         samplers.retain(|s, _| !evicted.contains(s));
         drop(samplers);
+        drop(state);
         if !evicted.is_empty() {
             tracing::info!(
                 session,
@@ -580,6 +613,7 @@ impl Engine {
     /// Starts `request` on sampler `sampler_id`; the request id.
     pub(crate) fn sample(&self, sampler_id: &str, request: Sample) -> Result<String, ServeError> {
         self.sampler_entry(sampler_id, true)?;
+        self.state().touch(sampler_id);
         let id = self.futures.open();
         self.send(Job::Sample {
             sampler_id: sampler_id.to_string(),
@@ -607,6 +641,7 @@ impl Engine {
         op: Op,
     ) -> Result<Option<String>, ServeError> {
         let mut state = self.state();
+        state.touch(model_id);
         let m = state
             .models
             .get_mut(model_id)
@@ -700,6 +735,8 @@ struct Trainer {
     samplers: HashMap<String, Sampler>,
     /// Saves uploading in the background, oldest first.
     uploads: Vec<Upload>,
+    /// Samplers freed before the job that makes them ran: it makes nothing.
+    freed_unmade: std::collections::HashSet<String>,
 }
 
 /// A save whose state is on the host, uploading and then named by a thread of its own (which
@@ -708,16 +745,28 @@ struct Trainer {
 struct Upload {
     model_id: String,
     step: u64,
+    /// The client's request (posted by the thread, or here if the thread died).
+    request: Option<String>,
     task: std::thread::JoinHandle<bool>,
 }
 
 impl Trainer {
     fn run(mut self, inbox: mpsc::Receiver<Job>) {
-        while let Ok(job) = inbox.recv() {
-            // What reads or writes checkpoints waits for the uploads in flight (a load finds
-            // every checkpoint saved before it; step numbers follow the committed ones); the
-            // rest goes on while they upload.
-            self.settle_uploads(job.touches_checkpoints());
+        loop {
+            let job = match inbox.recv_timeout(std::time::Duration::from_millis(500)) {
+                Ok(job) => job,
+                // Idle: an upload that ended is recorded (status.json) without waiting for work.
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.settle_uploads(|_| false);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            // What reads or writes a run's checkpoints waits for that run's uploads in flight (a
+            // load finds every checkpoint saved before it; step numbers follow the committed
+            // ones); the rest goes on while they upload.
+            let wait_for = job.waits_for();
+            self.settle_uploads(|m| wait_for.iter().any(|w| w == m));
             match job {
                 Job::Create {
                     model_id,
@@ -775,6 +824,11 @@ impl Trainer {
                     request,
                 } => {
                     let outcome = match (self.models.get_mut(&model_id), op) {
+                        (Some(Ok(_)), Op::Sampler { sampler_id })
+                            if self.freed_unmade.remove(&sampler_id) =>
+                        {
+                            failed(Category::User, freed_sampler(&sampler_id))
+                        }
                         (Some(Ok(served)), Op::Sampler { sampler_id }) => {
                             match served.model.snapshot() {
                                 Ok(snapshot) => {
@@ -802,6 +856,9 @@ impl Trainer {
                     }
                 }
                 Job::SamplerFrom { sampler_id, source } => {
+                    if self.freed_unmade.remove(&sampler_id) {
+                        continue;
+                    }
                     let sampler = match source {
                         SamplerSource::Checkpoint(path) => {
                             let made = resolve(&self.store, &self.runtime, &path)
@@ -837,7 +894,9 @@ impl Trainer {
                     sampler_ids,
                 } => {
                     for s in sampler_ids {
-                        self.samplers.remove(&s);
+                        if self.samplers.remove(&s).is_none() {
+                            self.freed_unmade.insert(s);
+                        }
                     }
                     // A creation still queued at the session's end put its model's info back.
                     self.info
@@ -854,7 +913,7 @@ impl Trainer {
         }
         // The server is stopping: the uploads end first, then every model still held was
         // stopped, not finished.
-        self.settle_uploads(true);
+        self.settle_uploads(|_| true);
         for served in self.models.values().flatten() {
             served.record(JobState::Cancelled, &self.runtime);
         }
@@ -907,7 +966,7 @@ impl Trainer {
                 step,
             }) => {
                 let (manager, store) = (served.manager.clone(), self.store.clone());
-                let (futures, request) = (self.futures.clone(), request.clone());
+                let (futures, posted) = (self.futures.clone(), request.clone());
                 let rt = rt.clone();
                 let upload = move || {
                     let (committed, outcome) = match rt.block_on(manager.save(*save)) {
@@ -917,7 +976,7 @@ impl Trainer {
                         }
                         Err(e) => (false, failed(Category::Server, format!("saving: {e}"))),
                     };
-                    if let Some(request) = request {
+                    if let Some(request) = posted {
                         futures.post(&request, outcome);
                     }
                     committed
@@ -938,6 +997,7 @@ impl Trainer {
                 self.uploads.push(Upload {
                     model_id: model_id.to_string(),
                     step,
+                    request: request.clone(),
                     task,
                 });
                 None
@@ -945,15 +1005,27 @@ impl Trainer {
         }
     }
 
-    /// Takes in the uploads that ended (with `wait`, all of them, waiting): a committed one is
-    /// its run's newest checkpoint (in `status.json`), a failed one leaves its state unsaved.
-    fn settle_uploads(&mut self, wait: bool) {
+    /// Takes in the uploads that ended, and waits for those of the models `wait_for` names: a
+    /// committed one is its run's newest checkpoint (in `status.json`), a failed one leaves its
+    /// state unsaved.
+    fn settle_uploads(&mut self, wait_for: impl Fn(&str) -> bool) {
         let (ended, running): (Vec<Upload>, Vec<Upload>) = std::mem::take(&mut self.uploads)
             .into_iter()
-            .partition(|u| wait || u.task.is_finished());
+            .partition(|u| wait_for(&u.model_id) || u.task.is_finished());
         self.uploads = running;
         for u in ended {
-            let committed = u.task.join().unwrap_or(false);
+            let committed = match u.task.join() {
+                Ok(committed) => committed,
+                Err(_) => {
+                    // The thread died before answering: the client must not wait forever.
+                    if let Some(request) = &u.request {
+                        let why = "the upload of this save stopped unexpectedly; save again";
+                        self.futures
+                            .post(request, failed(Category::Server, why.into()));
+                    }
+                    false
+                }
+            };
             if let Some(Ok(served)) = self.models.get_mut(&u.model_id) {
                 if committed {
                     served.checkpoint =
@@ -1007,7 +1079,7 @@ impl Trainer {
     /// Runs a sampling request on its sampler; the protobuf `SampleResponse`.
     fn sample(&mut self, sampler_id: &str, r: &Sample) -> Outcome {
         let Some(sampler) = self.samplers.get(sampler_id) else {
-            return failed(Category::User, format!("sampler {sampler_id} is not made"));
+            return failed(Category::User, freed_sampler(sampler_id));
         };
         // Stop strings are looked for in the text of the tokens sampled so far, as the sampler's
         // base model's tokenizer decodes them.
@@ -1031,7 +1103,7 @@ impl Trainer {
         });
         let text_stop = stop.as_ref().map(|f| f as TextStop<'_>);
         let Some(sampler) = self.samplers.get_mut(sampler_id) else {
-            return failed(Category::User, format!("sampler {sampler_id} is not made"));
+            return failed(Category::User, freed_sampler(sampler_id));
         };
         let not_made = |e: &String| failed(Category::User, format!("sampler {sampler_id}: {e}"));
         let sampled = match sampler {
@@ -1289,6 +1361,14 @@ fn sample_with(
         prompt_logprobs: prompt.as_deref().map(le_f32),
         prompt_cache_hit_tokens: 0,
     })
+}
+
+/// What a request on a sampler freed (or never made) is told.
+fn freed_sampler(sampler_id: &str) -> String {
+    format!(
+        "sampler {sampler_id} is freed (its session ended, or --max_samplers_per_session) or was \
+         never made: make it again"
+    )
 }
 
 /// Of `samplers` (id, last use), those beyond the `keep` most recently used, oldest first.

@@ -562,8 +562,8 @@ async fn save_weights_for_sampler(
             json!({"request_id": request, "model_id": req.model_id}),
         ));
     }
-    let unnamed = "sampling is not served yet, so neither is an unnamed sampler save \
-         (save_weights_and_get_sampling_client): name it, save_weights_for_sampler(name)";
+    let unnamed = "save_weights_for_sampler needs a name (or a sampling_session_seq_id, as \
+         save_weights_and_get_sampling_client sends)";
     let at = (req.model_id.as_str(), req.seq_id);
     submit_save(
         &engine,
