@@ -31,9 +31,10 @@ TINKER_API_KEY.
                                 loop of peft over the saved adapter; compute_logprobs against
                                 peft's; seeded sampling repeats; a sampler over the base model
                                 alone (create_sampling_client(base_model)) against transformers
-  bench_sample <base_name> <requests> <prompt_len> <max_tokens>
-                                benches/serve.rs: greedy sampling tokens/s from a client's live
-                                adapters, the median over the requests after the first
+  bench_sample <base_name> <requests> <prompt_len> <max_tokens> [<samples>]
+                                benches/serve.rs: sampling tokens/s from a client's live adapters
+                                (greedy; with samples > 1, that many drawn at temperature 1 per
+                                request), the median over the requests after the first
   sft_parity <base_name> <run_dir> <model_dir>
                                 `waypoint train`'s LoRA run in <run_dir> replayed through the SDK:
                                 the run's settings from its last manifest, its batches rebuilt by
@@ -569,7 +570,7 @@ def sample(name, model_dir, runs_dir):
     }))
 
 
-def bench_sample(name, requests, prompt_len, max_tokens):
+def bench_sample(name, requests, prompt_len, max_tokens, samples="1"):
     import statistics
     import time
 
@@ -577,13 +578,16 @@ def bench_sample(name, requests, prompt_len, max_tokens):
     tc = sc.create_lora_training_client(base_model=name, rank=8, seed=7).result()
     sampler = tc.save_weights_and_get_sampling_client()
     g = torch.Generator().manual_seed(13)
-    greedy = types.SamplingParams(max_tokens=int(max_tokens), top_k=1, stop=[])
+    n = int(samples)
+    # Greedy, or n drawn at temperature 1 (as benches/anchors/generate_anchor.py does).
+    params = types.SamplingParams(max_tokens=int(max_tokens), stop=[],
+                                  **(dict(temperature=1.0, seed=5) if n > 1 else dict(top_k=1)))
     rates = []
     for _ in range(int(requests)):
         prompt = types.ModelInput.from_ints(torch.randint(0, 250, (int(prompt_len),), generator=g).tolist())
         start = time.perf_counter()
-        out = sampler.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result()
-        rates.append(len(out.sequences[0].tokens) / (time.perf_counter() - start))
+        out = sampler.sample(prompt=prompt, num_samples=n, sampling_params=params).result()
+        rates.append(sum(len(s.tokens) for s in out.sequences) / (time.perf_counter() - start))
     print(json.dumps({"tokens_per_s": statistics.median(rates[1:])}))
 
 

@@ -39,6 +39,20 @@ pub use config::{
 #[derive(Default)]
 pub struct KvCache(Vec<Option<(Tensor, Tensor)>>);
 
+impl KvCache {
+    /// The cache of one sequence (batch 1) copied to `n` rows, for `n` sequences that go on from
+    /// the same positions.
+    pub fn repeated(&self, n: i64) -> KvCache {
+        let rows = |t: &Tensor| t.repeat([n, 1, 1, 1]);
+        KvCache(
+            self.0
+                .iter()
+                .map(|kv| kv.as_ref().map(|(k, v)| (rows(k), rows(v))))
+                .collect(),
+        )
+    }
+}
+
 /// A named trainable or frozen tensor.
 pub struct Param {
     /// HF name (`model.layers.0.self_attn.q_proj.weight`, or `….lora_A.weight`).

@@ -78,17 +78,8 @@ pub trait Sampling {
             p.top_p
         );
         libtorch_boundary("sampling", || {
-            (0..n)
-                .map(|i| {
-                    if let Some(seed) = p.seed {
-                        tch::manual_seed(
-                            (seed.wrapping_add(i as u64) & 0x7FFF_FFFF_FFFF_FFFF) as i64,
-                        );
-                    }
-                    // No gradients: the adapters of a training client would record a graph.
-                    tch::no_grad(|| sample_one(model, prompt, p, text_stop))
-                })
-                .collect()
+            // No gradients: the adapters of a training client would record a graph.
+            tch::no_grad(|| sample_rows(model, prompt, p, n, text_stop))
         })
     }
 
@@ -160,40 +151,79 @@ pub(crate) fn check_tokens<'a>(
     }
 }
 
-/// One sample after `prompt`: the prompt through the model once, then a token at a time.
-fn sample_one(
+/// `n` samples after `prompt`, decoded together: the prompt goes through the model once, its
+/// cache is copied to `n` rows, then each step takes one token of every row in one pass (rows that
+/// stopped ride along, their tokens unused). With a seed, row `i` draws at step `s` from libtorch's
+/// generator seeded from (seed + i, s): the same request gives the same samples, and row `i` is
+/// row 0 of the request with seed + i.
+fn sample_rows(
     model: &Model,
     prompt: &[i64],
     p: &SampleParams,
+    n: usize,
     text_stop: Option<TextStop<'_>>,
-) -> Result<Sampled> {
+) -> Result<Vec<Sampled>> {
     let device = model.device();
-    let mut cache = KvCache::default();
+    let mut out = vec![
+        Sampled {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            stopped: false,
+        };
+        n
+    ];
+    if n == 0 || p.max_tokens == 0 {
+        return Ok(out);
+    }
+    let mut one = KvCache::default();
     let ids = Tensor::from_slice(prompt)
         .view([1, prompt.len() as i64])
         .to_device(device);
-    let mut logits = model.forward_cached(&ids, &mut cache, 0);
-    let mut out = Sampled {
-        tokens: Vec::new(),
-        logprobs: Vec::new(),
-        stopped: false,
-    };
-    for i in 0..p.max_tokens {
-        let last = logits.get(0).get(-1).to_kind(Kind::Float);
-        let (token, logprob) = draw(&last, p);
-        out.tokens.push(token);
-        out.logprobs.push(logprob);
-        if p.stop.contains(&token) || text_stop.is_some_and(|stop| stop(&out.tokens)) {
-            out.stopped = true;
+    let prefill = model.forward_cached(&ids, &mut one, 0);
+    let mut cache = one.repeated(n as i64);
+    let mut last = prefill
+        .select(1, -1)
+        .to_kind(Kind::Float)
+        .expand([n as i64, -1], false);
+    for step in 0..p.max_tokens {
+        let mut next = Vec::with_capacity(n);
+        for (i, row) in out.iter_mut().enumerate() {
+            if row.stopped {
+                next.push(0);
+                continue;
+            }
+            if let Some(seed) = p.seed {
+                tch::manual_seed(step_seed(seed.wrapping_add(i as u64), step));
+            }
+            let (token, logprob) = draw(&last.get(i as i64), p);
+            row.tokens.push(token);
+            row.logprobs.push(logprob);
+            row.stopped =
+                p.stop.contains(&token) || text_stop.is_some_and(|stop| stop(&row.tokens));
+            next.push(token);
+        }
+        if step + 1 == p.max_tokens || out.iter().all(|r| r.stopped) {
             break;
         }
-        if i + 1 < p.max_tokens {
-            let one = Tensor::from_slice(&[token]).view([1, 1]).to_device(device);
-            let past = (prompt.len() + i) as i64;
-            logits = model.forward_cached(&one, &mut cache, past);
-        }
+        let tokens = Tensor::from_slice(&next)
+            .view([n as i64, 1])
+            .to_device(device);
+        let past = (prompt.len() + step) as i64;
+        last = model
+            .forward_cached(&tokens, &mut cache, past)
+            .select(1, 0)
+            .to_kind(Kind::Float);
     }
     Ok(out)
+}
+
+/// The generator's seed for step `step` of a row seeded `seed` (SplitMix64's finalizer: nearby
+/// seeds and steps give unrelated streams).
+fn step_seed(seed: u64, step: usize) -> i64 {
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF) as i64
 }
 
 /// A token drawn from `logits` (`[vocab]`, fp32) as `p` says, and its log-prob.
@@ -233,6 +263,73 @@ fn draw(logits: &Tensor, p: &SampleParams) -> (i64, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ModelConfig;
+
+    /// Rows decoded together are the samples decoded alone: greedy ones alike, a seeded row `i`
+    /// that of the request seeded `seed + i`, each row its own draw.
+    #[test]
+    fn rows_decoded_together_are_the_samples_decoded_alone() {
+        let _turn = crate::model::tests::seeded();
+        let model = BaseModel(Model::init(ModelConfig::tiny(), 5, Device::Cpu).unwrap());
+        let prompt = [3i64, 17, 42, 9];
+        let params = |temperature, seed| SampleParams {
+            max_tokens: 6,
+            temperature,
+            top_k: -1,
+            top_p: 1.0,
+            seed,
+            stop: Vec::new(),
+        };
+        let greedy = model.sample(&prompt, &params(0.0, None), 3, None).unwrap();
+        let alone = model.sample(&prompt, &params(0.0, None), 1, None).unwrap();
+        assert!(
+            greedy.iter().all(|s| s.tokens == alone[0].tokens),
+            "{greedy:?}"
+        );
+        for (a, b) in greedy[2].logprobs.iter().zip(&alone[0].logprobs) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let drawn = model
+            .sample(&prompt, &params(1.5, Some(7)), 3, None)
+            .unwrap();
+        let row2 = model
+            .sample(&prompt, &params(1.5, Some(9)), 1, None)
+            .unwrap();
+        assert_eq!(
+            drawn[2].tokens, row2[0].tokens,
+            "row 2 is the request seeded 7 + 2"
+        );
+        assert_ne!(drawn[0].tokens, drawn[1].tokens, "each row draws its own");
+        // A stop token ends its row only.
+        let stop = drawn[0].tokens[1];
+        let stopped = model
+            .sample(
+                &prompt,
+                &SampleParams {
+                    stop: vec![stop],
+                    ..params(1.5, Some(7))
+                },
+                3,
+                None,
+            )
+            .unwrap();
+        assert!(
+            stopped[0].stopped && stopped[0].tokens.len() <= 2,
+            "row 0 stops at the token: {stopped:?}"
+        );
+        for (s, d) in stopped.iter().zip(&drawn) {
+            let cut = d
+                .tokens
+                .iter()
+                .position(|&t| t == stop)
+                .map_or(6, |i| i + 1);
+            assert_eq!(
+                s.tokens,
+                d.tokens[..cut],
+                "each row stops at its own stop token, no sooner"
+            );
+        }
+    }
 
     #[test]
     fn a_draw_keeps_to_greedy_top_k_and_top_p() {
