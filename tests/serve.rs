@@ -103,18 +103,15 @@ fn sdk(server: &Server, args: &[&str]) -> Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"))
 }
 
+/// The numbers of `v`, nested lists flattened.
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|x| match x {
-            Value::Array(inner) => inner.iter().map(|y| y.as_f64().unwrap()).collect(),
-            other => vec![other.as_f64().unwrap()],
-        })
-        .collect()
+    match v {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        other => vec![other.as_f64().unwrap()],
+    }
 }
 
-/// The largest difference between two equally long lists of numbers (nested once at most).
+/// The largest difference between two equally long lists of numbers (nested lists flattened).
 fn max_diff(a: &Value, b: &Value) -> f64 {
     let (a, b) = (floats(a), floats(b));
     assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
@@ -248,6 +245,30 @@ fn an_sft_loop_through_the_sdk_loses_what_waypoint_train_loses() {
     // The steps learned: the replay is not of a flat curve.
     assert!(trained[4] < trained[0], "{r}");
     eprintln!("waypoint train: {trained:?}\nserved:         {served:?}");
+}
+
+/// Several weighted targets a position (2-D `target_tokens` and `weights`, as distillation sends
+/// a teacher's top tokens): each target's log-prob comes back `[positions, 3]` a datum, equal to
+/// transformers', and `loss:sum` is their weighted sum; a step lowers it.
+#[test]
+fn cross_entropy_takes_several_targets_a_position() {
+    let server = start();
+    let r = sdk(
+        &server,
+        &["multi_target", "tiny", server.model.to_str().unwrap()],
+    );
+    assert_eq!(r["shapes"], serde_json::json!([[7, 3], [10, 3]]), "{r}");
+    let diff = max_diff(&r["logprobs"], &r["oracle_logprobs"]);
+    assert!(diff < 1e-4, "log-probs {diff} from transformers': {r}");
+    let (loss, oracle) = (
+        r["loss"].as_f64().unwrap(),
+        r["oracle_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (loss - oracle).abs() < 1e-4 * oracle.abs(),
+        "loss:sum {loss} vs {oracle}"
+    );
+    assert!(r["loss_after"].as_f64().unwrap() < loss, "{r}");
 }
 
 /// A loss written in the client — DPO, as preference loops write it — goes through

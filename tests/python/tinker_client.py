@@ -60,6 +60,11 @@ TINKER_API_KEY.
                                 the second and the oldest, then exits without closing its
                                 ServiceClient
   heartbeat <session_id>        a raw heartbeat of the session: its HTTP status
+  multi_target <base_name> <model_dir>
+                                cross_entropy with 3 weighted targets a position (2-D
+                                target_tokens and weights, distillation's form): the log-probs
+                                ([positions, 3] a datum) and loss:sum against transformers; a step
+                                lowers the loss
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
@@ -375,6 +380,41 @@ def heartbeat(session):
     print(json.dumps({"status": raw("session_heartbeat", body, os.environ["TINKER_API_KEY"])[0]}))
 
 
+def multi_target(name, model_dir):
+    import transformers
+
+    g = torch.Generator().manual_seed(21)
+    seqs = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (7, 10)]
+    k = 3
+    targets = [torch.randint(0, 300, (len(s), k), generator=g) for s in seqs]
+    weights = [torch.rand((len(s), k), generator=g) for s in seqs]
+    batch = [
+        types.Datum(model_input=types.ModelInput.from_ints(s), loss_fn_inputs={
+            "target_tokens": types.TensorData.from_torch(t),
+            "weights": types.TensorData.from_torch(w),
+        })
+        for s, t, w in zip(seqs, targets, weights)
+    ]
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=4, seed=7).result()
+    first = tc.forward_backward(batch, "cross_entropy")
+    step = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+    first, _ = first.result(), step.result()
+    after = tc.forward(batch, "cross_entropy").result().metrics["loss:sum"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = [model(torch.tensor([s])).logits.float().log_softmax(-1)[0].gather(-1, t)
+                for s, t in zip(seqs, targets)]
+    print(json.dumps({
+        "shapes": [list(o["logprobs"].to_torch().shape) for o in first.loss_fn_outputs],
+        "logprobs": [o["logprobs"].to_torch().tolist() for o in first.loss_fn_outputs],
+        "oracle_logprobs": [lp.tolist() for lp in want],
+        "loss": first.metrics["loss:sum"],
+        "oracle_loss": float(sum(-(lp * w).sum() for lp, w in zip(want, weights))),
+        "loss_after": after,
+    }))
+
+
 def rl_oracle(loss, lp, q, a, config):
     """The Tinker losses as the SDK's documentation defines them: sums over positions."""
     r = (lp - q).exp()
@@ -682,6 +722,7 @@ if __name__ == "__main__":
         "bench": bench,
         "bench_sample": bench_sample, "errors": errors, "sft_parity": sft_parity,
         "dpo_custom": dpo_custom, "save_order": save_order, "leave": leave,
+        "multi_target": multi_target,
         "heartbeat": heartbeat,
         "bench_memory": bench_memory,
     }

@@ -1209,10 +1209,15 @@ fn run(served: &mut Served, model_id: &str, op: Op, store: &Store, rt: &Handle) 
             }
             match model.forward(&data, loss, backward) {
                 Ok(out) => {
+                    // Several targets a position come back `[positions, width]` a datum.
+                    let trailing = match out.width {
+                        1 => Vec::new(),
+                        k => vec![k as i64],
+                    };
+                    let logprobs = proto::batched_f32(&out.logprobs, trailing);
                     let record = proto::ArrayRecord {
                         type_tag: String::new(),
-                        fields: [("logprobs".to_string(), proto::batched_f32(&out.logprobs))]
-                            .into(),
+                        fields: [("logprobs".to_string(), logprobs)].into(),
                         num_datums: out.logprobs.len() as i64,
                     };
                     let output = proto::ForwardBackwardOutput {

@@ -388,7 +388,9 @@ fn datum(i: usize, d: &proto::Datum, loss: Loss) -> Result<Datum, ServeError> {
             .get(name)
             .ok_or_else(|| bad(format!("loss_fn_inputs lacks {name}")))
     };
-    let targets = match dense(input("target_tokens")?, "target_tokens").map_err(&bad)? {
+    let (target_bytes, target_dtype, width) =
+        dense(input("target_tokens")?, "target_tokens", 2).map_err(&bad)?;
+    let targets = match (target_bytes, target_dtype) {
         (bytes, proto::DType::Int64) => proto::unpack(bytes, i64::from_le_bytes),
         (bytes, proto::DType::Int32) => {
             proto::unpack(bytes, i32::from_le_bytes).map(|v| v.into_iter().map(i64::from).collect())
@@ -400,40 +402,53 @@ fn datum(i: usize, d: &proto::Datum, loss: Loss) -> Result<Datum, ServeError> {
         }
     }
     .ok_or_else(|| bad("target_tokens' bytes do not split into its dtype".into()))?;
-    let floats = |name: &str| -> Result<Vec<f32>, ServeError> {
-        match dense(input(name)?, name).map_err(&bad)? {
-            (bytes, proto::DType::Float32) => proto::unpack(bytes, f32::from_le_bytes)
+    // `weights` may have several a position, as the targets; the policy-gradient inputs one.
+    let floats = |name: &str, dims: usize| -> Result<Vec<f32>, ServeError> {
+        match dense(input(name)?, name, dims).map_err(&bad)? {
+            (bytes, proto::DType::Float32, _) => proto::unpack(bytes, f32::from_le_bytes)
                 .ok_or_else(|| bad(format!("{name}' bytes do not split into float32s"))),
-            (_, other) => Err(bad(format!("{name} of dtype {other:?}: float32 wanted"))),
+            (_, other, _) => Err(bad(format!("{name} of dtype {other:?}: float32 wanted"))),
         }
     };
     let mut datum = Datum {
         tokens,
         targets,
+        width,
         ..Datum::default()
     };
     if loss.is_policy_gradient() {
-        datum.sampler_logprobs = floats("logprobs")?;
-        datum.advantages = floats("advantages")?;
+        datum.sampler_logprobs = floats("logprobs", 1)?;
+        datum.advantages = floats("advantages", 1)?;
     } else if d.loss_fn_inputs.contains_key("weights") {
-        datum.weights = floats("weights")?;
+        datum.weights = floats("weights", 2)?;
     } else {
         datum.weights = vec![1.0; datum.targets.len()];
     }
     Ok(datum)
 }
 
-/// A one-dimensional dense tensor's bytes and dtype.
-fn dense<'a>(t: &'a proto::Tensor, name: &str) -> Result<(&'a [u8], proto::DType), String> {
-    if t.shape.len() > 1 {
+/// A dense tensor of at most `dims` dimensions: its bytes, dtype, and the size of its second
+/// dimension (1 when it has one dimension).
+fn dense<'a>(
+    t: &'a proto::Tensor,
+    name: &str,
+    dims: usize,
+) -> Result<(&'a [u8], proto::DType, usize), String> {
+    if t.shape.len() > dims {
         return Err(format!(
-            "{name} of shape {:?}: several targets a position are not served yet",
-            t.shape
+            "{name} of shape {:?}: at most {dims} dimension{} here",
+            t.shape,
+            if dims == 1 { "" } else { "s" }
         ));
     }
+    let width = match t.shape.get(1) {
+        None => 1,
+        Some(&k) if k >= 1 => k as usize,
+        Some(k) => return Err(format!("{name} of shape {:?}: a width of {k}", t.shape)),
+    };
     let dtype = proto::DType::try_from(t.dtype).unwrap_or(proto::DType::Unspecified);
     match &t.encoding {
-        Some(proto::tensor::Encoding::Dense(bytes)) => Ok((bytes, dtype)),
+        Some(proto::tensor::Encoding::Dense(bytes)) => Ok((bytes, dtype, width)),
         Some(proto::tensor::Encoding::SparseCsr(_)) => Err(format!(
             "{name} is sparse: only dense one-dimensional tensors are served"
         )),

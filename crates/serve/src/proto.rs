@@ -188,8 +188,8 @@ pub(crate) fn unpack<const N: usize, T>(bytes: &[u8], from: fn([u8; N]) -> T) ->
     )
 }
 
-/// A batched float32 field: one vector a datum.
-pub(crate) fn batched_f32(per_datum: &[Vec<f32>]) -> BatchedTensor {
+/// A batched float32 field: one vector a datum, each `[-1, *trailing_shape]`.
+pub(crate) fn batched_f32(per_datum: &[Vec<f32>], trailing_shape: Vec<i64>) -> BatchedTensor {
     let mut data = Vec::new();
     let mut offsets = vec![0i64];
     for values in per_datum {
@@ -200,7 +200,7 @@ pub(crate) fn batched_f32(per_datum: &[Vec<f32>]) -> BatchedTensor {
         data,
         offsets: offsets.iter().flat_map(|o| o.to_le_bytes()).collect(),
         dtype: DType::Float32 as i32,
-        trailing_shape: Vec::new(),
+        trailing_shape,
     }
 }
 
@@ -257,7 +257,7 @@ mod tests {
 
     #[test]
     fn a_batched_field_carries_byte_offsets() {
-        let b = batched_f32(&[vec![1.0, 2.0], vec![], vec![3.0]]);
+        let b = batched_f32(&[vec![1.0, 2.0], vec![], vec![3.0]], Vec::new());
         assert_eq!(
             unpack(&b.offsets, i64::from_le_bytes).unwrap(),
             [0, 8, 8, 12]

@@ -76,14 +76,24 @@ impl LoraSpec {
 pub struct Datum {
     /// The model's input.
     pub tokens: Vec<i64>,
-    /// The token each position should predict.
+    /// The token each position should predict — or, with a `width` over 1, that many tokens a
+    /// position, row-major (`[positions, width]`: distillation's several targets).
     pub targets: Vec<i64>,
-    /// Each position's weight (cross-entropy).
+    /// Each target's weight (cross-entropy), laid out as `targets`.
     pub weights: Vec<f32>,
     /// The sampler's log-prob of each target (the policy-gradient losses).
     pub sampler_logprobs: Vec<f32>,
     /// Each position's advantage (the policy-gradient losses).
     pub advantages: Vec<f32>,
+    /// Targets a position (0 or 1: one; more only with cross-entropy).
+    pub width: usize,
+}
+
+impl Datum {
+    /// Targets a position.
+    pub fn width(&self) -> usize {
+        self.width.max(1)
+    }
 }
 
 /// The losses served, as the Tinker SDK names them; each a sum over datums and positions, with
@@ -143,8 +153,11 @@ impl Loss {
 /// What a `forward`/`forward_backward` call gives back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forward {
-    /// Each datum's target log-probs under the model as it was before the call.
+    /// Each datum's target log-probs under the model as it was before the call (laid out as its
+    /// targets).
     pub logprobs: Vec<Vec<f32>>,
+    /// Targets a position, in every datum of the call.
+    pub width: usize,
     /// The loss: the sum over datums and positions of `-logprob × weight`.
     pub loss_sum: f64,
 }
@@ -376,6 +389,17 @@ impl TrainingModel {
     /// token, tokens in the vocabulary): the error names the datum and what is wrong.
     pub fn check(&self, data: &[Datum], loss: Loss) -> Result<()> {
         ensure!(!data.is_empty(), "no datums");
+        let width = data[0].width();
+        if let Some((i, d)) = data.iter().enumerate().find(|(_, d)| d.width() != width) {
+            anyhow::bail!(
+                "datum {i} has {} targets a position, datum 0 has {width}: one width a call",
+                d.width()
+            );
+        }
+        ensure!(
+            width == 1 || !loss.is_policy_gradient(),
+            "{width} targets a position: several targets go with cross_entropy only"
+        );
         data.iter()
             .enumerate()
             .try_for_each(|(i, d)| check_datum(i, d, self.vocab, loss))
@@ -394,17 +418,27 @@ impl TrainingModel {
             let mut loss_sum = 0.0;
             let device = self.model.device();
             let budget = MAX_BATCH_TOKENS.min(MAX_LOGPROB_BYTES / (4 * self.vocab.max(1) as usize));
+            let width = data[0].width();
             for group in batches(data, budget) {
                 // One forward over the group, each datum padded on the right to the longest:
                 // with causal attention a datum's positions never see its padding, which the
                 // mask keeps out of the loss.
                 let t = group.iter().map(|d| d.tokens.len()).max().unwrap_or(0);
                 let b = group.len() as i64;
+                let k = width as i64;
                 let ids: Vec<i64> = group.iter().flat_map(|d| padded(&d.tokens, t)).collect();
-                let targets: Vec<i64> = group.iter().flat_map(|d| padded(&d.targets, t)).collect();
+                let targets: Vec<i64> = group
+                    .iter()
+                    .flat_map(|d| padded(&d.targets, t * width))
+                    .collect();
                 let input = |of: &dyn Fn(&Datum) -> &[f32]| {
-                    let v: Vec<f32> = group.iter().flat_map(|d| padded(of(d), t)).collect();
-                    Tensor::from_slice(&v).view([b, t as i64]).to_device(device)
+                    let v: Vec<f32> = group
+                        .iter()
+                        .flat_map(|d| padded(of(d), t * width))
+                        .collect();
+                    Tensor::from_slice(&v)
+                        .view([b, t as i64, k])
+                        .to_device(device)
                 };
                 let (w, q, a) = (
                     input(&|d| &d.weights),
@@ -416,21 +450,21 @@ impl TrainingModel {
                     .flat_map(|d| (0..t).map(|i| f32::from(u8::from(i < d.tokens.len()))))
                     .collect();
                 let mask = Tensor::from_slice(&mask)
-                    .view([b, t as i64])
+                    .view([b, t as i64, 1])
                     .to_device(device);
                 let ids = Tensor::from_slice(&ids)
                     .view([b, t as i64])
                     .to_device(device);
                 let targets = Tensor::from_slice(&targets)
-                    .view([b, t as i64, 1])
+                    .view([b, t as i64, k])
                     .to_device(device);
+                // [b, t, k]: each target's log-prob.
                 let run = || {
                     self.model
                         .forward(&ids, backward)
                         .to_kind(Kind::Float)
                         .log_softmax(-1, Kind::Float)
                         .gather(-1, &targets, false)
-                        .squeeze_dim(-1)
                 };
                 let lp = if backward { run() } else { tch::no_grad(run) };
                 // Summed in float64: `loss:sum` adds many small weighted terms (the gradient
@@ -445,10 +479,18 @@ impl TrainingModel {
                 let lp = lp.detach().to_device(Device::Cpu);
                 for (row, d) in group.iter().enumerate() {
                     let n = d.tokens.len() as i64;
-                    logprobs.push(Vec::<f32>::try_from(lp.get(row as i64).narrow(0, 0, n))?);
+                    let mine = lp.get(row as i64).narrow(0, 0, n).reshape([-1]);
+                    logprobs.push(Vec::<f32>::try_from(mine)?);
                 }
             }
-            Ok((Forward { logprobs, loss_sum }, call))
+            Ok((
+                Forward {
+                    logprobs,
+                    width,
+                    loss_sum,
+                },
+                call,
+            ))
         })?;
         if let Some(call) = call {
             let added = libtorch_boundary("adding gradients", || {
@@ -621,6 +663,7 @@ impl TrainingModel {
 fn check_datum(i: usize, d: &Datum, vocab: i64, loss: Loss) -> Result<()> {
     let n = d.tokens.len();
     ensure!(n > 0, "datum {i}: model_input is empty");
+    let k = d.width();
     let inputs: Vec<(&str, usize)> = match loss.is_policy_gradient() {
         false => vec![("weights", d.weights.len())],
         true => vec![
@@ -633,9 +676,9 @@ fn check_datum(i: usize, d: &Datum, vocab: i64, loss: Loss) -> Result<()> {
         .chain(inputs)
     {
         ensure!(
-            len == n,
-            "datum {i}: {name} has {len} positions, model_input {n}: each input must have one \
-             per input token"
+            len == n * k,
+            "datum {i}: {name} has {len} values, model_input {n} tokens: each input must have \
+             {k} per input token"
         );
     }
     check_tokens(d.tokens.iter().chain(&d.targets), vocab)
@@ -668,13 +711,27 @@ mod tests {
         let err = check_datum(1, &ok, 10, Loss::ImportanceSampling)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("datum 1: logprobs has 0 positions"), "{err}");
+        assert!(err.contains("datum 1: logprobs has 0 values"), "{err}");
         let short = Datum {
             weights: vec![1.0],
             ..ok.clone()
         };
         let err = check_datum(3, &short, 10, ce).unwrap_err().to_string();
-        assert!(err.contains("datum 3: weights has 1 positions"), "{err}");
+        assert!(err.contains("datum 3: weights has 1 values"), "{err}");
+        // Two targets a position: each input holds two a token.
+        let two = Datum {
+            targets: vec![2, 4, 3, 5],
+            weights: vec![1.0, 0.5, 1.0, 0.5],
+            width: 2,
+            ..ok.clone()
+        };
+        assert!(check_datum(0, &two, 10, ce).is_ok());
+        let one_weight = Datum {
+            weights: vec![1.0, 1.0],
+            ..two.clone()
+        };
+        let err = check_datum(2, &one_weight, 10, ce).unwrap_err().to_string();
+        assert!(err.contains("must have 2 per input token"), "{err}");
         let outside = Datum {
             targets: vec![2, 10],
             ..ok.clone()
