@@ -247,6 +247,40 @@ fn an_sft_loop_through_the_sdk_loses_what_waypoint_train_loses() {
     eprintln!("waypoint train: {trained:?}\nserved:         {served:?}");
 }
 
+/// The README's example — the SDK's quickstart loop: create a LoRA client, train, save, sample,
+/// make a client again from the state — runs as it is (its `key.txt` beside it, the server's URL
+/// from `TINKER_BASE_URL`).
+#[test]
+fn the_readme_example_runs() {
+    let server = start();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let serve = &readme[readme.find("## `waypoint serve`").unwrap()..];
+    let start_at = serve.find("```python\n").unwrap() + "```python\n".len();
+    let example = &serve[start_at..start_at + serve[start_at..].find("```").unwrap()];
+    assert!(example.contains("create_lora_training_client"), "{example}");
+    let dir = server.dir.path();
+    std::fs::write(dir.join("key.txt"), format!("{KEY}\n")).unwrap();
+    std::fs::write(dir.join("example.py"), example).unwrap();
+    let out = Command::new(common::python())
+        .arg("example.py")
+        .current_dir(dir)
+        .env("TINKER_BASE_URL", &server.url)
+        .env("TINKER_TELEMETRY", "0")
+        .env_remove("TINKER_API_KEY")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // Three losses and metrics, then the two samples' tokens.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert!(lines[3].starts_with("[["), "{stdout}");
+}
+
 /// Several weighted targets a position (2-D `target_tokens` and `weights`, as distillation sends
 /// a teacher's top tokens): each target's log-prob comes back `[positions, 3]` a datum, equal to
 /// transformers', and `loss:sum` is their weighted sum; a step lowers it.
