@@ -1,8 +1,9 @@
 //! The SDK's futures: every training call answers at once with a request id, and the client
 //! long-polls `retrieve_future` for its outcome. [`Futures`] keeps each request's outcome (pending
-//! until the trainer posts it) and lets a poll wait for it a bounded time; outcomes are kept a
-//! while after they are posted (a client whose answer was lost in transit polls again), then
-//! dropped.
+//! until the trainer posts it) and lets a poll wait for it a bounded time; an outcome is kept a
+//! minute after a poll took it (a client whose answer was lost in transit polls again), ten
+//! minutes when no poll came, then dropped — outcomes (log-probs, samples) can be large, and a
+//! week-long loop makes many.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,8 +12,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// How long an outcome is kept after it is posted.
+/// How long an outcome no poll took is kept after it is posted.
 const KEPT_FOR: Duration = Duration::from_secs(600);
+
+/// How long an outcome is kept after a poll took it.
+const KEPT_AFTER_TAKEN: Duration = Duration::from_secs(60);
 
 /// What a request came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +48,28 @@ impl Category {
 struct Entry {
     outcome: watch::Sender<Option<Arc<Outcome>>>,
     posted: Option<Instant>,
+    /// When a poll first took the outcome.
+    taken: Option<Instant>,
+}
+
+impl Entry {
+    /// Whether it is still kept.
+    fn kept(&self) -> bool {
+        kept(
+            self.posted.map(|t| t.elapsed()),
+            self.taken.map(|t| t.elapsed()),
+        )
+    }
+}
+
+/// Whether an outcome posted `posted` ago (`None`: pending) and first taken by a poll `taken` ago
+/// is still kept.
+fn kept(posted: Option<Duration>, taken: Option<Duration>) -> bool {
+    match (posted, taken) {
+        (None, _) => true,
+        (Some(_), Some(taken)) => taken < KEPT_AFTER_TAKEN,
+        (Some(posted), None) => posted < KEPT_FOR,
+    }
 }
 
 /// Every request's outcome, by request id.
@@ -70,13 +96,14 @@ impl Futures {
         let id = format!("req-{}", self.next.fetch_add(1, Ordering::Relaxed) + 1);
         let (outcome, _) = watch::channel(None);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        // Outcomes long posted are dropped as new requests come.
-        entries.retain(|_, e| e.posted.is_none_or(|t| t.elapsed() < KEPT_FOR));
+        // Outcomes taken or long posted are dropped as new requests come.
+        entries.retain(|_, e| e.kept());
         entries.insert(
             id.clone(),
             Entry {
                 outcome,
                 posted: None,
+                taken: None,
             },
         );
         id
@@ -103,16 +130,35 @@ impl Futures {
             }
         };
         let ready = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
-        match ready {
-            Ok(Ok(outcome)) => Polled::Done(outcome.clone().expect("waited for Some")),
-            _ => Polled::Pending,
+        // The channel's guard is let go before the entries are locked (post locks them first).
+        let outcome = match ready {
+            Ok(Ok(guard)) => guard.clone().expect("waited for Some"),
+            _ => return Polled::Pending,
+        };
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = entries.get_mut(id) {
+            e.taken.get_or_insert_with(Instant::now);
         }
+        Polled::Done(outcome)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outcome_is_kept_a_minute_once_taken_ten_untaken() {
+        let ago = |s: u64| Some(Duration::from_secs(s));
+        assert!(kept(None, None), "pending");
+        assert!(kept(ago(500), None), "posted, not taken yet");
+        assert!(
+            !kept(ago(700), None),
+            "never taken: dropped after ten minutes"
+        );
+        assert!(kept(ago(500), ago(30)), "taken: a retry may come");
+        assert!(!kept(ago(100), ago(90)), "taken a minute ago: dropped");
+    }
 
     #[tokio::test]
     async fn a_poll_waits_for_the_outcome_a_bounded_time() {
