@@ -1093,9 +1093,13 @@ impl Trainer {
             },
             _ => None,
         };
+        // A string that the newest token completes lies within its last bytes, each token at
+        // least one: the text of the last (longest string's bytes + a margin) tokens holds it.
+        let window = r.stop_strings.iter().map(String::len).max().unwrap_or(0) + 8;
         let stop = tokenizer.map(|tokenizer| {
             move |tokens: &[i64]| {
-                let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+                let recent = &tokens[tokens.len().saturating_sub(window)..];
+                let ids: Vec<u32> = recent.iter().map(|&t| t as u32).collect();
                 tokenizer
                     .decode(&ids)
                     .is_ok_and(|text| r.stop_strings.iter().any(|s| text.contains(s.as_str())))
