@@ -109,6 +109,25 @@ pub(crate) enum SamplerSource {
 }
 
 impl Job {
+    /// What it is, for the log.
+    fn what(&self) -> &'static str {
+        match self {
+            Job::Create { .. } => "create_model",
+            Job::Run { op, .. } => match op {
+                Op::Forward { backward: true, .. } => "forward_backward",
+                Op::Forward { .. } => "forward",
+                Op::OptimStep(_) => "optim_step",
+                Op::Save { .. } => "save",
+                Op::Load { .. } => "load",
+                Op::Sampler { .. } => "sampler_snapshot",
+                Op::Refused => "refused",
+            },
+            Job::Drop { .. } => "free",
+            Job::SamplerFrom { .. } => "make_sampler",
+            Job::Sample { .. } => "sample",
+        }
+    }
+
     /// The models whose uploads in flight must end before it runs: those whose checkpoints it
     /// reads or numbers, and those it frees (their runs record their newest checkpoint).
     fn waits_for(&self) -> Vec<String> {
@@ -767,6 +786,7 @@ impl Trainer {
             // ones); the rest goes on while they upload.
             let wait_for = job.waits_for();
             self.settle_uploads(|m| wait_for.iter().any(|w| w == m));
+            let (what, started) = (job.what(), Instant::now());
             match job {
                 Job::Create {
                     model_id,
@@ -910,6 +930,11 @@ impl Trainer {
                     }
                 }
             }
+            tracing::debug!(
+                job = what,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "job done"
+            );
         }
         // The server is stopping: the uploads end first, then every model still held was
         // stopped, not finished.
