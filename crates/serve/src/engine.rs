@@ -109,6 +109,16 @@ pub(crate) enum SamplerSource {
 }
 
 impl Job {
+    /// The client's request it answers, if any.
+    fn request(&self) -> Option<String> {
+        match self {
+            Job::Create { request, .. } => Some(request.clone()),
+            Job::Run { request, .. } => request.clone(),
+            Job::Sample { id, .. } => Some(id.clone()),
+            Job::Drop { .. } | Job::SamplerFrom { .. } => None,
+        }
+    }
+
     /// What it is, for the log.
     fn what(&self) -> &'static str {
         match self {
@@ -254,6 +264,9 @@ fn no_session(state: &State, session: &str) -> ServeError {
         )),
     }
 }
+
+/// Samplers freed before they were made, remembered (their making job skips them).
+const FREED_UNMADE_REMEMBERED: usize = 65_536;
 
 /// Finished sessions remembered (for their late heartbeats' 410); past it the memory starts over.
 const FINISHED_REMEMBERED: usize = 65_536;
@@ -611,17 +624,27 @@ impl Engine {
 
     /// What sampler `id` samples; `use_it` counts as a use (the least recently used go first).
     fn sampler_entry(&self, id: &str, use_it: bool) -> Result<SamplerInfo, ServeError> {
-        let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = samplers.get_mut(id).ok_or_else(|| {
+        let found = {
+            let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
+            samplers.get_mut(id).map(|entry| {
+                if use_it {
+                    entry.used = Instant::now();
+                }
+                entry.info.clone()
+            })
+        };
+        found.ok_or_else(|| {
+            // (The samplers' lock is let go first: the state's is taken before it elsewhere.)
+            let state = self.state();
+            let session = id.split(':').next().unwrap_or_default();
+            if state.finished.contains(session) {
+                return no_session(&state, session);
+            }
             ServeError::NotFound(format!(
                 "sampler {id:?} is unknown here (a session's samplers are freed when it ends, and \
                  its least recently used beyond --max_samplers_per_session): make it again"
             ))
-        })?;
-        if use_it {
-            entry.used = Instant::now();
-        }
-        Ok(entry.info.clone())
+        })
     }
 
     /// What sampler `id` samples.
@@ -644,10 +667,13 @@ impl Engine {
 
     /// The base model and LoRA rank of model `model_id`, once it is made.
     pub(crate) fn model_info(&self, model_id: &str) -> Result<ModelInfo, ServeError> {
-        let info = self.info.lock().unwrap_or_else(|e| e.into_inner());
-        info.get(model_id)
-            .cloned()
-            .ok_or_else(|| unknown_model(model_id))
+        let found = self
+            .info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model_id)
+            .cloned();
+        found.ok_or_else(|| unknown_model(&self.state(), model_id))
     }
 
     /// Takes request `seq` of model `model_id`: released to the trainer once every earlier one
@@ -661,10 +687,9 @@ impl Engine {
     ) -> Result<Option<String>, ServeError> {
         let mut state = self.state();
         state.touch(model_id);
-        let m = state
-            .models
-            .get_mut(model_id)
-            .ok_or_else(|| unknown_model(model_id))?;
+        let Some(m) = state.models.get_mut(model_id) else {
+            return Err(unknown_model(&state, model_id));
+        };
         if let Some(request) = m.requests.get(&seq) {
             return Ok(request.clone());
         }
@@ -702,7 +727,12 @@ impl Engine {
     }
 }
 
-fn unknown_model(model_id: &str) -> ServeError {
+/// Why model `model_id` cannot be used: its session finished (410), or it is unknown.
+fn unknown_model(state: &State, model_id: &str) -> ServeError {
+    let session = model_id.split(':').next().unwrap_or_default();
+    if state.finished.contains(session) {
+        return no_session(state, session);
+    }
     ServeError::NotFound(format!(
         "model {model_id:?} is unknown here (made by create_model or load_weights in this \
          server's life, and not freed by its session's end)"
@@ -749,7 +779,7 @@ struct Trainer {
     /// and sampler over it.
     loaded: HashMap<String, BaseModel>,
     /// The base models' tokenizers loaded so far (for stop strings), by name.
-    tokenizers: HashMap<String, Result<Tokenizer, String>>,
+    tokenizers: HashMap<String, Tokenizer>,
     models: HashMap<String, Result<Served, String>>,
     samplers: HashMap<String, Sampler>,
     /// Saves uploading in the background, oldest first.
@@ -787,147 +817,21 @@ impl Trainer {
             let wait_for = job.waits_for();
             self.settle_uploads(|m| wait_for.iter().any(|w| w == m));
             let (what, started) = (job.what(), Instant::now());
-            match job {
-                Job::Create {
-                    model_id,
-                    origin,
-                    request,
-                } => {
-                    let made = self.make(&model_id, origin);
-                    let outcome = match &made {
-                        Ok(served) => {
-                            let identity = served.model.identity();
-                            tracing::info!(model = %model_id, base = %identity.base_model, rank = identity.lora.rank, "training client made");
-                            self.info.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                                model_id.clone(),
-                                ModelInfo {
-                                    base_model: identity.base_model.clone(),
-                                    lora_rank: identity.lora.rank,
-                                },
-                            );
-                            Outcome::Json(json!({"model_id": model_id}))
-                        }
-                        Err(e) => {
-                            tracing::warn!(model = %model_id, "making a training client failed: {e}");
-                            self.failed
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(model_id.clone());
-                            failed(Category::User, format!("making model {model_id}: {e}"))
-                        }
-                    };
-                    if let Ok(served) = &made {
-                        served.record(JobState::Running, &self.runtime);
-                    }
-                    self.futures.post(&request, outcome);
-                    self.models.insert(model_id, made);
-                }
-                Job::Run {
-                    model_id,
-                    op:
-                        Op::Save {
-                            kind,
-                            name,
-                            overwrite,
-                        },
-                    request,
-                } => {
-                    if let Some(outcome) = self.save(&model_id, kind, &name, overwrite, &request) {
-                        if let Some(request) = request {
-                            self.futures.post(&request, outcome);
-                        }
-                    }
-                }
-                Job::Run {
-                    model_id,
-                    op,
-                    request,
-                } => {
-                    let outcome = match (self.models.get_mut(&model_id), op) {
-                        (Some(Ok(_)), Op::Sampler { sampler_id })
-                            if self.freed_unmade.remove(&sampler_id) =>
-                        {
-                            failed(Category::User, freed_sampler(&sampler_id))
-                        }
-                        (Some(Ok(served)), Op::Sampler { sampler_id }) => {
-                            match served.model.snapshot() {
-                                Ok(snapshot) => {
-                                    let sampler = Sampler::Client {
-                                        model_id: model_id.clone(),
-                                        snapshot,
-                                    };
-                                    self.samplers.insert(sampler_id.clone(), sampler);
-                                    Outcome::Json(json!({"sampling_session_id": sampler_id}))
-                                }
-                                Err(e) => failed(Category::Server, format!("{e:#}")),
-                            }
-                        }
-                        (Some(Ok(served)), op) => {
-                            run(served, &model_id, op, &self.store, &self.runtime)
-                        }
-                        (Some(Err(e)), _) => failed(
-                            Category::User,
-                            format!("model {model_id} could not be made: {e}"),
-                        ),
-                        (None, _) => failed(Category::User, format!("model {model_id} was freed")),
-                    };
-                    if let Some(request) = request {
-                        self.futures.post(&request, outcome);
-                    }
-                }
-                Job::SamplerFrom { sampler_id, source } => {
-                    if self.freed_unmade.remove(&sampler_id) {
-                        continue;
-                    }
-                    let sampler = match source {
-                        SamplerSource::Checkpoint(path) => {
-                            let made = resolve(&self.store, &self.runtime, &path)
-                                .map_err(|e| e.to_string())
-                                // A sampler's own model has no run: it saves nothing.
-                                .and_then(|(source, step)| {
-                                    self.checkpoint_model(&source, step, false)
-                                });
-                            Sampler::Own(Box::new(made))
-                        }
-                        SamplerSource::Base(name) => {
-                            let made = self
-                                .base(&name)
-                                .and_then(|b| b.share().map_err(|e| format!("{e:#}")));
-                            Sampler::Base {
-                                name,
-                                model: Box::new(made),
-                            }
-                        }
-                    };
-                    self.samplers.insert(sampler_id, sampler);
-                }
-                Job::Sample {
-                    sampler_id,
-                    request,
-                    id,
-                } => {
-                    let outcome = self.sample(&sampler_id, &request);
-                    self.futures.post(&id, outcome);
-                }
-                Job::Drop {
-                    model_ids,
-                    sampler_ids,
-                } => {
-                    for s in sampler_ids {
-                        if self.samplers.remove(&s).is_none() {
-                            self.freed_unmade.insert(s);
-                        }
-                    }
-                    // A creation still queued at the session's end put its model's info back.
-                    self.info
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .retain(|m, _| !model_ids.contains(m));
-                    for m in model_ids {
-                        if let Some(Ok(served)) = self.models.remove(&m) {
-                            served.record(JobState::Finished, &self.runtime);
-                        }
-                    }
+            // A panic is a bug, but it must not take the trainer thread (and every client) with
+            // it: the request fails, the thread goes on.
+            let request = job.request();
+            let handled =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(job)));
+            if let Err(panic) = handled {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                tracing::error!(job = what, "the trainer failed unexpectedly: {why}");
+                if let Some(request) = request {
+                    let error = format!("the server failed unexpectedly running {what}: {why}");
+                    self.futures.post(&request, failed(Category::Server, error));
                 }
             }
             tracing::debug!(
@@ -941,6 +845,153 @@ impl Trainer {
         self.settle_uploads(|_| true);
         for served in self.models.values().flatten() {
             served.record(JobState::Cancelled, &self.runtime);
+        }
+    }
+
+    /// Runs one job and posts its outcome.
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::Create {
+                model_id,
+                origin,
+                request,
+            } => {
+                let made = self.make(&model_id, origin);
+                let outcome = match &made {
+                    Ok(served) => {
+                        let identity = served.model.identity();
+                        tracing::info!(model = %model_id, base = %identity.base_model, rank = identity.lora.rank, "training client made");
+                        self.info.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                            model_id.clone(),
+                            ModelInfo {
+                                base_model: identity.base_model.clone(),
+                                lora_rank: identity.lora.rank,
+                            },
+                        );
+                        Outcome::Json(json!({"model_id": model_id}))
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = %model_id, "making a training client failed: {e}");
+                        self.failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(model_id.clone());
+                        failed(Category::User, format!("making model {model_id}: {e}"))
+                    }
+                };
+                if let Ok(served) = &made {
+                    served.record(JobState::Running, &self.runtime);
+                }
+                self.futures.post(&request, outcome);
+                self.models.insert(model_id, made);
+            }
+            Job::Run {
+                model_id,
+                op:
+                    Op::Save {
+                        kind,
+                        name,
+                        overwrite,
+                    },
+                request,
+            } => {
+                if let Some(outcome) = self.save(&model_id, kind, &name, overwrite, &request) {
+                    if let Some(request) = request {
+                        self.futures.post(&request, outcome);
+                    }
+                }
+            }
+            Job::Run {
+                model_id,
+                op,
+                request,
+            } => {
+                let outcome = match (self.models.get_mut(&model_id), op) {
+                    (_, Op::Sampler { sampler_id }) if self.freed_unmade.remove(&sampler_id) => {
+                        failed(Category::User, freed_sampler(&sampler_id))
+                    }
+                    (Some(Ok(served)), Op::Sampler { sampler_id }) => {
+                        match served.model.snapshot() {
+                            Ok(snapshot) => {
+                                let sampler = Sampler::Client {
+                                    model_id: model_id.clone(),
+                                    snapshot,
+                                };
+                                self.samplers.insert(sampler_id.clone(), sampler);
+                                Outcome::Json(json!({"sampling_session_id": sampler_id}))
+                            }
+                            Err(e) => failed(Category::Server, format!("{e:#}")),
+                        }
+                    }
+                    (Some(Ok(served)), op) => {
+                        run(served, &model_id, op, &self.store, &self.runtime)
+                    }
+                    (Some(Err(e)), _) => failed(
+                        Category::User,
+                        format!("model {model_id} could not be made: {e}"),
+                    ),
+                    (None, _) => failed(Category::User, format!("model {model_id} was freed")),
+                };
+                if let Some(request) = request {
+                    self.futures.post(&request, outcome);
+                }
+            }
+            Job::SamplerFrom { sampler_id, source } => {
+                if self.freed_unmade.remove(&sampler_id) {
+                    return;
+                }
+                let sampler = match source {
+                    SamplerSource::Checkpoint(path) => {
+                        let made = resolve(&self.store, &self.runtime, &path)
+                            .map_err(|e| e.to_string())
+                            // A sampler's own model has no run: it saves nothing.
+                            .and_then(|(source, step)| self.checkpoint_model(&source, step, false));
+                        Sampler::Own(Box::new(made))
+                    }
+                    SamplerSource::Base(name) => {
+                        let made = self
+                            .base(&name)
+                            .and_then(|b| b.share().map_err(|e| format!("{e:#}")));
+                        Sampler::Base {
+                            name,
+                            model: Box::new(made),
+                        }
+                    }
+                };
+                self.samplers.insert(sampler_id, sampler);
+            }
+            Job::Sample {
+                sampler_id,
+                request,
+                id,
+            } => {
+                let outcome = self.sample(&sampler_id, &request);
+                self.futures.post(&id, outcome);
+            }
+            Job::Drop {
+                model_ids,
+                sampler_ids,
+            } => {
+                for s in sampler_ids {
+                    if self.samplers.remove(&s).is_none() {
+                        // Its making may still be queued; a lost few are forgotten in bulk.
+                        if self.freed_unmade.len() >= FREED_UNMADE_REMEMBERED {
+                            self.freed_unmade.clear();
+                        }
+                        self.freed_unmade.insert(s);
+                    }
+                }
+                // A creation still queued at the session's end put its model's info back.
+                self.info
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|m, _| !model_ids.contains(m));
+                for m in model_ids {
+                    if let Some(Ok(served)) = self.models.remove(&m) {
+                        served.record(JobState::Finished, &self.runtime);
+                    }
+                }
+            }
         }
     }
 
@@ -1122,13 +1173,7 @@ impl Trainer {
         // least one: the text of the last (longest string's bytes + a margin) tokens holds it.
         let window = r.stop_strings.iter().map(String::len).max().unwrap_or(0) + 8;
         let stop = tokenizer.map(|tokenizer| {
-            move |tokens: &[i64]| {
-                let recent = &tokens[tokens.len().saturating_sub(window)..];
-                let ids: Vec<u32> = recent.iter().map(|&t| t as u32).collect();
-                tokenizer
-                    .decode(&ids)
-                    .is_ok_and(|text| r.stop_strings.iter().any(|s| text.contains(s.as_str())))
-            }
+            move |tokens: &[i64]| holds_stop(tokenizer, tokens, &r.stop_strings, window)
         });
         let text_stop = stop.as_ref().map(|f| f as TextStop<'_>);
         let Some(sampler) = self.samplers.get_mut(sampler_id) else {
@@ -1338,11 +1383,11 @@ fn sampler_base(
 
 /// Base model `name`'s tokenizer, read from its directory the first time.
 fn tokenizer_of<'a>(
-    tokenizers: &'a mut HashMap<String, Result<Tokenizer, String>>,
+    tokenizers: &'a mut HashMap<String, Tokenizer>,
     bases: &BTreeMap<String, PathBuf>,
     name: &str,
 ) -> Result<&'a Tokenizer, String> {
-    let loaded = tokenizers.entry(name.to_string()).or_insert_with(|| {
+    if !tokenizers.contains_key(name) {
         let dir = bases
             .get(name)
             .ok_or_else(|| format!("the base model {name:?} is not served here"))?;
@@ -1350,14 +1395,25 @@ fn tokenizer_of<'a>(
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        Tokenizer::from_hf_dir(dir, &config).map_err(|e| {
+        // A failure is not kept: a mended directory serves the next request.
+        let tokenizer = Tokenizer::from_hf_dir(dir, &config).map_err(|e| {
             format!(
-                "stop strings need the base model's tokenizer ({e:#}); pass stop token ids \
-                 instead, or serve a model directory with its tokenizer.json"
+                "stop strings need the base model's tokenizer, which did not load ({e:#}); \
+                 pass stop token ids instead"
             )
-        })
-    });
-    loaded.as_ref().map_err(Clone::clone)
+        })?;
+        tokenizers.insert(name.to_string(), tokenizer);
+    }
+    Ok(&tokenizers[name])
+}
+
+/// Whether the text of `tokens`' last `window` tokens holds one of `strings`.
+fn holds_stop(tokenizer: &Tokenizer, tokens: &[i64], strings: &[String], window: usize) -> bool {
+    let recent = &tokens[tokens.len().saturating_sub(window)..];
+    let ids: Vec<u32> = recent.iter().map(|&t| t as u32).collect();
+    tokenizer
+        .decode(&ids)
+        .is_ok_and(|text| strings.iter().any(|s| text.contains(s.as_str())))
 }
 
 /// Samples `r` with `model`.
@@ -1432,6 +1488,29 @@ fn random_u64() -> u64 {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A stop string is found when the token completing it comes, not before, however long the
+    /// sample before it, and a character cut by the window's edge matches nothing.
+    #[test]
+    fn a_stop_string_is_found_in_the_last_tokens_text() {
+        let bytes = waypoint_data::tokenizer::Tokenizer::Bytes;
+        let tokens: Vec<i64> = "ééééééééééééééééé then the end."
+            .bytes()
+            .map(i64::from)
+            .collect();
+        let strings = ["the end".to_string(), "é then".to_string()];
+        let window = strings.iter().map(String::len).max().unwrap() + 8;
+        let ends: Vec<usize> = (1..=tokens.len())
+            .filter(|&n| holds_stop(&bytes, &tokens[..n], &strings[..1], window))
+            .collect();
+        let at = tokens.len() - 1; // "…the end" completes with its last letter, before the dot.
+        assert_eq!(ends.first(), Some(&at), "found when its last token comes");
+        // The multi-byte "é then" ends 9 tokens in from a window of 16: found too.
+        let first = (1..=tokens.len())
+            .find(|&n| holds_stop(&bytes, &tokens[..n], &strings[1..], window))
+            .unwrap();
+        assert_eq!(first, "ééééééééééééééééé then".len());
+    }
 
     #[test]
     fn the_least_recently_used_samplers_go_beyond_the_limit() {

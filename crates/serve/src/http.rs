@@ -388,8 +388,9 @@ fn datum(i: usize, d: &proto::Datum, loss: Loss) -> Result<Datum, ServeError> {
             .get(name)
             .ok_or_else(|| bad(format!("loss_fn_inputs lacks {name}")))
     };
-    let (target_bytes, target_dtype, width) =
+    let (target_bytes, target_dtype, shape) =
         dense(input("target_tokens")?, "target_tokens", 2).map_err(&bad)?;
+    let width = width_of("target_tokens", shape, tokens.len()).map_err(&bad)?;
     let targets = match (target_bytes, target_dtype) {
         (bytes, proto::DType::Int64) => proto::unpack(bytes, i64::from_le_bytes),
         (bytes, proto::DType::Int32) => {
@@ -403,11 +404,19 @@ fn datum(i: usize, d: &proto::Datum, loss: Loss) -> Result<Datum, ServeError> {
     }
     .ok_or_else(|| bad("target_tokens' bytes do not split into its dtype".into()))?;
     // `weights` may have several a position, as the targets; the policy-gradient inputs one.
+    let n = tokens.len();
     let floats = |name: &str, dims: usize| -> Result<Vec<f32>, ServeError> {
-        match dense(input(name)?, name, dims).map_err(&bad)? {
-            (bytes, proto::DType::Float32, _) => proto::unpack(bytes, f32::from_le_bytes)
+        let (bytes, dtype, shape) = dense(input(name)?, name, dims).map_err(&bad)?;
+        let w = width_of(name, shape, n).map_err(&bad)?;
+        if w != width {
+            return Err(bad(format!(
+                "{name} of shape {shape:?}: as many values a position as target_tokens ({width})"
+            )));
+        }
+        match dtype {
+            proto::DType::Float32 => proto::unpack(bytes, f32::from_le_bytes)
                 .ok_or_else(|| bad(format!("{name}' bytes do not split into float32s"))),
-            (_, other, _) => Err(bad(format!("{name} of dtype {other:?}: float32 wanted"))),
+            other => Err(bad(format!("{name} of dtype {other:?}: float32 wanted"))),
         }
     };
     let mut datum = Datum {
@@ -427,13 +436,12 @@ fn datum(i: usize, d: &proto::Datum, loss: Loss) -> Result<Datum, ServeError> {
     Ok(datum)
 }
 
-/// A dense tensor of at most `dims` dimensions: its bytes, dtype, and the size of its second
-/// dimension (1 when it has one dimension).
+/// A dense tensor of at most `dims` dimensions: its bytes, dtype and shape.
 fn dense<'a>(
     t: &'a proto::Tensor,
     name: &str,
     dims: usize,
-) -> Result<(&'a [u8], proto::DType, usize), String> {
+) -> Result<(&'a [u8], proto::DType, &'a [i64]), String> {
     if t.shape.len() > dims {
         return Err(format!(
             "{name} of shape {:?}: at most {dims} dimension{} here",
@@ -441,18 +449,33 @@ fn dense<'a>(
             if dims == 1 { "" } else { "s" }
         ));
     }
-    let width = match t.shape.get(1) {
-        None => 1,
-        Some(&k) if k >= 1 => k as usize,
-        Some(k) => return Err(format!("{name} of shape {:?}: a width of {k}", t.shape)),
-    };
     let dtype = proto::DType::try_from(t.dtype).unwrap_or(proto::DType::Unspecified);
     match &t.encoding {
-        Some(proto::tensor::Encoding::Dense(bytes)) => Ok((bytes, dtype, width)),
+        Some(proto::tensor::Encoding::Dense(bytes)) => Ok((bytes, dtype, &t.shape)),
         Some(proto::tensor::Encoding::SparseCsr(_)) => Err(format!(
             "{name} is sparse: only dense one-dimensional tensors are served"
         )),
         None => Err(format!("{name} holds no data")),
+    }
+}
+
+/// Targets a position taken at most (distillation sends a teacher's top few).
+const MAX_TARGETS_A_POSITION: i64 = 4096;
+
+/// Values a position of an input shaped `[positions]` or `[positions, K]` (no shape: one) for a
+/// datum of `n` input tokens.
+fn width_of(name: &str, shape: &[i64], n: usize) -> Result<usize, String> {
+    match *shape {
+        [] => Ok(1),
+        [rows] | [rows, _] if rows != n as i64 => Err(format!(
+            "{name} of shape {shape:?}: {n} rows wanted, one a model_input token"
+        )),
+        [_] => Ok(1),
+        [_, k] if (1..=MAX_TARGETS_A_POSITION).contains(&k) => Ok(k as usize),
+        _ => Err(format!(
+            "{name} of shape {shape:?}: [positions] or [positions, K] with 1 <= K <= \
+             {MAX_TARGETS_A_POSITION}"
+        )),
     }
 }
 
@@ -725,6 +748,10 @@ async fn sampler(
 /// Tokens a sample takes when the request sets no `max_tokens`.
 const DEFAULT_MAX_TOKENS: usize = 64;
 
+/// Stop strings a request may give, and their length.
+const MAX_STOP_STRINGS: usize = 64;
+const MAX_STOP_STRING_BYTES: usize = 1024;
+
 /// Samples a request may ask for at once.
 const MAX_SAMPLES: usize = 128;
 
@@ -772,6 +799,14 @@ async fn asample(
     if let Some(s) = stop_strings.iter().find(|s| s.is_empty()) {
         return Err(bad(format!(
             "stop {s:?}: an empty stop string would stop at once"
+        )));
+    }
+    // Each is looked for in every sample at every step.
+    if stop_strings.len() > MAX_STOP_STRINGS
+        || stop_strings.iter().any(|s| s.len() > MAX_STOP_STRING_BYTES)
+    {
+        return Err(bad(format!(
+            "stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_BYTES} bytes"
         )));
     }
     let request = Sample {
@@ -833,6 +868,23 @@ async fn retrieve_future(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inputs_shape_must_fit_its_datum() {
+        assert_eq!(width_of("weights", &[], 4), Ok(1));
+        assert_eq!(width_of("weights", &[4], 4), Ok(1));
+        assert_eq!(width_of("target_tokens", &[4, 3], 4), Ok(3));
+        for (shape, says) in [
+            (vec![5], "4 rows wanted"),
+            (vec![3, 2], "4 rows wanted"),
+            (vec![4, 0], "1 <= K <= 4096"),
+            (vec![4, -2], "1 <= K <= 4096"),
+            (vec![4, 4_611_686_018_427_387_905], "1 <= K <= 4096"),
+        ] {
+            let err = width_of("target_tokens", &shape, 4).unwrap_err();
+            assert!(err.contains(says), "{shape:?}: {err}");
+        }
+    }
 
     #[test]
     fn the_key_is_read_checked_and_compared_without_echoing_it() {

@@ -664,6 +664,9 @@ fn check_datum(i: usize, d: &Datum, vocab: i64, loss: Loss) -> Result<()> {
     let n = d.tokens.len();
     ensure!(n > 0, "datum {i}: model_input is empty");
     let k = d.width();
+    let values = n
+        .checked_mul(k)
+        .with_context(|| format!("datum {i}: {n} positions × {k} targets is too many"))?;
     let inputs: Vec<(&str, usize)> = match loss.is_policy_gradient() {
         false => vec![("weights", d.weights.len())],
         true => vec![
@@ -676,7 +679,7 @@ fn check_datum(i: usize, d: &Datum, vocab: i64, loss: Loss) -> Result<()> {
         .chain(inputs)
     {
         ensure!(
-            len == n * k,
+            len == values,
             "datum {i}: {name} has {len} values, model_input {n} tokens: each input must have \
              {k} per input token"
         );

@@ -71,6 +71,18 @@ pub trait Sampling {
         let model = self.sampled_model();
         ensure!(!prompt.is_empty(), "the prompt is empty");
         check_tokens(prompt.iter().chain(&p.stop), model.config.vocab_size)?;
+        // The positions the model was made for bound a sample (and its cache).
+        if let Some(limit) = model.config.raw["max_position_embeddings"].as_u64() {
+            let wanted = prompt.len() as u64 + p.max_tokens as u64;
+            ensure!(
+                wanted <= limit,
+                "{} prompt tokens + max_tokens {} = {wanted} positions, more than the model's \
+                 {limit} (max_position_embeddings): ask for at most {} tokens",
+                prompt.len(),
+                p.max_tokens,
+                limit.saturating_sub(prompt.len() as u64)
+            );
+        }
         ensure!(
             p.temperature >= 0.0 && p.temperature.is_finite() && p.top_p > 0.0 && p.top_p <= 1.0,
             "temperature must be ≥ 0 and top_p in (0, 1], not {} and {}",
