@@ -198,16 +198,23 @@ fn sample_rows(
         .to_kind(Kind::Float)
         .expand([n as i64, -1], false);
     for step in 0..p.max_tokens {
+        // Every row at once; a seeded row alone, from its own generator's seed.
+        let drawn = match p.seed {
+            None => draw(&last, p)?,
+            Some(seed) => (0..n)
+                .map(|i| {
+                    tch::manual_seed(step_seed(seed.wrapping_add(i as u64), step));
+                    Ok(draw(&last.narrow(0, i as i64, 1), p)?[0])
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
         let mut next = Vec::with_capacity(n);
         for (i, row) in out.iter_mut().enumerate() {
             if row.stopped {
                 next.push(0);
                 continue;
             }
-            if let Some(seed) = p.seed {
-                tch::manual_seed(step_seed(seed.wrapping_add(i as u64), step));
-            }
-            let (token, logprob) = draw(&last.get(i as i64), p);
+            let (token, logprob) = drawn[i];
             row.tokens.push(token);
             row.logprobs.push(logprob);
             row.stopped =
@@ -238,8 +245,9 @@ fn step_seed(seed: u64, step: usize) -> i64 {
     ((z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF) as i64
 }
 
-/// A token drawn from `logits` (`[vocab]`, fp32) as `p` says, and its log-prob.
-fn draw(logits: &Tensor, p: &SampleParams) -> (i64, f32) {
+/// A token drawn from each row of `logits` (`[rows, vocab]`, fp32) as `p` says, and its log-prob:
+/// one pass over all rows (on a GPU, one copy back a step, not one a row).
+fn draw(logits: &Tensor, p: &SampleParams) -> Result<Vec<(i64, f32)>> {
     let greedy = p.temperature == 0.0 || p.top_k == 1;
     let scaled = if p.temperature > 0.0 {
         logits / p.temperature
@@ -247,13 +255,16 @@ fn draw(logits: &Tensor, p: &SampleParams) -> (i64, f32) {
         logits.shallow_clone()
     };
     let logp = scaled.log_softmax(-1, Kind::Float);
-    let token = if greedy {
-        logits.argmax(-1, false).int64_value(&[])
+    let tokens = if greedy {
+        logits.argmax(-1, true)
     } else {
         let mut kept = scaled.shallow_clone();
-        let vocab = kept.size()[0];
+        let vocab = kept.size().last().copied().unwrap_or(0);
         if p.top_k > 0 && p.top_k < vocab {
-            let kth = kept.topk(p.top_k, -1, true, true).0.get(p.top_k - 1);
+            let kth = kept
+                .topk(p.top_k, -1, true, true)
+                .0
+                .narrow(-1, p.top_k - 1, 1);
             kept = kept.masked_fill(&kept.lt_tensor(&kth), f64::NEG_INFINITY);
         }
         if p.top_p < 1.0 {
@@ -265,11 +276,12 @@ fn draw(logits: &Tensor, p: &SampleParams) -> (i64, f32) {
             let drop = drop_sorted.scatter(-1, &order, &drop_sorted);
             kept = kept.masked_fill(&drop, f64::NEG_INFINITY);
         }
-        kept.softmax(-1, Kind::Float)
-            .multinomial(1, false)
-            .int64_value(&[0])
+        kept.softmax(-1, Kind::Float).multinomial(1, false)
     };
-    (token, logp.double_value(&[token]) as f32)
+    let logprobs = logp.gather(-1, &tokens, false);
+    let tokens = Vec::<i64>::try_from(tokens.reshape([-1]).to_device(Device::Cpu))?;
+    let logprobs = Vec::<f32>::try_from(logprobs.reshape([-1]).to_device(Device::Cpu))?;
+    Ok(tokens.into_iter().zip(logprobs).collect())
 }
 
 #[cfg(test)]
@@ -343,6 +355,34 @@ mod tests {
         }
     }
 
+    /// Rows drawn in one pass keep to each row's own logits: greedy picks each row's best, top-k
+    /// each row's own top tokens.
+    #[test]
+    fn rows_draw_alike() {
+        let _turn = crate::model::tests::seeded();
+        let logits = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 0.5, 4.0, 0.0, 0.0, 3.5]).view([2, 4]);
+        let p = |temperature, top_k| SampleParams {
+            max_tokens: 1,
+            temperature,
+            top_k,
+            top_p: 1.0,
+            seed: None,
+            stop: Vec::new(),
+        };
+        let greedy = draw(&logits, &p(0.0, -1)).unwrap();
+        assert_eq!((greedy[0].0, greedy[1].0), (1, 0));
+        let want = logits.log_softmax(-1, Kind::Float);
+        assert_eq!(greedy[1].1, want.double_value(&[1, 0]) as f32);
+        tch::manual_seed(5);
+        for _ in 0..50 {
+            let d = draw(&logits, &p(1.0, 2)).unwrap();
+            assert!(
+                [1, 2].contains(&d[0].0) && [0, 3].contains(&d[1].0),
+                "{d:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_draw_keeps_to_greedy_top_k_and_top_p() {
         let _turn = crate::model::tests::seeded();
@@ -355,7 +395,9 @@ mod tests {
             seed: None,
             stop: Vec::new(),
         };
-        let (token, lp) = draw(&logits, &p(0.0, -1, 1.0));
+        // One row at a time here; `rows_draw_alike` draws several.
+        let one = |params: &SampleParams| draw(&logits.unsqueeze(0), params).unwrap()[0];
+        let (token, lp) = one(&p(0.0, -1, 1.0));
         let want = logits.log_softmax(-1, Kind::Float).double_value(&[1]) as f32;
         assert_eq!(
             (token, lp),
@@ -364,19 +406,11 @@ mod tests {
         );
         tch::manual_seed(3);
         for _ in 0..50 {
-            assert!(
-                [1, 2].contains(&draw(&logits, &p(1.0, 2, 1.0)).0),
-                "top_k 2"
-            );
-            assert_eq!(
-                draw(&logits, &p(1.0, -1, 0.3)).0,
-                1,
-                "top_p 0.3: the first alone"
-            );
+            assert!([1, 2].contains(&one(&p(1.0, 2, 1.0)).0), "top_k 2");
+            assert_eq!(one(&p(1.0, -1, 0.3)).0, 1, "top_p 0.3: the first alone");
         }
-        let all: std::collections::BTreeSet<i64> = (0..400)
-            .map(|_| draw(&logits, &p(2.0, -1, 1.0)).0)
-            .collect();
+        let all: std::collections::BTreeSet<i64> =
+            (0..400).map(|_| one(&p(2.0, -1, 1.0)).0).collect();
         assert_eq!(all.len(), 4, "no filter: every token comes");
     }
 }
