@@ -511,11 +511,23 @@ fn a_client_meets_clear_errors_and_the_server_goes_on() {
 fn the_policy_gradient_losses_are_pytorchs() {
     let server = start();
     let r = sdk(&server, &["rl", "tiny", server.model.to_str().unwrap()]);
-    for loss in ["importance_sampling", "ppo", "cispo", "dro"] {
+    let losses = ["importance_sampling", "ppo", "cispo", "dro"];
+    for loss in losses
+        .into_iter()
+        .chain(["ppo_per_token", "cispo_per_token"])
+    {
         let (got, want) = (r[loss][0].as_f64().unwrap(), r[loss][1].as_f64().unwrap());
         assert!(
             (got - want).abs() < 1e-4 * want.abs().max(1.0),
             "{loss}: {got} vs PyTorch's {want}: {r}"
+        );
+    }
+    // The positions' own bounds changed the losses (else they were not read).
+    for loss in ["ppo", "cispo"] {
+        let (call, own) = (&r[loss][0], &r[format!("{loss}_per_token")][0]);
+        assert_ne!(
+            call, own,
+            "{loss}: per-token bounds made no difference: {r}"
         );
     }
     let (before, after) = (

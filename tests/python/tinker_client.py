@@ -422,10 +422,10 @@ def rl_oracle(loss, lp, q, a, config):
         return -(r * a).sum()
     if loss == "ppo":
         lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
-        return -torch.minimum(r * a, r.clamp(lo, hi) * a).sum()
+        return -torch.minimum(r * a, torch.clamp(r, lo, hi) * a).sum()
     if loss == "cispo":
         lo, hi = config["clip_low_threshold"], config["clip_high_threshold"]
-        return -(r.clamp(lo, hi).detach() * lp * a).sum()
+        return -(torch.clamp(r, lo, hi).detach() * lp * a).sum()
     if loss == "dro":
         return -(lp * a - 0.5 * config["beta"] * (lp - q) ** 2).sum()
     raise ValueError(loss)
@@ -459,6 +459,21 @@ def rl(name, model_dir):
         got = tc.forward(batch, loss, config or None).result().metrics["loss:sum"]
         want = float(sum(rl_oracle(loss, lp, q, a, config) for lp, q, a in inputs))
         report[loss] = [got, want]
+    # Clip bounds of each position's own (per-token loss_fn_inputs) override the call's.
+    bounds = []
+    for datum, (lp, q, a) in zip(batch, inputs):
+        n = len(lp)
+        low = (0.8 + 0.15 * torch.rand(n, generator=g)).tolist()
+        high = (1.05 + 0.15 * torch.rand(n, generator=g)).tolist()
+        datum.loss_fn_inputs["clip_low_threshold"] = types.TensorData(data=low, dtype="float32", shape=[n])
+        datum.loss_fn_inputs["clip_high_threshold"] = types.TensorData(data=high, dtype="float32", shape=[n])
+        bounds.append({"clip_low_threshold": torch.tensor(low), "clip_high_threshold": torch.tensor(high)})
+    for loss in ("ppo", "cispo"):
+        got = tc.forward(batch, loss, configs[loss]).result().metrics["loss:sum"]
+        want = float(sum(rl_oracle(loss, lp, q, a, b) for (lp, q, a), b in zip(inputs, bounds)))
+        report[f"{loss}_per_token"] = [got, want]
+    for datum in batch:
+        del datum.loss_fn_inputs["clip_low_threshold"], datum.loss_fn_inputs["clip_high_threshold"]
     before = report["ppo"][0]
     tc.forward_backward(batch, "ppo", configs["ppo"]).result()
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()

@@ -428,6 +428,17 @@ fn datum(i: usize, d: &proto::Datum, loss: Loss) -> Result<Datum, ServeError> {
     if loss.is_policy_gradient() {
         datum.sampler_logprobs = floats("logprobs", 1)?;
         datum.advantages = floats("advantages", 1)?;
+        // A datum may carry its own clip bounds, one a position (ppo, cispo).
+        if loss.clip().is_some() {
+            for (name, into) in [
+                ("clip_low_threshold", &mut datum.clip_low),
+                ("clip_high_threshold", &mut datum.clip_high),
+            ] {
+                if d.loss_fn_inputs.contains_key(name) {
+                    *into = floats(name, 1)?;
+                }
+            }
+        }
     } else if d.loss_fn_inputs.contains_key("weights") {
         datum.weights = floats("weights", 2)?;
     } else {

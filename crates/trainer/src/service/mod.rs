@@ -85,6 +85,11 @@ pub struct Datum {
     pub sampler_logprobs: Vec<f32>,
     /// Each position's advantage (the policy-gradient losses).
     pub advantages: Vec<f32>,
+    /// Each position's clip bounds (`ppo`, `cispo`), when the datum gives its own; else the
+    /// call's.
+    pub clip_low: Vec<f32>,
+    /// See `clip_low`.
+    pub clip_high: Vec<f32>,
     /// Targets a position (0 or 1: one; more only with cross-entropy).
     pub width: usize,
 }
@@ -132,22 +137,51 @@ impl Loss {
         !matches!(self, Loss::CrossEntropy)
     }
 
+    /// The call's clip bounds (`ppo`, `cispo`).
+    pub fn clip(&self) -> Option<(f64, f64)> {
+        match *self {
+            Loss::Ppo { low, high } | Loss::Cispo { low, high } => Some((low, high)),
+            _ => None,
+        }
+    }
+
     /// Each position's term of the loss (the loss is minus their sum) from the target log-probs
-    /// `lp` and the inputs, all of one shape.
-    fn terms(&self, lp: &Tensor, weights: &Tensor, q: &Tensor, a: &Tensor) -> Tensor {
+    /// `lp` and the inputs, all of one shape; `low` and `high` are each position's clip bounds
+    /// (`ppo`, `cispo`: the datum's own or the call's).
+    fn terms(&self, lp: &Tensor, inputs: &LossInputs) -> Tensor {
+        let LossInputs {
+            weights,
+            q,
+            a,
+            low,
+            high,
+        } = inputs;
         let ratio = || (lp - q).exp();
         match *self {
             Loss::CrossEntropy => lp * weights,
             Loss::ImportanceSampling => ratio() * a,
-            Loss::Ppo { low, high } => {
+            Loss::Ppo { .. } => {
                 let r = ratio();
-                let clipped = r.clamp(low, high) * a;
+                let clipped = r.clamp_tensor(Some(low), Some(high)) * a;
                 (r * a).minimum(&clipped)
             }
-            Loss::Cispo { low, high } => ratio().clamp(low, high).detach() * lp * a,
+            Loss::Cispo { .. } => ratio().clamp_tensor(Some(low), Some(high)).detach() * lp * a,
             Loss::Dro { beta } => lp * a - (lp - q).square() * (0.5 * beta),
         }
     }
+}
+
+/// A group's per-position inputs of the loss, all of one shape.
+struct LossInputs {
+    /// Cross-entropy's weights.
+    weights: Tensor,
+    /// The sampler's log-probs.
+    q: Tensor,
+    /// The advantages.
+    a: Tensor,
+    /// The clip's bounds.
+    low: Tensor,
+    high: Tensor,
 }
 
 /// What a `forward`/`forward_backward` call gives back.
@@ -440,11 +474,27 @@ impl TrainingModel {
                         .view([b, t as i64, k])
                         .to_device(device)
                 };
-                let (w, q, a) = (
-                    input(&|d| &d.weights),
-                    input(&|d| &d.sampler_logprobs),
-                    input(&|d| &d.advantages),
-                );
+                // A datum without its own clip bounds takes the call's.
+                let (low, high) = loss.clip().unwrap_or((0.0, 0.0));
+                let bound = |own: &dyn Fn(&Datum) -> &[f32], call: f64| {
+                    let v: Vec<f32> = group
+                        .iter()
+                        .flat_map(|d| match own(d) {
+                            [] => vec![call as f32; t * width],
+                            given => padded(given, t * width).collect(),
+                        })
+                        .collect();
+                    Tensor::from_slice(&v)
+                        .view([b, t as i64, k])
+                        .to_device(device)
+                };
+                let inputs = LossInputs {
+                    weights: input(&|d| &d.weights),
+                    q: input(&|d| &d.sampler_logprobs),
+                    a: input(&|d| &d.advantages),
+                    low: bound(&|d| &d.clip_low, low),
+                    high: bound(&|d| &d.clip_high, high),
+                };
                 let mask: Vec<f32> = group
                     .iter()
                     .flat_map(|d| (0..t).map(|i| f32::from(u8::from(i < d.tokens.len()))))
@@ -469,7 +519,7 @@ impl TrainingModel {
                 let lp = if backward { run() } else { tch::no_grad(run) };
                 // Summed in float64: `loss:sum` adds many small weighted terms (the gradient
                 // reaching each term is the same 1 either way).
-                let loss = -(loss.terms(&lp, &w, &q, &a) * &mask)
+                let loss = -(loss.terms(&lp, &inputs) * &mask)
                     .to_kind(Kind::Double)
                     .sum(Kind::Double);
                 loss_sum += loss.double_value(&[]);
@@ -694,6 +744,31 @@ fn check_datum(i: usize, d: &Datum, vocab: i64, loss: Loss) -> Result<()> {
             .all(|w| w.is_finite()),
         "datum {i}: weights, logprobs and advantages must be finite numbers"
     );
+    // Its own clip bounds, when it gives them: one a position, 0 <= low <= high.
+    for (name, v) in [
+        ("clip_low_threshold", &d.clip_low),
+        ("clip_high_threshold", &d.clip_high),
+    ] {
+        ensure!(
+            v.is_empty() || v.len() == n,
+            "datum {i}: {name} has {} values, model_input {n} tokens: one a token",
+            v.len()
+        );
+    }
+    let (low, high) = (&d.clip_low, &d.clip_high);
+    if !low.is_empty() || !high.is_empty() {
+        let bounds = |v: &Vec<f32>, j: usize| v.get(j).copied();
+        let bad = (0..n).find(|&j| match (bounds(low, j), bounds(high, j)) {
+            (Some(l), Some(h)) => !(l.is_finite() && h.is_finite() && 0.0 <= l && l <= h),
+            (Some(x), None) | (None, Some(x)) => !(x.is_finite() && x >= 0.0),
+            (None, None) => false,
+        });
+        if let Some(j) = bad {
+            anyhow::bail!(
+                "datum {i}: clip thresholds at position {j} must be finite with 0 <= low <= high"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -735,6 +810,31 @@ mod tests {
         };
         let err = check_datum(2, &one_weight, 10, ce).unwrap_err().to_string();
         assert!(err.contains("must have 2 per input token"), "{err}");
+        // A position's own clip bounds: one a token, 0 <= low <= high.
+        let ppo = Loss::Ppo {
+            low: 0.8,
+            high: 1.2,
+        };
+        let pg = Datum {
+            sampler_logprobs: vec![-1.0, -1.0],
+            advantages: vec![1.0, -1.0],
+            clip_low: vec![0.9, 0.7],
+            clip_high: vec![1.1, 1.3],
+            ..ok.clone()
+        };
+        assert!(check_datum(0, &pg, 10, ppo).is_ok());
+        let crossed = Datum {
+            clip_high: vec![1.1, 0.5],
+            ..pg.clone()
+        };
+        let err = check_datum(0, &crossed, 10, ppo).unwrap_err().to_string();
+        assert!(err.contains("at position 1"), "{err}");
+        let short = Datum {
+            clip_low: vec![0.9],
+            ..pg
+        };
+        let err = check_datum(0, &short, 10, ppo).unwrap_err().to_string();
+        assert!(err.contains("clip_low_threshold has 1 values"), "{err}");
         let outside = Datum {
             targets: vec![2, 10],
             ..ok.clone()
@@ -774,10 +874,15 @@ mod tests {
             t(&[1.0, 0.5]),
         );
         let value = |loss: Loss| {
-            -loss
-                .terms(&lp, &w, &q, &a)
-                .sum(Kind::Float)
-                .double_value(&[])
+            let (low, high) = loss.clip().unwrap_or((0.0, 0.0));
+            let inputs = LossInputs {
+                weights: w.shallow_clone(),
+                q: q.shallow_clone(),
+                a: a.shallow_clone(),
+                low: Tensor::full([2], low, (Kind::Float, Device::Cpu)),
+                high: Tensor::full([2], high, (Kind::Float, Device::Cpu)),
+            };
+            -loss.terms(&lp, &inputs).sum(Kind::Float).double_value(&[])
         };
         let r = [0.5f64.exp(), (-1.0f64).exp()];
         let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-5, "{got} vs {want}");
