@@ -13,12 +13,14 @@
 //! - `http`: the routes, the key check, and errors as the SDK reads them;
 //! - `server`: the command's flags and the server's start and stop (this file only re-exports).
 //!
-//! Served today: sessions, LoRA training clients (attention, MLP, `lm_head`), `forward`,
-//! `forward_backward` with `cross_entropy`, `importance_sampling`, `ppo`, `cispo` and `dro`,
-//! `optim_step` with Adam's parameters, futures, and
-//! checkpoints (`save_state`, `load_state`, named sampler weights, listing) as `step-N`
-//! checkpoints of a run per client, and sampling (a KV cache) from saved or live weights. Not
-//! yet: `gspo` and the rest (see `docs/serve.md`).
+//! Served: sessions (freed when closed or silent), LoRA training clients (attention, MLP,
+//! `lm_head`) over one shared copy of each base model, `forward`, `forward_backward` with
+//! `cross_entropy` (one or several targets a position), `importance_sampling`, `ppo`, `cispo` and
+//! `dro`, `optim_step` with Adam's parameters, futures, checkpoints (`save_state`, `load_state`,
+//! named sampler weights, listing) as `step-N` checkpoints of a run per client uploaded in the
+//! background, and sampling (a KV cache, a request's samples together, stop tokens or strings)
+//! from saved or live weights or a base model. Not served: `gspo`, `stable_reinforce`, losses run
+//! server-side, and the rest `docs/serve.md` lists.
 
 mod api;
 mod engine;
