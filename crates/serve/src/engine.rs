@@ -179,16 +179,16 @@ pub(crate) struct Sample {
 }
 
 /// What a sampler samples from: a training client's model with its adapters as they were when
-/// the sampler was made, a model of its own made from a checkpoint, or a base model alone.
+/// the sampler was made, or a model of its own (made from a checkpoint, or a base model alone).
 enum Sampler {
     Client {
         model_id: String,
         snapshot: waypoint_trainer::service::Snapshot,
     },
-    Own(Box<Result<TrainingModel, String>>),
-    Base {
-        name: String,
-        model: Box<Result<BaseModel, String>>,
+    Own {
+        /// The base model it is over, by name (`None` when its making failed).
+        base: Option<String>,
+        model: Result<Box<dyn Sampling + Send>, String>,
     },
 }
 
@@ -244,8 +244,7 @@ impl State {
     /// A request of the model or sampler `id` (`<session>:train:<n>`, `<session>:sample:<n>`):
     /// its session is alive, as a heartbeat says.
     fn touch(&mut self, id: &str) {
-        let session = id.split(':').next().unwrap_or_default();
-        if let Some(s) = self.sessions.get_mut(session) {
+        if let Some(s) = self.sessions.get_mut(names::session_of(id)) {
             s.seen = Instant::now();
         }
     }
@@ -460,14 +459,13 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|m, _| !model_ids.contains(m));
         // Under the state lock: a sampler registered for this session cannot slip in after.
-        let prefix = format!("{session}:sample:");
         let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
         let sampler_ids: Vec<String> = samplers
             .keys()
-            .filter(|id| id.starts_with(&prefix))
+            .filter(|id| names::is_sampler_of(id, session))
             .cloned()
             .collect();
-        samplers.retain(|id, _| !id.starts_with(&prefix));
+        samplers.retain(|id, _| !names::is_sampler_of(id, session));
         drop(samplers);
         drop(state);
         self.send(Job::Drop {
@@ -501,7 +499,7 @@ impl Engine {
             self.check_base(&identity.base_model)?;
         }
         let mut state = self.state();
-        let model_id = format!("{session}:train:{model_seq_id}");
+        let model_id = names::model_id(session, model_seq_id);
         if let Some(m) = state.models.get(&model_id) {
             return Ok((m.created_by.clone(), model_id));
         }
@@ -581,7 +579,7 @@ impl Engine {
         if !state.sessions.contains_key(session) {
             return Err(no_session(&state, session));
         }
-        let id = format!("{session}:sample:{seq}");
+        let id = names::sampler_id(session, seq);
         let mut samplers = self.samplers.lock().unwrap_or_else(|e| e.into_inner());
         let new = !samplers.contains_key(&id);
         samplers.entry(id.clone()).or_insert(SamplerEntry {
@@ -590,10 +588,9 @@ impl Engine {
         });
         // A loop makes a sampler per round and never says when it is done with one: past the
         // limit, the session's least recently used go.
-        let prefix = format!("{session}:sample:");
         let of_session = samplers
             .iter()
-            .filter(|(s, _)| s.starts_with(&prefix))
+            .filter(|(s, _)| names::is_sampler_of(s, session))
             .map(|(s, e)| (s.clone(), e.used));
         let evicted = least_recently_used(of_session, self.limits.samplers_per_session);
         samplers.retain(|s, _| !evicted.contains(s));
@@ -633,17 +630,14 @@ impl Engine {
                 entry.info.clone()
             })
         };
+        // (The samplers' lock is let go first: the state's is taken before it elsewhere.)
         found.ok_or_else(|| {
-            // (The samplers' lock is let go first: the state's is taken before it elsewhere.)
-            let state = self.state();
-            let session = id.split(':').next().unwrap_or_default();
-            if state.finished.contains(session) {
-                return no_session(&state, session);
-            }
-            ServeError::NotFound(format!(
-                "sampler {id:?} is unknown here (a session's samplers are freed when it ends, and \
-                 its least recently used beyond --max_samplers_per_session): make it again"
-            ))
+            unknown(&self.state(), id, || {
+                format!(
+                    "sampler {id:?} is unknown here (a session's samplers are freed when it ends, \
+                     and its least recently used beyond --max_samplers_per_session): make it again"
+                )
+            })
         })
     }
 
@@ -729,14 +723,21 @@ impl Engine {
 
 /// Why model `model_id` cannot be used: its session finished (410), or it is unknown.
 fn unknown_model(state: &State, model_id: &str) -> ServeError {
-    let session = model_id.split(':').next().unwrap_or_default();
-    if state.finished.contains(session) {
-        return no_session(state, session);
+    unknown(state, model_id, || {
+        format!(
+            "model {model_id:?} is unknown here (made by create_model or load_weights in this \
+             server's life, and not freed by its session's end)"
+        )
+    })
+}
+
+/// Why the model or sampler `id` cannot be used: its session finished (410), else `why` (404).
+fn unknown(state: &State, id: &str, why: impl FnOnce() -> String) -> ServeError {
+    let session = names::session_of(id);
+    match state.finished.contains(session) {
+        true => no_session(state, session),
+        false => ServeError::NotFound(why()),
     }
-    ServeError::NotFound(format!(
-        "model {model_id:?} is unknown here (made by create_model or load_weights in this \
-         server's life, and not freed by its session's end)"
-    ))
 }
 
 fn failed(category: Category, error: String) -> Outcome {
@@ -940,25 +941,25 @@ impl Trainer {
                 if self.freed_unmade.remove(&sampler_id) {
                     return;
                 }
-                let sampler = match source {
+                let (base, model) = match source {
                     SamplerSource::Checkpoint(path) => {
                         let made = resolve(&self.store, &self.runtime, &path)
                             .map_err(|e| e.to_string())
                             // A sampler's own model has no run: it saves nothing.
                             .and_then(|(source, step)| self.checkpoint_model(&source, step, false));
-                        Sampler::Own(Box::new(made))
+                        let base = made.as_ref().ok().map(|m| m.identity().base_model.clone());
+                        (base, made.map(|m| Box::new(m) as Box<dyn Sampling + Send>))
                     }
                     SamplerSource::Base(name) => {
                         let made = self
                             .base(&name)
                             .and_then(|b| b.share().map_err(|e| format!("{e:#}")));
-                        Sampler::Base {
-                            name,
-                            model: Box::new(made),
-                        }
+                        let model = made.map(|m| Box::new(m) as Box<dyn Sampling + Send>);
+                        (Some(name), model)
                     }
                 };
-                self.samplers.insert(sampler_id, sampler);
+                self.samplers
+                    .insert(sampler_id, Sampler::Own { base, model });
             }
             Job::Sample {
                 sampler_id,
@@ -1169,24 +1170,16 @@ impl Trainer {
             },
             _ => None,
         };
-        // A string that the newest token completes lies within its last bytes, each token at
-        // least one: the text of the last (longest string's bytes + a margin) tokens holds it.
-        let window = r.stop_strings.iter().map(String::len).max().unwrap_or(0) + 8;
-        let stop = tokenizer.map(|tokenizer| {
-            move |tokens: &[i64]| holds_stop(tokenizer, tokens, &r.stop_strings, window)
-        });
+        let stop = tokenizer
+            .map(|tokenizer| move |tokens: &[i64]| holds_stop(tokenizer, tokens, &r.stop_strings));
         let text_stop = stop.as_ref().map(|f| f as TextStop<'_>);
         let Some(sampler) = self.samplers.get_mut(sampler_id) else {
             return failed(Category::User, freed_sampler(sampler_id));
         };
         let not_made = |e: &String| failed(Category::User, format!("sampler {sampler_id}: {e}"));
         let sampled = match sampler {
-            Sampler::Own(own) => match own.as_ref() {
-                Ok(model) => sample_with(model, r, text_stop),
-                Err(e) => return not_made(e),
-            },
-            Sampler::Base { model, .. } => match model.as_ref() {
-                Ok(model) => sample_with(model, r, text_stop),
+            Sampler::Own { model, .. } => match model {
+                Ok(model) => sample_with(model.as_ref(), r, text_stop),
                 Err(e) => return not_made(e),
             },
             Sampler::Client { model_id, snapshot } => {
@@ -1368,12 +1361,7 @@ fn sampler_base(
     models: &HashMap<String, Result<Served, String>>,
 ) -> Option<String> {
     match sampler {
-        Sampler::Own(own) => own
-            .as_ref()
-            .as_ref()
-            .ok()
-            .map(|m| m.identity().base_model.clone()),
-        Sampler::Base { name, .. } => Some(name.clone()),
+        Sampler::Own { base, .. } => base.clone(),
         Sampler::Client { model_id, .. } => match models.get(model_id) {
             Some(Ok(served)) => Some(served.model.identity().base_model.clone()),
             _ => None,
@@ -1407,8 +1395,11 @@ fn tokenizer_of<'a>(
     Ok(&tokenizers[name])
 }
 
-/// Whether the text of `tokens`' last `window` tokens holds one of `strings`.
-fn holds_stop(tokenizer: &Tokenizer, tokens: &[i64], strings: &[String], window: usize) -> bool {
+/// Whether the text of `tokens`' last tokens holds one of `strings`: a string that the newest
+/// token completes lies within its last bytes, each token at least one, so the text of the last
+/// (longest string's bytes + a margin of 8) tokens holds it.
+fn holds_stop(tokenizer: &Tokenizer, tokens: &[i64], strings: &[String]) -> bool {
+    let window = strings.iter().map(String::len).max().unwrap_or(0) + 8;
     let recent = &tokens[tokens.len().saturating_sub(window)..];
     let ids: Vec<u32> = recent.iter().map(|&t| t as u32).collect();
     tokenizer
@@ -1499,15 +1490,14 @@ mod tests {
             .map(i64::from)
             .collect();
         let strings = ["the end".to_string(), "é then".to_string()];
-        let window = strings.iter().map(String::len).max().unwrap() + 8;
         let ends: Vec<usize> = (1..=tokens.len())
-            .filter(|&n| holds_stop(&bytes, &tokens[..n], &strings[..1], window))
+            .filter(|&n| holds_stop(&bytes, &tokens[..n], &strings[..1]))
             .collect();
         let at = tokens.len() - 1; // "…the end" completes with its last letter, before the dot.
         assert_eq!(ends.first(), Some(&at), "found when its last token comes");
-        // The multi-byte "é then" ends 9 tokens in from a window of 16: found too.
+        // The multi-byte "é then" ends 9 tokens in from a window of 15: found too.
         let first = (1..=tokens.len())
-            .find(|&n| holds_stop(&bytes, &tokens[..n], &strings[1..], window))
+            .find(|&n| holds_stop(&bytes, &tokens[..n], &strings[1..]))
             .unwrap();
         assert_eq!(first, "ééééééééééééééééé then".len());
     }

@@ -591,7 +591,7 @@ async fn save_weights_for_sampler(
     if let (None, Some(seq)) = (&req.path, req.sampling_session_seq_id) {
         // save_weights_and_get_sampling_client: a sampler over the model as it is, in the
         // client's session.
-        let session = req.model_id.split(":train:").next().unwrap_or_default();
+        let session = names::session_of(&req.model_id);
         let base_model = engine.model_info(&req.model_id)?.base_model;
         let info = SamplerInfo {
             base_model,
@@ -704,42 +704,43 @@ async fn create_sampling_session(
     body: Bytes,
 ) -> Result<Json<Value>, ServeError> {
     let req: api::CreateSamplingSession = parse("create_sampling_session", &body)?;
-    let Some(model_path) = req.model_path else {
+    let (info, source) = match (req.model_path, req.base_model) {
+        // Saved sampler weights: their base read from the checkpoint.
+        (Some(model_path), _) => {
+            let path = TinkerPath::parse(&model_path)?;
+            let (store, rt, p) = (
+                engine.store().clone(),
+                tokio::runtime::Handle::current(),
+                path.clone(),
+            );
+            let base_model = tokio::task::spawn_blocking(move || engine::base_of(&store, &rt, &p))
+                .await
+                .map_err(|e| ServeError::Internal(format!("reading the checkpoint: {e}")))??;
+            let info = SamplerInfo {
+                base_model,
+                model_path: Some(model_path),
+            };
+            (info, SamplerSource::Checkpoint(path))
+        }
         // A base model alone.
-        let Some(name) = req.base_model else {
+        (None, Some(name)) => {
+            engine.check_base(&name)?;
+            let info = SamplerInfo {
+                base_model: name.clone(),
+                model_path: None,
+            };
+            (info, SamplerSource::Base(name))
+        }
+        (None, None) => {
             return Err(ServeError::BadRequest(
                 "create_sampling_session: give model_path (saved sampler weights) or base_model"
                     .into(),
-            ));
-        };
-        engine.check_base(&name)?;
-        let info = SamplerInfo {
-            base_model: name.clone(),
-            model_path: None,
-        };
-        let (id, new) =
-            engine.register_sampler(&req.session_id, req.sampling_session_seq_id, info)?;
-        if new {
-            engine.make_sampler(id.clone(), SamplerSource::Base(name))?;
+            ))
         }
-        return Ok(Json(json!({"sampling_session_id": id})));
-    };
-    let path = TinkerPath::parse(&model_path)?;
-    let (store, rt, p) = (
-        engine.store().clone(),
-        tokio::runtime::Handle::current(),
-        path.clone(),
-    );
-    let base_model = tokio::task::spawn_blocking(move || engine::base_of(&store, &rt, &p))
-        .await
-        .map_err(|e| ServeError::Internal(format!("reading the checkpoint: {e}")))??;
-    let info = SamplerInfo {
-        base_model,
-        model_path: Some(model_path),
     };
     let (id, new) = engine.register_sampler(&req.session_id, req.sampling_session_seq_id, info)?;
     if new {
-        engine.make_sampler(id.clone(), SamplerSource::Checkpoint(path))?;
+        engine.make_sampler(id.clone(), source)?;
     }
     Ok(Json(json!({"sampling_session_id": id})))
 }

@@ -46,6 +46,27 @@ impl Kind {
     }
 }
 
+/// Model `n` of `session`: `<session>:train:<n>`, as the SDK builds model ids.
+pub(crate) fn model_id(session: &str, n: i64) -> String {
+    format!("{session}:train:{n}")
+}
+
+/// Sampler `n` of `session`: `<session>:sample:<n>`.
+pub(crate) fn sampler_id(session: &str, n: i64) -> String {
+    format!("{session}:sample:{n}")
+}
+
+/// Whether `id` names a sampler of `session`.
+pub(crate) fn is_sampler_of(id: &str, session: &str) -> bool {
+    id.strip_prefix(session)
+        .is_some_and(|rest| rest.starts_with(":sample:"))
+}
+
+/// The session of a model or sampler id.
+pub(crate) fn session_of(id: &str) -> &str {
+    id.split(':').next().unwrap_or_default()
+}
+
 /// A `tinker://<model_id>/<kind>/<name>` path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TinkerPath {
@@ -151,6 +172,10 @@ mod tests {
             TinkerPath::of("s1:train:0", Kind::Sampler, "a"),
             "tinker://s1:train:0/sampler_weights/a"
         );
+        assert_eq!(model_id("s1", 0), "s1:train:0");
+        assert_eq!(session_of(&sampler_id("s1", 3)), "s1");
+        assert!(is_sampler_of("s1:sample:3", "s1"));
+        assert!(!is_sampler_of("s12:sample:3", "s1") && !is_sampler_of("s1:train:3", "s1"));
         let run = run_of("s1:train:0").unwrap();
         assert_eq!(
             record_key(&run, Kind::Weights, "x"),

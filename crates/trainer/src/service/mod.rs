@@ -465,22 +465,13 @@ impl TrainingModel {
                     .iter()
                     .flat_map(|d| padded(&d.targets, t * width))
                     .collect();
-                let input = |of: &dyn Fn(&Datum) -> &[f32]| {
+                // Each datum's values of one input, padded; a datum without them (an input its
+                // loss does not read, or clip bounds of its own) takes `absent` throughout.
+                let input = |of: &dyn Fn(&Datum) -> &[f32], absent: f64| {
                     let v: Vec<f32> = group
                         .iter()
-                        .flat_map(|d| padded(of(d), t * width))
-                        .collect();
-                    Tensor::from_slice(&v)
-                        .view([b, t as i64, k])
-                        .to_device(device)
-                };
-                // A datum without its own clip bounds takes the call's.
-                let (low, high) = loss.clip().unwrap_or((0.0, 0.0));
-                let bound = |own: &dyn Fn(&Datum) -> &[f32], call: f64| {
-                    let v: Vec<f32> = group
-                        .iter()
-                        .flat_map(|d| match own(d) {
-                            [] => vec![call as f32; t * width],
+                        .flat_map(|d| match of(d) {
+                            [] => vec![absent as f32; t * width],
                             given => padded(given, t * width).collect(),
                         })
                         .collect();
@@ -488,12 +479,13 @@ impl TrainingModel {
                         .view([b, t as i64, k])
                         .to_device(device)
                 };
+                let (low, high) = loss.clip().unwrap_or((0.0, 0.0));
                 let inputs = LossInputs {
-                    weights: input(&|d| &d.weights),
-                    q: input(&|d| &d.sampler_logprobs),
-                    a: input(&|d| &d.advantages),
-                    low: bound(&|d| &d.clip_low, low),
-                    high: bound(&|d| &d.clip_high, high),
+                    weights: input(&|d| &d.weights, 0.0),
+                    q: input(&|d| &d.sampler_logprobs, 0.0),
+                    a: input(&|d| &d.advantages, 0.0),
+                    low: input(&|d| &d.clip_low, low),
+                    high: input(&|d| &d.clip_high, high),
                 };
                 let mask: Vec<f32> = group
                     .iter()
