@@ -97,23 +97,14 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let report = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new(python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/python/tinker_client.py"
-            ))
-            .args(args)
-            .env("TINKER_BASE_URL", format!("http://127.0.0.1:{port}"))
-            .env("TINKER_API_KEY", "tml-waypoint-bench")
-            .env("TINKER_TELEMETRY", "0")
-            .output()
-            .expect("run the SDK");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let url = format!("http://127.0.0.1:{port}");
+        let env = [
+            ("TINKER_BASE_URL", url.as_str()),
+            ("TINKER_API_KEY", "tml-waypoint-bench"),
+            ("TINKER_TELEMETRY", "0"),
+        ];
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/tinker_client.py");
+        let stdout = waypoint_testkit::python_script_with(script, args, &env);
         serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
     };
     let sdk = |args: &[&str]| report(args)["tokens_per_s"].as_f64().unwrap();

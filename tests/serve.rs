@@ -88,19 +88,14 @@ fn sdk(server: &Server, args: &[&str]) -> Value {
         "{}/tests/python/tinker_client.py",
         env!("CARGO_MANIFEST_DIR")
     );
-    let out = Command::new(common::python())
-        .arg(script)
-        .args(args)
-        .env("TINKER_BASE_URL", &server.url)
-        .env("TINKER_API_KEY", KEY)
-        .env("TINKER_TELEMETRY", "0")
-        .output()
-        .expect("run python");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "tinker_client.py {args:?}:\n{stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let env = [
+        ("TINKER_BASE_URL", server.url.as_str()),
+        ("TINKER_API_KEY", KEY),
+        ("TINKER_TELEMETRY", "0"),
+    ];
+    let stdout = waypoint_testkit::python_script_with(&script, args, &env);
     let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"))
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
 /// The numbers of `v`, nested lists flattened.

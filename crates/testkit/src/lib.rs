@@ -49,10 +49,16 @@ pub fn python() -> String {
 /// Runs the Python script at `path` with `args` in the venv; fails the test with its stderr unless
 /// it succeeds; returns its stdout.
 pub fn python_script(path: &str, args: &[&str]) -> String {
+    python_script_with(path, args, &[])
+}
+
+/// [`python_script`] with the environment variables `env` set.
+pub fn python_script_with(path: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let script = path.rsplit('/').next().unwrap_or(path);
     let out = std::process::Command::new(python())
         .arg(path)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run python");
     assert!(
