@@ -179,7 +179,7 @@ async fn each_node_resumes_from_its_own_memory_tier() {
     let (f0, f1) = (as_strs(&flags[0]), as_strs(&flags[1]));
 
     // A worker killed: both tiers resume.
-    let (killed_after, log, _) = kill_node1s_worker(base, "tiers", [&f0, &f1], 10);
+    let (killed_after, log, _) = kill_node1s_worker(base, "tiers", [&f0, &f1], 10, &|| true);
     let run = dir.path().join("tiers/framework=waypoint");
     let s = common::read_json(run.join("status.json"));
     // (`peer` when the killed worker's node was a tier save behind: it received the newest one.)
@@ -298,13 +298,14 @@ fn as_strs(flags: &[String]) -> Vec<&str> {
 }
 
 /// Run `run` on two launchers (node `n` with the train flags `flags[n]`); once node 0 logged step
-/// `after`, node 1's worker is SIGKILLed and the job re-forms. Returns the step node 0 had logged
+/// `after` and `ready` holds, node 1's worker is SIGKILLed and the job re-forms. Returns the step node 0 had logged
 /// and both nodes' logs (each finished successfully).
 fn kill_node1s_worker(
     base: &str,
     run: &str,
     flags: [&[&str]; 2],
     after: u64,
+    ready: &dyn Fn() -> bool,
 ) -> (u64, String, String) {
     let port = common::free_port().to_string();
     let zero = Follower::new(node_with(base, run, &port, 0, flags[0]));
@@ -315,6 +316,7 @@ fn kill_node1s_worker(
     let step = zero.wait_line(&format!("step {after}"), Duration::from_secs(120), |l| {
         logged_step(l).is_some_and(|s| s >= after)
     });
+    wait_until(run, ready);
     let killed_after = logged_step(&step).unwrap();
     common::send_signal(rank_pid(&started, 1).unwrap(), "KILL").unwrap();
     let (status, log) = zero.end();
@@ -322,6 +324,18 @@ fn kill_node1s_worker(
     let (status, log1) = one.end();
     assert!(status.success(), "node 1:\n{log1}");
     (killed_after, log, log1)
+}
+
+/// Waits (at most 120 s) until `ready` holds for run `run`.
+fn wait_until(run: &str, ready: &dyn Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{run}: not ready in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Run `run` on two launchers; once node 0 logged step `after` and `ready` holds, node 1 dies for
@@ -341,14 +355,7 @@ fn replace_node1(
     zero.wait_line(&format!("step {after}"), Duration::from_secs(120), |l| {
         logged_step(l).is_some_and(|s| s >= after)
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !ready() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{run}: not ready in 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(run, ready);
     common::send_signal(one.id(), "KILL").unwrap();
     let _ = finished(one);
     std::fs::remove_dir_all(tier1).unwrap();
@@ -525,7 +532,7 @@ async fn sharded_state_resumes_from_each_nodes_own_shards() {
 
     // A worker killed after step 10 (the tiers' newest is 8, the durable tier's 6): the tiers
     // resume.
-    let (killed_after, log, log1) = kill_node1s_worker(base, "shards", [&f0, &f1], 10);
+    let (killed_after, log, log1) = kill_node1s_worker(base, "shards", [&f0, &f1], 10, &|| true);
     let run = dir.path().join("shards/framework=waypoint");
     let resumed = resumed_from(&run, "memory", &format!("{log}\nnode 1:\n{log1}"));
     assert!(
@@ -589,10 +596,18 @@ async fn lora_sharded_over_nodes_keeps_the_tier_off() {
         "optimizer",
         "--lora_rank",
         "4",
+        // Steps enough after step 4's commit for the kill to find the job running.
+        "--max_steps",
+        "60",
     ];
     let flags = tiers.each_ref().map(|t| tier_flags(t, "1", &extra));
     let (f0, f1) = (as_strs(&flags[0]), as_strs(&flags[1]));
-    let (_, log, _) = kill_node1s_worker(base, "lora", [&f0, &f1], 6);
+    // Killed once step 4 is durable (its upload can still be under way at step 6 on a busy
+    // machine; the kill would then restart from scratch, with nothing to resume from).
+    let durable_4 = dir
+        .path()
+        .join("lora/framework=waypoint/checkpoints/step-000004.json");
+    let (_, log, _) = kill_node1s_worker(base, "lora", [&f0, &f1], 6, &|| durable_4.exists());
     assert!(
         log.contains("the memory tier is off: LoRA with --sharding over several nodes"),
         "{log}"
