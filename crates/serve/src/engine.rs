@@ -391,7 +391,7 @@ impl Engine {
 
     /// A new session's id.
     pub(crate) fn create_session(&self) -> String {
-        let id = format!("s{:016x}", random_u64());
+        let id = format!("s{:016x}", rand::random::<u64>());
         let session = Session {
             models: Vec::new(),
             seen: Instant::now(),
@@ -1173,9 +1173,6 @@ impl Trainer {
         let stop = tokenizer
             .map(|tokenizer| move |tokens: &[i64]| holds_stop(tokenizer, tokens, &r.stop_strings));
         let text_stop = stop.as_ref().map(|f| f as TextStop<'_>);
-        let Some(sampler) = self.samplers.get_mut(sampler_id) else {
-            return failed(Category::User, freed_sampler(sampler_id));
-        };
         let not_made = |e: &String| failed(Category::User, format!("sampler {sampler_id}: {e}"));
         let sampled = match sampler {
             Sampler::Own { model, .. } => match model {
@@ -1461,18 +1458,6 @@ fn least_recently_used(
     all.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
     let over = all.len().saturating_sub(keep);
     all.into_iter().take(over).map(|(id, _)| id).collect()
-}
-
-/// A number no client guesses (ids of sessions).
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
 }
 
 #[cfg(test)]
