@@ -260,17 +260,9 @@ pub(crate) struct Sender {
     pub token: u64,
 }
 
-/// A token no stray connection guesses.
+/// A token no stray connection guesses (from the operating system's entropy).
 pub(crate) fn token() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
+    rand::random()
 }
 
 /// A checkpoint's files opened for sending: each file's key, handle and length. Opened before
