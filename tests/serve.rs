@@ -649,6 +649,17 @@ fn a_killed_server_comes_back_with_its_checkpoints_and_a_client_continues_exactl
             "{listed}"
         );
     }
+    // What RestClient and the `tinker` command list after the restart: every client's run and
+    // every named checkpoint, read back from storage.
+    let catalog = sdk(&again, &["catalog", model_id, path]);
+    let runs = [&whole, &part, &resumed].map(|r| r["model_id"].as_str().unwrap());
+    let paths = [&whole, &part].map(|r| [r["path"].clone(), r["sampler_path"].clone()]);
+    lists_the_runs_and_checkpoints(
+        &catalog,
+        &runs,
+        &paths.concat(),
+        part["sampler_path"].clone(),
+    );
     let list = common::waypoint()
         .args(["ckpt", "list"])
         .arg(part["run"].as_str().unwrap())
@@ -678,4 +689,84 @@ fn a_killed_server_comes_back_with_its_checkpoints_and_a_client_continues_exactl
         from.ends_with(":step-000003") && from.starts_with(&model_id.replace(':', "-")),
         "{s}"
     );
+}
+
+/// `catalog`'s report (tinker_client.py) lists the runs of `runs` (the newest request first: the
+/// last of them) and the checkpoints at `paths` (newest first), each page as asked; the run of
+/// `runs[1]` has `paths[2]` as its last state and `sampler` as its last sampler weights; the
+/// `tinker` command prints the same.
+fn lists_the_runs_and_checkpoints(c: &Value, runs: &[&str], paths: &[Value], sampler: Value) {
+    let ids = |list: &Value, field: &str| -> Vec<String> {
+        let mut ids: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[field].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |v: Vec<String>| {
+        let mut v = v;
+        v.sort();
+        v
+    };
+    let times_fall = |list: &Value| {
+        let times: Vec<f64> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["t"].as_f64().unwrap())
+            .collect();
+        times.windows(2).all(|w| w[0] >= w[1])
+    };
+    let want_runs = sorted(runs.iter().map(|r| r.to_string()).collect());
+    let want_paths = sorted(
+        paths
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect(),
+    );
+    assert_eq!(ids(&c["runs"], "training_run_id"), want_runs, "{c:#}");
+    assert_eq!(c["runs_cursor"]["total_count"], runs.len(), "{c:#}");
+    assert!(times_fall(&c["runs"]), "{c:#}");
+    assert_eq!(c["first_run"], serde_json::json!([runs[2]]), "{c:#}");
+    for run in c["runs"].as_array().unwrap() {
+        assert_eq!(
+            (&run["base_model"], &run["lora_rank"]),
+            (&"tiny".into(), &4.into())
+        );
+    }
+    let run = &c["run"];
+    assert_eq!(run["last_checkpoint"]["tinker_path"], paths[2], "{c:#}");
+    assert_eq!(
+        run["last_sampler_checkpoint"]["tinker_path"], sampler,
+        "{c:#}"
+    );
+    assert_eq!(ids(&c["checkpoints"], "tinker_path"), want_paths, "{c:#}");
+    assert_eq!(c["checkpoints_cursor"]["total_count"], paths.len(), "{c:#}");
+    assert!(times_fall(&c["checkpoints"]), "{c:#}");
+    let second = &c["checkpoints"][1]["tinker_path"];
+    assert_eq!(c["second_checkpoint"], serde_json::json!([second]), "{c:#}");
+    let info = &c["weights_info"];
+    assert_eq!(
+        (&info["base_model"], &info["lora_rank"], &info["is_lora"]),
+        (&"tiny".into(), &4.into(), &true.into()),
+        "{c:#}"
+    );
+    for part in ["train_attn", "train_mlp", "train_unembed"] {
+        assert_eq!(info[part], true, "{c:#}");
+    }
+    assert_eq!(c["unknown_run"]["class"], "NotFoundError", "{c:#}");
+    let message = c["unknown_run"]["message"].as_str().unwrap();
+    assert!(message.contains("no training run"), "{message}");
+    // The `tinker` command, over the same routes.
+    assert_eq!(ids(&c["cli_runs"]["runs"], "training_run_id"), want_runs);
+    assert_eq!(
+        ids(&c["cli_checkpoints"]["checkpoints"], "tinker_path"),
+        want_paths
+    );
+    assert_eq!(c["cli_run_info"]["training_run_id"], runs[1], "{c:#}");
+    assert_eq!(c["cli_checkpoint_info"]["tinker_path"], paths[2], "{c:#}");
+    assert_eq!(c["cli_checkpoint_info"]["lora_rank"], 4, "{c:#}");
 }

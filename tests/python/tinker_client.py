@@ -65,12 +65,19 @@ TINKER_API_KEY.
                                 target_tokens and weights, distillation's form): the log-probs
                                 ([positions, 3] a datum) and loss:sum against transformers; a step
                                 lowers the loss
+  catalog <model_id> <path>     what RestClient lists of the runs and named checkpoints under the
+                                server's base (list_training_runs, get_training_run,
+                                list_user_checkpoints, a page of each, get_weights_info_by_tinker_path,
+                                an unknown run), and what the `tinker` command prints of them
+                                (`--format json`: run list, run info, checkpoint list, checkpoint
+                                info)
   errors <base_name>            what the SDK raises on a wrong key, an unknown base model, a loss
                                 not served, and raw HTTP on malformed and oversized bodies; then
                                 the same client goes on
 """
 import json
 import os
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -693,6 +700,42 @@ def raw(path, body, key, content_type="application/json"):
             return e.code, text.decode(errors="replace")
 
 
+def catalog(model_id, path):
+    rc = tinker.ServiceClient().create_rest_client()
+    runs = rc.list_training_runs(limit=100).result()
+    every = rc.list_user_checkpoints(limit=100).result()
+    cli_bin = os.path.join(os.path.dirname(sys.executable), "tinker")
+
+    def cli(*args):
+        done = subprocess.run(
+            [cli_bin, "--format", "json", *args], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"tinker {' '.join(args)}: {done.returncode}\n{done.stdout}\n{done.stderr}")
+        return json.loads(done.stdout)
+
+    print(json.dumps({
+        # (each with its time as seconds, `t`, to compare)
+        "runs": [dict(r.model_dump(mode="json"), t=r.last_request_time.timestamp())
+                 for r in runs.training_runs],
+        "runs_cursor": runs.cursor.model_dump(mode="json"),
+        "first_run": [r.training_run_id for r in rc.list_training_runs(limit=1).result().training_runs],
+        "run": rc.get_training_run(model_id).result().model_dump(mode="json"),
+        "checkpoints": [dict(c.model_dump(mode="json"), t=c.time.timestamp())
+                        for c in every.checkpoints],
+        "checkpoints_cursor": every.cursor.model_dump(mode="json"),
+        "second_checkpoint": [
+            c.tinker_path for c in rc.list_user_checkpoints(limit=1, offset=1).result().checkpoints
+        ],
+        "weights_info": rc.get_weights_info_by_tinker_path(path).result().model_dump(mode="json"),
+        "unknown_run": raised(lambda: rc.get_training_run("s0:train:9").result()),
+        "cli_runs": cli("run", "list"),
+        "cli_run_info": cli("run", "info", model_id),
+        "cli_checkpoints": cli("checkpoint", "list"),
+        "cli_checkpoint_info": cli("checkpoint", "info", path),
+    }))
+
+
 def errors(name):
     key = os.environ["TINKER_API_KEY"]
     report = {}
@@ -739,6 +782,7 @@ if __name__ == "__main__":
         "dpo_custom": dpo_custom, "save_order": save_order, "leave": leave,
         "multi_target": multi_target,
         "heartbeat": heartbeat,
+        "catalog": catalog,
         "bench_memory": bench_memory,
     }
     commands[sys.argv[1]](*sys.argv[2:])

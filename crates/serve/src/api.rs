@@ -230,3 +230,9 @@ mod tests {
         assert!(serde_json::from_str::<GetInfo>(r#"{"type":"get_info"}"#).is_err());
     }
 }
+
+/// `POST weights_info`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct WeightsInfo {
+    pub(crate) tinker_path: String,
+}

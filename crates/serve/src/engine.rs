@@ -1183,7 +1183,7 @@ impl Trainer {
                 match self.models.get_mut(model_id.as_str()) {
                     Some(Ok(served)) => served
                         .model
-                        .with_snapshot(Some(&*snapshot), |m| sample_with(m, r, text_stop)),
+                        .with_snapshot(Some(snapshot), |m| sample_with(m, r, text_stop)),
                     _ => {
                         return failed(
                             Category::User,
@@ -1199,19 +1199,15 @@ impl Trainer {
         }
     }
 
-    /// Model `model_id` from `origin`, its run's attempt taken.
+    /// Model `model_id` from `origin`, its run's attempt taken (its record holds what the model
+    /// is, which `catalog` lists).
     fn make(&mut self, model_id: &str, origin: Origin) -> Result<Served, String> {
-        let rt = &self.runtime;
         let layout = names::run_of(model_id).map_err(|e| e.to_string())?;
-        let mut manager =
-            CheckpointManager::new(self.store.clone(), layout, ManagerOptions::default());
-        let info = json!({"served_model": model_id});
-        rt.block_on(manager.start_attempt(&info))
-            .map_err(|e| format!("taking the run's attempt: {e}"))?;
         let (model, made_from) = match origin {
             Origin::New(identity) => (self.model_of(identity)?, None),
             Origin::Checkpoint { path, optimizer } => {
-                let (source, step) = resolve(&self.store, rt, &path).map_err(|e| e.to_string())?;
+                let (source, step) =
+                    resolve(&self.store, &self.runtime, &path).map_err(|e| e.to_string())?;
                 let model = self.checkpoint_model(&source, step, optimizer)?;
                 let made_from = ResumedFrom {
                     checkpoint: format!("{}:{step}", source.layout().run_id()),
@@ -1220,6 +1216,12 @@ impl Trainer {
                 (model, Some(made_from))
             }
         };
+        let mut manager =
+            CheckpointManager::new(self.store.clone(), layout, ManagerOptions::default());
+        let info = json!({"served_model": model_id, "identity": model.identity()});
+        self.runtime
+            .block_on(manager.start_attempt(&info))
+            .map_err(|e| format!("taking the run's attempt: {e}"))?;
         Ok(Served {
             model,
             manager,
@@ -1229,13 +1231,15 @@ impl Trainer {
     }
 }
 
-/// The base model of the checkpoint `path` names (read from storage: call off the async
+/// The model the checkpoint `path` names was saved from (read from storage: call off the async
 /// runtime's workers).
-pub(crate) fn base_of(store: &Store, rt: &Handle, path: &TinkerPath) -> Result<String, ServeError> {
+pub(crate) fn identity_at(
+    store: &Store,
+    rt: &Handle,
+    path: &TinkerPath,
+) -> Result<Identity, ServeError> {
     let (source, step) = resolve(store, rt, path)?;
-    identity_of(&source, rt, step)
-        .map(|i| i.base_model)
-        .map_err(|e| ServeError::BadRequest(format!("{e:#}")))
+    identity_of(&source, rt, step).map_err(|e| ServeError::BadRequest(format!("{e:#}")))
 }
 
 /// The run and checkpoint that `path` names (its name record read).

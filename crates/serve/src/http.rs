@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,10 +24,11 @@ use subtle::ConstantTimeEq;
 use waypoint_trainer::service::{AdamParams, Datum, Identity, LoraSpec, Loss, SampleParams};
 
 use crate::api;
+use crate::catalog::{self, Named, Page};
 use crate::engine::{self, Engine, Op, Sample, SamplerInfo, SamplerSource};
 use crate::error::ServeError;
 use crate::futures::{Outcome, Polled};
-use crate::names::{self, Kind, Record, TinkerPath};
+use crate::names::{self, Kind, TinkerPath};
 use crate::proto;
 
 /// The key clients must present, compared in constant time.
@@ -81,10 +83,14 @@ pub(crate) fn router(engine: Arc<Engine>, key: Arc<ApiKey>) -> Router {
         .route("/save_weights", post(save_weights))
         .route("/save_weights_for_sampler", post(save_weights_for_sampler))
         .route("/load_weights", post(load_weights))
+        .route("/training_runs", get(list_training_runs))
+        .route("/training_runs/{model_id}", get(get_training_run))
         .route(
             "/training_runs/{model_id}/checkpoints",
             get(list_checkpoints),
         )
+        .route("/checkpoints", get(list_user_checkpoints))
+        .route("/weights_info", post(weights_info))
         .route("/retrieve_future", post(retrieve_future))
         .route("/create_sampling_session", post(create_sampling_session))
         .route("/samplers/{sampler_id}", get(sampler))
@@ -662,41 +668,87 @@ async fn list_checkpoints(
     State(engine): State<Arc<Engine>>,
     axum::extract::Path(model_id): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ServeError> {
-    let run = names::run_of(&model_id)?;
-    let store = engine.store();
-    let mut checkpoints = Vec::new();
-    for kind in [Kind::Weights, Kind::Sampler] {
-        let dir = names::records_dir(&run, kind);
-        let listed = store
-            .list(&format!("{dir}/"))
-            .await
-            .map_err(|e| ServeError::Internal(format!("listing {dir}: {e}")))?;
-        for object in listed {
-            let Some(name) = object
-                .key
-                .rsplit('/')
-                .next()
-                .and_then(|n| n.strip_suffix(".json"))
-            else {
-                continue;
-            };
-            let bytes = store
-                .get(&object.key)
-                .await
-                .map_err(|e| ServeError::Internal(format!("reading {}: {e}", object.key)))?;
-            let Ok(record) = serde_json::from_slice::<Record>(&bytes) else {
-                continue;
-            };
-            checkpoints.push(json!({
-                "checkpoint_id": format!("{}/{name}", kind.segment()),
-                "checkpoint_type": kind.checkpoint_type(),
-                "time": record.time,
-                "tinker_path": TinkerPath::of(&model_id, kind, name),
-                "public": false,
-            }));
-        }
-    }
+    let named = catalog::named_checkpoints(engine.store(), &model_id).await?;
+    let checkpoints: Vec<Value> = named.iter().map(Named::to_json).collect();
     Ok(Json(json!({"checkpoints": checkpoints})))
+}
+
+/// Every run's named checkpoints, newest first, a page of them (`tinker checkpoint list`).
+async fn list_user_checkpoints(
+    State(engine): State<Arc<Engine>>,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<Value>, ServeError> {
+    let page = page_of(page)?;
+    let named = catalog::all_named(engine.store()).await?;
+    let (named, cursor) = page.of(named, 100)?;
+    let checkpoints: Vec<Value> = named.iter().map(Named::to_json).collect();
+    Ok(Json(json!({"checkpoints": checkpoints, "cursor": cursor})))
+}
+
+/// The training runs, newest request first, a page of them (`tinker run list`).
+async fn list_training_runs(
+    State(engine): State<Arc<Engine>>,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<Value>, ServeError> {
+    let page = page_of(page)?;
+    let runs = catalog::training_runs(engine.store()).await?;
+    let (runs, cursor) = page.of(runs, 20)?;
+    Ok(Json(json!({"training_runs": runs, "cursor": cursor})))
+}
+
+/// One training run (`tinker run info`).
+async fn get_training_run(
+    State(engine): State<Arc<Engine>>,
+    axum::extract::Path(model_id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ServeError> {
+    catalog::training_run(engine.store(), &model_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ServeError::NotFound(format!(
+                "no training run {model_id:?} under this server's --checkpoint_base_uri \
+                 (list_training_runs, or `tinker run list`, lists them)"
+            ))
+        })
+}
+
+/// What a checkpoint was saved from: its base model and LoRA.
+async fn weights_info(
+    State(engine): State<Arc<Engine>>,
+    body: Bytes,
+) -> Result<Json<Value>, ServeError> {
+    let req: api::WeightsInfo = parse("weights_info", &body)?;
+    let path = TinkerPath::parse(&req.tinker_path)?;
+    let identity = identity_at(&engine, &path).await?;
+    Ok(Json(json!({
+        "base_model": identity.base_model,
+        "is_lora": true,
+        "lora_rank": identity.lora.rank,
+        "train_attn": identity.lora.attn,
+        "train_mlp": identity.lora.mlp,
+        "train_unembed": identity.lora.unembed,
+    })))
+}
+
+/// The model the checkpoint `path` was saved from (read off the async runtime's workers).
+async fn identity_at(engine: &Engine, path: &TinkerPath) -> Result<Identity, ServeError> {
+    let (store, rt, path) = (
+        engine.store().clone(),
+        tokio::runtime::Handle::current(),
+        path.clone(),
+    );
+    tokio::task::spawn_blocking(move || engine::identity_at(&store, &rt, &path))
+        .await
+        .map_err(|e| ServeError::Internal(format!("reading the checkpoint: {e}")))?
+}
+
+/// A page's query (`limit`, `offset`), or a 400 that says what is wrong with it.
+fn page_of(page: Result<Query<Page>, QueryRejection>) -> Result<Page, ServeError> {
+    page.map(|Query(p)| p).map_err(|e| {
+        ServeError::BadRequest(format!(
+            "the query: {e}; limit and offset are whole numbers ≥ 0"
+        ))
+    })
 }
 
 async fn create_sampling_session(
@@ -704,40 +756,32 @@ async fn create_sampling_session(
     body: Bytes,
 ) -> Result<Json<Value>, ServeError> {
     let req: api::CreateSamplingSession = parse("create_sampling_session", &body)?;
-    let (info, source) = match (req.model_path, req.base_model) {
-        // Saved sampler weights: their base read from the checkpoint.
-        (Some(model_path), _) => {
-            let path = TinkerPath::parse(&model_path)?;
-            let (store, rt, p) = (
-                engine.store().clone(),
-                tokio::runtime::Handle::current(),
-                path.clone(),
-            );
-            let base_model = tokio::task::spawn_blocking(move || engine::base_of(&store, &rt, &p))
-                .await
-                .map_err(|e| ServeError::Internal(format!("reading the checkpoint: {e}")))??;
-            let info = SamplerInfo {
-                base_model,
-                model_path: Some(model_path),
-            };
-            (info, SamplerSource::Checkpoint(path))
-        }
-        // A base model alone.
-        (None, Some(name)) => {
-            engine.check_base(&name)?;
-            let info = SamplerInfo {
-                base_model: name.clone(),
-                model_path: None,
-            };
-            (info, SamplerSource::Base(name))
-        }
-        (None, None) => {
-            return Err(ServeError::BadRequest(
+    let (info, source) =
+        match (req.model_path, req.base_model) {
+            // Saved sampler weights: their base read from the checkpoint.
+            (Some(model_path), _) => {
+                let path = TinkerPath::parse(&model_path)?;
+                let base_model = identity_at(&engine, &path).await?.base_model;
+                let info = SamplerInfo {
+                    base_model,
+                    model_path: Some(model_path),
+                };
+                (info, SamplerSource::Checkpoint(path))
+            }
+            // A base model alone.
+            (None, Some(name)) => {
+                engine.check_base(&name)?;
+                let info = SamplerInfo {
+                    base_model: name.clone(),
+                    model_path: None,
+                };
+                (info, SamplerSource::Base(name))
+            }
+            (None, None) => return Err(ServeError::BadRequest(
                 "create_sampling_session: give model_path (saved sampler weights) or base_model"
                     .into(),
-            ))
-        }
-    };
+            )),
+        };
     let (id, new) = engine.register_sampler(&req.session_id, req.sampling_session_seq_id, info)?;
     if new {
         engine.make_sampler(id.clone(), source)?;

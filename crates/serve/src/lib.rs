@@ -8,6 +8,8 @@
 //! - [`proto`]: the protobuf messages of the wire (prost derives);
 //! - [`api`]: the JSON bodies of the routes;
 //! - [`futures`]: each request's outcome, which clients long-poll;
+//! - `catalog`: the runs and named checkpoints under the base, read back from storage (what
+//!   `RestClient` lists);
 //! - [`engine`]: sessions, models, and each model's requests in the client's order, run on one
 //!   trainer thread over `waypoint_trainer::service` (the only part that knows libtorch);
 //! - `http`: the routes, the key check, and errors as the SDK reads them;
@@ -23,6 +25,7 @@
 //! server-side, and the rest `docs/serve.md` lists.
 
 mod api;
+mod catalog;
 mod engine;
 mod error;
 mod futures;

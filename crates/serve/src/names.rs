@@ -131,6 +131,14 @@ pub(crate) fn run_of(model_id: &str) -> Result<RunLayout, ServeError> {
         .map_err(|e| ServeError::BadRequest(format!("model id {model_id:?} names no run: {e}")))
 }
 
+/// The model whose run is `run_id` (the inverse of [`run_of`]), if it is a served model's.
+pub(crate) fn model_of_run(run_id: &str) -> Option<String> {
+    let (session, n) = run_id.rsplit_once("-train-")?;
+    let n: i64 = n.parse().ok()?;
+    let plain = !session.is_empty() && session.chars().all(|c| c.is_ascii_alphanumeric());
+    (plain && n >= 0 && run_of(&model_id(session, n)).is_ok()).then(|| model_id(session, n))
+}
+
 /// The key of name record `name` of `kind` in `run`.
 pub(crate) fn record_key(run: &RunLayout, kind: Kind, name: &str) -> String {
     format!("{}/{name}.json", records_dir(run, kind))
@@ -177,6 +185,16 @@ mod tests {
         assert!(is_sampler_of("s1:sample:3", "s1"));
         assert!(!is_sampler_of("s12:sample:3", "s1") && !is_sampler_of("s1:train:3", "s1"));
         let run = run_of("s1:train:0").unwrap();
+        assert_eq!(model_of_run(run.run_id()).as_deref(), Some("s1:train:0"));
+        for not_served in [
+            "s1-train-x",
+            "-train-0",
+            "a-b-train-0",
+            "run",
+            "s1-train--1",
+        ] {
+            assert_eq!(model_of_run(not_served), None, "{not_served}");
+        }
         assert_eq!(
             record_key(&run, Kind::Weights, "x"),
             "s1-train-0/framework=waypoint/serve/weights/x.json"
