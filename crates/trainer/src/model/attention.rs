@@ -11,6 +11,9 @@ pub(crate) struct Rope {
     pub(crate) compute: Option<Kind>,
     /// Whether the LoRA adapters take part (off: the base model, DPO's reference).
     pub(crate) adapters: bool,
+    /// Which keys each query sees (`[batch, 1, queries, keys]`, true: seen), for rows padded on
+    /// the left (see `Model::forward_padded`); `None`: causal over every key.
+    pub(crate) mask: Option<Tensor>,
 }
 
 /// cos and sin tables `[seq, head_dim]` for positions `0..seq`.
@@ -29,7 +32,8 @@ pub(crate) fn rope_tables(seq: i64, head_dim: i64, theta: f64, device: Device) -
     (emb.cos(), emb.sin())
 }
 
-/// `x * cos + rotate_half(x) * sin` over `[batch, heads, seq, head_dim]`.
+/// `x * cos + rotate_half(x) * sin` over `[batch, heads, seq, head_dim]` (the tables `[seq,
+/// head_dim]`, or `[batch, 1, seq, head_dim]` for rows at positions of their own).
 pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
     let x1 = x.narrow(3, 0, half);

@@ -101,13 +101,14 @@ impl Layer {
                 (k, v, t > 1)
             }
         };
+        // Rows padded on the left see the keys their mask gives (causal over their own tokens).
         let a = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            None::<Tensor>,
+            rope.mask.as_ref(),
             0.0,
-            causal,
+            causal && rope.mask.is_none(),
             None,
             nkv != nh,
         );

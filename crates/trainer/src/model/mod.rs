@@ -40,10 +40,13 @@ pub use config::{
 pub struct KvCache(Vec<Option<(Tensor, Tensor)>>);
 
 impl KvCache {
-    /// The cache of one sequence (batch 1) copied to `n` rows, for `n` sequences that go on from
-    /// the same positions.
-    pub fn repeated(&self, n: i64) -> KvCache {
-        let rows = |t: &Tensor| t.repeat([n, 1, 1, 1]);
+    /// The cache of rows `index` (a row may come several times: sequences that go on from the
+    /// same positions).
+    pub fn rows(&self, index: &[i64]) -> KvCache {
+        let rows = |t: &Tensor| {
+            let index = Tensor::from_slice(index).to_device(t.device());
+            t.index_select(0, &index)
+        };
         KvCache(
             self.0
                 .iter()
@@ -331,12 +334,60 @@ impl Model {
             sin: sin.narrow(0, past, t),
             compute: self.compute,
             adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
+            mask: None,
         };
+        self.cached(ids, cache, &rope)
+    }
+
+    /// [`Model::forward_cached`] for rows of different lengths, each padded on the left to the
+    /// longest: the first `pad[r]` of row r's `past + t` places hold no token (never seen, and
+    /// its positions count from its first token), so each row's logits are those it has alone.
+    /// (A padded place sees only itself: no query is left without a key.)
+    pub fn forward_padded(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        past: i64,
+        pad: &[i64],
+    ) -> Tensor {
+        let (b, t) = (ids.size()[0], ids.size()[1]);
+        let c = &self.config;
+        let d = self.device;
+        let pad = Tensor::from_slice(pad).view([b, 1]).to_device(d);
+        // [b, t]: each query's place, and its position in its own row.
+        let places = Tensor::arange_start(past, past + t, (Kind::Int64, d)).view([1, t]);
+        let positions = (&places - &pad).clamp_min(0);
+        let (cos, sin) = rope_tables(past + t, c.head_dim, c.rope_theta, d);
+        let table = |x: &Tensor| {
+            x.index_select(0, &positions.reshape([-1]))
+                .view([b, 1, t, c.head_dim])
+        };
+        // [b, 1, t, keys]: a key is seen when it holds a token and comes no later, or is the
+        // query's own place.
+        let keys = Tensor::arange(past + t, (Kind::Int64, d)).view([1, 1, past + t]);
+        let queries = places.view([1, t, 1]);
+        let real = keys.ge_tensor(&pad.view([b, 1, 1]));
+        let mask = (real.logical_and(&keys.le_tensor(&queries)))
+            .logical_or(&keys.eq_tensor(&queries))
+            .unsqueeze(1);
+        let rope = Rope {
+            cos: table(&cos),
+            sin: table(&sin),
+            compute: self.compute,
+            adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
+            mask: Some(mask),
+        };
+        self.cached(ids, cache, &rope)
+    }
+
+    /// The cached forward pass over `ids` with `rope`'s tables (and mask).
+    fn cached(&self, ids: &Tensor, cache: &mut KvCache, rope: &Rope) -> Tensor {
+        let c = &self.config;
         tch::no_grad(|| {
             let mut h = self.embed_tokens(ids);
             cache.0.resize_with(self.layers.len(), || None);
             for (layer, kv) in self.layers.iter().zip(cache.0.iter_mut()) {
-                h = layer.forward_with(&h, &rope, c, false, Some(kv));
+                h = layer.forward_with(&h, rope, c, false, Some(kv));
             }
             self.logits(&h, false)
         })
@@ -362,6 +413,7 @@ impl Model {
             sin,
             compute: self.compute,
             adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
+            mask: None,
         }
     }
 
@@ -438,6 +490,57 @@ pub(crate) mod tests {
         let got = Tensor::cat(&got, 1);
         let diff = (got - full).abs().max().double_value(&[]);
         assert!(diff < 1e-4, "cached decoding differs by {diff}");
+    }
+
+    /// Rows of different lengths padded on the left and decoded together get each the logits
+    /// they get alone.
+    #[test]
+    fn rows_padded_on_the_left_decode_as_each_alone() {
+        let _turn = seeded();
+        let model = Model::init(ModelConfig::tiny(), 0, Device::Cpu).unwrap();
+        let rows: [&[i64]; 3] = [&[1, 5, 9, 200], &[7], &[3, 4]];
+        let next = [[11i64, 12, 13], [21, 22, 23], [31, 32, 33]];
+        let alone: Vec<Tensor> = rows
+            .iter()
+            .zip(&next)
+            .map(|(row, next)| {
+                let all: Vec<i64> = row.iter().chain(next).copied().collect();
+                model.forward(&Tensor::from_slice(&all).view([1, all.len() as i64]), false)
+            })
+            .collect();
+        let pad = [0i64, 3, 2];
+        let ids: Vec<i64> = rows
+            .iter()
+            .zip(&pad)
+            .flat_map(|(row, &p)| std::iter::repeat_n(0, p as usize).chain(row.iter().copied()))
+            .collect();
+        let mut cache = KvCache::default();
+        let prompt =
+            model.forward_padded(&Tensor::from_slice(&ids).view([3, 4]), &mut cache, 0, &pad);
+        for (r, row) in rows.iter().enumerate() {
+            let len = row.len() as i64;
+            let got = prompt.get(r as i64).narrow(0, 4 - len, len);
+            let want = alone[r].get(0).narrow(0, 0, len);
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "row {r}'s prompt: {diff}");
+        }
+        for step in 0..3 {
+            let tokens: Vec<i64> = next.iter().map(|n| n[step]).collect();
+            let out = model.forward_padded(
+                &Tensor::from_slice(&tokens).view([3, 1]),
+                &mut cache,
+                4 + step as i64,
+                &pad,
+            );
+            for (r, row) in rows.iter().enumerate() {
+                let want = alone[r].get(0).get(row.len() as i64 + step as i64);
+                let diff = (out.get(r as i64).get(0) - want)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(diff < 1e-4, "row {r}, step {step}: {diff}");
+            }
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::step::libtorch_boundary;
 mod sampling;
 
 use sampling::check_tokens;
-pub use sampling::{BaseModel, SampleParams, Sampled, Sampling, TextStop};
+pub use sampling::{BaseModel, Request, SampleParams, Sampled, Sampling, TextStop};
 
 /// Which projections a LoRA client trains, as the Tinker SDK's `LoraConfig` asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -68,31 +68,41 @@ pub trait Sampling {
         n: usize,
         text_stop: Option<TextStop<'_>>,
     ) -> Result<Vec<Sampled>> {
+        let request = Request {
+            prompt,
+            params: p,
+            n,
+            text_stop,
+        };
+        let mut sampled = self.sample_together(&[request]);
+        sampled.pop().unwrap_or_else(|| Ok(Vec::new()))
+    }
+
+    /// Several requests' samples, decoded together (see [`sample_rows`]): each request's
+    /// outcome, in order; a request that is wrong fails alone.
+    fn sample_together(&self, requests: &[Request<'_>]) -> Vec<Result<Vec<Sampled>>> {
         let model = self.sampled_model();
-        ensure!(!prompt.is_empty(), "the prompt is empty");
-        check_tokens(prompt.iter().chain(&p.stop), model.config.vocab_size)?;
-        // The positions the model was made for bound a sample (and its cache).
-        if let Some(limit) = model.config.raw["max_position_embeddings"].as_u64() {
-            let wanted = prompt.len() as u64 + p.max_tokens as u64;
-            ensure!(
-                wanted <= limit,
-                "{} prompt tokens + max_tokens {} = {wanted} positions, more than the model's \
-                 {limit} (max_position_embeddings): ask for at most {} tokens",
-                prompt.len(),
-                p.max_tokens,
-                limit.saturating_sub(prompt.len() as u64)
-            );
+        let checked: Vec<Result<()>> = requests.iter().map(|r| check(model, r)).collect();
+        let valid: Vec<&Request<'_>> = requests
+            .iter()
+            .zip(&checked)
+            .filter(|(_, c)| c.is_ok())
+            .map(|(r, _)| r)
+            .collect();
+        // No gradients: the adapters of a training client would record a graph.
+        let sampled = libtorch_boundary("sampling", || tch::no_grad(|| sample_rows(model, &valid)));
+        let mut sampled = match sampled {
+            Ok(each) => each.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => valid
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("{e:#}")))
+                .collect(),
         }
-        ensure!(
-            p.temperature >= 0.0 && p.temperature.is_finite() && p.top_p > 0.0 && p.top_p <= 1.0,
-            "temperature must be ≥ 0 and top_p in (0, 1], not {} and {}",
-            p.temperature,
-            p.top_p
-        );
-        libtorch_boundary("sampling", || {
-            // No gradients: the adapters of a training client would record a graph.
-            tch::no_grad(|| sample_rows(model, prompt, p, n, text_stop))
-        })
+        .into_iter();
+        checked
+            .into_iter()
+            .map(|c| c.and_then(|()| sampled.next().unwrap_or_else(|| Ok(Vec::new()))))
+            .collect()
     }
 
     /// The log-prob of each prompt token after the ones before it; the first has none (NaN).
@@ -121,6 +131,45 @@ pub trait Sampling {
             Ok(out)
         })
     }
+}
+
+/// One request of those sampled together: `n` samples after `prompt` as `params` say, each
+/// ending at a stop token, when `text_stop` says so, or after `max_tokens`.
+pub struct Request<'a> {
+    /// The prompt.
+    pub prompt: &'a [i64],
+    /// How to sample.
+    pub params: &'a SampleParams,
+    /// Samples wanted.
+    pub n: usize,
+    /// Whether the tokens so far end a sample (stop strings).
+    pub text_stop: Option<TextStop<'a>>,
+}
+
+/// Fails saying what is wrong with request `r` for `model`.
+fn check(model: &Model, r: &Request<'_>) -> Result<()> {
+    let (prompt, p) = (r.prompt, r.params);
+    ensure!(!prompt.is_empty(), "the prompt is empty");
+    check_tokens(prompt.iter().chain(&p.stop), model.config.vocab_size)?;
+    // The positions the model was made for bound a sample (and its cache).
+    if let Some(limit) = model.config.raw["max_position_embeddings"].as_u64() {
+        let wanted = prompt.len() as u64 + p.max_tokens as u64;
+        ensure!(
+            wanted <= limit,
+            "{} prompt tokens + max_tokens {} = {wanted} positions, more than the model's \
+             {limit} (max_position_embeddings): ask for at most {} tokens",
+            prompt.len(),
+            p.max_tokens,
+            limit.saturating_sub(prompt.len() as u64)
+        );
+    }
+    ensure!(
+        p.temperature >= 0.0 && p.temperature.is_finite() && p.top_p > 0.0 && p.top_p <= 1.0,
+        "temperature must be ≥ 0 and top_p in (0, 1], not {} and {}",
+        p.temperature,
+        p.top_p
+    );
+    Ok(())
 }
 
 /// A base model alone, to sample from (`create_sampling_client(base_model=…)`).
@@ -163,73 +212,112 @@ pub(crate) fn check_tokens<'a>(
     }
 }
 
-/// `n` samples after `prompt`, decoded together: the prompt goes through the model once, its
-/// cache is copied to `n` rows, then each step takes one token of every row in one pass (rows that
-/// stopped ride along, their tokens unused). With a seed, row `i` draws at step `s` from libtorch's
-/// generator seeded from (seed + i, s): the same request gives the same samples, and row `i` is
-/// row 0 of the request with seed + i.
-fn sample_rows(
-    model: &Model,
-    prompt: &[i64],
-    p: &SampleParams,
-    n: usize,
-    text_stop: Option<TextStop<'_>>,
-) -> Result<Vec<Sampled>> {
+/// The samples of `requests`, decoded together: each prompt goes through the model once (prompts
+/// of different lengths padded on the left to the longest, in one pass), its cache is copied to a
+/// row for each of its samples, then each step takes one token of every row in one pass (rows
+/// that ended ride along, their tokens unused) and each request draws its rows' tokens as its
+/// parameters say. With a seed, row `i` of a request draws at step `s` from libtorch's generator
+/// seeded from (seed + i, s): the same request gives the same samples, alone or beside others,
+/// and row `i` is row 0 of the request with seed + i.
+fn sample_rows(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>> {
     let device = model.device();
-    let mut out = vec![
-        Sampled {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            stopped: false,
-        };
-        n
-    ];
-    if n == 0 || p.max_tokens == 0 {
+    let empty = Sampled {
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+        stopped: false,
+    };
+    let mut out: Vec<Vec<Sampled>> = requests.iter().map(|r| vec![empty.clone(); r.n]).collect();
+    // Each row's request; the requests that sample anything.
+    let of_row: Vec<usize> = requests
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| std::iter::repeat_n(i, r.n))
+        .collect();
+    let steps = requests
+        .iter()
+        .map(|r| r.params.max_tokens)
+        .max()
+        .unwrap_or(0);
+    if of_row.is_empty() || steps == 0 {
         return Ok(out);
     }
-    let mut one = KvCache::default();
-    let ids = Tensor::from_slice(prompt)
-        .view([1, prompt.len() as i64])
+    let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let pad: Vec<i64> = requests
+        .iter()
+        .map(|r| (longest - r.prompt.len()) as i64)
+        .collect();
+    let ids: Vec<i64> = requests
+        .iter()
+        .flat_map(|r| {
+            std::iter::repeat_n(0, longest - r.prompt.len()).chain(r.prompt.iter().copied())
+        })
+        .collect();
+    let ids = Tensor::from_slice(&ids)
+        .view([requests.len() as i64, longest as i64])
         .to_device(device);
-    let prefill = model.forward_cached(&ids, &mut one, 0);
-    let mut cache = one.repeated(n as i64);
+    let padded = pad.iter().any(|&p| p > 0);
+    let row_pad: Vec<i64> = of_row.iter().map(|&i| pad[i]).collect();
+    // One forward pass a step, over every row (at `past` places in the cache).
+    let forward = |ids: &Tensor, cache: &mut KvCache, past: i64, pad: &[i64]| match padded {
+        true => model.forward_padded(ids, cache, past, pad),
+        false => model.forward_cached(ids, cache, past),
+    };
+    let mut prompts = KvCache::default();
+    let prefill = forward(&ids, &mut prompts, 0, &pad);
+    let index: Vec<i64> = of_row.iter().map(|&i| i as i64).collect();
+    let mut cache = prompts.rows(&index);
     let mut last = prefill
         .select(1, -1)
         .to_kind(Kind::Float)
-        .expand([n as i64, -1], false);
-    for step in 0..p.max_tokens {
-        // Every row at once; a seeded row alone, from its own generator's seed.
-        let drawn = match p.seed {
-            None => draw(&last, p)?,
-            Some(seed) => (0..n)
-                .map(|i| {
-                    tch::manual_seed(step_seed(seed.wrapping_add(i as u64), step));
-                    Ok(draw(&last.narrow(0, i as i64, 1), p)?[0])
-                })
-                .collect::<Result<Vec<_>>>()?,
-        };
-        let mut next = Vec::with_capacity(n);
-        for (i, row) in out.iter_mut().enumerate() {
-            if row.stopped {
-                next.push(0);
+        .index_select(0, &Tensor::from_slice(&index).to_device(device));
+    // A row is done once it stopped or has its request's max_tokens.
+    let mut done: Vec<bool> = of_row
+        .iter()
+        .map(|&i| requests[i].params.max_tokens == 0)
+        .collect();
+    for step in 0..steps {
+        let mut drawn = vec![(0i64, 0f32); of_row.len()];
+        let mut first = 0;
+        for (r, request) in requests.iter().enumerate() {
+            let rows = first..first + request.n;
+            first += request.n;
+            if rows.clone().all(|row| done[row]) {
                 continue;
             }
-            let (token, logprob) = drawn[i];
-            row.tokens.push(token);
-            row.logprobs.push(logprob);
-            row.stopped =
-                p.stop.contains(&token) || text_stop.is_some_and(|stop| stop(&row.tokens));
-            next.push(token);
+            let p = request.params;
+            let logits = last.narrow(0, rows.start as i64, request.n as i64);
+            // Every row of the request at once; a seeded row alone, from its own generator's seed.
+            let got = match p.seed {
+                None => draw(&logits, p)?,
+                Some(seed) => (0..request.n)
+                    .map(|i| {
+                        tch::manual_seed(step_seed(seed.wrapping_add(i as u64), step));
+                        Ok(draw(&logits.narrow(0, i as i64, 1), p)?[0])
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            };
+            drawn[rows.clone()].copy_from_slice(&got);
+            for (i, row) in rows.enumerate() {
+                if done[row] {
+                    continue;
+                }
+                let sample = &mut out[r][i];
+                let (token, logprob) = got[i];
+                sample.tokens.push(token);
+                sample.logprobs.push(logprob);
+                sample.stopped = p.stop.contains(&token)
+                    || request.text_stop.is_some_and(|stop| stop(&sample.tokens));
+                done[row] = sample.stopped || sample.tokens.len() >= p.max_tokens;
+            }
         }
-        if step + 1 == p.max_tokens || out.iter().all(|r| r.stopped) {
+        if done.iter().all(|&d| d) {
             break;
         }
+        let next: Vec<i64> = drawn.iter().map(|&(t, _)| t).collect();
         let tokens = Tensor::from_slice(&next)
-            .view([n as i64, 1])
+            .view([next.len() as i64, 1])
             .to_device(device);
-        let past = (prompt.len() + step) as i64;
-        last = model
-            .forward_cached(&tokens, &mut cache, past)
+        last = forward(&tokens, &mut cache, (longest + step) as i64, &row_pad)
             .select(1, 0)
             .to_kind(Kind::Float);
     }
@@ -288,6 +376,77 @@ fn draw(logits: &Tensor, p: &SampleParams) -> Result<Vec<(i64, f32)>> {
 mod tests {
     use super::*;
     use crate::model::ModelConfig;
+
+    /// Requests decoded together — prompts of different lengths, greedy and seeded draws, their
+    /// own max_tokens and stop tokens — each get the samples they get alone.
+    #[test]
+    fn requests_decoded_together_are_the_requests_decoded_alone() {
+        let _turn = crate::model::tests::seeded();
+        let model = BaseModel(Model::init(ModelConfig::tiny(), 5, Device::Cpu).unwrap());
+        let prompts: [&[i64]; 4] = [&[3, 17, 42, 9], &[5], &[8, 8, 1, 200, 7, 31, 2], &[11, 4]];
+        let params = |max_tokens, temperature, seed, stop: Vec<i64>| SampleParams {
+            max_tokens,
+            temperature,
+            top_k: -1,
+            top_p: 1.0,
+            seed,
+            stop,
+        };
+        let each = [
+            params(6, 0.0, None, Vec::new()),
+            params(4, 1.2, Some(3), Vec::new()),
+            params(0, 0.0, None, Vec::new()),
+            params(5, 0.9, Some(11), vec![7]),
+        ];
+        let n = [2, 3, 1, 2];
+        let requests: Vec<Request<'_>> = (0..4)
+            .map(|i| Request {
+                prompt: prompts[i],
+                params: &each[i],
+                n: n[i],
+                text_stop: None,
+            })
+            .collect();
+        let together = model.sample_together(&requests);
+        for i in 0..4 {
+            let alone = model.sample(prompts[i], &each[i], n[i], None).unwrap();
+            let got = together[i].as_ref().unwrap();
+            assert_eq!(got.len(), n[i]);
+            for (a, b) in got.iter().zip(&alone) {
+                assert_eq!(
+                    (&a.tokens, a.stopped),
+                    (&b.tokens, b.stopped),
+                    "request {i}"
+                );
+                for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                    assert!((x - y).abs() < 1e-4, "request {i}: {x} vs {y}");
+                }
+                assert!(a.tokens.len() <= each[i].max_tokens);
+            }
+        }
+        assert!(together[2].as_ref().unwrap()[0].tokens.is_empty());
+        // A wrong request fails alone.
+        let outside = params(3, 0.0, None, Vec::new());
+        let mixed = [
+            Request {
+                prompt: &[1_000_000],
+                params: &outside,
+                n: 1,
+                text_stop: None,
+            },
+            Request {
+                prompt: prompts[0],
+                params: &each[0],
+                n: 1,
+                text_stop: None,
+            },
+        ];
+        let got = model.sample_together(&mixed);
+        let err = got[0].as_ref().unwrap_err().to_string();
+        assert!(err.contains("outside the model's vocabulary"), "{err}");
+        let alone = model.sample(prompts[0], &each[0], 1, None).unwrap();
+        assert_eq!(got[1].as_ref().unwrap()[0].tokens, alone[0].tokens);
+    }
 
     /// Rows decoded together are the samples decoded alone: greedy ones alike, a seeded row `i`
     /// that of the request seeded `seed + i`, each row its own draw.
