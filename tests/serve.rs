@@ -552,7 +552,8 @@ fn an_rl_loop_samples_scores_and_trains() {
 
 /// Sampling: greedy samples from saved sampler weights (`create_sampling_client`) and from the
 /// live model (`save_weights_and_get_sampling_client`) are the tokens a greedy loop of `peft` over
-/// the saved adapter makes; `compute_logprobs` gives `peft`'s log-probs; a seeded draw repeats.
+/// the saved adapter makes; `compute_logprobs` gives `peft`'s log-probs; a seeded draw repeats;
+/// requests sent at once (decoded together) are each what it is alone.
 #[test]
 fn samples_are_those_of_peft_over_the_saved_adapter() {
     let server = start();
@@ -602,6 +603,18 @@ fn samples_are_those_of_peft_over_the_saved_adapter() {
     assert_ne!(
         r["draws"][0][0], r["draws"][0][1],
         "its samples differ: {r}"
+    );
+    // Requests sent at once, decoded together: each as peft makes it alone; the seeded one as
+    // it draws alone.
+    let together = r["together"].as_array().unwrap();
+    assert_eq!(
+        Value::from(&together[..4]),
+        r["together_peft"],
+        "requests decoded together vs peft: {r}"
+    );
+    assert_eq!(
+        together[4], r["draws"][0],
+        "a seeded request beside others: {r}"
     );
 }
 

@@ -30,7 +30,9 @@ TINKER_API_KEY.
                                 model (save_weights_and_get_sampling_client) against a greedy
                                 loop of peft over the saved adapter; compute_logprobs against
                                 peft's; seeded sampling repeats; a sampler over the base model
-                                alone (create_sampling_client(base_model)) against transformers
+                                alone (create_sampling_client(base_model)) against transformers;
+                                requests sent at once (prompts of different lengths, decoded
+                                together) against peft, one seeded against itself alone
   bench_sample <base_name> <requests> <prompt_len> <max_tokens> [<samples>]
                                 benches/serve.rs: sampling tokens/s from a client's live adapters
                                 (greedy; with samples > 1, that many drawn at temperature 1 per
@@ -588,6 +590,14 @@ def sample(name, model_dir, runs_dir):
         [s.tokens for s in saved.sample(prompt=prompt, num_samples=2, sampling_params=seeded).result().sequences]
         for _ in range(2)
     ]
+    # Requests sent at once (decoded together): prompts of 2 to 13 tokens, greedy, and a seeded
+    # one, which draws as it does alone.
+    prompts = [seqs[1][:13], seqs[0][:2], seqs[1][3:9], seqs[0][:7]]
+    sent = [
+        saved.sample(prompt=types.ModelInput.from_ints(p), num_samples=1, sampling_params=greedy)
+        for p in prompts
+    ] + [saved.sample(prompt=prompt, num_samples=2, sampling_params=seeded)]
+    together = [[s.tokens for s in f.result().sequences] for f in sent]
     base = sc.create_sampling_client(base_model=name)
     from_base = base.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result()
     base_logprobs = base.compute_logprobs(types.ModelInput.from_ints(seqs[0])).result()
@@ -629,6 +639,8 @@ def sample(name, model_dir, runs_dir):
         "logprobs": logprobs,
         "peft_logprobs": want_lp,
         "draws": draws,
+        "together": together,
+        "together_peft": [[greedy_loop(model, p, 8)] for p in prompts],
     }))
 
 

@@ -11,7 +11,7 @@
 //! thread only. Each model is a run of its own under the checkpoint base ([`crate::names`]); its
 //! saves are `step-N` checkpoints through the checkpoint crate, named by the client.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -24,8 +24,8 @@ use waypoint_data::tokenizer::Tokenizer;
 use waypoint_observe::records::{self, JobState, ResumedFrom, Status};
 use waypoint_storage::{StorageError, Store};
 use waypoint_trainer::service::{
-    identity_of, AdamParams, BaseModel, Datum, Identity, Loss, SampleParams, Sampling, Saving,
-    TextStop, TrainingModel,
+    identity_of, AdamParams, BaseModel, Datum, Identity, Loss, Request, SampleParams, Sampled,
+    Sampling, Saving, TextStop, TrainingModel,
 };
 
 use crate::error::ServeError;
@@ -91,11 +91,11 @@ enum Job {
         sampler_id: String,
         source: SamplerSource,
     },
-    /// Samples with sampler `sampler_id`.
+    /// Samples with sampler `sampler_id`: requests (each with its request id) decoded together
+    /// (the trainer joins the ones queued one after another).
     Sample {
         sampler_id: String,
-        request: Sample,
-        id: String,
+        requests: Vec<(String, Sample)>,
     },
 }
 
@@ -109,13 +109,13 @@ pub(crate) enum SamplerSource {
 }
 
 impl Job {
-    /// The client's request it answers, if any.
-    fn request(&self) -> Option<String> {
+    /// The clients' requests it answers.
+    fn requests(&self) -> Vec<String> {
         match self {
-            Job::Create { request, .. } => Some(request.clone()),
-            Job::Run { request, .. } => request.clone(),
-            Job::Sample { id, .. } => Some(id.clone()),
-            Job::Drop { .. } | Job::SamplerFrom { .. } => None,
+            Job::Create { request, .. } => vec![request.clone()],
+            Job::Run { request, .. } => request.iter().cloned().collect(),
+            Job::Sample { requests, .. } => requests.iter().map(|(id, _)| id.clone()).collect(),
+            Job::Drop { .. } | Job::SamplerFrom { .. } => Vec::new(),
         }
     }
 
@@ -653,8 +653,7 @@ impl Engine {
         let id = self.futures.open();
         self.send(Job::Sample {
             sampler_id: sampler_id.to_string(),
-            request,
-            id: id.clone(),
+            requests: vec![(id.clone(), request)],
         })?;
         Ok(id)
     }
@@ -800,11 +799,93 @@ struct Upload {
     task: std::thread::JoinHandle<bool>,
 }
 
+/// The trainer's inbox, and the jobs taken from it ahead of their turn and held back.
+struct Queue {
+    inbox: mpsc::Receiver<Job>,
+    held: VecDeque<Job>,
+}
+
+/// Rows decoded together at most (the samples of the requests joined).
+const MAX_SAMPLE_ROWS: usize = 256;
+
+/// How long a sampling request waits for another to decode with, when none is queued (a loop's
+/// requests, sent together, arrive a little apart).
+const SAMPLE_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
+impl Queue {
+    /// The next job: a held one, else the inbox's (waiting up to `wait`).
+    fn next(&mut self, wait: std::time::Duration) -> Result<Job, mpsc::RecvTimeoutError> {
+        match self.held.pop_front() {
+            Some(job) => Ok(job),
+            None => self.inbox.recv_timeout(wait),
+        }
+    }
+
+    /// `job`, and when it samples, the sampling requests of the same sampler queued right after
+    /// it joined to it (up to [`MAX_SAMPLE_ROWS`] rows): they are decoded together. The first
+    /// other job stops the joining and keeps its turn.
+    fn with_samples_after(&mut self, job: Job) -> Job {
+        let Job::Sample {
+            sampler_id,
+            mut requests,
+        } = job
+        else {
+            return job;
+        };
+        let mut rows: usize = requests.iter().map(|(_, r)| r.samples).sum();
+        let mut waited = false;
+        loop {
+            let next = match self.held.pop_front() {
+                Some(job) => job,
+                None => match self.inbox.try_recv() {
+                    Ok(job) => job,
+                    Err(_) if waited => break,
+                    Err(_) => {
+                        waited = true;
+                        match self.inbox.recv_timeout(SAMPLE_LINGER) {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        }
+                    }
+                },
+            };
+            match next {
+                Job::Sample {
+                    sampler_id: other,
+                    requests: more,
+                } if joins(&sampler_id, rows, &other, &more) => {
+                    rows += more.iter().map(|(_, r)| r.samples).sum::<usize>();
+                    requests.extend(more);
+                }
+                other => {
+                    self.held.push_front(other);
+                    break;
+                }
+            }
+        }
+        Job::Sample {
+            sampler_id,
+            requests,
+        }
+    }
+}
+
+/// Whether sampling requests `more` on sampler `other` join a batch of `rows` rows on sampler
+/// `sampler`: the same sampler, and rows within [`MAX_SAMPLE_ROWS`].
+fn joins(sampler: &str, rows: usize, other: &str, more: &[(String, Sample)]) -> bool {
+    let added: usize = more.iter().map(|(_, r)| r.samples).sum();
+    other == sampler && rows + added <= MAX_SAMPLE_ROWS
+}
+
 impl Trainer {
     fn run(mut self, inbox: mpsc::Receiver<Job>) {
+        let mut queue = Queue {
+            inbox,
+            held: VecDeque::new(),
+        };
         loop {
-            let job = match inbox.recv_timeout(std::time::Duration::from_millis(500)) {
-                Ok(job) => job,
+            let job = match queue.next(std::time::Duration::from_millis(500)) {
+                Ok(job) => queue.with_samples_after(job),
                 // Idle: an upload that ended is recorded (status.json) without waiting for work.
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.settle_uploads(|_| false);
@@ -820,7 +901,7 @@ impl Trainer {
             let (what, started) = (job.what(), Instant::now());
             // A panic is a bug, but it must not take the trainer thread (and every client) with
             // it: the request fails, the thread goes on.
-            let request = job.request();
+            let requests = job.requests();
             let handled =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(job)));
             if let Err(panic) = handled {
@@ -830,13 +911,14 @@ impl Trainer {
                     .or_else(|| panic.downcast_ref::<&str>().copied())
                     .unwrap_or("a panic");
                 tracing::error!(job = what, "the trainer failed unexpectedly: {why}");
-                if let Some(request) = request {
+                for request in &requests {
                     let error = format!("the server failed unexpectedly running {what}: {why}");
-                    self.futures.post(&request, failed(Category::Server, error));
+                    self.futures.post(request, failed(Category::Server, error));
                 }
             }
             tracing::debug!(
                 job = what,
+                requests = requests.len(),
                 ms = started.elapsed().as_secs_f64() * 1e3,
                 "job done"
             );
@@ -963,11 +1045,12 @@ impl Trainer {
             }
             Job::Sample {
                 sampler_id,
-                request,
-                id,
+                requests,
             } => {
-                let outcome = self.sample(&sampler_id, &request);
-                self.futures.post(&id, outcome);
+                let outcomes = self.sample(&sampler_id, &requests);
+                for ((id, _), outcome) in requests.iter().zip(outcomes) {
+                    self.futures.post(id, outcome);
+                }
             }
             Job::Drop {
                 model_ids,
@@ -1153,50 +1236,80 @@ impl Trainer {
         Ok(model)
     }
 
-    /// Runs a sampling request on its sampler; the protobuf `SampleResponse`.
-    fn sample(&mut self, sampler_id: &str, r: &Sample) -> Outcome {
+    /// Runs sampling requests on their sampler, decoded together; each one's outcome (the
+    /// protobuf `SampleResponse`), in order.
+    fn sample(&mut self, sampler_id: &str, batch: &[(String, Sample)]) -> Vec<Outcome> {
+        let all = |outcome: Outcome| batch.iter().map(|_| outcome.clone()).collect();
         let Some(sampler) = self.samplers.get(sampler_id) else {
-            return failed(Category::User, freed_sampler(sampler_id));
+            return all(failed(Category::User, freed_sampler(sampler_id)));
         };
         // Stop strings are looked for in the text of the tokens sampled so far, as the sampler's
         // base model's tokenizer decodes them.
-        let tokenizer = match (
-            r.stop_strings.is_empty(),
-            sampler_base(sampler, &self.models),
-        ) {
-            (false, Some(base)) => match tokenizer_of(&mut self.tokenizers, &self.bases, &base) {
-                Ok(t) => Some(t),
-                Err(e) => return failed(Category::User, e),
-            },
+        let wants_text = batch.iter().any(|(_, r)| !r.stop_strings.is_empty());
+        let tokenizer = match (wants_text, sampler_base(sampler, &self.models)) {
+            (true, Some(base)) => Some(tokenizer_of(&mut self.tokenizers, &self.bases, &base)),
             _ => None,
         };
-        let stop = tokenizer
-            .map(|tokenizer| move |tokens: &[i64]| holds_stop(tokenizer, tokens, &r.stop_strings));
-        let text_stop = stop.as_ref().map(|f| f as TextStop<'_>);
-        let not_made = |e: &String| failed(Category::User, format!("sampler {sampler_id}: {e}"));
+        // A request with stop strings fails alone when the tokenizer did not load.
+        let mut refused: Vec<Option<Outcome>> = batch
+            .iter()
+            .map(|(_, r)| match &tokenizer {
+                Some(Err(e)) if !r.stop_strings.is_empty() => {
+                    Some(failed(Category::User, e.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let runs: Vec<&Sample> = batch
+            .iter()
+            .zip(&refused)
+            .filter(|(_, no)| no.is_none())
+            .map(|((_, r), _)| r)
+            .collect();
+        let tokenizer = tokenizer.and_then(Result::ok);
+        let stops: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                tokenizer
+                    .filter(|_| !r.stop_strings.is_empty())
+                    .map(|t| move |tokens: &[i64]| holds_stop(t, tokens, &r.stop_strings))
+            })
+            .collect();
+        let text_stops: Vec<Option<TextStop<'_>>> = stops
+            .iter()
+            .map(|stop| stop.as_ref().map(|f| f as TextStop<'_>))
+            .collect();
         let sampled = match sampler {
             Sampler::Own { model, .. } => match model {
-                Ok(model) => sample_with(model.as_ref(), r, text_stop),
-                Err(e) => return not_made(e),
+                Ok(model) => Ok(sample_all(model.as_ref(), &runs, &text_stops)),
+                Err(e) => Err(format!("sampler {sampler_id}: {e}")),
             },
             Sampler::Client { model_id, snapshot } => {
                 match self.models.get_mut(model_id.as_str()) {
                     Some(Ok(served)) => served
                         .model
-                        .with_snapshot(Some(snapshot), |m| sample_with(m, r, text_stop)),
-                    _ => {
-                        return failed(
-                            Category::User,
-                            format!("sampler {sampler_id}: its training client is gone"),
-                        )
-                    }
+                        .with_snapshot(Some(snapshot), |m| Ok(sample_all(m, &runs, &text_stops)))
+                        .map_err(|e| format!("{e:#}")),
+                    _ => Err(format!("sampler {sampler_id}: its training client is gone")),
                 }
             }
         };
-        match sampled {
-            Ok(response) => Outcome::Proto(prost::Message::encode_to_vec(&response)),
-            Err(e) => failed(Category::User, format!("{e:#}")),
+        let mut sampled = match sampled {
+            Ok(each) => each,
+            Err(e) => return all(failed(Category::User, e)),
         }
+        .into_iter();
+        refused
+            .iter_mut()
+            .map(|no| match no.take() {
+                Some(outcome) => outcome,
+                None => match sampled.next() {
+                    Some(Ok(response)) => Outcome::Proto(prost::Message::encode_to_vec(&response)),
+                    Some(Err(e)) => failed(Category::User, format!("{e:#}")),
+                    None => failed(Category::Server, "no samples came back".into()),
+                },
+            })
+            .collect()
     }
 
     /// Model `model_id` from `origin`, its run's attempt taken (its record holds what the model
@@ -1408,23 +1521,53 @@ fn holds_stop(tokenizer: &Tokenizer, tokens: &[i64], strings: &[String]) -> bool
         .is_ok_and(|text| strings.iter().any(|s| text.contains(s.as_str())))
 }
 
-/// Samples `r` with `model`.
-fn sample_with(
+/// The requests `batch` sampled with `model`, decoded together, each stopping also when its
+/// `text_stops` says so: each one's response.
+fn sample_all(
     model: &dyn Sampling,
-    r: &Sample,
-    text_stop: Option<TextStop<'_>>,
-) -> anyhow::Result<proto::SampleResponse> {
-    let mut params = r.params.clone();
-    if !r.stop_given {
-        params.stop = model.eos_tokens();
-    }
-    let sequences = model.sample(&r.prompt, &params, r.samples, text_stop)?;
-    let prompt = match r.prompt_logprobs {
-        true => Some(model.prompt_logprobs(&r.prompt)?),
-        false => None,
-    };
+    batch: &[&Sample],
+    text_stops: &[Option<TextStop<'_>>],
+) -> Vec<anyhow::Result<proto::SampleResponse>> {
+    let params: Vec<SampleParams> = batch
+        .iter()
+        .map(|r| {
+            let mut params = r.params.clone();
+            if !r.stop_given {
+                params.stop = model.eos_tokens();
+            }
+            params
+        })
+        .collect();
+    let requests: Vec<Request<'_>> = batch
+        .iter()
+        .zip(&params)
+        .zip(text_stops)
+        .map(|((r, params), &text_stop)| Request {
+            prompt: &r.prompt,
+            params,
+            n: r.samples,
+            text_stop,
+        })
+        .collect();
+    let sampled = model.sample_together(&requests);
+    batch
+        .iter()
+        .zip(sampled)
+        .map(|(r, sequences)| {
+            let sequences = sequences?;
+            let prompt = match r.prompt_logprobs {
+                true => Some(model.prompt_logprobs(&r.prompt)?),
+                false => None,
+            };
+            Ok(response(&sequences, prompt.as_deref()))
+        })
+        .collect()
+}
+
+/// The protobuf `SampleResponse` of `sequences`, with the prompt's log-probs when asked.
+fn response(sequences: &[Sampled], prompt: Option<&[f32]>) -> proto::SampleResponse {
     let le_f32 = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    Ok(proto::SampleResponse {
+    proto::SampleResponse {
         sequences: sequences
             .iter()
             .map(|s| proto::SampledSequence {
@@ -1440,9 +1583,9 @@ fn sample_with(
                 logprobs: Some(le_f32(&s.logprobs)),
             })
             .collect(),
-        prompt_logprobs: prompt.as_deref().map(le_f32),
+        prompt_logprobs: prompt.map(le_f32),
         prompt_cache_hit_tokens: 0,
-    })
+    }
 }
 
 /// What a request on a sampler freed (or never made) is told.
@@ -1468,6 +1611,69 @@ fn least_recently_used(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Sampling requests queued one after another on one sampler are decoded together, up to
+    /// the rows' limit; another sampler's request or any other job stops the joining and keeps
+    /// its turn.
+    #[test]
+    fn queued_sampling_requests_of_a_sampler_join() {
+        let sample = |sampler: &str, id: &str, samples| Job::Sample {
+            sampler_id: sampler.into(),
+            requests: vec![(
+                id.into(),
+                Sample {
+                    prompt: vec![1],
+                    params: SampleParams {
+                        max_tokens: 1,
+                        temperature: 0.0,
+                        top_k: -1,
+                        top_p: 1.0,
+                        seed: None,
+                        stop: Vec::new(),
+                    },
+                    stop_strings: Vec::new(),
+                    stop_given: false,
+                    samples,
+                    prompt_logprobs: false,
+                },
+            )],
+        };
+        let (tx, inbox) = mpsc::channel();
+        let mut queue = Queue {
+            inbox,
+            held: VecDeque::new(),
+        };
+        let jobs = [
+            sample("a", "1", 1),
+            sample("a", "2", 4),
+            sample("b", "3", 1),
+            sample("b", "4", 1),
+            Job::Drop {
+                model_ids: Vec::new(),
+                sampler_ids: Vec::new(),
+            },
+            sample("b", "5", 1),
+            sample("b", "6", MAX_SAMPLE_ROWS),
+        ];
+        for job in jobs {
+            tx.send(job).unwrap();
+        }
+        let mut taken = Vec::new();
+        while let Ok(job) = queue.next(Duration::from_millis(1)) {
+            taken.push(queue.with_samples_after(job).requests());
+        }
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            taken,
+            [
+                ids(&["1", "2"]),
+                ids(&["3", "4"]),
+                ids(&[]),
+                ids(&["5"]),
+                ids(&["6"])
+            ]
+        );
+    }
 
     /// A stop string is found when the token completing it comes, not before, however long the
     /// sample before it, and a character cut by the window's edge matches nothing.
