@@ -5,7 +5,9 @@
 //! (target: the service ≥ 1/1.05 of the batch loop's tokens/s); and greedy sampling tokens/s
 //! through the SDK (a KV cache; the client's LoRA adapters on) against transformers' `generate`
 //! with its cache on the same base model (target ≥ 1×), and 8 samples a request decoded together
-//! against `generate`'s `num_return_sequences` (target ≥ 1×); and the server's resident memory per LoRA
+//! against `generate`'s `num_return_sequences` (target ≥ 1×), and 8 requests sent at once (prompts of
+//! different lengths, decoded together) against `generate` over the 8 prompts padded in one batch
+//! (target ≥ 1×); and the server's resident memory per LoRA
 //! client beyond the first against the base model's size (one base is shared by every client: a
 //! small fraction, where a copy each would be 1×).
 //!
@@ -141,6 +143,8 @@ fn main() {
         new_tokens,
         samples,
     ]);
+    let (rounds, together_n) = ("4", "8");
+    let together = sdk(&["bench_together", "bench", rounds, together_n, new_tokens]);
     let _ = server.kill();
     let _ = server.wait();
     println!(
@@ -180,6 +184,27 @@ fn main() {
          waypoint serve through the Tinker SDK {sampled:.1} vs transformers generate {greedy:.1} \
          = {:.2}x (target >= 1.0x)",
         sampled / greedy
+    );
+    let anchor = support::run(Command::new(python()).args([
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/anchors/generate_anchor.py"
+        ),
+        "batch",
+        model.to_str().unwrap(),
+        rounds,
+        together_n,
+        new_tokens,
+        "2",
+    ]));
+    let anchor: serde_json::Value = serde_json::from_str(anchor.trim()).unwrap();
+    let batched = anchor["tokens_per_s"].as_f64().unwrap();
+    println!(
+        "{together_n} greedy requests sent at once (prompts of 16 to 48 tokens, {new_tokens} new), \
+         tokens/s on cpu (decoded together): waypoint serve through the Tinker SDK {together:.1} \
+         vs transformers generate over the {together_n} prompts padded in one batch {batched:.1} \
+         = {:.2}x (target >= 1.0x; one request at a time above: {sampled:.1})",
+        together / batched
     );
     let drawn = generate(samples);
     println!(

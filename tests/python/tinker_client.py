@@ -55,6 +55,10 @@ TINKER_API_KEY.
   save_order <base_name>        a save_state sent without waiting, then a step: the step runs
                                 while the save uploads, and a client made from the saved state
                                 has the log-probs from before the step
+  bench_together <base_name> <rounds> <n> <max_tokens>
+                                benches/serve.rs: greedy tokens/s of n requests sent at once
+                                (prompts of the lengths benches/anchors/generate_anchor.py's
+                                prompt_lengths gives), the median over the rounds after the first
   bench_memory <base_name> <server_pid> <n>
                                 benches/serve.rs: the server's resident memory before any client,
                                 with one LoRA client, and with n
@@ -302,7 +306,7 @@ def dpo_custom(name, model_dir, runs_dir):
     sc = tinker.ServiceClient()
     tc = sc.create_lora_training_client(base_model=name, rank=4, seed=3).result()
     tc.save_state("start").result()
-    reference_sampler = tc.save_weights_and_get_sampling_client()
+    reference_sampler = tc.save_weights_and_get_sampling_client().result()
     # compute_logprobs gives each prompt token's log-prob (None for the first).
     reference = [reference_sampler.compute_logprobs(types.ModelInput.from_ints(s)).result()[1:]
                  for s in seqs]
@@ -368,7 +372,7 @@ def leave(name):
     tc = sc.create_lora_training_client(base_model=name, rank=2, seed=1).result()
     prompt = types.ModelInput.from_ints([1, 2, 3])
     params = types.SamplingParams(max_tokens=3, top_k=1, stop=[])
-    samplers = [tc.save_weights_and_get_sampling_client() for _ in range(3)]
+    samplers = [tc.save_weights_and_get_sampling_client().result() for _ in range(3)]
     newest = samplers[-1].sample(prompt=prompt, num_samples=1, sampling_params=params).result()
     second = samplers[1].sample(prompt=prompt, num_samples=1, sampling_params=params).result()
     print(json.dumps({
@@ -497,7 +501,7 @@ def rl_loop(name):
     prompt = [11, 42, 7, 99]
     rewards, gaps = [], []
     for it in range(3):
-        sampler = tc.save_weights_and_get_sampling_client()
+        sampler = tc.save_weights_and_get_sampling_client().result()
         params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=it, stop=[])
         out = sampler.sample(
             prompt=types.ModelInput.from_ints(prompt), num_samples=4, sampling_params=params
@@ -582,7 +586,7 @@ def sample(name, model_dir, runs_dir):
     greedy = types.SamplingParams(max_tokens=8, top_k=1, stop=[])
     saved = sc.create_sampling_client(model_path=path)
     from_saved = saved.sample(prompt=prompt, num_samples=2, sampling_params=greedy).result()
-    live = tc.save_weights_and_get_sampling_client()
+    live = tc.save_weights_and_get_sampling_client().result()
     from_live = live.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result()
     logprobs = saved.compute_logprobs(types.ModelInput.from_ints(seqs[0])).result()
     seeded = types.SamplingParams(max_tokens=8, temperature=1.5, seed=3, stop=[])
@@ -650,7 +654,7 @@ def bench_sample(name, requests, prompt_len, max_tokens, samples="1"):
 
     sc = tinker.ServiceClient()
     tc = sc.create_lora_training_client(base_model=name, rank=8, seed=7).result()
-    sampler = tc.save_weights_and_get_sampling_client()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     g = torch.Generator().manual_seed(13)
     n = int(samples)
     # Greedy, or n drawn at temperature 1 (as benches/anchors/generate_anchor.py does).
@@ -662,6 +666,31 @@ def bench_sample(name, requests, prompt_len, max_tokens, samples="1"):
         start = time.perf_counter()
         out = sampler.sample(prompt=prompt, num_samples=n, sampling_params=params).result()
         rates.append(sum(len(s.tokens) for s in out.sequences) / (time.perf_counter() - start))
+    print(json.dumps({"tokens_per_s": statistics.median(rates[1:])}))
+
+
+def bench_together(name, rounds, n, max_tokens):
+    import statistics
+    import time
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benches", "anchors"))
+    from generate_anchor import prompt_lengths
+
+    sc = tinker.ServiceClient()
+    tc = sc.create_lora_training_client(base_model=name, rank=8, seed=7).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    g = torch.Generator().manual_seed(17)
+    params = types.SamplingParams(max_tokens=int(max_tokens), stop=[], top_k=1)
+    rates = []
+    for _ in range(int(rounds)):
+        prompts = [torch.randint(1, 250, (k,), generator=g).tolist() for k in prompt_lengths(int(n))]
+        start = time.perf_counter()
+        sent = [
+            sampler.sample(prompt=types.ModelInput.from_ints(p), num_samples=1, sampling_params=params)
+            for p in prompts
+        ]
+        tokens = sum(len(s.tokens) for f in sent for s in f.result().sequences)
+        rates.append(tokens / (time.perf_counter() - start))
     print(json.dumps({"tokens_per_s": statistics.median(rates[1:])}))
 
 
@@ -796,5 +825,6 @@ if __name__ == "__main__":
         "heartbeat": heartbeat,
         "catalog": catalog,
         "bench_memory": bench_memory,
+        "bench_together": bench_together,
     }
     commands[sys.argv[1]](*sys.argv[2:])

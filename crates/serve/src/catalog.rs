@@ -9,6 +9,7 @@
 //! made; its last request time is its `status.json`'s (written at its creation, each save and its
 //! end); its checkpoints are its name records (`names`), newest first.
 
+use futures::stream::{self, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use waypoint_checkpoint::RunLayout;
@@ -20,6 +21,9 @@ use crate::names::{self, Kind, Record, TinkerPath};
 
 /// The most items one page lists.
 pub(crate) const MAX_PAGE: usize = 10_000;
+
+/// Runs read at once when listing.
+const READ_AT_ONCE: usize = 16;
 
 /// A page's place in a list: `offset` items skipped, at most `limit` shown.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -103,10 +107,12 @@ pub(crate) async fn named_checkpoints(
             else {
                 continue;
             };
-            let bytes = store
-                .get(&object.key)
-                .await
-                .map_err(|e| ServeError::Internal(format!("reading {}: {e}", object.key)))?;
+            let bytes = match store.get(&object.key).await {
+                Ok(bytes) => bytes,
+                // (Removed since it was listed.)
+                Err(StorageError::NotFound { .. }) => continue,
+                Err(e) => return Err(ServeError::Internal(format!("reading {}: {e}", object.key))),
+            };
             // (A record being written is not listed yet; anything else there is not a name.)
             let Ok(record) = serde_json::from_slice::<Record>(&bytes) else {
                 continue;
@@ -137,8 +143,12 @@ fn time_of(text: &str) -> Option<chrono::DateTime<chrono::FixedOffset>> {
     chrono::DateTime::parse_from_rfc3339(text).ok()
 }
 
-/// The model that run `run` trains, as its client was made (its attempt record), if recorded.
-async fn identity(store: &Store, run: &RunLayout) -> Result<Option<Identity>, ServeError> {
+/// The model that run `run` trains as its client was made, and when (its attempt record), if
+/// recorded.
+async fn made(
+    store: &Store,
+    run: &RunLayout,
+) -> Result<Option<(Identity, Option<String>)>, ServeError> {
     let key = run.attempt(1);
     let bytes = match store.get(&key).await {
         Ok(bytes) => bytes,
@@ -147,7 +157,21 @@ async fn identity(store: &Store, run: &RunLayout) -> Result<Option<Identity>, Se
     };
     let record: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ServeError::Internal(format!("{key} is not an attempt record: {e}")))?;
-    Ok(serde_json::from_value(record["info"]["identity"].clone()).ok())
+    let identity = match serde_json::from_value(record["info"]["identity"].clone()) {
+        Ok(identity) => identity,
+        Err(e) => {
+            tracing::warn!(%key, "no served model recorded in the attempt record: {e}");
+            return Ok(None);
+        }
+    };
+    Ok(Some((identity, time_ms(&record["started_unix_ms"]))))
+}
+
+/// An RFC 3339 time from milliseconds since the epoch, if `ms` is a number of them.
+fn time_ms(ms: &Value) -> Option<String> {
+    ms.as_i64()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.to_rfc3339())
 }
 
 /// When run `run`'s `status.json` was last written (RFC 3339), if it was.
@@ -159,10 +183,7 @@ async fn last_recorded(store: &Store, run: &RunLayout) -> Result<Option<String>,
         Err(e) => return Err(ServeError::Internal(format!("reading {key}: {e}"))),
     };
     let status: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    Ok(status["updated_unix_ms"]
-        .as_i64()
-        .and_then(chrono::DateTime::from_timestamp_millis)
-        .map(|t| t.to_rfc3339()))
+    Ok(time_ms(&status["updated_unix_ms"]))
 }
 
 /// Model `model_id`'s run as the SDK's `TrainingRun` has it; `None` when no such run is here.
@@ -171,7 +192,7 @@ pub(crate) async fn training_run(
     model_id: &str,
 ) -> Result<Option<Value>, ServeError> {
     let run = names::run_of(model_id)?;
-    let Some(identity) = identity(store, &run).await? else {
+    let Some((identity, started)) = made(store, &run).await? else {
         return Ok(None);
     };
     let named = named_checkpoints(store, model_id).await?;
@@ -182,9 +203,10 @@ pub(crate) async fn training_run(
             .map(Named::to_json)
             .unwrap_or(Value::Null)
     };
+    // (A run just made has its attempt record before its status.json.)
     let last = last_recorded(store, &run)
         .await?
-        .or_else(|| named.first().map(|n| n.record.time.clone()))
+        .or(started)
         .unwrap_or_else(|| chrono::DateTime::UNIX_EPOCH.to_rfc3339());
     Ok(Some(json!({
         "training_run_id": model_id,
@@ -199,27 +221,44 @@ pub(crate) async fn training_run(
     })))
 }
 
-/// Every training run here, newest request first.
+/// Every training run here, newest request first (one that cannot be read is left out, with a
+/// warning: the others are still listed).
 pub(crate) async fn training_runs(store: &Store) -> Result<Vec<Value>, ServeError> {
-    let mut runs = Vec::new();
-    for model_id in served_models(store).await? {
-        if let Some(run) = training_run(store, &model_id).await? {
-            runs.push(run);
-        }
-    }
+    let read = stream::iter(served_models(store).await?)
+        .map(|model_id| async move { (training_run(store, &model_id).await, model_id) })
+        .buffered(READ_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
+    let mut runs: Vec<Value> = read
+        .into_iter()
+        .filter_map(|(run, model_id)| readable(run, &model_id).flatten())
+        .collect();
     let time = |r: &Value| time_of(r["last_request_time"].as_str().unwrap_or_default());
     runs.sort_by_key(|r| std::cmp::Reverse(time(r)));
     Ok(runs)
 }
 
-/// Every checkpoint named in any run here, newest first.
+/// Every checkpoint named in any run here, newest first (a run that cannot be read is left out,
+/// with a warning).
 pub(crate) async fn all_named(store: &Store) -> Result<Vec<Named>, ServeError> {
-    let mut named = Vec::new();
-    for model_id in served_models(store).await? {
-        named.extend(named_checkpoints(store, &model_id).await?);
-    }
+    let read = stream::iter(served_models(store).await?)
+        .map(|model_id| async move { (named_checkpoints(store, &model_id).await, model_id) })
+        .buffered(READ_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
+    let mut named: Vec<Named> = read
+        .into_iter()
+        .filter_map(|(named, model_id)| readable(named, &model_id))
+        .flatten()
+        .collect();
     newest_first(&mut named);
     Ok(named)
+}
+
+/// What was read of model `model_id`'s run, or `None` with a warning.
+fn readable<T>(read: Result<T, ServeError>, model_id: &str) -> Option<T> {
+    read.map_err(|e| tracing::warn!(model = model_id, "left out of the list: {e}"))
+        .ok()
 }
 
 fn listing(dir: &str, e: StorageError) -> ServeError {

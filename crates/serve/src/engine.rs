@@ -809,8 +809,12 @@ struct Queue {
 const MAX_SAMPLE_ROWS: usize = 256;
 
 /// How long a sampling request waits for another to decode with, when none is queued (a loop's
-/// requests, sent together, arrive a little apart).
-const SAMPLE_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+/// requests, sent together, arrive a few milliseconds apart): joining goes on while each next one
+/// comes within this of the one before...
+const SAMPLE_QUIET: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// ... up to this in all.
+const SAMPLE_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Queue {
     /// The next job: a held one, else the inbox's (waiting up to `wait`).
@@ -833,20 +837,14 @@ impl Queue {
             return job;
         };
         let mut rows: usize = requests.iter().map(|(_, r)| r.samples).sum();
-        let mut waited = false;
+        let until = Instant::now() + SAMPLE_LINGER;
         loop {
+            let wait = SAMPLE_QUIET.min(until.saturating_duration_since(Instant::now()));
             let next = match self.held.pop_front() {
                 Some(job) => job,
-                None => match self.inbox.try_recv() {
+                None => match self.inbox.recv_timeout(wait) {
                     Ok(job) => job,
-                    Err(_) if waited => break,
-                    Err(_) => {
-                        waited = true;
-                        match self.inbox.recv_timeout(SAMPLE_LINGER) {
-                            Ok(job) => job,
-                            Err(_) => break,
-                        }
-                    }
+                    Err(_) => break,
                 },
             };
             match next {

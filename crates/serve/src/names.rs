@@ -136,7 +136,10 @@ pub(crate) fn model_of_run(run_id: &str) -> Option<String> {
     let (session, n) = run_id.rsplit_once("-train-")?;
     let n: i64 = n.parse().ok()?;
     let plain = !session.is_empty() && session.chars().all(|c| c.is_ascii_alphanumeric());
-    (plain && n >= 0 && run_of(&model_id(session, n)).is_ok()).then(|| model_id(session, n))
+    let model = model_id(session, n);
+    // (Exactly the inverse: `-train-07` is not model 7's run.)
+    let inverse = run_of(&model).is_ok_and(|run| run.run_id() == run_id);
+    (plain && n >= 0 && inverse).then_some(model)
 }
 
 /// The key of name record `name` of `kind` in `run`.
@@ -192,6 +195,7 @@ mod tests {
             "a-b-train-0",
             "run",
             "s1-train--1",
+            "s1-train-07",
         ] {
             assert_eq!(model_of_run(not_served), None, "{not_served}");
         }
