@@ -19,9 +19,10 @@
 //! `lm_head`) over one shared copy of each base model, `forward`, `forward_backward` with
 //! `cross_entropy` (one or several targets a position), `importance_sampling`, `ppo`, `cispo` and
 //! `dro`, `optim_step` with Adam's parameters, futures, checkpoints (`save_state`, `load_state`,
-//! named sampler weights, listing) as `step-N` checkpoints of a run per client uploaded in the
-//! background, and sampling (a KV cache, a request's samples together, stop tokens or strings)
-//! from saved or live weights or a base model. Not served: `gspo`, `stable_reinforce`, losses run
+//! named sampler weights, listing every run's) as `step-N` checkpoints of a run per client
+//! uploaded in the background, and sampling (a KV cache, a request's samples and the requests
+//! queued on one sampler decoded together, stop tokens or strings) from saved or live weights or a
+//! base model. Not served: `gspo`, `stable_reinforce`, losses run
 //! server-side, and the rest `docs/serve.md` lists.
 
 mod api;
