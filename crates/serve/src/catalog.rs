@@ -224,15 +224,10 @@ pub(crate) async fn training_run(
 /// Every training run here, newest request first (one that cannot be read is left out, with a
 /// warning: the others are still listed).
 pub(crate) async fn training_runs(store: &Store) -> Result<Vec<Value>, ServeError> {
-    let read = stream::iter(served_models(store).await?)
-        .map(|model_id| async move { (training_run(store, &model_id).await, model_id) })
-        .buffered(READ_AT_ONCE)
-        .collect::<Vec<_>>()
-        .await;
-    let mut runs: Vec<Value> = read
-        .into_iter()
-        .filter_map(|(run, model_id)| readable(run, &model_id).flatten())
-        .collect();
+    let read = each_run(store, |model_id| async move {
+        training_run(store, &model_id).await
+    });
+    let mut runs: Vec<Value> = read.await?.into_iter().flatten().collect();
     let time = |r: &Value| time_of(r["last_request_time"].as_str().unwrap_or_default());
     runs.sort_by_key(|r| std::cmp::Reverse(time(r)));
     Ok(runs)
@@ -241,24 +236,39 @@ pub(crate) async fn training_runs(store: &Store) -> Result<Vec<Value>, ServeErro
 /// Every checkpoint named in any run here, newest first (a run that cannot be read is left out,
 /// with a warning).
 pub(crate) async fn all_named(store: &Store) -> Result<Vec<Named>, ServeError> {
-    let read = stream::iter(served_models(store).await?)
-        .map(|model_id| async move { (named_checkpoints(store, &model_id).await, model_id) })
-        .buffered(READ_AT_ONCE)
-        .collect::<Vec<_>>()
-        .await;
-    let mut named: Vec<Named> = read
-        .into_iter()
-        .filter_map(|(named, model_id)| readable(named, &model_id))
-        .flatten()
-        .collect();
+    let read = each_run(store, |model_id| async move {
+        named_checkpoints(store, &model_id).await
+    });
+    let mut named: Vec<Named> = read.await?.into_iter().flatten().collect();
     newest_first(&mut named);
     Ok(named)
 }
 
-/// What was read of model `model_id`'s run, or `None` with a warning.
-fn readable<T>(read: Result<T, ServeError>, model_id: &str) -> Option<T> {
-    read.map_err(|e| tracing::warn!(model = model_id, "left out of the list: {e}"))
-        .ok()
+/// What `read` reads of each served run's model, [`READ_AT_ONCE`] runs at a time; a run that
+/// cannot be read is left out, with a warning.
+async fn each_run<T, Read>(
+    store: &Store,
+    read: impl Fn(String) -> Read,
+) -> Result<Vec<T>, ServeError>
+where
+    Read: std::future::Future<Output = Result<T, ServeError>>,
+{
+    let models = served_models(store).await?;
+    let read = stream::iter(models)
+        .map(|model_id| {
+            let reading = read(model_id.clone());
+            async move { (reading.await, model_id) }
+        })
+        .buffered(READ_AT_ONCE)
+        .collect::<Vec<_>>()
+        .await;
+    Ok(read
+        .into_iter()
+        .filter_map(|(read, model_id)| {
+            read.map_err(|e| tracing::warn!(model = model_id, "left out of the list: {e}"))
+                .ok()
+        })
+        .collect())
 }
 
 fn listing(dir: &str, e: StorageError) -> ServeError {
