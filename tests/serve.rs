@@ -52,6 +52,8 @@ fn serve(dir: std::sync::Arc<tempfile::TempDir>, port: u16, flags: &[&str]) -> S
         .path()
         .join(format!("serve-{}.log", common::unique("log")));
     let child = common::waypoint()
+        // (Each trainer job in the log: what the tests look for.)
+        .env("RUST_LOG", "info,waypoint_serve::engine=debug")
         .args(["serve", "--port", &port.to_string(), "--api_key_file"])
         .arg(dir.path().join("key"))
         .arg("--base_model")
@@ -616,6 +618,21 @@ fn samples_are_those_of_peft_over_the_saved_adapter() {
         together[4], r["draws"][0],
         "a seeded request beside others: {r}"
     );
+    // ... and they were decoded together: a sampling job answered several requests.
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    let joined = log
+        .lines()
+        .filter(|l| l.contains("job=\"sample\""))
+        .filter_map(|l| {
+            l.split("requests=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .max();
+    assert!(joined >= Some(2), "no sampling job joined requests:\n{log}");
 }
 
 /// A client's state and sampler weights saved after step 3: the sampler weights are a PEFT

@@ -805,8 +805,12 @@ struct Queue {
     held: VecDeque<Job>,
 }
 
-/// Rows decoded together at most (the samples of the requests joined).
+/// Rows decoded together at most (the samples of the requests joined)...
 const MAX_SAMPLE_ROWS: usize = 256;
+
+/// ... and places of their cache at most (rows × (the longest prompt + the most tokens asked)): a
+/// request beyond it alone is decoded alone.
+const MAX_SAMPLE_PLACES: usize = 1 << 16;
 
 /// How long a sampling request waits for another to decode with, when none is queued (a loop's
 /// requests, sent together, arrive a few milliseconds apart): joining goes on while each next one
@@ -836,7 +840,6 @@ impl Queue {
         else {
             return job;
         };
-        let mut rows: usize = requests.iter().map(|(_, r)| r.samples).sum();
         let until = Instant::now() + SAMPLE_LINGER;
         loop {
             let wait = SAMPLE_QUIET.min(until.saturating_duration_since(Instant::now()));
@@ -851,8 +854,7 @@ impl Queue {
                 Job::Sample {
                     sampler_id: other,
                     requests: more,
-                } if joins(&sampler_id, rows, &other, &more) => {
-                    rows += more.iter().map(|(_, r)| r.samples).sum::<usize>();
+                } if joins(&sampler_id, &requests, &other, &more) => {
                     requests.extend(more);
                 }
                 other => {
@@ -868,11 +870,22 @@ impl Queue {
     }
 }
 
-/// Whether sampling requests `more` on sampler `other` join a batch of `rows` rows on sampler
-/// `sampler`: the same sampler, and rows within [`MAX_SAMPLE_ROWS`].
-fn joins(sampler: &str, rows: usize, other: &str, more: &[(String, Sample)]) -> bool {
-    let added: usize = more.iter().map(|(_, r)| r.samples).sum();
-    other == sampler && rows + added <= MAX_SAMPLE_ROWS
+/// Whether sampling requests `more` on sampler `other` join `batch`, requests on sampler
+/// `sampler`: the same sampler, and rows and cache places within [`MAX_SAMPLE_ROWS`] and
+/// [`MAX_SAMPLE_PLACES`].
+fn joins(
+    sampler: &str,
+    batch: &[(String, Sample)],
+    other: &str,
+    more: &[(String, Sample)],
+) -> bool {
+    let all = || batch.iter().chain(more).map(|(_, r)| r);
+    let rows: usize = all().map(|r| r.samples).sum();
+    let longest = all().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let tokens = all().map(|r| r.params.max_tokens).max().unwrap_or(0);
+    other == sampler
+        && rows <= MAX_SAMPLE_ROWS
+        && rows.saturating_mul(longest + tokens) <= MAX_SAMPLE_PLACES
 }
 
 impl Trainer {
@@ -1611,8 +1624,8 @@ mod tests {
     use std::time::Duration;
 
     /// Sampling requests queued one after another on one sampler are decoded together, up to
-    /// the rows' limit; another sampler's request or any other job stops the joining and keeps
-    /// its turn.
+    /// the rows' and the cache places' limits; another sampler's request or any other job stops
+    /// the joining and keeps its turn.
     #[test]
     fn queued_sampling_requests_of_a_sampler_join() {
         let sample = |sampler: &str, id: &str, samples| Job::Sample {
@@ -1636,6 +1649,20 @@ mod tests {
                 },
             )],
         };
+        // A request whose cache alone fills the places decodes alone.
+        let long = |sampler: &str, id: &str| match sample(sampler, id, 2) {
+            Job::Sample {
+                sampler_id,
+                mut requests,
+            } => {
+                requests[0].1.prompt = vec![1; MAX_SAMPLE_PLACES / 2];
+                Job::Sample {
+                    sampler_id,
+                    requests,
+                }
+            }
+            other => other,
+        };
         let (tx, inbox) = mpsc::channel();
         let mut queue = Queue {
             inbox,
@@ -1652,6 +1679,8 @@ mod tests {
             },
             sample("b", "5", 1),
             sample("b", "6", MAX_SAMPLE_ROWS),
+            sample("c", "7", 1),
+            long("c", "8"),
         ];
         for job in jobs {
             tx.send(job).unwrap();
@@ -1668,7 +1697,9 @@ mod tests {
                 ids(&["3", "4"]),
                 ids(&[]),
                 ids(&["5"]),
-                ids(&["6"])
+                ids(&["6"]),
+                ids(&["7"]),
+                ids(&["8"])
             ]
         );
     }

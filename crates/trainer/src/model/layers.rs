@@ -102,6 +102,16 @@ impl Layer {
             }
         };
         // Rows padded on the left see the keys their mask gives (causal over their own tokens).
+        // With a mask, each key/value head is repeated for its queries' heads: CUDA's
+        // memory-efficient kernel takes a mask but not grouped-query attention.
+        let grouped = nkv != nh && rope.mask.is_none();
+        let (k, v) = match rope.mask.is_some() && nkv != nh {
+            true => (
+                k.repeat_interleave_self_int(nh / nkv, 1, None),
+                v.repeat_interleave_self_int(nh / nkv, 1, None),
+            ),
+            false => (k, v),
+        };
         let a = Tensor::scaled_dot_product_attention(
             &q,
             &k,
@@ -110,7 +120,7 @@ impl Layer {
             0.0,
             causal && rope.mask.is_none(),
             None,
-            nkv != nh,
+            grouped,
         );
         let a = a.transpose(1, 2).reshape([b, t, nh * hd]);
         let h = h + self.o.forward(&a, train, ac, on);

@@ -43,10 +43,9 @@ impl KvCache {
     /// The cache of rows `index` (a row may come several times: sequences that go on from the
     /// same positions).
     pub fn rows(&self, index: &[i64]) -> KvCache {
-        let rows = |t: &Tensor| {
-            let index = Tensor::from_slice(index).to_device(t.device());
-            t.index_select(0, &index)
-        };
+        let device = self.0.iter().flatten().next().map(|(k, _)| k.device());
+        let index = Tensor::from_slice(index).to_device(device.unwrap_or(Device::Cpu));
+        let rows = |t: &Tensor| t.index_select(0, &index);
         KvCache(
             self.0
                 .iter()
@@ -336,13 +335,15 @@ impl Model {
             adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
             mask: None,
         };
-        self.cached(ids, cache, &rope)
+        self.cached(ids, cache, &rope, false)
     }
 
-    /// [`Model::forward_cached`] for rows of different lengths, each padded on the left to the
+    /// The logits `[batch, vocab]` of the last place of each row, decoding as
+    /// [`Model::forward_cached`] does rows of different lengths, each padded on the left to the
     /// longest: the first `pad[r]` of row r's `past + t` places hold no token (never seen, and
     /// its positions count from its first token), so each row's logits are those it has alone.
-    /// (A padded place sees only itself: no query is left without a key.)
+    /// (A padded place sees only itself: no query is left without a key. Only the last place
+    /// goes through the head: a batch of long prompts needs no `[batch, t, vocab]`.)
     pub fn forward_padded(
         &self,
         ids: &Tensor,
@@ -350,6 +351,19 @@ impl Model {
         past: i64,
         pad: &[i64],
     ) -> Tensor {
+        if pad.iter().all(|&p| p == 0) {
+            let t = ids.size()[1];
+            let c = &self.config;
+            let (cos, sin) = rope_tables(past + t, c.head_dim, c.rope_theta, self.device);
+            let rope = Rope {
+                cos: cos.narrow(0, past, t),
+                sin: sin.narrow(0, past, t),
+                compute: self.compute,
+                adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
+                mask: None,
+            };
+            return self.cached(ids, cache, &rope, true).select(1, 0);
+        }
         let (b, t) = (ids.size()[0], ids.size()[1]);
         let c = &self.config;
         let d = self.device;
@@ -377,17 +391,21 @@ impl Model {
             adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
             mask: Some(mask),
         };
-        self.cached(ids, cache, &rope)
+        self.cached(ids, cache, &rope, true).select(1, 0)
     }
 
-    /// The cached forward pass over `ids` with `rope`'s tables (and mask).
-    fn cached(&self, ids: &Tensor, cache: &mut KvCache, rope: &Rope) -> Tensor {
+    /// The cached forward pass over `ids` with `rope`'s tables (and mask): the logits of every
+    /// place, or with `last` of the last one only (`[batch, 1, vocab]`).
+    fn cached(&self, ids: &Tensor, cache: &mut KvCache, rope: &Rope, last: bool) -> Tensor {
         let c = &self.config;
         tch::no_grad(|| {
             let mut h = self.embed_tokens(ids);
             cache.0.resize_with(self.layers.len(), || None);
             for (layer, kv) in self.layers.iter().zip(cache.0.iter_mut()) {
                 h = layer.forward_with(&h, rope, c, false, Some(kv));
+            }
+            if last {
+                h = h.narrow(1, h.size()[1] - 1, 1);
             }
             self.logits(&h, false)
         })
@@ -518,10 +536,8 @@ pub(crate) mod tests {
         let prompt =
             model.forward_padded(&Tensor::from_slice(&ids).view([3, 4]), &mut cache, 0, &pad);
         for (r, row) in rows.iter().enumerate() {
-            let len = row.len() as i64;
-            let got = prompt.get(r as i64).narrow(0, 4 - len, len);
-            let want = alone[r].get(0).narrow(0, 0, len);
-            let diff = (got - want).abs().max().double_value(&[]);
+            let want = alone[r].get(0).get(row.len() as i64 - 1);
+            let diff = (prompt.get(r as i64) - want).abs().max().double_value(&[]);
             assert!(diff < 1e-4, "row {r}'s prompt: {diff}");
         }
         for step in 0..3 {
@@ -534,10 +550,7 @@ pub(crate) mod tests {
             );
             for (r, row) in rows.iter().enumerate() {
                 let want = alone[r].get(0).get(row.len() as i64 + step as i64);
-                let diff = (out.get(r as i64).get(0) - want)
-                    .abs()
-                    .max()
-                    .double_value(&[]);
+                let diff = (out.get(r as i64) - want).abs().max().double_value(&[]);
                 assert!(diff < 1e-4, "row {r}, step {step}: {diff}");
             }
         }

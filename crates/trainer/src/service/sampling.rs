@@ -90,13 +90,23 @@ pub trait Sampling {
             .map(|(r, _)| r)
             .collect();
         // No gradients: the adapters of a training client would record a graph.
-        let sampled = libtorch_boundary("sampling", || tch::no_grad(|| sample_rows(model, &valid)));
-        let mut sampled = match sampled {
+        let rows = |requests: &[&Request<'_>]| {
+            libtorch_boundary("sampling", || tch::no_grad(|| sample_rows(model, requests)))
+        };
+        let mut sampled = match rows(&valid) {
             Ok(each) => each.into_iter().map(Ok).collect::<Vec<_>>(),
-            Err(e) => valid
-                .iter()
-                .map(|_| Err(anyhow::anyhow!("{e:#}")))
-                .collect(),
+            // Together they failed (out of memory, say): each alone, to fail only for itself.
+            Err(e) if valid.len() > 1 => {
+                tracing::warn!(
+                    requests = valid.len(),
+                    "sampling requests together failed ({e:#}); each alone"
+                );
+                valid
+                    .iter()
+                    .map(|r| rows(&[r]).map(|mut each| each.swap_remove(0)))
+                    .collect()
+            }
+            Err(e) => vec![Err(e)],
         }
         .into_iter();
         checked
@@ -220,14 +230,36 @@ pub(crate) fn check_tokens<'a>(
 /// seeded from (seed + i, s): the same request gives the same samples, alone or beside others,
 /// and row `i` is row 0 of the request with seed + i.
 fn sample_rows(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>> {
-    let device = model.device();
+    let mut out: Vec<Vec<Sampled>> = requests.iter().map(|r| no_samples(r.n)).collect();
+    // Only the requests that sample anything go through the model.
+    let live: Vec<usize> = (0..requests.len())
+        .filter(|&i| requests[i].n > 0 && requests[i].params.max_tokens > 0)
+        .collect();
+    if live.is_empty() {
+        return Ok(out);
+    }
+    let decoding: Vec<&Request<'_>> = live.iter().map(|&i| requests[i]).collect();
+    for (i, sampled) in live.into_iter().zip(decode(model, &decoding)?) {
+        out[i] = sampled;
+    }
+    Ok(out)
+}
+
+/// `n` samples with no tokens yet.
+fn no_samples(n: usize) -> Vec<Sampled> {
     let empty = Sampled {
         tokens: Vec::new(),
         logprobs: Vec::new(),
         stopped: false,
     };
-    let mut out: Vec<Vec<Sampled>> = requests.iter().map(|r| vec![empty.clone(); r.n]).collect();
-    // Each row's request; the requests that sample anything.
+    vec![empty; n]
+}
+
+/// [`sample_rows`] over requests that each sample something.
+fn decode(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>> {
+    let device = model.device();
+    let mut out: Vec<Vec<Sampled>> = requests.iter().map(|r| no_samples(r.n)).collect();
+    // Each row's request.
     let of_row: Vec<usize> = requests
         .iter()
         .enumerate()
@@ -238,9 +270,6 @@ fn sample_rows(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampl
         .map(|r| r.params.max_tokens)
         .max()
         .unwrap_or(0);
-    if of_row.is_empty() || steps == 0 {
-        return Ok(out);
-    }
     let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let pad: Vec<i64> = requests
         .iter()
@@ -255,26 +284,18 @@ fn sample_rows(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampl
     let ids = Tensor::from_slice(&ids)
         .view([requests.len() as i64, longest as i64])
         .to_device(device);
-    let padded = pad.iter().any(|&p| p > 0);
     let row_pad: Vec<i64> = of_row.iter().map(|&i| pad[i]).collect();
-    // One forward pass a step, over every row (at `past` places in the cache).
-    let forward = |ids: &Tensor, cache: &mut KvCache, past: i64, pad: &[i64]| match padded {
-        true => model.forward_padded(ids, cache, past, pad),
-        false => model.forward_cached(ids, cache, past),
-    };
-    let mut prompts = KvCache::default();
-    let prefill = forward(&ids, &mut prompts, 0, &pad);
     let index: Vec<i64> = of_row.iter().map(|&i| i as i64).collect();
-    let mut cache = prompts.rows(&index);
-    let mut last = prefill
-        .select(1, -1)
-        .to_kind(Kind::Float)
-        .index_select(0, &Tensor::from_slice(&index).to_device(device));
+    // The prompts' pass; its cache copied to a row a sample (then let go).
+    let (mut cache, mut last) = {
+        let mut prompts = KvCache::default();
+        let prefill = model.forward_padded(&ids, &mut prompts, 0, &pad);
+        let rows = Tensor::from_slice(&index).to_device(device);
+        let last = prefill.to_kind(Kind::Float).index_select(0, &rows);
+        (prompts.rows(&index), last)
+    };
     // A row is done once it stopped or has its request's max_tokens.
-    let mut done: Vec<bool> = of_row
-        .iter()
-        .map(|&i| requests[i].params.max_tokens == 0)
-        .collect();
+    let mut done = vec![false; of_row.len()];
     for step in 0..steps {
         let mut drawn = vec![(0i64, 0f32); of_row.len()];
         let mut first = 0;
@@ -289,12 +310,18 @@ fn sample_rows(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampl
             // Every row of the request at once; a seeded row alone, from its own generator's seed.
             let got = match p.seed {
                 None => draw(&logits, p)?,
-                Some(seed) => (0..request.n)
-                    .map(|i| {
-                        tch::manual_seed(step_seed(seed.wrapping_add(i as u64), step));
-                        Ok(draw(&logits.narrow(0, i as i64, 1), p)?[0])
-                    })
-                    .collect::<Result<Vec<_>>>()?,
+                Some(seed) => {
+                    let drawn = (0..request.n)
+                        .map(|i| {
+                            tch::manual_seed(step_seed(seed.wrapping_add(i as u64), step));
+                            Ok(draw(&logits.narrow(0, i as i64, 1), p)?[0])
+                        })
+                        .collect::<Result<Vec<_>>>();
+                    // libtorch's generator is the process's: the draws after these (another
+                    // request's, dropout's) must not follow from this seed.
+                    tch::manual_seed(rand::random::<i64>() & i64::MAX);
+                    drawn?
+                }
             };
             drawn[rows.clone()].copy_from_slice(&got);
             for (i, row) in rows.enumerate() {
@@ -317,8 +344,8 @@ fn sample_rows(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampl
         let tokens = Tensor::from_slice(&next)
             .view([next.len() as i64, 1])
             .to_device(device);
-        last = forward(&tokens, &mut cache, (longest + step) as i64, &row_pad)
-            .select(1, 0)
+        last = model
+            .forward_padded(&tokens, &mut cache, (longest + step) as i64, &row_pad)
             .to_kind(Kind::Float);
     }
     Ok(out)
