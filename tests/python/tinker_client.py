@@ -596,9 +596,11 @@ def sample(name, model_dir, runs_dir):
     ]
     # Requests sent at once (decoded together): prompts of 2 to 13 tokens, greedy, and a seeded
     # one, which draws as it does alone.
+    # (24 tokens each: decoding outlasts the gaps between the requests' arrivals on a busy machine.)
     prompts = [seqs[1][:13], seqs[0][:2], seqs[1][3:9], seqs[0][:7]]
+    longer = types.SamplingParams(max_tokens=24, top_k=1, stop=[])
     sent = [
-        saved.sample(prompt=types.ModelInput.from_ints(p), num_samples=1, sampling_params=greedy)
+        saved.sample(prompt=types.ModelInput.from_ints(p), num_samples=1, sampling_params=longer)
         for p in prompts
     ] + [saved.sample(prompt=prompt, num_samples=2, sampling_params=seeded)]
     together = [[s.tokens for s in f.result().sequences] for f in sent]
@@ -644,7 +646,7 @@ def sample(name, model_dir, runs_dir):
         "peft_logprobs": want_lp,
         "draws": draws,
         "together": together,
-        "together_peft": [[greedy_loop(model, p, 8)] for p in prompts],
+        "together_peft": [[greedy_loop(model, p, 24)] for p in prompts],
     }))
 
 
