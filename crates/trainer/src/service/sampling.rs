@@ -225,7 +225,8 @@ pub(crate) fn check_tokens<'a>(
 /// The samples of `requests`, decoded together: each prompt goes through the model once (prompts
 /// of different lengths padded on the left to the longest, in one pass), its cache is copied to a
 /// row for each of its samples, then each step takes one token of every row in one pass (rows
-/// that ended ride along, their tokens unused) and each request draws its rows' tokens as its
+/// that ended ride along, their tokens unused, until an eighth of the rows has ended: then they
+/// leave the batch) and each request draws its rows' tokens as its
 /// parameters say. With a seed, row `i` of a request draws at step `s` from libtorch's generator
 /// seeded from (seed + i, s): the same request gives the same samples, alone or beside others,
 /// and row `i` is row 0 of the request with seed + i.
@@ -294,27 +295,39 @@ fn decode(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>>
         let last = prefill.to_kind(Kind::Float).index_select(0, &rows);
         (prompts.rows(&index), last)
     };
-    // A row is done once it stopped or has its request's max_tokens.
-    let mut done = vec![false; of_row.len()];
+    // The rows in the batch, each (its request, its sample); a row is done once it stopped or
+    // has its request's max_tokens, and goes once an eighth of the batch is done (a copy of the
+    // cache's rows each time), rows of one request staying side by side.
+    let mut rows: Vec<(usize, usize)> = requests
+        .iter()
+        .enumerate()
+        .flat_map(|(r, q)| (0..q.n).map(move |i| (r, i)))
+        .collect();
+    let mut row_pad = row_pad;
+    let mut done = vec![false; rows.len()];
     for step in 0..steps {
-        let mut drawn = vec![(0i64, 0f32); of_row.len()];
+        let mut drawn = vec![(0i64, 0f32); rows.len()];
         let mut first = 0;
-        for (r, request) in requests.iter().enumerate() {
-            let rows = first..first + request.n;
-            first += request.n;
-            if rows.clone().all(|row| done[row]) {
+        while first < rows.len() {
+            let r = rows[first].0;
+            let end = first + rows[first..].iter().take_while(|(q, _)| *q == r).count();
+            let (request, span) = (requests[r], first..end);
+            first = end;
+            if span.clone().all(|row| done[row]) {
                 continue;
             }
             let p = request.params;
-            let logits = last.narrow(0, rows.start as i64, request.n as i64);
+            let logits = last.narrow(0, span.start as i64, span.len() as i64);
             // Every row of the request at once; a seeded row alone, from its own generator's seed.
             let got = match p.seed {
                 None => draw(&logits, p)?,
                 Some(seed) => {
-                    let drawn = (0..request.n)
-                        .map(|i| {
-                            tch::manual_seed(step_seed(seed.wrapping_add(i as u64), step));
-                            Ok(draw(&logits.narrow(0, i as i64, 1), p)?[0])
+                    let drawn = span
+                        .clone()
+                        .map(|row| {
+                            let i = rows[row].1 as u64;
+                            tch::manual_seed(step_seed(seed.wrapping_add(i), step));
+                            Ok(draw(&last.narrow(0, row as i64, 1), p)?[0])
                         })
                         .collect::<Result<Vec<_>>>();
                     // libtorch's generator is the process's: the draws after these (another
@@ -323,13 +336,12 @@ fn decode(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>>
                     drawn?
                 }
             };
-            drawn[rows.clone()].copy_from_slice(&got);
-            for (i, row) in rows.enumerate() {
+            drawn[span.clone()].copy_from_slice(&got);
+            for (row, (token, logprob)) in span.zip(got) {
                 if done[row] {
                     continue;
                 }
-                let sample = &mut out[r][i];
-                let (token, logprob) = got[i];
+                let sample = &mut out[r][rows[row].1];
                 sample.tokens.push(token);
                 sample.logprobs.push(logprob);
                 sample.stopped = p.stop.contains(&token)
@@ -337,8 +349,18 @@ fn decode(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>>
                 done[row] = sample.stopped || sample.tokens.len() >= p.max_tokens;
             }
         }
-        if done.iter().all(|&d| d) {
+        let finished = done.iter().filter(|&&d| d).count();
+        if finished == rows.len() {
             break;
+        }
+        if finished > 0 && finished >= rows.len() / 8 {
+            let keep: Vec<usize> = (0..rows.len()).filter(|&row| !done[row]).collect();
+            let index: Vec<i64> = keep.iter().map(|&row| row as i64).collect();
+            cache = cache.rows(&index);
+            rows = keep.iter().map(|&row| rows[row]).collect();
+            row_pad = keep.iter().map(|&row| row_pad[row]).collect();
+            drawn = keep.iter().map(|&row| drawn[row]).collect();
+            done = vec![false; rows.len()];
         }
         let next: Vec<i64> = drawn.iter().map(|&(t, _)| t).collect();
         let tokens = Tensor::from_slice(&next)
@@ -434,10 +456,12 @@ mod tests {
                 text_stop: None,
             })
             .collect();
-        let together = model.sample_together(&requests);
+        // (The batch itself: `sample_together` would hide a failed batch by sampling each alone.)
+        let refs: Vec<&Request<'_>> = requests.iter().collect();
+        let together = tch::no_grad(|| sample_rows(&model.0, &refs)).unwrap();
         for i in 0..4 {
             let alone = model.sample(prompts[i], &each[i], n[i], None).unwrap();
-            let got = together[i].as_ref().unwrap();
+            let got = &together[i];
             assert_eq!(got.len(), n[i]);
             for (a, b) in got.iter().zip(&alone) {
                 assert_eq!(
@@ -451,7 +475,7 @@ mod tests {
                 assert!(a.tokens.len() <= each[i].max_tokens);
             }
         }
-        assert!(together[2].as_ref().unwrap()[0].tokens.is_empty());
+        assert!(together[2][0].tokens.is_empty());
         // A wrong request fails alone.
         let outside = params(3, 0.0, None, Vec::new());
         let mixed = [
