@@ -830,8 +830,9 @@ impl Queue {
     }
 
     /// `job`, and when it samples, the sampling requests of the same sampler queued right after
-    /// it joined to it (up to [`MAX_SAMPLE_ROWS`] rows): they are decoded together. The first
-    /// other job stops the joining and keeps its turn.
+    /// it — or arriving while it waits ([`SAMPLE_QUIET`], [`SAMPLE_LINGER`]) — joined to it as
+    /// [`joins`] says: they are decoded together. The first other job stops the joining and keeps
+    /// its turn.
     fn with_samples_after(&mut self, job: Job) -> Job {
         let Job::Sample {
             sampler_id,
