@@ -111,7 +111,13 @@ pub trait Sampling {
         .into_iter();
         checked
             .into_iter()
-            .map(|c| c.and_then(|()| sampled.next().unwrap_or_else(|| Ok(Vec::new()))))
+            .map(|c| {
+                c.and_then(|()| {
+                    sampled
+                        .next()
+                        .unwrap_or_else(|| Err(anyhow::anyhow!("no samples came back")))
+                })
+            })
             .collect()
     }
 
