@@ -102,10 +102,12 @@ impl Layer {
             }
         };
         // Rows padded on the left see the keys their mask gives (causal over their own tokens).
-        // With a mask, each key/value head is repeated for its queries' heads: CUDA's
-        // memory-efficient kernel takes a mask but not grouped-query attention.
-        let grouped = nkv != nh && rope.mask.is_none();
-        let (k, v) = match rope.mask.is_some() && nkv != nh {
+        // With a mask on CUDA, each key/value head is repeated for its queries' heads: CUDA's
+        // memory-efficient kernel takes a mask but not grouped-query attention (the CPU's takes
+        // both).
+        let repeat = rope.mask.is_some() && nkv != nh && q.device().is_cuda();
+        let grouped = nkv != nh && !repeat;
+        let (k, v) = match repeat {
             true => (
                 k.repeat_interleave_self_int(nh / nkv, 1, None),
                 v.repeat_interleave_self_int(nh / nkv, 1, None),
