@@ -373,6 +373,8 @@ fn a_gone_clients_models_and_old_samplers_are_freed() {
         "8",
         "--max_samplers_per_session",
         "2",
+        "--status_every_secs",
+        "1",
     ]);
     // A client that leaves without closing its ServiceClient.
     let r = sdk(&server, &["leave", "tiny"]);
@@ -381,6 +383,29 @@ fn a_gone_clients_models_and_old_samplers_are_freed() {
         .runs
         .join(model_id.replace(':', "-"))
         .join("framework=waypoint");
+    // While it lives, its run's status.json is written again (--status_every_secs): its 2
+    // steps, never saved, are there, and `waypoint status` sees it alive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = common::read_json(run.join("status.json"));
+        if status["step"] == 2 {
+            assert_eq!(status["state"], "RUNNING", "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not refreshed: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let shown = common::waypoint()
+        .args(["status", "--json"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let shown: Value = serde_json::from_str(&common::ok(&shown)).unwrap();
+    assert_eq!(
+        (&shown["step"], &shown["stale"]),
+        (&2.into(), &false.into()),
+        "{shown}"
+    );
     assert_eq!(r["evicted"]["class"], "NotFoundError", "{r}");
     assert!(
         r["evicted"]["message"]
@@ -404,6 +429,14 @@ fn a_gone_clients_models_and_old_samplers_are_freed() {
         assert!(Instant::now() < deadline, "the gone client's run: {status}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // ... and no refresh written after its end says otherwise.
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = common::read_json(run.join("status.json"));
+    assert_eq!(
+        (&status["state"], &status["step"]),
+        (&"FINISHED".into(), &2.into()),
+        "{status}"
+    );
     let session = model_id.split(':').next().unwrap();
     let late = sdk(&server, &["heartbeat", session]);
     assert_eq!(late["status"], 410, "a late heartbeat: {late}");

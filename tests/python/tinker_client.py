@@ -62,9 +62,9 @@ TINKER_API_KEY.
   bench_memory <base_name> <server_pid> <n>
                                 benches/serve.rs: the server's resident memory before any client,
                                 with one LoRA client, and with n
-  leave <base_name>             a client makes 3 samplers (the server keeps 2), samples the newest,
-                                the second and the oldest, then exits without closing its
-                                ServiceClient
+  leave <base_name>             a client takes 2 steps (no save), makes 3 samplers (the server
+                                keeps 2), samples the newest, the second and the oldest, then
+                                exits without closing its ServiceClient
   heartbeat <session_id>        a raw heartbeat of the session: its HTTP status
   multi_target <base_name> <model_dir>
                                 cross_entropy with 3 weighted targets a position (2-D
@@ -370,6 +370,8 @@ def save_order(name):
 def leave(name):
     sc = tinker.ServiceClient()
     tc = sc.create_lora_training_client(base_model=name, rank=2, seed=1).result()
+    # 2 steps, never saved: the run's status.json says so while the client lives.
+    steps(tc, data()[2], 2)
     prompt = types.ModelInput.from_ints([1, 2, 3])
     params = types.SamplingParams(max_tokens=3, top_k=1, stop=[])
     samplers = [tc.save_weights_and_get_sampling_client().result() for _ in range(3)]

@@ -278,6 +278,8 @@ pub(crate) struct Limits {
     /// Samplers of one session (`--max_samplers_per_session`): beyond it, the least recently
     /// used goes.
     pub(crate) samplers_per_session: usize,
+    /// How often a live model's run's `status.json` is written again (`--status_every_secs`).
+    pub(crate) status_every: std::time::Duration,
 }
 
 /// Sessions, models, and the trainer thread.
@@ -328,6 +330,7 @@ impl Engine {
             samplers: HashMap::new(),
             uploads: Vec::new(),
             freed_unmade: std::collections::HashSet::new(),
+            status_every: limits.status_every,
         };
         let thread = std::thread::Builder::new()
             .name("trainer".into())
@@ -750,20 +753,57 @@ struct Served {
     /// The newest checkpoint of its run, and the one it was made from (another run's).
     checkpoint: Option<String>,
     made_from: Option<ResumedFrom>,
+    /// When its `status.json` was last written, and the write in flight (see
+    /// [`Served::refresh`]).
+    recorded: std::cell::Cell<Instant>,
+    refreshing: std::cell::Cell<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Served {
-    /// Writes the run's `status.json` (what `waypoint status` reads): `state`, the model's step,
-    /// its newest checkpoint. A failure is a warning: the model goes on.
-    fn record(&self, state: JobState, rt: &Handle) {
+    /// The run's `status.json` as the model stands: `state`, its step, its newest checkpoint.
+    fn status(&self, state: JobState) -> Status {
         let mut status = Status::new(state, self.model.steps(), 0);
         status.checkpoint = self.checkpoint.clone();
         status.attempt = self.manager.attempt();
         status.resumed_from = self.made_from.clone();
+        status
+    }
+
+    /// Writes the run's `status.json` (what `waypoint status` reads), after the refresh in
+    /// flight (which must not land after it). A failure is a warning: the model goes on.
+    fn record(&self, state: JobState, rt: &Handle) {
+        if let Some(refresh) = self.refreshing.take() {
+            let _ = rt.block_on(refresh);
+        }
         let layout = self.manager.layout();
-        if let Err(e) = rt.block_on(records::write_status(self.manager.store(), layout, &status)) {
+        let written = rt.block_on(records::write_status(
+            self.manager.store(),
+            layout,
+            &self.status(state),
+        ));
+        if let Err(e) = written {
             tracing::warn!(run = %layout.run_id(), "writing status.json: {e}");
         }
+        self.recorded.set(Instant::now());
+    }
+
+    /// Writes `status.json` again (`RUNNING`, the step now) when it is `every` old, in the
+    /// background (a slow store never holds the trainer), one write at a time.
+    fn refresh(&self, every: std::time::Duration, rt: &Handle) {
+        let inflight = self.refreshing.take();
+        let busy = inflight.as_ref().is_some_and(|w| !w.is_finished());
+        if busy || self.recorded.get().elapsed() < every {
+            self.refreshing.set(inflight);
+            return;
+        }
+        let (store, layout) = (self.manager.store().clone(), self.manager.layout().clone());
+        let status = self.status(JobState::Running);
+        self.refreshing.set(Some(rt.spawn(async move {
+            if let Err(e) = records::write_status(&store, &layout, &status).await {
+                tracing::warn!(run = %layout.run_id(), "writing status.json: {e}");
+            }
+        })));
+        self.recorded.set(Instant::now());
     }
 }
 
@@ -786,6 +826,8 @@ struct Trainer {
     uploads: Vec<Upload>,
     /// Samplers freed before the job that makes them ran: it makes nothing.
     freed_unmade: std::collections::HashSet<String>,
+    /// How often a live model's `status.json` is written again.
+    status_every: std::time::Duration,
 }
 
 /// A save whose state is on the host, uploading and then named by a thread of its own (which
@@ -901,6 +943,7 @@ impl Trainer {
                 // Idle: an upload that ended is recorded (status.json) without waiting for work.
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.settle_uploads(|_| false);
+                    self.refresh_records();
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -934,12 +977,21 @@ impl Trainer {
                 ms = started.elapsed().as_secs_f64() * 1e3,
                 "job done"
             );
+            self.refresh_records();
         }
         // The server is stopping: the uploads end first, then every model still held was
         // stopped, not finished.
         self.settle_uploads(|_| true);
         for served in self.models.values().flatten() {
             served.record(JobState::Cancelled, &self.runtime);
+        }
+    }
+
+    /// Writes again the `status.json` of each live model that has not been written for
+    /// `status_every` (its step; that it lives).
+    fn refresh_records(&mut self) {
+        for served in self.models.values().flatten() {
+            served.refresh(self.status_every, &self.runtime);
         }
     }
 
@@ -1352,6 +1404,8 @@ impl Trainer {
             manager,
             checkpoint: None,
             made_from,
+            recorded: std::cell::Cell::new(Instant::now()),
+            refreshing: std::cell::Cell::new(None),
         })
     }
 }

@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// its client is gone, and its models and samplers are freed (0: never).
     #[arg(long = "session_timeout_secs", default_value_t = 300)]
     pub session_timeout_secs: u64,
+    /// How often each live client's run's status.json is written again (its step, and that it
+    /// lives: `waypoint status` calls a running run silent for 10 minutes possibly gone).
+    #[arg(long = "status_every_secs", default_value_t = 60)]
+    pub status_every_secs: u64,
 }
 
 /// `--base_model NAME=DIR` flags as a map, each DIR a model directory.
@@ -83,6 +87,7 @@ pub async fn run(
     let limits = crate::engine::Limits {
         models: args.max_models.max(1),
         samplers_per_session: args.max_samplers_per_session.max(1),
+        status_every: std::time::Duration::from_secs(args.status_every_secs.max(1)),
     };
     let engine =
         crate::engine::Engine::start(bases, store, limits, tokio::runtime::Handle::current())?;
