@@ -6,8 +6,9 @@
 //! Storage is the truth: a restarted server lists what the one before it made.
 //!
 //! A run's model (base model and LoRA) is in its attempt record, written when its client was
-//! made; its last request time is its `status.json`'s (written at its creation, each save and its
-//! end); its checkpoints are its name records (`names`), newest first.
+//! made; its last request time is its `status.json`'s (written at its creation, each save, every
+//! `--status_every_secs` while it lives, and its end); its checkpoints are its name records
+//! (`names`), newest first.
 
 use futures::stream::{self, StreamExt};
 use serde::Deserialize;
