@@ -325,17 +325,22 @@ impl Model {
     /// with an empty cache, then one token at a time. No autograd, no dropout; not for a sharded
     /// model.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache, past: i64) -> Tensor {
-        let t = ids.size()[1];
+        let rope = self.rope_after(past, ids.size()[1]);
+        self.cached(ids, cache, &rope, false)
+    }
+
+    /// The tables of `t` places after `past`, every row at the same positions (no mask).
+    fn rope_after(&self, past: i64, t: i64) -> Rope {
         let c = &self.config;
         let (cos, sin) = rope_tables(past + t, c.head_dim, c.rope_theta, self.device);
-        let rope = Rope {
+        // Mixed precision on CUDA: bf16 matmuls and attention, fp32 norms, residuals and weights.
+        Rope {
             cos: cos.narrow(0, past, t),
             sin: sin.narrow(0, past, t),
             compute: self.compute,
             adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
             mask: None,
-        };
-        self.cached(ids, cache, &rope, false)
+        }
     }
 
     /// The logits `[batch, vocab]` of the last place of each row, decoding as
@@ -352,16 +357,7 @@ impl Model {
         pad: &[i64],
     ) -> Tensor {
         if pad.iter().all(|&p| p == 0) {
-            let t = ids.size()[1];
-            let c = &self.config;
-            let (cos, sin) = rope_tables(past + t, c.head_dim, c.rope_theta, self.device);
-            let rope = Rope {
-                cos: cos.narrow(0, past, t),
-                sin: sin.narrow(0, past, t),
-                compute: self.compute,
-                adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
-                mask: None,
-            };
+            let rope = self.rope_after(past, ids.size()[1]);
             return self.cached(ids, cache, &rope, true).select(1, 0);
         }
         let (b, t) = (ids.size()[0], ids.size()[1]);
@@ -423,16 +419,7 @@ impl Model {
 
     /// The RoPE tables and compute dtype for a batch of ids `[batch, seq]`.
     fn rope(&self, ids: &Tensor) -> Rope {
-        let c = &self.config;
-        let (cos, sin) = rope_tables(ids.size()[1], c.head_dim, c.rope_theta, self.device);
-        // Mixed precision on CUDA: bf16 matmuls and attention, fp32 norms, residuals and weights.
-        Rope {
-            cos,
-            sin,
-            compute: self.compute,
-            adapters: self.adapters_on.load(std::sync::atomic::Ordering::Relaxed),
-            mask: None,
-        }
+        self.rope_after(0, ids.size()[1])
     }
 
     /// The residual stream's start: the embeddings of `ids`.
