@@ -15,7 +15,7 @@ use waypoint_checkpoint::{now_ms, CheckpointInfo, CheckpointManager, ManagerOpti
 use waypoint_observe::goodput::Goodput;
 use waypoint_observe::metrics::RECIPE_METRICS;
 use waypoint_observe::records::{JobState, ResumedFrom, Status};
-use waypoint_storage::{StorageError, Store};
+use waypoint_storage::Store;
 
 /// A running run whose records have not changed for this long is reported as possibly gone.
 pub const STALE_AFTER_S: f64 = 600.0;
@@ -246,11 +246,10 @@ pub fn render(r: &Report) -> String {
 
 /// The bytes at `key`, `None` if absent.
 async fn read_json(store: &Store, key: &str) -> Result<Option<Vec<u8>>> {
-    match store.get(key).await {
-        Ok(b) => Ok(Some(b.to_vec())),
-        Err(StorageError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {key}")),
-    }
+    let bytes = store.get_if_exists(key).await;
+    Ok(bytes
+        .with_context(|| format!("reading {key}"))?
+        .map(|b| b.to_vec()))
 }
 
 /// Reads the run's records and builds its report.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use waypoint_checkpoint::now_ms;
 use waypoint_checkpoint::RunLayout;
-use waypoint_storage::{StorageError, Store};
+use waypoint_storage::Store;
 
 /// A job state, spelled as the control plane spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,10 +167,12 @@ pub async fn write_status(store: &Store, layout: &RunLayout, status: &Status) ->
 /// The lines of an existing `logs/metrics.jsonl` up to and including `step` (a resumed run drops
 /// the lines of steps it redoes).
 pub async fn metrics_until(store: &Store, layout: &RunLayout, step: u64) -> Result<String> {
-    let bytes = match store.get(&layout.metrics()).await {
-        Ok(b) => b,
-        Err(StorageError::NotFound { .. }) => return Ok(String::new()),
-        Err(e) => return Err(e).context("reading logs/metrics.jsonl"),
+    let Some(bytes) = store
+        .get_if_exists(&layout.metrics())
+        .await
+        .context("reading logs/metrics.jsonl")?
+    else {
+        return Ok(String::new());
     };
     Ok(lines_between(&String::from_utf8_lossy(&bytes), 0, step))
 }

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use waypoint_checkpoint::{now_ms, RunLayout};
-use waypoint_storage::{StorageError, Store};
+use waypoint_storage::Store;
 
 use crate::goodput::{process_start_ms, Goodput, PreviousProgress};
 use crate::plot::{render_svg, Curves};
@@ -110,11 +110,11 @@ impl Watch {
         let log_path = dir.join("train.log");
         if upload {
             // Appended per attempt: this copy starts from what the store holds.
-            let earlier = match store.get(&layout.train_log()).await {
-                Ok(b) => b,
-                Err(StorageError::NotFound { .. }) => Bytes::new(),
-                Err(e) => return Err(e).context("reading logs/train.log"),
-            };
+            let earlier = store
+                .get_if_exists(&layout.train_log())
+                .await
+                .context("reading logs/train.log")?
+                .unwrap_or_default();
             std::fs::write(&log_path, &earlier)
                 .with_context(|| format!("writing {}", log_path.display()))?;
         }
@@ -365,11 +365,11 @@ async fn appendable_copy(
         .join("waypoint-logs")
         .join(layout.root())
         .join(temp);
-    let earlier = match store.get(key).await {
-        Ok(b) => b,
-        Err(StorageError::NotFound { .. }) => Bytes::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {key}")),
-    };
+    let earlier = store
+        .get_if_exists(key)
+        .await
+        .with_context(|| format!("reading {key}"))?
+        .unwrap_or_default();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -108,11 +108,9 @@ pub(crate) async fn named_checkpoints(
             else {
                 continue;
             };
-            let bytes = match store.get(&object.key).await {
-                Ok(bytes) => bytes,
-                // (Removed since it was listed.)
-                Err(StorageError::NotFound { .. }) => continue,
-                Err(e) => return Err(ServeError::Internal(format!("reading {}: {e}", object.key))),
+            // (None: removed since it was listed.)
+            let Some(bytes) = read(store, &object.key).await? else {
+                continue;
             };
             // (A record being written is not listed yet; anything else there is not a name.)
             let Ok(record) = serde_json::from_slice::<Record>(&bytes) else {
@@ -151,10 +149,8 @@ async fn made(
     run: &RunLayout,
 ) -> Result<Option<(Identity, Option<String>)>, ServeError> {
     let key = run.attempt(1);
-    let bytes = match store.get(&key).await {
-        Ok(bytes) => bytes,
-        Err(StorageError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(ServeError::Internal(format!("reading {key}: {e}"))),
+    let Some(bytes) = read(store, &key).await? else {
+        return Ok(None);
     };
     let record: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ServeError::Internal(format!("{key} is not an attempt record: {e}")))?;
@@ -178,10 +174,8 @@ fn time_ms(ms: &Value) -> Option<String> {
 /// When run `run`'s `status.json` was last written (RFC 3339), if it was.
 async fn last_recorded(store: &Store, run: &RunLayout) -> Result<Option<String>, ServeError> {
     let key = run.status();
-    let bytes = match store.get(&key).await {
-        Ok(bytes) => bytes,
-        Err(StorageError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(ServeError::Internal(format!("reading {key}: {e}"))),
+    let Some(bytes) = read(store, &key).await? else {
+        return Ok(None);
     };
     let status: Value = serde_json::from_slice(&bytes).unwrap_or_default();
     Ok(time_ms(&status["updated_unix_ms"]))
@@ -270,6 +264,14 @@ where
                 .ok()
         })
         .collect())
+}
+
+/// The object at `key`, `None` when there is none.
+async fn read(store: &Store, key: &str) -> Result<Option<bytes::Bytes>, ServeError> {
+    store
+        .get_if_exists(key)
+        .await
+        .map_err(|e| ServeError::Internal(format!("reading {key}: {e}")))
 }
 
 fn listing(dir: &str, e: StorageError) -> ServeError {

@@ -309,6 +309,15 @@ impl Store {
         .map_err(|e| self.error("get", key, e))
     }
 
+    /// Reads a whole object into memory, `None` when there is none at `key`.
+    pub async fn get_if_exists(&self, key: &str) -> Result<Option<Bytes>> {
+        match self.get(key).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(StorageError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads the bytes `range` of an object.
     pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
         let path = self.path(key)?;

@@ -35,6 +35,16 @@ async fn put_get_head_delete_round_trip() {
         );
         assert!(s.exists("a/b/c.bin").await.unwrap());
         assert_eq!(
+            s.get_if_exists("a/b/c.bin").await.unwrap(),
+            Some(data.clone())
+        );
+        assert_eq!(
+            s.get_if_exists("a/b/none").await.unwrap(),
+            None,
+            "{}",
+            b.name
+        );
+        assert_eq!(
             s.get_range("a/b/c.bin", 10..20).await.unwrap(),
             data.slice(10..20)
         );
