@@ -266,11 +266,13 @@ fn no_samples(n: usize) -> Vec<Sampled> {
 fn decode(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>> {
     let device = model.device();
     let mut out: Vec<Vec<Sampled>> = requests.iter().map(|r| no_samples(r.n)).collect();
-    // Each row's request.
-    let of_row: Vec<usize> = requests
+    // The rows in the batch, each (its request, its sample); a row is done once it stopped or
+    // has its request's max_tokens, and goes once an eighth of the batch is done (a copy of the
+    // cache's rows each time), rows of one request staying side by side.
+    let mut rows: Vec<(usize, usize)> = requests
         .iter()
         .enumerate()
-        .flat_map(|(i, r)| std::iter::repeat_n(i, r.n))
+        .flat_map(|(r, q)| (0..q.n).map(move |i| (r, i)))
         .collect();
     let steps = requests
         .iter()
@@ -291,8 +293,8 @@ fn decode(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>>
     let ids = Tensor::from_slice(&ids)
         .view([requests.len() as i64, longest as i64])
         .to_device(device);
-    let row_pad: Vec<i64> = of_row.iter().map(|&i| pad[i]).collect();
-    let index: Vec<i64> = of_row.iter().map(|&i| i as i64).collect();
+    let mut row_pad: Vec<i64> = rows.iter().map(|&(r, _)| pad[r]).collect();
+    let index: Vec<i64> = rows.iter().map(|&(r, _)| r as i64).collect();
     // The prompts' pass; its cache copied to a row a sample (then let go).
     let (mut cache, mut last) = {
         let mut prompts = KvCache::default();
@@ -301,15 +303,6 @@ fn decode(model: &Model, requests: &[&Request<'_>]) -> Result<Vec<Vec<Sampled>>>
         let last = prefill.to_kind(Kind::Float).index_select(0, &rows);
         (prompts.rows(&index), last)
     };
-    // The rows in the batch, each (its request, its sample); a row is done once it stopped or
-    // has its request's max_tokens, and goes once an eighth of the batch is done (a copy of the
-    // cache's rows each time), rows of one request staying side by side.
-    let mut rows: Vec<(usize, usize)> = requests
-        .iter()
-        .enumerate()
-        .flat_map(|(r, q)| (0..q.n).map(move |i| (r, i)))
-        .collect();
-    let mut row_pad = row_pad;
     let mut done = vec![false; rows.len()];
     for step in 0..steps {
         let mut drawn = vec![(0i64, 0f32); rows.len()];
