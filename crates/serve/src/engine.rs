@@ -1311,7 +1311,18 @@ impl Trainer {
         // base model's tokenizer decodes them.
         let wants_text = batch.iter().any(|(_, r)| !r.stop_strings.is_empty());
         let tokenizer = match (wants_text, sampler_base(sampler, &self.models)) {
-            (true, Some(base)) => Some(tokenizer_of(&mut self.tokenizers, &self.bases, &base)),
+            (true, Some(base)) => {
+                let config = self
+                    .loaded
+                    .get(&base)
+                    .map(|b| &b.sampled_model().config.raw);
+                Some(tokenizer_of(
+                    &mut self.tokenizers,
+                    &self.bases,
+                    &base,
+                    config,
+                ))
+            }
             _ => None,
         };
         // A request with stop strings fails alone when the tokenizer did not load.
@@ -1549,22 +1560,20 @@ fn sampler_base(
     }
 }
 
-/// Base model `name`'s tokenizer, read from its directory the first time.
+/// Base model `name`'s tokenizer, read from its directory the first time, with the `config.json`
+/// its loaded model holds (`config`).
 fn tokenizer_of<'a>(
     tokenizers: &'a mut HashMap<String, Tokenizer>,
     bases: &BTreeMap<String, PathBuf>,
     name: &str,
+    config: Option<&serde_json::Value>,
 ) -> Result<&'a Tokenizer, String> {
     if !tokenizers.contains_key(name) {
-        let dir = bases
-            .get(name)
-            .ok_or_else(|| format!("the base model {name:?} is not served here"))?;
-        let config: serde_json::Value = std::fs::read(dir.join("config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let (Some(dir), Some(config)) = (bases.get(name), config) else {
+            return Err(format!("the base model {name:?} is not loaded here"));
+        };
         // A failure is not kept: a mended directory serves the next request.
-        let tokenizer = Tokenizer::from_hf_dir(dir, &config).map_err(|e| {
+        let tokenizer = Tokenizer::from_hf_dir(dir, config).map_err(|e| {
             format!(
                 "stop strings need the base model's tokenizer, which did not load ({e:#}); \
                  pass stop token ids instead"
