@@ -113,12 +113,22 @@ pub fn commit(step: u64) -> waypoint_checkpoint::Commit {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, never the same twice in one process: a
+/// test server that lets its port go during an outage (the fault proxy, `s3s-fs` restarted) gets
+/// it back, not a server another test started meanwhile (whose clients would then reach the wrong
+/// store).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The S3 base URI of the test server, if one is running. When `WAYPOINT_REQUIRE_S3` is set (as the
